@@ -1,0 +1,187 @@
+"""Training data: a folder of images (or the embedded sample photos), decoded once, augmented as MAE.
+
+Images are decoded once and cached in memory as small uint8 tensors (short side = 2 × image size),
+so an epoch costs crops and flips, not JPEG decodes. Augmentation is lightly's ``MAETransform``
+(random resized crop with scale (0.2, 1), bicubic, horizontal flip) applied to those tensors; the
+normalisation runs batched on the training device (:meth:`MaskedAutoencoder.normalize`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from lightly.transforms import MAETransform
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from mae_core.images import ImageError, center_square, open_rgb, resize_short_side, to_tensor
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+
+# The real photographs among the images scikit-image ships in its wheel: a data set that needs
+# no download. (Its charts, logos, text and test patterns are left out.)
+SAMPLE_PHOTOS = (
+    "astronaut.png", "brick.png", "camera.png", "chelsea.png", "clock_motion.png", "coffee.png",
+    "coins.png", "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png", "moon.png",
+    "motorcycle_left.png", "motorcycle_right.png", "retina.jpg", "rocket.jpg", "cell.png",
+)
+SAMPLE_DATA_NAME = "sample photos (scikit-image)"
+
+# Above this many cached bytes per process, images are decoded from disk on every access.
+CACHE_LIMIT_BYTES = 2 * 1024**3
+
+
+class DataError(ValueError):
+    """The data folder cannot be trained on; the message says why."""
+
+
+def sample_photo_paths() -> list[Path]:
+    import skimage
+
+    folder = Path(skimage.__file__).parent / "data"
+    return [folder / name for name in SAMPLE_PHOTOS if (folder / name).is_file()]
+
+
+def find_images(folder: str) -> list[Path]:
+    """Image files under ``folder`` (recursively, sorted); ``""`` means the embedded sample photos."""
+    if not folder:
+        paths = sample_photo_paths()
+        if not paths:
+            raise DataError("the embedded sample photos are missing: reinstall scikit-image")
+        return paths
+    root = Path(folder).expanduser()
+    if not root.exists():
+        raise DataError(f"data folder {folder} does not exist")
+    if not root.is_dir():
+        raise DataError(f"data path {folder} is not a folder")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not paths:
+        raise DataError(f"data folder {folder} holds no images "
+                        f"({', '.join(sorted(IMAGE_EXTENSIONS))}, searched recursively)")
+    return paths
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    name: str
+    files: int
+
+
+def check_data(folder: str) -> DataSummary:
+    """Refuse a folder that cannot be trained on, cheaply: it must hold at least one readable image."""
+    paths = find_images(folder)
+    for path in paths:
+        try:
+            open_rgb(path)
+        except ImageError:
+            continue
+        return DataSummary(name=folder or SAMPLE_DATA_NAME, files=len(paths))
+    raise DataError(f"none of the {len(paths)} image files in {folder} can be read: all are corrupt "
+                    "or not images")
+
+
+def mae_augmentation(image_size: int) -> v2.Compose:
+    """lightly's ``MAETransform`` crop and flip, on uint8 tensors instead of PIL images.
+
+    The crop's parameters are read from ``MAETransform`` itself, so the two cannot drift apart.
+    """
+    reference = MAETransform(input_size=image_size).transform.transforms
+    crop = next(t for t in reference if type(t).__name__ == "RandomResizedCrop")
+    return v2.Compose([
+        v2.RandomResizedCrop(crop.size, scale=crop.scale, ratio=crop.ratio,
+                             interpolation=crop.interpolation, antialias=True),
+        v2.RandomHorizontalFlip(),
+    ])
+
+
+class ImageFolderDataset(Dataset):
+    """MAE-augmented uint8 crops of ``paths``; unreadable files are skipped and counted.
+
+    ``length`` repeats a small data set so an epoch has at least a few full batches on every rank.
+    """
+
+    def __init__(self, paths: list[Path], image_size: int, length: int | None = None) -> None:
+        self.image_size = image_size
+        self.stored_side = min(2 * image_size, 512)
+        self.augment = mae_augmentation(image_size)
+        estimate = len(paths) * self.stored_side**2 * 4 * 3
+        self.cache: list[Tensor] | None = None
+        self.paths = list(paths)
+        self.skipped = 0
+        if estimate <= CACHE_LIMIT_BYTES:
+            self.cache = []
+            for path in paths:
+                image = self._decode(path)
+                if image is None:
+                    self.skipped += 1
+                else:
+                    self.cache.append(image)
+            if not self.cache:
+                raise DataError(f"none of the {len(paths)} image files can be read")
+        self.num_images = len(self.cache) if self.cache is not None else len(self.paths)
+        self.length = max(self.num_images, length or 0)
+
+    def _decode(self, path: Path) -> Tensor | None:
+        try:
+            return resize_short_side(to_tensor(open_rgb(path)), self.stored_side)
+        except ImageError as err:
+            log.warning("skipping %s", err)
+            return None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Tensor:
+        index %= self.num_images
+        if self.cache is not None:
+            return self.augment(self.cache[index])
+        for offset in range(self.num_images):
+            image = self._decode(self.paths[(index + offset) % self.num_images])
+            if image is not None:
+                return self.augment(image)
+        raise DataError("no image in the data set can be read")
+
+
+def preview_images(folder: str, image_size: int, count: int) -> Tensor:
+    """The first ``count`` readable images, centre-cropped: the fixed set a run's previews show."""
+    images = []
+    for path in find_images(folder):
+        if len(images) == count:
+            break
+        try:
+            images.append(center_square(open_rgb(path), image_size))
+        except ImageError:
+            continue
+    return torch.stack(images) if images else torch.empty(0, 3, image_size, image_size,
+                                                          dtype=torch.uint8)
+
+
+class MAEDataModule(pl.LightningDataModule):
+    def __init__(self, folder: str, image_size: int, batch_size: int, num_workers: int,
+                 pin_memory: bool = False) -> None:
+        super().__init__()
+        self.folder = folder
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.dataset: ImageFolderDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is None:
+            world = self.trainer.world_size if self.trainer else 1
+            self.dataset = ImageFolderDataset(find_images(self.folder), self.image_size,
+                                              length=4 * self.batch_size * world)
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.dataset is not None
+        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, drop_last=True,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          pin_memory=self.pin_memory)

@@ -1,0 +1,88 @@
+"""Opening any image a person has, safely: 8-bit RGB out, or a clear :class:`ImageError`.
+
+Handles grayscale, palette, RGBA (composited on white), 16-bit and float images, EXIF rotation and
+multi-frame files (first frame); refuses non-images, corrupt files and decompression bombs before
+decoding their pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor
+from torchvision.transforms.v2 import functional as TF
+
+# ~ 8k × 8k: more than any camera, far less than a decompression bomb.
+MAX_PIXELS = 64_000_000
+MAX_FILE_BYTES = 64 * 1024 * 1024
+
+
+class ImageError(ValueError):
+    """The file cannot be used as an image; the message says why, for a person to read."""
+
+
+def open_rgb(source: str | Path | bytes | BinaryIO, max_pixels: int = MAX_PIXELS,
+             name: str | None = None) -> Image.Image:
+    """Decode ``source`` into an upright 8-bit RGB image."""
+    label = name or (Path(source).name if isinstance(source, (str, Path)) else "upload")
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(source)
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(f"{label}: {width}×{height} pixels is too large "
+                                 f"(limit {max_pixels:,} pixels); it looks like a decompression bomb")
+            image.seek(0)
+            image.load()
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"{label}: no such file") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{label}: too many pixels; it looks like a decompression bomb") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"{label}: not an image file (or a format Pillow cannot read)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise ImageError(f"{label}: the image is corrupt or truncated ({err})") from None
+    return _to_rgb8(ImageOps.exif_transpose(image))
+
+
+def _to_rgb8(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # Pillow's convert() clips high-bit-depth values at 255; scale the real range instead.
+        array = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16"):
+            array = array / 257.0
+        else:
+            low, high = float(array.min()), float(array.max())
+            array = (array - low) / (high - low or 1.0) * 255.0
+        return Image.fromarray(array.clip(0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def to_tensor(image: Image.Image) -> Tensor:
+    """uint8 (3, H, W) tensor of an RGB PIL image."""
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def resize_short_side(image: Tensor, side: int) -> Tensor:
+    return TF.resize(image, [side], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+
+
+def center_square(image: Image.Image | Tensor, size: int) -> Tensor:
+    """The central square of ``image``, resized to ``size``×``size``: uint8 (3, size, size)."""
+    tensor = to_tensor(image) if isinstance(image, Image.Image) else image
+    return TF.center_crop(resize_short_side(tensor, size), [size, size])

@@ -1,0 +1,199 @@
+"""The Masked Autoencoder: a timm ViT encoder in lightly's MAE modules, and its parameter policies.
+
+:class:`MaskedAutoencoder` is the plain ``nn.Module`` (training, the parameter audit and
+reconstruction all use it); :class:`MAELightning` adds the MAE paper's optimiser and schedule.
+
+Example:
+    >>> model = MaskedAutoencoder(ModelConfig(image_size=32, patch_size=8))
+    >>> images = torch.rand(2, 3, 32, 32)
+    >>> idx_keep, idx_mask = draw_token_mask(2, model.cfg.num_patches, 0.75)
+    >>> model.loss(images, idx_keep, idx_mask).shape
+    torch.Size([])
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import pytorch_lightning as pl
+import timm
+import torch
+import torch.nn.functional as F
+from lightly.models import utils
+from lightly.models.modules import MaskedVisionTransformerDecoderTIMM, MaskedVisionTransformerTIMM
+from lightly.models.modules.masked_vision_transformer_timm import init_weights
+from lightly.transforms.utils import IMAGENET_NORMALIZE
+from timm.optim import param_groups_weight_decay
+from torch import Tensor, nn
+
+from mae_core.config import ModelConfig
+
+
+def create_vit(cfg: ModelConfig) -> nn.Module:
+    """The timm ViT of ``cfg.preset`` exactly as its constructor makes it (head included), no download."""
+    return timm.create_model(cfg.preset_spec.timm_name, pretrained=False,
+                             img_size=cfg.image_size, patch_size=cfg.patch_size)
+
+
+def apply_policy(model: MaskedAutoencoder, policy: str) -> None:
+    """Make the tensors that MAE pretraining never uses non-trainable (``ddp-clean``), or not.
+
+    ``ddp-clean``: the classifier head is removed (``reset_classifier(0)`` keeps the pooling, so the
+    backbone still returns one embedding per image) and the encoder mask token is frozen: MAE drops
+    masked patches instead of replacing them, so it never reaches the loss. The sin-cos position
+    embedding is already fixed by lightly. With these, plain DDP (``find_unused_parameters=False``)
+    works. ``reference`` keeps the constructors' defaults: the naive recipe that needs
+    ``ddp_find_unused_parameters_true``.
+    """
+    vit = model.backbone.vit
+    vit.pos_embed.requires_grad_(False)
+    if policy == "ddp-clean":
+        vit.reset_classifier(0)
+        model.backbone.mask_token.requires_grad_(False)
+    elif policy != "reference":
+        raise ValueError(f"policy: unknown parameter policy {policy!r}")
+
+
+def draw_token_mask(batch_size: int, num_patches: int, mask_ratio: float,
+                    generator: torch.Generator | None = None,
+                    device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """``lightly.models.utils.random_token_mask`` drawn from an explicit generator.
+
+    Same convention as lightly: indices count the class token as position 0, which is always
+    kept. At least one patch is kept and at least one is masked. The same generator seed gives
+    the same mask, so checkpoints can be compared on identical masks.
+    """
+    num_keep = min(max(1, int(num_patches * (1 - mask_ratio))), num_patches - 1)
+    if generator is not None:
+        device = generator.device
+    noise = torch.rand(batch_size, num_patches, generator=generator, device=device)
+    order = noise.argsort(dim=1) + 1
+    class_token = torch.zeros(batch_size, 1, dtype=order.dtype, device=order.device)
+    idx_keep = torch.cat([class_token, order[:, :num_keep]], dim=1)
+    return idx_keep, order[:, num_keep:]
+
+
+def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+class MaskedAutoencoder(nn.Module):
+    """MAE (He et al., 2021): encode the visible 25% of patches, decode all, predict the masked pixels.
+
+    Built from lightly's ``MaskedVisionTransformerTIMM`` (encoder) and
+    ``MaskedVisionTransformerDecoderTIMM`` (decoder), with our own decoder embedding and pixel
+    prediction layers around the decoder. ``policy=None`` leaves the model as the constructors made
+    it (the parameter audit compares against that).
+    """
+
+    def __init__(self, cfg: ModelConfig, policy: str | None = "default") -> None:
+        super().__init__()
+        self.cfg = cfg
+        vit = create_vit(cfg)
+        self.backbone = MaskedVisionTransformerTIMM(vit=vit)
+        decoder = cfg.decoder()
+        self.decoder_embed = nn.Linear(vit.embed_dim, decoder.dim)
+        self.decoder = MaskedVisionTransformerDecoderTIMM(
+            num_patches=vit.patch_embed.num_patches, embed_dim=decoder.dim, depth=decoder.depth,
+            num_heads=decoder.heads, num_prefix_tokens=vit.num_prefix_tokens)
+        self.prediction_head = nn.Linear(decoder.dim, cfg.patch_size**2 * 3)
+        self.decoder_embed.apply(init_weights)
+        self.prediction_head.apply(init_weights)
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_NORMALIZE["mean"]).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_NORMALIZE["std"]).view(1, 3, 1, 1),
+                             persistent=False)
+        if policy is not None:
+            apply_policy(self, cfg.policy if policy == "default" else policy)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.backbone.vit.num_prefix_tokens)
+
+    def normalize(self, images_uint8: Tensor) -> Tensor:
+        """uint8 (B, 3, H, W) images → float, normalised with ImageNet statistics (as MAETransform)."""
+        return (images_uint8.float() / 255 - self.pixel_mean) / self.pixel_std
+
+    def denormalize(self, images: Tensor) -> Tensor:
+        return (images * self.pixel_std + self.pixel_mean).clamp(0, 1)
+
+    def decode(self, images: Tensor, idx_keep: Tensor, idx_mask: Tensor | None) -> Tensor:
+        """Pixel predictions (B, n, patch²·3) for the tokens in ``idx_mask``, or all patches if None."""
+        encoded = self.backbone.encode(images, idx_keep=idx_keep)
+        tokens = utils.repeat_token(self.decoder.mask_token,
+                                    (images.shape[0], self.decoder.sequence_length))
+        tokens = utils.set_at_index(tokens, idx_keep, self.decoder_embed(encoded).type_as(tokens))
+        decoded = self.decoder(tokens)
+        if idx_mask is None:
+            decoded = decoded[:, self.num_prefix_tokens:]
+        else:
+            decoded = utils.get_at_index(decoded, idx_mask)
+        return self.prediction_head(decoded)
+
+    def targets(self, images: Tensor) -> Tensor:
+        """Every patch's pixels (B, N, patch²·3), per-patch normalised when ``norm_pix_loss``."""
+        patches = utils.patchify(images, self.cfg.patch_size)
+        return utils.normalize_mean_var(patches, dim=-1) if self.cfg.norm_pix_loss else patches
+
+    def loss(self, images: Tensor, idx_keep: Tensor, idx_mask: Tensor) -> Tensor:
+        """Mean squared error on the masked patches only, as in the MAE paper."""
+        prediction = self.decode(images, idx_keep, idx_mask)
+        target = utils.get_at_index(self.targets(images), idx_mask - self.num_prefix_tokens)
+        return F.mse_loss(prediction.float(), target.float())
+
+
+class MAELightning(pl.LightningModule):
+    """Trains :class:`MaskedAutoencoder` the MAE paper's way.
+
+    AdamW with betas (0.9, 0.95) and weight decay on weights only (not norms, biases, tokens), the
+    learning rate scaled by the effective batch, linear warm-up then per-step cosine decay.
+    Batches arrive as uint8 images and are normalised on the device.
+    """
+
+    def __init__(self, model: dict[str, Any], lr: float, weight_decay: float = 0.05,
+                 warmup_fraction: float = 0.05, seed: int = 0, compile: bool = False) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg = ModelConfig(**model)
+        self.mae = MaskedAutoencoder(self.cfg)
+        self._forward_loss = torch.compile(self.mae.loss) if compile else self.mae.loss
+        self._mask_generator: torch.Generator | None = None
+
+    @classmethod
+    def from_config(cls, run_cfg: Any) -> MAELightning:
+        t = run_cfg.train
+        return cls(model=asdict(run_cfg.model), lr=t.learning_rate(), weight_decay=t.weight_decay,
+                   warmup_fraction=t.warmup_fraction, seed=t.seed, compile=t.compile)
+
+    def on_fit_start(self) -> None:
+        # Each rank draws its own masks; resuming re-seeds from the step so masks don't repeat.
+        seed = self.hparams.seed * 1_000_003 + self.global_rank * 10_007 + self.global_step
+        self._mask_generator = seeded_generator(seed, self.device)
+
+    def on_after_batch_transfer(self, batch: Tensor, dataloader_idx: int) -> Tensor:
+        return self.mae.normalize(batch)
+
+    def training_step(self, images: Tensor, batch_idx: int) -> Tensor:
+        idx_keep, idx_mask = draw_token_mask(images.shape[0], self.cfg.num_patches,
+                                             self.cfg.mask_ratio, self._mask_generator)
+        return self._forward_loss(images, idx_keep, idx_mask)
+
+    def configure_optimizers(self) -> Any:
+        groups = param_groups_weight_decay(
+            self.mae, self.hparams.weight_decay,
+            no_weight_decay_list=("*cls_token", "*pos_embed", "*mask_token"))
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=(0.9, 0.95),
+                                      fused=self.device.type == "cuda")
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(total - 1, int(total * self.hparams.warmup_fraction))
+        schedules: list[torch.optim.lr_scheduler.LRScheduler] = [
+            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))]
+        if warmup > 0:
+            schedules.insert(0, torch.optim.lr_scheduler.LinearLR(
+                optimizer, start_factor=1e-3, total_iters=warmup))
+        scheduler = (schedules[0] if len(schedules) == 1 else torch.optim.lr_scheduler.SequentialLR(
+            optimizer, schedules, milestones=[warmup]))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,125 @@
+"""Reconstruction as in the MAE paper's figures: original | masked | reconstruction | + visible.
+
+Masks come from a seed (image ``i`` uses ``seed + i``), so the same images and seed give the same
+masks on any checkpoint. With ``norm_pix_loss`` the model predicts per-patch normalised pixels; they
+are de-normalised with each target patch's own mean and variance before display.
+
+Example:
+    >>> model = load_model("checkpoints/<run>/model.safetensors")
+    >>> [result] = reconstruct(model, center_square(open_rgb("photo.jpg"), 64)[None])
+    >>> panels(result)  # four PIL images
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from lightly.models import utils
+from PIL import Image
+from torch import Tensor
+
+from mae_core.model import MaskedAutoencoder, draw_token_mask, seeded_generator
+
+PANEL_TITLES = ("input", "masked", "reconstruction", "reconstruction + visible")
+_MASK_GRAY = 0.5
+
+
+@dataclass
+class Reconstruction:
+    """One image's result; images are float (3, H, W) in [0, 1]."""
+
+    original: Tensor
+    masked: Tensor
+    reconstruction: Tensor
+    pasted: Tensor
+    patch_error: Tensor  # (grid, grid) squared error per patch, in the loss's target space
+    patch_masked: Tensor  # (grid, grid) bool
+    loss: float  # mean squared error over the masked patches: the training loss of this image
+
+
+def draw_masks(count: int, num_patches: int, mask_ratio: float, seed: int) -> tuple[Tensor, Tensor]:
+    """One mask per image, image ``i`` from ``seed + i``: independent of how images are batched."""
+    pairs = [draw_token_mask(1, num_patches, mask_ratio, seeded_generator(seed + i))
+             for i in range(count)]
+    return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+
+
+@torch.no_grad()
+def reconstruct(model: MaskedAutoencoder, images: Tensor, mask_ratio: float | None = None,
+                seed: int = 0) -> list[Reconstruction]:
+    """Reconstruct uint8 images (B, 3, S, S) whose size matches the model's ``image_size``."""
+    cfg = model.cfg
+    if images.shape[-1] != cfg.image_size or images.shape[-2] != cfg.image_size:
+        raise ValueError(f"images must be {cfg.image_size}×{cfg.image_size}, got "
+                         f"{tuple(images.shape[-2:])}")
+    ratio = cfg.mask_ratio if mask_ratio is None else mask_ratio
+    if not 0 < ratio < 1:
+        raise ValueError(f"mask_ratio must be strictly between 0 and 1, got {ratio}")
+    was_training = model.training
+    model.eval()
+    device = model.pixel_mean.device
+    x = model.normalize(images.to(device))
+    idx_keep, idx_mask = draw_masks(images.shape[0], cfg.num_patches, ratio, seed)
+    idx_keep, idx_mask = idx_keep.to(device), idx_mask.to(device)
+    prediction = model.decode(x, idx_keep, None).float()
+    patches = utils.patchify(x, cfg.patch_size)
+    target = model.targets(x)
+    error = ((prediction - target) ** 2).mean(dim=-1)
+    masked = torch.zeros_like(error, dtype=torch.bool)
+    masked.scatter_(1, idx_mask - model.num_prefix_tokens, True)
+    if cfg.norm_pix_loss:
+        mean = patches.mean(dim=-1, keepdim=True)
+        std = (patches.var(dim=-1, keepdim=True) + 1e-6).sqrt()
+        prediction = prediction * std + mean
+    recon = model.denormalize(utils.unpatchify(prediction, cfg.patch_size))
+    original = model.denormalize(x)
+    mask_pixels = utils.unpatchify(masked.float()[..., None].expand_as(patches).contiguous(),
+                                   cfg.patch_size)
+    masked_view = original * (1 - mask_pixels) + _MASK_GRAY * mask_pixels
+    pasted = original * (1 - mask_pixels) + recon * mask_pixels
+    model.train(was_training)
+    grid = cfg.image_size // cfg.patch_size
+    results = []
+    for i in range(images.shape[0]):
+        loss = error[i][masked[i]].mean().item()
+        results.append(Reconstruction(original[i].cpu(), masked_view[i].cpu(), recon[i].cpu(),
+                                      pasted[i].cpu(), error[i].view(grid, grid).cpu(),
+                                      masked[i].view(grid, grid).cpu(), loss))
+    return results
+
+
+def to_pil(image: Tensor, size: int | None = None) -> Image.Image:
+    array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    pil = Image.fromarray(np.ascontiguousarray(array))
+    return pil.resize((size, size), Image.NEAREST) if size and size != pil.width else pil
+
+
+def panels(result: Reconstruction, size: int | None = None) -> list[Image.Image]:
+    """The four panels of the paper's figures, in :data:`PANEL_TITLES` order."""
+    return [to_pil(t, size) for t in
+            (result.original, result.masked, result.reconstruction, result.pasted)]
+
+
+def error_heatmap(result: Reconstruction, size: int | None = None) -> Image.Image:
+    """Per-patch error over the image: blue (low) to red (high); visible patches are outlined dark."""
+    error = result.patch_error
+    heat = (error / error.max().clamp_min(1e-8)).clamp(0, 1)
+    color = torch.stack([heat, 0.15 * torch.ones_like(heat), 1 - heat])  # (3, g, g)
+    color = torch.where(result.patch_masked[None], color, color * 0.35)
+    scale = result.original.shape[-1] // error.shape[-1]
+    color = color.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    blended = 0.45 * result.original + 0.55 * color
+    return to_pil(blended, size)
+
+
+def grid_image(results: list[Reconstruction], size: int | None = None) -> Image.Image:
+    """All results as rows of four panels: what a run's ``previews/step_*.png`` shows."""
+    rows = [panels(r, size) for r in results]
+    side = rows[0][0].width
+    canvas = Image.new("RGB", (4 * side + 6, len(rows) * side + 2 * (len(rows) - 1)), "white")
+    for r, row in enumerate(rows):
+        for c, panel in enumerate(row):
+            canvas.paste(panel, (c * (side + 2), r * (side + 2)))
+    return canvas

@@ -1,0 +1,109 @@
+"""The run directory: where a run's files live and how they are read and written.
+
+``checkpoints/<run-id>/`` holds ``config.yaml`` (the resolved config), ``status.json`` (state and
+progress, written by the trainer), ``process.json`` (the launched process, written by the manager),
+``metrics.jsonl`` (one line per logged step), ``train.log``, ``last.ckpt`` (for resume),
+``model.safetensors`` (weights) and ``previews/``. A ``STOP`` file asks the trainer to stop.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mae_core.fileio import atomic_write_json, atomic_write_text, read_json
+
+STATES = ("starting", "running", "stopping", "stopped", "finished", "failed")
+LIVE_STATES = frozenset({"starting", "running", "stopping"})
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @property
+    def run_id(self) -> str:
+        return self.root.name
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def status(self) -> Path:
+        return self.root / "status.json"
+
+    @property
+    def process(self) -> Path:
+        return self.root / "process.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "train.log"
+
+    @property
+    def last_ckpt(self) -> Path:
+        return self.root / "last.ckpt"
+
+    @property
+    def weights(self) -> Path:
+        return self.root / "model.safetensors"
+
+    @property
+    def previews(self) -> Path:
+        return self.root / "previews"
+
+    @property
+    def stop_request(self) -> Path:
+        return self.root / "STOP"
+
+    def read_status(self) -> dict[str, Any]:
+        return read_json(self.status) or {"run_id": self.run_id, "state": "failed",
+                                          "error": "status.json is missing or unreadable"}
+
+    def write_status(self, **fields: Any) -> dict[str, Any]:
+        """Merge ``fields`` into status.json (atomically) and return the new status."""
+        status = read_json(self.status) or {"run_id": self.run_id}
+        status.update(fields, updated=time.time())
+        atomic_write_json(self.status, status)
+        return status
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            with open(self.log, "rb") as handle:
+                handle.seek(0, 2)
+                handle.seek(max(0, handle.tell() - 64 * 1024))
+                text = handle.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def read_metrics(self, since_step: int = -1) -> list[dict[str, Any]]:
+        """Metric lines with ``step > since_step``; a line being written right now is skipped."""
+        rows = []
+        try:
+            with open(self.metrics) as handle:
+                for line in handle:
+                    try:
+                        row = json.loads(line)
+                    except ValueError:
+                        continue
+                    if isinstance(row, dict) and row.get("step", -1) > since_step:
+                        rows.append(row)
+        except OSError:
+            pass
+        return rows
+
+    def truncate_metrics(self, last_step: int) -> None:
+        """Drop lines logged after ``last_step`` (a resume restarts from the checkpoint's step)."""
+        if not self.metrics.exists():
+            return
+        kept = [json.dumps(row) for row in self.read_metrics() if row.get("step", 0) <= last_step]
+        atomic_write_text(self.metrics, "".join(line + "\n" for line in kept))

@@ -1,0 +1,362 @@
+"""The trainer: ``python -m mae_core.train --config RUN.yaml [--field value ...]``.
+
+One Lightning ``Trainer`` (DDP over every device: GPUs with NCCL, or CPU processes over gloo), writing
+a run directory a person (or the app) can follow: ``status.json``, ``metrics.jsonl``, checkpoints,
+weights and previews. The same command runs under ``torchrun`` or SLURM with ``--num-nodes``; pass
+``--run-dir`` there so every node writes to the same (shared) directory.
+
+Exit codes: 0 finished or stopped on request, 1 training failed, 2 the config or data was refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import Logger
+from pytorch_lightning.strategies import DDPStrategy
+from pytorch_lightning.utilities import rank_zero_only
+
+from mae_core.config import ConfigError, ModelConfig, RunConfig, TrainConfig
+from mae_core.data import DataError, MAEDataModule, check_data, preview_images
+from mae_core.model import MAELightning
+from mae_core.reconstruct import grid_image, reconstruct
+from mae_core.rundir import RunPaths
+from mae_core.weights import save_weights
+
+RUN_DIR_ENV = "MAE_STUDIO_RUN_DIR"
+DEFAULT_RUNS_DIR = "checkpoints"
+PREVIEW_SEED = 0
+
+
+# --- what the run writes ----------------------------------------------------------------------
+
+class JsonlLogger(Logger):
+    """A Lightning logger that appends one flushed JSON line per logged step to ``metrics.jsonl``.
+
+    Lightning's own CSV logger buffers 100 steps; a live curve needs each step on disk at once.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+
+    @property
+    def name(self) -> str:
+        return "jsonl"
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass  # config.yaml already holds them
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        import json
+
+        # Lightning passes the 0-based index of the batch just trained; the file counts completed
+        # optimizer steps, as status.json and the checkpoints do.
+        row = {"step": (step or 0) + 1, **{k: _plain(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, torch.Tensor) else value
+
+
+class ProgressRecorder(pl.Callback):
+    """Logs loss, lr, throughput and time each step, and keeps ``status.json`` current (rank 0)."""
+
+    def __init__(self, paths: RunPaths, status_every_s: float = 1.0) -> None:
+        self.paths = paths
+        self.status_every_s = status_every_s
+        self._last_status = 0.0
+        self._elapsed_before = 0.0
+        self._fit_start = 0.0
+        self._step_start = 0.0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_start = self._step_start = time.perf_counter()
+        if trainer.is_global_zero:
+            # A resume continues from the checkpoint's step: later lines of the killed run go.
+            self.paths.truncate_metrics(trainer.global_step)
+            earlier = self.paths.read_metrics()
+            self._elapsed_before = float(earlier[-1].get("elapsed_s", 0.0)) if earlier else 0.0
+            self.paths.write_status(state="running", pid=os.getpid(), step=trainer.global_step,
+                                    total_steps=_total_steps(trainer), epoch=trainer.current_epoch,
+                                    world_size=trainer.world_size, error=None, log_tail=None)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        now = time.perf_counter()
+        images = batch.shape[0] * trainer.world_size
+        pl_module.log("images_per_s", images / max(now - self._step_start, 1e-9), rank_zero_only=True)
+        pl_module.log("lr", trainer.optimizers[0].param_groups[0]["lr"], rank_zero_only=True)
+        pl_module.log("elapsed_s", self._elapsed_before + now - self._fit_start, rank_zero_only=True)
+        pl_module.log("loss", outputs["loss"].detach(), rank_zero_only=True)
+        self._step_start = now
+        if trainer.is_global_zero and (now - self._last_status >= self.status_every_s):
+            self._last_status = now
+            self.write_progress(trainer, outputs["loss"].item())
+
+    def write_progress(self, trainer: pl.Trainer, loss: float | None = None, **fields: Any) -> None:
+        metrics = trainer.callback_metrics
+        self.paths.write_status(
+            step=trainer.global_step, total_steps=_total_steps(trainer), epoch=trainer.current_epoch,
+            loss=loss if loss is not None else _plain(metrics.get("loss")),
+            images_per_s=_plain(metrics.get("images_per_s")),
+            elapsed_s=self._elapsed_before + time.perf_counter() - self._fit_start, **fields)
+
+
+def _total_steps(trainer: pl.Trainer) -> int:
+    if trainer.max_steps > 0:
+        return trainer.max_steps
+    return int(trainer.estimated_stepping_batches)
+
+
+class StopOnRequest(pl.Callback):
+    """Stops after the current step once the run directory holds a ``STOP`` file.
+
+    Every rank must stop at the same step, so the decision is reduced across ranks (any rank that
+    saw the file stops them all); setting ``should_stop`` on one rank alone would hang DDP.
+    """
+
+    def __init__(self, paths: RunPaths, recorder: ProgressRecorder) -> None:
+        self.paths = paths
+        self.recorder = recorder
+        self.requested = False
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        seen = self.paths.stop_request.exists()
+        if trainer.strategy.reduce_boolean_decision(seen, all=False):
+            self.requested = True
+            trainer.should_stop = True
+            if trainer.is_global_zero:
+                self.recorder.write_progress(trainer, state="stopping")
+
+
+class SaveCheckpoints(pl.Callback):
+    """``last.ckpt`` (Lightning, for resume) and ``model.safetensors`` every N steps and at the end.
+
+    Lightning writes checkpoints through a temp file and a move, and :func:`save_weights` renames
+    into place, so a kill never leaves a half-written file behind.
+    """
+
+    def __init__(self, paths: RunPaths, every_n_steps: int) -> None:
+        self.paths = paths
+        self.every_n_steps = every_n_steps
+
+    def save(self, trainer: pl.Trainer, pl_module: MAELightning) -> None:
+        trainer.save_checkpoint(self.paths.last_ckpt, weights_only=False)  # optimizer too, for resume
+        if trainer.is_global_zero:
+            save_weights(pl_module.mae, self.paths.weights, step=trainer.global_step)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step % self.every_n_steps == 0 and not trainer.should_stop:
+            self.save(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.save(trainer, pl_module)
+
+
+class Previews(pl.Callback):
+    """Reconstructions of a fixed set of images on a fixed mask, every N steps: ``previews/step_*.png``."""
+
+    def __init__(self, paths: RunPaths, images: torch.Tensor, every_n_steps: int) -> None:
+        self.paths = paths
+        self.images = images
+        self.every_n_steps = every_n_steps
+
+    @rank_zero_only
+    def write(self, trainer: pl.Trainer, pl_module: MAELightning) -> None:
+        if len(self.images) == 0:
+            return
+        from mae_core.fileio import atomic_write
+
+        results = reconstruct(pl_module.mae, self.images, seed=PREVIEW_SEED)
+        image = grid_image(results, size=max(96, pl_module.cfg.image_size))
+        target = self.paths.previews / f"step_{trainer.global_step:07d}.png"
+        atomic_write(target, lambda tmp: image.save(tmp, format="PNG"))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step == 0:
+            self.write(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self.write(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not (self.paths.previews / f"step_{trainer.global_step:07d}.png").exists():
+            self.write(trainer, pl_module)
+
+
+# --- building and running -------------------------------------------------------------------
+
+def make_strategy(cfg: RunConfig) -> Any:
+    t = cfg.train
+    if t.world_size == 1:
+        return "auto"
+    find_unused = bool(t.find_unused_parameters)
+    # static_graph lets DDP skip per-step graph bookkeeping. It also tolerates unused parameters,
+    # which would hide the very failure the reference policy demonstrates: ddp-clean only.
+    static = t.static_graph and not find_unused and cfg.model.policy == "ddp-clean"
+    return DDPStrategy(find_unused_parameters=find_unused, static_graph=static,
+                       process_group_backend="nccl" if t.accelerator == "gpu" else "gloo",
+                       timeout=datetime.timedelta(minutes=10))
+
+
+def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False) -> int:
+    """Train ``cfg`` (already resolved) into ``paths``; returns the process exit code."""
+    t = cfg.train
+    pl.seed_everything(t.seed, workers=True, verbose=False)
+    torch.set_float32_matmul_precision("high")
+    recorder = ProgressRecorder(paths)
+    stopper = StopOnRequest(paths, recorder)
+    callbacks = [recorder, stopper, SaveCheckpoints(paths, t.checkpoint_every_n_steps)]
+    if t.num_previews:
+        callbacks.append(Previews(paths, preview_images(t.data, cfg.model.image_size, t.num_previews),
+                                  t.preview_every_n_steps))
+    trainer = pl.Trainer(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
+        strategy=make_strategy(cfg), max_steps=t.max_steps, max_epochs=t.max_epochs or -1,
+        callbacks=callbacks, logger=JsonlLogger(paths.metrics), log_every_n_steps=t.log_every_n_steps,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=str(paths.root), num_sanity_val_steps=0)
+    model = MAELightning.from_config(cfg)
+    data = MAEDataModule(t.data, cfg.model.image_size, t.batch_size, t.num_workers or 0,
+                         pin_memory=t.accelerator == "gpu")
+    ckpt = str(paths.last_ckpt) if resume else None
+    try:
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt, weights_only=True)
+    except BaseException as err:  # noqa: BLE001 - reported in status.json, then re-raised
+        if trainer.is_global_zero:
+            detail = "".join(traceback.format_exception_only(type(err), err)).strip()
+            paths.write_status(state="failed", error=detail or type(err).__name__,
+                               log_tail=traceback.format_exc()[-4000:])
+        raise
+    if trainer.is_global_zero:
+        state = "stopped" if stopper.requested else "finished"
+        paths.stop_request.unlink(missing_ok=True)
+        recorder.write_progress(trainer, state=state)
+    return 0
+
+
+# --- command line -----------------------------------------------------------------------------
+
+def _flag_parser(text: str, annotation: str):
+    def parse(value: str) -> Any:
+        if value.lower() in ("auto", "none", "null") and "None" in annotation:
+            return None
+        if "bool" in annotation:
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise argparse.ArgumentTypeError(f"{text} must be true or false, got {value!r}")
+        if "int" in annotation:
+            return int(value)
+        if "float" in annotation:
+            return float(value)
+        return value
+    parse.__name__ = annotation
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mae_core.train",
+                                     description="Pretrain a Masked Autoencoder with Lightning DDP.")
+    parser.add_argument("--config", help="RUN.yaml (model: and train: sections); flags override it")
+    parser.add_argument("--run-dir", help="the run directory (default: a new one under --runs-dir)")
+    parser.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR, help="where new runs are created")
+    parser.add_argument("--resume", action="store_true", help="continue --run-dir from last.ckpt")
+    for cls in (ModelConfig, TrainConfig):
+        for f in dataclasses.fields(cls):
+            flags = ["--" + f.name.replace("_", "-")]
+            if f.name == "preset":
+                flags.insert(0, "--model")
+            parser.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS,
+                                type=_flag_parser(flags[0], str(f.type)),
+                                help=f"{f.type} (default {f.default!r})")
+    return parser
+
+
+def new_run_id(cfg: RunConfig, runs_dir: Path) -> str:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = f"{stamp}-{cfg.model.preset}-{cfg.model.policy}"
+    run_id, n = base, 1
+    while (runs_dir / run_id).exists():
+        n += 1
+        run_id = f"{base}-{n}"
+    return run_id
+
+
+def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
+    """Resolve the config and the run directory. Only the first process creates anything."""
+    overrides = {k: v for k, v in vars(args).items()
+                 if k not in ("config", "run_dir", "runs_dir", "resume")}
+    inherited = os.environ.get(RUN_DIR_ENV)  # set for the ranks Lightning launches
+    run_dir = Path(args.run_dir or inherited or "")
+    if args.resume or inherited:
+        if not args.run_dir and not inherited:
+            raise ConfigError("run_dir", "--resume needs --run-dir")
+        paths = RunPaths(run_dir)
+        if args.resume and not paths.last_ckpt.exists() and not inherited:
+            raise ConfigError("resume", f"{paths.last_ckpt} does not exist: nothing to resume")
+        cfg = RunConfig.load(paths.config)
+        if overrides and not inherited:  # e.g. --max-steps to extend a run; the ranks read it back
+            cfg = cfg.with_overrides(**overrides)
+            cfg.save(paths.config)
+        return cfg, paths, args.resume
+    base = RunConfig.load(args.config) if args.config else RunConfig()
+    cfg = base.with_overrides(**overrides).resolved()
+    check_data(cfg.train.data)
+    if not args.run_dir:
+        runs_dir = Path(args.runs_dir)
+        run_dir = runs_dir / new_run_id(cfg, runs_dir)
+    paths = RunPaths(run_dir)
+    if not paths.config.exists():
+        paths.root.mkdir(parents=True, exist_ok=True)
+        cfg.save(paths.config)
+    else:
+        cfg = RunConfig.load(paths.config)
+    if not paths.status.exists():
+        paths.write_status(state="starting", step=0, total_steps=cfg.train.max_steps)
+    return cfg, paths, False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg, paths, resume = prepare(args)
+    except (ConfigError, DataError) as err:
+        parser.exit(2, f"error: {err}\n")
+    os.environ[RUN_DIR_ENV] = str(paths.root.resolve())
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+        print(f"run directory: {paths.root}", flush=True)
+    try:
+        return run_training(cfg, paths, resume)
+    except KeyboardInterrupt:
+        return 1
+    except Exception:  # noqa: BLE001 - the traceback goes to train.log, the summary to status.json
+        traceback.print_exc()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Model weights as safetensors: saved atomically with their config, loaded without unpickling.
+
+``model.safetensors`` holds the whole :class:`MaskedAutoencoder` state and its :class:`ModelConfig`
+in the file's metadata, so a weights file alone rebuilds the model. :func:`export_encoder` writes
+just the encoder with timm's key names, ready for ``timm.create_model(...).load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from mae_core.config import ConfigError, ModelConfig
+from mae_core.fileio import atomic_write
+from mae_core.model import MaskedAutoencoder
+
+ENCODER_PREFIX = "backbone.vit."
+
+
+class WeightsError(ValueError):
+    """A weights file is missing, corrupt or not an MAE Studio model."""
+
+
+def _cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+
+
+def save_weights(model: MaskedAutoencoder, path: str | Path, step: int | None = None) -> None:
+    metadata = {"format": "mae-studio", "config": json.dumps(asdict(model.cfg))}
+    if step is not None:
+        metadata["step"] = str(step)
+    state = _cpu_state(model.state_dict())
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata() or {}
+    except FileNotFoundError:
+        raise WeightsError(f"no weights file at {path}") from None
+    except (SafetensorError, OSError, ValueError) as err:
+        raise WeightsError(f"{Path(path).name} is not a readable safetensors file ({err})") from None
+
+
+def load_model(path: str | Path, device: str = "cpu") -> MaskedAutoencoder:
+    """Rebuild the model saved at ``path`` (eval mode). Raises :class:`WeightsError` if unusable."""
+    metadata = read_metadata(path)
+    if metadata.get("format") != "mae-studio" or "config" not in metadata:
+        raise WeightsError(f"{Path(path).name} was not written by MAE Studio (no model config)")
+    try:
+        cfg = ModelConfig(**json.loads(metadata["config"]))
+    except (ValueError, TypeError, ConfigError) as err:
+        raise WeightsError(f"{Path(path).name} has an invalid model config ({err})") from None
+    model = MaskedAutoencoder(cfg)
+    try:
+        from safetensors.torch import load_file
+
+        state = load_file(str(path), device=device)
+        model.load_state_dict(state, strict=True)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise WeightsError(f"{Path(path).name} does not match its model ({err})") from None
+    return model.to(device).eval()
+
+
+def export_encoder(weights_path: str | Path, out_path: str | Path) -> list[str]:
+    """Write the encoder as timm ``VisionTransformer`` weights; returns the tensor names written.
+
+    The keys are timm's own (``blocks.0.attn.qkv.weight``…); the classifier head is not included,
+    so load with ``timm.create_model(name, num_classes=N)`` and only ``head.*`` is missing.
+    """
+    model = load_model(weights_path)
+    encoder = {k[len(ENCODER_PREFIX):]: v for k, v in model.state_dict().items()
+               if k.startswith(ENCODER_PREFIX) and not k.startswith(ENCODER_PREFIX + "head.")}
+    metadata = {"format": "timm-vit", "timm_name": model.cfg.preset_spec.timm_name,
+                "img_size": str(model.cfg.image_size), "patch_size": str(model.cfg.patch_size)}
+    state = _cpu_state(encoder)
+    atomic_write(out_path, lambda tmp: save_file(state, tmp, metadata=metadata))
+    return sorted(encoder)
+
+
+def timm_snippet(cfg: ModelConfig, path: str | Path) -> str:
+    """Python that loads an exported encoder into timm for fine-tuning."""
+    return (
+        "import timm\n"
+        "from safetensors.torch import load_file\n\n"
+        f"model = timm.create_model({cfg.preset_spec.timm_name!r}, pretrained=False,\n"
+        f"                          img_size={cfg.image_size}, patch_size={cfg.patch_size}, num_classes=10)\n"
+        f"missing, unexpected = model.load_state_dict(load_file({str(path)!r}), strict=False)\n"
+        "assert set(missing) == {'head.weight', 'head.bias'} and not unexpected\n"
+    )
