@@ -298,3 +298,16 @@ def _build(cls: type, values: dict[str, Any]) -> Any:
     if unknown:
         raise ConfigError(sorted(unknown)[0], f"unknown field of {cls.__name__}")
     return cls(**values)
+
+
+def hardware_summary() -> str:
+    """What the default config will train on, in words (shown by the UI)."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if gpus:
+        name = torch.cuda.get_device_name(0)
+        return f"{gpus} × {name} (DDP over NCCL, bf16-mixed)"
+    cores = os.cpu_count() or 1
+    return (f"no GPU: {default_cpu_processes()} CPU processes over gloo on {cores} cores "
+            "(32-bit)")

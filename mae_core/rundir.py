@@ -8,6 +8,7 @@ progress, written by the trainer), ``process.json`` (the launched process, writt
 
 from __future__ import annotations
 
+import datetime
 import json
 import time
 from dataclasses import dataclass
@@ -107,3 +108,14 @@ class RunPaths:
             return
         kept = [json.dumps(row) for row in self.read_metrics() if row.get("step", 0) <= last_step]
         atomic_write_text(self.metrics, "".join(line + "\n" for line in kept))
+
+
+def new_run_id(runs_dir: Path, preset: str, policy: str) -> str:
+    """A readable, unique run id: date, time, preset and policy."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = f"{stamp}-{preset}-{policy}"
+    run_id, n = base, 1
+    while (runs_dir / run_id).exists():
+        n += 1
+        run_id = f"{base}-{n}"
+    return run_id

@@ -30,7 +30,7 @@ from mae_core.config import ConfigError, ModelConfig, RunConfig, TrainConfig
 from mae_core.data import DataError, MAEDataModule, check_data, preview_images
 from mae_core.model import MAELightning
 from mae_core.reconstruct import grid_image, reconstruct
-from mae_core.rundir import RunPaths
+from mae_core.rundir import RunPaths, new_run_id
 from mae_core.weights import save_weights
 
 RUN_DIR_ENV = "MAE_STUDIO_RUN_DIR"
@@ -295,48 +295,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def new_run_id(cfg: RunConfig, runs_dir: Path) -> str:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = f"{stamp}-{cfg.model.preset}-{cfg.model.policy}"
-    run_id, n = base, 1
-    while (runs_dir / run_id).exists():
-        n += 1
-        run_id = f"{base}-{n}"
-    return run_id
-
-
 def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
-    """Resolve the config and the run directory. Only the first process creates anything."""
+    """Resolve the config and the run directory; only the first process writes anything.
+
+    A run directory that already holds ``config.yaml`` (made by the run manager, by rank 0 for the
+    ranks Lightning launches, or by a previous session for ``--resume``) is the config's source.
+    """
     overrides = {k: v for k, v in vars(args).items()
                  if k not in ("config", "run_dir", "runs_dir", "resume")}
     inherited = os.environ.get(RUN_DIR_ENV)  # set for the ranks Lightning launches
-    run_dir = Path(args.run_dir or inherited or "")
-    if args.resume or inherited:
-        if not args.run_dir and not inherited:
-            raise ConfigError("run_dir", "--resume needs --run-dir")
-        paths = RunPaths(run_dir)
-        if args.resume and not paths.last_ckpt.exists() and not inherited:
-            raise ConfigError("resume", f"{paths.last_ckpt} does not exist: nothing to resume")
-        cfg = RunConfig.load(paths.config)
-        if overrides and not inherited:  # e.g. --max-steps to extend a run; the ranks read it back
-            cfg = cfg.with_overrides(**overrides)
-            cfg.save(paths.config)
-        return cfg, paths, args.resume
+    writer = not inherited and os.environ.get("RANK", "0") == "0"
+    run_dir = args.run_dir or inherited
+    if run_dir:
+        paths = RunPaths(Path(run_dir))
+        if not writer:
+            _wait_for(paths.config)
+        if paths.config.exists():
+            cfg = RunConfig.load(paths.config)
+            if args.resume and not paths.last_ckpt.exists():
+                raise ConfigError("resume", f"{paths.last_ckpt} does not exist: nothing to resume")
+            if overrides and writer:  # e.g. --max-steps to extend a run; the ranks read it back
+                cfg = cfg.with_overrides(**overrides).resolved()
+                check_data(cfg.train.data)
+                cfg.save(paths.config)
+            return cfg, paths, args.resume
+        if args.resume:
+            raise ConfigError("resume", f"{paths.config} does not exist: nothing to resume")
     base = RunConfig.load(args.config) if args.config else RunConfig()
     cfg = base.with_overrides(**overrides).resolved()
     check_data(cfg.train.data)
-    if not args.run_dir:
-        runs_dir = Path(args.runs_dir)
-        run_dir = runs_dir / new_run_id(cfg, runs_dir)
-    paths = RunPaths(run_dir)
-    if not paths.config.exists():
-        paths.root.mkdir(parents=True, exist_ok=True)
-        cfg.save(paths.config)
-    else:
-        cfg = RunConfig.load(paths.config)
-    if not paths.status.exists():
-        paths.write_status(state="starting", step=0, total_steps=cfg.train.max_steps)
+    runs_dir = Path(args.runs_dir)
+    paths = RunPaths(Path(run_dir) if run_dir else runs_dir / new_run_id(runs_dir, cfg.model.preset, cfg.model.policy))
+    paths.root.mkdir(parents=True, exist_ok=True)
+    cfg.save(paths.config)
+    paths.write_status(state="starting", step=0, total_steps=cfg.train.max_steps,
+                       preset=cfg.model.preset, policy=cfg.model.policy, created=time.time())
     return cfg, paths, False
+
+
+def _wait_for(path: Path, timeout_s: float = 120.0) -> None:
+    """Other ranks of a torchrun/SLURM job wait for rank 0 to write the run's config."""
+    deadline = time.monotonic() + timeout_s
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def main(argv: list[str] | None = None) -> int:
