@@ -96,9 +96,12 @@ class ProgressRecorder(pl.Callback):
             self.paths.truncate_metrics(trainer.global_step)
             earlier = self.paths.read_metrics()
             self._elapsed_before = float(earlier[-1].get("elapsed_s", 0.0)) if earlier else 0.0
+            dataset = getattr(trainer.datamodule, "dataset", None)
             self.paths.write_status(state="running", pid=os.getpid(), step=trainer.global_step,
                                     total_steps=_total_steps(trainer), epoch=trainer.current_epoch,
-                                    world_size=trainer.world_size, error=None, log_tail=None)
+                                    world_size=trainer.world_size, error=None, log_tail=None,
+                                    images=getattr(dataset, "num_images", None),
+                                    skipped_files=getattr(dataset, "skipped", None))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
@@ -220,8 +223,14 @@ def make_strategy(cfg: RunConfig) -> Any:
                        timeout=datetime.timedelta(minutes=10))
 
 
-def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False) -> int:
-    """Train ``cfg`` (already resolved) into ``paths``; returns the process exit code."""
+def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
+                 datamodule: pl.LightningDataModule | None = None,
+                 extra_callbacks: list[pl.Callback] | None = None) -> int:
+    """Train ``cfg`` (already resolved) into ``paths``; returns the process exit code.
+
+    ``datamodule`` replaces the image-folder data and ``extra_callbacks`` run after the trainer's
+    own callbacks: ``mae_core.bench`` feeds the naive recipe's loader and its step timer this way.
+    """
     t = cfg.train
     pl.seed_everything(t.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
@@ -231,6 +240,7 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False) -> int:
     if t.num_previews:
         callbacks.append(Previews(paths, preview_images(t.data, cfg.model.image_size, t.num_previews),
                                   t.preview_every_n_steps))
+    callbacks.extend(extra_callbacks or [])
     trainer = pl.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
         strategy=make_strategy(cfg), max_steps=t.max_steps, max_epochs=t.max_epochs or -1,
@@ -238,8 +248,9 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False) -> int:
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=str(paths.root), num_sanity_val_steps=0)
     model = MAELightning.from_config(cfg)
-    data = MAEDataModule(t.data, cfg.model.image_size, t.batch_size, t.num_workers or 0,
-                         pin_memory=t.accelerator == "gpu")
+    data = datamodule if datamodule is not None else MAEDataModule(
+        t.data, cfg.model.image_size, t.batch_size, t.num_workers or 0,
+        pin_memory=t.accelerator == "gpu")
     ckpt = str(paths.last_ckpt) if resume else None
     try:
         trainer.fit(model, datamodule=data, ckpt_path=ckpt, weights_only=True)

@@ -1,0 +1,217 @@
+"""Background training runs through the run manager and by hand: real processes, real files.
+
+Every run here is a real ``python -m mae_core.train`` with two CPU DDP processes over gloo.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mae_core.config import ConfigError, RunConfig
+from mae_core.data import DataError, ImageFolderDataset, find_images, sample_photo_paths
+from mae_core.runs import PROJECT_ROOT, RunError, RunManager
+from mae_core.weights import load_model
+
+TINY = dict(image_size=32, patch_size=8, batch_size=8, devices=2, accelerator="cpu",
+            checkpoint_every_n_steps=5, preview_every_n_steps=10, num_previews=2)
+TIMEOUT_S = 240
+
+
+def tiny_config(**overrides) -> RunConfig:
+    return RunConfig().with_overrides(**{**TINY, **overrides})
+
+
+def wait_for(predicate, what: str, timeout_s: float = TIMEOUT_S, every_s: float = 0.2):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def wait_until_ended(manager: RunManager, run_id: str) -> dict:
+    return wait_for(lambda: (s := manager.status(run_id))["state"] not in
+                    ("starting", "running", "stopping") and s, f"{run_id} to end")
+
+
+def trainer_processes(runs_dir: Path) -> list[str]:
+    """Command lines of the trainer processes (every DDP rank) of runs under ``runs_dir``."""
+    out = subprocess.run(["ps", "-eo", "args", "--width", "4000"], capture_output=True,
+                         text=True).stdout
+    return [line for line in out.splitlines()
+            if "mae_core.train" in line and str(runs_dir.resolve()) in line]
+
+
+def wait_for_no_trainers(runs_dir: Path) -> None:
+    wait_for(lambda: not trainer_processes(runs_dir), "every trainer process to exit", 30)
+
+
+@pytest.fixture
+def manager(tmp_path):
+    manager = RunManager(tmp_path / "runs", stop_timeout_s=60)
+    yield manager
+    live = manager.live_run()
+    if live:
+        manager.stop(live)
+        manager.stop(live)
+
+
+def test_run_streams_metrics_stops_and_resumes_to_the_end(manager):
+    run_id = manager.start(tiny_config(max_steps=40))
+    paths = manager.paths(run_id)
+    assert manager.config(run_id).train.devices == 2
+
+    # Metrics appear while the run is live, one flushed line per step.
+    rows = wait_for(lambda: len(manager.metrics(run_id)) >= 3 and manager.metrics(run_id),
+                    "metrics to stream")
+    assert manager.status(run_id)["state"] in ("running", "stopping")
+    assert {"step", "loss", "lr", "images_per_s", "elapsed_s", "epoch"} <= set(rows[0])
+    assert all(math.isfinite(r["loss"]) for r in rows)
+
+    wait_for(lambda: len(manager.metrics(run_id)) >= 12, "12 steps")
+    manager.stop(run_id)
+    stopped = wait_until_ended(manager, run_id)
+    assert stopped["state"] == "stopped", stopped
+    assert 12 <= stopped["step"] < 40
+    assert stopped["resumable"] and paths.last_ckpt.exists()
+    checkpoint = torch.load(paths.last_ckpt, map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == stopped["step"]
+    wait_for_no_trainers(manager.runs_dir)
+
+    manager.resume(run_id)
+    finished = wait_until_ended(manager, run_id)
+    assert finished["state"] == "finished", finished
+    assert finished["step"] == 40
+
+    # The curve continues: every step once, in order, and the schedule did not restart.
+    rows = manager.metrics(run_id)
+    steps = [r["step"] for r in rows]
+    assert steps == list(range(1, 41))
+    lr = {r["step"]: r["lr"] for r in rows}
+    assert lr[stopped["step"] + 1] < lr[3], "learning-rate schedule restarted on resume"
+    assert rows[-1]["elapsed_s"] > rows[stopped["step"] - 1]["elapsed_s"]
+
+    model = load_model(manager.weights(run_id))
+    assert model.cfg.image_size == 32
+    previews = manager.previews(run_id)
+    assert len(previews) >= 3 and previews[-1].name == "step_0000040.png"
+    assert Image.open(previews[-1]).size[0] > 0
+    wait_for_no_trainers(manager.runs_dir)
+
+
+def test_killed_trainer_is_reported_failed_and_leaves_no_corrupt_checkpoint(manager, tmp_path):
+    run_id = manager.start(tiny_config(max_steps=2000))
+    wait_for(lambda: manager.paths(run_id).last_ckpt.exists() and
+             len(manager.metrics(run_id)) >= 8, "a checkpoint")
+
+    # An app restart: a new manager re-attaches to the live run from the disk.
+    reattached = RunManager(manager.runs_dir)
+    assert reattached.status(run_id)["state"] == "running"
+    with pytest.raises(RunError, match="still live"):
+        reattached.start(tiny_config())
+
+    pid = json.loads(manager.paths(run_id).process.read_text())["pid"]
+    os.kill(pid, signal.SIGKILL)
+    failed = wait_for(lambda: (s := reattached.status(run_id))["state"] == "failed" and s,
+                      "the killed run to be reported failed", timeout_s=30)
+    assert "before finishing" in failed["error"]
+    assert failed["log_tail"], "a failed run shows the end of its log"
+    assert failed["resumable"]
+    wait_for_no_trainers(manager.runs_dir)
+
+    paths = manager.paths(run_id)
+    leftovers = [p.name for p in paths.root.iterdir() if p.name.endswith(".tmp")]
+    assert not leftovers
+    torch.load(paths.last_ckpt, map_location="cpu", weights_only=True)
+    load_model(paths.weights)
+
+
+def test_refusals_happen_before_any_process_starts(manager, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for i in range(3):
+        (corrupt / f"photo{i}.jpg").write_bytes(os.urandom(2048))
+    cases = [
+        (tiny_config(data=str(tmp_path / "missing")), DataError, "does not exist"),
+        (tiny_config(data=str(empty)), DataError, "holds no images"),
+        (tiny_config(data=str(corrupt)), DataError, "none of the 3 image files"),
+    ]
+    for cfg, error, message in cases:
+        with pytest.raises(error, match=message):
+            manager.start(cfg)
+    for bad, field in [(dict(image_size=50), "image_size"), (dict(mask_ratio=1.0), "mask_ratio"),
+                       (dict(batch_size=0), "batch_size"), (dict(preset="vit-giant"), "preset")]:
+        with pytest.raises(ConfigError) as err:
+            manager.start(tiny_config(**bad))
+        assert err.value.field == field
+    assert list(manager.runs_dir.iterdir()) == []
+    assert not trainer_processes(manager.runs_dir)
+
+
+def test_corrupt_checkpoint_is_refused_on_resume(manager):
+    run_id = manager.start(tiny_config(max_steps=8))
+    wait_until_ended(manager, run_id)
+    paths = manager.paths(run_id)
+    paths.last_ckpt.write_bytes(paths.last_ckpt.read_bytes()[:1000])
+    paths.write_status(state="stopped")
+    with pytest.raises(RunError, match="corrupt"):
+        manager.resume(run_id)
+    with pytest.raises(RunError, match="not running"):
+        manager.stop(run_id)
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path):
+    folder = tmp_path / "data" / "nested"
+    folder.mkdir(parents=True)
+    for path in sample_photo_paths()[:3]:
+        shutil.copy(path, folder / path.name)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(100))
+    (folder / "notes.txt").write_text("not an image")
+    paths = find_images(str(tmp_path / "data"))
+    assert len(paths) == 4  # recursive, by extension
+    dataset = ImageFolderDataset(paths, image_size=32, length=16)
+    assert dataset.skipped == 1 and dataset.num_images == 3 and len(dataset) == 16
+    crop = dataset[7]
+    assert crop.shape == (3, 32, 32) and crop.dtype == torch.uint8
+
+
+def test_command_line_trains_by_hand_with_two_ddp_processes(tmp_path):
+    data = tmp_path / "photos"
+    data.mkdir()
+    for path in sample_photo_paths()[:4]:
+        shutil.copy(path, data / path.name)
+    (data / "corrupt.jpg").write_bytes(os.urandom(500))
+    config = tmp_path / "run.yaml"
+    config.write_text("model:\n  preset: vit-tiny\n  image_size: 64\ntrain:\n  max_steps: 100\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "mae_core.train", "--config", str(config), "--runs-dir",
+         str(tmp_path / "runs"), "--data", str(data), "--image-size", "32", "--patch-size", "8",
+         "--batch-size", "8", "--max-steps", "6", "--devices", "2", "--accelerator", "cpu",
+         "--num-previews", "1"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    [run_dir] = list((tmp_path / "runs").iterdir())
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "finished" and status["step"] == 6
+    assert status["world_size"] == 2
+    assert status["images"] == 4 and status["skipped_files"] == 1
+    saved = RunConfig.load(run_dir / "config.yaml")
+    assert saved.model.image_size == 32 and saved.train.max_steps == 6  # flags beat the file
+    assert saved.train.data == str(data)
+    assert load_model(run_dir / "model.safetensors").cfg.patch_size == 8
