@@ -59,6 +59,15 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def _is_int(value: Any) -> bool:
+    # bool is an int subclass in Python; `batch_size: true` in a YAML file is a mistake, not 1.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _require(ok: bool, field_name: str, message: str) -> None:
     if not ok:
         raise ConfigError(field_name, message)
@@ -85,22 +94,22 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _require(self.preset in PRESETS, "preset",
                  f"unknown model preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        _require(isinstance(self.patch_size, int) and 2 <= self.patch_size <= 32, "patch_size",
+        _require(_is_int(self.patch_size) and 2 <= self.patch_size <= 32, "patch_size",
                  f"must be an integer in [2, 32], got {self.patch_size!r}")
-        _require(isinstance(self.image_size, int) and 32 <= self.image_size <= 224, "image_size",
+        _require(_is_int(self.image_size) and 32 <= self.image_size <= 224, "image_size",
                  f"must be an integer in [32, 224], got {self.image_size!r}")
         _require(self.image_size % self.patch_size == 0, "image_size",
                  f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}")
         _require((self.image_size // self.patch_size) ** 2 >= 4, "patch_size",
                  f"patch_size={self.patch_size} leaves fewer than 4 patches in a "
                  f"{self.image_size}px image")
-        _require(isinstance(self.mask_ratio, (int, float)) and 0 < self.mask_ratio < 1,
+        _require(_is_number(self.mask_ratio) and 0 < self.mask_ratio < 1,
                  "mask_ratio", f"must be strictly between 0 and 1, got {self.mask_ratio!r}")
         _require(self.policy in POLICIES, "policy",
                  f"unknown parameter policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
         for name in ("decoder_dim", "decoder_depth", "decoder_heads"):
             value = getattr(self, name)
-            _require(value is None or (isinstance(value, int) and value > 0), name,
+            _require(value is None or (_is_int(value) and value > 0), name,
                      f"must be a positive integer, got {value!r}")
         spec = self.decoder()
         _require(spec.dim % spec.heads == 0, "decoder_heads",
@@ -154,36 +163,37 @@ class TrainConfig:
     num_previews: int = 4
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.batch_size, int) and 1 <= self.batch_size <= 4096, "batch_size",
+        _require(_is_int(self.batch_size) and 1 <= self.batch_size <= 4096, "batch_size",
                  f"must be an integer in [1, 4096], got {self.batch_size!r}")
-        _require(isinstance(self.base_lr, (int, float)) and 0 < self.base_lr < 1, "base_lr",
+        _require(_is_number(self.base_lr) and 0 < self.base_lr < 1, "base_lr",
                  f"must be in (0, 1), got {self.base_lr!r}")
-        _require(isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < 1,
+        _require(_is_number(self.weight_decay) and 0 <= self.weight_decay < 1,
                  "weight_decay", f"must be in [0, 1), got {self.weight_decay!r}")
-        _require(0 <= self.warmup_fraction < 1, "warmup_fraction",
+        _require(_is_number(self.warmup_fraction) and 0 <= self.warmup_fraction < 1,
+                 "warmup_fraction",
                  f"must be in [0, 1), got {self.warmup_fraction!r}")
-        _require(isinstance(self.max_steps, int) and (self.max_steps > 0 or self.max_steps == -1),
+        _require(_is_int(self.max_steps) and (self.max_steps > 0 or self.max_steps == -1),
                  "max_steps", f"must be a positive integer (or -1 to train by epochs), "
                  f"got {self.max_steps!r}")
-        _require(self.max_epochs is None or (isinstance(self.max_epochs, int) and self.max_epochs > 0),
+        _require(self.max_epochs is None or (_is_int(self.max_epochs) and self.max_epochs > 0),
                  "max_epochs", f"must be a positive integer, got {self.max_epochs!r}")
         _require(self.max_steps > 0 or self.max_epochs is not None, "max_steps",
                  "set max_steps or max_epochs, or the run never ends")
         _require(self.accelerator in ACCELERATORS, "accelerator",
                  f"must be one of {', '.join(ACCELERATORS)}, got {self.accelerator!r}")
-        _require(self.devices is None or (isinstance(self.devices, int) and 1 <= self.devices <= 256),
+        _require(self.devices is None or (_is_int(self.devices) and 1 <= self.devices <= 256),
                  "devices", f"must be a positive integer (or auto), got {self.devices!r}")
-        _require(isinstance(self.num_nodes, int) and self.num_nodes >= 1, "num_nodes",
+        _require(_is_int(self.num_nodes) and self.num_nodes >= 1, "num_nodes",
                  f"must be a positive integer, got {self.num_nodes!r}")
         _require(self.precision is None or self.precision in PRECISIONS, "precision",
                  f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        _require(self.num_workers is None or (isinstance(self.num_workers, int) and self.num_workers >= 0),
+        _require(self.num_workers is None or (_is_int(self.num_workers) and self.num_workers >= 0),
                  "num_workers", f"must be a non-negative integer, got {self.num_workers!r}")
         for name in ("log_every_n_steps", "checkpoint_every_n_steps", "preview_every_n_steps"):
             value = getattr(self, name)
-            _require(isinstance(value, int) and value >= 1, name,
+            _require(_is_int(value) and value >= 1, name,
                      f"must be a positive integer, got {value!r}")
-        _require(isinstance(self.num_previews, int) and 0 <= self.num_previews <= 16, "num_previews",
+        _require(_is_int(self.num_previews) and 0 <= self.num_previews <= 16, "num_previews",
                  f"must be an integer in [0, 16], got {self.num_previews!r}")
 
     @property

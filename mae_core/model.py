@@ -150,7 +150,8 @@ class MAELightning(pl.LightningModule):
 
     AdamW with betas (0.9, 0.95) and weight decay on weights only (not norms, biases, tokens), the
     learning rate scaled by the effective batch, linear warm-up then per-step cosine decay.
-    Batches arrive as uint8 images and are normalised on the device.
+    Batches arrive as uint8 images and are normalised on the device (float batches are taken
+    as already normalised).
     """
 
     def __init__(self, model: dict[str, Any], lr: float, weight_decay: float = 0.05,
@@ -174,7 +175,9 @@ class MAELightning(pl.LightningModule):
         self._mask_generator = seeded_generator(seed, self.device)
 
     def on_after_batch_transfer(self, batch: Tensor, dataloader_idx: int) -> Tensor:
-        return self.mae.normalize(batch)
+        # uint8 batches (this project's loader) are normalised here, on the device; float batches
+        # come already normalised (lightly's MAETransform in the common recipe) and pass unchanged.
+        return batch if batch.is_floating_point() else self.mae.normalize(batch)
 
     def training_step(self, images: Tensor, batch_idx: int) -> Tensor:
         idx_keep, idx_mask = draw_token_mask(images.shape[0], self.cfg.num_patches,

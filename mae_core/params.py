@@ -68,9 +68,15 @@ class Audit:
         return data
 
 
+# Tensors the ``reference`` policy leaves trainable although pretraining never uses them.
+_UNUSED_BUT_TRAINABLE = (r"(^|\.)head\.", r"^backbone\.mask_token$")
+
+
 def _reason(name: str, status: str) -> str:
     for pattern, reason in _REASONS:
         if re.search(pattern, name):
+            if status == "trainable" and pattern in _UNUSED_BUT_TRAINABLE:
+                return f"trainable but gets no gradient: {reason} (plain DDP fails on it)"
             return reason
     return "trained by the reconstruction loss" if status == "trainable" else "frozen"
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,3 +121,19 @@ def new_run_id(runs_dir: Path, preset: str, policy: str) -> str:
         n += 1
         run_id = f"{base}-{n}"
     return run_id
+
+
+def process_start_time(pid: int) -> str | None:
+    """The process's start time from /proc (Linux), so a recycled pid is not mistaken for it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def process_record(pid: int | None = None, **extra: Any) -> dict[str, Any]:
+    """What ``process.json`` holds: enough to tell later whether this very process still lives."""
+    pid = os.getpid() if pid is None else pid
+    return {"pid": pid, "start_time": process_start_time(pid), "host": socket.gethostname(),
+            "launched": time.time(), **extra}

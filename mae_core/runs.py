@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -27,10 +28,14 @@ from typing import Any
 from mae_core.config import RunConfig
 from mae_core.data import check_data
 from mae_core.fileio import atomic_write_json, read_json
-from mae_core.rundir import LIVE_STATES, RunPaths, new_run_id
+from mae_core.rundir import LIVE_STATES, RunPaths, new_run_id, process_record, process_start_time
 from mae_core.weights import export_encoder, timm_snippet
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# A run on another node counts as alive while its status.json was rewritten this recently.
+REMOTE_SILENCE_S = 600.0
+# A run with no recorded process yet counts as alive this long after it was created.
+LAUNCH_GRACE_S = 30.0
 
 
 class RunError(RuntimeError):
@@ -199,8 +204,7 @@ class RunManager:
                                        stdin=subprocess.DEVNULL, cwd=PROJECT_ROOT, env=env,
                                        start_new_session=True)
         self._processes[paths.run_id] = process
-        atomic_write_json(paths.process, {"pid": process.pid, "start_time": _start_time(process.pid),
-                                          "command": command, "launched": time.time()})
+        atomic_write_json(paths.process, process_record(process.pid, command=command))
 
     def _alive(self, paths: RunPaths) -> bool:
         process = self._processes.get(paths.run_id)
@@ -208,14 +212,25 @@ class RunManager:
             return process.poll() is None
         info = read_json(paths.process)
         if not info:
-            return False
+            # Between "starting" and the launch being recorded (another app's manager at work).
+            status = paths.read_status()
+            return (status.get("state") == "starting"
+                    and time.time() - (status.get("updated") or 0) < LAUNCH_GRACE_S)
+        if info.get("host") not in (None, socket.gethostname()):
+            # Launched on another node (torchrun/SLURM): its pid means nothing here, so a
+            # status the trainer keeps refreshing is the sign of life.
+            updated = paths.read_status().get("updated") or 0
+            return time.time() - updated < REMOTE_SILENCE_S
         return _pid_alive(int(info["pid"]), info.get("start_time"))
 
     def _mark_dead(self, paths: RunPaths) -> dict[str, Any]:
         """The process is gone; unless it recorded its own end just before exiting, it failed."""
         info = read_json(paths.process) or {}
-        if info.get("pid"):
-            _kill_group(int(info["pid"]), signal.SIGKILL)  # orphaned DDP ranks go too
+        pid = info.get("pid")
+        # Orphaned DDP ranks go too. A pid that now belongs to another process (other start time)
+        # means our group is already empty: Linux does not reuse a pid that still names a group.
+        if pid and process_start_time(int(pid)) in (None, info.get("start_time")):
+            _kill_group(int(pid), signal.SIGKILL)
         status = paths.read_status()
         if status.get("state") not in LIVE_STATES:
             return status
@@ -268,15 +283,6 @@ def _check_checkpoint(path: Path) -> None:
                 raise zipfile.BadZipFile("empty")
     except (zipfile.BadZipFile, OSError) as err:
         raise RunError(f"the checkpoint {path} is corrupt ({err}); it cannot be resumed") from None
-
-
-def _start_time(pid: int) -> str | None:
-    """The process's start time from /proc (Linux), so a recycled pid is not mistaken for it."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
 
 
 def _pid_alive(pid: int, start_time: str | None) -> bool:

@@ -17,6 +17,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +29,15 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from mae_core.config import ConfigError, ModelConfig, RunConfig, TrainConfig
 from mae_core.data import DataError, MAEDataModule, check_data, preview_images
+from mae_core.fileio import atomic_write_json, read_json
 from mae_core.model import MAELightning
 from mae_core.reconstruct import grid_image, reconstruct
-from mae_core.rundir import RunPaths, new_run_id
+from mae_core.rundir import RunPaths, new_run_id, process_record
 from mae_core.weights import save_weights
 
 RUN_DIR_ENV = "MAE_STUDIO_RUN_DIR"
+# Normalising batches on the device is the point of MAELightning.on_after_batch_transfer.
+warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
 DEFAULT_RUNS_DIR = "checkpoints"
 PREVIEW_SEED = 0
 
@@ -315,7 +319,7 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
     overrides = {k: v for k, v in vars(args).items()
                  if k not in ("config", "run_dir", "runs_dir", "resume")}
     inherited = os.environ.get(RUN_DIR_ENV)  # set for the ranks Lightning launches
-    writer = not inherited and os.environ.get("RANK", "0") == "0"
+    writer = _first_process()
     run_dir = args.run_dir or inherited
     if run_dir:
         paths = RunPaths(Path(run_dir))
@@ -338,10 +342,23 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
     runs_dir = Path(args.runs_dir)
     paths = RunPaths(Path(run_dir) if run_dir else runs_dir / new_run_id(runs_dir, cfg.model.preset, cfg.model.policy))
     paths.root.mkdir(parents=True, exist_ok=True)
+    # Before config.yaml (what makes the directory a run): a reader never sees a live run that
+    # has no process to check.
+    atomic_write_json(paths.process, process_record(command=sys.argv))
     cfg.save(paths.config)
     paths.write_status(state="starting", step=0, total_steps=cfg.train.max_steps,
                        preset=cfg.model.preset, policy=cfg.model.policy, created=time.time())
     return cfg, paths, False
+
+
+def _first_process() -> bool:
+    """Whether this is the job's first process, the one that writes the run directory's files.
+
+    Not a rank Lightning launched (they inherit the run directory), and rank 0 of a torchrun
+    (``RANK``) or SLURM (``SLURM_PROCID``) job.
+    """
+    global_rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
+    return RUN_DIR_ENV not in os.environ and global_rank == "0"
 
 
 def _wait_for(path: Path, timeout_s: float = 120.0) -> None:
@@ -358,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg, paths, resume = prepare(args)
     except (ConfigError, DataError) as err:
         parser.exit(2, f"error: {err}\n")
+    if _first_process() and (read_json(paths.process) or {}).get("pid") != os.getpid():
+        # Started by hand (not by the run manager): record this process so the app can follow it.
+        atomic_write_json(paths.process, process_record(command=sys.argv))
     os.environ[RUN_DIR_ENV] = str(paths.root.resolve())
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
         print(f"run directory: {paths.root}", flush=True)

@@ -156,7 +156,9 @@ def test_refusals_happen_before_any_process_starts(manager, tmp_path):
         with pytest.raises(error, match=message):
             manager.start(cfg)
     for bad, field in [(dict(image_size=50), "image_size"), (dict(mask_ratio=1.0), "mask_ratio"),
-                       (dict(batch_size=0), "batch_size"), (dict(preset="vit-giant"), "preset")]:
+                       (dict(batch_size=0), "batch_size"), (dict(preset="vit-giant"), "preset"),
+                       (dict(batch_size=True), "batch_size"),  # YAML `true` is not 1
+                       (dict(warmup_fraction="0.1"), "warmup_fraction")]:
         with pytest.raises(ConfigError) as err:
             manager.start(tiny_config(**bad))
         assert err.value.field == field
@@ -215,3 +217,29 @@ def test_command_line_trains_by_hand_with_two_ddp_processes(tmp_path):
     assert saved.model.image_size == 32 and saved.train.max_steps == 6  # flags beat the file
     assert saved.train.data == str(data)
     assert load_model(run_dir / "model.safetensors").cfg.patch_size == 8
+
+
+def test_manager_follows_and_stops_a_run_started_by_hand(tmp_path):
+    """A run started from the command line shows up live in the app's manager (not as failed)
+    and can be stopped from there, gracefully."""
+    runs = tmp_path / "runs"
+    env = {k: v for k, v in os.environ.items() if k not in ("MAE_STUDIO_RUN_DIR", "RANK")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mae_core.train", "--runs-dir", str(runs), "--image-size", "32",
+         "--patch-size", "8", "--batch-size", "8", "--max-steps", "5000", "--devices", "2",
+         "--accelerator", "cpu", "--num-previews", "0"],
+        cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    try:
+        manager = RunManager(runs, stop_timeout_s=60)  # a fresh app: it never launched this run
+        run_id = wait_for(lambda: runs.exists() and manager.live_run(), "the run to appear")
+        wait_for(lambda: manager.status(run_id).get("step", 0) >= 2, "two steps")
+        assert manager.status(run_id)["state"] == "running"
+        manager.stop(run_id)
+        assert proc.wait(timeout=TIMEOUT_S) == 0
+        status = wait_until_ended(manager, run_id)
+        assert status["state"] == "stopped" and status["resumable"]
+        assert 2 <= status["step"] < 5000
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -1,0 +1,50 @@
+"""Shared by the test files: run ``python -m mae_core.<module>`` as a real process from the repo root."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SUBPROCESS_TIMEOUT_S = 300
+
+# Variables that would make a fresh trainer think it is a rank launched by someone else.
+_LAUNCHER_VARS = ("MAE_STUDIO_RUN_DIR", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK",
+                  "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED")
+
+
+def _run_module(module: str, *args: str, timeout_s: float = SUBPROCESS_TIMEOUT_S
+                ) -> subprocess.CompletedProcess:
+    """``python -m module args...`` in the repo root; stdout and stderr captured as text.
+
+    The command gets its own process group, so DDP ranks it launched cannot outlive the test: the
+    group is killed once the command has returned (or timed out).
+    """
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+    proc = subprocess.Popen([sys.executable, "-m", module, *map(str, args)], cwd=REPO_ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"python -m {module} {' '.join(map(str, args))} ran past "
+                             f"{timeout_s} s\n--- stderr ---\n{stderr[-4000:]}") from None
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # leftover ranks of this command only
+        except (ProcessLookupError, PermissionError):
+            pass
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@pytest.fixture(scope="session")
+def run_module():
+    """The helper that runs ``python -m <module> [args]`` from the repo root (see ``_run_module``)."""
+    return _run_module

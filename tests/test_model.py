@@ -1,0 +1,186 @@
+"""The model itself: the ddp-clean policy keeps the backbone usable, masks are reproducible, the loss is right."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from lightly.models import utils as lightly_utils
+from torch import nn
+
+from mae_core.config import ModelConfig
+from mae_core.model import MaskedAutoencoder, create_vit, draw_token_mask, seeded_generator
+
+SMALL = ModelConfig(preset="vit-tiny", image_size=32, patch_size=8)  # 16 patches, embed 192
+
+
+def _images(batch: int, size: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=seeded_generator(seed))
+
+
+# --- the reset_classifier(0, "") trap --------------------------------------------------------------
+
+def test_ddp_clean_removes_head_but_keeps_pooled_backbone_output():
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(SMALL).eval()  # policy ddp-clean
+    vit = model.backbone.vit
+    assert vit.global_pool == "token"
+    assert vit.num_classes == 0 and isinstance(vit.head, nn.Identity)
+    assert not any(name.startswith("backbone.vit.head.") for name, _ in model.named_parameters())
+    with torch.no_grad():
+        out = vit(_images(3, 32))
+    assert out.shape == (3, 192)  # one embedding per image, not one per token
+    # It is the class token after the final norm (what a fine-tuning head would read).
+    with torch.no_grad():
+        tokens = vit.forward_features(_images(3, 32))
+    torch.testing.assert_close(out, tokens[:, 0])
+
+
+def test_reference_policy_keeps_the_constructors_classifier_head():
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(ModelConfig(image_size=32, patch_size=8, policy="reference")).eval()
+    with torch.no_grad():
+        assert model.backbone.vit(_images(2, 32)).shape == (2, 1000)
+
+
+def test_reset_classifier_with_empty_pool_would_break_the_backbone_output():
+    """Why apply_policy must call ``reset_classifier(0)``, not ``reset_classifier(0, "")``."""
+    vit = create_vit(SMALL).eval()
+    vit.reset_classifier(0, "")
+    assert vit.global_pool == ""
+    with torch.no_grad():
+        out = vit(_images(2, 32))
+    # (B, L, D): every token (class token + 16 patches) instead of one pooled embedding per image.
+    assert out.shape == (2, SMALL.num_patches + 1, 192)
+
+
+# --- frozen tensors are what the policy says they are -----------------------------------------------
+
+def test_frozen_tensors_are_fixed_sincos_and_zero_mask_token():
+    model = MaskedAutoencoder(SMALL)
+    grid = SMALL.image_size // SMALL.patch_size
+    for pos_embed in (model.backbone.vit.pos_embed, model.decoder.pos_embed):
+        assert not pos_embed.requires_grad
+        expected = torch.from_numpy(lightly_utils.get_2d_sine_cosine_positional_embedding(
+            embed_dim=pos_embed.shape[-1], grid_size=grid, cls_token=True)).float()
+        torch.testing.assert_close(pos_embed.detach()[0], expected, rtol=0, atol=0)
+    mask_token = model.backbone.mask_token
+    assert not mask_token.requires_grad
+    assert torch.count_nonzero(mask_token) == 0
+    # The decoder mask token is used (it stands in for masked patches): trainable and random.
+    assert model.decoder.mask_token.requires_grad
+    assert torch.count_nonzero(model.decoder.mask_token) > 0
+
+
+# --- masks ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("num_patches, mask_ratio, num_keep", [
+    (16, 0.75, 4), (64, 0.75, 16), (196, 0.75, 49), (49, 0.5, 24), (16, 0.9, 1),
+    (4, 0.99, 1),     # at least one patch is kept
+    (4, 1e-17, 3),    # at least one patch is masked
+])
+def test_mask_counts_and_class_token(num_patches, mask_ratio, num_keep):
+    idx_keep, idx_mask = draw_token_mask(5, num_patches, mask_ratio, seeded_generator(3))
+    assert idx_keep.shape == (5, 1 + num_keep)
+    assert idx_mask.shape == (5, num_patches - num_keep)
+    assert (idx_keep[:, 0] == 0).all()  # the class token is always kept...
+    assert (idx_keep[:, 1:] > 0).all() and (idx_mask > 0).all()  # ...and never drawn as a patch
+    for keep, mask in zip(idx_keep.tolist(), idx_mask.tolist()):
+        # kept and masked patches partition 1..N: no duplicates, nothing missing
+        assert sorted(keep[1:] + mask) == list(range(1, num_patches + 1))
+
+
+def test_masks_are_reproducible_from_the_seed_and_ignore_the_global_rng():
+    torch.manual_seed(123)
+    keep_a, mask_a = draw_token_mask(4, 64, 0.75, seeded_generator(7))
+    torch.manual_seed(98765)
+    torch.rand(1000)  # move the global state further
+    keep_b, mask_b = draw_token_mask(4, 64, 0.75, seeded_generator(7))
+    assert torch.equal(keep_a, keep_b) and torch.equal(mask_a, mask_b)
+
+    keep_c, mask_c = draw_token_mask(4, 64, 0.75, seeded_generator(8))
+    assert not torch.equal(keep_c, keep_a)
+    assert not torch.equal(mask_c, mask_a)
+    # Rows of one batch get different masks, too.
+    assert not torch.equal(keep_a[0], keep_a[1])
+
+
+def test_one_generator_draws_a_reproducible_sequence_of_masks():
+    g1, g2 = seeded_generator(11), seeded_generator(11)
+    first = [draw_token_mask(2, 16, 0.75, g1)[1] for _ in range(3)]
+    torch.manual_seed(5)
+    second = [draw_token_mask(2, 16, 0.75, g2)[1] for _ in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert not torch.equal(first[0], first[1])  # the generator advances between draws
+
+
+# --- the loss ---------------------------------------------------------------------------------------
+
+def _manual_patchify(images: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, N, p*p*3), patches in row-major order, pixels (row, col, channel)."""
+    b, c, h, w = images.shape
+    x = images.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def test_norm_pix_targets_of_masked_patches_have_zero_mean_unit_variance():
+    model = MaskedAutoencoder(SMALL)
+    images = _images(4, 32) * 3 + 5  # far from zero mean / unit variance before normalising
+    _, idx_mask = draw_token_mask(4, SMALL.num_patches, SMALL.mask_ratio, seeded_generator(1))
+    targets = lightly_utils.get_at_index(model.targets(images), idx_mask - 1)
+    assert targets.shape == (4, idx_mask.shape[1], 8 * 8 * 3)
+    torch.testing.assert_close(targets.mean(-1), torch.zeros(targets.shape[:2]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(targets.var(-1), torch.ones(targets.shape[:2]), rtol=0, atol=1e-4)
+    # and they are the patches in the standard MAE order, normalised one patch at a time
+    raw = _manual_patchify(images, 8)
+    expected = (raw - raw.mean(-1, keepdim=True)) / raw.std(-1, keepdim=True)
+    torch.testing.assert_close(model.targets(images), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_without_norm_pix_loss_targets_are_the_raw_patches():
+    model = MaskedAutoencoder(ModelConfig(image_size=32, patch_size=8, norm_pix_loss=False))
+    images = _images(2, 32) * 3 + 5
+    torch.testing.assert_close(model.targets(images), _manual_patchify(images, 8))
+
+
+def test_loss_is_the_error_on_masked_patches_only():
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(SMALL).eval()
+    images = _images(3, 32)
+    idx_keep, idx_mask = draw_token_mask(3, SMALL.num_patches, SMALL.mask_ratio, seeded_generator(2))
+    with torch.no_grad():
+        loss = model.loss(images, idx_keep, idx_mask)
+        every_patch = model.decode(images, idx_keep, None)  # (B, N, p*p*3), patch i at i-1
+        targets = _manual_patchify(images, 8)
+        targets = (targets - targets.mean(-1, keepdim=True)) / targets.std(-1, keepdim=True)
+        rows = torch.arange(3)[:, None]
+        on_masked = ((every_patch[rows, idx_mask - 1] - targets[rows, idx_mask - 1]) ** 2).mean()
+        on_kept = ((every_patch[rows, idx_keep[:, 1:] - 1] - targets[rows, idx_keep[:, 1:] - 1]) ** 2).mean()
+    assert loss.shape == () and math.isfinite(loss.item()) and loss.item() > 0
+    torch.testing.assert_close(loss, on_masked, rtol=1e-4, atol=1e-5)
+    assert not torch.isclose(loss, on_kept, rtol=1e-3)
+
+
+@pytest.mark.parametrize("image_size, patch_size", [
+    (32, 8), (32, 16), (48, 16), (64, 8), (96, 32), (160, 16), (224, 16), (224, 32),
+])
+def test_forward_backward_for_image_sizes(image_size, patch_size):
+    cfg = ModelConfig(preset="vit-tiny", image_size=image_size, patch_size=patch_size)
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(cfg).train()
+    n = cfg.num_patches
+    assert n == (image_size // patch_size) ** 2
+    images = _images(2, image_size)
+    idx_keep, idx_mask = draw_token_mask(2, n, cfg.mask_ratio, seeded_generator(0))
+    loss = model.loss(images, idx_keep, idx_mask)
+    assert loss.shape == () and math.isfinite(loss.item())
+    loss.backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None, f"{name} got no gradient"
+            assert torch.isfinite(param.grad).all(), f"{name} has a non-finite gradient"
+        else:
+            assert param.grad is None, f"frozen {name} got a gradient"
+    with torch.no_grad():
+        assert model.decode(images, idx_keep, None).shape == (2, n, patch_size**2 * 3)
