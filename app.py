@@ -774,7 +774,7 @@ def build_app(manager: RunManager) -> gr.Blocks:
         plot_style = gr.State(None)  # what the curve's legend should be
         plot_applied = gr.State(None)  # what it is
         with gr.Tabs(elem_id="tabs") as tabs:
-            with gr.Tab("Train", id="train", elem_id="tab-train") as train_tab:
+            with gr.Tab("Train", id="train", elem_id="tab-train"):
                 with gr.Row():
                     with gr.Column(scale=2, min_width=320):
                         gr.Markdown("### Run config")

@@ -9,6 +9,7 @@ normalisation runs batched on the training device (:meth:`MaskedAutoencoder.norm
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,21 +165,29 @@ def preview_images(folder: str, image_size: int, count: int) -> Tensor:
 
 
 class MAEDataModule(pl.LightningDataModule):
+    """The training data: ``dataset_factory(paths, image_size, length)`` over the folder's images.
+
+    The default factory is :class:`ImageFolderDataset`; the benchmark passes its naive
+    per-sample PIL dataset to compare against it on the same files, epoch length and loader.
+    """
+
     def __init__(self, folder: str, image_size: int, batch_size: int, num_workers: int,
-                 pin_memory: bool = False) -> None:
+                 pin_memory: bool = False, dataset_factory: Callable[..., Dataset] | None = None
+                 ) -> None:
         super().__init__()
         self.folder = folder
         self.image_size = image_size
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
-        self.dataset: ImageFolderDataset | None = None
+        self.dataset_factory = dataset_factory or ImageFolderDataset
+        self.dataset: Dataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is None:
             world = self.trainer.world_size if self.trainer else 1
-            self.dataset = ImageFolderDataset(find_images(self.folder), self.image_size,
-                                              length=4 * self.batch_size * world)
+            self.dataset = self.dataset_factory(find_images(self.folder), self.image_size,
+                                                length=4 * self.batch_size * world)
 
     def train_dataloader(self) -> DataLoader:
         assert self.dataset is not None

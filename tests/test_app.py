@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 from app import build_app  # noqa: E402
 from mae_core import curves  # noqa: E402
+from helpers import free_port, poll  # noqa: E402
 from mae_core.data import sample_photo_paths  # noqa: E402
 from mae_core.reconstruct import PANEL_TITLES  # noqa: E402
 from mae_core.rundir import LIVE_STATES  # noqa: E402
@@ -41,12 +41,6 @@ from mae_core.runs import RunManager  # noqa: E402
 TINY = dict(image_size=32, patch_size=8, batch_size=8, max_steps=5000, seed=0,
             checkpoint_every_n_steps=1000, preview_every_n_steps=1000)
 STATE_TIMEOUT_S = 150  # the machine is shared: starting two DDP ranks can take a while
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +56,7 @@ def server(tmp_path_factory):
         live = manager.live_run()
         if live:  # a failed test must not leave DDP ranks behind
             manager.stop(live)
-            if not _wait(lambda: manager.status(live)["state"] not in LIVE_STATES, 30):
+            if not poll(lambda: manager.status(live)["state"] not in LIVE_STATES, 30):
                 manager.stop(live)  # a second stop ends the process group at once
         demo.close()
 
@@ -71,16 +65,6 @@ def server(tmp_path_factory):
 def run_state():
     """What the tests share about the one run they drive."""
     return {}
-
-
-def _wait(predicate, timeout_s: float, every_s: float = 0.5):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every_s)
-    return None
 
 
 def _status(client: Client, run_id: str) -> dict:
@@ -97,7 +81,7 @@ def _wait_state(client: Client, run_id: str, states: set[str], timeout_s: float 
         last = _status(client, run_id)
         return last if last.get("state") in states else None
 
-    status = _wait(reached, timeout_s, every_s=1.0)
+    status = poll(reached, timeout_s, every_s=1.0)
     assert status, f"run {run_id} did not reach {states} in {timeout_s} s; last status: {last}"
     return status
 
@@ -201,7 +185,7 @@ def test_start_then_status_and_live_metrics(server, run_state):
         rows = _plot_rows(plot)
         return (status, rows, info) if status["state"] == "running" and rows else None
 
-    result = _wait(live_points, STATE_TIMEOUT_S, every_s=1.0)
+    result = poll(live_points, STATE_TIMEOUT_S, every_s=1.0)
     assert result, f"no loss points while the run was live: {_status(client, run_id)}"
     status, rows, info = result
     assert status["total_steps"] == TINY["max_steps"]
@@ -465,7 +449,7 @@ def test_python_app_py_serves_on_localhost(tmp_path):
             except OSError:
                 return False
 
-        assert _wait(page, 60, every_s=0.1), "python app.py did not serve its page within 60 s"
+        assert poll(page, 60, every_s=0.1), "python app.py did not serve its page within 60 s"
         first_page_s = time.monotonic() - started
         table, _ = Client(url, verbose=False).predict(None, api_name="/list_runs")
         assert table["data"] == [] and runs_dir.is_dir()

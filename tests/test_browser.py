@@ -11,7 +11,6 @@ used (it cannot be fetched offline).
 from __future__ import annotations
 
 import shutil
-import socket
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from app import build_app  # noqa: E402
+from helpers import free_port  # noqa: E402
 from mae_core.data import sample_photo_paths  # noqa: E402
 from mae_core.rundir import LIVE_STATES  # noqa: E402
 from mae_core.runs import RunManager  # noqa: E402
@@ -43,17 +43,11 @@ def _chromium() -> str:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     manager = RunManager(tmp_path_factory.mktemp("runs"))
     demo = build_app(manager)
-    demo.queue().launch(prevent_thread_lock=True, server_port=_free_port(), quiet=True)
+    demo.queue().launch(prevent_thread_lock=True, server_port=free_port(), quiet=True)
     try:
         yield {"url": demo.local_url, "manager": manager}
     finally:

@@ -12,13 +12,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+from helpers import poll
 from mae_core.config import ConfigError, RunConfig
 from mae_core.data import DataError, ImageFolderDataset, find_images, sample_photo_paths
 from mae_core.runs import PROJECT_ROOT, RunError, RunManager
@@ -34,13 +34,10 @@ def tiny_config(**overrides) -> RunConfig:
 
 
 def wait_for(predicate, what: str, timeout_s: float = TIMEOUT_S, every_s: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+    value = poll(predicate, timeout_s, every_s)
+    if not value:
+        raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+    return value
 
 
 def wait_until_ended(manager: RunManager, run_id: str) -> dict:
