@@ -182,7 +182,11 @@ class MAELightning(pl.LightningModule):
     def training_step(self, images: Tensor, batch_idx: int) -> Tensor:
         idx_keep, idx_mask = draw_token_mask(images.shape[0], self.cfg.num_patches,
                                              self.cfg.mask_ratio, self._mask_generator)
-        return self._forward_loss(images, idx_keep, idx_mask)
+        loss = self._forward_loss(images, idx_keep, idx_mask)
+        # The per-step curve is rank 0's loss (no extra communication every step); the epoch
+        # summary in metrics.jsonl is the mean over every step of every rank.
+        self.log("epoch_loss", loss.detach(), on_step=False, on_epoch=True, sync_dist=True)
+        return loss
 
     def configure_optimizers(self) -> Any:
         groups = param_groups_weight_decay(

@@ -161,6 +161,7 @@ class RunManager:
                                f"{status.get('step')} to train it further")
             _check_checkpoint(paths.last_ckpt)
             check_data(cfg.train.data)
+            self._wait_for_exit(paths)
             cfg.save(paths.config)
             paths.stop_request.unlink(missing_ok=True)
             paths.write_status(state="starting", error=None, log_tail=None,
@@ -222,6 +223,19 @@ class RunManager:
             updated = paths.read_status().get("updated") or 0
             return time.time() - updated < REMOTE_SILENCE_S
         return _pid_alive(int(info["pid"]), info.get("start_time"))
+
+    def _wait_for_exit(self, paths: RunPaths, timeout_s: float = 15.0) -> None:
+        """A stopped trainer writes its final state just before it exits: let it finish exiting
+        before a resume starts another one on the same files."""
+        info = read_json(paths.process) or {}
+        if not info.get("pid") or info.get("host") not in (None, socket.gethostname()):
+            return
+        deadline = time.monotonic() + timeout_s
+        while _pid_alive(int(info["pid"]), info.get("start_time")):
+            if time.monotonic() > deadline:
+                raise RunError(f"run {paths.run_id}'s previous trainer process "
+                               f"(pid {info['pid']}) is still exiting; try again in a moment")
+            time.sleep(0.1)
 
     def _mark_dead(self, paths: RunPaths) -> dict[str, Any]:
         """The process is gone; unless it recorded its own end just before exiting, it failed."""

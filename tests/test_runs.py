@@ -95,9 +95,14 @@ def test_run_streams_metrics_stops_and_resumes_to_the_end(manager):
     assert finished["step"] == 40
 
     # The curve continues: every step once, in order, and the schedule did not restart.
-    rows = manager.metrics(run_id)
+    every_row = manager.metrics(run_id)
+    rows = [r for r in every_row if "loss" in r]
     steps = [r["step"] for r in rows]
     assert steps == list(range(1, 41))
+    # Epoch summaries (64 crops per epoch over 2 ranks × batch 8 = 4 steps): the mean over ranks.
+    epochs = [r for r in every_row if "epoch_loss" in r]
+    assert [r["step"] for r in epochs][-3:] == [32, 36, 40]
+    assert all(math.isfinite(r["epoch_loss"]) for r in epochs)
     lr = {r["step"]: r["lr"] for r in rows}
     assert lr[stopped["step"] + 1] < lr[3], "learning-rate schedule restarted on resume"
     assert rows[-1]["elapsed_s"] > rows[stopped["step"] - 1]["elapsed_s"]
