@@ -8,7 +8,7 @@ process died without finishing as ``failed``, with the log tail.
 Example:
     >>> manager = RunManager("checkpoints")
     >>> run_id = manager.start(RunConfig())
-    >>> manager.metrics(run_id, since_step=-1)[-1]["loss"]
+    >>> manager.metrics(run_id, since_step=-1)[-1]  # {"step": ..., "loss": ..., "lr": ...}
 """
 
 from __future__ import annotations

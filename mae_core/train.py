@@ -98,8 +98,8 @@ class ProgressRecorder(pl.Callback):
         if trainer.is_global_zero:
             # A resume continues from the checkpoint's step: later lines of the killed run go.
             self.paths.truncate_metrics(trainer.global_step)
-            earlier = self.paths.read_metrics()
-            self._elapsed_before = float(earlier[-1].get("elapsed_s", 0.0)) if earlier else 0.0
+            elapsed = [row["elapsed_s"] for row in self.paths.read_metrics() if "elapsed_s" in row]
+            self._elapsed_before = float(elapsed[-1]) if elapsed else 0.0
             dataset = getattr(trainer.datamodule, "dataset", None)
             self.paths.write_status(state="running", pid=os.getpid(), step=trainer.global_step,
                                     total_steps=_total_steps(trainer), epoch=trainer.current_epoch,
