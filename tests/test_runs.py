@@ -99,9 +99,11 @@ def test_run_streams_metrics_stops_and_resumes_to_the_end(manager):
     rows = [r for r in every_row if "loss" in r]
     steps = [r["step"] for r in rows]
     assert steps == list(range(1, 41))
-    # Epoch summaries (64 crops per epoch over 2 ranks × batch 8 = 4 steps): the mean over ranks.
+    # Epoch summaries (an epoch is 4 steps here: 64 crops over 2 ranks × batch 8), continuing
+    # across the resume; where the resumed epoch ends depends on where the stop fell.
     epochs = [r for r in every_row if "epoch_loss" in r]
-    assert [r["step"] for r in epochs][-3:] == [32, 36, 40]
+    assert len(epochs) >= 8 and epochs[-1]["step"] == 40
+    assert all(a["step"] < b["step"] and a["epoch"] <= b["epoch"] for a, b in zip(epochs, epochs[1:]))
     assert all(math.isfinite(r["epoch_loss"]) for r in epochs)
     lr = {r["step"]: r["lr"] for r in rows}
     assert lr[stopped["step"] + 1] < lr[3], "learning-rate schedule restarted on resume"
