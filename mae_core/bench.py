@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mae_core.rundir import tail_lines
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 WORKER_FLAG = "--_worker"
 RECIPES = ("ddp-clean", "naive")
@@ -203,13 +205,6 @@ def _stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
             continue
 
 
-def _tail(path: Path, chars: int = 1500) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except OSError:
-        return ""
-
-
 @dataclass
 class TrainSettings:
     preset: str
@@ -282,7 +277,7 @@ def run_measurement(s: TrainSettings, recipe: str, workdir: Path) -> dict[str, A
         except (OSError, ValueError, KeyError):
             continue
     if rc != 0 or 0 not in results:
-        return {"error": f"worker exit {rc}; log tail:\n{_tail(log_path)}"}
+        return {"error": f"worker exit {rc}; log tail:\n{tail_lines(log_path, 25)}"}
     out = dict(results[0])
     out["launch_s"] = time.perf_counter() - started
     out["peak_rss_all_ranks_bytes"] = [results[r].get("peak_rss_bytes") for r in sorted(results)]
@@ -427,11 +422,11 @@ def benchmark_app(timeout_s: float, app: Path | None = None) -> dict[str, Any]:
             while True:
                 if proc.poll() is not None:
                     return {"error": f"app exited with code {proc.returncode} before serving; "
-                                     f"log tail:\n{_tail(log_path, 800)}"}
+                                     f"log tail:\n{tail_lines(log_path, 12)}"}
                 elapsed = time.perf_counter() - started
                 if elapsed > timeout_s:
                     return {"error": f"no HTTP 200 from {url} within {timeout_s:.0f} s; log tail:\n"
-                                     f"{_tail(log_path, 800)}"}
+                                     f"{tail_lines(log_path, 12)}"}
                 try:
                     with opener.open(url, timeout=2) as response:
                         if response.status == 200:
@@ -643,14 +638,6 @@ def results_json(command: str, machine: dict[str, str],
 
 # --- command line -----------------------------------------------------------------------------
 
-def _on_off(value: str) -> bool:
-    if value.lower() in ("1", "true", "on", "yes"):
-        return True
-    if value.lower() in ("0", "false", "off", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected on or off, got {value!r}")
-
-
 def _positive(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -666,7 +653,7 @@ def _non_negative(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mae_core.config import PRESETS
+    from mae_core.config import PRESETS, parse_bool
 
     p = argparse.ArgumentParser(
         prog="python -m mae_core.bench",
@@ -690,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="loader workers per process for ddp-clean (default: the trainer's choice)")
     p.add_argument("--naive-workers", type=_non_negative, default=None,
                    help="loader workers per process for the naive recipe (default: as ddp-clean)")
-    p.add_argument("--static-graph", type=_on_off, default=True,
+    p.add_argument("--static-graph", type=parse_bool, default=True,
                    help="TrainConfig.static_graph for ddp-clean: on (default) or off")
     p.add_argument("--compile", action="store_true", help="torch.compile the ddp-clean loss")
     p.add_argument("--train-timeout", type=float, default=600.0, help="seconds per launch")

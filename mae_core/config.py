@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -66,6 +67,15 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def parse_bool(text: str) -> bool:
+    """A command-line switch's value: true/false, on/off, yes/no or 1/0."""
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false (on or off), got {text!r}")
 
 
 def _require(ok: bool, field_name: str, message: str) -> None:

@@ -79,14 +79,7 @@ class RunPaths:
         return status
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            with open(self.log, "rb") as handle:
-                handle.seek(0, 2)
-                handle.seek(max(0, handle.tell() - 64 * 1024))
-                text = handle.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return tail_lines(self.log, lines)
 
     def read_metrics(self, since_step: int = -1) -> list[dict[str, Any]]:
         """Metric lines with ``step > since_step``; a line being written right now is skipped."""
@@ -121,6 +114,18 @@ def new_run_id(runs_dir: Path, preset: str, policy: str) -> str:
         n += 1
         run_id = f"{base}-{n}"
     return run_id
+
+
+def tail_lines(path: Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of a (log) file, reading only its end; "" if it cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, 2)
+            handle.seek(max(0, handle.tell() - 64 * 1024))
+            text = handle.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
 
 
 def process_start_time(pid: int) -> str | None:

@@ -217,7 +217,7 @@ class RunManager:
             status = paths.read_status()
             return (status.get("state") == "starting"
                     and time.time() - (status.get("updated") or 0) < LAUNCH_GRACE_S)
-        if info.get("host") not in (None, socket.gethostname()):
+        if not _on_this_host(info):
             # Launched on another node (torchrun/SLURM): its pid means nothing here, so a
             # status the trainer keeps refreshing is the sign of life.
             updated = paths.read_status().get("updated") or 0
@@ -228,7 +228,7 @@ class RunManager:
         """A stopped trainer writes its final state just before it exits: let it finish exiting
         before a resume starts another one on the same files."""
         info = read_json(paths.process) or {}
-        if not info.get("pid") or info.get("host") not in (None, socket.gethostname()):
+        if not info.get("pid") or not _on_this_host(info):
             return
         deadline = time.monotonic() + timeout_s
         while _pid_alive(int(info["pid"]), info.get("start_time")):
@@ -297,6 +297,11 @@ def _check_checkpoint(path: Path) -> None:
                 raise zipfile.BadZipFile("empty")
     except (zipfile.BadZipFile, OSError) as err:
         raise RunError(f"the checkpoint {path} is corrupt ({err}); it cannot be resumed") from None
+
+
+def _on_this_host(process_info: dict[str, Any]) -> bool:
+    """Whether a ``process.json`` record names a process of this machine (older ones have no host)."""
+    return process_info.get("host") in (None, socket.gethostname())
 
 
 def _pid_alive(pid: int, start_time: str | None) -> bool:

@@ -27,7 +27,7 @@ from pytorch_lightning.loggers import Logger
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_only
 
-from mae_core.config import ConfigError, ModelConfig, RunConfig, TrainConfig
+from mae_core.config import ConfigError, ModelConfig, RunConfig, TrainConfig, parse_bool
 from mae_core.data import DataError, MAEDataModule, check_data, preview_images
 from mae_core.fileio import atomic_write_json, read_json
 from mae_core.model import MAELightning
@@ -278,11 +278,10 @@ def _flag_parser(text: str, annotation: str):
         if value.lower() in ("auto", "none", "null") and "None" in annotation:
             return None
         if "bool" in annotation:
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise argparse.ArgumentTypeError(f"{text} must be true or false, got {value!r}")
+            try:
+                return parse_bool(value)
+            except argparse.ArgumentTypeError:
+                raise argparse.ArgumentTypeError(f"{text} must be true or false, got {value!r}") from None
         if "int" in annotation:
             return int(value)
         if "float" in annotation:
@@ -333,6 +332,8 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
                 cfg = cfg.with_overrides(**overrides).resolved()
                 check_data(cfg.train.data)
                 cfg.save(paths.config)
+            if writer:
+                _record_process(paths)
             return cfg, paths, args.resume
         if args.resume:
             raise ConfigError("resume", f"{paths.config} does not exist: nothing to resume")
@@ -344,11 +345,18 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
     paths.root.mkdir(parents=True, exist_ok=True)
     # Before config.yaml (what makes the directory a run): a reader never sees a live run that
     # has no process to check.
-    atomic_write_json(paths.process, process_record(command=sys.argv))
+    _record_process(paths)
     cfg.save(paths.config)
     paths.write_status(state="starting", step=0, total_steps=cfg.train.max_steps,
                        preset=cfg.model.preset, policy=cfg.model.policy, created=time.time())
     return cfg, paths, False
+
+
+def _record_process(paths: RunPaths) -> None:
+    """Record this process in ``process.json`` unless the run manager that launched it already
+    did, so the app can follow (and stop) a run started by hand, torchrun or SLURM."""
+    if (read_json(paths.process) or {}).get("pid") != os.getpid():
+        atomic_write_json(paths.process, process_record(command=sys.argv))
 
 
 def _first_process() -> bool:
@@ -375,9 +383,6 @@ def main(argv: list[str] | None = None) -> int:
         cfg, paths, resume = prepare(args)
     except (ConfigError, DataError) as err:
         parser.exit(2, f"error: {err}\n")
-    if _first_process() and (read_json(paths.process) or {}).get("pid") != os.getpid():
-        # Started by hand (not by the run manager): record this process so the app can follow it.
-        atomic_write_json(paths.process, process_record(command=sys.argv))
     os.environ[RUN_DIR_ENV] = str(paths.root.resolve())
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
         print(f"run directory: {paths.root}", flush=True)

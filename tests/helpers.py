@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from mae_core.bench import free_port
+
+__all__ = ["free_port", "poll"]
 T = TypeVar("T")
 
 
@@ -20,8 +22,3 @@ def poll(predicate: Callable[[], T], timeout_s: float, every_s: float = 0.2) -> 
         time.sleep(every_s)
     return None
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
