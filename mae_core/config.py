@@ -24,6 +24,8 @@ import yaml
 POLICIES = ("ddp-clean", "reference")
 ACCELERATORS = ("auto", "cpu", "gpu")
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+# numpy and torch seed generators take 32-bit seeds; a reconstruction adds the image index.
+MAX_SEED = 2**31 - 1
 
 
 class ConfigError(ValueError):
