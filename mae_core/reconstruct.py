@@ -102,16 +102,65 @@ def panels(result: Reconstruction, size: int | None = None) -> list[Image.Image]
             (result.original, result.masked, result.reconstruction, result.pasted)]
 
 
-def error_heatmap(result: Reconstruction, size: int | None = None) -> Image.Image:
-    """Per-patch error over the image: blue (low) to red (high); visible patches are outlined dark."""
-    error = result.patch_error
-    heat = (error / error.max().clamp_min(1e-8)).clamp(0, 1)
-    color = torch.stack([heat, 0.15 * torch.ones_like(heat), 1 - heat])  # (3, g, g)
-    color = torch.where(result.patch_masked[None], color, color * 0.35)
-    scale = result.original.shape[-1] // error.shape[-1]
-    color = color.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
-    blended = 0.45 * result.original + 0.55 * color
-    return to_pil(blended, size)
+# The heat map's fixed scale, in the loss's target space (per-patch normalised pixels with
+# norm_pix_loss, else ImageNet-normalised pixels): both have unit variance per patch, so predicting
+# the patch mean scores ~1. One scale for every image and checkpoint makes heat maps comparable.
+HEATMAP_MAX = 2.0
+# viridis at five stops: dark blue (low error) to yellow (high); readable by colour-blind people.
+_COLORMAP = torch.tensor([[0.267, 0.005, 0.329], [0.231, 0.322, 0.545], [0.129, 0.569, 0.549],
+                          [0.365, 0.784, 0.388], [0.993, 0.906, 0.144]])
+
+
+def colormap(values: Tensor) -> Tensor:
+    """Values in [0, 1] (any shape) to RGB in [0, 1] with a trailing channel axis."""
+    position = values.clamp(0, 1) * (len(_COLORMAP) - 1)
+    low = position.floor().long().clamp(max=len(_COLORMAP) - 2)
+    frac = (position - low)[..., None]
+    return _COLORMAP[low] * (1 - frac) + _COLORMAP[low + 1] * frac
+
+
+def error_heatmap(result: Reconstruction, size: int | None = None,
+                  scale_max: float = HEATMAP_MAX) -> Image.Image:
+    """Per-patch error on a fixed scale (0 → ``scale_max``, see :func:`colorbar`) over the image;
+    visible patches, which the loss ignores, are dimmed."""
+    heat = colormap(result.patch_error / scale_max).permute(2, 0, 1)  # (3, g, g)
+    heat = torch.where(result.patch_masked[None], heat, heat * 0.35)
+    scale = result.original.shape[-1] // result.patch_error.shape[-1]
+    heat = heat.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    return to_pil(0.3 * result.original + 0.7 * heat, size)
+
+
+def colorbar(width: int = 256, height: int = 14, scale_max: float = HEATMAP_MAX) -> Image.Image:
+    """The heat map's colour scale as a horizontal strip, low error on the left."""
+    ramp = colormap(torch.linspace(0, 1, width))  # (width, 3)
+    strip = ramp[None].expand(height, width, 3)
+    return Image.fromarray((strip * 255).round().byte().numpy())
+
+
+@dataclass
+class UploadView:
+    """What the Reconstruct tab shows for one image."""
+
+    name: str
+    panels: list[Image.Image]  # PANEL_TITLES order
+    heatmap: Image.Image
+    loss: float
+    masked_patches: int
+
+
+def reconstruct_uploads(model: MaskedAutoencoder, images: list[tuple[str, Image.Image]],
+                        mask_ratio: float, seed: int, display: int | None = None) -> list[UploadView]:
+    """Decoded images of any size → centre crops at the model's size → the paper's four panels, the
+    heat map and the loss, per image. The app's Reconstruct tab and the benchmark both run this."""
+    from mae_core.images import center_square
+
+    size = model.cfg.image_size
+    batch = torch.stack([center_square(image, size) for _, image in images])
+    results = reconstruct(model, batch, mask_ratio=mask_ratio, seed=seed)
+    display = display or max(160, size)  # small models' panels are scaled up (nearest) to be seen
+    return [UploadView(name, panels(result, display), error_heatmap(result, display), result.loss,
+                       int(result.patch_masked.sum()))
+            for (name, _), result in zip(images, results)]
 
 
 def grid_image(results: list[Reconstruction], size: int | None = None) -> Image.Image:

@@ -1,0 +1,171 @@
+"""Reading a run's ``metrics.jsonl`` as it grows: only new bytes, kept as columns, thinned for display.
+
+A live view polls every second or two, and a long GPU run writes one line per step (10⁵–10⁶ lines).
+Re-parsing the whole file on every poll costs seconds; a :class:`MetricsReader` remembers its file
+offset and the parsed columns, reads only what was appended, and starts over when the file was
+replaced or truncated (a resume rewrites it up to the checkpoint's step). Columns are float arrays,
+so a million rows hold a few tens of MB and a series is sliced with numpy, not Python loops.
+
+Example:
+    >>> reader = MetricsReader(Path("checkpoints/<run>/metrics.jsonl"))
+    >>> steps, losses = reader.series("loss")          # every finite value, by step
+    >>> steps, losses = thin(steps, losses, 2000)      # what goes to the browser
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from array import array
+from pathlib import Path
+
+import numpy as np
+
+_NAN = float("nan")
+
+
+class MetricsReader:
+    """The rows of one ``metrics.jsonl`` as columns (``step`` plus one per metric key), read
+    incrementally. A line still being written (no newline yet) waits for the next read."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._reset(identity=None)
+
+    def _reset(self, identity: tuple[int, int] | None) -> None:
+        self._identity = identity  # (device, inode) of the file the columns came from
+        self._offset = 0
+        self._partial = b""
+        self._steps = array("d")
+        self._columns: dict[str, array] = {}
+        self._series_cache: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}
+
+    @property
+    def rows(self) -> int:
+        return len(self._steps)
+
+    def refresh(self) -> bool:
+        """Read what was appended since the last call; True if any row was added (or reset)."""
+        with self._lock:
+            try:
+                stat = os.stat(self.path)
+            except OSError:
+                changed = self.rows > 0
+                self._reset(identity=None)
+                return changed
+            identity = (stat.st_dev, stat.st_ino)
+            reset = identity != self._identity or stat.st_size < self._offset
+            if reset:
+                self._reset(identity)
+            if stat.st_size == self._offset:
+                return reset
+            with open(self.path, "rb") as handle:
+                handle.seek(self._offset)
+                data = handle.read(stat.st_size - self._offset)
+            self._offset += len(data)
+            added = self._parse(self._partial + data)
+            return reset or added > 0
+
+    def _parse(self, data: bytes) -> int:
+        lines = data.split(b"\n")
+        self._partial = lines.pop()  # b"" when data ended with a newline
+        added = 0
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a torn line from a kill: skipped, as the trainer's own reader does
+            step = row.get("step") if isinstance(row, dict) else None
+            if not _is_number(step):
+                continue
+            self._append(row, float(step))
+            added += 1
+        return added
+
+    def _append(self, row: dict, step: float) -> None:
+        count = len(self._steps)
+        self._steps.append(step)
+        for key, value in row.items():
+            if key == "step" or not _is_number(value):
+                continue
+            column = self._columns.get(key)
+            if column is None:
+                column = self._columns[key] = array("d", [_NAN]) * count
+            column.append(float(value))
+        for column in self._columns.values():
+            if len(column) == count:  # this row has no value for the key
+                column.append(_NAN)
+
+    def keys(self) -> list[str]:
+        self.refresh()
+        return list(self._columns)
+
+    def series(self, metric: str) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, values) of ``metric``: finite values only, in step order, the last line for a
+        step winning (a resumed run may repeat steps)."""
+        self.refresh()
+        with self._lock:
+            cached = self._series_cache.get(metric)
+            if cached is not None and cached[0] == self.rows:
+                return cached[1], cached[2]
+            column = self._columns.get(metric)
+            if column is None:
+                steps, values = np.empty(0, np.int64), np.empty(0)
+            else:
+                steps, values = _last_per_step(np.frombuffer(self._steps, dtype=np.float64),
+                                               np.frombuffer(column, dtype=np.float64))
+            self._series_cache[metric] = (self.rows, steps, values)
+            return steps, values
+
+    def last(self, metric: str) -> tuple[int, float] | None:
+        steps, values = self.series(metric)
+        return (int(steps[-1]), float(values[-1])) if len(steps) else None
+
+
+def _last_per_step(steps: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    keep = np.isfinite(values)
+    steps, values = steps[keep], values[keep]
+    if len(steps) and np.any(np.diff(steps) < 0):  # out of order: sort, stable for last-wins
+        order = np.argsort(steps, kind="stable")
+        steps, values = steps[order], values[order]
+    if len(steps) > 1:
+        last = np.append(steps[1:] != steps[:-1], True)
+        steps, values = steps[last], values[last]
+    return steps.astype(np.int64), values.copy()
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def thin(steps: np.ndarray, values: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``max_points`` points: consecutive values averaged in equal buckets, each placed at
+    its bucket's last step, so the curve's end is the latest value and its length stays bounded."""
+    if len(steps) <= max_points:
+        return steps, values
+    bounds = np.linspace(0, len(steps), max_points + 1).astype(np.int64)
+    starts = bounds[:-1]
+    sums = np.add.reduceat(values, starts)
+    sizes = np.diff(bounds)
+    return steps[bounds[1:] - 1], sums / sizes
+
+
+class MetricsStore:
+    """One :class:`MetricsReader` per file, shared by every poll of every browser tab."""
+
+    def __init__(self, max_files: int = 64) -> None:
+        self.max_files = max_files
+        self._readers: dict[Path, MetricsReader] = {}
+        self._lock = threading.Lock()
+
+    def reader(self, path: Path) -> MetricsReader:
+        key = Path(path)
+        with self._lock:
+            reader = self._readers.pop(key, None) or MetricsReader(key)
+            self._readers[key] = reader  # most recently used last
+            while len(self._readers) > self.max_files:
+                self._readers.pop(next(iter(self._readers)))
+        return reader
