@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,8 @@ ACCELERATORS = ("auto", "cpu", "gpu")
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 # numpy and torch seed generators take 32-bit seeds; a reconstruction adds the image index.
 MAX_SEED = 2**31 - 1
+# Bounds for step counts and intervals: far beyond any real run, small enough for every library.
+MAX_STEPS = 10**9
 
 
 class ConfigError(ValueError):
@@ -68,7 +71,16 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A real, finite number: not a bool, a string, NaN or ±Inf."""
+    if _is_int(value):
+        return True
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def _shown(value: Any) -> str:
+    # A hostile value (a 5,000-character string) must not flood the message that names it.
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def parse_bool(text: str) -> bool:
@@ -83,6 +95,41 @@ def parse_bool(text: str) -> bool:
 def _require(ok: bool, field_name: str, message: str) -> None:
     if not ok:
         raise ConfigError(field_name, message)
+
+
+def _check_int(obj: Any, name: str, low: int, high: int, optional: bool = False) -> None:
+    """``obj.name`` must be an integer in [low, high] (or None where ``optional``)."""
+    value = getattr(obj, name)
+    if optional and value is None:
+        return
+    _require(_is_int(value) and low <= value <= high, name,
+             f"must be an integer in [{low}, {high}], got {_shown(value)}")
+
+
+def _check_number(obj: Any, name: str, low: float, high: float, *, low_open: bool = False,
+                  high_open: bool = False) -> None:
+    """``obj.name`` must be a finite number within the bounds (open where the flags say)."""
+    value = getattr(obj, name)
+    ok = _is_number(value) and (value > low if low_open else value >= low) and (
+        value < high if high_open else value <= high)
+    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    _require(ok, name, f"must be a finite number in {interval}, got {_shown(value)}")
+
+
+def _check_choice(obj: Any, name: str, choices: Any, what: str, optional: bool = False) -> None:
+    """``obj.name`` must be one of ``choices`` (strings); the message lists them."""
+    value = getattr(obj, name)
+    if optional and value is None:
+        return
+    _require(isinstance(value, str) and value in choices, name,
+             f"unknown {what} {_shown(value)}; choose one of {', '.join(choices)}")
+
+
+def _check_bool(obj: Any, name: str, optional: bool = False) -> None:
+    value = getattr(obj, name)
+    if optional and value is None:
+        return
+    _require(isinstance(value, bool), name, f"must be true or false, got {_shown(value)}")
 
 
 @dataclass(frozen=True)
@@ -104,25 +151,21 @@ class ModelConfig:
     policy: str = "ddp-clean"
 
     def __post_init__(self) -> None:
-        _require(self.preset in PRESETS, "preset",
-                 f"unknown model preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        _require(_is_int(self.patch_size) and 2 <= self.patch_size <= 32, "patch_size",
-                 f"must be an integer in [2, 32], got {self.patch_size!r}")
-        _require(_is_int(self.image_size) and 32 <= self.image_size <= 224, "image_size",
-                 f"must be an integer in [32, 224], got {self.image_size!r}")
+        _check_choice(self, "preset", PRESETS, "model preset")
+        _check_int(self, "patch_size", 2, 32)
+        _check_int(self, "image_size", 32, 224)
         _require(self.image_size % self.patch_size == 0, "image_size",
                  f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}")
         _require((self.image_size // self.patch_size) ** 2 >= 4, "patch_size",
                  f"patch_size={self.patch_size} leaves fewer than 4 patches in a "
                  f"{self.image_size}px image")
-        _require(_is_number(self.mask_ratio) and 0 < self.mask_ratio < 1,
-                 "mask_ratio", f"must be strictly between 0 and 1, got {self.mask_ratio!r}")
-        _require(self.policy in POLICIES, "policy",
-                 f"unknown parameter policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
-        for name in ("decoder_dim", "decoder_depth", "decoder_heads"):
-            value = getattr(self, name)
-            _require(value is None or (_is_int(value) and value > 0), name,
-                     f"must be a positive integer, got {value!r}")
+        _require(_is_number(self.mask_ratio) and 0 < self.mask_ratio < 1, "mask_ratio",
+                 f"must be strictly between 0 and 1, got {_shown(self.mask_ratio)}")
+        _check_int(self, "decoder_dim", 1, 4096, optional=True)
+        _check_int(self, "decoder_depth", 1, 64, optional=True)
+        _check_int(self, "decoder_heads", 1, 64, optional=True)
+        _check_bool(self, "norm_pix_loss")
+        _check_choice(self, "policy", POLICIES, "parameter policy")
         spec = self.decoder()
         _require(spec.dim % spec.heads == 0, "decoder_heads",
                  f"decoder_dim={spec.dim} is not divisible by decoder_heads={spec.heads}")
@@ -175,38 +218,31 @@ class TrainConfig:
     num_previews: int = 4
 
     def __post_init__(self) -> None:
-        _require(_is_int(self.batch_size) and 1 <= self.batch_size <= 4096, "batch_size",
-                 f"must be an integer in [1, 4096], got {self.batch_size!r}")
-        _require(_is_number(self.base_lr) and 0 < self.base_lr < 1, "base_lr",
-                 f"must be in (0, 1), got {self.base_lr!r}")
-        _require(_is_number(self.weight_decay) and 0 <= self.weight_decay < 1,
-                 "weight_decay", f"must be in [0, 1), got {self.weight_decay!r}")
-        _require(_is_number(self.warmup_fraction) and 0 <= self.warmup_fraction < 1,
-                 "warmup_fraction",
-                 f"must be in [0, 1), got {self.warmup_fraction!r}")
-        _require(_is_int(self.max_steps) and (self.max_steps > 0 or self.max_steps == -1),
-                 "max_steps", f"must be a positive integer (or -1 to train by epochs), "
-                 f"got {self.max_steps!r}")
-        _require(self.max_epochs is None or (_is_int(self.max_epochs) and self.max_epochs > 0),
-                 "max_epochs", f"must be a positive integer, got {self.max_epochs!r}")
+        _require(isinstance(self.data, str) and "\0" not in self.data and len(self.data) <= 4096,
+                 "data", f"must be a folder path (or empty for the sample photos), got "
+                 f"{_shown(self.data)}")
+        _check_int(self, "batch_size", 1, 4096)
+        _check_number(self, "base_lr", 0, 1, low_open=True, high_open=True)
+        _check_number(self, "weight_decay", 0, 1, high_open=True)
+        _check_number(self, "warmup_fraction", 0, 1, high_open=True)
+        _require(_is_int(self.max_steps) and (1 <= self.max_steps <= MAX_STEPS or self.max_steps == -1),
+                 "max_steps", f"must be an integer in [1, {MAX_STEPS}] (or -1 to train by epochs), "
+                 f"got {_shown(self.max_steps)}")
+        _check_int(self, "max_epochs", 1, MAX_STEPS, optional=True)
         _require(self.max_steps > 0 or self.max_epochs is not None, "max_steps",
                  "set max_steps or max_epochs, or the run never ends")
-        _require(self.accelerator in ACCELERATORS, "accelerator",
-                 f"must be one of {', '.join(ACCELERATORS)}, got {self.accelerator!r}")
-        _require(self.devices is None or (_is_int(self.devices) and 1 <= self.devices <= 256),
-                 "devices", f"must be a positive integer (or auto), got {self.devices!r}")
-        _require(_is_int(self.num_nodes) and self.num_nodes >= 1, "num_nodes",
-                 f"must be a positive integer, got {self.num_nodes!r}")
-        _require(self.precision is None or self.precision in PRECISIONS, "precision",
-                 f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        _require(self.num_workers is None or (_is_int(self.num_workers) and self.num_workers >= 0),
-                 "num_workers", f"must be a non-negative integer, got {self.num_workers!r}")
+        _check_choice(self, "accelerator", ACCELERATORS, "accelerator")
+        _check_int(self, "devices", 1, 256, optional=True)
+        _check_int(self, "num_nodes", 1, 1024)
+        _check_choice(self, "precision", PRECISIONS, "precision", optional=True)
+        _check_bool(self, "find_unused_parameters", optional=True)
+        _check_bool(self, "static_graph")
+        _check_bool(self, "compile")
+        _check_int(self, "num_workers", 0, 256, optional=True)
+        _check_int(self, "seed", 0, MAX_SEED)
         for name in ("log_every_n_steps", "checkpoint_every_n_steps", "preview_every_n_steps"):
-            value = getattr(self, name)
-            _require(_is_int(value) and value >= 1, name,
-                     f"must be a positive integer, got {value!r}")
-        _require(_is_int(self.num_previews) and 0 <= self.num_previews <= 16, "num_previews",
-                 f"must be an integer in [0, 16], got {self.num_previews!r}")
+            _check_int(self, name, 1, MAX_STEPS)
+        _check_int(self, "num_previews", 0, 16)
 
     @property
     def world_size(self) -> int:
@@ -228,11 +264,13 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         data = data or {}
-        unknown = set(data) - {"model", "train"}
+        if not isinstance(data, dict):
+            raise ConfigError("config", "must be a mapping with model: and train: sections")
+        unknown = set(map(str, data)) - {"model", "train"}
         if unknown:
             raise ConfigError(sorted(unknown)[0], "unknown config section")
-        return cls(model=_build(ModelConfig, data.get("model") or {}),
-                   train=_build(TrainConfig, data.get("train") or {}))
+        return cls(model=_build(ModelConfig, data.get("model") or {}, "model"),
+                   train=_build(TrainConfig, data.get("train") or {}, "train"))
 
     def save(self, path: str | Path) -> None:
         from mae_core.fileio import atomic_write_text
@@ -278,6 +316,11 @@ class RunConfig:
             devices = gpus if gpus else default_cpu_processes()
         if accelerator == "gpu" and devices > gpus:
             raise ConfigError("devices", f"{devices} GPUs asked for, {gpus} visible")
+        cores = usable_cores()
+        if accelerator == "cpu" and devices > cores:
+            # Each CPU rank is a full training process (~1 GB); more than the cores only thrash.
+            raise ConfigError("devices", f"{devices} CPU processes asked for, this machine has "
+                              f"{cores} usable cores: use at most {cores}")
         precision = t.precision or ("bf16-mixed" if accelerator == "gpu" and _bf16_ok() else "32-true")
         if precision != "32-true" and accelerator == "cpu":
             raise ConfigError("precision", f"{precision} is for GPUs; use 32-true on the CPU")
@@ -285,14 +328,26 @@ class RunConfig:
         if find_unused is None:
             find_unused = self.model.policy == "reference"
         workers = t.num_workers if t.num_workers is not None else default_workers(accelerator, devices)
-        train = dataclasses.replace(t, accelerator=accelerator, devices=devices, precision=precision,
-                                    find_unused_parameters=find_unused, num_workers=workers)
+        # The trainer may run from another directory than the caller: a relative folder is
+        # resolved once, here, so both read the same one. "" stays the embedded photos.
+        data = os.path.abspath(os.path.expanduser(t.data)) if t.data else ""
+        train = dataclasses.replace(t, data=data, accelerator=accelerator, devices=devices,
+                                    precision=precision, find_unused_parameters=find_unused,
+                                    num_workers=workers)
         return RunConfig(model=self.model, train=train)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, as set by taskset, cgroups or SLURM)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def default_cpu_processes() -> int:
     """One DDP process per two cores, and at least two where there are two cores (so DDP is real)."""
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     return 1 if cores < 2 else max(2, cores // 2)
 
 
@@ -302,7 +357,7 @@ def default_workers(accelerator: str, devices: int) -> int:
     Decoded images are cached, so on a CPU-only machine the training processes themselves are
     the best use of the cores and loading stays in-process.
     """
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     if accelerator == "cpu":
         return 0
     return max(0, min(8, cores // max(devices, 1) - 1))
@@ -314,9 +369,11 @@ def _bf16_ok() -> bool:
     return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
-def _build(cls: type, values: dict[str, Any]) -> Any:
+def _build(cls: type, values: Any, section: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(section, f"must be a mapping of field: value, got {_shown(values)}")
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - names
+    unknown = set(map(str, values)) - names
     if unknown:
         raise ConfigError(sorted(unknown)[0], f"unknown field of {cls.__name__}")
     return cls(**values)
@@ -330,6 +387,6 @@ def hardware_summary() -> str:
     if gpus:
         name = torch.cuda.get_device_name(0)
         return f"{gpus} × {name} (DDP over NCCL, bf16-mixed)"
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     return (f"no GPU: {default_cpu_processes()} CPU processes over gloo on {cores} cores "
             "(32-bit)")

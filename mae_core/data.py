@@ -9,6 +9,7 @@ normalisation runs batched on the training device (:meth:`MaskedAutoencoder.norm
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,12 @@ SAMPLE_PHOTOS = (
 )
 SAMPLE_DATA_NAME = "sample photos (scikit-image)"
 
+# Virtual file systems of the kernel: never photos, and walking them can hang or never end.
+SYSTEM_FOLDERS = ("/proc", "/sys", "/dev")
+# More image files than this is a wrong folder (or needs a sharded data set), not a photo folder.
+MAX_IMAGE_FILES = 1_000_000
+MAX_WALKED_ENTRIES = 5_000_000
+
 # Above this many cached bytes per process, images are decoded from disk on every access.
 CACHE_LIMIT_BYTES = 2 * 1024**3
 
@@ -51,22 +58,73 @@ def sample_photo_paths() -> list[Path]:
 
 
 def find_images(folder: str) -> list[Path]:
-    """Image files under ``folder`` (recursively, sorted); ``""`` means the embedded sample photos."""
+    """Image files under ``folder`` (recursively, sorted); ``""`` means the embedded sample photos.
+
+    Refuses the root and the kernel's virtual folders (``/proc``, ``/sys``, ``/dev``), follows a
+    symlinked folder once at most (a symlink loop ends the walk there) and stops with a
+    :class:`DataError` past :data:`MAX_IMAGE_FILES` files, so a bad path cannot hang the caller.
+    """
     if not folder:
         paths = sample_photo_paths()
         if not paths:
             raise DataError("the embedded sample photos are missing: reinstall scikit-image")
         return paths
-    root = Path(folder).expanduser()
-    if not root.exists():
-        raise DataError(f"data folder {folder} does not exist")
-    if not root.is_dir():
-        raise DataError(f"data path {folder} is not a folder")
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    root = _checked_root(folder)
+    paths: list[Path] = []
+    seen: set[str] = set()
+    entries = 0
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=_skip):
+        real = os.path.realpath(dirpath)
+        if real in seen or _is_system_path(real):
+            dirnames[:] = []  # a loop, or a symlink into /proc: do not descend
+            continue
+        seen.add(real)
+        entries += len(filenames) + len(dirnames)
+        for name in filenames:
+            path = Path(dirpath) / name
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+                paths.append(path)
+        if len(paths) > MAX_IMAGE_FILES or entries > MAX_WALKED_ENTRIES:
+            raise DataError(f"data folder {_named(folder)} holds more than {MAX_IMAGE_FILES:,} "
+                            f"image files (or {MAX_WALKED_ENTRIES:,} entries): choose a smaller "
+                            "folder")
     if not paths:
-        raise DataError(f"data folder {folder} holds no images "
+        raise DataError(f"data folder {_named(folder)} holds no images "
                         f"({', '.join(sorted(IMAGE_EXTENSIONS))}, searched recursively)")
-    return paths
+    return sorted(paths)
+
+
+def _checked_root(folder: str) -> Path:
+    """``folder`` as a path, refused with a :class:`DataError` if it cannot be a data folder."""
+    try:
+        root = Path(folder).expanduser()
+        exists, is_dir = root.exists(), root.is_dir()
+        real = os.path.realpath(root)
+    except (OSError, ValueError) as err:  # a NUL byte, a name too long...
+        raise DataError(f"data folder {_named(folder)} cannot be read ({err.__class__.__name__}: "
+                        f"{_named(str(err))})") from None
+    if not exists:
+        raise DataError(f"data folder {_named(folder)} does not exist")
+    if not is_dir:
+        raise DataError(f"data path {_named(folder)} is not a folder")
+    if real == os.path.sep or _is_system_path(real):
+        raise DataError(f"data folder {_named(folder)} is the root or a system folder "
+                        f"({', '.join(SYSTEM_FOLDERS)}): choose a folder of images")
+    return root
+
+
+def _named(folder: str) -> str:
+    # A hostile 5,000-character path must not flood the message that names it.
+    text = folder.replace("\0", "\\0")
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _is_system_path(real: str) -> bool:
+    return any(real == top or real.startswith(top + os.sep) for top in SYSTEM_FOLDERS)
+
+
+def _skip(err: OSError) -> None:
+    log.warning("skipping unreadable folder: %s", err)
 
 
 @dataclass(frozen=True)
@@ -84,7 +142,7 @@ def check_data(folder: str) -> DataSummary:
         except ImageError:
             continue
         return DataSummary(name=folder or SAMPLE_DATA_NAME, files=len(paths))
-    raise DataError(f"none of the {len(paths)} image files in {folder} can be read: all are corrupt "
+    raise DataError(f"none of the {len(paths)} image files in {_named(folder)} can be read: all are corrupt "
                     "or not images")
 
 

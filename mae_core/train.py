@@ -282,11 +282,13 @@ def _flag_parser(text: str, annotation: str):
                 return parse_bool(value)
             except argparse.ArgumentTypeError:
                 raise argparse.ArgumentTypeError(f"{text} must be true or false, got {value!r}") from None
-        if "int" in annotation:
-            return int(value)
-        if "float" in annotation:
-            return float(value)
-        return value
+        kind = "int" if "int" in annotation else "float" if "float" in annotation else None
+        try:
+            return int(value) if kind == "int" else float(value) if kind == "float" else value
+        except ValueError:
+            # Named like the config's own errors: "2.5" for a batch size is refused, not rounded.
+            what = "an integer" if kind == "int" else "a number"
+            raise argparse.ArgumentTypeError(f"{text} must be {what}, got {value!r}") from None
     parse.__name__ = annotation
     return parse
 
@@ -320,10 +322,13 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
     inherited = os.environ.get(RUN_DIR_ENV)  # set for the ranks Lightning launches
     writer = _first_process()
     run_dir = args.run_dir or inherited
+    if args.resume and not run_dir:
+        raise ConfigError("resume", "--resume continues an existing run: name it with "
+                                    "--run-dir checkpoints/<run-id>")
     if run_dir:
         paths = RunPaths(Path(run_dir))
-        if not writer:
-            _wait_for(paths.config)
+        if not writer and not _wait_for(paths.config):
+            raise ConfigError("run_dir", f"rank 0 wrote no {paths.config}: this rank cannot start")
         if paths.config.exists():
             cfg = RunConfig.load(paths.config)
             if args.resume and not paths.last_ckpt.exists():
@@ -337,18 +342,15 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
             return cfg, paths, args.resume
         if args.resume:
             raise ConfigError("resume", f"{paths.config} does not exist: nothing to resume")
+    from mae_core.rundir import create_run
+
     base = RunConfig.load(args.config) if args.config else RunConfig()
     cfg = base.with_overrides(**overrides).resolved()
-    check_data(cfg.train.data)
-    runs_dir = Path(args.runs_dir)
-    paths = RunPaths(Path(run_dir) if run_dir else runs_dir / new_run_id(runs_dir, cfg.model.preset, cfg.model.policy))
-    paths.root.mkdir(parents=True, exist_ok=True)
-    # Before config.yaml (what makes the directory a run): a reader never sees a live run that
-    # has no process to check.
-    _record_process(paths)
-    cfg.save(paths.config)
-    paths.write_status(state="starting", step=0, total_steps=cfg.train.max_steps,
-                       preset=cfg.model.preset, policy=cfg.model.policy, created=time.time())
+    summary = check_data(cfg.train.data)
+    # process.json goes in before config.yaml (what makes the directory a run): a reader never
+    # sees a live run that has no process to check.
+    paths = create_run(cfg, runs_dir=args.runs_dir, run_dir=run_dir,
+                       process=process_record(command=sys.argv), data_files=summary.files)
     return cfg, paths, False
 
 
@@ -369,11 +371,13 @@ def _first_process() -> bool:
     return RUN_DIR_ENV not in os.environ and global_rank == "0"
 
 
-def _wait_for(path: Path, timeout_s: float = 120.0) -> None:
-    """Other ranks of a torchrun/SLURM job wait for rank 0 to write the run's config."""
+def _wait_for(path: Path, timeout_s: float = 120.0) -> bool:
+    """Other ranks of a torchrun/SLURM job wait for rank 0 to write the run's config; whether it
+    appeared."""
     deadline = time.monotonic() + timeout_s
     while not path.exists() and time.monotonic() < deadline:
         time.sleep(0.2)
+    return path.exists()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,14 +1,15 @@
-"""What "auto" resolves to: the hardware defaults a run is saved with (config.yaml says what ran)."""
+"""The config refuses impossible values naming the field, and resolves "auto" for this machine."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
 import torch
 
 from mae_core import config as config_module
-from mae_core.config import ConfigError, ModelConfig, RunConfig, TrainConfig
+from mae_core.config import MAX_SEED, ConfigError, ModelConfig, RunConfig, TrainConfig
 
 
 def test_without_gpus_cpu_ddp_over_at_least_two_processes_in_full_precision(monkeypatch):
@@ -42,3 +43,105 @@ def test_with_gpus_every_gpu_in_bf16(monkeypatch):
     assert err.value.field == "devices"
     monkeypatch.setattr(config_module, "_bf16_ok", lambda: False)  # e.g. a V100
     assert RunConfig().resolved().train.precision == "32-true"
+
+
+# --- hostile values: every field, from Python, YAML and the command line ----------------------
+
+def _bad_values(f: dataclasses.Field) -> list:
+    """Values that must be refused for field ``f``, whatever the entry point."""
+    kind = str(f.type)
+    bad: list = [["x"], {"a": 1}]
+    if f.name == "data":
+        return [5, 1.5, True, "photos\0", ["x"]]
+    if "bool" in kind:
+        return bad + ["abc", "yes", 1, 0.0]
+    if kind.startswith("str"):
+        return bad + ["abc", 5, True]
+    bad += ["abc", "1", True, float("nan"), float("inf"), -float("inf"), 2**70, -(2**70)]
+    if "int" in kind:
+        bad += [2.5, 4.0]
+    return bad
+
+
+ALL_FIELDS = [(cls, f) for cls in (ModelConfig, TrainConfig) for f in dataclasses.fields(cls)]
+
+
+@pytest.mark.parametrize("cls, f", ALL_FIELDS, ids=[f.name for _, f in ALL_FIELDS])
+def test_every_field_refuses_wrong_types_and_non_finite_numbers_naming_itself(cls, f):
+    section = "model" if cls is ModelConfig else "train"
+    for value in _bad_values(f):
+        with pytest.raises(ConfigError) as err:
+            cls(**{f.name: value})
+        assert err.value.field == f.name, (f.name, value, err.value)
+        # From a YAML file: the same refusal, naming the same field.
+        with pytest.raises(ConfigError) as err:
+            RunConfig.from_dict({section: {f.name: value}})
+        assert err.value.field == f.name
+
+
+@pytest.mark.parametrize("seed", [-1, MAX_SEED + 1, 2**70, 2.0, "7"])
+def test_seed_outside_what_every_generator_accepts_is_refused(seed):
+    with pytest.raises(ConfigError) as err:
+        TrainConfig(seed=seed)
+    assert err.value.field == "seed" and str(MAX_SEED) in str(err.value)
+
+
+def test_seed_edges_are_accepted():
+    assert TrainConfig(seed=0).seed == 0 and TrainConfig(seed=MAX_SEED).seed == MAX_SEED
+
+
+def test_a_hostile_value_does_not_flood_the_message():
+    with pytest.raises(ConfigError) as err:
+        ModelConfig(preset="x" * 5000)
+    assert len(str(err.value)) < 300
+
+
+def test_config_file_sections_must_be_mappings(tmp_path):
+    for text, field in [("[1, 2]", "config"), ("model: 5", "model"), ("train: [a]", "train"),
+                        ("train: {seed: .nan}", "seed"), ("train: {batch_size: 2.5}", "batch_size")]:
+        path = tmp_path / "run.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError) as err:
+            RunConfig.load(path)
+        assert err.value.field == field, text
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--seed", "-1"], "seed"), (["--seed", str(2**70)], "seed"),
+    (["--batch-size", "2.5"], "batch-size"), (["--base-lr", "nan"], "base_lr"),
+    (["--mask-ratio", "abc"], "mask-ratio"), (["--compile", "maybe"], "compile"),
+])
+def test_command_line_refuses_bad_numbers_with_exit_2_and_creates_nothing(run_module, tmp_path,
+                                                                           args, field):
+    runs_dir = tmp_path / "runs"
+    result = run_module("mae_core.train", "--runs-dir", runs_dir, "--max-steps", "1", *args)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert field in result.stderr.strip().splitlines()[-1], result.stderr
+    assert not runs_dir.exists()
+
+
+# --- what resolved() refuses or fixes for this machine ----------------------------------------
+
+def test_more_cpu_processes_than_cores_are_refused_naming_devices(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    cores = config_module.usable_cores()
+    assert cores == len(os.sched_getaffinity(0))
+    assert RunConfig(train=TrainConfig(devices=cores, accelerator="cpu")).resolved().train.devices \
+        == cores
+    for accelerator in ("cpu", "auto"):
+        with pytest.raises(ConfigError) as err:
+            RunConfig(train=TrainConfig(devices=cores + 1, accelerator=accelerator)).resolved()
+        assert err.value.field == "devices" and str(cores) in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        RunConfig(train=TrainConfig(devices=64, accelerator="cpu")).resolved()
+    assert err.value.field == "devices"
+
+
+def test_resolved_data_folder_is_absolute_so_the_trainer_reads_the_same_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = RunConfig(train=TrainConfig(data="photos/set1", devices=1)).resolved()
+    assert cfg.train.data == str(tmp_path / "photos" / "set1")
+    monkeypatch.chdir("/")
+    assert cfg.resolved().train.data == str(tmp_path / "photos" / "set1")  # once, not per call
+    assert RunConfig(train=TrainConfig(devices=1)).resolved().train.data == ""  # embedded photos

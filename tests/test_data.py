@@ -1,0 +1,87 @@
+"""Data folders: what a scan finds, and the paths it refuses before a walk could hang or wander."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mae_core.data import DataError, check_data, find_images
+
+
+def _photo(path: Path, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.mark.parametrize("folder", ["/", "/proc", "/proc/self", "/sys", "/sys/kernel", "/dev",
+                                    "/dev/shm", "//", "/proc/../proc"])
+def test_root_and_kernel_folders_are_refused_naming_the_folder(folder):
+    with pytest.raises(DataError) as err:
+        find_images(folder)
+    assert folder in str(err.value) and "system folder" in str(err.value)
+    with pytest.raises(DataError):
+        check_data(folder)
+
+
+def test_a_symlink_to_a_kernel_folder_is_refused_and_not_followed_inside_a_data_set(tmp_path):
+    (tmp_path / "proc-link").symlink_to("/proc")
+    with pytest.raises(DataError, match="system folder"):
+        find_images(str(tmp_path / "proc-link"))
+    photos = tmp_path / "photos"
+    _photo(photos / "a.png")
+    (photos / "sys").symlink_to("/sys")
+    assert find_images(str(photos)) == [photos / "a.png"]
+
+
+def test_symlink_loops_end_the_walk_and_each_folder_is_read_once(tmp_path):
+    photos = tmp_path / "photos"
+    _photo(photos / "a.png")
+    _photo(photos / "deep" / "b.jpg", seed=1)
+    (photos / "deep" / "up").symlink_to(photos)          # a loop back to the top
+    (photos / "deep" / "self").symlink_to(photos / "deep")  # a loop onto itself
+    outside = tmp_path / "more"
+    _photo(outside / "c.png", seed=2)
+    (photos / "linked").symlink_to(outside)               # a symlinked folder is still read
+    (photos / "linked-again").symlink_to(outside)         # ...but once
+    found = find_images(str(photos))
+    real = sorted(p.resolve() for p in found)
+    assert real == sorted({photos / "a.png", photos / "deep" / "b.jpg", outside / "c.png"})
+    assert check_data(str(photos)).files == 3
+
+
+def test_a_folder_of_images_is_found_recursively_sorted_and_counted(tmp_path):
+    paths = [_photo(tmp_path / name, seed=i) for i, name in
+             enumerate(["b.png", "a.JPG", "sub/c.webp", "sub/deeper/d.bmp"])]
+    (tmp_path / "notes.txt").write_text("not an image")
+    found = find_images(str(tmp_path))
+    assert found == sorted(paths)
+    assert check_data(str(tmp_path)).files == 4
+
+
+@pytest.mark.parametrize("folder, message", [
+    ("does/not/exist", "does not exist"), ("with\0nul", "cannot be read"),
+    ("x" * 5000, "cannot be read"),
+])
+def test_impossible_paths_are_refused_with_a_short_message(folder, message):
+    with pytest.raises(DataError, match=message) as err:
+        find_images(folder)
+    assert len(str(err.value)) < 600
+
+
+def test_a_file_and_an_empty_folder_are_refused(tmp_path):
+    with pytest.raises(DataError, match="not a folder"):
+        find_images(str(_photo(tmp_path / "one.png")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no images"):
+        find_images(str(tmp_path / "empty"))
+
+
+def test_the_embedded_photos_are_the_default():
+    assert check_data("").files == len(find_images("")) >= 10
+    assert all(os.path.isfile(p) for p in find_images(""))
