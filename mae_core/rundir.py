@@ -1,26 +1,93 @@
-"""The run directory: where a run's files live and how they are read and written.
+"""The run directory: where a run's files live, what ``status.json`` may hold, and creating a run.
 
 ``checkpoints/<run-id>/`` holds ``config.yaml`` (the resolved config), ``status.json`` (state and
-progress, written by the trainer), ``process.json`` (the launched process, written by the manager),
+progress, fields defined by :class:`RunStatus`), ``process.json`` (the trainer's process),
 ``metrics.jsonl`` (one line per logged step), ``train.log``, ``last.ckpt`` (for resume),
 ``model.safetensors`` (weights) and ``previews/``. A ``STOP`` file asks the trainer to stop.
+:func:`create_run` is the one place a run directory is made, by the run manager and the trainer alike.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
-import os
-import socket
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mae_core.fileio import atomic_write_json, atomic_write_text, read_json
+from mae_core.process import process_record, process_start_time  # noqa: F401 - re-exported
+
+if TYPE_CHECKING:
+    from mae_core.config import RunConfig
 
 STATES = ("starting", "running", "stopping", "stopped", "finished", "failed")
 LIVE_STATES = frozenset({"starting", "running", "stopping"})
+# Longest directory name most file systems accept (bytes); a longer run id names no run.
+NAME_MAX = 255
+_RUN_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=@,-]*")
+
+
+@dataclass
+class RunStatus:
+    """Every field ``status.json`` may hold; both the run manager and the trainer write through it.
+
+    The run manager adds two fields when it reports a run, never stored: ``stop_requested`` (a
+    ``STOP`` file is present) and ``resumable`` (stopped or failed, with a checkpoint).
+    """
+
+    run_id: str = ""
+    state: str = "starting"  # one of STATES
+    created: float | None = None  # time.time() when the run directory was made
+    updated: float | None = None  # time.time() of the last write; a remote run's sign of life
+    preset: str | None = None
+    policy: str | None = None
+    pid: int | None = None  # the trainer's rank-0 process (process.json has its start time)
+    world_size: int | None = None
+    step: int = 0  # optimizer steps completed
+    total_steps: int | None = None
+    epoch: int | None = None
+    loss: float | None = None  # the last step's loss (raw, one rank)
+    images_per_s: float | None = None
+    elapsed_s: float | None = None  # training time, summed over resumes
+    data_files: int | None = None  # image files the data scan found before the launch
+    images: int | None = None  # images the trainer could read
+    skipped_files: int | None = None  # image files it could not
+    resumed_from_step: int | None = None  # the checkpoint's step the last resume started from
+    error: str | None = None  # why it failed or was stopped by force
+    log_tail: str | None = None  # the end of train.log when it failed
+
+    @classmethod
+    def fields(cls) -> frozenset[str]:
+        return frozenset(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunStatus:
+        """The record of a status dict; fields this version does not define are dropped."""
+        known = cls.fields()
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+STATUS_FIELDS = RunStatus.fields()
+
+
+def check_status_fields(fields: dict[str, Any]) -> None:
+    """Refuse a field :class:`RunStatus` does not define, or a state not in STATES (a bug)."""
+    unknown = sorted(set(fields) - STATUS_FIELDS)
+    if unknown:
+        raise ValueError(f"status.json has no field {', '.join(unknown)} "
+                         f"(RunStatus defines {', '.join(sorted(STATUS_FIELDS))})")
+    if "state" in fields and fields["state"] not in STATES:
+        raise ValueError(f"state must be one of {', '.join(STATES)}, not {fields['state']!r}")
+
+
+def valid_run_id(run_id: Any) -> bool:
+    """Whether ``run_id`` can name a run directory: one plain name, no path, not too long."""
+    return (isinstance(run_id, str) and len(run_id.encode("utf-8", "replace")) <= NAME_MAX
+            and _RUN_ID.fullmatch(run_id) is not None)
 
 
 @dataclass(frozen=True)
@@ -68,13 +135,23 @@ class RunPaths:
         return self.root / "STOP"
 
     def read_status(self) -> dict[str, Any]:
-        return read_json(self.status) or {"run_id": self.run_id, "state": "failed",
-                                          "error": "status.json is missing or unreadable"}
+        """status.json as a plain dict of the :class:`RunStatus` fields it holds."""
+        status = read_json(self.status)
+        if status is None:
+            return {"run_id": self.run_id, "state": "failed",
+                    "error": "status.json is missing or unreadable"}
+        return {k: v for k, v in status.items() if k in STATUS_FIELDS}
 
     def write_status(self, **fields: Any) -> dict[str, Any]:
-        """Merge ``fields`` into status.json (atomically) and return the new status."""
-        status = read_json(self.status) or {"run_id": self.run_id}
-        status.update(fields, updated=time.time())
+        """Merge ``fields`` into status.json (atomically) and return the new status.
+
+        Raises:
+            ValueError: a field :class:`RunStatus` does not define, or an unknown state.
+        """
+        check_status_fields(fields)
+        status = read_json(self.status) or {}
+        status = {k: v for k, v in status.items() if k in STATUS_FIELDS}
+        status.update(fields, run_id=self.run_id, updated=time.time())
         atomic_write_json(self.status, status)
         return status
 
@@ -105,6 +182,46 @@ class RunPaths:
         atomic_write_text(self.metrics, "".join(line + "\n" for line in kept))
 
 
+def create_run(cfg: RunConfig, runs_dir: str | Path | None = None, run_dir: str | Path | None = None,
+               process: dict[str, Any] | None = None, **status: Any) -> RunPaths:
+    """Make a run directory for ``cfg`` (already resolved): the one place runs are created.
+
+    A new unique directory under ``runs_dir``, or ``run_dir`` itself (a run started by hand with
+    ``--run-dir``). Written in this order: status "starting" with its created time, then
+    ``process.json`` when the caller is the trainer itself, then ``config.yaml``, the file that makes
+    a directory a run, so a reader never sees a run without a status. ``status`` adds fields.
+    """
+    check_status_fields(status)
+    if run_dir is not None:
+        paths = RunPaths(Path(run_dir))
+        paths.root.mkdir(parents=True, exist_ok=True)
+    else:
+        if runs_dir is None:
+            raise ValueError("create_run needs runs_dir or run_dir")
+        paths = _new_run_directory(Path(runs_dir), cfg.model.preset, cfg.model.policy)
+    paths.write_status(state="starting", step=0, total_steps=cfg.train.max_steps,
+                       preset=cfg.model.preset, policy=cfg.model.policy,
+                       world_size=cfg.train.world_size, created=time.time(), **status)
+    if process is not None:
+        atomic_write_json(paths.process, process)
+    cfg.save(paths.config)
+    return paths
+
+
+def _new_run_directory(runs_dir: Path, preset: str, policy: str) -> RunPaths:
+    """Create a fresh run directory; ``mkdir`` without ``exist_ok`` makes the name ours even when
+    two processes pick the same one in the same second."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    for _ in range(1000):
+        root = runs_dir / new_run_id(runs_dir, preset, policy)
+        try:
+            root.mkdir()
+        except FileExistsError:
+            continue
+        return RunPaths(root)
+    raise FileExistsError(f"could not find a free run directory name in {runs_dir}")
+
+
 def new_run_id(runs_dir: Path, preset: str, policy: str) -> str:
     """A readable, unique run id: date, time, preset and policy."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -126,19 +243,3 @@ def tail_lines(path: Path, lines: int = 40) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
-
-
-def process_start_time(pid: int) -> str | None:
-    """The process's start time from /proc (Linux), so a recycled pid is not mistaken for it."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def process_record(pid: int | None = None, **extra: Any) -> dict[str, Any]:
-    """What ``process.json`` holds: enough to tell later whether this very process still lives."""
-    pid = os.getpid() if pid is None else pid
-    return {"pid": pid, "start_time": process_start_time(pid), "host": socket.gethostname(),
-            "launched": time.time(), **extra}

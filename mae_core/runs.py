@@ -1,9 +1,10 @@
-"""The run manager: starts, stops, resumes and watches training processes; its state is the disk.
+"""The run manager: starts, stops, resumes and watches training runs; its state is the disk.
 
-The UI calls this and nothing below it. Each run is a ``python -m mae_core.train`` process in its own
-session (so stopping it can end every DDP rank at once), with its output in ``train.log``. A new
-manager (an app restart) re-attaches to live runs from ``process.json`` and reports runs whose
-process died without finishing as ``failed``, with the log tail.
+The UI calls this and nothing below it. Each run is a ``python -m mae_core.train`` process launched
+by :mod:`mae_core.process`, with its output in ``train.log``. A new manager (an app restart)
+re-attaches to live runs from ``process.json`` and reports runs whose process died without
+finishing as ``failed``, with the log tail. One run at a time per runs directory, also across apps
+sharing it: a file lock in the runs directory is held from the live-run check to the launch.
 
 Example:
     >>> manager = RunManager("checkpoints")
@@ -13,29 +14,31 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from mae_core import process as proc
 from mae_core.config import RunConfig
 from mae_core.data import check_data
 from mae_core.fileio import atomic_write_json, read_json
-from mae_core.rundir import LIVE_STATES, RunPaths, new_run_id, process_record, process_start_time
+from mae_core.process import PROJECT_ROOT  # noqa: F401 - re-exported for callers and tests
+from mae_core.rundir import LIVE_STATES, RunPaths, create_run, valid_run_id
 from mae_core.weights import export_encoder, timm_snippet
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # A run on another node counts as alive while its status.json was rewritten this recently.
 REMOTE_SILENCE_S = 600.0
-# A run with no recorded process yet counts as alive this long after it was created.
+# A run with no recorded process yet counts as alive this long after its status was written.
 LAUNCH_GRACE_S = 30.0
+# The lock file apps sharing a runs directory take before they check for a live run and launch.
+LOCK_NAME = ".runs.lock"
 
 
 class RunError(RuntimeError):
@@ -54,25 +57,35 @@ class RunManager:
         self.runs_dir = Path(runs_dir)
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.stop_timeout_s = stop_timeout_s
-        self._processes: dict[str, subprocess.Popen] = {}
+        self._exit_codes: dict[int, int] = {}  # pid -> return code of trainers this manager reaped
         self._lock = threading.RLock()
 
     # --- queries ------------------------------------------------------------------------------
 
     def paths(self, run_id: str) -> RunPaths:
-        if not run_id or "/" in run_id or run_id.startswith("."):
-            raise RunError(f"no run named {run_id!r}")
+        """The files of run ``run_id``; RunError unless it names a run directory of this manager."""
+        if not valid_run_id(run_id):
+            raise RunError(f"no run named {_shown(run_id)}: a run id is one directory name "
+                           "(letters, digits, '-', '_', '.'; at most 255 bytes)")
         paths = RunPaths(self.runs_dir / run_id)
-        if not paths.config.exists():
-            raise RunError(f"no run named {run_id!r} in {self.runs_dir}")
+        try:
+            is_run = paths.config.is_file()
+        except OSError:
+            is_run = False
+        if not is_run:
+            raise RunError(f"no run named {_shown(run_id)} in {self.runs_dir}")
         return paths
 
     def status(self, run_id: str) -> dict[str, Any]:
-        """The run's status.json, corrected for a process that died without saying so."""
+        """The run's status.json, corrected for a process that died without saying so.
+
+        Adds ``stop_requested`` (a stop is pending) and ``resumable`` (stopped or failed, with a
+        checkpoint) to the stored fields (:class:`mae_core.rundir.RunStatus`).
+        """
         with self._lock:
             paths = self.paths(run_id)
             status = paths.read_status()
-            if status.get("state") in LIVE_STATES and not self._alive(paths):
+            if status.get("state") in LIVE_STATES and not self._alive(paths, status):
                 status = self._mark_dead(paths)
         status["run_id"] = run_id
         status["stop_requested"] = paths.stop_request.exists()
@@ -84,7 +97,7 @@ class RunManager:
         """Every run, newest first."""
         runs = []
         for root in self.runs_dir.iterdir():
-            if (root / "config.yaml").exists():
+            if valid_run_id(root.name) and (root / "config.yaml").exists():
                 try:
                     runs.append(self.status(root.name))
                 except RunError:
@@ -115,62 +128,73 @@ class RunManager:
     # --- actions ------------------------------------------------------------------------------
 
     def start(self, cfg: RunConfig) -> str:
-        """Validate ``cfg`` and its data, then launch it; refused while another run is live."""
-        with self._lock:
+        """Validate ``cfg`` and its data, then launch it; refused while another run is live.
+
+        The data folder is scanned before any lock is taken (a slow disk must not freeze every
+        status call); the image files it found are in the new run's status as ``data_files``.
+        """
+        cfg = cfg.resolved()
+        summary = check_data(cfg.train.data)
+        with self._exclusive():
             self._refuse_if_live()
-            cfg = cfg.resolved()
-            check_data(cfg.train.data)
-            run_id = new_run_id(self.runs_dir, cfg.model.preset, cfg.model.policy)
-            paths = RunPaths(self.runs_dir / run_id)
-            paths.root.mkdir(parents=True)
-            cfg.save(paths.config)
-            paths.write_status(state="starting", step=0, total_steps=cfg.train.max_steps,
-                               preset=cfg.model.preset, policy=cfg.model.policy, created=time.time())
+            paths = create_run(cfg, runs_dir=self.runs_dir, data_files=summary.files)
             self._launch(paths, resume=False)
-            return run_id
+        return paths.run_id
 
     def stop(self, run_id: str) -> dict[str, Any]:
         """Ask the run to stop after its current step (it saves a checkpoint first).
 
-        A second stop, or one not obeyed within ``stop_timeout_s``, terminates the process group.
+        A second stop, or one not obeyed within ``stop_timeout_s``, terminates the process group
+        of the trainer the stop was meant for (never a trainer a later Resume launched).
         """
         with self._lock:
             status = self.status(run_id)
             if status.get("state") not in LIVE_STATES:
                 raise RunError(f"run {run_id} is not running (it is {status.get('state')})")
             paths = self.paths(run_id)
+            record = read_json(paths.process)
             if paths.stop_request.exists():
-                self._terminate(paths, reason="stopped by force on a second stop request")
+                self._terminate(paths, record, reason="stopped by force on a second stop request")
                 return self.status(run_id)
             paths.stop_request.touch()
-        threading.Thread(target=self._enforce_stop, args=(paths,), daemon=True).start()
+        if record and proc.on_this_host(record):
+            threading.Thread(target=self._enforce_stop, args=(paths, record), daemon=True,
+                             name=f"stop-{run_id}").start()
         return self.status(run_id)
 
     def resume(self, run_id: str, max_steps: int | None = None) -> dict[str, Any]:
-        """Continue a stopped or failed run from ``last.ckpt`` (optionally with a new ``max_steps``)."""
-        with self._lock:
+        """Continue a stopped or failed run from ``last.ckpt`` (optionally with a new ``max_steps``).
+
+        Returns the run's status; ``resumed_from_step`` is the checkpoint's own step.
+        """
+        paths = self.paths(run_id)
+        cfg = RunConfig.load(paths.config)
+        if max_steps is not None:
+            cfg = cfg.with_overrides(max_steps=max_steps)
+        check_data(cfg.train.data)  # outside the locks, as in start
+        with self._exclusive():
             self._refuse_if_live()
-            paths = self.paths(run_id)
             status = self.status(run_id)
-            cfg = RunConfig.load(paths.config)
-            if max_steps is not None:
-                cfg = cfg.with_overrides(max_steps=max_steps)
             if status.get("state") == "finished" and (max_steps is None
                                                       or max_steps <= status.get("step", 0)):
                 raise RunError(f"run {run_id} has finished; raise max steps above "
                                f"{status.get('step')} to train it further")
-            _check_checkpoint(paths.last_ckpt)
-            check_data(cfg.train.data)
+            step = checkpoint_step(paths.last_ckpt)
+            if cfg.train.max_steps <= step:
+                raise RunError(f"the checkpoint of {run_id} is at step {step}: raise max steps "
+                               f"above {step} to train it further")
             self._wait_for_exit(paths)
             cfg.save(paths.config)
             paths.stop_request.unlink(missing_ok=True)
-            paths.write_status(state="starting", error=None, log_tail=None,
-                               total_steps=cfg.train.max_steps)
+            # The old record goes first: a reader now sees a run starting, not a dead process.
+            paths.process.unlink(missing_ok=True)
+            paths.write_status(state="starting", error=None, log_tail=None, step=step,
+                               resumed_from_step=step, total_steps=cfg.train.max_steps)
             self._launch(paths, resume=True)
         return self.status(run_id)
 
     def delete(self, run_id: str) -> None:
-        with self._lock:
+        with self._exclusive():
             status = self.status(run_id)
             if status.get("state") in LIVE_STATES:
                 raise RunError(f"run {run_id} is {status['state']}: stop it before deleting it")
@@ -185,6 +209,19 @@ class RunManager:
 
     # --- processes ----------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """This manager's lock and the runs directory's file lock, which every app sharing the
+        directory takes (``flock`` locks belong to the open file, so two managers in one process
+        exclude each other too)."""
+        with self._lock:
+            fd = os.open(self.runs_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # releases the lock
+
     def _refuse_if_live(self) -> None:
         live = self.live_run()
         if live is not None:
@@ -192,50 +229,54 @@ class RunManager:
                            "(one run at a time uses all the devices)")
 
     def _launch(self, paths: RunPaths, resume: bool) -> None:
-        command = [sys.executable, "-m", "mae_core.train", "--run-dir", str(paths.root.resolve())]
-        if resume:
-            command.append("--resume")
-        env = dict(os.environ, PYTHONUNBUFFERED="1",
-                   PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT),
-                                                            os.environ.get("PYTHONPATH")])))
-        env.pop("MAE_STUDIO_RUN_DIR", None)
-        # Output goes to a file, never a pipe: nobody may be reading when the buffer fills.
-        with open(paths.log, "ab") as log:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, cwd=PROJECT_ROOT, env=env,
-                                       start_new_session=True)
-        self._processes[paths.run_id] = process
-        atomic_write_json(paths.process, process_record(process.pid, command=command))
+        command = proc.trainer_command(paths.root, resume)
+        try:
+            process = proc.launch(command, paths.log)
+        except OSError as err:
+            paths.write_status(state="failed", error=f"the trainer could not be launched: {err}")
+            raise RunError(f"the trainer could not be launched: {err}") from None
+        record = proc.process_record(process.pid, command=command)
+        atomic_write_json(paths.process, record)
+        proc.watch(process, lambda code: self._on_exit(paths, record, code))
 
-    def _alive(self, paths: RunPaths) -> bool:
-        process = self._processes.get(paths.run_id)
-        if process is not None:
-            return process.poll() is None
+    def _on_exit(self, paths: RunPaths, record: dict[str, Any], code: int) -> None:
+        """A trainer this manager launched has exited (not yet reaped): record a death at once.
+
+        The process-group kill ends DDP ranks the trainer left behind; the unreaped trainer still
+        holds its pid, so the group cannot be a stranger's.
+        """
+        with self._lock:
+            self._exit_codes[record["pid"]] = code
+            current = read_json(paths.process) or {}
+            ours = (current.get("pid"), current.get("start_time")) == (record["pid"],
+                                                                       record["start_time"])
+            live = paths.read_status().get("state") in LIVE_STATES
+            if code != 0 or (ours and live):
+                proc.kill_group(record["pid"], signal.SIGKILL)
+            if ours and live and paths.root.exists():
+                self._mark_dead(paths)
+
+    def _alive(self, paths: RunPaths, status: dict[str, Any]) -> bool:
         info = read_json(paths.process)
         if not info:
             # Between "starting" and the launch being recorded (another app's manager at work).
-            status = paths.read_status()
             return (status.get("state") == "starting"
                     and time.time() - (status.get("updated") or 0) < LAUNCH_GRACE_S)
-        if not _on_this_host(info):
+        if not proc.on_this_host(info):
             # Launched on another node (torchrun/SLURM): its pid means nothing here, so a
             # status the trainer keeps refreshing is the sign of life.
-            updated = paths.read_status().get("updated") or 0
-            return time.time() - updated < REMOTE_SILENCE_S
-        return _pid_alive(int(info["pid"]), info.get("start_time"))
+            return time.time() - (status.get("updated") or 0) < REMOTE_SILENCE_S
+        return proc.record_alive(info)
 
     def _wait_for_exit(self, paths: RunPaths, timeout_s: float = 15.0) -> None:
         """A stopped trainer writes its final state just before it exits: let it finish exiting
         before a resume starts another one on the same files."""
         info = read_json(paths.process) or {}
-        if not info.get("pid") or not _on_this_host(info):
+        if not isinstance(info.get("pid"), int) or not proc.on_this_host(info):
             return
-        deadline = time.monotonic() + timeout_s
-        while _pid_alive(int(info["pid"]), info.get("start_time")):
-            if time.monotonic() > deadline:
-                raise RunError(f"run {paths.run_id}'s previous trainer process "
-                               f"(pid {info['pid']}) is still exiting; try again in a moment")
-            time.sleep(0.1)
+        if not proc.wait_gone(info["pid"], info.get("start_time"), timeout_s):
+            raise RunError(f"run {paths.run_id}'s previous trainer process "
+                           f"(pid {info['pid']}) is still exiting; try again in a moment")
 
     def _mark_dead(self, paths: RunPaths) -> dict[str, Any]:
         """The process is gone; unless it recorded its own end just before exiting, it failed."""
@@ -243,13 +284,12 @@ class RunManager:
         pid = info.get("pid")
         # Orphaned DDP ranks go too. A pid that now belongs to another process (other start time)
         # means our group is already empty: Linux does not reuse a pid that still names a group.
-        if pid and process_start_time(int(pid)) in (None, info.get("start_time")):
-            _kill_group(int(pid), signal.SIGKILL)
+        if isinstance(pid, int) and proc.process_start_time(pid) in (None, info.get("start_time")):
+            proc.kill_group(pid, signal.SIGKILL)
         status = paths.read_status()
         if status.get("state") not in LIVE_STATES:
             return status
-        process = self._processes.get(paths.run_id)
-        code = process.returncode if process is not None else None
+        code = self._exit_codes.get(pid) if isinstance(pid, int) else None
         if code is not None and code < 0:
             how = f"was killed by {signal.Signals(-code).name}"
         elif code is not None:
@@ -259,70 +299,50 @@ class RunManager:
         return paths.write_status(state="failed", log_tail=paths.log_tail(),
                                   error=f"the trainer process {how} before finishing")
 
-    def _enforce_stop(self, paths: RunPaths) -> None:
-        deadline = time.monotonic() + self.stop_timeout_s
-        while time.monotonic() < deadline:
-            if not self._alive(paths):
-                return
-            time.sleep(0.2)
+    def _enforce_stop(self, paths: RunPaths, record: dict[str, Any]) -> None:
+        """Terminate the trainer ``record`` names if it outlives ``stop_timeout_s``."""
+        pid, start_time = record["pid"], record.get("start_time")
+        if proc.wait_gone(pid, start_time, self.stop_timeout_s, every_s=0.2):
+            return
         with self._lock:
-            if self._alive(paths):
-                self._terminate(paths, reason=f"stopped by force: the trainer did not stop within "
-                                              f"{self.stop_timeout_s:.0f} s")
+            if proc.pid_alive(pid, start_time):
+                self._terminate(paths, record, reason=f"stopped by force: the trainer did not stop "
+                                                      f"within {self.stop_timeout_s:.0f} s")
 
-    def _terminate(self, paths: RunPaths, reason: str) -> None:
-        """End every process of the run (SIGTERM, then SIGKILL), and record it as stopped."""
-        info = read_json(paths.process) or {}
-        pid = int(info.get("pid", 0))
-        if pid:
-            _kill_group(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 5
-            while self._alive(paths) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            _kill_group(pid, signal.SIGKILL)
-            process = self._processes.get(paths.run_id)
-            if process is not None:
-                process.wait(timeout=10)
+    def _terminate(self, paths: RunPaths, record: dict[str, Any] | None, reason: str) -> None:
+        """End the trainer ``record`` names and its ranks (SIGTERM, then SIGKILL); record it as
+        stopped unless a newer trainer has taken over the run directory since."""
+        if record and isinstance(record.get("pid"), int) and proc.on_this_host(record):
+            proc.terminate_group(record["pid"], record.get("start_time"))
+        current = read_json(paths.process) or {}
+        if record and current.get("pid") not in (None, record.get("pid")):
+            return
         paths.stop_request.unlink(missing_ok=True)
         paths.write_status(state="stopped", error=reason, log_tail=paths.log_tail())
 
 
-def _check_checkpoint(path: Path) -> None:
-    """Refuse a missing or damaged ``last.ckpt`` before launching (torch.save writes a zip)."""
-    if not path.exists():
+def checkpoint_step(path: Path) -> int:
+    """The optimizer step ``last.ckpt`` was saved at; RunError if it is missing or damaged.
+
+    Loads it the way resume will (``weights_only``), memory-mapped so a large one costs little.
+    """
+    if not path.is_file():
         raise RunError(f"{path.parent.name} has no checkpoint to resume from")
+    import torch
+
     try:
-        with zipfile.ZipFile(path) as archive:
-            if not archive.namelist():
-                raise zipfile.BadZipFile("empty")
-    except (zipfile.BadZipFile, OSError) as err:
-        raise RunError(f"the checkpoint {path} is corrupt ({err}); it cannot be resumed") from None
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        step = checkpoint["global_step"]
+    except Exception as err:  # noqa: BLE001 - any failure to read it means it cannot be resumed
+        detail = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise RunError(f"the checkpoint {path} is corrupt ({detail}); it cannot be resumed") from None
+    if not isinstance(step, int) or step < 0:
+        raise RunError(f"the checkpoint {path} holds no valid step ({step!r}); it cannot be resumed")
+    return step
 
 
-def _on_this_host(process_info: dict[str, Any]) -> bool:
-    """Whether a ``process.json`` record names a process of this machine (older ones have no host)."""
-    return process_info.get("host") in (None, socket.gethostname())
+def _shown(value: Any) -> str:
+    """``value`` for a message, cut short: a hostile 5,000-character id must not flood it."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
-
-def _pid_alive(pid: int, start_time: str | None) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc: fall back to asking the kernel
-        try:
-            os.kill(pid, 0)
-        except OSError:
-            return False
-        return True
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] in ("Z", "X"):
-        return False
-    return start_time is None or fields[19] == start_time
-
-
-def _kill_group(pid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass

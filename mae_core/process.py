@@ -1,0 +1,192 @@
+"""OS processes: launching a trainer, telling whether it still lives, ending it, reaping it.
+
+Every other module asks here. A trainer is ``python -m mae_core.train`` in its own session (so one
+signal to its process group reaches every DDP rank it spawned), with a clean environment (no
+launcher variables inherited from whoever started the app) and its output in the run's log file,
+never a pipe: nobody may be reading when a pipe's buffer fills, and then every rank blocks.
+
+A pid alone names a process only until it is recycled, so a process is recorded as pid + start
+time (from ``/proc``), and a zombie counts as dead.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+# Variables that would make a fresh trainer believe it is a rank someone else launched (the app may
+# itself run under torchrun, SLURM or a trainer's environment) or reuse another job's seed/port.
+LAUNCHER_VARS = ("MAE_STUDIO_RUN_DIR", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                 "NODE_RANK", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED",
+                 "PL_SEED_WORKERS", "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_LOCALID",
+                 "SLURM_NTASKS", "SLURM_JOB_ID")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without launcher variables, with the project importable."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
+    env.update(extra)
+    return env
+
+
+def trainer_command(run_dir: Path, resume: bool = False) -> list[str]:
+    """The command line that trains (or resumes) the run in ``run_dir``."""
+    command = [sys.executable, "-m", "mae_core.train", "--run-dir", str(Path(run_dir).resolve())]
+    return command + ["--resume"] if resume else command
+
+
+def launch(command: list[str], log: Path, cwd: Path = PROJECT_ROOT,
+           env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``command`` in a new session with stdout and stderr appended to ``log``."""
+    with open(log, "ab") as handle:
+        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, cwd=cwd,
+                                env=clean_env() if env is None else env, start_new_session=True)
+
+
+def process_start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot, from /proc), or None if it is gone."""
+    stat = _proc_stat(pid)
+    return stat[19] if stat else None
+
+
+def pid_alive(pid: int, start_time: str | None = None) -> bool:
+    """Whether ``pid`` runs and is the process that started at ``start_time`` (a zombie is dead)."""
+    if pid <= 0:
+        return False
+    if not Path("/proc/self/stat").exists():  # no /proc: all the kernel can say is "exists"
+        try:
+            os.kill(pid, 0)
+        except PermissionError:
+            return True
+        except OSError:
+            return False
+        return True
+    stat = _proc_stat(pid)
+    if stat is None or stat[0] in ("Z", "X"):
+        return False
+    return start_time is None or stat[19] == start_time
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state first), or None."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    return text.rsplit(")", 1)[1].split()
+
+
+def kill_group(pid: int, sig: signal.Signals = signal.SIGKILL) -> None:
+    """Send ``sig`` to the process group led by ``pid`` (a trainer and every rank it launched)."""
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def process_record(pid: int | None = None, **extra: Any) -> dict[str, Any]:
+    """What ``process.json`` holds: enough to tell later whether this very process still lives."""
+    pid = os.getpid() if pid is None else pid
+    return {"pid": pid, "start_time": process_start_time(pid), "host": socket.gethostname(),
+            "launched": time.time(), **extra}
+
+
+def on_this_host(record: dict[str, Any]) -> bool:
+    """Whether a process record names a process of this machine (older records have no host)."""
+    return record.get("host") in (None, socket.gethostname())
+
+
+def record_alive(record: dict[str, Any]) -> bool:
+    """Whether the process a (local) record names still runs."""
+    pid = record.get("pid")
+    return isinstance(pid, int) and pid_alive(pid, record.get("start_time"))
+
+
+def group_members(pgid: int) -> list[int]:
+    """Pids of the live (non-zombie) processes in process group ``pgid``."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = _proc_stat(int(entry.name))
+            if stat and stat[0] not in ("Z", "X") and stat[2] == str(pgid):
+                members.append(int(entry.name))
+    return members
+
+
+def zombie_children(parent: int | None = None) -> list[int]:
+    """Pids of zombie children of ``parent`` (this process by default): trainers nobody reaped."""
+    parent = os.getpid() if parent is None else parent
+    zombies = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = _proc_stat(int(entry.name))
+            if stat and stat[0] == "Z" and stat[1] == str(parent):
+                zombies.append(int(entry.name))
+    return zombies
+
+
+def wait_gone(pid: int, start_time: str | None, timeout_s: float, every_s: float = 0.05) -> bool:
+    """Wait up to ``timeout_s`` for the process to end; whether it has."""
+    deadline = time.monotonic() + timeout_s
+    while pid_alive(pid, start_time):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(every_s)
+    return True
+
+
+def terminate_group(pid: int, start_time: str | None, grace_s: float = 5.0) -> None:
+    """SIGTERM the process group, then SIGKILL it once ``grace_s`` has passed or the leader is gone.
+
+    The leader is checked by start time first: a recycled pid is not ours to signal. (Linux does not
+    reuse a pid that still names a process group, so a group whose leader has exited is still ours.)
+    """
+    if process_start_time(pid) not in (None, start_time):
+        return
+    kill_group(pid, signal.SIGTERM)
+    wait_gone(pid, start_time, grace_s)
+    kill_group(pid, signal.SIGKILL)
+
+
+def watch(process: subprocess.Popen, on_exit: Callable[[int], None]) -> threading.Thread:
+    """Reap ``process`` the moment it exits, so no finished trainer lingers as a zombie.
+
+    Before reaping, ``on_exit(returncode)`` runs while the exited process still holds its pid, so a
+    process-group kill from there cannot reach a stranger that was given the recycled pid.
+    """
+    def run() -> None:
+        code = _wait_without_reaping(process.pid)
+        try:
+            on_exit(code if code is not None else -signal.SIGKILL)
+        finally:
+            process.wait()
+
+    thread = threading.Thread(target=run, name=f"reap-{process.pid}", daemon=True)
+    thread.start()
+    return thread
+
+
+def _wait_without_reaping(pid: int) -> int | None:
+    """Block until child ``pid`` exits; its return code as Popen reports it (negative: signal)."""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    except ChildProcessError:
+        return None
+    if info is None:
+        return None
+    if info.si_code == os.CLD_EXITED:
+        return info.si_status
+    return -info.si_status
