@@ -1,0 +1,98 @@
+"""mae_core.process: launching, liveness, group kill and reaping, on real child processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from helpers import poll
+from mae_core import process as proc
+
+PRINT_ENV = [sys.executable, "-c", "import json, os; print(json.dumps(dict(os.environ)))"]
+
+
+def test_launch_gives_a_clean_environment_a_new_session_and_a_log_file(tmp_path, monkeypatch):
+    # The app itself may run inside a launcher (torchrun, SLURM, a trainer's own environment):
+    # a trainer it starts must not believe it is one of that job's ranks.
+    for name in ("MAE_STUDIO_RUN_DIR", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK",
+                 "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED"):
+        monkeypatch.setenv(name, "7")
+    monkeypatch.setenv("KEEP_ME", "yes")
+    log = tmp_path / "train.log"
+    log.write_text("earlier run\n")
+    child = proc.launch(PRINT_ENV, log, cwd=tmp_path)
+    assert os.getsid(child.pid) == child.pid  # its own session: one killpg ends all its ranks
+    assert child.wait(timeout=60) == 0
+    first, second = log.read_text().splitlines()[:2]
+    assert first == "earlier run"  # appended, not truncated: a resume keeps the earlier log
+    env = json.loads(second)
+    assert not set(proc.LAUNCHER_VARS) & set(env)
+    assert env["KEEP_ME"] == "yes" and env["PYTHONUNBUFFERED"] == "1"
+    assert str(proc.PROJECT_ROOT) in env["PYTHONPATH"].split(os.pathsep)
+
+
+def test_trainer_command_names_the_run_directory_absolutely(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    command = proc.trainer_command(Path("runs/a"), resume=True)
+    assert command[1:4] == ["-m", "mae_core.train", "--run-dir"]
+    assert command[4] == str(tmp_path / "runs" / "a") and command[-1] == "--resume"
+
+
+def test_liveness_checks_the_start_time_and_counts_a_zombie_as_dead():
+    me = proc.process_record()
+    assert proc.record_alive(me) and proc.on_this_host(me)
+    assert proc.pid_alive(os.getpid(), me["start_time"])
+    assert not proc.pid_alive(os.getpid(), str(int(me["start_time"]) + 1))  # a recycled pid
+    assert not proc.record_alive({"pid": "12"}) and not proc.pid_alive(0)
+    assert not proc.on_this_host({"host": "another-node"})
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    start = proc.process_start_time(child.pid)
+    try:
+        # Exited but not reaped: /proc still lists it (state Z), yet it is dead.
+        assert poll(lambda: child.pid in proc.zombie_children(), 30, 0.05)
+        assert not proc.pid_alive(child.pid, start)
+    finally:
+        child.wait()
+    assert child.pid not in proc.zombie_children()
+    assert proc.process_start_time(child.pid) is None
+
+
+def test_kill_group_ends_every_process_of_the_group(tmp_path):
+    # A shell with two background children stands in for a trainer and the ranks it spawned.
+    leader = proc.launch(["sh", "-c", "sleep 300 & sleep 300 & wait"], tmp_path / "log")
+    assert poll(lambda: len(proc.group_members(leader.pid)) == 3, 30, 0.05)
+    record = proc.process_record(leader.pid)
+    proc.terminate_group(leader.pid, str(int(record["start_time"]) + 1))  # not our process
+    assert len(proc.group_members(leader.pid)) == 3
+    proc.terminate_group(leader.pid, record["start_time"], grace_s=5)
+    assert poll(lambda: not proc.group_members(leader.pid), 30, 0.05)
+    assert leader.wait(timeout=30) == -signal.SIGTERM
+
+
+@pytest.mark.parametrize("how, code", [("exit", 3), ("kill", -signal.SIGKILL)])
+def test_watch_reports_the_exit_and_reaps_the_child(tmp_path, how, code):
+    script = "import sys; sys.exit(3)" if how == "exit" else "import time; time.sleep(300)"
+    child = proc.launch([sys.executable, "-c", script], tmp_path / "log")
+    seen: list[tuple[int, bool]] = []
+    done = threading.Event()
+
+    def on_exit(returncode: int) -> None:
+        # Called before the reap: the pid is still this (dead) child's, so its group is ours.
+        seen.append((returncode, child.pid in proc.zombie_children()))
+        done.set()
+
+    thread = proc.watch(child, on_exit)
+    if how == "kill":
+        os.kill(child.pid, signal.SIGKILL)
+    assert done.wait(60)
+    thread.join(30)
+    assert seen == [(code, True)]
+    assert child.pid not in proc.zombie_children()  # reaped without anyone polling it
