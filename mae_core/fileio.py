@@ -1,28 +1,65 @@
-"""Atomic file writes: a reader (or a kill -9) never sees a half-written file."""
+"""Atomic file writes: a reader (or a kill -9) never sees a half-written file.
+
+Every file is written to a temporary file *beside* its target (same folder, so the same file
+system), flushed and fsynced, then renamed over the target with ``os.replace``, and the folder is
+fsynced so the rename itself survives a crash. A temporary file is named
+``.<target>.<pid>.<random>.tmp``: :func:`remove_stale_temp_files` can tell the leftovers of a
+killed writer (its pid is gone) from a write in flight in another live process.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+TEMP_SUFFIX = ".tmp"
+# .<name>.<pid>.<mkstemp's 8 characters>.tmp; the pid is absent in files of older versions.
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+?)(?:\.(?P<pid>\d+))?\.[A-Za-z0-9_]{8}\.tmp$")
+
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)``, fsync, then rename over ``path`` in one step."""
+    """Call ``write(tmp_path)`` on a temp file beside ``path``, fsync it, then rename over ``path``.
+
+    If ``write`` raises, or the process dies, ``path`` keeps its previous content; an exception
+    also removes the temp file (a kill leaves it for :func:`remove_stale_temp_files`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.",
+                               suffix=TEMP_SUFFIX)
     os.close(fd)
     try:
         write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_file(path: str | Path) -> None:
+    """Force ``path``'s data to the disk (a writer may have closed it without syncing)."""
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make the renames in ``folder`` durable; a no-op where the file system cannot sync folders."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -33,6 +70,13 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=str))
 
 
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line and flush it, so a reader (a live curve) sees it at once."""
+    with open(path, "a") as handle:
+        handle.write(line.rstrip("\n") + "\n")
+        handle.flush()
+
+
 def read_json(path: str | Path) -> dict[str, Any] | None:
     """The JSON object at ``path``, or None if it is missing or unreadable."""
     try:
@@ -40,3 +84,49 @@ def read_json(path: str | Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def is_temp_file(path: str | Path) -> bool:
+    """Whether ``path`` is named like a temporary file of :func:`atomic_write`."""
+    return _TEMP_NAME.match(Path(path).name) is not None
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete the temp files under ``folder`` whose writer is dead (a kill during a save).
+
+    A temp file of a live process (the app writing ``status.json`` right now) is kept. Returns
+    the files removed.
+    """
+    removed = []
+    for dirpath, _dirnames, filenames in os.walk(folder):
+        for name in filenames:
+            match = _TEMP_NAME.match(name)
+            if match is None:
+                continue
+            pid = match.group("pid")
+            if pid is not None and _pid_alive(int(pid)):
+                continue
+            path = Path(dirpath) / name
+            try:
+                path.unlink()
+            except FileNotFoundError:  # its writer finished (or failed) meanwhile
+                continue
+            removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a running (not zombie) process on this machine."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")  # a zombie has finished writing for good

@@ -1,0 +1,112 @@
+"""Atomic writes: a kill or an error mid-write keeps the previous file, and leftovers are cleaned."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from helpers import poll
+from mae_core.fileio import atomic_write, atomic_write_text, is_temp_file, remove_stale_temp_files
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# A writer that dies (kill -9) halfway through its write: 1 MB written, the rest never comes.
+HALF_WRITER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from mae_core.fileio import atomic_write
+
+    target, ready = sys.argv[1], Path(sys.argv[2])
+
+    def write(tmp):
+        with open(tmp, "wb") as handle:
+            handle.write(b"new" * 350_000)
+            handle.flush()
+            ready.write_text(tmp)
+            time.sleep(120)
+            handle.write(b"never")
+
+    atomic_write(target, write)
+""")
+
+
+def _temp_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if is_temp_file(p)]
+
+
+def test_a_kill_mid_write_keeps_the_previous_file_and_the_leftover_is_removed(tmp_path):
+    target = tmp_path / "run" / "last.ckpt"
+    atomic_write_text(target, "previous checkpoint")
+    ready = tmp_path / "ready"
+    writer = subprocess.Popen([sys.executable, "-c", HALF_WRITER, str(target), str(ready)],
+                              cwd=REPO_ROOT)
+    try:
+        assert poll(ready.exists, timeout_s=120), "the writer never started writing"
+        tmp = Path(ready.read_text())
+        assert tmp.parent == target.parent and tmp.stat().st_size > 1_000_000  # beside, not $TMPDIR
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    finally:
+        writer.kill()
+        writer.wait()
+    assert target.read_text() == "previous checkpoint"
+    assert _temp_files(tmp_path / "run") == [tmp]  # what a kill leaves behind...
+    assert remove_stale_temp_files(tmp_path / "run") == [tmp]  # ...until the next start
+    assert _temp_files(tmp_path / "run") == []
+    assert target.read_text() == "previous checkpoint"
+
+
+def test_an_error_inside_the_write_keeps_the_previous_file_and_leaves_no_temp_file(tmp_path):
+    target = tmp_path / "model.safetensors"
+    atomic_write_text(target, "previous weights")
+
+    def failing_write(tmp: str) -> None:
+        Path(tmp).write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, failing_write)
+    assert target.read_text() == "previous weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_writes_never_touch_tmpdir(tmp_path, monkeypatch):
+    # The kill-9 hazard of Lightning's own IO was a temp file in $TMPDIR moved across file systems.
+    tmpdir = tmp_path / "elsewhere"
+    tmpdir.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmpdir))
+    monkeypatch.setattr("tempfile.tempdir", None)  # forget the cached default, read TMPDIR again
+    for i in range(3):
+        atomic_write_text(tmp_path / "run" / "status.json", f"{i}")
+    assert list(tmpdir.iterdir()) == []
+    assert (tmp_path / "run" / "status.json").read_text() == "2"
+    assert _temp_files(tmp_path / "run") == []
+
+
+def test_temp_files_of_live_writers_are_kept_and_of_dead_or_zombie_ones_removed(tmp_path):
+    alive = subprocess.Popen(["sleep", "120"])
+    zombie = subprocess.Popen(["true"])
+    try:
+        poll(lambda: Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+             == "Z", timeout_s=30)
+        live_tmp = tmp_path / f".status.json.{alive.pid}.abcd1234.tmp"
+        zombie_tmp = tmp_path / "previews" / f".step_0000010.png.{zombie.pid}.abcd1234.tmp"
+        old_style = tmp_path / ".last.ckpt.x7_k2m9q.tmp"  # an older version's name, no pid
+        for path in (live_tmp, zombie_tmp, old_style):
+            path.parent.mkdir(exist_ok=True)
+            path.write_bytes(b"partial")
+        (tmp_path / "last.ckpt").write_bytes(b"kept")
+        removed = remove_stale_temp_files(tmp_path)
+        assert sorted(removed) == sorted([zombie_tmp, old_style])
+        assert live_tmp.exists() and (tmp_path / "last.ckpt").read_bytes() == b"kept"
+    finally:
+        alive.kill()
+        alive.wait()
+        zombie.wait()
+    assert remove_stale_temp_files(tmp_path) == [live_tmp]  # its writer is gone now
