@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import json
 import os
 import sys
 import time
@@ -24,12 +25,14 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import Logger
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_only
 
 from mae_core.config import ConfigError, ModelConfig, RunConfig, TrainConfig, parse_bool
 from mae_core.data import DataError, MAEDataModule, check_data, preview_images
-from mae_core.fileio import atomic_write_json, read_json
+from mae_core.fileio import (append_line, atomic_write, atomic_write_json, fsync_file, read_json,
+                             remove_stale_temp_files)
 from mae_core.model import MAELightning
 from mae_core.reconstruct import grid_image, reconstruct
 from mae_core.rundir import RunPaths, new_run_id, process_record
@@ -45,9 +48,11 @@ PREVIEW_SEED = 0
 # --- what the run writes ----------------------------------------------------------------------
 
 class JsonlLogger(Logger):
-    """A Lightning logger that appends one flushed JSON line per logged step to ``metrics.jsonl``.
+    """A Lightning logger that appends one flushed JSON line per log call to ``metrics.jsonl``.
 
-    Lightning's own CSV logger buffers 100 steps; a live curve needs each step on disk at once.
+    Lightning's own CSV logger buffers 100 steps; a live curve needs each line on disk at once.
+    It carries the per-epoch summaries; the per-step lines are written by :class:`ProgressRecorder`
+    itself, before the step's checkpoint (Lightning logs a step only after every callback ran).
     """
 
     def __init__(self, path: Path) -> None:
@@ -68,14 +73,10 @@ class JsonlLogger(Logger):
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        import json
-
         # Lightning passes the 0-based index of the batch just trained; the file counts completed
         # optimizer steps, as status.json and the checkpoints do.
         row = {"step": (step or 0) + 1, **{k: _plain(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(row) + "\n")
-            handle.flush()
+        append_line(self.path, json.dumps(row))
 
 
 def _plain(value: Any) -> Any:
@@ -83,11 +84,19 @@ def _plain(value: Any) -> Any:
 
 
 class ProgressRecorder(pl.Callback):
-    """Logs loss, lr, throughput and time each step, and keeps ``status.json`` current (rank 0)."""
+    """Writes loss, lr, throughput and time each step to ``metrics.jsonl`` and keeps
+    ``status.json`` current (rank 0).
 
-    def __init__(self, paths: RunPaths, status_every_s: float = 1.0) -> None:
+    The step's line is on disk before :class:`SaveCheckpoints` (a later callback) saves that
+    step: a kill between the two then never leaves a checkpoint newer than the curve, so a resume
+    finds a line for every step up to the checkpoint's.
+    """
+
+    def __init__(self, paths: RunPaths, status_every_s: float = 1.0, log_every_n_steps: int = 1
+                 ) -> None:
         self.paths = paths
         self.status_every_s = status_every_s
+        self.log_every_n_steps = log_every_n_steps
         self._last_status = 0.0
         self._elapsed_before = 0.0
         self._fit_start = 0.0
@@ -111,14 +120,19 @@ class ProgressRecorder(pl.Callback):
                            batch: Any, batch_idx: int) -> None:
         now = time.perf_counter()
         images = batch.shape[0] * trainer.world_size
-        pl_module.log("images_per_s", images / max(now - self._step_start, 1e-9), rank_zero_only=True)
-        pl_module.log("lr", trainer.optimizers[0].param_groups[0]["lr"], rank_zero_only=True)
-        pl_module.log("elapsed_s", self._elapsed_before + now - self._fit_start, rank_zero_only=True)
-        pl_module.log("loss", outputs["loss"].detach(), rank_zero_only=True)
+        row = {"step": trainer.global_step, "epoch": trainer.current_epoch,
+               "loss": outputs["loss"].item(),
+               "lr": trainer.optimizers[0].param_groups[0]["lr"],
+               "images_per_s": images / max(now - self._step_start, 1e-9),
+               "elapsed_s": self._elapsed_before + now - self._fit_start}
+        for name in ("loss", "images_per_s"):  # for status.json; the file gets `row` directly
+            pl_module.log(name, row[name], rank_zero_only=True, logger=False)
+        if trainer.is_global_zero and trainer.global_step % self.log_every_n_steps == 0:
+            append_line(self.paths.metrics, json.dumps(row))
         self._step_start = now
         if trainer.is_global_zero and (now - self._last_status >= self.status_every_s):
             self._last_status = now
-            self.write_progress(trainer, outputs["loss"].item())
+            self.write_progress(trainer, row["loss"])
 
     def write_progress(self, trainer: pl.Trainer, loss: float | None = None, **fields: Any) -> None:
         metrics = trainer.callback_metrics
@@ -156,18 +170,43 @@ class StopOnRequest(pl.Callback):
                 self.recorder.write_progress(trainer, state="stopping")
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``torch.save`` checkpoints, written beside the target and renamed into place.
+
+    Lightning's own IO writes to a temp file in ``$TMPDIR`` and moves it; where ``$TMPDIR`` is
+    another file system (a tmpfs ``/tmp``) the move is a copy that truncates the old checkpoint
+    first, and a kill mid-copy leaves a 0-byte ``last.ckpt``. :func:`atomic_write` never does.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
+                        storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO takes no storage_options")
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
 class SaveCheckpoints(pl.Callback):
     """``last.ckpt`` (Lightning, for resume) and ``model.safetensors`` every N steps and at the end.
 
-    Lightning writes checkpoints through a temp file and a move, and :func:`save_weights` renames
-    into place, so a kill never leaves a half-written file behind.
+    Both are written atomically beside their target (:class:`AtomicCheckpointIO`,
+    :func:`save_weights`), so a kill never leaves a half-written file; the temp files of a kill are
+    removed when the next trainer starts in the run directory.
     """
 
     def __init__(self, paths: RunPaths, every_n_steps: int) -> None:
         self.paths = paths
         self.every_n_steps = every_n_steps
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero:
+            removed = remove_stale_temp_files(self.paths.root)
+            if removed:
+                print(f"removed {len(removed)} temporary file(s) left by an interrupted save",
+                      flush=True)
+
     def save(self, trainer: pl.Trainer, pl_module: MAELightning) -> None:
+        if trainer.is_global_zero and self.paths.metrics.exists():
+            fsync_file(self.paths.metrics)  # the curve up to this step survives what the ckpt does
         trainer.save_checkpoint(self.paths.last_ckpt, weights_only=False)  # optimizer too, for resume
         if trainer.is_global_zero:
             save_weights(pl_module.mae, self.paths.weights, step=trainer.global_step)
@@ -192,8 +231,6 @@ class Previews(pl.Callback):
     def write(self, trainer: pl.Trainer, pl_module: MAELightning) -> None:
         if len(self.images) == 0:
             return
-        from mae_core.fileio import atomic_write
-
         results = reconstruct(pl_module.mae, self.images, seed=PREVIEW_SEED)
         image = grid_image(results, size=max(96, pl_module.cfg.image_size))
         target = self.paths.previews / f"step_{trainer.global_step:07d}.png"
@@ -238,7 +275,7 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
     t = cfg.train
     pl.seed_everything(t.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
-    recorder = ProgressRecorder(paths)
+    recorder = ProgressRecorder(paths, log_every_n_steps=t.log_every_n_steps)
     stopper = StopOnRequest(paths, recorder)
     callbacks = [recorder, stopper, SaveCheckpoints(paths, t.checkpoint_every_n_steps)]
     if t.num_previews:
@@ -249,7 +286,7 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
         strategy=make_strategy(cfg), max_steps=t.max_steps, max_epochs=t.max_epochs or -1,
         callbacks=callbacks, logger=JsonlLogger(paths.metrics), log_every_n_steps=t.log_every_n_steps,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()], enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=str(paths.root), num_sanity_val_steps=0)
     model = MAELightning.from_config(cfg)
     data = datamodule if datamodule is not None else MAEDataModule(

@@ -1,0 +1,204 @@
+"""The trainer process under faults: kills mid-save and mid-run, a tmpfs $TMPDIR, then resume.
+
+Every run is a real ``python -m mae_core.train`` (through a small wrapper that can add an audit hook
+or kill -9 the whole process group at a chosen point) with a tiny ViT on 32 px photos.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import poll
+from mae_core.fileio import is_temp_file
+from mae_core.rundir import RunPaths
+from mae_core.weights import load_model
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--model", "vit-tiny", "--image-size", "32", "--patch-size", "8", "--batch-size", "4",
+        "--accelerator", "cpu", "--checkpoint-every-n-steps", "2", "--preview-every-n-steps", "2",
+        "--num-previews", "2"]
+_LAUNCHER_VARS = ("MAE_STUDIO_RUN_DIR", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK",
+                  "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED")
+
+# ``python -m mae_core.train`` plus two optional fault tools, chosen by environment variables:
+# MAE_TEST_AUDIT records every file opened for writing and every rename/copy (Python audit events);
+# MAE_TEST_KILL_AT kills the whole run (kill -9 of the process group) right after the trainer's
+# own callbacks finished that step, i.e. just after its checkpoint was saved.
+WRAPPER = textwrap.dedent("""
+    import atexit, json, os, signal, sys
+    import pytorch_lightning as pl
+    from mae_core import train
+
+    records = []
+    if os.environ.get("MAE_TEST_AUDIT"):
+        def hook(event, args):
+            if event == "open" and args[0] is not None and (
+                    (args[1] and any(c in str(args[1]) for c in "wax+")) or
+                    (isinstance(args[2], int) and args[2] & (os.O_WRONLY | os.O_RDWR))):
+                records.append(["write", os.fspath(args[0])])
+            elif event in ("os.rename", "os.replace", "shutil.copyfile", "shutil.move"):
+                records.append([event, os.fspath(args[0]), os.fspath(args[1])])
+        sys.addaudithook(hook)
+        atexit.register(lambda: open(os.environ["MAE_TEST_AUDIT"] + f".{os.getpid()}", "x")
+                        .write(json.dumps(records)))
+
+    class KillAfterStep(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.is_global_zero and trainer.global_step == int(os.environ["MAE_TEST_KILL_AT"]):
+                os.killpg(os.getpgid(0), signal.SIGKILL)
+
+    if os.environ.get("MAE_TEST_KILL_AT"):
+        real = train.run_training
+        train.run_training = lambda cfg, paths, resume=False: real(
+            cfg, paths, resume, extra_callbacks=[KillAfterStep()])
+    sys.exit(train.main())
+""")
+
+
+def _train(tmp_path: Path, *args: str, tmpdir: Path | None = None, **env_extra: str
+           ) -> subprocess.CompletedProcess:
+    """Run the trainer (through :data:`WRAPPER`) in its own process group; kill what is left."""
+    script = tmp_path / "trainer_wrapper.py"
+    script.write_text(WRAPPER)
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+    env.update(PYTHONPATH=str(REPO_ROOT), **env_extra)
+    if tmpdir is not None:
+        env["TMPDIR"] = str(tmpdir)
+    proc = subprocess.Popen([sys.executable, str(script), *args], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(proc.args, proc.returncode, output, "")
+
+
+@pytest.fixture
+def tmpfs_tmpdir(tmp_path):
+    """A $TMPDIR on another file system than the run directory (tmpfs /dev/shm where there is one)."""
+    base = Path("/dev/shm") if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) \
+        else tmp_path
+    folder = base / f"mae-test-tmpdir-{uuid.uuid4().hex}"
+    folder.mkdir()
+    yield folder
+    for path in sorted(folder.rglob("*"), reverse=True):
+        path.rmdir() if path.is_dir() else path.unlink()
+    folder.rmdir()
+
+
+def _files_in(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file()]
+
+
+def _audit(tmp_path: Path) -> list[list[str]]:
+    records = []
+    for path in tmp_path.glob("audit.*"):
+        records += json.loads(path.read_text())
+        path.unlink()
+    return records
+
+
+def _checkpoint_step(paths: RunPaths) -> int:
+    return torch.load(paths.last_ckpt, map_location="cpu", weights_only=True)["global_step"]
+
+
+def test_every_file_is_written_beside_its_target_never_through_tmpdir(tmp_path, tmpfs_tmpdir):
+    paths = RunPaths(tmp_path / "run")
+    audit = str(tmp_path / "audit")
+    for args in (["--max-steps", "4"], ["--resume", "--max-steps", "6"]):
+        result = _train(tmp_path, "--run-dir", paths.root, *TINY, "--devices", "1", *args,
+                        tmpdir=tmpfs_tmpdir, MAE_TEST_AUDIT=audit)
+        assert result.returncode == 0, result.stdout[-3000:]
+        records = _audit(tmp_path)
+        run_root = str(paths.root.resolve())
+        written = [r[1] for r in records if r[0] == "write" and r[1].startswith(run_root)]
+        assert any("last.ckpt" in p for p in written) and any("model.safetensors" in p for p in written)
+        assert not [r for r in records if r[0] == "write" and r[1].startswith(str(tmpfs_tmpdir))]
+        moves = [r for r in records if r[0] != "write" and r[2].startswith(run_root)]
+        assert moves and all(r[0] in ("os.rename", "os.replace") for r in moves), moves
+        # Each file in the run directory is replaced from a temp file in its own folder.
+        assert all(Path(src).parent == Path(dst).parent for _, src, dst in moves), moves
+        assert [p for p in _files_in(tmpfs_tmpdir) if "torchinductor" not in str(p)] == []
+        assert [p for p in paths.root.rglob("*") if is_temp_file(p)] == []
+    assert _checkpoint_step(paths) == 6
+    assert load_model(paths.weights).cfg.image_size == 32
+    assert paths.read_status()["state"] == "finished"
+
+
+# A save of last.ckpt through the trainer's own CheckpointIO that is killed halfway: the checkpoint
+# holds an object whose pickling announces itself and then hangs (as a slow disk would).
+HANGING_SAVE = textwrap.dedent("""
+    import sys, time, torch
+    from pathlib import Path
+    from mae_core.train import AtomicCheckpointIO
+
+    class Hang:
+        def __reduce__(self):
+            Path(sys.argv[2]).touch()
+            time.sleep(120)
+
+    checkpoint = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
+    checkpoint["hang"] = Hang()
+    AtomicCheckpointIO().save_checkpoint(checkpoint, sys.argv[1])
+""")
+
+
+def test_a_kill_during_a_checkpoint_save_keeps_the_last_one_and_resume_cleans_up(tmp_path,
+                                                                                  tmpfs_tmpdir):
+    paths = RunPaths(tmp_path / "run")
+    first = _train(tmp_path, "--run-dir", paths.root, *TINY, "--devices", "1", "--max-steps", "2",
+                   tmpdir=tmpfs_tmpdir)
+    assert first.returncode == 0, first.stdout[-3000:]
+    assert _checkpoint_step(paths) == 2
+    size = paths.last_ckpt.stat().st_size
+
+    ready = tmp_path / "saving"
+    saver = subprocess.Popen([sys.executable, "-c", HANGING_SAVE, str(paths.last_ckpt), str(ready)],
+                             cwd=REPO_ROOT, env={**os.environ, "TMPDIR": str(tmpfs_tmpdir)})
+    try:
+        assert poll(ready.exists, timeout_s=120), "the save never started"
+        saver.send_signal(signal.SIGKILL)
+        saver.wait()
+    finally:
+        saver.kill()
+        saver.wait()
+    assert paths.last_ckpt.stat().st_size == size and _checkpoint_step(paths) == 2
+    leftovers = [p for p in paths.root.rglob("*") if is_temp_file(p)]
+    assert len(leftovers) == 1 and leftovers[0].name.startswith(".last.ckpt.")
+
+    resumed = _train(tmp_path, "--run-dir", paths.root, "--resume", "--max-steps", "4",
+                     tmpdir=tmpfs_tmpdir)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert "removed 1 temporary file" in resumed.stdout
+    assert [p for p in paths.root.rglob("*") if is_temp_file(p)] == []
+    assert _checkpoint_step(paths) == 4 and paths.read_status()["state"] == "finished"
+
+
+def test_resume_after_a_kill_right_after_a_checkpoint_has_every_step_once(tmp_path):
+    # Killed (whole group, kill -9) just after step 4's checkpoint, before anything else happened.
+    paths = RunPaths(tmp_path / "run")
+    killed = _train(tmp_path, "--run-dir", paths.root, *TINY, "--devices", "2", "--max-steps", "8",
+                    MAE_TEST_KILL_AT="4")
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
+    assert _checkpoint_step(paths) == 4
+
+    resumed = _train(tmp_path, "--run-dir", paths.root, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    steps = [row["step"] for row in paths.read_metrics() if "loss" in row]
+    assert steps == list(range(1, 9))
+    assert _checkpoint_step(paths) == 8 and paths.read_status()["state"] == "finished"
