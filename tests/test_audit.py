@@ -13,8 +13,8 @@ from lightly.models.modules import MaskedVisionTransformerDecoderTIMM
 
 from mae_core.config import PRESETS, ConfigError, ModelConfig
 from mae_core.model import MaskedAutoencoder, apply_policy
-from mae_core import params
-from mae_core.params import audit
+from mae_core import audit as params
+from mae_core.audit import audit
 
 PRESET_NAMES = ("vit-tiny", "vit-small", "vit-base")
 IMAGE_SIZE, PATCH_SIZE = 32, 16  # 4 patches: the audit of vit-base stays fast
@@ -199,7 +199,7 @@ def _single_error_line(stderr: str) -> str:
     (["--image-size", "50"], "image_size", "50"),
 ])
 def test_params_cli_refuses_bad_arguments_without_traceback(run_module, args, field, mentioned):
-    result = run_module("mae_core.params", *args)
+    result = run_module("mae_core.audit", *args)
     assert result.returncode == 2, result.stderr
     line = _single_error_line(result.stderr)
     assert field in line and mentioned in line
@@ -220,7 +220,7 @@ def test_train_cli_refuses_bad_mask_ratio_before_creating_a_run(run_module, tmp_
 # --- the audit's command line -----------------------------------------------------------------------
 
 def test_params_cli_ddp_clean_table(run_module):
-    result = run_module("mae_core.params", "--model", "vit-tiny", "--policy", "ddp-clean")
+    result = run_module("mae_core.audit", "--model", "vit-tiny", "--policy", "ddp-clean")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "Parameter audit: vit-tiny, policy ddp-clean" in out
@@ -234,7 +234,7 @@ def test_params_cli_ddp_clean_table(run_module):
 
 
 def test_params_cli_reference_table(run_module):
-    result = run_module("mae_core.params", "--model", "vit-tiny", "--policy", "reference")
+    result = run_module("mae_core.audit", "--model", "vit-tiny", "--policy", "reference")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     verdict = next(line for line in out.splitlines() if line.startswith("verdict:"))

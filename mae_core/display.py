@@ -1,0 +1,75 @@
+"""A run's numbers for people: EMA smoothing, progress, ETA and durations.
+
+Nothing here draws anything or knows about the web UI; it turns ``status.json`` dicts and metric
+values into plain numbers and text that any front end can show.
+
+Example:
+    >>> format_duration(eta_seconds({"step": 50, "total_steps": 200, "elapsed_s": 30}))
+    '1 min 30 s'
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+# The metrics each step logs (``metrics.jsonl``), with a label for people.
+METRICS: dict[str, str] = {
+    "loss": "loss on masked patches",
+    "lr": "learning rate",
+    "images_per_s": "images / s",
+}
+
+
+def ema(values: Sequence[float], weight: float) -> list[float]:
+    """Exponential moving average with bias correction (TensorBoard's smoothing).
+
+    ``weight`` 0 returns the values unchanged; closer to 1 is smoother. The bias correction keeps
+    the first points from being pulled towards zero.
+    """
+    if not 0 <= weight < 1:
+        raise ValueError(f"smoothing must be in [0, 1), got {weight}")
+    out, average = [], 0.0
+    for n, value in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight**n))
+    return out
+
+
+# --- progress --------------------------------------------------------------------------------
+
+def progress_fraction(status: Mapping[str, Any]) -> float | None:
+    """Completed share of the run in [0, 1], or None when the total is unknown."""
+    step, total = status.get("step") or 0, status.get("total_steps")
+    if not isinstance(total, (int, float)) or total <= 0:
+        return None
+    return max(0.0, min(1.0, step / total))
+
+
+def eta_seconds(status: Mapping[str, Any]) -> float | None:
+    """Seconds left at the run's average pace so far, or None when it cannot be told yet."""
+    step, total, elapsed = status.get("step") or 0, status.get("total_steps"), status.get("elapsed_s")
+    if not isinstance(total, (int, float)) or total <= 0 or not elapsed or step <= 0:
+        return None
+    return max(0.0, (total - step) * elapsed / step)
+
+
+def format_duration(seconds: float | None) -> str:
+    """``1 h 02 min``, ``3 min 05 s``, ``12 s``, or ``–`` for unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return "–"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    if minutes:
+        return f"{minutes} min {secs:02d} s"
+    return f"{secs} s"
+
+
+def format_number(value: Any, digits: int = 4) -> str:
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "–"
+    return f"{value:.{digits}g}"

@@ -1,0 +1,382 @@
+"""What the tabs share: readable errors, the app's context (run manager, caches), and the Train form,
+generated from the config dataclasses.
+
+Adding a field to :class:`ModelConfig` or :class:`TrainConfig` needs no UI edit: it appears under
+"more settings" with a widget chosen by its type. A :class:`Hint` in :data:`HINTS` (the one edit)
+gives it a better label, choices, or a place in the main form.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import logging
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from mae_core.config import (ACCELERATORS, MAX_SEED, POLICIES, PRECISIONS, PRESETS, ConfigError,
+                             ModelConfig, RunConfig)
+from mae_core.metrics import MetricsStore
+
+log = logging.getLogger("mae_studio")
+DEFAULTS = RunConfig()
+AUTO = "auto"
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+class UserError(Exception):
+    """A request the UI itself refuses (nothing chosen, a missing tick); the message is for people."""
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The refusals meant for a person (imported lazily: some modules pull in torch)."""
+    from mae_core.data import DataError
+    from mae_core.images import ImageError
+    from mae_core.runs import RunError
+    from mae_core.weights import WeightsError
+
+    return UserError, ConfigError, DataError, ImageError, RunError, WeightsError
+
+
+def describe(err: BaseException, action: str = "") -> str:
+    """``err`` in words for the page; an unexpected one is logged with its traceback."""
+    if isinstance(err, ConfigError):
+        return f"Invalid setting, {err}"
+    if isinstance(err, user_errors()):
+        return str(err)
+    log.error("%s failed", action or "a handler", exc_info=err)
+    return f"Internal error{' in ' + action if action else ''}: {type(err).__name__}: {err}"
+
+
+# --- the app's context -----------------------------------------------------------------------
+
+class LazyRunManager:
+    """A :class:`mae_core.runs.RunManager` whose torch-heavy import runs in the background, so the
+    page is served within seconds; any use waits until it is ready."""
+
+    def __init__(self, runs_dir: str | Path) -> None:
+        self.runs_dir = Path(runs_dir)
+        self._manager: Any = None
+        self._error: BaseException | None = None
+        self._ready = threading.Event()
+        self._started = False
+        self._lock = threading.Lock()
+
+    def start_loading(self) -> None:
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+        threading.Thread(target=self._load, name="load-run-manager", daemon=True).start()
+
+    def _load(self) -> None:
+        try:
+            from mae_core.runs import RunManager
+
+            self._manager = RunManager(self.runs_dir)
+        except BaseException as err:  # noqa: BLE001 - re-raised on first use
+            self._error = err
+        finally:
+            self._ready.set()
+
+    def ready(self) -> Any:
+        self.start_loading()
+        self._ready.wait()
+        if self._error is not None:
+            raise RuntimeError(f"MAE Studio could not load its run manager: {self._error}")
+        return self._manager
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.ready(), name)
+
+
+class ModelCache:
+    """Loaded models by (weights path, mtime): repeated reconstructions do not reload weights, and
+    weights that training has since overwritten are loaded afresh."""
+
+    def __init__(self, size: int = 3) -> None:
+        self.size = size
+        self.loads = 0
+        self._models: collections.OrderedDict[tuple[str, int], Any] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, path: Path) -> Any:
+        from mae_core.weights import WeightsError, load_model
+
+        try:
+            key = (str(path.resolve()), path.stat().st_mtime_ns)
+        except OSError:
+            raise WeightsError(f"no weights file at {path}") from None
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            model = load_model(path)
+            self.loads += 1
+            self._models[key] = model
+            while len(self._models) > self.size:
+                self._models.popitem(last=False)
+            return model
+
+
+@functools.lru_cache(maxsize=32)
+def cached_audit(cfg: ModelConfig) -> Any:
+    """The parameter audit of ``cfg``, once per (preset, sizes, policy): vit-base builds 112M
+    parameters and runs a backward pass, ~20 s on two cores."""
+    from mae_core.audit import audit
+
+    return audit(cfg)
+
+
+@dataclass
+class AppContext:
+    """What every tab's handlers use: the run manager and the caches behind the live views."""
+
+    manager: Any
+    models: ModelCache = dataclasses.field(default_factory=ModelCache)
+    metrics: MetricsStore = dataclasses.field(default_factory=MetricsStore)
+
+
+# --- numbers from the page or the API ----------------------------------------------------------
+
+def as_int(value: Any, name: str, optional: bool = False) -> int | None:
+    """A whole number from a form or API value; blank is None when ``optional``."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if optional:
+            return None
+        raise ConfigError(name, "is required")
+    if isinstance(value, bool):
+        raise ConfigError(name, f"must be a whole number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(name, f"must be a whole number, got {value!r}") from None
+    if not math.isfinite(number) or not number.is_integer():
+        raise ConfigError(name, f"must be a whole number, got {value!r}")
+    return int(number)
+
+
+def as_float(value: Any, name: str, optional: bool = False) -> float | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if optional:
+            return None
+        raise ConfigError(name, "is required")
+    if isinstance(value, bool):
+        raise ConfigError(name, f"must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(name, f"must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ConfigError(name, f"must be a finite number, got {value!r}")
+    return number
+
+
+def as_seed(value: Any, name: str = "seed") -> int:
+    seed = as_int(value, name)
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(name, f"must be a whole number in [0, {MAX_SEED}], got {value!r}")
+    return seed
+
+
+def as_ratio(value: Any, name: str = "mask_ratio") -> float:
+    ratio = as_float(value, name)
+    if not 0 < ratio < 1:
+        raise ConfigError(name, f"must be strictly between 0 and 1, got {value!r}")
+    return ratio
+
+
+def as_bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off", ""):
+        return False
+    raise ConfigError(name, f"must be true or false, got {value!r}")
+
+
+# --- the Train form, from the dataclasses ----------------------------------------------------
+
+@dataclass(frozen=True)
+class Hint:
+    """How one config field looks in the form; a field without a hint gets a generic widget."""
+
+    label: str | None = None
+    choices: tuple[str, ...] | None = None
+    slider: tuple[float, float, float] | None = None  # (minimum, maximum, step)
+    info: str | None = None
+    main: bool = False  # in the main form, else under "more settings"
+    hidden: bool = False  # set by other means (the command line), not by the form
+
+
+HINTS: dict[str, Hint] = {
+    "data": Hint("data folder", info="blank = the sample photos that ship with scikit-image",
+                 main=True),
+    "preset": Hint("model preset", tuple(PRESETS), main=True),
+    "policy": Hint("parameter policy", POLICIES, main=True,
+                   info="ddp-clean: head removed, encoder mask token frozen (plain DDP)"),
+    "image_size": Hint("image size", main=True),
+    "patch_size": Hint("patch size", main=True),
+    "mask_ratio": Hint("mask ratio", slider=(0.05, 0.95, 0.05), main=True),
+    "batch_size": Hint("batch size (per process)", main=True),
+    "base_lr": Hint("base lr (× effective batch / 256)", main=True),
+    "max_steps": Hint("max steps (-1 = by epochs)", main=True),
+    "max_epochs": Hint("max epochs (blank = no limit)", main=True),
+    "accelerator": Hint("accelerator", ACCELERATORS, main=True),
+    "devices": Hint("devices (blank = all)", main=True),
+    "precision": Hint("precision", PRECISIONS, main=True),
+    "find_unused_parameters": Hint("find_unused_parameters (auto: only for reference)"),
+    "num_nodes": Hint(hidden=True, info="multi-node runs start from torchrun or SLURM"),
+}
+
+
+@dataclass(frozen=True)
+class FormField:
+    name: str
+    kind: str  # int, float, bool, str
+    optional: bool  # None ("auto"/blank) is allowed
+    default: Any
+    hint: Hint
+
+    @property
+    def label(self) -> str:
+        return self.hint.label or self.name.replace("_", " ")
+
+
+def _form_field(f: dataclasses.Field, owner: Any) -> FormField:
+    text = str(f.type).replace(" ", "")
+    kind = next(k for k in ("bool", "int", "float", "str") if k in text.split("|"))
+    return FormField(f.name, kind, "None" in text, getattr(owner, f.name), HINTS.get(f.name, Hint()))
+
+
+FORM_FIELDS: tuple[FormField, ...] = tuple(
+    _form_field(f, owner) for owner in (DEFAULTS.model, DEFAULTS.train)
+    for f in dataclasses.fields(owner) if not HINTS.get(f.name, Hint()).hidden)
+FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in FORM_FIELDS)
+
+
+def display_value(field: FormField, value: Any) -> Any:
+    """A config value as its widget shows it: None is "auto" in a dropdown, blank elsewhere."""
+    if value is None and (field.hint.choices or field.kind == "bool"):
+        return AUTO
+    if field.kind == "bool" and field.optional:
+        return str(value).lower()
+    return value
+
+
+def parse_value(field: FormField, value: Any) -> Any:
+    """A widget's (or API caller's) value as the config field's type, naming the field if wrong."""
+    if field.optional and (value is None or value == AUTO or value == ""):
+        return None
+    if field.hint.choices:
+        if value not in field.hint.choices:
+            allowed = (AUTO,) * field.optional + field.hint.choices
+            raise ConfigError(field.name, f"choose one of {', '.join(allowed)}; got {value!r}")
+        return value
+    if field.kind == "int":
+        return as_int(value, field.name, field.optional)
+    if field.kind == "float":
+        return as_float(value, field.name, field.optional)
+    if field.kind == "bool":
+        return as_bool(value, field.name)
+    return "" if value is None else str(value).strip()
+
+
+def config_from_form(values: dict[str, Any]) -> RunConfig:
+    """The form's values (by field name) as a validated :class:`RunConfig`; missing fields keep
+    their defaults."""
+    by_name = {f.name: f for f in FORM_FIELDS}
+    unknown = set(values) - set(by_name)
+    if unknown:
+        raise ConfigError(sorted(unknown)[0], "unknown config field")
+    overrides = {name: parse_value(by_name[name], value) for name, value in values.items()}
+    if overrides.get("seed") is not None:
+        as_seed(overrides["seed"])
+    return DEFAULTS.with_overrides(**overrides)
+
+
+def form_values(cfg: RunConfig) -> dict[str, Any]:
+    """What the form shows for ``cfg``: a run's config copied into the form."""
+    flat = {**dataclasses.asdict(cfg.model), **dataclasses.asdict(cfg.train)}
+    return {f.name: display_value(f, flat[f.name]) for f in FORM_FIELDS}
+
+
+def guarded(action: str, fallback: Callable[[str], Any]) -> Callable[[Callable], Callable]:
+    """Run an event function; a refusal or failure becomes ``fallback(message)`` (a notice in the
+    tab's message area) instead of an error badge over the inputs. The app never dies of one."""
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(*args: Any) -> Any:
+            try:
+                return fn(*args)
+            except Exception as err:  # noqa: BLE001 - shown to the person, logged if unexpected
+                return fallback(describe(err, action))
+
+        return run
+
+    return wrap
+
+
+
+# --- widgets whose values reach the handler as sent ------------------------------------------
+from gradio.events import Dependency
+
+class FieldNumber(gr.Number):
+    """A number box that passes its value through untouched, so the handler refuses 2.5 for a
+    whole-number field, "abc" or NaN naming the field (gr.Number rounds silently to its precision,
+    or fails with a message that names nothing)."""
+
+    is_template = True  # drawn by gr.Number's front end
+
+    def preprocess(self, payload: Any) -> Any:
+        return payload
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+class FieldSlider(gr.Slider):
+    """A slider that passes its value through untouched (see :class:`FieldNumber`)."""
+
+    is_template = True
+
+    def preprocess(self, payload: Any) -> Any:
+        return payload
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+def field_widget(field: FormField, value: Any) -> gr.components.Component:
+    """The widget for one config field: a dropdown for choices, a slider where hinted, a checkbox
+    for a switch, a number box for numbers, a text box otherwise."""
+    hint, label = field.hint, field.label
+    common = dict(label=label, info=hint.info, elem_id=f"field-{field.name.replace('_', '-')}")
+    shown = display_value(field, value)
+    if hint.choices or (field.kind == "bool" and field.optional):
+        choices = hint.choices or ("true", "false")
+        return gr.Dropdown(list((AUTO,) * field.optional + choices), value=shown,
+                           allow_custom_value=True, **common)
+    if hint.slider:
+        low, high, step = hint.slider
+        return FieldSlider(low, high, value=shown, step=step, **common)
+    if field.kind == "bool":
+        return gr.Checkbox(bool(shown), **common)
+    if field.kind in ("int", "float"):
+        return FieldNumber(shown, **common)
+    return gr.Textbox(shown, **common)

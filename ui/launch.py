@@ -1,0 +1,71 @@
+"""The app's command line, and the launch options it implies (safe by default).
+
+The server binds the loopback address unless told otherwise. Anyone who reaches the port controls
+the machine (they start and delete runs, and read what the app serves), so binding any other
+address, or a public ``--share`` link, requires authentication: ``--auth USER:PASSWORD`` or the
+``MAE_STUDIO_AUTH`` environment variable (which keeps the password out of the process list).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from typing import Any
+
+from ui.render import CSS
+
+AUTH_ENV = "MAE_STUDIO_AUTH"
+MAX_UPLOAD = "64mb"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python app.py", description="MAE Studio web UI")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="interface to bind (default 127.0.0.1; any other needs --auth)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    parser.add_argument("--share", action="store_true",
+                        help="also open a public gradio.live link (needs --auth)")
+    parser.add_argument("--auth", metavar="USER:PASSWORD",
+                        help=f"require this login (or set {AUTH_ENV}=USER:PASSWORD)")
+    parser.add_argument("--runs-dir", default="checkpoints", help="where runs live (default checkpoints)")
+    parser.add_argument("--no-browser", action="store_true",
+                        help="do not open a browser tab (none is opened without a display anyway)")
+    return parser.parse_args(argv)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    if not text:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise ValueError("authentication must be given as USER:PASSWORD (both non-empty)")
+    return user, password
+
+
+def launch_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``launch()`` keyword arguments for ``args``; ValueError when the setup would be unsafe."""
+    auth = parse_auth(args.auth or os.environ.get(AUTH_ENV))
+    exposed = args.share or not is_loopback(args.host)
+    if exposed and auth is None:
+        where = "a public --share link" if args.share else f"--host {args.host}"
+        raise ValueError(f"{where} lets anyone who reaches it start, stop and delete runs: add "
+                         f"--auth USER:PASSWORD (or set {AUTH_ENV}=USER:PASSWORD), or bind 127.0.0.1")
+    return dict(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
+                max_file_size=MAX_UPLOAD, css=CSS,
+                inbrowser=not args.no_browser and _has_display())
+
+
+def _has_display() -> bool:
+    return sys.platform in ("darwin", "win32") or bool(
+        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))

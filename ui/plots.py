@@ -1,0 +1,121 @@
+"""The training-curve chart: runs overlaid, raw + smoothed + per-epoch mean, a real log axis.
+
+Data comes from :class:`mae_core.metrics.MetricsReader` (only new bytes are read per poll) and is
+thinned to :data:`MAX_POINTS` per curve before it is sent, so a million-step run costs the browser
+what a thousand-step one does. The chart is Vega-Lite (Altair), which Gradio draws natively and
+which, unlike ``gr.LinePlot``, has log scales, number formats and tooltips.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping, Sequence
+
+import altair as alt
+import numpy as np
+import pandas as pd
+
+from mae_core import display
+from mae_core.metrics import MetricsReader, thin
+
+MAX_POINTS = 1000  # per curve
+# Strong mid-tones that stay distinct on light and dark backgrounds (Tableau's, without its grey).
+PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#59a14f", "#b07aa1", "#76b7b2", "#9c755f", "#d37295")
+METRICS = display.METRICS
+AXIS_FORMATS = {"loss": ".3~g", "lr": ".1e", "images_per_s": ",.0f"}
+KINDS = ("raw", "smoothed", "epoch mean")
+
+
+def run_colours(run_ids: Sequence[str]) -> dict[str, str]:
+    """A colour per run that depends on the run's id, not on which other runs are plotted (two
+    runs whose ids hash alike: the later one, in id order, takes the next free colour)."""
+    taken: dict[str, str] = {}
+    for run_id in sorted(run_ids):
+        index = zlib.crc32(run_id.encode()) % len(PALETTE)
+        for shift in range(len(PALETTE)):
+            colour = PALETTE[(index + shift) % len(PALETTE)]
+            if colour not in taken.values() or len(taken) >= len(PALETTE):
+                break
+        taken[run_id] = colour
+    return taken
+
+
+def curve_points(readers: Mapping[str, MetricsReader], metric: str, smoothing: float = 0.0,
+                 max_points: int = MAX_POINTS) -> pd.DataFrame:
+    """One long table (step, value, run, kind) of ``metric`` for each run: the raw values, their
+    EMA when ``smoothing`` > 0, and for the loss the per-epoch mean over all ranks."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    frames = []
+    for run_id, reader in readers.items():
+        steps, values = reader.series(metric)
+        thinned_steps, thinned = thin(steps, values, max_points)
+        frames.append(_frame(thinned_steps, thinned, run_id, "raw"))
+        if smoothing > 0 and len(thinned):
+            # Thinning averaged ``bucket`` raw values per point: the same EMA on the points uses
+            # the weight that many raw steps would have had.
+            bucket = max(1.0, len(values) / len(thinned))
+            frames.append(_frame(thinned_steps, np.asarray(display.ema(thinned, smoothing ** bucket)),
+                                 run_id, "smoothed"))
+        if metric == "loss":
+            epoch_steps, epoch_values = reader.series("epoch_loss")
+            frames.append(_frame(*thin(epoch_steps, epoch_values, max_points), run_id, "epoch mean"))
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return pd.DataFrame({"step": pd.Series(dtype="int64"), "value": pd.Series(dtype="float64"),
+                             "run": pd.Series(dtype="string"), "kind": pd.Series(dtype="string")})
+    return pd.concat(frames, ignore_index=True)
+
+
+def _frame(steps: np.ndarray, values: np.ndarray, run_id: str, kind: str) -> pd.DataFrame:
+    return pd.DataFrame({"step": np.asarray(steps, dtype=np.int64),
+                         "value": np.asarray(values, dtype=np.float64), "run": run_id, "kind": kind})
+
+
+def curve_chart(points: pd.DataFrame, metric: str, log_scale: bool) -> alt.LayerChart | None:
+    """The chart of :func:`curve_points`' table; None when there is nothing to draw yet."""
+    if log_scale:
+        points = points[points["value"] > 0]
+    if points.empty:
+        return None
+    runs = list(dict.fromkeys(points["run"]))
+    colours = run_colours(runs)
+    colour = alt.Color("run:N", title="run", scale=alt.Scale(domain=runs,
+                                                            range=[colours[r] for r in runs]),
+                       legend=alt.Legend(orient="bottom", direction="vertical", labelLimit=0))
+    y_axis = alt.Axis(format=AXIS_FORMATS[metric], title=METRICS[metric])
+    low, high = float(points["value"].min()), float(points["value"].max())
+    pad = (high / low) ** 0.05 if log_scale and low > 0 else None
+    domain = [low / pad, high * pad] if pad else alt.Undefined  # log axes: the data, not decades
+    y = alt.Y("value:Q", axis=y_axis, scale=alt.Scale(type="log" if log_scale else "linear",
+                                                      zero=False, nice=not log_scale, domain=domain))
+    x = alt.X("step:Q", axis=alt.Axis(format="d", tickMinStep=1, title="step"))
+    tooltip = [alt.Tooltip("run:N"), alt.Tooltip("kind:N"), alt.Tooltip("step:Q", format="d"),
+               alt.Tooltip("value:Q", format=AXIS_FORMATS[metric], title=metric)]
+    base = alt.Chart(points).encode(x=x, y=y, color=colour, tooltip=tooltip)
+    smoothed = bool((points["kind"] == "smoothed").any())
+    layers = [base.transform_filter(alt.datum.kind == "raw").mark_line(
+        opacity=0.35 if smoothed else 1.0, strokeWidth=1)]
+    if smoothed:
+        layers.append(base.transform_filter(alt.datum.kind == "smoothed").mark_line(strokeWidth=2))
+    layers.append(base.transform_filter(alt.datum.kind == "epoch mean").mark_point(
+        shape="diamond", size=50, filled=True, opacity=0.9))
+    # Invisible points make every value hoverable, not just the line's pixels.
+    layers.append(base.mark_point(opacity=0, size=60))
+    # A fixed width: Vega-Lite's "container" width collapses inside Gradio's plot.
+    return alt.layer(*layers).properties(width=500, height=300).interactive(bind_y=False)
+
+
+def describe_curves(readers: Mapping[str, MetricsReader], metric: str) -> str:
+    """A line per run for the text under the chart: how many points, the last value and epoch mean."""
+    lines = []
+    for run_id, reader in readers.items():
+        last = reader.last(metric)
+        text = f"`{run_id}`: {len(reader.series(metric)[0])} points"
+        if last:
+            text += f"; last {METRICS[metric]} {display.format_number(last[1])} at step {last[0]}"
+        epoch = reader.last("epoch_loss") if metric == "loss" else None
+        if epoch:
+            text += f"; last epoch mean {display.format_number(epoch[1])} (◆)"
+        lines.append(text)
+    return "  \n".join(lines) if lines else "No run selected."

@@ -1,0 +1,176 @@
+"""The Reconstruct tab: upload images, pick a run's weights, see masked input and reconstruction.
+
+Every readable image of a batch is reconstructed; the ones refused (corrupt, not an image, a
+decompression bomb) are listed with the reason, so one bad file spoils nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from mae_core.rundir import LIVE_STATES
+from ui import render
+from ui.common import AppContext, FieldNumber, FieldSlider, UserError, as_ratio, as_seed, guarded
+
+MAX_IMAGES = 16  # per request: each is a forward pass and five pictures
+NUM_SAMPLE_IMAGES = 3
+HIDDEN = "hidden"
+
+
+@dataclass
+class ReconstructResult:
+    html: str
+    rows: list[list[Any]]  # image, loss on masked patches, masked patches
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    message: str = ""
+
+
+def _sources(files: Any, use_samples: bool) -> list[Path]:
+    from mae_core.data import sample_photo_paths
+
+    items = [files] if isinstance(files, str) else list(files or [])
+    paths = [Path(getattr(item, "name", item)) for item in items]
+    if use_samples:
+        paths += sample_photo_paths()[:NUM_SAMPLE_IMAGES]
+    return paths
+
+
+def _decode(paths: list[Path]) -> tuple[list[tuple[str, Any]], list[tuple[str, str]]]:
+    """(readable images, refused files with the reason) for up to :data:`MAX_IMAGES` files."""
+    from mae_core.images import ImageError, open_rgb
+
+    images, refused = [], []
+    for path in paths:
+        if len(images) >= MAX_IMAGES:
+            refused.append((path.name, f"over the {MAX_IMAGES} images of one request"))
+            continue
+        try:
+            images.append((path.name, open_rgb(path, name=path.name)))
+        except ImageError as err:
+            refused.append((path.name, str(err)))
+        except OSError as err:
+            refused.append((path.name, f"could not be read ({err.strerror or err})"))
+    return images, refused
+
+
+def reconstruct_files(ctx: AppContext, files: Any, use_samples: bool, run_id: str | None,
+                      mask_ratio: Any, seed: Any) -> ReconstructResult:
+    """Reconstruct every readable image with ``run_id``'s latest weights."""
+    from mae_core.reconstruct import HEATMAP_MAX, PANEL_TITLES, colorbar, reconstruct_uploads
+    from mae_core.weights import read_metadata
+
+    ratio, seed = as_ratio(mask_ratio), as_seed(seed, "mask seed")
+    paths = _sources(files, use_samples)
+    if not paths:
+        raise UserError("Upload one or more images, or tick “use the sample photos”.")
+    if not run_id:
+        raise UserError("Choose a checkpoint: no run has saved weights yet (train one first).")
+    weights = ctx.manager.weights(run_id)
+    images, refused = _decode(paths)
+    views = []
+    if images:
+        views = reconstruct_uploads(ctx.models.get(weights), images, ratio, seed)
+    step = read_metadata(weights).get("step", "?")
+    html = render.reconstruction_html(views, PANEL_TITLES, render.data_uri(colorbar()), HEATMAP_MAX)
+    rows = [[v.name, round(v.loss, 5), v.masked_patches] for v in views]
+    kind = "ok" if not refused else ("warn" if views else "error")
+    text = (f"Run `{run_id}`, weights from step {step}, mask ratio {ratio}, seed {seed}: "
+            f"{len(views)} image(s) reconstructed, {len(refused)} refused.")
+    return ReconstructResult(html + render.refused_html(refused), rows, refused,
+                             render.notice(kind, text))
+
+
+def checkpoint_choices(ctx: AppContext) -> tuple[list[tuple[str, str]], str | None]:
+    """Runs with weights (label, id) and the default: the live run's weights, else the newest."""
+    runs = [s for s in ctx.manager.list() if ctx.manager.paths(s["run_id"]).weights.exists()]
+    choices = [(f"{s['run_id']}{' · live' if s.get('state') in LIVE_STATES else ''}", s["run_id"])
+               for s in runs]
+    live = next((s["run_id"] for s in runs if s.get("state") in LIVE_STATES), None)
+    return choices, live or (runs[0]["run_id"] if runs else None)
+
+
+def preview_items(ctx: AppContext, run_id: str | None, limit: int = 24) -> list[tuple[str, str]]:
+    """The run's training previews (fixed images and mask), newest first, captioned by step."""
+    if not run_id:
+        return []
+    try:
+        paths = ctx.manager.previews(run_id)[-limit:]
+    except Exception:  # noqa: BLE001 - e.g. the run was deleted meanwhile: no previews
+        return []
+    return [(str(p), f"step {p.stem.split('_')[-1].lstrip('0') or '0'}") for p in paths][::-1]
+
+
+def refresh(ctx: AppContext, current: str | None, follow: bool, sig: dict | None) -> dict[str, Any]:
+    """The slow refresh: checkpoint choices (following the live run unless one was picked by
+    hand) and previews, each only when it changed."""
+    sig = dict(sig or {})
+    choices, default = checkpoint_choices(ctx)
+    values = [c[1] for c in choices]
+    value = default if follow or current not in values else current
+    out: dict[str, Any] = {}
+    if (choices, value) != sig.get("ckpt"):
+        out["ckpt_pick"] = gr.update(choices=choices, value=value)
+    items = preview_items(ctx, value)
+    if items != sig.get("previews"):
+        out["previews"] = items
+    sig.update(ckpt=(choices, value), previews=items)
+    out["sig"] = sig
+    return out
+
+
+def build(ctx: AppContext) -> dict[str, Any]:
+    """Lay out the Reconstruct tab (inside an open ``gr.Tab``) and wire its events."""
+    c: dict[str, Any] = {}
+    with gr.Row():
+        with gr.Column(scale=1, min_width=280):
+            c["uploads"] = gr.File(label=f"images (any size; up to {MAX_IMAGES} at a time)",
+                                   file_count="multiple", type="filepath", elem_id="uploads")
+            c["use_samples"] = gr.Checkbox(False, label="use the sample photos", elem_id="use-samples")
+            c["ckpt_pick"] = gr.Dropdown([], value=None, label="checkpoint (a run's latest weights)",
+                                         elem_id="ckpt-pick", allow_custom_value=True,
+                                         info="follows the live run unless you pick one")
+            c["ratio"] = FieldSlider(0.05, 0.95, value=0.75, step=0.05, label="mask ratio",
+                                     elem_id="recon-ratio")
+            c["seed"] = FieldNumber(0, label="mask seed (same seed = same mask on every checkpoint)",
+                                    elem_id="recon-seed")
+            c["run"] = gr.Button("Reconstruct", variant="primary", elem_id="recon-btn")
+            c["message"] = gr.HTML(elem_id="recon-message")
+        with gr.Column(scale=3, min_width=320):
+            c["results"] = gr.HTML(elem_id="recon-results-box")
+            c["losses"] = gr.Dataframe(headers=["image", "loss (masked patches)", "masked patches"],
+                                       interactive=False, elem_id="recon-losses", wrap=True)
+    gr.Markdown("### Training previews (fixed images and mask, newest first)")
+    c["previews"] = gr.Gallery(columns=4, height="auto", object_fit="contain", label="previews",
+                               elem_id="preview-gallery")
+    c["follow"] = gr.State(True)
+    c["sig"] = gr.State(None)
+    _wire(ctx, c)
+    return c
+
+
+def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
+    @guarded("reconstruct", lambda text: {c["message"]: render.notice("error", text),
+                                          c["results"]: "", c["losses"]: []})
+    def on_reconstruct(files: Any, use_samples: bool, run_id: str | None, ratio: Any,
+                       seed: Any) -> dict:
+        result = reconstruct_files(ctx, files, use_samples, run_id, ratio, seed)
+        return {c["results"]: result.html, c["losses"]: result.rows, c["message"]: result.message}
+
+    @guarded("refreshing checkpoints", lambda text: {})
+    def on_refresh(current: str | None, follow: bool, sig: dict | None) -> dict:
+        return {c[name]: value for name, value in refresh(ctx, current, follow, sig).items()}
+
+    c["run"].click(on_reconstruct, [c["uploads"], c["use_samples"], c["ckpt_pick"], c["ratio"],
+                                    c["seed"]], [c["results"], c["losses"], c["message"]],
+                   api_name="reconstruct", show_progress="minimal")
+    c["refresh_event"] = dict(fn=on_refresh, inputs=[c["ckpt_pick"], c["follow"], c["sig"]],
+                              outputs=[c["ckpt_pick"], c["previews"], c["sig"]],
+                              show_progress=HIDDEN)
+    # A checkpoint chosen by hand stays chosen; clearing it goes back to following the live run.
+    c["ckpt_pick"].input(lambda run_id: not run_id, c["ckpt_pick"], c["follow"],
+                         api_name="pick_checkpoint", show_progress=HIDDEN).then(
+        **c["refresh_event"], api_name="previews")

@@ -1,0 +1,248 @@
+"""HTML for the tabs: status panel, messages, log view, parameter tables, reconstructions.
+
+Every colour is a Gradio theme variable or a translucent tint over it, never a light background
+with the default text colour: the app follows the OS dark mode, where such boxes read white on
+white. Every value that came from a user or a file is escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from mae_core import display
+from mae_core.rundir import LIVE_STATES
+
+CSS = """
+.gradio-container { max-width: 1500px !important; }
+.mae-box { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 10px 12px;
+  background: var(--background-fill-secondary); color: var(--body-text-color); font-size: 14px;
+  line-height: 1.5; }
+.mae-muted { color: var(--body-text-color-subdued); font-size: 12px; }
+.mae-grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(96px, 1fr)); gap: 8px; }
+.mae-pill { border-radius: 999px; padding: 1px 10px; font-weight: 600; color: #fff; }
+.mae-bar { background: var(--border-color-primary); border-radius: 6px; height: 12px; margin: 8px 0;
+  overflow: hidden; }
+.mae-bar > div { height: 100%; }
+.mae-notice { border-radius: 6px; padding: 6px 10px; border: 1px solid; color: var(--body-text-color);
+  overflow-wrap: anywhere; }
+.mae-notice.ok { border-color: #16a34a; background: rgba(22, 163, 74, .12); }
+.mae-notice.info { border-color: var(--border-color-primary); background: var(--background-fill-secondary); }
+.mae-notice.warn { border-color: #d97706; background: rgba(217, 119, 6, .14); }
+.mae-notice.error { border-color: #dc2626; background: rgba(220, 38, 38, .14); }
+.mae-log { max-height: 260px; overflow: auto; margin: 0; padding: 8px; border-radius: 6px;
+  font-size: 12px; white-space: pre-wrap; overflow-wrap: anywhere;
+  background: var(--background-fill-secondary); color: var(--body-text-color);
+  border: 1px solid var(--border-color-primary); }
+.mae-table-wrap { overflow-x: auto; }
+.mae-table { border-collapse: collapse; font-size: 12px; width: 100%; color: var(--body-text-color); }
+.mae-table th { text-align: left; padding: 3px 6px; background: var(--background-fill-secondary);
+  color: var(--body-text-color); white-space: nowrap; }
+.mae-table td { padding: 2px 6px; vertical-align: top; border-top: 1px solid var(--border-color-primary); }
+.mae-table td.name { font-family: var(--font-mono); overflow-wrap: anywhere; }
+.mae-table td.reason { min-width: 12em; overflow-wrap: anywhere; }
+.mae-table td.num { text-align: right; white-space: nowrap; }
+.st-trainable { background: rgba(22, 163, 74, .14); }
+.st-frozen { background: rgba(37, 99, 235, .16); }
+.st-removed { background: rgba(220, 38, 38, .16); }
+tr.no-grad { outline: 2px solid #dc2626; outline-offset: -2px; }
+.mae-group { margin: 4px 0; border: 1px solid var(--border-color-primary); border-radius: 6px; }
+.mae-group > summary { cursor: pointer; padding: 4px 8px; color: var(--body-text-color); }
+.mae-recon { display: grid; grid-template-columns: repeat(auto-fill, minmax(120px, 1fr)); gap: 6px;
+  margin-bottom: 12px; }
+.mae-recon figure { margin: 0; }
+.mae-recon img { width: 100%; image-rendering: pixelated; border-radius: 4px; }
+.mae-recon figcaption { font-size: 12px; color: var(--body-text-color-subdued); overflow-wrap: anywhere; }
+.mae-colorbar img { width: 100%; max-width: 320px; height: 14px; display: block; }
+.mae-colorbar .ticks { display: flex; justify-content: space-between; max-width: 320px; font-size: 11px;
+  color: var(--body-text-color-subdued); }
+#run-controls { align-items: center; }
+#train-message, #runs-message, #recon-message, #params-message { min-height: 0; }
+"""
+
+# Saturated mid-tones that read on light and dark backgrounds alike, with white text on top.
+STATE_COLOURS = {"starting": "#b45309", "running": "#15803d", "stopping": "#b45309",
+                 "stopped": "#64748b", "finished": "#2563eb", "failed": "#dc2626"}
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def notice(kind: str, text: str) -> str:
+    """A one-line message box; ``kind`` is ok, info, warn or error. ``text`` may hold `code`."""
+    parts = esc(text).split("`")
+    body = "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+    return f'<div class="mae-notice {esc(kind)}" data-kind="{esc(kind)}">{body}</div>'
+
+
+def ddp_mode(cfg: Any) -> str:
+    """How the run's processes synchronise gradients, in words."""
+    t = cfg.train
+    if (t.devices or 1) * t.num_nodes <= 1:
+        return "single process (no DDP)"
+    if t.find_unused_parameters:
+        return "DDP with find_unused_parameters=True (walks the autograd graph every step)"
+    return "plain DDP (find_unused_parameters=False)"
+
+
+def status_html(status: Mapping[str, Any] | None, cfg: Any = None) -> str:
+    """The Train tab's panel: state, progress, speed, time, what the run is."""
+    if not status:
+        return ('<div id="run-status" class="mae-box" data-state="none">No run yet: fill in the '
+                "form and press <b>Start</b>.</div>")
+    state = str(status.get("state", "?"))
+    colour = STATE_COLOURS.get(state, "#64748b")
+    step, total = status.get("step") or 0, status.get("total_steps")
+    fraction = display.progress_fraction(status)
+    bar = ""
+    if fraction is not None:
+        bar = (f'<div class="mae-bar"><div class="progress-fill" style="width:{fraction * 100:.1f}%;'
+               f'background:{colour}"></div></div>')
+    live = state in LIVE_STATES
+    cells = [("step", f"{step} / {total}" if total else str(step)),
+             ("epoch", status.get("epoch", "–")),
+             ("images/s", display.format_number(status.get("images_per_s"), 3)),
+             ("elapsed", display.format_duration(status.get("elapsed_s"))),
+             ("ETA", display.format_duration(display.eta_seconds(status)) if live else "–"),
+             ("last loss", display.format_number(status.get("loss")))]
+    grid = "".join(f'<div><div class="mae-muted">{esc(k)}</div>'
+                   f'<div data-field="{esc(k)}" style="font-weight:600">{esc(v)}</div></div>'
+                   for k, v in cells)
+    return (f'<div id="run-status" class="mae-box" data-state="{esc(state)}" data-step="{int(step)}">'
+            '<div style="display:flex;justify-content:space-between;align-items:center;gap:8px">'
+            f'<span style="font-family:var(--font-mono);overflow-wrap:anywhere">'
+            f'{esc(status.get("run_id", ""))}</span>'
+            f'<span class="mae-pill" style="background:{colour}">{esc(state)}</span></div>{bar}'
+            f'<div class="mae-grid">{grid}</div>{_about(cfg, status)}{_notes(status, state)}</div>')
+
+
+def _about(cfg: Any, status: Mapping[str, Any]) -> str:
+    if cfg is None:
+        return ""
+    m, t = cfg.model, cfg.train
+    images = status.get("images")
+    found = f" ({images} images)" if images else ""
+    return (f'<div class="mae-muted" style="margin-top:6px">{esc(m.preset)} · {esc(m.policy)} · '
+            f"{m.image_size}px / patch {m.patch_size} · mask {m.mask_ratio} · batch {t.batch_size} × "
+            f"{esc(t.devices or 'auto')} {esc(t.accelerator)} process(es) · "
+            f"{esc(t.precision or 'auto precision')} · data: {esc(t.data or 'sample photos')}{found}"
+            f'</div><div class="mae-muted" data-field="ddp">{esc(ddp_mode(cfg))}</div>')
+
+
+def _notes(status: Mapping[str, Any], state: str) -> str:
+    out = ""
+    if status.get("stop_requested") and state in LIVE_STATES:
+        out += notice("warn", "Stop requested: the run saves a checkpoint after the current step.")
+    if status.get("error"):
+        kind = "error" if state == "failed" else "info"
+        out += notice(kind, f"{'Error' if state == 'failed' else 'Note'}: {status['error']}")
+    return out
+
+
+def log_html(text: str, state: str | None) -> str:
+    """The live tail of a run's ``train.log``, newest line last."""
+    if not text:
+        text = "(no output yet)" if state in LIVE_STATES else "(no log)"
+    return f'<pre class="mae-log" id="log-tail" data-state="{esc(state or "")}">{esc(text)}</pre>'
+
+
+# --- parameter audit --------------------------------------------------------------------------
+
+def audit_html(result: Any, groups: Iterable[Any]) -> str:
+    """One policy's audit: verdict, totals, and the rows by part of the model (collapsible), the
+    parts that matter to DDP open and first."""
+    ok = result.ddp_safe
+    verdict = notice("ok" if ok else "error", f"{'✔' if ok else '✘'} {result.verdict()}")
+    totals = " · ".join(f'<span class="st-{s}" style="padding:1px 6px;border-radius:4px">{s} '
+                        f"{result.totals.get(s, 0):,}</span>" for s in ("trainable", "frozen", "removed"))
+    body = "".join(_group_html(group, result.no_grad) for group in groups)
+    return (f'<div class="audit" data-policy="{esc(result.policy)}">'
+            f'<h3 style="margin:0 0 6px">policy: {esc(result.policy)}</h3>{verdict}'
+            f'<div style="margin:6px 0;font-size:13px">{totals} '
+            f"(constructed {result.constructor_total:,})</div>{body}</div>")
+
+
+def _group_html(group: Any, no_grad: list[str]) -> str:
+    rows = "".join(_row_html(row, row.name in no_grad) for row in group.rows)
+    counts = ", ".join(f"{status} {n:,}" for status, n in group.totals.items() if n)
+    head = "".join(f"<th>{h}</th>" for h in ("name", "shape", "count", "status", "reason"))
+    mark = " ⚑ DDP-relevant" if group.ddp_relevant else ""
+    return (f'<details class="mae-group" data-group="{esc(group.title)}"'
+            f'{" open" if group.ddp_relevant else ""}><summary><b>{esc(group.title)}</b>{mark} · '
+            f'{len(group.rows)} tensors · {esc(counts)}</summary><div class="mae-table-wrap">'
+            f'<table class="mae-table"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
+            "</div></details>")
+
+
+def _row_html(row: Any, no_grad: bool) -> str:
+    flag = " ⚠ no gradient" if no_grad else ""
+    return (f'<tr data-name="{esc(row.name)}" data-status="{esc(row.status)}" '
+            f'class="st-{esc(row.status)}{" no-grad" if no_grad else ""}">'
+            f'<td class="name">{esc(row.name)}</td><td class="num">{"×".join(map(str, row.shape))}</td>'
+            f'<td class="num">{row.numel:,}</td><td><b>{esc(row.status)}</b>{flag}</td>'
+            f'<td class="reason">{esc(row.reason)}</td></tr>')
+
+
+def audit_diff_html(clean: Any, reference: Any) -> str:
+    """The tensors whose status differs between the two policies: the DDP problem at a glance."""
+    ref = {r.name: r for r in reference.rows}
+    rows = []
+    for row in clean.rows:
+        other = ref.get(row.name)
+        if other is None or other.status == row.status:
+            continue
+        cells = "".join(f'<td class="st-{esc(r.status)}">{esc(r.status)}'
+                        f'{" ⚠ no gradient" if r.name in result.no_grad else ""}</td>'
+                        for r, result in ((row, clean), (other, reference)))
+        rows.append(f'<tr><td class="name">{esc(row.name)}</td>{cells}'
+                    f'<td class="reason">{esc(row.reason)}</td></tr>')
+    if not rows:
+        return '<div class="mae-box">Both policies treat every tensor the same way.</div>'
+    head = "".join(f"<th>{h}</th>" for h in ("tensor", "ddp-clean", "reference", "why"))
+    return ('<div class="mae-box"><b>Where the policies differ</b><div class="mae-table-wrap">'
+            f'<table class="mae-table" style="margin-top:4px"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table></div></div>')
+
+
+# --- reconstruction ---------------------------------------------------------------------------
+
+def data_uri(image: Any) -> str:
+    """A PIL image as an inline PNG (the panels are small; no file to serve or clean up)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def reconstruction_html(views: list[Any], titles: Iterable[str], colorbar_png: str,
+                        scale_max: float) -> str:
+    """Each image's row: the paper's four panels and the per-patch error, then the colour bar."""
+    titles = list(titles)
+    blocks = []
+    for view in views:
+        figures = [(image, f"{title}") for image, title in zip(view.panels, titles)]
+        figures.append((view.heatmap, "per-patch error"))
+        cells = "".join(f'<figure><img src="{data_uri(img)}" alt="{esc(view.name)}: {esc(cap)}">'
+                        f"<figcaption>{esc(cap)}</figcaption></figure>" for img, cap in figures)
+        blocks.append(f'<div class="recon-item" data-name="{esc(view.name)}">'
+                      f'<div style="font-weight:600;overflow-wrap:anywhere">{esc(view.name)} · loss '
+                      f'{view.loss:.4f} on {view.masked_patches} masked patches</div>'
+                      f'<div class="mae-recon">{cells}</div></div>')
+    ticks = "".join(f"<span>{t:g}</span>" for t in (0, scale_max / 4, scale_max / 2,
+                                                   3 * scale_max / 4))
+    bar = (f'<div class="mae-colorbar" id="heat-colorbar"><div class="mae-muted">per-patch error '
+           "(squared, in the loss's target space; visible patches dimmed), one scale for every image "
+           f'and checkpoint</div><img src="{colorbar_png}" alt="colour scale">'
+           f'<div class="ticks">{ticks}<span>≥{scale_max:g}</span></div></div>')
+    return f'<div id="recon-results">{"".join(blocks)}{bar if views else ""}</div>'
+
+
+def refused_html(refused: list[tuple[str, str]]) -> str:
+    if not refused:
+        return ""
+    items = "".join(f"<li><b>{esc(name)}</b>: {esc(reason)}</li>" for name, reason in refused)
+    return (f'<div class="mae-notice warn" data-kind="warn" id="recon-refused">'
+            f"{len(refused)} file(s) refused:<ul style=\"margin:4px 0\">{items}</ul></div>")

@@ -1,0 +1,138 @@
+"""The Runs tab: every run in the runs directory, and what can be done with one: open it in the other
+tabs, export its encoder for timm, delete it (asks first; never a live run)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import gradio as gr
+
+from mae_core import display
+from mae_core.rundir import LIVE_STATES
+from ui import render
+from ui.common import AppContext, UserError, guarded
+
+HEADERS = ("run", "state", "steps", "loss (last logged)", "epoch loss (last)", "duration",
+           "policy", "preset")
+
+
+def table_rows(ctx: AppContext, statuses: Iterable[Mapping[str, Any]]) -> list[list[Any]]:
+    """One row per run. A live run's loss is its latest logged step's, not a final figure."""
+    rows = []
+    for s in statuses:
+        total, state = s.get("total_steps"), s.get("state", "?")
+        steps = f"{s.get('step') or 0} / {total}" if total else str(s.get("step") or 0)
+        loss = display.format_number(s.get("loss"))
+        if state in LIVE_STATES and loss != "–":
+            loss += " (live)"
+        epoch = ctx.metrics.reader(ctx.manager.paths(s["run_id"]).metrics).last("epoch_loss")
+        rows.append([s.get("run_id", ""), state, steps, loss,
+                     display.format_number(epoch[1]) if epoch else "–",
+                     display.format_duration(s.get("elapsed_s")), s.get("policy") or "–",
+                     s.get("preset") or "–"])
+    return rows
+
+
+def delete_run(ctx: AppContext, run_id: str | None, confirmed: bool) -> str:
+    if not run_id:
+        raise UserError("Choose a run to delete.")
+    if not confirmed:
+        raise UserError(f"Tick “yes, delete” first: deleting {run_id} removes its checkpoints, "
+                        "weights and previews for good.")
+    ctx.manager.delete(run_id)
+    return f"Deleted run `{run_id}`."
+
+
+def export_run(ctx: AppContext, run_id: str | None) -> tuple[str, str, str]:
+    """(encoder file, snippet that loads it with timm, message)."""
+    if not run_id:
+        raise UserError("Choose a run to export.")
+    path, snippet = ctx.manager.export(run_id)
+    return str(path), snippet, f"Exported the encoder of `{run_id}` to `{path}`."
+
+
+def refresh(ctx: AppContext, current: str | None, sig: dict | None) -> dict[str, Any]:
+    """The runs table and the run chooser, when they changed; Delete only for a run that is not
+    live."""
+    sig = dict(sig or {})
+    runs = ctx.manager.list()
+    ids = [s["run_id"] for s in runs]
+    value = current if current in ids else (ids[0] if ids else None)
+    rows = table_rows(ctx, runs)
+    out: dict[str, Any] = {}
+    if rows != sig.get("rows"):
+        out["table"] = gr.update(value=rows)
+    if (ids, value) != sig.get("pick"):
+        out["pick"] = gr.update(choices=ids, value=value)
+    state = next((s.get("state") for s in runs if s["run_id"] == value), None)
+    deletable = value is not None and state not in LIVE_STATES
+    if deletable != sig.get("deletable"):
+        out["delete"] = gr.update(interactive=deletable)
+    sig.update(rows=rows, pick=(ids, value), deletable=deletable)
+    out["sig"] = sig
+    return out
+
+
+def build(ctx: AppContext) -> dict[str, Any]:
+    """Lay out the Runs tab (inside an open ``gr.Tab``) and wire its events."""
+    c: dict[str, Any] = {}
+    c["table"] = gr.Dataframe(headers=list(HEADERS), interactive=False, elem_id="runs-table",
+                              wrap=True)
+    with gr.Row():
+        c["pick"] = gr.Dropdown([], value=None, label="run", scale=3, min_width=240,
+                                elem_id="runs-pick", allow_custom_value=True)
+        c["refresh"] = gr.Button("Refresh", scale=1, min_width=90, elem_id="refresh-btn")
+        c["open"] = gr.Button("Open in Train & Reconstruct", scale=1, min_width=150,
+                              elem_id="open-btn")
+        c["export"] = gr.Button("Export encoder", scale=1, min_width=120, elem_id="export-btn")
+    with gr.Row():
+        c["confirm"] = gr.Checkbox(False, label="yes, delete this run's files", scale=3,
+                                   elem_id="confirm-delete")
+        c["delete"] = gr.Button("Delete run", variant="stop", scale=1, min_width=110,
+                                interactive=False, elem_id="delete-btn")
+    c["message"] = gr.HTML(elem_id="runs-message")
+    with gr.Row():
+        c["export_file"] = gr.File(label="encoder (timm safetensors)", interactive=False,
+                                   elem_id="export-file", min_width=240)
+        c["export_code"] = gr.Code(language="python", label="load it with timm", wrap_lines=True,
+                                   elem_id="export-code")
+    c["sig"] = gr.State(None)
+    _wire(ctx, c)
+    return c
+
+
+def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
+    error = lambda text: {c["message"]: render.notice("error", text)}  # noqa: E731
+
+    @guarded("the runs list", error)
+    def on_refresh(current: str | None, sig: dict | None) -> dict:
+        return {c[name]: value for name, value in refresh(ctx, current, sig).items()}
+
+    @guarded("delete", error)
+    def on_delete(run_id: str | None, confirmed: bool) -> dict:
+        message = delete_run(ctx, run_id, confirmed)
+        return {c["message"]: render.notice("ok", message), c["confirm"]: False}
+
+    @guarded("export", error)
+    def on_export(run_id: str | None) -> dict:
+        path, snippet, message = export_run(ctx, run_id)
+        return {c["export_file"]: path, c["export_code"]: snippet,
+                c["message"]: render.notice("ok", message)}
+
+    c["refresh_event"] = dict(fn=on_refresh, inputs=[c["pick"], c["sig"]],
+                              outputs=[c["table"], c["pick"], c["delete"], c["sig"]],
+                              show_progress="hidden")
+    gr.on([c["refresh"].click, c["pick"].input], **c["refresh_event"], api_name="list_runs")
+    c["table"].select(_pick_row, None, c["pick"], api_name="pick_run_row",
+                      show_progress="hidden").then(**c["refresh_event"])
+    c["delete"].click(on_delete, [c["pick"], c["confirm"]], [c["message"], c["confirm"]],
+                      api_name="delete_run", concurrency_id="run_actions",
+                      show_progress="hidden").then(**c["refresh_event"])
+    c["export"].click(on_export, c["pick"], [c["export_file"], c["export_code"], c["message"]],
+                      api_name="export", show_progress_on=[c["export_file"]])
+
+
+def _pick_row(evt: gr.SelectData) -> Any:
+    row = evt.row_value or []
+    return gr.update(value=row[0]) if row else gr.skip()

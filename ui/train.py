@@ -1,0 +1,370 @@
+"""The Train tab: the run form (generated from the config), Start / Stop / Resume, and the live view
+(status, loss curve, log tail) that a timer refreshes.
+
+The plain functions at the top do the work and take and return plain values, so tests call them
+without a server; :func:`build` lays out the tab and wires its events to them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from mae_core.config import RunConfig
+from mae_core.rundir import LIVE_STATES
+from ui import plots, render
+from ui.common import (DEFAULTS, FIELD_NAMES, FORM_FIELDS, MAIN_FIELDS, AppContext, UserError, as_int,
+                       FieldNumber, config_from_form, describe, field_widget, form_values, guarded)
+
+POLL_S = 1.5
+LOG_LINES = 60
+HIDDEN = "hidden"
+
+
+# --- actions ----------------------------------------------------------------------------------
+
+def start_run(manager: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """Validate the form and start a run; the last action's record (see :func:`action_message`)."""
+    run_id = manager.start(config_from_form(values))
+    return {"action": "start", "run_id": run_id, "kind": "ok", "text": f"Started run `{run_id}`."}
+
+
+def stop_run(manager: Any, run_id: str | None) -> dict[str, Any]:
+    if not run_id:
+        raise UserError("Choose a run to stop.")
+    manager.stop(run_id)
+    return {"action": "stop", "run_id": run_id, "kind": "ok", "text": f"Stopping `{run_id}`."}
+
+
+def resume_run(manager: Any, run_id: str | None, until_step: Any) -> dict[str, Any]:
+    if not run_id:
+        raise UserError("Choose a run to resume.")
+    steps = as_int(until_step, "resume until step", optional=True) or None
+    status = manager.resume(run_id, max_steps=steps)
+    step = status.get("resumed_from_step", status.get("step", 0))
+    return {"action": "resume", "run_id": run_id, "kind": "ok",
+            "text": f"Resumed `{run_id}` from its checkpoint at step {step} towards "
+                    f"{status.get('total_steps')} steps."}
+
+
+def failed_action(action: str, message: str) -> dict[str, Any]:
+    return {"action": action, "run_id": None, "kind": "error", "text": message}
+
+
+def action_message(action: dict[str, Any] | None, status: dict[str, Any] | None) -> str:
+    """The message under the run controls: the last action, told as the run is NOW (a stop request
+    becomes "stopped at step N" once the trainer has stopped)."""
+    if not action:
+        return ""
+    if action["kind"] == "error" or not status:
+        return render.notice(action["kind"], action["text"])
+    run_id, state, step = action["run_id"], status.get("state"), status.get("step", 0)
+    if state in LIVE_STATES:
+        if status.get("stop_requested"):
+            return render.notice("warn", f"Stop requested for `{run_id}`: it saves a checkpoint "
+                                         "after the current step (Force stop ends it at once).")
+        return render.notice("ok", f"{action['text']} It is {state}.")
+    if state == "finished":
+        return render.notice("ok", f"Run `{run_id}` finished at step {step}.")
+    if state == "stopped":
+        more = " Resume continues from its last checkpoint." if status.get("resumable") else ""
+        return render.notice("info", f"Run `{run_id}` stopped at step {step}.{more}")
+    return render.notice("error", f"Run `{run_id}` {state}: {status.get('error') or 'see the log'}")
+
+
+def check_data_folder(manager: Any, folder: str) -> str:
+    """What the data field holds, before Start: the count of images found, or why it cannot train."""
+    from mae_core.data import check_data
+
+    try:
+        summary = check_data((folder or "").strip())
+    except Exception as err:  # noqa: BLE001 - shown beside the field
+        return render.notice("error", describe(err, "checking the data folder"))
+    where = f"`{folder.strip()}`" if (folder or "").strip() else "the sample photos"
+    return render.notice("ok", f"{where}: {summary.files} image file(s) found.")
+
+
+def config_yaml_file(values: dict[str, Any]) -> str:
+    """The form's config as a YAML file to download (validated first: a bad form is refused)."""
+    cfg = config_from_form(values)
+    folder = Path(tempfile.gettempdir()) / "mae-studio-configs"
+    folder.mkdir(exist_ok=True)
+    fd, path = tempfile.mkstemp(dir=folder, prefix="mae-config-", suffix=".yaml")
+    os.close(fd)
+    cfg.save(path)
+    return path
+
+
+def form_from_yaml(path: str | None) -> dict[str, Any]:
+    """A config file's values for the form (an uploaded ``config.yaml``); refused if invalid."""
+    if not path:
+        raise UserError("Choose a config file (YAML, as a run's config.yaml).")
+    if Path(path).stat().st_size > 1_000_000:
+        raise UserError("That config file is over 1 MB: not a run config.")
+    return form_values(RunConfig.load(path))
+
+
+# --- the live view ----------------------------------------------------------------------------
+
+def pick_selected(runs: list[dict[str, Any]], current: str | None, seen_live: str | None) -> str | None:
+    """The run the tab shows: a newly live run (started here or elsewhere), else the current
+    choice, else the live run or the newest."""
+    ids = [s["run_id"] for s in runs]
+    live = next((s["run_id"] for s in runs if s.get("state") in LIVE_STATES), None)
+    if live is not None and live != seen_live:
+        return live
+    if current in ids:
+        return current
+    return live or (ids[0] if ids else None)
+
+
+def button_states(status: dict[str, Any] | None, any_live: bool) -> dict[str, dict[str, Any]]:
+    state = (status or {}).get("state")
+    stopping = bool(status and status.get("stop_requested")) and state in LIVE_STATES
+    return {"start": {"interactive": not any_live},
+            "stop": {"interactive": state in LIVE_STATES,
+                     "value": "Force stop" if stopping else "Stop"},
+            "resume": {"interactive": bool(status and status.get("resumable")) and not any_live}}
+
+
+def log_view(manager: Any, run_id: str | None, state: str | None) -> str:
+    if not run_id:
+        return render.log_html("", None)
+    return render.log_html(manager.paths(run_id).log_tail(LOG_LINES), state)
+
+
+def curve_view(ctx: AppContext, run_ids: list[str], metric: str, log_scale: bool,
+               smoothing: float) -> tuple[Any, str]:
+    """(chart, text) for the runs plotted; the learning rate is a schedule: never smoothed."""
+    metric = metric if metric in plots.METRICS else "loss"
+    readers = {r: ctx.metrics.reader(ctx.manager.paths(r).metrics) for r in run_ids}
+    smoothing = 0.0 if metric == "lr" else float(smoothing or 0)
+    points = plots.curve_points(readers, metric, smoothing)
+    return plots.curve_chart(points, metric, bool(log_scale)), plots.describe_curves(readers, metric)
+
+
+def curve_key(ctx: AppContext, run_ids: list[str], metric: str, log_scale: bool,
+              smoothing: float) -> tuple:
+    """Changes exactly when the chart would: new rows in any plotted run, or other settings."""
+    rows = []
+    for r in run_ids:
+        reader = ctx.metrics.reader(ctx.manager.paths(r).metrics)
+        reader.refresh()
+        rows.append(reader.rows)
+    return (tuple(run_ids), metric, bool(log_scale), float(smoothing or 0), tuple(rows))
+
+
+def log_key(manager: Any, run_id: str | None) -> tuple:
+    if not run_id:
+        return ()
+    try:
+        stat = manager.paths(run_id).log.stat()
+    except OSError:
+        return (run_id,)
+    return (run_id, stat.st_size, stat.st_mtime_ns)
+
+
+def poll(ctx: AppContext, run_id: str | None, overlay: list[str] | None, metric: str,
+         log_scale: bool, smoothing: float, seen_live: str | None, sig: dict | None,
+         action: dict | None) -> dict[str, Any]:
+    """One refresh of the live view, as updates by component name; unchanged parts are left out,
+    so an idle page costs a few file stats per tick."""
+    sig = dict(sig or {})
+    runs = ctx.manager.list()
+    by_id = {s["run_id"]: s for s in runs}
+    live = next((s["run_id"] for s in runs if s.get("state") in LIVE_STATES), None)
+    selected = pick_selected(runs, run_id, seen_live)
+    status = by_id.get(selected)
+    out: dict[str, Any] = {"seen_live": live}
+    choices = [(f"{s['run_id']} · {s.get('state', '?')}", s["run_id"]) for s in runs]
+    if choices != sig.get("choices") or selected != run_id:
+        out["run_pick"] = gr.update(choices=choices, value=selected)
+    if list(by_id) != sig.get("ids"):
+        out["overlay"] = gr.update(choices=list(by_id),
+                                   value=[r for r in overlay or [] if r in by_id])
+    config = _config_or_none(ctx.manager, selected)
+    views = {"status": render.status_html(status, config),
+             "message": action_message(action, by_id.get((action or {}).get("run_id"))),
+             **{name: gr.update(**state) for name, state in
+                button_states(status, live is not None).items()}}
+    for name, value in views.items():
+        if value != sig.get(name):
+            out[name] = value
+    sig.update(views, choices=choices, ids=list(by_id))
+    plotted = [r for r in overlay or [] if r in by_id] or ([selected] if selected else [])
+    key = curve_key(ctx, plotted, metric, log_scale, smoothing)
+    if key != sig.get("curve"):
+        out["chart"], out["chart_info"] = curve_view(ctx, plotted, metric, log_scale, smoothing)
+    key_log = log_key(ctx.manager, selected)
+    if key_log != sig.get("log") or (status or {}).get("state") != sig.get("log_state"):
+        out["log"] = log_view(ctx.manager, selected, (status or {}).get("state"))
+    sig.update(curve=key, log=key_log, log_state=(status or {}).get("state"))
+    out["sig"] = sig
+    return out
+
+
+def _config_or_none(manager: Any, run_id: str | None) -> RunConfig | None:
+    if not run_id:
+        return None
+    try:
+        return manager.config(run_id)
+    except Exception:  # noqa: BLE001 - a damaged config only loses the summary lines
+        return None
+
+
+def form_from_run(manager: Any, run_id: str | None) -> dict[str, Any]:
+    """The selected run's config, as the form shows it ("copy this run's config into the form")."""
+    if not run_id:
+        raise UserError("Choose a run whose config to copy.")
+    return form_values(manager.config(run_id))
+
+
+# --- layout and events ------------------------------------------------------------------------
+
+def build(ctx: AppContext) -> dict[str, Any]:
+    """Lay out the Train tab (inside an open ``gr.Tab``) and wire its events; returns its
+    components by name (``field.<config field>`` for the form)."""
+    c: dict[str, Any] = {}
+    with gr.Row(elem_id="run-controls", equal_height=True):
+        c["start"] = gr.Button("Start", variant="primary", elem_id="start-btn", scale=1, min_width=90)
+        c["stop"] = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop-btn",
+                              scale=1, min_width=90)
+        c["resume"] = gr.Button("Resume", interactive=False, elem_id="resume-btn", scale=1,
+                                min_width=90)
+        c["resume_until"] = FieldNumber(0, label="resume until step (0 = its own max steps)",
+                                      elem_id="resume-steps", scale=2, min_width=160)
+    c["message"] = gr.HTML(elem_id="train-message")
+    with gr.Row():
+        with gr.Column(scale=2, min_width=300):
+            _build_form(c)
+        with gr.Column(scale=3, min_width=340):
+            _build_live_view(c)
+    for name, value in (("seen_live", None), ("sig", None), ("action", None)):
+        c[name] = gr.State(value)
+    c["timer"] = gr.Timer(POLL_S)
+    _wire(ctx, c)
+    return c
+
+
+def _build_form(c: dict[str, Any]) -> None:
+    values = form_values(DEFAULTS)
+    c["hardware"] = gr.Markdown("**Hardware:** checking…", elem_id="hardware")
+    data, *paired = MAIN_FIELDS
+    c["field.data"] = field_widget(data, values["data"])
+    c["data_info"] = gr.HTML(elem_id="data-info")
+    for i in range(0, len(paired), 2):
+        with gr.Row():
+            for field in paired[i:i + 2]:
+                c[f"field.{field.name}"] = field_widget(field, values[field.name])
+    with gr.Accordion("more settings", open=False, elem_id="more-settings"):
+        for field in [f for f in FORM_FIELDS if not f.hint.main]:
+            c[f"field.{field.name}"] = field_widget(field, values[field.name])
+    with gr.Accordion("config file", open=False, elem_id="config-tools"):
+        with gr.Row():
+            c["copy_config"] = gr.Button("Copy the shown run's config into the form",
+                                         elem_id="copy-config")
+            c["download_config"] = gr.Button("Download the form as YAML", elem_id="download-config")
+        c["upload_config"] = gr.UploadButton("Load a config YAML into the form",
+                                             file_types=[".yaml", ".yml"], elem_id="upload-config")
+        c["config_file"] = gr.File(label="config.yaml", interactive=False, elem_id="config-file")
+
+
+def _build_live_view(c: dict[str, Any]) -> None:
+    c["run_pick"] = gr.Dropdown([], value=None, label="run", elem_id="run-pick",
+                                allow_custom_value=True, info="the live run, else the newest")
+    c["status"] = gr.HTML(render.status_html(None), elem_id="status-panel")
+    with gr.Row():
+        c["overlay"] = gr.Dropdown([], value=[], multiselect=True, label="runs to plot (compare)",
+                                   elem_id="overlay", allow_custom_value=True, scale=3, min_width=200)
+        c["metric"] = gr.Radio([(label, key) for key, label in plots.METRICS.items()], value="loss",
+                               label="metric", elem_id="metric", scale=2, min_width=200)
+    with gr.Row():
+        c["log_scale"] = gr.Checkbox(True, label="log scale", elem_id="log-scale")
+        c["smoothing"] = gr.Slider(0.0, 0.99, value=0.8, step=0.01, label="EMA smoothing",
+                                   elem_id="smoothing")
+    c["chart"] = gr.Plot(label="training curve", elem_id="loss-plot", show_label=False)
+    c["chart_info"] = gr.Markdown(elem_id="plot-info")
+    with gr.Accordion("log (train.log, live)", open=True, elem_id="log-accordion"):
+        c["log"] = gr.HTML(render.log_html("", None), elem_id="log-view")
+
+
+def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
+    fields = [c[f"field.{name}"] for name in FIELD_NAMES]
+    poll_names = ("run_pick", "overlay", "status", "message", "start", "stop", "resume", "chart",
+                  "chart_info", "log", "seen_live", "sig")
+    poll_inputs = [c[n] for n in ("run_pick", "overlay", "metric", "log_scale", "smoothing",
+                                  "seen_live", "sig", "action")]
+    message_fallback = {"start": lambda text: {c["action"]: failed_action("start", text)},
+                        "stop": lambda text: {c["action"]: failed_action("stop", text)},
+                        "resume": lambda text: {c["action"]: failed_action("resume", text)}}
+
+    @guarded("the live view", lambda text: {c["message"]: render.notice("error", text)})
+    def on_poll(*args: Any) -> dict:
+        return {c[name]: value for name, value in poll(ctx, *args).items()}
+
+    @guarded("start", message_fallback["start"])
+    def on_start(*values: Any) -> dict:
+        return {c["action"]: start_run(ctx.manager, dict(zip(FIELD_NAMES, values)))}
+
+    @guarded("stop", message_fallback["stop"])
+    def on_stop(run_id: str | None) -> dict:
+        return {c["action"]: stop_run(ctx.manager, run_id)}
+
+    @guarded("resume", message_fallback["resume"])
+    def on_resume(run_id: str | None, until: Any) -> dict:
+        return {c["action"]: resume_run(ctx.manager, run_id, until)}
+
+    refresh = dict(fn=on_poll, inputs=poll_inputs, outputs=[c[n] for n in poll_names],
+                   show_progress=HIDDEN)
+    c["refresh_spec"] = refresh
+    gr.on([c["timer"].tick], **refresh, api_name="poll", trigger_mode="always_last")
+    gr.on([c["run_pick"].input, c["overlay"].input, c["metric"].change, c["log_scale"].change,
+           c["smoothing"].release], **refresh, api_name="select", trigger_mode="always_last")
+    for name, fn, inputs in (("start", on_start, fields), ("stop", on_stop, [c["run_pick"]]),
+                             ("resume", on_resume, [c["run_pick"], c["resume_until"]])):
+        c[name].click(fn, inputs, [c["action"]], api_name=name, concurrency_id="run_actions",
+                      show_progress=HIDDEN).then(**refresh, api_name=f"{name}_refresh")
+    _wire_form(ctx, c, fields)
+
+
+def _wire_form(ctx: AppContext, c: dict[str, Any], fields: list[Any]) -> None:
+    data = c["field.data"]
+    gr.on([data.blur, data.submit], lambda folder: check_data_folder(ctx.manager, folder), data,
+          c["data_info"], api_name="check_data")
+    to_fields = lambda values: [gr.update(value=values[name]) for name in FIELD_NAMES]  # noqa: E731
+    notice_only = lambda text: {c["message"]: render.notice("error", text)}  # noqa: E731
+
+    @guarded("copying the run's config", notice_only)
+    def on_copy(run_id: str | None) -> dict:
+        values = to_fields(form_from_run(ctx.manager, run_id))
+        note = render.notice("ok", f"The form now holds the config of `{run_id}`.")
+        return {**dict(zip(fields, values)), c["message"]: note}
+
+    @guarded("loading the config file", notice_only)
+    def on_upload(file: Any) -> dict:
+        path = getattr(file, "name", file)
+        values = to_fields(form_from_yaml(path))
+        note = render.notice("ok", f"The form now holds the config from `{Path(path).name}`.")
+        return {**dict(zip(fields, values)), c["message"]: note}
+
+    @guarded("writing the config file", notice_only)
+    def on_download(*values: Any) -> dict:
+        return {c["config_file"]: config_yaml_file(dict(zip(FIELD_NAMES, values))),
+                c["message"]: render.notice("ok", "Config written: download it below the buttons.")}
+
+    c["copy_config"].click(on_copy, c["run_pick"], [*fields, c["message"]], api_name="copy_config")
+    c["upload_config"].upload(on_upload, c["upload_config"], [*fields, c["message"]],
+                              api_name="load_config")
+    c["download_config"].click(on_download, fields, [c["config_file"], c["message"]],
+                               api_name="download_config")
+
+
+def hardware_text() -> str:
+    from mae_core.config import hardware_summary
+
+    return f"**Hardware:** {hardware_summary()}"
+
