@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
-from mae_core.bench import free_port
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # the benchmark package lives beside mae_core, at the top
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench.procs import free_port  # noqa: E402 - the benchmark's port picker, shared
 
 __all__ = ["free_port", "poll"]
 T = TypeVar("T")

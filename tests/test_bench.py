@@ -1,64 +1,156 @@
-"""The benchmark command, run for real on a tiny model: both recipes train through real 2-process
-CPU DDP, the reconstruction path and the app launch are measured, and the report says what ran.
+"""The benchmark command (``python -m bench``), run for real on a tiny model and a short run: both
+training recipes go through real 2-process CPU DDP, the Reconstruct tab's path and the app launch
+are measured, a growing ``metrics.jsonl`` is polled, and the report says what ran.
 
 No timing is asserted (speed is measured by the benchmark, not tested); what is asserted is that
-each figure exists, is a real measurement, and that the two recipes really are the two recipes.
+each figure exists and is a real measurement, that the two recipes really are the two recipes,
+that a poll sends a bounded payload, and that running one job keeps the others' results.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench.poll import (POLLED_METRICS, SITUATIONS, append_steps, chart_points,  # noqa: E402
+                        write_run)
+from mae_core.metrics import MetricsStore  # noqa: E402
 
 TINY = ["--preset", "vit-tiny", "--image-size", "32", "--patch-size", "8", "--batch-size", "4",
         "--devices", "2", "--accelerator", "cpu", "--steps", "3", "--warmup-steps", "1",
         "--repeats", "1", "--recon-presets", "vit-tiny", "--recon-size", "32",
-        "--recon-patch", "8", "--recon-runs", "3", "--recon-warmup", "1"]
+        "--recon-patch", "8", "--recon-runs", "3", "--recon-warmup", "1",
+        "--poll-lines", "5000", "--poll-max-points", "300", "--poll-repeats", "3"]
 
 
-def test_benchmark_measures_both_recipes_recon_and_app(run_module, tmp_path):
-    out = tmp_path / "results.md"
-    result = run_module("mae_core.bench", *TINY, "--out", out, timeout_s=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+def _positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
 
-    data = json.loads(out.with_suffix(".json").read_text())
-    tiny = data["training"]["vit-tiny"]
+
+def _assert_training(tiny: dict) -> None:
     clean, naive = tiny["ddp-clean"], tiny["naive"]
     for recipe in (clean, naive):
         assert recipe["launches"] == 1 and not recipe["errors"]
         assert recipe["world_size"] == 2 and recipe["backend"] == "gloo"
         assert recipe["strategy"] == "DDPStrategy" and recipe["batch_size"] == 4
-        assert math.isfinite(recipe["images_per_s"]) and recipe["images_per_s"] > 0
-        assert recipe["peak_rss_bytes"] > 0
+        assert _positive(recipe["images_per_s"]) and recipe["peak_rss_bytes"] > 0
     # The project's trainer runs plain DDP; the naive recipe needs the unused-parameter walk.
     assert clean["find_unused_parameters"] is False and clean["static_graph"] is True
     assert naive["find_unused_parameters"] is True
     assert tiny["speedup"] == clean["images_per_s"] / naive["images_per_s"]
 
+
+def _assert_poll(poll: dict, lines: int, max_points: int) -> None:
+    """Both pollers measured every situation, and every poll sent a bounded payload."""
+    assert poll["lines"] == lines
+    assert poll["rows"] == lines + lines // 1000  # a step line each, an epoch line per 1000
+    assert poll["file_bytes"] > 0 and poll["load_average_start"] and poll["load_average_end"]
+    assert set(poll["pollers"]) == {"metrics", "ui"}
+    for name, row in poll["pollers"].items():
+        assert "error" not in row, (name, row)
+        assert _positive(row["first_read_ms"])
+        for situation in SITUATIONS:
+            timing = row[situation]
+            assert timing["count"] == poll["polls"]
+            assert all(_positive(timing[k]) for k in ("p50_ms", "p95_ms", "mean_ms"))
+            assert timing["p50_ms"] <= timing["p95_ms"]
+        assert row["worst_p95_ms"] == max(row[s]["p95_ms"] for s in SITUATIONS)
+        for shape in (row["first_read"], row["last"]):  # a chart was sent: bounded
+            assert shape["sent"] and 0 < shape["payload_bytes"]
+            assert all(0 < n <= row["max_points"] for n in shape["payload_points"].values())
+    metrics = poll["pollers"]["metrics"]
+    assert metrics["max_points"] == max_points
+    assert set(metrics["last"]["payload_points"]) == set(POLLED_METRICS)
+    # With nothing new the Train tab leaves its chart alone: nothing is sent.
+    assert poll["pollers"]["ui"]["idle_payload"]["sent"] is False
+
+
+def test_benchmark_measures_every_job(run_module, tmp_path):
+    out = tmp_path / "results.md"
+    result = run_module("bench", *TINY, "--out", out, timeout_s=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["jobs_run"] == ["train", "recon", "app", "poll"]
+    tiny = data["training"]["vit-tiny"]
+    _assert_training(tiny)
+
     [recon] = data["reconstruction"]
     assert recon["preset"] == "vit-tiny" and recon["runs"] == 3
-    assert 0 < recon["p50_ms"] <= recon["p95_ms"]
+    assert 0 < recon["p50_ms"] <= recon["p95_ms"] and _positive(recon["load_ms"])
 
     assert "error" not in data["app"], data["app"]
     app = data["app"]
     assert app["serving_s"] > 0 and 0 < app["serving_rss_bytes"] <= app["peak_rss_bytes"]
 
+    _assert_poll(data["poll"], lines=5000, max_points=300)
+
     report = out.read_text()
-    assert "python -m mae_core.bench --preset vit-tiny" in report  # the command that made it
-    for heading in ("## Machine", "## Training throughput", "## Reconstruction latency", "## App"):
+    assert "python -m bench --preset vit-tiny" in report  # the command that made it
+    for heading in ("## Machine", "## Training throughput", "## Reconstruction latency", "## App",
+                    "## Polling a long run"):
         assert heading in report
     assert "speed-up (ddp-clean / naive)" in report and f"{tiny['speedup']:.2f}×" in report
     assert "find_unused=False, static_graph=True" in report
     assert "find_unused=True" in report
     assert "torch" in report and "lightly" in report  # versions
+    assert "Kept from an earlier sitting" not in report
+
+    _one_job_keeps_the_others(run_module, out, data)
+
+
+def _one_job_keeps_the_others(run_module, out: Path, before: dict) -> None:
+    """``--job poll`` rewrites the poll section only: the training figures stay, marked as kept."""
+    result = run_module("bench", "--job", "poll", "--poll-lines", "3000", "--poll-max-points",
+                        "100", "--poll-repeats", "2", "--out", out, timeout_s=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["jobs_run"] == ["poll"]
+    _assert_poll(data["poll"], lines=3000, max_points=100)
+    for key in ("training", "reconstruction", "app"):
+        assert data[key] == before[key]
+    assert data["sittings"]["train"]["command"] == before["command"]
+    assert data["sittings"]["poll"]["command"].startswith("python -m bench --job poll")
+
+    report = out.read_text()
+    assert report.count("Kept from an earlier sitting") == 3  # training, reconstruction, app
+    assert f"{before['training']['vit-tiny']['speedup']:.2f}×" in report
+    assert report.count("## Polling a long run") == 1 and "thin(…, 100)" in report
+
+
+def test_a_poll_sends_at_most_max_points_per_series_however_long_the_run(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    write_run(path, 12_000)
+    store = MetricsStore()
+    first = chart_points(store, path, max_points=500)
+    append_steps(path, 12_001, 3_000)
+    later = chart_points(store, path, max_points=500)
+
+    for points in (first, later):
+        assert set(points) == set(POLLED_METRICS)
+        for series in points.values():
+            assert 0 < len(series["steps"]) == len(series["values"]) <= 500
+            assert series["steps"] == sorted(series["steps"])
+            assert all(math.isfinite(v) for v in series["values"])
+    assert first["loss"]["steps"][-1] == 12_000 and later["loss"]["steps"][-1] == 15_000
+    assert len(later["epoch_loss"]["steps"]) == 15  # one per 1000 steps: too few to thin
+    assert json.loads(json.dumps(later)) == later  # what goes to the browser is plain JSON
 
 
 def test_benchmark_refuses_bad_options_before_running(run_module, tmp_path):
-    result = run_module("mae_core.bench", "--image-size", "30", "--patch-size", "8",
+    result = run_module("bench", "--image-size", "30", "--patch-size", "8",
                         "--out", tmp_path / "r.md")
     assert result.returncode == 2
     assert "image_size" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "r.md").exists()
 
-    result = run_module("mae_core.bench", "--steps", "0", "--out", tmp_path / "r.md")
+    result = run_module("bench", "--steps", "0", "--out", tmp_path / "r.md")
     assert result.returncode == 2 and "positive" in result.stderr
+    result = run_module("bench", "--job", "plot", "--out", tmp_path / "r.md")
+    assert result.returncode == 2 and "poll" in result.stderr  # the valid jobs are listed

@@ -1,0 +1,225 @@
+"""The benchmark's command line: ``python -m bench [--job train recon app poll] [--out FILE.md]``.
+
+Runs the chosen jobs (all four by default; see :mod:`bench`) in one sitting, prints the Markdown
+report and writes it with its JSON twin (:mod:`bench.report`). Exit code 0, or 1 if a training or
+reconstruction measurement failed (the app never fails the benchmark), or 2 for bad options,
+refused before anything runs. ``python -m bench --_worker spec.json`` is one training measurement
+(:mod:`bench.worker`), launched by the benchmark itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bench import JOBS
+from bench.worker import WORKER_FLAG
+
+Say = Callable[[str], None]
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
+def _non_negative(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return number
+
+
+def _train_options(p: argparse.ArgumentParser) -> None:
+    from mae_core.config import PRESETS, parse_bool
+
+    p.add_argument("--preset", nargs="+", default=["vit-tiny"], choices=list(PRESETS),
+                   help="preset(s) to train (default vit-tiny)")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--patch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=_positive, default=32, help="per process")
+    p.add_argument("--devices", type=_positive, default=None,
+                   help="DDP processes (default: the trainer's choice for this machine)")
+    p.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu"))
+    p.add_argument("--data", default="", help="image folder (default: the embedded sample photos)")
+    p.add_argument("--steps", type=_positive, default=30, help="measured steps per launch")
+    p.add_argument("--warmup-steps", type=_non_negative, default=5, help="steps excluded first")
+    p.add_argument("--repeats", type=_positive, default=3, help="launches per recipe (median)")
+    p.add_argument("--threads", type=_positive, default=None,
+                   help="torch threads per training process "
+                        "(default: Lightning's, cores/processes)")
+    p.add_argument("--num-workers", type=_non_negative, default=None,
+                   help="loader workers per process for ddp-clean (default: the trainer's choice)")
+    p.add_argument("--naive-workers", type=_non_negative, default=None,
+                   help="loader workers per process for the naive recipe (default: as ddp-clean)")
+    p.add_argument("--static-graph", type=parse_bool, default=True,
+                   help="TrainConfig.static_graph for ddp-clean: on (default) or off")
+    p.add_argument("--compile", action="store_true", help="torch.compile the ddp-clean loss")
+    p.add_argument("--train-timeout", type=float, default=600.0, help="seconds per launch")
+    p.add_argument("--keep", action="store_true", help="keep the workers' run directories and logs")
+
+
+def _other_options(p: argparse.ArgumentParser) -> None:
+    from mae_core.config import PRESETS
+
+    p.add_argument("--recon-presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    p.add_argument("--recon-size", type=int, default=224)
+    p.add_argument("--recon-patch", type=int, default=16)
+    p.add_argument("--recon-runs", type=_positive, default=20)
+    p.add_argument("--recon-warmup", type=_non_negative, default=3)
+    p.add_argument("--photo", help="the image file to upload (default: a sample photo as JPEG)")
+    p.add_argument("--app-timeout", type=float, default=180.0)
+    p.add_argument("--poll-lines", type=_positive, default=1_000_000,
+                   help="steps in the polled metrics.jsonl (default 1,000,000)")
+    p.add_argument("--poll-max-points", type=_positive, default=2000,
+                   help="points per series sent to the browser (default 2000)")
+    p.add_argument("--poll-repeats", type=_positive, default=30, help="polls timed per situation")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark MAE Studio: DDP training throughput (ddp-clean vs the naive "
+                    "recipe), reconstruction latency, the app's time to serving, and the cost of "
+                    "polling a long run's metrics.")
+    p.add_argument("--job", nargs="+", default=list(JOBS), choices=JOBS,
+                   help="the jobs to run (default: all); the report keeps the others' sections "
+                        "from the file it replaces")
+    _train_options(p)
+    _other_options(p)
+    for job in JOBS:
+        p.add_argument(f"--skip-{job}", action="store_true", help=f"do not run the {job} job")
+    p.add_argument("--fresh", action="store_true",
+                   help="do not keep the sections of jobs not run from an existing --out file")
+    p.add_argument("--out", default="bench/results.md", help="the Markdown file to write")
+    return p
+
+
+# --- the jobs ---------------------------------------------------------------------------------
+
+def run_train(args: argparse.Namespace, say: Say) -> tuple[list[str], dict, bool]:
+    """The training section's lines, its JSON, and whether a recipe failed outright."""
+    from bench.sections import training_section
+    from bench.training import TrainSettings, benchmark_training, training_json
+
+    settings, training, failed = [], {}, False
+    scratch = Path(tempfile.mkdtemp(prefix="mae-bench-"))
+    try:
+        for preset in args.preset:
+            s = TrainSettings(
+                preset=preset, image_size=args.image_size, patch_size=args.patch_size,
+                batch_size=args.batch_size, devices=args.devices, accelerator=args.accelerator,
+                data=args.data, warmup=args.warmup_steps, steps=args.steps, threads=args.threads,
+                num_workers=args.num_workers, naive_workers=args.naive_workers,
+                static_graph=args.static_graph, compile=args.compile, timeout_s=args.train_timeout)
+            settings.append(s)
+            say(f"training: {preset} ({args.repeats} × ddp-clean, naive)")
+            training[preset] = benchmark_training(s, args.repeats, scratch, say)
+            failed |= any(not summ.runs for summ in training[preset].values())
+    finally:
+        if args.keep:
+            say(f"worker directories kept in {scratch}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return training_section(settings, training, args.repeats), training_json(training), failed
+
+
+def run_recon(args: argparse.Namespace, say: Say) -> tuple[list[str], list[dict], bool]:
+    from bench.reconstruction import benchmark_reconstruction, sample_upload
+    from bench.sections import recon_section
+
+    upload, upload_name = sample_upload(args.photo)
+    rows, failed = [], False
+    for preset in args.recon_presets:
+        say(f"reconstruction: {preset}")
+        try:
+            row = benchmark_reconstruction(preset, args.recon_size, args.recon_patch, upload,
+                                           upload_name, args.recon_runs, args.recon_warmup)
+            say(f"  p50 {row['p50_ms']:.1f} ms, p95 {row['p95_ms']:.1f} ms")
+        except Exception as err:  # noqa: BLE001 - reported in the table
+            row = {"preset": preset, "error": f"{type(err).__name__}: {err}"}
+            say(f"  FAILED: {row['error']}")
+            failed = True
+        rows.append(row)
+    return recon_section(rows, upload_name, len(upload)), rows, failed
+
+
+def run_jobs(args: argparse.Namespace, jobs: list[str], say: Say) -> tuple[dict, bool]:
+    """Each job's (lines, data), in report order, and whether any measurement failed."""
+    from bench.sections import app_section, poll_section
+
+    results, failed = {}, False
+    if "train" in jobs:
+        lines, data, bad = run_train(args, say)
+        results["train"], failed = (lines, data), failed or bad
+    if "recon" in jobs:
+        lines, rows, bad = run_recon(args, say)
+        results["recon"], failed = (lines, rows), failed or bad
+    if "app" in jobs:
+        from bench.app_startup import benchmark_app
+
+        say("app: launch to serving")
+        app = benchmark_app(args.app_timeout)
+        say("  " + (app["error"] if "error" in app else f"{app['serving_s']:.1f} s"))
+        results["app"] = (app_section(app), app)
+    if "poll" in jobs:
+        from bench.poll import PollSettings, benchmark_poll
+
+        say(f"poll: a {args.poll_lines:,}-step metrics.jsonl")
+        poll = benchmark_poll(PollSettings(args.poll_lines, args.poll_max_points,
+                                           args.poll_repeats), say)
+        results["poll"] = (poll_section(poll), poll)
+    return results, failed
+
+
+def _check_presets(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse a model the config would refuse, before any job runs (exit 2, the field named)."""
+    from mae_core.config import ConfigError, ModelConfig
+
+    for preset in args.preset:
+        try:
+            ModelConfig(preset=preset, image_size=args.image_size, patch_size=args.patch_size)
+        except ConfigError as err:
+            parser.error(str(err))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == [WORKER_FLAG]:
+        from bench.worker import worker_main
+
+        return worker_main(argv[1])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_presets(parser, args)
+    jobs = [job for job in args.job if not getattr(args, f"skip_{job}")]
+    command = shlex.join(["python", "-m", "bench", *argv])
+    started = time.perf_counter()
+
+    def say(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    from bench.report import Section, machine_info, now_utc, sitting, write_report
+
+    machine, run_at = machine_info(), now_utc()
+    results, failed = run_jobs(args, jobs, say)
+    this_sitting = sitting(command, run_at, machine)
+    fresh = {job: Section(job, lines, data, this_sitting) for job, (lines, data) in results.items()}
+    out = Path(args.out)
+    markdown = write_report(out, command, machine, fresh, run_at, time.perf_counter() - started,
+                            keep_previous=not args.fresh)
+    print(markdown)
+    say(f"written to {out} and {out.with_suffix('.json')}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
