@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import uuid
 from pathlib import Path
@@ -117,25 +116,28 @@ def _checkpoint_step(paths: RunPaths) -> int:
     return torch.load(paths.last_ckpt, map_location="cpu", weights_only=True)["global_step"]
 
 
+def _assert_written_in_place(tmp_path: Path, paths: RunPaths, tmpdir: Path) -> None:
+    """The audit of a run: checkpoint and weights written in the run directory, nothing through
+    $TMPDIR, every file renamed into place from a temp file in its own folder, none left over."""
+    records = _audit(tmp_path)
+    run_root = str(paths.root.resolve())
+    written = [r[1] for r in records if r[0] == "write" and r[1].startswith(run_root)]
+    assert any("last.ckpt" in p for p in written) and any("model.safetensors" in p for p in written)
+    assert not [r for r in records if r[0] == "write" and r[1].startswith(str(tmpdir))]
+    moves = [r for r in records if r[0] != "write" and r[2].startswith(run_root)]
+    assert moves and all(r[0] in ("os.rename", "os.replace") for r in moves), moves
+    assert all(Path(src).parent == Path(dst).parent for _, src, dst in moves), moves
+    assert [p for p in _files_in(tmpdir) if "torchinductor" not in str(p)] == []
+    assert [p for p in paths.root.rglob("*") if is_temp_file(p)] == []
+
+
 def test_every_file_is_written_beside_its_target_never_through_tmpdir(tmp_path, tmpfs_tmpdir):
     paths = RunPaths(tmp_path / "run")
-    audit = str(tmp_path / "audit")
-    for args in (["--max-steps", "4"], ["--resume", "--max-steps", "6"]):
-        result = _train(tmp_path, "--run-dir", paths.root, *TINY, "--devices", "1", *args,
-                        tmpdir=tmpfs_tmpdir, MAE_TEST_AUDIT=audit)
-        assert result.returncode == 0, result.stdout[-3000:]
-        records = _audit(tmp_path)
-        run_root = str(paths.root.resolve())
-        written = [r[1] for r in records if r[0] == "write" and r[1].startswith(run_root)]
-        assert any("last.ckpt" in p for p in written) and any("model.safetensors" in p for p in written)
-        assert not [r for r in records if r[0] == "write" and r[1].startswith(str(tmpfs_tmpdir))]
-        moves = [r for r in records if r[0] != "write" and r[2].startswith(run_root)]
-        assert moves and all(r[0] in ("os.rename", "os.replace") for r in moves), moves
-        # Each file in the run directory is replaced from a temp file in its own folder.
-        assert all(Path(src).parent == Path(dst).parent for _, src, dst in moves), moves
-        assert [p for p in _files_in(tmpfs_tmpdir) if "torchinductor" not in str(p)] == []
-        assert [p for p in paths.root.rglob("*") if is_temp_file(p)] == []
-    assert _checkpoint_step(paths) == 6
+    result = _train(tmp_path, "--run-dir", paths.root, *TINY, "--devices", "1", "--max-steps", "4",
+                    tmpdir=tmpfs_tmpdir, MAE_TEST_AUDIT=str(tmp_path / "audit"))
+    assert result.returncode == 0, result.stdout[-3000:]
+    _assert_written_in_place(tmp_path, paths, tmpfs_tmpdir)
+    assert _checkpoint_step(paths) == 4
     assert load_model(paths.weights).cfg.image_size == 32
     assert paths.read_status()["state"] == "finished"
 
@@ -182,10 +184,10 @@ def test_a_kill_during_a_checkpoint_save_keeps_the_last_one_and_resume_cleans_up
     assert len(leftovers) == 1 and leftovers[0].name.startswith(".last.ckpt.")
 
     resumed = _train(tmp_path, "--run-dir", paths.root, "--resume", "--max-steps", "4",
-                     tmpdir=tmpfs_tmpdir)
+                     tmpdir=tmpfs_tmpdir, MAE_TEST_AUDIT=str(tmp_path / "audit"))
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert "removed 1 temporary file" in resumed.stdout
-    assert [p for p in paths.root.rglob("*") if is_temp_file(p)] == []
+    _assert_written_in_place(tmp_path, paths, tmpfs_tmpdir)  # a resumed run writes in place too
     assert _checkpoint_step(paths) == 4 and paths.read_status()["state"] == "finished"
 
 
