@@ -1,0 +1,73 @@
+"""mae_core.display: EMA smoothing, progress, ETA and durations in words."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from mae_core.display import ema, eta_seconds, format_duration, format_number, progress_fraction
+
+
+def test_ema_weight_zero_returns_the_values():
+    assert ema([3.0, 1.0, 2.0], 0.0) == [3.0, 1.0, 2.0]
+
+
+def test_ema_is_bias_corrected():
+    # Without the correction the first point would be 0.1 × 10 = 1: pulled towards zero.
+    assert ema([10.0, 10.0, 10.0], 0.9) == pytest.approx([10.0, 10.0, 10.0])
+    smoothed = ema([10.0, 0.0], 0.5)
+    assert smoothed[0] == pytest.approx(10.0)
+    assert smoothed[1] == pytest.approx((0.5 * 0.5 * 10.0) / (1 - 0.25))
+
+
+def test_ema_smooths_a_noisy_series():
+    noisy = [1.0 if i % 2 else 3.0 for i in range(200)]
+    smoothed = ema(noisy, 0.95)
+    assert max(smoothed[100:]) - min(smoothed[100:]) < 0.2
+    assert sum(smoothed[100:]) / 100 == pytest.approx(2.0, abs=0.1)
+
+
+@pytest.mark.parametrize("weight", [1.0, -0.1, 1.5])
+def test_ema_refuses_a_weight_outside_zero_to_one(weight):
+    with pytest.raises(ValueError, match="smoothing"):
+        ema([1.0], weight)
+
+
+def test_eta_at_the_average_pace_so_far():
+    assert eta_seconds({"step": 50, "total_steps": 200, "elapsed_s": 30}) == pytest.approx(90.0)
+    assert eta_seconds({"step": 200, "total_steps": 200, "elapsed_s": 30}) == 0.0
+    assert eta_seconds({"step": 250, "total_steps": 200, "elapsed_s": 30}) == 0.0  # never negative
+    for unknown in ({"step": 0, "total_steps": 200, "elapsed_s": 5},
+                    {"step": 10, "total_steps": None, "elapsed_s": 5},
+                    {"step": 10, "total_steps": -1, "elapsed_s": 5},
+                    {"step": 10, "total_steps": 200}, {}):
+        assert eta_seconds(unknown) is None, unknown
+
+
+def test_progress_fraction_is_clamped_and_unknown_without_a_total():
+    assert progress_fraction({"step": 50, "total_steps": 200}) == 0.25
+    assert progress_fraction({"step": 300, "total_steps": 200}) == 1.0
+    assert progress_fraction({"step": None, "total_steps": 200}) == 0.0
+    assert progress_fraction({"step": 5, "total_steps": -1}) is None
+    assert progress_fraction({"step": 5}) is None
+
+
+def test_format_duration():
+    assert format_duration(12) == "12 s"
+    assert format_duration(12.6) == "13 s"
+    assert format_duration(90) == "1 min 30 s"
+    assert format_duration(185) == "3 min 05 s"
+    assert format_duration(3725) == "1 h 02 min"
+    assert format_duration(0) == "0 s"
+    assert format_duration(None) == "–"
+    assert format_duration(math.nan) == "–"
+    assert format_duration(math.inf) == "–"
+
+
+def test_format_number():
+    assert format_number(0.123456) == "0.1235"
+    assert format_number(1234.5, 3) == "1.23e+03"
+    assert format_number(None) == "–"
+    assert format_number(math.nan) == "–"
+    assert format_number("0.5") == "–"
