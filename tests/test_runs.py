@@ -12,6 +12,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,9 @@ from PIL import Image
 from helpers import poll
 from mae_core.config import ConfigError, RunConfig
 from mae_core.data import DataError, ImageFolderDataset, find_images, sample_photo_paths
+from mae_core import runs as runs_module
+from mae_core.process import pid_alive, zombie_children
+from mae_core.rundir import create_run
 from mae_core.runs import PROJECT_ROOT, RunError, RunManager
 from mae_core.weights import load_model
 
@@ -129,7 +134,7 @@ def test_killed_trainer_is_reported_failed_and_leaves_no_corrupt_checkpoint(mana
         reattached.start(tiny_config())
 
     pid = json.loads(manager.paths(run_id).process.read_text())["pid"]
-    os.kill(pid, signal.SIGKILL)
+    os.kill(pid, signal.SIGKILL)  # rank 0 only: rank 1 is left behind, orphaned
     failed = wait_for(lambda: (s := reattached.status(run_id))["state"] == "failed" and s,
                       "the killed run to be reported failed", timeout_s=30)
     assert "before finishing" in failed["error"]
@@ -140,8 +145,15 @@ def test_killed_trainer_is_reported_failed_and_leaves_no_corrupt_checkpoint(mana
     paths = manager.paths(run_id)
     leftovers = [p.name for p in paths.root.iterdir() if p.name.endswith(".tmp")]
     assert not leftovers
-    torch.load(paths.last_ckpt, map_location="cpu", weights_only=True)
+    checkpoint = torch.load(paths.last_ckpt, map_location="cpu", weights_only=True)
     load_model(paths.weights)
+
+    # The resume names the checkpoint's step, not the last step status.json had seen.
+    resumed = reattached.resume(run_id)
+    assert resumed["resumed_from_step"] == checkpoint["global_step"] == resumed["step"]
+    assert resumed["state"] == "starting" and not resumed["error"]
+    wait_for(lambda: any(r["step"] == checkpoint["global_step"] + 1
+                         for r in manager.metrics(run_id)), "a step after the checkpoint's")
 
 
 def test_refusals_happen_before_any_process_starts(manager, tmp_path):
@@ -174,10 +186,16 @@ def test_corrupt_checkpoint_is_refused_on_resume(manager):
     run_id = manager.start(tiny_config(max_steps=8))
     wait_until_ended(manager, run_id)
     paths = manager.paths(run_id)
-    paths.last_ckpt.write_bytes(paths.last_ckpt.read_bytes()[:1000])
+    whole = paths.last_ckpt.read_bytes()
     paths.write_status(state="stopped")
-    with pytest.raises(RunError, match="corrupt"):
-        manager.resume(run_id)
+    for damaged in (whole[:1000], whole[:len(whole) // 2], b""):  # a kill mid-copy leaves 0 bytes
+        paths.last_ckpt.write_bytes(damaged)
+        with pytest.raises(RunError, match="corrupt"):
+            manager.resume(run_id, max_steps=20)
+    paths.last_ckpt.unlink()
+    with pytest.raises(RunError, match="no checkpoint"):
+        manager.resume(run_id, max_steps=20)
+    assert manager.status(run_id)["state"] == "stopped"  # a refused resume changes nothing
     with pytest.raises(RunError, match="not running"):
         manager.stop(run_id)
 
@@ -247,3 +265,122 @@ def test_manager_follows_and_stops_a_run_started_by_hand(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_stop_watchdog_never_kills_the_trainer_a_resume_launched(tmp_path):
+    """Stop, then Resume at once: the stop's watchdog watches the trainer it was started for."""
+    manager = RunManager(tmp_path / "runs", stop_timeout_s=15)
+    run_id = manager.start(tiny_config(max_steps=5000, checkpoint_every_n_steps=2, num_previews=0))
+    try:
+        for _ in range(2):  # twice: the old watchdog lost its race with the resume only mostly
+            start_step = manager.status(run_id).get("step", 0)
+            status = wait_for(lambda: ((s := manager.status(run_id))["state"] not in
+                                       ("starting", "running") or s.get("step", 0) >= start_step + 2)
+                              and s, "two steps")
+            assert status["state"] == "running", status
+            manager.stop(run_id)
+            stop_clicked = time.monotonic()
+            wait_for(lambda: manager.status(run_id)["state"] == "stopped", "the stop", every_s=0.01)
+            manager.resume(run_id)
+        resumed = json.loads(manager.paths(run_id).process.read_text())
+        time.sleep(max(0.0, stop_clicked + manager.stop_timeout_s + 3 - time.monotonic()))
+        status = manager.status(run_id)
+        assert status["state"] in ("starting", "running"), status
+        assert "by force" not in (status.get("error") or "")
+        assert pid_alive(resumed["pid"], resumed["start_time"])
+    finally:
+        if manager.live_run():
+            manager.stop(run_id)
+            manager.stop(run_id)
+    wait_for_no_trainers(manager.runs_dir)
+
+
+def test_two_apps_on_one_runs_directory_never_start_two_runs(tmp_path):
+    """Apps sharing a runs directory: of four Starts at the same moment, exactly one launches."""
+    managers = [RunManager(tmp_path / "runs") for _ in range(4)]
+    barrier = threading.Barrier(len(managers))
+    outcomes: list[object] = []
+
+    def start(manager: RunManager) -> None:
+        barrier.wait()
+        try:
+            outcomes.append(manager.start(tiny_config(max_steps=5000, num_previews=0)))
+        except Exception as err:  # noqa: BLE001 - every outcome is checked below
+            outcomes.append(err)
+
+    threads = [threading.Thread(target=start, args=(m,)) for m in managers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT_S)
+    try:
+        started = [o for o in outcomes if isinstance(o, str)]
+        refused = [o for o in outcomes if isinstance(o, RunError) and "still live" in str(o)]
+        assert len(started) == 1 and len(refused) == 3, outcomes
+        assert [s["run_id"] for s in managers[3].list()] == started
+    finally:
+        for run_id in (o for o in outcomes if isinstance(o, str)):
+            managers[0].stop(run_id)
+            managers[0].stop(run_id)
+    wait_for_no_trainers(tmp_path / "runs")
+
+
+def test_start_scans_data_outside_the_lock_and_finished_trainers_are_reaped(tmp_path, monkeypatch):
+    """While Start reads a (slow) data folder every status call still answers; the count it found
+    is in the status; a relative data path is stored absolute; a trainer that ends by itself does
+    not stay behind as a zombie of the app."""
+    data = tmp_path / "photos"
+    data.mkdir()
+    for path in sample_photo_paths()[:3]:
+        shutil.copy(path, data / path.name)
+    monkeypatch.chdir(tmp_path)
+    manager = RunManager(tmp_path / "runs")
+    earlier = create_run(tiny_config().resolved(), runs_dir=manager.runs_dir)
+    earlier.write_status(state="finished")
+    scanning, release = threading.Event(), threading.Event()
+    real_check = runs_module.check_data
+
+    def slow_disk(folder: str):  # the real scan, on a disk that answers only when told to
+        scanning.set()
+        release.wait(60)
+        return real_check(folder)
+
+    monkeypatch.setattr(runs_module, "check_data", slow_disk)
+    started: list[str] = []
+    starter = threading.Thread(target=lambda: started.append(
+        manager.start(tiny_config(data="photos", max_steps=4, num_previews=0))))
+    starter.start()
+    assert scanning.wait(60)
+    answers: list[object] = []
+    asker = threading.Thread(target=lambda: answers.extend(
+        [manager.status(earlier.run_id)["state"], len(manager.list()), manager.live_run()]))
+    asker.start()
+    asker.join(20)  # generous: without the scan in the way this takes milliseconds
+    release.set()
+    starter.join(TIMEOUT_S)
+    assert answers == ["finished", 1, None], "a status call waited for the data scan"
+
+    [run_id] = started
+    assert manager.config(run_id).train.data == str(data)  # resolved once, against the app's cwd
+    assert manager.status(run_id)["data_files"] == 3
+    finished = wait_until_ended(manager, run_id)
+    assert finished["state"] == "finished" and finished["images"] == 3, finished
+    assert poll(lambda: not zombie_children(), 10), f"zombie trainers: {zombie_children()}"
+
+
+def test_resume_without_a_run_directory_is_refused_and_creates_nothing(tmp_path, run_module):
+    result = run_module("mae_core.train", "--resume", "--runs-dir", tmp_path / "runs",
+                        "--max-steps", "5")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "--run-dir" in result.stderr and "resume" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("run_id", ["x" * 5000, "a" * 256, "../runs", "", ".", "a/b", "\x00"],
+                         ids=["5000-chars", "256-chars", "parent", "empty", "dot", "slash", "nul"])
+def test_a_run_id_that_names_no_run_directory_gets_a_clear_refusal(manager, run_id):
+    for call in (manager.paths, manager.status, manager.config, manager.metrics, manager.previews,
+                 manager.weights, manager.stop, manager.resume, manager.delete, manager.export):
+        with pytest.raises(RunError, match="no run named") as err:
+            call(run_id)
+        assert len(str(err.value)) < 300  # the id is cut short, not echoed 5,000 times
