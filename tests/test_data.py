@@ -67,7 +67,7 @@ def test_a_folder_of_images_is_found_recursively_sorted_and_counted(tmp_path):
 @pytest.mark.parametrize("folder, message", [
     ("does/not/exist", "does not exist"), ("with\0nul", "cannot be read"),
     ("x" * 5000, "cannot be read"),
-])
+], ids=["missing", "nul", "5000-chars"])
 def test_impossible_paths_are_refused_with_a_short_message(folder, message):
     with pytest.raises(DataError, match=message) as err:
         find_images(folder)
