@@ -1,0 +1,72 @@
+"""ui.launch: the command line, and authentication required wherever others can reach the app."""
+
+from __future__ import annotations
+
+import pytest
+
+from ui.launch import AUTH_ENV, launch_options, parse_args
+
+
+@pytest.fixture(autouse=True)
+def no_auth_env(monkeypatch):
+    monkeypatch.delenv(AUTH_ENV, raising=False)
+
+
+def options(*argv: str) -> dict:
+    return launch_options(parse_args(list(argv)))
+
+
+def test_defaults_bind_loopback_without_auth():
+    opts = options()
+    assert opts["server_name"] == "127.0.0.1" and opts["server_port"] == 7860
+    assert opts["auth"] is None and opts["share"] is False
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2"])
+def test_loopback_hosts_need_no_auth(host):
+    assert options("--host", host)["auth"] is None
+
+
+@pytest.mark.parametrize("argv", [("--host", "0.0.0.0"), ("--host", "192.168.1.20"),
+                                  ("--host", "::"), ("--host", "my-workstation.lan"),
+                                  ("--share",), ("--host", "127.0.0.1", "--share")])
+def test_exposed_without_auth_is_refused(argv):
+    with pytest.raises(ValueError, match="--auth"):
+        options(*argv)
+
+
+def test_auth_flag_is_passed_to_launch():
+    opts = options("--host", "0.0.0.0", "--auth", "ada:s3cret:with:colons")
+    assert opts["auth"] == ("ada", "s3cret:with:colons")
+    assert opts["server_name"] == "0.0.0.0"
+    assert options("--share", "--auth", "u:p")["auth"] == ("u", "p")
+
+
+def test_auth_from_the_environment(monkeypatch):
+    monkeypatch.setenv(AUTH_ENV, "env-user:env-pass")
+    assert options("--host", "0.0.0.0")["auth"] == ("env-user", "env-pass")
+    assert options("--share")["share"] is True
+    # The flag wins over the environment.
+    assert options("--host", "0.0.0.0", "--auth", "flag:pw")["auth"] == ("flag", "pw")
+
+
+@pytest.mark.parametrize("auth", ["justuser", "user:", ":password", ":"])
+def test_malformed_auth_is_refused(auth):
+    with pytest.raises(ValueError, match="USER:PASSWORD"):
+        options("--host", "0.0.0.0", "--auth", auth)
+    with pytest.raises(ValueError, match="USER:PASSWORD"):
+        options("--auth", auth)  # even where none is needed: a typo must not pass silently
+
+
+def test_malformed_auth_in_the_environment_is_refused(monkeypatch):
+    monkeypatch.setenv(AUTH_ENV, "no-colon")
+    with pytest.raises(ValueError, match="USER:PASSWORD"):
+        options("--host", "0.0.0.0")
+
+
+def test_runs_dir_port_and_browser_flags():
+    args = parse_args(["--runs-dir", "/tmp/elsewhere", "--port", "8123", "--no-browser"])
+    assert args.runs_dir == "/tmp/elsewhere"
+    opts = launch_options(args)
+    assert opts["server_port"] == 8123 and opts["inbrowser"] is False
+    assert "mae-box" in opts["css"]  # the theme-variable CSS travels with the launch
