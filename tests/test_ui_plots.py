@@ -1,0 +1,192 @@
+"""ui.plots: the training curve sent to the browser is bounded, keeps each run's colour, and is a
+Vega-Lite chart with a real log axis, readable tick formats, tooltips and a legend by run id."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mae_core.metrics import MetricsReader
+from ui import plots
+from ui.plots import MAX_POINTS, PALETTE, curve_chart, curve_points, run_colours
+
+RUN_A = "20261126-141502-vit-tiny-ddp-clean"
+RUN_B = "20261127-093011-vit-small-reference"
+STEPS_PER_EPOCH = 1000
+
+
+def write_run(path: Path, steps: int) -> Path:
+    """metrics.jsonl as the trainer writes it: a line per step, an epoch summary per epoch."""
+    lines = []
+    for step in range(1, steps + 1):
+        lines.append(json.dumps({"step": step, "epoch": (step - 1) // STEPS_PER_EPOCH,
+                                 "loss": 2.0 / (1 + step / 500) + 0.01 * (step % 7),
+                                 "lr": 1.5e-4 * min(1.0, step / 100), "images_per_s": 250.0 + step % 5,
+                                 "elapsed_s": step * 0.1}))
+        if step % STEPS_PER_EPOCH == 0:
+            lines.append(json.dumps({"step": step, "epoch": step // STEPS_PER_EPOCH - 1,
+                                     "epoch_loss": 1.0 / (step // STEPS_PER_EPOCH)}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def long_run(tmp_path_factory) -> MetricsReader:
+    return MetricsReader(write_run(tmp_path_factory.mktemp("long") / "metrics.jsonl", 100_000))
+
+
+@pytest.fixture
+def short_runs(tmp_path) -> dict[str, MetricsReader]:
+    return {RUN_A: MetricsReader(write_run(tmp_path / "a.jsonl", 2500)),
+            RUN_B: MetricsReader(write_run(tmp_path / "b.jsonl", 1200))}
+
+
+def specs(chart) -> list[dict]:
+    """Every encoding block of the chart's Vega-Lite JSON (one per layer)."""
+    found = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "encoding" in node:
+                found.append(node["encoding"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(chart.to_dict())
+    assert found, "the chart has no encodings"
+    return found
+
+
+def test_a_100k_step_run_is_thinned_per_curve(long_run):
+    points = curve_points({RUN_A: long_run}, "loss", smoothing=0.9)
+    sizes = points.groupby("kind").size().to_dict()
+    assert set(sizes) == {"raw", "smoothed", "epoch mean"}
+    assert sizes["raw"] <= MAX_POINTS and sizes["smoothed"] <= MAX_POINTS
+    assert sizes["raw"] >= MAX_POINTS // 2  # thinned, not thrown away
+    raw = points[points["kind"] == "raw"]
+    assert raw["step"].max() == 100_000 and raw["step"].is_monotonic_increasing
+    assert len(curve_points({RUN_A: long_run}, "lr", smoothing=0.0)) <= MAX_POINTS
+    # The JSON that reaches the browser stays small too.
+    assert len(json.dumps(curve_chart(points, "loss", True).to_dict())) < 1_000_000
+
+
+def test_the_loss_plot_carries_the_per_epoch_mean(long_run):
+    points = curve_points({RUN_A: long_run}, "loss", smoothing=0.0)
+    epochs = points[points["kind"] == "epoch mean"]
+    assert len(epochs) == 100
+    assert epochs["step"].tolist()[:3] == [1000, 2000, 3000]
+    assert epochs["value"].tolist()[:3] == pytest.approx([1.0, 0.5, 1 / 3])
+    assert "epoch mean" not in set(curve_points({RUN_A: long_run}, "lr")["kind"])
+
+
+def test_smoothing_zero_sends_no_smoothed_curve(short_runs):
+    assert "smoothed" not in set(curve_points(short_runs, "loss", smoothing=0.0)["kind"])
+    smoothed = curve_points(short_runs, "loss", smoothing=0.6)
+    assert set(smoothed[smoothed["kind"] == "smoothed"]["run"]) == {RUN_A, RUN_B}
+    raw = smoothed[(smoothed["kind"] == "raw") & (smoothed["run"] == RUN_A)]["value"].to_numpy()
+    ema = smoothed[(smoothed["kind"] == "smoothed") & (smoothed["run"] == RUN_A)]["value"].to_numpy()
+    assert np.std(np.diff(ema)) < np.std(np.diff(raw))
+    chart = curve_chart(curve_points(short_runs, "loss", smoothing=0.0), "loss", False)
+    assert "'smoothed'" not in json.dumps(chart.to_dict())
+
+
+def test_an_unknown_metric_is_refused(short_runs):
+    with pytest.raises(ValueError, match="loss"):
+        curve_points(short_runs, "accuracy")
+
+
+def test_nothing_to_draw_gives_no_chart(tmp_path):
+    empty = {RUN_A: MetricsReader(tmp_path / "missing.jsonl")}
+    points = curve_points(empty, "loss", 0.8)
+    assert points.empty and list(points.columns) == ["step", "value", "run", "kind"]
+    assert curve_chart(points, "loss", True) is None
+
+
+def test_a_run_keeps_its_colour_whatever_else_is_plotted():
+    ids = [f"202611{d}-{h:02d}{m:02d}41-vit-tiny-ddp-clean" for d in (26, 27) for h in (9, 14, 21)
+           for m in (5, 18, 42)]
+    slots = {}
+    for run_id in ids:  # runs whose ids hash to different palette slots
+        slots.setdefault(run_colours([run_id])[run_id], run_id)
+    distinct = list(slots.values())
+    assert len(distinct) >= 5
+    alone = {run_id: run_colours([run_id])[run_id] for run_id in distinct}
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        chosen = list(rng.choice(distinct, size=rng.integers(1, len(distinct) + 1), replace=False))
+        colours = run_colours(chosen)
+        assert colours == {r: alone[r] for r in chosen}
+        assert len(set(colours.values())) == len(chosen)  # overlaid runs are told apart
+    assert set(alone.values()) <= set(PALETTE)
+
+
+def test_runs_that_hash_alike_still_get_different_colours():
+    ids = [f"run-{i}" for i in range(40)]
+    colours = run_colours(ids[:len(PALETTE)])
+    assert len(set(colours.values())) == len(PALETTE)
+    # The older run (first in id order) keeps its own colour when a colliding newer run joins.
+    first = ids[0]
+    colliding = next(r for r in ids[1:] if run_colours([r])[r] == run_colours([first])[first])
+    both = run_colours([colliding, first])
+    assert both[first] == run_colours([first])[first] and both[colliding] != both[first]
+
+
+def test_the_chart_colour_scale_follows_the_run(short_runs, tmp_path):
+    third = "20261128-000000-vit-base-ddp-clean"
+    readers = {**short_runs, third: MetricsReader(write_run(tmp_path / "c.jsonl", 300))}
+
+    def colour_of(run_id, chosen):
+        points = curve_points({r: readers[r] for r in chosen}, "loss", 0.0)
+        scale = specs(curve_chart(points, "loss", True))[0]["color"]["scale"]
+        return dict(zip(scale["domain"], scale["range"]))[run_id]
+
+    assert colour_of(RUN_B, [RUN_B]) == colour_of(RUN_B, [RUN_A, RUN_B]) == colour_of(RUN_B, [third, RUN_B])
+
+
+def test_chart_json_log_axis_formats_tooltips_and_legend(short_runs):
+    chart = curve_chart(curve_points(short_runs, "loss", 0.8), "loss", True)
+    for enc in specs(chart):
+        assert enc["y"]["scale"]["type"] == "log"
+        assert enc["x"]["axis"]["format"] == "d"
+        assert enc["x"]["field"] == "step"
+        tooltip_fields = {t["field"] for t in enc["tooltip"]}
+        assert {"run", "step", "value"} <= tooltip_fields
+        assert enc["color"]["title"] == "run"
+        assert set(enc["color"]["scale"]["domain"]) == {RUN_A, RUN_B}  # full run ids
+        assert enc["color"]["legend"]["labelLimit"] == 0  # never cut short
+        assert "images_per_s" not in json.dumps(enc["y"]["axis"])
+    linear = curve_chart(curve_points(short_runs, "loss", 0.8), "loss", False)
+    assert all(enc["y"]["scale"]["type"] == "linear" for enc in specs(linear))
+
+
+def test_log_axis_leaves_out_values_it_cannot_draw(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": v}) + "\n"
+                            for s, v in ((1, 0.0), (2, -1.0), (3, 0.5), (4, 0.25))))
+    chart = curve_chart(curve_points({RUN_A: MetricsReader(path)}, "loss", 0.0), "loss", True)
+    data = chart.to_dict()["datasets"]
+    values = [row["value"] for rows in data.values() for row in rows]
+    assert values and min(values) > 0
+
+
+def test_learning_rate_ticks_are_scientific(short_runs):
+    chart = curve_chart(curve_points(short_runs, "lr", 0.0), "lr", False)
+    for enc in specs(chart):
+        assert enc["y"]["axis"]["format"] == ".1e"
+        assert enc["y"]["axis"]["title"] == plots.METRICS["lr"] == "learning rate"
+    speed = curve_chart(curve_points(short_runs, "images_per_s", 0.0), "images_per_s", False)
+    assert specs(speed)[0]["y"]["axis"]["title"] == "images / s"
+
+
+def test_describe_curves_speaks_in_words(short_runs):
+    text = plots.describe_curves(short_runs, "images_per_s")
+    assert RUN_A in text and "images / s" in text and "images_per_s" not in text
+    loss_text = plots.describe_curves(short_runs, "loss")
+    assert "2500 points" in loss_text and "epoch mean" in loss_text
+    assert plots.describe_curves({}, "loss") == "No run selected."
