@@ -60,6 +60,7 @@ tr.no-grad { outline: 2px solid #dc2626; outline-offset: -2px; }
 .mae-colorbar .ticks { display: flex; justify-content: space-between; max-width: 320px; font-size: 11px;
   color: var(--body-text-color-subdued); }
 #run-controls { align-items: center; }
+#loss-plot { overflow-x: auto; }
 #train-message, #runs-message, #recon-message, #params-message { min-height: 0; }
 """
 
@@ -147,7 +148,10 @@ def log_html(text: str, state: str | None) -> str:
     """The live tail of a run's ``train.log``, newest line last."""
     if not text:
         text = "(no output yet)" if state in LIVE_STATES else "(no log)"
-    return f'<pre class="mae-log" id="log-tail" data-state="{esc(state or "")}">{esc(text)}</pre>'
+    # column-reverse keeps the box scrolled to its end: the newest lines show without scrolling.
+    return (f'<div class="mae-log" style="display:flex;flex-direction:column-reverse">'
+            f'<pre id="log-tail" data-state="{esc(state or "")}" style="margin:0;white-space:pre-wrap">'
+            f"{esc(text)}</pre></div>")
 
 
 # --- parameter audit --------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def refresh(ctx: AppContext, current: str | None, sig: dict | None) -> dict[str,
     rows = table_rows(ctx, runs)
     out: dict[str, Any] = {}
     if rows != sig.get("rows"):
-        out["table"] = gr.update(value=rows)
+        out["table"] = rows
     if (ids, value) != sig.get("pick"):
         out["pick"] = gr.update(choices=ids, value=value)
     state = next((s.get("state") for s in runs if s["run_id"] == value), None)
@@ -123,7 +123,9 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
     c["refresh_event"] = dict(fn=on_refresh, inputs=[c["pick"], c["sig"]],
                               outputs=[c["table"], c["pick"], c["delete"], c["sig"]],
                               show_progress="hidden")
-    gr.on([c["refresh"].click, c["pick"].input], **c["refresh_event"], api_name="list_runs")
+    # Asked for by a person (or an API client): every part, changed or not.
+    gr.on([c["refresh"].click, c["pick"].input], lambda current: on_refresh(current, None),
+          c["pick"], c["refresh_event"]["outputs"], api_name="list_runs", show_progress="hidden")
     c["table"].select(_pick_row, None, c["pick"], api_name="pick_run_row",
                       show_progress="hidden").then(**c["refresh_event"])
     c["delete"].click(on_delete, [c["pick"], c["confirm"]], [c["message"], c["confirm"]],

@@ -239,12 +239,15 @@ def build(ctx: AppContext) -> dict[str, Any]:
                                       elem_id="resume-steps", scale=2, min_width=160)
     c["message"] = gr.HTML(elem_id="train-message")
     with gr.Row():
-        with gr.Column(scale=2, min_width=300):
+        # Wide enough that below ~860 px the two columns stack instead of crushing each other.
+        with gr.Column(scale=2, min_width=360):
             _build_form(c)
-        with gr.Column(scale=3, min_width=340):
+        with gr.Column(scale=3, min_width=440):
             _build_live_view(c)
-    for name, value in (("seen_live", None), ("sig", None), ("action", None)):
-        c[name] = gr.State(value)
+    for name in ("seen_live", "sig"):
+        c[name] = gr.State(None)
+    # The last action's record; a hidden JSON (not a State) so API clients get it back too.
+    c["action"] = gr.JSON(None, visible=False, elem_id="last-action")
     c["timer"] = gr.Timer(POLL_S)
     _wire(ctx, c)
     return c
@@ -329,13 +332,37 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
         c[name].click(fn, inputs, [c["action"]], api_name=name, concurrency_id="run_actions",
                       show_progress=HIDDEN).then(**refresh, api_name=f"{name}_refresh")
     _wire_form(ctx, c, fields)
+    _api_endpoints(ctx)
+
+
+def _api_endpoints(ctx: AppContext) -> None:
+    """Endpoints without a widget, for scripts and tests: a run's status and its curve's points."""
+
+    def run_status(run_id: str) -> dict:
+        """status.json of a run (state, step, total_steps, loss, images_per_s, error, ...)."""
+        try:
+            return ctx.manager.status(run_id)
+        except Exception as err:  # noqa: BLE001 - an API client gets the reason
+            raise gr.Error(describe(err, "status"), print_exception=False) from None
+
+    def run_metric(run_id: str, metric: str = "loss") -> dict:
+        """A run's metric as {"steps": [...], "values": [...]}, every logged step (not thinned)."""
+        try:
+            reader = ctx.metrics.reader(ctx.manager.paths(run_id).metrics)
+        except Exception as err:  # noqa: BLE001
+            raise gr.Error(describe(err, "metrics"), print_exception=False) from None
+        steps, values = reader.series(metric)
+        return {"steps": steps.tolist(), "values": values.tolist()}
+
+    gr.api(run_status, api_name="status")
+    gr.api(run_metric, api_name="metric")
 
 
 def _wire_form(ctx: AppContext, c: dict[str, Any], fields: list[Any]) -> None:
     data = c["field.data"]
     gr.on([data.blur, data.submit], lambda folder: check_data_folder(ctx.manager, folder), data,
           c["data_info"], api_name="check_data")
-    to_fields = lambda values: [gr.update(value=values[name]) for name in FIELD_NAMES]  # noqa: E731
+    to_fields = lambda values: [values[name] for name in FIELD_NAMES]  # noqa: E731
     notice_only = lambda text: {c["message"]: render.notice("error", text)}  # noqa: E731
 
     @guarded("copying the run's config", notice_only)
