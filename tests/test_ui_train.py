@@ -1,0 +1,351 @@
+"""ui.train's handlers, called as plain functions on real run directories (no server).
+
+Run directories are made by ``create_run`` and filled with real files (status, metrics lines, log).
+A run that must count as live gets a real stand-in process (``sleep``) recorded as its trainer; one
+test launches a real tiny training run.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from mae_core.config import ConfigError, ModelConfig, RunConfig, TrainConfig
+from mae_core.fileio import atomic_write_json
+from mae_core.process import process_record
+from mae_core.rundir import LIVE_STATES, RunPaths, create_run
+from mae_core.runs import RunError, RunManager
+from ui import train
+from ui.common import AppContext, UserError, form_values, user_errors
+
+TINY = RunConfig(model=ModelConfig(image_size=32, patch_size=8),
+                 train=TrainConfig(accelerator="cpu", devices=1, batch_size=4, max_steps=4,
+                                   num_workers=0))
+IDLE_KEYS = {"seen_live", "sig"}
+
+
+@pytest.fixture
+def ctx(tmp_path) -> AppContext:
+    return AppContext(RunManager(tmp_path / "runs"))
+
+
+@pytest.fixture
+def stand_ins():
+    """Real processes that stand in for live trainers; ended (by their own pid) after the test."""
+    started: list[subprocess.Popen] = []
+
+    def start() -> subprocess.Popen:
+        process = subprocess.Popen(["sleep", "300"], start_new_session=True)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()
+        process.wait()
+
+
+def make_run(ctx: AppContext, state: str = "stopped", step: int = 0, **status) -> RunPaths:
+    paths = create_run(TINY.resolved(), runs_dir=ctx.manager.runs_dir)
+    paths.write_status(state=state, step=step, **status)
+    time.sleep(0.01)  # distinct creation times: the newest run is listed first
+    return paths
+
+
+def make_live(paths: RunPaths, process: subprocess.Popen, **status) -> None:
+    atomic_write_json(paths.process, process_record(process.pid))
+    paths.write_status(state="running", **status)
+
+
+def write_metrics(paths: RunPaths, steps, start_loss: float = 2.0) -> None:
+    with open(paths.metrics, "a") as handle:
+        for step in steps:
+            handle.write(json.dumps({"step": step, "epoch": 0, "loss": start_loss / step,
+                                     "lr": 1e-4 * step, "images_per_s": 50.0}) + "\n")
+
+
+def chart_steps(chart) -> list[int]:
+    rows = [row for data in chart.to_dict()["datasets"].values() for row in data]
+    return sorted({row["step"] for row in rows if row["kind"] == "raw"})
+
+
+def poll_args(run_id=None, seen_live=None, sig=None, action=None, metric="loss"):
+    return dict(run_id=run_id, overlay=[], metric=metric, log_scale=True, smoothing=0.8,
+                seen_live=seen_live, sig=sig, action=action)
+
+
+# --- action messages --------------------------------------------------------------------------
+
+def stop_action(run_id: str) -> dict:
+    return {"action": "stop", "run_id": run_id, "kind": "ok", "text": f"Stopping `{run_id}`."}
+
+
+def test_action_message_follows_the_run_through_a_stop():
+    action = stop_action("run-1")
+    requested = train.action_message(action, {"state": "running", "step": 5, "stop_requested": True})
+    assert "Stop requested" in requested and 'data-kind="warn"' in requested
+    stopped = train.action_message(action, {"state": "stopped", "step": 7, "stop_requested": False,
+                                            "resumable": True})
+    assert "Stop requested" not in stopped
+    assert "stopped at step 7" in stopped and "Resume" in stopped
+    assert "Resume" not in train.action_message(action, {"state": "stopped", "step": 7})
+
+
+def test_action_message_for_finished_failed_and_refused():
+    start = {"action": "start", "run_id": "run-2", "kind": "ok", "text": "Started run `run-2`."}
+    running = train.action_message(start, {"state": "running", "step": 1})
+    assert "Started run" in running and "running" in running and 'data-kind="ok"' in running
+    finished = train.action_message(start, {"state": "finished", "step": 300})
+    assert "finished at step 300" in finished
+    failed = train.action_message(start, {"state": "failed", "step": 3,
+                                          "error": "CUDA out of memory on rank 1"})
+    assert "CUDA out of memory on rank 1" in failed and 'data-kind="error"' in failed
+    refused = train.action_message(train.failed_action("start", "Invalid setting, seed: too big"),
+                                   {"state": "running"})
+    assert "Invalid setting, seed: too big" in refused and 'data-kind="error"' in refused
+    assert train.action_message(None, {"state": "running"}) == ""
+
+
+def test_an_old_refusal_is_replaced_by_the_next_action():
+    """An error from a refused Start must not stay once a later Start succeeded."""
+    first = train.failed_action("start", "run x is still live")
+    later = {"action": "start", "run_id": "run-3", "kind": "ok", "text": "Started run `run-3`."}
+    text = train.action_message(later, {"state": "starting", "step": 0})
+    assert "still live" not in text and "Started run" in text and 'data-kind="error"' not in text
+    assert "still live" in train.action_message(first, None)
+
+
+# --- the run shown, and the buttons -------------------------------------------------------------
+
+def test_pick_selected_follows_a_newly_live_run_but_keeps_a_choice():
+    runs = [{"run_id": "new", "state": "running"}, {"run_id": "old", "state": "stopped"}]
+    assert train.pick_selected(runs, "old", seen_live=None) == "new"  # it just became live
+    assert train.pick_selected(runs, "old", seen_live="new") == "old"  # the user went back to it
+    assert train.pick_selected(runs, None, seen_live="new") == "new"
+    assert train.pick_selected(runs, "deleted", seen_live="new") == "new"
+    quiet = [{"run_id": "b", "state": "finished"}, {"run_id": "a", "state": "stopped"}]
+    assert train.pick_selected(quiet, "a", seen_live="b") == "a"
+    assert train.pick_selected(quiet, None, seen_live=None) == "b"  # the newest
+    assert train.pick_selected(quiet, "gone", seen_live=None) == "b"
+    assert train.pick_selected([], "gone", seen_live=None) is None
+
+
+def test_button_states():
+    idle = train.button_states(None, any_live=False)
+    assert idle["start"]["interactive"] and not idle["stop"]["interactive"]
+    assert not idle["resume"]["interactive"]
+    live = train.button_states({"state": "running", "stop_requested": False}, any_live=True)
+    assert not live["start"]["interactive"]
+    assert live["stop"] == {"interactive": True, "value": "Stop"}
+    assert not live["resume"]["interactive"]
+    stopping = train.button_states({"state": "running", "stop_requested": True}, any_live=True)
+    assert stopping["stop"] == {"interactive": True, "value": "Force stop"}
+    resumable = train.button_states({"state": "stopped", "resumable": True}, any_live=False)
+    assert resumable["resume"]["interactive"] and resumable["start"]["interactive"]
+    assert not resumable["stop"]["interactive"] and resumable["stop"]["value"] == "Stop"
+    # Another run is live: no Resume (one run at a time), no Stop for this one.
+    other_live = train.button_states({"state": "stopped", "resumable": True}, any_live=True)
+    assert not other_live["resume"]["interactive"] and not other_live["stop"]["interactive"]
+    assert not other_live["start"]["interactive"]
+    not_resumable = train.button_states({"state": "finished", "resumable": False}, any_live=False)
+    assert not not_resumable["resume"]["interactive"]
+
+
+# --- the live view --------------------------------------------------------------------------------
+
+def test_poll_sends_only_what_changed(ctx):
+    paths = make_run(ctx, state="stopped", step=3, loss=0.66)
+    write_metrics(paths, range(1, 4))
+    paths.log.write_text("trainer started\nstep 3 done\n")
+    first = train.poll(ctx, **poll_args())
+    assert first["run_pick"]["value"] == paths.run_id
+    assert paths.run_id in first["status"] and 'data-state="stopped"' in first["status"]
+    assert "step 3 done" in first["log"]
+    assert chart_steps(first["chart"]) == [1, 2, 3]
+    assert "3 points" in first["chart_info"]
+
+    idle = train.poll(ctx, **poll_args(paths.run_id, first["seen_live"], first["sig"]))
+    assert set(idle) == IDLE_KEYS, f"an idle poll resent {set(idle) - IDLE_KEYS}"
+
+    write_metrics(paths, [4])
+    grown = train.poll(ctx, **poll_args(paths.run_id, idle["seen_live"], idle["sig"]))
+    assert chart_steps(grown["chart"]) == [1, 2, 3, 4]
+    assert "log" not in grown and "status" not in grown
+
+    with open(paths.log, "a") as handle:
+        handle.write("a new log line\n")
+    logged = train.poll(ctx, **poll_args(paths.run_id, grown["seen_live"], grown["sig"]))
+    assert "a new log line" in logged["log"] and "chart" not in logged
+
+
+def test_poll_survives_metrics_rewritten_shorter(ctx):
+    paths = make_run(ctx, state="stopped", step=6)
+    write_metrics(paths, range(1, 7))
+    out = train.poll(ctx, **poll_args())
+    assert chart_steps(out["chart"]) == [1, 2, 3, 4, 5, 6]
+    paths.truncate_metrics(3)  # what a resume from step 3 does (a new file)
+    out = train.poll(ctx, **poll_args(paths.run_id, out["seen_live"], out["sig"]))
+    assert chart_steps(out["chart"]) == [1, 2, 3]
+    paths.metrics.write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")  # shorter, in place
+    out = train.poll(ctx, **poll_args(paths.run_id, out["seen_live"], out["sig"]))
+    assert chart_steps(out["chart"]) == [1]
+    write_metrics(paths, [2, 3], start_loss=1.0)  # the resumed run goes on
+    out = train.poll(ctx, **poll_args(paths.run_id, out["seen_live"], out["sig"]))
+    assert chart_steps(out["chart"]) == [1, 2, 3]
+
+
+def test_poll_follows_a_run_that_becomes_live_and_shows_its_stop(ctx, stand_ins):
+    old = make_run(ctx, state="stopped", step=2)
+    out = train.poll(ctx, **poll_args())
+    assert out["seen_live"] is None and out["start"]["interactive"]
+    new = make_run(ctx, state="starting")
+    make_live(new, stand_ins(), step=1, total_steps=4)
+    out = train.poll(ctx, **poll_args(old.run_id, out["seen_live"], out["sig"]))
+    assert out["seen_live"] == new.run_id and out["run_pick"]["value"] == new.run_id
+    assert out["start"]["interactive"] is False and out["stop"]["interactive"] is True
+    assert "(no output yet)" in out["log"]
+    # The user picks the old run again: it stays picked while the same run is live.
+    out = train.poll(ctx, **poll_args(old.run_id, out["seen_live"], out["sig"]))
+    assert "run_pick" not in out or out["run_pick"]["value"] == old.run_id
+    assert 'data-state="stopped"' in out["status"]
+
+    # A stop through the real manager: "Stop requested", then "stopped at step N".
+    action = train.stop_run(ctx.manager, new.run_id)
+    out = train.poll(ctx, **poll_args(new.run_id, out["seen_live"], out["sig"], action))
+    assert "Stop requested" in out["message"] and out["stop"]["value"] == "Force stop"
+    new.stop_request.unlink()
+    new.write_status(state="stopped", step=3)
+    out = train.poll(ctx, **poll_args(new.run_id, out["seen_live"], out["sig"], action))
+    assert "stopped at step 3" in out["message"] and "Stop requested" not in out["message"]
+    assert out["stop"]["interactive"] is False and out["stop"]["value"] == "Stop"
+    assert out["start"]["interactive"] is True
+
+
+def test_curve_view_never_smooths_the_learning_rate(ctx):
+    paths = make_run(ctx, step=5)
+    write_metrics(paths, range(1, 6))
+    chart, info = train.curve_view(ctx, [paths.run_id], "lr", False, 0.9)
+    kinds = {row["kind"] for data in chart.to_dict()["datasets"].values() for row in data}
+    assert kinds == {"raw"} and "learning rate" in info
+    chart, _ = train.curve_view(ctx, [paths.run_id], "no-such-metric", False, 0.9)
+    kinds = {row["kind"] for data in chart.to_dict()["datasets"].values() for row in data}
+    assert "smoothed" in kinds  # an unknown metric falls back to the loss
+
+
+# --- actions on real runs ---------------------------------------------------------------------
+
+def test_stop_and_resume_refusals_are_readable(ctx):
+    paths = make_run(ctx, state="stopped", step=2)
+    with pytest.raises(UserError, match="Choose a run"):
+        train.stop_run(ctx.manager, None)
+    with pytest.raises(UserError, match="Choose a run"):
+        train.resume_run(ctx.manager, "", 10)
+    with pytest.raises(RunError, match="not running"):
+        train.stop_run(ctx.manager, paths.run_id)
+    with pytest.raises(RunError, match="no checkpoint"):
+        train.resume_run(ctx.manager, paths.run_id, 0)
+    with pytest.raises(ConfigError, match="resume until step"):
+        train.resume_run(ctx.manager, paths.run_id, "abc")
+
+
+def test_start_is_refused_while_a_run_is_live(ctx, stand_ins):
+    live = make_run(ctx, state="starting")
+    make_live(live, stand_ins())
+    values = form_values(TINY)
+    with pytest.raises(RunError, match="still live"):
+        train.start_run(ctx.manager, values)
+    with pytest.raises(ConfigError, match="batch_size"):
+        train.start_run(ctx.manager, {**values, "batch_size": 2.5})
+    assert [s["run_id"] for s in ctx.manager.list()] == [live.run_id]
+
+
+def test_start_launches_a_real_run_that_finishes(ctx):
+    action = train.start_run(ctx.manager, form_values(TINY))
+    run_id = action["run_id"]
+    assert action["kind"] == "ok" and run_id in action["text"]
+    deadline = time.monotonic() + 240
+    status = ctx.manager.status(run_id)
+    while status["state"] in LIVE_STATES and time.monotonic() < deadline:
+        time.sleep(0.5)
+        status = ctx.manager.status(run_id)
+    assert status["state"] == "finished", status
+    assert "finished at step 4" in train.action_message(action, status)
+    out = train.poll(ctx, **poll_args(run_id=run_id, action=action))
+    assert chart_steps(out["chart"]) == [1, 2, 3, 4]
+    assert "finished at step 4" in out["message"] and out["log"]
+    assert out["resume"]["interactive"] is False and out["start"]["interactive"] is True
+
+
+# --- the form and config files ----------------------------------------------------------------
+
+def test_config_yaml_round_trips_into_the_form():
+    values = {**form_values(TINY), "preset": "vit-small", "seed": 7, "base_lr": 3e-4,
+              "policy": "reference", "max_epochs": 2}
+    path = train.config_yaml_file(values)
+    assert Path(path).read_text().startswith("model:")
+    back = train.form_from_yaml(path)
+    assert back["preset"] == "vit-small" and back["seed"] == 7 and back["policy"] == "reference"
+    assert back == {**values, "max_epochs": 2}
+    with pytest.raises(ConfigError, match="batch_size"):
+        train.config_yaml_file({**values, "batch_size": "abc"})
+
+
+def test_copy_a_runs_config_into_the_form(ctx):
+    paths = make_run(ctx)
+    assert train.form_from_run(ctx.manager, paths.run_id) == form_values(TINY.resolved())
+    with pytest.raises(UserError):
+        train.form_from_run(ctx.manager, None)
+
+
+@pytest.mark.parametrize("content,words", [
+    (b"model: [unclosed\n", "not valid YAML"),
+    (b"hello: world\n", "hello"),
+    (b"- just\n- a list\n", "mapping"),
+    (b"model:\n  image_size: 36\n", "image_size"),
+    (b"train:\n  batch_sise: 8\n", "batch_sise"),
+])
+def test_a_bad_config_file_gives_a_clear_error(tmp_path, content, words):
+    path = tmp_path / "config.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=words):
+        train.form_from_yaml(str(path))
+
+
+def test_a_non_text_file_is_refused_as_a_user_error(tmp_path):
+    """An image uploaded by mistake is refused with a readable message, not an internal error."""
+    path = tmp_path / "photo.yaml"
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(path, format="PNG")
+    with pytest.raises(user_errors()) as caught:
+        train.form_from_yaml(str(path))
+    assert "photo.yaml" in str(caught.value)
+
+
+def test_a_huge_or_missing_config_file_is_refused(tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * 1_100_000 + "\n")
+    with pytest.raises(UserError, match="1 MB"):
+        train.form_from_yaml(str(big))
+    with pytest.raises(UserError, match="Choose a config file"):
+        train.form_from_yaml(None)
+
+
+def test_check_data_folder(ctx, tmp_path):
+    missing = train.check_data_folder(ctx.manager, str(tmp_path / "no-such-folder"))
+    assert 'data-kind="error"' in missing and "no-such-folder" in missing
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(photos / "a.png")
+    Image.new("L", (50, 50), 128).save(photos / "sub" / "b.jpg")
+    (photos / "notes.txt").write_text("not an image")
+    found = train.check_data_folder(ctx.manager, f"  {photos}  ")
+    assert 'data-kind="ok"' in found and "2 image file(s) found" in found
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert 'data-kind="error"' in train.check_data_folder(ctx.manager, str(empty))
+    samples = train.check_data_folder(ctx.manager, "")
+    assert 'data-kind="ok"' in samples and "sample photos" in samples
