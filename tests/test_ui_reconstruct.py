@@ -1,0 +1,250 @@
+"""ui.reconstruct's handlers on real run directories with real weights (no server, no trainer):
+every readable image is reconstructed and each refused file is listed with its reason; the heat map
+has one fixed scale; the checkpoint follows the live run unless one was picked by hand."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mae_core.config import MAX_SEED, ConfigError, ModelConfig, RunConfig, TrainConfig
+from mae_core.fileio import atomic_write_json
+from mae_core.model import MaskedAutoencoder
+from mae_core.process import process_record
+from mae_core.reconstruct import HEATMAP_MAX, Reconstruction, colorbar, error_heatmap
+from mae_core.rundir import RunPaths, create_run
+from mae_core.runs import RunError, RunManager
+from mae_core.weights import save_weights
+from ui import reconstruct
+from ui.common import AppContext, UserError
+
+MODEL = ModelConfig(image_size=32, patch_size=8)
+TINY = RunConfig(model=MODEL, train=TrainConfig(accelerator="cpu", devices=1, batch_size=4,
+                                                max_steps=4, num_workers=0))
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "model.safetensors"
+    save_weights(MaskedAutoencoder(MODEL), path, step=5)
+    return path
+
+
+@pytest.fixture
+def ctx(tmp_path) -> AppContext:
+    return AppContext(RunManager(tmp_path / "runs"))
+
+
+@pytest.fixture
+def stand_in():
+    """A real process standing in for a live trainer; ended by its own pid after the test."""
+    process = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    yield process
+    process.kill()
+    process.wait()
+
+
+def make_run(ctx: AppContext, weights: Path | None, state: str = "stopped") -> RunPaths:
+    paths = create_run(TINY.resolved(), runs_dir=ctx.manager.runs_dir)
+    paths.write_status(state=state, step=5)
+    if weights is not None:
+        paths.weights.write_bytes(weights.read_bytes())
+    time.sleep(0.01)
+    return paths
+
+
+@pytest.fixture
+def run(ctx, weights_file) -> RunPaths:
+    return make_run(ctx, weights_file)
+
+
+def photo(path: Path, size=(48, 40), seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def corrupt(path: Path) -> Path:
+    good = photo(path.with_name("whole-" + path.name))
+    path.write_bytes(good.read_bytes()[:120])  # a PNG cut short
+    return path
+
+
+def test_one_bad_file_does_not_spoil_the_batch(ctx, run, tmp_path):
+    bad, good = corrupt(tmp_path / "broken.png"), photo(tmp_path / "holiday.png")
+    result = reconstruct.reconstruct_files(ctx, [str(bad), str(good)], False, run.run_id, 0.75, 0)
+    assert [row[0] for row in result.rows] == ["holiday.png"]
+    assert result.rows[0][2] == 12  # 75 % of the 16 patches are masked
+    assert [name for name, _ in result.refused] == ["broken.png"]
+    assert "corrupt or truncated" in result.refused[0][1]
+    assert 'data-kind="warn"' in result.message
+    assert "1 image(s) reconstructed, 1 refused" in result.message and "step 5" in result.message
+    assert 'data-name="holiday.png"' in result.html and 'id="recon-refused"' in result.html
+    assert "broken.png" in result.html
+
+
+def test_a_non_image_and_a_missing_file_are_refused_readably(ctx, run, tmp_path):
+    text = tmp_path / "notes.png"
+    text.write_text("these are my notes, not a picture")
+    missing = tmp_path / "gone.jpg"
+    result = reconstruct.reconstruct_files(ctx, [str(text), str(missing)], False, run.run_id,
+                                           0.5, 1)
+    reasons = dict(result.refused)
+    assert "not an image" in reasons["notes.png"]
+    assert "no such file" in reasons["gone.jpg"]
+    assert result.rows == [] and 'data-kind="error"' in result.message
+    assert "0 image(s) reconstructed, 2 refused" in result.message
+
+
+def test_every_readable_image_is_reconstructed_up_to_the_limit(ctx, run, tmp_path):
+    files = [str(photo(tmp_path / f"p{i:02d}.png", (33 + i, 32), seed=i))
+             for i in range(reconstruct.MAX_IMAGES + 1)]
+    result = reconstruct.reconstruct_files(ctx, files, False, run.run_id, 0.75, 3)
+    assert len(result.rows) == reconstruct.MAX_IMAGES
+    assert result.refused == [("p16.png", f"over the {reconstruct.MAX_IMAGES} images of one request")]
+
+
+def test_the_sample_photos_and_weights_loaded_once(ctx, run):
+    first = reconstruct.reconstruct_files(ctx, None, True, run.run_id, 0.75, 0)
+    assert len(first.rows) == reconstruct.NUM_SAMPLE_IMAGES and not first.refused
+    assert 'data-kind="ok"' in first.message
+    again = reconstruct.reconstruct_files(ctx, [], True, run.run_id, 0.75, 0)
+    assert again.rows == first.rows  # same seed, same masks, same losses
+    assert ctx.models.loads == 1  # the second call reused the loaded model
+
+
+@pytest.mark.parametrize("ratio,seed,field", [(0, 0, "mask_ratio"), (1, 0, "mask_ratio"),
+                                              ("abc", 0, "mask_ratio"), (float("nan"), 0, "mask_ratio"),
+                                              (0.75, MAX_SEED + 1, "mask seed"),
+                                              (0.75, -1, "mask seed"), (0.75, 1.5, "mask seed"),
+                                              (0.75, "x", "mask seed")])
+def test_bad_ratio_or_seed_is_refused_naming_the_field(ctx, run, tmp_path, ratio, seed, field):
+    good = photo(tmp_path / "a.png")
+    with pytest.raises(ConfigError) as caught:
+        reconstruct.reconstruct_files(ctx, [str(good)], False, run.run_id, ratio, seed)
+    assert caught.value.field == field
+
+
+def test_no_images_or_no_checkpoint_gives_a_clear_error(ctx, run, tmp_path):
+    with pytest.raises(UserError, match="Upload one or more images"):
+        reconstruct.reconstruct_files(ctx, [], False, run.run_id, 0.75, 0)
+    with pytest.raises(UserError, match="Upload one or more images"):
+        reconstruct.reconstruct_files(ctx, None, False, run.run_id, 0.75, 0)
+    good = str(photo(tmp_path / "a.png"))
+    with pytest.raises(UserError, match="Choose a checkpoint"):
+        reconstruct.reconstruct_files(ctx, [good], False, None, 0.75, 0)
+    no_weights = make_run(ctx, None)
+    with pytest.raises(RunError, match="no saved weights"):
+        reconstruct.reconstruct_files(ctx, [good], False, no_weights.run_id, 0.75, 0)
+
+
+# --- heat map on one fixed scale --------------------------------------------------------------
+
+def synthetic(errors: list[list[float]]) -> Reconstruction:
+    """A result with a black image, so the heat map shows the error colour alone."""
+    grid = torch.tensor(errors)
+    black = torch.zeros(3, 8 * grid.shape[0], 8 * grid.shape[1])
+    return Reconstruction(black, black, black, black, grid, torch.ones_like(grid, dtype=torch.bool),
+                          float(grid.mean()))
+
+
+def pixel(image: Image.Image, row: int, col: int, patch: int = 8) -> tuple:
+    return image.getpixel((col * patch + patch // 2, row * patch + patch // 2))
+
+
+def test_the_same_patch_error_has_the_same_colour_in_every_image():
+    low = synthetic([[1.0, 0.1], [0.1, 0.1]])  # 1.0 is this image's largest error
+    high = synthetic([[1.0, 1.9], [3.0, 0.5]])  # here it is far from the largest
+    a, b = error_heatmap(low), error_heatmap(high)
+    assert pixel(a, 0, 0) == pixel(b, 0, 0)
+    # Beyond the scale's top, colours saturate; below it they stay apart.
+    assert pixel(b, 1, 0) == error_heatmap(synthetic([[HEATMAP_MAX] * 2] * 2)).getpixel((4, 4))
+    assert pixel(a, 0, 1) != pixel(a, 0, 0)
+    assert pixel(b, 0, 1) != pixel(b, 1, 0)
+
+
+def test_real_reconstructions_share_the_scale(ctx, run, tmp_path):
+    """Two uploads in two calls: a patch's colour depends on its error alone, not on the image's
+    own maximum (the largest error of an image is not always drawn in the top colour)."""
+    from mae_core.reconstruct import reconstruct as run_model
+
+    model = ctx.models.get(run.weights)
+    images = torch.stack([torch.from_numpy(np.array(Image.open(photo(tmp_path / f"{i}.png", (32, 32), i))))
+                          .permute(2, 0, 1) for i in range(2)])
+    first = run_model(model, images[:1], 0.75, seed=0)[0]
+    second = run_model(model, images[1:], 0.75, seed=9)[0]
+    for result in (first, second):
+        black = Reconstruction(*(torch.zeros_like(result.original),) * 4, result.patch_error,
+                               result.patch_masked, result.loss)
+        heat = error_heatmap(black)
+        top = torch.nonzero((result.patch_error == result.patch_error[result.patch_masked].max())
+                            & result.patch_masked)[0].tolist()
+        error = float(result.patch_error[top[0], top[1]])
+        beside_larger = error_heatmap(synthetic([[error, 3 * error]]))
+        assert pixel(heat, *top) == pixel(beside_larger, 0, 0)
+
+
+def test_colorbar_is_an_image_from_low_to_high():
+    bar = colorbar()
+    assert isinstance(bar, Image.Image) and bar.width > bar.height
+    left, right = np.asarray(bar)[bar.height // 2, 0], np.asarray(bar)[bar.height // 2, -1]
+    assert left.sum() < right.sum()  # dark for no error, bright for the scale's top
+    zero = np.asarray(error_heatmap(synthetic([[0.0]])).getpixel((4, 4)))
+    top = np.asarray(error_heatmap(synthetic([[HEATMAP_MAX]])).getpixel((4, 4)))
+    assert zero.sum() < top.sum()
+
+
+def test_results_carry_the_colour_bar_with_its_values(ctx, run, tmp_path):
+    result = reconstruct.reconstruct_files(ctx, [str(photo(tmp_path / "a.png"))], False,
+                                           run.run_id, 0.75, 0)
+    assert 'id="heat-colorbar"' in result.html and "data:image/png;base64," in result.html
+    assert f"≥{HEATMAP_MAX:g}" in result.html and "one scale for every image" in result.html
+
+
+# --- which checkpoint ------------------------------------------------------------------------
+
+def test_refresh_follows_the_live_run_unless_picked_by_hand(ctx, weights_file, stand_in):
+    older = make_run(ctx, weights_file)
+    make_run(ctx, None)  # no weights yet: not a checkpoint to offer
+    live = make_run(ctx, weights_file, state="starting")
+    atomic_write_json(live.process, process_record(stand_in.pid))
+    live.write_status(state="running")
+    (live.previews).mkdir(exist_ok=True)
+    Image.new("RGB", (8, 8)).save(live.previews / "step_000010.png")
+    Image.new("RGB", (8, 8)).save(live.previews / "step_000020.png")
+
+    out = reconstruct.refresh(ctx, None, True, None)
+    choices = out["ckpt_pick"]["choices"]
+    assert [value for _, value in choices] == [live.run_id, older.run_id]
+    assert choices[0][0].endswith("· live")
+    assert out["ckpt_pick"]["value"] == live.run_id
+    assert [caption for _, caption in out["previews"]] == ["step 20", "step 10"]
+
+    idle = reconstruct.refresh(ctx, live.run_id, True, out["sig"])
+    assert set(idle) == {"sig"}  # nothing changed: nothing sent
+
+    picked = reconstruct.refresh(ctx, older.run_id, False, idle["sig"])
+    assert picked["ckpt_pick"]["value"] == older.run_id
+    assert picked["previews"] == []  # the older run has none
+    still = reconstruct.refresh(ctx, older.run_id, False, picked["sig"])
+    assert "ckpt_pick" not in still
+
+    following = reconstruct.refresh(ctx, older.run_id, True, still["sig"])
+    assert following["ckpt_pick"]["value"] == live.run_id
+
+
+def test_refresh_without_a_live_run_offers_the_newest(ctx, weights_file):
+    first = make_run(ctx, weights_file)
+    second = make_run(ctx, weights_file, state="finished")
+    out = reconstruct.refresh(ctx, None, True, None)
+    assert out["ckpt_pick"]["value"] == second.run_id
+    assert reconstruct.refresh(ctx, first.run_id, False, None)["ckpt_pick"]["value"] == first.run_id
+    # A pick of a run that has since been deleted falls back to the default.
+    assert reconstruct.refresh(ctx, "deleted-run", False, None)["ckpt_pick"]["value"] == second.run_id
