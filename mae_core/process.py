@@ -179,14 +179,26 @@ def watch(process: subprocess.Popen, on_exit: Callable[[int], None]) -> threadin
     return thread
 
 
+def child_exit_code(pid: int) -> int | None:
+    """The return code of ``pid`` if it is an exited, not yet reaped child of this process."""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except (ChildProcessError, OSError):
+        return None
+    return _return_code(info)
+
+
 def _wait_without_reaping(pid: int) -> int | None:
     """Block until child ``pid`` exits; its return code as Popen reports it (negative: signal)."""
     try:
         info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
     except ChildProcessError:
         return None
-    if info is None:
+    return _return_code(info)
+
+
+def _return_code(info: os.waitid_result | None) -> int | None:
+    """A ``waitid`` result as Popen's return code: the exit status, or minus the signal."""
+    if info is None or info.si_pid == 0:
         return None
-    if info.si_code == os.CLD_EXITED:
-        return info.si_status
-    return -info.si_status
+    return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status

@@ -289,7 +289,10 @@ class RunManager:
         status = paths.read_status()
         if status.get("state") not in LIVE_STATES:
             return status
-        code = self._exit_codes.get(pid) if isinstance(pid, int) else None
+        code = None
+        if isinstance(pid, int):
+            code = self._exit_codes.get(pid)
+            code = proc.child_exit_code(pid) if code is None else code
         if code is not None and code < 0:
             how = f"was killed by {signal.Signals(-code).name}"
         elif code is not None:
@@ -312,7 +315,10 @@ class RunManager:
     def _terminate(self, paths: RunPaths, record: dict[str, Any] | None, reason: str) -> None:
         """End the trainer ``record`` names and its ranks (SIGTERM, then SIGKILL); record it as
         stopped unless a newer trainer has taken over the run directory since."""
-        if record and isinstance(record.get("pid"), int) and proc.on_this_host(record):
+        if record and not proc.on_this_host(record):
+            raise RunError(f"run {paths.run_id} runs on {record.get('host')}: it stops after its "
+                           "current step, or end it there")
+        if record and isinstance(record.get("pid"), int):
             proc.terminate_group(record["pid"], record.get("start_time"))
         current = read_json(paths.process) or {}
         if record and current.get("pid") not in (None, record.get("pid")):

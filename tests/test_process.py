@@ -59,6 +59,8 @@ def test_liveness_checks_the_start_time_and_counts_a_zombie_as_dead():
         # Exited but not reaped: /proc still lists it (state Z), yet it is dead.
         assert poll(lambda: child.pid in proc.zombie_children(), 30, 0.05)
         assert not proc.pid_alive(child.pid, start)
+        assert proc.child_exit_code(child.pid) == 0
+        assert child.pid in proc.zombie_children()  # asking did not reap it
     finally:
         child.wait()
     assert child.pid not in proc.zombie_children()
@@ -91,6 +93,7 @@ def test_watch_reports_the_exit_and_reaps_the_child(tmp_path, how, code):
 
     thread = proc.watch(child, on_exit)
     if how == "kill":
+        assert proc.child_exit_code(child.pid) is None  # still running
         os.kill(child.pid, signal.SIGKILL)
     assert done.wait(60)
     thread.join(30)
