@@ -1,0 +1,164 @@
+"""ui.runs' handlers on real run directories (no server): the table names a live run's loss for what
+it is, Delete is never offered for a live run and asks first, and the export loads into timm."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from mae_core.config import ModelConfig, RunConfig, TrainConfig
+from mae_core.fileio import atomic_write_json
+from mae_core.model import MaskedAutoencoder
+from mae_core.process import process_record
+from mae_core.rundir import RunPaths, create_run
+from mae_core.runs import RunError, RunManager
+from mae_core.weights import save_weights
+from ui import runs
+from ui.common import AppContext, UserError
+
+MODEL = ModelConfig(image_size=32, patch_size=8)
+TINY = RunConfig(model=MODEL, train=TrainConfig(accelerator="cpu", devices=1, batch_size=4,
+                                                max_steps=4, num_workers=0))
+
+
+@pytest.fixture
+def ctx(tmp_path) -> AppContext:
+    return AppContext(RunManager(tmp_path / "runs"))
+
+
+@pytest.fixture
+def stand_in():
+    """A real process standing in for a live trainer; ended by its own pid after the test."""
+    process = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    yield process
+    process.kill()
+    process.wait()
+
+
+def make_run(ctx: AppContext, state: str = "stopped", **status) -> RunPaths:
+    paths = create_run(TINY.resolved(), runs_dir=ctx.manager.runs_dir)
+    paths.write_status(state=state, **status)
+    time.sleep(0.01)
+    return paths
+
+
+def make_live(paths: RunPaths, process: subprocess.Popen, **status) -> None:
+    atomic_write_json(paths.process, process_record(process.pid))
+    paths.write_status(state="running", **status)
+
+
+def test_a_live_runs_loss_is_marked_live(ctx, stand_in):
+    done = make_run(ctx, "finished", step=4, total_steps=4, loss=0.4321, elapsed_s=75)
+    with open(done.metrics, "w") as handle:
+        handle.write(json.dumps({"step": 4, "loss": 0.4321}) + "\n")
+        handle.write(json.dumps({"step": 4, "epoch": 0, "epoch_loss": 0.55}) + "\n")
+    live = make_run(ctx, "starting")
+    make_live(live, stand_in, step=2, total_steps=4, loss=0.91234)
+    assert "last logged" in runs.HEADERS[runs.HEADERS.index("loss (last logged)")]
+    rows = {row[0]: dict(zip(runs.HEADERS, row)) for row in runs.table_rows(ctx, ctx.manager.list())}
+    assert rows[live.run_id]["loss (last logged)"] == "0.9123 (live)"
+    assert rows[live.run_id]["state"] == "running" and rows[live.run_id]["steps"] == "2 / 4"
+    assert rows[done.run_id]["loss (last logged)"] == "0.4321"  # a finished run's last loss
+    assert rows[done.run_id]["epoch loss (last)"] == "0.55"
+    assert rows[done.run_id]["duration"] == "1 min 15 s"
+    assert rows[done.run_id]["policy"] == "ddp-clean" and rows[done.run_id]["preset"] == "vit-tiny"
+    assert rows[live.run_id]["epoch loss (last)"] == "–"
+
+
+def test_a_live_run_without_a_loss_yet_says_nothing_live(ctx, stand_in):
+    live = make_run(ctx, "starting")
+    make_live(live, stand_in, step=0)
+    [row] = runs.table_rows(ctx, ctx.manager.list())
+    assert row[3] == "–"
+
+
+def test_delete_is_offered_only_for_a_run_that_is_not_live(ctx, stand_in):
+    stopped = make_run(ctx, "stopped", step=3)
+    live = make_run(ctx, "starting")
+    make_live(live, stand_in)
+    out = runs.refresh(ctx, live.run_id, None)
+    assert out["pick"]["value"] == live.run_id
+    assert set(out["pick"]["choices"]) == {live.run_id, stopped.run_id}
+    assert out["delete"]["interactive"] is False
+    table = out["table"]  # the rows, or an update holding them
+    assert len(table["value"] if isinstance(table, dict) else table) == 2
+    out = runs.refresh(ctx, stopped.run_id, out["sig"])
+    assert out["delete"]["interactive"] is True
+    idle = runs.refresh(ctx, stopped.run_id, out["sig"])
+    assert set(idle) == {"sig"}  # nothing changed: nothing sent
+    # The live run ends: Delete becomes possible for it.
+    live.write_status(state="stopped", step=2)
+    out = runs.refresh(ctx, live.run_id, idle["sig"])
+    assert out["delete"]["interactive"] is True and "table" in out
+
+
+def test_refresh_with_no_runs_or_a_vanished_pick(ctx):
+    out = runs.refresh(ctx, None, None)
+    assert out["pick"]["value"] is None and out["delete"]["interactive"] is False
+    paths = make_run(ctx)
+    out = runs.refresh(ctx, "deleted-meanwhile", out["sig"])
+    assert out["pick"]["value"] == paths.run_id
+
+
+def test_delete_asks_first_then_deletes(ctx):
+    keep = make_run(ctx, "finished", step=4)
+    doomed = make_run(ctx, "stopped", step=2)
+    with pytest.raises(UserError, match="Tick"):
+        runs.delete_run(ctx, doomed.run_id, False)
+    assert doomed.root.exists() and doomed.config.exists()
+    with pytest.raises(UserError, match="Choose a run"):
+        runs.delete_run(ctx, None, True)
+    message = runs.delete_run(ctx, doomed.run_id, True)
+    assert doomed.run_id in message and not doomed.root.exists()
+    assert [s["run_id"] for s in ctx.manager.list()] == [keep.run_id]
+
+
+def test_a_live_run_is_not_deleted_even_when_ticked(ctx, stand_in):
+    live = make_run(ctx, "starting")
+    make_live(live, stand_in)
+    with pytest.raises(RunError, match="stop it before deleting"):
+        runs.delete_run(ctx, live.run_id, True)
+    assert live.root.exists()
+
+
+def test_delete_refuses_a_path_as_run_id(ctx, tmp_path):
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    (outside / "config.yaml").write_text("model: {}\n")
+    with pytest.raises(RunError):
+        runs.delete_run(ctx, "../precious", True)
+    assert outside.exists()
+
+
+def test_export_writes_an_encoder_timm_loads(ctx):
+    paths = make_run(ctx, "finished", step=5)
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(MODEL)
+    save_weights(model, paths.weights, step=5)
+    file, snippet, message = runs.export_run(ctx, paths.run_id)
+    assert Path(file).is_file() and paths.run_id in message
+    vit = timm.create_model(MODEL.preset_spec.timm_name, pretrained=False, num_classes=0,
+                            img_size=32, patch_size=8)
+    state = load_file(file)
+    vit.load_state_dict(state)  # strict: every encoder tensor, nothing else
+    trained = model.state_dict()["backbone.vit.blocks.0.attn.qkv.weight"]
+    assert torch.equal(vit.state_dict()["blocks.0.attn.qkv.weight"], trained)
+    with torch.no_grad():
+        assert vit(torch.zeros(1, 3, 32, 32)).shape == (1, 192)
+    # The snippet shown beside the file runs as given (it fine-tunes with a fresh 10-class head).
+    exec(compile(snippet, "snippet", "exec"), {})
+
+
+def test_export_refusals(ctx):
+    no_weights = make_run(ctx, "failed")
+    with pytest.raises(RunError, match="no saved weights"):
+        runs.export_run(ctx, no_weights.run_id)
+    with pytest.raises(UserError, match="Choose a run"):
+        runs.export_run(ctx, None)
