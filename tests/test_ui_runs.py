@@ -93,9 +93,11 @@ def test_delete_is_offered_only_for_a_run_that_is_not_live(ctx, stand_in):
     assert out["delete"]["interactive"] is True
     idle = runs.refresh(ctx, stopped.run_id, out["sig"])
     assert set(idle) == {"sig"}  # nothing changed: nothing sent
-    # The live run ends: Delete becomes possible for it.
-    live.write_status(state="stopped", step=2)
+    # The live run picked again, then it ends: Delete becomes possible for it.
     out = runs.refresh(ctx, live.run_id, idle["sig"])
+    assert out["delete"]["interactive"] is False
+    live.write_status(state="stopped", step=2)
+    out = runs.refresh(ctx, live.run_id, out["sig"])
     assert out["delete"]["interactive"] is True and "table" in out
 
 
