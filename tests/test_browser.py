@@ -1,8 +1,9 @@
-"""The web UI in a real headless Chromium (Playwright): what a person clicks, end to end.
+"""The web UI in a real headless Chromium (Playwright): what a person clicks and sees, end to end.
 
-Start a tiny CPU run from the form, watch the loss curve gain points, stop it, reconstruct an
-uploaded image from its weights, and find the classifier head marked ``removed`` in the parameter
-audit. A screenshot of every tab goes to ``test-artifacts/screenshots/``.
+Start a tiny CPU run from the form (the controls in the first viewport), watch the curve and the
+log, stop it (the message follows the run), reconstruct a batch with a bad file in it, read the
+grouped parameter audit, and check the layout in dark mode and at 800 px. A screenshot of every
+tab goes to ``test-artifacts/screenshots/``.
 
 Needs Debian's Chromium (``apt-get install chromium``); Playwright's own browser download is not
 used (it cannot be fetched offline).
@@ -21,11 +22,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from app import build_app  # noqa: E402
 from helpers import free_port  # noqa: E402
 from mae_core.data import sample_photo_paths  # noqa: E402
 from mae_core.rundir import LIVE_STATES  # noqa: E402
 from mae_core.runs import RunManager  # noqa: E402
+from ui import build_app  # noqa: E402
+from ui.render import CSS  # noqa: E402
 
 SCREENSHOTS = REPO_ROOT / "test-artifacts" / "screenshots"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -47,7 +49,7 @@ def _chromium() -> str:
 def server(tmp_path_factory):
     manager = RunManager(tmp_path_factory.mktemp("runs"))
     demo = build_app(manager)
-    demo.queue().launch(prevent_thread_lock=True, server_port=free_port(), quiet=True)
+    demo.queue().launch(prevent_thread_lock=True, server_port=free_port(), quiet=True, css=CSS)
     try:
         yield {"url": demo.local_url, "manager": manager}
     finally:
@@ -70,7 +72,7 @@ def page(server):
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        context = browser.new_context(viewport={"width": 1440, "height": 1000})
         page = context.new_page()
         page.set_default_timeout(UI_TIMEOUT_MS)
         page.goto(server["url"])
@@ -80,6 +82,28 @@ def page(server):
         finally:
             context.close()
             browser.close()
+
+
+@pytest.fixture(scope="module")
+def browser_factory(page, server):
+    """New pages with other viewports or colour schemes, in the module's browser."""
+    contexts = []
+
+    def open_page(width: int = 1440, height: int = 1000, scheme: str = "light"):
+        context = page.context.browser.new_context(viewport={"width": width, "height": height},
+                                                   color_scheme=scheme)
+        contexts.append(context)
+        other = context.new_page()
+        other.set_default_timeout(UI_TIMEOUT_MS)
+        other.goto(server["url"])
+        other.get_by_role("button", name="Start", exact=True).wait_for()
+        return other
+
+    try:
+        yield open_page
+    finally:
+        for context in contexts:
+            context.close()
 
 
 @pytest.fixture(autouse=True)
@@ -126,6 +150,7 @@ def _wait_buttons(page, **enabled: bool) -> None:
 
 
 def _status(page) -> dict:
+    page.locator("#run-status").wait_for()
     return page.eval_on_selector("#run-status", "el => ({...el.dataset})")
 
 
@@ -135,28 +160,54 @@ def _set_number(page, elem_id: str, value: int) -> None:
     field.press("Tab")
 
 
-def test_train_tab_starts_a_run_and_draws_its_curve(page, server):
+def _in_first_viewport(page, selector: str) -> bool:
+    box = page.locator(selector).bounding_box()
+    return box is not None and box["y"] >= 0 and box["y"] + box["height"] <= page.viewport_size["height"]
+
+
+def _chart_drawn(page) -> bool:
+    """Whether the Vega chart's canvas holds a drawing (lines, axes), not a blank box."""
+    return page.evaluate(
+        "() => { const c = document.querySelector('#loss-plot canvas'); if (!c || c.width < 100)"
+        " return false; const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+        " let inked = 0; for (let i = 0; i < d.length; i += 16) if (d[i+3] > 0 && (d[i] < 200 ||"
+        " d[i+1] < 200 || d[i+2] < 200)) inked++; return inked > 500; }")
+
+
+def test_train_tab_starts_a_run_and_follows_it(page, server):
     assert _status(page)["state"] == "none"
-    for elem_id, value in (("image-size", 32), ("patch-size", 8), ("batch-size", 8),
-                           ("max-steps", 5000)):
+    # issue 9.2: the run controls and their message are visible without scrolling at 1440×1000
+    for selector in ("#start-btn", "#stop-btn", "#resume-btn", "#train-message"):
+        assert _in_first_viewport(page, selector), selector
+    for elem_id, value in (("field-image-size", 32), ("field-patch-size", 8),
+                           ("field-batch-size", 8), ("field-max-steps", 5000)):
         _set_number(page, elem_id, value)
     _button(page, "Start").click()
-    # the status panel follows the run, and the curve gains points while it is live
+    _wait_text(page, "#train-message", "Started run")
+    # issue 9.6: the log shows the trainer's output while it starts and runs
+    _wait_text(page, "#log-view", "run directory")
     page.wait_for_function(
         "() => { const s = document.querySelector('#run-status');"
         " return s && s.dataset.state === 'running' && +s.dataset.step >= 3; }",
         timeout=RUN_TIMEOUT_MS)
-    page.wait_for_function(
-        "() => { const lines = document.querySelectorAll("
-        "'#loss-plot path[aria-roledescription=\"line mark\"]');"
-        " return lines.length >= 2 && [...lines].every(p => (p.getAttribute('d') || '').includes('L')); }",
-        timeout=UI_TIMEOUT_MS)
-    assert "points" in page.locator("#plot-info").inner_text()
+    page.wait_for_function("() => true")
+    assert _poll_until(lambda: _chart_drawn(page)), "the loss chart stayed blank"
+    info = page.locator("#plot-info").inner_text()
+    assert "points" in info and "images_per_s" not in info  # no internal keys in the text
     run_id = server["manager"].live_run()
     assert run_id and page.locator("#run-status").inner_text().startswith(run_id)
+    assert "plain DDP" in page.locator("#run-status").inner_text()  # issue 9.11
     _wait_buttons(page, start=False, stop=True, resume=False)
+    assert _in_first_viewport(page, "#train-message")
     _settle(page)
     page.screenshot(path=str(SCREENSHOTS / "train.png"), full_page=True)
+
+    # issue 9.11: Delete is disabled for the live run
+    page.get_by_role("tab", name="Runs").click()
+    _wait_text(page, "#runs-table", run_id)
+    page.wait_for_function("() => document.querySelector('#delete-btn')?.disabled === true")
+    _wait_text(page, "#runs-table", "(live)")  # issue 9.11: a live run's loss is not "final"
+    page.get_by_role("tab", name="Train").click()
 
     # a second tab shows the same live run: the state lives on disk, not in the page
     other = page.context.new_page()
@@ -171,64 +222,156 @@ def test_train_tab_starts_a_run_and_draws_its_curve(page, server):
     page.wait_for_function("() => document.querySelector('#run-status').dataset.state === 'stopped'",
                            timeout=RUN_TIMEOUT_MS)
     _wait_buttons(page, start=True, stop=False, resume=True)
-    assert _button(page, "Stop").is_disabled()  # found by its label: "Force stop" only while stopping
+    # issue 9.3: the message follows the run: no stale "Stop requested" once it has stopped
+    _wait_text(page, "#train-message", "stopped at step")
+    assert "Stop requested" not in page.locator("#train-message").inner_text()
     _settle(page)
     page.screenshot(path=str(SCREENSHOTS / "train-stopped.png"), full_page=True)
 
 
-def test_reconstruct_tab_shows_four_panels_and_the_heat_map(page, server, tmp_path):
+def _poll_until(predicate, timeout_s: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_a_bad_start_shows_a_message_not_a_badge(page):
+    """issue 9.3/9.4: a refusal is a message in the controls' area, replaced by the next action;
+    no error badge covers an input."""
+    _set_number(page, "field-image-size", 36)
+    _button(page, "Start").click()
+    _wait_text(page, "#train-message", "image_size")
+    assert page.locator("#train-message [data-kind='error']").count() == 1
+    badges = page.locator(".error:not(.mae-notice)")  # Gradio's red badge over a component
+    assert all(not badge.is_visible() for badge in badges.all())
+    _set_number(page, "field-image-size", 32)
+
+
+def test_reconstruct_tab_reconstructs_the_good_files_and_lists_the_bad(page, server, tmp_path):
     [run] = server["manager"].list()
     page.get_by_role("tab", name="Reconstruct").click()
     page.wait_for_function("(id) => document.querySelector('#ckpt-pick input')?.value === id",
                            arg=run["run_id"])
-    photo = sample_photo_paths()[0]
-    page.locator("#uploads input[type=file]").set_input_files(str(photo))
-    _wait_uploaded(page, photo.name)
+    photos = sample_photo_paths()[:4]
+    corrupt = tmp_path / "broken.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8)
+    page.locator("#uploads input[type=file]").set_input_files([*map(str, photos), str(corrupt)])
+    _wait_uploaded(page, "broken.png")
     _button(page, "Reconstruct").click()
-    page.wait_for_function("() => document.querySelectorAll('#recon-gallery img').length >= 5")
-    _wait_text(page, "#recon-losses", photo.name)
-    captions = page.locator("#recon-gallery").inner_text()
+    page.wait_for_function("() => document.querySelectorAll('#recon-results .recon-item').length === 4")
+    _wait_text(page, "#recon-refused", "broken.png")
+    text = page.locator("#recon-results-box").inner_text()
     for caption in ("masked", "reconstruction", "reconstruction + visible", "per-patch error"):
-        assert caption in captions
+        assert caption in text
+    # issue 9.9: every result is on the page, none hidden in an inner scroll area
+    last = page.locator("#recon-results .recon-item").nth(3)
+    last.scroll_into_view_if_needed()
+    assert last.is_visible()
+    assert page.evaluate("() => { const b = document.querySelector('#recon-results');"
+                         " return b.scrollHeight <= b.clientHeight + 1; }")
+    # issue 9.10: one colour bar with its values
+    assert page.locator("#heat-colorbar").count() == 1
+    assert "≥2" in page.locator("#heat-colorbar").inner_text()
     page.wait_for_function("() => document.querySelectorAll('#preview-gallery img').length >= 1")
     _settle(page)
     page.screenshot(path=str(SCREENSHOTS / "reconstruct.png"), full_page=True)
 
-    # a corrupt upload: a readable error naming the file, and the page keeps working
-    corrupt = tmp_path / "broken.png"
-    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8)
-    page.locator("#uploads button[aria-label='Clear']").first.click()
-    page.locator("#uploads input[type=file]").set_input_files(str(corrupt))
-    _wait_uploaded(page, "broken.png")
-    _button(page, "Reconstruct").click()
-    page.wait_for_function(
-        "() => [...document.querySelectorAll(\"[data-testid='toast-body']\")].some(t =>"
-        " t.innerText.includes('broken.png') && /corrupt|not an image/.test(t.innerText))")
 
-
-def test_parameters_tab_marks_the_head_removed(page):
+def test_parameters_tab_groups_the_audit_and_marks_the_head_removed(page):
     page.get_by_role("tab", name="Parameters").click()
     head = page.locator('#params-clean tr[data-name="backbone.vit.head.weight"]')
     head.wait_for()
     assert head.get_attribute("data-status") == "removed"
-    assert "removed" in head.inner_text()
     reference = page.locator('#params-reference tr[data-name="backbone.vit.head.weight"]')
     assert reference.get_attribute("data-status") == "trainable"
     assert "plain DDP safe" in page.locator("#params-clean").inner_text()
-    assert "backbone.mask_token" in page.locator("#params-reference .audit-verdict").inner_text()
+    # issue 9.13: grouped by part of the model, DDP-relevant groups first and open
+    groups = page.locator("#params-clean details.mae-group")
+    assert groups.count() > 5
+    first = groups.first
+    assert first.get_attribute("open") is not None and "DDP-relevant" in first.inner_text()
+    assert page.locator('#params-clean details[data-group="encoder block 0"]').get_attribute("open") is None
+    # issue 9.12: a new audit shows progress on the tables only; the inputs stay usable
+    page.locator("#param-preset input").fill("vit-small")
+    page.locator("#param-preset input").press("Enter")
+    _button(page, "Audit").click()
+    assert page.evaluate("() => !document.querySelector('#param-preset').closest('.pending')"
+                         " && !document.querySelector('#param-image .pending')")
+    _wait_text(page, "#params-title", "vit-small")
     _settle(page)
     page.screenshot(path=str(SCREENSHOTS / "parameters.png"), full_page=False)
 
 
-def test_runs_tab_lists_the_run(page, server):
+def test_runs_tab_lists_and_exports_the_run(page, server):
     [run] = server["manager"].list()
     page.get_by_role("tab", name="Runs").click()
     _wait_text(page, "#runs-table", run["run_id"])
     _wait_text(page, "#runs-table", "stopped")
     page.wait_for_function("(id) => document.querySelector('#runs-pick input')?.value === id",
                            arg=run["run_id"])
+    page.wait_for_function("() => document.querySelector('#delete-btn')?.disabled === false")
     _button(page, "Export encoder").click()
     _wait_text(page, "#export-code", "timm.create_model")
     _wait_text(page, "#export-file", ".safetensors")
     _settle(page)
     page.screenshot(path=str(SCREENSHOTS / "runs.png"), full_page=True)
+
+
+def _contrast(page, selector: str) -> float:
+    """WCAG contrast ratio between an element's text colour and the background it sits on."""
+    return page.evaluate("""(sel) => {
+      const el = document.querySelector(sel);
+      const rgba = (c) => (c.match(/[\\d.]+/g) || []).map(Number);
+      const lum = ([r, g, b]) => { const f = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 :
+        Math.pow((v + 0.055) / 1.055, 2.4); }; return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b); };
+      let layers = []; for (let n = el; n; n = n.parentElement) {
+        const c = rgba(getComputedStyle(n).backgroundColor);
+        if (c.length >= 3 && (c.length < 4 || c[3] > 0)) { layers.push(c); if (c.length < 4 || c[3] >= 1) break; } }
+      let bg = [255, 255, 255]; for (const c of layers.reverse()) { const a = c.length < 4 ? 1 : c[3];
+        bg = [0, 1, 2].map((i) => c[i] * a + bg[i] * (1 - a)); }
+      const fg = rgba(getComputedStyle(el).color);
+      const [hi, lo] = [lum(fg), lum(bg)].sort((a, b) => b - a);
+      return (hi + 0.05) / (lo + 0.05); }""", selector)
+
+
+def test_dark_mode_is_readable(browser_factory, server):
+    """issue 9.1: with the OS in dark mode, the status panel, tables and verdicts have contrast."""
+    page = browser_factory(scheme="dark")
+    page.wait_for_function("() => document.querySelector('#run-status')?.dataset.state === 'stopped'")
+    assert page.evaluate("() => document.body.classList.contains('dark') ||"
+                         " getComputedStyle(document.body).backgroundColor !== 'rgb(255, 255, 255)'")
+    for selector in ("#run-status [data-field='step']", "#run-status .mae-muted", "#log-tail"):
+        assert _contrast(page, selector) >= 4.5, selector
+    page.get_by_role("tab", name="Parameters").click()
+    page.locator('#params-clean tr[data-name="backbone.vit.head.weight"] td.name').wait_for()
+    for selector in ('#params-clean tr[data-name="backbone.vit.head.weight"] td.name',
+                     '#params-clean tr[data-name="backbone.mask_token"] td.reason',
+                     "#params-clean .mae-notice", "#params-reference .mae-notice",
+                     "#params-diff td.name"):
+        assert _contrast(page, selector) >= 4.5, selector
+    page.screenshot(path=str(SCREENSHOTS / "parameters-dark.png"), full_page=False)
+
+
+def test_every_tab_is_usable_at_800_px(browser_factory, server):
+    """issue 9.9: no page-wide horizontal scroll, columns stacked rather than crushed, dropdown
+    text not cut under its arrow."""
+    page = browser_factory(width=800, height=1000)
+    page.wait_for_function("() => document.querySelector('#run-status')?.dataset.state === 'stopped'")
+    no_scroll = "() => document.documentElement.scrollWidth <= window.innerWidth + 1"
+    assert page.evaluate(no_scroll)
+    form = page.locator("#field-data").bounding_box()
+    live = page.locator("#run-pick").bounding_box()
+    assert live["y"] > form["y"] + form["height"] or live["width"] > 500  # stacked, not crushed
+    page.screenshot(path=str(SCREENSHOTS / "train-800.png"), full_page=True)
+    for tab in ("Reconstruct", "Parameters", "Runs"):
+        page.get_by_role("tab", name=tab).click()
+        page.wait_for_timeout(1500)
+        assert page.evaluate(no_scroll), tab
+        page.screenshot(path=str(SCREENSHOTS / f"{tab.lower()}-800.png"), full_page=True)
+    page.get_by_role("tab", name="Reconstruct").click()
+    page.wait_for_function("() => document.querySelector('#ckpt-pick input')?.value")
+    assert page.evaluate("() => { const i = document.querySelector('#ckpt-pick input');"
+                         " return i.scrollWidth <= i.clientWidth + 1; }"), "checkpoint name cut off"

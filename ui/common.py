@@ -216,6 +216,7 @@ class Hint:
     slider: tuple[float, float, float] | None = None  # (minimum, maximum, step)
     info: str | None = None
     main: bool = False  # in the main form, else under "more settings"
+    zero_is_auto: bool = True  # an optional number's 0 means None (auto); False where 0 is valid
     hidden: bool = False  # set by other means (the command line), not by the form
 
 
@@ -236,7 +237,7 @@ HINTS: dict[str, Hint] = {
     "devices": Hint("devices (0 = all)", main=True),
     "precision": Hint("precision", PRECISIONS, main=True),
     "find_unused_parameters": Hint("find_unused_parameters (auto: only for reference)"),
-    "num_workers": Hint("loader workers per process (0 = auto)"),
+    "num_workers": Hint("loader workers per process (blank = auto)", zero_is_auto=False),
     "decoder_dim": Hint("decoder width (0 = the preset's)"),
     "decoder_depth": Hint("decoder blocks (0 = the preset's)"),
     "decoder_heads": Hint("decoder heads (0 = the preset's)"),
@@ -276,7 +277,7 @@ def display_value(field: FormField, value: Any) -> Any:
     """A config value as its widget shows it: None is "auto" in a dropdown, blank elsewhere."""
     if value is None and (field.hint.choices or field.kind == "bool"):
         return AUTO
-    if value is None and field.kind in ("int", "float"):
+    if value is None and field.kind in ("int", "float") and field.hint.zero_is_auto:
         return 0
     if field.kind == "bool" and field.optional:
         return str(value).lower()
@@ -287,7 +288,7 @@ def parse_value(field: FormField, value: Any) -> Any:
     """A widget's (or API caller's) value as the config field's type, naming the field if wrong."""
     if field.optional and (value is None or value == AUTO or value == ""):
         return None
-    if field.optional and field.kind in ("int", "float") and value == 0:
+    if field.optional and field.kind in ("int", "float") and field.hint.zero_is_auto and value == 0:
         return None  # a number box cannot be blank in every browser: 0 stands for "auto"
     if field.hint.choices:
         if value not in field.hint.choices:

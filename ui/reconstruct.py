@@ -50,8 +50,8 @@ def _decode(paths: list[Path]) -> tuple[list[tuple[str, Any]], list[tuple[str, s
             continue
         try:
             images.append((path.name, open_rgb(path, name=path.name)))
-        except ImageError as err:
-            refused.append((path.name, str(err)))
+        except ImageError as err:  # its message already starts with the file's name
+            refused.append((path.name, str(err).removeprefix(f"{path.name}: ")))
         except OSError as err:
             refused.append((path.name, f"could not be read ({err.strerror or err})"))
     return images, refused
