@@ -132,6 +132,9 @@ def test_zero_blank_or_auto_mean_none_for_optional_fields(blank):
               "find_unused_parameters": blank}
     if blank == 0:  # 0 is not a choice of the dropdowns
         values.update(precision=AUTO, find_unused_parameters=AUTO)
+    if blank == 0:  # 0 loader workers is a real choice (load in the training process)
+        values.pop("num_workers")
+        assert config_from_form({"num_workers": 0}).train.num_workers == 0
     cfg = config_from_form(values)
     assert cfg.train.devices is None and cfg.train.max_epochs is None and cfg.train.num_workers is None
     assert cfg.model.decoder_dim is None and cfg.model.decoder_depth is None
@@ -144,7 +147,9 @@ def test_required_fields_do_not_treat_zero_as_auto():
         config_from_form({"batch_size": 0})
     assert caught.value.field == "batch_size"
     assert config_from_form({"seed": 0}).train.seed == 0
-    assert parse_value(BY_NAME["num_workers"], 0) is None
+    assert parse_value(BY_NAME["devices"], 0) is None  # 0 = all devices
+    assert parse_value(BY_NAME["num_workers"], 0) == 0  # 0 workers is valid, not "auto"
+    assert parse_value(BY_NAME["num_workers"], "") is None
     assert parse_value(BY_NAME["num_workers"], 3) == 3
 
 
