@@ -19,7 +19,7 @@ BY_NAME = {f.name: f for f in FORM_FIELDS}
 
 
 def test_every_config_field_is_in_the_form_unless_hidden():
-    names = [f.name for f in dataclasses.fields(ModelConfig)] + [f.name for f in dataclasses.fields(TrainConfig)]
+    names = [f.name for owner in (ModelConfig, TrainConfig) for f in dataclasses.fields(owner)]
     hidden = {name for name, hint in HINTS.items() if hint.hidden}
     assert hidden == {"num_nodes"}  # set from the command line (torchrun, SLURM), not the form
     assert [f.name for f in FORM_FIELDS] == [n for n in names if n not in hidden]

@@ -144,9 +144,10 @@ def test_the_chart_colour_scale_follows_the_run(short_runs, tmp_path):
     def colour_of(run_id, chosen):
         points = curve_points({r: readers[r] for r in chosen}, "loss", 0.0)
         scale = specs(curve_chart(points, "loss", True))[0]["color"]["scale"]
-        return dict(zip(scale["domain"], scale["range"]))[run_id]
+        return dict(zip(scale["domain"], scale["range"], strict=True))[run_id]
 
-    assert colour_of(RUN_B, [RUN_B]) == colour_of(RUN_B, [RUN_A, RUN_B]) == colour_of(RUN_B, [third, RUN_B])
+    alone = colour_of(RUN_B, [RUN_B])
+    assert alone == colour_of(RUN_B, [RUN_A, RUN_B]) == colour_of(RUN_B, [third, RUN_B])
 
 
 def test_chart_json_log_axis_formats_tooltips_and_legend(short_runs):

@@ -176,8 +176,8 @@ def test_real_reconstructions_share_the_scale(ctx, run, tmp_path):
     from mae_core.reconstruct import reconstruct as run_model
 
     model = ctx.models.get(run.weights)
-    images = torch.stack([torch.from_numpy(np.array(Image.open(photo(tmp_path / f"{i}.png", (32, 32), i))))
-                          .permute(2, 0, 1) for i in range(2)])
+    pictures = [np.array(Image.open(photo(tmp_path / f"{i}.png", (32, 32), i))) for i in range(2)]
+    images = torch.stack([torch.from_numpy(p).permute(2, 0, 1) for p in pictures])
     first = run_model(model, images[:1], 0.75, seed=0)[0]
     second = run_model(model, images[1:], 0.75, seed=9)[0]
     for result in (first, second):

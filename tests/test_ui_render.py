@@ -64,7 +64,8 @@ def assert_dark_mode_safe(text: str) -> None:
     for prop, value in declarations(text):
         if prop in ("background", "background-color"):
             for colour, lum in opaque_colours(value):
-                assert lum < 0.45, f"light background {colour} ({prop}: {value}) is white-on-white in dark mode"
+                assert lum < 0.45, (f"light background {colour} ({prop}: {value}) reads white on "
+                                    "white in dark mode")
         if prop == "color":
             for colour, lum in opaque_colours(value):
                 # Dark text on the dark theme is unreadable; light text is only for saturated pills.
@@ -158,7 +159,8 @@ def test_ddp_mode_names_plain_ddp_or_find_unused():
     walking = RunConfig(model=ModelConfig(policy="reference"),
                         train=TrainConfig(devices=2, find_unused_parameters=True))
     single = RunConfig(train=TrainConfig(devices=1, find_unused_parameters=False))
-    assert "plain DDP" in render.ddp_mode(plain) and "find_unused_parameters=True" not in render.ddp_mode(plain)
+    assert "plain DDP" in render.ddp_mode(plain)
+    assert "find_unused_parameters=True" not in render.ddp_mode(plain)
     assert "find_unused_parameters=True" in render.ddp_mode(walking)
     assert "plain DDP" not in render.ddp_mode(walking)
     assert "single process" in render.ddp_mode(single)

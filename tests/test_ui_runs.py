@@ -62,7 +62,8 @@ def test_a_live_runs_loss_is_marked_live(ctx, stand_in):
     live = make_run(ctx, "starting")
     make_live(live, stand_in, step=2, total_steps=4, loss=0.91234)
     assert "last logged" in runs.HEADERS[runs.HEADERS.index("loss (last logged)")]
-    rows = {row[0]: dict(zip(runs.HEADERS, row)) for row in runs.table_rows(ctx, ctx.manager.list())}
+    table = runs.table_rows(ctx, ctx.manager.list())
+    rows = {row[0]: dict(zip(runs.HEADERS, row, strict=True)) for row in table}
     assert rows[live.run_id]["loss (last logged)"] == "0.9123 (live)"
     assert rows[live.run_id]["state"] == "running" and rows[live.run_id]["steps"] == "2 / 4"
     assert rows[done.run_id]["loss (last logged)"] == "0.4321"  # a finished run's last loss
