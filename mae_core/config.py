@@ -126,6 +126,7 @@ def _check_choice(obj: Any, name: str, choices: Any, what: str, optional: bool =
 
 
 def _check_bool(obj: Any, name: str, optional: bool = False) -> None:
+    """``obj.name`` must be a real bool: YAML's ``yes`` is one, the string ``"abc"`` or 1 is not."""
     value = getattr(obj, name)
     if optional and value is None:
         return

@@ -82,8 +82,9 @@ def find_images(folder: str) -> list[Path]:
         entries += len(filenames) + len(dirnames)
         for name in filenames:
             path = Path(dirpath) / name
-            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-                paths.append(path)
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file() and not (
+                    path.is_symlink() and _is_system_path(os.path.realpath(path))):
+                paths.append(path)  # (a "photo.png" linked to /proc/kcore is not one)
         if len(paths) > MAX_IMAGE_FILES or entries > MAX_WALKED_ENTRIES:
             raise DataError(f"data folder {_named(folder)} holds more than {MAX_IMAGE_FILES:,} "
                             f"image files (or {MAX_WALKED_ENTRIES:,} entries): choose a smaller "

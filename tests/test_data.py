@@ -36,6 +36,7 @@ def test_a_symlink_to_a_kernel_folder_is_refused_and_not_followed_inside_a_data_
     photos = tmp_path / "photos"
     _photo(photos / "a.png")
     (photos / "sys").symlink_to("/sys")
+    (photos / "kcore.png").symlink_to("/proc/self/environ")  # a "photo" inside /proc
     assert find_images(str(photos)) == [photos / "a.png"]
 
 
