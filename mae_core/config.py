@@ -259,6 +259,12 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        _require(isinstance(self.model, ModelConfig), "model",
+                 f"must be a ModelConfig, got {_shown(self.model)}")
+        _require(isinstance(self.train, TrainConfig), "train",
+                 f"must be a TrainConfig, got {_shown(self.train)}")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -96,6 +96,13 @@ def test_a_hostile_value_does_not_flood_the_message():
     assert len(str(err.value)) < 300
 
 
+def test_run_config_parts_must_be_config_objects():
+    for kwargs, field in [({"model": {"preset": "vit-tiny"}}, "model"), ({"train": 5}, "train")]:
+        with pytest.raises(ConfigError) as err:
+            RunConfig(**kwargs)
+        assert err.value.field == field
+
+
 def test_config_file_sections_must_be_mappings(tmp_path):
     for text, field in [("[1, 2]", "config"), ("model: 5", "model"), ("train: [a]", "train"),
                         ("train: {seed: .nan}", "seed"), ("train: {batch_size: 2.5}", "batch_size")]:
