@@ -292,6 +292,8 @@ class RunConfig:
             raise ConfigError("config", f"no config file at {path}") from None
         except yaml.YAMLError as err:
             raise ConfigError("config", f"{path} is not valid YAML: {err}") from None
+        except UnicodeDecodeError:
+            raise ConfigError("config", f"{Path(path).name} is not a text YAML file") from None
         if data is not None and not isinstance(data, dict):
             raise ConfigError("config", f"{path} must hold a mapping with model: and train:")
         return cls.from_dict(data)
