@@ -142,6 +142,10 @@ class RunPaths:
                     "error": "status.json is missing or unreadable"}
         return {k: v for k, v in status.items() if k in STATUS_FIELDS}
 
+    def read_record(self) -> RunStatus:
+        """status.json as a typed :class:`RunStatus` (fields it lacks take their defaults)."""
+        return RunStatus.from_dict(self.read_status())
+
     def write_status(self, **fields: Any) -> dict[str, Any]:
         """Merge ``fields`` into status.json (atomically) and return the new status.
 

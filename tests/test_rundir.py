@@ -27,6 +27,8 @@ def test_status_json_holds_only_the_fields_run_status_defines(tmp_path):
     with pytest.raises(ValueError, match="state must be one of"):
         paths.write_status(state="paused")
     assert paths.read_status()["step"] == 3 and "lossy" not in paths.read_status()
+    record = paths.read_record()
+    assert (record.state, record.step, record.loss, record.error) == ("running", 3, 0.5, None)
 
     # A file from another version: unknown keys are dropped on read and on the next write, and
     # the status stays a plain dict holding only what is stored.
