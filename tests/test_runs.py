@@ -296,8 +296,9 @@ def test_stop_watchdog_never_kills_the_trainer_a_resume_launched(tmp_path):
 
 
 def test_two_apps_on_one_runs_directory_never_start_two_runs(tmp_path):
-    """Apps sharing a runs directory: of four Starts at the same moment, exactly one launches."""
-    managers = [RunManager(tmp_path / "runs") for _ in range(4)]
+    """Apps sharing a runs directory: of four Starts at the same moment, exactly one launches.
+    A stop the trainer cannot obey in time (it is still starting) ends it by force."""
+    managers = [RunManager(tmp_path / "runs", stop_timeout_s=2) for _ in range(4)]
     barrier = threading.Barrier(len(managers))
     outcomes: list[object] = []
 
@@ -318,10 +319,16 @@ def test_two_apps_on_one_runs_directory_never_start_two_runs(tmp_path):
         refused = [o for o in outcomes if isinstance(o, RunError) and "still live" in str(o)]
         assert len(started) == 1 and len(refused) == 3, outcomes
         assert [s["run_id"] for s in managers[3].list()] == started
+        managers[0].stop(started[0])
+        stopped = wait_until_ended(managers[0], started[0])
+        assert stopped["state"] == "stopped" and "did not stop within 2 s" in stopped["error"]
+        wait_for_no_trainers(tmp_path / "runs")
+        assert poll(lambda: not zombie_children(), 10), "the stopped trainer was not reaped"
     finally:
         for run_id in (o for o in outcomes if isinstance(o, str)):
-            managers[0].stop(run_id)
-            managers[0].stop(run_id)
+            if managers[0].status(run_id)["state"] in ("starting", "running", "stopping"):
+                managers[0].stop(run_id)
+                managers[0].stop(run_id)
     wait_for_no_trainers(tmp_path / "runs")
 
 
