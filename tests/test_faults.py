@@ -150,7 +150,6 @@ def tmpdir_elsewhere(tmp_path, monkeypatch):
     folder.rmdir()
 
 
-@pytest.mark.slow  # ~5 minutes on a 2-core machine: 20 trainer start-ups
 def test_kills_at_random_points_lose_at_most_the_steps_since_the_last_checkpoint(
         tmp_path, tmpdir_elsewhere):
     seed = int(os.environ.get("FAULT_SEED", time.time_ns() % 2**31))
