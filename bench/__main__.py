@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bench import JOBS
 from bench.worker import WORKER_FLAG
@@ -156,7 +157,8 @@ def run_jobs(args: argparse.Namespace, jobs: list[str], say: Say) -> tuple[dict,
     """Each job's (lines, data), in report order, and whether any measurement failed."""
     from bench.sections import app_section, poll_section
 
-    results, failed = {}, False
+    results: dict[str, tuple[list[str], Any]] = {}
+    failed = False
     if "train" in jobs:
         lines, data, bad = run_train(args, say)
         results["train"], failed = (lines, data), failed or bad

@@ -111,7 +111,7 @@ class MetricsPoll:
         from mae_core.metrics import MetricsStore
 
         self.path, self.max_points, self.store = path, max_points, MetricsStore()
-        self.description = (f"`mae_core.metrics`: `MetricsStore.reader(path).series(metric)` → "
+        self.description = (f"`MetricsStore.reader(path).series(metric)` → "
                             f"`thin(…, {max_points})` → `json.dumps`, for "
                             f"{', '.join(POLLED_METRICS)}")
 
@@ -139,7 +139,7 @@ class UiChartPoll:
         self.train, self.ctx, self.key = train, AppContext(manager=Runs()), None
         self.max_points = int(plots.MAX_POINTS)
         view = ", ".join(f"{k}={v}" for k, v in UI_VIEW.items())
-        self.description = (f"the Train tab's `ui.train.curve_key`, then on a change "
+        self.description = (f"`ui.train.curve_key`, then on a change "
                             f"`ui.train.curve_view` ({view}; `ui.plots.MAX_POINTS` = "
                             f"{self.max_points}) and the chart's `to_json()`")
 

@@ -153,6 +153,10 @@ def _points(shape: dict[str, Any]) -> str:
     return f"{counts}; {shape['payload_bytes']:,} bytes"
 
 
+def _ms(value: float) -> str:
+    return f"{value:.2f}" if value < 1 else f"{value:.1f}"  # a stat() is microseconds: show it
+
+
 def _poller_rows(name: str, row: dict[str, Any]) -> list[str]:
     label = POLLER_LABELS.get(name, name)
     if "error" in row:
@@ -162,8 +166,8 @@ def _poller_rows(name: str, row: dict[str, Any]) -> list[str]:
     for situation, text in _SITUATION_LABELS.items():
         timing = row[situation]
         sent = row["idle_payload"] if situation == "idle" else row["last"]
-        lines.append(f"| {label} | {text} | {fmt(timing['p50_ms'])} | {fmt(timing['p95_ms'])} | "
-                     f"{fmt(timing['mean_ms'])} | {_points(sent)} |")
+        p50, p95, mean = (_ms(timing[k]) for k in ("p50_ms", "p95_ms", "mean_ms"))
+        lines.append(f"| {label} | {text} | {p50} | {p95} | {mean} | {_points(sent)} |")
     return lines
 
 
@@ -172,7 +176,7 @@ def _poll_verdict(name: str, row: dict[str, Any], target_ms: float) -> str:
     if "error" in row:
         return f"- {label}: not measured ({one_line(row['error'])})."
     verdict = "yes" if row["under_target"] else "**no**"
-    return (f"- {label}, {row['description']}: every poll after the first read under "
+    return (f"- {label}: {row['description']}. Every poll after the first read under "
             f"{target_ms:.0f} ms at p95: {verdict} (worst p95 {fmt(row['worst_p95_ms'])} ms); "
             f"at most {row['max_points']:,} points per series.")
 

@@ -84,6 +84,7 @@ def test_benchmark_measures_every_job(run_module, tmp_path):
     [recon] = data["reconstruction"]
     assert recon["preset"] == "vit-tiny" and recon["runs"] == 3
     assert 0 < recon["p50_ms"] <= recon["p95_ms"] and _positive(recon["load_ms"])
+    assert "`open_rgb` → `reconstruct_uploads`" in out.read_text()  # the Reconstruct tab's path
 
     assert "error" not in data["app"], data["app"]
     app = data["app"]
