@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from mae_core.process import pid_alive
+
 TEMP_SUFFIX = ".tmp"
 # .<name>.<pid>.<mkstemp's 8 characters>.tmp; the pid is absent in files of older versions.
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+?)(?:\.(?P<pid>\d+))?\.[A-Za-z0-9_]{8}\.tmp$")
@@ -104,7 +106,7 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
             if match is None:
                 continue
             pid = match.group("pid")
-            if pid is not None and _pid_alive(int(pid)):
+            if pid is not None and (int(pid) == os.getpid() or pid_alive(int(pid))):
                 continue
             path = Path(dirpath) / name
             try:
@@ -113,20 +115,3 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
                 continue
             removed.append(path)
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether ``pid`` is a running (not zombie) process on this machine."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's live process
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state not in ("Z", "X")  # a zombie has finished writing for good

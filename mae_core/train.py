@@ -35,7 +35,7 @@ from mae_core.fileio import (append_line, atomic_write, atomic_write_json, fsync
                              remove_stale_temp_files)
 from mae_core.model import MAELightning
 from mae_core.reconstruct import grid_image, reconstruct
-from mae_core.rundir import RunPaths, new_run_id, process_record
+from mae_core.rundir import RunPaths, process_record
 from mae_core.weights import save_weights
 
 RUN_DIR_ENV = "MAE_STUDIO_RUN_DIR"

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from mae_core.process import clean_env
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUBPROCESS_TIMEOUT_S = 300
 
-# Variables that would make a fresh trainer think it is a rank launched by someone else.
-_LAUNCHER_VARS = ("MAE_STUDIO_RUN_DIR", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK",
-                  "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED")
 
 
 def _run_module(module: str, *args: str, timeout_s: float = SUBPROCESS_TIMEOUT_S
@@ -25,7 +24,7 @@ def _run_module(module: str, *args: str, timeout_s: float = SUBPROCESS_TIMEOUT_S
     The command gets its own process group, so DDP ranks it launched cannot outlive the test: the
     group is killed once the command has returned (or timed out).
     """
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+    env = clean_env()  # no launcher variables: a fresh trainer is not someone else's rank
     proc = subprocess.Popen([sys.executable, "-m", module, *map(str, args)], cwd=REPO_ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
