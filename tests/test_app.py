@@ -442,3 +442,27 @@ def test_python_app_py_refuses_a_public_address_without_auth(tmp_path):
                             env={k: v for k, v in os.environ.items() if k != "MAE_STUDIO_AUTH"})
     assert result.returncode == 2
     assert "--auth" in result.stderr and "0.0.0.0" in result.stderr
+
+
+def test_files_are_served_only_from_the_runs_directory_and_the_upload_cache(server):
+    """Anyone reaching the port must not read the host's files through the file route."""
+    import urllib.error
+
+    for path in ("/etc/passwd", str(REPO_ROOT / "app.py"), str(REPO_ROOT / "README.md")):
+        url = f"{server['url']}gradio_api/file={path}"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                status = response.status
+        except urllib.error.HTTPError as err:
+            status = err.code
+        assert status in (403, 404), (path, status)
+
+
+def test_the_form_downloads_as_a_yaml_config_that_loads_back(server, tmp_path):
+    path, message = server["client"].predict(*form(max_steps=77), api_name="/download_config")
+    assert Path(path).is_file() and "Config written" in message
+    from mae_core.config import RunConfig
+
+    assert RunConfig.load(path).train.max_steps == 77
+    outputs = server["client"].predict(handle_file(path), api_name="/load_config")
+    assert dict(zip(FIELD_NAMES, outputs))["max_steps"] == 77
