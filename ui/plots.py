@@ -8,6 +8,8 @@ which, unlike ``gr.LinePlot``, has log scales, number formats and tooltips.
 
 from __future__ import annotations
 
+import copy
+import functools
 import zlib
 from collections.abc import Mapping, Sequence
 
@@ -17,6 +19,7 @@ import pandas as pd
 
 from mae_core import display
 from mae_core.metrics import MetricsReader, thin
+from ui.altair_spec import VegaLiteChart
 
 MAX_POINTS = 1000  # per curve
 # Strong mid-tones that stay distinct on light and dark backgrounds (Tableau's, without its grey).
@@ -72,28 +75,38 @@ def _frame(steps: np.ndarray, values: np.ndarray, run_id: str, kind: str) -> pd.
                          "value": np.asarray(values, dtype=np.float64), "run": run_id, "kind": kind})
 
 
-def curve_chart(points: pd.DataFrame, metric: str, log_scale: bool) -> alt.LayerChart | None:
+def curve_chart(points: pd.DataFrame, metric: str, log_scale: bool) -> VegaLiteChart | None:
     """The chart of :func:`curve_points`' table; None when there is nothing to draw yet."""
     if log_scale:
         points = points[points["value"] > 0]
     if points.empty:
         return None
-    runs = list(dict.fromkeys(points["run"]))
+    runs = tuple(dict.fromkeys(points["run"]))
+    smoothed = bool((points["kind"] == "smoothed").any())
+    spec = copy.deepcopy(_layout(metric, bool(log_scale), runs, smoothed))
+    if log_scale:  # a log axis spans the data, not whole decades
+        low, high = float(points["value"].min()), float(points["value"].max())
+        pad = (high / low) ** 0.05
+        for layer in spec["layer"]:
+            layer["encoding"]["y"]["scale"]["domain"] = [low / pad, high * pad]
+    spec["datasets"] = {"points": points.to_dict("records")}
+    return VegaLiteChart(spec)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(metric: str, log_scale: bool, runs: tuple[str, ...], smoothed: bool) -> dict:
+    """The chart without its data, built (and validated) by Altair once per layout."""
     colours = run_colours(runs)
-    colour = alt.Color("run:N", title="run", scale=alt.Scale(domain=runs,
+    colour = alt.Color("run:N", title="run", scale=alt.Scale(domain=list(runs),
                                                             range=[colours[r] for r in runs]),
                        legend=alt.Legend(orient="bottom", direction="vertical", labelLimit=0))
     y_axis = alt.Axis(format=AXIS_FORMATS[metric], title=METRICS[metric])
-    low, high = float(points["value"].min()), float(points["value"].max())
-    pad = (high / low) ** 0.05 if log_scale and low > 0 else None
-    domain = [low / pad, high * pad] if pad else alt.Undefined  # log axes: the data, not decades
     y = alt.Y("value:Q", axis=y_axis, scale=alt.Scale(type="log" if log_scale else "linear",
-                                                      zero=False, nice=not log_scale, domain=domain))
+                                                      zero=False, nice=not log_scale))
     x = alt.X("step:Q", axis=alt.Axis(format="d", tickMinStep=1, title="step"))
     tooltip = [alt.Tooltip("run:N"), alt.Tooltip("kind:N"), alt.Tooltip("step:Q", format="d"),
                alt.Tooltip("value:Q", format=AXIS_FORMATS[metric], title=metric)]
-    base = alt.Chart(points).encode(x=x, y=y, color=colour, tooltip=tooltip)
-    smoothed = bool((points["kind"] == "smoothed").any())
+    base = alt.Chart(alt.NamedData(name="points")).encode(x=x, y=y, color=colour, tooltip=tooltip)
     layers = [base.transform_filter(alt.datum.kind == "raw").mark_line(
         opacity=0.35 if smoothed else 1.0, strokeWidth=1)]
     if smoothed:
@@ -103,7 +116,8 @@ def curve_chart(points: pd.DataFrame, metric: str, log_scale: bool) -> alt.Layer
     # Invisible points make every value hoverable, not just the line's pixels.
     layers.append(base.mark_point(opacity=0, size=60))
     # A fixed width: Vega-Lite's "container" width collapses inside Gradio's plot.
-    return alt.layer(*layers).properties(width=500, height=300).interactive(bind_y=False)
+    chart = alt.layer(*layers).properties(width=500, height=300).interactive(bind_y=False)
+    return chart.to_dict()
 
 
 def describe_curves(readers: Mapping[str, MetricsReader], metric: str) -> str:
