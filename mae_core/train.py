@@ -270,7 +270,7 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
     """Train ``cfg`` (already resolved) into ``paths``; returns the process exit code.
 
     ``datamodule`` replaces the image-folder data and ``extra_callbacks`` run after the trainer's
-    own callbacks: ``mae_core.bench`` feeds the naive recipe's loader and its step timer this way.
+    own callbacks: ``bench`` feeds the naive recipe's loader and its step timer this way.
     """
     t = cfg.train
     pl.seed_everything(t.seed, workers=True, verbose=False)
