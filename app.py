@@ -9,7 +9,6 @@ This file only parses the command line and launches; the UI is the ``ui`` packag
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys

@@ -47,3 +47,21 @@ def _run_module(module: str, *args: str, timeout_s: float = SUBPROCESS_TIMEOUT_S
 def run_module():
     """The helper that runs ``python -m <module> [args]`` from the repo root (see ``_run_module``)."""
     return _run_module
+
+
+@pytest.fixture
+def ctx(tmp_path):
+    """The UI's context over a real run manager in an empty runs directory."""
+    from mae_core.runs import RunManager
+    from ui.common import AppContext
+
+    return AppContext(RunManager(tmp_path / "runs"))
+
+
+@pytest.fixture
+def stand_in():
+    """A real process standing in for a live trainer; ended by its own pid after the test."""
+    process = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    yield process
+    process.kill()
+    process.wait()

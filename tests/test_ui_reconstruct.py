@@ -4,7 +4,6 @@ has one fixed scale; the checkpoint follows the live run unless one was picked b
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from mae_core.model import MaskedAutoencoder
 from mae_core.process import process_record
 from mae_core.reconstruct import HEATMAP_MAX, Reconstruction, colorbar, error_heatmap
 from mae_core.rundir import RunPaths, create_run
-from mae_core.runs import RunError, RunManager
+from mae_core.runs import RunError
 from mae_core.weights import save_weights
 from ui import reconstruct
 from ui.common import AppContext, UserError
@@ -35,20 +34,6 @@ def weights_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "model.safetensors"
     save_weights(MaskedAutoencoder(MODEL), path, step=5)
     return path
-
-
-@pytest.fixture
-def ctx(tmp_path) -> AppContext:
-    return AppContext(RunManager(tmp_path / "runs"))
-
-
-@pytest.fixture
-def stand_in():
-    """A real process standing in for a live trainer; ended by its own pid after the test."""
-    process = subprocess.Popen(["sleep", "300"], start_new_session=True)
-    yield process
-    process.kill()
-    process.wait()
 
 
 def make_run(ctx: AppContext, weights: Path | None, state: str = "stopped") -> RunPaths:

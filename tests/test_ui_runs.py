@@ -18,7 +18,7 @@ from mae_core.fileio import atomic_write_json
 from mae_core.model import MaskedAutoencoder
 from mae_core.process import process_record
 from mae_core.rundir import RunPaths, create_run
-from mae_core.runs import RunError, RunManager
+from mae_core.runs import RunError
 from mae_core.weights import save_weights
 from ui import runs
 from ui.common import AppContext, UserError
@@ -26,20 +26,6 @@ from ui.common import AppContext, UserError
 MODEL = ModelConfig(image_size=32, patch_size=8)
 TINY = RunConfig(model=MODEL, train=TrainConfig(accelerator="cpu", devices=1, batch_size=4,
                                                 max_steps=4, num_workers=0))
-
-
-@pytest.fixture
-def ctx(tmp_path) -> AppContext:
-    return AppContext(RunManager(tmp_path / "runs"))
-
-
-@pytest.fixture
-def stand_in():
-    """A real process standing in for a live trainer; ended by its own pid after the test."""
-    process = subprocess.Popen(["sleep", "300"], start_new_session=True)
-    yield process
-    process.kill()
-    process.wait()
 
 
 def make_run(ctx: AppContext, state: str = "stopped", **status) -> RunPaths:

@@ -19,7 +19,7 @@ from mae_core.config import ConfigError, ModelConfig, RunConfig, TrainConfig
 from mae_core.fileio import atomic_write_json
 from mae_core.process import process_record
 from mae_core.rundir import LIVE_STATES, RunPaths, create_run
-from mae_core.runs import RunError, RunManager
+from mae_core.runs import RunError
 from ui import train
 from ui.common import AppContext, UserError, form_values, user_errors
 
@@ -27,11 +27,6 @@ TINY = RunConfig(model=ModelConfig(image_size=32, patch_size=8),
                  train=TrainConfig(accelerator="cpu", devices=1, batch_size=4, max_steps=4,
                                    num_workers=0))
 IDLE_KEYS = {"seen_live", "sig"}
-
-
-@pytest.fixture
-def ctx(tmp_path) -> AppContext:
-    return AppContext(RunManager(tmp_path / "runs"))
 
 
 @pytest.fixture
