@@ -148,35 +148,34 @@ class AppContext:
 # --- numbers from the page or the API ----------------------------------------------------------
 
 def as_int(value: Any, name: str, optional: bool = False) -> int | None:
-    """A whole number from a form or API value; blank is None when ``optional``."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        if optional:
-            return None
-        raise ConfigError(name, "is required")
-    if isinstance(value, bool):
-        raise ConfigError(name, f"must be a whole number, got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise ConfigError(name, f"must be a whole number, got {value!r}") from None
-    if not math.isfinite(number) or not number.is_integer():
+    """A whole number from a form or API value (2.5, "abc", NaN are refused); blank is None when
+    ``optional``."""
+    number = _as_number(value, name, optional, "a whole number")
+    if number is None:
+        return None
+    if not number.is_integer():
         raise ConfigError(name, f"must be a whole number, got {value!r}")
     return int(number)
 
 
 def as_float(value: Any, name: str, optional: bool = False) -> float | None:
+    """A finite number from a form or API value; blank is None when ``optional``."""
+    return _as_number(value, name, optional, "a finite number")
+
+
+def _as_number(value: Any, name: str, optional: bool, kind: str) -> float | None:
     if value is None or (isinstance(value, str) and not value.strip()):
         if optional:
             return None
         raise ConfigError(name, "is required")
-    if isinstance(value, bool):
-        raise ConfigError(name, f"must be a number, got {value!r}")
     try:
+        if isinstance(value, bool):  # True is not 1 here: a form never sends a switch as a number
+            raise TypeError
         number = float(value)
     except (TypeError, ValueError, OverflowError):
-        raise ConfigError(name, f"must be a number, got {value!r}") from None
+        raise ConfigError(name, f"must be {kind}, got {value!r}") from None
     if not math.isfinite(number):
-        raise ConfigError(name, f"must be a finite number, got {value!r}")
+        raise ConfigError(name, f"must be {kind}, got {value!r}")
     return number
 
 

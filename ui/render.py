@@ -110,6 +110,9 @@ def status_html(status: Mapping[str, Any] | None, cfg: Any = None) -> str:
              ("elapsed", display.format_duration(status.get("elapsed_s"))),
              ("ETA", display.format_duration(display.eta_seconds(status)) if live else "–"),
              ("last loss", display.format_number(status.get("loss")))]
+    mfu = status.get("mfu")
+    if isinstance(mfu, (int, float)) and mfu == mfu:  # the trainer reports it once it knows its peak
+        cells.insert(3, ("MFU", f"{100 * mfu:.1f}%"))
     grid = "".join(f'<div><div class="mae-muted">{esc(k)}</div>'
                    f'<div data-field="{esc(k)}" style="font-weight:600">{esc(v)}</div></div>'
                    for k, v in cells)
