@@ -1,0 +1,112 @@
+"""The analytic FLOP count (:mod:`mae_core.flops`) against PyTorch's own counter on the real model.
+
+``torch.utils.flop_counter.FlopCounterMode`` counts every matmul, convolution and attention kernel
+that a real forward + backward of :class:`MaskedAutoencoder` dispatches. Its registry has no entry
+for the CPU's fused attention kernel (``_scaled_dot_product_flash_attention_for_cpu``), which timm's
+blocks call on this machine, so the same formulas it uses for the GPU kernels are registered for it
+here; the model itself runs unchanged.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils import flop_counter
+from torch.utils.flop_counter import FlopCounterMode
+
+from mae_core.config import PRESETS, ModelConfig
+from mae_core.flops import ENCODER_DEPTH, MLP_RATIO, kept_patches, model_flops
+from mae_core.model import MaskedAutoencoder, draw_token_mask
+
+aten = torch.ops.aten
+BATCH = 2
+
+
+def _register_cpu_attention() -> None:
+    """Count the CPU's fused attention as the counter counts the GPU's (once per process)."""
+    forward = aten._scaled_dot_product_flash_attention_for_cpu
+    backward = aten._scaled_dot_product_flash_attention_for_cpu_backward
+    if forward not in flop_counter.flop_registry:
+        @flop_counter.register_flop_formula(forward)
+        def _forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
+            return flop_counter.sdpa_flop_count(query, key, value)
+    if backward not in flop_counter.flop_registry:
+        @flop_counter.register_flop_formula(backward)
+        def _backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+            return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+_register_cpu_attention()
+CASES = [(preset, 64, 8) for preset in PRESETS] + [("vit-tiny", 224, 16)]
+
+
+def _counted(model: MaskedAutoencoder, backward: bool) -> tuple[float, dict[str, int]]:
+    """FLOPs per image that FlopCounterMode saw in one loss (and backward) of a random batch."""
+    cfg = model.cfg
+    images = torch.randn(BATCH, 3, cfg.image_size, cfg.image_size)
+    idx_keep, idx_mask = draw_token_mask(BATCH, cfg.num_patches, cfg.mask_ratio,
+                                         generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter:
+        if backward:
+            model.loss(images, idx_keep, idx_mask).backward()
+        else:
+            with torch.no_grad():
+                model.loss(images, idx_keep, idx_mask)
+    per_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    return counter.get_total_flops() / BATCH, per_op
+
+
+@pytest.mark.parametrize(("preset", "image_size", "patch_size"), CASES)
+def test_training_flops_match_the_counter_on_a_real_forward_and_backward(preset, image_size,
+                                                                        patch_size):
+    cfg = ModelConfig(preset=preset, image_size=image_size, patch_size=patch_size)
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(cfg)
+    flops = model_flops(cfg)
+
+    counted, per_op = _counted(model, backward=True)
+    assert counted == pytest.approx(flops.training, rel=0.10), per_op
+    assert any("attention" in op for op in per_op), per_op  # the attention products were counted
+
+    forward, per_op = _counted(model, backward=False)
+    assert forward == pytest.approx(flops.forward, rel=0.10), per_op
+    # The patch embedding runs on every patch, masked or not: exactly the convolution counted.
+    assert per_op["aten.convolution"] / BATCH == flops.patch_embed
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_the_constants_are_those_of_the_real_models(preset):
+    model = MaskedAutoencoder(ModelConfig(preset=preset, image_size=32, patch_size=8))
+    vit = model.backbone.vit
+    assert len(vit.blocks) == ENCODER_DEPTH[PRESETS[preset].timm_name]
+    assert vit.num_prefix_tokens == 1
+    for block in (vit.blocks[0], model.decoder.blocks[0]):
+        assert block.mlp.fc1.out_features == MLP_RATIO * block.mlp.fc1.in_features
+
+
+@pytest.mark.parametrize(("patches", "ratio"), [(16, 0.75), (64, 0.75), (196, 0.75), (4, 0.9),
+                                                (4, 0.01), (49, 0.5)])
+def test_kept_patches_is_the_masks_own_rule(patches, ratio):
+    idx_keep, idx_mask = draw_token_mask(3, patches, ratio)
+    assert idx_keep.shape[1] - 1 == kept_patches(patches, ratio)  # minus the class token
+    assert idx_mask.shape[1] == patches - kept_patches(patches, ratio)
+
+
+def test_vit_base_224_costs_the_published_figure():
+    """ViT-B/16 MAE at 224 px, mask 0.75, decoder 8×512: ~58.6 GFLOP per image per training step
+    (encoder ~4.4 and decoder ~5.35 GMAC forward, as FIELD-NOTES records)."""
+    flops = model_flops(ModelConfig(preset="vit-base", image_size=224, patch_size=16))
+    assert flops.training / 1e9 == pytest.approx(58.6, abs=0.1)
+    assert (flops.patch_embed + flops.encoder) / 2e9 == pytest.approx(4.4, abs=0.1)
+    assert flops.decoder / 2e9 == pytest.approx(5.35, abs=0.1)
+    assert flops.as_dict()["training"] == flops.training == 3 * flops.forward
+
+
+def test_more_masking_costs_fewer_flops_and_a_bigger_decoder_more():
+    base = ModelConfig(preset="vit-small", image_size=64, patch_size=8)
+    more_masked = ModelConfig(preset="vit-small", image_size=64, patch_size=8, mask_ratio=0.9)
+    wider = ModelConfig(preset="vit-small", image_size=64, patch_size=8, decoder_dim=512,
+                        decoder_heads=8)
+    assert model_flops(more_masked).encoder < model_flops(base).encoder
+    assert model_flops(more_masked).patch_embed == model_flops(base).patch_embed
+    assert model_flops(wider).decoder > model_flops(base).decoder
