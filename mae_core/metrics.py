@@ -169,3 +169,25 @@ class MetricsStore:
             while len(self._readers) > self.max_files:
                 self._readers.pop(next(iter(self._readers)))
         return reader
+
+
+def write_csv(reader: MetricsReader, path: Path) -> Path:
+    """Every logged row of the run as CSV (``step`` then one column per metric, blank where a row
+    has none), written atomically: what a spreadsheet or pandas reads."""
+    import csv
+    import io
+
+    from mae_core.fileio import atomic_write_text
+
+    reader.refresh()
+    with reader._lock:
+        keys = list(reader._columns)
+        steps = list(reader._steps)
+        columns = [list(reader._columns[k]) for k in keys]
+    buffer = io.StringIO()
+    out = csv.writer(buffer)
+    out.writerow(["step", *keys])
+    for i, step in enumerate(steps):
+        out.writerow([int(step), *("" if math.isnan(c[i]) else repr(c[i]) for c in columns)])
+    atomic_write_text(path, buffer.getvalue())
+    return Path(path)

@@ -347,7 +347,7 @@ def test_parameter_audit_of_a_run_uses_its_geometry(server, run_state):
 # --- runs: list, open, export, delete -------------------------------------------------------------
 
 def test_list_runs(server, run_state):
-    table, pick = server["client"].predict(None, api_name="/list_runs")
+    table, pick, *_ = server["client"].predict(None, api_name="/list_runs")
     assert table["headers"][:4] == ["run", "state", "steps", "loss (last logged)"]
     [row] = table["data"]
     assert row[0] == run_state["id"] and row[1] == "finished"

@@ -48,6 +48,7 @@ CSS = """
 .st-trainable { background: rgba(22, 163, 74, .14); }
 .st-frozen { background: rgba(37, 99, 235, .16); }
 .st-removed { background: rgba(220, 38, 38, .16); }
+tr.differs td { background: rgba(217, 119, 6, .16); }
 tr.no-grad { outline: 2px solid #dc2626; outline-offset: -2px; }
 .mae-group { margin: 4px 0; border: 1px solid var(--border-color-primary); border-radius: 6px; }
 .mae-group > summary { cursor: pointer; padding: 4px 8px; color: var(--body-text-color); }

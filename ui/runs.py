@@ -1,5 +1,6 @@
 """The Runs tab: every run in the runs directory, and what can be done with one: open it in the other
-tabs, export its encoder for timm, delete it (asks first; never a live run)."""
+tabs, export its encoder for timm, delete it (asks first; never a live run), compare runs
+(:mod:`ui.compare`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import gradio as gr
 
 from mae_core import display
 from mae_core.rundir import LIVE_STATES
-from ui import render
+from ui import compare, render
 from ui.common import AppContext, UserError, guarded
 
 HEADERS = ("run", "state", "steps", "loss (last logged)", "epoch loss (last)", "duration",
@@ -65,11 +66,13 @@ def refresh(ctx: AppContext, current: str | None, sig: dict | None) -> dict[str,
         out["table"] = rows
     if (ids, value) != sig.get("pick"):
         out["pick"] = gr.update(choices=ids, value=value)
+    if ids != sig.get("ids"):
+        out["compare_runs"] = gr.update(choices=ids)
     state = next((s.get("state") for s in runs if s["run_id"] == value), None)
     deletable = value is not None and state not in LIVE_STATES
     if deletable != sig.get("deletable"):
         out["delete"] = gr.update(interactive=deletable)
-    sig.update(rows=rows, pick=(ids, value), deletable=deletable)
+    sig.update(rows=rows, pick=(ids, value), deletable=deletable, ids=ids)
     out["sig"] = sig
     return out
 
@@ -97,6 +100,7 @@ def build(ctx: AppContext) -> dict[str, Any]:
                                    elem_id="export-file", min_width=240)
         c["export_code"] = gr.Code(language="python", label="load it with timm", wrap_lines=True,
                                    elem_id="export-code")
+    c["compare"] = compare.build(ctx, c["pick"])
     c["sig"] = gr.State(None)
     _wire(ctx, c)
     return c
@@ -107,7 +111,8 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
 
     @guarded("the runs list", error)
     def on_refresh(current: str | None, sig: dict | None) -> dict:
-        return {c[name]: value for name, value in refresh(ctx, current, sig).items()}
+        parts = {**c, "compare_runs": c["compare"]["runs"]}
+        return {parts[name]: value for name, value in refresh(ctx, current, sig).items()}
 
     @guarded("delete", error)
     def on_delete(run_id: str | None, confirmed: bool) -> dict:
@@ -121,7 +126,8 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
                 c["message"]: render.notice("ok", message)}
 
     c["refresh_event"] = dict(fn=on_refresh, inputs=[c["pick"], c["sig"]],
-                              outputs=[c["table"], c["pick"], c["delete"], c["sig"]],
+                              outputs=[c["table"], c["pick"], c["delete"], c["compare"]["runs"],
+                                       c["sig"]],
                               show_progress="hidden")
     # Asked for by a person (or an API client): every part, changed or not.
     gr.on([c["refresh"].click, c["pick"].input], lambda current: on_refresh(current, None),

@@ -1,0 +1,65 @@
+"""ui.compare on real run directories (no server): runs side by side with the settings that differ
+first and marked, their results, and a run's metrics as CSV that reads back."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+
+import pytest
+
+from mae_core.config import ModelConfig, RunConfig, TrainConfig
+from mae_core.rundir import RunPaths, create_run
+from ui import compare
+from ui.common import AppContext, UserError
+
+TINY = RunConfig(model=ModelConfig(image_size=32, patch_size=8),
+                 train=TrainConfig(accelerator="cpu", devices=1, batch_size=4, max_steps=4,
+                                   num_workers=0))
+
+
+def make_run(ctx: AppContext, cfg: RunConfig, losses: list[float], **status) -> RunPaths:
+    paths = create_run(cfg.resolved(), runs_dir=ctx.manager.runs_dir)
+    paths.write_status(state="finished", step=len(losses), **status)
+    with open(paths.metrics, "w") as handle:
+        for step, loss in enumerate(losses, start=1):
+            handle.write(json.dumps({"step": step, "loss": loss, "images_per_s": 100.0 + step}) + "\n")
+        handle.write(json.dumps({"step": len(losses), "epoch_loss": min(losses)}) + "\n")
+    return paths
+
+
+def test_compare_puts_the_differing_settings_first_and_marks_them(ctx):
+    a = make_run(ctx, TINY, [1.0, 0.8, 0.6], loss=0.6, mfu=0.25)
+    b_cfg = dataclasses.replace(TINY, train=dataclasses.replace(TINY.train, base_lr=3e-4, seed=7))
+    b = make_run(ctx, b_cfg, [1.0, 0.9], loss=0.9)
+    html = compare.compare_html(ctx, [a.run_id, b.run_id])
+    assert html.index(a.run_id) < html.index(b.run_id)
+    differing = html[:html.index("settings that are the same")]
+    for key in ("train.base_lr", "train.seed"):
+        assert f'class="differs" data-key="{key}"' in differing
+    assert 'data-key="model.preset"' not in differing  # the same in both: folded away
+    assert 'data-key="model.preset"' in html
+    assert "settings that differ (2)" in html
+    assert "25.0%" in html  # MFU where the run reported it
+    assert "0.6" in html and "0.9" in html  # best epoch losses
+
+
+def test_compare_needs_two_runs_and_refuses_unknown_ones(ctx):
+    a = make_run(ctx, TINY, [1.0])
+    with pytest.raises(UserError, match="two or more"):
+        compare.compare_html(ctx, [a.run_id])
+    with pytest.raises(Exception, match="no run named"):
+        compare.compare_html(ctx, [a.run_id, "../etc"])
+
+
+def test_metrics_download_as_csv_reads_back(ctx):
+    a = make_run(ctx, TINY, [1.0, 0.8, 0.6])
+    path = compare.metrics_csv(ctx, a.run_id)
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["step"] for r in rows] == ["1", "2", "3", "3"]
+    assert [float(r["loss"]) for r in rows[:3]] == [1.0, 0.8, 0.6]
+    assert rows[3]["loss"] == "" and float(rows[3]["epoch_loss"]) == 0.6
+    with pytest.raises(UserError):
+        compare.metrics_csv(ctx, None)
