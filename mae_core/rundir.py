@@ -52,6 +52,9 @@ class RunStatus:
     epoch: int | None = None
     loss: float | None = None  # the last step's loss (raw, one rank)
     images_per_s: float | None = None
+    mfu: float | None = None  # model FLOPs utilisation of the last step: achieved / peak FLOP/s
+    flops_per_image: float | None = None  # training FLOPs (forward + backward) per image
+    peak_flops: float | None = None  # peak FLOP/s of one device (a GPU, or one CPU process)
     elapsed_s: float | None = None  # training time, summed over resumes
     data_files: int | None = None  # image files the data scan found before the launch
     images: int | None = None  # images the trainer could read

@@ -33,6 +33,8 @@ from mae_core.config import ConfigError, ModelConfig, RunConfig, TrainConfig, pa
 from mae_core.data import DataError, MAEDataModule, check_data, preview_images
 from mae_core.fileio import (append_line, atomic_write, atomic_write_json, fsync_file, read_json,
                              remove_stale_temp_files)
+from mae_core.flops import training_flops_per_image
+from mae_core.hardware import device_peak, mfu
 from mae_core.model import MAELightning
 from mae_core.reconstruct import grid_image, reconstruct
 from mae_core.rundir import RunPaths, process_record
@@ -101,8 +103,13 @@ class ProgressRecorder(pl.Callback):
         self._elapsed_before = 0.0
         self._fit_start = 0.0
         self._step_start = 0.0
+        self.flops_per_image: float | None = None  # training FLOPs of one image (rank 0)
+        self.peak_flops: float | None = None  # one device's peak FLOP/s (rank 0)
+        self._mfu: float | None = None  # the last step's
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:  # once per run, before the clock starts (a first probe: ~1 s)
+            self.flops_per_image, self.peak_flops = _flops_and_peak(trainer, pl_module)
         self._fit_start = self._step_start = time.perf_counter()
         if trainer.is_global_zero:
             # A resume continues from the checkpoint's step: later lines of the killed run go.
@@ -114,7 +121,9 @@ class ProgressRecorder(pl.Callback):
                                     total_steps=_total_steps(trainer), epoch=trainer.current_epoch,
                                     world_size=trainer.world_size, error=None, log_tail=None,
                                     images=getattr(dataset, "num_images", None),
-                                    skipped_files=getattr(dataset, "skipped", None))
+                                    skipped_files=getattr(dataset, "skipped", None),
+                                    flops_per_image=self.flops_per_image,
+                                    peak_flops=self.peak_flops, mfu=None)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
@@ -125,6 +134,8 @@ class ProgressRecorder(pl.Callback):
                "lr": trainer.optimizers[0].param_groups[0]["lr"],
                "images_per_s": images / max(now - self._step_start, 1e-9),
                "elapsed_s": self._elapsed_before + now - self._fit_start}
+        row["mfu"] = self._mfu = mfu(row["images_per_s"], self.flops_per_image, self.peak_flops,
+                                     trainer.world_size)
         for name in ("loss", "images_per_s"):  # for status.json; the file gets `row` directly
             pl_module.log(name, row[name], rank_zero_only=True, logger=False)
         if trainer.is_global_zero and trainer.global_step % self.log_every_n_steps == 0:
@@ -139,8 +150,27 @@ class ProgressRecorder(pl.Callback):
         self.paths.write_status(
             step=trainer.global_step, total_steps=_total_steps(trainer), epoch=trainer.current_epoch,
             loss=loss if loss is not None else _plain(metrics.get("loss")),
-            images_per_s=_plain(metrics.get("images_per_s")),
+            images_per_s=_plain(metrics.get("images_per_s")), mfu=self._mfu,
             elapsed_s=self._elapsed_before + time.perf_counter() - self._fit_start, **fields)
+
+
+def _flops_and_peak(trainer: pl.Trainer, pl_module: pl.LightningModule
+                    ) -> tuple[float | None, float | None]:
+    """The model's training FLOPs per image and one device's peak FLOP/s: MFU's two constants.
+
+    The peak comes from :mod:`mae_core.hardware` (on the CPU a matmul probe with this process's
+    threads, cached per machine; on a known GPU its datasheet). Neither may stop a run: a failure
+    leaves MFU unreported.
+    """
+    cfg = getattr(pl_module, "cfg", None)
+    flops = training_flops_per_image(cfg) if isinstance(cfg, ModelConfig) else None
+    try:
+        device = pl_module.device
+        peak = device_peak(device.type, str(trainer.precision), index=device.index or 0).flops
+    except Exception as err:  # noqa: BLE001 - MFU is a report, not a reason to fail the run
+        print(f"peak FLOP/s not measured ({type(err).__name__}: {err}): no MFU", flush=True)
+        peak = None
+    return flops, peak
 
 
 def _total_steps(trainer: pl.Trainer) -> int:
