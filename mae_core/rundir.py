@@ -24,7 +24,7 @@ from mae_core.process import process_record, process_start_time  # noqa: F401 - 
 if TYPE_CHECKING:
     from mae_core.config import RunConfig
 
-STATES = ("starting", "running", "stopping", "stopped", "finished", "failed")
+STATES = ("queued", "starting", "running", "stopping", "stopped", "finished", "failed")
 LIVE_STATES = frozenset({"starting", "running", "stopping"})
 # Longest directory name most file systems accept (bytes); a longer run id names no run.
 NAME_MAX = 255
@@ -190,11 +190,13 @@ class RunPaths:
 
 
 def create_run(cfg: RunConfig, runs_dir: str | Path | None = None, run_dir: str | Path | None = None,
-               process: dict[str, Any] | None = None, **status: Any) -> RunPaths:
+               process: dict[str, Any] | None = None, state: str = "starting",
+               **status: Any) -> RunPaths:
     """Make a run directory for ``cfg`` (already resolved): the one place runs are created.
 
     A new unique directory under ``runs_dir``, or ``run_dir`` itself (a run started by hand with
-    ``--run-dir``). Written in this order: status "starting" with its created time, then
+    ``--run-dir``). Written in this order: status ``state`` ("starting", or "queued" for a run that
+    waits for the devices) with its created time, then
     ``process.json`` when the caller is the trainer itself, then ``config.yaml``, the file that makes
     a directory a run, so a reader never sees a run without a status. ``status`` adds fields.
     """
@@ -206,7 +208,7 @@ def create_run(cfg: RunConfig, runs_dir: str | Path | None = None, run_dir: str 
         if runs_dir is None:
             raise ValueError("create_run needs runs_dir or run_dir")
         paths = _new_run_directory(Path(runs_dir), cfg.model.preset, cfg.model.policy)
-    paths.write_status(state="starting", step=0, total_steps=cfg.train.max_steps,
+    paths.write_status(state=state, step=0, total_steps=cfg.train.max_steps,
                        preset=cfg.model.preset, policy=cfg.model.policy,
                        world_size=cfg.train.world_size, created=time.time(), **status)
     if process is not None:

@@ -31,6 +31,7 @@ from mae_core.data import check_data
 from mae_core.fileio import atomic_write_json, read_json
 from mae_core.process import PROJECT_ROOT  # noqa: F401 - re-exported for callers and tests
 from mae_core.rundir import LIVE_STATES, RunPaths, create_run, valid_run_id
+from mae_core.runqueue import RunQueue
 from mae_core.weights import export_encoder, timm_snippet
 
 # A run on another node counts as alive while its status.json was rewritten this recently.
@@ -59,6 +60,8 @@ class RunManager:
         self.stop_timeout_s = stop_timeout_s
         self._exit_codes: dict[int, int] = {}  # pid -> return code of trainers this manager reaped
         self._lock = threading.RLock()
+        self.queue = RunQueue(self.runs_dir)
+        self._queue_worker: threading.Thread | None = None
 
     # --- queries ------------------------------------------------------------------------------
 
@@ -141,6 +144,75 @@ class RunManager:
             self._launch(paths, resume=False)
         return paths.run_id
 
+    # --- the queue ----------------------------------------------------------------------------
+
+    def enqueue(self, cfg: RunConfig) -> tuple[str, int]:
+        """Check ``cfg`` and its data as :meth:`start` does, and queue it behind the live run and
+        the runs already waiting; (run id, position). :meth:`advance_queue` launches it."""
+        cfg = cfg.resolved()
+        summary = check_data(cfg.train.data)
+        with self._exclusive():
+            paths = create_run(cfg, runs_dir=self.runs_dir, state="queued",
+                               data_files=summary.files)
+            return paths.run_id, self.queue.add(paths.run_id)
+
+    def queued(self) -> list[str]:
+        """The queued runs, in the order they will start."""
+        return [r for r in self.queue.ids() if self._state(r) == "queued"]
+
+    def move_queued(self, run_id: str, offset: int) -> int:
+        """Move a queued run ``offset`` places (negative: sooner); its new position."""
+        with self._exclusive():
+            if self._state(run_id) != "queued" or run_id not in self.queue.ids():
+                raise RunError(f"run {self.paths(run_id).run_id} is not queued")
+            return self.queue.move(run_id, offset)
+
+    def advance_queue(self) -> str | None:
+        """Launch the first queued run if no run is live; the run launched, or None.
+
+        A queued run that cannot be launched (its data gone, say) is marked failed and the next
+        one is tried, so one bad run never blocks the queue.
+        """
+        with self._exclusive():
+            if self.live_run() is not None:
+                return None
+            for run_id in self.queue.ids():
+                self.queue.remove(run_id)
+                if self._state(run_id) != "queued":
+                    continue  # deleted or started meanwhile
+                paths = self.paths(run_id)
+                try:
+                    check_data(RunConfig.load(paths.config).train.data)
+                    paths.write_status(state="starting")
+                    self._launch(paths, resume=False)
+                except Exception as err:  # noqa: BLE001 - recorded in the run, the queue goes on
+                    paths.write_status(state="failed", error=f"could not start from the queue: {err}")
+                    continue
+                return run_id
+        return None
+
+    def start_queue_worker(self, every_s: float = 2.0) -> None:
+        """Advance the queue in the background, so queued runs start with no page open."""
+        if self._queue_worker is not None:
+            return
+
+        def work() -> None:
+            while True:
+                try:
+                    self.advance_queue()
+                except Exception:  # noqa: BLE001 - a disk hiccup must not end the worker
+                    pass
+                time.sleep(every_s)
+
+        self._queue_worker = threading.Thread(target=work, name="run-queue", daemon=True)
+        self._queue_worker.start()
+
+    def _state(self, run_id: str) -> str | None:
+        try:
+            return self.paths(run_id).read_status().get("state")
+        except RunError:
+            return None
+
     def stop(self, run_id: str) -> dict[str, Any]:
         """Ask the run to stop after its current step (it saves a checkpoint first).
 
@@ -199,6 +271,7 @@ class RunManager:
             if status.get("state") in LIVE_STATES:
                 raise RunError(f"run {run_id} is {status['state']}: stop it before deleting it")
             shutil.rmtree(self.paths(run_id).root)
+            self.queue.remove(run_id)
 
     def export(self, run_id: str) -> tuple[Path, str]:
         """Write the run's encoder as timm weights; returns the file and a snippet that loads it."""

@@ -151,3 +151,19 @@ def test_export_refusals(ctx):
         runs.export_run(ctx, no_weights.run_id)
     with pytest.raises(UserError, match="Choose a run"):
         runs.export_run(ctx, None)
+
+
+def test_queued_runs_show_their_place_and_move(ctx):
+    from ui.common import form_values
+    from ui.train import queue_run
+
+    values = {**form_values(TINY), "data": ""}
+    first = queue_run(ctx.manager, values)["run_id"]
+    second = queue_run(ctx.manager, values)["run_id"]
+    states = {row[0]: row[1] for row in runs.table_rows(ctx, ctx.manager.list())}
+    assert states == {first: "queued (#1)", second: "queued (#2)"}
+    assert "number 1" in runs.move_in_queue(ctx, second, -1)
+    states = {row[0]: row[1] for row in runs.table_rows(ctx, ctx.manager.list())}
+    assert states == {first: "queued (#2)", second: "queued (#1)"}
+    with pytest.raises(UserError):
+        runs.move_in_queue(ctx, None, 1)

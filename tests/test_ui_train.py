@@ -349,3 +349,19 @@ def test_check_data_folder(ctx, tmp_path):
     assert 'data-kind="error"' in train.check_data_folder(ctx.manager, str(empty))
     samples = train.check_data_folder(ctx.manager, "")
     assert 'data-kind="ok"' in samples and "sample photos" in samples
+
+
+def test_queue_is_offered_while_a_run_is_live_and_says_where_the_run_waits(ctx):
+    assert train.button_states(None, any_live=False)["queue"]["interactive"] is False
+    assert train.button_states(None, any_live=True)["queue"]["interactive"] is True
+    values = {**form_values(TINY), "data": ""}
+    action = train.queue_run(ctx.manager, values)
+    assert action["kind"] == "ok" and "position 1" in action["text"]
+    status = ctx.manager.status(action["run_id"])
+    assert status["state"] == "queued"
+    assert "starts when the devices are free" in train.action_message(action, status)
+    second = train.queue_run(ctx.manager, values)
+    assert "position 2" in second["text"]
+    with pytest.raises(ConfigError, match="batch_size"):
+        train.queue_run(ctx.manager, {**values, "batch_size": 2.5})
+    assert ctx.manager.queued() == [action["run_id"], second["run_id"]]

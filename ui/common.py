@@ -82,6 +82,7 @@ class LazyRunManager:
             from mae_core.runs import RunManager
 
             self._manager = RunManager(self.runs_dir)
+            self._manager.start_queue_worker()  # queued runs start even with no page open
         except BaseException as err:  # noqa: BLE001 - re-raised on first use
             self._error = err
         finally:

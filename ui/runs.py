@@ -21,14 +21,17 @@ HEADERS = ("run", "state", "steps", "loss (last logged)", "epoch loss (last)", "
 def table_rows(ctx: AppContext, statuses: Iterable[Mapping[str, Any]]) -> list[list[Any]]:
     """One row per run. A live run's loss is its latest logged step's, not a final figure."""
     rows = []
+    queue = ctx.manager.queued()
     for s in statuses:
         total, state = s.get("total_steps"), s.get("state", "?")
+        if state == "queued" and s["run_id"] in queue:
+            state = f"queued (#{queue.index(s['run_id']) + 1})"
         steps = f"{s.get('step') or 0} / {total}" if total else str(s.get("step") or 0)
         loss = display.format_number(s.get("loss"))
         if state in LIVE_STATES and loss != "–":
             loss += " (live)"
         epoch = ctx.metrics.reader(ctx.manager.paths(s["run_id"]).metrics).last("epoch_loss")
-        rows.append([s.get("run_id", ""), state, steps, loss,
+        rows.append([s["run_id"], state, steps, loss,
                      display.format_number(epoch[1]) if epoch else "–",
                      display.format_duration(s.get("elapsed_s")), s.get("policy") or "–",
                      s.get("preset") or "–"])
@@ -51,6 +54,13 @@ def export_run(ctx: AppContext, run_id: str | None) -> tuple[str, str, str]:
         raise UserError("Choose a run to export.")
     path, snippet = ctx.manager.export(run_id)
     return str(path), snippet, f"Exported the encoder of `{run_id}` to `{path}`."
+
+
+def move_in_queue(ctx: AppContext, run_id: str | None, offset: int) -> str:
+    if not run_id:
+        raise UserError("Choose a queued run to move.")
+    position = ctx.manager.move_queued(run_id, offset)
+    return f"`{run_id}` is now number {position} in the queue."
 
 
 def refresh(ctx: AppContext, current: str | None, sig: dict | None) -> dict[str, Any]:
@@ -90,8 +100,10 @@ def build(ctx: AppContext) -> dict[str, Any]:
                               elem_id="open-btn")
         c["export"] = gr.Button("Export encoder", scale=1, min_width=120, elem_id="export-btn")
     with gr.Row():
-        c["confirm"] = gr.Checkbox(False, label="yes, delete this run's files", scale=3,
-                                   elem_id="confirm-delete")
+        c["sooner"] = gr.Button("Queue: sooner", scale=1, min_width=110, elem_id="sooner-btn")
+        c["later"] = gr.Button("Queue: later", scale=1, min_width=110, elem_id="later-btn")
+        c["confirm"] = gr.Checkbox(False, label="yes, delete this run's files (or its place in "
+                                   "the queue)", scale=3, elem_id="confirm-delete")
         c["delete"] = gr.Button("Delete run", variant="stop", scale=1, min_width=110,
                                 interactive=False, elem_id="delete-btn")
     c["message"] = gr.HTML(elem_id="runs-message")
@@ -137,6 +149,11 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
     c["delete"].click(on_delete, [c["pick"], c["confirm"]], [c["message"], c["confirm"]],
                       api_name="delete_run", concurrency_id="run_actions",
                       show_progress="hidden").then(**c["refresh_event"])
+    for name, offset in (("sooner", -1), ("later", 1)):
+        c[name].click(guarded("queue", error)(lambda run_id, offset=offset: {
+            c["message"]: render.notice("ok", move_in_queue(ctx, run_id, offset))}),
+            c["pick"], c["message"], api_name=f"queue_{name}", show_progress="hidden").then(
+            **c["refresh_event"])
     c["export"].click(on_export, c["pick"], [c["export_file"], c["export_code"], c["message"]],
                       api_name="export", show_progress_on=[c["export_file"]])
 

@@ -33,6 +33,13 @@ def start_run(manager: Any, values: dict[str, Any]) -> dict[str, Any]:
     return {"action": "start", "run_id": run_id, "kind": "ok", "text": f"Started run `{run_id}`."}
 
 
+def queue_run(manager: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """Validate the form and queue the run behind the live one (it starts when the devices free)."""
+    run_id, position = manager.enqueue(config_from_form(values))
+    return {"action": "queue", "run_id": run_id, "kind": "ok",
+            "text": f"Queued run `{run_id}` at position {position}."}
+
+
 def stop_run(manager: Any, run_id: str | None) -> dict[str, Any]:
     if not run_id:
         raise UserError("Choose a run to stop.")
@@ -63,6 +70,8 @@ def action_message(action: dict[str, Any] | None, status: dict[str, Any] | None)
     if action["kind"] == "error" or not status:
         return render.notice(action["kind"], action["text"])
     run_id, state, step = action["run_id"], status.get("state"), status.get("step", 0)
+    if state == "queued":
+        return render.notice("info", f"{action['text']} It starts when the devices are free.")
     if state in LIVE_STATES:
         if status.get("stop_requested"):
             return render.notice("warn", f"Stop requested for `{run_id}`: it saves a checkpoint "
@@ -126,6 +135,7 @@ def button_states(status: dict[str, Any] | None, any_live: bool) -> dict[str, di
     state = (status or {}).get("state")
     stopping = bool(status and status.get("stop_requested")) and state in LIVE_STATES
     return {"start": {"interactive": not any_live},
+            "queue": {"interactive": any_live},
             "stop": {"interactive": state in LIVE_STATES,
                      "value": "Force stop" if stopping else "Stop"},
             "resume": {"interactive": bool(status and status.get("resumable")) and not any_live}}
@@ -231,6 +241,8 @@ def build(ctx: AppContext) -> dict[str, Any]:
     c: dict[str, Any] = {}
     with gr.Row(elem_id="run-controls", equal_height=True):
         c["start"] = gr.Button("Start", variant="primary", elem_id="start-btn", scale=1, min_width=90)
+        c["queue"] = gr.Button("Queue", interactive=False, elem_id="queue-btn", scale=1,
+                               min_width=90)
         c["stop"] = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop-btn",
                               scale=1, min_width=90)
         c["resume"] = gr.Button("Resume", interactive=False, elem_id="resume-btn", scale=1,
@@ -297,11 +309,12 @@ def _build_live_view(c: dict[str, Any]) -> None:
 
 def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
     fields = [c[f"field.{name}"] for name in FIELD_NAMES]
-    poll_names = ("run_pick", "overlay", "status", "message", "start", "stop", "resume", "chart",
+    poll_names = ("run_pick", "overlay", "status", "message", "start", "queue", "stop", "resume", "chart",
                   "chart_info", "log", "seen_live", "sig")
     poll_inputs = [c[n] for n in ("run_pick", "overlay", "metric", "log_scale", "smoothing",
                                   "seen_live", "sig", "action")]
     message_fallback = {"start": lambda text: {c["action"]: failed_action("start", text)},
+                        "queue": lambda text: {c["action"]: failed_action("queue", text)},
                         "stop": lambda text: {c["action"]: failed_action("stop", text)},
                         "resume": lambda text: {c["action"]: failed_action("resume", text)}}
 
@@ -312,6 +325,10 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
     @guarded("start", message_fallback["start"])
     def on_start(*values: Any) -> dict:
         return {c["action"]: start_run(ctx.manager, dict(zip(FIELD_NAMES, values)))}
+
+    @guarded("queue", message_fallback["queue"])
+    def on_queue(*values: Any) -> dict:
+        return {c["action"]: queue_run(ctx.manager, dict(zip(FIELD_NAMES, values)))}
 
     @guarded("stop", message_fallback["stop"])
     def on_stop(run_id: str | None) -> dict:
@@ -327,7 +344,8 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
     gr.on([c["timer"].tick], **refresh, api_name="poll", trigger_mode="always_last")
     gr.on([c["run_pick"].input, c["overlay"].input, c["metric"].change, c["log_scale"].change,
            c["smoothing"].release], **refresh, api_name="select", trigger_mode="always_last")
-    for name, fn, inputs in (("start", on_start, fields), ("stop", on_stop, [c["run_pick"]]),
+    for name, fn, inputs in (("start", on_start, fields), ("queue", on_queue, fields),
+                             ("stop", on_stop, [c["run_pick"]]),
                              ("resume", on_resume, [c["run_pick"], c["resume_until"]])):
         c[name].click(fn, inputs, [c["action"]], api_name=name, concurrency_id="run_actions",
                       show_progress=HIDDEN).then(**refresh, api_name=f"{name}_refresh")

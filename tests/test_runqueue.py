@@ -1,0 +1,81 @@
+"""The run queue: order kept on disk, moves clamped, and queued runs that start back to back when
+the devices free up — across an app restart, past a queued run that cannot start (real trainers)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from helpers import poll
+from mae_core.config import RunConfig
+from mae_core.data import sample_photo_paths
+from mae_core.runqueue import RunQueue
+from mae_core.runs import RunError, RunManager
+
+QUICK = dict(image_size=32, patch_size=8, batch_size=4, devices=1, accelerator="cpu",
+             max_steps=2, checkpoint_every_n_steps=2, num_previews=0)
+TIMEOUT_S = 240
+
+
+def quick(**overrides) -> RunConfig:
+    return RunConfig().with_overrides(**{**QUICK, **overrides})
+
+
+def test_queue_order_survives_and_moves_are_clamped(tmp_path):
+    queue = RunQueue(tmp_path)
+    for run_id in ("a", "b", "c"):
+        queue.add(run_id)
+    assert RunQueue(tmp_path).ids() == ["a", "b", "c"]  # on disk, for the next app
+    assert queue.move("c", -1) == 2 and queue.ids() == ["a", "c", "b"]
+    assert queue.move("c", -10) == 1 and queue.ids() == ["c", "a", "b"]
+    assert queue.move("c", 10) == 3 and queue.ids() == ["a", "b", "c"]
+    assert queue.remove("a") and not queue.remove("a") and queue.ids() == ["b", "c"]
+    (tmp_path / ".queue.json").write_text("{not json")  # a damaged file is an empty queue
+    assert queue.ids() == []
+
+
+def test_queued_runs_can_be_reordered_and_removed(tmp_path):
+    manager = RunManager(tmp_path / "runs")
+    first, position = manager.enqueue(quick())
+    second, _ = manager.enqueue(quick())
+    third, position = manager.enqueue(quick())
+    assert position == 3 and manager.queued() == [first, second, third]
+    assert {s["run_id"]: s["state"] for s in manager.list()} == dict.fromkeys(
+        (first, second, third), "queued")
+    assert manager.live_run() is None  # queued is not live: Start stays possible
+    assert manager.move_queued(third, -2) == 1
+    assert manager.queued() == [third, first, second]
+    manager.delete(first)
+    assert manager.queued() == [third, second]
+    with pytest.raises(RunError, match="no run named"):  # removed from the queue with its files
+        manager.move_queued(first, 1)
+
+
+def test_queued_runs_start_back_to_back_across_an_app_restart_past_a_broken_one(tmp_path):
+    data = tmp_path / "photos"
+    data.mkdir()
+    shutil.copy(sample_photo_paths()[0], data)
+    before = RunManager(tmp_path / "runs")  # the first app queues three runs, then goes away
+    broken, _ = before.enqueue(quick(data=str(data)))
+    first, _ = before.enqueue(quick())
+    second, _ = before.enqueue(quick())
+    shutil.rmtree(data)  # the first queued run's data is gone by the time its turn comes
+    del before
+
+    after = RunManager(tmp_path / "runs")  # the restarted app picks the queue up
+    after.start_queue_worker(every_s=0.3)
+
+    def ended(run_id: str):
+        status = after.status(run_id)
+        return status if status["state"] in ("finished", "failed", "stopped") else None
+
+    assert poll(lambda: ended(second), TIMEOUT_S, every_s=0.5), after.status(second)
+    assert after.status(broken)["state"] == "failed"
+    assert "could not start from the queue" in after.status(broken)["error"]
+    assert after.status(first)["state"] == "finished" and after.status(second)["state"] == "finished"
+    # back to back: the second was launched only after the first had finished
+    first_end = after.paths(first).read_status()["updated"]
+    second_launch = (after.paths(second).process.stat().st_mtime)
+    assert second_launch >= first_end - 1.0
+    assert after.queued() == []
