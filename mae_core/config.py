@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -29,6 +30,11 @@ PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 MAX_SEED = 2**31 - 1
 # Bounds for step counts and intervals: far beyond any real run, small enough for every library.
 MAX_STEPS = 10**9
+# Gradient accumulation beyond this is a configuration mistake (4,096 images from batch 4).
+MAX_ACCUMULATE = 1024
+# /proc/cpuinfo flags of the x86 instructions that compute bf16 natively (AVX-512 BF16 dot
+# products; AMX tiles). Without them bf16 is emulated and slower than fp32.
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 class ConfigError(ValueError):
@@ -194,11 +200,14 @@ class TrainConfig:
 
     ``data`` of ``""`` is the embedded photo set. ``devices``/``precision``/``num_workers``/
     ``find_unused_parameters`` of ``None`` mean "choose for this machine and policy"; the run
-    directory's ``config.yaml`` stores them resolved.
+    directory's ``config.yaml`` stores them resolved. ``accumulate_grad_batches`` sums the
+    gradients of that many batches per optimizer step: ``max_steps``, the warm-up and the cosine
+    schedule count optimizer steps, and the learning rate follows the effective batch.
     """
 
     data: str = ""
     batch_size: int = 32
+    accumulate_grad_batches: int = 1
     base_lr: float = 1.5e-4
     weight_decay: float = 0.05
     warmup_fraction: float = 0.05
@@ -223,6 +232,7 @@ class TrainConfig:
                  "data", f"must be a folder path (or empty for the sample photos), got "
                  f"{_shown(self.data)}")
         _check_int(self, "batch_size", 1, 4096)
+        _check_int(self, "accumulate_grad_batches", 1, MAX_ACCUMULATE)
         _check_number(self, "base_lr", 0, 1, low_open=True, high_open=True)
         _check_number(self, "weight_decay", 0, 1, high_open=True)
         _check_number(self, "warmup_fraction", 0, 1, high_open=True)
@@ -249,9 +259,14 @@ class TrainConfig:
     def world_size(self) -> int:
         return (self.devices or 1) * self.num_nodes
 
+    @property
+    def effective_batch_size(self) -> int:
+        """Images per optimizer step: batch per process × processes × accumulated batches."""
+        return self.batch_size * self.world_size * self.accumulate_grad_batches
+
     def learning_rate(self) -> float:
         """The MAE scaling rule: lr = base_lr × effective batch / 256."""
-        return self.base_lr * self.batch_size * self.world_size / 256
+        return self.base_lr * self.effective_batch_size / 256
 
 
 @dataclass(frozen=True)
@@ -330,9 +345,8 @@ class RunConfig:
             # Each CPU rank is a full training process (~1 GB); more than the cores only thrash.
             raise ConfigError("devices", f"{devices} CPU processes asked for, this machine has "
                               f"{cores} usable cores: use at most {cores}")
-        precision = t.precision or ("bf16-mixed" if accelerator == "gpu" and _bf16_ok() else "32-true")
-        if precision != "32-true" and accelerator == "cpu":
-            raise ConfigError("precision", f"{precision} is for GPUs; use 32-true on the CPU")
+        precision = t.precision or auto_precision(accelerator)
+        _check_precision_for(precision, accelerator)
         find_unused = t.find_unused_parameters
         if find_unused is None:
             find_unused = self.model.policy == "reference"
@@ -378,6 +392,54 @@ def _bf16_ok() -> bool:
     return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_feature() -> str | None:
+    """The instruction set with which this CPU computes bf16 natively (``amx_bf16`` or
+    ``avx512_bf16``), or None where bf16 would be emulated.
+
+    Read from the ``flags`` of ``/proc/cpuinfo`` (Linux); elsewhere from the CPU probes torch
+    ships (``torch.cpu._is_amx_tile_supported``, ``_is_avx512_bf16_supported``, private, so
+    looked up defensively). ``torch.backends.cpu.get_cpu_capability()`` cannot tell: it says
+    ``AVX512`` with or without bf16.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as file:
+            flags = {word for line in file if line.startswith("flags")
+                     for word in line.partition(":")[2].split()}
+        return next((name for name in CPU_BF16_FLAGS if name in flags), None)
+    except OSError:  # not Linux: ask torch
+        import torch
+
+        probes = {"amx_bf16": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported"}
+        for name, probe in probes.items():
+            check = getattr(torch.cpu, probe, None)
+            if check is not None and check():
+                return name
+        return None
+
+
+def auto_precision(accelerator: str) -> str:
+    """What ``precision=None`` means here: bf16-mixed where the hardware computes bf16 natively
+    (a GPU that supports it, a CPU with AMX or AVX-512 BF16), 32-true elsewhere."""
+    native = _bf16_ok() if accelerator == "gpu" else cpu_bf16_feature() is not None
+    return "bf16-mixed" if native else "32-true"
+
+
+def _check_precision_for(precision: str, accelerator: str) -> None:
+    """Refuse a precision the CPU cannot run well: fp16 autocast, or bf16 without native bf16."""
+    if accelerator != "cpu":
+        return
+    bf16 = cpu_bf16_feature()
+    if precision == "16-mixed":
+        other = "32-true or bf16-mixed" if bf16 else "32-true"
+        raise ConfigError("precision", f"16-mixed (fp16 autocast) is for GPUs; use {other} on "
+                          "this CPU")
+    if precision == "bf16-mixed" and bf16 is None:
+        raise ConfigError("precision", "bf16-mixed needs a CPU that computes bf16 natively "
+                          f"(AMX or AVX-512 BF16: /proc/cpuinfo flags {' or '.join(CPU_BF16_FLAGS)}); "
+                          "this one would emulate it, slower than 32-true: use 32-true (or auto)")
+
+
 def _build(cls: type, values: Any, section: str) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(section, f"must be a mapping of field: value, got {_shown(values)}")
@@ -397,5 +459,7 @@ def hardware_summary() -> str:
         name = torch.cuda.get_device_name(0)
         return f"{gpus} × {name} (DDP over NCCL, bf16-mixed)"
     cores = usable_cores()
+    bf16 = cpu_bf16_feature()
+    precision = f"bf16-mixed: {bf16}" if bf16 else "32-bit"
     return (f"no GPU: {default_cpu_processes()} CPU processes over gloo on {cores} cores "
-            "(32-bit)")
+            f"({precision})")

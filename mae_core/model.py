@@ -169,8 +169,10 @@ class MAELightning(pl.LightningModule):
         return cls(model=asdict(run_cfg.model), lr=t.learning_rate(), weight_decay=t.weight_decay,
                    warmup_fraction=t.warmup_fraction, seed=t.seed, compile=t.compile)
 
-    def on_fit_start(self) -> None:
+    def on_train_start(self) -> None:
         # Each rank draws its own masks; resuming re-seeds from the step so masks don't repeat.
+        # (on_train_start, not on_fit_start: Lightning restores the step counter in between.)
+        # The generator lives on the training device, so masks are drawn there: no host copy.
         seed = self.hparams.seed * 1_000_003 + self.global_rank * 10_007 + self.global_step
         self._mask_generator = seeded_generator(seed, self.device)
 

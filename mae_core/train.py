@@ -85,6 +85,16 @@ def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, torch.Tensor) else value
 
 
+def optimizer_stepped(trainer: pl.Trainer) -> bool:
+    """Whether the batch that just ended closed an optimizer step (in ``on_train_batch_end``).
+
+    Always true without gradient accumulation; with it, only the last batch of each group of
+    ``accumulate_grad_batches`` (or of the epoch). Step-keyed work (a metrics line, a checkpoint,
+    a preview, the stop check) runs once per optimizer step, not once per micro-batch.
+    """
+    return not trainer.fit_loop._should_accumulate()
+
+
 class ProgressRecorder(pl.Callback):
     """Writes loss, lr, throughput and time each step to ``metrics.jsonl`` and keeps
     ``status.json`` current (rank 0).
@@ -103,6 +113,8 @@ class ProgressRecorder(pl.Callback):
         self._elapsed_before = 0.0
         self._fit_start = 0.0
         self._step_start = 0.0
+        self._step_loss: torch.Tensor | None = None  # accumulation: the step's micro-batches
+        self._step_images = 0
         self.flops_per_image: float | None = None  # training FLOPs of one image (rank 0)
         self.peak_flops: float | None = None  # one device's peak FLOP/s (rank 0)
         self._mfu: float | None = None  # the last step's
@@ -127,10 +139,18 @@ class ProgressRecorder(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
+        # Gradient accumulation: called after every micro-batch, whose loss Lightning divides by
+        # accumulate_grad_batches; the step's line sums them on the device (the step's mean loss)
+        # and counts the images of every micro-batch.
+        loss = outputs["loss"].detach()
+        self._step_loss = loss if self._step_loss is None else self._step_loss + loss
+        self._step_images += batch.shape[0] * trainer.world_size
+        if not optimizer_stepped(trainer):
+            return
+        loss, images, self._step_loss, self._step_images = self._step_loss, self._step_images, None, 0
         now = time.perf_counter()
-        images = batch.shape[0] * trainer.world_size
         row = {"step": trainer.global_step, "epoch": trainer.current_epoch,
-               "loss": outputs["loss"].item(),
+               "loss": loss.item(),
                "lr": trainer.optimizers[0].param_groups[0]["lr"],
                "images_per_s": images / max(now - self._step_start, 1e-9),
                "elapsed_s": self._elapsed_before + now - self._fit_start}
@@ -192,6 +212,8 @@ class StopOnRequest(pl.Callback):
         self.requested = False
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if not optimizer_stepped(trainer):
+            return  # stop on a step boundary (and reduce across ranks once per step)
         seen = self.paths.stop_request.exists()
         if trainer.strategy.reduce_boolean_decision(seen, all=False):
             self.requested = True
@@ -242,6 +264,8 @@ class SaveCheckpoints(pl.Callback):
             save_weights(pl_module.mae, self.paths.weights, step=trainer.global_step)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if not optimizer_stepped(trainer):
+            return
         if trainer.global_step % self.every_n_steps == 0 and not trainer.should_stop:
             self.save(trainer, pl_module)
 
@@ -271,7 +295,7 @@ class Previews(pl.Callback):
             self.write(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if trainer.global_step % self.every_n_steps == 0:
+        if optimizer_stepped(trainer) and trainer.global_step % self.every_n_steps == 0:
             self.write(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -315,6 +339,7 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
     trainer = pl.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
         strategy=make_strategy(cfg), max_steps=t.max_steps, max_epochs=t.max_epochs or -1,
+        accumulate_grad_batches=t.accumulate_grad_batches,  # max_steps counts optimizer steps
         callbacks=callbacks, logger=JsonlLogger(paths.metrics), log_every_n_steps=t.log_every_n_steps,
         plugins=[AtomicCheckpointIO()], enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=str(paths.root), num_sanity_val_steps=0)

@@ -14,6 +14,8 @@ from mae_core.config import MAX_SEED, ConfigError, ModelConfig, RunConfig, Train
 
 def test_without_gpus_cpu_ddp_over_at_least_two_processes_in_full_precision(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # a no-op here; hides a GPU elsewhere
+    # A CPU without native bf16 (tests/test_precision.py covers the one with it).
+    monkeypatch.setattr(config_module, "cpu_bf16_feature", lambda: None)
     cfg = RunConfig().resolved()
     cores = os.cpu_count() or 1
     assert cfg.train.accelerator == "cpu" and cfg.train.precision == "32-true"
