@@ -3,7 +3,8 @@
 Runs the chosen jobs (all four by default; see :mod:`bench`) in one sitting, prints the Markdown
 report and writes it with its JSON twin (:mod:`bench.report`). Exit code 0, or 1 if a training or
 reconstruction measurement failed (the app never fails the benchmark), or 2 for bad options,
-refused before anything runs. ``python -m bench --_worker spec.json`` is one training measurement
+refused before anything runs. ``python -m bench --gpu`` is the GPU check instead (:mod:`bench.gpu`;
+exit 2 where CUDA is absent). ``python -m bench --_worker spec.json`` is one training measurement
 (:mod:`bench.worker`), launched by the benchmark itself.
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import JOBS
+from bench.gpu import GPU_BATCH
 from bench.worker import WORKER_FLAG
 
 Say = Callable[[str], None]
@@ -40,18 +42,23 @@ def _non_negative(value: str) -> int:
 
 
 def _train_options(p: argparse.ArgumentParser) -> None:
-    from mae_core.config import PRESETS, parse_bool
+    from mae_core.config import PRECISIONS, PRESETS, parse_bool
 
-    p.add_argument("--preset", nargs="+", default=["vit-tiny"], choices=list(PRESETS),
-                   help="preset(s) to train (default vit-tiny)")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--patch-size", type=int, default=8)
-    p.add_argument("--batch-size", type=_positive, default=32, help="per process")
+    p.add_argument("--preset", nargs="+", default=None, choices=list(PRESETS),
+                   help="preset(s) to train (default vit-tiny; vit-base with --gpu)")
+    p.add_argument("--image-size", type=int, default=None, help="default 64; 224 with --gpu")
+    p.add_argument("--patch-size", type=int, default=None, help="default 8; 16 with --gpu")
+    p.add_argument("--batch-size", type=_positive, default=None,
+                   help=f"per process (default 32; {GPU_BATCH} per GPU with --gpu)")
+    p.add_argument("--precision", nargs="+", default=None, choices=list(PRECISIONS),
+                   help="precision(s) to measure, each its own rows (default: the trainer's "
+                        "choice for this machine)")
     p.add_argument("--devices", type=_positive, default=None,
                    help="DDP processes (default: the trainer's choice for this machine)")
     p.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu"))
     p.add_argument("--data", default="", help="image folder (default: the embedded sample photos)")
-    p.add_argument("--steps", type=_positive, default=30, help="measured steps per launch")
+    p.add_argument("--steps", type=_positive, default=None,
+                   help="measured steps per launch (default 30; 50 with --gpu)")
     p.add_argument("--warmup-steps", type=_non_negative, default=5, help="steps excluded first")
     p.add_argument("--repeats", type=_positive, default=3, help="launches per recipe (median)")
     p.add_argument("--threads", type=_positive, default=None,
@@ -91,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark MAE Studio: DDP training throughput (ddp-clean vs the naive "
                     "recipe), reconstruction latency, the app's time to serving, and the cost of "
                     "polling a long run's metrics.")
+    p.add_argument("--gpu", action="store_true",
+                   help="the GPU check instead: a 50-step vit-base 224 px bf16-mixed run on every "
+                        "visible GPU, its MFU and the gap to 30%% MFU, written to "
+                        "bench/results-gpu.md and .json (exit 2 without CUDA)")
     p.add_argument("--job", nargs="+", default=list(JOBS), choices=JOBS,
                    help="the jobs to run (default: all); the report keeps the others' sections "
                         "from the file it replaces")
@@ -100,8 +111,24 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--skip-{job}", action="store_true", help=f"do not run the {job} job")
     p.add_argument("--fresh", action="store_true",
                    help="do not keep the sections of jobs not run from an existing --out file")
-    p.add_argument("--out", default="bench/results.md", help="the Markdown file to write")
+    p.add_argument("--out", default=None, help="the Markdown file to write (default "
+                   "bench/results.md; bench/results-gpu.md with --gpu)")
     return p
+
+
+def _fill_defaults(args: argparse.Namespace) -> None:
+    """The defaults that differ between the CPU benchmark and the GPU check (``--gpu``)."""
+    from bench.gpu import (GPU_IMAGE_SIZE, GPU_PATCH_SIZE, GPU_PRECISION, GPU_PRESET,
+                           GPU_STEPS)
+
+    gpu = args.gpu
+    args.preset = args.preset or [GPU_PRESET if gpu else "vit-tiny"]
+    args.image_size = args.image_size or (GPU_IMAGE_SIZE if gpu else 64)
+    args.patch_size = args.patch_size or (GPU_PATCH_SIZE if gpu else 8)
+    args.steps = args.steps or (GPU_STEPS if gpu else 30)
+    args.out = args.out or ("bench/results-gpu.md" if gpu else "bench/results.md")
+    if gpu:
+        args.precision = args.precision or [GPU_PRECISION]
 
 
 # --- the jobs ---------------------------------------------------------------------------------
@@ -109,22 +136,25 @@ def build_parser() -> argparse.ArgumentParser:
 def run_train(args: argparse.Namespace, say: Say) -> tuple[list[str], dict, bool]:
     """The training section's lines, its JSON, and whether a recipe failed outright."""
     from bench.sections import training_section
-    from bench.training import TrainSettings, benchmark_training, training_json
+    from bench.training import (TrainSettings, benchmark_training, measurement_name,
+                                training_json)
 
     settings, training, failed = [], {}, False
     scratch = Path(tempfile.mkdtemp(prefix="mae-bench-"))
     try:
-        for preset in args.preset:
+        for preset, precision in ((p, q) for p in args.preset for q in args.precision or [None]):
             s = TrainSettings(
                 preset=preset, image_size=args.image_size, patch_size=args.patch_size,
-                batch_size=args.batch_size, devices=args.devices, accelerator=args.accelerator,
-                data=args.data, warmup=args.warmup_steps, steps=args.steps, threads=args.threads,
-                num_workers=args.num_workers, naive_workers=args.naive_workers,
-                static_graph=args.static_graph, compile=args.compile, timeout_s=args.train_timeout)
+                batch_size=args.batch_size or 32, devices=args.devices,
+                accelerator=args.accelerator, data=args.data, warmup=args.warmup_steps,
+                steps=args.steps, threads=args.threads, num_workers=args.num_workers,
+                naive_workers=args.naive_workers, static_graph=args.static_graph,
+                compile=args.compile, timeout_s=args.train_timeout, precision=precision)
             settings.append(s)
-            say(f"training: {preset} ({args.repeats} × ddp-clean, naive)")
-            training[preset] = benchmark_training(s, args.repeats, scratch, say)
-            failed |= any(not summ.runs for summ in training[preset].values())
+            name = measurement_name(s)
+            say(f"training: {name} ({args.repeats} × {', '.join(s.recipes)})")
+            training[name] = benchmark_training(s, args.repeats, scratch, say)
+            failed |= any(not summ.runs for summ in training[name].values())
     finally:
         if args.keep:
             say(f"worker directories kept in {scratch}")
@@ -193,6 +223,23 @@ def _check_presets(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             parser.error(str(err))
 
 
+def gpu_main(args: argparse.Namespace, command: str, say: Say) -> int:
+    """``python -m bench --gpu`` (:mod:`bench.gpu`): 2 without CUDA, 1 if the run failed, else 0."""
+    from bench.gpu import cuda_missing, run_gpu_check, write_gpu_report
+    from bench.report import machine_info, now_utc
+
+    reason = cuda_missing()
+    if reason:
+        print(f"error: {reason}", file=sys.stderr)
+        return 2
+    machine, run_at = machine_info(), now_utc()
+    lines, data, failed = run_gpu_check(args, say)
+    out = Path(args.out)
+    print(write_gpu_report(out, command, machine, lines, data, run_at))
+    say(f"written to {out} and {out.with_suffix('.json')}")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == [WORKER_FLAG]:
@@ -201,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         return worker_main(argv[1])
     parser = build_parser()
     args = parser.parse_args(argv)
+    _fill_defaults(args)
     _check_presets(parser, args)
     jobs = [job for job in args.job if not getattr(args, f"skip_{job}")]
     command = shlex.join(["python", "-m", "bench", *argv])
@@ -209,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     def say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
+    if args.gpu:
+        return gpu_main(args, command, say)
     from bench.report import Section, machine_info, now_utc, sitting, write_report
 
     machine, run_at = machine_info(), now_utc()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.training import TrainSettings, TrainSummary
+from bench.training import TrainSettings, TrainSummary, measurement_name
 
 MIB = 1024 * 1024
 HEADINGS = {
@@ -43,9 +43,23 @@ def not_run(job: str) -> list[str]:
 # --- training ---------------------------------------------------------------------------------
 
 _TRAIN_HEADER = ["| Preset | Recipe | Policy | DDP | Data pipeline | Threads/process | "
-                 "Loader workers | images/s | s/step | images/s range | data wait s/step | "
-                 "peak RSS rank 0 (MiB) |",
-                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                 "Loader workers | GFLOP/image | images/s | MFU | peak GFLOP/s per device | "
+                 "s/step | images/s range | data wait s/step | peak RSS rank 0 (MiB) |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+MFU_NOTE = ("GFLOP/image: one image's training step (3 × the forward pass, counted by "
+            "`mae_core.flops`). MFU = images/s × GFLOP/image ÷ (peak × devices). "
+            "Peak per device "
+            "(one CPU training process with its threads, or one GPU): the trainer's own figure "
+            "from `mae_core.hardware`, a 1024² matmul probe of the run's precision on the CPU "
+            "(cached per machine), the datasheet's dense figure on a known GPU.")
+
+
+def pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def gflops(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value / 1e9:,.{digits}f}"
 
 
 def _recipe_row(s: TrainSettings, recipe: str, summary: TrainSummary) -> str:
@@ -54,17 +68,21 @@ def _recipe_row(s: TrainSettings, recipe: str, summary: TrainSummary) -> str:
                 else "PIL open per sample, MAETransform, normalise on CPU")
     if not summary.runs:
         error = one_line(summary.errors[-1] if summary.errors else "no result")
-        return (f"| {s.preset} | {recipe} | {policy} | | {pipeline} | | | failed | failed | "
-                f"{error} | | |")
+        return (f"| {s.preset} | {recipe} | {policy} | | {pipeline} | | | | failed | | | "
+                f"failed | {error} | | |")
     run = summary.runs[0]
     ddp = (f"find_unused={run['find_unused_parameters']}, static_graph={run['static_graph']}"
            if run["strategy"] == "DDPStrategy" else run["strategy"])
     if recipe == "ddp-clean" and s.compile:
         ddp += ", torch.compile"
     low, high = summary.spread("images_per_s") or (None, None)
+    # Each launch's MFU is its images/s scaled by the same constants: the median is the median's.
+    images_per_s, peak, utilisation = (summary.median(k) for k in ("images_per_s", "peak_flops",
+                                                                    "mfu"))
     return (f"| {s.preset} | {recipe} | {policy} | {ddp} | {pipeline} | "
             f"{run['torch_threads']} | {run['num_workers']} | "
-            f"{fmt(summary.median('images_per_s'))} | {fmt(summary.median('s_per_step'), 3)} | "
+            f"{gflops(run.get('flops_per_image'))} | {fmt(images_per_s)} | {pct(utilisation)} | "
+            f"{gflops(peak, 0)} | {fmt(summary.median('s_per_step'), 3)} | "
             f"{fmt(low)}–{fmt(high)} | {fmt(summary.median('wait_s_per_step'), 3)} | "
             f"{mib(summary.median('peak_rss_bytes'))} |")
 
@@ -87,17 +105,18 @@ def _preset_block(s: TrainSettings, summaries: dict[str, TrainSummary], repeats:
     ratio = None
     if clean and naive and clean.runs and naive.runs:
         ratio = clean.median("images_per_s") / naive.median("images_per_s")
-    lines += [f"| {s.preset} | speed-up (ddp-clean / naive) | | | | | | "
-              f"{'n/a' if ratio is None else f'{ratio:.2f}×'} | | | | |", ""]
-    return lines
+    if naive is not None:
+        lines += [f"| {s.preset} | speed-up (ddp-clean / naive) | | | | | | | "
+                  f"{'n/a' if ratio is None else f'{ratio:.2f}×'} | | | | | | |"]
+    return lines + [""]
 
 
 def training_section(settings: list[TrainSettings], training: dict[str, dict[str, TrainSummary]],
                      repeats: int) -> list[str]:
     lines = [HEADINGS["train"], ""]
     for s in settings:
-        lines += _preset_block(s, training.get(s.preset, {}), repeats)
-    return lines + [RSS_NOTE]
+        lines += _preset_block(s, training.get(measurement_name(s), {}), repeats)
+    return lines + [MFU_NOTE, "", RSS_NOTE]
 
 
 # --- reconstruction and the app ---------------------------------------------------------------

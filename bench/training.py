@@ -49,6 +49,13 @@ class TrainSettings:
     static_graph: bool
     compile: bool
     timeout_s: float
+    precision: str | None = None  # None: the trainer's choice for this machine
+    recipes: tuple[str, ...] = RECIPES
+
+
+def measurement_name(s: TrainSettings) -> str:
+    """The key of a measurement in the report: its preset, and its precision where one was asked."""
+    return s.preset if s.precision is None else f"{s.preset} {s.precision}"
 
 
 def overrides(s: TrainSettings, recipe: str) -> dict[str, Any]:
@@ -59,7 +66,7 @@ def overrides(s: TrainSettings, recipe: str) -> dict[str, Any]:
         "policy": "ddp-clean" if clean else "reference", "batch_size": s.batch_size,
         "devices": s.devices, "accelerator": s.accelerator, "data": s.data,
         "find_unused_parameters": not clean, "static_graph": s.static_graph,
-        "compile": s.compile and clean, "num_workers": s.num_workers,
+        "compile": s.compile and clean, "num_workers": s.num_workers, "precision": s.precision,
         "max_steps": s.warmup + s.steps, "num_previews": 0,
         "checkpoint_every_n_steps": 10**9, "log_every_n_steps": 1,
     }
@@ -122,7 +129,21 @@ def run_measurement(s: TrainSettings, recipe: str, workdir: Path) -> dict[str, A
     out["images_per_s"] = images / out["window_s"]
     out["s_per_step"] = out["window_s"] / out["steps"]
     out["wait_s_per_step"] = statistics.median(out["wait_s"])
-    return out
+    return {**out, **_model_figures(s, workdir / "run", out["images_per_s"], out["world_size"])}
+
+
+def _model_figures(s: TrainSettings, run_dir: Path, images_per_s: float, world_size: int
+                   ) -> dict[str, Any]:
+    """What was trained and how close it came to the hardware: the trainer's own FLOPs per image
+    and peak FLOP/s (from the run's ``status.json``), and the MFU of the measured images/s."""
+    from mae_core.hardware import mfu
+    from mae_core.rundir import RunPaths
+
+    status = RunPaths(run_dir).read_status()
+    flops, peak = status.get("flops_per_image"), status.get("peak_flops")
+    return {"preset": s.preset, "image_size": s.image_size, "patch_size": s.patch_size,
+            "flops_per_image": flops, "peak_flops": peak,
+            "mfu": mfu(images_per_s, flops, peak, world_size)}
 
 
 @dataclass
@@ -143,13 +164,39 @@ class TrainSummary:
         return (min(values), max(values)) if values else None
 
 
+def probe_cpu_peak(s: TrainSettings) -> str | None:
+    """Probe the CPU peak the workers will divide by, before they start: with this benchmark's
+    own processes idle, the best figure for the cache (:func:`mae_core.hardware.cpu_peak` keeps
+    the highest probe). Returns what was probed, in words; None on a GPU (datasheet figures)."""
+    import os
+
+    from mae_core.config import ConfigError, RunConfig
+    from mae_core.hardware import cpu_peak, matmul_type
+
+    try:
+        t = RunConfig().with_overrides(**overrides(s, "ddp-clean")).resolved().train
+    except ConfigError:
+        return None  # the workers refuse the same config, and the report says why
+    if t.accelerator != "cpu":
+        return None
+    # Lightning gives each CPU process cores // processes threads, unless told (--threads).
+    threads = s.threads or max(1, (os.cpu_count() or 1) // (t.devices or 1))
+    peak = cpu_peak(matmul_type(t.precision, "cpu"), threads=threads, refresh=True)
+    if peak.flops is None:
+        return f"no {peak.dtype} peak: this CPU has no native {peak.dtype}"
+    return f"peak {peak.dtype}, {threads} thread(s): {peak.flops / 1e9:,.0f} GFLOP/s (best probe)"
+
+
 def benchmark_training(s: TrainSettings, repeats: int, root: Path,
                        say: Callable[[str], None] = print) -> dict[str, TrainSummary]:
     """``repeats`` launches of each recipe, alternating; one summary per recipe."""
-    summaries = {recipe: TrainSummary(s.preset, recipe) for recipe in RECIPES}
+    probed = probe_cpu_peak(s)
+    if probed:
+        say(f"  {probed}")
+    summaries = {recipe: TrainSummary(s.preset, recipe) for recipe in s.recipes}
     for repeat in range(repeats):
         # Alternate the recipes so slow drift (another job on the machine) hits both alike.
-        order = RECIPES if repeat % 2 == 0 else RECIPES[::-1]
+        order = s.recipes if repeat % 2 == 0 else s.recipes[::-1]
         for recipe in order:
             result = run_measurement(s, recipe, root / f"{s.preset}-{recipe}-{repeat}")
             summary = summaries[recipe]
@@ -158,31 +205,41 @@ def benchmark_training(s: TrainSettings, repeats: int, root: Path,
                 say(f"  {s.preset} {recipe} #{repeat + 1}: FAILED\n{result['error']}")
             else:
                 summary.runs.append(result)
+                mfu = "n/a" if result["mfu"] is None else f"{100 * result['mfu']:.1f}%"
                 say(f"  {s.preset} {recipe} #{repeat + 1}: {result['images_per_s']:.1f} images/s, "
-                    f"{result['s_per_step']:.3f} s/step (wait {result['wait_s_per_step']:.3f}), "
-                    f"launch {result['launch_s']:.1f} s")
+                    f"MFU {mfu}, {result['s_per_step']:.3f} s/step "
+                    f"(wait {result['wait_s_per_step']:.3f}), launch {result['launch_s']:.1f} s")
     return summaries
 
 
 def training_json(training: dict[str, dict[str, TrainSummary]]) -> dict[str, Any]:
-    """Machine-readable results: medians per preset and recipe, and the speed-up."""
+    """Machine-readable results: medians per measurement (a preset, or ``"<preset> <precision>"``)
+    and recipe, and the speed-up. Each recipe's row says what ran (preset, image and patch size,
+    precision) and how close to the hardware: FLOPs per image, peak FLOP/s per device, MFU."""
+    from mae_core.hardware import mfu
+
     out: dict[str, Any] = {}
-    for preset, summaries in training.items():
+    for name, summaries in training.items():
         row: dict[str, Any] = {}
         for recipe, summary in summaries.items():
             first = summary.runs[0] if summary.runs else {}
+            images_per_s, peak = summary.median("images_per_s"), summary.median("peak_flops")
             row[recipe] = {
-                "images_per_s": summary.median("images_per_s"),
+                **{k: first.get(k) for k in ("preset", "image_size", "patch_size", "precision",
+                                             "flops_per_image")},  # what ran
+                "images_per_s": images_per_s, "peak_flops": peak,
+                "mfu": mfu(images_per_s, first.get("flops_per_image"), peak,
+                           first.get("world_size") or 1),
                 "s_per_step": summary.median("s_per_step"),
                 "wait_s_per_step": summary.median("wait_s_per_step"),
                 "peak_rss_bytes": summary.median("peak_rss_bytes"),
                 "launches": len(summary.runs), "errors": summary.errors,
                 **{k: first.get(k) for k in ("world_size", "strategy", "find_unused_parameters",
                                              "static_graph", "backend", "accelerator",
-                                             "precision", "batch_size", "num_workers")},
+                                             "batch_size", "num_workers")},
             }
         clean, naive = row.get("ddp-clean", {}), row.get("naive", {})
         if clean.get("images_per_s") and naive.get("images_per_s"):
             row["speedup"] = clean["images_per_s"] / naive["images_per_s"]
-        out[preset] = row
+        out[name] = row
     return out

@@ -71,8 +71,8 @@ def kept_patches(num_patches: int, mask_ratio: float) -> int:
 def block_macs(tokens: int, dim: int) -> int:
     """Multiply-accumulates of one pre-norm transformer block on ``tokens`` tokens of width ``dim``.
 
-    QKV (3·dim²) and output projection (dim²) plus the MLP (2·MLP_RATIO·dim²) per token, and the
-    score and value products (tokens²·dim each, whatever the number of heads).
+    QKV (3·dim²) and output projection (dim²) plus the MLP (2·MLP_RATIO·dim²) per token, and
+    the score and value products (tokens²·dim each, whatever the number of heads).
     """
     linear = tokens * (4 + 2 * MLP_RATIO) * dim * dim
     attention = 2 * tokens * tokens * dim

@@ -182,18 +182,21 @@ def _cached_measurement(key: str, measure: Any, cache: Path, refresh: bool, **re
                         ) -> tuple[float, bool]:
     """The cached figure under ``key``, or ``measure()`` stored there; and whether it was cached.
 
-    A cache that cannot be read is measured over; one that cannot be written still gives the
-    measurement (the next process measures again). Two processes writing at once may lose one
-    entry, never corrupt the file (it is replaced atomically).
+    ``refresh`` measures again and keeps the higher figure: other load on the machine only ever
+    slows a probe, so the best one seen is the closest to the peak. A cache that cannot be read
+    is measured over; one that cannot be written still gives the measurement (the next process
+    measures again). Two processes writing at once may lose one entry, never corrupt the file
+    (it is replaced atomically).
     """
     data = read_json(cache) or {}
     entries = data.get("entries") if data.get("version") == CACHE_VERSION else None
     entries = entries if isinstance(entries, dict) else {}
-    entry = entries.get(key)
-    if not refresh and isinstance(entry, dict) and _positive(entry.get("flops")):
-        return float(entry["flops"]), True
-    flops = float(measure())
-    entries[key] = {"flops": flops, **record,
+    entry = entries.get(key) if isinstance(entries.get(key), dict) else {}
+    known = float(entry["flops"]) if _positive(entry.get("flops")) else None
+    if known is not None and not refresh:
+        return known, True
+    flops = max(float(measure()), known or 0.0)
+    entries[key] = {"flops": flops, **record, "probes": int(entry.get("probes") or 0) + 1,
                     "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
     try:
         atomic_write_json(cache, {"version": CACHE_VERSION, "entries": entries})
@@ -206,20 +209,26 @@ def _positive(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
+def cpu_cache_key(dtype: str, threads: int, size: int = 1024) -> str:
+    """The cache entry of a CPU probe: CPU model, torch version, threads, type and matrix size."""
+    # The fp32 setting decides whether oneDNN may use a faster internal type: part of the key.
+    setting = f"|matmul {torch.get_float32_matmul_precision()}" if dtype == "fp32" else ""
+    return f"{cpu_model()}|torch {torch.__version__}|threads {threads}|{dtype}{setting}|{size}"
+
+
 def cpu_peak(dtype: str = "fp32", threads: int | None = None, cache: Path | None = None,
              size: int = 1024, repeats: int = 5, refresh: bool = False) -> Peak:
     """The CPU's peak for ``dtype`` with ``threads`` torch threads (default: this process's).
 
-    Measured once per CPU model, torch version, thread count and type, then read from the cache.
-    bf16/fp16 without native support gives ``flops=None`` (``source="unsupported"``).
+    Measured once per CPU model, torch version, thread count and type, then read from the cache
+    (``refresh`` probes again, keeping the best figure). bf16/fp16 without native support gives
+    ``flops=None`` (``source="unsupported"``).
     """
     threads = threads or torch.get_num_threads()
     name = cpu_model()
     if not cpu_has_native(dtype):
         return Peak(None, dtype, "cpu", name, "unsupported", threads=threads)
-    # The fp32 setting decides whether oneDNN may use a faster internal type: part of the key.
-    setting = f"|matmul {torch.get_float32_matmul_precision()}" if dtype == "fp32" else ""
-    key = f"{name}|torch {torch.__version__}|threads {threads}|{dtype}{setting}|{size}"
+    key = cpu_cache_key(dtype, threads, size)
     before = torch.get_num_threads()
 
     def measure() -> float:
@@ -285,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         peaks = [cpu_peak(dtype, threads=args.threads, refresh=args.refresh)
                  for dtype in ("fp32", "bf16")]
     for peak in peaks:
-        figure = "n/a (no native support)" if peak.flops is None else f"{peak.flops / 1e9:,.0f} GFLOP/s"
+        figure = ("n/a (no native support)" if peak.flops is None
+                  else f"{peak.flops / 1e9:,.0f} GFLOP/s")
         threads = f", {peak.threads} threads" if peak.threads else ""
         print(f"{peak.name} ({peak.device}{threads}) {peak.dtype}: {figure} [{peak.source}]")
     print(f"cache: {cache_path()}")

@@ -14,12 +14,19 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.gpu import check_rows, check_table  # noqa: E402
 from bench.poll import (POLLED_METRICS, SITUATIONS, append_steps, chart_points,  # noqa: E402
                         write_run)
+from mae_core.config import PRECISIONS, ModelConfig  # noqa: E402
+from mae_core.flops import training_flops_per_image  # noqa: E402
+from mae_core.hardware import mfu  # noqa: E402
 from mae_core.metrics import MetricsStore  # noqa: E402
 
 TINY = ["--preset", "vit-tiny", "--image-size", "32", "--patch-size", "8", "--batch-size", "4",
@@ -35,11 +42,20 @@ def _positive(value: float) -> bool:
 
 def _assert_training(tiny: dict) -> None:
     clean, naive = tiny["ddp-clean"], tiny["naive"]
+    flops = training_flops_per_image(ModelConfig(preset="vit-tiny", image_size=32, patch_size=8))
     for recipe in (clean, naive):
         assert recipe["launches"] == 1 and not recipe["errors"]
         assert recipe["world_size"] == 2 and recipe["backend"] == "gloo"
         assert recipe["strategy"] == "DDPStrategy" and recipe["batch_size"] == 4
         assert _positive(recipe["images_per_s"]) and recipe["peak_rss_bytes"] > 0
+        # What ran and how close to the hardware: every row carries it.
+        assert recipe["preset"] == "vit-tiny"
+        assert (recipe["image_size"], recipe["patch_size"]) == (32, 8)
+        assert recipe["precision"] in PRECISIONS
+        assert recipe["flops_per_image"] == flops
+        assert _positive(recipe["peak_flops"]) and _positive(recipe["mfu"])
+        achieved = recipe["images_per_s"] * flops
+        assert recipe["mfu"] == pytest.approx(achieved / (2 * recipe["peak_flops"]))
     # The project's trainer runs plain DDP; the naive recipe needs the unused-parameter walk.
     assert clean["find_unused_parameters"] is False and clean["static_graph"] is True
     assert naive["find_unused_parameters"] is True
@@ -71,7 +87,8 @@ def _assert_poll(poll: dict, lines: int, max_points: int) -> None:
     assert poll["pollers"]["ui"]["idle_payload"]["sent"] is False
 
 
-def test_benchmark_measures_every_job(run_module, tmp_path):
+def test_benchmark_measures_every_job(run_module, tmp_path, monkeypatch):
+    monkeypatch.setenv("MAE_STUDIO_CACHE_DIR", str(tmp_path / "cache"))  # this run's own probes
     out = tmp_path / "results.md"
     result = run_module("bench", *TINY, "--out", out, timeout_s=600)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -99,6 +116,8 @@ def test_benchmark_measures_every_job(run_module, tmp_path):
         assert heading in report
     assert "speed-up (ddp-clean / naive)" in report and f"{tiny['speedup']:.2f}×" in report
     assert "find_unused=False, static_graph=True" in report
+    assert "| GFLOP/image | images/s | MFU | peak GFLOP/s per device |" in report
+    assert f"| {100 * tiny['ddp-clean']['mfu']:.1f}% |" in report
     assert "find_unused=True" in report
     assert "torch" in report and "lightly" in report  # versions
     assert "Kept from an earlier sitting" not in report
@@ -155,3 +174,52 @@ def test_benchmark_refuses_bad_options_before_running(run_module, tmp_path):
     assert result.returncode == 2 and "positive" in result.stderr
     result = run_module("bench", "--job", "plot", "--out", tmp_path / "r.md")
     assert result.returncode == 2 and "poll" in result.stderr  # the valid jobs are listed
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="the GPU check needs a CUDA GPU; none is visible")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present: the GPU check would run")
+def test_the_gpu_check_refuses_clearly_without_cuda(run_module, tmp_path):
+    result = run_module("bench", "--gpu", "--out", tmp_path / "gpu.md")
+    assert result.returncode == 2
+    assert "needs a CUDA GPU" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "gpu.md").exists()
+
+
+def test_the_gpu_table_states_the_gap_to_30_percent_mfu():
+    """The H100 target of FIELD-NOTES: ViT-B/16 at 30% of 989 TFLOP/s is ~5,000 images/s/GPU."""
+    flops = training_flops_per_image(ModelConfig(preset="vit-base", image_size=224, patch_size=16))
+    measured = {"preset": "vit-base", "image_size": 224, "patch_size": 16,
+                "precision": "bf16-mixed", "flops_per_image": flops, "world_size": 2,
+                "batch_size": 256, "images_per_s": 5000.0, "peak_flops": 989e12}
+    measured["mfu"] = mfu(5000.0, flops, 989e12, 2)
+    [row] = check_rows({"vit-base bf16-mixed": {"ddp-clean": measured}})
+    assert row["images_per_s_per_gpu"] == 2500.0
+    assert row["target_images_per_s_per_gpu"] == pytest.approx(5066, abs=1)
+    assert row["speedup_to_target"] == pytest.approx(5066 / 2500, rel=1e-3)
+    table = "\n".join(check_table([row], []))
+    assert "2.03× short of 30% MFU" in table and "| 14.8% |" in table and "| 989 |" in table
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_the_gpu_check_reports_mfu_on_every_visible_gpu(run_module, tmp_path, monkeypatch):
+    """A short version of ``python -m bench --gpu`` (vit-base 224 px bf16 on every GPU)."""
+    monkeypatch.setenv("MAE_STUDIO_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "results-gpu.md"
+    result = run_module("bench", "--gpu", "--steps", "5", "--warmup-steps", "3", "--batch-size",
+                        "64", "--out", out, timeout_s=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    [row] = data["rows"]
+    assert row["world_size"] == torch.cuda.device_count() and row["precision"] == "bf16-mixed"
+    assert (row["preset"], row["image_size"], row["patch_size"]) == ("vit-base", 224, 16)
+    assert row["flops_per_image"] == training_flops_per_image(
+        ModelConfig(preset="vit-base", image_size=224, patch_size=16))
+    assert _positive(row["images_per_s"]) and _positive(row["peak_flops"])
+    assert 0 < row["mfu"] <= 1 and _positive(row["target_images_per_s_per_gpu"])
+    assert all(_positive(peak["measured"]) for peak in data["peaks"])
+    report = out.read_text()
+    assert "MFU" in report and "30% MFU" in report

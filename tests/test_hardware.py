@@ -52,7 +52,22 @@ def test_a_peak_is_measured_once_then_read_from_the_cache(tmp_path):
     assert other_threads.source == "measured"
     assert len(json.loads(cache.read_text())["entries"]) == 2
     refreshed = cpu_peak("fp32", threads=1, cache=cache, refresh=True, **SMALL)
-    assert refreshed.source == "measured"
+    assert refreshed.source == "measured" and refreshed.flops >= first.flops
+    assert json.loads(cache.read_text())["entries"][key]["probes"] == 2
+
+
+def test_a_probe_slowed_by_other_load_is_raised_by_a_later_one(tmp_path):
+    """Load only slows a probe: a fresh probe replaces a lower cached figure, never a higher one."""
+    cache = tmp_path / "peak.json"
+    key = hardware.cpu_cache_key("fp32", 1, SMALL["size"])
+    cache.write_text(json.dumps({"version": hardware.CACHE_VERSION,
+                                 "entries": {key: {"flops": 1.0}}}))
+    assert cpu_peak("fp32", threads=1, cache=cache, **SMALL).flops == 1.0  # read, not probed
+    raised = cpu_peak("fp32", threads=1, cache=cache, refresh=True, **SMALL)
+    assert raised.flops > 1.0
+    cache.write_text(json.dumps({"version": hardware.CACHE_VERSION,
+                                 "entries": {key: {"flops": 1e18}}}))
+    assert cpu_peak("fp32", threads=1, cache=cache, refresh=True, **SMALL).flops == 1e18
 
 
 def test_the_probe_leaves_the_processs_thread_count_alone(tmp_path):

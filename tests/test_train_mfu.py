@@ -27,8 +27,8 @@ TINY = ["--model", "vit-tiny", "--image-size", "32", "--patch-size", "8", "--bat
 
 
 def _train(run_dir: Path, cache: Path) -> RunPaths:
-    result = subprocess.run([sys.executable, "-m", "mae_core.train", *TINY, "--run-dir", str(run_dir)],
-                            cwd=REPO_ROOT, env=clean_env(MAE_STUDIO_CACHE_DIR=str(cache)),
+    command = [sys.executable, "-m", "mae_core.train", *TINY, "--run-dir", str(run_dir)]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=clean_env(MAE_STUDIO_CACHE_DIR=str(cache)),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return RunPaths(run_dir)
@@ -44,7 +44,7 @@ def test_every_step_line_and_the_status_carry_mfu(tmp_path):
     assert status["state"] == "finished"
     assert status["flops_per_image"] == training_flops_per_image(cfg.model)
     # One probe, at the start, for the run's precision (not one per step): its figure recorded.
-    [(key, entry)] = json.loads((cache / "peak.json").read_text())["entries"].items()
+    [entry] = json.loads((cache / "peak.json").read_text())["entries"].values()
     assert status["peak_flops"] == entry["flops"] > 0
     assert entry["dtype"] == matmul_type(cfg.train.precision, "cpu") and entry["threads"] >= 1
 
