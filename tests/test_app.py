@@ -466,3 +466,25 @@ def test_the_form_downloads_as_a_yaml_config_that_loads_back(server, tmp_path):
     assert RunConfig.load(path).train.max_steps == 77
     outputs = server["client"].predict(handle_file(path), api_name="/load_config")
     assert dict(zip(FIELD_NAMES, outputs))["max_steps"] == 77
+
+
+def test_an_api_caller_cannot_make_the_app_read_a_server_path(server, run_state, tmp_path):
+    """A raw API call naming a file on the server, instead of uploading one, is refused (by
+    Gradio's own upload-folder check) before any handler reads it."""
+    import json as json_module
+
+    secret = tmp_path / "private.png"
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(secret)
+    body = json_module.dumps({"data": [[{"path": str(secret), "meta": {"_type": "gradio.FileData"}}],
+                                       False, None, 0.75, 0]}).encode()
+    request = urllib.request.Request(f"{server['url']}gradio_api/call/reconstruct", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        event_id = json_module.loads(response.read())["event_id"]
+    with urllib.request.urlopen(f"{server['url']}gradio_api/call/reconstruct/{event_id}",
+                                timeout=60) as response:
+        stream = response.read().decode()
+    assert "event: error" in stream and "event: complete" not in stream
+    assert "recon-item" not in stream
