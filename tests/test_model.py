@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
+import pytorch_lightning as pl
 from lightly.models import utils as lightly_utils
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from mae_core.config import ModelConfig
-from mae_core.model import MaskedAutoencoder, create_vit, draw_token_mask, seeded_generator
+from mae_core.data import MAEDataModule
+from mae_core.model import (MAELightning, MaskedAutoencoder, create_vit, draw_token_mask,
+                            seeded_generator)
 
 SMALL = ModelConfig(preset="vit-tiny", image_size=32, patch_size=8)  # 16 patches, embed 192
 
@@ -184,3 +189,77 @@ def test_forward_backward_for_image_sizes(image_size, patch_size):
             assert param.grad is None, f"frozen {name} got a gradient"
     with torch.no_grad():
         assert model.decode(images, idx_keep, None).shape == (2, n, patch_size**2 * 3)
+
+
+# --- a GPU-ready step: fused attention, no host synchronisation -------------------------------------
+
+class _TensorCalls(TorchFunctionMode):
+    """Records the name of every torch function and tensor method called while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's API
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+# Each of these waits for the device (copies a value to the host or sizes an output by the data).
+SYNC_OPS = frozenset({"item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__",
+                      "__index__", "nonzero", "argwhere", "masked_select", "unique"})
+
+
+def test_the_sync_detector_sees_host_reads():
+    with _TensorCalls() as calls:
+        total = torch.ones(3).sum()
+        float(total), total.item(), bool(total > 0), torch.ones(3).nonzero()
+    assert {"__float__", "item", "__bool__", "nonzero"} <= set(calls.names) & SYNC_OPS
+
+
+class _Watched(MAELightning):
+    """MAELightning with the step's own work (batch normalisation, training_step with its mask and
+    logging, backward) run under :class:`_TensorCalls`."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.calls = _TensorCalls()
+
+    def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
+        with self.calls:
+            return super().on_after_batch_transfer(batch, dataloader_idx)
+
+    def training_step(self, images: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        with self.calls:
+            return super().training_step(images, batch_idx)
+
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        with self.calls:
+            super().backward(loss, *args, **kwargs)
+
+
+def test_a_training_step_reads_nothing_back_from_the_device():
+    """Mask drawing, normalisation, forward, loss, logging and backward only queue work: on a GPU
+    none of them waits for the device. (AdamW's step counter is a host tensor by design, and
+    Lightning's own loop is not ours: both stay outside the watch.)"""
+    module = _Watched(model=dataclasses.asdict(SMALL), lr=1e-3)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(module, datamodule=MAEDataModule("", SMALL.image_size, 4, 0))
+    assert trainer.global_step == 3
+    names = module.calls.names
+    assert names.count("backward") == 3 and "scaled_dot_product_attention" in names
+    assert not set(names) & SYNC_OPS, [n for n in names if n in SYNC_OPS]
+
+
+def test_every_attention_block_uses_torchs_fused_sdpa():
+    model = MaskedAutoencoder(SMALL)
+    attention = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    encoder_depth, decoder_depth = len(model.backbone.vit.blocks), SMALL.decoder().depth
+    assert len(attention) == encoder_depth + decoder_depth
+    assert all(m.fused_attn is True for m in attention)
+    idx_keep, idx_mask = draw_token_mask(2, SMALL.num_patches, SMALL.mask_ratio, seeded_generator(0))
+    with _TensorCalls() as calls:
+        model.loss(_images(2, 32), idx_keep, idx_mask)
+    assert calls.names.count("scaled_dot_product_attention") == encoder_depth + decoder_depth
