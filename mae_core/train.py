@@ -312,7 +312,10 @@ def make_strategy(cfg: RunConfig) -> Any:
     find_unused = bool(t.find_unused_parameters)
     # static_graph lets DDP skip per-step graph bookkeeping. It also tolerates unused parameters,
     # which would hide the very failure the reference policy demonstrates: ddp-clean only.
-    static = t.static_graph and not find_unused and cfg.model.policy == "ddp-clean"
+    # Gradient accumulation skips the all-reduce of all but the last micro-batch (no_sync), which
+    # a static graph's reducer cannot follow (torch fails "expect_autograd_hooks_ INTERNAL ASSERT").
+    static = (t.static_graph and not find_unused and cfg.model.policy == "ddp-clean"
+              and t.accumulate_grad_batches == 1)
     return DDPStrategy(find_unused_parameters=find_unused, static_graph=static,
                        process_group_backend="nccl" if t.accelerator == "gpu" else "gloo",
                        timeout=datetime.timedelta(minutes=10))

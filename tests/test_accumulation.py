@@ -89,3 +89,19 @@ def test_a_run_with_accumulate_2_steps_once_per_2_batches_and_ends_at_max_steps(
         # every micro-batch of the step.
         images = row["images_per_s"] * (row["elapsed_s"] - before["elapsed_s"])
         assert images == pytest.approx(batch * accumulate, rel=1e-6)
+
+
+def test_two_process_ddp_accumulates_without_a_static_graph(run_module, tmp_path):
+    """DDP skips the all-reduce of the first micro-batch (no_sync); a static graph cannot follow
+    that (torch's reducer asserts), so accumulation turns it off and plain DDP trains."""
+    result = run_module("mae_core.train", "--model", "vit-tiny", "--image-size", "32",
+                        "--patch-size", "8", "--batch-size", "4", "--accumulate-grad-batches", "2",
+                        "--max-steps", "2", "--devices", "2", "--accelerator", "cpu",
+                        "--precision", "32-true", "--num-previews", "0",
+                        "--runs-dir", tmp_path / "runs")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    status = json.loads((run_dir / "status.json").read_text())
+    assert (status["state"], status["step"], status["world_size"]) == ("finished", 2, 2)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "lr" in row] == [1, 2]
