@@ -3,6 +3,7 @@ optimizer once per ``accumulate_grad_batches`` batches, writing one metrics line
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -84,7 +85,7 @@ def test_a_run_with_accumulate_2_steps_once_per_2_batches_and_ends_at_max_steps(
         # their sum, the step's mean loss, not the last micro-batch's share.
         assert row["loss"] == pytest.approx(sum(probe.losses[2 * i:2 * i + 2]), rel=1e-5)
         assert row["loss"] > 1.0  # an un-normalised MSE of norm-pix targets, not half of one
-    for before, row in zip(step_rows, step_rows[1:]):
+    for before, row in itertools.pairwise(step_rows):
         # images/s × the step's duration (both from the same clock reads) is every image of
         # every micro-batch of the step.
         images = row["images_per_s"] * (row["elapsed_s"] - before["elapsed_s"])

@@ -200,7 +200,7 @@ class _TensorCalls(TorchFunctionMode):
         super().__init__()
         self.names: list[str] = []
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's API
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # torch's signature
         self.names.append(getattr(func, "__name__", str(func)))
         return func(*args, **(kwargs or {}))
 
@@ -233,7 +233,7 @@ class _Watched(MAELightning):
         with self.calls:
             return super().training_step(images, batch_idx)
 
-    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def backward(self, loss: torch.Tensor, *args: object, **kwargs: object) -> None:
         with self.calls:
             super().backward(loss, *args, **kwargs)
 
