@@ -170,6 +170,8 @@ def probe_cpu_peak(s: TrainSettings) -> str | None:
     the highest probe). Returns what was probed, in words; None on a GPU (datasheet figures)."""
     import os
 
+    import torch
+
     from mae_core.config import ConfigError, RunConfig
     from mae_core.hardware import cpu_peak, matmul_type
 
@@ -181,7 +183,12 @@ def probe_cpu_peak(s: TrainSettings) -> str | None:
         return None
     # Lightning gives each CPU process cores // processes threads, unless told (--threads).
     threads = s.threads or max(1, (os.cpu_count() or 1) // (t.devices or 1))
-    peak = cpu_peak(matmul_type(t.precision, "cpu"), threads=threads, refresh=True)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # as run_training sets it: the same cache entry
+    try:
+        peak = cpu_peak(matmul_type(t.precision, "cpu"), threads=threads, refresh=True)
+    finally:
+        torch.set_float32_matmul_precision(before)
     if peak.flops is None:
         return f"no {peak.dtype} peak: this CPU has no native {peak.dtype}"
     return f"peak {peak.dtype}, {threads} thread(s): {peak.flops / 1e9:,.0f} GFLOP/s (best probe)"

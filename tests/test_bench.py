@@ -97,6 +97,10 @@ def test_benchmark_measures_every_job(run_module, tmp_path, monkeypatch):
     assert data["jobs_run"] == ["train", "recon", "app", "poll"]
     tiny = data["training"]["vit-tiny"]
     _assert_training(tiny)
+    # The benchmark probed the peak before the launches, in the very entry the trainers read.
+    [entry] = json.loads((tmp_path / "cache" / "peak.json").read_text())["entries"].values()
+    assert entry["probes"] == 1
+    assert tiny["ddp-clean"]["peak_flops"] == tiny["naive"]["peak_flops"] == entry["flops"]
 
     [recon] = data["reconstruction"]
     assert recon["preset"] == "vit-tiny" and recon["runs"] == 3
