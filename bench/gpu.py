@@ -100,8 +100,9 @@ def check_table(rows: list[dict[str, Any]], peaks: list[dict[str, Any]]) -> list
             f"{gflops(row.get('flops_per_image'), 1)} | {peak} | {pct(row.get('mfu'))} | "
             f"{fmt(row.get('target_images_per_s_per_gpu'), 0)} | {_gap(row)} |")
     names = ", ".join(f"{p['name']} ({p['source']})" for p in peaks) or "none"
+    dtype = peaks[0]["dtype"] if peaks else "matmul"
     lines += ["", f"GPUs: {names}. The peak used is the datasheet's dense figure where the GPU is "
-              f"known, else the measured one; measured bf16 8192² matmul peak per GPU: "
+              f"known, else the measured one; measured {dtype} 8192² matmul peak per GPU: "
               f"{measured} GFLOP/s."]
     return lines
 
