@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from mae_core.config import cpu_bf16_feature
 from mae_core.fileio import atomic_write_json, read_json
 
 CACHE_ENV = "MAE_STUDIO_CACHE_DIR"
@@ -50,7 +51,7 @@ _TORCH_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfl
 _PRECISION_TYPES = {"32-true": "fp32", "32": "fp32", "bf16-mixed": "bf16", "bf16-true": "bf16",
                     "bf16": "bf16", "16-mixed": "fp16", "16-true": "fp16", "16": "fp16"}
 # CPU flags of native 16-bit matmul units; without them torch emulates and there is no peak.
-_NATIVE_FLAGS = {"bf16": {"avx512_bf16", "amx_bf16"}, "fp16": {"avx512_fp16", "amx_fp16"}}
+_NATIVE_FLAGS = {"fp16": {"avx512_fp16", "amx_fp16"}}
 
 
 @dataclass(frozen=True)
@@ -123,13 +124,9 @@ def cpu_has_native(dtype: str) -> bool:
     AMX; fp16 with AVX-512 FP16 or AMX-FP16). Without /proc/cpuinfo, torch's own checks decide."""
     if dtype in ("fp32", "tf32"):
         return True
-    flags = cpu_flags()
-    if flags:
-        return bool(flags & _NATIVE_FLAGS.get(dtype, set()))
-    if dtype == "bf16":  # not Linux: ask torch (private helpers, so guarded)
-        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        return any(bool(getattr(torch.cpu, check, lambda: False)()) for check in checks)
-    return False
+    if dtype == "bf16":  # the same answer as the precision the trainer picks
+        return cpu_bf16_feature() is not None
+    return bool(cpu_flags() & _NATIVE_FLAGS.get(dtype, set()))
 
 
 def cpu_has_native_bf16() -> bool:
