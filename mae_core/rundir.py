@@ -130,6 +130,10 @@ class RunPaths:
         return self.root / "model.safetensors"
 
     @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
     def previews(self) -> Path:
         return self.root / "previews"
 

@@ -147,7 +147,7 @@ def test_every_file_is_written_beside_its_target_never_through_tmpdir(tmp_path, 
 HANGING_SAVE = textwrap.dedent("""
     import sys, time, torch
     from pathlib import Path
-    from mae_core.train import AtomicCheckpointIO
+    from mae_core.callbacks import AtomicCheckpointIO
 
     class Hang:
         def __reduce__(self):
