@@ -45,9 +45,9 @@ WRAPPER = textwrap.dedent("""
             if event == "open" and args[0] is not None and (
                     (args[1] and any(c in str(args[1]) for c in "wax+")) or
                     (isinstance(args[2], int) and args[2] & (os.O_WRONLY | os.O_RDWR))):
-                records.append(["write", os.fspath(args[0])])
+                records.append(["write", os.fsdecode(args[0])])
             elif event in ("os.rename", "os.replace", "shutil.copyfile", "shutil.move"):
-                records.append([event, os.fspath(args[0]), os.fspath(args[1])])
+                records.append([event, os.fsdecode(args[0]), os.fsdecode(args[1])])
         sys.addaudithook(hook)
         atexit.register(lambda: open(os.environ["MAE_TEST_AUDIT"] + f".{os.getpid()}", "x")
                         .write(json.dumps(records)))
