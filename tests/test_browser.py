@@ -375,3 +375,7 @@ def test_every_tab_is_usable_at_800_px(browser_factory, server):
     page.wait_for_function("() => document.querySelector('#ckpt-pick input')?.value")
     assert page.evaluate("() => { const i = document.querySelector('#ckpt-pick input');"
                          " return i.scrollWidth <= i.clientWidth + 1; }"), "checkpoint name cut off"
+    page.get_by_role("tab", name="Runs").click()
+    page.wait_for_function("() => document.querySelector('#runs-pick input')?.value")
+    assert page.evaluate("() => { const i = document.querySelector('#runs-pick input');"
+                         " return i.scrollWidth <= i.clientWidth + 1; }"), "run name cut off"

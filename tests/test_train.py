@@ -20,6 +20,7 @@ import torch
 
 from helpers import poll
 from mae_core.fileio import is_temp_file
+from mae_core.process import clean_env
 from mae_core.rundir import RunPaths
 from mae_core.weights import load_model
 
@@ -27,8 +28,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--model", "vit-tiny", "--image-size", "32", "--patch-size", "8", "--batch-size", "4",
         "--accelerator", "cpu", "--checkpoint-every-n-steps", "2", "--preview-every-n-steps", "2",
         "--num-previews", "2"]
-_LAUNCHER_VARS = ("MAE_STUDIO_RUN_DIR", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK",
-                  "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED")
 
 # ``python -m mae_core.train`` plus two optional fault tools, chosen by environment variables:
 # MAE_TEST_AUDIT records every file opened for writing and every rename/copy (Python audit events);
@@ -70,8 +69,7 @@ def _train(tmp_path: Path, *args: str, tmpdir: Path | None = None, **env_extra: 
     """Run the trainer (through :data:`WRAPPER`) in its own process group; kill what is left."""
     script = tmp_path / "trainer_wrapper.py"
     script.write_text(WRAPPER)
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
-    env.update(PYTHONPATH=str(REPO_ROOT), **env_extra)
+    env = clean_env(**env_extra)  # no launcher variables; the project importable
     if tmpdir is not None:
         env["TMPDIR"] = str(tmpdir)
     proc = subprocess.Popen([sys.executable, str(script), *args], cwd=REPO_ROOT, env=env,

@@ -93,7 +93,8 @@ def build(ctx: AppContext) -> dict[str, Any]:
     c["table"] = gr.Dataframe(headers=list(HEADERS), interactive=False, elem_id="runs-table",
                               wrap=True)
     with gr.Row():
-        c["pick"] = gr.Dropdown([], value=None, label="run", scale=3, min_width=240,
+        # Wide enough for a run id: on a narrow page the buttons wrap below instead.
+        c["pick"] = gr.Dropdown([], value=None, label="run", scale=3, min_width=400,
                                 elem_id="runs-pick", allow_custom_value=True)
         c["refresh"] = gr.Button("Refresh", scale=1, min_width=90, elem_id="refresh-btn")
         c["open"] = gr.Button("Open in Train & Reconstruct", scale=1, min_width=150,
