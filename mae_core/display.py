@@ -55,6 +55,12 @@ def eta_seconds(status: Mapping[str, Any]) -> float | None:
     return max(0.0, (total - step) * elapsed / step)
 
 
+def format_steps(status: Mapping[str, Any]) -> str:
+    """``12 / 300`` (steps done of the total), or ``12`` when the total is unknown."""
+    step, total = status.get("step") or 0, status.get("total_steps")
+    return f"{step} / {total}" if total else str(step)
+
+
 def format_duration(seconds: float | None) -> str:
     """``1 h 02 min``, ``3 min 05 s``, ``12 s``, or ``–`` for unknown."""
     if seconds is None or not math.isfinite(seconds):

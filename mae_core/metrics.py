@@ -99,6 +99,12 @@ class MetricsReader:
             if len(column) == count:  # this row has no value for the key
                 column.append(_NAN)
 
+    def snapshot(self) -> tuple[list[float], dict[str, list[float]]]:
+        """Every row read so far: (steps, {metric: values, NaN where a row has none})."""
+        self.refresh()
+        with self._lock:
+            return list(self._steps), {k: list(v) for k, v in self._columns.items()}
+
     def keys(self) -> list[str]:
         self.refresh()
         return list(self._columns)
@@ -179,11 +185,8 @@ def write_csv(reader: MetricsReader, path: Path) -> Path:
 
     from mae_core.fileio import atomic_write_text
 
-    reader.refresh()
-    with reader._lock:
-        keys = list(reader._columns)
-        steps = list(reader._steps)
-        columns = [list(reader._columns[k]) for k in keys]
+    steps, by_key = reader.snapshot()
+    keys, columns = list(by_key), list(by_key.values())
     buffer = io.StringIO()
     out = csv.writer(buffer)
     out.writerow(["step", *keys])

@@ -47,7 +47,7 @@ def _wire_across(ctx: AppContext, demo: gr.Blocks, tabs: gr.Tabs, t: dict, r: di
     hidden = "hidden"
     demo.load(guarded("hardware", lambda text: text)(train.hardware_text), None, t["hardware"],
               api_name="hardware", show_progress=hidden)
-    demo.load(**_train_refresh(t), api_name="load_train")
+    demo.load(**t["refresh_spec"], api_name="load_train")
     gr.on([demo.load, slow_timer.tick, recon_tab.select], **r["refresh_event"],
           api_name="refresh_checkpoints", trigger_mode="always_last")
     gr.on([demo.load, slow_timer.tick, runs_tab.select], **u["refresh_event"],
@@ -76,9 +76,4 @@ def _wire_across(ctx: AppContext, demo: gr.Blocks, tabs: gr.Tabs, t: dict, r: di
 
     u["open"].click(open_run, u["pick"], [t["run_pick"], r["ckpt_pick"], r["follow"], tabs,
                                           u["message"]], api_name="open_run").then(
-        **_train_refresh(t), api_name="open_refresh")
-
-
-def _train_refresh(t: dict) -> dict[str, Any]:
-    """The Train tab's poll as an event spec (the timer's own event lives in ui.train)."""
-    return t["refresh_spec"]
+        **t["refresh_spec"], api_name="open_refresh")

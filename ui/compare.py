@@ -25,10 +25,9 @@ def run_results(ctx: AppContext, run_id: str) -> dict[str, str]:
     _, speeds = reader.series("images_per_s")
     last_epoch = reader.last("epoch_loss")
     mfu = status.get("mfu")
-    total = status.get("total_steps")
     return {
         "state": str(status.get("state", "?")),
-        "steps": f"{status.get('step') or 0} / {total}" if total else str(status.get("step") or 0),
+        "steps": display.format_steps(status),
         "loss (last logged)": display.format_number(status.get("loss")),
         "epoch loss (last)": display.format_number(last_epoch[1] if last_epoch else None),
         "epoch loss (best)": display.format_number(min(epoch_losses) if len(epoch_losses) else None),

@@ -98,14 +98,14 @@ def status_html(status: Mapping[str, Any] | None, cfg: Any = None) -> str:
                 "form and press <b>Start</b>.</div>")
     state = str(status.get("state", "?"))
     colour = STATE_COLOURS.get(state, "#64748b")
-    step, total = status.get("step") or 0, status.get("total_steps")
+    step = status.get("step") or 0
     fraction = display.progress_fraction(status)
     bar = ""
     if fraction is not None:
         bar = (f'<div class="mae-bar"><div class="progress-fill" style="width:{fraction * 100:.1f}%;'
                f'background:{colour}"></div></div>')
     live = state in LIVE_STATES
-    cells = [("step", f"{step} / {total}" if total else str(step)),
+    cells = [("step", display.format_steps(status)),
              ("epoch", status.get("epoch", "–")),
              ("images/s", display.format_number(status.get("images_per_s"), 3)),
              ("elapsed", display.format_duration(status.get("elapsed_s"))),

@@ -23,10 +23,10 @@ def table_rows(ctx: AppContext, statuses: Iterable[Mapping[str, Any]]) -> list[l
     rows = []
     queue = ctx.manager.queued()
     for s in statuses:
-        total, state = s.get("total_steps"), s.get("state", "?")
+        state = s.get("state", "?")
         if state == "queued" and s["run_id"] in queue:
             state = f"queued (#{queue.index(s['run_id']) + 1})"
-        steps = f"{s.get('step') or 0} / {total}" if total else str(s.get("step") or 0)
+        steps = display.format_steps(s)
         loss = display.format_number(s.get("loss"))
         if state in LIVE_STATES and loss != "–":
             loss += " (live)"
