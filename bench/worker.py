@@ -69,6 +69,7 @@ def step_timer(warmup: int, steps: int, result: Path) -> Any:
     """A Lightning callback timing every step; after ``warmup + steps`` steps it writes
     ``<result stem>.rank<r>.json`` with the measured steps, the data waits and the peak RSS."""
     import pytorch_lightning as pl
+    import torch
 
     class StepTimer(pl.Callback):
         def __init__(self) -> None:
@@ -83,7 +84,12 @@ def step_timer(warmup: int, steps: int, result: Path) -> Any:
         def on_train_batch_start(self, *args: Any) -> None:
             self.starts.append(time.perf_counter())
 
-        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                               *args: Any) -> None:
+            if len(self.marks) in (warmup, warmup + steps) and pl_module.device.type == "cuda":
+                # The window's two ends wait for the device: the trainer itself never does, so
+                # a step's end on the host clock is only when its work was queued.
+                torch.cuda.synchronize(pl_module.device)
             self.marks.append(time.perf_counter())
             if len(self.marks) - 1 == warmup + steps:
                 self.write()

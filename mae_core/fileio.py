@@ -74,8 +74,13 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
 
 def append_line(path: str | Path, line: str) -> None:
     """Append one line and flush it, so a reader (a live curve) sees it at once."""
+    append_lines(path, [line])
+
+
+def append_lines(path: str | Path, lines: list[str]) -> None:
+    """Append whole lines in one write and flush them (a reader sees complete lines at once)."""
     with open(path, "a") as handle:
-        handle.write(line.rstrip("\n") + "\n")
+        handle.write("".join(line.rstrip("\n") + "\n" for line in lines))
         handle.flush()
 
 

@@ -88,7 +88,7 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
     torch.set_float32_matmul_precision("high")
     recorder = ProgressRecorder(paths, log_every_n_steps=t.log_every_n_steps)
     stopper = StopOnRequest(paths, recorder)
-    callbacks = [recorder, stopper, SaveCheckpoints(paths, t.checkpoint_every_n_steps)]
+    callbacks = [recorder, stopper, SaveCheckpoints(paths, t.checkpoint_every_n_steps, recorder)]
     if t.num_previews:
         callbacks.append(Previews(paths, preview_images(t.data, cfg.model.image_size, t.num_previews),
                                   t.preview_every_n_steps))

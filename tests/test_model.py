@@ -10,12 +10,12 @@ import torch
 import pytorch_lightning as pl
 from lightly.models import utils as lightly_utils
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from mae_core.config import ModelConfig
 from mae_core.data import MAEDataModule
 from mae_core.model import (MAELightning, MaskedAutoencoder, create_vit, draw_token_mask,
                             seeded_generator)
+from tests.helpers import SYNC_OPS, TensorCalls
 
 SMALL = ModelConfig(preset="vit-tiny", image_size=32, patch_size=8)  # 16 patches, embed 192
 
@@ -193,25 +193,8 @@ def test_forward_backward_for_image_sizes(image_size, patch_size):
 
 # --- a GPU-ready step: fused attention, no host synchronisation -------------------------------------
 
-class _TensorCalls(TorchFunctionMode):
-    """Records the name of every torch function and tensor method called while it is active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # torch's signature
-        self.names.append(getattr(func, "__name__", str(func)))
-        return func(*args, **(kwargs or {}))
-
-
-# Each of these waits for the device (copies a value to the host or sizes an output by the data).
-SYNC_OPS = frozenset({"item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__",
-                      "__index__", "nonzero", "argwhere", "masked_select", "unique"})
-
-
 def test_the_sync_detector_sees_host_reads():
-    with _TensorCalls() as calls:
+    with TensorCalls() as calls:
         total = torch.ones(3).sum()
         float(total), total.item(), bool(total > 0), torch.ones(3).nonzero()
     assert {"__float__", "item", "__bool__", "nonzero"} <= set(calls.names) & SYNC_OPS
@@ -219,11 +202,11 @@ def test_the_sync_detector_sees_host_reads():
 
 class _Watched(MAELightning):
     """MAELightning with the step's own work (batch normalisation, training_step with its mask and
-    logging, backward) run under :class:`_TensorCalls`."""
+    logging, backward) run under :class:`TensorCalls`."""
 
     def __init__(self, **kwargs: object) -> None:
         super().__init__(**kwargs)
-        self.calls = _TensorCalls()
+        self.calls = TensorCalls()
 
     def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
         with self.calls:
@@ -260,6 +243,6 @@ def test_every_attention_block_uses_torchs_fused_sdpa():
     assert len(attention) == encoder_depth + decoder_depth
     assert all(m.fused_attn is True for m in attention)
     idx_keep, idx_mask = draw_token_mask(2, SMALL.num_patches, SMALL.mask_ratio, seeded_generator(0))
-    with _TensorCalls() as calls:
+    with TensorCalls() as calls:
         model.loss(_images(2, 32), idx_keep, idx_mask)
     assert calls.names.count("scaled_dot_product_attention") == encoder_depth + decoder_depth

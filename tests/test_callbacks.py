@@ -1,0 +1,99 @@
+"""The trainer's per-step callbacks never wait for the device, and still lose no line of the curve."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from mae_core.callbacks import ProgressRecorder, SaveCheckpoints, StopOnRequest
+from mae_core.config import ModelConfig
+from mae_core.data import MAEDataModule
+from mae_core.model import MAELightning
+from mae_core.rundir import RunPaths
+from tests.helpers import SYNC_OPS, TensorCalls
+
+SMALL = ModelConfig(preset="vit-tiny", image_size=32, patch_size=8)
+NEVER = 1e9  # seconds: no flush by the clock within a test
+
+
+class Watched(pl.Callback):
+    """Runs another callback's ``on_train_batch_end`` under :class:`TensorCalls`."""
+
+    def __init__(self, inner: pl.Callback) -> None:
+        self.inner = inner
+        self.calls = TensorCalls()
+
+    def on_train_start(self, *args: Any) -> None:
+        self.inner.on_train_start(*args)
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        with self.calls:
+            self.inner.on_train_batch_end(*args)
+
+
+class LossProbe(pl.Callback):
+    """Each step's loss as training_step returned it, and the curve's lines at each checkpoint."""
+
+    def __init__(self, paths: RunPaths) -> None:
+        self.paths = paths
+        self.losses: list[float] = []
+        self.lines_at_step: dict[int, int] = {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, *args: Any
+                           ) -> None:
+        self.losses.append(outputs["loss"].item())
+        if self.paths.last_ckpt.exists() and trainer.global_step not in self.lines_at_step:
+            self.lines_at_step[trainer.global_step] = len(self.paths.read_metrics())
+
+
+def _fit(paths: RunPaths, callbacks: list[pl.Callback], steps: int) -> pl.Trainer:
+    paths.root.mkdir(parents=True, exist_ok=True)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=callbacks)
+    trainer.fit(MAELightning(model=SMALL.__dict__, lr=1e-3),
+                datamodule=MAEDataModule("", SMALL.image_size, 4, 0))
+    return trainer
+
+
+def test_the_step_callbacks_read_nothing_back_from_the_device_between_flushes(tmp_path):
+    """Writing the curve and checking for STOP queue nothing that waits for the device; the
+    losses are read once, at the flush, and every step's line holds its own loss."""
+    paths = RunPaths(tmp_path / "run")
+    recorder = ProgressRecorder(paths, flush_every_s=NEVER)
+    watched = [Watched(recorder), Watched(StopOnRequest(paths, recorder))]
+    probe = LossProbe(paths)
+    _fit(paths, [*watched, recorder_end(recorder), probe], steps=5)
+    for watch in watched:
+        assert not set(watch.calls.names) & SYNC_OPS, watch.calls.names
+    rows = [row for row in paths.read_metrics() if "lr" in row]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5]
+    assert [row["loss"] for row in rows] == [
+        torch.tensor(loss).item() for loss in probe.losses]  # float32 values, as the loss was
+    assert all(math.isfinite(row["images_per_s"]) and row["images_per_s"] > 0 for row in rows)
+    status = json.loads(paths.status.read_text())
+    assert status["loss"] == rows[-1]["loss"] and status["step"] == 5
+
+
+def recorder_end(recorder: ProgressRecorder) -> pl.Callback:
+    """The recorder's own end-of-training flush (the watched wrapper forwards the step hooks only)."""
+
+    class End(pl.Callback):
+        def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+            recorder.on_train_end(trainer, pl_module)
+
+    return End()
+
+
+def test_a_checkpoint_never_gets_ahead_of_the_curve(tmp_path):
+    """With no flush by the clock, the lines up to a checkpoint's step are on disk when it lands."""
+    paths = RunPaths(tmp_path / "run")
+    recorder = ProgressRecorder(paths, flush_every_s=NEVER)
+    probe = LossProbe(paths)
+    _fit(paths, [recorder, SaveCheckpoints(paths, 2, recorder), probe], steps=4)
+    assert probe.lines_at_step[2] == 2 and probe.lines_at_step[4] == 4
+    assert len(paths.read_metrics()) == 4
