@@ -7,6 +7,7 @@ tensors that make plain DDP fail with "parameters that were not used in producin
 
 Command line:
     python -m mae_core.audit --model vit-tiny --policy ddp-clean [--json]
+    python -m mae_core.audit --timm-model vit_small_patch14_dinov2 --image-size 64 --patch-size 8
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def audit(cfg: ModelConfig, coverage: bool = True) -> Audit:
             status = "trainable" if after[name].requires_grad else "frozen"
         rows.append(ParamRow(name, shape, numel, status, _reason(name, status)))
     totals = {s: sum(r.numel for r in rows if r.status == s) for s in STATUSES}
-    result = Audit(cfg.preset, cfg.policy, rows, totals, sum(r[2] for r in constructed))
+    result = Audit(cfg.label, cfg.policy, rows, totals, sum(r[2] for r in constructed))
     if coverage:
         result.no_grad = gradient_coverage(model)
     return result
@@ -182,6 +183,8 @@ def format_table(result: Audit) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mae_core.audit", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="vit-tiny", help=f"preset: {', '.join(PRESETS)}")
+    parser.add_argument("--timm-model", default="",
+                        help="any timm VisionTransformer name as the encoder, instead of --model's")
     parser.add_argument("--policy", default="ddp-clean", help=f"one of {', '.join(POLICIES)}")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--patch-size", type=int, default=16)
@@ -189,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = ModelConfig(preset=args.model, policy=args.policy, image_size=args.image_size,
-                          patch_size=args.patch_size)
+                          patch_size=args.patch_size, timm_model=args.timm_model)
     except ConfigError as err:
         parser.exit(2, f"error: {err}\n")
     result = audit(cfg)

@@ -68,7 +68,11 @@ PRESETS: dict[str, Preset] = {
     "vit-tiny": Preset("vit_tiny_patch16_224", 192, DecoderSpec(128, 4, 4)),
     "vit-small": Preset("vit_small_patch16_224", 384, DecoderSpec(256, 4, 8)),
     "vit-base": Preset("vit_base_patch16_224", 768, DecoderSpec(512, 8, 16)),
+    # The MAE paper's larger encoders, with its decoder.
+    "vit-large": Preset("vit_large_patch16_224", 1024, DecoderSpec(512, 8, 16)),
+    "vit-huge": Preset("vit_huge_patch14_224", 1280, DecoderSpec(512, 8, 16), patch_size=14),
 }
+MAX_IMAGE_SIZE = 448
 
 
 def _is_int(value: Any) -> bool:
@@ -145,6 +149,8 @@ class ModelConfig:
 
     ``decoder_*`` of ``None`` take the preset's decoder. ``policy`` is ``ddp-clean`` (head removed,
     encoder mask token frozen: plain DDP works) or ``reference`` (the naive recipe).
+    ``timm_model`` names any timm VisionTransformer (``vit_base_patch16_clip_224``, ...) as the
+    encoder instead of the preset's; the preset still picks the decoder.
     """
 
     preset: str = "vit-tiny"
@@ -156,11 +162,14 @@ class ModelConfig:
     decoder_heads: int | None = None
     norm_pix_loss: bool = True
     policy: str = "ddp-clean"
+    timm_model: str = ""
 
     def __post_init__(self) -> None:
         _check_choice(self, "preset", PRESETS, "model preset")
+        _require(isinstance(self.timm_model, str), "timm_model",
+                 f"must be a timm model name or empty, got {_shown(self.timm_model)}")
         _check_int(self, "patch_size", 2, 32)
-        _check_int(self, "image_size", 32, 224)
+        _check_int(self, "image_size", 32, MAX_IMAGE_SIZE)
         _require(self.image_size % self.patch_size == 0, "image_size",
                  f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}")
         _require((self.image_size // self.patch_size) ** 2 >= 4, "patch_size",
@@ -176,6 +185,20 @@ class ModelConfig:
         spec = self.decoder()
         _require(spec.dim % spec.heads == 0, "decoder_heads",
                  f"decoder_dim={spec.dim} is not divisible by decoder_heads={spec.heads}")
+        if self.timm_model:
+            from mae_core.encoders import check_timm_vit  # imports timm: only when asked
+
+            check_timm_vit(self.timm_model, self.image_size, self.patch_size)
+
+    @property
+    def encoder_name(self) -> str:
+        """The timm model name of the encoder: ``timm_model`` or the preset's."""
+        return self.timm_model or PRESETS[self.preset].timm_name
+
+    @property
+    def label(self) -> str:
+        """How runs and tables name the encoder: the preset, or the timm model that replaces it."""
+        return self.timm_model or self.preset
 
     @property
     def preset_spec(self) -> Preset:

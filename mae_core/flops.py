@@ -27,16 +27,19 @@ from dataclasses import asdict, dataclass
 
 from mae_core.config import ModelConfig
 
-# Blocks of each timm encoder the presets name (timm's ViT-Ti/S/B all have 12);
-# tests/test_flops.py checks these against the real timm models.
+# Blocks of each timm encoder the presets name (timm's ViT-Ti/S/B have 12, ViT-L 24, ViT-H 32);
+# tests/test_flops.py checks these against the real timm models. Other timm ViTs (``timm_model``)
+# are measured on the meta device by :mod:`mae_core.encoders`.
 ENCODER_DEPTH = {
     "vit_tiny_patch16_224": 12,
     "vit_small_patch16_224": 12,
     "vit_base_patch16_224": 12,
+    "vit_large_patch16_224": 24,
+    "vit_huge_patch14_224": 32,
 }
-# timm's ViTs and lightly's MAE decoder both use an MLP 4× as wide as the tokens.
+# The presets' ViTs and lightly's MAE decoder both use an MLP 4× as wide as the tokens.
 MLP_RATIO = 4
-PREFIX_TOKENS = 1  # the class token: timm's presets carry no register tokens
+PREFIX_TOKENS = 1  # the class token: every encoder here has exactly one (mae_core.encoders)
 
 
 @dataclass(frozen=True)
@@ -68,28 +71,22 @@ def kept_patches(num_patches: int, mask_ratio: float) -> int:
     return min(max(1, int(num_patches * (1 - mask_ratio))), num_patches - 1)
 
 
-def block_macs(tokens: int, dim: int) -> int:
+def block_macs(tokens: int, dim: int, mlp_hidden: int | None = None) -> int:
     """Multiply-accumulates of one pre-norm transformer block on ``tokens`` tokens of width ``dim``.
 
-    QKV (3·dim²) and output projection (dim²) plus the MLP (2·MLP_RATIO·dim²) per token, and
-    the score and value products (tokens²·dim each, whatever the number of heads).
+    QKV (3·dim²) and output projection (dim²) plus the MLP (2·dim·hidden, hidden = MLP_RATIO·dim
+    unless given) per token, and the score and value products (tokens²·dim each, whatever the
+    number of heads).
     """
-    linear = tokens * (4 + 2 * MLP_RATIO) * dim * dim
+    hidden = MLP_RATIO * dim if mlp_hidden is None else mlp_hidden
+    linear = tokens * (4 * dim * dim + 2 * dim * hidden)
     attention = 2 * tokens * tokens * dim
     return linear + attention
 
 
 def model_flops(cfg: ModelConfig) -> ModelFlops:
-    """The forward FLOPs of one image through the MAE that ``cfg`` describes, part by part.
-
-    Raises:
-        KeyError: the preset's encoder has no known depth (add it to ``ENCODER_DEPTH``).
-    """
-    spec = cfg.preset_spec
-    if spec.timm_name not in ENCODER_DEPTH:
-        raise KeyError(f"no encoder depth known for {spec.timm_name}; known: "
-                       f"{', '.join(sorted(ENCODER_DEPTH))}")
-    dim, depth = spec.embed_dim, ENCODER_DEPTH[spec.timm_name]
+    """The forward FLOPs of one image through the MAE that ``cfg`` describes, part by part."""
+    dim, depth, hidden = encoder_dims(cfg)
     decoder = cfg.decoder()
     patches = cfg.num_patches
     keep = kept_patches(patches, cfg.mask_ratio)
@@ -98,11 +95,23 @@ def model_flops(cfg: ModelConfig) -> ModelFlops:
     pixels = cfg.patch_size**2 * 3  # one patch's values: the embedding's input, the head's output
     return ModelFlops(
         patch_embed=2.0 * patches * pixels * dim,
-        encoder=2.0 * depth * block_macs(encoder_tokens, dim),
+        encoder=2.0 * depth * block_macs(encoder_tokens, dim, hidden),
         decoder_embed=2.0 * encoder_tokens * dim * decoder.dim,
         decoder=2.0 * decoder.depth * block_macs(decoder_tokens, decoder.dim),
         head=2.0 * (patches - keep) * decoder.dim * pixels,
     )
+
+
+def encoder_dims(cfg: ModelConfig) -> tuple[int, int, int]:
+    """The encoder's width, depth and MLP width: a preset's from the tables, any other timm ViT's
+    from the model itself (built on the meta device)."""
+    if not cfg.timm_model and cfg.encoder_name in ENCODER_DEPTH:
+        spec = cfg.preset_spec
+        return spec.embed_dim, ENCODER_DEPTH[spec.timm_name], MLP_RATIO * spec.embed_dim
+    from mae_core.encoders import encoder_shape
+
+    shape = encoder_shape(cfg.encoder_name, cfg.image_size, cfg.patch_size)
+    return shape.embed_dim, shape.depth, shape.mlp_hidden
 
 
 def training_flops_per_image(cfg: ModelConfig) -> float:

@@ -31,8 +31,9 @@ from mae_core.config import ModelConfig
 
 
 def create_vit(cfg: ModelConfig) -> nn.Module:
-    """The timm ViT of ``cfg.preset`` exactly as its constructor makes it (head included), no download."""
-    return timm.create_model(cfg.preset_spec.timm_name, pretrained=False,
+    """The timm ViT of ``cfg`` (its preset's, or ``timm_model``) exactly as its constructor makes it
+    (head included), no download."""
+    return timm.create_model(cfg.encoder_name, pretrained=False,
                              img_size=cfg.image_size, patch_size=cfg.patch_size)
 
 

@@ -211,9 +211,9 @@ def create_run(cfg: RunConfig, runs_dir: str | Path | None = None, run_dir: str 
     else:
         if runs_dir is None:
             raise ValueError("create_run needs runs_dir or run_dir")
-        paths = _new_run_directory(Path(runs_dir), cfg.model.preset, cfg.model.policy)
+        paths = _new_run_directory(Path(runs_dir), cfg.model.label, cfg.model.policy)
     paths.write_status(state=state, step=0, total_steps=cfg.train.max_steps,
-                       preset=cfg.model.preset, policy=cfg.model.policy,
+                       preset=cfg.model.label, policy=cfg.model.policy,
                        world_size=cfg.train.world_size, created=time.time(), **status)
     if process is not None:
         atomic_write_json(paths.process, process)

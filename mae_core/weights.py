@@ -77,7 +77,7 @@ def export_encoder(weights_path: str | Path, out_path: str | Path) -> list[str]:
     model = load_model(weights_path)
     encoder = {k[len(ENCODER_PREFIX):]: v for k, v in model.state_dict().items()
                if k.startswith(ENCODER_PREFIX) and not k.startswith(ENCODER_PREFIX + "head.")}
-    metadata = {"format": "timm-vit", "timm_name": model.cfg.preset_spec.timm_name,
+    metadata = {"format": "timm-vit", "timm_name": model.cfg.encoder_name,
                 "img_size": str(model.cfg.image_size), "patch_size": str(model.cfg.patch_size)}
     state = _cpu_state(encoder)
     atomic_write(out_path, lambda tmp: save_file(state, tmp, metadata=metadata))
@@ -89,7 +89,7 @@ def timm_snippet(cfg: ModelConfig, path: str | Path) -> str:
     return (
         "import timm\n"
         "from safetensors.torch import load_file\n\n"
-        f"model = timm.create_model({cfg.preset_spec.timm_name!r}, pretrained=False,\n"
+        f"model = timm.create_model({cfg.encoder_name!r}, pretrained=False,\n"
         f"                          img_size={cfg.image_size}, patch_size={cfg.patch_size}, num_classes=10)\n"
         f"missing, unexpected = model.load_state_dict(load_file({str(path)!r}), strict=False)\n"
         "assert set(missing) == {'head.weight', 'head.bias'} and not unexpected\n"

@@ -316,7 +316,7 @@ def test_checkpoints_and_previews(server, run_state):
 
 def test_parameter_audit_of_a_preset(server):
     title, diff, clean_html, ref_html, audit, message = server["client"].predict(
-        "", "vit-tiny", 32, 8, api_name="/audit")
+        "", "vit-tiny", 32, 8, "", api_name="/audit")
     clean = {row["name"]: row for row in audit["ddp-clean"]["rows"]}
     reference = audit["reference"]
     assert clean["backbone.vit.head.weight"]["status"] == "removed"
@@ -333,7 +333,7 @@ def test_parameter_audit_of_a_preset(server):
 
 
 def test_parameter_audit_of_a_run_uses_its_geometry(server, run_state):
-    title, _, _, _, audit, _ = server["client"].predict(run_state["id"], "vit-base", 224, 16,
+    title, _, _, _, audit, _ = server["client"].predict(run_state["id"], "vit-base", 224, 16, "",
                                                         api_name="/audit")
     assert run_state["id"] in title and "32px, patch 8" in title
     rows = {row["name"]: row for row in audit["ddp-clean"]["rows"]}

@@ -17,6 +17,8 @@ from mae_core import audit as params
 from mae_core.audit import audit
 
 PRESET_NAMES = ("vit-tiny", "vit-small", "vit-base")
+# ViT-L and ViT-H are audited on the meta device (shapes and gradients, no memory): see below.
+META_PRESETS = ("vit-large", "vit-huge")
 IMAGE_SIZE, PATCH_SIZE = 32, 16  # 4 patches: the audit of vit-base stays fast
 HEAD = {"backbone.vit.head.weight", "backbone.vit.head.bias"}
 FROZEN_CLEAN = {"backbone.mask_token", "backbone.vit.pos_embed", "decoder.pos_embed"}
@@ -57,7 +59,20 @@ def _rows(preset: str, policy: str) -> dict:
 
 
 def test_the_presets_under_test_are_all_the_presets():
-    assert set(PRESET_NAMES) == set(PRESETS)
+    assert set(PRESET_NAMES) | set(META_PRESETS) == set(PRESETS)
+
+
+@pytest.mark.parametrize("preset", META_PRESETS)
+def test_the_large_presets_audit_like_the_small_ones(preset):
+    """The policy's effect and the gradient-coverage check on ViT-L/H, built on the meta device."""
+    with torch.device("meta"):
+        clean, reference = _cfg(preset, "ddp-clean"), _cfg(preset, "reference")
+        clean_audit, reference_audit = audit(clean), audit(reference)
+    status = {row.name: row.status for row in clean_audit.rows}
+    assert clean_audit.ddp_safe and status["backbone.mask_token"] == "frozen"
+    assert all(status[name] == "removed" for name in HEAD if name in status)
+    # timm's ViT-H (the MAE paper's) is built without a classifier: only its mask token breaks DDP.
+    assert set(reference_audit.no_grad) == {"backbone.mask_token"} | (HEAD & set(status))
 
 
 # --- statuses ---------------------------------------------------------------------------------------
@@ -159,9 +174,9 @@ def _config_error(**kwargs) -> ConfigError:
 
 
 def test_unknown_preset_is_refused_naming_it():
-    err = _config_error(preset="vit-huge")
+    err = _config_error(preset="vit-gigantic")
     assert err.field == "preset"
-    assert "vit-huge" in str(err) and str(err).startswith("preset:")
+    assert "vit-gigantic" in str(err) and str(err).startswith("preset:")
     assert isinstance(err, ValueError)
 
 
@@ -195,7 +210,7 @@ def _single_error_line(stderr: str) -> str:
 
 
 @pytest.mark.parametrize("args, field, mentioned", [
-    (["--model", "vit-huge"], "preset", "vit-huge"),
+    (["--model", "vit-gigantic"], "preset", "vit-gigantic"),
     (["--image-size", "50"], "image_size", "50"),
 ])
 def test_params_cli_refuses_bad_arguments_without_traceback(run_module, args, field, mentioned):

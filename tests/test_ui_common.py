@@ -9,7 +9,7 @@ import math
 import gradio as gr
 import pytest
 
-from mae_core.config import MAX_SEED, ConfigError, ModelConfig, RunConfig, TrainConfig
+from mae_core.config import MAX_SEED, PRESETS, ConfigError, ModelConfig, RunConfig, TrainConfig
 from mae_core.runs import RunError
 from ui import common
 from ui.common import (AUTO, DEFAULTS, FORM_FIELDS, HINTS, FieldNumber, FieldSlider, UserError,
@@ -65,7 +65,7 @@ def test_a_field_without_a_hint_gets_a_widget_by_its_type():
 def test_hinted_widgets():
     preset = field_widget(BY_NAME["preset"], "vit-tiny")
     assert isinstance(preset, gr.Dropdown)
-    assert [c[1] for c in preset.choices] == ["vit-tiny", "vit-small", "vit-base"]
+    assert [c[1] for c in preset.choices] == list(PRESETS)
     precision = field_widget(BY_NAME["precision"], None)
     assert [c[1] for c in precision.choices][0] == AUTO and precision.value == AUTO
     unused = field_widget(BY_NAME["find_unused_parameters"], None)

@@ -92,7 +92,7 @@ def test_model_from_the_fields_or_a_run(tmp_path):
 
 
 @pytest.mark.parametrize("preset,image,patch,field", [
-    ("vit-huge", 32, 8, "preset"), (None, 32, 8, "preset"), ("", 32, 8, "preset"),
+    ("vit-gigantic", 32, 8, "preset"), (None, 32, 8, "preset"), ("", 32, 8, "preset"),
     ("vit-tiny", "abc", 8, "image_size"), ("vit-tiny", 32.5, 8, "image_size"),
     ("vit-tiny", 32, None, "patch_size"), ("vit-tiny", 36, 8, "image_size"),
     ("vit-tiny", 512, 16, "image_size")])

@@ -241,6 +241,9 @@ HINTS: dict[str, Hint] = {
     "find_unused_parameters": Hint("find_unused_parameters (auto: only for reference)"),
     "num_workers": Hint("loader workers per process (blank = auto)", zero_is_auto=False),
     "accumulate_grad_batches": Hint("batches accumulated per optimizer step"),
+    "timm_model": Hint("timm model (blank = the preset's encoder)",
+                       info="any timm VisionTransformer with a class token, e.g. "
+                            "vit_small_patch14_dinov2; the preset still picks the decoder"),
     "decoder_dim": Hint("decoder width (0 = the preset's)"),
     "decoder_depth": Hint("decoder blocks (0 = the preset's)"),
     "decoder_heads": Hint("decoder heads (0 = the preset's)"),

@@ -42,18 +42,21 @@ def audit_view(base: ModelConfig, title: str) -> AuditView:
 
 
 def model_config(ctx: AppContext, run_id: str | None, preset: Any, image_size: Any,
-                 patch_size: Any) -> tuple[ModelConfig, str]:
-    """The model to audit, and a title: a run's model when one is chosen, else the fields."""
+                 patch_size: Any, timm_model: Any = "") -> tuple[ModelConfig, str]:
+    """The model to audit, and a title: a run's model when one is chosen, else the fields
+    (``timm_model``, any timm ViT name, replaces the preset's encoder)."""
     if run_id:
         base = ctx.manager.config(run_id).model
-        return base, f"Run `{run_id}`: {base.preset}, {base.image_size}px, patch {base.patch_size}"
+        return base, f"Run `{run_id}`: {base.label}, {base.image_size}px, patch {base.patch_size}"
     if preset not in PRESETS:
         from mae_core.config import ConfigError
 
         raise ConfigError("preset", f"choose one of {', '.join(PRESETS)}; got {preset!r}")
     base = ModelConfig(preset=preset, image_size=as_int(image_size, "image_size"),
-                       patch_size=as_int(patch_size, "patch_size"))
-    return base, f"Preset {base.preset}, {base.image_size}px, patch {base.patch_size}"
+                       patch_size=as_int(patch_size, "patch_size"),
+                       timm_model=str(timm_model or "").strip())
+    what = f"timm model {base.timm_model}" if base.timm_model else f"Preset {base.preset}"
+    return base, f"{what}, {base.image_size}px, patch {base.patch_size}"
 
 
 def warm_default_audit() -> None:
@@ -75,6 +78,9 @@ def build(ctx: AppContext) -> dict[str, Any]:
                                       elem_id="param-image")
         c["patch_size"] = FieldNumber(d.patch_size, label="patch size", scale=1, min_width=100,
                                       elem_id="param-patch")
+        c["timm_model"] = gr.Textbox(d.timm_model, label="timm model (optional)", scale=2,
+                                     min_width=160, elem_id="param-timm",
+                                     placeholder="any timm ViT, e.g. vit_small_patch14_dinov2")
         c["audit"] = gr.Button("Audit", scale=1, min_width=90, elem_id="audit-btn")
     c["title"] = gr.Markdown(elem_id="params-title")
     c["message"] = gr.HTML(elem_id="params-message")
@@ -91,8 +97,9 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
     outputs = [c[n] for n in ("title", "diff", "clean", "reference", "json", "message")]
 
     @guarded("the parameter audit", lambda text: {c["message"]: render.notice("error", text)})
-    def on_audit(run_id: str | None, preset: Any, image_size: Any, patch_size: Any) -> dict:
-        base, title = model_config(ctx, run_id, preset, image_size, patch_size)
+    def on_audit(run_id: str | None, preset: Any, image_size: Any, patch_size: Any,
+                 timm_model: Any) -> dict:
+        base, title = model_config(ctx, run_id, preset, image_size, patch_size, timm_model)
         view = audit_view(base, title)
         summary = (f"### {view.title}\nEvery tensor the constructors make and what each policy "
                    "does with it: green trainable, blue frozen, red removed; a red outline marks a "
@@ -101,7 +108,7 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
         return {c["title"]: summary, c["diff"]: view.diff, c["clean"]: view.clean,
                 c["reference"]: view.reference, c["json"]: view.data, c["message"]: ""}
 
-    inputs = [c["run"], c["preset"], c["image_size"], c["patch_size"]]
+    inputs = [c["run"], c["preset"], c["image_size"], c["patch_size"], c["timm_model"]]
     # The result area shows progress; the inputs are not outputs, so nothing covers them.
     progress = dict(show_progress="minimal", show_progress_on=[c["clean"], c["reference"]])
     c["audit_event"] = dict(fn=on_audit, inputs=inputs, outputs=outputs, **progress)

@@ -131,7 +131,7 @@ def _about(cfg: Any, status: Mapping[str, Any]) -> str:
     m, t = cfg.model, cfg.train
     images = status.get("images")
     found = f" ({images} images)" if images else ""
-    return (f'<div class="mae-muted" style="margin-top:6px">{esc(m.preset)} · {esc(m.policy)} · '
+    return (f'<div class="mae-muted" style="margin-top:6px">{esc(m.label)} · {esc(m.policy)} · '
             f"{m.image_size}px / patch {m.patch_size} · mask {m.mask_ratio} · batch {t.batch_size} × "
             f"{esc(t.devices or 'auto')} {esc(t.accelerator)} process(es) · "
             f"{esc(t.precision or 'auto precision')} · data: {esc(t.data or 'sample photos')}{found}"
