@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,6 +239,7 @@ class TrainConfig:
     max_epochs: int | None = None
     accelerator: str = "auto"
     devices: int | None = None
+    gpus: str = ""  # this run's GPUs ("0,1", given to it as CUDA_VISIBLE_DEVICES); "" = all
     num_nodes: int = 1
     precision: str | None = None
     find_unused_parameters: bool | None = None
@@ -267,6 +269,7 @@ class TrainConfig:
                  "set max_steps or max_epochs, or the run never ends")
         _check_choice(self, "accelerator", ACCELERATORS, "accelerator")
         _check_int(self, "devices", 1, 256, optional=True)
+        _check_gpu_list(self)
         _check_int(self, "num_nodes", 1, 1024)
         _check_choice(self, "precision", PRECISIONS, "precision", optional=True)
         _check_bool(self, "find_unused_parameters", optional=True)
@@ -281,6 +284,15 @@ class TrainConfig:
     @property
     def world_size(self) -> int:
         return (self.devices or 1) * self.num_nodes
+
+    @property
+    def gpu_set(self) -> frozenset[int] | None:
+        """The GPUs this run holds, or None for "every device" (CPU runs, runs naming no GPUs).
+
+        Two runs may be live together only when both name GPUs and the sets are disjoint."""
+        if not self.gpus or self.accelerator == "cpu":
+            return None
+        return frozenset(int(i) for i in self.gpus.split(","))
 
     @property
     def effective_batch_size(self) -> int:
@@ -351,11 +363,10 @@ class RunConfig:
     def resolved(self) -> RunConfig:
         """Fill every "auto" value for this machine, so the saved config says what really ran."""
         t = self.train
-        import torch
-
-        gpus = torch.cuda.device_count() if t.accelerator in ("auto", "gpu") else 0
-        if t.accelerator == "gpu" and gpus == 0:
-            raise ConfigError("accelerator", "gpu was asked for but no CUDA GPU is visible")
+        gpus = _visible_gpus(t) if t.accelerator in ("auto", "gpu") else 0
+        if (t.accelerator == "gpu" or t.gpus) and gpus == 0:
+            raise ConfigError("gpus" if t.gpus else "accelerator",
+                              "GPUs were asked for but no CUDA GPU is visible")
         accelerator = "gpu" if gpus else "cpu"
         if t.devices is not None:
             devices = t.devices
@@ -381,6 +392,35 @@ class RunConfig:
                                     precision=precision, find_unused_parameters=find_unused,
                                     num_workers=workers)
         return RunConfig(model=self.model, train=train)
+
+
+def _check_gpu_list(t: TrainConfig) -> None:
+    """``gpus``: distinct GPU indices separated by commas, on a GPU run, as many as ``devices``."""
+    if t.gpus == "":
+        return
+    ok = isinstance(t.gpus, str) and re.fullmatch(r"\d{1,3}(,\d{1,3})*", t.gpus) is not None
+    _require(ok, "gpus", f"must be GPU indices separated by commas, like 0,1 (or empty for all), "
+             f"got {_shown(t.gpus)}")
+    indices = t.gpus.split(",")
+    _require(len(set(indices)) == len(indices), "gpus", f"names a GPU twice: {t.gpus}")
+    _require(t.accelerator != "cpu", "gpus", "GPUs are named but accelerator is cpu")
+    _require(t.devices is None or t.devices == len(indices), "devices",
+             f"{t.devices} devices but gpus names {len(indices)} ({t.gpus}): leave devices "
+             "blank or make them agree")
+
+
+def _visible_gpus(t: TrainConfig) -> int:
+    """GPUs the run can use: all visible ones, or its ``gpus`` once they are checked to exist."""
+    import torch
+
+    visible = torch.cuda.device_count()
+    if not t.gpus:
+        return visible
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == t.gpus:
+        return visible  # the trainer, launched with its GPUs: they are 0..n-1 in here
+    missing = [i for i in t.gpus.split(",") if int(i) >= visible]
+    _require(not missing, "gpus", f"GPU {', '.join(missing)} named but {visible} visible")
+    return len(t.gpus.split(","))
 
 
 def usable_cores() -> int:

@@ -113,6 +113,25 @@ class RunManager:
                 return status["run_id"]
         return None
 
+    def conflicting_run(self, cfg: RunConfig, exclude: str | None = None) -> str | None:
+        """The live run whose devices ``cfg`` would share, or None if it may start now.
+
+        Runs naming disjoint GPUs (``gpus``) may be live together; a run on every device (each
+        CPU run, each run naming no GPUs) needs them all, so it waits for every other.
+        """
+        wanted = cfg.train.gpu_set
+        for status in self.list():
+            run_id = status["run_id"]
+            if status.get("state") not in LIVE_STATES or run_id == exclude:
+                continue
+            try:
+                held = self.config(run_id).train.gpu_set
+            except Exception:  # noqa: BLE001 - an unreadable config: assume it holds everything
+                held = None
+            if wanted is None or held is None or wanted & held:
+                return run_id
+        return None
+
     def config(self, run_id: str) -> RunConfig:
         return RunConfig.load(self.paths(run_id).config)
 
@@ -139,7 +158,7 @@ class RunManager:
         cfg = cfg.resolved()
         summary = check_data(cfg.train.data)
         with self._exclusive():
-            self._refuse_if_live()
+            self._refuse_if_busy(cfg)
             paths = create_run(cfg, runs_dir=self.runs_dir, data_files=summary.files)
             self._launch(paths, resume=False)
         return paths.run_id
@@ -168,21 +187,29 @@ class RunManager:
             return self.queue.move(run_id, offset)
 
     def advance_queue(self) -> str | None:
-        """Launch the first queued run if no run is live; the run launched, or None.
+        """Launch the first queued run once its devices are free; the run launched, or None.
 
-        A queued run that cannot be launched (its data gone, say) is marked failed and the next
-        one is tried, so one bad run never blocks the queue.
+        The queue keeps its order: the first run waits for its devices, and those behind it
+        wait too. A queued run that cannot be launched (its data gone, say) is marked failed and
+        the next one is tried, so one bad run never blocks the queue.
         """
         with self._exclusive():
-            if self.live_run() is not None:
-                return None
             for run_id in self.queue.ids():
-                self.queue.remove(run_id)
                 if self._state(run_id) != "queued":
+                    self.queue.remove(run_id)
                     continue  # deleted or started meanwhile
                 paths = self.paths(run_id)
                 try:
-                    check_data(RunConfig.load(paths.config).train.data)
+                    cfg = RunConfig.load(paths.config)
+                except Exception as err:  # noqa: BLE001 - recorded in the run, the queue goes on
+                    self.queue.remove(run_id)
+                    paths.write_status(state="failed", error=f"could not start from the queue: {err}")
+                    continue
+                if self.conflicting_run(cfg) is not None:
+                    return None
+                self.queue.remove(run_id)
+                try:
+                    check_data(cfg.train.data)
                     paths.write_status(state="starting")
                     self._launch(paths, resume=False)
                 except Exception as err:  # noqa: BLE001 - recorded in the run, the queue goes on
@@ -245,7 +272,7 @@ class RunManager:
             cfg = cfg.with_overrides(max_steps=max_steps)
         check_data(cfg.train.data)  # outside the locks, as in start
         with self._exclusive():
-            self._refuse_if_live()
+            self._refuse_if_busy(cfg, exclude=run_id)
             status = self.status(run_id)
             if status.get("state") == "finished" and (max_steps is None
                                                       or max_steps <= status.get("step", 0)):
@@ -295,16 +322,24 @@ class RunManager:
             finally:
                 os.close(fd)  # releases the lock
 
-    def _refuse_if_live(self) -> None:
-        live = self.live_run()
-        if live is not None:
+    def _refuse_if_busy(self, cfg: RunConfig, exclude: str | None = None) -> None:
+        live = self.conflicting_run(cfg, exclude=exclude)
+        if live is None:
+            return
+        if cfg.train.gpu_set is None:
             raise RunError(f"run {live} is still live: stop it before starting or resuming another "
-                           "(one run at a time uses all the devices)")
+                           "(a run on all the devices runs alone; runs that name disjoint GPUs, "
+                           "gpus=0,1 and gpus=2,3, may run together)")
+        raise RunError(f"run {live} is live on GPUs this run needs ({cfg.train.gpus}): stop it, "
+                       "queue this run, or name other GPUs")
 
     def _launch(self, paths: RunPaths, resume: bool) -> None:
         command = proc.trainer_command(paths.root, resume)
+        gpus = RunConfig.load(paths.config).train.gpus
         try:
-            process = proc.launch(command, paths.log)
+            # The trainer sees only its GPUs, as 0..n-1 (Lightning's ranks inherit this).
+            process = proc.launch(command, paths.log,
+                                  env=proc.clean_env(CUDA_VISIBLE_DEVICES=gpus) if gpus else None)
         except OSError as err:
             paths.write_status(state="failed", error=f"the trainer could not be launched: {err}")
             raise RunError(f"the trainer could not be launched: {err}") from None

@@ -237,6 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as err:
         parser.exit(2, f"error: {err}\n")
     os.environ[RUN_DIR_ENV] = str(paths.root.resolve())
+    gpus = cfg.train.gpus
+    if gpus and os.environ.get("CUDA_VISIBLE_DEVICES") != gpus:
+        # CUDA fixes the visible devices when it starts (resolving the config started it): the
+        # trainer runs again, in this same process, seeing only the run's GPUs as 0..n-1.
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus
+        command = [sys.executable, "-m", "mae_core.train", "--run-dir", str(paths.root.resolve())]
+        os.execv(sys.executable, command + (["--resume"] if resume else []))
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
         print(f"run directory: {paths.root}", flush=True)
     try:

@@ -236,6 +236,8 @@ HINTS: dict[str, Hint] = {
     "max_epochs": Hint("max epochs (0 = no limit)", main=True),
     "accelerator": Hint("accelerator", ACCELERATORS, main=True),
     "devices": Hint("devices (0 = all)", main=True),
+    "gpus": Hint("GPUs for this run (blank = all)",
+                 info="e.g. 0,1: runs naming disjoint GPUs may train at the same time"),
     "precision": Hint("precision", PRECISIONS, main=True,
                       info="auto: bf16-mixed on GPUs and on CPUs with AMX / AVX-512 BF16"),
     "find_unused_parameters": Hint("find_unused_parameters (auto: only for reference)"),

@@ -1,0 +1,91 @@
+"""Several runs at once on disjoint GPUs (``gpus``); a run on every device, or on the CPU, runs alone.
+
+No GPU here: the live runs are run directories written as the trainer writes them, each followed
+through a real (sleeping) process, so the manager's liveness check is the real one.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from mae_core.config import ConfigError, RunConfig, TrainConfig
+from mae_core.process import clean_env, process_record
+from mae_core.rundir import create_run
+from mae_core.runs import RunManager
+from tests.helpers import REPO_ROOT
+
+
+def gpu_config(gpus: str = "", accelerator: str = "gpu") -> RunConfig:
+    return RunConfig(train=TrainConfig(gpus=gpus, accelerator=accelerator))
+
+
+@pytest.fixture
+def live(tmp_path):
+    """``live(cfg)``: a run of ``cfg`` that the manager sees running; the processes end after."""
+    sleepers: list[subprocess.Popen] = []
+
+    def make(cfg: RunConfig) -> str:
+        sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        sleepers.append(sleeper)
+        paths = create_run(cfg, runs_dir=tmp_path, state="running",
+                           process=process_record(sleeper.pid, command=["trainer"]))
+        return paths.run_id
+
+    yield make
+    for sleeper in sleepers:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_runs_on_disjoint_gpus_may_be_live_together(tmp_path, live):
+    manager = RunManager(tmp_path)
+    first = live(gpu_config("0,1"))
+    assert manager.status(first)["state"] == "running"
+    assert manager.conflicting_run(gpu_config("2,3")) is None
+    second = live(gpu_config("2,3"))
+    assert manager.conflicting_run(gpu_config("4")) is None
+    assert manager.conflicting_run(gpu_config("1,4")) == first  # GPU 1 is the first run's
+    assert manager.conflicting_run(gpu_config("3")) == second
+
+
+def test_a_run_on_every_device_runs_alone(tmp_path, live):
+    manager = RunManager(tmp_path)
+    named = live(gpu_config("0"))
+    assert manager.conflicting_run(gpu_config("")) == named  # all GPUs include GPU 0
+    assert manager.conflicting_run(gpu_config("", accelerator="cpu")) == named
+    everything = RunManager(tmp_path / "other")
+    whole = create_run(gpu_config(""), runs_dir=tmp_path / "other", state="running",
+                       process=process_record(command=["this test"]))  # this process: alive
+    assert everything.conflicting_run(gpu_config("5")) == whole.run_id
+
+
+def test_a_run_is_not_in_its_own_way_when_it_resumes(tmp_path, live):
+    manager = RunManager(tmp_path)
+    run_id = live(gpu_config("0"))
+    assert manager.conflicting_run(gpu_config("0"), exclude=run_id) is None
+
+
+@pytest.mark.parametrize(("fields", "field", "says"), [
+    ({"gpus": "0,0"}, "gpus", "twice"),
+    ({"gpus": "0;1"}, "gpus", "separated by commas"),
+    ({"gpus": "-1"}, "gpus", "separated by commas"),
+    ({"gpus": "0", "accelerator": "cpu"}, "gpus", "accelerator is cpu"),
+    ({"gpus": "0,1", "devices": 3}, "devices", "make them agree"),
+])
+def test_bad_gpu_lists_are_refused_naming_the_field(fields, field, says):
+    with pytest.raises(ConfigError) as err:
+        TrainConfig(**fields)
+    assert err.value.field == field and says in str(err.value)
+
+
+def test_naming_gpus_on_a_machine_without_them_is_refused_before_training(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "mae_core.train", "--gpus", "0",
+                             "--runs-dir", str(tmp_path)], cwd=REPO_ROOT,
+                            env=clean_env(CUDA_VISIBLE_DEVICES=""), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: gpus:" in result.stderr and "0 visible" in result.stderr
+    assert not any(tmp_path.iterdir())
