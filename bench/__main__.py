@@ -261,8 +261,13 @@ def main(argv: list[str] | None = None) -> int:
         return gpu_main(args, command, say)
     from bench.report import Section, machine_info, now_utc, sitting, write_report
 
+    from mae_core.config import ConfigError
+
     machine, run_at = machine_info(), now_utc()
-    results, failed = run_jobs(args, jobs, say)
+    try:
+        results, failed = run_jobs(args, jobs, say)
+    except ConfigError as err:  # e.g. --accelerator gpu where there is none: nothing measured
+        parser.exit(2, f"error: {err}\n")
     this_sitting = sitting(command, run_at, machine)
     fresh = {job: Section(job, lines, data, this_sitting) for job, (lines, data) in results.items()}
     out = Path(args.out)

@@ -192,6 +192,15 @@ def test_the_gpu_check_refuses_clearly_without_cuda(run_module, tmp_path):
     assert not (tmp_path / "gpu.md").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present: the benchmark would run")
+def test_the_training_benchmark_on_a_missing_gpu_refuses_clearly(run_module, tmp_path):
+    result = run_module("bench", "--job", "train", "--accelerator", "gpu", "--repeats", "1",
+                        "--out", tmp_path / "r.md")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: accelerator: GPUs were asked for but no CUDA GPU is visible" in result.stderr
+    assert not (tmp_path / "r.md").exists()
+
+
 def test_the_gpu_table_states_the_gap_to_30_percent_mfu():
     """The H100 target of FIELD-NOTES: ViT-B/16 at 30% of 989 TFLOP/s is ~5,000 images/s/GPU."""
     flops = training_flops_per_image(ModelConfig(preset="vit-base", image_size=224, patch_size=16))
