@@ -55,7 +55,8 @@ def _texture_crops(name: str, count: int, rng: np.random.Generator) -> list[np.n
     photo = getattr(data, name)()
     crops = []
     for _ in range(count):
-        side = int(rng.integers(48, min(161, min(photo.shape[:2]) + 1)))  # crops of different scales, all resized to SIDE
+        # Crops of different scales (48 to 160 px, within the photo), all resized to SIDE.
+        side = int(rng.integers(48, min(161, min(photo.shape[:2]) + 1)))
         top = int(rng.integers(0, photo.shape[0] - side + 1))
         left = int(rng.integers(0, photo.shape[1] - side + 1))
         crop = np.rot90(photo[top:top + side, left:left + side], k=int(rng.integers(0, 4)))
@@ -92,6 +93,8 @@ def ensure_demo_set(path: str | Path = DEFAULT_PATH) -> Path:
     path = Path(path).expanduser()
     if is_current(path):
         return path
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{path} is a file, not a folder for the demo set")
     if path.exists() and not (path / MANIFEST).exists() and any(path.iterdir()):
         raise DataError(f"{path} exists and is not a demo set: choose an empty or new folder")
     path.parent.mkdir(parents=True, exist_ok=True)

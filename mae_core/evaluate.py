@@ -26,7 +26,8 @@ import torch
 from mae_core import features
 from mae_core.config import ConfigError, RunConfig
 from mae_core.data import DataError
-from mae_core.demo_data import DEFAULT_PATH as DEMO_PATH, ensure_demo_set
+from mae_core.demo_data import DEFAULT_PATH as DEMO_PATH
+from mae_core.demo_data import ensure_demo_set
 from mae_core.fileio import atomic_write_json, read_json
 from mae_core.images import ImageError
 from mae_core.model import MaskedAutoencoder
@@ -57,7 +58,8 @@ def read_result(run_dir: str | Path) -> dict[str, Any] | None:
     return read_json(result_path(run_dir))
 
 
-def _load_run(run_dir: str | Path) -> tuple[RunPaths, MaskedAutoencoder, MaskedAutoencoder, int | None]:
+def _load_run(run_dir: str | Path
+              ) -> tuple[RunPaths, MaskedAutoencoder, MaskedAutoencoder, int | None]:
     """(paths, trained model, random-init model, step of the weights)."""
     paths = RunPaths(Path(run_dir))
     if not paths.root.is_dir():
@@ -94,7 +96,7 @@ def score(model: MaskedAutoencoder, train: features.Labelled, val: features.Labe
         if linear:
             details[f"linear_{feature}"] = features.linear_probe(
                 bank, train.labels, query, val.labels, num_classes, seed=seed)
-    headline = details[f"knn_{HEADLINE_FEATURE}_k{features.KNN_KS[0]}"]
+    headline = details[f"knn_{HEADLINE_FEATURE}_k{HEADLINE_K}"]
     probe = details.get(f"linear_{HEADLINE_FEATURE}")
     return {"knn_top1": headline["top1"], "knn_top5": headline["top5"],
             "linear_top1": probe["top1"] if probe else None, "details": details}
@@ -155,12 +157,13 @@ def _cell(value: float | None, signed: bool = False) -> str:
 
 def table(result: dict[str, Any]) -> str:
     """The result as a text table: pretrained vs random init, delta in points."""
-    k = result["trained"]["details"].get(f"knn_{result['feature']}_k{HEADLINE_K}", {}).get("k", HEADLINE_K)
+    headline = result["trained"]["details"].get(f"knn_{result['feature']}_k{HEADLINE_K}", {})
+    k = headline.get("k", HEADLINE_K)  # capped by the bank's size
     names = {"knn_top1": f"kNN top-1 (k={k})", "knn_top5": f"kNN top-5 (k={k})",
              "linear_top1": "linear probe top-1"}
-    lines = [f"run {result['run_id']} at step {result['step']}, {result['data']}: "
-             f"{len(result['classes'])} classes, {result['train_images']} train / "
-             f"{result['val_images']} val images, feature {result['feature']}",
+    lines = [(f"run {result['run_id']} at step {result['step']}, {result['data']}: "
+              f"{len(result['classes'])} classes, {result['train_images']} train / "
+              f"{result['val_images']} val images, feature {result['feature']}"),
              f"{'metric (%)':<22}{'pretrained':>11}{'random init':>13}{'delta (points)':>16}"]
     for metric in METRICS:
         lines.append(f"{names[metric]:<22}{_cell(result['trained'][metric]):>11}"

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from lightly.utils.benchmarking import knn_predict
 from torch import Tensor
 
-from mae_core.data import DataError, IMAGE_EXTENSIONS, _checked_root, _named
+from mae_core.data import IMAGE_EXTENSIONS, DataError, _checked_root, _named
 from mae_core.images import ImageError, center_square, open_rgb
 from mae_core.model import MaskedAutoencoder
 
@@ -92,7 +92,8 @@ def split(data: Labelled, val_fraction: float, seed: int) -> tuple[Labelled, Lab
     """A stratified train/val split, the same for the same data and seed: each class with at least
     2 images gives ``round(fraction × n)`` of them (at least 1) to val."""
     if not 0 < val_fraction < 1:
-        raise DataError(f"the validation fraction must be strictly between 0 and 1, got {val_fraction}")
+        raise DataError("the validation fraction must be strictly between 0 and 1, got "
+                        f"{val_fraction}")
     generator = torch.Generator().manual_seed(seed)
     train, val = [], []
     for label in range(data.num_classes):

@@ -66,6 +66,8 @@ def test_a_folder_that_is_not_a_demo_set_is_never_overwritten(tmp_path):
     with pytest.raises(DataError, match="not a demo set"):
         demo_data.ensure_demo_set(precious)
     assert [p.name for p in precious.iterdir()] == ["holiday.jpg"]
+    with pytest.raises(DataError, match="is a file"):
+        demo_data.ensure_demo_set(precious / "holiday.jpg")
 
 
 def test_the_command_writes_the_set(run_module, tmp_path):
