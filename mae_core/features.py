@@ -29,9 +29,10 @@ from mae_core.model import MaskedAutoencoder
 # lightly's ViT benchmarks: kNN with k=20 and k=200 neighbours, temperature 0.07.
 KNN_KS = (20, 200)
 KNN_TEMPERATURE = 0.07
-# A labelled folder is read whole into memory: beyond this many images per class, a fixed
-# (sorted-name) subset is kept, so a large folder costs bounded time and memory.
+# A labelled folder is read whole into memory: beyond this many images per class (or in all), a
+# fixed subset (the first by sorted name) is kept, so a large folder costs bounded time and memory.
 MAX_PER_CLASS = 1000
+MAX_IMAGES = 10_000
 
 
 @dataclass
@@ -59,14 +60,15 @@ def class_folders(folder: str | Path) -> dict[str, list[Path]]:
         paths = sorted(p for p in sub.rglob("*")
                        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         if paths:
-            classes[sub.name] = paths[:MAX_PER_CLASS]
+            classes[sub.name] = paths
     if not classes:
         raise DataError(f"{_named(str(folder))} has no class subfolders with images: a labelled "
                         "folder holds one subfolder per class (root/<class>/*.png)")
     if len(classes) < 2:
         raise DataError(f"{_named(str(folder))} has one class ({next(iter(classes))}); "
                         "classification needs at least 2 class subfolders with images")
-    return classes
+    keep = max(1, min(MAX_PER_CLASS, MAX_IMAGES // len(classes)))
+    return {name: paths[:keep] for name, paths in classes.items()}
 
 
 def load_labelled(folder: str | Path, image_size: int) -> Labelled:

@@ -103,3 +103,11 @@ def test_the_linear_probe_learns_a_separable_problem_deterministically():
     shuffle = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(1))
     noise = features.linear_probe(train_x, train_y[shuffle], val_x, val_y, 6)
     assert noise["top1"] < 60
+
+
+def test_a_large_folder_is_read_up_to_a_bounded_sorted_subset(tmp_path, monkeypatch):
+    root = _folder(tmp_path / "set", {"a": 5, "b": 3, "c": 4})
+    monkeypatch.setattr(features, "MAX_IMAGES", 6)  # 2 per class at most
+    classes = features.class_folders(root)
+    assert {name: [p.name for p in paths] for name, paths in classes.items()} == {
+        "a": ["0.png", "1.png"], "b": ["0.png", "1.png"], "c": ["0.png", "1.png"]}
