@@ -63,3 +63,14 @@ def test_metrics_download_as_csv_reads_back(ctx):
     assert rows[3]["loss"] == "" and float(rows[3]["epoch_loss"]) == 0.6
     with pytest.raises(UserError):
         compare.metrics_csv(ctx, None)
+
+
+def test_compare_shows_each_runs_saved_evaluation(ctx):
+    a = make_run(ctx, TINY, [1.0, 0.8])
+    b = make_run(ctx, TINY, [1.0, 0.9])
+    (a.root / "evaluation.json").write_text(json.dumps(
+        {"trained": {"knn_top1": 71.0}, "random_init": {"knn_top1": 63.0}}))
+    assert compare.run_results(ctx, a.run_id)["kNN top-1 % (pretrained / random init)"] == \
+        "71.0 / 63.0 (+8.0)"
+    assert compare.run_results(ctx, b.run_id)["kNN top-1 % (pretrained / random init)"] == "–"
+    assert "71.0 / 63.0 (+8.0)" in compare.compare_html(ctx, [a.run_id, b.run_id])

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from mae_core.config import ModelConfig, RunConfig, TrainConfig
@@ -167,3 +168,59 @@ def test_queued_runs_show_their_place_and_move(ctx):
     assert states == {first: "queued (#2)", second: "queued (#1)"}
     with pytest.raises(UserError):
         runs.move_in_queue(ctx, None, 1)
+
+
+def _labelled(root: Path) -> Path:
+    """Two classes a random encoder tells apart: dark and bright images with a little noise."""
+    generator = torch.Generator().manual_seed(0)
+    for name, level in (("dark", 40), ("bright", 210)):
+        (root / name).mkdir(parents=True)
+        for i in range(8):
+            pixels = (level + 30 * torch.rand(40, 40, 3, generator=generator)).byte().numpy()
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def test_evaluate_reports_progress_then_the_table_and_the_runs_table_shows_it(ctx, tmp_path):
+    paths = make_run(ctx, "finished", step=4)
+    torch.manual_seed(0)
+    save_weights(MaskedAutoencoder(MODEL), paths.weights, step=4)
+    [row] = runs.table_rows(ctx, ctx.manager.list())
+    assert row[-1] == "–"  # not evaluated yet
+    before = runs.refresh(ctx, paths.run_id, None)
+    assert before["evaluation"] == ""
+    updates = list(runs.evaluation_updates(ctx, runs.Evaluations(), paths.run_id,
+                                           f"  {_labelled(tmp_path / 'set')}  ", True, poll_s=0.01))
+    assert all("Evaluating" in u["message"] for u in updates[:-1])
+    last = updates[-1]
+    assert "pretraining bought" in last["message"] and 'data-kind="ok"' in last["message"]
+    assert "linear probe top-1" in last["evaluation"] and "random init" in last["evaluation"]
+    saved = json.loads((paths.root / "evaluation.json").read_text())
+    trained, random_init = saved["trained"]["knn_top1"], saved["random_init"]["knn_top1"]
+    [row] = runs.table_rows(ctx, ctx.manager.list())
+    assert row[-1] == f"{trained:.1f} / {random_init:.1f} ({trained - random_init:+.1f})"
+    after = runs.refresh(ctx, paths.run_id, before["sig"])
+    assert "evaluation-result" in after["evaluation"] and "table" in after
+    assert "evaluation" not in runs.refresh(ctx, paths.run_id, after["sig"])  # unchanged
+
+
+def test_evaluate_refusals_reach_the_page_as_messages(ctx, tmp_path):
+    from mae_core.data import DataError
+
+    evaluations = runs.Evaluations()
+    with pytest.raises(UserError, match="Choose a run"):
+        next(runs.evaluation_updates(ctx, evaluations, None, "", False))
+    with pytest.raises(RunError):
+        next(runs.evaluation_updates(ctx, evaluations, "../elsewhere", "", False))
+    paths = make_run(ctx, "failed")
+    with pytest.raises(RunError, match="no saved weights yet"):
+        list(runs.evaluation_updates(ctx, evaluations, paths.run_id, "", False, poll_s=0.01))
+    save_weights(MaskedAutoencoder(MODEL), paths.weights, step=1)
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(DataError, match="no class subfolders"):
+        list(runs.evaluation_updates(ctx, evaluations, paths.run_id, str(tmp_path / "flat"),
+                                     False, poll_s=0.01))
+    evaluations.current = runs.EvaluationJob("someone-else")  # still running
+    with pytest.raises(UserError, match="someone-else"):
+        next(runs.evaluation_updates(ctx, evaluations, paths.run_id, "", False))
+    assert not (paths.root / "evaluation.json").exists()

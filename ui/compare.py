@@ -18,7 +18,9 @@ MAX_RUNS = 8  # columns that still read side by side
 
 
 def run_results(ctx: AppContext, run_id: str) -> dict[str, str]:
-    """A run's outcome in words: state, steps, losses, speed, time."""
+    """A run's outcome in words: state, steps, losses, speed, time, saved evaluation."""
+    from mae_core import evaluate  # torch: not at import time (the page is served first)
+
     status = ctx.manager.status(run_id)
     reader = ctx.metrics.reader(ctx.manager.paths(run_id).metrics)
     _, epoch_losses = reader.series("epoch_loss")
@@ -35,6 +37,8 @@ def run_results(ctx: AppContext, run_id: str) -> dict[str, str]:
             statistics.median(speeds[-50:]) if len(speeds) else None, 3),
         "MFU": f"{100 * mfu:.1f}%" if isinstance(mfu, (int, float)) else "–",
         "training time": display.format_duration(status.get("elapsed_s")),
+        "kNN top-1 % (pretrained / random init)": evaluate.summary(
+            evaluate.read_result(ctx.manager.paths(run_id).root)),
     }
 
 

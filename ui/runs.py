@@ -1,10 +1,13 @@
 """The Runs tab: every run in the runs directory, and what can be done with one: open it in the other
-tabs, export its encoder for timm, delete it (asks first; never a live run), compare runs
-(:mod:`ui.compare`)."""
+tabs, export its encoder for timm, evaluate it against its random init (kNN / linear probe, in a
+background thread), delete it (asks first; never a live run), compare runs (:mod:`ui.compare`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -12,10 +15,10 @@ import gradio as gr
 from mae_core import display
 from mae_core.rundir import LIVE_STATES
 from ui import compare, render
-from ui.common import AppContext, UserError, guarded
+from ui.common import AppContext, UserError, describe, guarded
 
 HEADERS = ("run", "state", "steps", "loss (last logged)", "epoch loss (last)", "duration",
-           "policy", "preset")
+           "policy", "preset", "kNN top-1 % (pretrained / random init)")
 
 
 def table_rows(ctx: AppContext, statuses: Iterable[Mapping[str, Any]]) -> list[list[Any]]:
@@ -34,8 +37,105 @@ def table_rows(ctx: AppContext, statuses: Iterable[Mapping[str, Any]]) -> list[l
         rows.append([s["run_id"], state, steps, loss,
                      display.format_number(epoch[1]) if epoch else "–",
                      display.format_duration(s.get("elapsed_s")), s.get("policy") or "–",
-                     s.get("preset") or "–"])
+                     s.get("preset") or "–", saved_evaluation(ctx, s["run_id"])])
     return rows
+
+
+def saved_evaluation(ctx: AppContext, run_id: str) -> str:
+    """The run's saved evaluation in one cell ("–" if it has none)."""
+    from mae_core.evaluate import read_result, summary
+
+    return summary(read_result(ctx.manager.paths(run_id).root))
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+@dataclass
+class EvaluationJob:
+    """One evaluation running in a background thread: its progress, then its result or error."""
+
+    run_id: str
+    fraction: float = 0.0
+    text: str = "starting"
+    result: dict[str, Any] | None = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def run(self, run_dir: Path, data: str | None, linear_probe: bool) -> None:
+        from mae_core.evaluate import evaluate_run
+
+        def progress(fraction: float, text: str) -> None:
+            self.fraction, self.text = fraction, text
+
+        try:
+            self.result = evaluate_run(run_dir, data, linear_probe=linear_probe, progress=progress)
+        except BaseException as err:  # noqa: BLE001 - handed to the page by evaluation_updates
+            self.error = err
+        finally:
+            self.done.set()
+
+
+class Evaluations:
+    """The app's evaluations, one at a time: each embeds hundreds of images on the CPUs. The job
+    runs in its own thread, so it ends (and saves its result) even if the page is closed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.current: EvaluationJob | None = None
+
+    def start(self, run_id: str, run_dir: Path, data: str | None, linear_probe: bool
+              ) -> EvaluationJob:
+        with self._lock:
+            if self.current is not None and not self.current.done.is_set():
+                raise UserError(f"`{self.current.run_id}` is being evaluated; wait until it ends.")
+            job = self.current = EvaluationJob(run_id)
+        threading.Thread(target=job.run, args=(run_dir, data, linear_probe), daemon=True,
+                         name=f"evaluate-{run_id}").start()
+        return job
+
+
+def evaluation_updates(ctx: AppContext, evaluations: Evaluations, run_id: str | None,
+                       data: str | None, linear_probe: bool, poll_s: float = 0.5
+                       ) -> Iterator[dict[str, Any]]:
+    """Start evaluating ``run_id`` on ``data`` (empty: the demo set); yield its progress as it
+    goes, then its result table. Refusals and failures are raised (the caller shows them)."""
+    if not run_id:
+        raise UserError("Choose a run to evaluate.")
+    paths = ctx.manager.paths(run_id)  # refuses a run id that names no run
+    folder = (data or "").strip() or None
+    job = evaluations.start(run_id, paths.root, folder, bool(linear_probe))
+    while not job.done.wait(poll_s):
+        yield {"message": render.notice("info", f"Evaluating `{run_id}`: {job.text} "
+                                        f"({job.fraction:.0%})")}
+    if job.error is not None:
+        raise job.error
+    result = job.result or {}
+    delta = result["delta"]["knn_top1"]
+    yield {"message": render.notice("ok", f"Evaluated `{run_id}` in {result['seconds']} s: "
+                                    f"pretraining bought {delta:+.1f} points of kNN top-1."),
+           "evaluation": evaluation_html(result)}
+
+
+def evaluation_html(result: Mapping[str, Any] | None) -> str:
+    """A saved evaluation as a table: pretrained vs random init, delta in points."""
+    if not result:
+        return ""
+    from mae_core.evaluate import METRICS
+
+    names = {"knn_top1": f"kNN top-1 (k={result.get('k')})", "knn_top5": "kNN top-5",
+             "linear_top1": "linear probe top-1"}
+    cell = lambda v, sign="": "–" if v is None else f"{v:{sign}.1f}"  # noqa: E731
+    rows = "".join(
+        f"<tr><td>{names[m]}</td><td>{cell(result['trained'][m])}</td>"
+        f"<td>{cell(result['random_init'][m])}</td><td>{cell(result['delta'][m], '+')}</td></tr>"
+        for m in METRICS)
+    about = (f"step {result.get('step')}, {len(result.get('classes', []))} classes, "
+             f"{result.get('train_images')} train / {result.get('val_images')} val images of "
+             f"{result.get('data')}, feature {result.get('feature')}")
+    return (f'<div class="mae-table-wrap" id="evaluation-result"><table class="mae-table"><thead>'
+            "<tr><th>metric (%)</th><th>pretrained</th><th>random init</th>"
+            f"<th>delta (points)</th></tr></thead><tbody>{rows}</tbody></table>"
+            f"<small>{render.esc(about)}</small></div>")
 
 
 def delete_run(ctx: AppContext, run_id: str | None, confirmed: bool) -> str:
@@ -63,6 +163,12 @@ def move_in_queue(ctx: AppContext, run_id: str | None, offset: int) -> str:
     return f"`{run_id}` is now number {position} in the queue."
 
 
+def saved_result(ctx: AppContext, run_id: str | None) -> dict[str, Any] | None:
+    from mae_core.evaluate import read_result
+
+    return read_result(ctx.manager.paths(run_id).root) if run_id else None
+
+
 def refresh(ctx: AppContext, current: str | None, sig: dict | None) -> dict[str, Any]:
     """The runs table and the run chooser, when they changed; Delete only for a run that is not
     live."""
@@ -78,11 +184,15 @@ def refresh(ctx: AppContext, current: str | None, sig: dict | None) -> dict[str,
         out["pick"] = gr.update(choices=ids, value=value)
     if ids != sig.get("ids"):
         out["compare_runs"] = gr.update(choices=ids)
+    saved = saved_result(ctx, value)
+    stamp = (value, (saved or {}).get("evaluated_at"))
+    if stamp != sig.get("evaluation"):
+        out["evaluation"] = evaluation_html(saved)
     state = next((s.get("state") for s in runs if s["run_id"] == value), None)
     deletable = value is not None and state not in LIVE_STATES
     if deletable != sig.get("deletable"):
         out["delete"] = gr.update(interactive=deletable)
-    sig.update(rows=rows, pick=(ids, value), deletable=deletable, ids=ids)
+    sig.update(rows=rows, pick=(ids, value), deletable=deletable, ids=ids, evaluation=stamp)
     out["sig"] = sig
     return out
 
@@ -107,7 +217,14 @@ def build(ctx: AppContext) -> dict[str, Any]:
                                    "the queue)", scale=3, elem_id="confirm-delete")
         c["delete"] = gr.Button("Delete run", variant="stop", scale=1, min_width=110,
                                 interactive=False, elem_id="delete-btn")
+    with gr.Row():
+        c["eval_data"] = gr.Textbox("", label="labelled folder to evaluate on (root/<class>/*; "
+                                    "empty: the demo set)", scale=3, elem_id="eval-data")
+        c["eval_linear"] = gr.Checkbox(False, label="linear probe too", scale=1,
+                                       elem_id="eval-linear")
+        c["evaluate"] = gr.Button("Evaluate", scale=1, min_width=110, elem_id="evaluate-btn")
     c["message"] = gr.HTML(elem_id="runs-message")
+    c["evaluation"] = gr.HTML(elem_id="runs-evaluation")
     with gr.Row():
         c["export_file"] = gr.File(label="encoder (timm safetensors)", interactive=False,
                                    elem_id="export-file", min_width=240)
@@ -121,6 +238,15 @@ def build(ctx: AppContext) -> dict[str, Any]:
 
 def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
     error = lambda text: {c["message"]: render.notice("error", text)}  # noqa: E731
+    evaluations = Evaluations()
+
+    def on_evaluate(run_id: str | None, data: str | None, linear: bool) -> Iterator[dict]:
+        # A generator (progress as it goes), so not @guarded: a refusal ends it as a notice.
+        try:
+            for update in evaluation_updates(ctx, evaluations, run_id, data, linear):
+                yield {c[name]: value for name, value in update.items()}
+        except Exception as err:  # noqa: BLE001 - shown to the person, logged if unexpected
+            yield error(describe(err, "evaluate"))
 
     @guarded("the runs list", error)
     def on_refresh(current: str | None, sig: dict | None) -> dict:
@@ -140,7 +266,7 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
 
     c["refresh_event"] = dict(fn=on_refresh, inputs=[c["pick"], c["sig"]],
                               outputs=[c["table"], c["pick"], c["delete"], c["compare"]["runs"],
-                                       c["sig"]],
+                                       c["evaluation"], c["sig"]],
                               show_progress="hidden")
     # Asked for by a person (or an API client): every part, changed or not.
     gr.on([c["refresh"].click, c["pick"].input], lambda current: on_refresh(current, None),
@@ -155,6 +281,9 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
             c["message"]: render.notice("ok", move_in_queue(ctx, run_id, offset))}),
             c["pick"], c["message"], api_name=f"queue_{name}", show_progress="hidden").then(
             **c["refresh_event"])
+    c["evaluate"].click(on_evaluate, [c["pick"], c["eval_data"], c["eval_linear"]],
+                        [c["message"], c["evaluation"]], api_name="evaluate_run",
+                        show_progress="hidden").then(**c["refresh_event"])
     c["export"].click(on_export, c["pick"], [c["export_file"], c["export_code"], c["message"]],
                       api_name="export", show_progress_on=[c["export_file"]])
 

@@ -1,0 +1,203 @@
+"""Does the encoder learn? A run's encoder against the same architecture freshly initialised.
+
+Both encoders embed a labelled folder (``root/<class>/*``; by default the offline demo set of
+:mod:`mae_core.demo_data`) frozen, every patch visible; a stratified train/val split then gives kNN
+accuracy (lightly's ``knn_predict``, k = 20 and 200, temperature 0.07, as lightly's ViT benchmarks)
+and, with ``--linear-probe``, a linear probe (:func:`mae_core.features.linear_probe`). The random
+encoder is the run's own starting point: the trainer seeds torch with the run's seed before it
+builds the model, and so does this. The result is saved as ``<run>/evaluation.json``.
+
+Example:
+    $ python -m mae_core.evaluate --run checkpoints/<run> --data checkpoints/.demo-labelled --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mae_core import features
+from mae_core.config import ConfigError, RunConfig
+from mae_core.data import DataError
+from mae_core.demo_data import DEFAULT_PATH as DEMO_PATH
+from mae_core.demo_data import ensure_demo_set
+from mae_core.fileio import atomic_write_json, read_json
+from mae_core.images import ImageError
+from mae_core.model import MaskedAutoencoder
+from mae_core.rundir import RunPaths
+from mae_core.runs import RunError
+from mae_core.weights import WeightsError, load_model, read_metadata
+
+RESULT_NAME = "evaluation.json"
+# The headline figures: kNN with lightly's k=20 on the mean of the patch tokens (MAE trains no
+# class token objective: its class token sees no loss, the patch tokens do). Every feature × k
+# combination is in "details".
+HEADLINE_FEATURE = "mean_patch"
+HEADLINE_K = 20
+METRICS = ("knn_top1", "knn_top5", "linear_top1")
+Progress = Callable[[float, str], None]
+
+
+class EvaluationError(RunError):
+    """The run cannot be evaluated (no run there, no weights yet); the message says why."""
+
+
+def result_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / RESULT_NAME
+
+
+def read_result(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run's saved evaluation, or None."""
+    return read_json(result_path(run_dir))
+
+
+def _load_run(run_dir: str | Path
+              ) -> tuple[RunPaths, MaskedAutoencoder, MaskedAutoencoder, int | None]:
+    """(paths, trained model, random-init model, step of the weights)."""
+    paths = RunPaths(Path(run_dir))
+    if not paths.root.is_dir():
+        raise EvaluationError(f"no run directory at {run_dir}")
+    if not paths.config.is_file():
+        raise EvaluationError(f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = RunConfig.load(paths.config)
+    if not paths.weights.is_file():
+        raise EvaluationError(f"run {paths.run_id} has no saved weights yet ({paths.weights.name} "
+                              "is written at the first checkpoint and at the end of training)")
+    trained = load_model(paths.weights)
+    step = read_metadata(paths.weights).get("step")
+    # The same constructor call after the same seed as the trainer's (pl.seed_everything(seed)
+    # then MaskedAutoencoder(cfg.model)): the encoder before its first step.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        random_init = MaskedAutoencoder(trained.cfg).eval()
+    return paths, trained, random_init, int(step) if step is not None else None
+
+
+def score(model: MaskedAutoencoder, train: features.Labelled, val: features.Labelled,
+          num_classes: int, linear: bool, seed: int) -> dict[str, Any]:
+    """Every figure for one encoder: kNN for both features and both k, the linear probe if asked."""
+    details: dict[str, Any] = {}
+    embedded = {}
+    for name, images in (("train", train.images), ("val", val.images)):
+        cls, mean = features.embed(model, images)
+        embedded[name] = {"cls": cls, "mean_patch": mean}
+    for feature in ("cls", "mean_patch"):
+        bank, query = embedded["train"][feature], embedded["val"][feature]
+        for k in features.KNN_KS:
+            details[f"knn_{feature}_k{k}"] = features.knn_accuracy(
+                query, bank, train.labels, val.labels, num_classes, k=k)
+        if linear:
+            details[f"linear_{feature}"] = features.linear_probe(
+                bank, train.labels, query, val.labels, num_classes, seed=seed)
+    headline = details[f"knn_{HEADLINE_FEATURE}_k{HEADLINE_K}"]
+    probe = details.get(f"linear_{HEADLINE_FEATURE}")
+    return {"knn_top1": headline["top1"], "knn_top5": headline["top5"],
+            "linear_top1": probe["top1"] if probe else None, "details": details}
+
+
+def evaluate_run(run_dir: str | Path, data: str | Path | None = None, linear_probe: bool = False,
+                 val_fraction: float = 0.2, seed: int = 0, progress: Progress | None = None,
+                 save: bool = True) -> dict[str, Any]:
+    """Evaluate the run's latest weights and its random init; saved in the run unless ``save``
+    is False. ``data`` None is the demo set (written on first use). Raises
+    :class:`EvaluationError`, :class:`DataError`, :class:`ConfigError` or ``WeightsError``."""
+    report = progress or (lambda fraction, text: None)
+    started = time.monotonic()
+    report(0.0, "loading the run")
+    paths, trained, random_init, step = _load_run(run_dir)
+    report(0.1, "reading the labelled images")
+    # The demo set lives in the runs directory (checkpoints/.demo-labelled), written once.
+    folder = ensure_demo_set(paths.root.parent / DEMO_PATH.name) if data is None else Path(data)
+    labelled = features.load_labelled(folder, trained.cfg.image_size)
+    train, val = features.split(labelled, val_fraction, seed)
+    results = {}
+    for i, (name, model) in enumerate((("trained", trained), ("random_init", random_init))):
+        report(0.2 + 0.4 * i, f"embedding and scoring the {name.replace('_', ' ')} encoder")
+        results[name] = score(model, train, val, labelled.num_classes, linear_probe, seed)
+    delta = {m: (None if results["trained"][m] is None
+                 else round(results["trained"][m] - results["random_init"][m], 2))
+             for m in METRICS}
+    result = {
+        "run_id": paths.run_id, "step": step, "data": str(folder), "classes": labelled.classes,
+        "train_images": len(train.labels), "val_images": len(val.labels),
+        "skipped_files": labelled.skipped, "split": val_fraction, "seed": seed,
+        "feature": HEADLINE_FEATURE, "k": HEADLINE_K, "temperature": features.KNN_TEMPERATURE,
+        "linear_probe": ("lightly LinearClassifier recipe on cached frozen features "
+                         f"({features.PROBE_EPOCHS} epochs)") if linear_probe else None,
+        "trained": results["trained"], "random_init": results["random_init"], "delta": delta,
+        "seconds": round(time.monotonic() - started, 1), "evaluated_at": time.time(),
+    }
+    if save:
+        atomic_write_json(result_path(paths.root), result)
+    report(1.0, "done")
+    return result
+
+
+def summary(result: dict[str, Any] | None) -> str:
+    """A saved evaluation in one cell: headline kNN top-1, pretrained / random init (delta)."""
+    try:
+        trained, random_init = result["trained"]["knn_top1"], result["random_init"]["knn_top1"]
+        return f"{trained:.1f} / {random_init:.1f} ({trained - random_init:+.1f})"
+    except (TypeError, KeyError):
+        return "–"
+
+
+def _cell(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "–"
+    return f"{value:+.1f}" if signed else f"{value:.1f}"
+
+
+def table(result: dict[str, Any]) -> str:
+    """The result as a text table: pretrained vs random init, delta in points."""
+    headline = result["trained"]["details"].get(f"knn_{result['feature']}_k{HEADLINE_K}", {})
+    k = headline.get("k", HEADLINE_K)  # capped by the bank's size
+    names = {"knn_top1": f"kNN top-1 (k={k})", "knn_top5": f"kNN top-5 (k={k})",
+             "linear_top1": "linear probe top-1"}
+    lines = [(f"run {result['run_id']} at step {result['step']}, {result['data']}: "
+              f"{len(result['classes'])} classes, {result['train_images']} train / "
+              f"{result['val_images']} val images, feature {result['feature']}"),
+             f"{'metric (%)':<22}{'pretrained':>11}{'random init':>13}{'delta (points)':>16}"]
+    for metric in METRICS:
+        lines.append(f"{names[metric]:<22}{_cell(result['trained'][metric]):>11}"
+                     f"{_cell(result['random_init'][metric]):>13}"
+                     f"{_cell(result['delta'][metric], signed=True):>16}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mae_core.evaluate", description=__doc__.split(
+        "\n\n")[0])
+    parser.add_argument("--run", required=True, help="the run directory (checkpoints/<run>)")
+    parser.add_argument("--data", default=None, help="labelled folder root/<class>/*.png "
+                        "(default: the demo set, written beside the run, e.g. "
+                        f"{DEMO_PATH}, on first use)")
+    parser.add_argument("--linear-probe", action="store_true", help="also train a linear probe")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--split", type=float, default=0.2, help="validation fraction (0.2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split and the probe")
+    parser.add_argument("--no-save", action="store_true", help=f"do not write <run>/{RESULT_NAME}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = evaluate_run(args.run, args.data, linear_probe=args.linear_probe,
+                              val_fraction=args.split, seed=args.seed, save=not args.no_save)
+    except (EvaluationError, DataError, ConfigError, WeightsError, ImageError) as err:
+        parser.exit(2, f"error: {err}\n")
+    print(json.dumps(result, indent=2) if args.json else table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Frozen-encoder features and the scores computed on them: kNN (lightly's) and a linear probe.
+
+Reusable by anything that asks "how good is this encoder": the evaluation command
+(:mod:`mae_core.evaluate`) and a live monitor alike. A labelled folder is ``root/<class>/*``, the
+class subfolders being the labels (torchvision's ``ImageFolder`` convention).
+
+Example:
+    >>> data = load_labelled("checkpoints/.demo-labelled", image_size=64)
+    >>> train, val = split(data, val_fraction=0.2, seed=0)
+    >>> cls, mean = embed(model, train.images)
+    >>> knn_accuracy(mean[val], mean[train], train.labels, data.num_classes, k=20)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lightly.utils.benchmarking import knn_predict
+from torch import Tensor
+
+from mae_core.data import IMAGE_EXTENSIONS, DataError, _checked_root, _named
+from mae_core.images import ImageError, center_square, open_rgb
+from mae_core.model import MaskedAutoencoder
+
+# lightly's ViT benchmarks: kNN with k=20 and k=200 neighbours, temperature 0.07.
+KNN_KS = (20, 200)
+KNN_TEMPERATURE = 0.07
+# A labelled folder is read whole into memory: beyond this many images per class (or in all), a
+# fixed subset (the first by sorted name) is kept, so a large folder costs bounded time and memory.
+MAX_PER_CLASS = 1000
+MAX_IMAGES = 10_000
+
+
+@dataclass
+class Labelled:
+    """Images uint8 (N, 3, S, S), labels (N,) indexing ``classes``; ``skipped`` unreadable files."""
+
+    images: Tensor
+    labels: Tensor
+    classes: list[str]
+    skipped: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def subset(self, index: Tensor) -> Labelled:
+        return Labelled(self.images[index], self.labels[index], self.classes)
+
+
+def class_folders(folder: str | Path) -> dict[str, list[Path]]:
+    """``{class: image paths}`` of a labelled folder; raises :class:`DataError` if it is not one."""
+    root = _checked_root(str(folder))
+    classes = {}
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        paths = sorted(p for p in sub.rglob("*")
+                       if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if paths:
+            classes[sub.name] = paths
+    if not classes:
+        raise DataError(f"{_named(str(folder))} has no class subfolders with images: a labelled "
+                        "folder holds one subfolder per class (root/<class>/*.png)")
+    if len(classes) < 2:
+        raise DataError(f"{_named(str(folder))} has one class ({next(iter(classes))}); "
+                        "classification needs at least 2 class subfolders with images")
+    keep = max(1, min(MAX_PER_CLASS, MAX_IMAGES // len(classes)))
+    return {name: paths[:keep] for name, paths in classes.items()}
+
+
+def load_labelled(folder: str | Path, image_size: int) -> Labelled:
+    """Every image of a labelled folder as its centre square at ``image_size`` (unreadable files
+    are skipped and counted)."""
+    images, labels, skipped = [], [], 0
+    classes = class_folders(folder)
+    for label, paths in enumerate(classes.values()):
+        for path in paths:
+            try:
+                images.append(center_square(open_rgb(path), image_size))
+            except ImageError:
+                skipped += 1
+                continue
+            labels.append(label)
+    counts = torch.bincount(torch.tensor(labels, dtype=torch.long), minlength=len(classes))
+    if int((counts > 0).sum()) < 2:
+        raise DataError(f"{_named(str(folder))}: fewer than 2 classes have a readable image")
+    return Labelled(torch.stack(images), torch.tensor(labels), list(classes), skipped)
+
+
+def split(data: Labelled, val_fraction: float, seed: int) -> tuple[Labelled, Labelled]:
+    """A stratified train/val split, the same for the same data and seed: each class with at least
+    2 images gives ``round(fraction × n)`` of them (at least 1) to val."""
+    if not 0 < val_fraction < 1:
+        raise DataError("the validation fraction must be strictly between 0 and 1, got "
+                        f"{val_fraction}")
+    generator = torch.Generator().manual_seed(seed)
+    train, val = [], []
+    for label in range(data.num_classes):
+        members = (data.labels == label).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        n_val = min(len(members) - 1, max(1, round(val_fraction * len(members))))
+        val.append(members[:n_val])
+        train.append(members[n_val:])
+    val_index, train_index = torch.cat(val).sort().values, torch.cat(train).sort().values
+    if len(val_index) == 0:
+        raise DataError("the labelled folder is too small to split: each class needs 2 images")
+    return data.subset(train_index), data.subset(val_index)
+
+
+@torch.no_grad()
+def embed(model: MaskedAutoencoder, images: Tensor, batch_size: int = 128
+          ) -> tuple[Tensor, Tensor]:
+    """(class token, mean of the patch tokens), each (N, D) float on the CPU, of uint8 images
+    (N, 3, S, S) through the frozen encoder: every patch visible, no masking, eval mode."""
+    was_training = model.training
+    model.eval()
+    device = model.pixel_mean.device
+    cls, mean = [], []
+    for start in range(0, len(images), batch_size):
+        x = model.normalize(images[start:start + batch_size].to(device))
+        tokens = model.backbone.encode(x, idx_keep=None).float()
+        cls.append(tokens[:, 0].cpu())
+        mean.append(tokens[:, model.num_prefix_tokens:].mean(dim=1).cpu())
+    model.train(was_training)
+    return torch.cat(cls), torch.cat(mean)
+
+
+def topk_accuracy(ranked: Tensor, labels: Tensor, k: int) -> float:
+    """Percentage of rows whose label is among the first ``k`` of ``ranked`` (N, C) predictions."""
+    return 100.0 * (ranked[:, :k] == labels[:, None]).any(dim=1).float().mean().item()
+
+
+def knn_accuracy(query: Tensor, bank: Tensor, bank_labels: Tensor, query_labels: Tensor,
+                 num_classes: int, k: int = 20, temperature: float = KNN_TEMPERATURE
+                 ) -> dict[str, float]:
+    """kNN top-1 / top-5 (%) with lightly's ``knn_predict`` on L2-normalised features.
+
+    ``k`` is capped by the bank's size; top-5 by the number of classes (with 5 classes or fewer it
+    is 100 by construction).
+    """
+    k = min(k, len(bank))
+    ranked = knn_predict(F.normalize(query, dim=1), F.normalize(bank, dim=1).t().contiguous(),
+                         bank_labels, num_classes, knn_k=k, knn_t=temperature)
+    return {"top1": topk_accuracy(ranked, query_labels, 1),
+            "top5": topk_accuracy(ranked, query_labels, min(5, num_classes)), "k": k}
+
+
+# The linear probe: lightly's LinearClassifier recipe (one Linear layer, cross-entropy, SGD with
+# momentum 0.9, no weight decay, lr 0.1 × batch / 256, cosine decay) trained on features computed
+# once, as the encoder is frozen; before it, MAE's parameter-free BatchNorm (the features
+# standardised with the training split's statistics). 90 epochs as lightly's default: on cached
+# features of a few hundred images they take well under a second.
+PROBE_EPOCHS = 90
+PROBE_BATCH = 256
+PROBE_BASE_LR = 0.1
+
+
+def linear_probe(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, num_classes: int,
+                 seed: int = 0, epochs: int = PROBE_EPOCHS) -> dict[str, float]:
+    """Top-1 / top-5 (%) on val of a linear classifier trained on frozen train features."""
+    mean, std = train_x.mean(dim=0), train_x.std(dim=0, unbiased=False) + 1e-6
+    train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
+    generator = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(train_x.shape[1], num_classes)
+    with torch.no_grad():  # the Linear's own init, drawn from our generator (no global RNG)
+        bound = 1 / math.sqrt(train_x.shape[1])
+        head.weight.uniform_(-bound, bound, generator=generator)
+        head.bias.uniform_(-bound, bound, generator=generator)
+    batch = min(PROBE_BATCH, len(train_x))
+    lr = PROBE_BASE_LR * batch / 256
+    optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(train_x) / batch)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
+    for _ in range(epochs):
+        order = torch.randperm(len(train_x), generator=generator)
+        for start in range(0, len(order), batch):
+            index = order[start:start + batch]
+            loss = F.cross_entropy(head(train_x[index]), train_y[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    with torch.no_grad():
+        ranked = head(val_x).argsort(dim=1, descending=True)
+    return {"top1": topk_accuracy(ranked, val_y, 1),
+            "top5": topk_accuracy(ranked, val_y, min(5, num_classes)), "epochs": epochs}

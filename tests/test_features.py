@@ -1,0 +1,113 @@
+"""Frozen-encoder features and their scores: labels from class folders, a stratified deterministic
+split, unmasked embeddings, lightly's kNN and the linear probe on features with known structure."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from mae_core import features
+from mae_core.config import ModelConfig
+from mae_core.data import DataError
+from mae_core.model import MaskedAutoencoder
+
+
+def _folder(root, counts: dict[str, int], size: int = 40):
+    for c, (name, count) in enumerate(counts.items()):
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (size, size + 8), (40 * c, 255 - 30 * c, 7 * i)).save(
+                root / name / f"{i}.png")
+    return root
+
+
+def test_labels_come_from_class_folders_and_unreadable_files_are_counted(tmp_path):
+    root = _folder(tmp_path / "set", {"cat": 3, "dog": 4})
+    (root / "dog" / "broken.png").write_bytes(b"not a png")
+    (root / "stray.png").write_bytes((root / "cat" / "0.png").read_bytes())  # not in a class
+    data = features.load_labelled(root, 32)
+    assert data.classes == ["cat", "dog"] and data.images.shape == (7, 3, 32, 32)
+    assert data.images.dtype == torch.uint8 and data.skipped == 1
+    assert data.labels.tolist() == [0, 0, 0, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("counts, message", [
+    ({}, "no class subfolders"),
+    ({"only": 3}, "at least 2 class"),
+])
+def test_a_folder_that_is_not_labelled_is_refused(tmp_path, counts, message):
+    root = _folder(tmp_path / "set", counts)
+    root.mkdir(exist_ok=True)
+    Image.new("RGB", (8, 8)).save(root / "loose.png")
+    with pytest.raises(DataError, match=message):
+        features.load_labelled(root, 32)
+
+
+def test_a_missing_folder_is_refused(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        features.class_folders(tmp_path / "nowhere")
+
+
+def test_the_split_is_stratified_and_the_same_for_the_same_seed():
+    labels = torch.tensor([0] * 10 + [1] * 5 + [2] * 2)
+    data = features.Labelled(torch.arange(17).view(17, 1, 1, 1).expand(17, 3, 2, 2), labels,
+                             ["a", "b", "c"])
+    train, val = features.split(data, 0.2, seed=3)
+    assert torch.bincount(val.labels).tolist() == [2, 1, 1]  # every class, at least one
+    assert torch.bincount(train.labels).tolist() == [8, 4, 1]
+    ids = lambda part: part.images[:, 0, 0, 0].tolist()  # noqa: E731
+    assert not set(ids(train)) & set(ids(val))
+    again = features.split(data, 0.2, seed=3)[1]
+    assert ids(again) == ids(val) and ids(features.split(data, 0.2, seed=4)[1]) != ids(val)
+    with pytest.raises(DataError, match="strictly between"):
+        features.split(data, 1.0, seed=0)
+
+
+def test_embed_sees_every_patch_and_keeps_the_model_mode():
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(ModelConfig(image_size=32, patch_size=8)).train()
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    cls, mean = features.embed(model, images, batch_size=2)
+    assert cls.shape == mean.shape == (3, model.backbone.vit.embed_dim) and model.training
+    with torch.no_grad():
+        tokens = model.eval().backbone.encode(model.normalize(images))
+    assert tokens.shape[1] == 1 + 16  # no masking: the class token and all 16 patches
+    torch.testing.assert_close(cls, tokens[:, 0])
+    torch.testing.assert_close(mean, tokens[:, 1:].mean(dim=1))
+
+
+def _clusters(seed: int, per_class: int = 30, classes: int = 6, spread: float = 0.3):
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, 16, generator=generator)
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    return centres[labels] + spread * torch.randn(len(labels), 16, generator=generator), labels
+
+
+def test_knn_finds_clusters_and_not_noise():
+    bank, bank_labels = _clusters(0)
+    query, query_labels = _clusters(0, per_class=5)
+    result = features.knn_accuracy(query, bank, bank_labels, query_labels, 6, k=20)
+    assert result["top1"] == 100.0 and result["k"] == 20
+    shuffled = bank_labels[torch.randperm(len(bank_labels), generator=torch.Generator().manual_seed(1))]
+    chance = features.knn_accuracy(query, bank, shuffled, query_labels, 6, k=200)
+    assert chance["k"] == len(bank) and chance["top1"] < 50  # k capped by the bank's size
+
+
+def test_the_linear_probe_learns_a_separable_problem_deterministically():
+    train_x, train_y = _clusters(2, spread=1.0)
+    val_x, val_y = _clusters(2, per_class=10, spread=1.0)
+    first = features.linear_probe(train_x, train_y, val_x, val_y, 6, seed=0)
+    assert first["top1"] >= 90 and first["top5"] == 100.0
+    assert features.linear_probe(train_x, train_y, val_x, val_y, 6, seed=0) == first
+    shuffle = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(1))
+    noise = features.linear_probe(train_x, train_y[shuffle], val_x, val_y, 6)
+    assert noise["top1"] < 60
+
+
+def test_a_large_folder_is_read_up_to_a_bounded_sorted_subset(tmp_path, monkeypatch):
+    root = _folder(tmp_path / "set", {"a": 5, "b": 3, "c": 4})
+    monkeypatch.setattr(features, "MAX_IMAGES", 6)  # 2 per class at most
+    classes = features.class_folders(root)
+    assert {name: [p.name for p in paths] for name, paths in classes.items()} == {
+        "a": ["0.png", "1.png"], "b": ["0.png", "1.png"], "c": ["0.png", "1.png"]}
