@@ -158,6 +158,11 @@ class ProgressRecorder(pl.Callback):
             self._last_status = now
             self.write_progress(trainer, row["loss"])
 
+    def exclude_time(self, seconds: float) -> None:
+        """Leave ``seconds`` of work between steps (an evaluation) out of the next step's
+        throughput; the elapsed time still counts them."""
+        self._step_start += seconds
+
     def write_progress(self, trainer: pl.Trainer, loss: float | None = None, **fields: Any) -> None:
         metrics = trainer.callback_metrics
         self.paths.write_status(

@@ -32,6 +32,14 @@ MAX_SEED = 2**31 - 1
 MAX_STEPS = 10**9
 # Gradient accumulation beyond this is a configuration mistake (4,096 images from batch 4).
 MAX_ACCUMULATE = 1024
+# The most images one evaluation embeds (validation set, kNN bank): beyond it a monitor costs more
+# than the training it watches.
+MAX_IMAGES_HELD_OUT = 100_000
+# Held-out evaluation (issue 14): a folder of at least this many images holds out
+# AUTO_VAL_FRACTION of them when neither val_fraction nor val_count is set; smaller folders (the 17
+# sample photos) hold out nothing unless asked, so their default run is unchanged.
+AUTO_VAL_MIN_IMAGES = 100
+AUTO_VAL_FRACTION = 0.1
 # /proc/cpuinfo flags of the x86 instructions that compute bf16 natively (AVX-512 BF16 dot
 # products; AMX tiles). Without them bf16 is emulated and slower than fp32.
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -226,6 +234,17 @@ class TrainConfig:
     checkpoint_every_n_steps: int = 100
     preview_every_n_steps: int = 50
     num_previews: int = 4
+    # --- held-out evaluation (issue 14): validation loss and the kNN monitor (mae_core/monitor.py).
+    # val_fraction / val_count: the share of the data folder held out of training (None: automatic,
+    # AUTO_VAL_FRACTION of folders with AUTO_VAL_MIN_IMAGES or more, none of smaller ones).
+    # eval_data: a labelled folder (root/<class>/*.jpg) for the kNN monitor; "" uses the data
+    # folder's own class subfolders when it has them. eval_every_n_steps 0 never evaluates;
+    # eval_max_images bounds the validation images and the kNN bank of each evaluation.
+    val_fraction: float | None = None
+    val_count: int | None = None
+    eval_every_n_steps: int = 50
+    eval_data: str = ""
+    eval_max_images: int = 512
 
     def __post_init__(self) -> None:
         _require(isinstance(self.data, str) and "\0" not in self.data and len(self.data) <= 4096,
@@ -254,6 +273,22 @@ class TrainConfig:
         for name in ("log_every_n_steps", "checkpoint_every_n_steps", "preview_every_n_steps"):
             _check_int(self, name, 1, MAX_STEPS)
         _check_int(self, "num_previews", 0, 16)
+        self._check_evaluation()
+
+    def _check_evaluation(self) -> None:
+        """The held-out evaluation's fields (issue 14): one way to size the split, bounded values."""
+        _require(self.val_fraction is None or (_is_number(self.val_fraction)
+                                               and 0 < self.val_fraction < 1), "val_fraction",
+                 f"must be a number strictly between 0 and 1 (or empty for automatic), got "
+                 f"{_shown(self.val_fraction)}")
+        _check_int(self, "val_count", 1, MAX_IMAGES_HELD_OUT, optional=True)
+        _require(self.val_fraction is None or self.val_count is None, "val_count",
+                 "set val_fraction or val_count, not both")
+        _check_int(self, "eval_every_n_steps", 0, MAX_STEPS)
+        _require(isinstance(self.eval_data, str) and "\0" not in self.eval_data
+                 and len(self.eval_data) <= 4096, "eval_data",
+                 f"must be a folder path (or empty), got {_shown(self.eval_data)}")
+        _check_int(self, "eval_max_images", 1, MAX_IMAGES_HELD_OUT)
 
     @property
     def world_size(self) -> int:
@@ -354,7 +389,8 @@ class RunConfig:
         # The trainer may run from another directory than the caller: a relative folder is
         # resolved once, here, so both read the same one. "" stays the embedded photos.
         data = os.path.abspath(os.path.expanduser(t.data)) if t.data else ""
-        train = dataclasses.replace(t, data=data, accelerator=accelerator, devices=devices,
+        eval_data = os.path.abspath(os.path.expanduser(t.eval_data)) if t.eval_data else ""
+        train = dataclasses.replace(t, data=data, eval_data=eval_data, accelerator=accelerator, devices=devices,
                                     precision=precision, find_unused_parameters=find_unused,
                                     num_workers=workers)
         return RunConfig(model=self.model, train=train)
