@@ -240,11 +240,14 @@ class TrainConfig:
     # eval_data: a labelled folder (root/<class>/*.jpg) for the kNN monitor; "" uses the data
     # folder's own class subfolders when it has them. eval_every_n_steps 0 never evaluates;
     # eval_max_images bounds the validation images and the kNN bank of each evaluation.
+    # weight_snapshots: how many of the newest weight snapshots (step 0, every
+    # checkpoint_every_n_steps, the end) a run keeps for the Reconstruct tab's step slider; 0 none.
     val_fraction: float | None = None
     val_count: int | None = None
     eval_every_n_steps: int = 50
     eval_data: str = ""
     eval_max_images: int = 512
+    weight_snapshots: int = 5
 
     def __post_init__(self) -> None:
         _require(isinstance(self.data, str) and "\0" not in self.data and len(self.data) <= 4096,
@@ -289,6 +292,7 @@ class TrainConfig:
                  and len(self.eval_data) <= 4096, "eval_data",
                  f"must be a folder path (or empty), got {_shown(self.eval_data)}")
         _check_int(self, "eval_max_images", 1, MAX_IMAGES_HELD_OUT)
+        _check_int(self, "weight_snapshots", 0, 1000)
 
     @property
     def world_size(self) -> int:

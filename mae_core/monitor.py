@@ -95,8 +95,11 @@ def plan_evaluation(t: TrainConfig) -> EvalPlan:
     limit = t.eval_max_images
     plan = dict(train=split.train if split.held_out else None, val=split.held_out[:limit])
     if t.eval_data:
-        labelled = split_folder(t.eval_data, t.seed,
-                                fraction=t.val_fraction or EVAL_FOLDER_FRACTION)
+        try:
+            labelled = split_folder(t.eval_data, t.seed,
+                                    fraction=t.val_fraction or EVAL_FOLDER_FRACTION)
+        except DataError as err:  # "data folder ... does not exist" would name the wrong field
+            raise DataError(f"eval_data: {err}") from None
         if not labelled.labelled:
             raise DataError(f"eval_data {t.eval_data!r} needs class subfolders (folder/<class>/"
                             "*.jpg, at least two classes, no images directly in the folder)")

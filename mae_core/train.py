@@ -35,6 +35,7 @@ from mae_core.fileio import atomic_write_json, read_json
 from mae_core.model import MAELightning
 from mae_core.monitor import EvalPlan, HeldOutMonitor, plan_evaluation
 from mae_core.rundir import RunPaths, process_record
+from mae_core.snapshots import WeightSnapshots
 
 RUN_DIR_ENV = "MAE_STUDIO_RUN_DIR"
 # Normalising batches on the device is the point of MAELightning.on_after_batch_transfer.
@@ -96,6 +97,8 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
     if plan.active:  # before SaveCheckpoints: a step's line is on disk before its checkpoint
         callbacks.insert(2, HeldOutMonitor(plan, paths.metrics, t.eval_every_n_steps,
                                            t.batch_size, recorder))
+    if t.weight_snapshots:  # the Reconstruct tab's weights history (issue 14, item 5)
+        callbacks.append(WeightSnapshots(paths.root, t.weight_snapshots, t.checkpoint_every_n_steps))
     if t.num_previews:
         callbacks.append(Previews(paths, preview_images(t.data, cfg.model.image_size, t.num_previews),
                                   t.preview_every_n_steps))

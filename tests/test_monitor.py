@@ -145,6 +145,18 @@ def test_ddp_run_records_validation_loss_and_knn_at_fixed_steps(ddp_run):
     assert any(board.iterdir())
 
 
+def test_ddp_run_keeps_weight_snapshots_for_the_history_slider(ddp_run):
+    from safetensors.torch import load_file
+
+    from mae_core.snapshots import list_snapshots
+
+    snapshots = list_snapshots(ddp_run.root)
+    assert [step for step, _ in snapshots] == [0, MAX_STEPS]  # the start and the end (1 writer)
+    final, start = load_file(snapshots[-1][1]), load_file(snapshots[0][1])
+    assert all(torch.equal(final[k], v) for k, v in load_file(ddp_run.weights).items())
+    assert not all(torch.equal(start[k], v) for k, v in final.items())  # it trained in between
+
+
 def test_ddp_figures_are_those_of_the_whole_held_out_set(ddp_run):
     """The last evaluation, recomputed here in one process from the final weights: the all-reduce
     and the all-gather cover both ranks' shares (one rank's half would give other numbers)."""
@@ -177,3 +189,19 @@ def test_an_impossible_split_is_refused_before_the_run_exists(run_module, labell
                         "--val-count", str(2 * PER_CLASS))
     assert result.returncode == 2 and "leaves none to train on" in result.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_the_run_manager_refuses_unlabelled_or_missing_eval_data_before_a_run_exists(labelled,
+                                                                                     tmp_path):
+    from mae_core.runs import RunManager
+
+    manager = RunManager(tmp_path / "runs")
+    flat = labelled_folder(tmp_path / "flat", flat=True)
+    for folder, message in ((flat, "class subfolders"), (tmp_path / "missing", "does not exist")):
+        cfg = RunConfig(train=TrainConfig(eval_data=str(folder), accelerator="cpu", devices=1))
+        with pytest.raises(DataError, match=message) as err:
+            manager.start(cfg)
+        assert "eval_data" in str(err.value)
+        with pytest.raises(DataError):
+            manager.enqueue(cfg)
+    assert manager.list() == []
