@@ -343,7 +343,9 @@ def split_folder(folder: str, seed: int = 0, *, count: int | None = None,
     train_idx = [i for i in range(len(paths)) if i not in out]
     labels = class_labels(folder, paths)
     classes, per_path = labels if labels else ((), [])
-    pick = lambda idx: tuple(per_path[i] for i in idx) if per_path else ()  # noqa: E731
+    def pick(idx: list[int]) -> tuple[int, ...]:
+        return tuple(per_path[i] for i in idx) if per_path else ()
+
     return HeldOutSplit(train=tuple(paths[i] for i in train_idx),
                         held_out=tuple(paths[i] for i in out_idx), classes=classes,
                         train_labels=pick(train_idx), held_out_labels=pick(out_idx))

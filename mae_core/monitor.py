@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from lightly.utils.benchmarking import knn_predict
 from torch import Tensor
 
+from mae_core.callbacks import optimizer_stepped, tensorboard
 from mae_core.config import AUTO_VAL_FRACTION, AUTO_VAL_MIN_IMAGES, TrainConfig
 from mae_core.data import DataError, fixed_crops, split_folder
 from mae_core.fileio import append_line
@@ -93,7 +94,7 @@ def plan_evaluation(t: TrainConfig) -> EvalPlan:
     split = split_folder(t.data, t.seed, count=t.val_count, fraction=t.val_fraction,
                          auto_min_images=AUTO_VAL_MIN_IMAGES, auto_fraction=AUTO_VAL_FRACTION)
     limit = t.eval_max_images
-    plan = dict(train=split.train if split.held_out else None, val=split.held_out[:limit])
+    plan = {"train": split.train if split.held_out else None, "val": split.held_out[:limit]}
     if t.eval_data:
         try:
             labelled = split_folder(t.eval_data, t.seed,
@@ -187,6 +188,7 @@ class HeldOutMonitor(pl.Callback):
         self.recorder = recorder
         self.last_row: dict[str, Any] | None = None
         self._evaluated_step: int | None = None
+        self.val = self.bank = self.query = None  # this rank's shares, decoded in setup
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         size, rank, world = pl_module.cfg.image_size, trainer.global_rank, trainer.world_size
@@ -207,8 +209,6 @@ class HeldOutMonitor(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
                            ) -> None:
-        from mae_core.callbacks import optimizer_stepped
-
         if optimizer_stepped(trainer) and trainer.global_step % self.every_n_steps == 0:
             self.run(trainer, pl_module)
 
@@ -236,8 +236,6 @@ class HeldOutMonitor(pl.Callback):
         self.last_row = row
         if trainer.is_global_zero:
             append_line(self.metrics_path, json.dumps(row))
-            from mae_core.callbacks import tensorboard
-
             board = tensorboard(trainer)
             if board is not None:
                 board.log_metrics({k: v for k, v in row.items() if k not in ("step", "epoch")},

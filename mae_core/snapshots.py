@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 
+from mae_core.callbacks import optimizer_stepped
 from mae_core.weights import save_weights
 
 SNAPSHOT_DIR = "snapshots"
@@ -85,8 +86,6 @@ class WeightSnapshots(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
                            ) -> None:
-        from mae_core.callbacks import optimizer_stepped
-
         if optimizer_stepped(trainer) and trainer.global_step % self.every_n_steps == 0:
             self.save(trainer, pl_module)
 

@@ -92,6 +92,10 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
     recorder = ProgressRecorder(paths, log_every_n_steps=t.log_every_n_steps)
     stopper = StopOnRequest(paths, recorder)
     callbacks = [recorder, stopper, SaveCheckpoints(paths, t.checkpoint_every_n_steps)]
+    if t.num_previews:
+        callbacks.append(Previews(paths, preview_images(t.data, cfg.model.image_size, t.num_previews),
+                                  t.preview_every_n_steps))
+    callbacks.extend(extra_callbacks or [])
     # Held-out evaluation (issue 14); a caller's own data module has no split to evaluate.
     plan = plan_evaluation(t) if datamodule is None else EvalPlan()
     if plan.active:  # before SaveCheckpoints: a step's line is on disk before its checkpoint
@@ -99,10 +103,6 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
                                            t.batch_size, recorder))
     if t.weight_snapshots:  # the Reconstruct tab's weights history (issue 14, item 5)
         callbacks.append(WeightSnapshots(paths.root, t.weight_snapshots, t.checkpoint_every_n_steps))
-    if t.num_previews:
-        callbacks.append(Previews(paths, preview_images(t.data, cfg.model.image_size, t.num_previews),
-                                  t.preview_every_n_steps))
-    callbacks.extend(extra_callbacks or [])
     trainer = pl.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
         strategy=make_strategy(cfg), max_steps=t.max_steps, max_epochs=t.max_epochs or -1,

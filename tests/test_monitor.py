@@ -14,10 +14,9 @@ import torch
 from PIL import Image
 
 from mae_core.config import AUTO_VAL_MIN_IMAGES, RunConfig, TrainConfig
-from mae_core.data import DataError, MIN_HELD_OUT, find_images, fixed_crops, split_folder
+from mae_core.data import MIN_HELD_OUT, DataError, find_images, fixed_crops, split_folder
 from mae_core.model import draw_token_mask, seeded_generator
-from mae_core.monitor import (KNN_K, VAL_MASK_SEED, EvalPlan, embed, knn_scores,
-                              plan_evaluation)
+from mae_core.monitor import KNN_K, VAL_MASK_SEED, EvalPlan, embed, knn_scores, plan_evaluation
 from mae_core.rundir import RunPaths
 from mae_core.weights import load_model
 

@@ -6,6 +6,7 @@ decompression bomb) are listed with the reason, so one bad file spoils nothing.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,7 @@ def history_slider(ctx: AppContext, run_id: str | None) -> dict[str, Any]:
     if not snapshots:
         return gr.update(visible=False, value=0)
     steps = [step for step, _ in snapshots]
-    gaps = [b - a for a, b in zip(steps, steps[1:]) if b > a]
+    gaps = [b - a for a, b in itertools.pairwise(steps) if b > a]
     return gr.update(visible=True, minimum=steps[0], maximum=max(steps[-1], steps[0] + 1),
                      step=min(gaps) if gaps else 1, value=steps[-1],
                      label=f"weights history: step ({len(steps)} snapshots, {steps[0]}–{steps[-1]})")
