@@ -8,6 +8,7 @@ Reconstruct tab's step slider reconstructs with each of them (issue 14, item 5).
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,9 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 
 from mae_core.callbacks import optimizer_stepped
-from mae_core.weights import save_weights
+from mae_core.fileio import atomic_write
+from mae_core.rundir import RunPaths
+from mae_core.weights import WeightsError, read_metadata, save_weights
 
 SNAPSHOT_DIR = "snapshots"
 _NAME = re.compile(r"^step_(\d{7,})\.safetensors$")
@@ -76,9 +79,29 @@ class WeightSnapshots(pl.Callback):
     @rank_zero_only
     def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
-        save_weights(pl_module.mae, snapshot_path(self.run_root, step), step=step)
+        target = snapshot_path(self.run_root, step)
+        if not self._link_weights(step, target):
+            save_weights(pl_module.mae, target, step=step)
         for _, old in list_snapshots(self.run_root)[:-self.keep]:
             old.unlink(missing_ok=True)
+
+    def _link_weights(self, step: int, target: Path) -> bool:
+        """Hard-link ``model.safetensors`` when SaveCheckpoints (an earlier callback) has just
+        written this step's weights: no second write. Its next save renames a new file over it,
+        so the snapshot keeps this content. False where it is another step or links fail."""
+        weights = RunPaths(self.run_root).weights
+        try:
+            if read_metadata(weights).get("step") != str(step):
+                return False
+
+            def link(tmp: str) -> None:
+                os.unlink(tmp)
+                os.link(weights, tmp)
+
+            atomic_write(target, link)
+        except (WeightsError, OSError):
+            return False
+        return True
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step == 0:  # the freshly initialised model: the history's "before"

@@ -154,6 +154,7 @@ def test_ddp_run_keeps_weight_snapshots_for_the_history_slider(ddp_run):
     final, start = load_file(snapshots[-1][1]), load_file(snapshots[0][1])
     assert all(torch.equal(final[k], v) for k, v in load_file(ddp_run.weights).items())
     assert not all(torch.equal(start[k], v) for k, v in final.items())  # it trained in between
+    assert snapshots[-1][1].stat().st_ino == ddp_run.weights.stat().st_ino  # linked, not rewritten
 
 
 def test_ddp_figures_are_those_of_the_whole_held_out_set(ddp_run):
