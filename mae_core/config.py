@@ -32,12 +32,9 @@ MAX_SEED = 2**31 - 1
 MAX_STEPS = 10**9
 # Gradient accumulation beyond this is a configuration mistake (4,096 images from batch 4).
 MAX_ACCUMULATE = 1024
-# The most images one evaluation embeds (validation set, kNN bank): beyond it a monitor costs more
-# than the training it watches.
+# Held-out evaluation (issue 14): at most this many images per evaluation; unless asked, folders of
+# AUTO_VAL_MIN_IMAGES or more hold out AUTO_VAL_FRACTION, smaller ones (the sample photos) nothing.
 MAX_IMAGES_HELD_OUT = 100_000
-# Held-out evaluation (issue 14): a folder of at least this many images holds out
-# AUTO_VAL_FRACTION of them when neither val_fraction nor val_count is set; smaller folders (the 17
-# sample photos) hold out nothing unless asked, so their default run is unchanged.
 AUTO_VAL_MIN_IMAGES = 100
 AUTO_VAL_FRACTION = 0.1
 # /proc/cpuinfo flags of the x86 instructions that compute bf16 natively (AVX-512 BF16 dot
@@ -234,14 +231,9 @@ class TrainConfig:
     checkpoint_every_n_steps: int = 100
     preview_every_n_steps: int = 50
     num_previews: int = 4
-    # --- held-out evaluation (issue 14): validation loss and the kNN monitor (mae_core/monitor.py).
-    # val_fraction / val_count: the share of the data folder held out of training (None: automatic,
-    # AUTO_VAL_FRACTION of folders with AUTO_VAL_MIN_IMAGES or more, none of smaller ones).
-    # eval_data: a labelled folder (root/<class>/*.jpg) for the kNN monitor; "" uses the data
-    # folder's own class subfolders when it has them. eval_every_n_steps 0 never evaluates;
-    # eval_max_images bounds the validation images and the kNN bank of each evaluation.
-    # weight_snapshots: how many of the newest weight snapshots (step 0, every
-    # checkpoint_every_n_steps, the end) a run keeps for the Reconstruct tab's step slider; 0 none.
+    # --- held-out evaluation (issue 14; mae_core/monitor.py, mae_core/snapshots.py): the share or
+    # count held out (None: automatic), every N steps (0: never), a labelled folder for kNN ("":
+    # the data folder's class subfolders), the images per evaluation, the weight snapshots kept.
     val_fraction: float | None = None
     val_count: int | None = None
     eval_every_n_steps: int = 50
