@@ -133,6 +133,11 @@ class ProgressRecorder(pl.Callback):
                                     flops_per_image=self.flops_per_image,
                                     peak_flops=self.peak_flops, mfu=None)
 
+    def exclude_time(self, seconds: float) -> None:
+        """Leave ``seconds`` of work between steps (an evaluation) out of the next step's
+        throughput; the elapsed time still counts them."""
+        self._step_start += seconds
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         # Gradient accumulation: called after every micro-batch, whose loss Lightning divides by

@@ -33,6 +33,11 @@ MAX_SEED = 2**31 - 1
 MAX_STEPS = 10**9
 # Gradient accumulation beyond this is a configuration mistake (4,096 images from batch 4).
 MAX_ACCUMULATE = 1024
+# Held-out evaluation (issue 14): at most this many images per evaluation; unless asked, folders of
+# AUTO_VAL_MIN_IMAGES or more hold out AUTO_VAL_FRACTION, smaller ones (the sample photos) nothing.
+MAX_IMAGES_HELD_OUT = 100_000
+AUTO_VAL_MIN_IMAGES = 100
+AUTO_VAL_FRACTION = 0.1
 # /proc/cpuinfo flags of the x86 instructions that compute bf16 natively (AVX-512 BF16 dot
 # products; AMX tiles). Without them bf16 is emulated and slower than fp32.
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -251,6 +256,15 @@ class TrainConfig:
     checkpoint_every_n_steps: int = 100
     preview_every_n_steps: int = 50
     num_previews: int = 4
+    # --- held-out evaluation (issue 14; mae_core/monitor.py, mae_core/snapshots.py): the share or
+    # count held out (None: automatic), every N steps (0: never), a labelled folder for kNN ("":
+    # the data folder's class subfolders), the images per evaluation, the weight snapshots kept.
+    val_fraction: float | None = None
+    val_count: int | None = None
+    eval_every_n_steps: int = 50
+    eval_data: str = ""
+    eval_max_images: int = 512
+    weight_snapshots: int = 5
 
     def __post_init__(self) -> None:
         _require(isinstance(self.data, str) and "\0" not in self.data and len(self.data) <= 4096,
@@ -280,6 +294,23 @@ class TrainConfig:
         for name in ("log_every_n_steps", "checkpoint_every_n_steps", "preview_every_n_steps"):
             _check_int(self, name, 1, MAX_STEPS)
         _check_int(self, "num_previews", 0, 16)
+        self._check_evaluation()
+
+    def _check_evaluation(self) -> None:
+        """The held-out evaluation's fields (issue 14): one way to size the split, bounded values."""
+        _require(self.val_fraction is None or (_is_number(self.val_fraction)
+                                               and 0 < self.val_fraction < 1), "val_fraction",
+                 f"must be a number strictly between 0 and 1 (or empty for automatic), got "
+                 f"{_shown(self.val_fraction)}")
+        _check_int(self, "val_count", 1, MAX_IMAGES_HELD_OUT, optional=True)
+        _require(self.val_fraction is None or self.val_count is None, "val_count",
+                 "set val_fraction or val_count, not both")
+        _check_int(self, "eval_every_n_steps", 0, MAX_STEPS)
+        _require(isinstance(self.eval_data, str) and "\0" not in self.eval_data
+                 and len(self.eval_data) <= 4096, "eval_data",
+                 f"must be a folder path (or empty), got {_shown(self.eval_data)}")
+        _check_int(self, "eval_max_images", 1, MAX_IMAGES_HELD_OUT)
+        _check_int(self, "weight_snapshots", 0, 1000)
 
     @property
     def world_size(self) -> int:
@@ -388,7 +419,8 @@ class RunConfig:
         # The trainer may run from another directory than the caller: a relative folder is
         # resolved once, here, so both read the same one. "" stays the embedded photos.
         data = os.path.abspath(os.path.expanduser(t.data)) if t.data else ""
-        train = dataclasses.replace(t, data=data, accelerator=accelerator, devices=devices,
+        eval_data = os.path.abspath(os.path.expanduser(t.eval_data)) if t.eval_data else ""
+        train = dataclasses.replace(t, data=data, eval_data=eval_data, accelerator=accelerator, devices=devices,
                                     precision=precision, find_unused_parameters=find_unused,
                                     num_workers=workers)
         return RunConfig(model=self.model, train=train)

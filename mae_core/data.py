@@ -261,3 +261,125 @@ class MAEDataModule(pl.LightningDataModule):
         return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, drop_last=True,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           pin_memory=pin)
+
+
+# --- held-out split and labels (issue 14: validation loss and the kNN monitor) ----------------
+
+# A requested held-out share is at least this many images: fewer make a validation loss noise.
+MIN_HELD_OUT = 4
+
+
+@dataclass(frozen=True)
+class HeldOutSplit:
+    """A folder's images split into a training and a held-out part.
+
+    Deterministic in (file list, seed): every rank computes the same split from the same sorted
+    file list, so no rank trains on an image another one validates on. ``labels`` (when the
+    folder has class subfolders) index ``classes``, in ``train`` then ``held_out`` order.
+    """
+
+    train: tuple[Path, ...]
+    held_out: tuple[Path, ...]
+    classes: tuple[str, ...] = ()
+    train_labels: tuple[int, ...] = ()
+    held_out_labels: tuple[int, ...] = ()
+
+    @property
+    def labelled(self) -> bool:
+        return len(self.classes) >= 2
+
+
+def held_out_count(total: int, fraction: float | None, count: int | None,
+                   auto_min_images: int, auto_fraction: float) -> int:
+    """How many of ``total`` images to hold out: ``count``, else ``fraction`` of them (at least
+    :data:`MIN_HELD_OUT`), else ``auto_fraction`` of a folder of ``auto_min_images`` or more and
+    none of a smaller one. Refused with a :class:`DataError` when no training image would remain."""
+    if count is not None:
+        wanted = count
+    elif fraction is not None:
+        wanted = max(MIN_HELD_OUT, round(total * fraction))
+    elif total >= auto_min_images:
+        wanted = max(MIN_HELD_OUT, round(total * auto_fraction))
+    else:
+        return 0
+    if wanted >= total:
+        raise DataError(f"holding out {wanted} of {total} images leaves none to train on: "
+                        "lower val_count or val_fraction, or add images")
+    return wanted
+
+
+def class_labels(folder: str, paths: list[Path]) -> tuple[tuple[str, ...], list[int]] | None:
+    """Labels from class subfolders (``folder/<class>/.../*.jpg``): (classes, label per path), or
+    None when an image lies directly in ``folder`` or there are fewer than two classes."""
+    if not folder:
+        return None
+    root = Path(folder).expanduser()
+    names = []
+    for path in paths:
+        parts = path.relative_to(root).parts
+        if len(parts) < 2:
+            return None
+        names.append(parts[0])
+    classes = tuple(sorted(set(names)))
+    if len(classes) < 2:
+        return None
+    index = {name: i for i, name in enumerate(classes)}
+    return classes, [index[name] for name in names]
+
+
+def split_folder(folder: str, seed: int = 0, *, count: int | None = None,
+                 fraction: float | None = None, auto_min_images: int = 10**12,
+                 auto_fraction: float = 0.0) -> HeldOutSplit:
+    """:func:`find_images` of ``folder`` split by a permutation drawn from ``seed``; the held-out
+    size is :func:`held_out_count`'s (by default: ``count``, else ``fraction``, else none)."""
+    paths = find_images(folder)
+    count = held_out_count(len(paths), fraction, count, auto_min_images, auto_fraction)
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(paths), generator=generator).tolist()
+    # The held-out part keeps the permutation's order (a bounded prefix is a random subset); the
+    # training part keeps the folder's sorted order.
+    out_idx = order[:count]
+    out = set(out_idx)
+    train_idx = [i for i in range(len(paths)) if i not in out]
+    labels = class_labels(folder, paths)
+    classes, per_path = labels if labels else ((), [])
+    def pick(idx: list[int]) -> tuple[int, ...]:
+        return tuple(per_path[i] for i in idx) if per_path else ()
+
+    return HeldOutSplit(train=tuple(paths[i] for i in train_idx),
+                        held_out=tuple(paths[i] for i in out_idx), classes=classes,
+                        train_labels=pick(train_idx), held_out_labels=pick(out_idx))
+
+
+def fixed_crops(paths: list[Path] | tuple[Path, ...], image_size: int
+                ) -> tuple[Tensor, list[int]]:
+    """Centre crops (uint8, (n, 3, size, size)) of the readable ``paths``, and which were read:
+    evaluation images, the same at every evaluation (no random augmentation)."""
+    images, kept = [], []
+    for i, path in enumerate(paths):
+        try:
+            images.append(center_square(open_rgb(path), image_size))
+        except ImageError as err:
+            log.warning("skipping %s", err)
+            continue
+        kept.append(i)
+    if not images:
+        return torch.empty(0, 3, image_size, image_size, dtype=torch.uint8), kept
+    return torch.stack(images), kept
+
+
+class TrainSplitDataModule(MAEDataModule):
+    """:class:`MAEDataModule` over the training part of a :class:`HeldOutSplit` only: the
+    held-out images are never trained on."""
+
+    def __init__(self, train_paths: tuple[Path, ...], image_size: int, batch_size: int,
+                 num_workers: int, pin_memory: bool | None = None) -> None:
+        super().__init__("", image_size, batch_size, num_workers, pin_memory)
+        self.train_paths = list(train_paths)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is None:
+            world = self.trainer.world_size if self.trainer else 1
+            accumulate = self.trainer.accumulate_grad_batches if self.trainer else 1
+            self.dataset = self.dataset_factory(self.train_paths, self.image_size,
+                                                length=4 * self.batch_size * world * accumulate)

@@ -157,6 +157,7 @@ class RunManager:
         """
         cfg = cfg.resolved()
         summary = check_data(cfg.train.data)
+        _check_evaluation(cfg)
         with self._exclusive():
             self._refuse_if_busy(cfg)
             paths = create_run(cfg, runs_dir=self.runs_dir, data_files=summary.files)
@@ -170,6 +171,7 @@ class RunManager:
         the runs already waiting; (run id, position). :meth:`advance_queue` launches it."""
         cfg = cfg.resolved()
         summary = check_data(cfg.train.data)
+        _check_evaluation(cfg)
         with self._exclusive():
             paths = create_run(cfg, runs_dir=self.runs_dir, state="queued",
                                data_files=summary.files)
@@ -460,3 +462,10 @@ def _shown(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
+
+def _check_evaluation(cfg: RunConfig) -> None:
+    """Refuse an impossible held-out split or an unlabelled ``eval_data`` before a run exists
+    (issue 14), as the trainer itself would; imported here, as it brings the model's modules."""
+    from mae_core.monitor import plan_evaluation
+
+    plan_evaluation(cfg.train)

@@ -29,10 +29,13 @@ from pytorch_lightning.strategies import DDPStrategy
 from mae_core.callbacks import (AtomicCheckpointIO, JsonlLogger, Previews, ProgressRecorder,
                                  SaveCheckpoints, StopOnRequest)
 from mae_core.config import ConfigError, ModelConfig, RunConfig, TrainConfig, parse_bool
-from mae_core.data import DataError, MAEDataModule, check_data, preview_images
+from mae_core.data import (DataError, MAEDataModule, TrainSplitDataModule, check_data,
+                           preview_images)
 from mae_core.fileio import atomic_write_json, read_json
 from mae_core.model import MAELightning
+from mae_core.monitor import EvalPlan, HeldOutMonitor, plan_evaluation
 from mae_core.rundir import RunPaths, process_record
+from mae_core.snapshots import WeightSnapshots
 
 RUN_DIR_ENV = "MAE_STUDIO_RUN_DIR"
 # Normalising batches on the device is the point of MAELightning.on_after_batch_transfer.
@@ -93,6 +96,13 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
         callbacks.append(Previews(paths, preview_images(t.data, cfg.model.image_size, t.num_previews),
                                   t.preview_every_n_steps))
     callbacks.extend(extra_callbacks or [])
+    # Held-out evaluation (issue 14); a caller's own data module has no split to evaluate.
+    plan = plan_evaluation(t) if datamodule is None else EvalPlan()
+    if plan.active:  # before SaveCheckpoints: a step's line is on disk before its checkpoint
+        callbacks.insert(2, HeldOutMonitor(plan, paths.metrics, t.eval_every_n_steps,
+                                           t.batch_size, recorder))
+    if t.weight_snapshots:  # the Reconstruct tab's weights history (issue 14, item 5)
+        callbacks.append(WeightSnapshots(paths.root, t.weight_snapshots, t.checkpoint_every_n_steps))
     trainer = pl.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
         strategy=make_strategy(cfg), max_steps=t.max_steps, max_epochs=t.max_epochs or -1,
@@ -104,6 +114,9 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
     data = datamodule if datamodule is not None else MAEDataModule(
         t.data, cfg.model.image_size, t.batch_size, t.num_workers or 0,
         pin_memory=t.accelerator == "gpu")
+    if plan.train is not None:  # the held-out images are never trained on
+        data = TrainSplitDataModule(plan.train, cfg.model.image_size, t.batch_size,
+                                    t.num_workers or 0, pin_memory=t.accelerator == "gpu")
     ckpt = str(paths.last_ckpt) if resume else None
     try:
         trainer.fit(model, datamodule=data, ckpt_path=ckpt, weights_only=True)
@@ -196,6 +209,7 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
     base = RunConfig.load(args.config) if args.config else RunConfig()
     cfg = base.with_overrides(**overrides).resolved()
     summary = check_data(cfg.train.data)
+    plan_evaluation(cfg.train)  # an impossible held-out split or eval_data is refused here
     # process.json goes in before config.yaml (what makes the directory a run): a reader never
     # sees a live run that has no process to check.
     paths = create_run(cfg, runs_dir=args.runs_dir, run_dir=run_dir,

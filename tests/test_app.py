@@ -305,8 +305,9 @@ def test_reconstruct_refusals_name_the_problem(server, run_state):
 
 
 def test_checkpoints_and_previews(server, run_state):
-    pick, previews = server["client"].predict("", api_name="/refresh_checkpoints")
+    pick, previews, history = server["client"].predict("", api_name="/refresh_checkpoints")
     assert pick["value"] == run_state["id"]
+    assert history["visible"] is True  # the run kept weight snapshots: the history slider shows
     assert [c[1] for c in pick["choices"]] == [run_state["id"]]
     assert previews and previews[0]["caption"].startswith("step ")
     assert all(Path(p["image"]).is_file() for p in previews)

@@ -53,7 +53,7 @@ def _bad_values(f: dataclasses.Field) -> list:
     """Values that must be refused for field ``f``, whatever the entry point."""
     kind = str(f.type)
     bad: list = [["x"], {"a": 1}]
-    if f.name == "data":
+    if f.name in ("data", "eval_data"):  # folder paths: any string without a NUL
         return [5, 1.5, True, "photos\0", ["x"]]
     if "bool" in kind:
         return bad + ["abc", "yes", 1, 0.0]
@@ -154,3 +154,30 @@ def test_resolved_data_folder_is_absolute_so_the_trainer_reads_the_same_one(tmp_
     monkeypatch.chdir("/")
     assert cfg.resolved().train.data == str(tmp_path / "photos" / "set1")  # once, not per call
     assert RunConfig(train=TrainConfig(devices=1)).resolved().train.data == ""  # embedded photos
+
+
+# --- held-out evaluation (issue 14) --------------------------------------------------------------
+
+@pytest.mark.parametrize("values, field", [
+    ({"val_fraction": 0.0}, "val_fraction"), ({"val_fraction": 1.0}, "val_fraction"),
+    ({"val_fraction": -0.1}, "val_fraction"), ({"val_fraction": 1.5}, "val_fraction"),
+    ({"val_count": 0}, "val_count"), ({"val_fraction": 0.1, "val_count": 5}, "val_count"),
+    ({"eval_every_n_steps": -1}, "eval_every_n_steps"), ({"eval_max_images": 0}, "eval_max_images"),
+    ({"eval_data": "labels\0"}, "eval_data")])
+def test_held_out_evaluation_values_are_refused_naming_the_field(values, field):
+    with pytest.raises(ConfigError) as err:
+        TrainConfig(**values)
+    assert err.value.field == field
+    with pytest.raises(ConfigError) as err:  # from a YAML file too
+        RunConfig.from_dict({"train": values})
+    assert err.value.field == field
+
+
+def test_held_out_evaluation_defaults_and_resolved_eval_folder(tmp_path, monkeypatch):
+    t = TrainConfig(val_fraction=0.2, eval_every_n_steps=0)
+    assert (t.val_fraction, t.val_count, t.eval_every_n_steps) == (0.2, None, 0)
+    assert TrainConfig().val_fraction is None and TrainConfig().eval_data == ""  # automatic, none
+    monkeypatch.chdir(tmp_path)
+    resolved = RunConfig(train=TrainConfig(eval_data="labelled", accelerator="cpu",
+                                           devices=1)).resolved()
+    assert resolved.train.eval_data == str(tmp_path / "labelled")  # the trainer may run elsewhere

@@ -191,3 +191,56 @@ def test_describe_curves_speaks_in_words(short_runs):
     loss_text = plots.describe_curves(short_runs, "loss")
     assert "2500 points" in loss_text and "epoch mean" in loss_text
     assert plots.describe_curves({}, "loss") == "No run selected."
+
+
+# --- held-out evaluation: validation loss with the loss, the kNN chart beside it (issue 14) ----
+
+def write_evaluated_run(path: Path, steps: int = 60, every: int = 20, knn: bool = True) -> Path:
+    """metrics.jsonl with the monitor's lines (mae_core.monitor) every ``every`` steps."""
+    write_run(path, steps)
+    with open(path, "a") as handle:
+        for step in range(0, steps + 1, every):
+            row = {"step": step, "epoch": 0, "val_loss": 1.5 - step / 100}
+            if knn:
+                row |= {key: 0.5 + step / 200 + 0.01 * i
+                        for i, key in enumerate(plots.KNN_SERIES)}
+                row |= {"knn_top1": row["knn_cls_k200_top1"], "knn_top5": 1.0}
+            handle.write(json.dumps(row) + "\n")
+    return path
+
+
+def test_validation_loss_is_drawn_with_the_loss_dashed(tmp_path):
+    readers = {RUN_A: MetricsReader(write_evaluated_run(tmp_path / "a.jsonl"))}
+    points = curve_points(readers, "loss", 0.8)
+    validation = points[points["kind"] == "validation"]
+    assert validation["step"].tolist() == [0, 20, 40, 60]
+    assert validation["value"].tolist() == pytest.approx([1.5, 1.3, 1.1, 0.9])
+    assert "validation" not in set(curve_points(readers, "lr")["kind"])
+    spec = curve_chart(points, "loss", True).to_dict()
+    layers = [layer for layer in spec["layer"]
+              if "validation" in json.dumps(layer.get("transform", []))]
+    assert len(layers) == 1 and layers[0]["mark"]["strokeDash"] == [6, 3]
+    assert layers[0]["mark"]["point"]  # each evaluation is marked
+    text = plots.describe_curves(readers, "loss")
+    assert "validation loss 0.9 at step 60" in text and "kNN top-1 81.0% at step 60" in text
+
+
+def test_knn_chart_has_each_feature_and_k_per_run_in_percent(tmp_path):
+    readers = {RUN_A: MetricsReader(write_evaluated_run(tmp_path / "a.jsonl")),
+               RUN_B: MetricsReader(write_evaluated_run(tmp_path / "b.jsonl", every=30))}
+    points = plots.knn_points(readers)
+    assert set(points["kind"]) == set(plots.KNN_SERIES.values())
+    assert len(points[points["run"] == RUN_A]) == 4 * 4 and len(points[points["run"] == RUN_B]) == 3 * 4
+    chart = plots.knn_chart(points)
+    enc = specs(chart)[0]
+    assert enc["y"]["scale"]["domain"] == [0, 1] and enc["y"]["axis"]["format"] == ".0%"
+    assert enc["strokeDash"]["field"] == "kind" and set(enc["color"]["scale"]["domain"]) == {RUN_A, RUN_B}
+    rows = chart.to_dict()["datasets"]["points"]
+    assert {row["run"] for row in rows} == {RUN_A, RUN_B}
+
+
+def test_no_knn_chart_without_labels(tmp_path, short_runs):
+    unlabelled = {RUN_A: MetricsReader(write_evaluated_run(tmp_path / "a.jsonl", knn=False))}
+    assert plots.knn_chart(plots.knn_points(unlabelled)) is None
+    assert plots.knn_chart(plots.knn_points(short_runs)) is None
+    assert "kNN" not in plots.describe_curves(unlabelled, "loss")

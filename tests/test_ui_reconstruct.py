@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -233,3 +234,39 @@ def test_refresh_without_a_live_run_offers_the_newest(ctx, weights_file):
     assert reconstruct.refresh(ctx, first.run_id, False, None)["ckpt_pick"]["value"] == first.run_id
     # A pick of a run that has since been deleted falls back to the default.
     assert reconstruct.refresh(ctx, "deleted-run", False, None)["ckpt_pick"]["value"] == second.run_id
+
+
+# --- the weights history (issue 14, item 5) -------------------------------------------------------
+
+def test_weights_history_slider_and_reconstruction_at_a_step(ctx, tmp_path):
+    from mae_core.snapshots import WeightSnapshots, list_snapshots, nearest_snapshot, snapshot_path
+
+    data = tmp_path / "photos"
+    data.mkdir()
+    for i in range(6):
+        photo(data / f"p{i}.png", seed=i)
+    cfg = RunConfig(model=MODEL, train=TrainConfig(data=str(data), accelerator="cpu", devices=1,
+                                                   val_count=2, num_workers=0))
+    paths = create_run(cfg.resolved(), runs_dir=ctx.manager.runs_dir)
+    assert reconstruct.history_slider(ctx, paths.run_id)["visible"] is False
+    with pytest.raises(UserError, match="kept no weight snapshots"):
+        reconstruct.reconstruct_history(ctx, paths.run_id, 0, 0.75, 0)
+    # Three snapshots, 50 steps apart, kept 2 at a time by the trainer's own callback (rank 0).
+    keeper = WeightSnapshots(paths.root, keep=2, every_n_steps=50)
+    for step in (0, 50, 100):
+        torch.manual_seed(step)
+        keeper.save(SimpleNamespace(global_step=step), SimpleNamespace(mae=MaskedAutoencoder(MODEL)))
+    assert [step for step, _ in list_snapshots(paths.root)] == [50, 100]
+    assert nearest_snapshot(list_snapshots(paths.root), 70)[0] == 50
+    slider = reconstruct.history_slider(ctx, paths.run_id)
+    assert (slider["minimum"], slider["maximum"], slider["step"], slider["value"]) == (50, 100, 50, 100)
+    html_50, message_50 = reconstruct.reconstruct_history(ctx, paths.run_id, 50, 0.75, 0)
+    html_100, message_100 = reconstruct.reconstruct_history(ctx, paths.run_id, 100, 0.75, 0)
+    assert "snapshot of step 50" in message_50 and "snapshot of step 100" in message_100
+    assert "(held out)" in message_50  # a validation image: never trained on
+    assert html_50 != html_100  # other weights, same image and mask: another reconstruction
+    again, _ = reconstruct.reconstruct_history(ctx, paths.run_id, 40, 0.75, 0)
+    assert again == html_50  # fixed image and mask: the same weights give the same picture
+    paths.weights.write_bytes(snapshot_path(paths.root, 100).read_bytes())  # a run with weights
+    out = reconstruct.refresh(ctx, paths.run_id, False, None)
+    assert out["history_step"]["value"] == 100 and out["history_step"]["visible"] is True

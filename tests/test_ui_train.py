@@ -365,3 +365,20 @@ def test_queue_is_offered_while_a_run_is_live_and_says_where_the_run_waits(ctx):
     with pytest.raises(ConfigError, match="batch_size"):
         train.queue_run(ctx.manager, {**values, "batch_size": 2.5})
     assert ctx.manager.queued() == [action["run_id"], second["run_id"]]
+
+
+def test_poll_shows_the_knn_chart_once_the_run_has_one(ctx):
+    paths = make_run(ctx, state="stopped", step=3)
+    write_metrics(paths, range(1, 4))
+    first = train.poll(ctx, **poll_args())
+    assert first["knn_chart"]["visible"] is False  # no labels: no empty chart beside the loss
+    with open(paths.metrics, "a") as handle:
+        handle.write(json.dumps({"step": 3, "epoch": 0, "val_loss": 1.2, "knn_top1": 0.75,
+                                 "knn_cls_k20_top1": 0.7, "knn_cls_k200_top1": 0.75}) + "\n")
+    out = train.poll(ctx, **poll_args(paths.run_id, first["seen_live"], first["sig"]))
+    assert out["knn_chart"]["visible"] is True
+    rows = out["knn_chart"]["value"].to_dict()["datasets"]["points"]
+    assert {(row["kind"], row["value"]) for row in rows} == {("class token, k=20", 0.7),
+                                                             ("class token, k=200", 0.75)}
+    assert "validation" in {row["kind"] for row in
+                            out["chart"].to_dict()["datasets"]["points"]}

@@ -250,6 +250,16 @@ HINTS: dict[str, Hint] = {
     "decoder_depth": Hint("decoder blocks (0 = the preset's)"),
     "decoder_heads": Hint("decoder heads (0 = the preset's)"),
     "num_nodes": Hint(hidden=True, info="multi-node runs start from torchrun or SLURM"),
+    # Held-out evaluation (issue 14, mae_core/monitor.py).
+    "val_fraction": Hint("held-out share (0 = auto)",
+                         info="auto: 10 % of a folder of 100+ images, none of a smaller one"),
+    "val_count": Hint("held-out images (0 = use the share)"),
+    "eval_every_n_steps": Hint("evaluate every N steps (0 = never)",
+                               info="validation loss, and kNN accuracy when there are labels"),
+    "eval_data": Hint("labelled folder for the kNN monitor",
+                      info="folder/<class>/*.jpg; blank = the data folder's own class subfolders"),
+    "eval_max_images": Hint("kNN bank / validation images at most"),
+    "weight_snapshots": Hint("weight snapshots kept (Reconstruct tab's history)"),
 }
 
 

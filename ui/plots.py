@@ -26,7 +26,11 @@ MAX_POINTS = 1000  # per curve
 PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#59a14f", "#b07aa1", "#76b7b2", "#9c755f", "#d37295")
 METRICS = display.METRICS
 AXIS_FORMATS = {"loss": ".3~g", "lr": ".1e", "images_per_s": ",.0f"}
-KINDS = ("raw", "smoothed", "epoch mean")
+KINDS = ("raw", "smoothed", "epoch mean", "validation")
+# The kNN monitor's series (mae_core.monitor): top-1 accuracy per feature and k, as the legend says.
+KNN_SERIES = {"knn_cls_k20_top1": "class token, k=20", "knn_cls_k200_top1": "class token, k=200",
+              "knn_mean_k20_top1": "mean patch token, k=20",
+              "knn_mean_k200_top1": "mean patch token, k=200"}
 
 
 def run_colours(run_ids: Sequence[str]) -> dict[str, str]:
@@ -63,6 +67,9 @@ def curve_points(readers: Mapping[str, MetricsReader], metric: str, smoothing: f
         if metric == "loss":
             epoch_steps, epoch_values = reader.series("epoch_loss")
             frames.append(_frame(*thin(epoch_steps, epoch_values, max_points), run_id, "epoch mean"))
+            # The held-out loss (fixed crops and masks): on the same axis as the training loss.
+            val_steps, val_values = reader.series("val_loss")
+            frames.append(_frame(*thin(val_steps, val_values, max_points), run_id, "validation"))
     frames = [f for f in frames if len(f)]
     if not frames:
         return pd.DataFrame({"step": pd.Series(dtype="int64"), "value": pd.Series(dtype="float64"),
@@ -113,6 +120,9 @@ def _layout(metric: str, log_scale: bool, runs: tuple[str, ...], smoothed: bool)
         layers.append(base.transform_filter(alt.datum.kind == "smoothed").mark_line(strokeWidth=2))
     layers.append(base.transform_filter(alt.datum.kind == "epoch mean").mark_point(
         shape="diamond", size=50, filled=True, opacity=0.9))
+    # Validation loss: dashed, with its evaluations marked (they are N steps apart).
+    layers.append(base.transform_filter(alt.datum.kind == "validation").mark_line(
+        strokeDash=[6, 3], strokeWidth=2, point=alt.OverlayMarkDef(shape="square", size=30)))
     # Invisible points make every value hoverable, not just the line's pixels.
     layers.append(base.mark_point(opacity=0, size=60))
     # A fixed width: Vega-Lite's "container" width collapses inside Gradio's plot.
@@ -131,5 +141,55 @@ def describe_curves(readers: Mapping[str, MetricsReader], metric: str) -> str:
         epoch = reader.last("epoch_loss") if metric == "loss" else None
         if epoch:
             text += f"; last epoch mean {display.format_number(epoch[1])} (◆)"
+        val = reader.last("val_loss") if metric == "loss" else None
+        if val:
+            text += (f"; validation loss {display.format_number(val[1])} at step {val[0]} "
+                     "(dashed, ■)")
+        knn = reader.last("knn_top1")
+        if knn:
+            text += f"; kNN top-1 {knn[1]:.1%} at step {knn[0]} (class token, k=200)"
         lines.append(text)
     return "  \n".join(lines) if lines else "No run selected."
+
+
+def knn_points(readers: Mapping[str, MetricsReader], max_points: int = MAX_POINTS) -> pd.DataFrame:
+    """One long table (step, value, run, kind) of the kNN monitor's top-1 accuracies
+    (:data:`KNN_SERIES`: class token and mean patch token, k = 20 and 200) for each run."""
+    frames = []
+    for run_id, reader in readers.items():
+        for key, label in KNN_SERIES.items():
+            frames.append(_frame(*thin(*reader.series(key), max_points), run_id, label))
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return _frame(np.empty(0), np.empty(0), "", "").iloc[0:0]
+    return pd.concat(frames, ignore_index=True)
+
+
+def knn_chart(points: pd.DataFrame) -> VegaLiteChart | None:
+    """kNN top-1 accuracy (0-100 %) over steps: colour by run, dash by feature and k; None when
+    no plotted run has a kNN monitor (no labels)."""
+    if points.empty:
+        return None
+    spec = copy.deepcopy(_knn_layout(tuple(dict.fromkeys(points["run"]))))
+    spec["datasets"] = {"points": points.to_dict("records")}
+    return VegaLiteChart(spec)
+
+
+@functools.lru_cache(maxsize=64)
+def _knn_layout(runs: tuple[str, ...]) -> dict:
+    colours = run_colours(runs)
+    colour = alt.Color("run:N", title="run", scale=alt.Scale(domain=list(runs),
+                                                            range=[colours[r] for r in runs]),
+                       legend=alt.Legend(orient="bottom", direction="vertical", labelLimit=0))
+    labels = list(KNN_SERIES.values())
+    dash = alt.StrokeDash("kind:N", title="features", sort=labels,
+                          scale=alt.Scale(domain=labels, range=[[1, 0], [6, 3], [2, 2], [8, 2, 2, 2]]),
+                          legend=alt.Legend(orient="bottom", direction="vertical"))
+    y = alt.Y("value:Q", axis=alt.Axis(format=".0%", title="kNN top-1 (held-out)"),
+              scale=alt.Scale(domain=[0, 1]))
+    x = alt.X("step:Q", axis=alt.Axis(format="d", tickMinStep=1, title="step"))
+    tooltip = [alt.Tooltip("run:N"), alt.Tooltip("kind:N", title="features"),
+               alt.Tooltip("step:Q", format="d"), alt.Tooltip("value:Q", format=".1%", title="top-1")]
+    chart = alt.Chart(alt.NamedData(name="points")).mark_line(point=True, strokeWidth=2).encode(
+        x=x, y=y, color=colour, strokeDash=dash, detail="kind:N", tooltip=tooltip)
+    return chart.properties(width=500, height=220).interactive(bind_y=False).to_dict()

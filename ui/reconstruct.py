@@ -6,6 +6,7 @@ decompression bomb) are listed with the reason, so one bad file spoils nothing.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,48 @@ def preview_items(ctx: AppContext, run_id: str | None, limit: int = 24) -> list[
     return [(str(p), f"step {p.stem.split('_')[-1].lstrip('0') or '0'}") for p in paths][::-1]
 
 
+def history_slider(ctx: AppContext, run_id: str | None) -> dict[str, Any]:
+    """The weights-history slider for ``run_id``: spans its snapshots' steps, moves by the
+    checkpoint interval, starts at the newest; hidden when the run kept none."""
+    from mae_core.snapshots import list_snapshots
+
+    snapshots = list_snapshots(ctx.manager.paths(run_id).root) if run_id else []
+    if not snapshots:
+        return gr.update(visible=False, value=0)
+    steps = [step for step, _ in snapshots]
+    gaps = [b - a for a, b in itertools.pairwise(steps) if b > a]
+    return gr.update(visible=True, minimum=steps[0], maximum=max(steps[-1], steps[0] + 1),
+                     step=min(gaps) if gaps else 1, value=steps[-1],
+                     label=f"weights history: step ({len(steps)} snapshots, {steps[0]}–{steps[-1]})")
+
+
+def reconstruct_history(ctx: AppContext, run_id: str | None, step: Any, mask_ratio: Any,
+                        seed: Any) -> tuple[str, str]:
+    """(html, message): the run's fixed history image reconstructed, at a fixed mask, with the
+    snapshot nearest ``step`` (issue 14, item 5)."""
+    from PIL import Image
+
+    from mae_core.reconstruct import HEATMAP_MAX, PANEL_TITLES, colorbar, reconstruct_uploads
+    from mae_core.snapshots import history_image, list_snapshots, nearest_snapshot
+
+    ratio, seed = as_ratio(mask_ratio), as_seed(seed, "mask seed")
+    if not run_id:
+        raise UserError("Choose a run: its weight snapshots are what the slider moves through.")
+    chosen = nearest_snapshot(list_snapshots(ctx.manager.paths(run_id).root),
+                              float(step or 0))
+    if chosen is None:
+        raise UserError(f"Run `{run_id}` kept no weight snapshots (weight_snapshots = 0, or it has "
+                        "not reached its first one yet).")
+    model = ctx.models.get(chosen[1])
+    name, image = history_image(ctx.manager.config(run_id).train, model.cfg.image_size)
+    picture = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())  # uint8 (3, S, S)
+    views = reconstruct_uploads(model, [(name, picture)], ratio, seed)
+    html = render.reconstruction_html(views, PANEL_TITLES, render.data_uri(colorbar()), HEATMAP_MAX)
+    text = (f"Run `{run_id}`, snapshot of step {chosen[0]}: {name}, mask ratio {ratio}, seed "
+            f"{seed}; loss on the masked patches {views[0].loss:.4f}.")
+    return html, render.notice("ok", text)
+
+
 def refresh(ctx: AppContext, current: str | None, follow: bool, sig: dict | None) -> dict[str, Any]:
     """The slow refresh: checkpoint choices (following the live run unless one was picked by
     hand) and previews, each only when it changed."""
@@ -117,7 +160,10 @@ def refresh(ctx: AppContext, current: str | None, follow: bool, sig: dict | None
     items = preview_items(ctx, value)
     if items != sig.get("previews"):
         out["previews"] = items
-    sig.update(ckpt=(choices, value), previews=items)
+    history = history_slider(ctx, value)
+    if history != sig.get("history"):
+        out["history_step"] = history
+    sig.update(ckpt=(choices, value), previews=items, history=history)
     out["sig"] = sig
     return out
 
@@ -146,6 +192,13 @@ def build(ctx: AppContext) -> dict[str, Any]:
     gr.Markdown("### Training previews (fixed images and mask, newest first)")
     c["previews"] = gr.Gallery(columns=4, height="auto", object_fit="contain", label="previews",
                                elem_id="preview-gallery")
+    gr.Markdown("### Weights history (one image, a fixed mask, the run's last weight snapshots)")
+    with gr.Row():
+        c["history_step"] = gr.Slider(0, 1, value=0, step=1, label="weights history: step",
+                                      visible=False, elem_id="history-step", scale=3)
+        c["history_run"] = gr.Button("Reconstruct at this step", elem_id="history-btn", scale=1)
+    c["history_message"] = gr.HTML(elem_id="history-message")
+    c["history"] = gr.HTML(elem_id="history-results")
     c["follow"] = gr.State(True)
     c["sig"] = gr.State(None)
     _wire(ctx, c)
@@ -167,8 +220,20 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
     c["run"].click(on_reconstruct, [c["uploads"], c["use_samples"], c["ckpt_pick"], c["ratio"],
                                     c["seed"]], [c["results"], c["losses"], c["message"]],
                    api_name="reconstruct", show_progress="minimal")
+    @guarded("weights history", lambda text: {c["history_message"]: render.notice("error", text),
+                                              c["history"]: ""})
+    def on_history(run_id: str | None, step: Any, ratio: Any, seed: Any) -> dict:
+        html, message = reconstruct_history(ctx, run_id, step, ratio, seed)
+        return {c["history"]: html, c["history_message"]: message}
+
+    history_inputs = [c["ckpt_pick"], c["history_step"], c["ratio"], c["seed"]]
+    history_outputs = [c["history"], c["history_message"]]
+    c["history_run"].click(on_history, history_inputs, history_outputs, api_name="history",
+                           show_progress="minimal")
+    c["history_step"].release(on_history, history_inputs, history_outputs,
+                              api_name="history_step", show_progress="minimal")
     c["refresh_event"] = dict(fn=on_refresh, inputs=[c["ckpt_pick"], c["follow"], c["sig"]],
-                              outputs=[c["ckpt_pick"], c["previews"], c["sig"]],
+                              outputs=[c["ckpt_pick"], c["previews"], c["history_step"], c["sig"]],
                               show_progress=HIDDEN)
     # A checkpoint chosen by hand stays chosen; clearing it goes back to following the live run.
     c["ckpt_pick"].input(lambda run_id: not run_id, c["ckpt_pick"], c["follow"],

@@ -157,6 +157,13 @@ def curve_view(ctx: AppContext, run_ids: list[str], metric: str, log_scale: bool
     return plots.curve_chart(points, metric, bool(log_scale)), plots.describe_curves(readers, metric)
 
 
+def knn_view(ctx: AppContext, run_ids: list[str]) -> dict[str, Any]:
+    """The kNN monitor's chart beside the loss (an update): hidden while no plotted run has one."""
+    readers = {r: ctx.metrics.reader(ctx.manager.paths(r).metrics) for r in run_ids}
+    chart = plots.knn_chart(plots.knn_points(readers))
+    return gr.update(value=chart, visible=chart is not None)
+
+
 def curve_key(ctx: AppContext, run_ids: list[str], metric: str, log_scale: bool,
               smoothing: float) -> tuple:
     """Changes exactly when the chart would: new rows in any plotted run, or other settings."""
@@ -209,6 +216,7 @@ def poll(ctx: AppContext, run_id: str | None, overlay: list[str] | None, metric:
     key = curve_key(ctx, plotted, metric, log_scale, smoothing)
     if key != sig.get("curve"):
         out["chart"], out["chart_info"] = curve_view(ctx, plotted, metric, log_scale, smoothing)
+        out["knn_chart"] = knn_view(ctx, plotted)
     key_log = log_key(ctx.manager, selected)
     if key_log != sig.get("log") or (status or {}).get("state") != sig.get("log_state"):
         out["log"] = log_view(ctx.manager, selected, (status or {}).get("state"))
@@ -302,6 +310,9 @@ def _build_live_view(c: dict[str, Any]) -> None:
         c["smoothing"] = gr.Slider(0.0, 0.99, value=0.8, step=0.01, label="EMA smoothing",
                                    elem_id="smoothing")
     c["chart"] = gr.Plot(label="training curve", elem_id="loss-plot", show_label=False)
+    # The kNN monitor (mae_core.monitor), shown once a plotted run has logged one.
+    c["knn_chart"] = gr.Plot(label="kNN top-1 on held-out images", elem_id="knn-plot",
+                             show_label=False, visible=False)
     c["chart_info"] = gr.Markdown(elem_id="plot-info")
     with gr.Accordion("log (train.log, live)", open=True, elem_id="log-accordion"):
         c["log"] = gr.HTML(render.log_html("", None), elem_id="log-view")
@@ -310,7 +321,7 @@ def _build_live_view(c: dict[str, Any]) -> None:
 def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
     fields = [c[f"field.{name}"] for name in FIELD_NAMES]
     poll_names = ("run_pick", "overlay", "status", "message", "start", "queue", "stop", "resume", "chart",
-                  "chart_info", "log", "seen_live", "sig")
+                  "knn_chart", "chart_info", "log", "seen_live", "sig")
     poll_inputs = [c[n] for n in ("run_pick", "overlay", "metric", "log_scale", "smoothing",
                                   "seen_live", "sig", "action")]
     message_fallback = {"start": lambda text: {c["action"]: failed_action("start", text)},

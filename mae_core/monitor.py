@@ -1,0 +1,294 @@
+"""Does the encoder learn? A held-out validation loss and a kNN monitor, every N training steps.
+
+:func:`plan_evaluation` decides, from the config alone, which images are held out of training
+(a seeded split of the data folder, identical on every rank) and which labelled images the kNN
+monitor uses (the data folder's class subfolders, or the separate ``eval_data`` folder).
+:class:`HeldOutMonitor` is the trainer callback that evaluates them:
+
+- ``val_loss``: the MAE loss of the held-out images, centre-cropped and masked with a fixed seed,
+  so two evaluations differ only by the weights. Every rank scores its share; the sums are
+  all-reduced.
+- ``knn_top1`` / ``knn_top5`` and their variants ``knn_{cls,mean}_k{20,200}_top{1,5}``: the
+  encoder (no masking) embeds a bounded bank (training part) and query set (held-out part); the
+  class token and the mean patch token are each scored with lightly's ``knn_predict`` (cosine
+  similarity, temperature 0.07, k = 20 and 200 capped by the bank size, as lightly's ViT
+  benchmarks). Features are all-gathered, so every rank scores the same full sets. The headline
+  ``knn_top1``/``knn_top5`` is the class token at k = 200.
+
+A callback rather than Lightning's validation loop: the loop counts batches, not optimizer steps
+(``val_check_interval`` with gradient accumulation and 4-step epochs of a repeated small folder
+drifts from the steps the curve, checkpoints and previews use), runs sanity checks and
+epoch-end hooks, and has no place for a bank + query pass. Here evaluation is keyed to
+``global_step`` like every other step-keyed callback, and the line reaches ``metrics.jsonl``
+before that step's checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from lightly.utils.benchmarking import knn_predict
+from torch import Tensor
+
+from mae_core.callbacks import optimizer_stepped, tensorboard
+from mae_core.config import AUTO_VAL_FRACTION, AUTO_VAL_MIN_IMAGES, TrainConfig
+from mae_core.data import DataError, fixed_crops, split_folder
+from mae_core.fileio import append_line
+from mae_core.model import MaskedAutoencoder, draw_token_mask, seeded_generator
+
+# The validation masks' seed: fixed, so every evaluation of a run masks the same patches.
+VAL_MASK_SEED = 1234
+KNN_K = (20, 200)
+KNN_TEMPERATURE = 0.07
+FEATURES = ("cls", "mean")
+# A separate eval_data folder without val_fraction holds out this share as the kNN query set.
+EVAL_FOLDER_FRACTION = 0.2
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """What one run evaluates; the same on every rank (a function of the config and the files).
+
+    ``train`` is the data folder's training part, or None when nothing is held out (train on all).
+    """
+
+    train: tuple[Path, ...] | None = None
+    val: tuple[Path, ...] = ()
+    bank: tuple[Path, ...] = ()
+    bank_labels: tuple[int, ...] = ()
+    query: tuple[Path, ...] = ()
+    query_labels: tuple[int, ...] = ()
+    classes: tuple[str, ...] = ()
+
+    @property
+    def knn(self) -> bool:
+        return bool(self.bank and self.query and len(self.classes) >= 2)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.val) or self.knn
+
+    def describe(self) -> str:
+        parts = [f"validation loss on {len(self.val)} held-out images" if self.val
+                 else "no validation loss (nothing held out)"]
+        if self.knn:
+            parts.append(f"kNN on {len(self.query)} queries against a bank of {len(self.bank)} "
+                         f"({len(self.classes)} classes)")
+        else:
+            parts.append("no kNN monitor (no class subfolders)")
+        return "; ".join(parts)
+
+
+def plan_evaluation(t: TrainConfig) -> EvalPlan:
+    """The held-out split of ``t.data`` and the kNN sets; a :class:`DataError` when impossible."""
+    if t.eval_every_n_steps == 0:
+        return EvalPlan()
+    split = split_folder(t.data, t.seed, count=t.val_count, fraction=t.val_fraction,
+                         auto_min_images=AUTO_VAL_MIN_IMAGES, auto_fraction=AUTO_VAL_FRACTION)
+    limit = t.eval_max_images
+    plan = {"train": split.train if split.held_out else None, "val": split.held_out[:limit]}
+    if t.eval_data:
+        try:
+            labelled = split_folder(t.eval_data, t.seed,
+                                    fraction=t.val_fraction or EVAL_FOLDER_FRACTION)
+        except DataError as err:  # "data folder ... does not exist" would name the wrong field
+            raise DataError(f"eval_data: {err}") from None
+        if not labelled.labelled:
+            raise DataError(f"eval_data {t.eval_data!r} needs class subfolders (folder/<class>/"
+                            "*.jpg, at least two classes, no images directly in the folder)")
+    elif split.labelled and split.held_out:
+        labelled = split
+    else:
+        return EvalPlan(**plan)
+    bank, bank_labels = _subset(labelled.train, labelled.train_labels, limit, t.seed)
+    return EvalPlan(**plan, bank=bank, bank_labels=bank_labels,
+                    query=labelled.held_out[:limit], query_labels=labelled.held_out_labels[:limit],
+                    classes=labelled.classes)
+
+
+def _subset(paths: tuple[Path, ...], labels: tuple[int, ...], limit: int, seed: int
+            ) -> tuple[tuple[Path, ...], tuple[int, ...]]:
+    """At most ``limit`` of ``paths`` (with their labels), drawn at random with ``seed``: a
+    prefix of the sorted list would hold only the first classes."""
+    if len(paths) <= limit:
+        return paths, labels
+    order = sorted(torch.randperm(len(paths), generator=torch.Generator().manual_seed(seed + 1))
+                   [:limit].tolist())
+    return tuple(paths[i] for i in order), tuple(labels[i] for i in order)
+
+
+def knn_scores(query: Tensor, query_labels: Tensor, bank: Tensor, bank_labels: Tensor,
+               num_classes: int, prefix: str) -> dict[str, float]:
+    """Top-1 and top-5 accuracy of lightly's ``knn_predict`` for k in :data:`KNN_K`.
+
+    Args:
+        query: (Q, D) features; bank: (N, D) features (normalised here).
+        query_labels: (Q,) and bank_labels: (N,) class indices.
+    """
+    query, bank = F.normalize(query.float(), dim=1), F.normalize(bank.float(), dim=1)
+    scores = {}
+    for k in KNN_K:
+        predicted = knn_predict(query, bank.T, bank_labels, num_classes,
+                                knn_k=min(k, bank.shape[0]), knn_t=KNN_TEMPERATURE)
+        hits = predicted[:, :min(5, num_classes)] == query_labels[:, None]
+        scores[f"{prefix}_k{k}_top1"] = hits[:, 0].float().mean().item()
+        scores[f"{prefix}_k{k}_top5"] = hits.any(dim=1).float().mean().item()
+    return scores
+
+
+@torch.no_grad()
+def embed(mae: MaskedAutoencoder, images: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
+    """(class token, mean patch token) features, each (n, D), of uint8 ``images`` (no masking)."""
+    device = mae.pixel_mean.device
+    cls, mean = [], []
+    for start in range(0, len(images), batch_size):
+        batch = mae.normalize(images[start:start + batch_size].to(device))
+        tokens = mae.backbone.encode(batch).float()
+        cls.append(tokens[:, 0])
+        mean.append(tokens[:, mae.num_prefix_tokens:].mean(dim=1))
+    width = mae.backbone.vit.embed_dim
+    if not cls:
+        empty = torch.empty(0, width, device=device)
+        return empty, empty
+    return torch.cat(cls), torch.cat(mean)
+
+
+class _Share:
+    """One rank's part of an image list: its decoded crops and their places in the full list."""
+
+    def __init__(self, paths: tuple[Path, ...], image_size: int, rank: int, world: int) -> None:
+        positions = list(range(rank, len(paths), world))
+        self.images, kept = fixed_crops([paths[i] for i in positions], image_size)
+        self.positions = [positions[i] for i in kept]
+        self.per_rank = math.ceil(len(paths) / world)  # the same on every rank: gather's size
+
+
+class HeldOutMonitor(pl.Callback):
+    """Evaluates an :class:`EvalPlan` at step 0, every ``every_n_steps`` and at the end; rank 0
+    appends ``{"step", "epoch", "val_loss", "knn_*"}`` to ``metrics.jsonl`` and TensorBoard.
+
+    ``recorder`` (the run's ProgressRecorder) is told the evaluation's duration, so it does not
+    count against the next step's throughput.
+    """
+
+    def __init__(self, plan: EvalPlan, metrics_path: Path, every_n_steps: int, batch_size: int,
+                 recorder: Any | None = None) -> None:
+        self.plan = plan
+        self.metrics_path = metrics_path
+        self.every_n_steps = every_n_steps
+        self.batch_size = batch_size
+        self.recorder = recorder
+        self.last_row: dict[str, Any] | None = None
+        self._evaluated_step: int | None = None
+        self.val = self.bank = self.query = None  # this rank's shares, decoded in setup
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        size, rank, world = pl_module.cfg.image_size, trainer.global_rank, trainer.world_size
+        self.val = _Share(self.plan.val, size, rank, world)
+        self.bank = _Share(self.plan.bank, size, rank, world)
+        self.query = _Share(self.plan.query, size, rank, world)
+        cfg = pl_module.cfg  # one mask per held-out image, drawn once for the whole list
+        idx_keep, idx_mask = draw_token_mask(len(self.plan.val), cfg.num_patches, cfg.mask_ratio,
+                                             seeded_generator(VAL_MASK_SEED))
+        self.val_keep, self.val_mask = idx_keep[self.val.positions], idx_mask[self.val.positions]
+        if trainer.is_global_zero:
+            print(f"held-out evaluation every {self.every_n_steps} steps: {self.plan.describe()}",
+                  flush=True)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step == 0:  # the freshly initialised encoder: the curve's baseline
+            self.run(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
+                           ) -> None:
+        if optimizer_stepped(trainer) and trainer.global_step % self.every_n_steps == 0:
+            self.run(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._evaluated_step != trainer.global_step:
+            self.run(trainer, pl_module)
+
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Evaluate on every rank (collectives inside), then write the line on rank 0."""
+        started = time.perf_counter()
+        mae: MaskedAutoencoder = pl_module.mae
+        was_training = mae.training
+        mae.eval()
+        try:
+            with torch.no_grad(), trainer.strategy.precision_plugin.forward_context():
+                row: dict[str, Any] = {"step": trainer.global_step, "epoch": trainer.current_epoch}
+                if self.plan.val:
+                    row["val_loss"] = self._val_loss(trainer, mae)
+                if self.plan.knn:
+                    row.update(self._knn(trainer, mae))
+        finally:
+            mae.train(was_training)
+        self._evaluated_step = trainer.global_step
+        row["eval_s"] = time.perf_counter() - started
+        self.last_row = row
+        if trainer.is_global_zero:
+            append_line(self.metrics_path, json.dumps(row))
+            board = tensorboard(trainer)
+            if board is not None:
+                board.log_metrics({k: v for k, v in row.items() if k not in ("step", "epoch")},
+                                  step=row["step"])
+        if self.recorder is not None:
+            self.recorder.exclude_time(time.perf_counter() - started)
+
+    def _val_loss(self, trainer: pl.Trainer, mae: MaskedAutoencoder) -> float:
+        """The mean masked-patch loss over every rank's held-out images (sums all-reduced)."""
+        device = mae.pixel_mean.device
+        total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, images)
+        for start in range(0, len(self.val.images), self.batch_size):
+            stop = start + self.batch_size
+            images = mae.normalize(self.val.images[start:stop].to(device))
+            # Every image masks the same number of patches: a batch's mean × its size sums them.
+            loss = mae.loss(images, self.val_keep[start:stop].to(device),
+                            self.val_mask[start:stop].to(device))
+            total += torch.stack([loss.double() * len(images),
+                                  torch.tensor(float(len(images)), dtype=torch.float64,
+                                               device=device)])
+        total = trainer.strategy.reduce(total, reduce_op="sum")
+        return (total[0] / total[1].clamp(min=1)).item()
+
+    def _knn(self, trainer: pl.Trainer, mae: MaskedAutoencoder) -> dict[str, float]:
+        """kNN accuracies over the full (gathered) bank and query sets."""
+        bank = self._gathered(trainer, mae, self.bank, self.plan.bank_labels)
+        query = self._gathered(trainer, mae, self.query, self.plan.query_labels)
+        scores: dict[str, float] = {}
+        for i, name in enumerate(FEATURES):
+            scores.update(knn_scores(query[i], query[2], bank[i], bank[2], len(self.plan.classes),
+                                     f"knn_{name}"))
+        scores["knn_top1"] = scores["knn_cls_k200_top1"]
+        scores["knn_top5"] = scores["knn_cls_k200_top5"]
+        return scores
+
+    def _gathered(self, trainer: pl.Trainer, mae: MaskedAutoencoder, share: _Share,
+                  labels: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
+        """(cls, mean, labels) of the whole list: each rank embeds its share, padded to the same
+        length (label -1) for all_gather, and the padding is dropped after."""
+        cls, mean = embed(mae, share.images, self.batch_size)
+        device = cls.device
+        own = torch.full((share.per_rank,), -1, dtype=torch.long, device=device)
+        own[:len(share.positions)] = torch.tensor([labels[p] for p in share.positions],
+                                                  dtype=torch.long, device=device)
+        padded = [torch.cat([x, x.new_zeros(share.per_rank - len(x), x.shape[1])])
+                  for x in (cls, mean)]
+        gathered = [self._all_gather(trainer, x) for x in (*padded, own)]
+        cls_all, mean_all, labels_all = (g.reshape(-1, *g.shape[2:]) for g in gathered)
+        valid = labels_all >= 0
+        return cls_all[valid], mean_all[valid], labels_all[valid]
+
+    @staticmethod
+    def _all_gather(trainer: pl.Trainer, tensor: Tensor) -> Tensor:
+        """(world, ...) on every strategy (a single-device one returns the tensor unchanged)."""
+        gathered = trainer.strategy.all_gather(tensor)
+        return gathered if trainer.world_size > 1 else gathered.unsqueeze(0)

@@ -1,0 +1,117 @@
+"""The run's weights history: the last K weight snapshots, ``<run>/snapshots/step_*.safetensors``.
+
+:class:`WeightSnapshots` (a trainer callback, rank 0) saves the model at step 0, every N steps
+(the checkpoint cadence) and at the end, then deletes all but the newest ``keep``;
+:func:`list_snapshots` reads them back, and :func:`history_image` picks the fixed image that the
+Reconstruct tab's step slider reconstructs with each of them (issue 14, item 5).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_only
+
+from mae_core.callbacks import optimizer_stepped
+from mae_core.fileio import atomic_write
+from mae_core.rundir import RunPaths
+from mae_core.weights import WeightsError, read_metadata, save_weights
+
+SNAPSHOT_DIR = "snapshots"
+_NAME = re.compile(r"^step_(\d{7,})\.safetensors$")
+
+
+def snapshot_path(run_root: Path, step: int) -> Path:
+    return Path(run_root) / SNAPSHOT_DIR / f"step_{step:07d}.safetensors"
+
+
+def list_snapshots(run_root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the run's weight snapshots, oldest first (temp files and others ignored)."""
+    folder = Path(run_root) / SNAPSHOT_DIR
+    try:
+        names = [(m, p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    except OSError:  # no folder yet (or it went): no snapshots
+        return []
+    return sorted((int(m.group(1)), p) for m, p in names)
+
+
+def nearest_snapshot(snapshots: list[tuple[int, Path]], step: float) -> tuple[int, Path] | None:
+    """The snapshot whose step is closest to ``step`` (the later one on a tie)."""
+    if not snapshots:
+        return None
+    return min(reversed(snapshots), key=lambda item: abs(item[0] - step))
+
+
+def history_image(train: Any, image_size: int) -> tuple[str, torch.Tensor]:
+    """(name, uint8 (3, S, S)) of the image a run's history is shown on: its first held-out image
+    (never trained on) when it holds some out, else its first preview photo."""
+    from mae_core.data import DataError, fixed_crops, preview_images
+    from mae_core.monitor import plan_evaluation
+
+    try:
+        held_out = plan_evaluation(train).val
+    except DataError:
+        held_out = ()
+    for path in held_out[:8]:
+        images, kept = fixed_crops([path], image_size)
+        if kept:
+            return f"{path.name} (held out)", images[0]
+    images = preview_images(train.data, image_size, 1)
+    if len(images) == 0:
+        raise ValueError("the run's data folder has no readable image left")
+    return "the run's first preview photo (trained on)", images[0]
+
+
+class WeightSnapshots(pl.Callback):
+    """Saves ``model.safetensors``-style snapshots at step 0, every ``every_n_steps`` and at the
+    end, keeping the newest ``keep`` (atomic writes; rank 0)."""
+
+    def __init__(self, run_root: Path, keep: int, every_n_steps: int) -> None:
+        self.run_root = Path(run_root)
+        self.keep = keep
+        self.every_n_steps = every_n_steps
+
+    @rank_zero_only
+    def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        target = snapshot_path(self.run_root, step)
+        if not self._link_weights(step, target):
+            save_weights(pl_module.mae, target, step=step)
+        for _, old in list_snapshots(self.run_root)[:-self.keep]:
+            old.unlink(missing_ok=True)
+
+    def _link_weights(self, step: int, target: Path) -> bool:
+        """Hard-link ``model.safetensors`` when SaveCheckpoints (an earlier callback) has just
+        written this step's weights: no second write. Its next save renames a new file over it,
+        so the snapshot keeps this content. False where it is another step or links fail."""
+        weights = RunPaths(self.run_root).weights
+        try:
+            if read_metadata(weights).get("step") != str(step):
+                return False
+
+            def link(tmp: str) -> None:
+                os.unlink(tmp)
+                os.link(weights, tmp)
+
+            atomic_write(target, link)
+        except (WeightsError, OSError):
+            return False
+        return True
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step == 0:  # the freshly initialised model: the history's "before"
+            self.save(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
+                           ) -> None:
+        if optimizer_stepped(trainer) and trainer.global_step % self.every_n_steps == 0:
+            self.save(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not snapshot_path(self.run_root, trainer.global_step).exists():
+            self.save(trainer, pl_module)
