@@ -111,20 +111,25 @@ def split(data: Labelled, val_fraction: float, seed: int) -> tuple[Labelled, Lab
 
 
 @torch.no_grad()
-def embed(model: MaskedAutoencoder, images: Tensor, batch_size: int = 128
+def embed(model: MaskedAutoencoder, images: Tensor, batch_size: int = 128, on_cpu: bool = True
           ) -> tuple[Tensor, Tensor]:
-    """(class token, mean of the patch tokens), each (N, D) float on the CPU, of uint8 images
-    (N, 3, S, S) through the frozen encoder: every patch visible, no masking, eval mode."""
+    """(class token, mean of the patch tokens), each (N, D) float, of uint8 images (N, 3, S, S)
+    through the frozen encoder: every patch visible, no masking, eval mode. On the CPU, or on the
+    model's device with ``on_cpu=False`` (the live monitor gathers them across ranks there)."""
     was_training = model.training
     model.eval()
     device = model.pixel_mean.device
+    out = torch.device("cpu") if on_cpu else device
     cls, mean = [], []
     for start in range(0, len(images), batch_size):
         x = model.normalize(images[start:start + batch_size].to(device))
         tokens = model.backbone.encode(x, idx_keep=None).float()
-        cls.append(tokens[:, 0].cpu())
-        mean.append(tokens[:, model.num_prefix_tokens:].mean(dim=1).cpu())
+        cls.append(tokens[:, 0].to(out))
+        mean.append(tokens[:, model.num_prefix_tokens:].mean(dim=1).to(out))
     model.train(was_training)
+    if not cls:
+        empty = torch.empty(0, model.backbone.vit.embed_dim, device=out)
+        return empty, empty
     return torch.cat(cls), torch.cat(mean)
 
 

@@ -34,20 +34,19 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
-from lightly.utils.benchmarking import knn_predict
 from torch import Tensor
 
+from mae_core import features
 from mae_core.callbacks import optimizer_stepped, tensorboard
 from mae_core.config import AUTO_VAL_FRACTION, AUTO_VAL_MIN_IMAGES, TrainConfig
 from mae_core.data import DataError, fixed_crops, split_folder
+from mae_core.features import knn_accuracy
 from mae_core.fileio import append_line
 from mae_core.model import MaskedAutoencoder, draw_token_mask, seeded_generator
 
 # The validation masks' seed: fixed, so every evaluation of a run masks the same patches.
 VAL_MASK_SEED = 1234
-KNN_K = (20, 200)
-KNN_TEMPERATURE = 0.07
+KNN_K = features.KNN_KS
 FEATURES = ("cls", "mean")
 # A separate eval_data folder without val_fraction holds out this share as the kNN query set.
 EVAL_FOLDER_FRACTION = 0.2
@@ -127,38 +126,25 @@ def _subset(paths: tuple[Path, ...], labels: tuple[int, ...], limit: int, seed: 
 
 def knn_scores(query: Tensor, query_labels: Tensor, bank: Tensor, bank_labels: Tensor,
                num_classes: int, prefix: str) -> dict[str, float]:
-    """Top-1 and top-5 accuracy of lightly's ``knn_predict`` for k in :data:`KNN_K`.
+    """Top-1 and top-5 accuracy (fractions) of lightly's ``knn_predict`` for k in :data:`KNN_K`,
+    as :func:`mae_core.features.knn_accuracy` scores them offline.
 
     Args:
-        query: (Q, D) features; bank: (N, D) features (normalised here).
+        query: (Q, D) features; bank: (N, D) features (normalised there).
         query_labels: (Q,) and bank_labels: (N,) class indices.
     """
-    query, bank = F.normalize(query.float(), dim=1), F.normalize(bank.float(), dim=1)
     scores = {}
     for k in KNN_K:
-        predicted = knn_predict(query, bank.T, bank_labels, num_classes,
-                                knn_k=min(k, bank.shape[0]), knn_t=KNN_TEMPERATURE)
-        hits = predicted[:, :min(5, num_classes)] == query_labels[:, None]
-        scores[f"{prefix}_k{k}_top1"] = hits[:, 0].float().mean().item()
-        scores[f"{prefix}_k{k}_top5"] = hits.any(dim=1).float().mean().item()
+        result = knn_accuracy(query.float(), bank.float(), bank_labels, query_labels, num_classes,
+                              k=k)
+        scores[f"{prefix}_k{k}_top1"] = result["top1"] / 100
+        scores[f"{prefix}_k{k}_top5"] = result["top5"] / 100
     return scores
 
 
-@torch.no_grad()
 def embed(mae: MaskedAutoencoder, images: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
-    """(class token, mean patch token) features, each (n, D), of uint8 ``images`` (no masking)."""
-    device = mae.pixel_mean.device
-    cls, mean = [], []
-    for start in range(0, len(images), batch_size):
-        batch = mae.normalize(images[start:start + batch_size].to(device))
-        tokens = mae.backbone.encode(batch).float()
-        cls.append(tokens[:, 0])
-        mean.append(tokens[:, mae.num_prefix_tokens:].mean(dim=1))
-    width = mae.backbone.vit.embed_dim
-    if not cls:
-        empty = torch.empty(0, width, device=device)
-        return empty, empty
-    return torch.cat(cls), torch.cat(mean)
+    """(class token, mean patch token) features on the training device (gathered across ranks)."""
+    return features.embed(mae, images, batch_size, on_cpu=False)
 
 
 class _Share:
