@@ -17,7 +17,8 @@ from mae_core.data import MAEDataModule
 from mae_core.model import (MAELightning, MaskedAutoencoder, create_vit, draw_token_mask,
                             seeded_generator)
 
-SMALL = ModelConfig(preset="vit-tiny", image_size=32, patch_size=8)  # 16 patches, embed 192
+SMALL = ModelConfig(preset="vit-tiny", image_size=32, patch_size=8,  # 16 patches, embed 192
+                    norm_pix_loss=True)
 
 
 def _images(batch: int, size: int, seed: int = 0) -> torch.Tensor:

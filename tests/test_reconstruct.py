@@ -12,7 +12,7 @@ from mae_core.model import MaskedAutoencoder
 from mae_core.reconstruct import (MODEL_PANEL_TITLES, NEUTRAL_CONTRAST, grid_image, model_panels,
                                   neutral, panels, reconstruct, reconstruct_uploads, to_pil)
 
-MODEL = ModelConfig(image_size=32, patch_size=8)
+MODEL = ModelConfig(image_size=32, patch_size=8, norm_pix_loss=True)
 
 
 def photos(count: int = 2, seed: int = 0) -> torch.Tensor:

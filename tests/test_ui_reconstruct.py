@@ -24,7 +24,7 @@ from mae_core.weights import save_weights
 from ui import reconstruct, render
 from ui.common import AppContext, UserError
 
-MODEL = ModelConfig(image_size=32, patch_size=8)
+MODEL = ModelConfig(image_size=32, patch_size=8, norm_pix_loss=True)
 TINY = RunConfig(model=MODEL, train=TrainConfig(accelerator="cpu", devices=1, batch_size=4,
                                                 max_steps=4, num_workers=0))
 
