@@ -206,9 +206,10 @@ class TrainConfig:
 
     ``data`` of ``""`` is the embedded photo set. ``devices``/``precision``/``num_workers``/
     ``find_unused_parameters`` of ``None`` mean "choose for this machine and policy" (``base_lr`` of
-    ``None``: see :meth:`learning_rate`); the run directory's ``config.yaml`` stores them resolved. ``accumulate_grad_batches`` sums the
-    gradients of that many batches per optimizer step: ``max_steps``, the warm-up and the cosine
-    schedule count optimizer steps, and the learning rate follows the effective batch.
+    ``None``: see :meth:`learning_rate`); the run directory's ``config.yaml`` stores them resolved.
+    ``accumulate_grad_batches`` sums the gradients of that many batches per optimizer step:
+    ``max_steps``, the warm-up and the cosine schedule count optimizer steps, and the learning rate
+    follows the effective batch.
     """
 
     data: str = ""
