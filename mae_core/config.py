@@ -38,6 +38,12 @@ MAX_ACCUMULATE = 1024
 MAX_IMAGES_HELD_OUT = 100_000
 AUTO_VAL_MIN_IMAGES = 100
 AUTO_VAL_FRACTION = 0.1
+# The MAE paper's base learning rate: lr = 1.5e-4 × batch / 256, 2.4e-3 at its batch of 4,096.
+PAPER_BASE_LR = 1.5e-4
+# The lowest learning rate base_lr "auto" gives. The paper's rule alone gives 3.75e-5 at the default
+# CPU batch of 64 (2 processes × 32), at which a few hundred AdamW steps barely move a ViT: the
+# default run's loss stayed flat. Measured on the sample photos: README "Defaults that learn".
+MIN_AUTO_LR = 1e-3
 # /proc/cpuinfo flags of the x86 instructions that compute bf16 natively (AVX-512 BF16 dot
 # products; AMX tiles). Without them bf16 is emulated and slower than fp32.
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -166,7 +172,7 @@ class ModelConfig:
     decoder_dim: int | None = None
     decoder_depth: int | None = None
     decoder_heads: int | None = None
-    norm_pix_loss: bool = True
+    norm_pix_loss: bool = False
     policy: str = "ddp-clean"
     timm_model: str = ""
 
@@ -228,18 +234,19 @@ class TrainConfig:
     """How a run trains: data, optimisation, hardware and what it writes while it goes.
 
     ``data`` of ``""`` is the embedded photo set. ``devices``/``precision``/``num_workers``/
-    ``find_unused_parameters`` of ``None`` mean "choose for this machine and policy"; the run
-    directory's ``config.yaml`` stores them resolved. ``accumulate_grad_batches`` sums the
-    gradients of that many batches per optimizer step: ``max_steps``, the warm-up and the cosine
-    schedule count optimizer steps, and the learning rate follows the effective batch.
+    ``find_unused_parameters`` of ``None`` mean "choose for this machine and policy" (``base_lr`` of
+    ``None``: see :meth:`learning_rate`); the run directory's ``config.yaml`` stores them resolved.
+    ``accumulate_grad_batches`` sums the gradients of that many batches per optimizer step:
+    ``max_steps``, the warm-up and the cosine schedule count optimizer steps, and the learning rate
+    follows the effective batch.
     """
 
     data: str = ""
     batch_size: int = 32
     accumulate_grad_batches: int = 1
-    base_lr: float = 1.5e-4
+    base_lr: float | None = None
     weight_decay: float = 0.05
-    warmup_fraction: float = 0.05
+    warmup_fraction: float = 0.2
     max_steps: int = 300
     max_epochs: int | None = None
     accelerator: str = "auto"
@@ -272,7 +279,8 @@ class TrainConfig:
                  f"{_shown(self.data)}")
         _check_int(self, "batch_size", 1, 4096)
         _check_int(self, "accumulate_grad_batches", 1, MAX_ACCUMULATE)
-        _check_number(self, "base_lr", 0, 1, low_open=True, high_open=True)
+        if self.base_lr is not None:  # None: "auto", see learning_rate()
+            _check_number(self, "base_lr", 0, 1, low_open=True, high_open=True)
         _check_number(self, "weight_decay", 0, 1, high_open=True)
         _check_number(self, "warmup_fraction", 0, 1, high_open=True)
         _require(_is_int(self.max_steps) and (1 <= self.max_steps <= MAX_STEPS or self.max_steps == -1),
@@ -331,8 +339,16 @@ class TrainConfig:
         return self.batch_size * self.world_size * self.accumulate_grad_batches
 
     def learning_rate(self) -> float:
-        """The MAE scaling rule: lr = base_lr × effective batch / 256."""
-        return self.base_lr * self.effective_batch_size / 256
+        """The MAE scaling rule: lr = base_lr × effective batch / 256.
+
+        ``base_lr`` of ``None`` ("auto") is the paper's :data:`PAPER_BASE_LR`, but the rate never
+        falls below :data:`MIN_AUTO_LR`: small batches (a CPU run, a single GPU) still learn in a
+        few hundred steps, while the paper's large batches keep the paper's rate.
+        """
+        scale = self.effective_batch_size / 256
+        if self.base_lr is None:
+            return max(PAPER_BASE_LR * scale, MIN_AUTO_LR)
+        return self.base_lr * scale
 
 
 @dataclass(frozen=True)
@@ -423,6 +439,9 @@ class RunConfig:
         train = dataclasses.replace(t, data=data, eval_data=eval_data, accelerator=accelerator, devices=devices,
                                     precision=precision, find_unused_parameters=find_unused,
                                     num_workers=workers)
+        if train.base_lr is None:  # "auto" saved as the base_lr that gives its rate: resume keeps it
+            train = dataclasses.replace(
+                train, base_lr=train.learning_rate() * 256 / train.effective_batch_size)
         return RunConfig(model=self.model, train=train)
 
 

@@ -2,7 +2,11 @@
 
 Masks come from a seed (image ``i`` uses ``seed + i``), so the same images and seed give the same
 masks on any checkpoint. With ``norm_pix_loss`` the model predicts per-patch normalised pixels; they
-are de-normalised with each target patch's own mean and variance before display.
+are de-normalised with each target patch's own mean and variance before display. That borrows each
+masked patch's brightness, colour and contrast from the original image, which the model never
+predicted, so a weak model still looks plausible. The model's own output is therefore rendered too
+(:data:`MODEL_PANEL_TITLES`): the normalised prediction on a neutral grey with one fixed contrast,
+beside the target in the same normalisation.
 
 Example:
     >>> model = load_model("checkpoints/<run>/model.safetensors")
@@ -12,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,7 +27,13 @@ from torch import Tensor
 from mae_core.model import MaskedAutoencoder, draw_token_mask, seeded_generator
 
 PANEL_TITLES = ("input", "masked", "reconstruction", "reconstruction + visible")
+# With norm_pix_loss: what the model itself predicted, and what it was asked to predict.
+MODEL_PANEL_TITLES = ("model output (normalised)", "target (normalised)")
 _MASK_GRAY = 0.5
+# Per-patch normalised pixels (zero mean, unit variance) are drawn as grey + this × value: one
+# contrast for every patch, image and checkpoint, so a flat prediction looks flat (±2.5σ reaches
+# black and white).
+NEUTRAL_CONTRAST = 0.2
 
 
 @dataclass
@@ -37,6 +47,10 @@ class Reconstruction:
     patch_error: Tensor  # (grid, grid) squared error per patch, in the loss's target space
     patch_masked: Tensor  # (grid, grid) bool
     loss: float  # mean squared error over the masked patches: the training loss of this image
+    # With norm_pix_loss: the prediction and the target as they are, per-patch normalised, drawn
+    # by :func:`neutral` (None without norm_pix_loss, where the reconstruction is the output).
+    model_output: Tensor | None = None
+    target_normalised: Tensor | None = None
 
 
 def draw_masks(count: int, num_patches: int, mask_ratio: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -44,6 +58,12 @@ def draw_masks(count: int, num_patches: int, mask_ratio: float, seed: int) -> tu
     pairs = [draw_token_mask(1, num_patches, mask_ratio, seeded_generator(seed + i))
              for i in range(count)]
     return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+
+
+def neutral(patch_values: Tensor, patch_size: int) -> Tensor:
+    """Per-patch normalised values (B, N, patch²·3) as images (B, 3, H, W) in [0, 1]: mid-grey
+    plus :data:`NEUTRAL_CONTRAST` × value, with no mean or contrast taken from any image."""
+    return (0.5 + NEUTRAL_CONTRAST * utils.unpatchify(patch_values, patch_size)).clamp(0, 1)
 
 
 @torch.no_grad()
@@ -69,6 +89,8 @@ def reconstruct(model: MaskedAutoencoder, images: Tensor, mask_ratio: float | No
     error = ((prediction - target) ** 2).mean(dim=-1)
     masked = torch.zeros_like(error, dtype=torch.bool)
     masked.scatter_(1, idx_mask - model.num_prefix_tokens, True)
+    own = neutral(prediction, cfg.patch_size) if cfg.norm_pix_loss else None
+    wanted = neutral(target, cfg.patch_size) if cfg.norm_pix_loss else None
     if cfg.norm_pix_loss:
         mean = patches.mean(dim=-1, keepdim=True)
         std = (patches.var(dim=-1, keepdim=True) + 1e-6).sqrt()
@@ -84,9 +106,11 @@ def reconstruct(model: MaskedAutoencoder, images: Tensor, mask_ratio: float | No
     results = []
     for i in range(images.shape[0]):
         loss = error[i][masked[i]].mean().item()
-        results.append(Reconstruction(original[i].cpu(), masked_view[i].cpu(), recon[i].cpu(),
-                                      pasted[i].cpu(), error[i].view(grid, grid).cpu(),
-                                      masked[i].view(grid, grid).cpu(), loss))
+        results.append(Reconstruction(
+            original[i].cpu(), masked_view[i].cpu(), recon[i].cpu(), pasted[i].cpu(),
+            error[i].view(grid, grid).cpu(), masked[i].view(grid, grid).cpu(), loss,
+            own[i].cpu() if own is not None else None,
+            wanted[i].cpu() if wanted is not None else None))
     return results
 
 
@@ -100,6 +124,14 @@ def panels(result: Reconstruction, size: int | None = None) -> list[Image.Image]
     """The four panels of the paper's figures, in :data:`PANEL_TITLES` order."""
     return [to_pil(t, size) for t in
             (result.original, result.masked, result.reconstruction, result.pasted)]
+
+
+def model_panels(result: Reconstruction, size: int | None = None) -> list[Image.Image]:
+    """The model's own output and its target, in :data:`MODEL_PANEL_TITLES` order; empty without
+    norm_pix_loss (the reconstruction panel is then the output itself)."""
+    if result.model_output is None or result.target_normalised is None:
+        return []
+    return [to_pil(result.model_output, size), to_pil(result.target_normalised, size)]
 
 
 # The heat map's fixed scale, in the loss's target space (per-patch normalised pixels with
@@ -146,6 +178,7 @@ class UploadView:
     heatmap: Image.Image
     loss: float
     masked_patches: int
+    model_panels: list[Image.Image] = field(default_factory=list)  # MODEL_PANEL_TITLES order
 
 
 def reconstruct_uploads(model: MaskedAutoencoder, images: list[tuple[str, Image.Image]],
@@ -159,15 +192,18 @@ def reconstruct_uploads(model: MaskedAutoencoder, images: list[tuple[str, Image.
     results = reconstruct(model, batch, mask_ratio=mask_ratio, seed=seed)
     display = display or max(160, size)  # small models' panels are scaled up (nearest) to be seen
     return [UploadView(name, panels(result, display), error_heatmap(result, display), result.loss,
-                       int(result.patch_masked.sum()))
+                       int(result.patch_masked.sum()), model_panels(result, display))
             for (name, _), result in zip(images, results)]
 
 
-def grid_image(results: list[Reconstruction], size: int | None = None) -> Image.Image:
-    """All results as rows of four panels: what a run's ``previews/step_*.png`` shows."""
-    rows = [panels(r, size) for r in results]
-    side = rows[0][0].width
-    canvas = Image.new("RGB", (4 * side + 6, len(rows) * side + 2 * (len(rows) - 1)), "white")
+def grid_image(results: list[Reconstruction], size: int | None = None,
+               model_output: bool = False) -> Image.Image:
+    """All results as rows of four panels: what a run's ``previews/step_*.png`` shows.
+    ``model_output`` appends :func:`model_panels` to each row (with norm_pix_loss)."""
+    rows = [panels(r, size) + (model_panels(r, size) if model_output else []) for r in results]
+    side, columns = rows[0][0].width, len(rows[0])
+    canvas = Image.new("RGB", (columns * side + 2 * (columns - 1),
+                               len(rows) * side + 2 * (len(rows) - 1)), "white")
     for r, row in enumerate(rows):
         for c, panel in enumerate(row):
             canvas.paste(panel, (c * (side + 2), r * (side + 2)))

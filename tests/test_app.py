@@ -216,6 +216,8 @@ def test_reconstruct_an_uploaded_photo(server, run_state):
     photo = sample_photo_paths()[0]
     html, losses, message = _recon(client, [handle_file(str(photo))], False, run_state["id"], 0.75, 3)
     assert html.count("<img") == 5 + 1  # four panels and the heat map, then the colour bar
+    # the default model predicts pixels (no norm_pix_loss): the note says the colours are its own
+    assert 'data-norm-pix="false"' in html and 'class="model-output"' not in html
     assert "heat-colorbar" in html and "≥2" in html
     [[name, loss, masked]] = losses["data"]
     assert name == photo.name and 0 < float(loss) < 100 and int(masked) == 12  # 75% of 16 patches

@@ -17,7 +17,8 @@ from mae_core.model import (MAELightning, MaskedAutoencoder, create_vit, draw_to
                             seeded_generator)
 from tests.helpers import SYNC_OPS, TensorCalls
 
-SMALL = ModelConfig(preset="vit-tiny", image_size=32, patch_size=8)  # 16 patches, embed 192
+SMALL = ModelConfig(preset="vit-tiny", image_size=32, patch_size=8,  # 16 patches, embed 192
+                    norm_pix_loss=True)
 
 
 def _images(batch: int, size: int, seed: int = 0) -> torch.Tensor:

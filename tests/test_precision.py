@@ -77,7 +77,8 @@ class _ComputeDtypes(pl.Callback):
 
 
 def _run(tmp_path, precision: str) -> tuple[list[float], set[torch.dtype], torch.dtype]:
-    base = RunConfig(model=ModelConfig(preset="vit-tiny", image_size=32, patch_size=8),
+    base = RunConfig(model=ModelConfig(preset="vit-tiny", image_size=32, patch_size=8,
+                                       norm_pix_loss=True),
                      # lr 1e-3 (base_lr × 4 / 256): the loss falls within these few steps.
                      train=TrainConfig(batch_size=4, base_lr=0.064, max_steps=STEPS,
                                        accelerator="cpu", devices=1,

@@ -168,7 +168,7 @@ def test_cross_field_checks_still_name_a_field():
 def test_a_non_default_config_round_trips_through_the_form():
     cfg = RunConfig(
         model=ModelConfig(preset="vit-small", image_size=48, patch_size=8, mask_ratio=0.6,
-                          decoder_dim=64, decoder_depth=2, decoder_heads=4, norm_pix_loss=False,
+                          decoder_dim=64, decoder_depth=2, decoder_heads=4, norm_pix_loss=True,
                           policy="reference"),
         train=TrainConfig(data="/tmp/photos", batch_size=16, base_lr=3e-4, weight_decay=0.1,
                           warmup_fraction=0.1, max_steps=123, max_epochs=7, accelerator="cpu",

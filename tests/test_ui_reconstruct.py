@@ -17,14 +17,15 @@ from mae_core.config import MAX_SEED, ConfigError, ModelConfig, RunConfig, Train
 from mae_core.fileio import atomic_write_json
 from mae_core.model import MaskedAutoencoder
 from mae_core.process import process_record
-from mae_core.reconstruct import HEATMAP_MAX, Reconstruction, colorbar, error_heatmap
+from mae_core.reconstruct import (HEATMAP_MAX, MODEL_PANEL_TITLES, PANEL_TITLES, Reconstruction,
+                                  colorbar, error_heatmap)
 from mae_core.rundir import RunPaths, create_run
 from mae_core.runs import RunError
 from mae_core.weights import save_weights
-from ui import reconstruct
+from ui import reconstruct, render
 from ui.common import AppContext, UserError
 
-MODEL = ModelConfig(image_size=32, patch_size=8)
+MODEL = ModelConfig(image_size=32, patch_size=8, norm_pix_loss=True)
 TINY = RunConfig(model=MODEL, train=TrainConfig(accelerator="cpu", devices=1, batch_size=4,
                                                 max_steps=4, num_workers=0))
 
@@ -129,6 +130,38 @@ def test_no_images_or_no_checkpoint_gives_a_clear_error(ctx, run, tmp_path):
     no_weights = make_run(ctx, None)
     with pytest.raises(RunError, match="no saved weights"):
         reconstruct.reconstruct_files(ctx, [good], False, no_weights.run_id, 0.75, 0)
+
+
+# --- honest colours: the model's own output beside the reconstruction ---------------------------
+
+def test_the_view_says_the_colours_are_borrowed_and_shows_the_models_output(ctx, run, tmp_path):
+    result = reconstruct.reconstruct_files(ctx, [str(photo(tmp_path / "a.png"))], True,
+                                           run.run_id, 0.75, 0)
+    images = 1 + reconstruct.NUM_SAMPLE_IMAGES
+    assert 'id="recon-note" data-norm-pix="true"' in result.html
+    assert render.esc(render.HONEST_NOTE) in result.html
+    assert result.html.count('class="model-output"') == 2 * images
+    for caption in PANEL_TITLES + MODEL_PANEL_TITLES + ("per-patch error",):
+        assert result.html.count(f"<figcaption>{caption}</figcaption>") == images
+    # per image: four panels, output, target, heat map; then the colour bar
+    assert result.html.count("<img") == 7 * images + 1
+    # the model's output comes after the paper's four panels, before the heat map
+    item = result.html.split('class="recon-item"')[1]
+    order = [item.index(f"<figcaption>{c}</figcaption>") for c in
+             ("reconstruction + visible", MODEL_PANEL_TITLES[0], MODEL_PANEL_TITLES[1],
+              "per-patch error")]
+    assert order == sorted(order)
+
+
+def test_without_norm_pix_loss_the_view_says_the_reconstruction_is_the_output(ctx, tmp_path):
+    raw = ModelConfig(image_size=32, patch_size=8, norm_pix_loss=False)
+    torch.manual_seed(0)
+    save_weights(MaskedAutoencoder(raw), tmp_path / "raw.safetensors", step=2)
+    paths = make_run(ctx, tmp_path / "raw.safetensors")
+    result = reconstruct.reconstruct_files(ctx, [str(photo(tmp_path / "a.png"))], False,
+                                           paths.run_id, 0.75, 0)
+    assert 'data-norm-pix="false"' in result.html and render.esc(render.RAW_NOTE) in result.html
+    assert 'class="model-output"' not in result.html and result.html.count("<img") == 5 + 1
 
 
 # --- heat map on one fixed scale --------------------------------------------------------------

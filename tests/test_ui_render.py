@@ -3,6 +3,7 @@ every string that came from a user or a file."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -152,6 +153,20 @@ def test_reconstruction_names_are_escaped():
                                       render.data_uri(pic), 2.0)
     assert "<script" not in html and 'onload="x' not in html
     assert "0.5000 on 12 masked patches" in html and 'id="heat-colorbar"' in html
+
+
+def test_model_output_panels_are_marked_escaped_and_explained():
+    pic = Image.new("RGB", (8, 8), (10, 20, 30))
+    view = UploadView(name="a.png", panels=[pic] * 4, heatmap=pic, loss=0.5, masked_patches=12,
+                      model_panels=[pic] * 2)
+    html = render.reconstruction_html([view], ["input", "masked", "rec", "rec+vis"],
+                                      render.data_uri(pic), 2.0, [f"out {EVIL}", "target"])
+    assert html.count('<figure class="model-output">') == 2 and "<script" not in html
+    assert 'data-norm-pix="true"' in html and "not from the model" in html
+    plain = render.reconstruction_html([dataclasses.replace(view, model_panels=[])],
+                                       ["input", "masked", "rec", "rec+vis"], render.data_uri(pic), 2.0)
+    assert 'data-norm-pix="false"' in plain and "model-output" not in plain
+    assert 'id="recon-note"' not in render.reconstruction_html([], [], render.data_uri(pic), 2.0)
 
 
 def test_ddp_mode_names_plain_ddp_or_find_unused():

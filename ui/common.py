@@ -21,8 +21,8 @@ from typing import Any
 
 import gradio as gr
 
-from mae_core.config import (ACCELERATORS, MAX_SEED, POLICIES, PRECISIONS, PRESETS, ConfigError,
-                             ModelConfig, RunConfig)
+from mae_core.config import (ACCELERATORS, MAX_SEED, MIN_AUTO_LR, PAPER_BASE_LR, POLICIES,
+                             PRECISIONS, PRESETS, ConfigError, ModelConfig, RunConfig)
 from mae_core.metrics import MetricsStore
 
 log = logging.getLogger("mae_studio")
@@ -230,8 +230,9 @@ HINTS: dict[str, Hint] = {
     "patch_size": Hint("patch size", main=True),
     "mask_ratio": Hint("mask ratio", slider=(0.05, 0.95, 0.05), main=True),
     "batch_size": Hint("batch size (per process)", main=True),
-    "base_lr": Hint("base lr (× effective batch / 256)", main=True,
-                    info="effective batch = batch × processes × accumulated batches"),
+    "base_lr": Hint("base lr (× effective batch / 256; 0 = auto)", main=True,
+                    info="effective batch = batch × processes × accumulated batches; auto: "
+                         f"{PAPER_BASE_LR:g} (the paper's), but lr at least {MIN_AUTO_LR:g}"),
     "max_steps": Hint("max steps (-1 = by epochs)", main=True),
     "max_epochs": Hint("max epochs (0 = no limit)", main=True),
     "accelerator": Hint("accelerator", ACCELERATORS, main=True),

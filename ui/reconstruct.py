@@ -1,5 +1,8 @@
 """The Reconstruct tab: upload images, pick a run's weights, see masked input and reconstruction.
 
+With norm_pix_loss the reconstruction's colours come from the input (see :mod:`mae_core.reconstruct`):
+the tab says so above the results and shows the model's own normalised output beside its target.
+
 Every readable image of a batch is reconstructed; the ones refused (corrupt, not an image, a
 decompression bomb) are listed with the reason, so one bad file spoils nothing.
 """
@@ -17,7 +20,7 @@ from mae_core.rundir import LIVE_STATES
 from ui import render
 from ui.common import AppContext, FieldNumber, FieldSlider, UserError, as_ratio, as_seed, guarded
 
-MAX_IMAGES = 16  # per request: each is a forward pass and five pictures
+MAX_IMAGES = 16  # per request: each is a forward pass and up to seven pictures
 NUM_SAMPLE_IMAGES = 3
 HIDDEN = "hidden"
 
@@ -61,7 +64,8 @@ def _decode(paths: list[Path]) -> tuple[list[tuple[str, Any]], list[tuple[str, s
 def reconstruct_files(ctx: AppContext, files: Any, use_samples: bool, run_id: str | None,
                       mask_ratio: Any, seed: Any) -> ReconstructResult:
     """Reconstruct every readable image with ``run_id``'s latest weights."""
-    from mae_core.reconstruct import HEATMAP_MAX, PANEL_TITLES, colorbar, reconstruct_uploads
+    from mae_core.reconstruct import (HEATMAP_MAX, MODEL_PANEL_TITLES, PANEL_TITLES, colorbar,
+                                      reconstruct_uploads)
     from mae_core.weights import read_metadata
 
     ratio, seed = as_ratio(mask_ratio), as_seed(seed, "mask seed")
@@ -76,7 +80,8 @@ def reconstruct_files(ctx: AppContext, files: Any, use_samples: bool, run_id: st
     if images:
         views = reconstruct_uploads(ctx.models.get(weights), images, ratio, seed)
     step = read_metadata(weights).get("step", "?")
-    html = render.reconstruction_html(views, PANEL_TITLES, render.data_uri(colorbar()), HEATMAP_MAX)
+    html = render.reconstruction_html(views, PANEL_TITLES, render.data_uri(colorbar()), HEATMAP_MAX,
+                                      MODEL_PANEL_TITLES)
     rows = [[v.name, round(v.loss, 5), v.masked_patches] for v in views]
     kind = "ok" if not refused else ("warn" if views else "error")
     text = (f"Run `{run_id}`, weights from step {step}, mask ratio {ratio}, seed {seed}: "

@@ -225,16 +225,32 @@ def data_uri(image: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+# Why the reconstruction panels look better than the model is (shown above every result).
+HONEST_NOTE = (
+    "With norm_pix_loss the model predicts each masked patch normalised to zero mean and unit "
+    "variance. “reconstruction” and “reconstruction + visible” give each masked patch the mean "
+    "and contrast of the original patch: that brightness and colour come from the input, not "
+    "from the model. “model output” is what the model itself predicted, drawn on a neutral grey "
+    "with one fixed contrast, beside its “target” drawn the same way; compare those two.")
+RAW_NOTE = ("norm_pix_loss is off: the model predicts pixels directly, so “reconstruction” is "
+            "its own output, colours included.")
+
+
 def reconstruction_html(views: list[Any], titles: Iterable[str], colorbar_png: str,
-                        scale_max: float) -> str:
-    """Each image's row: the paper's four panels and the per-patch error, then the colour bar."""
-    titles = list(titles)
+                        scale_max: float, model_titles: Iterable[str] = ()) -> str:
+    """Each image's row: the paper's four panels, the model's own output and target where it
+    predicts normalised patches (``view.model_panels``), the per-patch error; then the colour
+    bar. A note above says where the reconstruction's colours come from."""
+    titles, model_titles = list(titles), list(model_titles)
     blocks = []
     for view in views:
-        figures = [(image, f"{title}") for image, title in zip(view.panels, titles)]
-        figures.append((view.heatmap, "per-patch error"))
-        cells = "".join(f'<figure><img src="{data_uri(img)}" alt="{esc(view.name)}: {esc(cap)}">'
-                        f"<figcaption>{esc(cap)}</figcaption></figure>" for img, cap in figures)
+        figures = [(image, title, "") for image, title in zip(view.panels, titles)]
+        figures += [(image, title, ' class="model-output"')
+                    for image, title in zip(view.model_panels, model_titles)]
+        figures.append((view.heatmap, "per-patch error", ""))
+        cells = "".join(f'<figure{mark}><img src="{data_uri(img)}" alt="{esc(view.name)}: '
+                        f'{esc(cap)}"><figcaption>{esc(cap)}</figcaption></figure>'
+                        for img, cap, mark in figures)
         blocks.append(f'<div class="recon-item" data-name="{esc(view.name)}">'
                       f'<div style="font-weight:600;overflow-wrap:anywhere">{esc(view.name)} · loss '
                       f'{view.loss:.4f} on {view.masked_patches} masked patches</div>'
@@ -245,7 +261,12 @@ def reconstruction_html(views: list[Any], titles: Iterable[str], colorbar_png: s
            "(squared, in the loss's target space; visible patches dimmed), one scale for every image "
            f'and checkpoint</div><img src="{colorbar_png}" alt="colour scale">'
            f'<div class="ticks">{ticks}<span>≥{scale_max:g}</span></div></div>')
-    return f'<div id="recon-results">{"".join(blocks)}{bar if views else ""}</div>'
+    note = ""
+    if views:
+        normalised = any(view.model_panels for view in views)
+        note = (f'<div class="mae-muted" id="recon-note" data-norm-pix="{str(normalised).lower()}" '
+                f'style="margin-bottom:6px">{esc(HONEST_NOTE if normalised else RAW_NOTE)}</div>')
+    return f'<div id="recon-results">{note}{"".join(blocks)}{bar if views else ""}</div>'
 
 
 def refused_html(refused: list[tuple[str, str]]) -> str:
