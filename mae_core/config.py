@@ -12,10 +12,8 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -23,6 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+# ConfigError, the presets and parse_bool are part of this module's interface (re-exported).
+from mae_core.checks import (ConfigError, _check_bool, _check_choice, _check_int,  # noqa: F401
+                             _check_number, _is_int, _is_number, _require, _shown, parse_bool)
+from mae_core.presets import PRESETS, DecoderSpec, Preset  # noqa: F401
 
 POLICIES = ("ddp-clean", "reference")
 ACCELERATORS = ("auto", "cpu", "gpu")
@@ -49,110 +52,7 @@ MIN_AUTO_LR = 1e-3
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
-class ConfigError(ValueError):
-    """An impossible configuration value. ``field`` names the offending argument."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
-
-
-@dataclass(frozen=True)
-class DecoderSpec:
-    dim: int
-    depth: int
-    heads: int
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A named encoder (a timm ViT) and the decoder that suits it."""
-
-    timm_name: str
-    embed_dim: int
-    decoder: DecoderSpec
-    patch_size: int = 16
-
-
-# The MAE paper's decoder (512 wide, 8 blocks, 16 heads) is kept for vit-base; the smaller encoders
-# get lighter decoders, which the paper found to work as well and which small data sets need.
-PRESETS: dict[str, Preset] = {
-    "vit-tiny": Preset("vit_tiny_patch16_224", 192, DecoderSpec(128, 4, 4)),
-    "vit-small": Preset("vit_small_patch16_224", 384, DecoderSpec(256, 4, 8)),
-    "vit-base": Preset("vit_base_patch16_224", 768, DecoderSpec(512, 8, 16)),
-    # The MAE paper's larger encoders, with its decoder.
-    "vit-large": Preset("vit_large_patch16_224", 1024, DecoderSpec(512, 8, 16)),
-    "vit-huge": Preset("vit_huge_patch14_224", 1280, DecoderSpec(512, 8, 16), patch_size=14),
-}
 MAX_IMAGE_SIZE = 448
-
-
-def _is_int(value: Any) -> bool:
-    # bool is an int subclass in Python; `batch_size: true` in a YAML file is a mistake, not 1.
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    """A real, finite number: not a bool, a string, NaN or ±Inf."""
-    if _is_int(value):
-        return True
-    return isinstance(value, float) and math.isfinite(value)
-
-
-def _shown(value: Any) -> str:
-    # A hostile value (a 5,000-character string) must not flood the message that names it.
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def parse_bool(text: str) -> bool:
-    """A command-line switch's value: true/false, on/off, yes/no or 1/0."""
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false (on or off), got {text!r}")
-
-
-def _require(ok: bool, field_name: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(field_name, message)
-
-
-def _check_int(obj: Any, name: str, low: int, high: int, optional: bool = False) -> None:
-    """``obj.name`` must be an integer in [low, high] (or None where ``optional``)."""
-    value = getattr(obj, name)
-    if optional and value is None:
-        return
-    _require(_is_int(value) and low <= value <= high, name,
-             f"must be an integer in [{low}, {high}], got {_shown(value)}")
-
-
-def _check_number(obj: Any, name: str, low: float, high: float, *, low_open: bool = False,
-                  high_open: bool = False) -> None:
-    """``obj.name`` must be a finite number within the bounds (open where the flags say)."""
-    value = getattr(obj, name)
-    ok = _is_number(value) and (value > low if low_open else value >= low) and (
-        value < high if high_open else value <= high)
-    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-    _require(ok, name, f"must be a finite number in {interval}, got {_shown(value)}")
-
-
-def _check_choice(obj: Any, name: str, choices: Any, what: str, optional: bool = False) -> None:
-    """``obj.name`` must be one of ``choices`` (strings); the message lists them."""
-    value = getattr(obj, name)
-    if optional and value is None:
-        return
-    _require(isinstance(value, str) and value in choices, name,
-             f"unknown {what} {_shown(value)}; choose one of {', '.join(choices)}")
-
-
-def _check_bool(obj: Any, name: str, optional: bool = False) -> None:
-    """``obj.name`` must be a real bool: YAML's ``yes`` is one, the string ``"abc"`` or 1 is not."""
-    value = getattr(obj, name)
-    if optional and value is None:
-        return
-    _require(isinstance(value, bool), name, f"must be true or false, got {_shown(value)}")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from mae_core.config import ConfigError
+from mae_core.checks import ConfigError
 
 VIT_MODULE = "timm.models.vision_transformer"
 
