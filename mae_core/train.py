@@ -29,7 +29,8 @@ from pytorch_lightning.strategies import DDPStrategy
 from mae_core.callbacks import (AtomicCheckpointIO, JsonlLogger, Previews, ProgressRecorder,
                                  SaveCheckpoints, StopOnRequest)
 from mae_core.config import ConfigError, ModelConfig, RunConfig, TrainConfig, parse_bool
-from mae_core.data import DataError, MAEDataModule, check_data, preview_images
+from mae_core import prepared
+from mae_core.data import DataError, check_data
 from mae_core.fileio import atomic_write_json, read_json
 from mae_core.model import MAELightning
 from mae_core.rundir import RunPaths, process_record
@@ -89,8 +90,11 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
     recorder = ProgressRecorder(paths, log_every_n_steps=t.log_every_n_steps)
     stopper = StopOnRequest(paths, recorder)
     callbacks = [recorder, stopper, SaveCheckpoints(paths, t.checkpoint_every_n_steps)]
+    # A folder, a prepared set or a URL: decided (and a large folder prepared) once per run.
+    source = prepared.run_data(t.data, paths.root)
     if t.num_previews:
-        callbacks.append(Previews(paths, preview_images(t.data, cfg.model.image_size, t.num_previews),
+        callbacks.append(Previews(paths, prepared.source_previews(source, cfg.model.image_size,
+                                                                  t.num_previews),
                                   t.preview_every_n_steps))
     callbacks.extend(extra_callbacks or [])
     trainer = pl.Trainer(
@@ -101,8 +105,8 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
         plugins=[AtomicCheckpointIO()], enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=str(paths.root), num_sanity_val_steps=0)
     model = MAELightning.from_config(cfg)
-    data = datamodule if datamodule is not None else MAEDataModule(
-        t.data, cfg.model.image_size, t.batch_size, t.num_workers or 0,
+    data = datamodule if datamodule is not None else prepared.make_datamodule(
+        source, cfg.model.image_size, t.batch_size, t.num_workers or 0, seed=t.seed,
         pin_memory=t.accelerator == "gpu")
     ckpt = str(paths.last_ckpt) if resume else None
     try:
