@@ -371,3 +371,18 @@ def source_previews(source: DataSource, image_size: int, count: int) -> Tensor:
     if source.kind == "memory":
         return folder_previews(source.path, image_size, count)
     return preview_images(source.path, image_size, count)
+
+
+def data_note(data: str) -> str:
+    """One line for a person: how ``data`` will be read (the UI shows it beside the data field)."""
+    found = describe(data)
+    if found.kind == "remote":
+        return "a remote prepared data set: LitData streams it at start (credentials from the environment)."
+    if found.kind == "memory":
+        return f"up to {AUTO_PREPARE_ABOVE:,} images: decoded into memory by each process."
+    if found.kind == "folder":
+        return (f"more than {AUTO_PREPARE_ABOVE:,} images: prepared once (re-encoded into streamed "
+                f"shards under {cache_root()}) when the run starts.")
+    size = f"{(found.bytes or 0) / 1e6:,.1f} MB" if found.bytes is not None else "size unknown"
+    return (f"prepared: {found.count:,} images ({found.skipped or 0:,} unreadable skipped), {size} "
+            f"on disk at {found.path}.")
