@@ -64,7 +64,9 @@ def loggers(cfg: RunConfig, paths: RunPaths) -> list[Logger]:
     so ``tensorboard --logdir checkpoints`` shows every run beside the app."""
     board = TensorBoardLogger(save_dir=str(paths.root), name="tensorboard", version="",
                               default_hp_metric=False)
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+    # The job's global rank 0 only: under torchrun every node has a LOCAL_RANK 0 (and no NODE_RANK),
+    # and the other ranks' TensorBoard experiment is None.
+    if prepared.first_process():
         from torch.utils.tensorboard.summary import hparams
 
         params = {f"{part}.{name}": value if value is not None else "auto"
@@ -91,7 +93,12 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
     stopper = StopOnRequest(paths, recorder)
     callbacks = [recorder, stopper, SaveCheckpoints(paths, t.checkpoint_every_n_steps)]
     # A folder, a prepared set or a URL: decided (and a large folder prepared) once per run.
-    source = prepared.run_data(t.data, paths.root)
+    try:
+        source = prepared.run_data(t.data, paths.root)
+    except DataError as err:  # the other ranks and nodes wait on status.json to give up
+        if prepared.first_process():
+            paths.write_status(state="failed", error=str(err))
+        raise
     if t.num_previews:
         callbacks.append(Previews(paths, prepared.source_previews(source, cfg.model.image_size,
                                                                   t.num_previews),
@@ -241,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as err:
         parser.exit(2, f"error: {err}\n")
     os.environ[RUN_DIR_ENV] = str(paths.root.resolve())
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+    if prepared.first_process():
         print(f"run directory: {paths.root}", flush=True)
     try:
         return run_training(cfg, paths, resume)

@@ -161,3 +161,40 @@ def test_two_processes_shard_an_epoch_and_resume_mid_epoch_without_repeats(run_m
     record = json.loads((run_dir / prepared.RUN_DATA_NAME).read_text())
     assert record["kind"] == "prepared" and record["count"] == 48
     assert json.loads(RunPaths(run_dir).status.read_text())["state"] == "finished"
+
+
+def test_two_nodes_over_loopback_train_one_prepared_set_into_one_run(tmp_path):
+    """``torchrun --nnodes 2`` on 127.0.0.1, one CPU process per "node", one shared run directory:
+    every sample once per epoch across the nodes, and only node 0 writes the run's files."""
+    from mae_core.process import clean_env
+    from helpers import free_port
+
+    src = _photos(tmp_path / "photos", 32)
+    data = tmp_path / "prepared"
+    prepared.prepare(str(src), data, workers=1, verbose=False)
+    ids_dir, run_dir, port = tmp_path / "ids", tmp_path / "runs" / "run", free_port()
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
+               "-m", "tests.record_ids", str(ids_dir), "--devices", "1", "--num-nodes", "2",
+               "--accelerator", "cpu", "--image-size", "32", "--patch-size", "8", "--batch-size", "4",
+               "--num-previews", "0", "--max-steps", "4", "--data", str(data), "--run-dir", str(run_dir)]
+        procs.append(subprocess.Popen(cmd, cwd=REPO_ROOT, env=clean_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    try:
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    seen = _steps(ids_dir)  # 32 images, 2 nodes × batch 4: one epoch is 4 steps
+    epoch = [i for steps in seen.values() for step in range(4) for i in steps[step]]
+    assert sorted(epoch) == list(range(32))
+    paths = RunPaths(run_dir)
+    status = json.loads(paths.status.read_text())
+    assert status["state"] == "finished" and status["world_size"] == 2
+    steps = [row["step"] for row in paths.read_metrics() if "loss" in row]
+    assert steps == sorted(set(steps)) == [1, 2, 3, 4]  # one writer: each step logged once
+    assert "run directory:" in outputs[0] and "run directory:" not in outputs[1]
