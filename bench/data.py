@@ -67,44 +67,48 @@ def generate(folder: Path, count: int, procs: int = 2) -> float:
     return time.monotonic() - started
 
 
-def loader_rate(dataset: Any, loader_cls: Any, samples: int, batch: int = 32,
-                time_limit_s: float = 25.0) -> float:
-    """Images/s of ``loader_cls(dataset)`` on one thread, in the main process."""
-    import torch
-
-    torch.set_num_threads(1)
-    loader = loader_cls(dataset, batch_size=batch, num_workers=0, drop_last=True)
-    seen, started = 0, None
-    for images in loader:
-        if started is None:  # the first batch opens files and chunks: not a steady rate
-            started = time.monotonic()
-            continue
+def _rate(iterator: Any, seconds: float) -> tuple[int, float]:
+    """(images, seconds) drawn from ``iterator`` of batches for about ``seconds``."""
+    seen, started = 0, time.monotonic()
+    while time.monotonic() - started < seconds:
+        images = next(iterator)
         seen += len(images["image"] if isinstance(images, dict) else images)
-        if seen >= samples or time.monotonic() - started > time_limit_s:
-            break
-    return seen / (time.monotonic() - started)
+    return seen, time.monotonic() - started
 
 
-def loaders(folder: Path, prepared_dir: Path, image_size: int, samples: int) -> dict[str, float]:
+def loaders(folder: Path, prepared_dir: Path, image_size: int, rounds: int = 6,
+            seconds: float = 4.0, batch: int = 32) -> dict[str, float]:
+    """Loader-only images/s on one thread, no workers: (a) and (b) measured in alternating
+    rounds, so a shared machine's changing load falls on both alike."""
+    import itertools
+
+    import torch
     from litdata import StreamingDataLoader
     from torch.utils.data import DataLoader
 
     from mae_core import data, prepared
 
+    torch.set_num_threads(1)
     data.CACHE_LIMIT_BYTES = 0  # today's path for a folder above the cache limit: PIL per sample
     paths = data.find_images(str(folder))
-    for path in paths:  # both read from the page cache: the decode is measured, not the disk
-        path.read_bytes()
-    for path in prepared_dir.iterdir():
+    for path in [*paths, *prepared_dir.iterdir()]:  # both from the page cache: decode, not disk
         path.read_bytes()
     folder_set = data.ImageFolderDataset(paths, image_size)
-
-    def shuffled(dataset: Any, **kw: Any) -> Any:
-        return DataLoader(dataset, shuffle=True, **kw)
-
-    a = loader_rate(folder_set, shuffled, samples)
-    b = loader_rate(prepared.streaming_dataset(str(prepared_dir), image_size, shuffle=True),
-                    StreamingDataLoader, samples)
+    streams = {
+        "a": itertools.cycle(DataLoader(folder_set, batch_size=batch, shuffle=True, drop_last=True)),
+        "b": itertools.cycle(StreamingDataLoader(
+            prepared.streaming_dataset(str(prepared_dir), image_size, shuffle=True),
+            batch_size=batch, num_workers=0, drop_last=True)),
+    }
+    totals = {"a": [0, 0.0], "b": [0, 0.0]}
+    for name in streams:
+        next(streams[name])  # the first batch opens files and chunks: not a steady rate
+    for _ in range(rounds):
+        for name, stream in streams.items():
+            seen, took = _rate(stream, seconds)
+            totals[name][0] += seen
+            totals[name][1] += took
+    a, b = (totals[k][0] / totals[k][1] for k in ("a", "b"))
     return {"folder_pil_images_per_s_per_core": round(a, 1),
             "prepared_images_per_s_per_core": round(b, 1), "ratio": round(b / a, 2)}
 
@@ -157,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=20_000, help="generated JPEGs (default 20,000)")
     parser.add_argument("--small", type=int, default=2_000, help="the smaller set of the RSS runs")
     parser.add_argument("--image-size", type=int, default=224, help="loader measurement size")
-    parser.add_argument("--samples", type=int, default=2_000, help="images per loader measurement")
+    parser.add_argument("--loaders-only", action="store_true",
+                        help="only the loader measurement (on an existing --workdir)")
     parser.add_argument("--workdir", default=None, help="keep the generated data here")
     parser.add_argument("--out", default=str(Path(__file__).with_name("results-data.json")))
     args = parser.parse_args(argv)
@@ -170,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     folder = root / "folder"
     if not folder.exists():
         out["generate_s"] = round(generate(folder, args.images), 1)
-    print(f"generated {args.images:,} JPEGs in {out.get('generate_s')} s", flush=True)
+    if "generate_s" in out:
+        print(f"generated {args.images:,} JPEGs in {out['generate_s']} s", flush=True)
     sets = {}
     for count in sorted({args.small, args.images}):
         target = root / f"prepared-{count}"
@@ -182,10 +188,14 @@ def main(argv: list[str] | None = None) -> int:
                              paths=find_images(str(folder))[:count])
             out[f"prepare_{count}_s"] = round(time.monotonic() - started, 1)
         sets[count] = target
-        print(f"prepared {count:,}: {out.get(f'prepare_{count}_s')} s", flush=True)
+        if f"prepare_{count}_s" in out:
+            print(f"prepared {count:,}: {out[f'prepare_{count}_s']} s", flush=True)
     for size in sorted({64, args.image_size}):
-        out[f"loader_{size}px"] = loaders(folder, sets[args.images], size, args.samples)
+        out[f"loader_{size}px"] = loaders(folder, sets[args.images], size)
         print(f"loader {size}px: {out[f'loader_{size}px']}", flush=True)
+    if args.loaders_only:
+        print(json.dumps(out, indent=2))
+        return 0
     out["training"] = [{"images": count, **train_run(path, devices, root)}
                        for count, path in sets.items() for devices in (1, 2)]
     for row in out["training"]:
