@@ -191,7 +191,8 @@ def prepare_cached(folder: str, paths: list[Path] | None = None,
 @dataclass(frozen=True)
 class DataSource:
     """Where a run's images come from: ``memory`` (a small folder decoded per process),
-    ``prepared`` (a local prepared directory) or ``remote`` (a prepared set at a URL)."""
+    ``prepared`` (a local prepared directory), ``remote`` (a prepared set at a URL) or, from
+    :func:`describe` only, ``folder`` (a large folder not prepared yet)."""
 
     kind: str
     path: str
@@ -256,14 +257,16 @@ def run_data(data: str, run_root: Path, timeout_s: float = 6 * 3600.0,
         found = resolve(data, auto_prepare_above=auto_prepare_above)
         atomic_write_json(record, asdict(found))
         return found
-    deadline = time.monotonic() + timeout_s
+    started, deadline = time.time(), time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         known = read_json(record)
         if known and known.get("source") == data:
             return DataSource(**known)
-        state = (read_json(run_root / "status.json") or {}).get("state")
-        if state in ("failed", "stopped"):
-            raise DataError(f"the first process {state} before it recorded the data set")
+        status = read_json(run_root / "status.json") or {}
+        # Failed in this session (a resumed run's status may still say a previous one failed).
+        if status.get("state") == "failed" and float(status.get("updated") or 0) >= started - 5:
+            raise DataError(f"the first process failed before it recorded the data set: "
+                            f"{status.get('error')}")
         time.sleep(0.5)
     raise DataError(f"the first process recorded no data set in {record} within {timeout_s:.0f} s")
 

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -198,3 +199,23 @@ def test_two_nodes_over_loopback_train_one_prepared_set_into_one_run(tmp_path):
     steps = [row["step"] for row in paths.read_metrics() if "loss" in row]
     assert steps == sorted(set(steps)) == [1, 2, 3, 4]  # one writer: each step logged once
     assert "run directory:" in outputs[0] and "run directory:" not in outputs[1]
+
+
+def test_the_first_process_records_the_run_data_and_the_other_ranks_read_it(tmp_path, monkeypatch):
+    from mae_core.fileio import atomic_write_json
+
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setenv("RANK", "1")  # a torchrun rank: waits for the record
+    atomic_write_json(run / "status.json", {"state": "failed", "error": "disk full", "updated": 1.0})
+    with pytest.raises(DataError, match="recorded no data set"):  # an old failure is not this one
+        prepared.run_data("", run, timeout_s=1.0)
+    atomic_write_json(run / "status.json", {"state": "failed", "error": "disk full",
+                                            "updated": time.time()})
+    with pytest.raises(DataError, match="disk full"):
+        prepared.run_data("", run, timeout_s=30.0)
+    monkeypatch.setenv("RANK", "0")
+    first = prepared.run_data("", run)
+    assert first.kind == "memory" and (run / prepared.RUN_DATA_NAME).is_file()
+    monkeypatch.setenv("RANK", "1")
+    assert prepared.run_data("", run, timeout_s=1.0) == first
