@@ -16,6 +16,7 @@ Run it niced on a shared machine; the report prints the load average it ran unde
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -63,7 +64,7 @@ def generate(folder: Path, count: int, procs: int = 2) -> float:
     started = time.monotonic()
     bounds = np.linspace(0, count, procs + 1).astype(int)
     with mp.get_context("fork").Pool(procs) as pool:
-        pool.map(_make_images, [(int(a), int(b), str(folder)) for a, b in zip(bounds, bounds[1:])])
+        pool.map(_make_images, [(int(a), int(b), str(folder)) for a, b in itertools.pairwise(bounds)])
     return time.monotonic() - started
 
 
@@ -80,8 +81,6 @@ def loaders(folder: Path, prepared_dir: Path, image_size: int, rounds: int = 6,
             seconds: float = 4.0, batch: int = 32) -> dict[str, float]:
     """Loader-only images/s on one thread, no workers: (a) and (b) measured in alternating
     rounds, so a shared machine's changing load falls on both alike."""
-    import itertools
-
     import torch
     from litdata import StreamingDataLoader
     from torch.utils.data import DataLoader
@@ -101,8 +100,8 @@ def loaders(folder: Path, prepared_dir: Path, image_size: int, rounds: int = 6,
             batch_size=batch, num_workers=0, drop_last=True)),
     }
     totals = {"a": [0, 0.0], "b": [0, 0.0]}
-    for name in streams:
-        next(streams[name])  # the first batch opens files and chunks: not a steady rate
+    for stream in streams.values():
+        next(stream)  # the first batch opens files and chunks: not a steady rate
     for _ in range(rounds):
         for name, stream in streams.items():
             seen, took = _rate(stream, seconds)
@@ -121,9 +120,9 @@ def train_run(data_dir: Path, devices: int, root: Path, steps: int = 6) -> dict[
            "--image-size", "64", "--batch-size", "16", "--num-previews", "0",
            "--checkpoint-every-n-steps", "1000"]
     started = time.monotonic()
-    log = open(root / f"{run_dir.name}.log", "w")
-    proc = subprocess.Popen(cmd, env=child_env(), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    with open(root / f"{run_dir.name}.log", "w") as log:
+        proc = subprocess.Popen(cmd, env=child_env(), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     peaks: dict[int, int] = {}
     first_step = None
     try:
@@ -136,7 +135,6 @@ def train_run(data_dir: Path, devices: int, root: Path, steps: int = 6) -> dict[
             time.sleep(0.2)
     finally:
         stop_group(proc)
-        log.close()
     ranks = sorted(peaks.values(), reverse=True)[:devices]  # the ranks; helpers are far smaller
     return {"devices": devices, "returncode": proc.returncode,
             "first_step_s": round(first_step, 1) if first_step else None,

@@ -26,10 +26,10 @@ import torch
 from pytorch_lightning.loggers import Logger, TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy
 
+from mae_core import prepared
 from mae_core.callbacks import (AtomicCheckpointIO, JsonlLogger, Previews, ProgressRecorder,
                                  SaveCheckpoints, StopOnRequest)
 from mae_core.config import ConfigError, ModelConfig, RunConfig, TrainConfig, parse_bool
-from mae_core import prepared
 from mae_core.data import DataError, check_data
 from mae_core.fileio import atomic_write_json, read_json
 from mae_core.model import MAELightning

@@ -167,8 +167,9 @@ def test_two_processes_shard_an_epoch_and_resume_mid_epoch_without_repeats(run_m
 def test_two_nodes_over_loopback_train_one_prepared_set_into_one_run(tmp_path):
     """``torchrun --nnodes 2`` on 127.0.0.1, one CPU process per "node", one shared run directory:
     every sample once per epoch across the nodes, and only node 0 writes the run's files."""
-    from mae_core.process import clean_env
     from helpers import free_port
+
+    from mae_core.process import clean_env
 
     src = _photos(tmp_path / "photos", 32)
     data = tmp_path / "prepared"
