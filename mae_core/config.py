@@ -334,7 +334,9 @@ class RunConfig:
         workers = t.num_workers if t.num_workers is not None else default_workers(accelerator, devices)
         # The trainer may run from another directory than the caller: a relative folder is
         # resolved once, here, so both read the same one. "" stays the embedded photos.
-        data = os.path.abspath(os.path.expanduser(t.data)) if t.data else ""
+        # A prepared set's URL (s3://...) is read by LitData as it is.
+        remote = t.data.startswith(("s3://", "gs://", "azure://", "hf://"))
+        data = os.path.abspath(os.path.expanduser(t.data)) if t.data and not remote else t.data
         eval_data = os.path.abspath(os.path.expanduser(t.eval_data)) if t.eval_data else ""
         train = dataclasses.replace(t, data=data, eval_data=eval_data, accelerator=accelerator, devices=devices,
                                     precision=precision, find_unused_parameters=find_unused,

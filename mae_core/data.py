@@ -135,7 +135,15 @@ class DataSummary:
 
 
 def check_data(folder: str) -> DataSummary:
-    """Refuse a folder that cannot be trained on, cheaply: it must hold at least one readable image."""
+    """Refuse a folder that cannot be trained on, cheaply: it must hold at least one readable image.
+
+    A prepared data set is checked by its manifest; a remote URL is left to LitData at start.
+    """
+    from mae_core import prepared
+
+    if prepared.is_remote(folder) or prepared.is_prepared(folder):
+        found = prepared.describe(folder)
+        return DataSummary(name=folder, files=found.count or 0)
     paths = find_images(folder)
     for path in paths:
         try:
@@ -383,3 +391,40 @@ class TrainSplitDataModule(MAEDataModule):
             accumulate = self.trainer.accumulate_grad_batches if self.trainer else 1
             self.dataset = self.dataset_factory(self.train_paths, self.image_size,
                                                 length=4 * self.batch_size * world * accumulate)
+
+
+# --- command line: python -m mae_core.data optimize SRC OUT ------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    """``optimize SRC OUT [--short-side N] [--workers K]``: prepare a folder for streaming
+    (:mod:`mae_core.prepared`). Exit code 2 with a message for a folder that cannot be prepared."""
+    import argparse
+
+    from mae_core import prepared
+
+    parser = argparse.ArgumentParser(prog="python -m mae_core.data",
+                                     description="Prepare image folders for training at scale.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    opt = commands.add_parser("optimize", help="re-encode a folder into LitData shards")
+    opt.add_argument("src", help="folder of images (searched recursively)")
+    opt.add_argument("out", help="the prepared data set's directory (must not exist)")
+    opt.add_argument("--short-side", type=int, default=prepared.DEFAULT_SHORT_SIDE,
+                     help=f"bound on each image's short side (default {prepared.DEFAULT_SHORT_SIDE}, "
+                          f"2 x the largest training size; at least {prepared.MIN_SHORT_SIDE})")
+    opt.add_argument("--workers", type=int, default=None, help="encoding processes (default: cores)")
+    args = parser.parse_args(argv)
+    try:
+        manifest = prepared.prepare(args.src, args.out, args.short_side, args.workers)
+    except DataError as err:
+        parser.exit(2, f"error: {err}\n")
+    print(f"prepared {manifest['count']:,} images ({manifest['skipped']:,} skipped: unreadable) "
+          f"into {args.out}: {manifest['bytes'] / 1e6:.1f} MB in {manifest['seconds']:.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    # Run as a script this file is ``__main__``: call the real module's main, so its DataError is
+    # the one mae_core.prepared raises.
+    from mae_core.data import main as _main
+
+    raise SystemExit(_main())

@@ -39,7 +39,7 @@ from torch import Tensor
 from mae_core import features
 from mae_core.callbacks import optimizer_stepped, tensorboard
 from mae_core.config import AUTO_VAL_FRACTION, AUTO_VAL_MIN_IMAGES, TrainConfig
-from mae_core.data import DataError, fixed_crops, split_folder
+from mae_core.data import DataError, HeldOutSplit, fixed_crops, split_folder
 from mae_core.features import knn_accuracy
 from mae_core.fileio import append_line
 from mae_core.model import MaskedAutoencoder, draw_token_mask, seeded_generator
@@ -86,12 +86,17 @@ class EvalPlan:
         return "; ".join(parts)
 
 
-def plan_evaluation(t: TrainConfig) -> EvalPlan:
-    """The held-out split of ``t.data`` and the kNN sets; a :class:`DataError` when impossible."""
+def plan_evaluation(t: TrainConfig, split_data: bool = True) -> EvalPlan:
+    """The held-out split of ``t.data`` and the kNN sets; a :class:`DataError` when impossible.
+
+    ``split_data=False`` (a prepared or streamed data set, trained whole) holds nothing out of
+    ``t.data``: no validation loss, and a kNN monitor only from ``eval_data``.
+    """
     if t.eval_every_n_steps == 0:
         return EvalPlan()
-    split = split_folder(t.data, t.seed, count=t.val_count, fraction=t.val_fraction,
-                         auto_min_images=AUTO_VAL_MIN_IMAGES, auto_fraction=AUTO_VAL_FRACTION)
+    split = (split_folder(t.data, t.seed, count=t.val_count, fraction=t.val_fraction,
+                          auto_min_images=AUTO_VAL_MIN_IMAGES, auto_fraction=AUTO_VAL_FRACTION)
+             if split_data else HeldOutSplit(train=(), held_out=()))
     limit = t.eval_max_images
     plan = {"train": split.train if split.held_out else None, "val": split.held_out[:limit]}
     if t.eval_data:

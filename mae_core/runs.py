@@ -157,7 +157,7 @@ class RunManager:
         """
         cfg = cfg.resolved()
         summary = check_data(cfg.train.data)
-        _check_evaluation(cfg)
+        _check_evaluation(cfg, summary.files)
         with self._exclusive():
             self._refuse_if_busy(cfg)
             paths = create_run(cfg, runs_dir=self.runs_dir, data_files=summary.files)
@@ -171,7 +171,7 @@ class RunManager:
         the runs already waiting; (run id, position). :meth:`advance_queue` launches it."""
         cfg = cfg.resolved()
         summary = check_data(cfg.train.data)
-        _check_evaluation(cfg)
+        _check_evaluation(cfg, summary.files)
         with self._exclusive():
             paths = create_run(cfg, runs_dir=self.runs_dir, state="queued",
                                data_files=summary.files)
@@ -463,9 +463,11 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _check_evaluation(cfg: RunConfig) -> None:
+def _check_evaluation(cfg: RunConfig, files: int | None) -> None:
     """Refuse an impossible held-out split or an unlabelled ``eval_data`` before a run exists
-    (issue 14), as the trainer itself would; imported here, as it brings the model's modules."""
+    (issue 14), as the trainer itself would; imported here, as it brings the model's modules.
+    ``files``: the data folder's image count (a folder the trainer streams is not split)."""
     from mae_core.monitor import plan_evaluation
+    from mae_core.prepared import held_in_memory
 
-    plan_evaluation(cfg.train)
+    plan_evaluation(cfg.train, split_data=held_in_memory(cfg.train.data, files))

@@ -26,11 +26,11 @@ import torch
 from pytorch_lightning.loggers import Logger, TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy
 
+from mae_core import prepared
 from mae_core.callbacks import (AtomicCheckpointIO, JsonlLogger, Previews, ProgressRecorder,
                                  SaveCheckpoints, StopOnRequest)
 from mae_core.config import ConfigError, ModelConfig, RunConfig, TrainConfig, parse_bool
-from mae_core.data import (DataError, MAEDataModule, TrainSplitDataModule, check_data,
-                           preview_images)
+from mae_core.data import DataError, TrainSplitDataModule, check_data
 from mae_core.fileio import atomic_write_json, read_json
 from mae_core.model import MAELightning
 from mae_core.monitor import EvalPlan, HeldOutMonitor, plan_evaluation
@@ -66,7 +66,9 @@ def loggers(cfg: RunConfig, paths: RunPaths) -> list[Logger]:
     so ``tensorboard --logdir checkpoints`` shows every run beside the app."""
     board = TensorBoardLogger(save_dir=str(paths.root), name="tensorboard", version="",
                               default_hp_metric=False)
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+    # The job's global rank 0 only: under torchrun every node has a LOCAL_RANK 0 (and no NODE_RANK),
+    # and the other ranks' TensorBoard experiment is None.
+    if prepared.first_process():
         from torch.utils.tensorboard.summary import hparams
 
         params = {f"{part}.{name}": value if value is not None else "auto"
@@ -92,12 +94,22 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
     recorder = ProgressRecorder(paths, log_every_n_steps=t.log_every_n_steps)
     stopper = StopOnRequest(paths, recorder)
     callbacks = [recorder, stopper, SaveCheckpoints(paths, t.checkpoint_every_n_steps, recorder)]
+    # A folder, a prepared set or a URL: decided (and a large folder prepared) once per run.
+    try:
+        source = prepared.run_data(t.data, paths.root)
+    except DataError as err:  # the other ranks and nodes wait on status.json to give up
+        if prepared.first_process():
+            paths.write_status(state="failed", error=str(err))
+        raise
     if t.num_previews:
-        callbacks.append(Previews(paths, preview_images(t.data, cfg.model.image_size, t.num_previews),
+        callbacks.append(Previews(paths, prepared.source_previews(source, cfg.model.image_size,
+                                                                  t.num_previews),
                                   t.preview_every_n_steps))
     callbacks.extend(extra_callbacks or [])
-    # Held-out evaluation (issue 14); a caller's own data module has no split to evaluate.
-    plan = plan_evaluation(t) if datamodule is None else EvalPlan()
+    # Held-out evaluation (issue 14); a caller's own data module has no split to evaluate, and a
+    # streamed (prepared) set is trained whole: its kNN monitor needs a separate eval_data folder.
+    plan = (plan_evaluation(t, split_data=source.kind == "memory") if datamodule is None
+            else EvalPlan())
     if plan.active:  # before SaveCheckpoints: a step's line is on disk before its checkpoint
         callbacks.insert(2, HeldOutMonitor(plan, paths.metrics, t.eval_every_n_steps,
                                            t.batch_size, recorder))
@@ -111,8 +123,8 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
         plugins=[AtomicCheckpointIO()], enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=str(paths.root), num_sanity_val_steps=0)
     model = MAELightning.from_config(cfg)
-    data = datamodule if datamodule is not None else MAEDataModule(
-        t.data, cfg.model.image_size, t.batch_size, t.num_workers or 0,
+    data = datamodule if datamodule is not None else prepared.make_datamodule(
+        source, cfg.model.image_size, t.batch_size, t.num_workers or 0, seed=t.seed,
         pin_memory=t.accelerator == "gpu")
     if plan.train is not None:  # the held-out images are never trained on
         data = TrainSplitDataModule(plan.train, cfg.model.image_size, t.batch_size,
@@ -258,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus
         command = [sys.executable, "-m", "mae_core.train", "--run-dir", str(paths.root.resolve())]
         os.execv(sys.executable, command + (["--resume"] if resume else []))
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+    if prepared.first_process():
         print(f"run directory: {paths.root}", flush=True)
     try:
         return run_training(cfg, paths, resume)

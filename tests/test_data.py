@@ -86,3 +86,21 @@ def test_a_file_and_an_empty_folder_are_refused(tmp_path):
 def test_the_embedded_photos_are_the_default():
     assert check_data("").files == len(find_images("")) >= 10
     assert all(os.path.isfile(p) for p in find_images(""))
+
+
+def test_optimize_command_prepares_a_folder_counts_skipped_and_refuses_bad_input(run_module, tmp_path):
+    for i in range(3):
+        _photo(tmp_path / "src" / "sub" / f"{i}.png", seed=i)  # found recursively
+    (tmp_path / "src" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    out = tmp_path / "prepared"
+    result = run_module("mae_core.data", "optimize", tmp_path / "src", out, "--workers", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "prepared 3 images (1 skipped: unreadable)" in result.stdout
+    summary = check_data(str(out))  # a prepared directory is a data set too
+    assert summary.files == 3
+    again = run_module("mae_core.data", "optimize", tmp_path / "src", out)
+    assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
+    small = run_module("mae_core.data", "optimize", tmp_path / "src", tmp_path / "x", "--short-side", "64")
+    assert small.returncode == 2 and "at least 256" in small.stderr
+    missing = run_module("mae_core.data", "optimize", tmp_path / "nope", tmp_path / "y")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr

@@ -349,6 +349,21 @@ def test_check_data_folder(ctx, tmp_path):
     assert 'data-kind="error"' in train.check_data_folder(ctx.manager, str(empty))
     samples = train.check_data_folder(ctx.manager, "")
     assert 'data-kind="ok"' in samples and "sample photos" in samples
+    assert "decoded into memory" in samples  # 17 photos: no preparation
+
+
+def test_check_data_folder_describes_a_prepared_set(ctx, tmp_path):
+    from mae_core.prepared import prepare
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 30), (10 * i, 200, 30)).save(photos / f"{i}.png")
+    (photos / "bad.jpg").write_bytes(b"nope")
+    prepare(str(photos), tmp_path / "prepared", workers=1, verbose=False)
+    found = train.check_data_folder(ctx.manager, str(tmp_path / "prepared"))
+    assert 'data-kind="ok"' in found and "prepared: 3 images (1 unreadable skipped)" in found
+    assert "MB on disk" in found
 
 
 def test_queue_is_offered_while_a_run_is_live_and_says_where_the_run_waits(ctx):

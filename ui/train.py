@@ -94,7 +94,13 @@ def check_data_folder(manager: Any, folder: str) -> str:
     except Exception as err:  # noqa: BLE001 - shown beside the field
         return render.notice("error", describe(err, "checking the data folder"))
     where = f"`{folder.strip()}`" if (folder or "").strip() else "the sample photos"
-    return render.notice("ok", f"{where}: {summary.files} image file(s) found.")
+    try:
+        from mae_core.prepared import data_note
+
+        note = " " + data_note((folder or "").strip())
+    except Exception:  # noqa: BLE001 - the count above is the answer; the note is extra
+        note = ""
+    return render.notice("ok", f"{where}: {summary.files} image file(s) found.{note}")
 
 
 def config_yaml_file(values: dict[str, Any]) -> str:

@@ -1,0 +1,399 @@
+"""Prepared data sets: a folder of images re-encoded once into LitData shards, streamed to every rank.
+
+``prepare`` walks a folder once and writes each readable image, its short side bounded, as JPEG
+bytes into LitData chunks (``litdata.optimize``) plus ``mae_manifest.json`` (source, count,
+skipped, sizes, date), into a temporary folder renamed into place at the end, so a prepared
+directory is always whole. ``StreamingDataset``/``StreamingDataLoader`` then read it: each rank
+(and each node) reads only its own share of the chunks, nothing is held in memory per rank, and the
+loader's position is saved in Lightning's checkpoint so a resumed run continues mid-epoch.
+
+A plain folder above :data:`AUTO_PREPARE_ABOVE` images is prepared automatically into a cache keyed
+by its path and content (file list, sizes, mtimes), by one process under a file lock. Smaller
+folders (the 17 embedded photos) keep the in-memory path of :mod:`mae_core.data`: decoding a few
+hundred images takes a second, preparing them would take longer than the run.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from torch import Tensor
+
+from mae_core.data import DataError, MAEDataModule, find_images, mae_augmentation
+from mae_core.data import preview_images as folder_previews
+from mae_core.fileio import atomic_write_json, fsync_dir, read_json
+from mae_core.images import ImageError, center_square, open_rgb
+
+MANIFEST_NAME = "mae_manifest.json"
+FORMAT_VERSION = 1
+# 2 × the largest training size (224): one prepared set serves every image size of the config.
+DEFAULT_SHORT_SIDE = 448
+MIN_SHORT_SIDE = 256
+# Up to this many image files a folder is decoded into memory per process (today's path, which
+# starts in about a second); above it the folder is prepared once and streamed.
+AUTO_PREPARE_ABOVE = 1000
+CACHE_ENV = "MAE_STUDIO_DATA_CACHE"
+REMOTE_SCHEMES = ("s3://", "gs://", "azure://", "hf://")
+RUN_DATA_NAME = "data.json"  # in the run directory: what the run trains on, for every rank
+JPEG_QUALITY = 90
+
+
+def is_remote(data: str) -> bool:
+    return data.startswith(REMOTE_SCHEMES)
+
+
+def is_prepared(data: str) -> bool:
+    return bool(data) and not is_remote(data) and (Path(data).expanduser() / MANIFEST_NAME).is_file()
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    manifest = read_json(Path(folder) / MANIFEST_NAME)
+    if not manifest or manifest.get("format") != FORMAT_VERSION or not manifest.get("count"):
+        raise DataError(f"{folder} is not a prepared data set of this version (its {MANIFEST_NAME} "
+                        "is missing or unreadable): prepare it again with "
+                        "python -m mae_core.data optimize")
+    return manifest
+
+
+# --- preparation -----------------------------------------------------------------------------
+
+def _encode(item: tuple[int, str], short_side: int) -> dict[str, Any] | None:
+    """One image as ``{"id", "image": JPEG bytes}``, short side at most ``short_side``; None
+    (skipped by ``optimize``) for a file that cannot be read."""
+    index, path = item
+    try:
+        image = open_rgb(path)
+    except ImageError as err:
+        print(f"skipping {err}", file=sys.stderr, flush=True)
+        return None
+    scale = short_side / min(image.size)
+    if scale < 1:
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return {"id": index, "image": buffer.getvalue()}
+
+
+def _shard_count(folder: Path) -> tuple[int, int]:
+    """(samples, bytes) of the LitData shards in ``folder``, from its ``index.json``."""
+    index = read_json(folder / "index.json") or {}
+    count = sum(int(chunk.get("chunk_size", 0)) for chunk in index.get("chunks", []))
+    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    return count, size
+
+
+def prepare(source: str, out: str | Path, short_side: int = DEFAULT_SHORT_SIDE,
+            workers: int | None = None, paths: list[Path] | None = None,
+            verbose: bool = True) -> dict[str, Any]:
+    """Prepare ``source`` (a folder, ``""`` for the sample photos) into ``out``; its manifest.
+
+    Everything is written into ``.<out>.tmp-<pid>`` beside ``out`` and renamed at the end: a kill
+    leaves no half-prepared set that looks whole.
+    """
+    import litdata
+
+    if not isinstance(short_side, int) or short_side < MIN_SHORT_SIDE:
+        raise DataError(f"short side must be an integer of at least {MIN_SHORT_SIDE}, got {short_side!r}")
+    out = Path(out).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"output folder {out} already exists and is not empty: choose a new one")
+    paths = paths if paths is not None else find_images(source)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    workers = max(1, min(workers or (os.cpu_count() or 1), len(paths)))
+    started = time.monotonic()
+    try:
+        litdata.optimize(fn=functools.partial(_encode, short_side=short_side),
+                         inputs=[(i, str(p)) for i, p in enumerate(paths)], output_dir=str(tmp),
+                         chunk_bytes="64MB", num_workers=workers, verbose=verbose,
+                         start_method="fork")
+        count, size = _shard_count(tmp)
+        if count == 0:
+            raise DataError(f"none of the {len(paths)} image files in {source or 'the sample photos'} "
+                            "can be read: all are corrupt or not images")
+        manifest = {"format": FORMAT_VERSION, "source": os.path.abspath(source) if source else "",
+                    "files": len(paths), "count": count, "skipped": len(paths) - count,
+                    "short_side": short_side, "bytes": size, "quality": JPEG_QUALITY,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "seconds": round(time.monotonic() - started, 2),
+                    "litdata": litdata.__version__}
+        atomic_write_json(tmp / MANIFEST_NAME, manifest)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+# --- the cache of automatically prepared folders ---------------------------------------------
+
+def cache_root() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mae_studio" / "prepared"
+    return Path(os.environ.get(CACHE_ENV) or default)
+
+
+def cache_key(folder: str, paths: list[Path], short_side: int) -> str:
+    """A digest of the folder's real path and content (each file's path, size and mtime): an
+    added, removed, replaced or touched file makes a new prepared set; nothing is read."""
+    digest = hashlib.sha256(json.dumps([FORMAT_VERSION, short_side, os.path.realpath(folder)]).encode())
+    for path in paths:
+        try:
+            st = path.stat()
+            digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{path}\0missing\n".encode())
+    return digest.hexdigest()[:24]
+
+
+def cache_dir(folder: str, paths: list[Path], short_side: int) -> Path:
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(folder).name)[:40]
+    return cache_root() / f"{name or 'data'}-{cache_key(folder, paths, short_side)}"
+
+
+def prepare_cached(folder: str, paths: list[Path] | None = None,
+                   short_side: int = DEFAULT_SHORT_SIDE, workers: int | None = None) -> Path:
+    """The prepared copy of ``folder`` in :func:`cache_root`, made once: the first process takes
+    the lock and prepares, the others wait on the lock and find it done."""
+    paths = paths if paths is not None else find_images(folder)
+    target = cache_dir(folder, paths, short_side)
+    if (target / MANIFEST_NAME).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if not (target / MANIFEST_NAME).is_file():
+            print(f"preparing {len(paths):,} images of {folder} into {target}", flush=True)
+            prepare(folder, target, short_side, workers, paths=paths)
+    return target
+
+
+# --- what a run trains on ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where a run's images come from: ``memory`` (a small folder decoded per process),
+    ``prepared`` (a local prepared directory), ``remote`` (a prepared set at a URL) or, from
+    :func:`describe` only, ``folder`` (a large folder not prepared yet)."""
+
+    kind: str
+    path: str
+    source: str  # what the run was given (--data)
+    files: int | None = None
+    count: int | None = None
+    skipped: int | None = None
+    bytes: int | None = None
+    short_side: int | None = None
+
+
+def describe(data: str, auto_prepare_above: int = AUTO_PREPARE_ABOVE,
+             paths: list[Path] | None = None) -> DataSource:
+    """What ``data`` is, without preparing anything (a folder's cache is looked up, not made)."""
+    if is_remote(data):
+        return DataSource("remote", data, data)
+    if is_prepared(data):
+        m = read_manifest(Path(data).expanduser())
+        return DataSource("prepared", str(Path(data).expanduser()), data, m.get("files"),
+                          m["count"], m.get("skipped"), m.get("bytes"), m.get("short_side"))
+    paths = paths if paths is not None else find_images(data)
+    if len(paths) <= auto_prepare_above:
+        return DataSource("memory", data, data, files=len(paths))
+    cached = cache_dir(data, paths, DEFAULT_SHORT_SIDE)
+    if (cached / MANIFEST_NAME).is_file():
+        found = describe(str(cached))
+        return DataSource("prepared", found.path, data, len(paths), found.count, found.skipped,
+                          found.bytes, found.short_side)
+    return DataSource("folder", data, data, files=len(paths))
+
+
+def held_in_memory(data: str, files: int | None) -> bool:
+    """Whether a run on ``data`` (a folder of ``files`` images) reads it in memory rather than
+    streaming a prepared set: what :func:`describe` decides, without walking the folder again."""
+    if is_remote(data) or is_prepared(data):
+        return False
+    return (files or 0) <= AUTO_PREPARE_ABOVE
+
+
+def resolve(data: str, workers: int | None = None,
+            auto_prepare_above: int = AUTO_PREPARE_ABOVE) -> DataSource:
+    """:func:`describe`, preparing a large folder into the cache when it is not there yet."""
+    paths = None if is_remote(data) or is_prepared(data) else find_images(data)
+    found = describe(data, auto_prepare_above, paths)
+    if found.kind != "folder":
+        return found
+    prepared = prepare_cached(data, paths, workers=workers)
+    return replace(describe(str(prepared)), source=data, files=len(paths or []))
+
+
+def first_process() -> bool:
+    """Global rank 0 of the job: not a rank Lightning launched (``LOCAL_RANK`` > 0), node 0, and
+    rank 0 of torchrun (``RANK``) or SLURM (``SLURM_PROCID``)."""
+    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
+    return rank == "0" and os.environ.get("LOCAL_RANK", "0") == "0" and \
+        os.environ.get("NODE_RANK", "0") == "0"
+
+
+def run_data(data: str, run_root: Path, timeout_s: float = 6 * 3600.0,
+             auto_prepare_above: int = AUTO_PREPARE_ABOVE) -> DataSource:
+    """The run's data source, decided once per run by the job's first process and recorded in
+    ``<run>/data.json``; every other rank and node reads it there (no walk per rank). A resumed run
+    keeps the prepared set it started on, so the saved loader position still matches."""
+    record = run_root / RUN_DATA_NAME
+    if first_process():
+        known = read_json(record)
+        if known and known.get("source") == data and (
+                known["kind"] in ("memory", "remote") or is_prepared(known["path"])):
+            return DataSource(**known)
+        found = resolve(data, auto_prepare_above=auto_prepare_above)
+        atomic_write_json(record, asdict(found))
+        return found
+    started, deadline = time.time(), time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        known = read_json(record)
+        if known and known.get("source") == data:
+            return DataSource(**known)
+        status = read_json(run_root / "status.json") or {}
+        # Failed in this session (a resumed run's status may still say a previous one failed).
+        if status.get("state") == "failed" and float(status.get("updated") or 0) >= started - 5:
+            raise DataError(f"the first process failed before it recorded the data set: "
+                            f"{status.get('error')}")
+        time.sleep(0.5)
+    raise DataError(f"the first process recorded no data set in {record} within {timeout_s:.0f} s")
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+def decode_jpeg(data: bytes, min_side: int) -> Tensor:
+    """uint8 (3, H, W) of JPEG ``data``, decoded at the smallest libjpeg scale (1/2, 1/4, 1/8)
+    whose short side is still at least ``min_side``: a 448 px set trained at 64 px decodes an
+    eighth of the pixels. At full scale torchvision's decoder skips PIL's copies."""
+    image = Image.open(io.BytesIO(data))
+    if min(image.size) >= 2 * min_side:
+        scale = min(image.size) / min_side
+        image.draft("RGB", (max(1, int(image.width / scale)), max(1, int(image.height / scale))))
+        image = image.convert("RGB")
+        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_jpeg as tv_decode
+
+    return tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+class DecodeAugment:
+    """The per-sample transform of a prepared set: decode at reduced size, MAE crop and flip."""
+
+    def __init__(self, image_size: int) -> None:
+        self.min_side = 2 * image_size  # as the in-memory cache: crops of scale 0.2 stay sharp
+        self.augment = mae_augmentation(image_size)
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        return {"image": self.augment(decode_jpeg(item["image"], self.min_side)), "id": item["id"]}
+
+
+def streaming_dataset(path: str, image_size: int | None, shuffle: bool, seed: int = 0) -> Any:
+    from litdata import StreamingDataset
+
+    transform = DecodeAugment(image_size) if image_size else None
+    return StreamingDataset(path, shuffle=shuffle, drop_last=True, seed=seed, transform=transform)
+
+
+def preview_images(path: str, image_size: int, count: int) -> Tensor:
+    """The prepared set's first ``count`` images, centre-cropped (the run's fixed previews)."""
+    dataset = streaming_dataset(path, None, shuffle=False)
+    images = [center_square(open_rgb(bytes(dataset[i]["image"])), image_size)
+              for i in range(min(count, len(dataset)))]
+    return torch.stack(images) if images else torch.empty(0, 3, image_size, image_size,
+                                                          dtype=torch.uint8)
+
+
+class StreamingMAEDataModule(pl.LightningDataModule):
+    """A prepared (local or remote) data set through LitData's ``StreamingDataLoader``.
+
+    Each rank reads its own share of the chunks (LitData splits them by the distributed world,
+    nodes included); Lightning saves the loader's ``state_dict`` in the checkpoint and restores it
+    on resume, so the interrupted epoch continues where it stopped. Batches are
+    ``{"image": uint8, "id": int}``; :meth:`on_before_batch_transfer` keeps the ids (``last_ids``,
+    the samples of the step about to run) and hands the model the images.
+    """
+
+    def __init__(self, path: str, image_size: int, batch_size: int, num_workers: int,
+                 seed: int = 0, pin_memory: bool | None = None) -> None:
+        super().__init__()
+        self.path = path
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.pin_memory = pin_memory
+        self.dataset: Any = None
+        self.last_ids: Tensor | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is None:
+            self.dataset = streaming_dataset(self.path, self.image_size, shuffle=True, seed=self.seed)
+
+    def train_dataloader(self) -> Any:
+        from litdata import StreamingDataLoader
+
+        pin = self.pin_memory
+        if pin is None:
+            pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        loader = StreamingDataLoader(self.dataset, batch_size=self.batch_size, drop_last=True,
+                                     num_workers=self.num_workers, pin_memory=pin,
+                                     persistent_workers=self.num_workers > 0)
+        if len(loader) == 0:
+            world = self.trainer.world_size if self.trainer else 1
+            raise DataError(f"the prepared data set {self.path} holds too few images for one batch "
+                            f"of {self.batch_size} on each of {world} processes")
+        return loader
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        self.last_ids = batch["id"]
+        return batch["image"]
+
+
+def make_datamodule(source: DataSource, image_size: int, batch_size: int, num_workers: int,
+                    seed: int = 0, pin_memory: bool | None = None) -> pl.LightningDataModule:
+    """The datamodule for ``source``: in memory for a small folder, streamed otherwise."""
+    if source.kind == "memory":
+        return MAEDataModule(source.path, image_size, batch_size, num_workers, pin_memory=pin_memory)
+    return StreamingMAEDataModule(source.path, image_size, batch_size, num_workers, seed, pin_memory)
+
+
+def source_previews(source: DataSource, image_size: int, count: int) -> Tensor:
+    if source.kind == "memory":
+        return folder_previews(source.path, image_size, count)
+    return preview_images(source.path, image_size, count)
+
+
+def data_note(data: str) -> str:
+    """One line for a person: how ``data`` will be read (the UI shows it beside the data field)."""
+    found = describe(data)
+    if found.kind == "remote":
+        return "a remote prepared data set: LitData streams it at start (credentials from the environment)."
+    if found.kind == "memory":
+        return f"up to {AUTO_PREPARE_ABOVE:,} images: decoded into memory by each process."
+    if found.kind == "folder":
+        return (f"more than {AUTO_PREPARE_ABOVE:,} images: prepared once (re-encoded into streamed "
+                f"shards under {cache_root()}) when the run starts.")
+    size = f"{(found.bytes or 0) / 1e6:,.1f} MB" if found.bytes is not None else "size unknown"
+    return (f"prepared: {found.count:,} images ({found.skipped or 0:,} unreadable skipped), {size} "
+            f"on disk at {found.path}.")

@@ -1,0 +1,222 @@
+"""Prepared data sets: the cache key, one preparation under a lock, what ``--data`` resolves to,
+reduced-size decoding, and real two-process gloo DDP runs that record every sample id they train on
+(``tests/record_ids.py``): disjoint shards, each sample once per epoch, and a resume that neither
+repeats nor skips the interrupted epoch's samples."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mae_core import prepared
+from mae_core.data import DataError, check_data, find_images
+from mae_core.rundir import RunPaths
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _photos(folder: Path, count: int, size=(40, 48)) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        pixels = np.random.default_rng(i).integers(0, 255, (*size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:03d}.jpg")
+    return folder
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(prepared.CACHE_ENV, str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_cache_key_follows_the_file_list_sizes_and_mtimes(tmp_path):
+    folder = _photos(tmp_path / "photos", 3)
+    key = prepared.cache_key(str(folder), find_images(str(folder)), 448)
+    assert prepared.cache_key(str(folder), find_images(str(folder)), 448) == key  # stable
+    assert prepared.cache_key(str(folder), find_images(str(folder)), 512) != key  # short side
+    first = folder / "000.jpg"
+    os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))
+    touched = prepared.cache_key(str(folder), find_images(str(folder)), 448)
+    assert touched != key
+    _photos(tmp_path / "more", 1)
+    (tmp_path / "more" / "000.jpg").rename(folder / "new.jpg")
+    added = prepared.cache_key(str(folder), find_images(str(folder)), 448)
+    assert added not in (key, touched)
+    (folder / "new.jpg").unlink()
+    assert prepared.cache_key(str(folder), find_images(str(folder)), 448) == touched  # removed again
+
+
+def test_prepare_skips_corrupt_files_bounds_the_short_side_and_leaves_no_temp(tmp_path):
+    src = _photos(tmp_path / "src", 3, size=(600, 900))
+    (src / "corrupt.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (src / "empty.png").write_bytes(b"")
+    manifest = prepared.prepare(str(src), tmp_path / "out", short_side=256, workers=1, verbose=False)
+    assert (manifest["files"], manifest["count"], manifest["skipped"]) == (5, 3, 2)
+    assert prepared.read_manifest(tmp_path / "out") == manifest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # the temp dir is gone
+    dataset = prepared.streaming_dataset(str(tmp_path / "out"), None, shuffle=False)
+    stored = Image.open(io.BytesIO(bytes(dataset[0]["image"])))
+    assert stored.format == "JPEG" and min(stored.size) == 256 and max(stored.size) == 384
+    assert sorted(int(dataset[i]["id"]) for i in range(len(dataset))) == [0, 1, 2]
+    with pytest.raises(DataError, match="not empty"):
+        prepared.prepare(str(src), tmp_path / "out", workers=1, verbose=False)
+    bad = _photos(tmp_path / "bad", 0)
+    (bad / "x.jpg").write_bytes(b"nope")
+    with pytest.raises(DataError, match="none of the 1 image files"):
+        prepared.prepare(str(bad), tmp_path / "out2", workers=1, verbose=False)
+    assert not (tmp_path / "out2").exists() and not list(tmp_path.glob(".out2*"))
+
+
+def test_decode_uses_a_reduced_jpeg_scale_only_when_the_crop_allows(tmp_path):
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((448, 600, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+    data = buffer.getvalue()
+    assert tuple(prepared.decode_jpeg(data, 64).shape) == (3, 112, 150)  # 1/4 scale, >= 64
+    assert tuple(prepared.decode_jpeg(data, 224).shape) == (3, 224, 300)  # 1/2 scale
+    assert tuple(prepared.decode_jpeg(data, 300).shape) == (3, 448, 600)  # 1/2 would be too small
+    item = prepared.DecodeAugment(32)({"image": data, "id": 7})
+    assert item["id"] == 7 and tuple(item["image"].shape) == (3, 32, 32)
+
+
+def test_data_resolves_to_memory_prepared_cache_or_remote(tmp_path, cache):
+    small = prepared.describe("")  # the 17 embedded photos stay on the in-memory path
+    assert small.kind == "memory" and small.files == 17
+    folder = _photos(tmp_path / "photos", 6)
+    assert prepared.describe(str(folder), auto_prepare_above=5).kind == "folder"  # not yet
+    found = prepared.resolve(str(folder), workers=1, auto_prepare_above=5)
+    assert found.kind == "prepared" and found.count == 6 and found.source == str(folder)
+    assert Path(found.path).parent == cache
+    again = prepared.describe(str(folder), auto_prepare_above=5)  # found in the cache now
+    assert again.kind == "prepared" and again.path == found.path
+    assert prepared.describe(found.path).kind == "prepared"
+    assert check_data(found.path).files == 6
+    assert prepared.describe("s3://bucket/set").kind == "remote"
+    with pytest.raises(DataError, match="prepare it again"):
+        (Path(found.path) / prepared.MANIFEST_NAME).write_text("{}")
+        prepared.describe(found.path)
+
+
+def test_one_process_prepares_while_the_others_wait(tmp_path, cache):
+    folder = _photos(tmp_path / "photos", 8)
+    code = ("import sys; from mae_core import prepared; "
+            "print('DIR', prepared.prepare_cached(sys.argv[1], workers=1))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=REPO_ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    dirs = {line for out in outputs for line in out.splitlines() if line.startswith("DIR")}
+    assert len(dirs) == 1, outputs
+    assert sum(out.count("preparing 8 images") for out in outputs) == 1, outputs
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 1
+
+
+# --- real DDP runs -------------------------------------------------------------------------------
+
+DDP = ["--devices", "2", "--accelerator", "cpu", "--image-size", "32", "--patch-size", "8",
+       "--batch-size", "4", "--num-previews", "0", "--checkpoint-every-n-steps", "1"]
+
+
+def _record(run_module, ids_dir: Path, run_dir: Path, data: Path, *flags: str):
+    result = run_module("tests.record_ids", ids_dir, *DDP, "--data", data, "--run-dir", run_dir, *flags)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def _steps(ids_dir: Path) -> dict[int, dict[int, list[int]]]:
+    """{rank: {step: ids}} of every step each rank trained, over every session of the run."""
+    seen: dict[int, dict[int, list[int]]] = {}
+    for rank in (0, 1):
+        for line in (ids_dir / f"rank{rank}.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            assert row["step"] not in seen.setdefault(rank, {}), f"step {row['step']} trained twice"
+            seen[rank][row["step"]] = row["ids"]
+    return seen
+
+
+def test_two_processes_shard_an_epoch_and_resume_mid_epoch_without_repeats(run_module, tmp_path):
+    src = _photos(tmp_path / "photos", 48)
+    data = tmp_path / "prepared"
+    prepared.prepare(str(src), data, workers=1, verbose=False)
+    ids_dir, run_dir = tmp_path / "ids", tmp_path / "runs" / "run"
+    # 48 images, 2 ranks × batch 4: an epoch is 6 steps. Stop after 3, then resume to 9.
+    _record(run_module, ids_dir, run_dir, data, "--max-steps", "3")
+    assert sorted(len(steps) for steps in _steps(ids_dir).values()) == [3, 3]
+    _record(run_module, ids_dir, run_dir, data, "--max-steps", "9", "--resume")
+    seen = _steps(ids_dir)
+    assert all(sorted(steps) == list(range(9)) for steps in seen.values())
+    epoch = {rank: [i for step in range(6) for i in steps[step]] for rank, steps in seen.items()}
+    assert not set(epoch[0]) & set(epoch[1])  # disjoint shards
+    assert sorted(epoch[0] + epoch[1]) == list(range(48))  # every sample once, across the resume
+    nxt = [i for steps in seen.values() for step in range(6, 9) for i in steps[step]]
+    assert len(set(nxt)) == len(nxt) == 24  # the next epoch starts afresh, still no repeats
+    record = json.loads((run_dir / prepared.RUN_DATA_NAME).read_text())
+    assert record["kind"] == "prepared" and record["count"] == 48
+    assert json.loads(RunPaths(run_dir).status.read_text())["state"] == "finished"
+
+
+def test_two_nodes_over_loopback_train_one_prepared_set_into_one_run(tmp_path):
+    """``torchrun --nnodes 2`` on 127.0.0.1, one CPU process per "node", one shared run directory:
+    every sample once per epoch across the nodes, and only node 0 writes the run's files."""
+    from helpers import free_port
+
+    from mae_core.process import clean_env
+
+    src = _photos(tmp_path / "photos", 32)
+    data = tmp_path / "prepared"
+    prepared.prepare(str(src), data, workers=1, verbose=False)
+    ids_dir, run_dir, port = tmp_path / "ids", tmp_path / "runs" / "run", free_port()
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
+               "-m", "tests.record_ids", str(ids_dir), "--devices", "1", "--num-nodes", "2",
+               "--accelerator", "cpu", "--image-size", "32", "--patch-size", "8", "--batch-size", "4",
+               "--num-previews", "0", "--max-steps", "4", "--data", str(data), "--run-dir", str(run_dir)]
+        procs.append(subprocess.Popen(cmd, cwd=REPO_ROOT, env=clean_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    try:
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    seen = _steps(ids_dir)  # 32 images, 2 nodes × batch 4: one epoch is 4 steps
+    epoch = [i for steps in seen.values() for step in range(4) for i in steps[step]]
+    assert sorted(epoch) == list(range(32))
+    paths = RunPaths(run_dir)
+    status = json.loads(paths.status.read_text())
+    assert status["state"] == "finished" and status["world_size"] == 2
+    steps = [row["step"] for row in paths.read_metrics() if "loss" in row]
+    assert steps == sorted(set(steps)) == [1, 2, 3, 4]  # one writer: each step logged once
+    assert "run directory:" in outputs[0] and "run directory:" not in outputs[1]
+
+
+def test_the_first_process_records_the_run_data_and_the_other_ranks_read_it(tmp_path, monkeypatch):
+    from mae_core.fileio import atomic_write_json
+
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setenv("RANK", "1")  # a torchrun rank: waits for the record
+    atomic_write_json(run / "status.json", {"state": "failed", "error": "disk full", "updated": 1.0})
+    with pytest.raises(DataError, match="recorded no data set"):  # an old failure is not this one
+        prepared.run_data("", run, timeout_s=1.0)
+    atomic_write_json(run / "status.json", {"state": "failed", "error": "disk full",
+                                            "updated": time.time()})
+    with pytest.raises(DataError, match="disk full"):
+        prepared.run_data("", run, timeout_s=30.0)
+    monkeypatch.setenv("RANK", "0")
+    first = prepared.run_data("", run)
+    assert first.kind == "memory" and (run / prepared.RUN_DATA_NAME).is_file()
+    monkeypatch.setenv("RANK", "1")
+    assert prepared.run_data("", run, timeout_s=1.0) == first
