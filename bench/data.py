@@ -82,17 +82,27 @@ def loaders(folder: Path, prepared_dir: Path, image_size: int, rounds: int = 6,
     """Loader-only images/s on one thread, no workers: (a) and (b) measured in alternating
     rounds, so a shared machine's changing load falls on both alike."""
     import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _loader_rates(folder, prepared_dir, image_size, rounds, seconds, batch)
+    finally:
+        torch.set_num_threads(threads)  # the caller's process (a test, say) keeps its threads
+
+
+def _loader_rates(folder: Path, prepared_dir: Path, image_size: int, rounds: int, seconds: float,
+                  batch: int) -> dict[str, float]:
     from litdata import StreamingDataLoader
     from torch.utils.data import DataLoader
 
     from mae_core import data, prepared
 
-    torch.set_num_threads(1)
-    data.CACHE_LIMIT_BYTES = 0  # today's path for a folder above the cache limit: PIL per sample
     paths = data.find_images(str(folder))
     for path in [*paths, *prepared_dir.iterdir()]:  # both from the page cache: decode, not disk
         path.read_bytes()
-    folder_set = data.ImageFolderDataset(paths, image_size)
+    # today's path for a folder above the in-memory cache's limit: PIL on every access
+    folder_set = data.ImageFolderDataset(paths, image_size, cache_limit_bytes=0)
     streams = {
         "a": itertools.cycle(DataLoader(folder_set, batch_size=batch, shuffle=True, drop_last=True)),
         "b": itertools.cycle(StreamingDataLoader(

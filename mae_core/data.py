@@ -21,7 +21,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from mae_core.images import ImageError, center_square, open_rgb, resize_short_side, to_tensor
+from mae_core.images import (
+    ImageError,
+    center_square,
+    open_rgb,
+    resize_short_side,
+    to_tensor,
+)
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +181,8 @@ class ImageFolderDataset(Dataset):
     ``length`` repeats a small data set so an epoch has at least a few full batches on every rank.
     """
 
-    def __init__(self, paths: list[Path], image_size: int, length: int | None = None) -> None:
+    def __init__(self, paths: list[Path], image_size: int, length: int | None = None,
+                 cache_limit_bytes: int = CACHE_LIMIT_BYTES) -> None:
         self.image_size = image_size
         self.stored_side = min(2 * image_size, 512)
         self.augment = mae_augmentation(image_size)
@@ -183,7 +190,7 @@ class ImageFolderDataset(Dataset):
         self.cache: list[Tensor] | None = None
         self.paths = list(paths)
         self.skipped = 0
-        if estimate <= CACHE_LIMIT_BYTES:
+        if estimate <= cache_limit_bytes:  # beyond it, decoded on every access
             self.cache = []
             for path in paths:
                 image = self._decode(path)

@@ -13,6 +13,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import asdict
 from typing import Any
 
@@ -21,7 +23,10 @@ import timm
 import torch
 import torch.nn.functional as F
 from lightly.models import utils
-from lightly.models.modules import MaskedVisionTransformerDecoderTIMM, MaskedVisionTransformerTIMM
+from lightly.models.modules import (
+    MaskedVisionTransformerDecoderTIMM,
+    MaskedVisionTransformerTIMM,
+)
 from lightly.models.modules.masked_vision_transformer_timm import init_weights
 from lightly.transforms.utils import IMAGENET_NORMALIZE
 from timm.optim import param_groups_weight_decay
@@ -79,6 +84,15 @@ def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gen
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return generator
+
+
+def warmup_cosine(step: int, warmup: int, total: int, start_factor: float = 1e-3) -> float:
+    """The lr factor at ``step``: linear warm-up from ``start_factor`` over ``warmup`` steps, then
+    a cosine decay to 0 at ``total`` (the MAE paper's schedule, per optimizer step)."""
+    if step < warmup:
+        return start_factor + (1 - start_factor) * step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class MaskedAutoencoder(nn.Module):
@@ -199,11 +213,9 @@ class MAELightning(pl.LightningModule):
                                       fused=self.device.type == "cuda")
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(total - 1, int(total * self.hparams.warmup_fraction))
-        schedules: list[torch.optim.lr_scheduler.LRScheduler] = [
-            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))]
-        if warmup > 0:
-            schedules.insert(0, torch.optim.lr_scheduler.LinearLR(
-                optimizer, start_factor=1e-3, total_iters=warmup))
-        scheduler = (schedules[0] if len(schedules) == 1 else torch.optim.lr_scheduler.SequentialLR(
-            optimizer, schedules, milestones=[warmup]))
+        # One LambdaLR whatever the warm-up: its state is only the step, so a run resumed with a
+        # new max_steps (a new warm-up and cosine length) continues from its step. (A SequentialLR
+        # of LinearLR + cosine cannot load the state of a run that had no warm-up, and the reverse.)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, functools.partial(warmup_cosine, warmup=warmup, total=total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

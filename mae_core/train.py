@@ -221,7 +221,8 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
     base = RunConfig.load(args.config) if args.config else RunConfig()
     cfg = base.with_overrides(**overrides).resolved()
     summary = check_data(cfg.train.data)
-    plan_evaluation(cfg.train)  # an impossible held-out split or eval_data is refused here
+    # An impossible held-out split or eval_data is refused here, before the run exists.
+    plan_evaluation(cfg.train, split_data=prepared.held_in_memory(cfg.train.data, summary.files))
     # process.json goes in before config.yaml (what makes the directory a run): a reader never
     # sees a live run that has no process to check.
     paths = create_run(cfg, runs_dir=args.runs_dir, run_dir=run_dir,

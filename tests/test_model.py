@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import pytest
@@ -247,3 +248,42 @@ def test_every_attention_block_uses_torchs_fused_sdpa():
     with TensorCalls() as calls:
         model.loss(_images(2, 32), idx_keep, idx_mask)
     assert calls.names.count("scaled_dot_product_attention") == encoder_depth + decoder_depth
+
+
+def _lrs(scheduler: torch.optim.lr_scheduler.LRScheduler, steps: int) -> list[float]:
+    optimizer = scheduler.optimizer
+    values = []
+    for _ in range(steps):
+        values.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return values
+
+
+def test_the_schedule_is_linear_warmup_then_cosine_and_survives_a_new_max_steps():
+    """The same rates as torch's LinearLR + CosineAnnealingLR; and its state (only the step)
+    loads into the schedule of a longer run, which continues from that step."""
+    from mae_core.model import warmup_cosine
+
+    def optimizer() -> torch.optim.Optimizer:
+        return torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+
+    ours = torch.optim.lr_scheduler.LambdaLR(
+        optimizer(), functools.partial(warmup_cosine, warmup=4, total=20))
+    reference_opt = optimizer()
+    reference = torch.optim.lr_scheduler.SequentialLR(reference_opt, [
+        torch.optim.lr_scheduler.LinearLR(reference_opt, start_factor=1e-3, total_iters=4),
+        torch.optim.lr_scheduler.CosineAnnealingLR(reference_opt, T_max=16)], milestones=[4])
+    assert _lrs(ours, 20) == pytest.approx(_lrs(reference, 20), abs=1e-9)
+
+    short = torch.optim.lr_scheduler.LambdaLR(optimizer(), functools.partial(
+        warmup_cosine, warmup=0, total=3))  # a 3-step run has no warm-up
+    _lrs(short, 3)
+    longer = torch.optim.lr_scheduler.LambdaLR(optimizer(), functools.partial(
+        warmup_cosine, warmup=1, total=9))
+    longer.load_state_dict(short.state_dict())
+    assert longer.last_epoch == 3
+    longer.optimizer.step()
+    longer.step()  # the next step's rate comes from the longer run's schedule
+    assert longer.get_last_lr()[0] == pytest.approx(0.1 * warmup_cosine(4, 1, 9))
+    assert longer.get_last_lr()[0] > 0

@@ -111,7 +111,11 @@ def test_run_streams_metrics_stops_and_resumes_to_the_end(manager):
     assert all(a["step"] < b["step"] and a["epoch"] <= b["epoch"] for a, b in zip(epochs, epochs[1:]))
     assert all(math.isfinite(r["epoch_loss"]) for r in epochs)
     lr = {r["step"]: r["lr"] for r in rows}
-    assert lr[stopped["step"] + 1] < lr[3], "learning-rate schedule restarted on resume"
+    # Past the warm-up (20% of 40 steps) the cosine decays: the resumed step continues it, where
+    # a restarted schedule would begin again at 1/1000 of the rate.
+    assert stopped["step"] > 8
+    assert 0.5 * lr[stopped["step"]] < lr[stopped["step"] + 1] <= lr[stopped["step"]], \
+        "learning-rate schedule restarted on resume"
     assert rows[-1]["elapsed_s"] > rows[stopped["step"] - 1]["elapsed_s"]
 
     model = load_model(manager.weights(run_id))
