@@ -324,7 +324,34 @@ class SaveCheckpoints(pl.Callback):
         self.save(trainer, pl_module)
 
 
-class Previews(pl.Callback):
+class EveryNSteps(pl.Callback):
+    """Does :meth:`act` for the untrained model (step 0), every ``every_n_steps`` optimizer steps
+    and once more at the end, unless :meth:`done_at` says that step's is already there: the
+    cadence of the previews, the held-out evaluation and the weight snapshots."""
+
+    every_n_steps: int
+
+    def act(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        raise NotImplementedError
+
+    def done_at(self, step: int) -> bool:
+        raise NotImplementedError
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step == 0:
+            self.act(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
+                           ) -> None:
+        if optimizer_stepped(trainer) and trainer.global_step % self.every_n_steps == 0:
+            self.act(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.done_at(trainer.global_step):
+            self.act(trainer, pl_module)
+
+
+class Previews(EveryNSteps):
     """Reconstructions of a fixed set of images on a fixed mask, every N steps: ``previews/step_*.png``."""
 
     def __init__(self, paths: RunPaths, images: torch.Tensor, every_n_steps: int) -> None:
@@ -345,14 +372,8 @@ class Previews(pl.Callback):
             board.experiment.add_image("previews", np.asarray(image), trainer.global_step,
                                        dataformats="HWC")
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.global_step == 0:
-            self.write(trainer, pl_module)
+    def act(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.write(trainer, pl_module)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if optimizer_stepped(trainer) and trainer.global_step % self.every_n_steps == 0:
-            self.write(trainer, pl_module)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not (self.paths.previews / f"step_{trainer.global_step:07d}.png").exists():
-            self.write(trainer, pl_module)
+    def done_at(self, step: int) -> bool:
+        return (self.paths.previews / f"step_{step:07d}.png").exists()

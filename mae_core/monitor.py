@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from mae_core import features
-from mae_core.callbacks import optimizer_stepped, tensorboard
+from mae_core.callbacks import EveryNSteps, tensorboard
 from mae_core.config import AUTO_VAL_FRACTION, AUTO_VAL_MIN_IMAGES, TrainConfig
 from mae_core.data import DataError, HeldOutSplit, fixed_crops, split_folder
 from mae_core.features import knn_accuracy
@@ -162,7 +162,7 @@ class _Share:
         self.per_rank = math.ceil(len(paths) / world)  # the same on every rank: gather's size
 
 
-class HeldOutMonitor(pl.Callback):
+class HeldOutMonitor(EveryNSteps):
     """Evaluates an :class:`EvalPlan` at step 0, every ``every_n_steps`` and at the end; rank 0
     appends ``{"step", "epoch", "val_loss", "knn_*"}`` to ``metrics.jsonl`` and TensorBoard.
 
@@ -194,18 +194,11 @@ class HeldOutMonitor(pl.Callback):
             print(f"held-out evaluation every {self.every_n_steps} steps: {self.plan.describe()}",
                   flush=True)
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.global_step == 0:  # the freshly initialised encoder: the curve's baseline
-            self.run(trainer, pl_module)
+    def act(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.run(trainer, pl_module)  # step 0: the freshly initialised encoder, the baseline
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
-                           ) -> None:
-        if optimizer_stepped(trainer) and trainer.global_step % self.every_n_steps == 0:
-            self.run(trainer, pl_module)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._evaluated_step != trainer.global_step:
-            self.run(trainer, pl_module)
+    def done_at(self, step: int) -> bool:
+        return self._evaluated_step == step
 
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Evaluate on every rank (collectives inside), then write the line on rank 0."""

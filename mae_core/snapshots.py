@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 
-from mae_core.callbacks import optimizer_stepped
+from mae_core.callbacks import EveryNSteps
 from mae_core.fileio import atomic_write
 from mae_core.rundir import RunPaths
 from mae_core.weights import WeightsError, read_metadata, save_weights
@@ -67,7 +67,7 @@ def history_image(train: Any, image_size: int) -> tuple[str, torch.Tensor]:
     return "the run's first preview photo (trained on)", images[0]
 
 
-class WeightSnapshots(pl.Callback):
+class WeightSnapshots(EveryNSteps):
     """Saves ``model.safetensors``-style snapshots at step 0, every ``every_n_steps`` and at the
     end, keeping the newest ``keep`` (atomic writes; rank 0)."""
 
@@ -103,15 +103,8 @@ class WeightSnapshots(pl.Callback):
             return False
         return True
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.global_step == 0:  # the freshly initialised model: the history's "before"
-            self.save(trainer, pl_module)
+    def act(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.save(trainer, pl_module)  # step 0: the freshly initialised model, the history's "before"
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
-                           ) -> None:
-        if optimizer_stepped(trainer) and trainer.global_step % self.every_n_steps == 0:
-            self.save(trainer, pl_module)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not snapshot_path(self.run_root, trainer.global_step).exists():
-            self.save(trainer, pl_module)
+    def done_at(self, step: int) -> bool:
+        return snapshot_path(self.run_root, step).exists()
