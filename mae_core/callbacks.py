@@ -183,6 +183,11 @@ class ProgressRecorder(pl.Callback):
             self._last_status = now
             self.write_progress(trainer)
 
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning logs the epoch's mean loss right after this hook: the step lines go first,
+        # so metrics.jsonl stays in step order (an incremental reader relies on it).
+        self.flush(trainer)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.flush(trainer)
 

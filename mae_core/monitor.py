@@ -219,6 +219,8 @@ class HeldOutMonitor(EveryNSteps):
         row["eval_s"] = time.perf_counter() - started
         self.last_row = row
         if trainer.is_global_zero:
+            if self.recorder is not None:  # its pending step lines first: the file stays in step order
+                self.recorder.flush(trainer)
             append_line(self.metrics_path, json.dumps(row))
             board = tensorboard(trainer)
             if board is not None:

@@ -28,7 +28,7 @@ from typing import Any
 from mae_core import process as proc
 from mae_core.config import RunConfig
 from mae_core.data import check_data
-from mae_core.fileio import atomic_write_json, read_json
+from mae_core.fileio import atomic_write_json, read_json, remove_stale_temp_files
 from mae_core.process import PROJECT_ROOT  # noqa: F401 - re-exported for callers and tests
 from mae_core.rundir import LIVE_STATES, RunPaths, create_run, valid_run_id
 from mae_core.runqueue import RunQueue
@@ -396,6 +396,9 @@ class RunManager:
         # means our group is already empty: Linux does not reuse a pid that still names a group.
         if isinstance(pid, int) and proc.process_start_time(pid) in (None, info.get("start_time")):
             proc.kill_group(pid, signal.SIGKILL)
+        # A kill during a save leaves the save's temp file: its writer is dead now, so it goes
+        # (a failed run's folder holds only files that load).
+        remove_stale_temp_files(paths.root)
         status = paths.read_status()
         if status.get("state") not in LIVE_STATES:
             return status

@@ -9,7 +9,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from mae_core.callbacks import ProgressRecorder, SaveCheckpoints, StopOnRequest
+from mae_core.callbacks import JsonlLogger, ProgressRecorder, SaveCheckpoints, StopOnRequest
 from mae_core.config import ModelConfig
 from mae_core.data import MAEDataModule
 from mae_core.model import MAELightning
@@ -50,9 +50,10 @@ class LossProbe(pl.Callback):
             self.lines_at_step[trainer.global_step] = len(self.paths.read_metrics())
 
 
-def _fit(paths: RunPaths, callbacks: list[pl.Callback], steps: int) -> pl.Trainer:
+def _fit(paths: RunPaths, callbacks: list[pl.Callback], steps: int, logger: Any = False
+         ) -> pl.Trainer:
     paths.root.mkdir(parents=True, exist_ok=True)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False,
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=logger,
                          enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=callbacks)
     trainer.fit(MAELightning(model=SMALL.__dict__, lr=1e-3),
@@ -97,3 +98,16 @@ def test_a_checkpoint_never_gets_ahead_of_the_curve(tmp_path):
     _fit(paths, [recorder, SaveCheckpoints(paths, 2, recorder), probe], steps=4)
     assert probe.lines_at_step[2] == 2 and probe.lines_at_step[4] == 4
     assert len(paths.read_metrics()) == 4
+
+
+def test_the_curve_stays_in_step_order_across_epoch_ends(tmp_path):
+    """The epoch's mean loss is logged after the epoch's step lines, not before the pending ones
+    (an incremental reader of metrics.jsonl keeps its place by step)."""
+    paths = RunPaths(tmp_path / "run")
+    recorder = ProgressRecorder(paths, flush_every_s=NEVER)
+    _fit(paths, [recorder], steps=12, logger=JsonlLogger(paths.metrics))
+    rows = paths.read_metrics()
+    assert any("epoch_loss" in row for row in rows[:-1]), "an epoch ended within the run"
+    steps = [row["step"] for row in rows]
+    assert steps == sorted(steps)
+    assert [row["step"] for row in rows if "loss" in row] == list(range(1, 13))

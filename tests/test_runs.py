@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -395,3 +396,19 @@ def test_a_run_id_that_names_no_run_directory_gets_a_clear_refusal(manager, run_
         with pytest.raises(RunError, match="no run named") as err:
             call(run_id)
         assert len(str(err.value)) < 300  # the id is cut short, not echoed 5,000 times
+
+
+def test_a_run_found_dead_loses_the_temp_files_of_its_interrupted_save(tmp_path):
+    """A kill during a save leaves ``.last.ckpt.<pid>.*.tmp``; the run reported failed has none."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # a pid that ran a trainer and is gone
+    record = {"pid": child.pid, "start_time": "1", "host": socket.gethostname()}
+    paths = create_run(tiny_config().resolved(), runs_dir=tmp_path, state="running",
+                       process=record)
+    interrupted = paths.root / f".last.ckpt.{child.pid}.abcd_123.tmp"
+    in_flight = paths.root / f".status.json.{os.getpid()}.wxyz_789.tmp"  # a live writer's
+    interrupted.write_bytes(b"half a checkpoint")
+    in_flight.write_text("{")
+    status = RunManager(tmp_path).status(paths.run_id)
+    assert status["state"] == "failed"
+    assert not interrupted.exists() and in_flight.exists()
