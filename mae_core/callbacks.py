@@ -23,7 +23,13 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 
 from mae_core.config import ModelConfig
-from mae_core.fileio import append_line, append_lines, atomic_write, fsync_file, remove_stale_temp_files
+from mae_core.fileio import (
+    append_line,
+    append_lines,
+    atomic_write,
+    fsync_file,
+    remove_stale_temp_files,
+)
 from mae_core.flops import training_flops_per_image
 from mae_core.hardware import device_peak, mfu
 from mae_core.model import MAELightning

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import asdict
@@ -31,6 +32,7 @@ from lightly.models.modules.masked_vision_transformer_timm import init_weights
 from lightly.transforms.utils import IMAGENET_NORMALIZE
 from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mae_core.config import ModelConfig
 
@@ -40,6 +42,31 @@ def create_vit(cfg: ModelConfig) -> nn.Module:
     (head included), no download."""
     return timm.create_model(cfg.encoder_name, pretrained=False,
                              img_size=cfg.image_size, patch_size=cfg.patch_size)
+
+
+def adamw(params: Any, lr: float, device: torch.device) -> torch.optim.AdamW:
+    """The MAE paper's AdamW (betas 0.9, 0.95), fused into one kernel where PyTorch has one.
+
+    Fused on the CPU too: measured on the 2-core machine, one AdamW step of vit-small took 50 ms
+    fused against 225 ms with the default multi-tensor loop (vit-tiny 14 against 50 ms), up to a
+    sixth of a whole training step.
+    """
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95),
+                             fused=torch.device(device).type in ("cuda", "cpu"))
+
+
+def training_attention(device: torch.device) -> contextlib.AbstractContextManager:
+    """The attention kernel a training step on ``device`` should use under the autocast in force.
+
+    On the CPU in bf16, PyTorch's flash-attention backward is the slowest op of an MAE step (43% of
+    a vit-tiny step at 64 px, 11 ms per call against 2 ms in fp32); the plain math kernel (bf16
+    matmuls and a softmax) is much faster at MAE's short sequences: 220 against 320 ms per step.
+    Everywhere else the default choice stands.
+    """
+    if (torch.device(device).type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+        return sdpa_kernel([SDPBackend.MATH])
+    return contextlib.nullcontext()
 
 
 def apply_policy(model: MaskedAutoencoder, policy: str) -> None:
@@ -199,7 +226,8 @@ class MAELightning(pl.LightningModule):
     def training_step(self, images: Tensor, batch_idx: int) -> Tensor:
         idx_keep, idx_mask = draw_token_mask(images.shape[0], self.cfg.num_patches,
                                              self.cfg.mask_ratio, self._mask_generator)
-        loss = self._forward_loss(images, idx_keep, idx_mask)
+        with training_attention(images.device):
+            loss = self._forward_loss(images, idx_keep, idx_mask)
         # The per-step curve is rank 0's loss (no extra communication every step); the epoch
         # summary in metrics.jsonl is the mean over every step of every rank.
         self.log("epoch_loss", loss.detach(), on_step=False, on_epoch=True, sync_dist=True)
@@ -209,8 +237,7 @@ class MAELightning(pl.LightningModule):
         groups = param_groups_weight_decay(
             self.mae, self.hparams.weight_decay,
             no_weight_decay_list=("*cls_token", "*pos_embed", "*mask_token"))
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=(0.9, 0.95),
-                                      fused=self.device.type == "cuda")
+        optimizer = adamw(groups, self.hparams.lr, self.device)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(total - 1, int(total * self.hparams.warmup_fraction))
         # One LambdaLR whatever the warm-up: its state is only the step, so a run resumed with a

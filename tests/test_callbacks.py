@@ -9,7 +9,12 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from mae_core.callbacks import JsonlLogger, ProgressRecorder, SaveCheckpoints, StopOnRequest
+from mae_core.callbacks import (
+    JsonlLogger,
+    ProgressRecorder,
+    SaveCheckpoints,
+    StopOnRequest,
+)
 from mae_core.config import ModelConfig
 from mae_core.data import MAEDataModule
 from mae_core.model import MAELightning

@@ -7,15 +7,21 @@ import functools
 import math
 
 import pytest
-import torch
 import pytorch_lightning as pl
+import torch
 from lightly.models import utils as lightly_utils
 from torch import nn
 
 from mae_core.config import ModelConfig
 from mae_core.data import MAEDataModule
-from mae_core.model import (MAELightning, MaskedAutoencoder, create_vit, draw_token_mask,
-                            seeded_generator)
+from mae_core.model import (
+    MAELightning,
+    MaskedAutoencoder,
+    create_vit,
+    draw_token_mask,
+    seeded_generator,
+    training_attention,
+)
 from tests.helpers import SYNC_OPS, TensorCalls
 
 SMALL = ModelConfig(preset="vit-tiny", image_size=32, patch_size=8,  # 16 patches, embed 192
@@ -233,6 +239,7 @@ def test_a_training_step_reads_nothing_back_from_the_device():
                          enable_model_summary=False)
     trainer.fit(module, datamodule=MAEDataModule("", SMALL.image_size, 4, 0))
     assert trainer.global_step == 3
+    assert trainer.optimizers[0].defaults["fused"], "one fused AdamW kernel, on the CPU too"
     names = module.calls.names
     assert names.count("backward") == 3 and "scaled_dot_product_attention" in names
     assert not set(names) & SYNC_OPS, [n for n in names if n in SYNC_OPS]
@@ -248,6 +255,24 @@ def test_every_attention_block_uses_torchs_fused_sdpa():
     with TensorCalls() as calls:
         model.loss(_images(2, 32), idx_keep, idx_mask)
     assert calls.names.count("scaled_dot_product_attention") == encoder_depth + decoder_depth
+
+
+def _attention_ops(autocast: bool) -> set[str]:
+    """The attention ops of one training forward and backward on the CPU, as the trainer runs it."""
+    model = MaskedAutoencoder(SMALL)
+    idx_keep, idx_mask = draw_token_mask(2, SMALL.num_patches, SMALL.mask_ratio, seeded_generator(0))
+    with torch.profiler.profile() as prof:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+                training_attention(torch.device("cpu")):
+            loss = model.loss(_images(2, 32), idx_keep, idx_mask)
+        loss.backward()
+    return {event.key for event in prof.key_averages() if "scaled_dot_product" in event.key}
+
+
+def test_cpu_bf16_training_runs_the_math_attention_kernel_not_the_slow_flash_backward():
+    assert any("flash_attention_for_cpu_backward" in op for op in _attention_ops(autocast=False))
+    bf16 = _attention_ops(autocast=True)
+    assert any("math" in op for op in bf16) and not any("flash" in op for op in bf16), bf16
 
 
 def _lrs(scheduler: torch.optim.lr_scheduler.LRScheduler, steps: int) -> list[float]:
