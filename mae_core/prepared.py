@@ -36,7 +36,7 @@ from torch import Tensor
 
 from mae_core.data import DataError, MAEDataModule, find_images, mae_augmentation
 from mae_core.data import preview_images as folder_previews
-from mae_core.fileio import atomic_write_json, fsync_dir, read_json
+from mae_core.fileio import atomic_write_json, atomic_write_text, fsync_dir, read_json
 from mae_core.images import ImageError, center_square, open_rgb
 
 MANIFEST_NAME = "mae_manifest.json"
@@ -72,7 +72,36 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 
 # --- preparation -----------------------------------------------------------------------------
 
-def _encode(item: tuple[int, str], short_side: int) -> dict[str, Any] | None:
+# Files done by this encoding process since it started: counted into ``<progress>/done-<pid>``.
+_DONE: dict[str, Any] = {"count": 0, "written": 0.0, "progress": None}
+PROGRESS_EVERY_S = 0.5
+
+
+def _count_done(progress: str | None) -> None:
+    """One more file done; every half second the total goes to this process's progress file (each
+    ``optimize`` worker has its own, the reader sums them: no lock, no shared counter)."""
+    if _DONE["progress"] != progress:  # a new preparation in this (long-lived) process
+        _DONE.update(count=0, written=0.0, progress=progress)
+    _DONE["count"] += 1
+    now = time.monotonic()
+    if progress and now - _DONE["written"] >= PROGRESS_EVERY_S:
+        _DONE["written"] = now
+        atomic_write_text(Path(progress) / f"done-{os.getpid()}", str(_DONE["count"]))
+
+
+def progress_done(progress: str | Path) -> int:
+    """Files the encoding processes that report into ``progress`` have done (read or skipped)."""
+    done = 0
+    for path in Path(progress).glob("done-*"):
+        try:
+            done += int(path.read_text() or 0)
+        except (OSError, ValueError):  # a file being replaced: counted at the next look
+            continue
+    return done
+
+
+def _encode(item: tuple[int, str], short_side: int,
+            progress: str | None = None) -> dict[str, Any] | None:
     """One image as ``{"id", "image": JPEG bytes}``, short side at most ``short_side``; None
     (skipped by ``optimize``) for a file that cannot be read."""
     index, path = item
@@ -81,6 +110,8 @@ def _encode(item: tuple[int, str], short_side: int) -> dict[str, Any] | None:
     except ImageError as err:
         print(f"skipping {err}", file=sys.stderr, flush=True)
         return None
+    finally:
+        _count_done(progress)
     scale = short_side / min(image.size)
     if scale < 1:
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
@@ -100,9 +131,10 @@ def _shard_count(folder: Path) -> tuple[int, int]:
 
 def prepare(source: str, out: str | Path, short_side: int = DEFAULT_SHORT_SIDE,
             workers: int | None = None, paths: list[Path] | None = None,
-            verbose: bool = True) -> dict[str, Any]:
+            verbose: bool = True, progress: str | Path | None = None) -> dict[str, Any]:
     """Prepare ``source`` (a folder, ``""`` for the sample photos) into ``out``; its manifest.
 
+    ``progress``: a folder the encoding processes count their files into (:func:`progress_done`).
     Everything is written into ``.<out>.tmp-<pid>`` beside ``out`` and renamed at the end: a kill
     leaves no half-prepared set that looks whole.
     """
@@ -120,7 +152,9 @@ def prepare(source: str, out: str | Path, short_side: int = DEFAULT_SHORT_SIDE,
     workers = max(1, min(workers or (os.cpu_count() or 1), len(paths)))
     started = time.monotonic()
     try:
-        litdata.optimize(fn=functools.partial(_encode, short_side=short_side),
+        encode = functools.partial(_encode, short_side=short_side,
+                                   progress=str(progress) if progress else None)
+        litdata.optimize(fn=encode,
                          inputs=[(i, str(p)) for i, p in enumerate(paths)], output_dir=str(tmp),
                          chunk_bytes="64MB", num_workers=workers, verbose=verbose,
                          start_method="fork")
@@ -170,7 +204,8 @@ def cache_dir(folder: str, paths: list[Path], short_side: int) -> Path:
 
 
 def prepare_cached(folder: str, paths: list[Path] | None = None,
-                   short_side: int = DEFAULT_SHORT_SIDE, workers: int | None = None) -> Path:
+                   short_side: int = DEFAULT_SHORT_SIDE, workers: int | None = None,
+                   progress: str | Path | None = None) -> Path:
     """The prepared copy of ``folder`` in :func:`cache_root`, made once: the first process takes
     the lock and prepares, the others wait on the lock and find it done."""
     paths = paths if paths is not None else find_images(folder)
@@ -182,7 +217,7 @@ def prepare_cached(folder: str, paths: list[Path] | None = None,
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
         if not (target / MANIFEST_NAME).is_file():
             print(f"preparing {len(paths):,} images of {folder} into {target}", flush=True)
-            prepare(folder, target, short_side, workers, paths=paths)
+            prepare(folder, target, short_side, workers, paths=paths, progress=progress)
     return target
 
 
@@ -384,16 +419,52 @@ def source_previews(source: DataSource, image_size: int, count: int) -> Tensor:
     return preview_images(source.path, image_size, count)
 
 
-def data_note(data: str) -> str:
-    """One line for a person: how ``data`` will be read (the UI shows it beside the data field)."""
-    found = describe(data)
+def survey(data: str) -> DataSource:
+    """What the data field holds, for a person before Start: :func:`describe`, plus a folder's
+    size on disk and, for a folder read in memory, how many of its files are not images (a header
+    check: a large folder's unreadable files are counted when it is prepared)."""
+    if is_remote(data) or is_prepared(data):
+        return describe(data)
+    paths = find_images(data)
+    found = describe(data, paths=paths)
+    if found.kind == "prepared":
+        return found
+    size = 0
+    for path in paths:
+        try:
+            size += path.stat().st_size
+        except OSError:
+            continue
+    skipped = sum(not _has_image_header(p) for p in paths) if found.kind == "memory" else None
+    return replace(found, bytes=size, skipped=skipped)
+
+
+def _has_image_header(path: Path) -> bool:
+    try:
+        with Image.open(path) as image:
+            return image.width > 0 and image.height > 0
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+def _size(bytes_: int | None) -> str:
+    if bytes_ is None:
+        return "size unknown"
+    return f"{bytes_ / 1e9:,.2f} GB" if bytes_ >= 1e9 else f"{bytes_ / 1e6:,.1f} MB"
+
+
+def data_note(data: str, found: DataSource | None = None) -> str:
+    """How ``data`` will be read, for a person (the UI shows it beside the data field)."""
+    found = found or survey(data)
     if found.kind == "remote":
         return "a remote prepared data set: LitData streams it at start (credentials from the environment)."
     if found.kind == "memory":
-        return f"up to {AUTO_PREPARE_ABOVE:,} images: decoded into memory by each process."
+        bad = f", {found.skipped:,} of them not images (skipped)" if found.skipped else ""
+        return (f"{_size(found.bytes)} on disk{bad}; up to {AUTO_PREPARE_ABOVE:,} images: decoded "
+                "into memory by each process.")
     if found.kind == "folder":
-        return (f"more than {AUTO_PREPARE_ABOVE:,} images: prepared once (re-encoded into streamed "
-                f"shards under {cache_root()}) when the run starts.")
-    size = f"{(found.bytes or 0) / 1e6:,.1f} MB" if found.bytes is not None else "size unknown"
-    return (f"prepared: {found.count:,} images ({found.skipped or 0:,} unreadable skipped), {size} "
-            f"on disk at {found.path}.")
+        return (f"{_size(found.bytes)} on disk; not prepared yet. More than {AUTO_PREPARE_ABOVE:,} "
+                f"images: prepared once (re-encoded into streamed shards under {cache_root()}) "
+                "when the run starts, or now with Prepare; unreadable files are counted then.")
+    return (f"prepared: {found.count:,} images ({found.skipped or 0:,} unreadable skipped), "
+            f"{_size(found.bytes)} on disk at {found.path}.")

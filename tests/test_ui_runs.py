@@ -224,3 +224,29 @@ def test_evaluate_refusals_reach_the_page_as_messages(ctx, tmp_path):
     with pytest.raises(UserError, match="someone-else"):
         next(runs.evaluation_updates(ctx, evaluations, paths.run_id, "", False))
     assert not (paths.root / "evaluation.json").exists()
+
+
+def test_the_table_names_each_runs_data_set(ctx, tmp_path):
+    from mae_core.prepared import RUN_DATA_NAME
+
+    queued = make_run(ctx, "queued", data_files=17)  # not started: the config's folder
+    memory = make_run(ctx, "finished")
+    atomic_write_json(memory.root / RUN_DATA_NAME, {"kind": "memory", "path": "", "source": "",
+                                                    "files": 17})
+    cached = make_run(ctx, "finished")
+    atomic_write_json(cached.root / RUN_DATA_NAME, {
+        "kind": "prepared", "path": "/cache/photos-abc", "source": "/data/photos", "files": 20001,
+        "count": 20000, "skipped": 1})
+    given = make_run(ctx, "finished")
+    atomic_write_json(given.root / RUN_DATA_NAME, {"kind": "prepared", "path": "/data/prep",
+                                                   "source": "/data/prep", "count": 5000})
+    remote = make_run(ctx, "finished")
+    atomic_write_json(remote.root / RUN_DATA_NAME, {"kind": "remote", "path": "s3://b/p",
+                                                    "source": "s3://b/p"})
+    cells = {row[0]: dict(zip(runs.HEADERS, row, strict=True))["data (images)"]
+             for row in runs.table_rows(ctx, ctx.manager.list())}
+    assert cells[queued.run_id] == "sample photos (17 files found)"
+    assert cells[memory.run_id] == "sample photos (17 images, in memory)"
+    assert cells[cached.run_id] == "/data/photos (20,000 images, prepared at /cache/photos-abc)"
+    assert cells[given.run_id] == "/data/prep (5,000 images, prepared)"
+    assert cells[remote.run_id] == "s3://b/p (remote, streamed)"
