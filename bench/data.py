@@ -68,6 +68,13 @@ def generate(folder: Path, count: int, procs: int = 2) -> float:
     return time.monotonic() - started
 
 
+def _forever(loader: Any) -> Any:
+    """Batches of ``loader``, epoch after epoch (``itertools.cycle`` would replay the first
+    epoch's batches from memory, without loading anything)."""
+    while True:
+        yield from loader
+
+
 def _rate(iterator: Any, seconds: float) -> tuple[int, float]:
     """(images, seconds) drawn from ``iterator`` of batches for about ``seconds``."""
     seen, started = 0, time.monotonic()
@@ -104,8 +111,8 @@ def _loader_rates(folder: Path, prepared_dir: Path, image_size: int, rounds: int
     # today's path for a folder above the in-memory cache's limit: PIL on every access
     folder_set = data.ImageFolderDataset(paths, image_size, cache_limit_bytes=0)
     streams = {
-        "a": itertools.cycle(DataLoader(folder_set, batch_size=batch, shuffle=True, drop_last=True)),
-        "b": itertools.cycle(StreamingDataLoader(
+        "a": _forever(DataLoader(folder_set, batch_size=batch, shuffle=True, drop_last=True)),
+        "b": _forever(StreamingDataLoader(
             prepared.streaming_dataset(str(prepared_dir), image_size, shuffle=True),
             batch_size=batch, num_workers=0, drop_last=True)),
     }

@@ -51,6 +51,10 @@ CACHE_ENV = "MAE_STUDIO_DATA_CACHE"
 REMOTE_SCHEMES = ("s3://", "gs://", "azure://", "hf://")
 RUN_DATA_NAME = "data.json"  # in the run directory: what the run trains on, for every rank
 JPEG_QUALITY = 90
+# Each image is also stored as a small copy of this short side: a low-resolution run (64 px, the
+# CPU's size) crops from it whenever the crop still holds the output's pixels, and decodes ~1/10 of
+# the bytes. (A full decode is libjpeg's Huffman decoding of every byte, even at a 1/8 scale.)
+SMALL_SIDE = 160
 
 
 def is_remote(data: str) -> bool:
@@ -102,8 +106,9 @@ def progress_done(progress: str | Path) -> int:
 
 def _encode(item: tuple[int, str], short_side: int,
             progress: str | None = None) -> dict[str, Any] | None:
-    """One image as ``{"id", "image": JPEG bytes}``, short side at most ``short_side``; None
-    (skipped by ``optimize``) for a file that cannot be read."""
+    """One image as ``{"id", "image": JPEG bytes, "small": JPEG bytes}``, short sides at most
+    ``short_side`` and :data:`SMALL_SIDE`; None (skipped by ``optimize``) for a file that cannot be
+    read."""
     index, path = item
     try:
         image = open_rgb(path)
@@ -112,13 +117,22 @@ def _encode(item: tuple[int, str], short_side: int,
         return None
     finally:
         _count_done(progress)
+    image = _bounded(image, short_side)
+    return {"id": index, "image": _jpeg(image), "small": _jpeg(_bounded(image, SMALL_SIDE))}
+
+
+def _bounded(image: Image.Image, short_side: int) -> Image.Image:
     scale = short_side / min(image.size)
-    if scale < 1:
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    if scale >= 1:
+        return image
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+
+
+def _jpeg(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
-    return {"id": index, "image": buffer.getvalue()}
+    return buffer.getvalue()
 
 
 def _shard_count(folder: Path) -> tuple[int, int]:
@@ -164,7 +178,8 @@ def prepare(source: str, out: str | Path, short_side: int = DEFAULT_SHORT_SIDE,
                             "can be read: all are corrupt or not images")
         manifest = {"format": FORMAT_VERSION, "source": os.path.abspath(source) if source else "",
                     "files": len(paths), "count": count, "skipped": len(paths) - count,
-                    "short_side": short_side, "bytes": size, "quality": JPEG_QUALITY,
+                    "short_side": short_side, "small_side": SMALL_SIDE, "bytes": size,
+                    "quality": JPEG_QUALITY,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "seconds": round(time.monotonic() - started, 2),
                     "litdata": litdata.__version__}
@@ -316,31 +331,62 @@ def run_data(data: str, run_root: Path, timeout_s: float = 6 * 3600.0,
 
 # --- reading -----------------------------------------------------------------------------------
 
-def decode_jpeg(data: bytes, min_side: int) -> Tensor:
-    """uint8 (3, H, W) of JPEG ``data``, decoded at the smallest libjpeg scale (1/2, 1/4, 1/8)
-    whose short side is still at least ``min_side``: a 448 px set trained at 64 px decodes an
-    eighth of the pixels. At full scale torchvision's decoder skips PIL's copies."""
-    image = Image.open(io.BytesIO(data))
-    if min(image.size) >= 2 * min_side:
-        scale = min(image.size) / min_side
-        image.draft("RGB", (max(1, int(image.width / scale)), max(1, int(image.height / scale))))
-        image = image.convert("RGB")
-        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-    from torchvision.io import ImageReadMode
-    from torchvision.io import decode_jpeg as tv_decode
-
-    return tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-
-
 class DecodeAugment:
-    """The per-sample transform of a prepared set: decode at reduced size, MAE crop and flip."""
+    """The per-sample transform of a prepared set: lightly ``MAETransform``'s random resized crop
+    (bicubic, antialiased) and horizontal flip, with the crop drawn before any pixel is decoded.
+
+    The crop box is drawn from the JPEG header's size alone; then the least work that still gives
+    the crop at least the output's pixels (never upsampled more than from the full-size image) is
+    chosen: the small copy (:data:`SMALL_SIDE`) if its part of the box is large enough, else the
+    full one; each at the smallest libjpeg scale (1/8, 1/4, 1/2; PIL ``draft``) that still allows
+    it. A reduced decode is cropped, resized and flipped in PIL and only the output becomes a
+    tensor; a full-size one is decoded by torchvision (libjpeg-turbo) and resized on uint8.
+    """
 
     def __init__(self, image_size: int) -> None:
-        self.min_side = 2 * image_size  # as the in-memory cache: crops of scale 0.2 stay sharp
-        self.augment = mae_augmentation(image_size)
+        crop = mae_augmentation(image_size).transforms[0]  # the crop read from MAETransform itself
+        self.size, self.scale, self.ratio = image_size, list(crop.scale), list(crop.ratio)
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
-        return {"image": self.augment(decode_jpeg(item["image"], self.min_side)), "id": item["id"]}
+        return {"image": self.crop_flip(item["image"], item.get("small")), "id": item["id"]}
+
+    def crop_flip(self, data: bytes, small: bytes | None = None) -> Tensor:
+        """uint8 (3, size, size): a random resized crop of JPEG ``data`` (or of its ``small``
+        copy, the same picture at a lower resolution), flipped half the time."""
+        from torchvision.transforms import RandomResizedCrop
+        from torchvision.transforms.v2 import functional as F
+
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        top, left, h, w = RandomResizedCrop.get_params(image, self.scale, self.ratio)
+        flip = torch.rand(1).item() < 0.5
+        if small is not None:
+            thumb = Image.open(io.BytesIO(small))
+            if min(w * thumb.width / width, h * thumb.height / height) >= self.size:
+                image = thumb
+        fx, fy = image.width / width, image.height / height
+        box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
+        reduce = next(r for r in (8, 4, 2, 1)
+                      if r == 1 or min(box[2] - box[0], box[3] - box[1]) >= r * self.size)
+        if reduce == 1 and image.width == width:  # full size: libjpeg-turbo through torchvision
+            pixels = _decode_full(data)[:, top:top + h, left:left + w]
+            out = F.resize(pixels, [self.size, self.size], antialias=True,
+                           interpolation=F.InterpolationMode.BICUBIC)
+            return out.flip(-1) if flip else out
+        if reduce > 1:
+            full = image.size
+            image.draft("RGB", (-(-full[0] // reduce), -(-full[1] // reduce)))
+            box = tuple(v * image.width / full[0] for v in box)
+        out = image.convert("RGB").resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
+        if flip:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def _decode_full(data: bytes) -> Tensor:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
 def streaming_dataset(path: str, image_size: int | None, shuffle: bool, seed: int = 0) -> Any:
