@@ -8,7 +8,8 @@ photos, quality 90), then measures, in one sitting on this machine:
   does above its cache limit) and (b) the prepared set (:mod:`mae_core.prepared`);
 - the time to prepare the folder (``prepare``, 2 encoding processes here);
 - each training process's peak RSS with 1 and 2 CPU DDP processes on prepared sets of the
-  small count (``--small``, 2,000) and the full count, and the time from launch to the first step.
+  small count (``--small``, 2,000) and the full count, and the time from launch to the first step,
+  beside the time a fresh process takes only to import ``mae_core.train`` (its floor).
 
 Run it niced on a shared machine; the report prints the load average it ran under.
 """
@@ -159,6 +160,17 @@ def train_run(data_dir: Path, devices: int, root: Path, steps: int = 6) -> dict[
             "total_s": round(time.monotonic() - started, 1)}
 
 
+def import_seconds(repeats: int = 2) -> float:
+    """The fastest of ``repeats`` fresh ``python -c "import mae_core.train"``: the part of launch →
+    first step that is importing torch, Lightning, timm and lightly, whatever the data."""
+    times = []
+    for _ in range(repeats):
+        started = time.monotonic()
+        subprocess.run([sys.executable, "-c", "import mae_core.train"], env=child_env(), check=True)
+        times.append(time.monotonic() - started)
+    return round(min(times), 1)
+
+
 def _group(pgid: int) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
@@ -211,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.loaders_only:
         print(json.dumps(out, indent=2))
         return 0
+    out["import_mae_core_train_s"] = import_seconds()
+    print(f"import mae_core.train: {out['import_mae_core_train_s']} s", flush=True)
     out["training"] = [{"images": count, **train_run(path, devices, root)}
                        for count, path in sets.items() for devices in (1, 2)]
     for row in out["training"]:

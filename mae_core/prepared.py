@@ -377,6 +377,8 @@ class DecodeAugment:
             full = image.size
             image.draft("RGB", (-(-full[0] // reduce), -(-full[1] // reduce)))
             box = tuple(v * image.width / full[0] for v in box)
+        box = (max(0.0, box[0]), max(0.0, box[1]), min(float(image.width), box[2]),
+               min(float(image.height), box[3]))  # a float's last bit past the edge is refused
         out = image.convert("RGB").resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
         if flip:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

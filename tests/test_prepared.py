@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mae_core import prepared
@@ -127,6 +128,21 @@ def test_crops_keep_maetransforms_distribution_whatever_the_decode(tmp_path, siz
     assert 70 < boxes[:, 4].sum() < 130  # flipped about half the time
     old = {"image": item["image"], "id": 7}  # a set prepared before the small copies existed
     assert tuple(prepared.DecodeAugment(32)(old)["image"].shape) == (3, 32, 32)
+
+
+def test_crops_of_any_image_shape_come_out_whole(tmp_path):
+    """Odd, tiny, extreme and already-small images (the small copy is then the image itself):
+    every output is uint8 (3, size, size); a float's last bit past the edge is not an error."""
+    rng = np.random.default_rng(0)
+    for width, height in [(33, 47), (300, 257), (1001, 999), (161, 160), (17, 900)]:
+        pixels = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "odd.png")
+        item = prepared._encode((0, str(tmp_path / "odd.png")), short_side=448)
+        for size in (16, 32, 64, 224):
+            transform = prepared.DecodeAugment(size)
+            for _ in range(15):
+                out = transform(item)["image"]
+                assert out.dtype == torch.uint8 and tuple(out.shape) == (3, size, size)
 
 
 def test_data_resolves_to_memory_prepared_cache_or_remote(tmp_path, cache):
