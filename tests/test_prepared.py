@@ -80,8 +80,6 @@ def test_prepare_skips_corrupt_files_bounds_the_short_side_and_leaves_no_temp(tm
 def _crop_boxes(item: dict, size: int, samples: int) -> np.ndarray:
     """(x0, y0, x1, y1, flipped) in [0, 1] of each of ``samples`` crops of a gradient image whose
     red channel is x and green channel is y: read back from the crops' edge pixels."""
-    import torch
-
     torch.manual_seed(0)
     transform = prepared.DecodeAugment(size)
     boxes = []
