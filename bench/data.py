@@ -21,6 +21,7 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -130,16 +131,21 @@ def _loader_rates(folder: Path, prepared_dir: Path, image_size: int, rounds: int
             "prepared_images_per_s_per_core": round(b, 1), "ratio": round(b / a, 2)}
 
 
-def train_run(data_dir: Path, devices: int, root: Path, steps: int = 6) -> dict[str, Any]:
-    """One short CPU DDP run: every training process's peak RSS and launch → first step."""
-    run_dir = root / f"run-{data_dir.name}-{devices}"
+def train_run(data_dir: Path, devices: int, root: Path, steps: int = 6,
+              threads: int | None = None) -> dict[str, Any]:
+    """One short CPU DDP run: every training process's peak RSS, launch → first step, and of that
+    the part inside ``trainer.fit`` (the first step's own compute: ``elapsed_s`` of its line).
+    ``threads`` sets ``OMP_NUM_THREADS`` (default: torch's, all cores per single process)."""
+    run_dir = root / f"run-{data_dir.name}-{devices}{f'-t{threads}' if threads else ''}"
+    shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "mae_core.train", "--data", str(data_dir), "--run-dir", str(run_dir),
            "--devices", str(devices), "--accelerator", "cpu", "--max-steps", str(steps),
            "--image-size", "64", "--batch-size", "16", "--num-previews", "0",
            "--checkpoint-every-n-steps", "1000"]
     started = time.monotonic()
     with open(root / f"{run_dir.name}.log", "w") as log:
-        proc = subprocess.Popen(cmd, env=child_env(), stdout=log, stderr=subprocess.STDOUT,
+        env = child_env(**({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     peaks: dict[int, int] = {}
     first_step = None
@@ -154,8 +160,11 @@ def train_run(data_dir: Path, devices: int, root: Path, steps: int = 6) -> dict[
     finally:
         stop_group(proc)
     ranks = sorted(peaks.values(), reverse=True)[:devices]  # the ranks; helpers are far smaller
-    return {"devices": devices, "returncode": proc.returncode,
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if '"elapsed_s"' in line] if (run_dir / "metrics.jsonl").exists() else []
+    return {"devices": devices, "threads": threads or "default", "returncode": proc.returncode,
             "first_step_s": round(first_step, 1) if first_step else None,
+            "first_step_in_fit_s": round(rows[0]["elapsed_s"], 1) if rows else None,
             "peak_rss_mib_per_process": [round(r / 2**20) for r in ranks],
             "total_s": round(time.monotonic() - started, 1)}
 
@@ -190,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=224, help="loader measurement size")
     parser.add_argument("--loaders-only", action="store_true",
                         help="only the loader measurement (on an existing --workdir)")
+    parser.add_argument("--training-only", action="store_true",
+                        help="only the training runs (on an existing --workdir), merged into --out")
     parser.add_argument("--workdir", default=None, help="keep the generated data here")
     parser.add_argument("--out", default=str(Path(__file__).with_name("results-data.json")))
     args = parser.parse_args(argv)
@@ -199,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     out: dict[str, Any] = {"images": args.images, "load_average_before": load_average(),
                            "cores": os.cpu_count()}
+    if args.training_only:  # the earlier sitting's data and loader figures stay, with its load
+        earlier = json.loads(Path(args.out).read_text())
+        earlier["loader_sitting_load_average"] = [earlier.pop("load_average_before", None),
+                                                  earlier.pop("load_average_after", None)]
+        out = {**earlier, **out}
     folder = root / "folder"
     if not folder.exists():
         out["generate_s"] = round(generate(folder, args.images), 1)
@@ -217,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         sets[count] = target
         if f"prepare_{count}_s" in out:
             print(f"prepared {count:,}: {out[f'prepare_{count}_s']} s", flush=True)
-    for size in sorted({64, args.image_size}):
+    for size in sorted({64, args.image_size}) if not args.training_only else ():
         out[f"loader_{size}px"] = loaders(folder, sets[args.images], size)
         print(f"loader {size}px: {out[f'loader_{size}px']}", flush=True)
     if args.loaders_only:
@@ -227,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"import mae_core.train: {out['import_mae_core_train_s']} s", flush=True)
     out["training"] = [{"images": count, **train_run(path, devices, root)}
                        for count, path in sets.items() for devices in (1, 2)]
+    # One process with one thread: on a shared (oversubscribed) CPU, two spinning OpenMP threads
+    # can make a step several times slower than one.
+    out["training"].append({"images": args.images, **train_run(sets[args.images], 1, root, threads=1)})
     for row in out["training"]:
         print(f"train: {row}", flush=True)
     out["load_average_after"] = load_average()
