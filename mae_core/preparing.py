@@ -148,6 +148,10 @@ class Preparations:
             job = self._jobs[folder] = Preparation(folder, workers)
             return job
 
+    def running(self) -> list[str]:
+        """The folders being prepared now."""
+        return [folder for folder, job in list(self._jobs.items()) if not job.progress().finished]
+
     def get(self, folder: str) -> Preparation | None:
         return self._jobs.get(folder)
 

@@ -77,6 +77,11 @@ def test_prepare_shows_progress_then_the_prepared_set(tmp_path, cache, jobs):
 def test_cancel_stops_the_preparation_and_the_folder_stays_unprepared(tmp_path, cache, jobs):
     folder = _folder(tmp_path / "large", prepared.AUTO_PREPARE_ABOVE + 1)
     datafield.start_preparing(jobs, str(folder))
+    again = datafield.start_preparing(jobs, f" {folder} ")  # a reloaded page finds it again
+    assert again["preparing"] == str(folder) and jobs.running() == [str(folder)]
+    other = _folder(tmp_path / "other", prepared.AUTO_PREPARE_ABOVE + 1)
+    with pytest.raises(UserError, match="is being prepared: wait for it or cancel it first"):
+        datafield.start_preparing(jobs, str(other))
     cancelled = datafield.cancel_preparing(jobs, str(folder))
     assert "Preparation cancelled" in cancelled["progress"] and 'data-kind="warn"' in cancelled["progress"]
     assert "not prepared yet" in cancelled["info"] and not cancelled["timer"].active

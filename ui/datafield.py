@@ -77,8 +77,12 @@ def _buttons(running: bool) -> dict[str, Any]:
 def start_preparing(jobs: Preparations, folder: str | None) -> dict[str, Any]:
     """Start preparing ``folder`` in the background (or show the one already under way)."""
     data = (folder or "").strip()
+    busy = [other for other in jobs.running() if other != data]
+    if busy:  # one at a time: the page follows (and cancels) one preparation
+        raise UserError(f"`{busy[0] or 'the sample photos'}` is being prepared: wait for it or "
+                        "cancel it first.")
     _preparable(data)
-    job = jobs.start(data)
+    job = jobs.start(data)  # the same folder again: its running preparation, shown anew
     return {"preparing": data, "progress": progress_html(job.progress()), **_buttons(True)}
 
 
