@@ -360,7 +360,8 @@ class DecodeAugment:
         width, height = image.size
         top, left, h, w = RandomResizedCrop.get_params(image, self.scale, self.ratio)
         flip = torch.rand(1).item() < 0.5
-        if small is not None:
+        # (the small copy's short side is SMALL_SIDE: its header is read only when it may do)
+        if small is not None and min(w, h) * SMALL_SIDE >= self.size * min(width, height) * 0.98:
             thumb = Image.open(io.BytesIO(small))
             if min(w * thumb.width / width, h * thumb.height / height) >= self.size:
                 image = thumb
