@@ -1,5 +1,6 @@
-"""Preparing a large folder in the background, for the app: progress while it runs, and a cancel
-that leaves nothing half-written.
+"""The app's side of prepared data: what a data field holds (:func:`survey`, :func:`data_note`), and
+preparing a large folder in the background, with its progress and a cancel that leaves nothing
+half-written.
 
 A preparation is its own process (``python -m mae_core.preparing FOLDER PROGRESS_DIR``, in its own
 session like a trainer): a cancel then ends it and its LitData encoding workers with one signal to
@@ -19,9 +20,9 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mae_core.fileio import atomic_write_json, read_json
 from mae_core.process import (
@@ -31,10 +32,76 @@ from mae_core.process import (
     terminate_group,
 )
 
+if TYPE_CHECKING:
+    from mae_core.prepared import DataSource
+
 JOB_NAME = "job.json"
 RESULT_NAME = "result.json"
 LOG_NAME = "prepare.log"
 
+
+# --- what the data field holds ------------------------------------------------------------------
+
+def survey(data: str) -> DataSource:
+    """What the data field holds, for a person before Start: :func:`describe`, plus a folder's
+    size on disk and, for a folder read in memory, how many of its files are not images (a header
+    check: a large folder's unreadable files are counted when it is prepared)."""
+    # (imported here: mae_core.prepared imports torch and Lightning, the app's page need not wait)
+    from mae_core.data import find_images
+    from mae_core.prepared import describe, is_prepared, is_remote
+
+    if is_remote(data) or is_prepared(data):
+        return describe(data)
+    paths = find_images(data)
+    found = describe(data, paths=paths)
+    if found.kind == "prepared":
+        return found
+    size = 0
+    for path in paths:
+        try:
+            size += path.stat().st_size
+        except OSError:
+            continue
+    skipped = sum(not _has_image_header(p) for p in paths) if found.kind == "memory" else None
+    return replace(found, bytes=size, skipped=skipped)
+
+
+def _has_image_header(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.width > 0 and image.height > 0
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+def _size(bytes_: int | None) -> str:
+    if bytes_ is None:
+        return "size unknown"
+    return f"{bytes_ / 1e9:,.2f} GB" if bytes_ >= 1e9 else f"{bytes_ / 1e6:,.1f} MB"
+
+
+def data_note(data: str, found: DataSource | None = None) -> str:
+    """How ``data`` will be read, for a person (the UI shows it beside the data field)."""
+    from mae_core.prepared import AUTO_PREPARE_ABOVE, cache_root
+
+    found = found or survey(data)
+    if found.kind == "remote":
+        return "a remote prepared data set: LitData streams it at start (credentials from the environment)."
+    if found.kind == "memory":
+        bad = f", {found.skipped:,} of them not images (skipped)" if found.skipped else ""
+        return (f"{_size(found.bytes)} on disk{bad}; up to {AUTO_PREPARE_ABOVE:,} images: decoded "
+                "into memory by each process.")
+    if found.kind == "folder":
+        return (f"{_size(found.bytes)} on disk; not prepared yet. More than {AUTO_PREPARE_ABOVE:,} "
+                f"images: prepared once (re-encoded into streamed shards under {cache_root()}) "
+                "when the run starts, or now with Prepare; unreadable files are counted then.")
+    return (f"prepared: {found.count:,} images ({found.skipped or 0:,} unreadable skipped), "
+            f"{_size(found.bytes)} on disk at {found.path}.")
+
+
+# --- a preparation in the background -------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Progress:

@@ -23,7 +23,8 @@ def data_info(folder: str | None) -> str:
     """What the data field holds: image files found, unreadable ones, prepared or not, size on disk;
     or why it cannot be trained on."""
     from mae_core.data import check_data
-    from mae_core.prepared import data_note, is_prepared, is_remote, survey
+    from mae_core.prepared import is_prepared, is_remote
+    from mae_core.preparing import data_note, survey
 
     data = (folder or "").strip()
     try:
@@ -40,7 +41,7 @@ def data_info(folder: str | None) -> str:
 
 def _preparable(data: str) -> None:
     """Refuse what Prepare cannot or need not do, saying why."""
-    from mae_core.prepared import survey
+    from mae_core.preparing import survey
 
     found = survey(data)
     if found.kind == "remote":
