@@ -186,7 +186,8 @@ def test_evaluate_reports_progress_then_the_table_and_the_runs_table_shows_it(ct
     torch.manual_seed(0)
     save_weights(MaskedAutoencoder(MODEL), paths.weights, step=4)
     [row] = runs.table_rows(ctx, ctx.manager.list())
-    assert row[-1] == "–"  # not evaluated yet
+    knn = runs.HEADERS.index("kNN top-1 % (pretrained / random init)")
+    assert row[knn] == "–"  # not evaluated yet
     before = runs.refresh(ctx, paths.run_id, None)
     assert before["evaluation"] == ""
     updates = list(runs.evaluation_updates(ctx, runs.Evaluations(), paths.run_id,
@@ -198,7 +199,7 @@ def test_evaluate_reports_progress_then_the_table_and_the_runs_table_shows_it(ct
     saved = json.loads((paths.root / "evaluation.json").read_text())
     trained, random_init = saved["trained"]["knn_top1"], saved["random_init"]["knn_top1"]
     [row] = runs.table_rows(ctx, ctx.manager.list())
-    assert row[-1] == f"{trained:.1f} / {random_init:.1f} ({trained - random_init:+.1f})"
+    assert row[knn] == f"{trained:.1f} / {random_init:.1f} ({trained - random_init:+.1f})"
     after = runs.refresh(ctx, paths.run_id, before["sig"])
     assert "evaluation-result" in after["evaluation"] and "table" in after
     assert "evaluation" not in runs.refresh(ctx, paths.run_id, after["sig"])  # unchanged
@@ -243,10 +244,10 @@ def test_the_table_names_each_runs_data_set(ctx, tmp_path):
     remote = make_run(ctx, "finished")
     atomic_write_json(remote.root / RUN_DATA_NAME, {"kind": "remote", "path": "s3://b/p",
                                                     "source": "s3://b/p"})
-    cells = {row[0]: dict(zip(runs.HEADERS, row, strict=True))["data (images)"]
+    cells = {row[0]: dict(zip(runs.HEADERS, row, strict=True))["data"]
              for row in runs.table_rows(ctx, ctx.manager.list())}
     assert cells[queued.run_id] == "sample photos (17 files found)"
     assert cells[memory.run_id] == "sample photos (17 images, in memory)"
-    assert cells[cached.run_id] == "/data/photos (20,000 images, prepared at /cache/photos-abc)"
+    assert cells[cached.run_id] == "/data/photos (20,000 images, prepared)"
     assert cells[given.run_id] == "/data/prep (5,000 images, prepared)"
     assert cells[remote.run_id] == "s3://b/p (remote, streamed)"
