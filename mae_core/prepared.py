@@ -377,7 +377,8 @@ class DecodeAugment:
         if reduce > 1:
             full = image.size
             image.draft("RGB", (-(-full[0] // reduce), -(-full[1] // reduce)))
-            box = tuple(v * image.width / full[0] for v in box)
+            sx, sy = image.width / full[0], image.height / full[1]
+            box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
         box = (max(0.0, box[0]), max(0.0, box[1]), min(float(image.width), box[2]),
                min(float(image.height), box[3]))  # a float's last bit past the edge is refused
         out = image.convert("RGB").resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
