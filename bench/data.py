@@ -8,7 +8,8 @@ photos, quality 90), then measures, in one sitting on this machine:
   does above its cache limit) and (b) the prepared set (:mod:`mae_core.prepared`);
 - the time to prepare the folder (``prepare``, 2 encoding processes here);
 - each training process's peak RSS with 1 and 2 CPU DDP processes on prepared sets of the
-  small count (``--small``, 2,000) and the full count, and the time from launch to the first step.
+  small count (``--small``, 2,000) and the full count, and the time from launch to the first step,
+  beside the time a fresh process takes only to import ``mae_core.train`` (its floor).
 
 Run it niced on a shared machine; the report prints the load average it ran under.
 """
@@ -20,6 +21,7 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -68,6 +70,13 @@ def generate(folder: Path, count: int, procs: int = 2) -> float:
     return time.monotonic() - started
 
 
+def _forever(loader: Any) -> Any:
+    """Batches of ``loader``, epoch after epoch (``itertools.cycle`` would replay the first
+    epoch's batches from memory, without loading anything)."""
+    while True:
+        yield from loader
+
+
 def _rate(iterator: Any, seconds: float) -> tuple[int, float]:
     """(images, seconds) drawn from ``iterator`` of batches for about ``seconds``."""
     seen, started = 0, time.monotonic()
@@ -104,8 +113,8 @@ def _loader_rates(folder: Path, prepared_dir: Path, image_size: int, rounds: int
     # today's path for a folder above the in-memory cache's limit: PIL on every access
     folder_set = data.ImageFolderDataset(paths, image_size, cache_limit_bytes=0)
     streams = {
-        "a": itertools.cycle(DataLoader(folder_set, batch_size=batch, shuffle=True, drop_last=True)),
-        "b": itertools.cycle(StreamingDataLoader(
+        "a": _forever(DataLoader(folder_set, batch_size=batch, shuffle=True, drop_last=True)),
+        "b": _forever(StreamingDataLoader(
             prepared.streaming_dataset(str(prepared_dir), image_size, shuffle=True),
             batch_size=batch, num_workers=0, drop_last=True)),
     }
@@ -122,16 +131,21 @@ def _loader_rates(folder: Path, prepared_dir: Path, image_size: int, rounds: int
             "prepared_images_per_s_per_core": round(b, 1), "ratio": round(b / a, 2)}
 
 
-def train_run(data_dir: Path, devices: int, root: Path, steps: int = 6) -> dict[str, Any]:
-    """One short CPU DDP run: every training process's peak RSS and launch → first step."""
-    run_dir = root / f"run-{data_dir.name}-{devices}"
+def train_run(data_dir: Path, devices: int, root: Path, steps: int = 6,
+              threads: int | None = None) -> dict[str, Any]:
+    """One short CPU DDP run: every training process's peak RSS, launch → first step, and of that
+    the part inside ``trainer.fit`` (the first step's own compute: ``elapsed_s`` of its line).
+    ``threads`` sets ``OMP_NUM_THREADS`` (default: torch's, all cores per single process)."""
+    run_dir = root / f"run-{data_dir.name}-{devices}{f'-t{threads}' if threads else ''}"
+    shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "mae_core.train", "--data", str(data_dir), "--run-dir", str(run_dir),
            "--devices", str(devices), "--accelerator", "cpu", "--max-steps", str(steps),
            "--image-size", "64", "--batch-size", "16", "--num-previews", "0",
            "--checkpoint-every-n-steps", "1000"]
     started = time.monotonic()
     with open(root / f"{run_dir.name}.log", "w") as log:
-        proc = subprocess.Popen(cmd, env=child_env(), stdout=log, stderr=subprocess.STDOUT,
+        env = child_env(**({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     peaks: dict[int, int] = {}
     first_step = None
@@ -146,10 +160,24 @@ def train_run(data_dir: Path, devices: int, root: Path, steps: int = 6) -> dict[
     finally:
         stop_group(proc)
     ranks = sorted(peaks.values(), reverse=True)[:devices]  # the ranks; helpers are far smaller
-    return {"devices": devices, "returncode": proc.returncode,
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if '"elapsed_s"' in line] if (run_dir / "metrics.jsonl").exists() else []
+    return {"devices": devices, "threads": threads or "default", "returncode": proc.returncode,
             "first_step_s": round(first_step, 1) if first_step else None,
+            "first_step_in_fit_s": round(rows[0]["elapsed_s"], 1) if rows else None,
             "peak_rss_mib_per_process": [round(r / 2**20) for r in ranks],
             "total_s": round(time.monotonic() - started, 1)}
+
+
+def import_seconds(repeats: int = 2) -> float:
+    """The fastest of ``repeats`` fresh ``python -c "import mae_core.train"``: the part of launch →
+    first step that is importing torch, Lightning, timm and lightly, whatever the data."""
+    times = []
+    for _ in range(repeats):
+        started = time.monotonic()
+        subprocess.run([sys.executable, "-c", "import mae_core.train"], env=child_env(), check=True)
+        times.append(time.monotonic() - started)
+    return round(min(times), 1)
 
 
 def _group(pgid: int) -> list[int]:
@@ -171,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=224, help="loader measurement size")
     parser.add_argument("--loaders-only", action="store_true",
                         help="only the loader measurement (on an existing --workdir)")
+    parser.add_argument("--training-only", action="store_true",
+                        help="only the training runs (on an existing --workdir), merged into --out")
     parser.add_argument("--workdir", default=None, help="keep the generated data here")
     parser.add_argument("--out", default=str(Path(__file__).with_name("results-data.json")))
     args = parser.parse_args(argv)
@@ -180,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     out: dict[str, Any] = {"images": args.images, "load_average_before": load_average(),
                            "cores": os.cpu_count()}
+    if args.training_only:  # the earlier sitting's data and loader figures stay, with its load
+        earlier = json.loads(Path(args.out).read_text())
+        earlier["loader_sitting_load_average"] = [earlier.pop("load_average_before", None),
+                                                  earlier.pop("load_average_after", None)]
+        out = {**earlier, **out}
     folder = root / "folder"
     if not folder.exists():
         out["generate_s"] = round(generate(folder, args.images), 1)
@@ -198,14 +233,19 @@ def main(argv: list[str] | None = None) -> int:
         sets[count] = target
         if f"prepare_{count}_s" in out:
             print(f"prepared {count:,}: {out[f'prepare_{count}_s']} s", flush=True)
-    for size in sorted({64, args.image_size}):
+    for size in sorted({64, args.image_size}) if not args.training_only else ():
         out[f"loader_{size}px"] = loaders(folder, sets[args.images], size)
         print(f"loader {size}px: {out[f'loader_{size}px']}", flush=True)
     if args.loaders_only:
         print(json.dumps(out, indent=2))
         return 0
+    out["import_mae_core_train_s"] = import_seconds()
+    print(f"import mae_core.train: {out['import_mae_core_train_s']} s", flush=True)
     out["training"] = [{"images": count, **train_run(path, devices, root)}
                        for count, path in sets.items() for devices in (1, 2)]
+    # One process with one thread: on a shared (oversubscribed) CPU, two spinning OpenMP threads
+    # can make a step several times slower than one.
+    out["training"].append({"images": args.images, **train_run(sets[args.images], 1, root, threads=1)})
     for row in out["training"]:
         print(f"train: {row}", flush=True)
     out["load_average_after"] = load_average()

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from mae_core.data import DataError, MAEDataModule, find_images, mae_augmentation
 from mae_core.data import preview_images as folder_previews
-from mae_core.fileio import atomic_write_json, fsync_dir, read_json
+from mae_core.fileio import atomic_write_json, atomic_write_text, fsync_dir, read_json
 from mae_core.images import ImageError, center_square, open_rgb
 
 MANIFEST_NAME = "mae_manifest.json"
@@ -51,6 +51,10 @@ CACHE_ENV = "MAE_STUDIO_DATA_CACHE"
 REMOTE_SCHEMES = ("s3://", "gs://", "azure://", "hf://")
 RUN_DATA_NAME = "data.json"  # in the run directory: what the run trains on, for every rank
 JPEG_QUALITY = 90
+# Each image is also stored as a small copy of this short side: a low-resolution run (64 px, the
+# CPU's size) crops from it whenever the crop still holds the output's pixels, and decodes ~1/10 of
+# the bytes. (A full decode is libjpeg's Huffman decoding of every byte, even at a 1/8 scale.)
+SMALL_SIDE = 160
 
 
 def is_remote(data: str) -> bool:
@@ -72,22 +76,63 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 
 # --- preparation -----------------------------------------------------------------------------
 
-def _encode(item: tuple[int, str], short_side: int) -> dict[str, Any] | None:
-    """One image as ``{"id", "image": JPEG bytes}``, short side at most ``short_side``; None
-    (skipped by ``optimize``) for a file that cannot be read."""
+# Files done by this encoding process since it started: counted into ``<progress>/done-<pid>``.
+_DONE: dict[str, Any] = {"count": 0, "written": 0.0, "progress": None}
+PROGRESS_EVERY_S = 0.5
+
+
+def _count_done(progress: str | None) -> None:
+    """One more file done; every half second the total goes to this process's progress file (each
+    ``optimize`` worker has its own, the reader sums them: no lock, no shared counter)."""
+    if _DONE["progress"] != progress:  # a new preparation in this (long-lived) process
+        _DONE.update(count=0, written=0.0, progress=progress)
+    _DONE["count"] += 1
+    now = time.monotonic()
+    if progress and now - _DONE["written"] >= PROGRESS_EVERY_S:
+        _DONE["written"] = now
+        atomic_write_text(Path(progress) / f"done-{os.getpid()}", str(_DONE["count"]))
+
+
+def progress_done(progress: str | Path) -> int:
+    """Files the encoding processes that report into ``progress`` have done (read or skipped)."""
+    done = 0
+    for path in Path(progress).glob("done-*"):
+        try:
+            done += int(path.read_text() or 0)
+        except (OSError, ValueError):  # a file being replaced: counted at the next look
+            continue
+    return done
+
+
+def _encode(item: tuple[int, str], short_side: int,
+            progress: str | None = None) -> dict[str, Any] | None:
+    """One image as ``{"id", "image": JPEG bytes, "small": JPEG bytes}``, short sides at most
+    ``short_side`` and :data:`SMALL_SIDE`; None (skipped by ``optimize``) for a file that cannot be
+    read."""
     index, path = item
     try:
         image = open_rgb(path)
     except ImageError as err:
         print(f"skipping {err}", file=sys.stderr, flush=True)
         return None
+    finally:
+        _count_done(progress)
+    image = _bounded(image, short_side)
+    return {"id": index, "image": _jpeg(image), "small": _jpeg(_bounded(image, SMALL_SIDE))}
+
+
+def _bounded(image: Image.Image, short_side: int) -> Image.Image:
     scale = short_side / min(image.size)
-    if scale < 1:
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    if scale >= 1:
+        return image
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+
+
+def _jpeg(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
-    return {"id": index, "image": buffer.getvalue()}
+    return buffer.getvalue()
 
 
 def _shard_count(folder: Path) -> tuple[int, int]:
@@ -100,9 +145,10 @@ def _shard_count(folder: Path) -> tuple[int, int]:
 
 def prepare(source: str, out: str | Path, short_side: int = DEFAULT_SHORT_SIDE,
             workers: int | None = None, paths: list[Path] | None = None,
-            verbose: bool = True) -> dict[str, Any]:
+            verbose: bool = True, progress: str | Path | None = None) -> dict[str, Any]:
     """Prepare ``source`` (a folder, ``""`` for the sample photos) into ``out``; its manifest.
 
+    ``progress``: a folder the encoding processes count their files into (:func:`progress_done`).
     Everything is written into ``.<out>.tmp-<pid>`` beside ``out`` and renamed at the end: a kill
     leaves no half-prepared set that looks whole.
     """
@@ -120,7 +166,9 @@ def prepare(source: str, out: str | Path, short_side: int = DEFAULT_SHORT_SIDE,
     workers = max(1, min(workers or (os.cpu_count() or 1), len(paths)))
     started = time.monotonic()
     try:
-        litdata.optimize(fn=functools.partial(_encode, short_side=short_side),
+        encode = functools.partial(_encode, short_side=short_side,
+                                   progress=str(progress) if progress else None)
+        litdata.optimize(fn=encode,
                          inputs=[(i, str(p)) for i, p in enumerate(paths)], output_dir=str(tmp),
                          chunk_bytes="64MB", num_workers=workers, verbose=verbose,
                          start_method="fork")
@@ -130,7 +178,8 @@ def prepare(source: str, out: str | Path, short_side: int = DEFAULT_SHORT_SIDE,
                             "can be read: all are corrupt or not images")
         manifest = {"format": FORMAT_VERSION, "source": os.path.abspath(source) if source else "",
                     "files": len(paths), "count": count, "skipped": len(paths) - count,
-                    "short_side": short_side, "bytes": size, "quality": JPEG_QUALITY,
+                    "short_side": short_side, "small_side": SMALL_SIDE, "bytes": size,
+                    "quality": JPEG_QUALITY,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "seconds": round(time.monotonic() - started, 2),
                     "litdata": litdata.__version__}
@@ -170,7 +219,8 @@ def cache_dir(folder: str, paths: list[Path], short_side: int) -> Path:
 
 
 def prepare_cached(folder: str, paths: list[Path] | None = None,
-                   short_side: int = DEFAULT_SHORT_SIDE, workers: int | None = None) -> Path:
+                   short_side: int = DEFAULT_SHORT_SIDE, workers: int | None = None,
+                   progress: str | Path | None = None) -> Path:
     """The prepared copy of ``folder`` in :func:`cache_root`, made once: the first process takes
     the lock and prepares, the others wait on the lock and find it done."""
     paths = paths if paths is not None else find_images(folder)
@@ -182,7 +232,7 @@ def prepare_cached(folder: str, paths: list[Path] | None = None,
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
         if not (target / MANIFEST_NAME).is_file():
             print(f"preparing {len(paths):,} images of {folder} into {target}", flush=True)
-            prepare(folder, target, short_side, workers, paths=paths)
+            prepare(folder, target, short_side, workers, paths=paths, progress=progress)
     return target
 
 
@@ -281,31 +331,66 @@ def run_data(data: str, run_root: Path, timeout_s: float = 6 * 3600.0,
 
 # --- reading -----------------------------------------------------------------------------------
 
-def decode_jpeg(data: bytes, min_side: int) -> Tensor:
-    """uint8 (3, H, W) of JPEG ``data``, decoded at the smallest libjpeg scale (1/2, 1/4, 1/8)
-    whose short side is still at least ``min_side``: a 448 px set trained at 64 px decodes an
-    eighth of the pixels. At full scale torchvision's decoder skips PIL's copies."""
-    image = Image.open(io.BytesIO(data))
-    if min(image.size) >= 2 * min_side:
-        scale = min(image.size) / min_side
-        image.draft("RGB", (max(1, int(image.width / scale)), max(1, int(image.height / scale))))
-        image = image.convert("RGB")
-        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-    from torchvision.io import ImageReadMode
-    from torchvision.io import decode_jpeg as tv_decode
-
-    return tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-
-
 class DecodeAugment:
-    """The per-sample transform of a prepared set: decode at reduced size, MAE crop and flip."""
+    """The per-sample transform of a prepared set: lightly ``MAETransform``'s random resized crop
+    (bicubic, antialiased) and horizontal flip, with the crop drawn before any pixel is decoded.
+
+    The crop box is drawn from the JPEG header's size alone; then the least work that still gives
+    the crop at least the output's pixels (never upsampled more than from the full-size image) is
+    chosen: the small copy (:data:`SMALL_SIDE`) if its part of the box is large enough, else the
+    full one; each at the smallest libjpeg scale (1/8, 1/4, 1/2; PIL ``draft``) that still allows
+    it. A reduced decode is cropped, resized and flipped in PIL and only the output becomes a
+    tensor; a full-size one is decoded by torchvision (libjpeg-turbo) and resized on uint8.
+    """
 
     def __init__(self, image_size: int) -> None:
-        self.min_side = 2 * image_size  # as the in-memory cache: crops of scale 0.2 stay sharp
-        self.augment = mae_augmentation(image_size)
+        crop = mae_augmentation(image_size).transforms[0]  # the crop read from MAETransform itself
+        self.size, self.scale, self.ratio = image_size, list(crop.scale), list(crop.ratio)
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
-        return {"image": self.augment(decode_jpeg(item["image"], self.min_side)), "id": item["id"]}
+        return {"image": self.crop_flip(item["image"], item.get("small")), "id": item["id"]}
+
+    def crop_flip(self, data: bytes, small: bytes | None = None) -> Tensor:
+        """uint8 (3, size, size): a random resized crop of JPEG ``data`` (or of its ``small``
+        copy, the same picture at a lower resolution), flipped half the time."""
+        from torchvision.transforms import RandomResizedCrop
+        from torchvision.transforms.v2 import functional as F
+
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        top, left, h, w = RandomResizedCrop.get_params(image, self.scale, self.ratio)
+        flip = torch.rand(1).item() < 0.5
+        # (the small copy's short side is SMALL_SIDE: its header is read only when it may do)
+        if small is not None and min(w, h) * SMALL_SIDE >= self.size * min(width, height) * 0.98:
+            thumb = Image.open(io.BytesIO(small))
+            if min(w * thumb.width / width, h * thumb.height / height) >= self.size:
+                image = thumb
+        fx, fy = image.width / width, image.height / height
+        box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
+        reduce = next(r for r in (8, 4, 2, 1)
+                      if r == 1 or min(box[2] - box[0], box[3] - box[1]) >= r * self.size)
+        if reduce == 1 and image.width == width:  # full size: libjpeg-turbo through torchvision
+            pixels = _decode_full(data)[:, top:top + h, left:left + w]
+            out = F.resize(pixels, [self.size, self.size], antialias=True,
+                           interpolation=F.InterpolationMode.BICUBIC)
+            return out.flip(-1) if flip else out
+        if reduce > 1:
+            full = image.size
+            image.draft("RGB", (-(-full[0] // reduce), -(-full[1] // reduce)))
+            sx, sy = image.width / full[0], image.height / full[1]
+            box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+        box = (max(0.0, box[0]), max(0.0, box[1]), min(float(image.width), box[2]),
+               min(float(image.height), box[3]))  # a float's last bit past the edge is refused
+        out = image.convert("RGB").resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
+        if flip:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def _decode_full(data: bytes) -> Tensor:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
 def streaming_dataset(path: str, image_size: int | None, shuffle: bool, seed: int = 0) -> Any:
@@ -382,18 +467,3 @@ def source_previews(source: DataSource, image_size: int, count: int) -> Tensor:
     if source.kind == "memory":
         return folder_previews(source.path, image_size, count)
     return preview_images(source.path, image_size, count)
-
-
-def data_note(data: str) -> str:
-    """One line for a person: how ``data`` will be read (the UI shows it beside the data field)."""
-    found = describe(data)
-    if found.kind == "remote":
-        return "a remote prepared data set: LitData streams it at start (credentials from the environment)."
-    if found.kind == "memory":
-        return f"up to {AUTO_PREPARE_ABOVE:,} images: decoded into memory by each process."
-    if found.kind == "folder":
-        return (f"more than {AUTO_PREPARE_ABOVE:,} images: prepared once (re-encoded into streamed "
-                f"shards under {cache_root()}) when the run starts.")
-    size = f"{(found.bytes or 0) / 1e6:,.1f} MB" if found.bytes is not None else "size unknown"
-    return (f"prepared: {found.count:,} images ({found.skipped or 0:,} unreadable skipped), {size} "
-            f"on disk at {found.path}.")

@@ -250,6 +250,27 @@ def test_a_bad_start_shows_a_message_not_a_badge(page):
     _set_number(page, "field-image-size", 32)
 
 
+def test_the_data_field_says_what_it_found_and_prepare_answers(page, tmp_path):
+    """issue 12.5: leaving the data field describes it (files, unreadable ones, size on disk);
+    Prepare now answers in its progress area (a small folder has nothing to prepare)."""
+    from PIL import Image
+
+    for i in range(2):
+        Image.new("RGB", (40, 30), (60 * i, 90, 30)).save(tmp_path / f"{i}.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    field = page.locator("#field-data textarea, #field-data input").first
+    field.fill(str(tmp_path))
+    field.press("Tab")
+    _wait_text(page, "#data-info", "3 image file(s) found")
+    _wait_text(page, "#data-info", "1 of them not images")
+    _button(page, "Prepare now (large folders)").click()
+    _wait_text(page, "#prepare-progress", "nothing to prepare")
+    assert page.locator("#cancel-prepare-btn").is_disabled()
+    field.fill("")  # the next tests train on the sample photos
+    field.press("Tab")
+    _wait_text(page, "#data-info", "the sample photos")
+
+
 def test_reconstruct_tab_reconstructs_the_good_files_and_lists_the_bad(page, server, tmp_path):
     [run] = server["manager"].list()
     page.get_by_role("tab", name="Reconstruct").click()

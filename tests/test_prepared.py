@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mae_core import prepared
@@ -76,15 +77,70 @@ def test_prepare_skips_corrupt_files_bounds_the_short_side_and_leaves_no_temp(tm
     assert not (tmp_path / "out2").exists() and not list(tmp_path.glob(".out2*"))
 
 
-def test_decode_uses_a_reduced_jpeg_scale_only_when_the_crop_allows(tmp_path):
-    buffer = io.BytesIO()
-    Image.fromarray(np.zeros((448, 600, 3), dtype=np.uint8)).save(buffer, format="JPEG")
-    data = buffer.getvalue()
-    assert tuple(prepared.decode_jpeg(data, 64).shape) == (3, 112, 150)  # 1/4 scale, >= 64
-    assert tuple(prepared.decode_jpeg(data, 224).shape) == (3, 224, 300)  # 1/2 scale
-    assert tuple(prepared.decode_jpeg(data, 300).shape) == (3, 448, 600)  # 1/2 would be too small
-    item = prepared.DecodeAugment(32)({"image": data, "id": 7})
-    assert item["id"] == 7 and tuple(item["image"].shape) == (3, 32, 32)
+def _crop_boxes(item: dict, size: int, samples: int) -> np.ndarray:
+    """(x0, y0, x1, y1, flipped) in [0, 1] of each of ``samples`` crops of a gradient image whose
+    red channel is x and green channel is y: read back from the crops' edge pixels."""
+    torch.manual_seed(0)
+    transform = prepared.DecodeAugment(size)
+    boxes = []
+    for _ in range(samples):
+        out = transform(item)["image"]
+        assert out.dtype == torch.uint8 and tuple(out.shape) == (3, size, size)
+        red, green = out[0].float() / 255, out[1].float() / 255
+        left, right = red[:, 0].mean().item(), red[:, -1].mean().item()
+        top, bottom = green[0].mean().item(), green[-1].mean().item()
+        # edge pixel centres lie half an output pixel inside the crop box
+        grow = size / (size - 1)
+        span_x, span_y = abs(right - left) * grow, (bottom - top) * grow
+        x0, y0 = min(left, right) - (grow - 1) / 2 * abs(right - left), top - (grow - 1) / 2 * (bottom - top)
+        boxes.append((x0, y0, x0 + span_x, y0 + span_y, float(right < left)))
+    return np.array(boxes)
+
+
+@pytest.mark.parametrize("size", [64, 160])
+def test_crops_keep_maetransforms_distribution_whatever_the_decode(tmp_path, size):
+    """The crop is drawn before decoding and cut from the small copy or a reduced-scale decode when
+    that still has the output's pixels: outputs stay uint8 size x size, the crop's area stays in
+    MAETransform's scale range (0.2, 1), spread over it, its aspect ratio in (3/4, 4/3), and half
+    the crops are flipped."""
+    height, width = 448, 600
+    x, y = np.meshgrid(np.linspace(0, 255, width), np.linspace(0, 255, height))
+    pixels = np.stack([x, y, np.full_like(x, 128)], axis=-1).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "gradient.png")
+    item = prepared._encode((7, str(tmp_path / "gradient.png")), short_side=448)
+    assert Image.open(io.BytesIO(item["small"])).size == (214, 160)
+    boxes = _crop_boxes(item, size, 200)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    aspect = (boxes[:, 2] - boxes[:, 0]) * width / ((boxes[:, 3] - boxes[:, 1]) * height)
+    assert 0.17 < area.min() < 0.3 and 0.85 < area.max() < 1.05, (area.min(), area.max())
+    # the same as MAETransform's own crop draws on an image of this size (~0.50: a large crop
+    # of an extreme aspect ratio does not fit and is drawn again)
+    from torchvision.transforms import RandomResizedCrop
+
+    reference = [h * w / (width * height) for h, w in (
+        RandomResizedCrop.get_params(Image.new("RGB", (width, height)), [0.2, 1.0], [3 / 4, 4 / 3])[2:]
+        for _ in range(2000))]
+    assert abs(area.mean() - np.mean(reference)) < 0.04, (area.mean(), np.mean(reference))
+    assert 0.7 < aspect.min() and aspect.max() < 1.4
+    assert boxes[:, :2].min() > -0.03 and boxes[:, 2:4].max() < 1.03  # inside the image
+    assert 70 < boxes[:, 4].sum() < 130  # flipped about half the time
+    old = {"image": item["image"], "id": 7}  # a set prepared before the small copies existed
+    assert tuple(prepared.DecodeAugment(32)(old)["image"].shape) == (3, 32, 32)
+
+
+def test_crops_of_any_image_shape_come_out_whole(tmp_path):
+    """Odd, tiny, extreme and already-small images (the small copy is then the image itself):
+    every output is uint8 (3, size, size); a float's last bit past the edge is not an error."""
+    rng = np.random.default_rng(0)
+    for width, height in [(33, 47), (300, 257), (1001, 999), (161, 160), (17, 900)]:
+        pixels = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "odd.png")
+        item = prepared._encode((0, str(tmp_path / "odd.png")), short_side=448)
+        for size in (16, 32, 64, 224):
+            transform = prepared.DecodeAugment(size)
+            for _ in range(15):
+                out = transform(item)["image"]
+                assert out.dtype == torch.uint8 and tuple(out.shape) == (3, size, size)
 
 
 def test_data_resolves_to_memory_prepared_cache_or_remote(tmp_path, cache):

@@ -186,7 +186,8 @@ def test_evaluate_reports_progress_then_the_table_and_the_runs_table_shows_it(ct
     torch.manual_seed(0)
     save_weights(MaskedAutoencoder(MODEL), paths.weights, step=4)
     [row] = runs.table_rows(ctx, ctx.manager.list())
-    assert row[-1] == "–"  # not evaluated yet
+    knn = runs.HEADERS.index("kNN top-1 % (pretrained / random init)")
+    assert row[knn] == "–"  # not evaluated yet
     before = runs.refresh(ctx, paths.run_id, None)
     assert before["evaluation"] == ""
     updates = list(runs.evaluation_updates(ctx, runs.Evaluations(), paths.run_id,
@@ -198,7 +199,7 @@ def test_evaluate_reports_progress_then_the_table_and_the_runs_table_shows_it(ct
     saved = json.loads((paths.root / "evaluation.json").read_text())
     trained, random_init = saved["trained"]["knn_top1"], saved["random_init"]["knn_top1"]
     [row] = runs.table_rows(ctx, ctx.manager.list())
-    assert row[-1] == f"{trained:.1f} / {random_init:.1f} ({trained - random_init:+.1f})"
+    assert row[knn] == f"{trained:.1f} / {random_init:.1f} ({trained - random_init:+.1f})"
     after = runs.refresh(ctx, paths.run_id, before["sig"])
     assert "evaluation-result" in after["evaluation"] and "table" in after
     assert "evaluation" not in runs.refresh(ctx, paths.run_id, after["sig"])  # unchanged
@@ -224,3 +225,29 @@ def test_evaluate_refusals_reach_the_page_as_messages(ctx, tmp_path):
     with pytest.raises(UserError, match="someone-else"):
         next(runs.evaluation_updates(ctx, evaluations, paths.run_id, "", False))
     assert not (paths.root / "evaluation.json").exists()
+
+
+def test_the_table_names_each_runs_data_set(ctx, tmp_path):
+    from mae_core.prepared import RUN_DATA_NAME
+
+    queued = make_run(ctx, "queued", data_files=17)  # not started: the config's folder
+    memory = make_run(ctx, "finished")
+    atomic_write_json(memory.root / RUN_DATA_NAME, {"kind": "memory", "path": "", "source": "",
+                                                    "files": 17})
+    cached = make_run(ctx, "finished")
+    atomic_write_json(cached.root / RUN_DATA_NAME, {
+        "kind": "prepared", "path": "/cache/photos-abc", "source": "/data/photos", "files": 20001,
+        "count": 20000, "skipped": 1})
+    given = make_run(ctx, "finished")
+    atomic_write_json(given.root / RUN_DATA_NAME, {"kind": "prepared", "path": "/data/prep",
+                                                   "source": "/data/prep", "count": 5000})
+    remote = make_run(ctx, "finished")
+    atomic_write_json(remote.root / RUN_DATA_NAME, {"kind": "remote", "path": "s3://b/p",
+                                                    "source": "s3://b/p"})
+    cells = {row[0]: dict(zip(runs.HEADERS, row, strict=True))["data"]
+             for row in runs.table_rows(ctx, ctx.manager.list())}
+    assert cells[queued.run_id] == "sample photos (17 files found)"
+    assert cells[memory.run_id] == "sample photos (17 images, in memory)"
+    assert cells[cached.run_id] == "/data/photos (20,000 images, prepared)"
+    assert cells[given.run_id] == "/data/prep (5,000 images, prepared)"
+    assert cells[remote.run_id] == "s3://b/p (remote, streamed)"

@@ -18,7 +18,9 @@ from ui import compare, render
 from ui.common import AppContext, UserError, describe, guarded
 
 HEADERS = ("run", "state", "steps", "loss (last logged)", "epoch loss (last)", "duration",
-           "policy", "preset", "kNN top-1 % (pretrained / random init)")
+           "policy", "preset", "kNN top-1 % (pretrained / random init)", "data")
+# Fixed shares: by content alone, a long data folder would squeeze the kNN header to a letter a line.
+COLUMN_WIDTHS = ("18%", "7%", "7%", "7%", "7%", "7%", "8%", "7%", "12%", "20%")
 
 
 def table_rows(ctx: AppContext, statuses: Iterable[Mapping[str, Any]]) -> list[list[Any]]:
@@ -37,8 +39,35 @@ def table_rows(ctx: AppContext, statuses: Iterable[Mapping[str, Any]]) -> list[l
         rows.append([s["run_id"], state, steps, loss,
                      display.format_number(epoch[1]) if epoch else "–",
                      display.format_duration(s.get("elapsed_s")), s.get("policy") or "–",
-                     s.get("preset") or "–", saved_evaluation(ctx, s["run_id"])])
+                     s.get("preset") or "–", saved_evaluation(ctx, s["run_id"]),
+                     data_cell(ctx, s)])  # last: a long folder name scrolls, the rest stays
     return rows
+
+
+def data_cell(ctx: AppContext, status: Mapping[str, Any]) -> str:
+    """The run's data set in one cell: what it was given (folder, prepared directory or URL), how
+    it is read and its image count, from ``<run>/data.json`` (written when the run started);
+    before that, the config's folder and the file count found at launch."""
+    from mae_core.fileio import read_json
+    from mae_core.prepared import RUN_DATA_NAME
+
+    root = ctx.manager.paths(status["run_id"]).root
+    record = read_json(root / RUN_DATA_NAME)
+    if record:
+        given = record.get("source") or "sample photos"
+        count = record.get("count") or record.get("files")
+        images = f"{count:,} images" if count else "images: ?"
+        if record.get("kind") == "memory":
+            return f"{given} ({images}, in memory)"
+        if record.get("kind") == "remote":
+            return f"{given} (remote, streamed)"
+        return f"{given} ({images}, prepared)"  # (a folder's cached copy: in <run>/data.json)
+    try:
+        given = ctx.manager.config(status["run_id"]).train.data or "sample photos"
+    except Exception:  # noqa: BLE001 - a run without a readable config still gets its row
+        return "–"
+    files = status.get("data_files")
+    return f"{given} ({files:,} files found)" if isinstance(files, int) else given
 
 
 def saved_evaluation(ctx: AppContext, run_id: str) -> str:
@@ -201,7 +230,7 @@ def build(ctx: AppContext) -> dict[str, Any]:
     """Lay out the Runs tab (inside an open ``gr.Tab``) and wire its events."""
     c: dict[str, Any] = {}
     c["table"] = gr.Dataframe(headers=list(HEADERS), interactive=False, elem_id="runs-table",
-                              wrap=True)
+                              wrap=True, column_widths=list(COLUMN_WIDTHS))
     with gr.Row():
         # Wide enough for a run id: on a narrow page the buttons wrap below instead.
         c["pick"] = gr.Dropdown([], value=None, label="run", scale=3, min_width=400,

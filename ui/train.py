@@ -15,8 +15,9 @@ from typing import Any
 import gradio as gr
 
 from mae_core.config import RunConfig
+from mae_core.preparing import Preparations
 from mae_core.rundir import LIVE_STATES
-from ui import plots, render
+from ui import datafield, plots, render
 from ui.common import (DEFAULTS, FIELD_NAMES, FORM_FIELDS, MAIN_FIELDS, AppContext, UserError, as_int,
                        FieldNumber, config_from_form, describe, field_widget, form_values, guarded)
 
@@ -86,21 +87,8 @@ def action_message(action: dict[str, Any] | None, status: dict[str, Any] | None)
 
 
 def check_data_folder(manager: Any, folder: str) -> str:
-    """What the data field holds, before Start: the count of images found, or why it cannot train."""
-    from mae_core.data import check_data
-
-    try:
-        summary = check_data((folder or "").strip())
-    except Exception as err:  # noqa: BLE001 - shown beside the field
-        return render.notice("error", describe(err, "checking the data folder"))
-    where = f"`{folder.strip()}`" if (folder or "").strip() else "the sample photos"
-    try:
-        from mae_core.prepared import data_note
-
-        note = " " + data_note((folder or "").strip())
-    except Exception:  # noqa: BLE001 - the count above is the answer; the note is extra
-        note = ""
-    return render.notice("ok", f"{where}: {summary.files} image file(s) found.{note}")
+    """What the data field holds, before Start (:func:`ui.datafield.data_info`)."""
+    return datafield.data_info(folder)
 
 
 def config_yaml_file(values: dict[str, Any]) -> str:
@@ -284,7 +272,7 @@ def _build_form(c: dict[str, Any]) -> None:
     c["hardware"] = gr.Markdown("**Hardware:** checking…", elem_id="hardware")
     data, *paired = MAIN_FIELDS
     c["field.data"] = field_widget(data, values["data"])
-    c["data_info"] = gr.HTML(elem_id="data-info")
+    datafield.build(c)  # what the field holds; Prepare now / Cancel and the progress
     for i in range(0, len(paired), 2):
         with gr.Row():
             for field in paired[i:i + 2]:
@@ -394,9 +382,7 @@ def _api_endpoints(ctx: AppContext) -> None:
 
 
 def _wire_form(ctx: AppContext, c: dict[str, Any], fields: list[Any]) -> None:
-    data = c["field.data"]
-    gr.on([data.blur, data.submit], lambda folder: check_data_folder(ctx.manager, folder), data,
-          c["data_info"], api_name="check_data")
+    datafield.wire(c, Preparations())
     to_fields = lambda values: [values[name] for name in FIELD_NAMES]  # noqa: E731
     notice_only = lambda text: {c["message"]: render.notice("error", text)}  # noqa: E731
 

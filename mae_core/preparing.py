@@ -1,0 +1,280 @@
+"""The app's side of prepared data: what a data field holds (:func:`survey`, :func:`data_note`), and
+preparing a large folder in the background, with its progress and a cancel that leaves nothing
+half-written.
+
+A preparation is its own process (``python -m mae_core.preparing FOLDER PROGRESS_DIR``, in its own
+session like a trainer): a cancel then ends it and its LitData encoding workers with one signal to
+the process group, and the app's process never holds LitData's workers or their memory. The job
+prepares into the same cache a run's start uses (:func:`mae_core.prepared.prepare_cached`, under its
+file lock), so a run started afterwards finds the set ready, and a run started meanwhile waits for
+it. Progress comes back through files in ``PROGRESS_DIR``: ``job.json`` (the file count and the
+target, once the walk is done), ``done-<pid>`` (each encoding process's count) and ``result.json``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mae_core.fileio import atomic_write_json, read_json
+from mae_core.process import (
+    PROJECT_ROOT,
+    clean_env,
+    process_start_time,
+    terminate_group,
+)
+
+if TYPE_CHECKING:
+    from mae_core.prepared import DataSource
+
+JOB_NAME = "job.json"
+RESULT_NAME = "result.json"
+LOG_NAME = "prepare.log"
+
+
+# --- what the data field holds ------------------------------------------------------------------
+
+def survey(data: str) -> DataSource:
+    """What the data field holds, for a person before Start: :func:`describe`, plus a folder's
+    size on disk and, for a folder read in memory, how many of its files are not images (a header
+    check: a large folder's unreadable files are counted when it is prepared)."""
+    # (imported here: mae_core.prepared imports torch and Lightning, the app's page need not wait)
+    from mae_core.data import find_images
+    from mae_core.prepared import describe, is_prepared, is_remote
+
+    if is_remote(data) or is_prepared(data):
+        return describe(data)
+    paths = find_images(data)
+    found = describe(data, paths=paths)
+    if found.kind == "prepared":
+        return found
+    size = 0
+    for path in paths:
+        try:
+            size += path.stat().st_size
+        except OSError:
+            continue
+    skipped = sum(not _has_image_header(p) for p in paths) if found.kind == "memory" else None
+    return replace(found, bytes=size, skipped=skipped)
+
+
+def _has_image_header(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.width > 0 and image.height > 0
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+def _size(bytes_: int | None) -> str:
+    if bytes_ is None:
+        return "size unknown"
+    return f"{bytes_ / 1e9:,.2f} GB" if bytes_ >= 1e9 else f"{bytes_ / 1e6:,.1f} MB"
+
+
+def data_note(data: str, found: DataSource | None = None) -> str:
+    """How ``data`` will be read, for a person (the UI shows it beside the data field)."""
+    from mae_core.prepared import AUTO_PREPARE_ABOVE, cache_root
+
+    found = found or survey(data)
+    if found.kind == "remote":
+        return "a remote prepared data set: LitData streams it at start (credentials from the environment)."
+    if found.kind == "memory":
+        bad = f", {found.skipped:,} of them not images (skipped)" if found.skipped else ""
+        return (f"{_size(found.bytes)} on disk{bad}; up to {AUTO_PREPARE_ABOVE:,} images: decoded "
+                "into memory by each process.")
+    if found.kind == "folder":
+        return (f"{_size(found.bytes)} on disk; not prepared yet. More than {AUTO_PREPARE_ABOVE:,} "
+                f"images: prepared once (re-encoded into streamed shards under {cache_root()}) "
+                "when the run starts, or now with Prepare; unreadable files are counted then.")
+    return (f"prepared: {found.count:,} images ({found.skipped or 0:,} unreadable skipped), "
+            f"{_size(found.bytes)} on disk at {found.path}.")
+
+
+# --- a preparation in the background -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a preparation stands: ``state`` is walking, encoding, done, failed or cancelled."""
+
+    state: str
+    done: int = 0
+    total: int | None = None
+    seconds: float = 0.0
+    target: str | None = None
+    message: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("done", "failed", "cancelled")
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.done / self.total) if self.total else 0.0
+
+
+class Preparation:
+    """One background preparation of ``folder`` (``""``: the sample photos) into the cache."""
+
+    def __init__(self, folder: str, workers: int | None = None) -> None:
+        self.folder = folder
+        self.progress_dir = Path(tempfile.mkdtemp(prefix="mae-prepare-"))
+        command = [sys.executable, "-m", "mae_core.preparing", folder, str(self.progress_dir)]
+        if workers:
+            command += ["--workers", str(workers)]
+        self.started = time.monotonic()
+        self._cancelled = False
+        with open(self.progress_dir / LOG_NAME, "ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, cwd=PROJECT_ROOT,
+                                            env=clean_env(), start_new_session=True)
+        self.start_time = process_start_time(self.process.pid)
+        self._lock = threading.Lock()
+
+    def progress(self) -> Progress:
+        """The job's state now, read from its files (and its exit code once it has ended)."""
+        from mae_core.prepared import progress_done
+
+        seconds = round(time.monotonic() - self.started, 1)
+        job = read_json(self.progress_dir / JOB_NAME) or {}
+        total, target = job.get("total"), job.get("target")
+        if self._cancelled:
+            return Progress("cancelled", 0, total, seconds, target, "cancelled: nothing was kept")
+        code = self.process.poll()
+        result = read_json(self.progress_dir / RESULT_NAME)
+        if result:
+            done = total if result["state"] == "done" else progress_done(self.progress_dir)
+            return Progress(result["state"], done or 0, total, seconds, target, result["message"])
+        if code is not None:  # ended without a result: killed from outside, out of memory...
+            return Progress("failed", 0, total, seconds, target,
+                            f"the preparation process ended (exit code {code}): {self.log_tail()}")
+        if total is None:
+            return Progress("walking", 0, None, seconds, None, "finding the image files")
+        return Progress("encoding", progress_done(self.progress_dir), total, seconds, target)
+
+    def cancel(self, grace_s: float = 3.0) -> Progress:
+        """End the job and its encoding workers, and remove what they were writing.
+
+        ``prepare`` writes into ``.<target>.tmp-<pid>`` (the pid of this job's process) and renames
+        it at the very end: after the kill nothing of it remains, and the cache holds no set that
+        looks whole but is not. A job that had already finished keeps its (whole) set.
+        """
+        with self._lock:
+            if self.process.poll() is not None or self._cancelled:
+                return self.progress()
+            terminate_group(self.process.pid, self.start_time, grace_s)
+            self.process.wait()
+            if (read_json(self.progress_dir / RESULT_NAME) or {}).get("state") == "done":
+                return self.progress()  # it finished in the meantime: the set is whole, keep it
+            self._cancelled = True
+            target = (read_json(self.progress_dir / JOB_NAME) or {}).get("target")
+            if target:
+                tmp = Path(target).parent / f".{Path(target).name}.tmp-{self.process.pid}"
+                shutil.rmtree(tmp, ignore_errors=True)
+            return self.progress()
+
+    def log_tail(self, chars: int = 600) -> str:
+        try:
+            text = (self.progress_dir / LOG_NAME).read_text(errors="replace")
+        except OSError:
+            return ""
+        return text[-chars:].strip()
+
+    def close(self) -> None:
+        """Forget the job's progress files (after it finished or was cancelled)."""
+        if self.process.poll() is None:
+            self.cancel()
+        shutil.rmtree(self.progress_dir, ignore_errors=True)
+
+
+class Preparations:
+    """The app's background preparations, one per folder: a second Prepare of a folder shows the
+    first one's progress instead of starting another."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, Preparation] = {}
+        self._lock = threading.Lock()
+
+    def start(self, folder: str, workers: int | None = None) -> Preparation:
+        with self._lock:
+            job = self._jobs.get(folder)
+            if job is not None and not job.progress().finished:
+                return job
+            if job is not None:
+                job.close()
+            job = self._jobs[folder] = Preparation(folder, workers)
+            return job
+
+    def running(self) -> list[str]:
+        """The folders being prepared now."""
+        return [folder for folder, job in list(self._jobs.items()) if not job.progress().finished]
+
+    def get(self, folder: str) -> Preparation | None:
+        return self._jobs.get(folder)
+
+    def cancel(self, folder: str) -> Progress | None:
+        job = self._jobs.get(folder)
+        return job.cancel() if job is not None else None
+
+    def close(self) -> None:
+        with self._lock:
+            for job in self._jobs.values():
+                job.close()
+            self._jobs.clear()
+
+
+# --- the job's own process ---------------------------------------------------------------------
+
+def _run(folder: str, progress_dir: Path, workers: int | None) -> dict[str, Any]:
+    from mae_core import prepared
+    from mae_core.data import find_images
+
+    paths = find_images(folder)
+    target = prepared.cache_dir(folder, paths, prepared.DEFAULT_SHORT_SIDE)
+    atomic_write_json(progress_dir / JOB_NAME, {"total": len(paths), "target": str(target)})
+    if (target / prepared.MANIFEST_NAME).is_file():
+        manifest = prepared.read_manifest(target)
+        return {"state": "done", "message": f"already prepared: {manifest['count']:,} images at "
+                                            f"{target}", "manifest": manifest}
+    prepared.prepare_cached(folder, paths, workers=workers, progress=progress_dir)
+    manifest = prepared.read_manifest(target)
+    return {"state": "done", "manifest": manifest,
+            "message": f"prepared {manifest['count']:,} images ({manifest['skipped']:,} unreadable "
+                       f"skipped) in {manifest['seconds']:.0f} s: {manifest['bytes'] / 1e6:,.1f} MB "
+                       f"at {target}"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from mae_core.data import DataError
+
+    parser = argparse.ArgumentParser(prog="python -m mae_core.preparing")
+    parser.add_argument("folder")
+    parser.add_argument("progress_dir")
+    parser.add_argument("--workers", type=int, default=None)
+    args = parser.parse_args(argv)
+    # SIGTERM (a cancel) as an exception: prepare's ``finally`` then removes its temp folder.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    progress_dir = Path(args.progress_dir)
+    try:
+        result = _run(args.folder, progress_dir, args.workers)
+    except DataError as err:
+        atomic_write_json(progress_dir / RESULT_NAME, {"state": "failed", "message": str(err)})
+        return 2
+    atomic_write_json(progress_dir / RESULT_NAME, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""ui.datafield's handlers without a server: what the data field says before Start (files,
+unreadable files, prepared or not, size on disk), and Prepare → progress → done / Cancel on a real
+background preparation."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from mae_core import prepared
+from mae_core.preparing import Preparations
+from ui import datafield
+from ui.common import UserError
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(prepared.CACHE_ENV, str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def jobs():
+    jobs = Preparations()
+    yield jobs
+    jobs.close()
+
+
+def _folder(folder: Path, count: int, size=(32, 24)) -> Path:
+    folder.mkdir(parents=True)
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 10)).save(buffer, format="JPEG")
+    for i in range(count):
+        (folder / f"{i:04d}.jpg").write_bytes(buffer.getvalue())
+    return folder
+
+
+def test_the_data_field_says_files_unreadable_and_size_of_a_small_folder(tmp_path):
+    folder = _folder(tmp_path / "photos", 3)
+    (folder / "broken.png").write_bytes(b"not a png")
+    info = datafield.data_info(f" {folder} ")
+    assert 'data-kind="ok"' in info and "4 image file(s) found" in info
+    assert "1 of them not images (skipped)" in info and "MB on disk" in info
+    assert "decoded into memory" in info
+    missing = datafield.data_info(str(tmp_path / "nope"))
+    assert 'data-kind="error"' in missing and "does not exist" in missing
+    with pytest.raises(UserError, match="decoded into memory at start, nothing to prepare"):
+        datafield.start_preparing(Preparations(), str(folder))
+
+
+def test_prepare_shows_progress_then_the_prepared_set(tmp_path, cache, jobs):
+    folder = _folder(tmp_path / "large", prepared.AUTO_PREPARE_ABOVE + 1)
+    before = datafield.data_info(str(folder))
+    assert f"{prepared.AUTO_PREPARE_ABOVE + 1:,} image file(s) found" in before
+    assert "not prepared yet" in before and "MB on disk" in before
+    started = datafield.start_preparing(jobs, str(folder))
+    assert started["preparing"] == str(folder) and started["timer"].active
+    assert started["cancel"]["interactive"] and not started["prepare"]["interactive"]
+    deadline, view = time.monotonic() + 120, {}
+    while "info" not in view and time.monotonic() < deadline:  # the timer's ticks
+        time.sleep(0.2)
+        view = datafield.preparing_view(jobs, str(folder))
+        assert "Preparing" in view["progress"] or "info" in view
+    assert 'data-kind="ok"' in view["progress"] and "Preparation done" in view["progress"]
+    assert f"prepared: {prepared.AUTO_PREPARE_ABOVE + 1:,} images (0 unreadable" in view["info"]
+    assert not view["timer"].active and view["prepare"]["interactive"]
+    with pytest.raises(UserError, match="Already prepared"):
+        datafield.start_preparing(jobs, str(folder))
+    with pytest.raises(UserError, match="No preparation is running"):
+        datafield.cancel_preparing(Preparations(), str(folder))
+
+
+def test_cancel_stops_the_preparation_and_the_folder_stays_unprepared(tmp_path, cache, jobs):
+    folder = _folder(tmp_path / "large", prepared.AUTO_PREPARE_ABOVE + 1)
+    datafield.start_preparing(jobs, str(folder))
+    again = datafield.start_preparing(jobs, f" {folder} ")  # a reloaded page finds it again
+    assert again["preparing"] == str(folder) and jobs.running() == [str(folder)]
+    other = _folder(tmp_path / "other", prepared.AUTO_PREPARE_ABOVE + 1)
+    with pytest.raises(UserError, match="is being prepared: wait for it or cancel it first"):
+        datafield.start_preparing(jobs, str(other))
+    cancelled = datafield.cancel_preparing(jobs, str(folder))
+    assert "Preparation cancelled" in cancelled["progress"] and 'data-kind="warn"' in cancelled["progress"]
+    assert "not prepared yet" in cancelled["info"] and not cancelled["timer"].active
+    assert [p for p in cache.glob("*") if not p.name.endswith(".lock")] == []

@@ -1,0 +1,137 @@
+"""The Train tab's data field: what the folder (or prepared set) holds before Start, and preparing a
+large folder now, in the background, with its progress and a Cancel.
+
+The plain functions return ``{name: update}`` for the names of :func:`build`'s components; the
+preparation itself is :mod:`mae_core.preparing` (its own process; a cancel leaves nothing behind).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+from mae_core.preparing import Preparations, Progress
+from ui import render
+from ui.common import UserError, describe, guarded
+
+POLL_S = 1.0
+HIDDEN = "hidden"
+
+
+def data_info(folder: str | None) -> str:
+    """What the data field holds: image files found, unreadable ones, prepared or not, size on disk;
+    or why it cannot be trained on."""
+    from mae_core.data import check_data
+    from mae_core.prepared import is_prepared, is_remote
+    from mae_core.preparing import data_note, survey
+
+    data = (folder or "").strip()
+    try:
+        summary = check_data(data)
+        found = survey(data)
+    except Exception as err:  # noqa: BLE001 - shown beside the field
+        return render.notice("error", describe(err, "checking the data folder"))
+    where = f"`{data}`" if data else "the sample photos"
+    if is_prepared(data) or is_remote(data):  # the manifest's count is in the note
+        return render.notice("ok", f"{where}: {data_note(data, found)}")
+    return render.notice("ok", f"{where}: {summary.files:,} image file(s) found; "
+                               f"{data_note(data, found)}")
+
+
+def _preparable(data: str) -> None:
+    """Refuse what Prepare cannot or need not do, saying why."""
+    from mae_core.preparing import survey
+
+    found = survey(data)
+    if found.kind == "remote":
+        raise UserError("A remote data set is prepared where it lives: nothing to prepare here.")
+    if found.kind == "prepared":
+        raise UserError(f"Already prepared: {found.count:,} images at `{found.path}`.")
+    if found.kind == "memory":
+        raise UserError(f"{found.files:,} image files: a folder this small is decoded into memory "
+                        "at start, nothing to prepare.")
+
+
+def progress_html(progress: Progress | None) -> str:
+    """A progress bar and one line: files done of the total, seconds so far, or the outcome."""
+    if progress is None:
+        return ""
+    if progress.state == "walking":
+        return render.notice("info", f"Preparing: finding the image files ({progress.seconds:.0f} s)…")
+    if progress.state == "encoding":
+        total = progress.total or 0
+        bar = (f'<progress id="prepare-bar" value="{progress.done}" max="{max(total, 1)}" '
+               'style="width:100%"></progress>')
+        text = (f"Preparing: {progress.done:,} of {total:,} files ({100 * progress.fraction:.0f} %), "
+                f"{progress.seconds:.0f} s")
+        return bar + render.notice("info", text)
+    kind = {"done": "ok", "cancelled": "warn"}.get(progress.state, "error")
+    return render.notice(kind, f"Preparation {progress.state}: {progress.message}")
+
+
+def _buttons(running: bool) -> dict[str, Any]:
+    return {"prepare": gr.update(interactive=not running), "cancel": gr.update(interactive=running),
+            "timer": gr.Timer(active=running)}
+
+
+def start_preparing(jobs: Preparations, folder: str | None) -> dict[str, Any]:
+    """Start preparing ``folder`` in the background (or show the one already under way)."""
+    data = (folder or "").strip()
+    busy = [other for other in jobs.running() if other != data]
+    if busy:  # one at a time: the page follows (and cancels) one preparation
+        raise UserError(f"`{busy[0] or 'the sample photos'}` is being prepared: wait for it or "
+                        "cancel it first.")
+    _preparable(data)
+    job = jobs.start(data)  # the same folder again: its running preparation, shown anew
+    return {"preparing": data, "progress": progress_html(job.progress()), **_buttons(True)}
+
+
+def preparing_view(jobs: Preparations, preparing: str | None) -> dict[str, Any]:
+    """The timer's refresh: the job's progress; once it has ended, the outcome, the buttons back,
+    the timer off and the data field's description anew (now "prepared")."""
+    job = jobs.get(preparing) if preparing is not None else None
+    if job is None:
+        return {"progress": "", **_buttons(False)}
+    progress = job.progress()
+    if not progress.finished:
+        return {"progress": progress_html(progress)}
+    return {"progress": progress_html(progress), "info": data_info(preparing), **_buttons(False)}
+
+
+def cancel_preparing(jobs: Preparations, preparing: str | None) -> dict[str, Any]:
+    """Stop the preparation; its partial output is removed (see :meth:`Preparation.cancel`)."""
+    if preparing is None or jobs.get(preparing) is None:
+        raise UserError("No preparation is running.")
+    progress = jobs.cancel(preparing)
+    return {"progress": progress_html(progress), "info": data_info(preparing), **_buttons(False)}
+
+
+def build(c: dict[str, Any]) -> None:
+    """The widgets under the data field (inside the Train form); ``c["field.data"]`` exists."""
+    c["data_info"] = gr.HTML(elem_id="data-info")
+    with gr.Row():
+        c["prepare"] = gr.Button("Prepare now (large folders)", size="sm", elem_id="prepare-btn")
+        c["cancel_prepare"] = gr.Button("Cancel preparing", size="sm", interactive=False,
+                                        elem_id="cancel-prepare-btn")
+    c["prepare_progress"] = gr.HTML(elem_id="prepare-progress")
+    c["prepare_timer"] = gr.Timer(POLL_S, active=False)
+    c["preparing"] = gr.State(None)
+
+
+def wire(c: dict[str, Any], jobs: Preparations) -> None:
+    names = {"info": c["data_info"], "progress": c["prepare_progress"], "prepare": c["prepare"],
+             "cancel": c["cancel_prepare"], "timer": c["prepare_timer"], "preparing": c["preparing"]}
+    outputs = list(names.values())
+    as_updates = lambda out: {names[k]: v for k, v in out.items()}
+    error = lambda text: {names["progress"]: render.notice("error", text)}
+    data = c["field.data"]
+    gr.on([data.blur, data.submit], data_info, data, c["data_info"], api_name="check_data")
+    c["prepare"].click(guarded("prepare", error)(lambda folder: as_updates(start_preparing(jobs, folder))),
+                       data, outputs, api_name="prepare_data", show_progress=HIDDEN)
+    c["prepare_timer"].tick(
+        guarded("preparation progress", error)(lambda p: as_updates(preparing_view(jobs, p))),
+        c["preparing"], outputs, api_name="prepare_progress", show_progress=HIDDEN)
+    c["cancel_prepare"].click(
+        guarded("cancel", error)(lambda p: as_updates(cancel_preparing(jobs, p))),
+        c["preparing"], outputs, api_name="cancel_prepare", show_progress=HIDDEN)
