@@ -31,6 +31,12 @@ def open_rgb(source: str | Path | bytes | BinaryIO, max_pixels: int = MAX_PIXELS
              name: str | None = None) -> Image.Image:
     """Decode ``source`` into an upright 8-bit RGB image."""
     label = name or (Path(source).name if isinstance(source, (str, Path)) else "upload")
+    return to_rgb8(ImageOps.exif_transpose(open_checked(source, max_pixels, label)))
+
+
+def open_checked(source: str | Path | bytes | BinaryIO, max_pixels: int, label: str) -> Image.Image:
+    """``source`` decoded by PIL as it is stored (first frame), or a clear :class:`ImageError`:
+    non-images, corrupt files and decompression bombs are refused before their pixels decode."""
     if isinstance(source, bytes):
         source = io.BytesIO(source)
     try:
@@ -53,10 +59,10 @@ def open_rgb(source: str | Path | bytes | BinaryIO, max_pixels: int = MAX_PIXELS
         raise ImageError(f"{label}: not an image file (or a format Pillow cannot read)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise ImageError(f"{label}: the image is corrupt or truncated ({err})") from None
-    return _to_rgb8(ImageOps.exif_transpose(image))
+    return image
 
 
-def _to_rgb8(image: Image.Image) -> Image.Image:
+def to_rgb8(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # Pillow's convert() clips high-bit-depth values at 255; scale the real range instead.
         array = np.asarray(image, dtype=np.float64)

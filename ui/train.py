@@ -100,7 +100,10 @@ def check_data_folder(manager: Any, folder: str) -> str:
         note = " " + data_note((folder or "").strip())
     except Exception:  # noqa: BLE001 - the count above is the answer; the note is extra
         note = ""
-    return render.notice("ok", f"{where}: {summary.files} image file(s) found.{note}")
+    kind = "" if summary.channels == 3 and summary.bits == 8 else (
+        f" {summary.describe()} images: in_chans {summary.channels}, normalised with the data "
+        "set's own statistics (computed at start).")
+    return render.notice("ok", f"{where}: {summary.files} image file(s) found.{kind}{note}")
 
 
 def config_yaml_file(values: dict[str, Any]) -> str:
