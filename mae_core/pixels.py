@@ -39,6 +39,7 @@ _GRAY16 = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
 # The channel axis in tifffile's axes codes: samples per pixel, or an ImageJ/OME channel axis.
 _CHANNEL_AXES = "SC"
+_ASSOCIATED_ALPHA, _UNASSOCIATED_ALPHA = 1, 2  # TIFF ExtraSamples values
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def _rewound(source: Source) -> Source:
 # --- TIFF: tifffile keeps every band --------------------------------------------------------
 
 def _tiff_layout(series, label: str) -> tuple[int, int]:
-    """(channels, bits) of a tifffile series, refused unless 8- or 16-bit unsigned."""
+    """(samples, bits) of a tifffile series, refused unless 8- or 16-bit unsigned."""
     dtype = np.dtype(series.dtype)
     if dtype not in (np.uint8, np.uint16, np.bool_):
         raise ImageError(f"{label}: {dtype} values are not supported: save the image as 8- or "
@@ -122,8 +123,12 @@ def _open_tiff(source: Source, label: str, decode: bool) -> tuple[PixelFormat, n
     try:
         with tifffile.TiffFile(_rewound(source)) as tif:
             series = tif.series[0]
-            channels, bits = _tiff_layout(series, label)
-            fmt = PixelFormat(channels, bits)
+            samples, bits = _tiff_layout(series, label)
+            # An alpha sample (TIFF ExtraSamples 1 or 2) is transparency, as in a PNG: not a band.
+            extra = getattr(tif.pages[0], "extrasamples", None) or ()
+            alpha = next((int(kind) for kind in extra
+                          if int(kind) in (_ASSOCIATED_ALPHA, _UNASSOCIATED_ALPHA)), None)
+            fmt = PixelFormat(samples - (alpha is not None), bits)
             if not decode:
                 return fmt, None
             try:
@@ -147,13 +152,27 @@ def _open_tiff(source: Source, label: str, decode: bool) -> tuple[PixelFormat, n
     array = np.transpose(array, [axes.index(channel), axes.index("Y"), axes.index("X")])
     if array.dtype == np.bool_:  # a 1-bit mask: full scale, as PIL reads mode "1"
         array = array.astype(np.uint8) * 255
+    if alpha is not None:
+        array = _on_white(array, alpha, 65535 if bits == 16 else 255)
     return fmt, array.astype(np.uint16 if bits == 16 else np.uint8)
+
+
+def _on_white(array: np.ndarray, alpha: int, full: int) -> np.ndarray:
+    """(C + 1, H, W) with alpha last → (C, H, W) composited on white (as PIL does for a PNG)."""
+    color, opacity = array[:-1].astype(np.float64), array[-1:].astype(np.float64) / full
+    if alpha == _ASSOCIATED_ALPHA:  # colour already multiplied by its opacity
+        out = color + full * (1 - opacity)
+    else:
+        out = color * opacity + full * (1 - opacity)
+    return np.rint(out).clip(0, full)
 
 
 def _tiff_with_pil(source: Source, fmt: PixelFormat, label: str, why: Exception) -> np.ndarray:
     """A TIFF whose compression tifffile cannot decode without ``imagecodecs``: PIL decodes it,
     but only when PIL keeps every band (it reads RGB + extra samples as plain RGB)."""
     image = open_checked(_rewound(source), MAX_PIXELS, label)
+    if image.mode in ("RGBA", "LA"):  # PIL read the alpha sample: composited, as the rest are
+        image = to_rgb8(image) if image.mode == "RGBA" else to_rgb8(image).convert("L")
     array = np.asarray(image)
     array = array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
     if array.shape[0] != fmt.channels:
@@ -204,16 +223,17 @@ def _gray(image: Image.Image, label: str) -> np.ndarray:
 def read_for(source: Source, channels: int, name: str | None = None) -> Tensor:
     """Decode ``source`` for a model of ``channels`` channels: uint8 or uint16 (C, H, W).
 
-    A colour model (3 channels) reads any 8-bit photo as RGB (grayscale and palette converted,
-    alpha composited on white: :func:`open_rgb`) and a 16-bit 3-channel TIFF as it is. Any other
-    model needs exactly its channel count. A mismatch is an :class:`ImageError` saying both counts.
+    A colour model (3 channels) reads any photo as RGB, as it always did (grayscale and palette
+    converted, alpha composited on white, 16-bit grayscale scaled to 8 bits: :func:`open_rgb`),
+    and a 16-bit 3-channel TIFF as it is. Any other model needs exactly its channel count. A
+    mismatch is an :class:`ImageError` saying both counts.
     """
     label = _label(source, name)
     tiff = _is_tiff(source)
     if channels == 3 and not tiff:
         return to_tensor(open_rgb(_rewound(source), name=label))  # today's RGB path, unchanged
     fmt = _open_tiff(source, label, decode=False)[0] if tiff else probe(source, label)
-    if channels == 3 and fmt.channels == 1 and fmt.bits == 8:
+    if channels == 3 and fmt.channels == 1:
         return to_tensor(open_rgb(_rewound(source), name=label))
     if fmt.channels != channels:
         raise ImageError(f"{label}: a {fmt.channels}-channel image, but the model takes "
