@@ -122,3 +122,20 @@ def resolve_channels(cfg: RunConfig, data: DataSummary) -> RunConfig:
     resolved = dataclasses.replace(model, in_chans=fmt.channels, normalize=normalize,
                                    pixel_mean=mean, pixel_std=std)
     return RunConfig(model=resolved, train=cfg.train)
+
+
+def for_new_data(cfg: RunConfig) -> RunConfig:
+    """``cfg`` (a run's resolved config) to start another run from: its data set statistics and
+    channel count left to be computed again from the data the new run names.
+
+    The same folder gives the same numbers (the sample is seeded); another folder gets its own
+    instead of silently inheriting these. Statistics given by hand for a prepared or remote set
+    (which cannot be computed) are kept.
+    """
+    from mae_core import prepared
+
+    data = cfg.train.data
+    if cfg.model.normalize != "dataset" or prepared.is_remote(data) or prepared.is_prepared(data):
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, in_chans=None))
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, in_chans=None,
+                                                              pixel_mean="", pixel_std=""))

@@ -33,7 +33,7 @@ SIZE = 32
 TRAIN = ["--model", "vit-tiny", "--image-size", str(SIZE), "--patch-size", "8", "--batch-size", "4",
          "--accelerator", "cpu", "--devices", "1", "--max-steps", "6", "--num-previews", "2",
          "--preview-every-n-steps", "3", "--checkpoint-every-n-steps", "3",
-         "--eval-every-n-steps", "3", "--val-count", "4", "--weight-snapshots", "0"]
+         "--eval-every-n-steps", "3", "--val-count", "4"]
 
 
 def scan16(index: int) -> np.ndarray:
@@ -305,6 +305,8 @@ def test_reconstruct_tab_on_each_kind(runs, tmp_path):
     assert [row[0] for row in result.rows] == ["tile.tif"] and "data:image/png" in result.html
     with pytest.raises(ConfigError, match="display channels"):
         tab.reconstruct_files(ctx, [str(upload4)], False, "four", 0.75, 0, "7")
+    html, message = tab.reconstruct_history(ctx, "four", 6, 0.75, 0, "4,3,2", "percentile")
+    assert "(held out)" in message and "data:image/png" in html  # the weights history, 4 bands
 
 
 def test_exported_four_channel_encoder_loads_into_timm(runs, tmp_path):
@@ -326,3 +328,35 @@ def test_exported_four_channel_encoder_loads_into_timm(runs, tmp_path):
     missing, unexpected = vit.load_state_dict(load_file(tmp_path / "encoder.safetensors"),
                                               strict=False)
     assert set(missing) == {"head.weight", "head.bias"} and not unexpected
+
+
+def test_train_tab_says_what_kind_of_images_it_found(tmp_path):
+    from ui.train import check_data_folder
+
+    text = check_data_folder(None, str(make_gray16(tmp_path / "gray16", 3)))
+    assert "3 image file(s) found. 1-channel (grayscale) 16-bit images: in_chans 1" in text
+    assert "in_chans" not in check_data_folder(None, "")  # RGB photos: as before
+    mixed = make_four(tmp_path / "gray16", 1)
+    assert "mixes kinds of images" in check_data_folder(None, str(mixed))
+
+
+def test_a_copied_run_recomputes_its_statistics_from_the_data_it_names(runs, tmp_path):
+    from mae_core.channels import for_new_data
+    from mae_core.runs import RunManager
+    from ui.train import form_from_run
+
+    folder, paths = runs["gray16"]
+    cfg = RunConfig.load(paths.config)
+    values = form_from_run(RunManager(paths.root.parent), "gray16")
+    assert (values["in_chans"], values["pixel_mean"], values["normalize"]) == (0, "", "dataset")
+    again = resolve_channels(for_new_data(cfg), check_data(str(folder)))
+    assert again.model == cfg.model  # the same folder: the same statistics
+    other = tmp_path / "brighter"  # another folder: its own statistics, not the copied ones
+    other.mkdir()
+    for i in range(4):
+        tifffile.imwrite(other / f"scan_{i:02d}.tif", scan16(i) * 2)
+    moved = resolve_channels(for_new_data(cfg).with_overrides(data=str(other)),
+                             check_data(str(other)))
+    expected = np.stack([scan16(i) * 2 for i in range(4)]).mean() / 65535
+    assert float(moved.model.pixel_mean) == pytest.approx(expected, abs=1e-5)
+    assert abs(float(moved.model.pixel_mean) - float(cfg.model.pixel_mean)) > 0.1
