@@ -64,11 +64,11 @@ def build_sets(root: Path, per_photo: int = 40, seed: int = 0) -> tuple[Path, Pa
     return gray, four
 
 
-def train(folder: Path, runs: Path, name: str, steps: int) -> Path:
+def train(folder: Path, runs: Path, name: str, steps: int, batch_size: int) -> Path:
     run_dir = runs / name
     command = [sys.executable, "-m", "mae_core.train", "--data", str(folder), "--run-dir",
                str(run_dir), "--model", "vit-tiny", "--image-size", "64", "--patch-size", "8",
-               "--batch-size", "32", "--accelerator", "cpu", "--devices", "1", "--max-steps",
+               "--batch-size", str(batch_size), "--accelerator", "cpu", "--devices", "1", "--max-steps",
                str(steps), "--val-count", "16", "--eval-every-n-steps", str(steps),
                "--num-previews", "0", "--weight-snapshots", "0"]
     subprocess.run(command, check=True)
@@ -94,12 +94,13 @@ def figure(run_dir: Path, out: Path, display_channels: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.channels_figure", description=__doc__)
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", default="docs")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         gray, four = build_sets(Path(tmp) / "data")
         for folder, name, shown in ((gray, "gray16", ""), (four, "4band", "4,1,2")):
-            run_dir = train(folder, Path(tmp) / "runs", name, args.steps)
+            run_dir = train(folder, Path(tmp) / "runs", name, args.steps, args.batch_size)
             figure(run_dir, Path(args.out) / f"recon-{name}.png", shown)
     return 0
 
