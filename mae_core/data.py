@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from mae_core.images import ImageError, center_square, resize_short_side
+from mae_core.images import ImageError, center_square, resize_short_side, wide_range_safe
 from mae_core.pixels import read_for, same_dtype
 
 log = logging.getLogger(__name__)
@@ -236,11 +236,11 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int) -> Tensor:
         index %= self.num_images
         if self.cache is not None:
-            return self.augment(self.cache[index])
+            return wide_range_safe(self.augment, self.cache[index])
         for offset in range(self.num_images):
             image = self._decode(self.paths[(index + offset) % self.num_images])
             if image is not None:
-                return self.augment(image)
+                return wide_range_safe(self.augment, image)
         raise DataError("no image in the data set can be read")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -85,7 +86,20 @@ def to_tensor(image: Image.Image) -> Tensor:
 
 
 def resize_short_side(image: Tensor, side: int) -> Tensor:
-    return TF.resize(image, [side], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    """``image`` resized (bicubic, antialiased) to a short side of ``side``, in its own dtype."""
+    return wide_range_safe(
+        lambda x: TF.resize(x, [side], interpolation=TF.InterpolationMode.BICUBIC, antialias=True),
+        image)
+
+
+def wide_range_safe(transform: Callable[[Tensor], Tensor], image: Tensor) -> Tensor:
+    """``transform(image)``, for a uint16 image computed in float and clamped: torchvision clamps
+    bicubic over- and undershoot only for uint8, and uint16 values wrap around (a black pixel
+    beside a white edge became 62,531 of 65,535)."""
+    if image.dtype != torch.uint16:
+        return transform(image)
+    out = transform(image.to(torch.float32))
+    return out.round_().clamp_(0, 65535).to(torch.int32).to(torch.uint16)
 
 
 def center_square(image: Image.Image | Tensor, size: int) -> Tensor:

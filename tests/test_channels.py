@@ -190,6 +190,18 @@ def test_dataset_yields_uint16_crops_for_16_bit_data(tmp_path):
     assert len(torch.unique(crop.to(torch.int32))) > 256  # more levels than 8 bits hold
 
 
+def test_16_bit_crops_never_wrap_around_at_edges(tmp_path):
+    """torchvision clamps bicubic overshoot only for uint8: on uint16 a black pixel beside a white
+    edge wrapped to ~62,000. Every crop of a black | white image must stay monotonic."""
+    edge = np.zeros((SIZE * 2, SIZE * 2), np.uint16)
+    edge[:, SIZE:] = 65535
+    tifffile.imwrite(tmp_path / "edge.tif", edge)
+    dataset = ImageFolderDataset([tmp_path / "edge.tif"], SIZE, length=20, channels=1)
+    for i in range(20):
+        steps = dataset[i][0].to(torch.int32).diff(dim=1)
+        assert bool((steps >= 0).all()) or bool((steps <= 0).all())
+
+
 # --- the model: in_chans, statistics, 16-bit precision ----------------------------------------------
 
 def test_model_follows_in_chans_and_keeps_16_bit_precision(tmp_path):
