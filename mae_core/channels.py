@@ -105,8 +105,8 @@ def resolve_channels(cfg: RunConfig, data: DataSummary) -> RunConfig:
         raise ConfigError("in_chans", f"is {model.in_chans} but {_named(data.name)} holds "
                           f"{fmt.describe()} images: set it to {fmt.channels} (or auto)")
     normalize = model.normalize
-    if normalize == "auto":
-        normalize = "imagenet" if fmt.is_rgb8 else "dataset"
+    if normalize == "auto":  # statistics given by hand are the data set's
+        normalize = "imagenet" if fmt.is_rgb8 and not model.pixel_mean else "dataset"
     if normalize == "imagenet" and fmt.channels != 3:
         raise ConfigError("normalize", f"imagenet statistics are for RGB images; the data holds "
                           f"{fmt.describe()} images: use dataset (or auto)")

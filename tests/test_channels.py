@@ -179,6 +179,8 @@ def test_resolve_fills_channels_and_refuses_contradictions(tmp_path):
         resolve_channels(base.with_overrides(normalize="imagenet"), check_data(folder))
     given = base.with_overrides(in_chans=1, normalize="dataset", pixel_mean="0.2", pixel_std="0.05")
     assert resolve_channels(given, check_data(folder)).model.pixel_mean == "0.2"  # kept
+    by_hand = RunConfig().with_overrides(pixel_mean="0.4,0.4,0.4", pixel_std="0.2,0.2,0.2")
+    assert resolve_channels(by_hand, check_data("")).model.normalize == "dataset"
     rgb = resolve_channels(RunConfig(), check_data("")).model  # RGB photos: as before
     assert (rgb.in_chans, rgb.normalize, rgb.pixel_mean) == (3, "imagenet", "")
 
