@@ -21,7 +21,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from mae_core.images import ImageError, center_square, resize_short_side, wide_range_safe
+from mae_core.images import (
+    ImageError,
+    center_square,
+    resize_short_side,
+    wide_range_safe,
+)
 from mae_core.pixels import read_for, same_dtype
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,14 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from mae_core.images import MAX_PIXELS, ImageError, open_checked, open_rgb, to_rgb8, to_tensor
+from mae_core.images import (
+    MAX_PIXELS,
+    ImageError,
+    open_checked,
+    open_rgb,
+    to_rgb8,
+    to_tensor,
+)
 
 Source = str | Path | bytes | BinaryIO
 

@@ -18,7 +18,7 @@ import tifffile
 import torch
 from PIL import Image
 
-from mae_core.channels import dataset_stats, resolve_channels, scan_format
+from mae_core.channels import dataset_stats, resolve_channels
 from mae_core.composite import View, fit, parse_view
 from mae_core.config import ConfigError, ModelConfig, RunConfig
 from mae_core.data import DataError, ImageFolderDataset, check_data, find_images
@@ -272,20 +272,20 @@ def runs(tmp_path_factory, run_module) -> dict[str, tuple[Path, RunPaths]]:
 
 @pytest.mark.parametrize("name, channels", [("gray16", 1), ("four", 4)])
 def test_training_stores_channels_and_statistics(runs, name, channels):
-    folder, paths = runs[name]
+    _, paths = runs[name]
     cfg = RunConfig.load(paths.config)
     assert (cfg.model.in_chans, cfg.model.normalize) == (channels, "dataset")
     assert len(cfg.model.pixel_mean.split(",")) == channels
     model = load_model(paths.weights)
     assert model.cfg == cfg.model  # the weights file carries the same statistics
-    assert sorted(p.name for p in paths.previews.glob("step_*.png"))[-1] == "step_0000006.png"
+    assert max(p.name for p in paths.previews.glob("step_*.png")) == "step_0000006.png"
 
 
 def test_16_bit_reconstruction_has_no_tint_or_offset(runs, tmp_path):
     """Visible patches come back as the upload's own 16-bit values (no 8-bit rounding, no shift),
     and the masked patches' reconstruction sits at the upload's level: with the 0.5 ± 0.25 of a
     model that lost its statistics it would be ~0.5, with the data's own ~0.2."""
-    folder, paths = runs["gray16"]
+    _, paths = runs["gray16"]
     model = load_model(paths.weights)
     upload = tmp_path / "new_scan.tif"
     tifffile.imwrite(upload, scan16(40))
@@ -310,8 +310,8 @@ def test_reconstruct_tab_on_each_kind(runs, tmp_path):
     photo = rgb_png(tmp_path / "photo.png")
     result = tab.reconstruct_files(ctx, [str(upload16), str(photo)], False, "gray16", 0.75, 0)
     assert [row[0] for row in result.rows] == ["scan.tif"]
-    assert result.refused == [("photo.png", "a 3-channel image, but the model takes 1-channel "
-                                            "images")]
+    assert result.refused == [("photo.png",
+                               "a 3-channel image, but the model takes 1-channel images")]
     assert "1-channel images, dataset normalisation" in result.message
     upload4 = tmp_path / "tile.tif"
     tifffile.imwrite(upload4, tile4(50), photometric="minisblack", planarconfig="separate")
