@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from mae_core import process as proc
-from mae_core.config import RunConfig
 from mae_core.channels import resolve_channels
+from mae_core.config import RunConfig
 from mae_core.data import check_data
 from mae_core.fileio import atomic_write_json, read_json, remove_stale_temp_files
 from mae_core.process import PROJECT_ROOT  # noqa: F401 - re-exported for callers and tests
