@@ -106,7 +106,7 @@ def gradient_coverage(model: MaskedAutoencoder, batch_size: int = 2, seed: int =
     """Names of trainable tensors that get no gradient from one MAE training step on random images."""
     cfg = model.cfg
     generator = seeded_generator(seed)
-    images = torch.randn(batch_size, 3, cfg.image_size, cfg.image_size, generator=generator)
+    images = torch.randn(batch_size, cfg.channels, cfg.image_size, cfg.image_size, generator=generator)
     idx_keep, idx_mask = draw_token_mask(batch_size, cfg.num_patches, cfg.mask_ratio, generator)
     model.zero_grad(set_to_none=True)
     model.train()
@@ -188,11 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", default="ddp-clean", help=f"one of {', '.join(POLICIES)}")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--patch-size", type=int, default=16)
+    parser.add_argument("--in-chans", type=int, default=3,
+                        help="channels per pixel (1 grayscale, 3 RGB, N multi-band)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     try:
         cfg = ModelConfig(preset=args.model, policy=args.policy, image_size=args.image_size,
-                          patch_size=args.patch_size, timm_model=args.timm_model)
+                          patch_size=args.patch_size, timm_model=args.timm_model,
+                          in_chans=args.in_chans)
     except ConfigError as err:
         parser.exit(2, f"error: {err}\n")
     result = audit(cfg)

@@ -86,3 +86,55 @@ def _check_bool(obj: Any, name: str, optional: bool = False) -> None:
     if optional and value is None:
         return
     _require(isinstance(value, bool), name, f"must be true or false, got {_shown(value)}")
+
+
+# --- channels and normalisation (issue 13, item 6; mae_core/channels.py fills them from the data)
+
+NORMALIZATIONS = ("auto", "imagenet", "dataset")
+MAX_CHANNELS = 64
+
+
+def format_stats(values: Any) -> str:
+    """Per-channel statistics as the config stores them: ``0.485,0.456,0.406``."""
+    return ",".join(f"{float(v):.6g}" for v in values)
+
+
+def parse_stats(value: Any, name: str) -> tuple[float, ...]:
+    """``pixel_mean`` / ``pixel_std`` as numbers: a string of numbers separated by commas, one per
+    channel (the form, the command line, config.yaml); ``""`` is none (computed from the data)."""
+    if value == "":
+        return ()
+    numbers: tuple[float, ...] = ()
+    if isinstance(value, str):
+        try:
+            numbers = tuple(float(item) for item in value.split(","))
+        except ValueError:
+            pass
+    _require(bool(numbers) and all(math.isfinite(x) for x in numbers), name,
+             f"must be numbers separated by commas, one per channel (e.g. 0.45,0.42,0.39), "
+             f"got {_shown(value)}")
+    return numbers
+
+
+def check_channels(cfg: Any) -> None:
+    """``in_chans``, ``normalize`` and the statistics of a model config agree; the statistics
+    are stored in one spelling (``0.5,0.25``), so equal configs compare equal."""
+    _check_int(cfg, "in_chans", 1, MAX_CHANNELS, optional=True)
+    _check_choice(cfg, "normalize", NORMALIZATIONS, "normalisation")
+    channels = cfg.in_chans or 3
+    _require(cfg.normalize != "imagenet" or channels == 3, "normalize",
+             f"imagenet statistics are for 3-channel RGB images, in_chans is {channels}: use "
+             "dataset (or auto)")
+    mean, std = parse_stats(cfg.pixel_mean, "pixel_mean"), parse_stats(cfg.pixel_std, "pixel_std")
+    _require(bool(mean) == bool(std), "pixel_mean" if mean else "pixel_std",
+             "give pixel_mean and pixel_std together (or neither: computed from the data)")
+    if mean:
+        _require(cfg.normalize != "imagenet", "normalize",
+                 "pixel_mean and pixel_std are a data set's statistics: set normalize to dataset")
+        for name, values in (("pixel_mean", mean), ("pixel_std", std)):
+            _require(len(values) == channels, name,
+                     f"has {len(values)} value(s) but the model takes {channels} channel(s)"
+                     + (" (in_chans is auto: set it)" if cfg.in_chans is None else ""))
+        _require(all(s > 0 for s in std), "pixel_std", f"every value must be above 0, got {std}")
+    object.__setattr__(cfg, "pixel_mean", format_stats(mean))  # frozen: the one normalisation
+    object.__setattr__(cfg, "pixel_std", format_stats(std))

@@ -23,8 +23,10 @@ from typing import Any
 import yaml
 
 # ConfigError, the presets and parse_bool are part of this module's interface (re-exported).
-from mae_core.checks import (ConfigError, _check_bool, _check_choice, _check_int,  # noqa: F401
-                             _check_number, _is_int, _is_number, _require, _shown, parse_bool)
+from mae_core.checks import (NORMALIZATIONS, ConfigError, _check_bool,  # noqa: F401
+                             _check_choice, _check_int, _check_number, _is_int, _is_number,
+                             _require, _shown, check_channels, format_stats, parse_bool,
+                             parse_stats)
 from mae_core.presets import PRESETS, DecoderSpec, Preset  # noqa: F401
 
 POLICIES = ("ddp-clean", "reference")
@@ -75,6 +77,13 @@ class ModelConfig:
     norm_pix_loss: bool = False
     policy: str = "ddp-clean"
     timm_model: str = ""
+    # Any channels (mae_core/channels.py): in_chans None = the data's; normalize auto = ImageNet's
+    # statistics for 8-bit RGB data, else the data set's, stored per channel (fractions of full
+    # scale, "0.12,0.3") when the run starts.
+    in_chans: int | None = None
+    normalize: str = "auto"
+    pixel_mean: str = ""
+    pixel_std: str = ""
 
     def __post_init__(self) -> None:
         _check_choice(self, "preset", PRESETS, "model preset")
@@ -94,6 +103,7 @@ class ModelConfig:
         _check_int(self, "decoder_heads", 1, 64, optional=True)
         _check_bool(self, "norm_pix_loss")
         _check_choice(self, "policy", POLICIES, "parameter policy")
+        check_channels(self)
         spec = self.decoder()
         _require(spec.dim % spec.heads == 0, "decoder_heads",
                  f"decoder_dim={spec.dim} is not divisible by decoder_heads={spec.heads}")
@@ -111,6 +121,11 @@ class ModelConfig:
     def label(self) -> str:
         """How runs and tables name the encoder: the preset, or the timm model that replaces it."""
         return self.timm_model or self.preset
+
+    @property
+    def channels(self) -> int:
+        """Values per pixel the model takes: ``in_chans``, 3 until resolved from the data."""
+        return self.in_chans or 3
 
     @property
     def preset_spec(self) -> Preset:

@@ -24,10 +24,10 @@ from torchvision.transforms import v2
 from mae_core.images import (
     ImageError,
     center_square,
-    open_rgb,
     resize_short_side,
-    to_tensor,
+    wide_range_safe,
 )
+from mae_core.pixels import read_for, same_dtype
 
 log = logging.getLogger(__name__)
 
@@ -136,27 +136,47 @@ def _skip(err: OSError) -> None:
 
 @dataclass(frozen=True)
 class DataSummary:
+    """A data set as a run sees it: image files, and the channels and bits of every image
+    (``folder``: an image folder, not a prepared set, whose images are 8-bit RGB JPEGs)."""
+
     name: str
     files: int
+    channels: int = 3
+    bits: int = 8
+    folder: bool = True
+
+    def describe(self) -> str:
+        kind = "RGB" if self.channels == 3 else "grayscale" if self.channels == 1 else "multi-band"
+        return f"{self.channels}-channel ({kind}) {self.bits}-bit"
 
 
 def check_data(folder: str) -> DataSummary:
-    """Refuse a folder that cannot be trained on, cheaply: it must hold at least one readable image.
+    """Refuse a folder that cannot be trained on, cheaply: it must hold at least one readable image,
+    and images of one kind (channels, bit depth: :func:`mae_core.channels.scan_format`).
 
     A prepared data set is checked by its manifest; a remote URL is left to LitData at start.
     """
     from mae_core import prepared
+    from mae_core.channels import scan_format
 
     if prepared.is_remote(folder) or prepared.is_prepared(folder):
         found = prepared.describe(folder)
-        return DataSummary(name=folder, files=found.count or 0)
+        return DataSummary(name=folder, files=found.count or 0, folder=False)
     paths = find_images(folder)
+    fmt = scan_format(paths, folder)
+    if not fmt.is_rgb8 and not prepared.held_in_memory(folder, len(paths)):
+        raise DataError(f"data folder {_named(folder)} holds {len(paths):,} {fmt.describe()} "
+                        f"images; above {prepared.AUTO_PREPARE_ABOVE:,} images a folder is "
+                        "streamed as a prepared set of 8-bit RGB JPEGs, which would lose its "
+                        f"channels or precision: train on at most {prepared.AUTO_PREPARE_ABOVE:,} "
+                        "of them")
     for path in paths:
         try:
-            open_rgb(path)
+            read_for(path, fmt.channels)
         except ImageError:
             continue
-        return DataSummary(name=folder or SAMPLE_DATA_NAME, files=len(paths))
+        return DataSummary(name=folder or SAMPLE_DATA_NAME, files=len(paths),
+                           channels=fmt.channels, bits=fmt.bits)
     raise DataError(f"none of the {len(paths)} image files in {_named(folder)} can be read: all are corrupt "
                     "or not images")
 
@@ -176,17 +196,22 @@ def mae_augmentation(image_size: int) -> v2.Compose:
 
 
 class ImageFolderDataset(Dataset):
-    """MAE-augmented uint8 crops of ``paths``; unreadable files are skipped and counted.
+    """MAE-augmented crops of ``paths`` (uint8, or uint16 for 16-bit images: never squashed to
+    8 bits), ``channels`` per pixel; unreadable files (and images of another channel count) are
+    skipped and counted.
 
     ``length`` repeats a small data set so an epoch has at least a few full batches on every rank.
     """
 
     def __init__(self, paths: list[Path], image_size: int, length: int | None = None,
-                 cache_limit_bytes: int = CACHE_LIMIT_BYTES) -> None:
+                 cache_limit_bytes: int = CACHE_LIMIT_BYTES, channels: int = 3) -> None:
         self.image_size = image_size
+        self.channels = channels
         self.stored_side = min(2 * image_size, 512)
         self.augment = mae_augmentation(image_size)
-        estimate = len(paths) * self.stored_side**2 * 4 * 3
+        # Grayscale and multi-band images are often 16-bit (2 bytes a value): counted as such.
+        bytes_per_value = 1 if channels == 3 else 2
+        estimate = len(paths) * self.stored_side**2 * 4 * channels * bytes_per_value
         self.cache: list[Tensor] | None = None
         self.paths = list(paths)
         self.skipped = 0
@@ -205,7 +230,7 @@ class ImageFolderDataset(Dataset):
 
     def _decode(self, path: Path) -> Tensor | None:
         try:
-            return resize_short_side(to_tensor(open_rgb(path)), self.stored_side)
+            return resize_short_side(read_for(path, self.channels), self.stored_side)
         except ImageError as err:
             log.warning("skipping %s", err)
             return None
@@ -216,26 +241,26 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int) -> Tensor:
         index %= self.num_images
         if self.cache is not None:
-            return self.augment(self.cache[index])
+            return wide_range_safe(self.augment, self.cache[index])
         for offset in range(self.num_images):
             image = self._decode(self.paths[(index + offset) % self.num_images])
             if image is not None:
-                return self.augment(image)
+                return wide_range_safe(self.augment, image)
         raise DataError("no image in the data set can be read")
 
 
-def preview_images(folder: str, image_size: int, count: int) -> Tensor:
+def preview_images(folder: str, image_size: int, count: int, channels: int = 3) -> Tensor:
     """The first ``count`` readable images, centre-cropped: the fixed set a run's previews show."""
     images = []
     for path in find_images(folder):
         if len(images) == count:
             break
         try:
-            images.append(center_square(open_rgb(path), image_size))
+            images.append(center_square(read_for(path, channels), image_size))
         except ImageError:
             continue
-    return torch.stack(images) if images else torch.empty(0, 3, image_size, image_size,
-                                                          dtype=torch.uint8)
+    return torch.stack(same_dtype(images)) if images else torch.empty(
+        0, channels, image_size, image_size, dtype=torch.uint8)
 
 
 class MAEDataModule(pl.LightningDataModule):
@@ -249,9 +274,10 @@ class MAEDataModule(pl.LightningDataModule):
 
     def __init__(self, folder: str, image_size: int, batch_size: int, num_workers: int,
                  pin_memory: bool | None = None,
-                 dataset_factory: Callable[..., Dataset] | None = None) -> None:
+                 dataset_factory: Callable[..., Dataset] | None = None, channels: int = 3) -> None:
         super().__init__()
         self.folder = folder
+        self.channels = channels
         self.image_size = image_size
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -266,7 +292,13 @@ class MAEDataModule(pl.LightningDataModule):
             # A small data set is repeated to 4 optimizer steps per epoch on every rank: whole
             # accumulation cycles, so no step of the epoch sums fewer batches than configured.
             self.dataset = self.dataset_factory(find_images(self.folder), self.image_size,
-                                                length=4 * self.batch_size * world * accumulate)
+                                                length=4 * self.batch_size * world * accumulate,
+                                                **self._channels())
+
+    def _channels(self) -> dict[str, int]:
+        # Only said when not RGB: the benchmark's naive factory reads RGB photos and takes no
+        # channel count.
+        return {"channels": self.channels} if self.channels != 3 else {}
 
     def train_dataloader(self) -> DataLoader:
         assert self.dataset is not None
@@ -366,21 +398,21 @@ def split_folder(folder: str, seed: int = 0, *, count: int | None = None,
                         train_labels=pick(train_idx), held_out_labels=pick(out_idx))
 
 
-def fixed_crops(paths: list[Path] | tuple[Path, ...], image_size: int
+def fixed_crops(paths: list[Path] | tuple[Path, ...], image_size: int, channels: int = 3
                 ) -> tuple[Tensor, list[int]]:
-    """Centre crops (uint8, (n, 3, size, size)) of the readable ``paths``, and which were read:
-    evaluation images, the same at every evaluation (no random augmentation)."""
+    """Centre crops ((n, C, size, size), uint8 or uint16) of the readable ``paths``, and which
+    were read: evaluation images, the same at every evaluation (no random augmentation)."""
     images, kept = [], []
     for i, path in enumerate(paths):
         try:
-            images.append(center_square(open_rgb(path), image_size))
+            images.append(center_square(read_for(path, channels), image_size))
         except ImageError as err:
             log.warning("skipping %s", err)
             continue
         kept.append(i)
     if not images:
-        return torch.empty(0, 3, image_size, image_size, dtype=torch.uint8), kept
-    return torch.stack(images), kept
+        return torch.empty(0, channels, image_size, image_size, dtype=torch.uint8), kept
+    return torch.stack(same_dtype(images)), kept
 
 
 class TrainSplitDataModule(MAEDataModule):
@@ -388,8 +420,8 @@ class TrainSplitDataModule(MAEDataModule):
     held-out images are never trained on."""
 
     def __init__(self, train_paths: tuple[Path, ...], image_size: int, batch_size: int,
-                 num_workers: int, pin_memory: bool | None = None) -> None:
-        super().__init__("", image_size, batch_size, num_workers, pin_memory)
+                 num_workers: int, pin_memory: bool | None = None, channels: int = 3) -> None:
+        super().__init__("", image_size, batch_size, num_workers, pin_memory, channels=channels)
         self.train_paths = list(train_paths)
 
     def setup(self, stage: str | None = None) -> None:
@@ -397,7 +429,8 @@ class TrainSplitDataModule(MAEDataModule):
             world = self.trainer.world_size if self.trainer else 1
             accumulate = self.trainer.accumulate_grad_batches if self.trainer else 1
             self.dataset = self.dataset_factory(self.train_paths, self.image_size,
-                                                length=4 * self.batch_size * world * accumulate)
+                                                length=4 * self.batch_size * world * accumulate,
+                                                **self._channels())
 
 
 # --- command line: python -m mae_core.data optimize SRC OUT ------------------------------------

@@ -115,7 +115,7 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, linear_pro
     report(0.1, "reading the labelled images")
     # The demo set lives in the runs directory (checkpoints/.demo-labelled), written once.
     folder = ensure_demo_set(paths.root.parent / DEMO_PATH.name) if data is None else Path(data)
-    labelled = features.load_labelled(folder, trained.cfg.image_size)
+    labelled = features.load_labelled(folder, trained.cfg.image_size, trained.cfg.channels)
     train, val = features.split(labelled, val_fraction, seed)
     results = {}
     for i, (name, model) in enumerate((("trained", trained), ("random_init", random_init))):

@@ -23,7 +23,8 @@ from lightly.utils.benchmarking import knn_predict
 from torch import Tensor
 
 from mae_core.data import IMAGE_EXTENSIONS, DataError, _checked_root, _named
-from mae_core.images import ImageError, center_square, open_rgb
+from mae_core.images import ImageError, center_square
+from mae_core.pixels import read_for, same_dtype
 from mae_core.model import MaskedAutoencoder
 
 # lightly's ViT benchmarks: kNN with k=20 and k=200 neighbours, temperature 0.07.
@@ -71,15 +72,15 @@ def class_folders(folder: str | Path) -> dict[str, list[Path]]:
     return {name: paths[:keep] for name, paths in classes.items()}
 
 
-def load_labelled(folder: str | Path, image_size: int) -> Labelled:
-    """Every image of a labelled folder as its centre square at ``image_size`` (unreadable files
-    are skipped and counted)."""
+def load_labelled(folder: str | Path, image_size: int, channels: int = 3) -> Labelled:
+    """Every image of a labelled folder as its centre square at ``image_size``, ``channels`` per
+    pixel (unreadable files, and images of another channel count, are skipped and counted)."""
     images, labels, skipped = [], [], 0
     classes = class_folders(folder)
     for label, paths in enumerate(classes.values()):
         for path in paths:
             try:
-                images.append(center_square(open_rgb(path), image_size))
+                images.append(center_square(read_for(path, channels), image_size))
             except ImageError:
                 skipped += 1
                 continue
@@ -87,7 +88,7 @@ def load_labelled(folder: str | Path, image_size: int) -> Labelled:
     counts = torch.bincount(torch.tensor(labels, dtype=torch.long), minlength=len(classes))
     if int((counts > 0).sum()) < 2:
         raise DataError(f"{_named(str(folder))}: fewer than 2 classes have a readable image")
-    return Labelled(torch.stack(images), torch.tensor(labels), list(classes), skipped)
+    return Labelled(torch.stack(same_dtype(images)), torch.tensor(labels), list(classes), skipped)
 
 
 def split(data: Labelled, val_fraction: float, seed: int) -> tuple[Labelled, Labelled]:

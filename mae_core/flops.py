@@ -92,7 +92,7 @@ def model_flops(cfg: ModelConfig) -> ModelFlops:
     keep = kept_patches(patches, cfg.mask_ratio)
     encoder_tokens = keep + PREFIX_TOKENS
     decoder_tokens = patches + PREFIX_TOKENS
-    pixels = cfg.patch_size**2 * 3  # one patch's values: the embedding's input, the head's output
+    pixels = cfg.patch_size**2 * cfg.channels  # one patch's values: the embedding's input, the head's output
     return ModelFlops(
         patch_embed=2.0 * patches * pixels * dim,
         encoder=2.0 * depth * block_macs(encoder_tokens, dim, hidden),

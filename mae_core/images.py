@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -31,6 +32,12 @@ def open_rgb(source: str | Path | bytes | BinaryIO, max_pixels: int = MAX_PIXELS
              name: str | None = None) -> Image.Image:
     """Decode ``source`` into an upright 8-bit RGB image."""
     label = name or (Path(source).name if isinstance(source, (str, Path)) else "upload")
+    return to_rgb8(ImageOps.exif_transpose(open_checked(source, max_pixels, label)))
+
+
+def open_checked(source: str | Path | bytes | BinaryIO, max_pixels: int, label: str) -> Image.Image:
+    """``source`` decoded by PIL as it is stored (first frame), or a clear :class:`ImageError`:
+    non-images, corrupt files and decompression bombs are refused before their pixels decode."""
     if isinstance(source, bytes):
         source = io.BytesIO(source)
     try:
@@ -53,10 +60,10 @@ def open_rgb(source: str | Path | bytes | BinaryIO, max_pixels: int = MAX_PIXELS
         raise ImageError(f"{label}: not an image file (or a format Pillow cannot read)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise ImageError(f"{label}: the image is corrupt or truncated ({err})") from None
-    return _to_rgb8(ImageOps.exif_transpose(image))
+    return image
 
 
-def _to_rgb8(image: Image.Image) -> Image.Image:
+def to_rgb8(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # Pillow's convert() clips high-bit-depth values at 255; scale the real range instead.
         array = np.asarray(image, dtype=np.float64)
@@ -79,7 +86,20 @@ def to_tensor(image: Image.Image) -> Tensor:
 
 
 def resize_short_side(image: Tensor, side: int) -> Tensor:
-    return TF.resize(image, [side], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    """``image`` resized (bicubic, antialiased) to a short side of ``side``, in its own dtype."""
+    return wide_range_safe(
+        lambda x: TF.resize(x, [side], interpolation=TF.InterpolationMode.BICUBIC, antialias=True),
+        image)
+
+
+def wide_range_safe(transform: Callable[[Tensor], Tensor], image: Tensor) -> Tensor:
+    """``transform(image)``, for a uint16 image computed in float and clamped: torchvision clamps
+    bicubic over- and undershoot only for uint8, and uint16 values wrap around (a black pixel
+    beside a white edge became 62,531 of 65,535)."""
+    if image.dtype != torch.uint16:
+        return transform(image)
+    out = transform(image.to(torch.float32))
+    return out.round_().clamp_(0, 65535).to(torch.int32).to(torch.uint16)
 
 
 def center_square(image: Image.Image | Tensor, size: int) -> Tensor:

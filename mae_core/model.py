@@ -34,14 +34,26 @@ from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mae_core.config import ModelConfig
+from mae_core.config import ModelConfig, parse_stats
 
 
 def create_vit(cfg: ModelConfig) -> nn.Module:
     """The timm ViT of ``cfg`` (its preset's, or ``timm_model``) exactly as its constructor makes it
     (head included), no download."""
-    return timm.create_model(cfg.encoder_name, pretrained=False,
-                             img_size=cfg.image_size, patch_size=cfg.patch_size)
+    return timm.create_model(cfg.encoder_name, pretrained=False, img_size=cfg.image_size,
+                             patch_size=cfg.patch_size, in_chans=cfg.channels)
+
+
+def pixel_stats(cfg: ModelConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel (mean, std) the model normalises with, as fractions of full scale: the
+    config's own statistics (``normalize: dataset``, stored with the run), else ImageNet's for 3
+    channels, else 0.5 ± 0.25 (a model built before its data set's statistics are known)."""
+    mean, std = parse_stats(cfg.pixel_mean, "pixel_mean"), parse_stats(cfg.pixel_std, "pixel_std")
+    if mean:
+        return mean, std
+    if cfg.channels == 3 and cfg.normalize != "dataset":
+        return tuple(IMAGENET_NORMALIZE["mean"]), tuple(IMAGENET_NORMALIZE["std"])
+    return (0.5,) * cfg.channels, (0.25,) * cfg.channels
 
 
 def adamw(params: Any, lr: float, device: torch.device) -> torch.optim.AdamW:
@@ -141,13 +153,13 @@ class MaskedAutoencoder(nn.Module):
         self.decoder = MaskedVisionTransformerDecoderTIMM(
             num_patches=vit.patch_embed.num_patches, embed_dim=decoder.dim, depth=decoder.depth,
             num_heads=decoder.heads, num_prefix_tokens=vit.num_prefix_tokens)
-        self.prediction_head = nn.Linear(decoder.dim, cfg.patch_size**2 * 3)
+        self.prediction_head = nn.Linear(decoder.dim, cfg.patch_size**2 * cfg.channels)
         self.decoder_embed.apply(init_weights)
         self.prediction_head.apply(init_weights)
-        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_NORMALIZE["mean"]).view(1, 3, 1, 1),
-                             persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(IMAGENET_NORMALIZE["std"]).view(1, 3, 1, 1),
-                             persistent=False)
+        # Not in the state dict: the config (config.yaml, the weights file's metadata) holds them.
+        mean, std = pixel_stats(cfg)
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         if policy is not None:
             apply_policy(self, cfg.policy if policy == "default" else policy)
 
@@ -155,15 +167,17 @@ class MaskedAutoencoder(nn.Module):
     def num_prefix_tokens(self) -> int:
         return int(self.backbone.vit.num_prefix_tokens)
 
-    def normalize(self, images_uint8: Tensor) -> Tensor:
-        """uint8 (B, 3, H, W) images → float, normalised with ImageNet statistics (as MAETransform)."""
-        return (images_uint8.float() / 255 - self.pixel_mean) / self.pixel_std
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 or uint16 (B, C, H, W) images → float, as fractions of full scale (255 or 65535:
+        16-bit values keep their precision) normalised with :func:`pixel_stats`."""
+        full_scale = 65535.0 if images.dtype == torch.uint16 else 255.0
+        return (images.float() / full_scale - self.pixel_mean) / self.pixel_std
 
     def denormalize(self, images: Tensor) -> Tensor:
         return (images * self.pixel_std + self.pixel_mean).clamp(0, 1)
 
     def decode(self, images: Tensor, idx_keep: Tensor, idx_mask: Tensor | None) -> Tensor:
-        """Pixel predictions (B, n, patch²·3) for the tokens in ``idx_mask``, or all patches if None."""
+        """Pixel predictions (B, n, patch²·C) for the tokens in ``idx_mask``, or all patches if None."""
         encoded = self.backbone.encode(images, idx_keep=idx_keep)
         tokens = utils.repeat_token(self.decoder.mask_token,
                                     (images.shape[0], self.decoder.sequence_length))
@@ -176,7 +190,7 @@ class MaskedAutoencoder(nn.Module):
         return self.prediction_head(decoded)
 
     def targets(self, images: Tensor) -> Tensor:
-        """Every patch's pixels (B, N, patch²·3), per-patch normalised when ``norm_pix_loss``."""
+        """Every patch's pixels (B, N, patch²·C), per-patch normalised when ``norm_pix_loss``."""
         patches = utils.patchify(images, self.cfg.patch_size)
         return utils.normalize_mean_var(patches, dim=-1) if self.cfg.norm_pix_loss else patches
 

@@ -155,9 +155,10 @@ def embed(mae: MaskedAutoencoder, images: Tensor, batch_size: int) -> tuple[Tens
 class _Share:
     """One rank's part of an image list: its decoded crops and their places in the full list."""
 
-    def __init__(self, paths: tuple[Path, ...], image_size: int, rank: int, world: int) -> None:
+    def __init__(self, paths: tuple[Path, ...], image_size: int, rank: int, world: int,
+                 channels: int = 3) -> None:
         positions = list(range(rank, len(paths), world))
-        self.images, kept = fixed_crops([paths[i] for i in positions], image_size)
+        self.images, kept = fixed_crops([paths[i] for i in positions], image_size, channels)
         self.positions = [positions[i] for i in kept]
         self.per_rank = math.ceil(len(paths) / world)  # the same on every rank: gather's size
 
@@ -183,9 +184,10 @@ class HeldOutMonitor(EveryNSteps):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         size, rank, world = pl_module.cfg.image_size, trainer.global_rank, trainer.world_size
-        self.val = _Share(self.plan.val, size, rank, world)
-        self.bank = _Share(self.plan.bank, size, rank, world)
-        self.query = _Share(self.plan.query, size, rank, world)
+        channels = pl_module.cfg.channels
+        self.val = _Share(self.plan.val, size, rank, world, channels)
+        self.bank = _Share(self.plan.bank, size, rank, world, channels)
+        self.query = _Share(self.plan.query, size, rank, world, channels)
         cfg = pl_module.cfg  # one mask per held-out image, drawn once for the whole list
         idx_keep, idx_mask = draw_token_mask(len(self.plan.val), cfg.num_patches, cfg.mask_ratio,
                                              seeded_generator(VAL_MASK_SEED))

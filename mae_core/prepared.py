@@ -135,6 +135,18 @@ def _jpeg(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def _refuse_non_rgb8(source: str, paths: list[Path]) -> None:
+    """Shards hold 8-bit RGB JPEGs: grayscale, multi-band or 16-bit images would be silently
+    converted, so they are refused (they train from memory, up to AUTO_PREPARE_ABOVE images)."""
+    from mae_core.channels import scan_format
+
+    fmt = scan_format(paths, source)
+    if not fmt.is_rgb8:
+        raise DataError(f"{source or 'the sample photos'} holds {fmt.describe()} images; a prepared "
+                        "set stores 8-bit RGB JPEGs and would lose their channels or precision: "
+                        f"train on the folder itself (at most {AUTO_PREPARE_ABOVE:,} images)")
+
+
 def _shard_count(folder: Path) -> tuple[int, int]:
     """(samples, bytes) of the LitData shards in ``folder``, from its ``index.json``."""
     index = read_json(folder / "index.json") or {}
@@ -160,6 +172,7 @@ def prepare(source: str, out: str | Path, short_side: int = DEFAULT_SHORT_SIDE,
     if out.exists() and any(out.iterdir()):
         raise DataError(f"output folder {out} already exists and is not empty: choose a new one")
     paths = paths if paths is not None else find_images(source)
+    _refuse_non_rgb8(source, paths)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -456,14 +469,17 @@ class StreamingMAEDataModule(pl.LightningDataModule):
 
 
 def make_datamodule(source: DataSource, image_size: int, batch_size: int, num_workers: int,
-                    seed: int = 0, pin_memory: bool | None = None) -> pl.LightningDataModule:
-    """The datamodule for ``source``: in memory for a small folder, streamed otherwise."""
+                    seed: int = 0, pin_memory: bool | None = None,
+                    channels: int = 3) -> pl.LightningDataModule:
+    """The datamodule for ``source``: in memory for a small folder, streamed otherwise (prepared
+    sets are 8-bit RGB: :func:`prepare` refuses other images)."""
     if source.kind == "memory":
-        return MAEDataModule(source.path, image_size, batch_size, num_workers, pin_memory=pin_memory)
+        return MAEDataModule(source.path, image_size, batch_size, num_workers, pin_memory=pin_memory,
+                             channels=channels)
     return StreamingMAEDataModule(source.path, image_size, batch_size, num_workers, seed, pin_memory)
 
 
-def source_previews(source: DataSource, image_size: int, count: int) -> Tensor:
+def source_previews(source: DataSource, image_size: int, count: int, channels: int = 3) -> Tensor:
     if source.kind == "memory":
-        return folder_previews(source.path, image_size, count)
+        return folder_previews(source.path, image_size, count, channels)
     return preview_images(source.path, image_size, count)

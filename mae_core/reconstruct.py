@@ -12,6 +12,10 @@ Example:
     >>> model = load_model("checkpoints/<run>/model.safetensors")
     >>> [result] = reconstruct(model, center_square(open_rgb("photo.jpg"), 64)[None])
     >>> panels(result)  # four PIL images
+
+Images of any channel count reconstruct (uint8 or uint16, as the model was trained); the panels
+show them through :mod:`mae_core.composite` (grayscale, RGB or a chosen composite, with a contrast
+stretch for 16-bit and non-RGB images).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from lightly.models import utils
 from PIL import Image
 from torch import Tensor
 
+from mae_core.composite import View, fit, select
 from mae_core.model import MaskedAutoencoder, draw_token_mask, seeded_generator
 
 PANEL_TITLES = ("input", "masked", "reconstruction", "reconstruction + visible")
@@ -38,7 +43,8 @@ NEUTRAL_CONTRAST = 0.2
 
 @dataclass
 class Reconstruction:
-    """One image's result; images are float (3, H, W) in [0, 1]."""
+    """One image's result; images are float (C, H, W) in [0, 1] of full scale (C: the model's
+    channels; ``bits`` the input's, 8 or 16)."""
 
     original: Tensor
     masked: Tensor
@@ -51,6 +57,7 @@ class Reconstruction:
     # by :func:`neutral` (None without norm_pix_loss, where the reconstruction is the output).
     model_output: Tensor | None = None
     target_normalised: Tensor | None = None
+    bits: int = 8
 
 
 def draw_masks(count: int, num_patches: int, mask_ratio: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -60,17 +67,21 @@ def draw_masks(count: int, num_patches: int, mask_ratio: float, seed: int) -> tu
     return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
 
 
-def neutral(patch_values: Tensor, patch_size: int) -> Tensor:
-    """Per-patch normalised values (B, N, patch²·3) as images (B, 3, H, W) in [0, 1]: mid-grey
+def neutral(patch_values: Tensor, patch_size: int, channels: int = 3) -> Tensor:
+    """Per-patch normalised values (B, N, patch²·C) as images (B, C, H, W) in [0, 1]: mid-grey
     plus :data:`NEUTRAL_CONTRAST` × value, with no mean or contrast taken from any image."""
-    return (0.5 + NEUTRAL_CONTRAST * utils.unpatchify(patch_values, patch_size)).clamp(0, 1)
+    values = utils.unpatchify(patch_values, patch_size, channels)
+    return (0.5 + NEUTRAL_CONTRAST * values).clamp(0, 1)
 
 
 @torch.no_grad()
 def reconstruct(model: MaskedAutoencoder, images: Tensor, mask_ratio: float | None = None,
                 seed: int = 0) -> list[Reconstruction]:
-    """Reconstruct uint8 images (B, 3, S, S) whose size matches the model's ``image_size``."""
+    """Reconstruct uint8 or uint16 images (B, C, S, S) of the model's ``image_size`` and channels."""
     cfg = model.cfg
+    if images.ndim != 4 or images.shape[1] != cfg.channels:
+        raise ValueError(f"images must have the model's {cfg.channels} channel(s), got shape "
+                         f"{tuple(images.shape)}")
     if images.shape[-1] != cfg.image_size or images.shape[-2] != cfg.image_size:
         raise ValueError(f"images must be {cfg.image_size}×{cfg.image_size}, got "
                          f"{tuple(images.shape[-2:])}")
@@ -89,16 +100,16 @@ def reconstruct(model: MaskedAutoencoder, images: Tensor, mask_ratio: float | No
     error = ((prediction - target) ** 2).mean(dim=-1)
     masked = torch.zeros_like(error, dtype=torch.bool)
     masked.scatter_(1, idx_mask - model.num_prefix_tokens, True)
-    own = neutral(prediction, cfg.patch_size) if cfg.norm_pix_loss else None
-    wanted = neutral(target, cfg.patch_size) if cfg.norm_pix_loss else None
+    own = neutral(prediction, cfg.patch_size, cfg.channels) if cfg.norm_pix_loss else None
+    wanted = neutral(target, cfg.patch_size, cfg.channels) if cfg.norm_pix_loss else None
     if cfg.norm_pix_loss:
         mean = patches.mean(dim=-1, keepdim=True)
         std = (patches.var(dim=-1, keepdim=True) + 1e-6).sqrt()
         prediction = prediction * std + mean
-    recon = model.denormalize(utils.unpatchify(prediction, cfg.patch_size))
+    recon = model.denormalize(utils.unpatchify(prediction, cfg.patch_size, cfg.channels))
     original = model.denormalize(x)
     mask_pixels = utils.unpatchify(masked.float()[..., None].expand_as(patches).contiguous(),
-                                   cfg.patch_size)
+                                   cfg.patch_size, cfg.channels)
     masked_view = original * (1 - mask_pixels) + _MASK_GRAY * mask_pixels
     pasted = original * (1 - mask_pixels) + recon * mask_pixels
     model.train(was_training)
@@ -110,7 +121,8 @@ def reconstruct(model: MaskedAutoencoder, images: Tensor, mask_ratio: float | No
             original[i].cpu(), masked_view[i].cpu(), recon[i].cpu(), pasted[i].cpu(),
             error[i].view(grid, grid).cpu(), masked[i].view(grid, grid).cpu(), loss,
             own[i].cpu() if own is not None else None,
-            wanted[i].cpu() if wanted is not None else None))
+            wanted[i].cpu() if wanted is not None else None,
+            bits=16 if images.dtype == torch.uint16 else 8))
     return results
 
 
@@ -120,18 +132,31 @@ def to_pil(image: Tensor, size: int | None = None) -> Image.Image:
     return pil.resize((size, size), Image.NEAREST) if size and size != pil.width else pil
 
 
-def panels(result: Reconstruction, size: int | None = None) -> list[Image.Image]:
-    """The four panels of the paper's figures, in :data:`PANEL_TITLES` order."""
+def _mask_pixels(result: Reconstruction) -> Tensor:
+    """The masked patches as a (1, H, W) float image: 1 where masked."""
+    scale = result.original.shape[-1] // result.patch_masked.shape[-1]
+    mask = result.patch_masked.float().repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+    return mask[None]
+
+
+def panels(result: Reconstruction, size: int | None = None, view: View = View()) -> list[Image.Image]:
+    """The four panels of the paper's figures, in :data:`PANEL_TITLES` order, shown as ``view``
+    says (RGB 8-bit images unchanged); the masked patches are mid-grey on screen."""
+    shown = fit(result.original, view, result.bits)
+    mask = _mask_pixels(result)
+    masked = shown(result.original) * (1 - mask) + _MASK_GRAY * mask
     return [to_pil(t, size) for t in
-            (result.original, result.masked, result.reconstruction, result.pasted)]
+            (shown(result.original), masked, shown(result.reconstruction), shown(result.pasted))]
 
 
-def model_panels(result: Reconstruction, size: int | None = None) -> list[Image.Image]:
+def model_panels(result: Reconstruction, size: int | None = None,
+                 view: View = View()) -> list[Image.Image]:
     """The model's own output and its target, in :data:`MODEL_PANEL_TITLES` order; empty without
     norm_pix_loss (the reconstruction panel is then the output itself)."""
     if result.model_output is None or result.target_normalised is None:
         return []
-    return [to_pil(result.model_output, size), to_pil(result.target_normalised, size)]
+    return [to_pil(select(result.model_output, view), size),
+            to_pil(select(result.target_normalised, view), size)]
 
 
 # The heat map's fixed scale, in the loss's target space (per-patch normalised pixels with
@@ -152,14 +177,14 @@ def colormap(values: Tensor) -> Tensor:
 
 
 def error_heatmap(result: Reconstruction, size: int | None = None,
-                  scale_max: float = HEATMAP_MAX) -> Image.Image:
+                  scale_max: float = HEATMAP_MAX, view: View = View()) -> Image.Image:
     """Per-patch error on a fixed scale (0 → ``scale_max``, see :func:`colorbar`) over the image;
     visible patches, which the loss ignores, are dimmed."""
     heat = colormap(result.patch_error / scale_max).permute(2, 0, 1)  # (3, g, g)
     heat = torch.where(result.patch_masked[None], heat, heat * 0.35)
     scale = result.original.shape[-1] // result.patch_error.shape[-1]
     heat = heat.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
-    return to_pil(0.3 * result.original + 0.7 * heat, size)
+    return to_pil(0.3 * fit(result.original, view, result.bits)(result.original) + 0.7 * heat, size)
 
 
 def colorbar(width: int = 256, height: int = 14, scale_max: float = HEATMAP_MAX) -> Image.Image:
@@ -181,26 +206,32 @@ class UploadView:
     model_panels: list[Image.Image] = field(default_factory=list)  # MODEL_PANEL_TITLES order
 
 
-def reconstruct_uploads(model: MaskedAutoencoder, images: list[tuple[str, Image.Image]],
-                        mask_ratio: float, seed: int, display: int | None = None) -> list[UploadView]:
-    """Decoded images of any size → centre crops at the model's size → the paper's four panels, the
-    heat map and the loss, per image. The app's Reconstruct tab and the benchmark both run this."""
+def reconstruct_uploads(model: MaskedAutoencoder, images: list[tuple[str, Image.Image | Tensor]],
+                        mask_ratio: float, seed: int, display: int | None = None,
+                        view: View = View()) -> list[UploadView]:
+    """Decoded images of any size (RGB PIL images, or (C, H, W) uint8/uint16 tensors from
+    :func:`mae_core.pixels.read_for`) → centre crops at the model's size → the paper's four panels,
+    the heat map and the loss, per image, shown as ``view`` says. The app's Reconstruct tab and the
+    benchmark both run this."""
     from mae_core.images import center_square
+    from mae_core.pixels import same_dtype
 
     size = model.cfg.image_size
-    batch = torch.stack([center_square(image, size) for _, image in images])
+    batch = torch.stack(same_dtype([center_square(image, size) for _, image in images]))
     results = reconstruct(model, batch, mask_ratio=mask_ratio, seed=seed)
     display = display or max(160, size)  # small models' panels are scaled up (nearest) to be seen
-    return [UploadView(name, panels(result, display), error_heatmap(result, display), result.loss,
-                       int(result.patch_masked.sum()), model_panels(result, display))
+    return [UploadView(name, panels(result, display, view), error_heatmap(result, display, view=view),
+                       result.loss, int(result.patch_masked.sum()),
+                       model_panels(result, display, view))
             for (name, _), result in zip(images, results)]
 
 
 def grid_image(results: list[Reconstruction], size: int | None = None,
-               model_output: bool = False) -> Image.Image:
+               model_output: bool = False, view: View = View()) -> Image.Image:
     """All results as rows of four panels: what a run's ``previews/step_*.png`` shows.
     ``model_output`` appends :func:`model_panels` to each row (with norm_pix_loss)."""
-    rows = [panels(r, size) + (model_panels(r, size) if model_output else []) for r in results]
+    rows = [panels(r, size, view) + (model_panels(r, size, view) if model_output else [])
+            for r in results]
     side, columns = rows[0][0].width, len(rows[0])
     canvas = Image.new("RGB", (columns * side + 2 * (columns - 1),
                                len(rows) * side + 2 * (len(rows) - 1)), "white")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mae_core import process as proc
+from mae_core.channels import resolve_channels
 from mae_core.config import RunConfig
 from mae_core.data import check_data
 from mae_core.fileio import atomic_write_json, read_json, remove_stale_temp_files
@@ -157,6 +158,7 @@ class RunManager:
         """
         cfg = cfg.resolved()
         summary = check_data(cfg.train.data)
+        cfg = resolve_channels(cfg, summary)  # in_chans and normalisation statistics from the data
         _check_evaluation(cfg, summary.files)
         with self._exclusive():
             self._refuse_if_busy(cfg)
@@ -171,6 +173,7 @@ class RunManager:
         the runs already waiting; (run id, position). :meth:`advance_queue` launches it."""
         cfg = cfg.resolved()
         summary = check_data(cfg.train.data)
+        cfg = resolve_channels(cfg, summary)
         _check_evaluation(cfg, summary.files)
         with self._exclusive():
             paths = create_run(cfg, runs_dir=self.runs_dir, state="queued",
@@ -272,7 +275,7 @@ class RunManager:
         cfg = RunConfig.load(paths.config)
         if max_steps is not None:
             cfg = cfg.with_overrides(max_steps=max_steps)
-        check_data(cfg.train.data)  # outside the locks, as in start
+        resolve_channels(cfg, check_data(cfg.train.data))  # outside the locks; channels still match
         with self._exclusive():
             self._refuse_if_busy(cfg, exclude=run_id)
             status = self.status(run_id)

@@ -47,9 +47,9 @@ def nearest_snapshot(snapshots: list[tuple[int, Path]], step: float) -> tuple[in
     return min(reversed(snapshots), key=lambda item: abs(item[0] - step))
 
 
-def history_image(train: Any, image_size: int) -> tuple[str, torch.Tensor]:
-    """(name, uint8 (3, S, S)) of the image a run's history is shown on: its first held-out image
-    (never trained on) when it holds some out, else its first preview photo."""
+def history_image(train: Any, image_size: int, channels: int = 3) -> tuple[str, torch.Tensor]:
+    """(name, uint8 or uint16 (C, S, S)) of the image a run's history is shown on: its first
+    held-out image (never trained on) when it holds some out, else its first preview photo."""
     from mae_core.data import DataError, fixed_crops, preview_images
     from mae_core.monitor import plan_evaluation
 
@@ -58,10 +58,10 @@ def history_image(train: Any, image_size: int) -> tuple[str, torch.Tensor]:
     except DataError:
         held_out = ()
     for path in held_out[:8]:
-        images, kept = fixed_crops([path], image_size)
+        images, kept = fixed_crops([path], image_size, channels)
         if kept:
             return f"{path.name} (held out)", images[0]
-    images = preview_images(train.data, image_size, 1)
+    images = preview_images(train.data, image_size, 1, channels)
     if len(images) == 0:
         raise ValueError("the run's data folder has no readable image left")
     return "the run's first preview photo (trained on)", images[0]

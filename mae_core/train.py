@@ -29,6 +29,7 @@ from pytorch_lightning.strategies import DDPStrategy
 from mae_core import prepared
 from mae_core.callbacks import (AtomicCheckpointIO, JsonlLogger, Previews, ProgressRecorder,
                                  SaveCheckpoints, StopOnRequest)
+from mae_core.channels import resolve_channels
 from mae_core.config import ConfigError, ModelConfig, RunConfig, TrainConfig, parse_bool
 from mae_core.data import DataError, TrainSplitDataModule, check_data
 from mae_core.fileio import atomic_write_json, read_json
@@ -102,9 +103,8 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
             paths.write_status(state="failed", error=str(err))
         raise
     if t.num_previews:
-        callbacks.append(Previews(paths, prepared.source_previews(source, cfg.model.image_size,
-                                                                  t.num_previews),
-                                  t.preview_every_n_steps))
+        callbacks.append(Previews(paths, prepared.source_previews(
+            source, cfg.model.image_size, t.num_previews, cfg.model.channels), t.preview_every_n_steps))
     callbacks.extend(extra_callbacks or [])
     # Held-out evaluation (issue 14); a caller's own data module has no split to evaluate, and a
     # streamed (prepared) set is trained whole: its kNN monitor needs a separate eval_data folder.
@@ -125,10 +125,11 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
     model = MAELightning.from_config(cfg)
     data = datamodule if datamodule is not None else prepared.make_datamodule(
         source, cfg.model.image_size, t.batch_size, t.num_workers or 0, seed=t.seed,
-        pin_memory=t.accelerator == "gpu")
+        pin_memory=t.accelerator == "gpu", channels=cfg.model.channels)
     if plan.train is not None:  # the held-out images are never trained on
         data = TrainSplitDataModule(plan.train, cfg.model.image_size, t.batch_size,
-                                    t.num_workers or 0, pin_memory=t.accelerator == "gpu")
+                                    t.num_workers or 0, pin_memory=t.accelerator == "gpu",
+                                    channels=cfg.model.channels)
     ckpt = str(paths.last_ckpt) if resume else None
     try:
         trainer.fit(model, datamodule=data, ckpt_path=ckpt, weights_only=True)
@@ -209,7 +210,7 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
                 raise ConfigError("resume", f"{paths.last_ckpt} does not exist: nothing to resume")
             if overrides and writer:  # e.g. --max-steps to extend a run; the ranks read it back
                 cfg = cfg.with_overrides(**overrides).resolved()
-                check_data(cfg.train.data)
+                cfg = resolve_channels(cfg, check_data(cfg.train.data))
                 cfg.save(paths.config)
             if writer:
                 _record_process(paths)
@@ -221,6 +222,7 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
     base = RunConfig.load(args.config) if args.config else RunConfig()
     cfg = base.with_overrides(**overrides).resolved()
     summary = check_data(cfg.train.data)
+    cfg = resolve_channels(cfg, summary)  # in_chans and normalisation statistics from the data
     # An impossible held-out split or eval_data is refused here, before the run exists.
     plan_evaluation(cfg.train, split_data=prepared.held_in_memory(cfg.train.data, summary.files))
     # process.json goes in before config.yaml (what makes the directory a run): a reader never

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from mae_core.config import ConfigError, ModelConfig
 from mae_core.fileio import atomic_write
-from mae_core.model import MaskedAutoencoder
+from mae_core.model import MaskedAutoencoder, pixel_stats
 
 ENCODER_PREFIX = "backbone.vit."
 
@@ -78,7 +78,11 @@ def export_encoder(weights_path: str | Path, out_path: str | Path) -> list[str]:
     encoder = {k[len(ENCODER_PREFIX):]: v for k, v in model.state_dict().items()
                if k.startswith(ENCODER_PREFIX) and not k.startswith(ENCODER_PREFIX + "head.")}
     metadata = {"format": "timm-vit", "timm_name": model.cfg.encoder_name,
-                "img_size": str(model.cfg.image_size), "patch_size": str(model.cfg.patch_size)}
+                "img_size": str(model.cfg.image_size), "patch_size": str(model.cfg.patch_size),
+                "in_chans": str(model.cfg.channels),
+                # Fine-tuning must normalise inputs as pretraining did (the data set's own statistics).
+                "pixel_mean": json.dumps(list(pixel_stats(model.cfg)[0])),
+                "pixel_std": json.dumps(list(pixel_stats(model.cfg)[1]))}
     state = _cpu_state(encoder)
     atomic_write(out_path, lambda tmp: save_file(state, tmp, metadata=metadata))
     return sorted(encoder)
@@ -90,7 +94,8 @@ def timm_snippet(cfg: ModelConfig, path: str | Path) -> str:
         "import timm\n"
         "from safetensors.torch import load_file\n\n"
         f"model = timm.create_model({cfg.encoder_name!r}, pretrained=False,\n"
-        f"                          img_size={cfg.image_size}, patch_size={cfg.patch_size}, num_classes=10)\n"
+        f"                          img_size={cfg.image_size}, patch_size={cfg.patch_size}, "
+        f"in_chans={cfg.channels}, num_classes=10)\n"
         f"missing, unexpected = model.load_state_dict(load_file({str(path)!r}), strict=False)\n"
         "assert set(missing) == {'head.weight', 'head.bias'} and not unexpected\n"
     )

@@ -21,8 +21,8 @@ from typing import Any
 
 import gradio as gr
 
-from mae_core.config import (ACCELERATORS, MAX_SEED, MIN_AUTO_LR, PAPER_BASE_LR, POLICIES,
-                             PRECISIONS, PRESETS, ConfigError, ModelConfig, RunConfig)
+from mae_core.config import (ACCELERATORS, MAX_SEED, MIN_AUTO_LR, NORMALIZATIONS, PAPER_BASE_LR,
+                             POLICIES, PRECISIONS, PRESETS, ConfigError, ModelConfig, RunConfig)
 from mae_core.metrics import MetricsStore
 
 log = logging.getLogger("mae_studio")
@@ -251,6 +251,14 @@ HINTS: dict[str, Hint] = {
     "decoder_depth": Hint("decoder blocks (0 = the preset's)"),
     "decoder_heads": Hint("decoder heads (0 = the preset's)"),
     "num_nodes": Hint(hidden=True, info="multi-node runs start from torchrun or SLURM"),
+    # Any channels (mae_core/channels.py): filled from the data when the run starts.
+    "in_chans": Hint("channels per pixel (0 = from the data)",
+                     info="1 grayscale, 3 RGB, N multi-band TIFF; must match the data"),
+    "normalize": Hint("normalisation statistics", NORMALIZATIONS,
+                      info="auto: ImageNet's for 8-bit RGB data, else the data set's own"),
+    "pixel_mean": Hint("per-channel mean (blank = from the data)",
+                       info="fractions of full scale, comma-separated, e.g. 0.31 or 0.4,0.4,0.3,0.5"),
+    "pixel_std": Hint("per-channel std (blank = from the data)"),
     # Held-out evaluation (issue 14, mae_core/monitor.py).
     "val_fraction": Hint("held-out share (0 = auto)",
                          info="auto: 10 % of a folder of 100+ images, none of a smaller one"),

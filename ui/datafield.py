@@ -35,7 +35,10 @@ def data_info(folder: str | None) -> str:
     where = f"`{data}`" if data else "the sample photos"
     if is_prepared(data) or is_remote(data):  # the manifest's count is in the note
         return render.notice("ok", f"{where}: {data_note(data, found)}")
-    return render.notice("ok", f"{where}: {summary.files:,} image file(s) found; "
+    kind = "" if summary.channels == 3 and summary.bits == 8 else (
+        f" {summary.describe()} images: in_chans {summary.channels}, normalised with the data "
+        "set's own statistics (computed at start);")
+    return render.notice("ok", f"{where}: {summary.files:,} image file(s) found;{kind} "
                                f"{data_note(data, found)}")
 
 

@@ -4,7 +4,10 @@ With norm_pix_loss the reconstruction's colours come from the input (see :mod:`m
 the tab says so above the results and shows the model's own normalised output beside its target.
 
 Every readable image of a batch is reconstructed; the ones refused (corrupt, not an image, a
-decompression bomb) are listed with the reason, so one bad file spoils nothing.
+decompression bomb, a channel count the checkpoint does not take) are listed with the reason, so one
+bad file spoils nothing. Grayscale, 16-bit and multi-band images are shown through
+:mod:`mae_core.composite`: the "channels shown" field picks a composite (blank: grayscale, RGB or
+the first three channels) and "contrast" the stretch.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 
 import gradio as gr
 
+from mae_core.composite import STRETCH_CHOICES
 from mae_core.rundir import LIVE_STATES
 from ui import render
 from ui.common import AppContext, FieldNumber, FieldSlider, UserError, as_ratio, as_seed, guarded
@@ -43,9 +47,11 @@ def _sources(files: Any, use_samples: bool) -> list[Path]:
     return paths
 
 
-def _decode(paths: list[Path]) -> tuple[list[tuple[str, Any]], list[tuple[str, str]]]:
-    """(readable images, refused files with the reason) for up to :data:`MAX_IMAGES` files."""
-    from mae_core.images import ImageError, open_rgb
+def _decode(paths: list[Path], channels: int = 3) -> tuple[list[tuple[str, Any]], list[tuple[str, str]]]:
+    """(readable images, refused files with the reason) for up to :data:`MAX_IMAGES` files, read
+    for a checkpoint of ``channels`` channels (uint8 or uint16 (C, H, W) tensors)."""
+    from mae_core.images import ImageError
+    from mae_core.pixels import read_for
 
     images, refused = [], []
     for path in paths:
@@ -53,7 +59,7 @@ def _decode(paths: list[Path]) -> tuple[list[tuple[str, Any]], list[tuple[str, s
             refused.append((path.name, f"over the {MAX_IMAGES} images of one request"))
             continue
         try:
-            images.append((path.name, open_rgb(path, name=path.name)))
+            images.append((path.name, read_for(path, channels, name=path.name)))
         except ImageError as err:  # its message already starts with the file's name
             refused.append((path.name, str(err).removeprefix(f"{path.name}: ")))
         except OSError as err:
@@ -61,9 +67,19 @@ def _decode(paths: list[Path]) -> tuple[list[tuple[str, Any]], list[tuple[str, s
     return images, refused
 
 
+def _channels_note(cfg: Any) -> str:
+    """How a checkpoint reads images, for the message: only said when not ImageNet-normalised RGB."""
+    if cfg.channels == 3 and cfg.normalize != "dataset":
+        return ""
+    return f" ({cfg.channels}-channel images, {cfg.normalize or 'auto'} normalisation)"
+
+
 def reconstruct_files(ctx: AppContext, files: Any, use_samples: bool, run_id: str | None,
-                      mask_ratio: Any, seed: Any) -> ReconstructResult:
-    """Reconstruct every readable image with ``run_id``'s latest weights."""
+                      mask_ratio: Any, seed: Any, channels_shown: str = "",
+                      contrast: str = "auto") -> ReconstructResult:
+    """Reconstruct every readable image with ``run_id``'s latest weights; ``channels_shown``
+    (1-based, "4,3,2" or "2"; blank = auto) and ``contrast`` choose how the panels show them."""
+    from mae_core.composite import parse_view
     from mae_core.reconstruct import (HEATMAP_MAX, MODEL_PANEL_TITLES, PANEL_TITLES, colorbar,
                                       reconstruct_uploads)
     from mae_core.weights import read_metadata
@@ -75,16 +91,19 @@ def reconstruct_files(ctx: AppContext, files: Any, use_samples: bool, run_id: st
     if not run_id:
         raise UserError("Choose a checkpoint: no run has saved weights yet (train one first).")
     weights = ctx.manager.weights(run_id)
-    images, refused = _decode(paths)
+    model = ctx.models.get(weights)
+    view = parse_view(channels_shown, model.cfg.channels, contrast or "auto")
+    images, refused = _decode(paths, model.cfg.channels)
     views = []
     if images:
-        views = reconstruct_uploads(ctx.models.get(weights), images, ratio, seed)
+        views = reconstruct_uploads(model, images, ratio, seed, view=view)
     step = read_metadata(weights).get("step", "?")
     html = render.reconstruction_html(views, PANEL_TITLES, render.data_uri(colorbar()), HEATMAP_MAX,
                                       MODEL_PANEL_TITLES)
     rows = [[v.name, round(v.loss, 5), v.masked_patches] for v in views]
     kind = "ok" if not refused else ("warn" if views else "error")
-    text = (f"Run `{run_id}`, weights from step {step}, mask ratio {ratio}, seed {seed}: "
+    text = (f"Run `{run_id}`{_channels_note(model.cfg)}, weights from step {step}, mask ratio "
+            f"{ratio}, seed {seed}: "
             f"{len(views)} image(s) reconstructed, {len(refused)} refused.")
     return ReconstructResult(html + render.refused_html(refused), rows, refused,
                              render.notice(kind, text))
@@ -126,11 +145,11 @@ def history_slider(ctx: AppContext, run_id: str | None) -> dict[str, Any]:
 
 
 def reconstruct_history(ctx: AppContext, run_id: str | None, step: Any, mask_ratio: Any,
-                        seed: Any) -> tuple[str, str]:
+                        seed: Any, channels_shown: str = "", contrast: str = "auto"
+                        ) -> tuple[str, str]:
     """(html, message): the run's fixed history image reconstructed, at a fixed mask, with the
-    snapshot nearest ``step`` (issue 14, item 5)."""
-    from PIL import Image
-
+    snapshot nearest ``step`` (issue 14, item 5), shown as :func:`reconstruct_files` shows."""
+    from mae_core.composite import parse_view
     from mae_core.reconstruct import HEATMAP_MAX, PANEL_TITLES, colorbar, reconstruct_uploads
     from mae_core.snapshots import history_image, list_snapshots, nearest_snapshot
 
@@ -143,9 +162,10 @@ def reconstruct_history(ctx: AppContext, run_id: str | None, step: Any, mask_rat
         raise UserError(f"Run `{run_id}` kept no weight snapshots (weight_snapshots = 0, or it has "
                         "not reached its first one yet).")
     model = ctx.models.get(chosen[1])
-    name, image = history_image(ctx.manager.config(run_id).train, model.cfg.image_size)
-    picture = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())  # uint8 (3, S, S)
-    views = reconstruct_uploads(model, [(name, picture)], ratio, seed)
+    view = parse_view(channels_shown, model.cfg.channels, contrast or "auto")
+    name, image = history_image(ctx.manager.config(run_id).train, model.cfg.image_size,
+                                model.cfg.channels)
+    views = reconstruct_uploads(model, [(name, image)], ratio, seed, view=view)
     html = render.reconstruction_html(views, PANEL_TITLES, render.data_uri(colorbar()), HEATMAP_MAX)
     text = (f"Run `{run_id}`, snapshot of step {chosen[0]}: {name}, mask ratio {ratio}, seed "
             f"{seed}; loss on the masked patches {views[0].loss:.4f}.")
@@ -188,6 +208,14 @@ def build(ctx: AppContext) -> dict[str, Any]:
                                      elem_id="recon-ratio")
             c["seed"] = FieldNumber(0, label="mask seed (same seed = same mask on every checkpoint)",
                                     elem_id="recon-seed")
+            with gr.Row():
+                c["channels_shown"] = gr.Textbox(
+                    "", label="channels shown (R,G,B)", elem_id="recon-channels",
+                    info="blank: grayscale, RGB, or channels 1,2,3; e.g. 4,3,2, or 2 for one "
+                         "channel in gray")
+                c["contrast"] = gr.Dropdown(list(STRETCH_CHOICES), value="auto", label="contrast",
+                                            elem_id="recon-contrast",
+                                            info="auto: 1st–99th percentile stretch unless 8-bit RGB")
             c["run"] = gr.Button("Reconstruct", variant="primary", elem_id="recon-btn")
             c["message"] = gr.HTML(elem_id="recon-message")
         with gr.Column(scale=3, min_width=320):
@@ -214,8 +242,9 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
     @guarded("reconstruct", lambda text: {c["message"]: render.notice("error", text),
                                           c["results"]: "", c["losses"]: []})
     def on_reconstruct(files: Any, use_samples: bool, run_id: str | None, ratio: Any,
-                       seed: Any) -> dict:
-        result = reconstruct_files(ctx, files, use_samples, run_id, ratio, seed)
+                       seed: Any, channels_shown: str = "", contrast: str = "auto") -> dict:
+        result = reconstruct_files(ctx, files, use_samples, run_id, ratio, seed, channels_shown,
+                                   contrast)
         return {c["results"]: result.html, c["losses"]: result.rows, c["message"]: result.message}
 
     @guarded("refreshing checkpoints", lambda text: {})
@@ -223,15 +252,19 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
         return {c[name]: value for name, value in refresh(ctx, current, follow, sig).items()}
 
     c["run"].click(on_reconstruct, [c["uploads"], c["use_samples"], c["ckpt_pick"], c["ratio"],
-                                    c["seed"]], [c["results"], c["losses"], c["message"]],
+                                    c["seed"], c["channels_shown"], c["contrast"]],
+                   [c["results"], c["losses"], c["message"]],
                    api_name="reconstruct", show_progress="minimal")
     @guarded("weights history", lambda text: {c["history_message"]: render.notice("error", text),
                                               c["history"]: ""})
-    def on_history(run_id: str | None, step: Any, ratio: Any, seed: Any) -> dict:
-        html, message = reconstruct_history(ctx, run_id, step, ratio, seed)
+    def on_history(run_id: str | None, step: Any, ratio: Any, seed: Any, channels_shown: str = "",
+                   contrast: str = "auto") -> dict:
+        html, message = reconstruct_history(ctx, run_id, step, ratio, seed, channels_shown,
+                                            contrast)
         return {c["history"]: html, c["history_message"]: message}
 
-    history_inputs = [c["ckpt_pick"], c["history_step"], c["ratio"], c["seed"]]
+    history_inputs = [c["ckpt_pick"], c["history_step"], c["ratio"], c["seed"], c["channels_shown"],
+                      c["contrast"]]
     history_outputs = [c["history"], c["history_message"]]
     c["history_run"].click(on_history, history_inputs, history_outputs, api_name="history",
                            show_progress="minimal")

@@ -232,7 +232,11 @@ def form_from_run(manager: Any, run_id: str | None) -> dict[str, Any]:
     """The selected run's config, as the form shows it ("copy this run's config into the form")."""
     if not run_id:
         raise UserError("Choose a run whose config to copy.")
-    return form_values(manager.config(run_id))
+    from mae_core.channels import for_new_data
+
+    # Channels and data set statistics are computed again at Start from the folder the form
+    # names: the same folder gives the same numbers, another one its own.
+    return form_values(for_new_data(manager.config(run_id)))
 
 
 # --- layout and events ------------------------------------------------------------------------

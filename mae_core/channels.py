@@ -1,0 +1,141 @@
+"""A data set's channels and normalisation: what kind of images a folder holds, and its statistics.
+
+:func:`scan_format` tells a folder's :class:`~mae_core.pixels.PixelFormat` from the files' headers
+and refuses a folder that mixes kinds (8-bit grayscale among colour photos excepted: they are
+read as RGB, as always). :func:`resolve_channels` fills a run config's ``in_chans``,
+``normalize`` and, for ``normalize: dataset``, the per-channel ``pixel_mean`` / ``pixel_std``
+computed once from a sample of the training images, so ``config.yaml`` (and the weights file's
+metadata) hold what the model normalises with: resume, reconstruction, evaluation and export
+all read it back from there.
+
+Example:
+    >>> cfg = resolve_channels(RunConfig().with_overrides(data="scans/"), check_data("scans/"))
+    >>> cfg.model.in_chans, cfg.model.normalize, cfg.model.pixel_mean
+    (1, 'dataset', '0.1834')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from mae_core.config import ConfigError, RunConfig, format_stats
+from mae_core.data import DataError, DataSummary, _named, find_images
+from mae_core.images import ImageError, resize_short_side
+from mae_core.pixels import RGB8, PixelFormat, max_value, probe, read_for
+
+log = logging.getLogger(__name__)
+
+# Headers read to tell a folder's kind: every file of an in-memory folder (at most 1,000), an even
+# spread of a larger one.
+MAX_PROBED = 2000
+# Images decoded for the data set statistics: the mean and spread of a channel settle long before.
+STATS_IMAGES = 256
+
+
+def scan_format(paths: list[Path], folder: str = "") -> PixelFormat:
+    """The one pixel format of ``paths`` (headers only), or a :class:`DataError` naming an
+    example file of each kind when they differ. Unreadable files are left to the decoder."""
+    step = max(1, math.ceil(len(paths) / MAX_PROBED))
+    examples: dict[PixelFormat, Path] = {}
+    for path in paths[::step]:
+        try:
+            examples.setdefault(probe(path), path)
+        except ImageError:
+            continue
+    kinds = set(examples)
+    if not kinds:
+        return RGB8
+    if kinds <= {RGB8, PixelFormat(1, 8)}:
+        return RGB8 if RGB8 in kinds else PixelFormat(1, 8)
+    if len(kinds) == 1:
+        return kinds.pop()
+    listed = "; ".join(f"{fmt.describe()} (e.g. {_named(str(path))})"
+                       for fmt, path in sorted(examples.items(), key=lambda kv: str(kv[1])))
+    raise DataError(f"data folder {_named(folder)} mixes kinds of images: {listed}. A run trains "
+                    "on one kind (same channels and bit depth): put each kind in its own folder. "
+                    "(8-bit grayscale images among colour photos are read as RGB.)")
+
+
+def dataset_stats(paths: list[Path], channels: int, image_size: int, seed: int = 0,
+                  max_images: int = STATS_IMAGES) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation, as fractions of full scale (what
+    :meth:`MaskedAutoencoder.normalize` subtracts and divides by), over up to ``max_images``
+    images drawn with ``seed``, each resized to a short side of ``image_size`` first."""
+    order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(seed)).tolist()
+    total = torch.zeros(channels, dtype=torch.float64)
+    squares = torch.zeros(channels, dtype=torch.float64)
+    count, used = 0, 0
+    for index in order:
+        if used == max_images:
+            break
+        try:
+            image = read_for(paths[index], channels)
+        except ImageError as err:
+            log.warning("statistics skip %s", err)
+            continue
+        values = resize_short_side(image, image_size).double() / max_value(image)
+        flat = values.reshape(channels, -1)
+        total += flat.sum(dim=1)
+        squares += (flat**2).sum(dim=1)
+        count += flat.shape[1]
+        used += 1
+    if not count:
+        raise DataError("no image of the data set could be read for its statistics")
+    mean = total / count
+    std = (squares / count - mean**2).clamp(min=0).sqrt()
+    # A constant channel has no spread: dividing by 1 keeps it at zero instead of infinity.
+    std = torch.where(std > 1e-8, std, torch.ones_like(std))
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def resolve_channels(cfg: RunConfig, data: DataSummary) -> RunConfig:
+    """``cfg`` with ``in_chans``, ``normalize`` and the statistics filled from its data.
+
+    ``in_chans`` must match the data's channels (auto takes them); ``normalize: auto`` is
+    ImageNet's statistics for 8-bit RGB data and the data set's own otherwise. A config that
+    already holds statistics keeps them (a resumed run normalises as it trained).
+    """
+    model, fmt = cfg.model, PixelFormat(data.channels, data.bits)
+    if model.in_chans is not None and model.in_chans != fmt.channels:
+        raise ConfigError("in_chans", f"is {model.in_chans} but {_named(data.name)} holds "
+                          f"{fmt.describe()} images: set it to {fmt.channels} (or auto)")
+    normalize = model.normalize
+    if normalize == "auto":  # statistics given by hand are the data set's
+        normalize = "imagenet" if fmt.is_rgb8 and not model.pixel_mean else "dataset"
+    if normalize == "imagenet" and fmt.channels != 3:
+        raise ConfigError("normalize", f"imagenet statistics are for RGB images; the data holds "
+                          f"{fmt.describe()} images: use dataset (or auto)")
+    mean, std = model.pixel_mean, model.pixel_std
+    if normalize == "dataset" and not mean:
+        if not data.folder:
+            raise ConfigError("normalize", "dataset statistics are computed from an image folder; "
+                              "for a prepared or remote set give pixel_mean and pixel_std, or use "
+                              "imagenet")
+        means, stds = dataset_stats(find_images(cfg.train.data), fmt.channels, model.image_size,
+                                    cfg.train.seed)
+        mean, std = format_stats(means), format_stats(stds)
+    resolved = dataclasses.replace(model, in_chans=fmt.channels, normalize=normalize,
+                                   pixel_mean=mean, pixel_std=std)
+    return RunConfig(model=resolved, train=cfg.train)
+
+
+def for_new_data(cfg: RunConfig) -> RunConfig:
+    """``cfg`` (a run's resolved config) to start another run from: its data set statistics and
+    channel count left to be computed again from the data the new run names.
+
+    The same folder gives the same numbers (the sample is seeded); another folder gets its own
+    instead of silently inheriting these. Statistics given by hand for a prepared or remote set
+    (which cannot be computed) are kept.
+    """
+    from mae_core import prepared
+
+    data = cfg.train.data
+    if cfg.model.normalize != "dataset" or prepared.is_remote(data) or prepared.is_prepared(data):
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, in_chans=None))
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, in_chans=None,
+                                                              pixel_mean="", pixel_std=""))

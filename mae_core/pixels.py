@@ -1,0 +1,261 @@
+"""Images with their own channels and bit depth: 1, 3 or N channels, 8 or 16 bits per value.
+
+:func:`probe` reads a file's header only (channels, bits); :func:`read_for` decodes it for a model
+of a given channel count, as a uint8 or uint16 tensor (C, H, W), without squashing 16-bit values
+to 8 bits. 8-bit colour (and 8-bit grayscale for a colour model) takes exactly the path of
+:func:`mae_core.images.open_rgb`, so RGB photos read as fast and as before.
+
+TIFF files are read with ``tifffile``, which keeps every sample of a multi-band file (PIL reads an
+RGB + near-infrared TIFF as plain RGB, dropping the fourth band). In PNG, WebP and the other
+photo formats an alpha channel is transparency: composited on white as before, never a channel.
+
+Example:
+    >>> probe("scan.tif")
+    PixelFormat(channels=1, bits=16)
+    >>> read_for("scan.tif", channels=1).dtype
+    torch.uint16
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor
+
+from mae_core.images import (
+    MAX_PIXELS,
+    ImageError,
+    open_checked,
+    open_rgb,
+    to_rgb8,
+    to_tensor,
+)
+
+Source = str | Path | bytes | BinaryIO
+
+# PIL modes of 8-bit images with one value per pixel; "LA" is composited on white first.
+_GRAY8 = frozenset({"1", "L", "LA"})
+# 16-bit grayscale; Pillow opens some 16-bit PNGs as "I" (32-bit), checked for range on reading.
+_GRAY16 = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
+# The channel axis in tifffile's axes codes: samples per pixel, or an ImageJ/OME channel axis.
+_CHANNEL_AXES = "SC"
+_ASSOCIATED_ALPHA, _UNASSOCIATED_ALPHA = 1, 2  # TIFF ExtraSamples values
+
+
+@dataclass(frozen=True)
+class PixelFormat:
+    """What one value of an image is: ``channels`` per pixel, ``bits`` (8 or 16) per value."""
+
+    channels: int
+    bits: int
+
+    @property
+    def is_rgb8(self) -> bool:
+        return self.channels == 3 and self.bits == 8
+
+    def describe(self) -> str:
+        return f"{self.channels}-channel {self.bits}-bit"
+
+
+RGB8 = PixelFormat(3, 8)
+
+
+def max_value(images: Tensor) -> int:
+    """The full-scale value of ``images``' dtype: 255 for uint8, 65535 for uint16."""
+    return 65535 if images.dtype == torch.uint16 else 255
+
+
+def _label(source: Source, name: str | None) -> str:
+    return name or (Path(source).name if isinstance(source, (str, Path)) else "upload")
+
+
+def _is_tiff(source: Source) -> bool:
+    if isinstance(source, (str, Path)):
+        if Path(source).suffix.lower() in (".tif", ".tiff"):
+            return True
+        try:
+            with open(source, "rb") as file:
+                return file.read(4) in _TIFF_MAGIC
+        except OSError:
+            return False  # open_checked says why, with the file's name
+    if isinstance(source, bytes):
+        return source[:4] in _TIFF_MAGIC
+    position = source.tell()
+    head = source.read(4)
+    source.seek(position)
+    return head in _TIFF_MAGIC
+
+
+def _rewound(source: Source) -> Source:
+    """``source`` ready to be read again from its start (bytes are wrapped, files re-opened)."""
+    if isinstance(source, bytes):
+        return io.BytesIO(source)
+    if not isinstance(source, (str, Path)):
+        source.seek(0)
+    return source
+
+
+# --- TIFF: tifffile keeps every band --------------------------------------------------------
+
+def _tiff_layout(series, label: str) -> tuple[int, int]:
+    """(samples, bits) of a tifffile series, refused unless 8- or 16-bit unsigned."""
+    dtype = np.dtype(series.dtype)
+    if dtype not in (np.uint8, np.uint16, np.bool_):
+        raise ImageError(f"{label}: {dtype} values are not supported: save the image as 8- or "
+                         "16-bit unsigned integers")
+    axes = series.axes
+    channel_axes = [a for a in axes if a in _CHANNEL_AXES]
+    if len(channel_axes) > 1:
+        raise ImageError(f"{label}: both samples and channels axes ({axes}): save one band axis")
+    channels = series.shape[axes.index(channel_axes[0])] if channel_axes else 1
+    if "Y" not in axes or "X" not in axes:
+        raise ImageError(f"{label}: not a 2-D image (TIFF axes {axes})")
+    height, width = series.shape[axes.index("Y")], series.shape[axes.index("X")]
+    if height * width > MAX_PIXELS:
+        raise ImageError(f"{label}: {width}×{height} pixels is too large (limit {MAX_PIXELS:,} "
+                         "pixels)")
+    return channels, 16 if dtype == np.uint16 else 8
+
+
+def _open_tiff(source: Source, label: str, decode: bool) -> tuple[PixelFormat, np.ndarray | None]:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(_rewound(source)) as tif:
+            series = tif.series[0]
+            samples, bits = _tiff_layout(series, label)
+            # An alpha sample (TIFF ExtraSamples 1 or 2) is transparency, as in a PNG: not a band.
+            extra = getattr(tif.pages[0], "extrasamples", None) or ()
+            alpha = next((int(kind) for kind in extra
+                          if int(kind) in (_ASSOCIATED_ALPHA, _UNASSOCIATED_ALPHA)), None)
+            fmt = PixelFormat(samples - (alpha is not None), bits)
+            if not decode:
+                return fmt, None
+            try:
+                array = series.asarray()
+            except (KeyError, ValueError, RuntimeError) as err:  # a codec tifffile lacks (LZW...)
+                return fmt, _tiff_with_pil(source, fmt, label, err)
+            axes = series.axes
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"{label}: no such file") from None
+    except (tifffile.TiffFileError, OSError, ValueError, IndexError, EOFError) as err:
+        raise ImageError(f"{label}: the TIFF is corrupt or truncated ({err})") from None
+    # Extra axes (pages, time, depth): the first of each, like PIL's first frame.
+    for axis in [a for a in axes if a not in "YX" + _CHANNEL_AXES]:
+        array = np.take(array, 0, axis=axes.index(axis))
+        axes = axes.replace(axis, "")
+    if not any(a in _CHANNEL_AXES for a in axes):
+        array, axes = array[None], "C" + axes
+    channel = next(a for a in axes if a in _CHANNEL_AXES)
+    array = np.transpose(array, [axes.index(channel), axes.index("Y"), axes.index("X")])
+    if array.dtype == np.bool_:  # a 1-bit mask: full scale, as PIL reads mode "1"
+        array = array.astype(np.uint8) * 255
+    if alpha is not None:
+        array = _on_white(array, alpha, 65535 if bits == 16 else 255)
+    return fmt, array.astype(np.uint16 if bits == 16 else np.uint8)
+
+
+def _on_white(array: np.ndarray, alpha: int, full: int) -> np.ndarray:
+    """(C + 1, H, W) with alpha last → (C, H, W) composited on white (as PIL does for a PNG)."""
+    color, opacity = array[:-1].astype(np.float64), array[-1:].astype(np.float64) / full
+    if alpha == _ASSOCIATED_ALPHA:  # colour already multiplied by its opacity
+        out = color + full * (1 - opacity)
+    else:
+        out = color * opacity + full * (1 - opacity)
+    return np.rint(out).clip(0, full)
+
+
+def _tiff_with_pil(source: Source, fmt: PixelFormat, label: str, why: Exception) -> np.ndarray:
+    """A TIFF whose compression tifffile cannot decode without ``imagecodecs``: PIL decodes it,
+    but only when PIL keeps every band (it reads RGB + extra samples as plain RGB)."""
+    image = open_checked(_rewound(source), MAX_PIXELS, label)
+    if image.mode in ("RGBA", "LA"):  # PIL read the alpha sample: composited, as the rest are
+        image = to_rgb8(image) if image.mode == "RGBA" else to_rgb8(image).convert("L")
+    array = np.asarray(image)
+    array = array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
+    if array.shape[0] != fmt.channels:
+        raise ImageError(f"{label}: its compression needs the imagecodecs package ({why}); "
+                         "install it, or save the TIFF uncompressed or with zlib")
+    return array.astype(np.uint16 if fmt.bits == 16 else np.uint8)
+
+
+# --- the other formats: PIL --------------------------------------------------------------------
+
+def _pil_format(image: Image.Image, label: str) -> PixelFormat:
+    if image.mode in _GRAY8:
+        return PixelFormat(1, 8)
+    if image.mode in _GRAY16:
+        return PixelFormat(1, 16)
+    if image.mode == "F":
+        raise ImageError(f"{label}: 32-bit float pixels are not supported for training: save "
+                         "the image as 8- or 16-bit")
+    return RGB8  # RGB, palette, RGBA (alpha is transparency), CMYK, YCbCr...
+
+
+def probe(source: Source, name: str | None = None) -> PixelFormat:
+    """The file's channels and bit depth, from its header (no pixels decoded)."""
+    label = _label(source, name)
+    if _is_tiff(source):
+        return _open_tiff(source, label, decode=False)[0]
+    try:
+        with Image.open(_rewound(source)) as image:
+            return _pil_format(image, label)
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"{label}: no such file") from None
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
+        raise ImageError(f"{label}: not an image file, or corrupt ({err})") from None
+
+
+def _gray(image: Image.Image, label: str) -> np.ndarray:
+    image = ImageOps.exif_transpose(image)
+    if image.mode in _GRAY16:
+        array = np.asarray(image)
+        if image.mode == "I" and (array.min() < 0 or array.max() > 65535):
+            raise ImageError(f"{label}: 32-bit integer values outside 0–65535 are not supported")
+        return array.astype(np.uint16)[None]
+    return np.asarray(to_rgb8(image).convert("L"), dtype=np.uint8)[None]
+
+
+def read_for(source: Source, channels: int, name: str | None = None) -> Tensor:
+    """Decode ``source`` for a model of ``channels`` channels: uint8 or uint16 (C, H, W).
+
+    A colour model (3 channels) reads any photo as RGB, as it always did (grayscale and palette
+    converted, alpha composited on white, 16-bit grayscale scaled to 8 bits: :func:`open_rgb`),
+    and a 16-bit 3-channel TIFF as it is. Any other model needs exactly its channel count. A
+    mismatch is an :class:`ImageError` saying both counts.
+    """
+    label = _label(source, name)
+    tiff = _is_tiff(source)
+    if channels == 3 and not tiff:
+        return to_tensor(open_rgb(_rewound(source), name=label))  # today's RGB path, unchanged
+    fmt = _open_tiff(source, label, decode=False)[0] if tiff else probe(source, label)
+    if channels == 3 and fmt.channels == 1:
+        return to_tensor(open_rgb(_rewound(source), name=label))
+    if fmt.channels != channels:
+        raise ImageError(f"{label}: a {fmt.channels}-channel image, but the model takes "
+                         f"{channels}-channel images")
+    if tiff:
+        array = _open_tiff(source, label, decode=True)[1]
+    else:
+        array = _gray(open_checked(_rewound(source), MAX_PIXELS, label), label)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def same_dtype(images: list[Tensor]) -> list[Tensor]:
+    """``images`` in one dtype, to be stacked: uint16 if any is (8-bit values scaled by 257, so
+    full scale stays full scale), else as they are."""
+    if all(image.dtype == images[0].dtype for image in images):
+        return images
+    return [image.to(torch.int32).mul(257).to(torch.uint16) if image.dtype == torch.uint8
+            else image for image in images]
