@@ -348,7 +348,7 @@ def test_train_tab_says_what_kind_of_images_it_found(tmp_path):
     from ui.train import check_data_folder
 
     text = check_data_folder(None, str(make_gray16(tmp_path / "gray16", 3)))
-    assert "3 image file(s) found. 1-channel (grayscale) 16-bit images: in_chans 1" in text
+    assert "3 image file(s) found; 1-channel (grayscale) 16-bit images: in_chans 1" in text
     assert "in_chans" not in check_data_folder(None, "")  # RGB photos: as before
     mixed = make_four(tmp_path / "gray16", 1)
     assert "mixes kinds of images" in check_data_folder(None, str(mixed))
