@@ -17,11 +17,12 @@ import json
 import re
 import sys
 from dataclasses import asdict, dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from mae_core.config import POLICIES, PRESETS, ConfigError, ModelConfig
-from mae_core.model import MaskedAutoencoder, apply_policy, draw_token_mask, seeded_generator
+
+if TYPE_CHECKING:
+    from mae_core.model import MaskedAutoencoder
 
 STATUSES = ("trainable", "frozen", "removed")
 
@@ -84,6 +85,9 @@ def _reason(name: str, status: str) -> str:
 
 def audit(cfg: ModelConfig, coverage: bool = True) -> Audit:
     """Audit ``cfg``'s model under ``cfg.policy``; with ``coverage``, run the gradient check too."""
+    # torch is imported here, not at the top: the command line refuses a bad flag at once.
+    from mae_core.model import MaskedAutoencoder, apply_policy
+
     model = MaskedAutoencoder(cfg, policy=None)
     constructed = [(n, tuple(p.shape), p.numel()) for n, p in model.named_parameters()]
     apply_policy(model, cfg.policy)
@@ -104,6 +108,10 @@ def audit(cfg: ModelConfig, coverage: bool = True) -> Audit:
 
 def gradient_coverage(model: MaskedAutoencoder, batch_size: int = 2, seed: int = 0) -> list[str]:
     """Names of trainable tensors that get no gradient from one MAE training step on random images."""
+    import torch
+
+    from mae_core.model import draw_token_mask, seeded_generator
+
     cfg = model.cfg
     generator = seeded_generator(seed)
     images = torch.randn(batch_size, cfg.channels, cfg.image_size, cfg.image_size, generator=generator)

@@ -37,16 +37,37 @@ MAX_PROBED = 2000
 STATS_IMAGES = 256
 
 
+@dataclasses.dataclass(frozen=True)
+class HeaderScan:
+    """What the headers of a folder's files say: its one pixel format, and how many of the files
+    read cannot be images (``unreadable``, a count of every file when ``every_file``)."""
+
+    format: PixelFormat
+    unreadable: int
+    every_file: bool
+
+
 def scan_format(paths: list[Path], folder: str = "") -> PixelFormat:
     """The one pixel format of ``paths`` (headers only), or a :class:`DataError` naming an
     example file of each kind when they differ. Unreadable files are left to the decoder."""
+    return scan_headers(paths, folder).format
+
+
+def scan_headers(paths: list[Path], folder: str = "") -> HeaderScan:
+    """:func:`scan_format`, with the count of unreadable files among those read: every file of a
+    folder of at most ``MAX_PROBED``, an even spread of a larger one."""
     step = max(1, math.ceil(len(paths) / MAX_PROBED))
     examples: dict[PixelFormat, Path] = {}
+    unreadable = 0
     for path in paths[::step]:
         try:
             examples.setdefault(probe(path), path)
         except ImageError:
-            continue
+            unreadable += 1
+    return HeaderScan(_one_format(examples, folder), unreadable, every_file=step == 1)
+
+
+def _one_format(examples: dict[PixelFormat, Path], folder: str) -> PixelFormat:
     kinds = set(examples)
     if not kinds:
         return RGB8

@@ -19,6 +19,9 @@ class ConfigError(ValueError):
         self.field = field_name
 
 
+class DataError(ValueError):
+    """The data folder cannot be trained on; the message says why."""
+
 
 def _is_int(value: Any) -> bool:
     # bool is an int subclass in Python; `batch_size: true` in a YAML file is a mistake, not 1.

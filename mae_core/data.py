@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from mae_core.checks import DataError  # noqa: F401 - its home is light: the CLIs refuse early
 from mae_core.images import (
     ImageError,
     center_square,
@@ -50,10 +51,6 @@ MAX_WALKED_ENTRIES = 5_000_000
 
 # Above this many cached bytes per process, images are decoded from disk on every access.
 CACHE_LIMIT_BYTES = 2 * 1024**3
-
-
-class DataError(ValueError):
-    """The data folder cannot be trained on; the message says why."""
 
 
 def sample_photo_paths() -> list[Path]:
@@ -137,13 +134,17 @@ def _skip(err: OSError) -> None:
 @dataclass(frozen=True)
 class DataSummary:
     """A data set as a run sees it: image files, and the channels and bits of every image
-    (``folder``: an image folder, not a prepared set, whose images are 8-bit RGB JPEGs)."""
+    (``folder``: an image folder, not a prepared set). For a folder, also its image files and,
+    when every header was read (at most ``channels.MAX_PROBED`` files), how many are not images:
+    what the data field shows, without walking the folder again."""
 
     name: str
     files: int
     channels: int = 3
     bits: int = 8
     folder: bool = True
+    unreadable: int | None = None
+    paths: tuple[Path, ...] = field(default=(), repr=False, compare=False)
 
     def describe(self) -> str:
         kind = "RGB" if self.channels == 3 else "grayscale" if self.channels == 1 else "multi-band"
@@ -157,13 +158,14 @@ def check_data(folder: str) -> DataSummary:
     A prepared data set is checked by its manifest; a remote URL is left to LitData at start.
     """
     from mae_core import prepared
-    from mae_core.channels import scan_format
+    from mae_core.channels import scan_headers
 
     if prepared.is_remote(folder) or prepared.is_prepared(folder):
         found = prepared.describe(folder)
         return DataSummary(name=folder, files=found.count or 0, folder=False)
     paths = find_images(folder)
-    fmt = scan_format(paths, folder)
+    scan = scan_headers(paths, folder)
+    fmt = scan.format
     if not fmt.is_rgb8 and not prepared.held_in_memory(folder, len(paths)):
         raise DataError(f"data folder {_named(folder)} holds {len(paths):,} {fmt.describe()} "
                         f"images; above {prepared.AUTO_PREPARE_ABOVE:,} images a folder is "
@@ -176,7 +178,9 @@ def check_data(folder: str) -> DataSummary:
         except ImageError:
             continue
         return DataSummary(name=folder or SAMPLE_DATA_NAME, files=len(paths),
-                           channels=fmt.channels, bits=fmt.bits)
+                           channels=fmt.channels, bits=fmt.bits,
+                           unreadable=scan.unreadable if scan.every_file else None,
+                           paths=tuple(paths))
     raise DataError(f"none of the {len(paths)} image files in {_named(folder)} can be read: all are corrupt "
                     "or not images")
 
@@ -355,18 +359,22 @@ def held_out_count(total: int, fraction: float | None, count: int | None,
     return wanted
 
 
+def class_of(root: Path, path: Path) -> str | None:
+    """The class of an image under ``root``: its first subfolder's name (``root/<class>/.../x.jpg``),
+    or None for an image directly in ``root``. The one rule of every labelled folder."""
+    parts = path.relative_to(root).parts
+    return parts[0] if len(parts) >= 2 else None
+
+
 def class_labels(folder: str, paths: list[Path]) -> tuple[tuple[str, ...], list[int]] | None:
-    """Labels from class subfolders (``folder/<class>/.../*.jpg``): (classes, label per path), or
-    None when an image lies directly in ``folder`` or there are fewer than two classes."""
+    """Labels from class subfolders (:func:`class_of`): (classes, label per path), or None when an
+    image lies directly in ``folder`` or there are fewer than two classes."""
     if not folder:
         return None
     root = Path(folder).expanduser()
-    names = []
-    for path in paths:
-        parts = path.relative_to(root).parts
-        if len(parts) < 2:
-            return None
-        names.append(parts[0])
+    names = [class_of(root, path) for path in paths]
+    if None in names:
+        return None
     classes = tuple(sorted(set(names)))
     if len(classes) < 2:
         return None
@@ -376,10 +384,11 @@ def class_labels(folder: str, paths: list[Path]) -> tuple[tuple[str, ...], list[
 
 def split_folder(folder: str, seed: int = 0, *, count: int | None = None,
                  fraction: float | None = None, auto_min_images: int = 10**12,
-                 auto_fraction: float = 0.0) -> HeldOutSplit:
-    """:func:`find_images` of ``folder`` split by a permutation drawn from ``seed``; the held-out
-    size is :func:`held_out_count`'s (by default: ``count``, else ``fraction``, else none)."""
-    paths = find_images(folder)
+                 auto_fraction: float = 0.0, paths: tuple[Path, ...] = ()) -> HeldOutSplit:
+    """:func:`find_images` of ``folder`` (or ``paths``, when the caller has walked it already)
+    split by a permutation drawn from ``seed``; the held-out size is :func:`held_out_count`'s
+    (by default: ``count``, else ``fraction``, else none)."""
+    paths = list(paths) or find_images(folder)
     count = held_out_count(len(paths), fraction, count, auto_min_images, auto_fraction)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(paths), generator=generator).tolist()

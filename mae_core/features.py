@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from lightly.utils.benchmarking import knn_predict
 from torch import Tensor
 
-from mae_core.data import IMAGE_EXTENSIONS, DataError, _checked_root, _named
+from mae_core.data import DataError, _named, class_of, find_images
 from mae_core.images import ImageError, center_square
 from mae_core.pixels import read_for, same_dtype
 from mae_core.model import MaskedAutoencoder
@@ -54,14 +54,22 @@ class Labelled:
 
 
 def class_folders(folder: str | Path) -> dict[str, list[Path]]:
-    """``{class: image paths}`` of a labelled folder; raises :class:`DataError` if it is not one."""
-    root = _checked_root(str(folder))
-    classes = {}
-    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        paths = sorted(p for p in sub.rglob("*")
-                       if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        if paths:
-            classes[sub.name] = paths
+    """``{class: image paths}`` of a labelled folder; raises :class:`DataError` if it is not one.
+    The folder is walked as a data folder is (:func:`find_images`), its classes told by
+    :func:`class_of`; an image directly in the folder belongs to no class and is left out."""
+    root = Path(folder).expanduser()
+    classes: dict[str, list[Path]] = {}
+    try:
+        paths = find_images(str(folder))
+    except DataError as err:
+        if "holds no images" not in str(err):
+            raise
+        paths = []
+    for path in paths:
+        name = class_of(root, path)
+        if name is not None:
+            classes.setdefault(name, []).append(path)
+    classes = dict(sorted(classes.items()))
     if not classes:
         raise DataError(f"{_named(str(folder))} has no class subfolders with images: a labelled "
                         "folder holds one subfolder per class (root/<class>/*.png)")

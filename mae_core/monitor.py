@@ -86,16 +86,19 @@ class EvalPlan:
         return "; ".join(parts)
 
 
-def plan_evaluation(t: TrainConfig, split_data: bool = True) -> EvalPlan:
+def plan_evaluation(t: TrainConfig, split_data: bool = True,
+                    paths: tuple[Path, ...] = ()) -> EvalPlan:
     """The held-out split of ``t.data`` and the kNN sets; a :class:`DataError` when impossible.
 
-    ``split_data=False`` (a prepared or streamed data set, trained whole) holds nothing out of
+    ``paths``: ``t.data``'s image files when the caller has them (``check_data``'s summary), so
+    the folder is not walked again. ``split_data=False`` (a prepared or streamed data set, trained whole) holds nothing out of
     ``t.data``: no validation loss, and a kNN monitor only from ``eval_data``.
     """
     if t.eval_every_n_steps == 0:
         return EvalPlan()
     split = (split_folder(t.data, t.seed, count=t.val_count, fraction=t.val_fraction,
-                          auto_min_images=AUTO_VAL_MIN_IMAGES, auto_fraction=AUTO_VAL_FRACTION)
+                          auto_min_images=AUTO_VAL_MIN_IMAGES, auto_fraction=AUTO_VAL_FRACTION,
+                          paths=paths)
              if split_data else HeldOutSplit(train=(), held_out=()))
     limit = t.eval_max_images
     plan = {"train": split.train if split.held_out else None, "val": split.held_out[:limit]}

@@ -33,6 +33,7 @@ from mae_core.process import (
 )
 
 if TYPE_CHECKING:
+    from mae_core.data import DataSummary
     from mae_core.prepared import DataSource
 
 JOB_NAME = "job.json"
@@ -42,17 +43,19 @@ LOG_NAME = "prepare.log"
 
 # --- what the data field holds ------------------------------------------------------------------
 
-def survey(data: str) -> DataSource:
+def survey(data: str, summary: DataSummary | None = None) -> DataSource:
     """What the data field holds, for a person before Start: :func:`describe`, plus a folder's
-    size on disk and, for a folder read in memory, how many of its files are not images (a header
-    check: a large folder's unreadable files are counted when it is prepared)."""
+    size on disk and, for a folder read in memory, how many of its files are not images (from
+    their headers: a large folder's unreadable files are counted when it is prepared).
+    ``summary``, :func:`mae_core.data.check_data`'s for ``data``, saves a second walk and scan."""
     # (imported here: mae_core.prepared imports torch and Lightning, the app's page need not wait)
+    from mae_core.channels import scan_headers
     from mae_core.data import find_images
     from mae_core.prepared import describe, is_prepared, is_remote
 
     if is_remote(data) or is_prepared(data):
         return describe(data)
-    paths = find_images(data)
+    paths = list(summary.paths) if summary is not None and summary.paths else find_images(data)
     found = describe(data, paths=paths)
     if found.kind == "prepared":
         return found
@@ -62,18 +65,11 @@ def survey(data: str) -> DataSource:
             size += path.stat().st_size
         except OSError:
             continue
-    skipped = sum(not _has_image_header(p) for p in paths) if found.kind == "memory" else None
+    skipped = None
+    if found.kind == "memory":
+        skipped = (summary.unreadable if summary is not None and summary.unreadable is not None
+                   else scan_headers(paths, data).unreadable)
     return replace(found, bytes=size, skipped=skipped)
-
-
-def _has_image_header(path: Path) -> bool:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            return image.width > 0 and image.height > 0
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return False
 
 
 def _size(bytes_: int | None) -> str:

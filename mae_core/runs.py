@@ -28,7 +28,7 @@ from typing import Any
 from mae_core import process as proc
 from mae_core.channels import resolve_channels
 from mae_core.config import RunConfig
-from mae_core.data import check_data
+from mae_core.data import DataSummary, check_data
 from mae_core.fileio import atomic_write_json, read_json, remove_stale_temp_files
 from mae_core.process import PROJECT_ROOT  # noqa: F401 - re-exported for callers and tests
 from mae_core.rundir import LIVE_STATES, RunPaths, create_run, valid_run_id
@@ -159,7 +159,7 @@ class RunManager:
         cfg = cfg.resolved()
         summary = check_data(cfg.train.data)
         cfg = resolve_channels(cfg, summary)  # in_chans and normalisation statistics from the data
-        _check_evaluation(cfg, summary.files)
+        _check_evaluation(cfg, summary)
         with self._exclusive():
             self._refuse_if_busy(cfg)
             paths = create_run(cfg, runs_dir=self.runs_dir, data_files=summary.files)
@@ -174,7 +174,7 @@ class RunManager:
         cfg = cfg.resolved()
         summary = check_data(cfg.train.data)
         cfg = resolve_channels(cfg, summary)
-        _check_evaluation(cfg, summary.files)
+        _check_evaluation(cfg, summary)
         with self._exclusive():
             paths = create_run(cfg, runs_dir=self.runs_dir, state="queued",
                                data_files=summary.files)
@@ -469,11 +469,12 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _check_evaluation(cfg: RunConfig, files: int | None) -> None:
+def _check_evaluation(cfg: RunConfig, summary: DataSummary) -> None:
     """Refuse an impossible held-out split or an unlabelled ``eval_data`` before a run exists
     (issue 14), as the trainer itself would; imported here, as it brings the model's modules.
-    ``files``: the data folder's image count (a folder the trainer streams is not split)."""
+    ``summary``: the data folder's (a folder the trainer streams is not split)."""
     from mae_core.monitor import plan_evaluation
     from mae_core.prepared import held_in_memory
 
-    plan_evaluation(cfg.train, split_data=held_in_memory(cfg.train.data, files))
+    plan_evaluation(cfg.train, split_data=held_in_memory(cfg.train.data, summary.files),
+                    paths=summary.paths)

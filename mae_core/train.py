@@ -19,24 +19,18 @@ import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
-import torch
-from pytorch_lightning.loggers import Logger, TensorBoardLogger
-from pytorch_lightning.strategies import DDPStrategy
-
-from mae_core import prepared
-from mae_core.callbacks import (AtomicCheckpointIO, JsonlLogger, Previews, ProgressRecorder,
-                                 SaveCheckpoints, StopOnRequest)
-from mae_core.channels import resolve_channels
+# Only light modules here: a refused flag or config answers at once, without the seconds torch,
+# Lightning, timm and lightly take to import; run_training imports them.
+from mae_core.checks import DataError
 from mae_core.config import ConfigError, ModelConfig, RunConfig, TrainConfig, parse_bool
-from mae_core.data import DataError, TrainSplitDataModule, check_data
 from mae_core.fileio import atomic_write_json, read_json
-from mae_core.model import MAELightning
-from mae_core.monitor import EvalPlan, HeldOutMonitor, plan_evaluation
 from mae_core.rundir import RunPaths, process_record
-from mae_core.snapshots import WeightSnapshots
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import Logger
 
 RUN_DIR_ENV = "MAE_STUDIO_RUN_DIR"
 # Normalising batches on the device is the point of MAELightning.on_after_batch_transfer.
@@ -47,6 +41,8 @@ DEFAULT_RUNS_DIR = "checkpoints"
 # --- building and running -------------------------------------------------------------------
 
 def make_strategy(cfg: RunConfig) -> Any:
+    from pytorch_lightning.strategies import DDPStrategy
+
     t = cfg.train
     if t.world_size == 1:
         return "auto"
@@ -65,6 +61,11 @@ def make_strategy(cfg: RunConfig) -> Any:
 def loggers(cfg: RunConfig, paths: RunPaths) -> list[Logger]:
     """``metrics.jsonl`` (the app's source) and TensorBoard event files in ``<run>/tensorboard``,
     so ``tensorboard --logdir checkpoints`` shows every run beside the app."""
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    from mae_core import prepared
+    from mae_core.callbacks import JsonlLogger
+
     board = TensorBoardLogger(save_dir=str(paths.root), name="tensorboard", version="",
                               default_hp_metric=False)
     # The job's global rank 0 only: under torchrun every node has a LOCAL_RANK 0 (and no NODE_RANK),
@@ -89,6 +90,17 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
     ``datamodule`` replaces the image-folder data and ``extra_callbacks`` run after the trainer's
     own callbacks: ``bench`` feeds the naive recipe's loader and its step timer this way.
     """
+    import pytorch_lightning as pl
+    import torch
+
+    from mae_core import prepared
+    from mae_core.callbacks import (AtomicCheckpointIO, Previews, ProgressRecorder,
+                                     SaveCheckpoints, StopOnRequest)
+    from mae_core.data import TrainSplitDataModule
+    from mae_core.model import MAELightning
+    from mae_core.monitor import EvalPlan, HeldOutMonitor, plan_evaluation
+    from mae_core.snapshots import WeightSnapshots
+
     t = cfg.train
     pl.seed_everything(t.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
@@ -209,8 +221,7 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
             if args.resume and not paths.last_ckpt.exists():
                 raise ConfigError("resume", f"{paths.last_ckpt} does not exist: nothing to resume")
             if overrides and writer:  # e.g. --max-steps to extend a run; the ranks read it back
-                cfg = cfg.with_overrides(**overrides).resolved()
-                cfg = resolve_channels(cfg, check_data(cfg.train.data))
+                cfg, _ = _with_data(cfg.with_overrides(**overrides).resolved())
                 cfg.save(paths.config)
             if writer:
                 _record_process(paths)
@@ -220,16 +231,28 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
     from mae_core.rundir import create_run
 
     base = RunConfig.load(args.config) if args.config else RunConfig()
-    cfg = base.with_overrides(**overrides).resolved()
-    summary = check_data(cfg.train.data)
-    cfg = resolve_channels(cfg, summary)  # in_chans and normalisation statistics from the data
-    # An impossible held-out split or eval_data is refused here, before the run exists.
-    plan_evaluation(cfg.train, split_data=prepared.held_in_memory(cfg.train.data, summary.files))
+    cfg, summary = _with_data(base.with_overrides(**overrides).resolved())
     # process.json goes in before config.yaml (what makes the directory a run): a reader never
     # sees a live run that has no process to check.
     paths = create_run(cfg, runs_dir=args.runs_dir, run_dir=run_dir,
                        process=process_record(command=sys.argv), data_files=summary.files)
     return cfg, paths, False
+
+
+def _with_data(cfg: RunConfig) -> tuple[RunConfig, Any]:
+    """``cfg`` with in_chans and the normalisation statistics from its data, and the data's
+    summary. The data is checked, and so are the held-out split and eval_data: refused here,
+    before the run exists. (The one step of ``prepare`` that needs torch: imported here.)"""
+    from mae_core import prepared
+    from mae_core.channels import resolve_channels
+    from mae_core.data import check_data
+    from mae_core.monitor import plan_evaluation
+
+    found = check_data(cfg.train.data)
+    cfg = resolve_channels(cfg, found)
+    plan_evaluation(cfg.train, split_data=prepared.held_in_memory(cfg.train.data, found.files),
+                    paths=found.paths)
+    return cfg, found
 
 
 def _record_process(paths: RunPaths) -> None:
@@ -273,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus
         command = [sys.executable, "-m", "mae_core.train", "--run-dir", str(paths.root.resolve())]
         os.execv(sys.executable, command + (["--resume"] if resume else []))
+    from mae_core import prepared
+
     if prepared.first_process():
         print(f"run directory: {paths.root}", flush=True)
     try:

@@ -52,6 +52,23 @@ def test_the_data_field_says_files_unreadable_and_size_of_a_small_folder(tmp_pat
         datafield.start_preparing(Preparations(), str(folder))
 
 
+def test_the_data_field_walks_the_folder_and_reads_each_header_once(tmp_path, monkeypatch):
+    """Checking a folder and describing it share one walk and one header scan: a folder on a
+    slow shared disk is not read twice each time the field loses focus."""
+    from mae_core import channels, data
+
+    folder = _folder(tmp_path / "photos", 5)
+    (folder / "broken.png").write_bytes(b"not a png")
+    walks, probes = [], []
+    real_walk, real_probe = data.find_images, channels.probe
+    monkeypatch.setattr(data, "find_images", lambda f: walks.append(f) or real_walk(f))
+    monkeypatch.setattr(channels, "probe", lambda p: probes.append(p) or real_probe(p))
+    info = datafield.data_info(str(folder))
+    assert "6 image file(s) found" in info and "1 of them not images (skipped)" in info
+    assert len(walks) == 1
+    assert sorted(probes) == sorted(folder.iterdir())
+
+
 def test_prepare_shows_progress_then_the_prepared_set(tmp_path, cache, jobs):
     folder = _folder(tmp_path / "large", prepared.AUTO_PREPARE_ABOVE + 1)
     before = datafield.data_info(str(folder))

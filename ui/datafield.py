@@ -29,7 +29,7 @@ def data_info(folder: str | None) -> str:
     data = (folder or "").strip()
     try:
         summary = check_data(data)
-        found = survey(data)
+        found = survey(data, summary)
     except Exception as err:  # noqa: BLE001 - shown beside the field
         return render.notice("error", describe(err, "checking the data folder"))
     where = f"`{data}`" if data else "the sample photos"
