@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 RUN_DIR_ENV = "MAE_STUDIO_RUN_DIR"
 # Normalising batches on the device is the point of MAELightning.on_after_batch_transfer.
 warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
+# Lightning 2.6 asks torch's pytree a question torch 2.14 deprecates, twice per run, in every
+# rank's log the app shows: not the user's to act on.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, (LeafSpec|TreeSpec)\)")
 DEFAULT_RUNS_DIR = "checkpoints"
 
 
