@@ -13,6 +13,7 @@ target, once the walk is done), ``done-<pid>`` (each encoding process's count) a
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -228,6 +229,15 @@ class Preparations:
                 job.close()
             self._jobs.clear()
 
+    def release(self) -> None:
+        """At the app's exit: remove the progress files of the jobs that have ended. A running
+        job carries on into the cache (a run started later finds it ready, as a run outlives
+        the app) and removes its own progress files when it ends, its app being gone."""
+        with self._lock:
+            for job in self._jobs.values():
+                if job.progress().finished:  # its result is written: it writes nothing more
+                    shutil.rmtree(job.progress_dir, ignore_errors=True)
+
 
 # --- the job's own process ---------------------------------------------------------------------
 
@@ -253,7 +263,9 @@ def _run(folder: str, progress_dir: Path, workers: int | None) -> dict[str, Any]
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from mae_core.data import DataError
+    from mae_core.checks import DataError
+
+    app = os.getppid()  # first: the app may exit while this process imports torch
 
     parser = argparse.ArgumentParser(prog="python -m mae_core.preparing")
     parser.add_argument("folder")
@@ -266,10 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = _run(args.folder, progress_dir, args.workers)
     except DataError as err:
-        atomic_write_json(progress_dir / RESULT_NAME, {"state": "failed", "message": str(err)})
-        return 2
-    atomic_write_json(progress_dir / RESULT_NAME, result)
-    return 0
+        result = {"state": "failed", "message": str(err)}
+    finally:  # an app that has exited reads no progress: nothing is left in the temp folder
+        if os.getppid() != app:
+            shutil.rmtree(progress_dir, ignore_errors=True)
+    if os.getppid() == app:
+        atomic_write_json(progress_dir / RESULT_NAME, result)
+    return 0 if result["state"] == "done" else 2
 
 
 if __name__ == "__main__":

@@ -93,3 +93,36 @@ def test_a_folder_that_cannot_be_prepared_fails_with_the_reason(tmp_path, cache)
     finally:
         jobs.close()
     shutil.rmtree(cache, ignore_errors=True)
+
+
+def test_an_app_that_exits_leaves_the_preparation_running_into_the_cache_and_nothing_in_tmp(
+        tmp_path, cache):
+    """The app exits mid-preparation: the job finishes into the cache (a later run finds the set)
+    and removes its own progress files; at exit the app removes those of the jobs that ended."""
+    import json
+    import subprocess
+    import sys
+
+    from mae_core.process import PROJECT_ROOT, pid_alive
+
+    folder = _copies(tmp_path / "photos", 60, (320, 240))
+    done_folder = _copies(tmp_path / "small", 3, (64, 48))
+    app = ("import json, sys, time; from mae_core.preparing import Preparations\n"
+           "jobs = Preparations()\n"
+           "ended = jobs.start(sys.argv[2])\n"
+           "while not ended.progress().finished: time.sleep(0.1)\n"
+           "job = jobs.start(sys.argv[1])\n"
+           "print(json.dumps([str(ended.progress_dir), str(job.progress_dir), job.process.pid]))\n"
+           "jobs.release()  # what the app registers to run at its exit\n")
+    out = subprocess.run([sys.executable, "-c", app, str(folder), str(done_folder)], cwd=PROJECT_ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ended_dir, running_dir, pid = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not Path(ended_dir).exists()  # removed by the app at its exit
+    deadline = time.monotonic() + 120
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not pid_alive(pid), "the preparation never ended"
+    assert not Path(running_dir).exists()  # removed by the job itself: no app to read it
+    found = prepared.describe(str(folder), auto_prepare_above=10)
+    assert found.kind == "prepared" and found.count == 60

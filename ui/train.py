@@ -7,6 +7,8 @@ without a server; :func:`build` lays out the tab and wires its events to them.
 
 from __future__ import annotations
 
+import atexit
+
 import os
 import tempfile
 from pathlib import Path
@@ -386,7 +388,9 @@ def _api_endpoints(ctx: AppContext) -> None:
 
 
 def _wire_form(ctx: AppContext, c: dict[str, Any], fields: list[Any]) -> None:
-    datafield.wire(c, Preparations())
+    jobs = Preparations()
+    atexit.register(jobs.release)  # a preparation outlives the app; its progress files do not
+    datafield.wire(c, jobs)
     to_fields = lambda values: [values[name] for name in FIELD_NAMES]  # noqa: E731
     notice_only = lambda text: {c["message"]: render.notice("error", text)}  # noqa: E731
 
