@@ -57,6 +57,9 @@ def class_folders(folder: str | Path) -> dict[str, list[Path]]:
     """``{class: image paths}`` of a labelled folder; raises :class:`DataError` if it is not one.
     The folder is walked as a data folder is (:func:`find_images`), its classes told by
     :func:`class_of`; an image directly in the folder belongs to no class and is left out."""
+    if not str(folder).strip():  # find_images("") means the sample photos: no classes there
+        raise DataError("no labelled folder given: a labelled folder holds one subfolder per "
+                        "class (root/<class>/*.png)")
     root = Path(folder).expanduser()
     classes: dict[str, list[Path]] = {}
     try:

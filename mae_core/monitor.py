@@ -90,9 +90,9 @@ def plan_evaluation(t: TrainConfig, split_data: bool = True,
                     paths: tuple[Path, ...] = ()) -> EvalPlan:
     """The held-out split of ``t.data`` and the kNN sets; a :class:`DataError` when impossible.
 
-    ``paths``: ``t.data``'s image files when the caller has them (``check_data``'s summary), so
-    the folder is not walked again. ``split_data=False`` (a prepared or streamed data set, trained whole) holds nothing out of
-    ``t.data``: no validation loss, and a kNN monitor only from ``eval_data``.
+    ``split_data=False`` (a prepared or streamed data set, trained whole) holds nothing out of
+    ``t.data``: no validation loss, and a kNN monitor only from ``eval_data``. ``paths``:
+    ``t.data``'s image files when the caller has them (``check_data``'s), not to walk it again.
     """
     if t.eval_every_n_steps == 0:
         return EvalPlan()

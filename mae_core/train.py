@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import Logger
 
+    from mae_core.data import DataSummary
+
 RUN_DIR_ENV = "MAE_STUDIO_RUN_DIR"
 # Normalising batches on the device is the point of MAELightning.on_after_batch_transfer.
 warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
@@ -242,7 +244,7 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
     return cfg, paths, False
 
 
-def _with_data(cfg: RunConfig) -> tuple[RunConfig, Any]:
+def _with_data(cfg: RunConfig) -> tuple[RunConfig, DataSummary]:
     """``cfg`` with in_chans and the normalisation statistics from its data, and the data's
     summary. The data is checked, and so are the held-out split and eval_data: refused here,
     before the run exists. (The one step of ``prepare`` that needs torch: imported here.)"""

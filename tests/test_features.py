@@ -47,6 +47,10 @@ def test_a_folder_that_is_not_labelled_is_refused(tmp_path, counts, message):
 def test_a_missing_folder_is_refused(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         features.class_folders(tmp_path / "nowhere")
+    with pytest.raises(DataError, match="no labelled folder given"):
+        features.class_folders(" ")  # blank: not the current folder, nor the sample photos
+    with pytest.raises(DataError, match="system folder"):
+        features.class_folders("/proc")  # walked as a data folder is, with its guards
 
 
 def test_the_split_is_stratified_and_the_same_for_the_same_seed():
