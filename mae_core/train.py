@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import logging
 import os
 import sys
 import time
@@ -40,6 +41,16 @@ warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer
 # Lightning 2.6 asks torch's pytree a question torch 2.14 deprecates, twice per run, in every
 # rank's log the app shows: not the user's to act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, (LeafSpec|TreeSpec)\)")
+
+
+class _NoAdverts(logging.Filter):
+    """Lightning 2.6 advertises its cloud logger at every start, in the log the app shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NoAdverts())
 DEFAULT_RUNS_DIR = "checkpoints"
 
 

@@ -244,6 +244,10 @@ def test_command_line_trains_by_hand_with_two_ddp_processes(tmp_path):
     assert saved.model.image_size == 32 and saved.train.max_steps == 6  # flags beat the file
     assert saved.train.data == str(data)
     assert load_model(run_dir / "model.safetensors").cfg.patch_size == 8
+    # What a person reads in the log: no library deprecation noise or adverts from either rank.
+    log = result.stdout + result.stderr
+    assert "Initializing distributed: GLOBAL_RANK: 1" in log
+    assert "LeafSpec" not in log and "litlogger" not in log
 
 
 def test_manager_follows_and_stops_a_run_started_by_hand(tmp_path):
