@@ -114,6 +114,22 @@ def dataset_stats(paths: list[Path], channels: int, image_size: int, seed: int =
     return tuple(mean.tolist()), tuple(std.tolist())
 
 
+def resolve_data(cfg: RunConfig) -> tuple[RunConfig, DataSummary]:
+    """A new run's data, checked once for everyone who starts one (the app's Start and Queue, the
+    command line): :func:`~mae_core.data.check_data`, then :func:`resolve_channels`, then an
+    impossible held-out split or an unlabelled ``eval_data`` refused before the run exists, as
+    the trainer itself would (reusing the folder's walk). ``cfg`` must be resolved."""
+    from mae_core.data import check_data
+    from mae_core.monitor import plan_evaluation  # brings the model's modules: when needed
+    from mae_core.prepared import held_in_memory
+
+    summary = check_data(cfg.train.data)
+    cfg = resolve_channels(cfg, summary)
+    plan_evaluation(cfg.train, split_data=held_in_memory(cfg.train.data, summary.files),
+                    paths=summary.paths)
+    return cfg, summary
+
+
 def resolve_channels(cfg: RunConfig, data: DataSummary) -> RunConfig:
     """``cfg`` with ``in_chans``, ``normalize`` and the statistics filled from its data.
 

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from mae_core import process as proc
-from mae_core.channels import resolve_channels
+from mae_core.channels import resolve_channels, resolve_data
 from mae_core.config import RunConfig
-from mae_core.data import DataSummary, check_data
+from mae_core.data import check_data
 from mae_core.fileio import atomic_write_json, read_json, remove_stale_temp_files
 from mae_core.process import PROJECT_ROOT  # noqa: F401 - re-exported for callers and tests
 from mae_core.rundir import LIVE_STATES, RunPaths, create_run, valid_run_id
@@ -156,10 +156,7 @@ class RunManager:
         The data folder is scanned before any lock is taken (a slow disk must not freeze every
         status call); the image files it found are in the new run's status as ``data_files``.
         """
-        cfg = cfg.resolved()
-        summary = check_data(cfg.train.data)
-        cfg = resolve_channels(cfg, summary)  # in_chans and normalisation statistics from the data
-        _check_evaluation(cfg, summary)
+        cfg, summary = resolve_data(cfg.resolved())  # in_chans and statistics from the data
         with self._exclusive():
             self._refuse_if_busy(cfg)
             paths = create_run(cfg, runs_dir=self.runs_dir, data_files=summary.files)
@@ -171,10 +168,7 @@ class RunManager:
     def enqueue(self, cfg: RunConfig) -> tuple[str, int]:
         """Check ``cfg`` and its data as :meth:`start` does, and queue it behind the live run and
         the runs already waiting; (run id, position). :meth:`advance_queue` launches it."""
-        cfg = cfg.resolved()
-        summary = check_data(cfg.train.data)
-        cfg = resolve_channels(cfg, summary)
-        _check_evaluation(cfg, summary)
+        cfg, summary = resolve_data(cfg.resolved())  # in_chans and statistics from the data
         with self._exclusive():
             paths = create_run(cfg, runs_dir=self.runs_dir, state="queued",
                                data_files=summary.files)
@@ -467,14 +461,3 @@ def _shown(value: Any) -> str:
     """``value`` for a message, cut short: a hostile 5,000-character id must not flood it."""
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _check_evaluation(cfg: RunConfig, summary: DataSummary) -> None:
-    """Refuse an impossible held-out split or an unlabelled ``eval_data`` before a run exists
-    (issue 14), as the trainer itself would; imported here, as it brings the model's modules.
-    ``summary``: the data folder's (a folder the trainer streams is not split)."""
-    from mae_core.monitor import plan_evaluation
-    from mae_core.prepared import held_in_memory
-
-    plan_evaluation(cfg.train, split_data=held_in_memory(cfg.train.data, summary.files),
-                    paths=summary.paths)

@@ -237,7 +237,7 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
             if args.resume and not paths.last_ckpt.exists():
                 raise ConfigError("resume", f"{paths.last_ckpt} does not exist: nothing to resume")
             if overrides and writer:  # e.g. --max-steps to extend a run; the ranks read it back
-                cfg, _ = _with_data(cfg.with_overrides(**overrides).resolved())
+                cfg, _ = _resolve_data(cfg.with_overrides(**overrides).resolved())
                 cfg.save(paths.config)
             if writer:
                 _record_process(paths)
@@ -247,7 +247,7 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
     from mae_core.rundir import create_run
 
     base = RunConfig.load(args.config) if args.config else RunConfig()
-    cfg, summary = _with_data(base.with_overrides(**overrides).resolved())
+    cfg, summary = _resolve_data(base.with_overrides(**overrides).resolved())
     # process.json goes in before config.yaml (what makes the directory a run): a reader never
     # sees a live run that has no process to check.
     paths = create_run(cfg, runs_dir=args.runs_dir, run_dir=run_dir,
@@ -255,20 +255,11 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
     return cfg, paths, False
 
 
-def _with_data(cfg: RunConfig) -> tuple[RunConfig, DataSummary]:
-    """``cfg`` with in_chans and the normalisation statistics from its data, and the data's
-    summary. The data is checked, and so are the held-out split and eval_data: refused here,
-    before the run exists. (The one step of ``prepare`` that needs torch: imported here.)"""
-    from mae_core import prepared
-    from mae_core.channels import resolve_channels
-    from mae_core.data import check_data
-    from mae_core.monitor import plan_evaluation
+def _resolve_data(cfg: RunConfig) -> tuple[RunConfig, DataSummary]:
+    # The one step of ``prepare`` that needs torch: imported here, after the flags are checked.
+    from mae_core.channels import resolve_data
 
-    found = check_data(cfg.train.data)
-    cfg = resolve_channels(cfg, found)
-    plan_evaluation(cfg.train, split_data=prepared.held_in_memory(cfg.train.data, found.files),
-                    paths=found.paths)
-    return cfg, found
+    return resolve_data(cfg)
 
 
 def _record_process(paths: RunPaths) -> None:

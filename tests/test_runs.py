@@ -24,7 +24,7 @@ from PIL import Image
 from helpers import poll
 from mae_core.config import ConfigError, RunConfig
 from mae_core.data import DataError, ImageFolderDataset, find_images, sample_photo_paths
-from mae_core import runs as runs_module
+from mae_core import data as data_module
 from mae_core.process import pid_alive, zombie_children
 from mae_core.rundir import create_run
 from mae_core.runs import PROJECT_ROOT, RunError, RunManager
@@ -354,14 +354,14 @@ def test_start_scans_data_outside_the_lock_and_finished_trainers_are_reaped(tmp_
     earlier = create_run(tiny_config().resolved(), runs_dir=manager.runs_dir)
     earlier.write_status(state="finished")
     scanning, release = threading.Event(), threading.Event()
-    real_check = runs_module.check_data
+    real_check = data_module.check_data
 
     def slow_disk(folder: str):  # the real scan, on a disk that answers only when told to
         scanning.set()
         release.wait(60)
         return real_check(folder)
 
-    monkeypatch.setattr(runs_module, "check_data", slow_disk)
+    monkeypatch.setattr(data_module, "check_data", slow_disk)  # Start's scan: channels.resolve_data
     started: list[str] = []
     starter = threading.Thread(target=lambda: started.append(
         manager.start(tiny_config(data="photos", max_steps=4, num_previews=0))))
