@@ -321,9 +321,11 @@ class SaveCheckpoints(pl.Callback):
             self.recorder.flush(trainer)
         if trainer.is_global_zero and self.paths.metrics.exists():
             fsync_file(self.paths.metrics)  # the curve up to this step survives what the ckpt does
-        trainer.save_checkpoint(self.paths.last_ckpt, weights_only=False)  # optimizer too, for resume
+        # Weights first: a kill between the two writes then leaves weights at or ahead of the
+        # checkpoint, never a resumable run with no (or older) weights for the Reconstruct tab.
         if trainer.is_global_zero:
             save_weights(pl_module.mae, self.paths.weights, step=trainer.global_step)
+        trainer.save_checkpoint(self.paths.last_ckpt, weights_only=False)  # optimizer too, for resume
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if not optimizer_stepped(trainer):

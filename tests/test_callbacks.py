@@ -19,6 +19,7 @@ from mae_core.config import ModelConfig
 from mae_core.data import MAEDataModule
 from mae_core.model import MAELightning
 from mae_core.rundir import RunPaths
+from mae_core.weights import read_metadata
 from tests.helpers import SYNC_OPS, TensorCalls
 
 SMALL = ModelConfig(preset="vit-tiny", image_size=32, patch_size=8)
@@ -103,6 +104,26 @@ def test_a_checkpoint_never_gets_ahead_of_the_curve(tmp_path):
     _fit(paths, [recorder, SaveCheckpoints(paths, 2, recorder), probe], steps=4)
     assert probe.lines_at_step[2] == 2 and probe.lines_at_step[4] == 4
     assert len(paths.read_metrics()) == 4
+
+
+class WeightsAtCheckpoint(pl.Callback):
+    """The step of ``model.safetensors`` at the moment each checkpoint is being written."""
+
+    def __init__(self, paths: RunPaths) -> None:
+        self.paths = paths
+        self.seen: dict[int, str | None] = {}
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: Any, checkpoint: dict) -> None:
+        step = read_metadata(self.paths.weights).get("step") if self.paths.weights.exists() else None
+        self.seen[trainer.global_step] = step
+
+
+def test_the_weights_are_on_disk_before_their_checkpoint(tmp_path):
+    """A kill between the two writes never leaves a resumable run without this step's weights."""
+    paths = RunPaths(tmp_path / "run")
+    probe = WeightsAtCheckpoint(paths)
+    _fit(paths, [SaveCheckpoints(paths, 2), probe], steps=4)
+    assert probe.seen == {2: "2", 4: "4"}
 
 
 def test_the_curve_stays_in_step_order_across_epoch_ends(tmp_path):
