@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as serialize
 
 from mae_core.config import ConfigError, ModelConfig
 from mae_core.fileio import atomic_write
@@ -27,15 +27,23 @@ class WeightsError(ValueError):
 
 
 def _cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def _write_safetensors(path: str | Path, state: dict[str, torch.Tensor],
+                       metadata: dict[str, str]) -> None:
+    """Serialised in memory, then written through :func:`atomic_write`: safetensors' own
+    ``save_file`` writes through a ``.tmpXXXXXX`` file of its own beside the target, which a kill
+    would leave behind (the size of the model, once per killed save) where nothing removes it."""
+    data = serialize(state, metadata=metadata)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def save_weights(model: MaskedAutoencoder, path: str | Path, step: int | None = None) -> None:
     metadata = {"format": "mae-studio", "config": json.dumps(asdict(model.cfg))}
     if step is not None:
         metadata["step"] = str(step)
-    state = _cpu_state(model.state_dict())
-    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+    _write_safetensors(path, _cpu_state(model.state_dict()), metadata)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -83,8 +91,7 @@ def export_encoder(weights_path: str | Path, out_path: str | Path) -> list[str]:
                 # Fine-tuning must normalise inputs as pretraining did (the data set's own statistics).
                 "pixel_mean": json.dumps(list(pixel_stats(model.cfg)[0])),
                 "pixel_std": json.dumps(list(pixel_stats(model.cfg)[1]))}
-    state = _cpu_state(encoder)
-    atomic_write(out_path, lambda tmp: save_file(state, tmp, metadata=metadata))
+    _write_safetensors(out_path, _cpu_state(encoder), metadata)
     return sorted(encoder)
 
 

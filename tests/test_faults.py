@@ -105,13 +105,16 @@ def wait_for_moment(manager: RunManager, paths: RunPaths, moment: str, rng: rand
     wait_for(saving, "a checkpoint save in progress", timeout_s=60, every_s=0.002)
 
 
-def kill(mode: str, rank0: int) -> None:
+def kill(mode: str, rank0: int, run_dir: Path) -> None:
     if mode == "group":
         os.killpg(rank0, signal.SIGKILL)
     elif mode == "rank0":
         os.kill(rank0, signal.SIGKILL)
     else:
-        [rank1] = wait_for(lambda: children_of(rank0), "rank 1 to be launched", every_s=0.05)
+        # Rank 1 by its command line: rank 0 also runs short-lived children while it starts up
+        # (``ldconfig -p``, from ctypes' find_library), which are not the rank.
+        [rank1] = wait_for(lambda: set(children_of(rank0)) & set(processes_of(run_dir)),
+                           "rank 1 to be launched", every_s=0.05)
         os.kill(rank1, signal.SIGKILL)
 
 
@@ -167,7 +170,7 @@ def test_kills_at_random_points_lose_at_most_the_steps_since_the_last_checkpoint
             if manager.status(run_id)["state"] not in LIVE_STATES:
                 raise AssertionError(f"kill {i}: the run ended before it was killed: "
                                      f"{manager.status(run_id)}")
-            kill(mode, record["pid"])
+            kill(mode, record["pid"], paths.root)
             killed_at = time.monotonic()
             try:
                 check_after_kill(manager, paths, record["pid"], record["start_time"], mode,

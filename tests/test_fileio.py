@@ -97,12 +97,13 @@ def test_temp_files_of_live_writers_are_kept_and_of_dead_or_zombie_ones_removed(
         live_tmp = tmp_path / f".status.json.{alive.pid}.abcd1234.tmp"
         zombie_tmp = tmp_path / "previews" / f".step_0000010.png.{zombie.pid}.abcd1234.tmp"
         old_style = tmp_path / ".last.ckpt.x7_k2m9q.tmp"  # an older version's name, no pid
-        for path in (live_tmp, zombie_tmp, old_style):
+        library = tmp_path / ".tmpXw6B6M"  # safetensors' own, left by an older version's weights
+        for path in (live_tmp, zombie_tmp, old_style, library):
             path.parent.mkdir(exist_ok=True)
             path.write_bytes(b"partial")
         (tmp_path / "last.ckpt").write_bytes(b"kept")
         removed = remove_stale_temp_files(tmp_path)
-        assert sorted(removed) == sorted([zombie_tmp, old_style])
+        assert sorted(removed) == sorted([zombie_tmp, old_style, library])
         assert live_tmp.exists() and (tmp_path / "last.ckpt").read_bytes() == b"kept"
     finally:
         alive.kill()

@@ -129,17 +129,6 @@ def _assert_written_in_place(tmp_path: Path, paths: RunPaths, tmpdir: Path) -> N
     assert [p for p in paths.root.rglob("*") if is_temp_file(p)] == []
 
 
-def test_every_file_is_written_beside_its_target_never_through_tmpdir(tmp_path, tmpfs_tmpdir):
-    paths = RunPaths(tmp_path / "run")
-    result = _train(tmp_path, "--run-dir", paths.root, *TINY, "--devices", "1", "--max-steps", "4",
-                    tmpdir=tmpfs_tmpdir, MAE_TEST_AUDIT=str(tmp_path / "audit"))
-    assert result.returncode == 0, result.stdout[-3000:]
-    _assert_written_in_place(tmp_path, paths, tmpfs_tmpdir)
-    assert _checkpoint_step(paths) == 4
-    assert load_model(paths.weights).cfg.image_size == 32
-    assert paths.read_status()["state"] == "finished"
-
-
 # A save of last.ckpt through the trainer's own CheckpointIO that is killed halfway: the checkpoint
 # holds an object whose pickling announces itself and then hangs (as a slow disk would).
 HANGING_SAVE = textwrap.dedent("""
@@ -158,13 +147,18 @@ HANGING_SAVE = textwrap.dedent("""
 """)
 
 
-def test_a_kill_during_a_checkpoint_save_keeps_the_last_one_and_resume_cleans_up(tmp_path,
-                                                                                  tmpfs_tmpdir):
+def test_files_are_written_in_place_and_a_kill_mid_save_keeps_the_last_checkpoint(tmp_path,
+                                                                                   tmpfs_tmpdir):
+    """A fresh run and its resume write every file beside its target, never through $TMPDIR; a
+    save killed halfway between them leaves the last checkpoint whole and a temp file that the
+    resume removes."""
     paths = RunPaths(tmp_path / "run")
     first = _train(tmp_path, "--run-dir", paths.root, *TINY, "--devices", "1", "--max-steps", "2",
-                   tmpdir=tmpfs_tmpdir)
+                   tmpdir=tmpfs_tmpdir, MAE_TEST_AUDIT=str(tmp_path / "audit"))
     assert first.returncode == 0, first.stdout[-3000:]
-    assert _checkpoint_step(paths) == 2
+    _assert_written_in_place(tmp_path, paths, tmpfs_tmpdir)
+    assert _checkpoint_step(paths) == 2 and paths.read_status()["state"] == "finished"
+    assert load_model(paths.weights).cfg.image_size == 32
     size = paths.last_ckpt.stat().st_size
 
     ready = tmp_path / "saving"

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
 from mae_core.config import ModelConfig
-from mae_core.fileio import is_temp_file
+from mae_core.fileio import is_temp_file, remove_stale_temp_files
 from mae_core.model import MaskedAutoencoder
 from mae_core.weights import WeightsError, load_model, read_metadata, save_weights
 
@@ -42,3 +48,33 @@ def test_a_damaged_weights_file_is_refused_with_a_clear_error(tmp_path, damage):
                       "garbage": b"\x00" * 64}[damage])
     with pytest.raises(WeightsError, match="model.safetensors"):
         load_model(path)
+
+
+# A save that dies partway through writing the file: the file-size limit (1 MiB, far below a
+# vit-tiny's 25 MB) kills the process with SIGXFSZ at the first write past it, as a kill -9 would.
+DYING_SAVE = textwrap.dedent("""
+    import resource, signal, sys
+    from mae_core.config import ModelConfig
+    from mae_core.model import MaskedAutoencoder
+    from mae_core.weights import save_weights
+
+    model = MaskedAutoencoder(ModelConfig(preset="vit-tiny", image_size=32, patch_size=8))
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it: the write would just fail
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+    save_weights(model, sys.argv[1], step=4)
+""")
+
+
+def test_a_save_killed_mid_write_leaves_only_a_temp_file_that_the_next_start_removes(tmp_path):
+    """No leftover a run directory's cleanup cannot see (safetensors' own ``save_file`` writes
+    through a ``.tmpXXXXXX`` of its own beside the target: the model's size, per killed save)."""
+    run = tmp_path / "run"
+    path = run / "model.safetensors"
+    save_weights(MaskedAutoencoder(CFG), path, step=2)
+    died = subprocess.run([sys.executable, "-c", DYING_SAVE, str(path)], capture_output=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert died.returncode == -signal.SIGXFSZ, died.stderr[-2000:]
+    leftovers = [p for p in run.iterdir() if p != path]
+    assert leftovers and all(is_temp_file(p) for p in leftovers), [p.name for p in leftovers]
+    assert sorted(remove_stale_temp_files(run)) == sorted(leftovers)
+    assert list(run.iterdir()) == [path] and read_metadata(path)["step"] == "2"
