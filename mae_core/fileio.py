@@ -19,10 +19,10 @@ from typing import Any, Callable
 from mae_core.process import pid_alive
 
 TEMP_SUFFIX = ".tmp"
-# .<name>.<pid>.<mkstemp's 8 characters>.tmp; the pid is absent in files of older versions.
-_TEMP_NAME = re.compile(r"^\.(?P<name>.+?)(?:\.(?P<pid>\d+))?\.[A-Za-z0-9_]{8}\.tmp$")
-# .tmpXXXXXX: safetensors' own temp file, which earlier versions' weights saves left when killed.
-_LIBRARY_TEMP_NAME = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")
+# .<name>.<pid>.<mkstemp's 8 characters>.tmp; the pid is absent in files of older versions, and
+# in .tmpXXXXXX, safetensors' own temp file, which earlier versions' weights saves left when killed.
+_TEMP_NAME = re.compile(
+    r"^\.(?:(?P<name>.+?)(?:\.(?P<pid>\d+))?\.[A-Za-z0-9_]{8}\.tmp|tmp[A-Za-z0-9]{6})$")
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
@@ -97,8 +97,7 @@ def read_json(path: str | Path) -> dict[str, Any] | None:
 
 def is_temp_file(path: str | Path) -> bool:
     """Whether ``path`` is named like a temporary file of :func:`atomic_write`."""
-    name = Path(path).name
-    return _TEMP_NAME.match(name) is not None or _LIBRARY_TEMP_NAME.match(name) is not None
+    return _TEMP_NAME.match(Path(path).name) is not None
 
 
 def remove_stale_temp_files(folder: str | Path) -> list[Path]:
@@ -111,9 +110,9 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
     for dirpath, _dirnames, filenames in os.walk(folder):
         for name in filenames:
             match = _TEMP_NAME.match(name)
-            if match is None and not _LIBRARY_TEMP_NAME.match(name):
+            if match is None:
                 continue
-            pid = match.group("pid") if match else None
+            pid = match.group("pid")
             if pid is not None and (int(pid) == os.getpid() or pid_alive(int(pid))):
                 continue
             path = Path(dirpath) / name
