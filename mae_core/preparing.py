@@ -280,9 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as err:
         result = {"state": "failed", "message": str(err)}
     finally:  # an app that has exited reads no progress: nothing is left in the temp folder
-        if os.getppid() != app:
+        orphaned = os.getppid() != app
+        if orphaned:
             shutil.rmtree(progress_dir, ignore_errors=True)
-    if os.getppid() == app:
+    if not orphaned:
         atomic_write_json(progress_dir / RESULT_NAME, result)
     return 0 if result["state"] == "done" else 2
 

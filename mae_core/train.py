@@ -51,6 +51,7 @@ class _NoAdverts(logging.Filter):
 
 
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NoAdverts())
+
 DEFAULT_RUNS_DIR = "checkpoints"
 
 
