@@ -169,13 +169,17 @@ def train_run(data_dir: Path, devices: int, root: Path, steps: int = 6,
             "total_s": round(time.monotonic() - started, 1)}
 
 
+# What each training process imports (mae_core.train itself imports them only once it runs).
+TRAINER_IMPORTS = "import pytorch_lightning, mae_core.model, mae_core.callbacks, mae_core.prepared"
+
+
 def import_seconds(repeats: int = 2) -> float:
-    """The fastest of ``repeats`` fresh ``python -c "import mae_core.train"``: the part of launch →
+    """The fastest of ``repeats`` fresh imports of the trainer's modules: the part of launch →
     first step that is importing torch, Lightning, timm and lightly, whatever the data."""
     times = []
     for _ in range(repeats):
         started = time.monotonic()
-        subprocess.run([sys.executable, "-c", "import mae_core.train"], env=child_env(), check=True)
+        subprocess.run([sys.executable, "-c", TRAINER_IMPORTS], env=child_env(), check=True)
         times.append(time.monotonic() - started)
     return round(min(times), 1)
 
@@ -231,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                              paths=find_images(str(folder))[:count])
             out[f"prepare_{count}_s"] = round(time.monotonic() - started, 1)
         sets[count] = target
+        out[f"prepared_{count}_bytes"] = prepared.read_manifest(target)["bytes"]
         if f"prepare_{count}_s" in out:
             print(f"prepared {count:,}: {out[f'prepare_{count}_s']} s", flush=True)
     for size in sorted({64, args.image_size}) if not args.training_only else ():
@@ -239,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.loaders_only:
         print(json.dumps(out, indent=2))
         return 0
-    out["import_mae_core_train_s"] = import_seconds()
-    print(f"import mae_core.train: {out['import_mae_core_train_s']} s", flush=True)
+    out["import_trainer_s"] = import_seconds()
+    print(f"import the trainer's modules: {out['import_trainer_s']} s", flush=True)
     out["training"] = [{"images": count, **train_run(path, devices, root)}
                        for count, path in sets.items() for devices in (1, 2)]
     # One process with one thread: on a shared (oversubscribed) CPU, two spinning OpenMP threads

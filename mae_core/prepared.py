@@ -1,7 +1,8 @@
 """Prepared data sets: a folder of images re-encoded once into LitData shards, streamed to every rank.
 
 ``prepare`` walks a folder once and writes each readable image, its short side bounded, as JPEG
-bytes into LitData chunks (``litdata.optimize``) plus ``mae_manifest.json`` (source, count,
+bytes at three resolutions (:mod:`mae_core.crops`, which also cuts the training crops) into LitData
+chunks (``litdata.optimize``) plus ``mae_manifest.json`` (source, count,
 skipped, sizes, date), into a temporary folder renamed into place at the end, so a prepared
 directory is always whole. ``StreamingDataset``/``StreamingDataLoader`` then read it: each rank
 (and each node) reads only its own share of the chunks, nothing is held in memory per rank, and the
@@ -18,7 +19,6 @@ from __future__ import annotations
 import fcntl
 import functools
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -28,19 +28,27 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
-from PIL import Image
 from torch import Tensor
 
-from mae_core.data import DataError, MAEDataModule, find_images, mae_augmentation
+from mae_core.crops import (
+    JPEG_QUALITY,
+    SMALL_SIDE,
+    DecodeAugment,
+    encode_copies,
+    mid_side,
+)
+from mae_core.data import DataError, MAEDataModule, find_images
 from mae_core.data import preview_images as folder_previews
 from mae_core.fileio import atomic_write_json, atomic_write_text, fsync_dir, read_json
 from mae_core.images import ImageError, center_square, open_rgb
 
 MANIFEST_NAME = "mae_manifest.json"
-FORMAT_VERSION = 1
+# 2 added the half-pixel copy ("mid") and stores a copy no smaller than the image empty; the
+# reader takes both (a version-1 set reads as it did, without the faster copy).
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 # 2 × the largest training size (224): one prepared set serves every image size of the config.
 DEFAULT_SHORT_SIDE = 448
 MIN_SHORT_SIDE = 256
@@ -50,11 +58,6 @@ AUTO_PREPARE_ABOVE = 1000
 CACHE_ENV = "MAE_STUDIO_DATA_CACHE"
 REMOTE_SCHEMES = ("s3://", "gs://", "azure://", "hf://")
 RUN_DATA_NAME = "data.json"  # in the run directory: what the run trains on, for every rank
-JPEG_QUALITY = 90
-# Each image is also stored as a small copy of this short side: a low-resolution run (64 px, the
-# CPU's size) crops from it whenever the crop still holds the output's pixels, and decodes ~1/10 of
-# the bytes. (A full decode is libjpeg's Huffman decoding of every byte, even at a 1/8 scale.)
-SMALL_SIDE = 160
 
 
 def is_remote(data: str) -> bool:
@@ -67,7 +70,7 @@ def is_prepared(data: str) -> bool:
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     manifest = read_json(Path(folder) / MANIFEST_NAME)
-    if not manifest or manifest.get("format") != FORMAT_VERSION or not manifest.get("count"):
+    if not manifest or manifest.get("format") not in READABLE_FORMATS or not manifest.get("count"):
         raise DataError(f"{folder} is not a prepared data set of this version (its {MANIFEST_NAME} "
                         "is missing or unreadable): prepare it again with "
                         "python -m mae_core.data optimize")
@@ -106,9 +109,8 @@ def progress_done(progress: str | Path) -> int:
 
 def _encode(item: tuple[int, str], short_side: int,
             progress: str | None = None) -> dict[str, Any] | None:
-    """One image as ``{"id", "image": JPEG bytes, "small": JPEG bytes}``, short sides at most
-    ``short_side`` and :data:`SMALL_SIDE`; None (skipped by ``optimize``) for a file that cannot be
-    read."""
+    """One image as ``{"id", "image", "mid", "small"}`` (:func:`mae_core.crops.encode_copies`);
+    None (skipped by ``optimize``) for a file that cannot be read."""
     index, path = item
     try:
         image = open_rgb(path)
@@ -117,22 +119,7 @@ def _encode(item: tuple[int, str], short_side: int,
         return None
     finally:
         _count_done(progress)
-    image = _bounded(image, short_side)
-    return {"id": index, "image": _jpeg(image), "small": _jpeg(_bounded(image, SMALL_SIDE))}
-
-
-def _bounded(image: Image.Image, short_side: int) -> Image.Image:
-    scale = short_side / min(image.size)
-    if scale >= 1:
-        return image
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-
-
-def _jpeg(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
-    return buffer.getvalue()
+    return {"id": index, **encode_copies(image, short_side)}
 
 
 def _refuse_non_rgb8(source: str, paths: list[Path]) -> None:
@@ -191,7 +178,8 @@ def prepare(source: str, out: str | Path, short_side: int = DEFAULT_SHORT_SIDE,
                             "can be read: all are corrupt or not images")
         manifest = {"format": FORMAT_VERSION, "source": os.path.abspath(source) if source else "",
                     "files": len(paths), "count": count, "skipped": len(paths) - count,
-                    "short_side": short_side, "small_side": SMALL_SIDE, "bytes": size,
+                    "short_side": short_side, "mid_side": mid_side(short_side),
+                    "small_side": SMALL_SIDE, "bytes": size,
                     "quality": JPEG_QUALITY,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "seconds": round(time.monotonic() - started, 2),
@@ -344,73 +332,14 @@ def run_data(data: str, run_root: Path, timeout_s: float = 6 * 3600.0,
 
 # --- reading -----------------------------------------------------------------------------------
 
-class DecodeAugment:
-    """The per-sample transform of a prepared set: lightly ``MAETransform``'s random resized crop
-    (bicubic, antialiased) and horizontal flip, with the crop drawn before any pixel is decoded.
-
-    The crop box is drawn from the JPEG header's size alone; then the least work that still gives
-    the crop at least the output's pixels (never upsampled more than from the full-size image) is
-    chosen: the small copy (:data:`SMALL_SIDE`) if its part of the box is large enough, else the
-    full one; each at the smallest libjpeg scale (1/8, 1/4, 1/2; PIL ``draft``) that still allows
-    it. A reduced decode is cropped, resized and flipped in PIL and only the output becomes a
-    tensor; a full-size one is decoded by torchvision (libjpeg-turbo) and resized on uint8.
-    """
-
-    def __init__(self, image_size: int) -> None:
-        crop = mae_augmentation(image_size).transforms[0]  # the crop read from MAETransform itself
-        self.size, self.scale, self.ratio = image_size, list(crop.scale), list(crop.ratio)
-
-    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
-        return {"image": self.crop_flip(item["image"], item.get("small")), "id": item["id"]}
-
-    def crop_flip(self, data: bytes, small: bytes | None = None) -> Tensor:
-        """uint8 (3, size, size): a random resized crop of JPEG ``data`` (or of its ``small``
-        copy, the same picture at a lower resolution), flipped half the time."""
-        from torchvision.transforms import RandomResizedCrop
-        from torchvision.transforms.v2 import functional as F
-
-        image = Image.open(io.BytesIO(data))
-        width, height = image.size
-        top, left, h, w = RandomResizedCrop.get_params(image, self.scale, self.ratio)
-        flip = torch.rand(1).item() < 0.5
-        # (the small copy's short side is SMALL_SIDE: its header is read only when it may do)
-        if small is not None and min(w, h) * SMALL_SIDE >= self.size * min(width, height) * 0.98:
-            thumb = Image.open(io.BytesIO(small))
-            if min(w * thumb.width / width, h * thumb.height / height) >= self.size:
-                image = thumb
-        fx, fy = image.width / width, image.height / height
-        box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
-        reduce = next(r for r in (8, 4, 2, 1)
-                      if r == 1 or min(box[2] - box[0], box[3] - box[1]) >= r * self.size)
-        if reduce == 1 and image.width == width:  # full size: libjpeg-turbo through torchvision
-            pixels = _decode_full(data)[:, top:top + h, left:left + w]
-            out = F.resize(pixels, [self.size, self.size], antialias=True,
-                           interpolation=F.InterpolationMode.BICUBIC)
-            return out.flip(-1) if flip else out
-        if reduce > 1:
-            full = image.size
-            image.draft("RGB", (-(-full[0] // reduce), -(-full[1] // reduce)))
-            sx, sy = image.width / full[0], image.height / full[1]
-            box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-        box = (max(0.0, box[0]), max(0.0, box[1]), min(float(image.width), box[2]),
-               min(float(image.height), box[3]))  # a float's last bit past the edge is refused
-        out = image.convert("RGB").resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
-        if flip:
-            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1)
-
-
-def _decode_full(data: bytes) -> Tensor:
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-
-
 def streaming_dataset(path: str, image_size: int | None, shuffle: bool, seed: int = 0) -> Any:
     from litdata import StreamingDataset
 
     transform = DecodeAugment(image_size) if image_size else None
-    return StreamingDataset(path, shuffle=shuffle, drop_last=True, seed=seed, transform=transform)
+    # One item deserialised per read: LitData's automatic window (by mean item size) can straddle
+    # its shuffle blocks, and then it copies a window of ~100 images' bytes for every image read.
+    return StreamingDataset(path, shuffle=shuffle, drop_last=True, seed=seed, transform=transform,
+                            batch_decode=0)
 
 
 def preview_images(path: str, image_size: int, count: int) -> Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mae_core import prepared
+from mae_core import crops, prepared
 from mae_core.data import DataError, check_data, find_images
 from mae_core.rundir import RunPaths
 
@@ -80,8 +81,8 @@ def test_prepare_skips_corrupt_files_bounds_the_short_side_and_leaves_no_temp(tm
 def _crop_boxes(item: dict, size: int, samples: int) -> np.ndarray:
     """(x0, y0, x1, y1, flipped) in [0, 1] of each of ``samples`` crops of a gradient image whose
     red channel is x and green channel is y: read back from the crops' edge pixels."""
-    torch.manual_seed(0)
-    transform = prepared.DecodeAugment(size)
+    random.seed(0)
+    transform = crops.DecodeAugment(size)
     boxes = []
     for _ in range(samples):
         out = transform(item)["image"]
@@ -97,9 +98,9 @@ def _crop_boxes(item: dict, size: int, samples: int) -> np.ndarray:
     return np.array(boxes)
 
 
-@pytest.mark.parametrize("size", [64, 160])
+@pytest.mark.parametrize("size", [64, 160, 224])
 def test_crops_keep_maetransforms_distribution_whatever_the_decode(tmp_path, size):
-    """The crop is drawn before decoding and cut from the small copy or a reduced-scale decode when
+    """The crop is drawn before decoding and cut from a reduced copy or a reduced-scale decode when
     that still has the output's pixels: outputs stay uint8 size x size, the crop's area stays in
     MAETransform's scale range (0.2, 1), spread over it, its aspect ratio in (3/4, 4/3), and half
     the crops are flipped."""
@@ -109,6 +110,7 @@ def test_crops_keep_maetransforms_distribution_whatever_the_decode(tmp_path, siz
     Image.fromarray(pixels).save(tmp_path / "gradient.png")
     item = prepared._encode((7, str(tmp_path / "gradient.png")), short_side=448)
     assert Image.open(io.BytesIO(item["small"])).size == (214, 160)
+    assert Image.open(io.BytesIO(item["mid"])).size == (425, 317)
     boxes = _crop_boxes(item, size, 200)
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     aspect = (boxes[:, 2] - boxes[:, 0]) * width / ((boxes[:, 3] - boxes[:, 1]) * height)
@@ -125,7 +127,7 @@ def test_crops_keep_maetransforms_distribution_whatever_the_decode(tmp_path, siz
     assert boxes[:, :2].min() > -0.03 and boxes[:, 2:4].max() < 1.03  # inside the image
     assert 70 < boxes[:, 4].sum() < 130  # flipped about half the time
     old = {"image": item["image"], "id": 7}  # a set prepared before the small copies existed
-    assert tuple(prepared.DecodeAugment(32)(old)["image"].shape) == (3, 32, 32)
+    assert tuple(crops.DecodeAugment(32)(old)["image"].shape) == (3, 32, 32)
 
 
 def test_crops_of_any_image_shape_come_out_whole(tmp_path):
@@ -137,7 +139,7 @@ def test_crops_of_any_image_shape_come_out_whole(tmp_path):
         Image.fromarray(pixels).save(tmp_path / "odd.png")
         item = prepared._encode((0, str(tmp_path / "odd.png")), short_side=448)
         for size in (16, 32, 64, 224):
-            transform = prepared.DecodeAugment(size)
+            transform = crops.DecodeAugment(size)
             for _ in range(15):
                 out = transform(item)["image"]
                 assert out.dtype == torch.uint8 and tuple(out.shape) == (3, size, size)
@@ -156,6 +158,16 @@ def test_data_resolves_to_memory_prepared_cache_or_remote(tmp_path, cache):
     assert prepared.describe(found.path).kind == "prepared"
     assert check_data(found.path).files == 6
     assert prepared.describe("s3://bucket/set").kind == "remote"
+    manifest_path = Path(found.path) / prepared.MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["format"] == 2 and manifest["mid_side"] == 317
+    for version, readable in ((1, True), (3, False)):  # a set of the previous layout still reads
+        manifest_path.write_text(json.dumps({**manifest, "format": version}))
+        if readable:
+            assert prepared.describe(found.path).count == 6
+        else:
+            with pytest.raises(DataError, match="prepare it again"):
+                prepared.describe(found.path)
     with pytest.raises(DataError, match="prepare it again"):
         (Path(found.path) / prepared.MANIFEST_NAME).write_text("{}")
         prepared.describe(found.path)

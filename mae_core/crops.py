@@ -1,0 +1,192 @@
+"""A prepared image at three resolutions, and MAE's random resized crop cut from the cheapest one.
+
+Each prepared image is stored as JPEG at its bounded short side (``image``), at half its pixels
+(``mid``: short side ÷ √2) and small (``small``: :data:`SMALL_SIDE`); a copy no smaller than the
+image is stored empty. A crop needs the output's pixels and no more: the crop box is drawn from
+the image's size alone, then cut from the smallest copy that still holds ``size`` pixels across
+it. libjpeg's decode time follows the bytes (Huffman decoding reads every one, whatever the
+scale), so at 224 px about two thirds of the crops of a 448 px image decode the half-pixel copy
+in ~55% of the time, and at 64 px most decode the small one.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+import random
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+# A low-resolution run (64 px, the CPU's size) crops from this copy whenever it holds the output's
+# pixels, and decodes ~1/10 of the bytes of a 448 px image.
+SMALL_SIDE = 160
+JPEG_QUALITY = 90
+COPIES = ("small", "mid")  # the reduced copies, smallest first; "image" is the full one
+
+
+def mid_side(short_side: int) -> int:
+    """The half-pixel copy's short side."""
+    return round(short_side / math.sqrt(2))
+
+
+def bounded_size(size: tuple[int, int], short_side: int) -> tuple[int, int]:
+    """``size`` scaled down (never up) so its short side is at most ``short_side``."""
+    scale = short_side / min(size)
+    if scale >= 1:
+        return size
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+def bounded(image: Image.Image, short_side: int) -> Image.Image:
+    size = bounded_size(image.size, short_side)
+    return image if size == image.size else _lanczos(image, size)
+
+
+def _lanczos(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    # Lanczos, not bicubic: a crop cut from a bicubic-reduced copy was up to 15% less sharp than
+    # the same crop from the full image (tests/test_crops.py measures it)
+    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+def encode_copies(image: Image.Image, short_side: int) -> dict[str, bytes]:
+    """``{"image", "mid", "small"}``: JPEG bytes of ``image`` (RGB) at each resolution; a reduced
+    copy that would not be smaller than the full one is empty (a small image is stored once)."""
+    full = bounded(image, short_side)
+    copies, reduced = {"image": jpeg(full)}, full
+    for name, side in (("mid", mid_side(short_side)), ("small", SMALL_SIDE)):
+        size = bounded_size(full.size, side)  # each filtered from the one before: fewer pixels
+        reduced = reduced if size == reduced.size else _lanczos(reduced, size)
+        copies[name] = b"" if size == full.size else jpeg(reduced)
+    return copies
+
+
+def jpeg_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a JPEG's frame header; PIL parses anything unusual. (PIL's open
+    parses every table in Python: a tenth of a 224 px crop's whole cost.)"""
+    i = 2
+    while i + 9 <= len(data) and data[i] == 0xFF:
+        marker, length = data[i + 1], int.from_bytes(data[i + 2:i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start of frame
+            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+        if marker in (0xD8, 0xFF, 0x01) or 0xD0 <= marker <= 0xD7 or length < 2:
+            break  # no length field where a frame header could follow: let PIL read it
+        i += 2 + length
+    return Image.open(io.BytesIO(data)).size
+
+
+def decode_full(data: bytes) -> Tensor:
+    """uint8 (3, H, W) RGB pixels of JPEG ``data`` (libjpeg-turbo, through torchvision)."""
+    return _jpeg_decoder()(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+
+
+@functools.cache
+def _jpeg_decoder() -> Callable[[Tensor], Tensor]:
+    """torchvision's registered decode op where there is one: ``torchvision.io.decode_jpeg`` wraps
+    it in argument checks and a per-call deprecation warning (image I/O moves to TorchCodec) that
+    cost 35 µs, 3% of a 224 px crop."""
+    from torchvision.io import ImageReadMode, decode_jpeg  # registers torch.ops.image
+
+    rgb = ImageReadMode.RGB
+    op = getattr(torch.ops.image, "decode_jpeg", None)
+    if op is None:
+        return functools.partial(decode_jpeg, mode=rgb)
+    return functools.partial(op, mode=rgb.value, apply_exif_orientation=False)
+
+
+class DecodeAugment:
+    """The per-sample transform of a prepared set: lightly ``MAETransform``'s random resized crop
+    (bicubic, antialiased) and horizontal flip, with the crop drawn before any pixel is decoded.
+
+    The crop box is drawn on the full image's size; it is then cut from the smallest stored copy
+    whose part of the box still spans ``size`` pixels (never upsampled more than from the full
+    image). Where even that copy holds 2, 4 or 8 times the pixels needed, PIL decodes it at libjpeg's
+    1/2, 1/4 or 1/8 scale (``draft``); otherwise torchvision decodes it (libjpeg-turbo) and resizes
+    on uint8.
+    """
+
+    def __init__(self, image_size: int) -> None:
+        from mae_core.data import mae_augmentation
+
+        crop = mae_augmentation(image_size).transforms[0]  # the crop read from MAETransform itself
+        self.size, self.scale = image_size, tuple(crop.scale)
+        self.log_ratio = (math.log(crop.ratio[0]), math.log(crop.ratio[1]))
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        return {"image": self.crop(item), "id": item["id"]}
+
+    def draw_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(top, left, h, w): torchvision ``RandomResizedCrop.get_params``'s draw (area, then log
+        aspect ratio, ten tries, then the centre crop of the clamped ratio), with Python's RNG: its
+        seven tensor operations cost a sixteenth of a 224 px crop."""
+        area = width * height
+        for _ in range(10):
+            target = area * random.uniform(*self.scale)
+            ratio = math.exp(random.uniform(*self.log_ratio))
+            w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+            if 0 < w <= width and 0 < h <= height:
+                return random.randint(0, height - h), random.randint(0, width - w), h, w
+        low, high = math.exp(self.log_ratio[0]), math.exp(self.log_ratio[1])
+        if width / height < low:
+            w, h = width, round(width / low)
+        elif width / height > high:
+            w, h = round(height * high), height
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def crop(self, item: dict[str, Any]) -> Tensor:
+        """uint8 (3, size, size): a random resized crop of the item's picture, flipped half the
+        time."""
+        width, height = jpeg_size(item["image"])
+        top, left, h, w = self.draw_box(width, height)
+        flip = random.random() < 0.5
+        name, (cw, ch) = self.pick_copy(item, (width, height), (w, h))
+        fx, fy = cw / width, ch / height
+        box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
+        reduce = next((r for r in (8, 4, 2) if min(box[2] - box[0], box[3] - box[1]) >= r * self.size), 1)
+        data = item[name]
+        out = self._reduced(data, box, reduce) if reduce > 1 else self._decoded(data, box, cw, ch)
+        return out.flip(-1) if flip else out
+
+    def pick_copy(self, item: dict[str, Any], full: tuple[int, int],
+                  crop: tuple[int, int]) -> tuple[str, tuple[int, int]]:
+        """(name, size) of the smallest stored copy across which a ``crop`` (width, height) of
+        the ``full``-size image still spans ``size`` pixels."""
+        for name in COPIES:
+            if item.get(name):  # a set prepared before a copy existed lacks it; empty: no smaller
+                size = jpeg_size(item[name])
+                if min(crop[0] * size[0] / full[0], crop[1] * size[1] / full[1]) >= self.size:
+                    return name, size
+        return "image", full
+
+    def _decoded(self, data: bytes, box: tuple[float, ...], width: int, height: int) -> Tensor:
+        from torchvision.transforms.v2 import functional as F
+
+        # the box on the copy's pixel grid (within half a copy pixel of the drawn one)
+        left, top = min(round(box[0]), width - 1), min(round(box[1]), height - 1)
+        right, bottom = max(min(round(box[2]), width), left + 1), max(min(round(box[3]), height), top + 1)
+        pixels = decode_full(data)[:, top:bottom, left:right]
+        return F.resize(pixels, [self.size, self.size], antialias=True,
+                        interpolation=F.InterpolationMode.BICUBIC)
+
+    def _reduced(self, data: bytes, box: tuple[float, ...], reduce: int) -> Tensor:
+        image = Image.open(io.BytesIO(data))
+        full = image.size
+        image.draft("RGB", (-(-full[0] // reduce), -(-full[1] // reduce)))
+        sx, sy = image.width / full[0], image.height / full[1]
+        box = (max(0.0, box[0] * sx), max(0.0, box[1] * sy), min(float(image.width), box[2] * sx),
+               min(float(image.height), box[3] * sy))  # a float's last bit past the edge is refused
+        out = image.convert("RGB").resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
+        return torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1)
