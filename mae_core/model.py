@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import random
 from dataclasses import asdict
 from typing import Any
 
@@ -231,6 +232,12 @@ class MAELightning(pl.LightningModule):
         # The generator lives on the training device, so masks are drawn there: no host copy.
         seed = self.hparams.seed * 1_000_003 + self.global_rank * 10_007 + self.global_step
         self._mask_generator = seeded_generator(seed, self.device)
+        # The loader's crops and flips too: seed_everything leaves every rank with the same Python
+        # and torch random states, so without loader workers (the CPU default) rank 1 cropped and
+        # flipped its images exactly as rank 0 did, step after step. (Lightning seeds worker
+        # processes per rank itself.) Offset: not the masks' stream on a CPU run.
+        random.seed(seed + 500_000_003)
+        torch.manual_seed(seed + 500_000_003)
 
     def on_after_batch_transfer(self, batch: Tensor, dataloader_idx: int) -> Tensor:
         # uint8 batches (this project's loader) are normalised here, on the device; float batches

@@ -1,5 +1,5 @@
 """``python -m tests.record_ids IDS_DIR [mae_core.train flags]``: the trainer, each rank appending the
-sample ids of every step it trains to ``IDS_DIR/rank<global rank>.jsonl``.
+sample ids (and crop boxes) of every step it trains to ``IDS_DIR/rank<global rank>.jsonl``.
 
 A real process (Lightning's DDP re-executes this same command for the other ranks, which then
 record too); it only wraps :meth:`StreamingMAEDataModule.on_before_batch_transfer`, which sees each
@@ -12,16 +12,28 @@ import json
 import sys
 from pathlib import Path
 
-from mae_core import prepared, train
+import torch
+
+from mae_core import crops, prepared, train
 
 _original = prepared.StreamingMAEDataModule.on_before_batch_transfer
+_original_box = crops.DecodeAugment.draw_box
+_BOXES: list[list[int]] = []  # the crop boxes this process drew since the last batch
+
+
+def _recording_box(self, width, height):
+    box = _original_box(self, width, height)
+    _BOXES.append(list(box))
+    return box
 
 
 def _recording(self, batch, dataloader_idx):
     images = _original(self, batch, dataloader_idx)
     trainer = self.trainer
     line = {"step": trainer.global_step, "epoch": trainer.current_epoch,
-            "ids": [int(i) for i in self.last_ids]}
+            "ids": [int(i) for i in self.last_ids],
+            "boxes": _BOXES[:], "torch_seed": torch.initial_seed()}
+    _BOXES.clear()
     with open(Path(sys.argv[1]) / f"rank{trainer.global_rank}.jsonl", "a") as out:
         out.write(json.dumps(line) + "\n")
     return images
@@ -29,5 +41,6 @@ def _recording(self, batch, dataloader_idx):
 
 if __name__ == "__main__":
     prepared.StreamingMAEDataModule.on_before_batch_transfer = _recording
+    crops.DecodeAugment.draw_box = _recording_box
     Path(sys.argv[1]).mkdir(parents=True, exist_ok=True)
     sys.exit(train.main(sys.argv[2:]))

@@ -36,16 +36,26 @@ def test_accumulation_outside_1_to_1024_is_refused_naming_the_field(value):
 
 
 class _Batches(pl.Callback):
-    """Per batch: the step counter after it, and its loss as Lightning reports it."""
+    """Per batch: the step counter after it, its loss as Lightning reports it, and the loss the
+    model's ``training_step`` returned."""
 
     def __init__(self) -> None:
         self.global_steps: list[int] = []
         self.losses: list[float] = []
+        self.step_losses: list[float] = []
         self.optimizer_steps = 0
         self.batches_per_epoch = 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.batches_per_epoch = int(trainer.num_training_batches)
+        training_step = pl_module.training_step
+
+        def recorded(*args: object, **kwargs: object) -> torch.Tensor:
+            loss = training_step(*args, **kwargs)
+            self.step_losses.append(float(loss.detach()))
+            return loss
+
+        pl_module.training_step = recorded
 
     def on_before_optimizer_step(self, *args: object) -> None:
         self.optimizer_steps += 1
@@ -84,7 +94,9 @@ def test_a_run_with_accumulate_2_steps_once_per_2_batches_and_ends_at_max_steps(
         # Lightning reports each micro-batch's loss divided by the accumulation: the line holds
         # their sum, the step's mean loss, not the last micro-batch's share.
         assert row["loss"] == pytest.approx(sum(probe.losses[2 * i:2 * i + 2]), rel=1e-5)
-        assert row["loss"] > 1.0  # an un-normalised MSE of norm-pix targets, not half of one
+        # ... the mean of the losses the model computed, not half of it
+        assert row["loss"] == pytest.approx(sum(probe.step_losses[2 * i:2 * i + 2]) / 2, rel=1e-5)
+    assert probe.losses == pytest.approx([loss / 2 for loss in probe.step_losses], rel=1e-5)
     for before, row in itertools.pairwise(step_rows):
         # images/s × the step's duration (both from the same clock reads) is every image of
         # every micro-batch of the step.

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import io
 import json
-import random
 import os
+import random
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -227,6 +228,16 @@ def test_two_processes_shard_an_epoch_and_resume_mid_epoch_without_repeats(run_m
     assert sorted(epoch[0] + epoch[1]) == list(range(48))  # every sample once, across the resume
     nxt = [i for steps in seen.values() for step in range(6, 9) for i in steps[step]]
     assert len(set(nxt)) == len(nxt) == 24  # the next epoch starts afresh, still no repeats
+    # each rank draws its own crops (no loader workers: the draws run in the training process);
+    # rank 1 once drew rank 0's very boxes step for step, and a resume replayed the first session's
+    rows = {rank: [json.loads(line) for line in (ids_dir / f"rank{rank}.jsonl").read_text().splitlines()]
+            for rank in (0, 1)}
+    boxes = {rank: [Counter(tuple(box) for box in row["boxes"]) for row in rows[rank]] for rank in rows}
+    runs = {rank: sum(steps, Counter()) for rank, steps in boxes.items()}
+    assert min(sum(run.values()) for run in runs.values()) >= 24, runs
+    assert sum((runs[0] & runs[1]).values()) < 6, runs[0] & runs[1]
+    first, resumed = sum(boxes[0][:3], Counter()), sum(boxes[0][3:6], Counter())
+    assert sum((first & resumed).values()) < 3, first & resumed
     record = json.loads((run_dir / prepared.RUN_DATA_NAME).read_text())
     assert record["kind"] == "prepared" and record["count"] == 48
     assert json.loads(RunPaths(run_dir).status.read_text())["state"] == "finished"
