@@ -15,6 +15,7 @@ import functools
 import io
 import math
 import random
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -122,9 +123,25 @@ class DecodeAugment:
         crop = mae_augmentation(image_size).transforms[0]  # the crop read from MAETransform itself
         self.size, self.scale = image_size, tuple(crop.scale)
         self.log_ratio = (math.log(crop.ratio[0]), math.log(crop.ratio[1]))
+        self.damaged = 0  # images that did not decode, replaced
+        self._last_good: Tensor | None = None
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
-        return {"image": self.crop(item), "id": item["id"]}
+        """``{"image", "id"}``. An image that no longer decodes (the shard's bytes damaged on disk
+        after preparation) is replaced by the last good one and named on stderr, rather than
+        ending a long run; with no good image yet it is an error."""
+        try:
+            sample = {"image": self.crop(item), "id": item["id"]}
+        except (OSError, RuntimeError, ValueError, SyntaxError) as err:
+            if self._last_good is None:
+                raise ValueError(f"sample {item.get('id')} of the prepared set does not decode "
+                                 f"({err}): prepare the data set again") from err
+            self.damaged += 1
+            print(f"replacing sample {item.get('id')}: its image does not decode ({err}); "
+                  f"{self.damaged} so far", file=sys.stderr, flush=True)
+            return {"image": self._last_good, "id": item["id"]}  # the epoch's slot stays its own
+        self._last_good = sample["image"]
+        return sample
 
     def draw_box(self, width: int, height: int) -> tuple[int, int, int, int]:
         """(top, left, h, w): torchvision ``RandomResizedCrop.get_params``'s draw (area, then log

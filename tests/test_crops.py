@@ -74,9 +74,9 @@ def test_the_crop_draw_is_torchvisions_random_resized_crop(width, height):
     def stats(boxes):
         top, left, h, w = boxes.T
         area = h * w / (width * height)
-        centre = (left + w / 2) / width
-        return np.array([area.mean(), np.log(w / h).mean(), (area > 0.9).mean(), centre.mean(),
-                         area.std()])
+        across, down = (left + w / 2) / width, (top + h / 2) / height
+        return np.array([area.mean(), np.log(w / h).mean(), (area > 0.9).mean(), across.mean(),
+                         down.mean(), area.std()])
 
     assert np.allclose(stats(ours), stats(theirs), atol=0.03), (stats(ours), stats(theirs))
 
@@ -150,3 +150,22 @@ def test_the_decoder_gives_torchvisions_decode_jpeg_pixels_exactly():
         assert torch.equal(ours, theirs), (mode, options)
     with pytest.raises(RuntimeError):
         crops.decode_full(data[: len(data) // 3] + b"\x00" * 10)
+
+
+def test_an_image_damaged_on_disk_is_replaced_and_named_not_fatal(capsys):
+    """Bytes that no longer decode (a shard damaged after preparation): the last good crop takes
+    the sample's place and stderr names it; the very first sample damaged is a clear error."""
+    item, _ = _photo_item()
+    transform = crops.DecodeAugment(32)
+    damaged = [{"id": 5, "image": item["image"][:200]},  # cut short
+               {"id": 6, "image": b"\xff\xd8" + bytes(300)},  # no frame header
+               {"id": 7, "image": b""}]
+    with pytest.raises(ValueError, match="sample 5 of the prepared set does not decode"):
+        transform(damaged[0])
+    good = transform(item)["image"]
+    for bad in damaged:
+        out = transform(bad)
+        assert out["id"] == bad["id"] and torch.equal(out["image"], good)
+    assert transform.damaged == 3
+    err = capsys.readouterr().err
+    assert "replacing sample 5" in err and "replacing sample 7" in err and "3 so far" in err

@@ -174,6 +174,29 @@ def test_data_resolves_to_memory_prepared_cache_or_remote(tmp_path, cache):
         prepared.describe(found.path)
 
 
+def test_a_damaged_prepared_set_is_refused_before_training_with_the_reason(tmp_path):
+    """A prepared directory copied in part or cut short: LitData failed hours into a run
+    ("buffer is smaller than requested size"); now the data check names what is wrong."""
+    import shutil
+
+    good = tmp_path / "good"
+    prepared.prepare(str(_photos(tmp_path / "photos", 4)), good, workers=1, verbose=False)
+    chunk = json.loads((good / "index.json").read_text())["chunks"][0]["filename"]
+    damages = {"index": lambda d: (d / "index.json").unlink(),
+               "missing": lambda d: (d / chunk).unlink(),
+               "short": lambda d: os.truncate(d / chunk, 100)}
+    reasons = {"index": "index.json is missing", "missing": f"chunk {chunk} is missing",
+               "short": f"chunk {chunk} holds 100 bytes"}
+    for name, damage in damages.items():
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        damage(folder)
+        for check in (prepared.describe, check_data):
+            with pytest.raises(DataError, match=f"is damaged \\(its {reasons[name]}"):
+                check(str(folder))
+    assert check_data(str(good)).files == 4
+
+
 def test_one_process_prepares_while_the_others_wait(tmp_path, cache):
     folder = _photos(tmp_path / "photos", 8)
     code = ("import sys; from mae_core import prepared; "
