@@ -96,7 +96,8 @@ def _damage(folder: Path) -> str | None:
         except OSError:
             return f"its chunk {name} is missing"
         if not compressed and size != chunk.get("chunk_bytes", size):
-            return f"its chunk {name} holds {size:,} bytes, not the {chunk['chunk_bytes']:,} its index records"
+            return (f"its chunk {name} holds {size:,} bytes, not the {chunk['chunk_bytes']:,} its "
+                    "index records")
     return None
 
 
