@@ -446,7 +446,8 @@ class TrainSplitDataModule(MAEDataModule):
 
 def main(argv: list[str] | None = None) -> int:
     """``optimize SRC OUT [--short-side N] [--workers K]``: prepare a folder for streaming
-    (:mod:`mae_core.prepared`). Exit code 2 with a message for a folder that cannot be prepared."""
+    (:mod:`mae_core.prepared`). Exit code 2 with a message for a folder that cannot be prepared.
+    ``caches [--runs-dir D] [--remove-superseded]``: the automatic cache (:mod:`mae_core.caches`)."""
     import argparse
 
     from mae_core import prepared
@@ -461,7 +462,18 @@ def main(argv: list[str] | None = None) -> int:
                      help=f"bound on each image's short side (default {prepared.DEFAULT_SHORT_SIDE}, "
                           f"2 x the largest training size; at least {prepared.MIN_SHORT_SIDE})")
     opt.add_argument("--workers", type=int, default=None, help="encoding processes (default: cores)")
+    caches = commands.add_parser("caches", help="list the automatically prepared sets and the runs "
+                                                "that use them; remove superseded ones")
+    caches.add_argument("--runs-dir", action="append", default=None,
+                        help="where runs live (repeatable; default: checkpoints)")
+    caches.add_argument("--remove-superseded", action="store_true",
+                        help="remove the sets a newer set of the same folder replaced and no run uses")
     args = parser.parse_args(argv)
+    if args.command == "caches":
+        from mae_core.caches import report
+
+        print("\n".join(report(args.runs_dir or ["checkpoints"], args.remove_superseded)))
+        return 0
     try:
         manifest = prepared.prepare(args.src, args.out, args.short_side, args.workers)
     except DataError as err:
