@@ -53,8 +53,10 @@ def cached_sets(runs_dirs: Iterable[str | Path]) -> list[CachedSet]:
     users = _users(runs_dirs)
     found = []
     for folder in root.iterdir():
-        manifest = read_json(folder / prepared.MANIFEST_NAME) if folder.is_dir() else None
-        if not manifest or folder.name.startswith("."):
+        if folder.name.startswith(".") or not folder.is_dir():  # a preparation's temp folder
+            continue
+        manifest = read_json(folder / prepared.MANIFEST_NAME)
+        if not manifest:
             continue
         # the manifest is the last file a preparation writes: its time orders the sets
         found.append(((folder / prepared.MANIFEST_NAME).stat().st_mtime_ns, folder, manifest))
