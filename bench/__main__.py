@@ -71,6 +71,9 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--static-graph", type=parse_bool, default=True,
                    help="TrainConfig.static_graph for ddp-clean: on (default) or off")
     p.add_argument("--compile", action="store_true", help="torch.compile the ddp-clean loss")
+    p.add_argument("--decode-on-device", action="store_true",
+                   help="prepared sets: decode and crop on the training device "
+                        "(TrainConfig.decode_on_device)")
     p.add_argument("--train-timeout", type=float, default=600.0, help="seconds per launch")
     p.add_argument("--keep", action="store_true", help="keep the workers' run directories and logs")
 
@@ -139,6 +142,14 @@ def run_train(args: argparse.Namespace, say: Say) -> tuple[list[str], dict, bool
     from bench.training import (TrainSettings, benchmark_training, measurement_name,
                                 training_json)
 
+    from bench.training import RECIPES
+    from mae_core import prepared
+
+    recipes = RECIPES
+    if args.data and (prepared.is_prepared(args.data) or prepared.is_remote(args.data)):
+        recipes = ("ddp-clean",)  # the naive recipe opens image files: a prepared set has none
+        say(f"{args.data} is a prepared data set: the naive recipe (PIL per file) cannot read it, "
+            "so only ddp-clean is measured")
     settings, training, failed = [], {}, False
     scratch = Path(tempfile.mkdtemp(prefix="mae-bench-"))
     try:
@@ -149,7 +160,8 @@ def run_train(args: argparse.Namespace, say: Say) -> tuple[list[str], dict, bool
                 accelerator=args.accelerator, data=args.data, warmup=args.warmup_steps,
                 steps=args.steps, threads=args.threads, num_workers=args.num_workers,
                 naive_workers=args.naive_workers, static_graph=args.static_graph,
-                compile=args.compile, timeout_s=args.train_timeout, precision=precision)
+                compile=args.compile, timeout_s=args.train_timeout, precision=precision,
+                recipes=recipes, decode_on_device=args.decode_on_device)
             settings.append(s)
             name = measurement_name(s)
             say(f"training: {name} ({args.repeats} × {', '.join(s.recipes)})")

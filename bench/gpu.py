@@ -46,7 +46,7 @@ def gpu_settings(args: argparse.Namespace, precision: str) -> TrainSettings:
         data=args.data, warmup=args.warmup_steps, steps=args.steps, threads=args.threads,
         num_workers=args.num_workers, naive_workers=None, static_graph=args.static_graph,
         compile=args.compile, timeout_s=args.train_timeout, precision=precision,
-        recipes=("ddp-clean",))
+        recipes=("ddp-clean",), decode_on_device=args.decode_on_device)
 
 
 def _peaks(dtype: str) -> list[dict[str, Any]]:

@@ -64,8 +64,10 @@ def gflops(value: float | None, digits: int = 2) -> str:
 
 def _recipe_row(s: TrainSettings, recipe: str, summary: TrainSummary) -> str:
     policy = "ddp-clean" if recipe == "ddp-clean" else "reference"
-    pipeline = ("uint8 cache, v2 crop+flip, normalise on device" if recipe == "ddp-clean"
-                else "PIL open per sample, MAETransform, normalise on CPU")
+    from bench.worker import NAIVE_PIPELINE
+
+    fallback = NAIVE_PIPELINE if recipe == "naive" else ""  # a failed launch reported none
+    pipeline = summary.runs[0].get("pipeline", fallback) if summary.runs else fallback
     if not summary.runs:
         error = one_line(summary.errors[-1] if summary.errors else "no result")
         return (f"| {s.preset} | {recipe} | {policy} | | {pipeline} | | | | failed | | | "

@@ -62,7 +62,70 @@ def _run_info(trainer: Any) -> dict[str, Any]:
         "batch_size": trainer.datamodule.batch_size,
         "num_workers": trainer.datamodule.num_workers,
         "files": getattr(trainer.datamodule.dataset, "num_images", None),
+        "pipeline": data_pipeline(trainer.datamodule),
     }
+
+
+def data_pipeline(datamodule: Any) -> str:
+    """How this rank's images were read and augmented, for the report's table."""
+    from mae_core.prepared import StreamingMAEDataModule
+
+    if isinstance(datamodule, StreamingMAEDataModule) and datamodule.decode_on_device:
+        return "prepared set (LitData stream), decoded and cropped on the device, normalise on device"
+    if isinstance(datamodule, StreamingMAEDataModule):
+        return "prepared set (LitData stream), crop cut from the smallest copy, normalise on device"
+    if datamodule.dataset_factory.__name__ == "NaiveImageDataset":
+        return NAIVE_PIPELINE
+    return "uint8 cache, v2 crop+flip, normalise on device"
+
+
+NAIVE_PIPELINE = "PIL open per sample, MAETransform, normalise on CPU"
+
+
+PROFILE_ENV = "MAE_BENCH_PROFILE"
+
+
+class Diagnosis:
+    """Where the host's time goes, for ``MAE_BENCH_PROFILE=N``: from the first measured step on,
+    every CUDA operation that makes the host wait is warned about once per place
+    (``torch.cuda.set_sync_debug_mode``), and N steps run under the torch profiler, whose tables
+    (host time, then device time) go to the worker's log. A diagnosis, not a measurement: the
+    profiled steps are slower, so the run's figures are not comparable."""
+
+    def __init__(self, device: Any, steps: int) -> None:
+        import torch
+
+        self.device, self.left = device, steps
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.profiler = torch.profiler.profile(activities=activities)
+        self.profiler.__enter__()
+
+    @classmethod
+    def from_env(cls, device: Any) -> Diagnosis | None:
+        import os
+
+        steps = int(os.environ.get(PROFILE_ENV) or 0)
+        return cls(device, steps) if steps > 0 else None
+
+    def step_ended(self) -> None:
+        import torch
+
+        self.left -= 1
+        if self.left != 0:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.profiler.__exit__(None, None, None)
+        table = self.profiler.key_averages()
+        print("=== profile: host time by op", flush=True)
+        print(table.table(sort_by="self_cpu_time_total", row_limit=30), flush=True)
+        if self.device.type == "cuda":
+            print("=== profile: device time by op", flush=True)
+            print(table.table(sort_by="self_cuda_time_total", row_limit=20), flush=True)
 
 
 def step_timer(warmup: int, steps: int, result: Path) -> Any:
@@ -76,12 +139,15 @@ def step_timer(warmup: int, steps: int, result: Path) -> Any:
             self.starts: list[float] = []
             self.marks: list[float] = []  # train start, then the end of every step
             self.info: dict[str, Any] = {}
+            self.diagnosis: Diagnosis | None = None
 
         def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             self.info = _run_info(trainer)
             self.marks = [time.perf_counter()]
 
-        def on_train_batch_start(self, *args: Any) -> None:
+        def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+            if len(self.marks) == warmup + 1:
+                self.diagnosis = Diagnosis.from_env(trainer.strategy.root_device)
             self.starts.append(time.perf_counter())
 
         def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -91,6 +157,8 @@ def step_timer(warmup: int, steps: int, result: Path) -> Any:
                 # a step's end on the host clock is only when its work was queued.
                 torch.cuda.synchronize(pl_module.device)
             self.marks.append(time.perf_counter())
+            if self.diagnosis is not None:
+                self.diagnosis.step_ended()
             if len(self.marks) - 1 == warmup + steps:
                 self.write()
 

@@ -172,6 +172,9 @@ class TrainConfig:
     find_unused_parameters: bool | None = None
     static_graph: bool = True
     compile: bool = False
+    # Prepared sets: workers only draw the crops, the device decodes (nvJPEG on a GPU) and cuts
+    # them: for GPUs that the CPU cores cannot feed. (In-memory folders are decoded once.)
+    decode_on_device: bool = False
     num_workers: int | None = None
     seed: int = 0
     log_every_n_steps: int = 1
@@ -212,6 +215,7 @@ class TrainConfig:
         _check_bool(self, "find_unused_parameters", optional=True)
         _check_bool(self, "static_graph")
         _check_bool(self, "compile")
+        _check_bool(self, "decode_on_device")
         _check_int(self, "num_workers", 0, 256, optional=True)
         _check_int(self, "seed", 0, MAX_SEED)
         for name in ("log_every_n_steps", "checkpoint_every_n_steps", "preview_every_n_steps"):

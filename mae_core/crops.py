@@ -94,16 +94,31 @@ def decode_full(data: bytes) -> Tensor:
 
 @functools.cache
 def _jpeg_decoder() -> Callable[[Tensor], Tensor]:
-    """torchvision's registered decode op where there is one: ``torchvision.io.decode_jpeg`` wraps
-    it in argument checks and a per-call deprecation warning (image I/O moves to TorchCodec) that
-    cost 35 µs, 3% of a 224 px crop."""
+    """torchvision's registered decode op where there is one and it decodes a known JPEG to the
+    public function's pixels: ``torchvision.io.decode_jpeg`` wraps it in argument checks and a
+    per-call deprecation warning (image I/O moves to TorchCodec) that cost 35 µs, 3% of a 224 px
+    crop. The op's signature is private, so another torchvision may change it: a failed probe
+    falls back to the public function, rather than every image reading as damaged."""
     from torchvision.io import ImageReadMode, decode_jpeg  # registers torch.ops.image
 
-    rgb = ImageReadMode.RGB
+    public = functools.partial(decode_jpeg, mode=ImageReadMode.RGB)
     op = getattr(torch.ops.image, "decode_jpeg", None)
     if op is None:
-        return functools.partial(decode_jpeg, mode=rgb)
-    return functools.partial(op, mode=rgb.value, apply_exif_orientation=False)
+        return public
+    fast = functools.partial(op, mode=ImageReadMode.RGB.value, apply_exif_orientation=False)
+    probe = torch.frombuffer(bytearray(_probe_jpeg()), dtype=torch.uint8)
+    try:
+        agrees = torch.equal(fast(probe), public(probe))
+    except (RuntimeError, TypeError, ValueError):
+        agrees = False
+    return fast if agrees else public
+
+
+def _probe_jpeg() -> bytes:
+    gradient = np.linspace(0, 255, 16 * 24 * 3).astype(np.uint8).reshape(16, 24, 3)
+    buffer = io.BytesIO()
+    Image.fromarray(gradient).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
 
 
 class DecodeAugment:
@@ -117,11 +132,11 @@ class DecodeAugment:
     on uint8.
     """
 
-    def __init__(self, image_size: int) -> None:
+    def __init__(self, image_size: int, defer: bool = False) -> None:
         from mae_core.data import mae_augmentation
 
         crop = mae_augmentation(image_size).transforms[0]  # the crop read from MAETransform itself
-        self.size, self.scale = image_size, tuple(crop.scale)
+        self.size, self.scale, self.defer = image_size, tuple(crop.scale), defer
         self.log_ratio = (math.log(crop.ratio[0]), math.log(crop.ratio[1]))
         self.damaged = 0  # images that did not decode, replaced
         self._last_good: Tensor | None = None
@@ -130,6 +145,8 @@ class DecodeAugment:
         """``{"image", "id"}``. An image that no longer decodes (the shard's bytes damaged on disk
         after preparation) is replaced by the last good one and named on stderr, rather than
         ending a long run; with no good image yet it is an error."""
+        if self.defer:  # nothing decoded here: finish_on_device decodes the whole batch
+            return {**self.deferred(item), "id": item["id"]}
         try:
             sample = {"image": self.crop(item), "id": item["id"]}
         except (OSError, RuntimeError, ValueError, SyntaxError) as err:
@@ -177,6 +194,18 @@ class DecodeAugment:
         out = self._reduced(data, box, reduce) if reduce > 1 else self._decoded(data, box, cw, ch)
         return out.flip(-1) if flip else out
 
+    def deferred(self, item: dict[str, Any]) -> dict[str, Any]:
+        """The same draw as :meth:`crop`, left undone: the chosen copy's JPEG bytes, the box on
+        its pixel grid (top, left, bottom, right) and the flip, for :func:`finish_on_device`."""
+        width, height = jpeg_size(item["image"])
+        top, left, h, w = self.draw_box(width, height)
+        flip = random.random() < 0.5
+        name, (cw, ch) = self.pick_copy(item, (width, height), (w, h))
+        fx, fy = cw / width, ch / height
+        box = _grid_box((left * fx, top * fy, (left + w) * fx, (top + h) * fy), cw, ch)
+        return {"jpeg": torch.frombuffer(bytearray(item[name]), dtype=torch.uint8),
+                "box": torch.tensor(box, dtype=torch.int32), "flip": flip}
+
     def pick_copy(self, item: dict[str, Any], full: tuple[int, int],
                   crop: tuple[int, int]) -> tuple[str, tuple[int, int]]:
         """(name, size) of the smallest stored copy across which a ``crop`` (width, height) of
@@ -191,9 +220,7 @@ class DecodeAugment:
     def _decoded(self, data: bytes, box: tuple[float, ...], width: int, height: int) -> Tensor:
         from torchvision.transforms.v2 import functional as F
 
-        # the box on the copy's pixel grid (within half a copy pixel of the drawn one)
-        left, top = min(round(box[0]), width - 1), min(round(box[1]), height - 1)
-        right, bottom = max(min(round(box[2]), width), left + 1), max(min(round(box[3]), height), top + 1)
+        top, left, bottom, right = _grid_box(box, width, height)
         pixels = decode_full(data)[:, top:bottom, left:right]
         return F.resize(pixels, [self.size, self.size], antialias=True,
                         interpolation=F.InterpolationMode.BICUBIC)
@@ -207,3 +234,61 @@ class DecodeAugment:
                min(float(image.height), box[3] * sy))  # a float's last bit past the edge is refused
         out = image.convert("RGB").resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
         return torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def _grid_box(box: tuple[float, ...], width: int, height: int) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right) of the float ``box`` (left, top, right, bottom) on a ``width`` ×
+    ``height`` copy's pixel grid: within half a copy pixel of the drawn box, at least one pixel."""
+    left, top = min(round(box[0]), width - 1), min(round(box[1]), height - 1)
+    right, bottom = max(min(round(box[2]), width), left + 1), max(min(round(box[3]), height), top + 1)
+    return top, left, bottom, right
+
+
+# --- decoding on the training device (TrainConfig.decode_on_device) ------------------------------
+
+def collate_deferred(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """A batch of :meth:`DecodeAugment.deferred` samples: the JPEGs stay a list (their lengths
+    differ), the boxes, flips and ids become tensors."""
+    return {"jpeg": [s["jpeg"] for s in samples],
+            "box": torch.stack([s["box"] for s in samples]),
+            "flip": torch.tensor([bool(s["flip"]) for s in samples]),
+            "id": torch.tensor([int(s["id"]) for s in samples])}
+
+
+def finish_on_device(batch: dict[str, Any], size: int, device: torch.device) -> Tensor:
+    """uint8 (N, 3, size, size) on ``device``: the batch's JPEGs decoded there (nvJPEG on a GPU,
+    in one batched call), each cut to its box, resized (bicubic, antialiased, as on the CPU
+    path) and flipped. An image that does not decode is replaced by another of the batch and
+    named on stderr, as :class:`DecodeAugment` does; a batch with none that decodes is an error."""
+    pixels = _decode_batch(batch["jpeg"], torch.device(device), batch["id"])
+    crops = []
+    for image, (top, left, bottom, right) in zip(pixels, batch["box"].tolist()):
+        crop = image[:, top:bottom, left:right].unsqueeze(0).float()
+        crops.append(torch.nn.functional.interpolate(crop, size=(size, size), mode="bicubic",
+                                                     antialias=True, align_corners=False))
+    out = torch.cat(crops)
+    flips = batch["flip"].to(out.device, non_blocking=True).view(-1, 1, 1, 1)
+    out = torch.where(flips, out.flip(-1), out)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _decode_batch(jpegs: list[Tensor], device: torch.device, ids: Tensor) -> list[Tensor]:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:  # one bad image fails the batched call: find it
+        pass
+    decoded: list[Tensor | None] = []
+    for jpeg, sample in zip(jpegs, ids.tolist()):
+        try:
+            decoded.append(decode_jpeg(jpeg, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError as err:
+            print(f"replacing sample {sample}: its image does not decode ({err})",
+                  file=sys.stderr, flush=True)
+            decoded.append(None)
+    good = [image for image in decoded if image is not None]
+    if not good:
+        raise ValueError(f"no image of the batch (samples {ids.tolist()}) decodes: "
+                         "prepare the data set again")
+    return [image if image is not None else good[0] for image in decoded]

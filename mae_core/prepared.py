@@ -36,7 +36,9 @@ from mae_core.crops import (
     JPEG_QUALITY,
     SMALL_SIDE,
     DecodeAugment,
+    collate_deferred,
     encode_copies,
+    finish_on_device,
     mid_side,
 )
 from mae_core.data import DataError, MAEDataModule, find_images
@@ -356,10 +358,13 @@ def run_data(data: str, run_root: Path, timeout_s: float = 6 * 3600.0,
 
 # --- reading -----------------------------------------------------------------------------------
 
-def streaming_dataset(path: str, image_size: int | None, shuffle: bool, seed: int = 0) -> Any:
+def streaming_dataset(path: str, image_size: int | None, shuffle: bool, seed: int = 0,
+                      defer: bool = False) -> Any:
+    """The prepared set as LitData items, cropped and flipped (``image_size``) or not; ``defer``
+    leaves the decode and the crop to the training device (:func:`crops.finish_on_device`)."""
     from litdata import StreamingDataset
 
-    transform = DecodeAugment(image_size) if image_size else None
+    transform = DecodeAugment(image_size, defer=defer) if image_size else None
     # One item deserialised per read: LitData's automatic window (by mean item size) can straddle
     # its shuffle blocks, and then it copies a window of ~100 images' bytes for every image read.
     return StreamingDataset(path, shuffle=shuffle, drop_last=True, seed=seed, transform=transform,
@@ -386,8 +391,10 @@ class StreamingMAEDataModule(pl.LightningDataModule):
     """
 
     def __init__(self, path: str, image_size: int, batch_size: int, num_workers: int,
-                 seed: int = 0, pin_memory: bool | None = None) -> None:
+                 seed: int = 0, pin_memory: bool | None = None,
+                 decode_on_device: bool = False) -> None:
         super().__init__()
+        self.decode_on_device = decode_on_device
         self.path = path
         self.image_size = image_size
         self.batch_size = batch_size
@@ -399,7 +406,8 @@ class StreamingMAEDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is None:
-            self.dataset = streaming_dataset(self.path, self.image_size, shuffle=True, seed=self.seed)
+            self.dataset = streaming_dataset(self.path, self.image_size, shuffle=True, seed=self.seed,
+                                             defer=self.decode_on_device)
 
     def train_dataloader(self) -> Any:
         from litdata import StreamingDataLoader
@@ -409,7 +417,8 @@ class StreamingMAEDataModule(pl.LightningDataModule):
             pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         loader = StreamingDataLoader(self.dataset, batch_size=self.batch_size, drop_last=True,
                                      num_workers=self.num_workers, pin_memory=pin,
-                                     persistent_workers=self.num_workers > 0)
+                                     persistent_workers=self.num_workers > 0,
+                                     collate_fn=collate_deferred if self.decode_on_device else None)
         if len(loader) == 0:
             world = self.trainer.world_size if self.trainer else 1
             raise DataError(f"the prepared data set {self.path} holds too few images for one batch "
@@ -418,18 +427,21 @@ class StreamingMAEDataModule(pl.LightningDataModule):
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         self.last_ids = batch["id"]
+        if self.decode_on_device:  # before Lightning's copy: the JPEGs are read from host memory
+            return finish_on_device(batch, self.image_size, self.trainer.strategy.root_device)
         return batch["image"]
 
 
 def make_datamodule(source: DataSource, image_size: int, batch_size: int, num_workers: int,
                     seed: int = 0, pin_memory: bool | None = None,
-                    channels: int = 3) -> pl.LightningDataModule:
+                    channels: int = 3, decode_on_device: bool = False) -> pl.LightningDataModule:
     """The datamodule for ``source``: in memory for a small folder, streamed otherwise (prepared
     sets are 8-bit RGB: :func:`prepare` refuses other images)."""
     if source.kind == "memory":
         return MAEDataModule(source.path, image_size, batch_size, num_workers, pin_memory=pin_memory,
                              channels=channels)
-    return StreamingMAEDataModule(source.path, image_size, batch_size, num_workers, seed, pin_memory)
+    return StreamingMAEDataModule(source.path, image_size, batch_size, num_workers, seed, pin_memory,
+                                  decode_on_device)
 
 
 def source_previews(source: DataSource, image_size: int, count: int, channels: int = 3) -> Tensor:

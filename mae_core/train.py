@@ -154,7 +154,8 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
     model = MAELightning.from_config(cfg)
     data = datamodule if datamodule is not None else prepared.make_datamodule(
         source, cfg.model.image_size, t.batch_size, t.num_workers or 0, seed=t.seed,
-        pin_memory=t.accelerator == "gpu", channels=cfg.model.channels)
+        pin_memory=t.accelerator == "gpu", channels=cfg.model.channels,
+        decode_on_device=t.decode_on_device)
     if plan.train is not None:  # the held-out images are never trained on
         data = TrainSplitDataModule(plan.train, cfg.model.image_size, t.batch_size,
                                     t.num_workers or 0, pin_memory=t.accelerator == "gpu",

@@ -32,7 +32,8 @@ def _recording(self, batch, dataloader_idx):
     trainer = self.trainer
     line = {"step": trainer.global_step, "epoch": trainer.current_epoch,
             "ids": [int(i) for i in self.last_ids],
-            "boxes": _BOXES[:], "torch_seed": torch.initial_seed()}
+            "boxes": _BOXES[:], "torch_seed": torch.initial_seed(),
+            "decoded_here": "jpeg" in batch}  # decode_on_device: the step's process decoded
     _BOXES.clear()
     with open(Path(sys.argv[1]) / f"rank{trainer.global_rank}.jsonl", "a") as out:
         out.write(json.dumps(line) + "\n")

@@ -152,6 +152,68 @@ def test_the_decoder_gives_torchvisions_decode_jpeg_pixels_exactly():
         crops.decode_full(data[: len(data) // 3] + b"\x00" * 10)
 
 
+def test_a_changed_private_decode_op_falls_back_to_the_public_decoder(monkeypatch):
+    """The op's signature is torchvision's private business: where another version changed it,
+    images still decode (through the public function) instead of every one reading as damaged."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    real_op = torch.ops.image.decode_jpeg
+
+    def op_of_another_version(data, image_mode, exif):  # renamed arguments: public calls still work
+        return real_op(data, image_mode, exif)
+
+    buffer = io.BytesIO()
+    _noise(37, 29).save(buffer, format="JPEG")
+    data = buffer.getvalue()
+    monkeypatch.setattr(torch.ops.image, "decode_jpeg", op_of_another_version)
+    crops._jpeg_decoder.cache_clear()
+    try:
+        expected = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                               mode=ImageReadMode.RGB)
+        assert torch.equal(crops.decode_full(data), expected)
+    finally:
+        monkeypatch.undo()
+        crops._jpeg_decoder.cache_clear()
+    assert crops._jpeg_decoder().func is torch.ops.image.decode_jpeg  # the fast op once more
+
+
+def test_a_crop_finished_on_the_device_is_the_workers_crop():
+    """decode_on_device: the worker draws the same box and flip and ships the chosen copy's
+    bytes; decoding and cutting them on the device (here the CPU) gives the worker's crop."""
+    item, _ = _photo_item()
+    worker, deferred = crops.DecodeAugment(224), crops.DecodeAugment(224, defer=True)
+    samples, expected = [], []
+    for seed in range(12):
+        random.seed(seed)
+        expected.append(worker(item)["image"])
+        random.seed(seed)
+        sample = deferred({**item, "id": seed})
+        assert set(sample) == {"jpeg", "box", "flip", "id"} and sample["jpeg"].dtype == torch.uint8
+        samples.append(sample)
+    batch = crops.collate_deferred(samples)
+    assert len(batch["jpeg"]) == 12 and batch["box"].shape == (12, 4)
+    assert batch["id"].tolist() == list(range(12))
+    out = crops.finish_on_device(batch, 224, torch.device("cpu"))
+    assert out.shape == (12, 3, 224, 224) and out.dtype == torch.uint8
+    for ours, theirs in zip(out, expected):
+        assert (ours.int() - theirs.int()).abs().float().mean() < 1.0  # rounding only
+    assert batch["flip"].any() and not batch["flip"].all()  # both ways were exercised
+
+
+def test_a_batch_finished_on_the_device_replaces_an_image_that_does_not_decode(capsys):
+    item, _ = _photo_item()
+    deferred = crops.DecodeAugment(64, defer=True)
+    samples = [deferred({**item, "id": i}) for i in range(3)]
+    samples[1]["jpeg"] = samples[1]["jpeg"][:300]  # cut short on disk
+    out = crops.finish_on_device(crops.collate_deferred(samples), 64, torch.device("cpu"))
+    assert out.shape == (3, 3, 64, 64)
+    assert "replacing sample 1" in capsys.readouterr().err
+    for sample in samples:
+        sample["jpeg"] = sample["jpeg"][:300]
+    with pytest.raises(ValueError, match="prepare the data set again"):
+        crops.finish_on_device(crops.collate_deferred(samples), 64, torch.device("cpu"))
+
+
 def test_an_image_damaged_on_disk_is_replaced_and_named_not_fatal(capsys):
     """Bytes that no longer decode (a shard damaged after preparation): the last good crop takes
     the sample's place and stderr names it; the very first sample damaged is a clear error."""

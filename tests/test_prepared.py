@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import random
 import subprocess
@@ -21,6 +22,7 @@ import torch
 from PIL import Image
 
 from mae_core import crops, prepared
+from mae_core.config import RunConfig
 from mae_core.data import DataError, check_data, find_images
 from mae_core.rundir import RunPaths
 
@@ -261,9 +263,31 @@ def test_two_processes_shard_an_epoch_and_resume_mid_epoch_without_repeats(run_m
     assert sum((runs[0] & runs[1]).values()) < 6, runs[0] & runs[1]
     first, resumed = sum(boxes[0][:3], Counter()), sum(boxes[0][3:6], Counter())
     assert sum((first & resumed).values()) < 3, first & resumed
+    assert not any(row["decoded_here"] for rows_of in rows.values() for row in rows_of)
     record = json.loads((run_dir / prepared.RUN_DATA_NAME).read_text())
     assert record["kind"] == "prepared" and record["count"] == 48
     assert json.loads(RunPaths(run_dir).status.read_text())["state"] == "finished"
+
+
+def test_decoding_on_the_device_trains_two_processes_on_disjoint_shards(run_module, tmp_path):
+    """decode_on_device: the workers only draw crops and the training process decodes the batch
+    (nvJPEG on a GPU; here the CPU): the same sharding, a finished run, a loss that is a number."""
+    src = _photos(tmp_path / "photos", 16)
+    data = tmp_path / "prepared"
+    prepared.prepare(str(src), data, workers=1, verbose=False)
+    ids_dir, run_dir = tmp_path / "ids", tmp_path / "runs" / "run"
+    _record(run_module, ids_dir, run_dir, data, "--max-steps", "2", "--decode-on-device", "true")
+    seen = _steps(ids_dir)
+    ids = {rank: [i for step in steps.values() for i in step] for rank, steps in seen.items()}
+    assert sorted(ids[0] + ids[1]) == list(range(16)) and not set(ids[0]) & set(ids[1])
+    assert RunConfig.load(RunPaths(run_dir).config).train.decode_on_device is True
+    rows = [json.loads(line) for rank in (0, 1)
+            for line in (ids_dir / f"rank{rank}.jsonl").read_text().splitlines()]
+    assert rows and all(row["decoded_here"] for row in rows)
+    assert json.loads(RunPaths(run_dir).status.read_text())["state"] == "finished"
+    losses = [json.loads(line)["loss"] for line in RunPaths(run_dir).metrics.read_text().splitlines()
+              if '"loss"' in line]
+    assert losses and all(math.isfinite(loss) for loss in losses)
 
 
 def test_two_nodes_over_loopback_train_one_prepared_set_into_one_run(tmp_path):

@@ -243,6 +243,9 @@ HINTS: dict[str, Hint] = {
                       info="auto: bf16-mixed on GPUs and on CPUs with AMX / AVX-512 BF16"),
     "find_unused_parameters": Hint("find_unused_parameters (auto: only for reference)"),
     "num_workers": Hint("loader workers per process (blank = auto)", zero_is_auto=False),
+    "decode_on_device": Hint("decode on the device (prepared sets)",
+                             info="workers only draw the crops; the GPU decodes the JPEGs "
+                                  "(nvJPEG) and cuts them"),
     "accumulate_grad_batches": Hint("batches accumulated per optimizer step"),
     "timm_model": Hint("timm model (blank = the preset's encoder)",
                        info="any timm VisionTransformer with a class token, e.g. "

@@ -1,0 +1,177 @@
+"""``python -m bench.loader``: can this data feed this device? The trainer's own loader, alone.
+
+The data module a run would use (:func:`mae_core.prepared.make_datamodule`: the in-memory cache
+for a small folder, the LitData stream for a prepared set), with the run's loader workers, pinned
+memory on a GPU, and each batch copied to the device as Lightning copies it: images/s and the
+time the host waited for each batch. Compare with the training step's images/s (``python -m
+bench --gpu``, ``python -m bench.step_profile``): a loader slower than the step caps the trainer.
+
+Example::
+
+    python -m bench.loader --data /data/prepared --image-size 224 --batch-size 256 --workers 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.loader", description=__doc__.split("\n")[0])
+    p.add_argument("--data", default="", help="image folder or prepared set (default: the "
+                                              "embedded sample photos)")
+    p.add_argument("--image-size", type=_positive, default=224)
+    p.add_argument("--batch-size", type=_positive, default=256)
+    p.add_argument("--workers", type=int, default=None,
+                   help="loader worker processes (default: the trainer's choice for this machine)")
+    p.add_argument("--batches", type=_positive, default=40, help="measured batches")
+    p.add_argument("--warmup", type=int, default=5, help="batches excluded first")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--decode-on-device", action="store_true",
+                   help="prepared sets: workers only draw the crops, the device decodes and cuts "
+                        "them (TrainConfig.decode_on_device)")
+    p.add_argument("--transfer-only", action="store_true",
+                   help="no data: blank images, to measure what the loader's worker processes, "
+                        "shared memory and pinning cost alone")
+    p.add_argument("--json", default=None, help="also write the figures to this file")
+    return p
+
+
+def default_workers(device: str) -> int:
+    from mae_core.config import RunConfig
+
+    accelerator = "gpu" if device == "cuda" else "cpu"
+    cfg = RunConfig().with_overrides(accelerator=accelerator, devices=1).resolved()
+    return int(cfg.train.num_workers or 0)
+
+
+def measure(data: str, image_size: int, batch_size: int, workers: int, batches: int,
+            warmup: int, device: str, decode_on_device: bool = False,
+            transfer_only: bool = False) -> dict[str, Any]:
+    """Images/s of ``batches`` batches after ``warmup``, each on ``device``, and the host's waits."""
+    from mae_core import crops, prepared
+
+    with tempfile.TemporaryDirectory(prefix="mae-bench-loader-") as root:
+        if transfer_only:
+            kind, deferred = "transfer only", False
+            loader = _transfer_only_loader(image_size, batch_size, workers, device == "cuda")
+        else:
+            source = prepared.run_data(data, Path(root))
+            module = prepared.make_datamodule(source, image_size, batch_size, workers,
+                                              pin_memory=device == "cuda",
+                                              decode_on_device=decode_on_device)
+            module.setup("fit")
+            loader = module.train_dataloader()
+            kind, deferred = source.kind, getattr(module, "decode_on_device", False)
+        waits: list[float] = []
+        started = None
+        batch_iter = iter(_forever(loader))
+        for index in range(warmup + batches):
+            if index == warmup:
+                _sync(device)
+                started = time.perf_counter()
+            asked = time.perf_counter()
+            batch = next(batch_iter)
+            if index >= warmup:
+                waits.append(time.perf_counter() - asked)
+            if deferred:
+                images = crops.finish_on_device(batch, image_size, torch_device(device))
+            else:
+                images = batch["image"] if isinstance(batch, dict) else batch
+            images.to(device, non_blocking=True).float()  # the copy and the model's first cast
+        _sync(device)
+        seconds = time.perf_counter() - (started or 0.0)
+    images_per_s = batches * batch_size / seconds
+    return {"data": "" if transfer_only else data or "embedded sample photos", "kind": kind,
+            "decode_on_device": deferred,
+            "image_size": image_size, "batch_size": batch_size, "workers": workers,
+            "device": device, "pinned": device == "cuda", "batches": batches,
+            "images_per_s": round(images_per_s, 1),
+            "images_per_s_per_worker": round(images_per_s / max(1, workers), 1),
+            "mean_wait_s": round(statistics.fmean(waits), 4),
+            "max_wait_s": round(max(waits), 4)}
+
+
+class _Blank:
+    """Items of no work at all: what the loader's processes, shared memory and pinning cost alone
+    (a loader that ships batches this slowly caps every data set)."""
+
+    def __init__(self, image_size: int, length: int) -> None:
+        self.shape, self.length = (3, image_size, image_size), length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Any:
+        import torch
+
+        return torch.full(self.shape, index % 256, dtype=torch.uint8)
+
+
+def _transfer_only_loader(image_size: int, batch_size: int, workers: int, pin: bool) -> Any:
+    from torch.utils.data import DataLoader
+
+    return DataLoader(_Blank(image_size, batch_size * 64), batch_size=batch_size, shuffle=True,
+                      drop_last=True, num_workers=workers, pin_memory=pin,
+                      persistent_workers=workers > 0)
+
+
+def torch_device(name: str) -> Any:
+    import torch
+
+    return torch.device(name)
+
+
+def _forever(loader: Any) -> Any:
+    while True:
+        yield from loader
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda: torch sees no CUDA GPU", file=sys.stderr)
+        return 2
+    workers = args.workers if args.workers is not None else default_workers(device)
+    from mae_core.checks import DataError
+
+    try:
+        row = measure(args.data, args.image_size, args.batch_size, workers, args.batches,
+                      args.warmup, device, args.decode_on_device, args.transfer_only)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(row, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(row, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""``python -m bench.loader`` (can this data feed this device?) and the training table's data wait."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.training import step_figures
+from mae_core import prepared
+from tests.test_prepared import _photos
+
+
+def test_the_data_wait_is_the_mean_so_a_bursty_loader_shows():
+    """Loader workers each deliver a whole batch: a loader slower than the step reads as runs of
+    ready batches and a long wait between them. Its median was 0 on a loader-bound GPU run."""
+    rank0 = {"batch_size": 256, "world_size": 1, "steps": 4, "window_s": 2.0,
+             "wait_s": [0.0, 0.0, 0.0, 0.8]}
+    figures = step_figures(rank0)
+    assert figures["wait_s_per_step"] == 0.2
+    assert figures["images_per_s"] == 512.0 and figures["s_per_step"] == 0.5
+
+
+def test_the_loader_tool_measures_a_folder_and_a_prepared_set_both_ways(run_module, tmp_path):
+    src = _photos(tmp_path / "photos", 12)
+    data = tmp_path / "prepared"
+    prepared.prepare(str(src), data, workers=1, verbose=False)
+    rows = {}
+    for name, flags in {"memory": ["--data", src], "prepared": ["--data", data],
+                        "device": ["--data", data, "--decode-on-device"],
+                        "blank": ["--transfer-only"]}.items():
+        out = tmp_path / f"{name}.json"
+        result = run_module("bench.loader", *flags, "--image-size", "32", "--batch-size", "4",
+                            "--batches", "3", "--warmup", "1", "--workers", "0", "--device", "cpu",
+                            "--json", out)
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows[name] = json.loads(Path(out).read_text())
+    assert rows["memory"]["kind"] == "memory" and rows["prepared"]["kind"] == "prepared"
+    assert rows["blank"]["kind"] == "transfer only"
+    assert [rows[n]["decode_on_device"] for n in rows] == [False, False, True, False]
+    assert all(row["images_per_s"] > 0 and row["batches"] == 3 and row["mean_wait_s"] >= 0
+               for row in rows.values())
+
+
+def test_the_loader_tool_refuses_a_missing_folder_with_the_reason(run_module, tmp_path):
+    result = run_module("bench.loader", "--data", tmp_path / "nowhere", "--device", "cpu")
+    assert result.returncode == 2
+    assert "nowhere" in result.stderr and "Traceback" not in result.stderr
