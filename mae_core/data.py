@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from mae_core.checks import DataError  # noqa: F401 - its home is light: the CLIs refuse early
+from mae_core.crops import ResizedCrop
 from mae_core.images import (
     ImageError,
     center_square,
@@ -193,10 +194,11 @@ def mae_augmentation(image_size: int) -> v2.Compose:
     reference = MAETransform(input_size=image_size).transform.transforms
     crop = next(t for t in reference if type(t).__name__ == "RandomResizedCrop")
     return v2.Compose([
-        v2.RandomResizedCrop(crop.size, scale=crop.scale, ratio=crop.ratio,
-                             interpolation=crop.interpolation, antialias=True),
+        ResizedCrop(crop.size, scale=crop.scale, ratio=crop.ratio,
+                    interpolation=crop.interpolation, antialias=True),
         v2.RandomHorizontalFlip(),
     ])
+
 
 
 class ImageFolderDataset(Dataset):

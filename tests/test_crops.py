@@ -214,6 +214,54 @@ def test_a_batch_finished_on_the_device_replaces_an_image_that_does_not_decode(c
         crops.finish_on_device(crops.collate_deferred(samples), 64, torch.device("cpu"))
 
 
+def _photo_tensors() -> list[torch.Tensor]:
+    return [torch.from_numpy(np.array(open_rgb(p))).permute(2, 0, 1).contiguous()
+            for p in sample_photo_paths()]
+
+
+def test_the_fast_uint8_resize_gives_torchvisions_pixels_exactly():
+    """torch's own uint8 bicubic kernel (channels-last, 3 or 4 channels) against torchvision's
+    float resize: the same pixels, down and up, for RGB and RGBA; other inputs go to torchvision."""
+    from torchvision.transforms.v2 import functional as F
+
+    rng = random.Random(0)
+    photos = _photo_tensors()
+    for trial in range(120):
+        photo = photos[trial % len(photos)]
+        if trial % 4 == 3:  # RGBA
+            photo = torch.cat([photo, photo[:1]])
+        height, width = photo.shape[1:]
+        h, w = rng.randint(8, height), rng.randint(8, width)
+        top, left = rng.randint(0, height - h), rng.randint(0, width - w)
+        crop, size = photo[:, top:top + h, left:left + w], rng.choice([32, 64, 224, 400])
+        ours = crops.resize_uint8(crop, (size, size))
+        theirs = F.resize(crop, [size, size], antialias=True, interpolation=F.InterpolationMode.BICUBIC)
+        assert ours.shape == theirs.shape and torch.equal(ours, theirs), (trial, crop.shape, size)
+    for other in (photos[0][:1], photos[0].to(torch.uint16) * 257):  # gray, 16-bit: torchvision's
+        ours = crops.resize_uint8(other, (32, 32))
+        theirs = F.resize(other, [32, 32], antialias=True, interpolation=F.InterpolationMode.BICUBIC)
+        assert ours.dtype == other.dtype and torch.equal(ours, theirs)
+
+
+def test_the_in_memory_crop_is_torchvisions_random_resized_crop():
+    """The folder path's augmentation (mae_augmentation) with the fast resize: same parameters,
+    same random draws, same pixels as torchvision's RandomResizedCrop + flip it replaced."""
+    from torchvision.transforms import v2
+
+    from mae_core.data import mae_augmentation
+
+    ours = mae_augmentation(64)
+    crop = ours.transforms[0]
+    theirs = v2.Compose([v2.RandomResizedCrop(crop.size, scale=crop.scale, ratio=crop.ratio,
+                                              interpolation=crop.interpolation, antialias=True),
+                         v2.RandomHorizontalFlip()])
+    for seed, photo in enumerate(_photo_tensors()):
+        torch.manual_seed(seed)
+        mine = ours(photo)
+        torch.manual_seed(seed)
+        assert torch.equal(mine, theirs(photo)), seed
+
+
 def test_an_image_damaged_on_disk_is_replaced_and_named_not_fatal(capsys):
     """Bytes that no longer decode (a shard damaged after preparation): the last good crop takes
     the sample's place and stderr names it; the very first sample damaged is a clear error."""
