@@ -337,6 +337,9 @@ def test_runs_tab_lists_and_exports_the_run(page, server):
     _button(page, "Export encoder").click()
     _wait_text(page, "#export-code", "timm.create_model")
     _wait_text(page, "#export-file", ".safetensors")
+    page.get_by_text("Data cache (prepared folders)").click()  # the accordion, closed at first
+    _button(page, "Show the data cache").click()
+    _wait_text(page, "#cache-listing", "prepared set")
     _settle(page)
     page.screenshot(path=str(SCREENSHOTS / "runs.png"), full_page=True)
 

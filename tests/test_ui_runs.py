@@ -251,3 +251,37 @@ def test_the_table_names_each_runs_data_set(ctx, tmp_path):
     assert cells[cached.run_id] == "/data/photos (20,000 images, prepared)"
     assert cells[given.run_id] == "/data/prep (5,000 images, prepared)"
     assert cells[remote.run_id] == "s3://b/p (remote, streamed)"
+
+
+def test_the_data_cache_panel_lists_sets_and_removes_only_superseded_ones_no_run_uses(
+        ctx, tmp_path, monkeypatch):
+    """A folder prepared twice (a file added): the old set is listed as superseded; while a run's
+    data.json names it, Remove keeps it; once no run does, Remove frees it and keeps the newest."""
+    import numpy as np
+
+    from mae_core import prepared
+    from ui import datacache
+
+    monkeypatch.setenv(prepared.CACHE_ENV, str(tmp_path / "cache"))
+    assert "holds no prepared set" in datacache.cache_html(ctx)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        pixels = np.random.default_rng(i).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(photos / f"{i}.jpg")
+    old = prepared.prepare_cached(str(photos), workers=1)
+    Image.fromarray(np.zeros((40, 48, 3), dtype=np.uint8)).save(photos / "added.jpg")
+    new = prepared.prepare_cached(str(photos), workers=1)
+    run = ctx.manager.runs_dir / "stopped-run"
+    run.mkdir(parents=True)
+    atomic_write_json(run / prepared.RUN_DATA_NAME, {"kind": "prepared", "path": str(old)})
+    listing = datacache.cache_html(ctx)
+    assert listing.count("<tr><td>") == 2 and "superseded" in listing and "stopped-run" in listing
+    assert "0 superseded and used by no run" in listing
+    assert datacache.remove_superseded(ctx).startswith("Nothing removed")
+    assert old.is_dir() and new.is_dir()
+    (run / prepared.RUN_DATA_NAME).unlink()  # the run was deleted
+    assert "1 superseded and used by no run" in datacache.cache_html(ctx)
+    assert datacache.remove_superseded(ctx).startswith("Removed 1 superseded set(s)")
+    assert not old.exists() and new.is_dir()
+    assert datacache.cache_html(ctx).count("<tr><td>") == 1

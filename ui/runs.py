@@ -14,7 +14,7 @@ import gradio as gr
 
 from mae_core import display
 from mae_core.rundir import LIVE_STATES
-from ui import compare, render
+from ui import compare, datacache, render
 from ui.common import AppContext, UserError, describe, guarded
 
 HEADERS = ("run", "state", "steps", "loss (last logged)", "epoch loss (last)", "duration",
@@ -260,6 +260,7 @@ def build(ctx: AppContext) -> dict[str, Any]:
         c["export_code"] = gr.Code(language="python", label="load it with timm", wrap_lines=True,
                                    elem_id="export-code")
     c["compare"] = compare.build(ctx, c["pick"])
+    c["cache"] = datacache.build(ctx)
     c["sig"] = gr.State(None)
     _wire(ctx, c)
     return c

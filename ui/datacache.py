@@ -1,0 +1,95 @@
+"""The Runs tab's data cache panel: the prepared sets the automatic cache holds, the runs that use
+them, and the removal of superseded ones (:mod:`mae_core.caches`, the same rules as
+``python -m mae_core.data caches --remove-superseded``).
+
+Every added or touched file of a prepared folder makes a new full copy in the cache; the old one is
+kept while a run could still resume on it. The app knows where its runs live, so it can say which
+copies no run needs any more and free their space.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from ui import render
+from ui.common import AppContext, guarded
+
+
+def _runs_dir(ctx: AppContext) -> Path:
+    return Path(ctx.manager.runs_dir)
+
+
+def _gb(size: int) -> str:
+    return f"{size / 1e9:.2f} GB"
+
+
+def cache_html(ctx: AppContext) -> str:
+    """One row per prepared set in the cache: its source, images, size, age, whether a newer set
+    of the same folder replaced it, and the runs that name it."""
+    from mae_core import caches, prepared
+
+    sets = caches.cached_sets([_runs_dir(ctx)])
+    where = render.esc(prepared.cache_root())
+    if not sets:
+        return f"<p class='cache-empty'>The data cache ({where}) holds no prepared set.</p>"
+    rows = []
+    for cached in sets:
+        runs = ", ".join(Path(run).name for run in cached.runs) or "none"
+        state = "superseded" if cached.superseded else "newest"
+        rows.append(f"<tr><td>{render.esc(cached.source or 'the sample photos')}</td>"
+                    f"<td>{cached.count:,}</td><td>{_gb(cached.bytes)}</td>"
+                    f"<td>{render.esc(cached.created)}</td><td>{state}</td>"
+                    f"<td>{render.esc(runs)}</td></tr>")
+    removable = [c for c in sets if c.superseded and not c.runs]
+    freeable = sum(c.bytes for c in removable)
+    summary = (f"{len(sets)} prepared set(s) in {where}, {_gb(sum(c.bytes for c in sets))}; "
+               f"{len(removable)} superseded and used by no run ({_gb(freeable)}).")
+    return (f"<p>{summary}</p><table class='cache-table'><thead><tr><th>folder</th><th>images</th>"
+            "<th>size</th><th>prepared</th><th>state</th><th>runs using it</th></tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>")
+
+
+def remove_superseded(ctx: AppContext) -> str:
+    """Remove the superseded sets no run names (one being prepared is kept); what was done."""
+    from mae_core import caches
+
+    removed = caches.remove_superseded([_runs_dir(ctx)])
+    if not removed:
+        return ("Nothing removed: each set is the newest of its folder, a run in "
+                f"{_runs_dir(ctx)} would resume on it, or it is being prepared.")
+    return (f"Removed {len(removed)} superseded set(s) no run uses: "
+            f"{_gb(sum(c.bytes for c in removed))} freed.")
+
+
+def build(ctx: AppContext) -> dict[str, Any]:
+    """The panel (inside the Runs tab), closed until asked for."""
+    c: dict[str, Any] = {}
+    with gr.Accordion("Data cache (prepared folders)", open=False, elem_id="cache-panel"):
+        with gr.Row():
+            c["show"] = gr.Button("Show the data cache", scale=1, min_width=150,
+                                  elem_id="cache-show-btn")
+            c["clean"] = gr.Button("Remove superseded sets", variant="stop", scale=1,
+                                   min_width=150, elem_id="cache-clean-btn")
+        c["message"] = gr.HTML(elem_id="cache-message")
+        c["listing"] = gr.HTML(elem_id="cache-listing")
+
+    error = lambda text: {c["message"]: render.notice("error", text)}  # noqa: E731
+
+    @guarded("the data cache", error)
+    def on_show() -> dict:
+        return {c["listing"]: cache_html(ctx), c["message"]: ""}
+
+    @guarded("the data cache", error)
+    def on_clean() -> dict:
+        message = remove_superseded(ctx)
+        return {c["message"]: render.notice("ok", message), c["listing"]: cache_html(ctx)}
+
+    c["show"].click(on_show, None, [c["listing"], c["message"]], api_name="show_data_cache",
+                    show_progress="hidden")
+    c["clean"].click(on_clean, None, [c["message"], c["listing"]],
+                     api_name="remove_superseded_sets", concurrency_id="run_actions",
+                     show_progress="hidden")
+    return c
