@@ -5,8 +5,10 @@ A plain folder is prepared into the cache under a key of its content (:func:`mae
 cache_key`), so an added or touched file makes a new full copy and the old one stays: for 10⁶
 images, ~100 GB each time. An old copy cannot simply be deleted when the new one is made: a stopped
 run resumes on the very set its ``data.json`` names (its saved loader position indexes it), and
-only the caller knows where the runs live. So a set is removed only when a newer set of the same
-source exists and no run under the given run folders names it, under the set's preparation lock.
+the runs may live in any folder. So each run notes its use beside the set
+(:func:`mae_core.prepared.register_use`), and a set is removed only when a newer set of the same
+source exists and no run names it (under the given run folders, or by such a note), under the
+set's preparation lock.
 """
 
 from __future__ import annotations
@@ -64,9 +66,17 @@ def cached_sets(runs_dirs: Iterable[str | Path]) -> list[CachedSet]:
     newest = {manifest.get("source"): folder for _, folder, manifest in found}
     return [CachedSet(folder, str(manifest.get("source", "")), int(manifest.get("count", 0)),
                       int(manifest.get("bytes", 0)), str(manifest.get("created", "")),
-                      tuple(users.get(os.path.realpath(folder), ())),
-                      newest[manifest.get("source")] != folder)
+                      _runs_of(folder, users), newest[manifest.get("source")] != folder)
             for _, folder, manifest in found]
+
+
+def _runs_of(folder: Path, users: dict[str, list[str]]) -> tuple[str, ...]:
+    """The runs under the given folders that name ``folder``, and those that noted their use of
+    it in the cache (:func:`mae_core.prepared.register_use`) from anywhere else."""
+    named = users.get(os.path.realpath(folder), [])
+    seen = {os.path.realpath(run) for run in named}
+    noted = [run for run in prepared.registered_runs(folder) if run not in seen]
+    return tuple(named + noted)
 
 
 def remove_superseded(runs_dirs: Iterable[str | Path]) -> list[CachedSet]:
@@ -82,7 +92,10 @@ def remove_superseded(runs_dirs: Iterable[str | Path]) -> list[CachedSet]:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue
+            if prepared.registered_runs(cached.path):  # a run started on it since the listing
+                continue
             shutil.rmtree(cached.path)
+            shutil.rmtree(cached.path.parent / f"{cached.path.name}.runs", ignore_errors=True)
         removed.append(cached)
     return removed
 

@@ -263,6 +263,31 @@ def prepare_cached(folder: str, paths: list[Path] | None = None,
     return target
 
 
+def register_use(dataset: str | Path, run_root: Path) -> None:
+    """Note beside a set of the cache (``<set>.runs/``) that the run at ``run_root`` trains on it:
+    the cache's housekeeping then keeps a set that any run may resume on, wherever its runs
+    folder is, not only the runs of the folders it is shown. Other sets are not the cache's."""
+    real = Path(os.path.realpath(dataset))
+    if real.parent != Path(os.path.realpath(cache_root())):
+        return
+    users = real.parent / f"{real.name}.runs"
+    users.mkdir(exist_ok=True)
+    run = os.path.realpath(run_root)
+    atomic_write_json(users / f"{hashlib.sha256(run.encode()).hexdigest()[:16]}.json", {"run": run})
+
+
+def registered_runs(dataset: Path) -> list[str]:
+    """The runs :func:`register_use` noted for ``dataset`` whose ``data.json`` still names it (a
+    deleted run, or one moved to another set, no longer counts)."""
+    real, runs = os.path.realpath(dataset), []
+    for note in sorted((dataset.parent / f"{dataset.name}.runs").glob("*.json")):
+        run = (read_json(note) or {}).get("run")
+        named = (read_json(Path(run) / RUN_DATA_NAME) or {}).get("path") if run else None
+        if named and os.path.realpath(named) == real:
+            runs.append(run)
+    return runs
+
+
 # --- what a run trains on ----------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -338,9 +363,13 @@ def run_data(data: str, run_root: Path, timeout_s: float = 6 * 3600.0,
         known = read_json(record)
         if known and known.get("source") == data and (
                 known["kind"] in ("memory", "remote") or is_prepared(known["path"])):
+            if known["kind"] == "prepared":  # a run recorded before runs noted their sets
+                register_use(known["path"], run_root)
             return DataSource(**known)
         found = resolve(data, auto_prepare_above=auto_prepare_above)
         atomic_write_json(record, asdict(found))
+        if found.kind == "prepared":
+            register_use(found.path, run_root)
         return found
     started, deadline = time.time(), time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,31 @@ def test_the_command_line_lists_the_sets_and_removes_the_superseded(tmp_path, ca
                               capture_output=True, text=True, timeout=120, check=False)
     assert "removed 2 superseded set(s) no run uses" in removing.stdout, removing.stdout
     assert [c.path for c in caches.cached_sets([])] == [newest]
+
+
+def test_a_run_in_another_runs_folder_keeps_its_set_until_it_is_deleted(tmp_path, cache):
+    """The app knows its own runs folder only; a run trained from the command line elsewhere
+    notes its use beside the set (prepared.run_data), so the set it would resume on is kept."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        _photo(folder / f"{i}.jpg", i)
+    elsewhere = tmp_path / "elsewhere" / "cli-run"
+    elsewhere.mkdir(parents=True)
+    source = prepared.run_data(str(folder), elsewhere, auto_prepare_above=0)
+    assert source.kind == "prepared"
+    _photo(folder / "added.jpg", 9)
+    newest = prepared.prepare_cached(str(folder), workers=1)
+    app_runs = tmp_path / "app-runs"
+    app_runs.mkdir()
+    [old] = [c for c in caches.cached_sets([app_runs]) if c.superseded]
+    assert old.path == Path(source.path) and old.runs == (os.path.realpath(elsewhere),)
+    assert caches.remove_superseded([app_runs]) == [] and old.path.is_dir()
+    # resumed, the run notes it again (a run recorded before this note existed gets one too)
+    shutil.rmtree(old.path.parent / f"{old.path.name}.runs")
+    assert prepared.run_data(str(folder), elsewhere).path == source.path
+    assert caches.remove_superseded([app_runs]) == [] and old.path.is_dir()
+    shutil.rmtree(elsewhere)  # the run is deleted: its note no longer counts
+    assert [c.path for c in caches.remove_superseded([app_runs])] == [old.path]
+    assert not old.path.exists() and not (old.path.parent / f"{old.path.name}.runs").exists()
+    assert newest.is_dir()

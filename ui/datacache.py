@@ -9,6 +9,7 @@ copies no run needs any more and free their space.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,9 @@ def cache_html(ctx: AppContext) -> str:
         return f"<p class='cache-empty'>The data cache ({where}) holds no prepared set.</p>"
     rows = []
     for cached in sets:
-        runs = ", ".join(Path(run).name for run in cached.runs) or "none"
+        here = os.path.realpath(_runs_dir(ctx))
+        runs = ", ".join(Path(run).name if os.path.dirname(os.path.realpath(run)) == here else run
+                         for run in cached.runs) or "none"
         state = "superseded" if cached.superseded else "newest"
         rows.append(f"<tr><td>{render.esc(cached.source or 'the sample photos')}</td>"
                     f"<td>{cached.count:,}</td><td>{_gb(cached.bytes)}</td>"
@@ -76,7 +79,7 @@ def build(ctx: AppContext) -> dict[str, Any]:
         c["message"] = gr.HTML(elem_id="cache-message")
         c["listing"] = gr.HTML(elem_id="cache-listing")
 
-    error = lambda text: {c["message"]: render.notice("error", text)}  # noqa: E731
+    error = lambda text: {c["message"]: render.notice("error", text)}
 
     @guarded("the data cache", error)
     def on_show() -> dict:
