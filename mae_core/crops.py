@@ -140,16 +140,15 @@ class DecodeAugment:
         self.size, self.scale, self.defer = image_size, tuple(crop.scale), defer
         self.log_ratio = (math.log(crop.ratio[0]), math.log(crop.ratio[1]))
         self.damaged = 0  # images that did not decode, replaced
-        self._last_good: Tensor | None = None
+        self._last_good: dict[str, Any] | None = None
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         """``{"image", "id"}``. An image that no longer decodes (the shard's bytes damaged on disk
         after preparation) is replaced by the last good one and named on stderr, rather than
-        ending a long run; with no good image yet it is an error."""
-        if self.defer:  # nothing decoded here: finish_on_device decodes the whole batch
-            return {**self.deferred(item), "id": item["id"]}
+        ending a long run; with no good image yet it is an error. (``defer``: the sample of
+        :meth:`deferred`, whose header is read here and whose pixels are decoded on the device.)"""
         try:
-            sample = {"image": self.crop(item), "id": item["id"]}
+            done = self.deferred(item) if self.defer else {"image": self.crop(item)}
         except (OSError, RuntimeError, ValueError, SyntaxError) as err:
             if self._last_good is None:
                 raise ValueError(f"sample {item.get('id')} of the prepared set does not decode "
@@ -157,9 +156,9 @@ class DecodeAugment:
             self.damaged += 1
             print(f"replacing sample {item.get('id')}: its image does not decode ({err}); "
                   f"{self.damaged} so far", file=sys.stderr, flush=True)
-            return {"image": self._last_good, "id": item["id"]}  # the epoch's slot stays its own
-        self._last_good = sample["image"]
-        return sample
+            return {**self._last_good, "id": item["id"]}  # the epoch's slot stays its own
+        self._last_good = done
+        return {**done, "id": item["id"]}
 
     def draw_box(self, width: int, height: int) -> tuple[int, int, int, int]:
         """(top, left, h, w): torchvision ``RandomResizedCrop.get_params``'s draw (area, then log

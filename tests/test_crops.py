@@ -208,6 +208,10 @@ def test_a_batch_finished_on_the_device_replaces_an_image_that_does_not_decode(c
     out = crops.finish_on_device(crops.collate_deferred(samples), 64, torch.device("cpu"))
     assert out.shape == (3, 3, 64, 64)
     assert "replacing sample 1" in capsys.readouterr().err
+    # a header cut away is found in the worker already: the last good sample stands in
+    bad = deferred({**item, "image": item["image"][:2], "mid": b"", "small": b"", "id": 7})
+    assert bad["id"] == 7 and torch.equal(bad["jpeg"], samples[2]["jpeg"])
+    assert "replacing sample 7" in capsys.readouterr().err
     for sample in samples:
         sample["jpeg"] = sample["jpeg"][:300]
     with pytest.raises(ValueError, match="prepare the data set again"):
