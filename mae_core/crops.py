@@ -237,7 +237,7 @@ def resize_uint8(pixels: Tensor, size: tuple[int, int]) -> Tensor:
     torchvision's ``resize``, in half the time where torch has its own uint8 kernel (3 or 4
     channels in channels-last memory, which is how libjpeg lays a decoded image out anyway):
     torchvision resizes uint8 in float for anything but bilinear. 0.17 against 0.35 ms for a
-    300 px crop to 224, a seventh of a prepared image's time."""
+    300 px crop to 224; a 224 px crop of a prepared image takes 8% less time."""
     if pixels.dtype == torch.uint8 and pixels.shape[0] in (3, 4) and pixels.device.type == "cpu":
         batch = pixels.unsqueeze(0).contiguous(memory_format=torch.channels_last)
         return torch.nn.functional.interpolate(batch, size=size, mode="bicubic", antialias=True)[0]
