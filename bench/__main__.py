@@ -139,10 +139,8 @@ def _fill_defaults(args: argparse.Namespace) -> None:
 def run_train(args: argparse.Namespace, say: Say) -> tuple[list[str], dict, bool]:
     """The training section's lines, its JSON, and whether a recipe failed outright."""
     from bench.sections import training_section
-    from bench.training import (TrainSettings, benchmark_training, measurement_name,
+    from bench.training import (RECIPES, TrainSettings, benchmark_training, measurement_name,
                                 training_json)
-
-    from bench.training import RECIPES
     from mae_core import prepared
 
     recipes = RECIPES

@@ -63,6 +63,9 @@ def measure(data: str, image_size: int, batch_size: int, workers: int, batches: 
             warmup: int, device: str, decode_on_device: bool = False,
             transfer_only: bool = False) -> dict[str, Any]:
     """Images/s of ``batches`` batches after ``warmup``, each on ``device``, and the host's waits."""
+    import torch
+
+    from bench.data import _forever
     from mae_core import crops, prepared
 
     with tempfile.TemporaryDirectory(prefix="mae-bench-loader-") as root:
@@ -89,7 +92,7 @@ def measure(data: str, image_size: int, batch_size: int, workers: int, batches: 
             if index >= warmup:
                 waits.append(time.perf_counter() - asked)
             if deferred:
-                images = crops.finish_on_device(batch, image_size, torch_device(device))
+                images = crops.finish_on_device(batch, image_size, torch.device(device))
             else:
                 images = batch["image"] if isinstance(batch, dict) else batch
             images.to(device, non_blocking=True).float()  # the copy and the model's first cast
@@ -128,17 +131,6 @@ def _transfer_only_loader(image_size: int, batch_size: int, workers: int, pin: b
     return DataLoader(_Blank(image_size, batch_size * 64), batch_size=batch_size, shuffle=True,
                       drop_last=True, num_workers=workers, pin_memory=pin,
                       persistent_workers=workers > 0)
-
-
-def torch_device(name: str) -> Any:
-    import torch
-
-    return torch.device(name)
-
-
-def _forever(loader: Any) -> Any:
-    while True:
-        yield from loader
 
 
 def _sync(device: str) -> None:

@@ -200,7 +200,6 @@ def mae_augmentation(image_size: int) -> v2.Compose:
     ])
 
 
-
 class ImageFolderDataset(Dataset):
     """MAE-augmented crops of ``paths`` (uint8, or uint16 for 16-bit images: never squashed to
     8 bits), ``channels`` per pixel; unreadable files (and images of another channel count) are
