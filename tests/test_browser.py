@@ -337,9 +337,7 @@ def test_runs_tab_lists_and_exports_the_run(page, server):
     _button(page, "Export encoder").click()
     _wait_text(page, "#export-code", "timm.create_model")
     _wait_text(page, "#export-file", ".safetensors")
-    page.get_by_text("Data cache (prepared folders)").click()  # the accordion, closed at first
-    _button(page, "Show the data cache").click()
-    _wait_text(page, "#cache-listing", "prepared set")
+    _show_data_cache(page)
     _settle(page)
     page.screenshot(path=str(SCREENSHOTS / "runs.png"), full_page=True)
 
@@ -377,6 +375,15 @@ def test_dark_mode_is_readable(browser_factory, server):
                      "#params-diff td.name"):
         assert _contrast(page, selector) >= 4.5, selector
     page.screenshot(path=str(SCREENSHOTS / "parameters-dark.png"), full_page=False)
+    page.get_by_role("tab", name="Runs").click()
+    _show_data_cache(page)
+    assert _contrast(page, "#cache-listing p") >= 4.5
+
+
+def _show_data_cache(page) -> None:
+    page.get_by_text("Data cache (prepared folders)").click()  # the accordion, closed at first
+    _button(page, "Show the data cache").click()
+    _wait_text(page, "#cache-listing", "prepared set")
 
 
 def test_every_tab_is_usable_at_800_px(browser_factory, server):
@@ -393,6 +400,8 @@ def test_every_tab_is_usable_at_800_px(browser_factory, server):
     for tab in ("Reconstruct", "Parameters", "Runs"):
         page.get_by_role("tab", name=tab).click()
         page.wait_for_timeout(1500)
+        if tab == "Runs":
+            _show_data_cache(page)
         assert page.evaluate(no_scroll), tab
         page.screenshot(path=str(SCREENSHOTS / f"{tab.lower()}-800.png"), full_page=True)
     page.get_by_role("tab", name="Reconstruct").click()

@@ -36,21 +36,22 @@ def cache_html(ctx: AppContext) -> str:
     where = render.esc(prepared.cache_root())
     if not sets:
         return f"<p class='cache-empty'>The data cache ({where}) holds no prepared set.</p>"
-    rows = []
+    here, rows = os.path.realpath(_runs_dir(ctx)), []
     for cached in sets:
-        here = os.path.realpath(_runs_dir(ctx))
         runs = ", ".join(Path(run).name if os.path.dirname(os.path.realpath(run)) == here else run
                          for run in cached.runs) or "none"
         state = "superseded" if cached.superseded else "newest"
-        rows.append(f"<tr><td>{render.esc(cached.source or 'the sample photos')}</td>"
+        # a long folder path or run list wraps anywhere; the short cells keep their words whole
+        rows.append(f"<tr><td style='overflow-wrap:anywhere'>"
+                    f"{render.esc(cached.source or 'the sample photos')}</td>"
                     f"<td>{cached.count:,}</td><td>{_gb(cached.bytes)}</td>"
                     f"<td>{render.esc(cached.created)}</td><td>{state}</td>"
-                    f"<td>{render.esc(runs)}</td></tr>")
+                    f"<td style='overflow-wrap:anywhere'>{render.esc(runs)}</td></tr>")
     removable = [c for c in sets if c.superseded and not c.runs]
     freeable = sum(c.bytes for c in removable)
     summary = (f"{len(sets)} prepared set(s) in {where}, {_gb(sum(c.bytes for c in sets))}; "
                f"{len(removable)} superseded and used by no run ({_gb(freeable)}).")
-    return (f"<p>{summary}</p><table class='cache-table'><thead><tr><th>folder</th><th>images</th>"
+    return (f"<p>{summary}</p><table class='cache-table' style='width:100%'><thead><tr><th>folder</th><th>images</th>"
             "<th>size</th><th>prepared</th><th>state</th><th>runs using it</th></tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table>")
 
