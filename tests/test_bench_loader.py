@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from bench.training import step_figures
 from mae_core import prepared
 from tests.test_prepared import _photos
@@ -39,6 +41,14 @@ def test_the_loader_tool_measures_a_folder_and_a_prepared_set_both_ways(run_modu
     assert [rows[n]["decode_on_device"] for n in rows] == [False, False, True, False]
     assert all(row["images_per_s"] > 0 and row["batches"] == 3 and row["mean_wait_s"] >= 0
                for row in rows.values())
+    # what one worker computes alone, and the share of it the loader delivers (no workers here:
+    # the loader is that one core); blank images have no work to compare
+    assert rows["blank"]["per_core_images_per_s"] is None
+    for name in ("memory", "prepared", "device"):
+        row = rows[name]
+        assert row["per_core_images_per_s"] > 0
+        assert row["pipeline_efficiency"] == pytest.approx(
+            row["images_per_s"] / row["per_core_images_per_s"], rel=0.02, abs=0.01)
 
 
 def test_the_loader_tool_refuses_a_missing_folder_with_the_reason(run_module, tmp_path):
