@@ -245,6 +245,9 @@ HINTS: dict[str, Hint] = {
                       info="auto: bf16-mixed on GPUs and on CPUs with AMX / AVX-512 BF16"),
     "find_unused_parameters": Hint("find_unused_parameters (auto: only for reference)"),
     "num_workers": Hint("loader workers per process (blank = auto)", zero_is_auto=False),
+    "compile": Hint("torch.compile the model",
+                    info="about a minute of compiling at start, then faster steps on a GPU (the "
+                         "README's Benchmark has the figures); no gain on the CPU"),
     "decode_on_device": Hint("decode on the device (prepared sets)",
                              info="workers only draw the crops; the GPU decodes the JPEGs "
                                   "(nvJPEG) and cuts them"),
