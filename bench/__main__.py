@@ -21,24 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from bench import JOBS
+from bench.args import non_negative, positive
 from bench.gpu import GPU_BATCH
 from bench.worker import WORKER_FLAG
 
 Say = Callable[[str], None]
-
-
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return number
-
-
-def _non_negative(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
-    return number
 
 
 def _train_options(p: argparse.ArgumentParser) -> None:
@@ -48,25 +35,25 @@ def _train_options(p: argparse.ArgumentParser) -> None:
                    help="preset(s) to train (default vit-tiny; vit-base with --gpu)")
     p.add_argument("--image-size", type=int, default=None, help="default 64; 224 with --gpu")
     p.add_argument("--patch-size", type=int, default=None, help="default 8; 16 with --gpu")
-    p.add_argument("--batch-size", type=_positive, default=None,
+    p.add_argument("--batch-size", type=positive, default=None,
                    help=f"per process (default 32; {GPU_BATCH} per GPU with --gpu)")
     p.add_argument("--precision", nargs="+", default=None, choices=list(PRECISIONS),
                    help="precision(s) to measure, each its own rows (default: the trainer's "
                         "choice for this machine)")
-    p.add_argument("--devices", type=_positive, default=None,
+    p.add_argument("--devices", type=positive, default=None,
                    help="DDP processes (default: the trainer's choice for this machine)")
     p.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu"))
     p.add_argument("--data", default="", help="image folder (default: the embedded sample photos)")
-    p.add_argument("--steps", type=_positive, default=None,
+    p.add_argument("--steps", type=positive, default=None,
                    help="measured steps per launch (default 30; 50 with --gpu)")
-    p.add_argument("--warmup-steps", type=_non_negative, default=5, help="steps excluded first")
-    p.add_argument("--repeats", type=_positive, default=3, help="launches per recipe (median)")
-    p.add_argument("--threads", type=_positive, default=None,
+    p.add_argument("--warmup-steps", type=non_negative, default=5, help="steps excluded first")
+    p.add_argument("--repeats", type=positive, default=3, help="launches per recipe (median)")
+    p.add_argument("--threads", type=positive, default=None,
                    help="torch threads per training process "
                         "(default: Lightning's, cores/processes)")
-    p.add_argument("--num-workers", type=_non_negative, default=None,
+    p.add_argument("--num-workers", type=non_negative, default=None,
                    help="loader workers per process for ddp-clean (default: the trainer's choice)")
-    p.add_argument("--naive-workers", type=_non_negative, default=None,
+    p.add_argument("--naive-workers", type=non_negative, default=None,
                    help="loader workers per process for the naive recipe (default: as ddp-clean)")
     p.add_argument("--static-graph", type=parse_bool, default=True,
                    help="TrainConfig.static_graph for ddp-clean: on (default) or off")
@@ -84,15 +71,15 @@ def _other_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recon-presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
     p.add_argument("--recon-size", type=int, default=224)
     p.add_argument("--recon-patch", type=int, default=16)
-    p.add_argument("--recon-runs", type=_positive, default=20)
-    p.add_argument("--recon-warmup", type=_non_negative, default=3)
+    p.add_argument("--recon-runs", type=positive, default=20)
+    p.add_argument("--recon-warmup", type=non_negative, default=3)
     p.add_argument("--photo", help="the image file to upload (default: a sample photo as JPEG)")
     p.add_argument("--app-timeout", type=float, default=180.0)
-    p.add_argument("--poll-lines", type=_positive, default=1_000_000,
+    p.add_argument("--poll-lines", type=positive, default=1_000_000,
                    help="steps in the polled metrics.jsonl (default 1,000,000)")
-    p.add_argument("--poll-max-points", type=_positive, default=2000,
+    p.add_argument("--poll-max-points", type=positive, default=2000,
                    help="points per series sent to the browser (default 2000)")
-    p.add_argument("--poll-repeats", type=_positive, default=30, help="polls timed per situation")
+    p.add_argument("--poll-repeats", type=positive, default=30, help="polls timed per situation")
 
 
 def build_parser() -> argparse.ArgumentParser:

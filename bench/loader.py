@@ -24,24 +24,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return number
+from bench.args import non_negative, positive
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.loader", description=__doc__.split("\n")[0])
     p.add_argument("--data", default="", help="image folder or prepared set (default: the "
                                               "embedded sample photos)")
-    p.add_argument("--image-size", type=_positive, default=224)
-    p.add_argument("--batch-size", type=_positive, default=256)
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--image-size", type=positive, default=224)
+    p.add_argument("--batch-size", type=positive, default=256)
+    p.add_argument("--workers", type=non_negative, default=None,
                    help="loader worker processes (default: the trainer's choice for this machine)")
-    p.add_argument("--batches", type=_positive, default=40, help="measured batches")
-    p.add_argument("--warmup", type=int, default=5, help="batches excluded first")
+    p.add_argument("--batches", type=positive, default=40, help="measured batches")
+    p.add_argument("--warmup", type=non_negative, default=5, help="batches excluded first")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--decode-on-device", action="store_true",
                    help="prepared sets: workers only draw the crops, the device decodes and cuts "

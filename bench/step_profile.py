@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 
+from bench.args import non_negative, positive
 from mae_core.config import PRECISIONS, PRESETS, ModelConfig
 from mae_core.flops import training_flops_per_image
 from mae_core.hardware import device_peak, mfu
@@ -129,14 +130,14 @@ def compare(model: MaskedAutoencoder, args: argparse.Namespace, device: str, rou
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.step_profile", description=__doc__)
     p.add_argument("--preset", default="vit-base", choices=list(PRESETS))
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--patch-size", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--image-size", type=positive, default=224)
+    p.add_argument("--patch-size", type=positive, default=16)
+    p.add_argument("--batch-size", type=positive, default=256)
     p.add_argument("--precision", default="bf16-mixed", choices=list(PRECISIONS))
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=positive, default=20)
+    p.add_argument("--warmup", type=non_negative, default=5)
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--rows", type=int, default=30, help="profiler rows to print (0: none)")
+    p.add_argument("--rows", type=non_negative, default=30, help="profiler rows to print (0: none)")
     p.add_argument("--compare", action="store_true",
                    help="instead: the step against the trainer's older optimizer and attention "
                         "choices, interleaved, best of 6 rounds of --steps steps")

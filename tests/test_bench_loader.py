@@ -55,3 +55,12 @@ def test_the_loader_tool_refuses_a_missing_folder_with_the_reason(run_module, tm
     result = run_module("bench.loader", "--data", tmp_path / "nowhere", "--device", "cpu")
     assert result.returncode == 2
     assert "nowhere" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flags, option", [(["--workers", "-3"], "--workers"),
+                                           (["--warmup", "-1"], "--warmup"),
+                                           (["--batch-size", "0"], "--batch-size")])
+def test_the_loader_tool_refuses_impossible_counts_before_it_loads_anything(run_module, flags, option):
+    result = run_module("bench.loader", *flags, "--device", "cpu")
+    assert result.returncode == 2
+    assert option in result.stderr and "Traceback" not in result.stderr
