@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.benchmark = True  # as the trainer (mae_core.train) sets it
     model, optimizer = build(args, device)
     flops = training_flops_per_image(model.cfg)
     peak = device_peak(device, args.precision)
