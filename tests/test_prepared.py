@@ -269,6 +269,45 @@ def test_two_processes_shard_an_epoch_and_resume_mid_epoch_without_repeats(run_m
     assert json.loads(RunPaths(run_dir).status.read_text())["state"] == "finished"
 
 
+@pytest.mark.parametrize("images, batch, world, workers, passes", [
+    (48, 4, 2, 0, 1),              # no loader workers: nothing idles, one pass
+    (48, 4, 2, 1, 6),              # 6 batches a rank: 6 passes give the 32 a worker
+    (2000, 256, 1, 8, 37),         # the H200's 7-batch epoch: 256 batches for 8 workers
+    (1_281_167, 256, 8, 8, 1),     # ImageNet on 8 GPUs: 625 batches a rank, once
+    (7, 4, 2, 8, 1),               # too few for a batch a rank: refused later with the reason
+])
+def test_a_small_prepared_set_is_read_again_until_its_loader_workers_stay_busy(
+        images, batch, world, workers, passes):
+    """An H200 fed by a 2,000-image set (7 batches an epoch) trained at ~3,000 images/s where its
+    cores decode 9,600: every loader worker idles from an epoch's last batch to the next's first."""
+    from mae_core.data import BATCHES_PER_WORKER_PER_EPOCH as PER_WORKER
+
+    assert prepared.epoch_passes(images, batch, world, workers) == passes
+    for images in range(world * batch, 40 * world * batch, 7):  # the fewest passes that suffice
+        found = prepared.epoch_passes(images, batch, world, workers)
+        batches = images // (world * batch)
+        assert found * batches >= PER_WORKER * workers
+        assert found == 1 or (found - 1) * batches < PER_WORKER * workers
+
+
+def test_loader_workers_read_a_small_set_in_whole_passes_across_a_mid_epoch_resume(run_module,
+                                                                                   tmp_path):
+    """Two processes, one loader worker each, 24 images at batch 4: an epoch is 11 passes (33
+    steps a rank), and each sample is trained exactly 11 times in it, a resume at step 10 included
+    (LitData shuffles the passes together: a sample may come back before another's first turn)."""
+    src = _photos(tmp_path / "photos", 24)
+    data = tmp_path / "prepared"
+    prepared.prepare(str(src), data, workers=1, verbose=False)
+    ids_dir, run_dir = tmp_path / "ids", tmp_path / "runs" / "run"
+    workers = ("--num-workers", "1", "--checkpoint-every-n-steps", "5")
+    _record(run_module, ids_dir, run_dir, data, *workers, "--max-steps", "10")
+    _record(run_module, ids_dir, run_dir, data, *workers, "--max-steps", "35", "--resume")
+    seen = _steps(ids_dir)
+    assert all(sorted(steps) == list(range(35)) for steps in seen.values())
+    epoch = Counter(i for steps in seen.values() for step in range(33) for i in steps[step])
+    assert epoch == Counter({i: 11 for i in range(24)})
+
+
 def test_decoding_on_the_device_trains_two_processes_on_disjoint_shards(run_module, tmp_path):
     """decode_on_device: the workers only draw crops and the training process decodes the batch
     (nvJPEG on a GPU; here the CPU): the same sharding, a finished run, a loss that is a number."""

@@ -235,8 +235,9 @@ HINTS: dict[str, Hint] = {
                          f"{PAPER_BASE_LR:g} (the paper's), but lr at least {MIN_AUTO_LR:g}"),
     "max_steps": Hint("max steps (-1 = by epochs)", main=True),
     "max_epochs": Hint("max epochs (0 = no limit)", main=True,
-                       info="a small folder held in memory is repeated per epoch: at least 4 "
-                            "steps, more with loader workers so that they stay busy"),
+                       info="a small data set is repeated per epoch: a folder held in memory "
+                            "to at least 4 steps; with loader workers, any small set to enough "
+                            "batches that the workers stay busy"),
     "accelerator": Hint("accelerator", ACCELERATORS, main=True),
     "devices": Hint("devices (0 = all)", main=True),
     "gpus": Hint("GPUs for this run (blank = all)",
