@@ -18,3 +18,10 @@ def non_negative(value: str) -> int:
     if number < 0:
         raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
     return number
+
+
+def non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0 or number == float("inf"):  # NaN fails the first test
+        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {value}")
+    return number

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.args import non_negative, positive
+from bench.args import non_negative, non_negative_float, positive
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transfer-only", action="store_true",
                    help="no data: blank images, to measure what the loader's worker processes, "
                         "shared memory and pinning cost alone")
+    p.add_argument("--step-ms", type=non_negative_float, default=0.0,
+                   help="a training step of this many milliseconds per batch, as a device takes "
+                        "it (this process sleeps, leaving the cores to the workers): does the "
+                        "loader keep such a step fed, epoch ends included? (fed_fraction)")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     return p
 
@@ -58,8 +62,12 @@ def default_workers(device: str) -> int:
 
 def measure(data: str, image_size: int, batch_size: int, workers: int, batches: int,
             warmup: int, device: str, decode_on_device: bool = False,
-            transfer_only: bool = False) -> dict[str, Any]:
-    """Images/s of ``batches`` batches after ``warmup``, each on ``device``, and the host's waits."""
+            transfer_only: bool = False, step_ms: float = 0.0) -> dict[str, Any]:
+    """Images/s of ``batches`` batches after ``warmup``, each on ``device``, and the host's waits;
+    ``step_ms``: each batch is followed by a step of that length (a sleep). A loader read by a
+    consumer that takes no time hides its stalls: its workers never wait for the consumer, so an
+    epoch's end costs them nothing, where a device step leaves them idle from the epoch's last
+    batch until the next epoch begins."""
     import torch
 
     from bench.data import _forever
@@ -94,6 +102,9 @@ def measure(data: str, image_size: int, batch_size: int, workers: int, batches: 
             else:
                 images = batch["image"] if isinstance(batch, dict) else batch
             images.to(device, non_blocking=True).float()  # the copy and the model's first cast
+            if step_ms:
+                _sync(device)
+                time.sleep(step_ms / 1000)
         _sync(device)
         seconds = time.perf_counter() - (started or 0.0)
     images_per_s = batches * batch_size / seconds
@@ -106,7 +117,9 @@ def measure(data: str, image_size: int, batch_size: int, workers: int, batches: 
             "per_core_images_per_s": per_core and round(per_core, 1),
             "pipeline_efficiency": per_core and round(images_per_s / (per_core * max(1, workers)), 2),
             "mean_wait_s": round(statistics.fmean(waits), 4),
-            "max_wait_s": round(max(waits), 4)}
+            "max_wait_s": round(max(waits), 4), "step_ms": step_ms,
+            # the share of the step-bound rate (batch / step) delivered: 1 = the step never waited
+            "fed_fraction": round(images_per_s * step_ms / 1000 / batch_size, 3) if step_ms else None}
 
 
 def per_core_rate(source: Any, image_size: int, batch_size: int, decode_on_device: bool,
@@ -183,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         row = measure(args.data, args.image_size, args.batch_size, workers, args.batches,
-                      args.warmup, device, args.decode_on_device, args.transfer_only)
+                      args.warmup, device, args.decode_on_device, args.transfer_only,
+                      args.step_ms)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -51,6 +51,23 @@ def test_the_loader_tool_measures_a_folder_and_a_prepared_set_both_ways(run_modu
             row["images_per_s"] / row["per_core_images_per_s"], rel=0.02, abs=0.01)
 
 
+def test_a_step_length_paces_the_loader_and_says_how_fully_it_was_fed(tmp_path):
+    """``--step-ms``: a consumer that takes no time hides a loader's stalls at epoch ends; with a
+    device-like step after each batch the rate cannot pass batch / step, and ``fed_fraction`` says
+    what share of that the loader delivered."""
+    from bench.loader import measure
+
+    src = _photos(tmp_path / "photos", 8)
+    row = measure(str(src), 32, 4, 0, batches=3, warmup=1, device="cpu", step_ms=50.0)
+    ceiling = 4 / 0.050
+    assert row["step_ms"] == 50.0
+    assert 0 < row["images_per_s"] <= ceiling
+    assert row["fed_fraction"] == pytest.approx(row["images_per_s"] / ceiling, abs=0.002)
+    assert row["fed_fraction"] > 0.5  # in-memory crops of 8 small photos: far quicker than 50 ms
+    unpaced = measure(str(src), 32, 4, 0, batches=3, warmup=1, device="cpu")
+    assert unpaced["fed_fraction"] is None and unpaced["images_per_s"] > ceiling
+
+
 def test_the_loader_tool_refuses_a_missing_folder_with_the_reason(run_module, tmp_path):
     result = run_module("bench.loader", "--data", tmp_path / "nowhere", "--device", "cpu")
     assert result.returncode == 2
@@ -59,7 +76,9 @@ def test_the_loader_tool_refuses_a_missing_folder_with_the_reason(run_module, tm
 
 @pytest.mark.parametrize("flags, option", [(["--workers", "-3"], "--workers"),
                                            (["--warmup", "-1"], "--warmup"),
-                                           (["--batch-size", "0"], "--batch-size")])
+                                           (["--batch-size", "0"], "--batch-size"),
+                                           (["--step-ms", "-5"], "--step-ms"),
+                                           (["--step-ms", "nan"], "--step-ms")])
 def test_the_loader_tool_refuses_impossible_counts_before_it_loads_anything(run_module, flags, option):
     result = run_module("bench.loader", *flags, "--device", "cpu")
     assert result.returncode == 2

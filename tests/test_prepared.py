@@ -299,7 +299,7 @@ def test_loader_workers_read_a_small_set_in_whole_passes_across_a_mid_epoch_resu
     data = tmp_path / "prepared"
     prepared.prepare(str(src), data, workers=1, verbose=False)
     ids_dir, run_dir = tmp_path / "ids", tmp_path / "runs" / "run"
-    workers = ("--num-workers", "1", "--checkpoint-every-n-steps", "5")
+    workers = ("--num-workers", "1", "--checkpoint-every-n-steps", "10")
     _record(run_module, ids_dir, run_dir, data, *workers, "--max-steps", "10")
     _record(run_module, ids_dir, run_dir, data, *workers, "--max-steps", "35", "--resume")
     seen = _steps(ids_dir)
