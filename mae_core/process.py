@@ -202,3 +202,15 @@ def _return_code(info: os.waitid_result | None) -> int | None:
     if info is None or info.si_pid == 0:
         return None
     return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+
+def exit_quickly(code: int) -> None:
+    """``sys.exit(code)`` without the interpreter's last garbage collections over every object
+    torch, Lightning and timm built: they took ~1.2 s of each trainer process's exit on a 2-core
+    machine (0.15 s without), while its run already read finished and the next queued run waited.
+    Only cycles are left uncollected: call it once every file is written and closed; the exit
+    handlers (logging's flush, multiprocessing's children) still run."""
+    import gc
+
+    gc.freeze()
+    sys.exit(code)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from mae_core import crops, prepared, train
+from mae_core.process import exit_quickly
 
 _original = prepared.StreamingMAEDataModule.on_before_batch_transfer
 _original_box = crops.DecodeAugment.draw_box
@@ -44,4 +45,4 @@ if __name__ == "__main__":
     prepared.StreamingMAEDataModule.on_before_batch_transfer = _recording
     crops.DecodeAugment.draw_box = _recording_box
     Path(sys.argv[1]).mkdir(parents=True, exist_ok=True)
-    sys.exit(train.main(sys.argv[2:]))
+    exit_quickly(train.main(sys.argv[2:]))
