@@ -495,5 +495,6 @@ if __name__ == "__main__":
     # Run as a script this file is ``__main__``: call the real module's main, so its DataError is
     # the one mae_core.prepared raises.
     from mae_core.data import main as _main
+    from mae_core.process import exit_quickly
 
-    raise SystemExit(_main())
+    exit_quickly(_main())
