@@ -300,4 +300,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from mae_core.process import exit_quickly
+
+    exit_quickly(main())
