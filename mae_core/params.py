@@ -1,6 +1,5 @@
 """``python -m mae_core.params``: the earlier name of ``python -m mae_core.audit``, kept for scripts."""
 
-
 from mae_core.audit import main
 
 if __name__ == "__main__":
