@@ -71,6 +71,7 @@ def make_strategy(cfg: RunConfig) -> Any:
     static = (t.static_graph and not find_unused and cfg.model.policy == "ddp-clean"
               and t.accumulate_grad_batches == 1)
     return DDPStrategy(find_unused_parameters=find_unused, static_graph=static,
+                       gradient_as_bucket_view=True,
                        process_group_backend="nccl" if t.accelerator == "gpu" else "gloo",
                        timeout=datetime.timedelta(minutes=10))
 

@@ -108,3 +108,19 @@ def test_training_leaves_frozen_tensors_bit_identical_and_moves_trainable_ones(c
     # the init scale, ~1e-1).
     worst = max((trained[n] - initial[n]).abs().max().item() for n in trainable)
     assert 0 < worst < 6 * RunConfig.load(paths.config).train.learning_rate() + 1e-6, worst
+
+
+@pytest.mark.parametrize("flags", [[], ["--accumulate-grad-batches", "2"]],
+                         ids=["static-graph", "accumulation-no-sync"])
+def test_the_ranks_end_with_bit_identical_weights(run_module, tmp_path, flags):
+    """Each rank trains on its own images; only all-reduced gradients keep their weights equal.
+    Gradients live in DDP's all-reduce buckets (``gradient_as_bucket_view``); with accumulation
+    the first micro-batch skips the all-reduce (``no_sync``) and the static graph is off."""
+    out = tmp_path / "digests"
+    result = run_module("tests.rank_digest", out, "--runs-dir", tmp_path / "runs", *TINY_DDP,
+                        "--max-steps", "3", *flags)
+    assert result.returncode == 0, result.stderr[-4000:]
+    digests = [(out / f"rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert digests[0] == digests[1]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert RunPaths(run_dir).read_status()["step"] == 3
