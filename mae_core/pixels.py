@@ -6,8 +6,12 @@ to 8 bits. 8-bit colour (and 8-bit grayscale for a colour model) takes exactly t
 :func:`mae_core.images.open_rgb`, so RGB photos read as fast and as before.
 
 TIFF files are read with ``tifffile``, which keeps every sample of a multi-band file (PIL reads an
-RGB + near-infrared TIFF as plain RGB, dropping the fourth band). In PNG, WebP and the other
-photo formats an alpha channel is transparency: composited on white as before, never a channel.
+RGB + near-infrared TIFF as plain RGB, dropping the fourth band). Only the pages of the first image
+are decoded (every channel, the first of any other axis), within :data:`MAX_SAMPLES` values, and a
+damaged TIFF, whatever tifffile raises on it, is an :class:`~mae_core.images.ImageError`.
+
+In PNG, WebP and the other photo formats an alpha channel is transparency: composited on white as
+before, never a channel.
 
 Example:
     >>> probe("scan.tif")
@@ -19,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -28,6 +33,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from mae_core.checks import MAX_CHANNELS
 from mae_core.images import (
     MAX_PIXELS,
     ImageError,
@@ -47,6 +53,12 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
 # The channel axis in tifffile's axes codes: samples per pixel, or an ImageJ/OME channel axis.
 _CHANNEL_AXES = "SC"
 _ASSOCIATED_ALPHA, _UNASSOCIATED_ALPHA = 1, 2  # TIFF ExtraSamples values
+# The most values (channels × height × width) one TIFF image may decode to: 4 bands at the pixel
+# limit (256 M values, 512 MB at 16 bits). A few compressed megabytes can claim far more.
+MAX_SAMPLES = 4 * MAX_PIXELS
+# What tifffile raises for a compression, predictor or layout it cannot decode on its own (LZW
+# and JPEG need imagecodecs, CCITT it lacks...): PIL is tried before the file is refused.
+_NO_CODEC = (KeyError, ValueError, RuntimeError, NotImplementedError, ImportError)
 
 
 @dataclass(frozen=True)
@@ -121,38 +133,94 @@ def _tiff_layout(series, label: str) -> tuple[int, int]:
     if height * width > MAX_PIXELS:
         raise ImageError(f"{label}: {width}×{height} pixels is too large (limit {MAX_PIXELS:,} "
                          "pixels)")
+    if channels > MAX_CHANNELS:
+        raise ImageError(f"{label}: {channels} channels (TIFF axes {axes}) is more than any model "
+                         f"takes (limit {MAX_CHANNELS} channels)")
+    if channels * height * width > MAX_SAMPLES:
+        raise ImageError(f"{label}: {width}×{height} pixels × {channels} channels is too large "
+                         f"(limit {MAX_SAMPLES:,} values)")
     return channels, 16 if dtype == np.uint16 else 8
+
+
+def _first_image(series, label: str) -> tuple[np.ndarray, str]:
+    """(array, axes) of the series' first image: index 0 of every axis but Y, X and the channel
+    axis, decoding only the pages that hold it (a many-page file decodes one page, or one page
+    per channel when the channels are pages, as in an ImageJ hyperstack)."""
+    axes, shape = series.axes, tuple(int(n) for n in series.shape)
+    page = series.keyframe
+    page_axes, page_shape = page.axes, tuple(int(n) for n in page.shape)
+    lead = len(axes) - len(page_axes)
+    lead_axes, lead_shape = axes[:max(lead, 0)], shape[:max(lead, 0)]
+    if (lead >= 0 and axes[lead:] == page_axes and shape[lead:] == page_shape
+            and math.prod(lead_shape) == len(series)):
+        # Pages are the leading axes in C order: page = Σ index × stride.
+        strides = [math.prod(lead_shape[i + 1:]) for i in range(lead)]
+        keys = [0]
+        for axis, size, stride in zip(lead_axes, lead_shape, strides):
+            if axis in _CHANNEL_AXES:
+                keys = [key + i * stride for key in keys for i in range(size)]
+        _decodable(len(keys) * math.prod(page_shape), label)
+        kept = [(a, n) for a, n in zip(lead_axes, lead_shape) if a in _CHANNEL_AXES]
+        array = series.asarray(key=keys)
+        # A keyed read squeezes the page axes it stacks: back to (channel pages) + page shape.
+        array = array.reshape(tuple(n for _, n in kept) + page_shape)
+        return array, "".join(a for a, _ in kept) + page_axes
+    # Another layout (a truncated ImageJ file, pages unlike the first...): the whole series, when
+    # it is small enough to decode.
+    _decodable(max(math.prod(shape), len(series) * math.prod(page_shape)), label,
+               f" (its TIFF layout, axes {axes} of shape {shape}, is only read whole)")
+    array = series.asarray()
+    if array.shape != shape:  # tifffile could not fit the pages it found into the series' shape
+        raise ImageError(f"{label}: the TIFF is corrupt or truncated (its pages make "
+                         f"{array.shape}, not its {axes} {shape})")
+    return array, axes
+
+
+def _decodable(values: int, label: str, why: str = "") -> None:
+    """Refuses, before decoding, to decode more than :data:`MAX_SAMPLES` values."""
+    if values > MAX_SAMPLES:
+        raise ImageError(f"{label}: reading it would decode {values:,} values{why}, more than the "
+                         f"limit of {MAX_SAMPLES:,}: save its first image on its own")
+
+
+def _corrupt(label: str, err: BaseException) -> ImageError:
+    why = str(err) or type(err).__name__
+    return ImageError(f"{label}: the TIFF is corrupt or truncated ({why})")
 
 
 def _open_tiff(source: Source, label: str, decode: bool) -> tuple[PixelFormat, np.ndarray | None]:
     import tifffile
 
+    # tifffile parses untrusted bytes: a damaged file raises nearly anything (ZeroDivisionError,
+    # struct.error, zlib.error, TypeError...). Each is that file's fault, told as an ImageError;
+    # MemoryError and KeyboardInterrupt are not the file's fault and propagate.
     try:
         with tifffile.TiffFile(_rewound(source)) as tif:
             series = tif.series[0]
             samples, bits = _tiff_layout(series, label)
             # An alpha sample (TIFF ExtraSamples 1 or 2) is transparency, as in a PNG: not a band.
-            extra = getattr(tif.pages[0], "extrasamples", None) or ()
+            extra = getattr(series.keyframe, "extrasamples", None) or ()
             alpha = next((int(kind) for kind in extra
                           if int(kind) in (_ASSOCIATED_ALPHA, _UNASSOCIATED_ALPHA)), None)
             fmt = PixelFormat(samples - (alpha is not None), bits)
             if not decode:
                 return fmt, None
             try:
-                array = series.asarray()
-            except (KeyError, ValueError, RuntimeError) as err:  # a codec tifffile lacks (LZW...)
+                array, axes = _first_image(series, label)
+            except (ImageError, MemoryError):
+                raise
+            except _NO_CODEC as err:  # a codec tifffile lacks (LZW...): PIL may have it
                 return fmt, _tiff_with_pil(source, fmt, label, err)
-            axes = series.axes
-    except ImageError:
+    except (ImageError, MemoryError):
         raise
     except FileNotFoundError:
         raise ImageError(f"{label}: no such file") from None
-    except (tifffile.TiffFileError, OSError, ValueError, IndexError, EOFError) as err:
-        raise ImageError(f"{label}: the TIFF is corrupt or truncated ({err})") from None
+    except Exception as err:  # noqa: BLE001 - a third-party parser on untrusted bytes (above)
+        raise _corrupt(label, err) from None
     # Extra axes (pages, time, depth): the first of each, like PIL's first frame.
     for axis in [a for a in axes if a not in "YX" + _CHANNEL_AXES]:
         array = np.take(array, 0, axis=axes.index(axis))
-        axes = axes.replace(axis, "")
+        axes = axes.replace(axis, "", 1)  # one at a time: a series may repeat "Q"
     if not any(a in _CHANNEL_AXES for a in axes):
         array, axes = array[None], "C" + axes
     channel = next(a for a in axes if a in _CHANNEL_AXES)
@@ -177,14 +245,21 @@ def _on_white(array: np.ndarray, alpha: int, full: int) -> np.ndarray:
 def _tiff_with_pil(source: Source, fmt: PixelFormat, label: str, why: Exception) -> np.ndarray:
     """A TIFF whose compression tifffile cannot decode without ``imagecodecs``: PIL decodes it,
     but only when PIL keeps every band (it reads RGB + extra samples as plain RGB)."""
-    image = open_checked(_rewound(source), MAX_PIXELS, label)
-    if image.mode in ("RGBA", "LA"):  # PIL read the alpha sample: composited, as the rest are
-        image = to_rgb8(image) if image.mode == "RGBA" else to_rgb8(image).convert("L")
-    array = np.asarray(image)
+    try:
+        image = open_checked(_rewound(source), MAX_PIXELS, label)
+        if image.mode in ("RGBA", "LA"):  # PIL read the alpha sample: composited, as the rest are
+            image = to_rgb8(image) if image.mode == "RGBA" else to_rgb8(image).convert("L")
+        array = np.asarray(image)
+    except (ImageError, MemoryError):
+        raise
+    except Exception as err:  # noqa: BLE001 - PIL's TIFF parser on untrusted bytes
+        raise _corrupt(label, err) from None
     array = array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
     if array.shape[0] != fmt.channels:
-        raise ImageError(f"{label}: its compression needs the imagecodecs package ({why}); "
-                         "install it, or save the TIFF uncompressed or with zlib")
+        if isinstance(why, ImportError) or "imagecodecs" in str(why):
+            raise ImageError(f"{label}: its compression needs the imagecodecs package ({why}); "
+                             "install it, or save the TIFF uncompressed or with zlib")
+        raise _corrupt(label, why)
     return array.astype(np.uint16 if fmt.bits == 16 else np.uint8)
 
 
@@ -213,7 +288,9 @@ def probe(source: Source, name: str | None = None) -> PixelFormat:
         raise
     except FileNotFoundError:
         raise ImageError(f"{label}: no such file") from None
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - PIL on untrusted bytes (struct.error, KeyError...)
         raise ImageError(f"{label}: not an image file, or corrupt ({err})") from None
 
 
@@ -240,8 +317,13 @@ def read_for(source: Source, channels: int, name: str | None = None) -> Tensor:
     if channels == 3 and not tiff:
         return to_tensor(open_rgb(_rewound(source), name=label))  # today's RGB path, unchanged
     fmt = _open_tiff(source, label, decode=False)[0] if tiff else probe(source, label)
-    if channels == 3 and fmt.channels == 1:
-        return to_tensor(open_rgb(_rewound(source), name=label))
+    if channels == 3 and fmt.channels == 1:  # a grayscale TIFF, read by PIL as RGB
+        try:
+            return to_tensor(open_rgb(_rewound(source), name=label))
+        except (ImageError, MemoryError):
+            raise
+        except Exception as err:  # noqa: BLE001 - PIL's TIFF parser on untrusted bytes
+            raise _corrupt(label, err) from None
     if fmt.channels != channels:
         raise ImageError(f"{label}: a {fmt.channels}-channel image, but the model takes "
                          f"{channels}-channel images")

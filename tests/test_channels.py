@@ -10,6 +10,8 @@ browsers and photo tools treat it: it is composited on white, as before, and the
 
 from __future__ import annotations
 
+import io
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ import tifffile
 import torch
 from PIL import Image
 
+from mae_core import pixels
 from mae_core.channels import dataset_stats, resolve_channels
 from mae_core.composite import View, fit, parse_view
 from mae_core.config import ConfigError, ModelConfig, RunConfig
@@ -119,6 +122,125 @@ def test_wrong_channel_count_is_a_clear_image_error(tmp_path):
     # A colour model reads 8-bit grayscale as RGB, as it always did.
     Image.fromarray(np.full((8, 8), 77, np.uint8)).save(tmp_path / "gray.png")
     assert read_for(tmp_path / "gray.png", 3).shape == (3, 8, 8)
+
+
+# --- reading untrusted TIFFs: one image decoded, bounded, and any damage an ImageError ------------
+
+def tiff_bytes(array: np.ndarray, **options) -> bytes:
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, array, **options)
+    return buffer.getvalue()
+
+
+def garble_pages(data: bytes, first: int) -> bytes:
+    """``data`` with the compressed pixels of every page from ``first`` on overwritten."""
+    out = bytearray(data)
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        for page in tif.pages[first:]:
+            for offset, count in zip(page.dataoffsets, page.databytecounts):
+                out[offset:offset + count] = b"\xff" * count
+    return bytes(out)
+
+
+def test_a_many_page_tiff_decodes_its_first_page_only():
+    page, yy, xx = np.mgrid[0:40, 0:256, 0:256]
+    pages = ((xx + 3 * yy + 7 * page)[..., None] + 50 * np.arange(3)) % 256  # 40 RGB pages
+    pages = pages.astype(np.uint8)
+    data = tiff_bytes(pages, photometric="rgb", compression="zlib")
+    assert probe(data) == PixelFormat(3, 8)
+    tracemalloc.start()
+    try:
+        image = read_for(data, 3)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(image.numpy(), pages[0].transpose(2, 0, 1))
+    assert peak < 10 * pages[0].nbytes, f"decoding took {peak / pages[0].nbytes:.0f} pages' memory"
+    # Pages 1.. are never decoded: garbage in their compressed data changes nothing.
+    assert np.array_equal(read_for(garble_pages(data, 1), 3).numpy(), pages[0].transpose(2, 0, 1))
+
+
+def test_an_imagej_hyperstack_keeps_every_channel_of_its_first_time_point():
+    stack = np.random.default_rng(0).integers(0, 65535, (4, 3, SIZE, SIZE), dtype=np.uint16)
+    data = tiff_bytes(stack, imagej=True, metadata={"axes": "TCYX"}, compression="zlib")
+    assert probe(data) == PixelFormat(3, 16)
+    assert np.array_equal(read_for(data, 3).numpy(), stack[0])
+    # The channel pages of T=0 are read, and only those.
+    assert np.array_equal(read_for(garble_pages(data, 3), 3).numpy(), stack[0])
+    with pytest.raises(ImageError, match="corrupt or truncated"):
+        read_for(garble_pages(data, 2), 3)  # channel 2 of T=0 is damaged
+    # A truncated ImageJ file (one IFD, all pixels after it) is read whole, and only when small.
+    data = tiff_bytes(stack, imagej=True, metadata={"axes": "TCYX"}, truncate=True)
+    assert np.array_equal(read_for(data, 3).numpy(), stack[0])
+
+
+def with_size(data: bytes, width: int, height: int) -> bytes:
+    """``data`` (one uncompressed page) whose header claims ``width``×``height`` pixels."""
+    out = bytearray(data)
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        tags = tif.pages[0].tags
+        for name, value in (("ImageWidth", width), ("ImageLength", height)):
+            tag = tags[name]
+            assert tag.dtype in (3, 4)  # SHORT or LONG, stored in the tag itself
+            size = 2 if tag.dtype == 3 else 4
+            out[tag.valueoffset:tag.valueoffset + size] = value.to_bytes(size, "little")
+    return bytes(out)
+
+
+def test_too_many_channels_or_values_are_refused_before_decoding(monkeypatch):
+    bands = np.zeros((65, 8, 8), np.uint8)
+    many = tiff_bytes(bands, photometric="minisblack", planarconfig="separate")
+    for call in (lambda: probe(many, "bands.tif"), lambda: read_for(many, 65, "bands.tif")):
+        with pytest.raises(ImageError, match=r"bands.tif: 65 channels .* \(limit 64 channels\)"):
+            call()
+    # 5 bands of 8000×8000 (each band within the pixel limit) claimed by a 640-byte file: the
+    # header is refused (a decode would fail on the missing data instead).
+    claim = with_size(tiff_bytes(bands[:5], photometric="minisblack", planarconfig="separate",
+                                 rowsperstrip=65535), 8000, 8000)
+    for call in (lambda: probe(claim, "big.tif"), lambda: read_for(claim, 5, "big.tif")):
+        with pytest.raises(ImageError, match=r"big.tif: 8000×8000 pixels × 5 channels is too "
+                                             r"large \(limit 256,000,000 values\)"):
+            call()
+    # A layout read whole (a truncated ImageJ file) is refused when the whole is too large.
+    stack = np.zeros((4, 3, 20, 30), np.uint8)
+    data = tiff_bytes(stack, imagej=True, metadata={"axes": "TCYX"}, truncate=True)
+    monkeypatch.setattr(pixels, "MAX_SAMPLES", stack.size - 1)
+    with pytest.raises(ImageError, match=r"upload: reading it would decode 7,200 values \(its TIFF "
+                                         r"layout, axes TCYX of shape \(4, 3, 20, 30\), is only "
+                                         r"read whole\), more than the limit of 7,199"):
+        read_for(data, 3)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # PIL's, on the damaged files it reads
+def test_damaged_tiffs_raise_only_image_errors():
+    """Bytes flipped and files cut short, as uploads and copies damage them: tifffile raises
+    ZeroDivisionError, zlib.error, struct.error, TypeError... each must become an ImageError."""
+    rng = np.random.default_rng(0)
+    seeds = [  # (file, channels it holds)
+        (tiff_bytes(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8), photometric="rgb"), 3),
+        (tiff_bytes(rng.integers(0, 65535, (16, 16), dtype=np.uint16)), 1),
+        (tiff_bytes(rng.integers(0, 255, (3, 16, 16, 3), dtype=np.uint8), photometric="rgb"), 3),
+        (tiff_bytes(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8), photometric="rgb",
+                    compression="zlib"), 3),
+    ]
+    escaped = []
+    for data, channels in seeds:
+        for i in range(100):
+            damaged = bytearray(data)
+            if i % 10 == 9:  # cut short
+                damaged = damaged[:int(rng.integers(8, len(data)))]
+            else:  # 1 to 3 bytes changed, half of them in the header and first IFD
+                for _ in range(int(rng.integers(1, 4))):
+                    end = 400 if i % 2 else len(data)
+                    damaged[int(rng.integers(0, end))] = int(rng.integers(0, 256))
+            for model in (None, channels, 3):  # probe, then read for its own and an RGB model
+                try:
+                    probe(bytes(damaged)) if model is None else read_for(bytes(damaged), model)
+                except ImageError:
+                    pass
+                except Exception as err:  # noqa: BLE001 - what this test looks for
+                    escaped.append(f"{type(err).__name__}: {err}")
+    assert not escaped, f"{len(escaped)} non-ImageError exceptions, e.g. {escaped[:5]}"
 
 
 # --- the data set: one kind, its statistics -------------------------------------------------------
