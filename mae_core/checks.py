@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import reprlib
 from typing import Any
 
 
@@ -35,9 +36,18 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, float) and math.isfinite(value)
 
 
-def _shown(value: Any) -> str:
-    # A hostile value (a 5,000-character string) must not flood the message that names it.
-    text = repr(value)
+# Bounded at every level: a 400-byte YAML of nested aliases expands to 10⁹ items under repr().
+_REPR = reprlib.Repr()  # keyword arguments need Python 3.12
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxlong, _REPR.maxother = 2, 60, 40, 60
+_REPR.maxtuple = _REPR.maxlist = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 4
+
+
+def shown(value: Any) -> str:
+    """``value`` for a message that names it, cut short: a hostile 5,000-character string or a
+    YAML alias bomb must not flood the message (or build it for minutes)."""
+    if _is_int(value) and value.bit_length() > 64:  # repr() refuses ints past 4,300 digits
+        return f"an integer of {value.bit_length()} bits"
+    text = _REPR.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -47,7 +57,7 @@ def parse_bool(text: str) -> bool:
         return True
     if text.lower() in ("0", "false", "no", "off"):
         return False
-    raise argparse.ArgumentTypeError(f"expected true or false (on or off), got {text!r}")
+    raise argparse.ArgumentTypeError(f"expected true or false (on or off), got {shown(text)}")
 
 
 def _require(ok: bool, field_name: str, message: str) -> None:
@@ -61,7 +71,7 @@ def _check_int(obj: Any, name: str, low: int, high: int, optional: bool = False)
     if optional and value is None:
         return
     _require(_is_int(value) and low <= value <= high, name,
-             f"must be an integer in [{low}, {high}], got {_shown(value)}")
+             f"must be an integer in [{low}, {high}], got {shown(value)}")
 
 
 def _check_number(obj: Any, name: str, low: float, high: float, *, low_open: bool = False,
@@ -71,7 +81,7 @@ def _check_number(obj: Any, name: str, low: float, high: float, *, low_open: boo
     ok = _is_number(value) and (value > low if low_open else value >= low) and (
         value < high if high_open else value <= high)
     interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-    _require(ok, name, f"must be a finite number in {interval}, got {_shown(value)}")
+    _require(ok, name, f"must be a finite number in {interval}, got {shown(value)}")
 
 
 def _check_choice(obj: Any, name: str, choices: Any, what: str, optional: bool = False) -> None:
@@ -80,7 +90,7 @@ def _check_choice(obj: Any, name: str, choices: Any, what: str, optional: bool =
     if optional and value is None:
         return
     _require(isinstance(value, str) and value in choices, name,
-             f"unknown {what} {_shown(value)}; choose one of {', '.join(choices)}")
+             f"unknown {what} {shown(value)}; choose one of {', '.join(choices)}")
 
 
 def _check_bool(obj: Any, name: str, optional: bool = False) -> None:
@@ -88,7 +98,7 @@ def _check_bool(obj: Any, name: str, optional: bool = False) -> None:
     value = getattr(obj, name)
     if optional and value is None:
         return
-    _require(isinstance(value, bool), name, f"must be true or false, got {_shown(value)}")
+    _require(isinstance(value, bool), name, f"must be true or false, got {shown(value)}")
 
 
 # --- channels and normalisation (issue 13, item 6; mae_core/channels.py fills them from the data)
@@ -115,7 +125,7 @@ def parse_stats(value: Any, name: str) -> tuple[float, ...]:
             pass
     _require(bool(numbers) and all(math.isfinite(x) for x in numbers), name,
              f"must be numbers separated by commas, one per channel (e.g. 0.45,0.42,0.39), "
-             f"got {_shown(value)}")
+             f"got {shown(value)}")
     return numbers
 
 
@@ -139,5 +149,11 @@ def check_channels(cfg: Any) -> None:
                      f"has {len(values)} value(s) but the model takes {channels} channel(s)"
                      + (" (in_chans is auto: set it)" if cfg.in_chans is None else ""))
         _require(all(s > 0 for s in std), "pixel_std", f"every value must be above 0, got {std}")
+        # A mean of 1e308 or a std of 1e-308 would normalise every pixel to ±inf. The mean is a
+        # fraction of full scale; the data's own std is floored at 1e-8 (mae_core.channels).
+        _require(all(0 <= m <= 1 for m in mean), "pixel_mean",
+                 f"every value is a fraction of full scale, from 0 to 1; got {shown(mean)}")
+        _require(all(s >= 1e-8 for s in std), "pixel_std",
+                 f"every value must be at least 1e-8, got {shown(std)}")
     object.__setattr__(cfg, "pixel_mean", format_stats(mean))  # frozen: the one normalisation
     object.__setattr__(cfg, "pixel_std", format_stats(std))

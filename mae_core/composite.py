@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mae_core.checks import ConfigError
+from mae_core.checks import ConfigError, shown
 
 STRETCH_PERCENTILES = (1.0, 99.0)
 STRETCH_CHOICES = ("auto", "percentile", "none")
@@ -45,7 +45,7 @@ def parse_view(text: str | None, in_chans: int, stretch: str = "auto") -> View:
     """``"4,3,2"`` (1-based channel numbers, as people count bands) or ``"2"`` or blank (auto) for a
     model of ``in_chans`` channels; a :class:`ConfigError` naming the field says what is wrong."""
     if stretch not in STRETCH_CHOICES:
-        raise ConfigError("contrast", f"choose one of {', '.join(STRETCH_CHOICES)}, got {stretch!r}")
+        raise ConfigError("contrast", f"choose one of {', '.join(STRETCH_CHOICES)}, got {shown(stretch)}")
     text = (text or "").strip()
     if not text:
         return View((), stretch)
@@ -56,7 +56,7 @@ def parse_view(text: str | None, in_chans: int, stretch: str = "auto") -> View:
     if len(numbers) not in (1, 3) or not all(1 <= n <= in_chans for n in numbers):
         raise ConfigError("display channels", f"give one channel (grayscale) or three for R,G,B, "
                           f"numbered 1 to {in_chans} and separated by commas (e.g. "
-                          f"{'3,2,1' if in_chans >= 3 else '1'}), got {text!r}")
+                          f"{'3,2,1' if in_chans >= 3 else '1'}), got {shown(text)}")
     return View(tuple(n - 1 for n in numbers), stretch)
 
 

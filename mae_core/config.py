@@ -25,8 +25,8 @@ import yaml
 # ConfigError, the presets and parse_bool are part of this module's interface (re-exported).
 from mae_core.checks import (NORMALIZATIONS, ConfigError, _check_bool,  # noqa: F401
                              _check_choice, _check_int, _check_number, _is_int, _is_number,
-                             _require, _shown, check_channels, format_stats, parse_bool,
-                             parse_stats)
+                             _require, check_channels, format_stats, parse_bool,
+                             parse_stats, shown)
 from mae_core.presets import PRESETS, DecoderSpec, Preset  # noqa: F401
 
 POLICIES = ("ddp-clean", "reference")
@@ -55,6 +55,9 @@ CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 MAX_IMAGE_SIZE = 448
+# A decoder past this is a typo, not MAE (whose decoder is light: the paper's 8 × 512 has 25 M
+# parameters, its widest ablation 12 × 1024 150 M); 64 blocks of 4,096 would be 12.9 B.
+MAX_DECODER_PARAMS = 10**9
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check_choice(self, "preset", PRESETS, "model preset")
         _require(isinstance(self.timm_model, str), "timm_model",
-                 f"must be a timm model name or empty, got {_shown(self.timm_model)}")
+                 f"must be a timm model name or empty, got {shown(self.timm_model)}")
         _check_int(self, "patch_size", 2, 32)
         _check_int(self, "image_size", 32, MAX_IMAGE_SIZE)
         _require(self.image_size % self.patch_size == 0, "image_size",
@@ -97,7 +100,7 @@ class ModelConfig:
                  f"patch_size={self.patch_size} leaves fewer than 4 patches in a "
                  f"{self.image_size}px image")
         _require(_is_number(self.mask_ratio) and 0 < self.mask_ratio < 1, "mask_ratio",
-                 f"must be strictly between 0 and 1, got {_shown(self.mask_ratio)}")
+                 f"must be strictly between 0 and 1, got {shown(self.mask_ratio)}")
         _check_int(self, "decoder_dim", 1, 4096, optional=True)
         _check_int(self, "decoder_depth", 1, 64, optional=True)
         _check_int(self, "decoder_heads", 1, 64, optional=True)
@@ -107,6 +110,10 @@ class ModelConfig:
         spec = self.decoder()
         _require(spec.dim % spec.heads == 0, "decoder_heads",
                  f"decoder_dim={spec.dim} is not divisible by decoder_heads={spec.heads}")
+        _require(12 * spec.dim**2 * spec.depth <= MAX_DECODER_PARAMS, "decoder_dim",
+                 f"a decoder of {spec.depth} blocks of width {spec.dim} has "
+                 f"{12 * spec.dim**2 * spec.depth / 1e9:.1f} B parameters (at most "
+                 f"{MAX_DECODER_PARAMS / 1e9:.0f} B): MAE's decoder is light, 8 × 512 in the paper")
         if self.timm_model:
             from mae_core.encoders import check_timm_vit  # imports timm: only when asked
 
@@ -194,7 +201,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(isinstance(self.data, str) and "\0" not in self.data and len(self.data) <= 4096,
                  "data", f"must be a folder path (or empty for the sample photos), got "
-                 f"{_shown(self.data)}")
+                 f"{shown(self.data)}")
         _check_int(self, "batch_size", 1, 4096)
         _check_int(self, "accumulate_grad_batches", 1, MAX_ACCUMULATE)
         if self.base_lr is not None:  # None: "auto", see learning_rate()
@@ -203,7 +210,7 @@ class TrainConfig:
         _check_number(self, "warmup_fraction", 0, 1, high_open=True)
         _require(_is_int(self.max_steps) and (1 <= self.max_steps <= MAX_STEPS or self.max_steps == -1),
                  "max_steps", f"must be an integer in [1, {MAX_STEPS}] (or -1 to train by epochs), "
-                 f"got {_shown(self.max_steps)}")
+                 f"got {shown(self.max_steps)}")
         _check_int(self, "max_epochs", 1, MAX_STEPS, optional=True)
         _require(self.max_steps > 0 or self.max_epochs is not None, "max_steps",
                  "set max_steps or max_epochs, or the run never ends")
@@ -228,14 +235,14 @@ class TrainConfig:
         _require(self.val_fraction is None or (_is_number(self.val_fraction)
                                                and 0 < self.val_fraction < 1), "val_fraction",
                  f"must be a number strictly between 0 and 1 (or empty for automatic), got "
-                 f"{_shown(self.val_fraction)}")
+                 f"{shown(self.val_fraction)}")
         _check_int(self, "val_count", 1, MAX_IMAGES_HELD_OUT, optional=True)
         _require(self.val_fraction is None or self.val_count is None, "val_count",
                  "set val_fraction or val_count, not both")
         _check_int(self, "eval_every_n_steps", 0, MAX_STEPS)
         _require(isinstance(self.eval_data, str) and "\0" not in self.eval_data
                  and len(self.eval_data) <= 4096, "eval_data",
-                 f"must be a folder path (or empty), got {_shown(self.eval_data)}")
+                 f"must be a folder path (or empty), got {shown(self.eval_data)}")
         _check_int(self, "eval_max_images", 1, MAX_IMAGES_HELD_OUT)
         _check_int(self, "weight_snapshots", 0, 1000)
 
@@ -277,9 +284,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _require(isinstance(self.model, ModelConfig), "model",
-                 f"must be a ModelConfig, got {_shown(self.model)}")
+                 f"must be a ModelConfig, got {shown(self.model)}")
         _require(isinstance(self.train, TrainConfig), "train",
-                 f"must be a TrainConfig, got {_shown(self.train)}")
+                 f"must be a TrainConfig, got {shown(self.train)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -310,7 +317,10 @@ class RunConfig:
             raise ConfigError("config", f"{path} is not valid YAML: {err}") from None
         except UnicodeDecodeError:
             raise ConfigError("config", f"{Path(path).name} is not a text YAML file") from None
-        if data is not None and not isinstance(data, dict):
+        except (ValueError, RecursionError) as err:  # a 5,000-digit number, 5,000 nested lists
+            raise ConfigError("config", f"{Path(path).name} is not a config this app can read "
+                                        f"({str(err)[:120]})") from None
+        if not isinstance(data, dict):  # an empty (truncated) file too: never silently defaults
             raise ConfigError("config", f"{path} must hold a mapping with model: and train:")
         return cls.from_dict(data)
 
@@ -372,7 +382,7 @@ def _check_gpu_list(t: TrainConfig) -> None:
         return
     ok = isinstance(t.gpus, str) and re.fullmatch(r"\d{1,3}(,\d{1,3})*", t.gpus) is not None
     _require(ok, "gpus", f"must be GPU indices separated by commas, like 0,1 (or empty for all), "
-             f"got {_shown(t.gpus)}")
+             f"got {shown(t.gpus)}")
     indices = t.gpus.split(",")
     _require(len(set(indices)) == len(indices), "gpus", f"names a GPU twice: {t.gpus}")
     _require(t.accelerator != "cpu", "gpus", "GPUs are named but accelerator is cpu")
@@ -477,24 +487,9 @@ def _check_precision_for(precision: str, accelerator: str) -> None:
 
 def _build(cls: type, values: Any, section: str) -> Any:
     if not isinstance(values, dict):
-        raise ConfigError(section, f"must be a mapping of field: value, got {_shown(values)}")
+        raise ConfigError(section, f"must be a mapping of field: value, got {shown(values)}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(map(str, values)) - names
     if unknown:
-        raise ConfigError(sorted(unknown)[0], f"unknown field of {cls.__name__}")
+        raise ConfigError(sorted(unknown)[0][:60], f"unknown field of {cls.__name__}")
     return cls(**values)
-
-
-def hardware_summary() -> str:
-    """What the default config will train on, in words (shown by the UI)."""
-    import torch
-
-    gpus = torch.cuda.device_count()
-    if gpus:
-        name = torch.cuda.get_device_name(0)
-        return f"{gpus} × {name} (DDP over NCCL, bf16-mixed)"
-    cores = usable_cores()
-    bf16 = cpu_bf16_feature()
-    precision = f"bf16-mixed: {bf16}" if bf16 else "32-bit"
-    return (f"no GPU: {default_cpu_processes()} CPU processes over gloo on {cores} cores "
-            f"({precision})")

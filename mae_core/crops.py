@@ -25,6 +25,8 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms import v2
 
+from mae_core.images import central_part
+
 # A low-resolution run (64 px, the CPU's size) crops from this copy whenever it holds the output's
 # pixels, and decodes ~1/10 of the bytes of a 448 px image.
 SMALL_SIDE = 160
@@ -65,7 +67,7 @@ def jpeg(image: Image.Image) -> bytes:
 def encode_copies(image: Image.Image, short_side: int) -> dict[str, bytes]:
     """``{"image", "mid", "small"}``: JPEG bytes of ``image`` (RGB) at each resolution; a reduced
     copy that would not be smaller than the full one is empty (a small image is stored once)."""
-    full = bounded(image, short_side)
+    full = bounded(central_part(image), short_side)  # JPEG stops at 65,500 px a side
     copies, reduced = {"image": jpeg(full)}, full
     for name, side in (("mid", mid_side(short_side)), ("small", SMALL_SIDE)):
         size = bounded_size(full.size, side)  # each filtered from the one before: fewer pixels

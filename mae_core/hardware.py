@@ -278,6 +278,21 @@ def device_peak(device: str, precision: str | None, cache: Path | None = None, i
     return cpu_peak(dtype, cache=cache, refresh=refresh)
 
 
+def hardware_summary() -> str:
+    """What the default config will train on, in words (shown by the UI)."""
+    from mae_core.config import cpu_bf16_feature, default_cpu_processes, usable_cores
+
+    gpus = torch.cuda.device_count()
+    if gpus:
+        name = torch.cuda.get_device_name(0)
+        return f"{gpus} × {name} (DDP over NCCL, bf16-mixed)"
+    cores = usable_cores()
+    bf16 = cpu_bf16_feature()
+    precision = f"bf16-mixed: {bf16}" if bf16 else "32-bit"
+    return (f"no GPU: {default_cpu_processes()} CPU processes over gloo on {cores} cores "
+            f"({precision})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mae_core.hardware",
                                      description="Print this machine's peak FLOP/s per precision.")

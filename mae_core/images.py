@@ -11,7 +11,7 @@ import io
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 import torch
@@ -22,6 +22,14 @@ from torchvision.transforms.v2 import functional as TF
 # ~ 8k × 8k: more than any camera, far less than a decompression bomb.
 MAX_PIXELS = 64_000_000
 MAX_FILE_BYTES = 64 * 1024 * 1024
+# An image longer than this many times its short side is used by its central part. MAE's random
+# crop (0.2 to 1 of the area, aspect 3/4 to 4/3) cannot fit in an image past 6.7:1 and falls back to
+# a centre crop, which the central part holds whole: every crop is the same (tests/test_data.py). And
+# a 100-byte 1×400,000 strip no longer grows to gigabytes when its short side is scaled up.
+MAX_ASPECT = 8
+
+
+ImageOrTensor = TypeVar("ImageOrTensor", Image.Image, Tensor)
 
 
 class ImageError(ValueError):
@@ -85,11 +93,31 @@ def to_tensor(image: Image.Image) -> Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
+def central_box(height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the part of an image that is used: all of it up to
+    :data:`MAX_ASPECT`:1, else its centre at that aspect."""
+    longest = MAX_ASPECT * min(height, width)
+    kept_h, kept_w = min(height, longest), min(width, longest)
+    return (height - kept_h) // 2, (width - kept_w) // 2, kept_h, kept_w
+
+
+def central_part(image: ImageOrTensor) -> ImageOrTensor:
+    """``image`` (a PIL image, or a tensor ``(..., H, W)``) cut to its :func:`central_box`."""
+    if isinstance(image, Image.Image):
+        top, left, height, width = central_box(image.height, image.width)
+        if (height, width) == (image.height, image.width):
+            return image
+        return image.crop((left, top, left + width, top + height))
+    top, left, height, width = central_box(*image.shape[-2:])
+    return image[..., top:top + height, left:left + width]
+
+
 def resize_short_side(image: Tensor, side: int) -> Tensor:
-    """``image`` resized (bicubic, antialiased) to a short side of ``side``, in its own dtype."""
+    """``image``'s :func:`central_part` resized (bicubic, antialiased) to a short side of ``side``,
+    in its own dtype."""
     return wide_range_safe(
         lambda x: TF.resize(x, [side], interpolation=TF.InterpolationMode.BICUBIC, antialias=True),
-        image)
+        central_part(image))
 
 
 def wide_range_safe(transform: Callable[[Tensor], Tensor], image: Tensor) -> Tensor:

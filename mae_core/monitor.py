@@ -38,6 +38,7 @@ from torch import Tensor
 
 from mae_core import features
 from mae_core.callbacks import EveryNSteps, tensorboard
+from mae_core.checks import shown
 from mae_core.config import AUTO_VAL_FRACTION, AUTO_VAL_MIN_IMAGES, TrainConfig
 from mae_core.data import DataError, HeldOutSplit, fixed_crops, split_folder
 from mae_core.features import knn_accuracy
@@ -109,7 +110,7 @@ def plan_evaluation(t: TrainConfig, split_data: bool = True,
         except DataError as err:  # "data folder ... does not exist" would name the wrong field
             raise DataError(f"eval_data: {err}") from None
         if not labelled.labelled:
-            raise DataError(f"eval_data {t.eval_data!r} needs class subfolders (folder/<class>/"
+            raise DataError(f"eval_data {shown(t.eval_data)} needs class subfolders (folder/<class>/"
                             "*.jpg, at least two classes, no images directly in the folder)")
     elif split.labelled and split.held_out:
         labelled = split

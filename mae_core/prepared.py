@@ -32,6 +32,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from mae_core.checks import shown
 from mae_core.crops import (
     JPEG_QUALITY,
     SMALL_SIDE,
@@ -139,13 +140,14 @@ def _encode(item: tuple[int, str], short_side: int,
     None (skipped by ``optimize``) for a file that cannot be read."""
     index, path = item
     try:
-        image = open_rgb(path)
+        return {"id": index, **encode_copies(open_rgb(path), short_side)}
     except ImageError as err:
         print(f"skipping {err}", file=sys.stderr, flush=True)
-        return None
+    except OSError as err:  # PIL's JPEG encoder refused the decoded image
+        print(f"skipping {path}: it cannot be stored as JPEG ({err})", file=sys.stderr, flush=True)
     finally:
         _count_done(progress)
-    return {"id": index, **encode_copies(image, short_side)}
+    return None
 
 
 def _refuse_non_rgb8(source: str, paths: list[Path]) -> None:
@@ -180,7 +182,7 @@ def prepare(source: str, out: str | Path, short_side: int = DEFAULT_SHORT_SIDE,
     import litdata
 
     if not isinstance(short_side, int) or short_side < MIN_SHORT_SIDE:
-        raise DataError(f"short side must be an integer of at least {MIN_SHORT_SIDE}, got {short_side!r}")
+        raise DataError(f"short side must be an integer of at least {MIN_SHORT_SIDE}, got {shown(short_side)}")
     out = Path(out).expanduser()
     if out.exists() and any(out.iterdir()):
         raise DataError(f"output folder {out} already exists and is not empty: choose a new one")

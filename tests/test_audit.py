@@ -165,6 +165,39 @@ def test_gradient_coverage(preset):
     assert clean.verdict().startswith("plain DDP safe")
 
 
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+@pytest.mark.parametrize("policy", ["ddp-clean", "reference"])
+def test_the_audits_meta_device_check_finds_what_a_real_step_finds(preset, policy):
+    """The audit traces its gradient check on the meta device (no memory, any size); a real
+    model's real forward and backward leave exactly the same tensors without a gradient."""
+    model = copy.deepcopy(_unpoliced_model(preset))
+    apply_policy(model, policy)
+    real = params.gradient_coverage(model)
+    assert next(model.parameters()).device.type == "cpu"  # a real model, real values
+    assert real == _audit(preset, policy).no_grad
+    assert (real == []) == (policy == "ddp-clean")
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(norm_pix_loss=True, in_chans=4, normalize="dataset"),
+    dict(timm_model="vit_small_patch14_dinov2", decoder_dim=64, decoder_depth=2, decoder_heads=4),
+])
+def test_the_meta_check_agrees_on_other_encoders_and_losses(overrides):
+    for policy in ("ddp-clean", "reference"):
+        cfg = ModelConfig(image_size=32, patch_size=8, policy=policy, **overrides)
+        model = MaskedAutoencoder(cfg, policy=policy)
+        assert params.gradient_coverage(model) == audit(cfg).no_grad
+
+
+def test_a_size_too_big_to_build_audits_from_shapes_alone():
+    """vit-huge at 448 px / patch 2 (50,176 patches): the app's Parameters fields reach it, and a
+    real build and backward would need tens of GB in the app's own process."""
+    result = audit(ModelConfig(preset="vit-huge", image_size=448, patch_size=2))
+    rows = {row.name: row for row in result.rows}
+    assert rows["backbone.vit.pos_embed"].shape == (1, 50_177, 1280)
+    assert result.constructor_total > 700_000_000 and result.ddp_safe
+
+
 # --- refused arguments ------------------------------------------------------------------------------
 
 def _config_error(**kwargs) -> ConfigError:

@@ -98,6 +98,40 @@ def test_a_hostile_value_does_not_flood_the_message():
     assert len(str(err.value)) < 300
 
 
+def _alias_bomb(levels: int) -> str:
+    """YAML of ~50 bytes a level whose value, expanded, holds 10**levels strings."""
+    anchors = ["&a0 [" + ", ".join(["x"] * 10) + "]"]
+    anchors += [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, levels)]
+    return "model:\n  preset: [" + ", ".join(anchors) + "]\n"
+
+
+def test_hostile_config_files_are_refused_with_a_short_message(tmp_path):
+    """A 450-byte alias bomb (10⁸ strings once expanded: the old message builder took 8 s and 1 GB
+    on it, each level more ×10), a 5,000-digit number, 5,000 nested lists, a 1,000-character
+    field name."""
+    for name, text, field in [
+            ("bomb", _alias_bomb(8), "preset"),
+            ("empty", "", "config"),  # a truncated file: never silently the defaults
+            ("digits", "train:\n  batch_size: 1" + "0" * 5000 + "\n", "config"),
+            ("nested", "model: " + "[" * 5000 + "]" * 5000, "config"),
+            ("name", "model:\n  " + "k" * 1000 + ": 1\n", "k" * 60)]:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError) as err:
+            RunConfig.load(path)
+        assert err.value.field == field and len(str(err.value)) < 400, name
+    with pytest.raises(ConfigError) as err:
+        TrainConfig(batch_size=10**5000)
+    assert err.value.field == "batch_size" and "16610 bits" in str(err.value)
+
+
+def test_a_decoder_of_billions_of_parameters_is_refused_naming_its_size():
+    with pytest.raises(ConfigError) as err:
+        ModelConfig(decoder_dim=4096, decoder_depth=64, decoder_heads=64)
+    assert err.value.field == "decoder_dim" and "12.9 B parameters" in str(err.value)
+    ModelConfig(decoder_dim=1024, decoder_depth=64, decoder_heads=16)  # 805 M: allowed
+
+
 def test_run_config_parts_must_be_config_objects():
     for kwargs, field in [({"model": {"preset": "vit-tiny"}}, "model"), ({"train": 5}, "train")]:
         with pytest.raises(ConfigError) as err:
@@ -181,3 +215,12 @@ def test_held_out_evaluation_defaults_and_resolved_eval_folder(tmp_path, monkeyp
     resolved = RunConfig(train=TrainConfig(eval_data="labelled", accelerator="cpu",
                                            devices=1)).resolved()
     assert resolved.train.eval_data == str(tmp_path / "labelled")  # the trainer may run elsewhere
+
+
+@pytest.mark.parametrize("mean, std, field", [("1e308", "0.2", "pixel_mean"),
+                                              ("-0.1", "0.2", "pixel_mean"),
+                                              ("0.5", "1e-308", "pixel_std")])
+def test_statistics_that_would_normalise_pixels_to_infinity_are_refused(mean, std, field):
+    with pytest.raises(ConfigError) as err:
+        ModelConfig(in_chans=1, normalize="dataset", pixel_mean=mean, pixel_std=std)
+    assert err.value.field == field

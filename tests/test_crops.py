@@ -40,6 +40,15 @@ def test_copies_are_the_bounded_image_half_its_pixels_and_small_and_never_a_dupl
     assert _size(tiny["image"]) == (120, 90) and tiny["mid"] == tiny["small"] == b""
 
 
+def test_a_panorama_past_jpegs_65500_px_is_prepared_from_its_central_part():
+    """A 70,000 × 300 image (21 M pixels, under the pixel limit) made the JPEG encoder raise and
+    the preparation fail; like every path, a prepared set uses the central MAX_ASPECT:1 part."""
+    copies = crops.encode_copies(Image.new("RGB", (70_000, 300), "white"), short_side=448)
+    assert _size(copies["image"]) == (2400, 300) and _size(copies["small"]) == (1280, 160)
+    strip = crops.encode_copies(Image.new("RGB", (1, 400_000)), short_side=448)
+    assert _size(strip["image"]) == (1, 8)
+
+
 def test_the_header_read_agrees_with_pil_for_any_jpeg_layout():
     image = _noise(97, 61)
     exif = Image.Exif()

@@ -135,3 +135,52 @@ def test_a_small_set_is_repeated_to_enough_batches_that_loader_workers_stay_busy
     assert len(loader) % accumulate == 0
     assert len(loader) >= BATCHES_PER_WORKER_PER_EPOCH * workers
     assert len(module.dataset) >= batches * 4  # the 17 photos, or the repeat when longer
+
+
+# --- extreme aspect ratios ------------------------------------------------------------------------
+
+def test_a_long_strip_is_used_by_its_central_part_so_a_tiny_file_cannot_grow_to_gigabytes(tmp_path):
+    """A ~100-byte 1×400,000 PNG scaled to the cache's short side was 144 × 57.6 M pixels: +2 GB
+    and 9 s in the app. Past MAX_ASPECT:1 only the central part is used, in the data set, the
+    previews and the Reconstruct tab alike."""
+    import torch
+
+    from mae_core.data import ImageFolderDataset
+    from mae_core.images import MAX_ASPECT, center_square, resize_short_side
+
+    strip = tmp_path / "strip.png"
+    Image.new("1", (400_000, 1), 1).save(strip)
+    assert strip.stat().st_size < 1000
+    dataset = ImageFolderDataset([strip], image_size=64)
+    assert dataset.skipped == 0 and dataset.cache[0].shape == (3, 128, 128 * MAX_ASPECT)
+    assert dataset[0].shape == (3, 64, 64)
+    tall = torch.arange(3 * 5000, dtype=torch.float32).reshape(1, 5000, 3)
+    assert resize_short_side(tall, 12).shape == (1, 12 * MAX_ASPECT, 12)
+    assert center_square(tall, 32).shape == (1, 32, 32)
+    # up to MAX_ASPECT:1 nothing is cut
+    assert resize_short_side(torch.zeros(3, 10, 10 * MAX_ASPECT), 10).shape == (3, 10, 80)
+
+
+@pytest.mark.parametrize("width", [700, 1001, 4096])
+def test_mae_crops_of_a_very_long_image_are_the_crops_of_its_central_part(width):
+    """MAE's random crop (0.2–1 of the area, aspect 3/4–4/3) cannot fit in an image longer than
+    6.7:1 and takes the centre crop; the central MAX_ASPECT:1 part holds it (to a pixel of
+    rounding), so cutting the rest changes no crop. Checked with the trainer's own crop."""
+    import torch
+
+    from mae_core.data import mae_augmentation
+    from mae_core.images import MAX_ASPECT, central_box
+
+    crop = mae_augmentation(32).transforms[0]
+    assert MAX_ASPECT > crop.ratio[1] / crop.scale[0]  # the cut stays beyond what a crop reaches
+    height = 64
+    full = torch.zeros(3, height, width, dtype=torch.uint8)
+    top, left, kept_h, kept_w = central_box(height, width)
+    assert (top, kept_h, kept_w) == (0, height, min(width, MAX_ASPECT * height))
+    for seed in range(20):
+        torch.manual_seed(seed)
+        whole = crop.make_params([full])
+        torch.manual_seed(seed)
+        part = crop.make_params([full[..., left:left + kept_w]])
+        assert (part["height"], part["width"]) == (whole["height"], whole["width"])
+        assert abs(left + part["left"] - whole["left"]) <= 1 and part["top"] == whole["top"]

@@ -125,21 +125,22 @@ def test_a_valid_seed_and_whole_float_are_accepted():
     assert cfg.train.base_lr == 3e-4
 
 
-@pytest.mark.parametrize("blank", [0, "", None, AUTO])
+@pytest.mark.parametrize("blank", [0, "0", 0.0, "", None, AUTO])
 def test_zero_blank_or_auto_mean_none_for_optional_fields(blank):
     values = {"devices": blank, "max_epochs": blank, "num_workers": blank, "decoder_dim": blank,
               "decoder_depth": blank, "decoder_heads": blank, "precision": blank,
               "find_unused_parameters": blank}
-    if blank == 0:  # 0 is not a choice of the dropdowns
-        values.update(precision=AUTO, find_unused_parameters=AUTO)
-    if blank == 0:  # 0 loader workers is a real choice (load in the training process)
+    if blank in (0, "0"):  # 0 is not a choice of the dropdowns; "0" is how the API sends it
+        values.update(precision=AUTO, find_unused_parameters=AUTO, base_lr=blank)
+    if blank in (0, "0"):  # 0 loader workers is a real choice (load in the training process)
         values.pop("num_workers")
-        assert config_from_form({"num_workers": 0}).train.num_workers == 0
+        assert config_from_form({"num_workers": blank}).train.num_workers == 0
     cfg = config_from_form(values)
     assert cfg.train.devices is None and cfg.train.max_epochs is None and cfg.train.num_workers is None
     assert cfg.model.decoder_dim is None and cfg.model.decoder_depth is None
     assert cfg.model.decoder_heads is None
     assert cfg.train.precision is None and cfg.train.find_unused_parameters is None
+    assert cfg.train.base_lr is None  # "auto"
 
 
 def test_required_fields_do_not_treat_zero_as_auto():

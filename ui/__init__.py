@@ -11,6 +11,7 @@ from typing import Any
 
 import gradio as gr
 
+from mae_core.checks import shown
 from ui import parameters, reconstruct, render, runs, train
 from ui.common import AppContext, UserError, guarded
 
@@ -68,7 +69,7 @@ def _wire_across(ctx: AppContext, demo: gr.Blocks, tabs: gr.Tabs, t: dict, r: di
         if not run_id:
             raise UserError("Choose a run to open.")
         if run_id not in {s["run_id"] for s in ctx.manager.list()}:
-            raise UserError(f"no run named {run_id!r}")
+            raise UserError(f"no run named {shown(run_id)}")
         return {t["run_pick"]: gr.update(value=run_id), r["ckpt_pick"]: gr.update(value=run_id),
                 r["follow"]: False, tabs: gr.Tabs(selected="train"),
                 u["message"]: render.notice("ok", f"Opened `{run_id}` in the Train and "

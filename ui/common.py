@@ -21,6 +21,7 @@ from typing import Any
 
 import gradio as gr
 
+from mae_core.checks import shown
 from mae_core.config import (ACCELERATORS, MAX_SEED, MIN_AUTO_LR, NORMALIZATIONS, PAPER_BASE_LR,
                              POLICIES, PRECISIONS, PRESETS, ConfigError, ModelConfig, RunConfig)
 from mae_core.metrics import MetricsStore
@@ -130,8 +131,8 @@ class ModelCache:
 
 @functools.lru_cache(maxsize=32)
 def cached_audit(cfg: ModelConfig) -> Any:
-    """The parameter audit of ``cfg``, once per (preset, sizes, policy): vit-base builds 112M
-    parameters and runs a backward pass, ~20 s on two cores."""
+    """The parameter audit of ``cfg``, once per (preset, sizes, policy) (built on the meta
+    device: about a second, no memory, whatever size a person types)."""
     from mae_core.audit import audit
 
     return audit(cfg)
@@ -155,7 +156,7 @@ def as_int(value: Any, name: str, optional: bool = False) -> int | None:
     if number is None:
         return None
     if not number.is_integer():
-        raise ConfigError(name, f"must be a whole number, got {value!r}")
+        raise ConfigError(name, f"must be a whole number, got {shown(value)}")
     return int(number)
 
 
@@ -174,23 +175,23 @@ def _as_number(value: Any, name: str, optional: bool, kind: str) -> float | None
             raise TypeError
         number = float(value)
     except (TypeError, ValueError, OverflowError):
-        raise ConfigError(name, f"must be {kind}, got {value!r}") from None
+        raise ConfigError(name, f"must be {kind}, got {shown(value)}") from None
     if not math.isfinite(number):
-        raise ConfigError(name, f"must be {kind}, got {value!r}")
+        raise ConfigError(name, f"must be {kind}, got {shown(value)}")
     return number
 
 
 def as_seed(value: Any, name: str = "seed") -> int:
     seed = as_int(value, name)
     if not 0 <= seed <= MAX_SEED:
-        raise ConfigError(name, f"must be a whole number in [0, {MAX_SEED}], got {value!r}")
+        raise ConfigError(name, f"must be a whole number in [0, {MAX_SEED}], got {shown(value)}")
     return seed
 
 
 def as_ratio(value: Any, name: str = "mask_ratio") -> float:
     ratio = as_float(value, name)
     if not 0 < ratio < 1:
-        raise ConfigError(name, f"must be strictly between 0 and 1, got {value!r}")
+        raise ConfigError(name, f"must be strictly between 0 and 1, got {shown(value)}")
     return ratio
 
 
@@ -202,7 +203,7 @@ def as_bool(value: Any, name: str) -> bool:
         return True
     if text in ("false", "0", "no", "off", ""):
         return False
-    raise ConfigError(name, f"must be true or false, got {value!r}")
+    raise ConfigError(name, f"must be true or false, got {shown(value)}")
 
 
 # --- the Train form, from the dataclasses ----------------------------------------------------
@@ -324,12 +325,14 @@ def parse_value(field: FormField, value: Any) -> Any:
     """A widget's (or API caller's) value as the config field's type, naming the field if wrong."""
     if field.optional and (value is None or value == AUTO or value == ""):
         return None
-    if field.optional and field.kind in ("int", "float") and field.hint.zero_is_auto and value == 0:
-        return None  # a number box cannot be blank in every browser: 0 stands for "auto"
+    if field.optional and field.kind in ("int", "float") and field.hint.zero_is_auto:
+        number = as_float(value, field.name, optional=True)
+        if number == 0:  # "0" from the API too
+            return None  # a number box cannot be blank in every browser: 0 stands for "auto"
     if field.hint.choices:
         if value not in field.hint.choices:
             allowed = (AUTO,) * field.optional + field.hint.choices
-            raise ConfigError(field.name, f"choose one of {', '.join(allowed)}; got {value!r}")
+            raise ConfigError(field.name, f"choose one of {', '.join(allowed)}; got {shown(value)}")
         return value
     if field.kind == "int":
         return as_int(value, field.name, field.optional)
@@ -404,16 +407,16 @@ def field_widget(field: FormField, value: Any) -> gr.components.Component:
     for a switch, a number box for numbers, a text box otherwise."""
     hint, label = field.hint, field.label
     common = dict(label=label, info=hint.info, elem_id=f"field-{field.name.replace('_', '-')}")
-    shown = display_value(field, value)
+    display = display_value(field, value)
     if hint.choices or (field.kind == "bool" and field.optional):
         choices = hint.choices or ("true", "false")
-        return gr.Dropdown(list((AUTO,) * field.optional + choices), value=shown,
+        return gr.Dropdown(list((AUTO,) * field.optional + choices), value=display,
                            allow_custom_value=True, **common)
     if hint.slider:
         low, high, step = hint.slider
-        return FieldSlider(low, high, value=shown, step=step, **common)
+        return FieldSlider(low, high, value=display, step=step, **common)
     if field.kind == "bool":
-        return gr.Checkbox(bool(shown), **common)
+        return gr.Checkbox(bool(display), **common)
     if field.kind in ("int", "float"):
-        return FieldNumber(shown, **common)
-    return gr.Textbox(shown, **common)
+        return FieldNumber(display, **common)
+    return gr.Textbox(display, **common)

@@ -1,8 +1,8 @@
 """The Parameters tab: every tensor of the model, trainable, frozen or removed, and why, under both
 policies side by side, with the gradient-coverage verdict that decides whether plain DDP works.
 
-Audits are cached per (preset, sizes, policy): vit-base takes ~20 s to build and check on two
-cores, once. Only the result area shows progress; the inputs stay usable.
+Audits are cached per (preset, sizes, policy); each is built and checked on the meta device, so
+no size a person types costs memory. Only the result area shows progress; the inputs stay usable.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 
 import gradio as gr
 
+from mae_core.checks import shown
 from mae_core.config import PRESETS, ModelConfig
 from ui import render
 from ui.common import DEFAULTS, AppContext, FieldNumber, as_int, cached_audit, guarded
@@ -51,7 +52,7 @@ def model_config(ctx: AppContext, run_id: str | None, preset: Any, image_size: A
     if preset not in PRESETS:
         from mae_core.config import ConfigError
 
-        raise ConfigError("preset", f"choose one of {', '.join(PRESETS)}; got {preset!r}")
+        raise ConfigError("preset", f"choose one of {', '.join(PRESETS)}; got {shown(preset)}")
     base = ModelConfig(preset=preset, image_size=as_int(image_size, "image_size"),
                        patch_size=as_int(patch_size, "patch_size"),
                        timm_model=str(timm_model or "").strip())

@@ -420,7 +420,7 @@ def _wire_form(ctx: AppContext, c: dict[str, Any], fields: list[Any]) -> None:
 
 
 def hardware_text() -> str:
-    from mae_core.config import hardware_summary
+    from mae_core.hardware import hardware_summary
 
     return f"**Hardware:** {hardware_summary()}"
 
