@@ -13,11 +13,13 @@ import dataclasses
 import datetime
 import json
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mae_core.checks import shown
 from mae_core.fileio import atomic_write_json, atomic_write_text, read_json
 from mae_core.process import process_record, process_start_time  # noqa: F401 - re-exported
 
@@ -77,6 +79,23 @@ class RunStatus:
 STATUS_FIELDS = RunStatus.fields()
 
 
+_STATUS_TYPES = {f.name: str(f.type) for f in dataclasses.fields(RunStatus)}
+
+
+def _well_typed(name: str, value: Any) -> bool:
+    """Whether ``value`` has the type :class:`RunStatus` declares for ``name`` (bool is no number)."""
+    kind = _STATUS_TYPES[name]
+    if value is None:
+        return kind.endswith("| None")
+    if isinstance(value, bool):
+        return False
+    if kind.startswith("str"):
+        return isinstance(value, str)
+    if kind.startswith("int") or isinstance(value, int):
+        return isinstance(value, int)
+    return isinstance(value, float)  # NaN too: a diverged run's loss is news, not damage
+
+
 def check_status_fields(fields: dict[str, Any]) -> None:
     """Refuse a field :class:`RunStatus` does not define, or a state not in STATES (a bug)."""
     unknown = sorted(set(fields) - STATUS_FIELDS)
@@ -84,7 +103,7 @@ def check_status_fields(fields: dict[str, Any]) -> None:
         raise ValueError(f"status.json has no field {', '.join(unknown)} "
                          f"(RunStatus defines {', '.join(sorted(STATUS_FIELDS))})")
     if "state" in fields and fields["state"] not in STATES:
-        raise ValueError(f"state must be one of {', '.join(STATES)}, not {fields['state']!r}")
+        raise ValueError(f"state must be one of {', '.join(STATES)}, not {shown(fields['state'])}")
 
 
 def valid_run_id(run_id: Any) -> bool:
@@ -142,12 +161,17 @@ class RunPaths:
         return self.root / "STOP"
 
     def read_status(self) -> dict[str, Any]:
-        """status.json as a plain dict of the :class:`RunStatus` fields it holds."""
+        """status.json as a plain dict of the :class:`RunStatus` fields it holds; a value of the
+        wrong type (a hand-edited or damaged file) is dropped, so one run cannot break a listing."""
         status = read_json(self.status)
         if status is None:
             return {"run_id": self.run_id, "state": "failed",
                     "error": "status.json is missing or unreadable"}
-        return {k: v for k, v in status.items() if k in STATUS_FIELDS}
+        kept = {k: v for k, v in status.items() if k in STATUS_FIELDS and _well_typed(k, v)}
+        if kept.get("state") not in STATES:
+            kept.update(state="failed", error=f"status.json is damaged: its state is "
+                                              f"{shown(status.get('state'))}")
+        return kept
 
     def read_record(self) -> RunStatus:
         """status.json as a typed :class:`RunStatus` (fields it lacks take their defaults)."""
@@ -179,8 +203,9 @@ class RunPaths:
                         row = json.loads(line)
                     except ValueError:
                         continue
-                    if isinstance(row, dict) and row.get("step", -1) > since_step:
-                        rows.append(row)
+                    step = row.get("step") if isinstance(row, dict) else None
+                    if isinstance(step, int) and not isinstance(step, bool) and step > since_step:
+                        rows.append(row)  # a hand-edited step of null or "2" is no step
         except OSError:
             pass
         return rows
@@ -212,12 +237,17 @@ def create_run(cfg: RunConfig, runs_dir: str | Path | None = None, run_dir: str 
         if runs_dir is None:
             raise ValueError("create_run needs runs_dir or run_dir")
         paths = _new_run_directory(Path(runs_dir), cfg.model.label, cfg.model.policy)
-    paths.write_status(state=state, step=0, total_steps=cfg.train.max_steps,
-                       preset=cfg.model.label, policy=cfg.model.policy,
-                       world_size=cfg.train.world_size, created=time.time(), **status)
-    if process is not None:
-        atomic_write_json(paths.process, process)
-    cfg.save(paths.config)
+    try:
+        paths.write_status(state=state, step=0, total_steps=cfg.train.max_steps,
+                           preset=cfg.model.label, policy=cfg.model.policy,
+                           world_size=cfg.train.world_size, created=time.time(), **status)
+        if process is not None:
+            atomic_write_json(paths.process, process)
+        cfg.save(paths.config)
+    except OSError:  # a full disk: no half-made run left behind (a named directory stays)
+        if run_dir is None:
+            shutil.rmtree(paths.root, ignore_errors=True)
+        raise
     return paths
 
 

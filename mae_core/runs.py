@@ -27,6 +27,7 @@ from typing import Any
 
 from mae_core import process as proc
 from mae_core.channels import resolve_channels, resolve_data
+from mae_core.checks import shown
 from mae_core.config import RunConfig
 from mae_core.data import check_data
 from mae_core.fileio import atomic_write_json, read_json, remove_stale_temp_files
@@ -69,7 +70,7 @@ class RunManager:
     def paths(self, run_id: str) -> RunPaths:
         """The files of run ``run_id``; RunError unless it names a run directory of this manager."""
         if not valid_run_id(run_id):
-            raise RunError(f"no run named {_shown(run_id)}: a run id is one directory name "
+            raise RunError(f"no run named {shown(run_id)}: a run id is one directory name "
                            "(letters, digits, '-', '_', '.'; at most 255 bytes)")
         paths = RunPaths(self.runs_dir / run_id)
         try:
@@ -77,7 +78,7 @@ class RunManager:
         except OSError:
             is_run = False
         if not is_run:
-            raise RunError(f"no run named {_shown(run_id)} in {self.runs_dir}")
+            raise RunError(f"no run named {shown(run_id)} in {self.runs_dir}")
         return paths
 
     def status(self, run_id: str) -> dict[str, Any]:
@@ -90,7 +91,11 @@ class RunManager:
             paths = self.paths(run_id)
             status = paths.read_status()
             if status.get("state") in LIVE_STATES and not self._alive(paths, status):
-                status = self._mark_dead(paths)
+                try:
+                    status = self._mark_dead(paths)
+                except OSError as err:  # a full disk, a read-only archive: report, don't break
+                    status = {**status, "state": "failed", "error": "the trainer process is "
+                              f"gone, and its status.json cannot be updated ({err})"}
         status["run_id"] = run_id
         status["stop_requested"] = paths.stop_request.exists()
         status["resumable"] = (status.get("state") in ("stopped", "failed")
@@ -159,7 +164,7 @@ class RunManager:
         cfg, summary = resolve_data(cfg.resolved())  # in_chans and statistics from the data
         with self._exclusive():
             self._refuse_if_busy(cfg)
-            paths = create_run(cfg, runs_dir=self.runs_dir, data_files=summary.files)
+            paths = self._create(cfg, data_files=summary.files)
             self._launch(paths, resume=False)
         return paths.run_id
 
@@ -170,8 +175,7 @@ class RunManager:
         the runs already waiting; (run id, position). :meth:`advance_queue` launches it."""
         cfg, summary = resolve_data(cfg.resolved())  # in_chans and statistics from the data
         with self._exclusive():
-            paths = create_run(cfg, runs_dir=self.runs_dir, state="queued",
-                               data_files=summary.files)
+            paths = self._create(cfg, state="queued", data_files=summary.files)
             return paths.run_id, self.queue.add(paths.run_id)
 
     def queued(self) -> list[str]:
@@ -273,6 +277,9 @@ class RunManager:
         with self._exclusive():
             self._refuse_if_busy(cfg, exclude=run_id)
             status = self.status(run_id)
+            if status.get("state") in LIVE_STATES:  # a stale page, the API, another node's run
+                raise RunError(f"run {run_id} is {status['state']}: it can be resumed once it "
+                               "has stopped")
             if status.get("state") == "finished" and (max_steps is None
                                                       or max_steps <= status.get("step", 0)):
                 raise RunError(f"run {run_id} has finished; raise max steps above "
@@ -320,6 +327,13 @@ class RunManager:
                 yield
             finally:
                 os.close(fd)  # releases the lock
+
+    def _create(self, cfg: RunConfig, **status: Any) -> RunPaths:
+        try:
+            return create_run(cfg, runs_dir=self.runs_dir, **status)
+        except OSError as err:  # a full disk or a read-only runs directory: said, not a crash
+            raise RunError(f"the run cannot be created in {self.runs_dir}: "
+                           f"{err.strerror or err}") from None
 
     def _refuse_if_busy(self, cfg: RunConfig, exclude: str | None = None) -> None:
         live = self.conflicting_run(cfg, exclude=exclude)
@@ -391,11 +405,15 @@ class RunManager:
         pid = info.get("pid")
         # Orphaned DDP ranks go too. A pid that now belongs to another process (other start time)
         # means our group is already empty: Linux does not reuse a pid that still names a group.
-        if isinstance(pid, int) and proc.process_start_time(pid) in (None, info.get("start_time")):
+        # Another node's pid names nothing here, and its temp files are not ours to judge.
+        local = proc.on_this_host(info)
+        if local and isinstance(pid, int) and proc.process_start_time(pid) in (
+                None, info.get("start_time")):
             proc.kill_group(pid, signal.SIGKILL)
         # A kill during a save leaves the save's temp file: its writer is dead now, so it goes
         # (a failed run's folder holds only files that load).
-        remove_stale_temp_files(paths.root)
+        if local:
+            remove_stale_temp_files(paths.root)
         status = paths.read_status()
         if status.get("state") not in LIVE_STATES:
             return status
@@ -453,11 +471,6 @@ def checkpoint_step(path: Path) -> int:
         detail = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
         raise RunError(f"the checkpoint {path} is corrupt ({detail}); it cannot be resumed") from None
     if not isinstance(step, int) or step < 0:
-        raise RunError(f"the checkpoint {path} holds no valid step ({step!r}); it cannot be resumed")
+        raise RunError(f"the checkpoint {path} holds no valid step ({shown(step)}); it cannot be resumed")
     return step
 
-
-def _shown(value: Any) -> str:
-    """``value`` for a message, cut short: a hostile 5,000-character id must not flood it."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from mae_core.checks import DataError
 from mae_core.config import ConfigError, ModelConfig, RunConfig, TrainConfig, parse_bool
 from mae_core.fileio import atomic_write_json, read_json
+from mae_core.process import on_this_host, record_alive
 from mae_core.rundir import RunPaths, process_record
 
 if TYPE_CHECKING:
@@ -244,6 +245,8 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
             cfg = RunConfig.load(paths.config)
             if args.resume and not paths.last_ckpt.exists():
                 raise ConfigError("resume", f"{paths.last_ckpt} does not exist: nothing to resume")
+            if writer:
+                _check_continuation(cfg, paths, args.resume, overrides)
             if overrides and writer:  # e.g. --max-steps to extend a run; the ranks read it back
                 cfg, _ = _resolve_data(cfg.with_overrides(**overrides).resolved())
                 cfg.save(paths.config)
@@ -261,6 +264,26 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
     paths = create_run(cfg, runs_dir=args.runs_dir, run_dir=run_dir,
                        process=process_record(command=sys.argv), data_files=summary.files)
     return cfg, paths, False
+
+
+def _check_continuation(cfg: RunConfig, paths: RunPaths, resume: bool,
+                        overrides: dict[str, Any]) -> None:
+    """What a command may do to an existing run: never train it twice at once, never restart a
+    trained run from step 0 (its metrics and checkpoint would be overwritten), never resume it
+    into a model its checkpoint cannot load (the config would keep the change)."""
+    record = read_json(paths.process) or {}
+    if record.get("pid") != os.getpid() and on_this_host(record) and record_alive(record):
+        raise ConfigError("run_dir", f"{paths.root} is being trained by process {record['pid']}: "
+                                     "stop it first")
+    if not resume and paths.last_ckpt.exists():
+        raise ConfigError("resume", f"{paths.root} holds a trained run: add --resume to continue "
+                                    "it, or give a new --run-dir")
+    model = cfg.with_overrides(**overrides).model if resume else cfg.model
+    changed = [f.name for f in dataclasses.fields(model)
+               if getattr(model, f.name) != getattr(cfg.model, f.name)]
+    if changed:
+        raise ConfigError(changed[0], "a resume continues the run's own model, which its checkpoint "
+                                      "holds: start a new run to change it")
 
 
 def _resolve_data(cfg: RunConfig) -> tuple[RunConfig, DataSummary]:

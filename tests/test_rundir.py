@@ -47,6 +47,29 @@ def test_missing_status_reads_as_failed(tmp_path):
     assert paths.read_status()["state"] == "failed"
 
 
+def test_a_damaged_status_breaks_neither_its_run_nor_the_listing_of_the_others(tmp_path):
+    """A hand-edited or damaged status.json (a date as text, a list as the state, a string as the
+    time) made every listing, the Runs table and Compare raise for all runs."""
+    from mae_core.runs import RunManager
+
+    good = create_run(small_config(), runs_dir=tmp_path)
+    damaged = create_run(small_config(), runs_dir=tmp_path)
+    damaged.status.write_text(json.dumps({
+        "state": ["running"], "created": "yesterday", "elapsed_s": "x", "step": 2.5,
+        "loss": float("nan"), "images_per_s": True, "error": 5, "world_size": "2", "pid": None}))
+    status = damaged.read_status()
+    assert status["state"] == "failed" and "damaged" in status["error"] and "running" in status["error"]
+    assert not {"created", "elapsed_s", "step", "images_per_s", "world_size"} & set(status)
+    assert "pid" in status and status["loss"] != status["loss"]  # no process; a diverged loss
+    listed = RunManager(tmp_path).list()
+    assert {s["run_id"] for s in listed} == {good.run_id, damaged.run_id}
+    assert RunStatus.from_dict(damaged.read_status()).step == 0
+    good.status.write_text(json.dumps({"state": "stopped", "step": 7, "loss": 0.25,
+                                       "created": 1.5e9, "elapsed_s": 12}))
+    assert good.read_status() == {"state": "stopped", "step": 7, "loss": 0.25, "created": 1.5e9,
+                                  "elapsed_s": 12}
+
+
 def test_create_run_writes_status_then_config_under_a_fresh_name(tmp_path):
     cfg = small_config()
     paths = create_run(cfg, runs_dir=tmp_path / "runs", data_files=17)

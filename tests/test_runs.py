@@ -187,6 +187,87 @@ def test_refusals_happen_before_any_process_starts(manager, tmp_path):
     assert not trainer_processes(manager.runs_dir)
 
 
+def test_resume_of_a_run_that_is_still_live_is_refused_and_changes_nothing(tmp_path):
+    """Resume is offered for stopped runs only, but a stale page or the API can ask it of a live
+    one: on this host it blocked every other request for 15 s and then blamed a "previous"
+    process; for a run on another node it relaunched a second trainer on the live run's files."""
+    from mae_core.fileio import atomic_write_json
+    from mae_core.process import process_record
+
+    manager = RunManager(tmp_path / "runs")
+    paths = create_run(tiny_config(max_steps=9).resolved(), runs_dir=manager.runs_dir)
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        local = process_record(sleeper.pid, command=["sleep", "60"])
+        remote = {**local, "host": "another-node", "pid": 1}
+        for record in (local, remote):
+            atomic_write_json(paths.process, record)
+            paths.write_status(state="running", step=3)  # fresh: the remote run is alive
+            before = (paths.config.read_text(), paths.process.read_text())
+            with pytest.raises(RunError, match="is running: it can be resumed once it has stopped"):
+                manager.resume(paths.run_id, max_steps=20)
+            assert (paths.config.read_text(), paths.process.read_text()) == before
+            assert manager.status(paths.run_id)["state"] == "running"
+        assert sleeper.poll() is None  # nothing was killed
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_run_on_another_node_marked_dead_signals_nothing_on_this_one(tmp_path):
+    """A remote run's pid names nothing here: marking it dead after its silence must not kill
+    the local process group that happens to carry that number (here one whose leader exited)."""
+    from mae_core.fileio import atomic_write_json
+    from mae_core.process import group_members
+
+    manager = RunManager(tmp_path / "runs")
+    paths = create_run(tiny_config(max_steps=9).resolved(), runs_dir=manager.runs_dir)
+    leader = subprocess.run(["setsid", "sh", "-c", "sleep 300 > /dev/null 2>&1 & echo $$"],
+                            capture_output=True, text=True, check=True)
+    pgid = int(leader.stdout)
+    assert poll(lambda: group_members(pgid), 10)
+    try:
+        atomic_write_json(paths.process, {"pid": pgid, "start_time": "777", "host": "gpu-node-7"})
+        status = json.loads(paths.status.read_text())
+        atomic_write_json(paths.status, {**status, "state": "running", "updated": time.time() - 700})
+        assert manager.status(paths.run_id)["state"] == "failed"
+        assert group_members(pgid), "the local group was killed"
+    finally:
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def test_a_full_disk_fails_a_start_clearly_and_a_dead_run_still_lists(tmp_path, monkeypatch):
+    """ENOSPC (injected at the atomic write every status goes through): Start says why and leaves
+    no half-made run; a dead run whose status cannot be rewritten reads as failed in the listing
+    instead of breaking it for every run."""
+    import errno
+
+    from mae_core import rundir
+    from mae_core.fileio import atomic_write_json
+
+    manager = RunManager(tmp_path / "runs")
+    good = create_run(tiny_config(max_steps=9).resolved(), runs_dir=manager.runs_dir, state="stopped")
+    dead = create_run(tiny_config(max_steps=9).resolved(), runs_dir=manager.runs_dir)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    atomic_write_json(dead.process, {"pid": gone.pid, "start_time": "1", "host": socket.gethostname()})
+    dead.write_status(state="running", step=3)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(rundir, "atomic_write_json", full_disk)
+    listed = {s["run_id"]: s for s in manager.list()}
+    assert set(listed) == {good.run_id, dead.run_id} and listed[good.run_id]["state"] == "stopped"
+    assert listed[dead.run_id]["state"] == "failed"
+    assert "No space left on device" in listed[dead.run_id]["error"]
+    runs = lambda: {p for p in manager.runs_dir.iterdir() if p.is_dir()}  # noqa: E731
+    before = runs()
+    with pytest.raises(RunError, match="cannot be created in .*No space left on device"):
+        manager.start(tiny_config(max_steps=9))
+    assert runs() == before
+
+
 def test_corrupt_checkpoint_is_refused_on_resume(manager):
     run_id = manager.start(tiny_config(max_steps=8))
     wait_until_ended(manager, run_id)

@@ -197,3 +197,37 @@ def test_resume_after_a_kill_right_after_a_checkpoint_has_every_step_once(tmp_pa
     assert steps == list(range(1, 9))
     assert _checkpoint_step(paths) == 8 and paths.read_status()["state"] == "finished"
 
+
+
+def test_an_existing_run_is_never_trained_twice_restarted_or_resumed_into_another_model(
+        tmp_path, run_module, stand_in):
+    """By hand, ``--run-dir`` of an existing run: while its trainer lives, a second one would
+    interleave the metrics and take over process.json; without --resume a trained run restarted
+    from step 0 over its metrics and checkpoint; a resume with another patch size failed to load
+    and left config.yaml changed, so every later resume failed too. Each is refused (exit 2)
+    before anything is written."""
+    from mae_core.config import RunConfig
+    from mae_core.fileio import atomic_write_json
+    from mae_core.process import process_record
+    from mae_core.rundir import create_run
+
+    cfg = RunConfig().with_overrides(accelerator="cpu", devices=1, image_size=32, patch_size=8,
+                                     max_steps=6).resolved()
+    paths = create_run(cfg, run_dir=tmp_path / "run", state="stopped")
+    paths.last_ckpt.write_bytes(b"a trained run's checkpoint")
+    paths.metrics.write_text('{"step": 1, "loss": 0.5}\n')
+
+    def refused(*args: str) -> str:
+        before = {p.name: p.read_bytes() for p in paths.root.iterdir()}
+        result = run_module("mae_core.train", "--run-dir", str(paths.root), *args)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert {p.name: p.read_bytes() for p in paths.root.iterdir()} == before
+        return result.stderr
+
+    atomic_write_json(paths.process, process_record(stand_in.pid, command=["sleep"]))
+    assert f"is being trained by process {stand_in.pid}: stop it first" in refused("--resume")
+    paths.process.unlink()
+    assert "holds a trained run: add --resume" in refused("--max-steps", "9")
+    err = refused("--resume", "--patch-size", "4")
+    assert err.startswith("error: patch_size:") and "start a new run" in err
+    assert stand_in.poll() is None  # refused, nothing killed
