@@ -486,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         manifest = prepared.prepare(args.src, args.out, args.short_side, args.workers)
     except DataError as err:
         parser.exit(2, f"error: {err}\n")
+    except OSError as err:  # the output is a file, under a file, or in /proc
+        parser.exit(2, f"error: {args.out} cannot be written ({err.strerror or err})\n")
     print(f"prepared {manifest['count']:,} images ({manifest['skipped']:,} skipped: unreadable) "
           f"into {args.out}: {manifest['bytes'] / 1e6:.1f} MB in {manifest['seconds']:.1f} s", flush=True)
     return 0

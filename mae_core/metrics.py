@@ -6,6 +6,12 @@ offset and the parsed columns, reads only what was appended, and starts over whe
 replaced or truncated (a resume rewrites it up to the checkpoint's step). Columns are float arrays,
 so a million rows hold a few tens of MB and a series is sliced with numpy, not Python loops.
 
+A damaged or hostile file never raises and never costs more than linear time and memory: a value
+that is not a finite, float-representable number (a bool, a string, NaN, an int beyond float range)
+counts as absent, a line whose ``step`` is not a whole number in ``[0, 2**53]`` is skipped, and a
+run has at most :data:`MAX_COLUMNS` metric columns (further keys are ignored, with one warning),
+since each new column is back-filled for every earlier row.
+
 Example:
     >>> reader = MetricsReader(Path("checkpoints/<run>/metrics.jsonl"))
     >>> steps, losses = reader.series("loss")          # every finite value, by step
@@ -15,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import threading
@@ -24,6 +31,18 @@ from pathlib import Path
 import numpy as np
 
 _NAN = float("nan")
+
+log = logging.getLogger(__name__)
+
+# The trainer writes about 20 keys (loss, lr, images_per_s, elapsed_s, mfu, epoch, epoch_loss,
+# val_loss, eval_s, knn_top1/5 and 8 knn_{cls,mean}_k{20,200}_top{1,5}); a new column costs one
+# value per earlier row, so an unbounded count would make a file with a new key per line quadratic.
+MAX_COLUMNS = 64
+# Steps are kept as float64 and handed out as int64: whole numbers up to 2**53 are exact in both.
+MAX_STEP = 2**53
+_CHUNK_LINES = 8192  # lines parsed into rows before they are appended
+
+_Row = tuple[float, dict]  # (step, a line's JSON object)
 
 
 class MetricsReader:
@@ -42,6 +61,7 @@ class MetricsReader:
         self._steps = array("d")
         self._columns: dict[str, array] = {}
         self._series_cache: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}
+        self._warned_columns = False
 
     @property
     def rows(self) -> int:
@@ -62,40 +82,72 @@ class MetricsReader:
                 self._reset(identity)
             if stat.st_size == self._offset:
                 return reset
-            with open(self.path, "rb") as handle:
-                handle.seek(self._offset)
-                data = handle.read(stat.st_size - self._offset)
+            try:
+                with open(self.path, "rb") as handle:
+                    handle.seek(self._offset)
+                    data = handle.read(stat.st_size - self._offset)
+            except OSError:  # removed or unreadable between the stat and the open: next poll
+                return reset
+            lines = (self._partial + data).split(b"\n")
+            partial = lines.pop()  # b"" when data ended with a newline
+            added = self._append_lines(lines)
+            # Only now, with every row in: an exception above leaves offset and columns as they were.
             self._offset += len(data)
-            added = self._parse(self._partial + data)
+            self._partial = partial
             return reset or added > 0
 
-    def _parse(self, data: bytes) -> int:
-        lines = data.split(b"\n")
-        self._partial = lines.pop()  # b"" when data ended with a newline
+    def _append_lines(self, lines: list[bytes]) -> int:
+        """Parse ``lines`` a chunk at a time into rows (a chunk's rows bounded in memory), then
+        append them; all of them or, on any exception, none: the columns are rolled back."""
+        count, before = len(self._steps), set(self._columns)
         added = 0
-        for line in lines:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue  # a torn line from a kill: skipped, as the trainer's own reader does
-            step = row.get("step") if isinstance(row, dict) else None
-            if not _is_number(step):
-                continue
-            self._append(row, float(step))
-            added += 1
+        try:
+            for start in range(0, len(lines), _CHUNK_LINES):
+                rows = [row for row in map(_parse_line, lines[start:start + _CHUNK_LINES])
+                        if row is not None]
+                for step, row in rows:
+                    self._append_row(step, row)
+                added += len(rows)
+        except BaseException:
+            del self._steps[count:]
+            for key in list(self._columns):
+                if key in before:
+                    del self._columns[key][count:]
+                else:
+                    del self._columns[key]
+            raise
         return added
 
-    def _append(self, row: dict, step: float) -> None:
+    def _append_row(self, step: float, row: dict) -> None:
         count = len(self._steps)
         self._steps.append(step)
+        columns = self._columns
         for key, value in row.items():
-            if key == "step" or not _is_number(value):
+            # Finite float-representable numbers only (json.loads gives exact int and float; a
+            # bool is neither): NaN, ±Inf, an int beyond float range and anything else is absent.
+            if type(value) is float:
+                if not math.isfinite(value):
+                    continue
+            elif type(value) is int:
+                value = _float_of_int(value)
+                if value is None:
+                    continue
+            else:
                 continue
-            column = self._columns.get(key)
+            column = columns.get(key)
             if column is None:
-                column = self._columns[key] = array("d", [_NAN]) * count
-            column.append(float(value))
-        for column in self._columns.values():
+                if key == "step":
+                    continue
+                if len(columns) >= MAX_COLUMNS:
+                    if not self._warned_columns:
+                        self._warned_columns = True
+                        log.warning("%s: more than %d distinct metric keys; keys after the first "
+                                    "%d (such as %r) are ignored", self.path, MAX_COLUMNS,
+                                    MAX_COLUMNS, key)
+                    continue
+                column = columns[key] = array("d", [_NAN]) * count
+            column.append(value)
+        for column in columns.values():
             if len(column) == count:  # this row has no value for the key
                 column.append(_NAN)
 
@@ -143,8 +195,31 @@ def _last_per_step(steps: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, n
     return steps.astype(np.int64), values.copy()
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _parse_line(line: bytes) -> _Row | None:
+    """(step, the line's object) of one line, or None when the line is no usable row: not JSON (a
+    torn line from a kill, skipped as the trainer's own reader does), not an object, or without a
+    ``step`` that is a whole number in ``[0, MAX_STEP]``. Never raises."""
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError):  # also: ints over Python's digit limit, deep nesting
+        return None
+    if not isinstance(row, dict):
+        return None
+    step = row.get("step")
+    if type(step) is int:
+        return (float(step), row) if 0 <= step <= MAX_STEP else None
+    if type(step) is float and 0 <= step <= MAX_STEP and step.is_integer():
+        return step, row
+    return None  # a bool, a fraction, NaN, a string, null, absent
+
+
+def _float_of_int(value: int) -> float | None:
+    """``value`` as a float, or None for an int beyond float range (``float`` and
+    ``math.isfinite`` raise OverflowError on those)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return None
 
 
 def thin(steps: np.ndarray, values: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:

@@ -44,8 +44,9 @@ from mae_core.crops import (
 )
 from mae_core.data import BATCHES_PER_WORKER_PER_EPOCH, DataError, MAEDataModule, find_images
 from mae_core.data import preview_images as folder_previews
-from mae_core.fileio import atomic_write_json, atomic_write_text, fsync_dir, read_json
+from mae_core.fileio import atomic_write_json, fsync_dir, read_json
 from mae_core.images import ImageError, center_square, open_rgb
+from mae_core.preparing import count_done
 
 MANIFEST_NAME = "mae_manifest.json"
 # 2 added the half-pixel copy ("mid") and stores a copy no smaller than the image empty; the
@@ -71,68 +72,71 @@ def is_prepared(data: str) -> bool:
     return bool(data) and not is_remote(data) and (Path(data).expanduser() / MANIFEST_NAME).is_file()
 
 
-def read_manifest(folder: str | Path) -> dict[str, Any]:
+UNREADABLE = f"its {MANIFEST_NAME} is missing or unreadable"
+_NUMBERS = ("count", "files", "skipped", "bytes", "short_side", "mid_side", "small_side", "quality")
+_TEXTS = ("source", "created", "litdata")
+
+
+def _whole(value: Any, least: int | bool = 0) -> bool:
+    """Whether ``value`` (read from JSON) is a whole number in [least, 2**63): no bool, no float."""
+    return type(value) is int and least <= value < 2**63
+
+
+def check_set(folder: str | Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(manifest, None) for a whole prepared set this version reads, else (None, why not): the one
+    check of the manifest's fields (each present one of its type and range) and of the shards, so
+    every reader may format them."""
     manifest = read_json(Path(folder) / MANIFEST_NAME)
-    if not manifest or manifest.get("format") not in READABLE_FORMATS or not manifest.get("count"):
-        raise DataError(f"{folder} is not a prepared data set of this version (its {MANIFEST_NAME} "
-                        "is missing or unreadable): prepare it again with "
-                        "python -m mae_core.data optimize")
+    if not manifest or type(manifest.get("format")) is not int or \
+            manifest["format"] not in READABLE_FORMATS or "count" not in manifest:
+        return None, UNREADABLE
+    seconds = manifest.get("seconds", 0)
+    bad = [key for key in _NUMBERS if key in manifest and not _whole(manifest[key], key == "count")]
+    bad += [key for key in _TEXTS if not isinstance(manifest.get(key, ""), str)]
+    bad += ["seconds"] * (type(seconds) not in (int, float) or not 0 <= seconds < float("inf"))
+    if bad:
+        kind = {"count": "a whole number of at least 1", "seconds": "a duration"}.get(
+            bad[0], "a whole number" if bad[0] in _NUMBERS else "text")
+        return None, f"its {MANIFEST_NAME} records {bad[0]} {shown(manifest[bad[0]])}, not {kind}"
     damage = _damage(Path(folder))
-    if damage:
-        raise DataError(f"the prepared data set {folder} is damaged ({damage}): prepare it again "
-                        "with python -m mae_core.data optimize")
+    return (None, damage) if damage else (manifest, None)
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    manifest, damage = check_set(folder)
+    if manifest is None:
+        what = (f"{folder} is not a prepared data set of this version" if damage == UNREADABLE
+                else f"the prepared data set {folder} is damaged")
+        raise DataError(f"{what} ({damage}): prepare it again with python -m mae_core.data optimize")
     return manifest
 
 
 def _damage(folder: Path) -> str | None:
-    """What keeps LitData from reading ``folder``'s shards whole, or None: a missing index, a
-    missing chunk, or a chunk of another size than its index records (a copy cut short). One
-    ``stat`` per 64 MB chunk: a run fails here, with the reason, not hours in."""
+    """What keeps LitData from reading ``folder``'s shards whole, or None: a missing or malformed
+    index, a missing chunk, or a chunk of another size than its index records (a copy cut short).
+    One ``stat`` per 64 MB chunk: a run fails here, with the reason, not hours in."""
     index = read_json(folder / "index.json")
     if not index or not index.get("chunks"):
         return "its index.json is missing or unreadable"
-    compressed = (index.get("config") or {}).get("compression")
-    for chunk in index["chunks"]:
-        name = chunk.get("filename", "?")
+    chunks, config = index["chunks"], index.get("config") or {}
+    if not isinstance(chunks, list) or not isinstance(config, dict) or not all(
+            isinstance(c, dict) and isinstance(c.get("filename"), str) and c["filename"] and
+            "\0" not in c["filename"] and _whole(c.get("chunk_bytes", 0)) and
+            _whole(c.get("chunk_size", 0)) for c in chunks):
+        return "its index.json is not as LitData writes it"
+    for chunk in chunks:
+        name = chunk["filename"]
         try:
             size = (folder / name).stat().st_size
         except OSError:
             return f"its chunk {name} is missing"
-        if not compressed and size != chunk.get("chunk_bytes", size):
+        if not config.get("compression") and size != chunk.get("chunk_bytes", size):
             return (f"its chunk {name} holds {size:,} bytes, not the {chunk['chunk_bytes']:,} its "
                     "index records")
     return None
 
 
 # --- preparation -----------------------------------------------------------------------------
-
-# Files done by this encoding process since it started: counted into ``<progress>/done-<pid>``.
-_DONE: dict[str, Any] = {"count": 0, "written": 0.0, "progress": None}
-PROGRESS_EVERY_S = 0.5
-
-
-def _count_done(progress: str | None) -> None:
-    """One more file done; every half second the total goes to this process's progress file (each
-    ``optimize`` worker has its own, the reader sums them: no lock, no shared counter)."""
-    if _DONE["progress"] != progress:  # a new preparation in this (long-lived) process
-        _DONE.update(count=0, written=0.0, progress=progress)
-    _DONE["count"] += 1
-    now = time.monotonic()
-    if progress and now - _DONE["written"] >= PROGRESS_EVERY_S:
-        _DONE["written"] = now
-        atomic_write_text(Path(progress) / f"done-{os.getpid()}", str(_DONE["count"]))
-
-
-def progress_done(progress: str | Path) -> int:
-    """Files the encoding processes that report into ``progress`` have done (read or skipped)."""
-    done = 0
-    for path in Path(progress).glob("done-*"):
-        try:
-            done += int(path.read_text() or 0)
-        except (OSError, ValueError):  # a file being replaced: counted at the next look
-            continue
-    return done
-
 
 def _encode(item: tuple[int, str], short_side: int,
             progress: str | None = None) -> dict[str, Any] | None:
@@ -146,7 +150,7 @@ def _encode(item: tuple[int, str], short_side: int,
     except OSError as err:  # PIL's JPEG encoder refused the decoded image
         print(f"skipping {path}: it cannot be stored as JPEG ({err})", file=sys.stderr, flush=True)
     finally:
-        _count_done(progress)
+        count_done(progress)
     return None
 
 
@@ -175,7 +179,8 @@ def prepare(source: str, out: str | Path, short_side: int = DEFAULT_SHORT_SIDE,
             verbose: bool = True, progress: str | Path | None = None) -> dict[str, Any]:
     """Prepare ``source`` (a folder, ``""`` for the sample photos) into ``out``; its manifest.
 
-    ``progress``: a folder the encoding processes count their files into (:func:`progress_done`).
+    ``progress``: a folder the encoding processes count their files into
+    (:func:`mae_core.preparing.progress_done`).
     Everything is written into ``.<out>.tmp-<pid>`` beside ``out`` and renamed at the end: a kill
     leaves no half-prepared set that looks whole.
     """
@@ -265,31 +270,6 @@ def prepare_cached(folder: str, paths: list[Path] | None = None,
     return target
 
 
-def register_use(dataset: str | Path, run_root: Path) -> None:
-    """Note beside a set of the cache (``<set>.runs/``) that the run at ``run_root`` trains on it:
-    the cache's housekeeping then keeps a set that any run may resume on, wherever its runs
-    folder is, not only the runs of the folders it is shown. Other sets are not the cache's."""
-    real = Path(os.path.realpath(dataset))
-    if real.parent != Path(os.path.realpath(cache_root())):
-        return
-    users = real.parent / f"{real.name}.runs"
-    users.mkdir(exist_ok=True)
-    run = os.path.realpath(run_root)
-    atomic_write_json(users / f"{hashlib.sha256(run.encode()).hexdigest()[:16]}.json", {"run": run})
-
-
-def registered_runs(dataset: Path) -> list[str]:
-    """The runs :func:`register_use` noted for ``dataset`` whose ``data.json`` still names it (a
-    deleted run, or one moved to another set, no longer counts)."""
-    real, runs = os.path.realpath(dataset), []
-    for note in sorted((dataset.parent / f"{dataset.name}.runs").glob("*.json")):
-        run = (read_json(note) or {}).get("run")
-        named = (read_json(Path(run) / RUN_DATA_NAME) or {}).get("path") if run else None
-        if named and os.path.realpath(named) == real:
-            runs.append(run)
-    return runs
-
-
 # --- what a run trains on ----------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -355,19 +335,35 @@ def first_process() -> bool:
         os.environ.get("NODE_RANK", "0") == "0"
 
 
+def read_run_data(run_root: str | Path) -> DataSource | None:
+    """``<run>/data.json``, the one place it is read; None when it is missing or names no data set
+    (a kind, path or source of another type). A count of another type, or out of range, reads as
+    unknown (None): the set the run resumes on is its path, not its count."""
+    known = read_json(Path(run_root) / RUN_DATA_NAME) or {}
+    kind, path, source = known.get("kind"), known.get("path"), known.get("source", "")
+    if kind not in ("memory", "prepared", "remote") or not all(
+            isinstance(text, str) and "\0" not in text for text in (path, source)):
+        return None
+    return DataSource(kind, path, source, **{key: known[key] if _whole(known.get(key)) else None
+                                             for key in ("files", "count", "skipped", "bytes",
+                                                         "short_side")})
+
+
 def run_data(data: str, run_root: Path, timeout_s: float = 6 * 3600.0,
              auto_prepare_above: int = AUTO_PREPARE_ABOVE) -> DataSource:
     """The run's data source, decided once per run by the job's first process and recorded in
     ``<run>/data.json``; every other rank and node reads it there (no walk per rank). A resumed run
     keeps the prepared set it started on, so the saved loader position still matches."""
+    from mae_core.caches import register_use
+
     record = run_root / RUN_DATA_NAME
     if first_process():
-        known = read_json(record)
-        if known and known.get("source") == data and (
-                known["kind"] in ("memory", "remote") or is_prepared(known["path"])):
-            if known["kind"] == "prepared":  # a run recorded before runs noted their sets
-                register_use(known["path"], run_root)
-            return DataSource(**known)
+        known = read_run_data(run_root)
+        if known and known.source == data and (
+                known.kind in ("memory", "remote") or is_prepared(known.path)):
+            if known.kind == "prepared":  # a run recorded before runs noted their sets
+                register_use(known.path, run_root)
+            return known
         found = resolve(data, auto_prepare_above=auto_prepare_above)
         atomic_write_json(record, asdict(found))
         if found.kind == "prepared":
@@ -375,12 +371,14 @@ def run_data(data: str, run_root: Path, timeout_s: float = 6 * 3600.0,
         return found
     started, deadline = time.time(), time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        known = read_json(record)
-        if known and known.get("source") == data:
-            return DataSource(**known)
+        known = read_run_data(run_root)
+        if known and known.source == data:
+            return known
         status = read_json(run_root / "status.json") or {}
+        updated = status.get("updated")
         # Failed in this session (a resumed run's status may still say a previous one failed).
-        if status.get("state") == "failed" and float(status.get("updated") or 0) >= started - 5:
+        if status.get("state") == "failed" and type(updated) in (int, float) and \
+                updated >= started - 5:
             raise DataError(f"the first process failed before it recorded the data set: "
                             f"{status.get('error')}")
         time.sleep(0.5)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mae_core.fileio import atomic_write_json, read_json
+from mae_core.fileio import atomic_write_json, atomic_write_text, read_json
 from mae_core.process import (
     PROJECT_ROOT,
     clean_env,
@@ -98,6 +98,37 @@ def data_note(data: str, found: DataSource | None = None) -> str:
             f"{_size(found.bytes)} on disk at {found.path}.")
 
 
+# --- the encoding processes' count of files done ---------------------------------------------
+
+# Files done by this encoding process since it started: counted into ``<progress>/done-<pid>``.
+_DONE: dict[str, Any] = {"count": 0, "written": 0.0, "progress": None}
+PROGRESS_EVERY_S = 0.5
+
+
+def count_done(progress: str | None) -> None:
+    """One more file done (:func:`mae_core.prepared.prepare`'s encoder); every half second the
+    total goes to this process's progress file (each ``optimize`` worker has its own, the reader
+    sums them: no lock, no shared counter)."""
+    if _DONE["progress"] != progress:  # a new preparation in this (long-lived) process
+        _DONE.update(count=0, written=0.0, progress=progress)
+    _DONE["count"] += 1
+    now = time.monotonic()
+    if progress and now - _DONE["written"] >= PROGRESS_EVERY_S:
+        _DONE["written"] = now
+        atomic_write_text(Path(progress) / f"done-{os.getpid()}", str(_DONE["count"]))
+
+
+def progress_done(progress: str | Path) -> int:
+    """Files the encoding processes that report into ``progress`` have done (read or skipped)."""
+    done = 0
+    for path in Path(progress).glob("done-*"):
+        try:
+            done += int(path.read_text() or 0)
+        except (OSError, ValueError):  # a file being replaced: counted at the next look
+            continue
+    return done
+
+
 # --- a preparation in the background -------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -126,7 +157,9 @@ class Preparation:
     def __init__(self, folder: str, workers: int | None = None) -> None:
         self.folder = folder
         self.progress_dir = Path(tempfile.mkdtemp(prefix="mae-prepare-"))
-        command = [sys.executable, "-m", "mae_core.preparing", folder, str(self.progress_dir)]
+        # (the app's pid: an app that exits at once may be gone before the job asks for its parent)
+        command = [sys.executable, "-m", "mae_core.preparing", folder, str(self.progress_dir),
+                   "--app-pid", str(os.getpid())]
         if workers:
             command += ["--workers", str(workers)]
         self.started = time.monotonic()
@@ -140,8 +173,6 @@ class Preparation:
 
     def progress(self) -> Progress:
         """The job's state now, read from its files (and its exit code once it has ended)."""
-        from mae_core.prepared import progress_done
-
         seconds = round(time.monotonic() - self.started, 1)
         job = read_json(self.progress_dir / JOB_NAME) or {}
         total, target = job.get("total"), job.get("target")
@@ -254,10 +285,10 @@ def _run(folder: str, progress_dir: Path, workers: int | None) -> dict[str, Any]
                                             f"{target}", "manifest": manifest}
     prepared.prepare_cached(folder, paths, workers=workers, progress=progress_dir)
     manifest = prepared.read_manifest(target)
-    return {"state": "done", "manifest": manifest,
-            "message": f"prepared {manifest['count']:,} images ({manifest['skipped']:,} unreadable "
-                       f"skipped) in {manifest['seconds']:.0f} s: {manifest['bytes'] / 1e6:,.1f} MB "
-                       f"at {target}"}
+    return {"state": "done", "manifest": manifest,  # (fields checked by read_manifest)
+            "message": f"prepared {manifest['count']:,} images ({manifest.get('skipped', 0):,} "
+                       f"unreadable skipped) in {manifest.get('seconds', 0):.0f} s: "
+                       f"{manifest.get('bytes', 0) / 1e6:,.1f} MB at {target}"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,13 +296,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from mae_core.checks import DataError
 
-    app = os.getppid()  # first: the app may exit while this process imports torch
+    parent = os.getppid()  # first: the app may exit while this process imports torch
 
     parser = argparse.ArgumentParser(prog="python -m mae_core.preparing")
     parser.add_argument("folder")
     parser.add_argument("progress_dir")
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--app-pid", type=int, default=None, help="the app that reads the progress")
     args = parser.parse_args(argv)
+    app = args.app_pid or parent
     # SIGTERM (a cancel) as an exception: prepare's ``finally`` then removes its temp folder.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     progress_dir = Path(args.progress_dir)

@@ -176,7 +176,12 @@ class RunManager:
         cfg, summary = resolve_data(cfg.resolved())  # in_chans and statistics from the data
         with self._exclusive():
             paths = self._create(cfg, state="queued", data_files=summary.files)
-            return paths.run_id, self.queue.add(paths.run_id)
+            try:
+                return paths.run_id, self.queue.add(paths.run_id)
+            except OSError as err:  # a run that is in no queue would wait forever: none is made
+                shutil.rmtree(paths.root, ignore_errors=True)
+                raise RunError(f"the run cannot be queued: {self.queue.path} cannot be "
+                               f"written ({err.strerror or err})") from None
 
     def queued(self) -> list[str]:
         """The queued runs, in the order they will start."""

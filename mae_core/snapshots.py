@@ -47,23 +47,38 @@ def nearest_snapshot(snapshots: list[tuple[int, Path]], step: float) -> tuple[in
     return min(reversed(snapshots), key=lambda item: abs(item[0] - step))
 
 
-def history_image(train: Any, image_size: int, channels: int = 3) -> tuple[str, torch.Tensor]:
+def history_image(train: Any, image_size: int, channels: int = 3, source: Any = None
+                  ) -> tuple[str, torch.Tensor]:
     """(name, uint8 or uint16 (C, S, S)) of the image a run's history is shown on: its first
-    held-out image (never trained on) when it holds some out, else its first preview photo."""
+    held-out image (never trained on) when it holds some out, else its first preview photo.
+
+    ``source`` is the run's recorded data set (:func:`mae_core.prepared.read_run_data`): a run
+    that streamed a prepared set held nothing out (the trainer splits in-memory folders only),
+    and its images are read from the set, not from a folder.
+    """
     from mae_core.data import DataError, fixed_crops, preview_images
     from mae_core.monitor import plan_evaluation
 
+    streamed = source is not None and source.kind != "memory"
     try:
-        held_out = plan_evaluation(train).val
+        held_out = () if streamed else plan_evaluation(train).val
     except DataError:
         held_out = ()
     for path in held_out[:8]:
         images, kept = fixed_crops([path], image_size, channels)
         if kept:
             return f"{path.name} (held out)", images[0]
-    images = preview_images(train.data, image_size, 1, channels)
+    if streamed and source.kind == "remote":
+        raise DataError(f"the run streamed the remote data set {source.source}: its weights "
+                         "history is shown on a local image, and it has none")
+    if streamed:
+        from mae_core.prepared import source_previews
+
+        images = source_previews(source, image_size, 1, channels)
+    else:
+        images = preview_images(train.data, image_size, 1, channels)
     if len(images) == 0:
-        raise ValueError("the run's data folder has no readable image left")
+        raise DataError("the run's data folder has no readable image left")
     return "the run's first preview photo (trained on)", images[0]
 
 

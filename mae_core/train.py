@@ -28,7 +28,7 @@ from mae_core.checks import DataError
 from mae_core.config import ConfigError, ModelConfig, RunConfig, TrainConfig, parse_bool
 from mae_core.fileio import atomic_write_json, read_json
 from mae_core.process import on_this_host, record_alive
-from mae_core.rundir import RunPaths, process_record
+from mae_core.rundir import LIVE_STATES, RunPaths, process_record
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -127,6 +127,8 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
     stopper = StopOnRequest(paths, recorder)
     callbacks = [recorder, stopper, SaveCheckpoints(paths, t.checkpoint_every_n_steps, recorder)]
     # A folder, a prepared set or a URL: decided (and a large folder prepared) once per run.
+    if "://" in t.data:  # a network wait (credentials, retries) must not look like a hang
+        print(f"opening the remote data set {t.data}", flush=True)
     try:
         source = prepared.run_data(t.data, paths.root)
     except DataError as err:  # the other ranks and nodes wait on status.json to give up
@@ -342,8 +344,13 @@ def main(argv: list[str] | None = None) -> int:
         return run_training(cfg, paths, resume)
     except KeyboardInterrupt:
         return 1
-    except Exception:  # noqa: BLE001 - the traceback goes to train.log, the summary to status.json
+    except Exception as err:  # noqa: BLE001 - the traceback goes to train.log, the summary to status.json
         traceback.print_exc()
+        if prepared.first_process() and paths.read_status().get("state") in LIVE_STATES:
+            # Failed before fit (a remote set without credentials, ...): not left "starting".
+            detail = "".join(traceback.format_exception_only(type(err), err)).strip()
+            paths.write_status(state="failed", error=detail[:2000] or type(err).__name__,
+                               log_tail=traceback.format_exc()[-4000:])
         return 1
 
 

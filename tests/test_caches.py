@@ -125,3 +125,76 @@ def test_a_run_in_another_runs_folder_keeps_its_set_until_it_is_deleted(tmp_path
     assert [c.path for c in caches.remove_superseded([app_runs])] == [old.path]
     assert not old.path.exists() and not (old.path.parent / f"{old.path.name}.runs").exists()
     assert newest.is_dir()
+
+
+def _fake_set(cache: Path, name: str, written_s: int, **manifest) -> Path:
+    """A whole set as check_set sees one (a manifest, an index and its one chunk) without LitData;
+    ``written_s``: its manifest's time, which orders the sets."""
+    folder = cache / name
+    folder.mkdir(parents=True)
+    (folder / "chunk-0-0.bin").write_bytes(b"abc")
+    (folder / "index.json").write_text(json.dumps(
+        {"chunks": [{"filename": "chunk-0-0.bin", "chunk_bytes": 3, "chunk_size": 1}],
+         "config": {"compression": None}}))
+    fields = {"format": 2, "source": "/data/photos", "count": 1, "bytes": 3, "created": "then"}
+    (folder / prepared.MANIFEST_NAME).write_text(json.dumps({**fields, **manifest}))
+    os.utime(folder / prepared.MANIFEST_NAME, (written_s, written_s))
+    return folder
+
+
+def test_a_damaged_entry_or_note_is_listed_as_such_and_breaks_nothing_else(tmp_path, cache):
+    """One damaged entry broke the whole listing and Remove ("count": "x": ValueError; a source
+    that is a list: unhashable; a run note {"run": 5} or a list: TypeError). Now a damaged set is
+    listed with the reason and kept, a damaged note or data.json is skipped, the rest works."""
+    old = _fake_set(cache, "photos-old", 1000)
+    new = _fake_set(cache, "photos-new", 2000)
+    damaged = {"count-x": {"count": "x"}, "source-list": {"source": ["a"]},
+               "bytes-neg": {"bytes": -5}, "format-str": {"format": "2"}}
+    for i, (name, fields) in enumerate(damaged.items()):
+        _fake_set(cache, name, 3000 + i, **fields)  # newer than both: they must not supersede
+    _fake_set(cache, "chunk-gone", 4000).joinpath("chunk-0-0.bin").unlink()
+    notes = cache / "photos-old.runs"
+    notes.mkdir()
+    for i, note in enumerate(['{"run": 5}', "[1, 2]", '{"run": ["x"]}', '{"run": "a\\u0000b"}',
+                              '{"run": ""}', "not json"]):
+        (notes / f"{i}.json").write_text(note)
+    runs = tmp_path / "runs"
+    _run_on(runs, "good-run", new)
+    (runs / "bad-run").mkdir()  # its data.json names nothing readable
+    (runs / "bad-run" / prepared.RUN_DATA_NAME).write_text(json.dumps({"kind": "prepared", "path": 7}))
+    (runs / "list-run").mkdir()
+    (runs / "list-run" / prepared.RUN_DATA_NAME).write_text("[1]")
+    listed = {c.path.name: c for c in caches.cached_sets([runs])}
+    assert set(listed) == {"photos-old", "photos-new", *damaged, "chunk-gone"}
+    assert listed["photos-old"].superseded and not listed["photos-new"].superseded
+    assert listed["photos-old"].runs == () and listed["photos-new"].runs == (str(runs / "good-run"),)
+    assert listed["count-x"].damage == f"its {prepared.MANIFEST_NAME} records count 'x', not a whole number of at least 1"
+    assert "records source ['a'], not text" in listed["source-list"].damage
+    assert "records bytes -5" in listed["bytes-neg"].damage
+    assert listed["format-str"].damage == prepared.UNREADABLE
+    assert listed["chunk-gone"].damage == "its chunk chunk-0-0.bin is missing"
+    assert all(listed[name].damage and not listed[name].superseded for name in [*damaged, "chunk-gone"])
+    assert listed["count-x"].source == "/data/photos" and listed["source-list"].source == ""
+    assert listed["count-x"].bytes > 0  # measured on disk
+    lines = caches.report([runs])
+    assert sum("damaged (" in line for line in lines) == 5 and "7 prepared set(s)" in lines[0]
+    assert [c.path for c in caches.remove_superseded([runs])] == [old]
+    assert not old.exists() and not notes.exists() and new.is_dir()
+    assert all((cache / name).is_dir() for name in [*damaged, "chunk-gone"])  # damaged: kept
+
+
+def test_a_superseded_set_linked_into_the_cache_is_unlinked_never_followed(tmp_path, cache):
+    """A set that is a symbolic link (moved to a bigger disk, linked back): Remove failed with
+    "Cannot call rmtree on a symbolic link"; now the link goes and what it points to stays."""
+    elsewhere = _fake_set(tmp_path / "big-disk", "photos-old", 1000)
+    cache.mkdir()
+    (cache / "photos-old").symlink_to(elsewhere, target_is_directory=True)
+    (cache / "photos-old.runs").symlink_to(tmp_path / "big-disk", target_is_directory=True)
+    new = _fake_set(cache, "photos-new", 2000)
+    [linked] = [c for c in caches.cached_sets([]) if c.superseded]
+    assert linked.path == cache / "photos-old" and linked.count == 1
+    assert [c.path for c in caches.remove_superseded([])] == [cache / "photos-old"]
+    assert not (cache / "photos-old").exists() and not (cache / "photos-old").is_symlink()
+    assert not (cache / "photos-old.runs").is_symlink()
+    assert (elsewhere / prepared.MANIFEST_NAME).is_file() and (elsewhere / "chunk-0-0.bin").is_file()
+    assert [c.path for c in caches.cached_sets([])] == [new]

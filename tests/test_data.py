@@ -104,7 +104,11 @@ def test_optimize_command_prepares_a_folder_counts_skipped_and_refuses_bad_input
     # above; a process each would only import torch again): exit 2, one line, no traceback.
     for args, message in [((tmp_path / "src", out), "already exists"),
                           ((tmp_path / "src", tmp_path / "x", "--short-side", "64"), "at least 256"),
-                          ((tmp_path / "nope", tmp_path / "y"), "does not exist")]:
+                          ((tmp_path / "nope", tmp_path / "y"), "does not exist"),
+                          # an output that cannot be a folder: a file, a path under a file
+                          ((tmp_path / "src", tmp_path / "src" / "broken.jpg"), "cannot be written"),
+                          ((tmp_path / "src", tmp_path / "src" / "broken.jpg" / "x"),
+                           "cannot be written")]:
         with pytest.raises(SystemExit) as refused:
             data_main(["optimize", *map(str, args)])
         assert refused.value.code == 2

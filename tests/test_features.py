@@ -98,6 +98,24 @@ def test_knn_finds_clusters_and_not_noise():
     assert chance["k"] == len(bank) and chance["top1"] < 50  # k capped by the bank's size
 
 
+def test_knn_in_chunks_scores_exactly_as_all_queries_at_once(monkeypatch):
+    """lightly's knn_predict holds a (queries × k × classes) one-hot: 1,000 classes cost 1.6 GB in
+    the app, 5,000 would be ~40 GB. The queries go in chunks of bounded size; the scores are the
+    ones of one call over every query."""
+    from lightly.utils.benchmarking import knn_predict
+
+    bank, bank_labels = _clusters(3, per_class=8, spread=2.0)
+    query, query_labels = _clusters(4, per_class=7, spread=2.0)
+    whole = knn_predict(torch.nn.functional.normalize(query, dim=1),
+                        torch.nn.functional.normalize(bank, dim=1).t().contiguous(), bank_labels, 6,
+                        knn_k=10, knn_t=features.KNN_TEMPERATURE)
+    expected = {top: features.topk_accuracy(whole, query_labels, top) for top in (1, 5)}
+    monkeypatch.setattr(features, "KNN_CHUNK_VALUES", 5 * (10 * 6 + len(bank)))  # 5 queries a chunk
+    chunked = features.knn_accuracy(query, bank, bank_labels, query_labels, 6, k=10)
+    assert 0 < expected[1] < 100
+    assert chunked["top1"] == pytest.approx(expected[1]) and chunked["top5"] == pytest.approx(expected[5])
+
+
 def test_the_linear_probe_learns_a_separable_problem_deterministically():
     train_x, train_y = _clusters(2, spread=1.0)
     val_x, val_y = _clusters(2, per_class=10, spread=1.0)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mae_core.metrics import MetricsReader, MetricsStore, thin
+from mae_core.metrics import MAX_COLUMNS, MetricsReader, MetricsStore, thin, write_csv
 
 
 def line(step: int, **values: float) -> str:
@@ -124,6 +124,90 @@ def test_a_key_missing_from_some_rows_and_non_finite_values_are_left_out(metrics
     assert reader.series("epoch_loss")[0].tolist() == [4]
     assert reader.series("no_such_metric")[0].tolist() == []
     assert set(reader.keys()) >= {"loss", "lr", "epoch_loss"}
+
+
+def test_numbers_no_float_holds_and_bad_steps_are_skipped_without_harm(metrics):
+    # A 400-digit int made math.isfinite raise OverflowError half-way through a refresh: the offset
+    # had advanced and the columns were half-appended, so every later read of the run failed.
+    huge = "1" + "0" * 400
+    metrics.write_text(line(1, loss=2.0, lr=0.1)
+                       + f'{{"step": 2, "loss": {huge}, "lr": 0.2}}\n'
+                       + '{"step": 3, "loss": NaN, "lr": Infinity, "mfu": -Infinity}\n'
+                       + '{"step": 4, "loss": true, "lr": "0.4", "epoch": null}\n'
+                       + '{"step": 2.5, "loss": 9.0}\n' + '{"step": -1, "loss": 9.0}\n'
+                       + f'{{"step": {huge}, "loss": 9.0}}\n' + '{"step": null, "loss": 9.0}\n'
+                       + '{"step": true, "loss": 9.0}\n' + '{"step": "6", "loss": 9.0}\n'
+                       + '{"step": 1e300, "loss": 9.0}\n' + "[" * 100_000 + "\n"
+                       + '{"step": 5.0, "loss": 1.0}\n')
+    reader = MetricsReader(metrics)
+    assert reader.refresh() and reader.rows == 5  # steps 1-5; every other line skipped
+    assert reader.series("loss")[0].tolist() == [1, 5]
+    assert reader.series("loss")[1].tolist() == [2.0, 1.0]
+    assert reader.series("lr")[1].tolist() == [0.1, 0.2]
+    assert reader.series("mfu")[0].tolist() == [] and reader.series("epoch")[0].tolist() == []
+    steps, columns = reader.snapshot()
+    assert steps == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert all(len(values) == len(steps) for values in columns.values())
+    # The state is whole: later lines, huge values among them, append as usual.
+    append(metrics, line(6, loss=0.5, lr=0.6) + f'{{"step": 7, "loss": -{huge}, "lr": 0.7}}\n'
+           + line(8, loss=0.25))
+    assert reader.refresh() and reader.rows == 8
+    steps, losses = reader.series("loss")
+    assert steps.tolist() == [1, 5, 6, 8] and losses.tolist() == [2.0, 1.0, 0.5, 0.25]
+    assert reader.series("lr")[0].tolist() == [1, 2, 6, 7]
+    assert reader.last("loss") == (8, 0.25)
+    csv = write_csv(reader, metrics.with_name("metrics.csv")).read_text().splitlines()
+    assert len(csv) == 9 and csv[0].split(",")[0] == "step"
+    assert [row.split(",")[0] for row in csv[1:]] == [str(s) for s in range(1, 9)]
+
+
+def test_a_failed_append_leaves_the_reader_as_it_was(metrics, monkeypatch):
+    """Whatever goes wrong while rows are added, the offset and the columns stay consistent."""
+    metrics.write_text(line(1, loss=1.0) + line(2, loss=0.9))
+    reader = MetricsReader(metrics)
+    assert reader.rows == 0 and reader.series("loss")[0].tolist() == [1, 2]
+    append(metrics, line(3, loss=0.8, lr=0.1) + line(4, loss=0.7, lr=0.2) + line(5, loss=0.6))
+    original = MetricsReader._append_row
+
+    def failing(self, step, values):
+        if step == 4:  # after step 3 and its new column went in
+            raise MemoryError("stand-in for any failure mid-append")
+        original(self, step, values)
+
+    monkeypatch.setattr(MetricsReader, "_append_row", failing)
+    for _ in range(2):
+        with pytest.raises(MemoryError):
+            reader.refresh()
+        assert reader.rows == 2  # step 3 rolled back, not appended again on the second try
+    monkeypatch.setattr(MetricsReader, "_append_row", original)
+    assert reader.refresh() and reader.rows == 5
+    steps, columns = reader.snapshot()
+    assert steps == [1.0, 2.0, 3.0, 4.0, 5.0] and list(columns) == ["loss", "lr"]
+    assert all(len(values) == 5 for values in columns.values())
+    assert reader.series("loss")[0].tolist() == [1, 2, 3, 4, 5]
+    assert reader.series("lr")[1].tolist() == [0.1, 0.2]
+
+
+def test_a_new_key_on_every_line_is_bounded_not_quadratic(metrics, caplog):
+    # Each new column is back-filled for every earlier row: 8,000 new keys cost 29 s and 3.2 GB.
+    lines = 8000
+    metrics.write_text("".join(json.dumps({"step": i, f"k{i}": 1.0, "loss": 1.0 / i}) + "\n"
+                               for i in range(1, lines + 1)))
+    reader = MetricsReader(metrics)
+    with caplog.at_level("WARNING", logger="mae_core.metrics"):
+        assert reader.refresh() and reader.rows == lines
+        append(metrics, json.dumps({"step": lines + 1, "k_more": 2.0, "loss": 0.5}) + "\n")
+        assert reader.refresh() and reader.rows == lines + 1
+    keys = reader.keys()
+    assert len(keys) == MAX_COLUMNS
+    assert keys[:2] == ["k1", "loss"] and "k_more" not in keys and f"k{lines}" not in keys
+    assert len([r for r in caplog.records if "metric keys" in r.getMessage()]) == 1
+    steps, losses = reader.series("loss")
+    assert steps.tolist() == list(range(1, lines + 2))
+    assert losses[:-1].tolist() == [1.0 / i for i in range(1, lines + 1)] and losses[-1] == 0.5
+    assert reader.series("k1")[0].tolist() == [1]
+    steps, columns = reader.snapshot()
+    assert len(columns) == MAX_COLUMNS and all(len(v) == lines + 1 for v in columns.values())
 
 
 def test_thin_bounds_the_count_and_keeps_the_last_point():

@@ -199,6 +199,85 @@ def test_a_damaged_prepared_set_is_refused_before_training_with_the_reason(tmp_p
     assert check_data(str(good)).files == 4
 
 
+def test_a_manifest_or_index_of_the_wrong_types_is_refused_as_damaged(tmp_path):
+    """A manifest's ``"count": "many"`` reached the data field's note (ValueError: Cannot specify
+    ','), a run's data.json and then every row of the Runs table; -5 and 1e400 read as "-5 images"
+    and "inf images"; an index.json whose chunks are no list gave "Internal error". Each is now
+    the data set refused as damaged, with the field and its value, before a run records anything."""
+    import shutil
+
+    from mae_core.preparing import data_note
+
+    good = tmp_path / "good"
+    prepared.prepare(str(_photos(tmp_path / "photos", 3)), good, workers=1, verbose=False)
+    manifest = json.loads((good / prepared.MANIFEST_NAME).read_text())
+    index = json.loads((good / "index.json").read_text())
+    chunk = index["chunks"][0]
+    bad_manifests = [("count", "many"), ("count", -5), ("count", 1e400), ("count", 2.0),
+                     ("count", True), ("count", 0), ("count", 2**70), ("bytes", "12"),
+                     ("skipped", "1"), ("files", -1), ("short_side", None), ("seconds", "3"),
+                     ("seconds", -1), ("seconds", 1e400), ("source", ["a"]), ("created", 5)]
+    bad_indexes = [{"chunks": "abc"}, {"chunks": [1, 2]}, {"config": "x"},
+                   {"chunks": [{**chunk, "chunk_bytes": "64MB"}]},
+                   {"chunks": [{**chunk, "filename": 5}]}, {"chunks": [{**chunk, "chunk_size": -1}]}]
+    cases = [(f"{key}-{i}", prepared.MANIFEST_NAME, {**manifest, key: value},
+              f"records {key} ") for i, (key, value) in enumerate(bad_manifests)]
+    cases += [(f"index-{i}", "index.json", {**index, **change}, "index.json is not as LitData")
+              for i, change in enumerate(bad_indexes)]
+    for name, file, content, reason in cases:
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        (folder / file).write_text(json.dumps(content))  # (1e400 is written as Infinity)
+        for check in (prepared.describe, check_data, data_note, prepared.read_manifest):
+            with pytest.raises(DataError, match=f"is damaged \\(its .*{reason}"):
+                check(str(folder))
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        with pytest.raises(DataError, match="is damaged"):  # a run on it starts nothing
+            prepared.run_data(str(folder), run)
+        assert not (run / prepared.RUN_DATA_NAME).exists()
+    assert prepared.check_set(good) == (manifest, None)
+    assert data_note(str(good)).startswith("prepared: 3 images (0 unreadable skipped)")
+    del manifest["seconds"], manifest["bytes"]  # optional: a field absent is not damage
+    (good / prepared.MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert prepared.describe(str(good)).count == 3
+
+
+def test_a_damaged_run_data_record_reads_as_missing_or_its_count_as_unknown(tmp_path,
+                                                                           monkeypatch):
+    """``<run>/data.json`` is read in one place (prepared.read_run_data): a kind, path or source of
+    another type is no record (the first process decides again, the other ranks keep waiting);
+    a count of another type is unknown. Nothing else is raised."""
+    from mae_core.fileio import atomic_write_json
+
+    run = tmp_path / "run"
+    run.mkdir()
+    record = run / prepared.RUN_DATA_NAME
+    base = {"kind": "prepared", "path": "/data/prep", "source": "/data/prep"}
+    for bad in ({"count": "many"}, {"count": -5}, {"count": 1e400}, {"files": [1]},
+                {"skipped": True}, {"bytes": 2.5}, {"short_side": {}}):
+        atomic_write_json(record, {**base, "count": 7, **bad})
+        found = prepared.read_run_data(run)
+        assert found is not None and found.path == "/data/prep"
+        assert all(getattr(found, key) is None for key in bad)
+    atomic_write_json(record, {**base, "count": 7, "future_field": 1})  # another version's extra
+    assert prepared.read_run_data(run).count == 7
+    for damaged in ({**base, "kind": ["prepared"]}, {**base, "kind": "folder"},
+                    {**base, "path": 5}, {**base, "source": {"a": 1}}, {**base, "path": "a\0b"},
+                    {"path": "/data/prep"}):
+        atomic_write_json(record, damaged)
+        assert prepared.read_run_data(run) is None
+        monkeypatch.setenv("RANK", "1")  # waits for a record; gives up on time, no TypeError
+        atomic_write_json(run / "status.json", {"state": "failed", "updated": "soon"})
+        with pytest.raises(DataError, match="recorded no data set"):
+            prepared.run_data("", run, timeout_s=0.3)
+        monkeypatch.setenv("RANK", "0")  # the first process records the set afresh
+        assert prepared.run_data("", run).kind == "memory"
+        assert prepared.read_run_data(run).source == ""
+    record.write_text("[1, 2]")
+    assert prepared.read_run_data(run) is None and prepared.read_run_data(tmp_path / "none") is None
+
+
 def test_one_process_prepares_while_the_others_wait(tmp_path, cache):
     folder = _photos(tmp_path / "photos", 8)
     code = ("import sys; from mae_core import prepared; "

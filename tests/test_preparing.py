@@ -126,3 +126,39 @@ def test_an_app_that_exits_leaves_the_preparation_running_into_the_cache_and_not
     assert not Path(running_dir).exists()  # removed by the job itself: no app to read it
     found = prepared.describe(str(folder), auto_prepare_above=10)
     assert found.kind == "prepared" and found.count == 60
+
+
+def test_a_manifest_of_the_wrong_types_is_a_clear_refusal_not_a_crash(tmp_path, cache):
+    """``"count": "many"`` (or a size that is text) in a prepared set's manifest made the data
+    field's note raise ValueError/TypeError and Prepare's "already prepared" message fail; both now
+    refuse the set as damaged, naming the field (the data field shows it, a job fails with it)."""
+    import json
+
+    from mae_core.checks import DataError
+    from mae_core.preparing import _run, data_note
+    from ui.datafield import data_info
+
+    def whole_shards(folder: Path) -> Path:  # an index and its chunk: only the manifest is bad
+        folder.mkdir(parents=True)
+        (folder / "chunk-0-0.bin").write_bytes(b"abc")
+        (folder / "index.json").write_text(json.dumps(
+            {"chunks": [{"filename": "chunk-0-0.bin", "chunk_bytes": 3}], "config": {}}))
+        return folder
+
+    folder = whole_shards(tmp_path / "prepared")
+    for fields, reason in (({"count": "many"}, "records count 'many'"),
+                           ({"count": 3, "bytes": "12 MB"}, "records bytes '12 MB'"),
+                           ({"count": 3, "skipped": 1.5}, "records skipped 1.5"),
+                           ({"count": -5}, "records count -5")):
+        (folder / prepared.MANIFEST_NAME).write_text(json.dumps({"format": 2, **fields}))
+        with pytest.raises(DataError, match=f"is damaged \\(its mae_manifest.json {reason}"):
+            data_note(str(folder))
+        assert "is damaged" in data_info(str(folder))  # a notice beside the field, no traceback
+    photos = _copies(tmp_path / "photos", 2, (64, 48))  # its cache entry damaged the same way
+    target = prepared.cache_dir(str(photos), sorted(photos.iterdir()), prepared.DEFAULT_SHORT_SIDE)
+    whole_shards(target)
+    (target / prepared.MANIFEST_NAME).write_text(json.dumps({"format": 2, "count": "many"}))
+    progress = tmp_path / "progress"
+    progress.mkdir()
+    with pytest.raises(DataError, match="records count 'many'"):  # the job's failed result
+        _run(str(photos), progress, workers=1)

@@ -52,6 +52,15 @@ def test_queued_runs_can_be_reordered_and_removed(tmp_path):
         manager.move_queued(first, 1)
 
 
+def test_a_queue_that_cannot_be_written_refuses_the_run_and_leaves_none_waiting(tmp_path):
+    """A queued run outside the queue would wait forever, shown as "queued"."""
+    manager = RunManager(tmp_path / "runs")
+    manager.queue.path.mkdir()  # not writable as a file
+    with pytest.raises(RunError, match="cannot be queued: .*queue.json cannot be written"):
+        manager.enqueue(quick())
+    assert manager.list() == []
+
+
 def test_queued_runs_start_back_to_back_across_an_app_restart_past_a_broken_one(tmp_path):
     data = tmp_path / "photos"
     data.mkdir()

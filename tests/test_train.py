@@ -231,3 +231,22 @@ def test_an_existing_run_is_never_trained_twice_restarted_or_resumed_into_anothe
     err = refused("--resume", "--patch-size", "4")
     assert err.startswith("error: patch_size:") and "start a new run" in err
     assert stand_in.poll() is None  # refused, nothing killed
+
+
+def test_a_failure_before_training_starts_is_recorded_not_left_starting(tmp_path, run_module,
+                                                                       monkeypatch):
+    """A remote set without credentials fails before fit (while the previews load): the run was
+    left "starting" for ever, with a traceback only in the log. (Offline: no credentials and no
+    instance metadata, so botocore refuses before any connection.)"""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    run_dir = tmp_path / "run"
+    result = run_module("mae_core.train", "--run-dir", run_dir, "--data", "s3://no-such-bucket/set",
+                        *TINY, "--devices", "1", "--max-steps", "2")
+    assert result.returncode == 1
+    assert "opening the remote data set s3://no-such-bucket/set" in result.stdout
+    status = RunPaths(run_dir).read_status()
+    assert status["state"] == "failed" and "credentials" in status["error"].lower(), status

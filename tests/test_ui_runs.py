@@ -285,3 +285,52 @@ def test_the_data_cache_panel_lists_sets_and_removes_only_superseded_ones_no_run
     assert datacache.remove_superseded(ctx).startswith("Removed 1 superseded set(s)")
     assert not old.exists() and new.is_dir()
     assert datacache.cache_html(ctx).count("<tr><td") == 1
+
+
+def test_a_damaged_data_record_costs_its_own_cell_only(ctx):
+    """A data.json with ``"count": "many"`` (copied from a damaged manifest) made the Runs table
+    fail for every run (``{count:,}``); -5 and 1e400 showed as "-5 images" and "inf images". Now
+    such a count is unknown, a record naming no data set falls back to the config's folder, and
+    the table and refresh serve every run."""
+    from mae_core.prepared import RUN_DATA_NAME
+
+    good = make_run(ctx, "finished")
+    atomic_write_json(good.root / RUN_DATA_NAME, {"kind": "prepared", "path": "/data/prep",
+                                                  "source": "/data/prep", "count": 5000})
+    base = {"kind": "prepared", "path": "/cache/p", "source": "/data/photos"}
+    bad = {}
+    for count in ("many", -5, float("inf"), 2.5, [3], True):
+        run = make_run(ctx, "finished")
+        atomic_write_json(run.root / RUN_DATA_NAME, {**base, "count": count, "files": "x"})
+        bad[run.run_id] = "/data/photos (images: ?, prepared)"
+    for record in ({**base, "kind": 5}, {**base, "source": ["a"]}, [1, 2]):
+        run = make_run(ctx, "finished", data_files="many")
+        atomic_write_json(run.root / RUN_DATA_NAME, record)
+        bad[run.run_id] = "sample photos"  # the config's folder (TINY trains on the samples)
+    out = runs.refresh(ctx, None, None)
+    table = out["table"]
+    rows = table["value"] if isinstance(table, dict) else table
+    cells = {row[0]: dict(zip(runs.HEADERS, row, strict=True))["data"] for row in rows}
+    assert cells == {good.run_id: "/data/prep (5,000 images, prepared)", **bad}
+
+
+def test_the_data_cache_panel_shows_and_removes_around_a_damaged_entry(ctx, tmp_path, monkeypatch):
+    """One damaged entry (a count that is no number, a source that is a list, a run note that is
+    no note) broke Show and Remove for the whole cache; now it is a row that says "damaged"."""
+    from mae_core import prepared
+    from ui import datacache
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(prepared.CACHE_ENV, str(cache))
+    for name, fields in (("count-x", {"count": "x"}), ("listed", {"source": ["a"]})):
+        (cache / name).mkdir(parents=True)
+        (cache / name / prepared.MANIFEST_NAME).write_text(json.dumps({"format": 2, **fields}))
+        (cache / f"{name}.runs").mkdir()
+        (cache / f"{name}.runs" / "note.json").write_text('{"run": 5}')
+    (cache / "listed.runs" / "list.json").write_text("[1]")
+    listing = datacache.cache_html(ctx)
+    assert listing.count("<tr><td") == 2 and listing.count("damaged: its mae_manifest.json") == 2
+    assert "records count &#x27;x&#x27;, not a whole number" in listing  # (escaped)
+    assert "2 damaged: kept, not read" in listing
+    assert datacache.remove_superseded(ctx).startswith("Nothing removed")
+    assert (cache / "count-x").is_dir() and (cache / "listed").is_dir()

@@ -29,7 +29,8 @@ def _gb(size: int) -> str:
 
 def cache_html(ctx: AppContext) -> str:
     """One row per prepared set in the cache: its source, images, size, age, whether a newer set
-    of the same folder replaced it, and the runs that name it."""
+    of the same folder replaced it, and the runs that name it; a damaged set says why (and is
+    kept: its images and source cannot be trusted)."""
     from mae_core import caches, prepared
 
     sets = caches.cached_sets([_runs_dir(ctx)])
@@ -40,17 +41,23 @@ def cache_html(ctx: AppContext) -> str:
     for cached in sets:
         runs = ", ".join(Path(run).name if os.path.dirname(os.path.realpath(run)) == here else run
                          for run in cached.runs) or "none"
-        state = "superseded" if cached.superseded else "newest"
+        state = (f"damaged: {cached.damage}" if cached.damage
+                 else "superseded" if cached.superseded else "newest")
+        source = cached.source or ("unknown" if cached.damage else "the sample photos")
+        count = "?" if cached.damage else f"{cached.count:,}"
         # a long folder path or run list wraps anywhere; the short cells keep their words whole
-        rows.append(f"<tr><td style='overflow-wrap:anywhere'>"
-                    f"{render.esc(cached.source or 'the sample photos')}</td>"
-                    f"<td>{cached.count:,}</td><td>{_gb(cached.bytes)}</td>"
-                    f"<td>{render.esc(cached.created)}</td><td>{state}</td>"
+        rows.append(f"<tr><td style='overflow-wrap:anywhere'>{render.esc(source)}</td>"
+                    f"<td>{count}</td><td>{_gb(cached.bytes)}</td>"
+                    f"<td>{render.esc(cached.created)}</td>"
+                    f"<td style='overflow-wrap:anywhere'>{render.esc(state)}</td>"
                     f"<td style='overflow-wrap:anywhere'>{render.esc(runs)}</td></tr>")
     removable = [c for c in sets if c.superseded and not c.runs]
     freeable = sum(c.bytes for c in removable)
+    damaged = sum(1 for c in sets if c.damage)
     summary = (f"{len(sets)} prepared set(s) in {where}, {_gb(sum(c.bytes for c in sets))}; "
                f"{len(removable)} superseded and used by no run ({_gb(freeable)}).")
+    if damaged:
+        summary += f" {damaged} damaged: kept, not read; remove a damaged set by hand once no run needs it."
     return (f"<p>{summary}</p><table class='cache-table' style='width:100%'><thead><tr><th>folder</th><th>images</th>"
             "<th>size</th><th>prepared</th><th>state</th><th>runs using it</th></tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table>")

@@ -163,8 +163,10 @@ def reconstruct_history(ctx: AppContext, run_id: str | None, step: Any, mask_rat
                         "not reached its first one yet).")
     model = ctx.models.get(chosen[1])
     view = parse_view(channels_shown, model.cfg.channels, contrast or "auto")
+    from mae_core.prepared import read_run_data
+
     name, image = history_image(ctx.manager.config(run_id).train, model.cfg.image_size,
-                                model.cfg.channels)
+                                model.cfg.channels, read_run_data(ctx.manager.paths(run_id).root))
     views = reconstruct_uploads(model, [(name, image)], ratio, seed, view=view)
     html = render.reconstruction_html(views, PANEL_TITLES, render.data_uri(colorbar()), HEATMAP_MAX)
     text = (f"Run `{run_id}`, snapshot of step {chosen[0]}: {name}, mask ratio {ratio}, seed "

@@ -46,20 +46,19 @@ def table_rows(ctx: AppContext, statuses: Iterable[Mapping[str, Any]]) -> list[l
 
 def data_cell(ctx: AppContext, status: Mapping[str, Any]) -> str:
     """The run's data set in one cell: what it was given (folder, prepared directory or URL), how
-    it is read and its image count, from ``<run>/data.json`` (written when the run started);
-    before that, the config's folder and the file count found at launch."""
-    from mae_core.fileio import read_json
-    from mae_core.prepared import RUN_DATA_NAME
+    it is read and its image count, from ``<run>/data.json`` (written when the run started; a count
+    of another type reads as unknown, :func:`mae_core.prepared.read_run_data`); before that, or if
+    it is damaged, the config's folder and the file count found at launch."""
+    from mae_core.prepared import read_run_data
 
-    root = ctx.manager.paths(status["run_id"]).root
-    record = read_json(root / RUN_DATA_NAME)
+    record = read_run_data(ctx.manager.paths(status["run_id"]).root)
     if record:
-        given = record.get("source") or "sample photos"
-        count = record.get("count") or record.get("files")
-        images = f"{count:,} images" if count else "images: ?"
-        if record.get("kind") == "memory":
+        given = record.source or "sample photos"
+        count = record.count or record.files
+        images = f"{count:,} images" if isinstance(count, int) and count > 0 else "images: ?"
+        if record.kind == "memory":
             return f"{given} ({images}, in memory)"
-        if record.get("kind") == "remote":
+        if record.kind == "remote":
             return f"{given} (remote, streamed)"
         return f"{given} ({images}, prepared)"  # (a folder's cached copy: in <run>/data.json)
     try:
@@ -67,7 +66,7 @@ def data_cell(ctx: AppContext, status: Mapping[str, Any]) -> str:
     except Exception:  # noqa: BLE001 - a run without a readable config still gets its row
         return "–"
     files = status.get("data_files")
-    return f"{given} ({files:,} files found)" if isinstance(files, int) else given
+    return f"{given} ({files:,} files found)" if type(files) is int and files >= 0 else given
 
 
 def saved_evaluation(ctx: AppContext, run_id: str) -> str:
