@@ -49,7 +49,7 @@ Source = str | Path | bytes | BinaryIO
 _GRAY8 = frozenset({"1", "L", "LA"})
 # 16-bit grayscale; Pillow opens some 16-bit PNGs as "I" (32-bit), checked for range on reading.
 _GRAY16 = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
-_TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic TIFF, BigTIFF
 # The channel axis in tifffile's axes codes: samples per pixel, or an ImageJ/OME channel axis.
 _CHANNEL_AXES = "SC"
 _ASSOCIATED_ALPHA, _UNASSOCIATED_ALPHA = 1, 2  # TIFF ExtraSamples values

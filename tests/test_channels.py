@@ -90,6 +90,11 @@ def test_tiff_keeps_16_bits_and_every_band(tmp_path):
     tifffile.imwrite(tmp_path / "rgbn.tif", tile4(0).transpose(1, 2, 0), photometric="rgb",
                      extrasamples=["unspecified"])
     assert np.array_equal(read_for(tmp_path / "rgbn.tif", 4).numpy(), tile4(0))
+    # A BigTIFF upload (bytes, no file name to go by) is a TIFF too: PIL cannot read it at all.
+    bigtiff = io.BytesIO()
+    tifffile.imwrite(bigtiff, tile4(0).transpose(1, 2, 0), bigtiff=True, photometric="rgb",
+                     extrasamples=["unspecified"])
+    assert np.array_equal(read_for(bigtiff.getvalue(), 4, "big").numpy(), tile4(0))
     # ...but an alpha sample is transparency, as in a PNG: RGB composited on white.
     rgba = np.zeros((SIZE, SIZE, 4), np.uint8)
     rgba[:16, :, :] = (10, 20, 30, 255)  # top half opaque, bottom half fully transparent
