@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from mae_core.data import DataError, check_data, find_images
-from mae_core.data import main as data_main
+from mae_core.data_cli import main as data_main
 
 
 def _photo(path: Path, seed: int = 0) -> Path:
