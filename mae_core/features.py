@@ -167,13 +167,13 @@ def knn_accuracy(query: Tensor, bank: Tensor, bank_labels: Tensor, query_labels:
     # knn_predict builds a (queries × k × classes) one-hot: all 10,000 queries of 5,000 classes
     # at once would be 40 GB in the app. Chunks keep it near 64 MB whatever the classes.
     chunk = max(1, KNN_CHUNK_VALUES // (k * num_classes + len(bank)))
-    hits = {1: 0.0, min(5, num_classes): 0.0}
+    top5 = min(5, num_classes)
+    hits = {1: 0.0, top5: 0.0}
     for start in range(0, len(query), chunk):
         ranked = knn_predict(query[start:start + chunk], bank_t, bank_labels, num_classes,
                              knn_k=k, knn_t=temperature)
         for top in hits:
             hits[top] += topk_accuracy(ranked, query_labels[start:start + chunk], top) * len(ranked)
-    top5 = min(5, num_classes)
     return {"top1": hits[1] / len(query), "top5": hits[top5] / len(query), "k": k}
 
 

@@ -174,15 +174,20 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
         trainer.fit(model, datamodule=data, ckpt_path=ckpt, weights_only=True)
     except BaseException as err:  # noqa: BLE001 - reported in status.json, then re-raised
         if trainer.is_global_zero:
-            detail = "".join(traceback.format_exception_only(type(err), err)).strip()
-            paths.write_status(state="failed", error=detail or type(err).__name__,
-                               log_tail=traceback.format_exc()[-4000:])
+            _record_failure(paths, err)
         raise
     if trainer.is_global_zero:
         state = "stopped" if stopper.requested else "finished"
         paths.stop_request.unlink(missing_ok=True)
         recorder.write_progress(trainer, state=state)
     return 0
+
+
+def _record_failure(paths: RunPaths, err: BaseException) -> None:
+    """The run failed with ``err`` (being handled): status.json says so, with the traceback's end."""
+    detail = "".join(traceback.format_exception_only(type(err), err)).strip()
+    paths.write_status(state="failed", error=detail or type(err).__name__,
+                       log_tail=traceback.format_exc()[-4000:])
 
 
 # --- command line -----------------------------------------------------------------------------
@@ -347,10 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - the traceback goes to train.log, the summary to status.json
         traceback.print_exc()
         if prepared.first_process() and paths.read_status().get("state") in LIVE_STATES:
-            # Failed before fit (a remote set without credentials, ...): not left "starting".
-            detail = "".join(traceback.format_exception_only(type(err), err)).strip()
-            paths.write_status(state="failed", error=detail[:2000] or type(err).__name__,
-                               log_tail=traceback.format_exc()[-4000:])
+            _record_failure(paths, err)  # before fit (a remote set without credentials, ...)
         return 1
 
 
