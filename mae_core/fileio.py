@@ -9,9 +9,11 @@ killed writer (its pid is gone) from a write in flight in another live process.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -19,6 +21,10 @@ from typing import Any, Callable
 from mae_core.process import pid_alive
 
 TEMP_SUFFIX = ".tmp"
+# A write that failed with less than this free on its disk failed because the disk is full:
+# torch.save's writer says "enforce fail at inline_container.cc ... unexpected pos", not ENOSPC.
+FULL_BELOW_BYTES = 2**20
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # .<name>.<pid>.<mkstemp's 8 characters>.tmp; the pid is absent in files of older versions, and
 # in .tmpXXXXXX, safetensors' own temp file, which earlier versions' weights saves left when killed.
 _TEMP_NAME = re.compile(
@@ -40,10 +46,62 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         write(tmp)
         fsync_file(tmp)
         os.replace(tmp, path)
+    except Exception as err:
+        # Asked before the temp file goes: removing it frees the space that ran out.
+        full = is_disk_full(err) or disk_nearly_full(path.parent)
+        Path(tmp).unlink(missing_ok=True)
+        if full:
+            raise DiskFullError(errno.ENOSPC, "the disk is full while writing", str(path)) from err
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+class DiskFullError(OSError):
+    """A write found its disk full (ENOSPC, whatever the writer raised); the target kept its
+    previous content."""
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Free bytes (for this user) on the file system that holds ``path``, or None if unknown.
+
+    ``path`` need not exist yet (a run folder about to be made): its nearest existing folder is
+    asked.
+    """
+    folder = existing_parent(path)
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def existing_parent(path: str | Path) -> Path:
+    """``path`` itself if it exists, else its nearest existing parent folder."""
+    folder = Path(path).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def disk_nearly_full(path: str | Path) -> bool:
+    free = free_bytes(path)
+    return free is not None and free < FULL_BELOW_BYTES
+
+
+def is_disk_full(err: BaseException | None) -> bool:
+    """Whether ``err``, or an exception it was raised from, is a write that found the disk full."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, DiskFullError) or (isinstance(err, OSError)
+                                              and err.errno in _FULL_ERRNOS):
+            return True
+        if "no space left on device" in str(err).lower():  # safetensors' Rust writer, others
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def fsync_file(path: str | Path) -> None:

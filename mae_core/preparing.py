@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mae_core.diskspace import size_text
 from mae_core.fileio import atomic_write_json, atomic_write_text, read_json
 from mae_core.process import (
     PROJECT_ROOT,
@@ -73,12 +74,6 @@ def survey(data: str, summary: DataSummary | None = None) -> DataSource:
     return replace(found, bytes=size, skipped=skipped)
 
 
-def _size(bytes_: int | None) -> str:
-    if bytes_ is None:
-        return "size unknown"
-    return f"{bytes_ / 1e9:,.2f} GB" if bytes_ >= 1e9 else f"{bytes_ / 1e6:,.1f} MB"
-
-
 def data_note(data: str, found: DataSource | None = None) -> str:
     """How ``data`` will be read, for a person (the UI shows it beside the data field)."""
     from mae_core.prepared import AUTO_PREPARE_ABOVE, cache_root
@@ -88,14 +83,14 @@ def data_note(data: str, found: DataSource | None = None) -> str:
         return "a remote prepared data set: LitData streams it at start (credentials from the environment)."
     if found.kind == "memory":
         bad = f", {found.skipped:,} of them not images (skipped)" if found.skipped else ""
-        return (f"{_size(found.bytes)} on disk{bad}; up to {AUTO_PREPARE_ABOVE:,} images: decoded "
+        return (f"{size_text(found.bytes)} on disk{bad}; up to {AUTO_PREPARE_ABOVE:,} images: decoded "
                 "into memory by each process.")
     if found.kind == "folder":
-        return (f"{_size(found.bytes)} on disk; not prepared yet. More than {AUTO_PREPARE_ABOVE:,} "
+        return (f"{size_text(found.bytes)} on disk; not prepared yet. More than {AUTO_PREPARE_ABOVE:,} "
                 f"images: prepared once (re-encoded into streamed shards under {cache_root()}) "
                 "when the run starts, or now with Prepare; unreadable files are counted then.")
     return (f"prepared: {found.count:,} images ({found.skipped or 0:,} unreadable skipped), "
-            f"{_size(found.bytes)} on disk at {found.path}.")
+            f"{size_text(found.bytes)} on disk at {found.path}.")
 
 
 # --- the encoding processes' count of files done ---------------------------------------------

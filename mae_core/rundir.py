@@ -33,6 +33,10 @@ NAME_MAX = 255
 _RUN_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=@,-]*")
 
 
+class RunError(RuntimeError):
+    """A request the run manager refuses; the message says why, for a person to read."""
+
+
 @dataclass
 class RunStatus:
     """Every field ``status.json`` may hold; both the run manager and the trainer write through it.
@@ -286,3 +290,32 @@ def tail_lines(path: Path, lines: int = 40) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
+
+
+def saved_step(paths: RunPaths) -> int | None:
+    """The step of the run's ``last.ckpt``; None if it has none or it cannot be read."""
+    try:
+        return checkpoint_step(paths.last_ckpt)
+    except RunError:
+        return None
+
+
+def checkpoint_step(path: Path) -> int:
+    """The optimizer step ``last.ckpt`` was saved at; RunError if it is missing or damaged.
+
+    Loads it the way resume will (``weights_only``), memory-mapped so a large one costs little.
+    """
+    if not path.is_file():
+        raise RunError(f"{path.parent.name} has no checkpoint to resume from")
+    import torch
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        step = checkpoint["global_step"]
+    except Exception as err:  # noqa: BLE001 - any failure to read it means it cannot be resumed
+        detail = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise RunError(f"the checkpoint {path} is corrupt ({detail}); it cannot be resumed") from None
+    if not isinstance(step, int) or step < 0:
+        raise RunError(f"the checkpoint {path} holds no valid step ({shown(step)}); it cannot be resumed")
+    return step
+

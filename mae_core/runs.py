@@ -30,9 +30,12 @@ from mae_core.channels import resolve_channels, resolve_data
 from mae_core.checks import shown
 from mae_core.config import RunConfig
 from mae_core.data import check_data
-from mae_core.fileio import atomic_write_json, read_json, remove_stale_temp_files
+from mae_core.diskspace import check_room, full_disk_failure, full_disk_message
+from mae_core.fileio import (DiskFullError, atomic_write_json, disk_nearly_full, read_json,
+                             remove_stale_temp_files)
 from mae_core.process import PROJECT_ROOT  # noqa: F401 - re-exported for callers and tests
-from mae_core.rundir import LIVE_STATES, RunPaths, create_run, valid_run_id
+from mae_core.rundir import (LIVE_STATES, RunError, RunPaths, checkpoint_step,  # noqa: F401
+                             create_run, saved_step, valid_run_id)
 from mae_core.runqueue import RunQueue
 from mae_core.weights import export_encoder, timm_snippet
 
@@ -42,10 +45,6 @@ REMOTE_SILENCE_S = 600.0
 LAUNCH_GRACE_S = 30.0
 # The lock file apps sharing a runs directory take before they check for a live run and launch.
 LOCK_NAME = ".runs.lock"
-
-
-class RunError(RuntimeError):
-    """A request the manager refuses; the message says why, for a person to read."""
 
 
 class RunManager:
@@ -94,8 +93,10 @@ class RunManager:
                 try:
                     status = self._mark_dead(paths)
                 except OSError as err:  # a full disk, a read-only archive: report, don't break
+                    why = (full_disk_message(paths.root) if disk_nearly_full(paths.root)
+                           else str(err))
                     status = {**status, "state": "failed", "error": "the trainer process is "
-                              f"gone, and its status.json cannot be updated ({err})"}
+                              f"gone, and its status.json cannot be updated ({why})"}
         status["run_id"] = run_id
         status["stop_requested"] = paths.stop_request.exists()
         status["resumable"] = (status.get("state") in ("stopped", "failed")
@@ -162,6 +163,7 @@ class RunManager:
         status call); the image files it found are in the new run's status as ``data_files``.
         """
         cfg, summary = resolve_data(cfg.resolved())  # in_chans and statistics from the data
+        self._require_room(cfg, self.runs_dir)
         with self._exclusive():
             self._refuse_if_busy(cfg)
             paths = self._create(cfg, data_files=summary.files)
@@ -174,6 +176,7 @@ class RunManager:
         """Check ``cfg`` and its data as :meth:`start` does, and queue it behind the live run and
         the runs already waiting; (run id, position). :meth:`advance_queue` launches it."""
         cfg, summary = resolve_data(cfg.resolved())  # in_chans and statistics from the data
+        self._require_room(cfg, self.runs_dir)
         with self._exclusive():
             paths = self._create(cfg, state="queued", data_files=summary.files)
             try:
@@ -218,6 +221,7 @@ class RunManager:
                 self.queue.remove(run_id)
                 try:
                     check_data(cfg.train.data)
+                    self._require_room(cfg, paths.root)
                     paths.write_status(state="starting")
                     self._launch(paths, resume=False)
                 except Exception as err:  # noqa: BLE001 - recorded in the run, the queue goes on
@@ -279,6 +283,7 @@ class RunManager:
         if max_steps is not None:
             cfg = cfg.with_overrides(max_steps=max_steps)
         resolve_channels(cfg, check_data(cfg.train.data))  # outside the locks; channels still match
+        self._require_room(cfg, paths.root, resuming=True)
         with self._exclusive():
             self._refuse_if_busy(cfg, exclude=run_id)
             status = self.status(run_id)
@@ -339,6 +344,14 @@ class RunManager:
         except OSError as err:  # a full disk or a read-only runs directory: said, not a crash
             raise RunError(f"the run cannot be created in {self.runs_dir}: "
                            f"{err.strerror or err}") from None
+
+    @staticmethod
+    def _require_room(cfg: RunConfig, folder: Path, resuming: bool = False) -> None:
+        """Refuse a run whose checkpoints the disk cannot hold, before anything is written."""
+        try:
+            check_room(cfg, folder, resuming)
+        except DiskFullError as err:
+            raise RunError(err.strerror) from None
 
     def _refuse_if_busy(self, cfg: RunConfig, exclude: str | None = None) -> None:
         live = self.conflicting_run(cfg, exclude=exclude)
@@ -432,8 +445,13 @@ class RunManager:
             how = f"exited with code {code}"
         else:
             how = "is gone (killed, or out of memory)"
-        return paths.write_status(state="failed", log_tail=paths.log_tail(),
-                                  error=f"the trainer process {how} before finishing")
+        error = f"the trainer process {how} before finishing"
+        log_tail = paths.log_tail()
+        # A process that hit the full disk first (any rank, any write) may have had no room left
+        # to say so; the disk, or the log, still can.
+        if disk_nearly_full(paths.root) or "no space left on device" in log_tail.lower():
+            error += f": {full_disk_failure(paths.root, paths.last_ckpt, saved_step(paths))}"
+        return paths.write_status(state="failed", log_tail=log_tail, error=error)
 
     def _enforce_stop(self, paths: RunPaths, record: dict[str, Any]) -> None:
         """Terminate the trainer ``record`` names if it outlives ``stop_timeout_s``."""
@@ -458,24 +476,3 @@ class RunManager:
             return
         paths.stop_request.unlink(missing_ok=True)
         paths.write_status(state="stopped", error=reason, log_tail=paths.log_tail())
-
-
-def checkpoint_step(path: Path) -> int:
-    """The optimizer step ``last.ckpt`` was saved at; RunError if it is missing or damaged.
-
-    Loads it the way resume will (``weights_only``), memory-mapped so a large one costs little.
-    """
-    if not path.is_file():
-        raise RunError(f"{path.parent.name} has no checkpoint to resume from")
-    import torch
-
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        step = checkpoint["global_step"]
-    except Exception as err:  # noqa: BLE001 - any failure to read it means it cannot be resumed
-        detail = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        raise RunError(f"the checkpoint {path} is corrupt ({detail}); it cannot be resumed") from None
-    if not isinstance(step, int) or step < 0:
-        raise RunError(f"the checkpoint {path} holds no valid step ({shown(step)}); it cannot be resumed")
-    return step
-

@@ -11,6 +11,7 @@ Exit codes: 0 finished or stopped on request, 1 training failed, 2 the config or
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import logging
@@ -28,7 +29,7 @@ from mae_core.checks import DataError
 from mae_core.config import ConfigError, ModelConfig, RunConfig, TrainConfig, parse_bool
 from mae_core.fileio import atomic_write_json, read_json
 from mae_core.process import on_this_host, record_alive
-from mae_core.rundir import LIVE_STATES, RunPaths, process_record
+from mae_core.rundir import LIVE_STATES, RunPaths, process_record, saved_step
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -185,9 +186,19 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
 
 def _record_failure(paths: RunPaths, err: BaseException) -> None:
     """The run failed with ``err`` (being handled): status.json says so, with the traceback's end."""
-    detail = "".join(traceback.format_exception_only(type(err), err)).strip()
-    paths.write_status(state="failed", error=detail or type(err).__name__,
+    paths.write_status(state="failed", error=failure_text(paths, err),
                        log_tail=traceback.format_exc()[-4000:])
+
+
+def failure_text(paths: RunPaths, err: BaseException) -> str:
+    """Why the run failed, for a person: a full disk is said in those words (torch.save's own
+    error on one is "enforce fail at inline_container.cc ... unexpected pos"), with what it kept."""
+    from mae_core.diskspace import full_disk_failure
+    from mae_core.fileio import is_disk_full
+
+    if is_disk_full(err):
+        return full_disk_failure(paths.root, paths.last_ckpt, saved_step(paths))
+    return "".join(traceback.format_exception_only(type(err), err)).strip() or type(err).__name__
 
 
 # --- command line -----------------------------------------------------------------------------
@@ -342,9 +353,19 @@ def main(argv: list[str] | None = None) -> int:
         command = [sys.executable, "-m", "mae_core.train", "--run-dir", str(paths.root.resolve())]
         os.execv(sys.executable, command + (["--resume"] if resume else []))
     from mae_core import prepared
+    from mae_core.diskspace import check_room
+    from mae_core.fileio import DiskFullError
 
     if prepared.first_process():
         print(f"run directory: {paths.root}", flush=True)
+    if prepared.first_process():  # also where no app checked it (torchrun, SLURM, a script)
+        try:
+            check_room(cfg, paths.root, resuming=resume)
+        except DiskFullError as err:
+            print(f"error: {err.strerror}", file=sys.stderr, flush=True)
+            with contextlib.suppress(OSError):
+                paths.write_status(state="failed", error=err.strerror)
+            return 2
     try:
         return run_training(cfg, paths, resume)
     except KeyboardInterrupt:

@@ -232,3 +232,15 @@ def test_guarded_never_raises_on_an_internal_error(caplog):
     assert message == {"msg": "Internal error in the live view: KeyError: 'boom'"}
     assert "the live view failed" in caplog.text  # logged with its traceback for the maintainer
     assert describe(ZeroDivisionError("x")).startswith("Internal error: ZeroDivisionError")
+
+
+def test_a_full_disk_is_said_as_such_not_as_an_internal_error(tmp_path, caplog):
+    """Whatever raised it: an atomic save, or safetensors' own writer in an export."""
+    from mae_core.fileio import DiskFullError
+
+    for err in (DiskFullError(28, "the disk is full while writing", str(tmp_path / "x.ckpt")),
+                RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")):
+        message = describe(err, "export")
+        assert message.startswith("export failed: the disk is full (the disk holding "), message
+        assert "free now" in message and message.endswith("then try again")
+    assert "failed" not in caplog.text  # the machine's state, not a bug to log

@@ -1,0 +1,117 @@
+"""Disk space: a run is refused where its checkpoints cannot fit, and a save that runs out of
+space says so, in those words, with the step its last checkpoint still holds.
+
+A run keeps ``last.ckpt`` (the fp32 weights and AdamW's two moments of each trainable tensor),
+``model.safetensors`` (the weights) and up to ``weight_snapshots`` copies of the weights. Every
+one of them is rewritten atomically (:mod:`mae_core.fileio`): the new file is written in full
+beside the old one before it replaces it, so a save needs room for both copies at once. The
+checkpoint is the biggest file, so the peak is two checkpoints and every copy of the weights.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from pathlib import Path
+
+from mae_core.config import ModelConfig, RunConfig
+from mae_core.fileio import DiskFullError, existing_parent, free_bytes
+
+FLOAT32_BYTES = 4
+ADAM_MOMENTS = 2  # exp_avg and exp_avg_sq, fp32, one of each per trainable element
+# Logs, metrics, TensorBoard events and previews: a few MB for a long run; the rest is slack.
+SPARE_BYTES = 64 * 2**20
+
+
+def size_text(bytes_: int | None) -> str:
+    """``bytes_`` for a person: ``"812.3 MB"``, ``"1.27 GB"``."""
+    if bytes_ is None:
+        return "size unknown"
+    return f"{bytes_ / 1e9:,.2f} GB" if bytes_ >= 1e9 else f"{bytes_ / 1e6:,.1f} MB"
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The sizes of a run's saved files, from its model's tensors (counted on the meta device)."""
+
+    checkpoint: int  # last.ckpt: every tensor, plus two moments per trainable element
+    weights: int  # model.safetensors and each weight snapshot
+    snapshots: int  # how many weight snapshots the run keeps
+
+    @property
+    def peak(self) -> int:
+        """The most the run's folder holds at once: during a save, the new checkpoint beside the
+        old one, and every copy of the weights plus one being written."""
+        return 2 * self.checkpoint + (self.snapshots + 2) * self.weights + SPARE_BYTES
+
+
+def run_files(cfg: RunConfig) -> RunFiles:
+    total, trainable = tensor_elements(cfg.model)
+    return RunFiles(checkpoint=FLOAT32_BYTES * (total + ADAM_MOMENTS * trainable),
+                    weights=FLOAT32_BYTES * total, snapshots=cfg.train.weight_snapshots)
+
+
+def tensor_elements(cfg: ModelConfig) -> tuple[int, int]:
+    """(every element of the saved state, the trainable elements) of ``cfg``'s model, built on the
+    meta device: no memory, no initialisation, any size."""
+    import torch
+
+    from mae_core.model import MaskedAutoencoder
+
+    with torch.device("meta"):
+        model = MaskedAutoencoder(cfg)
+    total = sum(t.numel() for t in model.state_dict().values())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def _existing_bytes(run_root: Path) -> int:
+    """What a resumed run's folder already holds of its peak (those bytes are counted in it)."""
+    try:
+        return sum(p.stat().st_size for p in run_root.rglob("*") if p.is_file())
+    except OSError:
+        return 0
+
+
+def check_room(cfg: RunConfig, folder: str | Path, resuming: bool = False) -> None:
+    """Raise :class:`DiskFullError` unless the disk holding ``folder`` (the runs folder, or the
+    run's own) has room for the run's files at their peak; a resumed run's files in ``folder``
+    count toward it."""
+    folder = Path(folder)
+    free = free_bytes(folder)
+    if free is None:
+        return  # a file system that cannot say: the save itself will tell
+    files = run_files(cfg)
+    missing = files.peak - (_existing_bytes(folder) if resuming else 0) - free
+    if missing > 0:
+        raise DiskFullError(
+            errno.ENOSPC,
+            f"not enough disk space: {disk_label(folder)} has {size_text(free)} free, and this "
+            f"run needs about {size_text(free + missing)} (each save writes a "
+            f"{size_text(files.checkpoint)} checkpoint beside the last one, and the run keeps "
+            f"{_copies(files.snapshots + 1)} of its {size_text(files.weights)} weights). Free "
+            f"{size_text(missing)}: delete old "
+            "runs in the Runs tab, lower weight_snapshots, or use a smaller model")
+
+
+def _copies(count: int) -> str:
+    return "one copy" if count == 1 else f"{count} copies"
+
+
+def disk_label(path: str | Path) -> str:
+    return f"the disk holding {existing_parent(path)}"
+
+
+def full_disk_message(path: str | Path, then: str = "resume") -> str:
+    """The disk holding ``path`` filled up: what a person reads, with what is free now."""
+    free = free_bytes(path)
+    now = f", {size_text(free)} free now" if free is not None else ""
+    return (f"the disk is full ({disk_label(path)}{now}). Free some space (delete old runs in "
+            f"the Runs tab), then {then}")
+
+
+def full_disk_failure(run_root: str | Path, checkpoint: Path, step: int | None) -> str:
+    """Why a run failed on a full disk, and that its last checkpoint (at ``step``) is whole."""
+    kept = (f"; nothing saved is lost: {checkpoint.name} (step {step}) is intact"
+            if step is not None else "")
+    return full_disk_message(run_root) + kept

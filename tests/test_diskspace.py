@@ -1,0 +1,207 @@
+"""A full disk: a run its disk cannot hold is refused before anything is written, and a disk that
+fills up mid-run fails the run with that reason and loses nothing: its checkpoint resumes once
+space is free.
+
+The disks are real: small tmpfs mounts (CI runs as root, as this machine does), which fail a
+write with ENOSPC the way a full volume does. torch.save's own error there is "enforce fail at
+inline_container.cc ... unexpected pos", which names no disk.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import poll
+from mae_core import diskspace
+from mae_core.config import RunConfig
+from mae_core.fileio import (DiskFullError, atomic_write, free_bytes,
+                             is_disk_full)
+from mae_core.rundir import LIVE_STATES, RunPaths, create_run, process_record
+from mae_core.runs import RunError, RunManager, checkpoint_step
+from mae_core.train import failure_text
+
+CHECKPOINT_EVERY = 2
+STARTUP_S = 240  # generous: two CPU ranks start in ~10 s here, longer on a busy machine
+
+
+def tiny_config(**overrides) -> RunConfig:
+    return RunConfig().with_overrides(**{
+        "preset": "vit-tiny", "image_size": 32, "patch_size": 8, "batch_size": 4, "devices": 2,
+        "accelerator": "cpu", "num_workers": 0, "checkpoint_every_n_steps": CHECKPOINT_EVERY,
+        "log_every_n_steps": 1, "num_previews": 0, "weight_snapshots": 0, "max_steps": 1_000_000,
+        **overrides})
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``small_disk(mb)``: a fresh folder on its own ``mb`` MB file system, unmounted after."""
+    mounted = []
+
+    def mount(size_mb: int) -> Path:
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs",
+                               str(where)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"mounting a small tmpfs needs root: {done.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill(disk: Path, leave_bytes: int) -> Path:
+    """A file that takes all but ``leave_bytes`` of ``disk``'s free space, never more, while a
+    trainer may be writing there too (a save in flight can take the room meanwhile: asked again)."""
+    ballast = disk / "ballast"
+    with open(ballast, "wb") as handle:
+        for _ in range(100):
+            try:
+                os.posix_fallocate(handle.fileno(), 0,
+                                   handle.seek(0, os.SEEK_END) + free_bytes(disk) - leave_bytes)
+                return ballast
+            except OSError:
+                time.sleep(0.05)
+    raise AssertionError(f"{disk} could not be filled")
+
+
+# --- the estimate and the check before a run starts ---------------------------------------------
+
+def test_the_peak_counts_two_checkpoints_and_every_copy_of_the_weights():
+    files = diskspace.RunFiles(checkpoint=300, weights=100, snapshots=5)
+    assert files.peak == 2 * 300 + 7 * 100 + diskspace.SPARE_BYTES
+
+
+def test_the_checkpoint_holds_adam_moments_for_trainable_tensors_only():
+    cfg = tiny_config()
+    total, trainable = diskspace.tensor_elements(cfg.model)
+    frozen_by_policy = total - trainable
+    assert frozen_by_policy > 0  # ddp-clean freezes the position embedding and the mask token
+    files = diskspace.run_files(cfg)
+    assert files.checkpoint == 4 * (total + 2 * trainable)
+    assert files.weights == 4 * total
+
+
+def test_a_run_the_disk_cannot_hold_is_refused_before_anything_is_written(small_disk):
+    runs = small_disk(64) / "runs"
+    manager = RunManager(runs)
+    with pytest.raises(RunError) as refused:
+        manager.start(tiny_config())
+    message = str(refused.value)
+    assert message.startswith("not enough disk space")
+    assert str(runs) in message and "MB free" in message and "Runs tab" in message
+    assert manager.list() == []
+    with pytest.raises(RunError, match="not enough disk space"):
+        manager.enqueue(tiny_config())
+    assert manager.list() == [] and manager.queued() == []
+
+
+def test_the_trainer_started_by_hand_refuses_it_too(small_disk, run_module):
+    run_dir = small_disk(64) / "run"
+    done = run_module("mae_core.train", "--run-dir", run_dir, "--model", "vit-tiny",
+                      "--image-size", "32", "--patch-size", "8", "--accelerator", "cpu",
+                      "--devices", "1", "--max-steps", "2", timeout_s=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "not enough disk space" in done.stderr
+    status = RunPaths(run_dir).read_status()
+    assert status["state"] == "failed" and status["error"].startswith("not enough disk space")
+
+
+# --- a disk that fills up while a write is under way --------------------------------------------
+
+def test_a_write_that_fills_the_disk_says_so_and_keeps_the_old_file(small_disk):
+    disk = small_disk(8)
+    target = disk / "last.ckpt"
+    torch.save({"step": 1}, target)
+    with pytest.raises(DiskFullError, match="the disk is full while writing") as full:
+        atomic_write(target, lambda tmp: torch.save({"w": torch.zeros(4_000_000)}, tmp))
+    assert is_disk_full(full.value) and full.value.filename == str(target)
+    assert "unexpected pos" in str(full.value.__cause__)  # what torch.save itself says
+    assert torch.load(target, weights_only=True) == {"step": 1}
+    assert sorted(p.name for p in disk.iterdir()) == ["last.ckpt"]  # no temp file left
+
+
+def test_other_write_errors_are_not_called_a_full_disk(tmp_path):
+    with pytest.raises(ValueError, match="not a disk problem"):
+        atomic_write(tmp_path / "x", lambda tmp: (_ for _ in ()).throw(ValueError("not a disk problem")))
+    assert not is_disk_full(RuntimeError("enforce fail at inline_container.cc: unexpected pos"))
+
+
+def test_a_full_disk_mid_run_fails_it_with_that_reason_and_loses_nothing(small_disk):
+    """Two real DDP ranks; the disk fills up after a checkpoint, but for less than the weights
+    file: the next save is the write that fails, and the trainer has room to say so."""
+    disk = small_disk(360)
+    manager = RunManager(disk / "runs", stop_timeout_s=30)
+    run_id = manager.start(tiny_config())
+    paths = manager.paths(run_id)
+
+    def saved_step() -> int | None:
+        try:
+            return checkpoint_step(paths.last_ckpt)
+        except RunError:
+            return None
+
+    assert poll(saved_step, STARTUP_S), paths.log_tail()
+    files = diskspace.run_files(manager.config(run_id))
+    assert paths.last_ckpt.stat().st_size == pytest.approx(files.checkpoint, rel=0.05)
+    assert paths.weights.stat().st_size == pytest.approx(files.weights, rel=0.05)
+
+    ballast = fill(disk, leave_bytes=8 * 2**20)
+    failed = poll(lambda: (s := manager.status(run_id))["state"] not in LIVE_STATES and s, 120)
+    assert failed, paths.log_tail()
+    assert failed["state"] == "failed"
+    assert failed["error"].startswith("the disk is full"), (failed["error"], paths.log_tail())
+    kept = checkpoint_step(paths.last_ckpt)
+    assert f"{paths.last_ckpt.name} (step {kept}) is intact" in failed["error"]
+    assert load_file(paths.weights)  # the Reconstruct tab's weights still load
+    assert not [p for p in paths.root.rglob("*.tmp")]
+
+    with pytest.raises(RunError, match="not enough disk space"):
+        manager.resume(run_id)
+    ballast.unlink()
+    manager.resume(run_id, max_steps=kept + CHECKPOINT_EVERY)
+    done = poll(lambda: (s := manager.status(run_id))["state"] not in LIVE_STATES and s, STARTUP_S)
+    assert done and done["state"] == "finished", paths.log_tail()
+    assert checkpoint_step(paths.last_ckpt) == kept + CHECKPOINT_EVERY
+
+
+def test_failure_text_names_a_full_disk_whatever_raised_it(tmp_path):
+    from mae_core.rundir import RunPaths
+
+    paths = RunPaths(tmp_path)
+    wrapped = RuntimeError("enforce fail at inline_container.cc:672 . unexpected pos 576 vs 534")
+    wrapped.__cause__ = OSError(28, "No space left on device")
+    assert failure_text(paths, wrapped).startswith("the disk is full")
+    assert failure_text(paths, ValueError("bad value")) == "ValueError: bad value"
+    assert "is intact" not in failure_text(paths, wrapped)  # there is no checkpoint to speak of
+
+
+def test_a_trainer_that_died_with_no_room_to_say_why_is_said_to_have_filled_the_disk(
+        small_disk, stand_in):
+    """Any process can be the one to find the disk full (an append of the curve, a rank's log
+    line), with no room left for its status: the app says it from the disk it finds."""
+    runs = small_disk(4) / "runs"
+    manager = RunManager(runs)
+    paths = create_run(tiny_config(), runs_dir=runs, state="running",
+                       process=process_record(stand_in.pid, command=["sleep"]))
+    ballast = fill(runs.parent, leave_bytes=0)
+    stand_in.kill()
+    stand_in.wait()
+    status = manager.status(paths.run_id)  # status.json cannot be written: said, not raised
+    assert status["state"] == "failed"
+    assert "status.json cannot be updated (the disk is full" in status["error"], status["error"]
+    with open(ballast, "r+b") as handle:
+        handle.truncate(handle.seek(0, os.SEEK_END) - 256 * 1024)
+    status = manager.status(paths.run_id)
+    assert status["error"].startswith("the trainer process is gone (killed, or out of memory) "
+                                      "before finishing: the disk is full"), status["error"]
+    assert paths.read_status()["error"] == status["error"]  # written down this time
