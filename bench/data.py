@@ -105,7 +105,7 @@ def _loader_rates(folder: Path, prepared_dir: Path, image_size: int, rounds: int
     from litdata import StreamingDataLoader
     from torch.utils.data import DataLoader
 
-    from mae_core import data, prepared
+    from mae_core import data, shards
 
     paths = data.find_images(str(folder))
     for path in [*paths, *prepared_dir.iterdir()]:  # both from the page cache: decode, not disk
@@ -115,7 +115,7 @@ def _loader_rates(folder: Path, prepared_dir: Path, image_size: int, rounds: int
     streams = {
         "a": _forever(DataLoader(folder_set, batch_size=batch, shuffle=True, drop_last=True)),
         "b": _forever(StreamingDataLoader(
-            prepared.streaming_dataset(str(prepared_dir), image_size, shuffle=True),
+            shards.streaming_dataset(str(prepared_dir), image_size, shuffle=True),
             batch_size=batch, num_workers=0, drop_last=True)),
     }
     totals = {"a": [0, 0.0], "b": [0, 0.0]}

@@ -25,6 +25,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms import v2
 
+from mae_core.checks import DataError
 from mae_core.images import central_part
 
 # A low-resolution run (64 px, the CPU's size) crops from this copy whenever it holds the output's
@@ -124,6 +125,17 @@ def _probe_jpeg() -> bytes:
     return buffer.getvalue()
 
 
+# Damaged samples a reader replaces before it calls the set unusable (and at most one in 100 of
+# those read): a bad sector costs a few images; a chunk whose header is gone would cost thousands,
+# all trained as one copied image.
+MAX_REPLACED = 16
+
+
+class UndecodableSet(DataError):
+    """A prepared set the reader cannot train on: its first sample does not decode (no good one
+    to stand in for it), or too many of them are damaged."""
+
+
 class DecodeAugment:
     """The per-sample transform of a prepared set: lightly ``MAETransform``'s random resized crop
     (bicubic, antialiased) and horizontal flip, with the crop drawn before any pixel is decoded.
@@ -141,8 +153,9 @@ class DecodeAugment:
         crop = mae_augmentation(image_size).transforms[0]  # the crop read from MAETransform itself
         self.size, self.scale, self.defer = image_size, tuple(crop.scale), defer
         self.log_ratio = (math.log(crop.ratio[0]), math.log(crop.ratio[1]))
-        self.damaged = 0  # images that did not decode, replaced
-        self._last_good: dict[str, Any] | None = None
+        self.damaged = 0  # samples that could not be read or decoded, replaced
+        self.read = 0  # samples asked for, damaged ones included
+        self.last_good: dict[str, Any] | None = None
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         """``{"image", "id"}``. An image that no longer decodes (the shard's bytes damaged on disk
@@ -152,15 +165,30 @@ class DecodeAugment:
         try:
             done = self.deferred(item) if self.defer else {"image": self.crop(item)}
         except (OSError, RuntimeError, ValueError, SyntaxError) as err:
-            if self._last_good is None:
-                raise ValueError(f"sample {item.get('id')} of the prepared set does not decode "
-                                 f"({err}): prepare the data set again") from err
-            self.damaged += 1
-            print(f"replacing sample {item.get('id')}: its image does not decode ({err}); "
-                  f"{self.damaged} so far", file=sys.stderr, flush=True)
-            return {**self._last_good, "id": item["id"]}  # the epoch's slot stays its own
-        self._last_good = done
+            # The epoch's slot keeps its own id.
+            return {**self.replace(f"sample {item.get('id')}", "its image does not decode", err),
+                    "id": item["id"]}
+        self.read += 1
+        self.last_good = done
         return {**done, "id": item["id"]}
+
+    def replace(self, what: str, why: str, err: BaseException) -> dict[str, Any]:
+        """The last good sample, to stand in for ``what``, which is damaged (named on stderr);
+        :class:`UndecodableSet` where there is none yet, or past :data:`MAX_REPLACED` (and one in
+        100 of the samples read)."""
+        detail = str(err)[:200] or type(err).__name__
+        if self.last_good is None:
+            raise UndecodableSet(f"{what} of the prepared set cannot be used: {why} ({detail}); "
+                                 "prepare the data set again") from err
+        self.read += 1
+        self.damaged += 1
+        if self.damaged > max(MAX_REPLACED, self.read // 100):
+            raise UndecodableSet(f"the prepared set is too damaged to train on: {self.damaged} of "
+                                 f"the {self.read} samples read so far could not be used, the last "
+                                 f"{what} ({why}: {detail}); prepare the data set again") from err
+        print(f"replacing {what}: {why} ({detail}); {self.damaged} so far", file=sys.stderr,
+              flush=True)
+        return dict(self.last_good)
 
     def draw_box(self, width: int, height: int) -> tuple[int, int, int, int]:
         """(top, left, h, w): torchvision ``RandomResizedCrop.get_params``'s draw (area, then log

@@ -36,7 +36,6 @@ from mae_core.checks import shown
 from mae_core.crops import (
     JPEG_QUALITY,
     SMALL_SIDE,
-    DecodeAugment,
     collate_deferred,
     encode_copies,
     finish_on_device,
@@ -387,20 +386,6 @@ def run_data(data: str, run_root: Path, timeout_s: float = 6 * 3600.0,
 
 # --- reading -----------------------------------------------------------------------------------
 
-def streaming_dataset(path: str, image_size: int | None, shuffle: bool, seed: int = 0,
-                      defer: bool = False, passes: int = 1) -> Any:
-    """The prepared set as LitData items, cropped and flipped (``image_size``) or not; ``defer``
-    leaves the decode and the crop to the training device (:func:`crops.finish_on_device`);
-    ``passes``: an epoch reads every image that many times (LitData's whole-copy upsampling)."""
-    from litdata import StreamingDataset
-
-    transform = DecodeAugment(image_size, defer=defer) if image_size else None
-    # One item deserialised per read: LitData's automatic window (by mean item size) can straddle
-    # its shuffle blocks, and then it copies a window of ~100 images' bytes for every image read.
-    return StreamingDataset(path, shuffle=shuffle, drop_last=True, seed=seed, transform=transform,
-                            batch_decode=0, subsample=float(passes))
-
-
 def epoch_passes(images: int, batch_size: int, world: int, workers: int) -> int:
     """Passes over a prepared set per epoch: one for a large set; a small one is read again until
     each rank's epoch holds :data:`~mae_core.data.BATCHES_PER_WORKER_PER_EPOCH` batches per loader
@@ -415,6 +400,8 @@ def epoch_passes(images: int, batch_size: int, world: int, workers: int) -> int:
 
 def preview_images(path: str, image_size: int, count: int) -> Tensor:
     """The prepared set's first ``count`` images, centre-cropped (the run's fixed previews)."""
+    from mae_core.shards import streaming_dataset  # LitData loads only where a set is read
+
     dataset = streaming_dataset(path, None, shuffle=False)
     images = [center_square(open_rgb(bytes(dataset[i]["image"])), image_size)
               for i in range(min(count, len(dataset)))]
@@ -449,6 +436,8 @@ class StreamingMAEDataModule(pl.LightningDataModule):
         self.last_ids: Tensor | None = None
 
     def setup(self, stage: str | None = None) -> None:
+        from mae_core.shards import streaming_dataset
+
         if self.dataset is None:
             read = functools.partial(streaming_dataset, self.path, self.image_size, shuffle=True,
                                      seed=self.seed, defer=self.decode_on_device)

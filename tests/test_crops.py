@@ -283,7 +283,8 @@ def test_an_image_damaged_on_disk_is_replaced_and_named_not_fatal(capsys):
     damaged = [{"id": 5, "image": item["image"][:200]},  # cut short
                {"id": 6, "image": b"\xff\xd8" + bytes(300)},  # no frame header
                {"id": 7, "image": b""}]
-    with pytest.raises(ValueError, match="sample 5 of the prepared set does not decode"):
+    with pytest.raises(ValueError, match="sample 5 of the prepared set cannot be used: its image "
+                                         "does not decode"):
         transform(damaged[0])
     good = transform(item)["image"]
     for bad in damaged:
@@ -292,3 +293,24 @@ def test_an_image_damaged_on_disk_is_replaced_and_named_not_fatal(capsys):
     assert transform.damaged == 3
     err = capsys.readouterr().err
     assert "replacing sample 5" in err and "replacing sample 7" in err and "3 so far" in err
+
+
+def test_a_set_with_damage_past_a_bad_sector_is_refused_not_trained_as_copies(capsys):
+    """A few damaged samples are replaced; past MAX_REPLACED (and one in 100 of those read) the
+    reader stops: a chunk whose header is gone would otherwise train thousands of copies of one
+    image."""
+    item, _ = _photo_item()
+    transform = crops.DecodeAugment(32)
+    for _ in range(100 * (crops.MAX_REPLACED + 1)):  # a long run: one in 100 may be damaged
+        transform(item)
+    for number in range(crops.MAX_REPLACED + 1):
+        transform({"id": number, "image": b""})
+    assert transform.damaged == crops.MAX_REPLACED + 1
+    transform = crops.DecodeAugment(32)
+    transform(item)
+    for number in range(crops.MAX_REPLACED):
+        transform({"id": number, "image": b""})
+    with pytest.raises(crops.UndecodableSet, match=f"too damaged to train on: {crops.MAX_REPLACED + 1} "
+                       f"of the {crops.MAX_REPLACED + 2} samples read so far"):
+        transform({"id": 99, "image": b""})
+    capsys.readouterr()

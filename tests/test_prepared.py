@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mae_core import crops, prepared
+from mae_core import crops, prepared, shards
 from mae_core.config import RunConfig
 from mae_core.data import DataError, check_data, find_images
 from mae_core.rundir import RunPaths
@@ -68,7 +68,7 @@ def test_prepare_skips_corrupt_files_bounds_the_short_side_and_leaves_no_temp(tm
     assert (manifest["files"], manifest["count"], manifest["skipped"]) == (5, 3, 2)
     assert prepared.read_manifest(tmp_path / "out") == manifest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # the temp dir is gone
-    dataset = prepared.streaming_dataset(str(tmp_path / "out"), None, shuffle=False)
+    dataset = shards.streaming_dataset(str(tmp_path / "out"), None, shuffle=False)
     stored = Image.open(io.BytesIO(bytes(dataset[0]["image"])))
     assert stored.format == "JPEG" and min(stored.size) == 256 and max(stored.size) == 384
     assert sorted(int(dataset[i]["id"]) for i in range(len(dataset))) == [0, 1, 2]
