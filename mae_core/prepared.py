@@ -258,12 +258,20 @@ def prepare_cached(folder: str, paths: list[Path] | None = None,
     the lock and prepares, the others wait on the lock and find it done."""
     paths = paths if paths is not None else find_images(folder)
     target = cache_dir(folder, paths, short_side)
-    if (target / MANIFEST_NAME).is_file():
+    if check_set(target)[0] is not None:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f"{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
-        if not (target / MANIFEST_NAME).is_file():
+        manifest, damage = check_set(target)
+        if manifest is None and target.exists():
+            # Damaged since it was made (a chunk lost, a copy cut short): the cache's own copy of
+            # a folder that is still there is made again, not refused for ever under its key.
+            print(f"the cached set {target} is damaged ({damage}): preparing it again", flush=True)
+            aside = target.with_name(f".{target.name}.damaged-{os.getpid()}")
+            target.rename(aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        if manifest is None:
             print(f"preparing {len(paths):,} images of {folder} into {target}", flush=True)
             prepare(folder, target, short_side, workers, paths=paths, progress=progress)
     return target
@@ -300,7 +308,7 @@ def describe(data: str, auto_prepare_above: int = AUTO_PREPARE_ABOVE,
     if len(paths) <= auto_prepare_above:
         return DataSource("memory", data, data, files=len(paths))
     cached = cache_dir(data, paths, DEFAULT_SHORT_SIDE)
-    if (cached / MANIFEST_NAME).is_file():
+    if check_set(cached)[0] is not None:  # a damaged copy counts as none: it is made again
         found = describe(str(cached))
         return DataSource("prepared", found.path, data, len(paths), found.count, found.skipped,
                           found.bytes, found.short_side)

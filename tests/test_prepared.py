@@ -176,6 +176,23 @@ def test_data_resolves_to_memory_prepared_cache_or_remote(tmp_path, cache):
         prepared.describe(found.path)
 
 
+def test_a_cached_set_damaged_on_disk_is_prepared_again_not_refused_for_ever(tmp_path, cache,
+                                                                           capsys):
+    """The cache's copy of a folder loses a chunk: the folder, still there, is prepared again
+    under the same key. A refusal ("prepare it again") would name a set the person never made,
+    and come back on every start."""
+    folder = _photos(tmp_path / "photos", 6)
+    found = prepared.resolve(str(folder), workers=1, auto_prepare_above=5)
+    [chunk] = Path(found.path).glob("chunk-*.bin")
+    chunk.write_bytes(chunk.read_bytes()[:100])  # cut short
+    assert prepared.describe(str(folder), auto_prepare_above=5).kind == "folder"  # not usable
+    again = prepared.resolve(str(folder), workers=1, auto_prepare_above=5)
+    assert again.path == found.path and again.count == 6
+    assert prepared.check_set(again.path)[0] is not None
+    assert "is damaged (its chunk" in capsys.readouterr().out
+    assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == [Path(found.path).name]
+
+
 def test_a_damaged_prepared_set_is_refused_before_training_with_the_reason(tmp_path):
     """A prepared directory copied in part or cut short: LitData failed hours into a run
     ("buffer is smaller than requested size"); now the data check names what is wrong."""
