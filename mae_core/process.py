@@ -11,6 +11,7 @@ time (from ``/proc``), and a zombie counts as dead.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -202,6 +203,29 @@ def _return_code(info: os.waitid_result | None) -> int | None:
     if info is None or info.si_pid == 0:
         return None
     return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(sig: signal.Signals = signal.SIGKILL) -> bool:
+    """Linux: have the kernel send ``sig`` to this process when its parent exits; whether it could.
+
+    For the ranks a launcher starts beside the first (Lightning starts them from rank 0's main
+    thread): with rank 0 gone, a rank has nothing to save and nobody to train with, yet it would
+    wait out the rendezvous or the collective timeout (30 min) as an orphan holding its memory;
+    a hand-started run whose rank 0 could not bind ``MASTER_PORT`` left exactly that.
+    """
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):  # not Linux
+        return False
+    if os.getppid() != parent:  # the parent exited before the call took effect
+        os.kill(os.getpid(), sig)
+    return True
 
 
 def exit_quickly(code: int) -> None:

@@ -202,33 +202,61 @@ class RunManager:
 
         The queue keeps its order: the first run waits for its devices, and those behind it
         wait too. A queued run that cannot be launched (its data gone, say) is marked failed and
-        the next one is tried, so one bad run never blocks the queue.
+        the next one is tried, so one bad run never blocks the queue. Its data is scanned outside
+        the locks, as Start's is: a slow disk must not freeze every status call meanwhile.
         """
-        with self._exclusive():
-            for run_id in self.queue.ids():
-                if self._state(run_id) != "queued":
-                    self.queue.remove(run_id)
-                    continue  # deleted or started meanwhile
-                paths = self.paths(run_id)
-                try:
-                    cfg = RunConfig.load(paths.config)
-                except Exception as err:  # noqa: BLE001 - recorded in the run, the queue goes on
-                    self.queue.remove(run_id)
-                    paths.write_status(state="failed", error=f"could not start from the queue: {err}")
-                    continue
+        while True:
+            with self._exclusive():
+                first = self._first_queued()
+                if first is None or self.conflicting_run(first[1]) is not None:
+                    return None
+            run_id, cfg = first
+            try:
+                check_data(cfg.train.data)
+                self._require_room(cfg, self.paths(run_id).root)
+                problem = None
+            except Exception as err:  # noqa: BLE001 - recorded in the run, the queue goes on
+                problem = err
+            with self._exclusive():
+                if (self._first_queued(clean=False) or ("",))[0] != run_id:
+                    continue  # moved, deleted or started meanwhile: look again
                 if self.conflicting_run(cfg) is not None:
                     return None
                 self.queue.remove(run_id)
-                try:
-                    check_data(cfg.train.data)
-                    self._require_room(cfg, paths.root)
-                    paths.write_status(state="starting")
-                    self._launch(paths, resume=False)
-                except Exception as err:  # noqa: BLE001 - recorded in the run, the queue goes on
-                    paths.write_status(state="failed", error=f"could not start from the queue: {err}")
-                    continue
-                return run_id
+                if problem is None and self._launch_queued(run_id):
+                    return run_id
+                if problem is not None:
+                    self.paths(run_id).write_status(
+                        state="failed", error=f"could not start from the queue: {problem}")
+
+    def _first_queued(self, clean: bool = True) -> tuple[str, RunConfig] | None:
+        """The first queued run and its config (under the locks); with ``clean``, entries that
+        are no longer queued leave the queue, and a run whose config cannot load is failed."""
+        for run_id in self.queue.ids():
+            if self._state(run_id) != "queued":
+                if not clean:
+                    return None
+                self.queue.remove(run_id)
+                continue  # deleted or started meanwhile
+            paths = self.paths(run_id)
+            try:
+                return run_id, RunConfig.load(paths.config)
+            except Exception as err:  # noqa: BLE001 - recorded in the run, the queue goes on
+                if not clean:
+                    return None
+                self.queue.remove(run_id)
+                paths.write_status(state="failed", error=f"could not start from the queue: {err}")
         return None
+
+    def _launch_queued(self, run_id: str) -> bool:
+        paths = self.paths(run_id)
+        try:
+            paths.write_status(state="starting")
+            self._launch(paths, resume=False)
+        except Exception as err:  # noqa: BLE001 - recorded in the run, the queue goes on
+            paths.write_status(state="failed", error=f"could not start from the queue: {err}")
+            return False
+        return True
 
     def start_queue_worker(self, every_s: float = 2.0) -> None:
         """Advance the queue in the background, so queued runs start with no page open."""

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from mae_core.checks import DataError
 from mae_core.config import ConfigError, ModelConfig, RunConfig, TrainConfig, parse_bool
 from mae_core.fileio import atomic_write_json, read_json
-from mae_core.process import on_this_host, record_alive
+from mae_core.process import die_with_parent, on_this_host, record_alive
 from mae_core.rundir import LIVE_STATES, RunPaths, process_record, saved_step
 
 if TYPE_CHECKING:
@@ -340,6 +340,8 @@ def _wait_for(path: Path, timeout_s: float = 120.0) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if os.environ.get("LOCAL_RANK", "0") != "0":  # a rank Lightning (or torchrun) started
+        die_with_parent()
     try:
         cfg, paths, resume = prepare(args)
     except (ConfigError, DataError) as err:

@@ -88,3 +88,48 @@ def test_queued_runs_start_back_to_back_across_an_app_restart_past_a_broken_one(
     second_launch = (after.paths(second).process.stat().st_mtime)
     assert second_launch >= first_end - 1.0
     assert after.queued() == []
+
+
+def test_the_queue_scans_the_next_runs_data_outside_the_lock(tmp_path, monkeypatch):
+    """While the queue reads the next run's (slow) data folder, every status call still answers,
+    and the run launches once the scan is done; a run that left the queue meanwhile is not."""
+    import threading
+
+    from mae_core import runs as runs_module
+
+    manager = RunManager(tmp_path / "runs")
+    waiting, _ = manager.enqueue(quick(max_steps=2))
+    scanning, release = threading.Event(), threading.Event()
+    real_check = runs_module.check_data
+
+    def slow_disk(folder: str):  # the real scan, on a disk that answers only when told to
+        scanning.set()
+        release.wait(60)
+        return real_check(folder)
+
+    monkeypatch.setattr(runs_module, "check_data", slow_disk)
+    launched: list[object] = []
+    worker = threading.Thread(target=lambda: launched.append(manager.advance_queue()))
+    worker.start()
+    assert scanning.wait(60)
+    answers: list[object] = []
+    asker = threading.Thread(target=lambda: answers.extend(
+        [manager.status(waiting)["state"], manager.queued(), manager.live_run()]))
+    asker.start()
+    asker.join(20)  # generous: without the scan in the way this takes milliseconds
+    release.set()
+    worker.join(TIMEOUT_S)
+    assert answers == ["queued", [waiting], None], "a status call waited for the data scan"
+    assert launched == [waiting]
+    assert poll(lambda: manager.status(waiting)["state"] == "finished", TIMEOUT_S, every_s=0.5)
+
+    gone, _ = manager.enqueue(quick(max_steps=2))
+    scanning.clear()
+    release.clear()
+    worker = threading.Thread(target=lambda: launched.append(manager.advance_queue()))
+    worker.start()
+    assert scanning.wait(60)
+    manager.delete(gone)  # taken out of the queue while its data was being read
+    release.set()
+    worker.join(TIMEOUT_S)
+    assert launched[-1] is None and manager.list() == [manager.status(waiting)]

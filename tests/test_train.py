@@ -6,6 +6,7 @@ or kill -9 the whole process group at a chosen point) with a tiny ViT on 32 px p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -250,3 +251,40 @@ def test_a_failure_before_training_starts_is_recorded_not_left_starting(tmp_path
     assert "opening the remote data set s3://no-such-bucket/set" in result.stdout
     status = RunPaths(run_dir).read_status()
     assert status["state"] == "failed" and "credentials" in status["error"].lower(), status
+
+
+def test_a_rank_whose_rank_0_is_gone_goes_too(tmp_path):
+    """Started by hand with ``MASTER_PORT`` taken: rank 0 cannot listen and exits at once, but
+    rank 1, which Lightning had started before, waited out the rendezvous timeout (30 min) as an
+    orphan. Now the kernel ends it with its parent (``process.die_with_parent``)."""
+    import socket
+
+    run_dir = tmp_path / "run"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(taken.getsockname()[1]))
+        with open(tmp_path / "log", "w") as log:
+            rank0 = subprocess.Popen(
+                [sys.executable, "-m", "mae_core.train", "--run-dir", str(run_dir), *TINY,
+                 "--devices", "2", "--max-steps", "2"], env=env, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            assert rank0.wait(timeout=120) == 1
+            assert "EADDRINUSE" in (tmp_path / "log").read_text()
+            ranks = lambda: [pid for pid in proc_pids() if str(run_dir) in cmdline(pid)]  # noqa: E731
+            assert poll(lambda: not ranks(), 15), f"rank 1 outlived rank 0: {ranks()}"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(rank0.pid, signal.SIGKILL)
+
+
+def proc_pids() -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
