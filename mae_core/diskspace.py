@@ -11,6 +11,7 @@ checkpoint is the biggest file, so the peak is two checkpoints and every copy of
 from __future__ import annotations
 
 import errno
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,12 +66,19 @@ def tensor_elements(cfg: ModelConfig) -> tuple[int, int]:
     return total, trainable
 
 
-def _existing_bytes(run_root: Path) -> int:
-    """What a resumed run's folder already holds of its peak (those bytes are counted in it)."""
-    try:
-        return sum(p.stat().st_size for p in run_root.rglob("*") if p.is_file())
-    except OSError:
-        return 0
+def folder_bytes(folder: str | Path) -> int:
+    """What the files under ``folder`` take on disk: each file once, however many hard links name
+    it (a weight snapshot is a link to ``model.safetensors`` of its step)."""
+    seen, total = set(), 0
+    for path in Path(folder).rglob("*"):
+        try:
+            info = path.stat(follow_symlinks=False)
+        except OSError:
+            continue  # removed meanwhile (a save's temp file renamed away)
+        if stat.S_ISREG(info.st_mode) and (info.st_dev, info.st_ino) not in seen:
+            seen.add((info.st_dev, info.st_ino))
+            total += info.st_blocks * 512
+    return total
 
 
 def check_room(cfg: RunConfig, folder: str | Path, resuming: bool = False) -> None:
@@ -82,7 +90,7 @@ def check_room(cfg: RunConfig, folder: str | Path, resuming: bool = False) -> No
     if free is None:
         return  # a file system that cannot say: the save itself will tell
     files = run_files(cfg)
-    missing = files.peak - (_existing_bytes(folder) if resuming else 0) - free
+    missing = files.peak - (folder_bytes(folder) if resuming else 0) - free
     if missing > 0:
         raise DiskFullError(
             errno.ENOSPC,

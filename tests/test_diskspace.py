@@ -91,6 +91,16 @@ def test_the_checkpoint_holds_adam_moments_for_trainable_tensors_only():
     assert files.weights == 4 * total
 
 
+def test_a_folder_counts_each_file_once_however_many_links_name_it(tmp_path):
+    """A weight snapshot is a hard link to model.safetensors of its step: deleting the run frees
+    the file once."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 2**20)
+    os.link(tmp_path / "model.safetensors", tmp_path / "sub" / "step-4.safetensors")
+    (tmp_path / "sub" / "other").write_bytes(b"y" * 2**19)
+    assert 1.5 * 2**20 <= diskspace.folder_bytes(tmp_path) < 1.6 * 2**20
+
+
 def test_a_run_the_disk_cannot_hold_is_refused_before_anything_is_written(small_disk):
     runs = small_disk(64) / "runs"
     manager = RunManager(runs)

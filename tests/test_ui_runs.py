@@ -56,6 +56,7 @@ def test_a_live_runs_loss_is_marked_live(ctx, stand_in):
     assert rows[done.run_id]["loss (last logged)"] == "0.4321"  # a finished run's last loss
     assert rows[done.run_id]["epoch loss (last)"] == "0.55"
     assert rows[done.run_id]["duration"] == "1 min 15 s"
+    assert rows[done.run_id]["disk"].endswith(" MB")  # what deleting it would free
     assert rows[done.run_id]["policy"] == "ddp-clean" and rows[done.run_id]["preset"] == "vit-tiny"
     assert rows[live.run_id]["epoch loss (last)"] == "–"
 

@@ -17,10 +17,10 @@ from mae_core.rundir import LIVE_STATES
 from ui import compare, datacache, render
 from ui.common import AppContext, UserError, describe, guarded
 
-HEADERS = ("run", "state", "steps", "loss (last logged)", "epoch loss (last)", "duration",
+HEADERS = ("run", "state", "steps", "loss (last logged)", "epoch loss (last)", "duration", "disk",
            "policy", "preset", "kNN top-1 % (pretrained / random init)", "data")
 # Fixed shares: by content alone, a long data folder would squeeze the kNN header to a letter a line.
-COLUMN_WIDTHS = ("18%", "7%", "7%", "7%", "7%", "7%", "8%", "7%", "12%", "20%")
+COLUMN_WIDTHS = ("17%", "7%", "7%", "7%", "7%", "6%", "6%", "7%", "7%", "11%", "18%")
 
 
 def table_rows(ctx: AppContext, statuses: Iterable[Mapping[str, Any]]) -> list[list[Any]]:
@@ -38,10 +38,18 @@ def table_rows(ctx: AppContext, statuses: Iterable[Mapping[str, Any]]) -> list[l
         epoch = ctx.metrics.reader(ctx.manager.paths(s["run_id"]).metrics).last("epoch_loss")
         rows.append([s["run_id"], state, steps, loss,
                      display.format_number(epoch[1]) if epoch else "–",
-                     display.format_duration(s.get("elapsed_s")), s.get("policy") or "–",
+                     display.format_duration(s.get("elapsed_s")), run_size(ctx, s["run_id"]),
+                     s.get("policy") or "–",
                      s.get("preset") or "–", saved_evaluation(ctx, s["run_id"]),
                      data_cell(ctx, s)])  # last: a long folder name scrolls, the rest stays
     return rows
+
+
+def run_size(ctx: AppContext, run_id: str) -> str:
+    """What the run's folder takes on disk: which runs to delete when the disk is full."""
+    from mae_core.diskspace import folder_bytes, size_text
+
+    return size_text(folder_bytes(ctx.manager.paths(run_id).root))
 
 
 def data_cell(ctx: AppContext, status: Mapping[str, Any]) -> str:
