@@ -9,7 +9,9 @@ the runs may live in any folder. So each run notes its use beside the set
 (:func:`register_use`), and a set is removed only when a newer set of the same source exists and
 no run names it (under the given run folders, or by such a note), under the set's preparation lock.
 A set whose manifest or shards are damaged (:func:`mae_core.prepared.check_set`) is listed as
-damaged, with the reason, and never removed here; a damaged note of a run is skipped.
+damaged, with the reason, and never removed here (the next run on its folder prepares it anew,
+:func:`mae_core.prepared.prepare_cached`, unless a live run reads it); a damaged note of a run is
+skipped.
 """
 
 from __future__ import annotations

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import errno
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from mae_core.config import ModelConfig, RunConfig
 from mae_core.fileio import DiskFullError, existing_parent, free_bytes
+from mae_core.rundir import SNAPSHOT_DIR
 
 FLOAT32_BYTES = 4
 ADAM_MOMENTS = 2  # exp_avg and exp_avg_sq, fp32, one of each per trainable element
@@ -69,8 +71,14 @@ def tensor_elements(cfg: ModelConfig) -> tuple[int, int]:
 def folder_bytes(folder: str | Path) -> int:
     """What the files under ``folder`` take on disk: each file once, however many hard links name
     it (a weight snapshot is a link to ``model.safetensors`` of its step)."""
+    return files_bytes(Path(folder).rglob("*"))
+
+
+def files_bytes(paths: Iterable[Path]) -> int:
+    """What ``paths`` take on disk (allocated blocks), each file once; folders and missing files
+    count nothing."""
     seen, total = set(), 0
-    for path in Path(folder).rglob("*"):
+    for path in paths:
         try:
             info = path.stat(follow_symlinks=False)
         except OSError:
@@ -79,6 +87,14 @@ def folder_bytes(folder: str | Path) -> int:
             seen.add((info.st_dev, info.st_ino))
             total += info.st_blocks * 512
     return total
+
+
+def _saved_bytes(run_root: Path) -> int:
+    """What a resumed run's folder already holds of its peak: the files its saves replace (an
+    exported encoder or an evaluation stays beside them, and counts nothing here)."""
+    snapshots = run_root / SNAPSHOT_DIR
+    kept = list(snapshots.glob("*.safetensors")) if snapshots.is_dir() else []
+    return files_bytes([run_root / "last.ckpt", run_root / "model.safetensors", *kept])
 
 
 def check_room(cfg: RunConfig, folder: str | Path, resuming: bool = False) -> None:
@@ -90,7 +106,7 @@ def check_room(cfg: RunConfig, folder: str | Path, resuming: bool = False) -> No
     if free is None:
         return  # a file system that cannot say: the save itself will tell
     files = run_files(cfg)
-    missing = files.peak - (folder_bytes(folder) if resuming else 0) - free
+    missing = files.peak - (_saved_bytes(folder) if resuming else 0) - free
     if missing > 0:
         raise DiskFullError(
             errno.ENOSPC,
@@ -110,12 +126,13 @@ def disk_label(path: str | Path) -> str:
     return f"the disk holding {existing_parent(path)}"
 
 
-def full_disk_message(path: str | Path, then: str = "resume") -> str:
-    """The disk holding ``path`` filled up: what a person reads, with what is free now."""
-    free = free_bytes(path)
-    now = f", {size_text(free)} free now" if free is not None else ""
-    return (f"the disk is full ({disk_label(path)}{now}). Free some space (delete old runs in "
-            f"the Runs tab), then {then}")
+def full_disk_message(path: str | Path | None, then: str = "resume") -> str:
+    """The disk holding ``path`` (None: not known) filled up: what a person reads, with what is
+    free there now."""
+    free = free_bytes(path) if path is not None else None
+    where = f" ({disk_label(path)}, {size_text(free)} free now)" if free is not None else ""
+    return (f"the disk is full{where}. Free some space (delete old runs in the Runs tab), then "
+            f"{then}")
 
 
 def full_disk_failure(run_root: str | Path, checkpoint: Path, step: int | None) -> str:

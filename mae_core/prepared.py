@@ -266,7 +266,9 @@ def prepare_cached(folder: str, paths: list[Path] | None = None,
         manifest, damage = check_set(target)
         if manifest is None and target.exists():
             # Damaged since it was made (a chunk lost, a copy cut short): the cache's own copy of
-            # a folder that is still there is made again, not refused for ever under its key.
+            # a folder that is still there is made again, not refused for ever under its key;
+            # but never under a live run that reads it.
+            _refuse_if_read(target, damage)
             print(f"the cached set {target} is damaged ({damage}): preparing it again", flush=True)
             aside = target.with_name(f".{target.name}.damaged-{os.getpid()}")
             target.rename(aside)
@@ -275,6 +277,17 @@ def prepare_cached(folder: str, paths: list[Path] | None = None,
             print(f"preparing {len(paths):,} images of {folder} into {target}", flush=True)
             prepare(folder, target, short_side, workers, paths=paths, progress=progress)
     return target
+
+
+def _refuse_if_read(target: Path, damage: str | None) -> None:
+    from mae_core.caches import registered_runs
+    from mae_core.rundir import LIVE_STATES, RunPaths
+
+    live = [run for run in registered_runs(target)
+            if RunPaths(Path(run)).read_status().get("state") in LIVE_STATES]
+    if live:
+        raise DataError(f"the cached set {target} is damaged ({damage}), and the live run {live[0]} "
+                        "reads it: stop that run, then start again to prepare the folder anew")
 
 
 # --- what a run trains on ----------------------------------------------------------------------

@@ -30,7 +30,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER_VARS = ("MAE_STUDIO_RUN_DIR", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
                  "NODE_RANK", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED",
                  "PL_SEED_WORKERS", "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_LOCALID",
-                 "SLURM_NTASKS", "SLURM_JOB_ID")
+                 "SLURM_NTASKS", "SLURM_JOB_ID", "MAE_STUDIO_RANK0_PID")
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -208,13 +208,16 @@ def _return_code(info: os.waitid_result | None) -> int | None:
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def die_with_parent(sig: signal.Signals = signal.SIGKILL) -> bool:
+def die_with_parent(expected_parent: int | None = None,
+                    sig: signal.Signals = signal.SIGKILL) -> bool:
     """Linux: have the kernel send ``sig`` to this process when its parent exits; whether it could.
 
     For the ranks a launcher starts beside the first (Lightning starts them from rank 0's main
     thread): with rank 0 gone, a rank has nothing to save and nobody to train with, yet it would
     wait out the rendezvous or the collective timeout (30 min) as an orphan holding its memory;
-    a hand-started run whose rank 0 could not bind ``MASTER_PORT`` left exactly that.
+    a hand-started run whose rank 0 could not bind ``MASTER_PORT`` left exactly that. A parent
+    that is already gone (``expected_parent``, where the launcher said who it is, is no longer the
+    parent) means the same at once.
     """
     parent = os.getppid()
     try:
@@ -223,7 +226,7 @@ def die_with_parent(sig: signal.Signals = signal.SIGKILL) -> bool:
             return False
     except (OSError, AttributeError):  # not Linux
         return False
-    if os.getppid() != parent:  # the parent exited before the call took effect
+    if os.getppid() != (expected_parent or parent):  # it exited before the call took effect
         os.kill(os.getpid(), sig)
     return True
 

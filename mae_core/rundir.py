@@ -30,6 +30,7 @@ STATES = ("queued", "starting", "running", "stopping", "stopped", "finished", "f
 LIVE_STATES = frozenset({"starting", "running", "stopping"})
 # Longest directory name most file systems accept (bytes); a longer run id names no run.
 NAME_MAX = 255
+SNAPSHOT_DIR = "snapshots"  # in the run directory: the last K weight snapshots (mae_core.snapshots)
 _RUN_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=@,-]*")
 
 

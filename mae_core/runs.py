@@ -212,8 +212,12 @@ class RunManager:
                     return None
             run_id, cfg = first
             try:
-                check_data(cfg.train.data)
                 self._require_room(cfg, self.paths(run_id).root)
+            except RunError as err:  # the disk's state, not the run's fault: it keeps its place
+                self._note_waiting(run_id, f"waiting for disk space: {err}")
+                return None
+            try:
+                check_data(cfg.train.data)
                 problem = None
             except Exception as err:  # noqa: BLE001 - recorded in the run, the queue goes on
                 problem = err
@@ -248,10 +252,19 @@ class RunManager:
                 paths.write_status(state="failed", error=f"could not start from the queue: {err}")
         return None
 
+    def _note_waiting(self, run_id: str, why: str) -> None:
+        """Say in a queued run's status why it has not started (once, not at every retry)."""
+        with self._exclusive():
+            paths = self.paths(run_id)
+            status = paths.read_status()
+            if status.get("state") == "queued" and status.get("error") != why:
+                with contextlib.suppress(OSError):  # on a full disk this may not fit either
+                    paths.write_status(error=why)
+
     def _launch_queued(self, run_id: str) -> bool:
         paths = self.paths(run_id)
         try:
-            paths.write_status(state="starting")
+            paths.write_status(state="starting", error=None)
             self._launch(paths, resume=False)
         except Exception as err:  # noqa: BLE001 - recorded in the run, the queue goes on
             paths.write_status(state="failed", error=f"could not start from the queue: {err}")

@@ -21,9 +21,11 @@ from litdata import StreamingDataset
 from mae_core.checks import DataError
 from mae_core.crops import DecodeAugment, UndecodableSet
 
-# What garbage in a chunk's offset table or an item's size header raises inside LitData's reader.
+# What garbage in a chunk's offset table or an item's size header raises inside LitData's reader
+# (its own header check raises RuntimeError). Not OSError: a remote set's network error, or a
+# stale NFS handle, is no damage, and re-preparing would not cure it.
 DAMAGE_ERRORS = (struct.error, ValueError, IndexError, OverflowError, UnicodeDecodeError,
-                 OSError, RuntimeError, TypeError, KeyError)
+                 RuntimeError)
 
 
 class TolerantStreamingDataset(StreamingDataset):

@@ -19,10 +19,9 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from mae_core.callbacks import EveryNSteps
 from mae_core.fileio import atomic_write
-from mae_core.rundir import RunPaths
+from mae_core.rundir import SNAPSHOT_DIR, RunPaths
 from mae_core.weights import WeightsError, read_metadata, save_weights
 
-SNAPSHOT_DIR = "snapshots"
 _NAME = re.compile(r"^step_(\d{7,})\.safetensors$")
 
 

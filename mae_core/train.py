@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from mae_core.data import DataSummary
 
 RUN_DIR_ENV = "MAE_STUDIO_RUN_DIR"
+RANK0_PID_ENV = "MAE_STUDIO_RANK0_PID"  # set by a node's first process for the ranks it starts
 # Normalising batches on the device is the point of MAELightning.on_after_batch_transfer.
 warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
 # Lightning 2.6 asks torch's pytree a question torch 2.14 deprecates, twice per run, in every
@@ -182,6 +183,10 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
         paths.stop_request.unlink(missing_ok=True)
         recorder.write_progress(trainer, state=state)
     return 0
+
+
+def _int_or_none(text: str | None) -> int | None:
+    return int(text) if text and text.isdigit() else None
 
 
 def _record_failure(paths: RunPaths, err: BaseException) -> None:
@@ -341,7 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if os.environ.get("LOCAL_RANK", "0") != "0":  # a rank Lightning (or torchrun) started
-        die_with_parent()
+        die_with_parent(_int_or_none(os.environ.get(RANK0_PID_ENV)))
+    else:  # the ranks Lightning starts from this process know their parent by it
+        os.environ[RANK0_PID_ENV] = str(os.getpid())
     try:
         cfg, paths, resume = prepare(args)
     except (ConfigError, DataError) as err:

@@ -115,6 +115,24 @@ def test_a_run_the_disk_cannot_hold_is_refused_before_anything_is_written(small_
     assert manager.list() == [] and manager.queued() == []
 
 
+def test_a_queued_run_waits_in_its_place_for_disk_space_then_starts(small_disk):
+    """Room at Queue time, none when its turn comes: it stays queued, saying why (a full disk is
+    not the run's fault, and a failed queued run has no checkpoint to resume), and starts once
+    space is free."""
+    disk = small_disk(360)
+    manager = RunManager(disk / "runs")
+    run_id, _ = manager.enqueue(tiny_config(devices=1, max_steps=2))
+    ballast = fill(disk, leave_bytes=8 * 2**20)
+    assert manager.advance_queue() is None
+    waiting = manager.status(run_id)
+    assert waiting["state"] == "queued" and manager.queued() == [run_id]
+    assert waiting["error"].startswith("waiting for disk space: not enough disk space"), waiting
+    ballast.unlink()
+    assert manager.advance_queue() == run_id
+    done = poll(lambda: (s := manager.status(run_id))["state"] not in LIVE_STATES and s, STARTUP_S)
+    assert done and done["state"] == "finished" and done["error"] is None, done
+
+
 def test_the_trainer_started_by_hand_refuses_it_too(small_disk, run_module):
     run_dir = small_disk(64) / "run"
     done = run_module("mae_core.train", "--run-dir", run_dir, "--model", "vit-tiny",

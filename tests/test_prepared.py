@@ -182,15 +182,22 @@ def test_a_cached_set_damaged_on_disk_is_prepared_again_not_refused_for_ever(tmp
     under the same key. A refusal ("prepare it again") would name a set the person never made,
     and come back on every start."""
     folder = _photos(tmp_path / "photos", 6)
-    found = prepared.resolve(str(folder), workers=1, auto_prepare_above=5)
+    run = RunPaths(tmp_path / "runs" / "reader")
+    run.root.mkdir(parents=True)
+    found = prepared.run_data(str(folder), run.root, auto_prepare_above=5)  # the run's set, noted
+    run.write_status(state="running")
     [chunk] = Path(found.path).glob("chunk-*.bin")
     chunk.write_bytes(chunk.read_bytes()[:100])  # cut short
     assert prepared.describe(str(folder), auto_prepare_above=5).kind == "folder"  # not usable
+    with pytest.raises(DataError, match=f"the live run {run.root} reads it: stop that run"):
+        prepared.resolve(str(folder), workers=1, auto_prepare_above=5)  # not under its reader
+    run.write_status(state="stopped")
     again = prepared.resolve(str(folder), workers=1, auto_prepare_above=5)
     assert again.path == found.path and again.count == 6
     assert prepared.check_set(again.path)[0] is not None
     assert "is damaged (its chunk" in capsys.readouterr().out
-    assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == [Path(found.path).name]
+    name = Path(found.path).name  # the set, and its note of the runs that use it; no copy aside
+    assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == [name, f"{name}.runs"]
 
 
 def test_a_damaged_prepared_set_is_refused_before_training_with_the_reason(tmp_path):

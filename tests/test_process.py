@@ -99,3 +99,17 @@ def test_watch_reports_the_exit_and_reaps_the_child(tmp_path, how, code):
     thread.join(30)
     assert seen == [(code, True)]
     assert child.pid not in proc.zombie_children()  # reaped without anyone polling it
+
+
+def test_a_rank_whose_launcher_is_already_gone_ends_at_once():
+    """die_with_parent: a child whose parent is the one its launcher named lives on; one whose
+    parent is no longer it (the launcher died while the child was starting) ends itself."""
+    code = ("import sys; from mae_core.process import die_with_parent; "
+            "print(die_with_parent(expected_parent=int(sys.argv[1])), flush=True)")
+    env = proc.clean_env()
+    lives = subprocess.run([sys.executable, "-c", code, str(os.getpid())], env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert lives.returncode == 0 and lives.stdout.strip() == "True", lives.stderr
+    orphan = subprocess.run([sys.executable, "-c", code, str(2**22 + 1)], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert orphan.returncode == -signal.SIGKILL and orphan.stdout == ""

@@ -238,9 +238,13 @@ def test_a_full_disk_is_said_as_such_not_as_an_internal_error(tmp_path, caplog):
     """Whatever raised it: an atomic save, or safetensors' own writer in an export."""
     from mae_core.fileio import DiskFullError
 
-    for err in (DiskFullError(28, "the disk is full while writing", str(tmp_path / "x.ckpt")),
-                RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")):
-        message = describe(err, "export")
-        assert message.startswith("export failed: the disk is full (the disk holding "), message
-        assert "free now" in message and message.endswith("then try again")
+    message = describe(DiskFullError(28, "the disk is full while writing", str(tmp_path / "x")),
+                       "export")
+    assert message.startswith(f"export failed: the disk is full (the disk holding {tmp_path}, ")
+    assert "free now" in message and message.endswith("then try again")
+    # A writer that does not say where: no disk is named (the app's own would mislead).
+    message = describe(RuntimeError("Error while serializing: I/O error: No space left on device "
+                                    "(os error 28)"), "export")
+    assert message == ("export failed: the disk is full. Free some space (delete old runs in the "
+                       "Runs tab), then try again")
     assert "failed" not in caplog.text  # the machine's state, not a bug to log

@@ -58,7 +58,7 @@ def describe(err: BaseException, action: str = "") -> str:
     if is_disk_full(err):  # a save, an export, an upload's copy: the machine's state, not a bug
         from mae_core.diskspace import full_disk_message
 
-        where = getattr(err, "filename", None) or "."
+        where = getattr(err, "filename", None)  # None: a writer that did not say where
         return f"{action or 'It'} failed: {full_disk_message(where, then='try again')}"
     log.error("%s failed", action or "a handler", exc_info=err)
     return f"Internal error{' in ' + action if action else ''}: {type(err).__name__}: {err}"
