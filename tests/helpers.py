@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ if str(REPO_ROOT) not in sys.path:  # the benchmark package lives beside mae_cor
 
 from bench.procs import free_port  # noqa: E402 - the benchmark's port picker, shared
 
-__all__ = ["SYNC_OPS", "TensorCalls", "free_port", "poll"]
+__all__ = ["SYNC_OPS", "SlowDisk", "TensorCalls", "free_port", "poll"]
 T = TypeVar("T")
 
 
@@ -29,6 +30,20 @@ def poll(predicate: Callable[[], T], timeout_s: float, every_s: float = 0.2) -> 
             return value
         time.sleep(every_s)
     return None
+
+
+class SlowDisk:
+    """Wraps a real function (a data scan) so that it runs only when told to: ``scanning`` is set
+    once a call waits, ``release`` lets it (and every later call) go on."""
+
+    def __init__(self, real: Callable[..., T]) -> None:
+        self.real = real
+        self.scanning, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, *args: object) -> object:
+        self.scanning.set()
+        self.release.wait(60)
+        return self.real(*args)
 
 
 class TensorCalls(TorchFunctionMode):

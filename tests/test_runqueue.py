@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from helpers import poll
+from helpers import SlowDisk, poll
 from mae_core.config import RunConfig
 from mae_core.data import sample_photo_paths
 from mae_core.runqueue import RunQueue
@@ -99,14 +99,8 @@ def test_the_queue_scans_the_next_runs_data_outside_the_lock(tmp_path, monkeypat
 
     manager = RunManager(tmp_path / "runs")
     waiting, _ = manager.enqueue(quick(max_steps=2))
-    scanning, release = threading.Event(), threading.Event()
-    real_check = runs_module.check_data
-
-    def slow_disk(folder: str):  # the real scan, on a disk that answers only when told to
-        scanning.set()
-        release.wait(60)
-        return real_check(folder)
-
+    slow_disk = SlowDisk(runs_module.check_data)  # the real scan, answering when told to
+    scanning, release = slow_disk.scanning, slow_disk.release
     monkeypatch.setattr(runs_module, "check_data", slow_disk)
     launched: list[object] = []
     worker = threading.Thread(target=lambda: launched.append(manager.advance_queue()))

@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import poll
+from helpers import SlowDisk, poll
 from mae_core.config import ConfigError, RunConfig
 from mae_core.data import DataError, ImageFolderDataset, find_images, sample_photo_paths
 from mae_core import data as data_module
@@ -434,14 +434,8 @@ def test_start_scans_data_outside_the_lock_and_finished_trainers_are_reaped(tmp_
     manager = RunManager(tmp_path / "runs")
     earlier = create_run(tiny_config().resolved(), runs_dir=manager.runs_dir)
     earlier.write_status(state="finished")
-    scanning, release = threading.Event(), threading.Event()
-    real_check = data_module.check_data
-
-    def slow_disk(folder: str):  # the real scan, on a disk that answers only when told to
-        scanning.set()
-        release.wait(60)
-        return real_check(folder)
-
+    slow_disk = SlowDisk(data_module.check_data)  # the real scan, answering when told to
+    scanning, release = slow_disk.scanning, slow_disk.release
     monkeypatch.setattr(data_module, "check_data", slow_disk)  # Start's scan: channels.resolve_data
     started: list[str] = []
     starter = threading.Thread(target=lambda: started.append(
