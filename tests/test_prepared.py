@@ -186,7 +186,7 @@ def test_a_cached_set_damaged_on_disk_is_prepared_again_not_refused_for_ever(tmp
     run.root.mkdir(parents=True)
     found = prepared.run_data(str(folder), run.root, auto_prepare_above=5)  # the run's set, noted
     run.write_status(state="running")
-    [chunk] = Path(found.path).glob("chunk-*.bin")
+    chunk = sorted(Path(found.path).glob("chunk-*.bin"))[0]  # one per encoding worker
     chunk.write_bytes(chunk.read_bytes()[:100])  # cut short
     assert prepared.describe(str(folder), auto_prepare_above=5).kind == "folder"  # not usable
     with pytest.raises(DataError, match=f"the live run {run.root} reads it: stop that run"):
