@@ -25,8 +25,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mae_core.diskspace import size_text
-from mae_core.fileio import atomic_write_json, atomic_write_text, read_json
+from mae_core.diskspace import full_disk_message, size_text
+from mae_core.fileio import atomic_write_json, atomic_write_text, is_disk_full, read_json
 from mae_core.process import (
     PROJECT_ROOT,
     clean_env,
@@ -179,8 +179,13 @@ class Preparation:
             done = total if result["state"] == "done" else progress_done(self.progress_dir)
             return Progress(result["state"], done or 0, total, seconds, target, result["message"])
         if code is not None:  # ended without a result: killed from outside, out of memory...
+            tail = self.log_tail()
+            full = "no space left on device" in tail.lower()  # no room left for its result
             return Progress("failed", 0, total, seconds, target,
-                            f"the preparation process ended (exit code {code}): {self.log_tail()}")
+                            f"the preparation process ended (exit code {code})"
+                            + (f": {full_disk_message(target, then='prepare the folder again')}"
+                               if full and target else "")
+                            + f": {tail}")
         if total is None:
             return Progress("walking", 0, None, seconds, None, "finding the image files")
         return Progress("encoding", progress_done(self.progress_dir), total, seconds, target)
@@ -307,6 +312,13 @@ def main(argv: list[str] | None = None) -> int:
         result = _run(args.folder, progress_dir, args.workers)
     except DataError as err:
         result = {"state": "failed", "message": str(err)}
+    except Exception as err:  # a worker's ENOSPC reaches here as LitData's RuntimeError
+        from mae_core.prepared import cache_root
+
+        if not is_disk_full(err):
+            raise
+        result = {"state": "failed", "message": "nothing was kept: " + full_disk_message(
+            cache_root(), then="prepare the folder again")}
     finally:  # an app that has exited reads no progress: nothing is left in the temp folder
         orphaned = os.getppid() != app
         if orphaned:

@@ -65,3 +65,23 @@ def stand_in():
     yield process
     process.kill()
     process.wait()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``small_disk(mb)``: a fresh folder on its own ``mb`` MB file system, unmounted after."""
+    mounted = []
+
+    def mount(size_mb: int) -> Path:
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs",
+                               str(where)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"mounting a small tmpfs needs root: {done.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)

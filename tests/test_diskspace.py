@@ -10,7 +10,6 @@ inline_container.cc ... unexpected pos", which names no disk.
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -37,26 +36,6 @@ def tiny_config(**overrides) -> RunConfig:
         "accelerator": "cpu", "num_workers": 0, "checkpoint_every_n_steps": CHECKPOINT_EVERY,
         "log_every_n_steps": 1, "num_previews": 0, "weight_snapshots": 0, "max_steps": 1_000_000,
         **overrides})
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """``small_disk(mb)``: a fresh folder on its own ``mb`` MB file system, unmounted after."""
-    mounted = []
-
-    def mount(size_mb: int) -> Path:
-        where = tmp_path / f"disk{len(mounted)}"
-        where.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs",
-                               str(where)], capture_output=True, text=True)
-        if done.returncode != 0:
-            pytest.skip(f"mounting a small tmpfs needs root: {done.stderr.strip()}")
-        mounted.append(where)
-        return where
-
-    yield mount
-    for where in mounted:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def fill(disk: Path, leave_bytes: int) -> Path:

@@ -162,3 +162,22 @@ def test_a_manifest_of_the_wrong_types_is_a_clear_refusal_not_a_crash(tmp_path, 
     progress.mkdir()
     with pytest.raises(DataError, match="records count 'many'"):  # the job's failed result
         _run(str(photos), progress, workers=1)
+
+
+def test_a_preparation_that_fills_the_disk_says_so_and_keeps_nothing(tmp_path, small_disk,
+                                                                     monkeypatch):
+    """The cache's disk fills up while the shards are written (a real 1 MB tmpfs): the job fails
+    saying the disk is full, not with LitData's traceback, and leaves no partial set behind."""
+    disk = small_disk(1)
+    monkeypatch.setenv(prepared.CACHE_ENV, str(disk))  # the job inherits it
+    jobs = Preparations()
+    try:
+        job = jobs.start(str(_copies(tmp_path / "photos", 40, (320, 240))))
+        failed = _wait(job, lambda p: p.finished)
+    finally:
+        jobs.close()
+    assert failed.state == "failed", failed
+    assert failed.message.startswith("nothing was kept: the disk is full (the disk holding "
+                                     f"{disk}"), failed.message
+    assert failed.message.endswith("then prepare the folder again")
+    assert [p for p in disk.iterdir() if p.is_dir()] == []  # no partial set, no temp folder
