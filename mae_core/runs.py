@@ -106,7 +106,11 @@ class RunManager:
     def list(self) -> list[dict[str, Any]]:
         """Every run, newest first."""
         runs = []
-        for root in self.runs_dir.iterdir():
+        try:
+            roots = list(self.runs_dir.iterdir())
+        except FileNotFoundError:  # deleted under the app (to free space): no runs, not an error
+            return []
+        for root in roots:
             if valid_run_id(root.name) and (root / "config.yaml").exists():
                 try:
                     runs.append(self.status(root.name))
@@ -372,6 +376,7 @@ class RunManager:
         directory takes (``flock`` locks belong to the open file, so two managers in one process
         exclude each other too)."""
         with self._lock:
+            self.runs_dir.mkdir(parents=True, exist_ok=True)  # made again if deleted under the app
             fd = os.open(self.runs_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)

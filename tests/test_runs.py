@@ -491,3 +491,14 @@ def test_a_run_found_dead_loses_the_temp_files_of_its_interrupted_save(tmp_path)
     status = RunManager(tmp_path).status(paths.run_id)
     assert status["state"] == "failed"
     assert not interrupted.exists() and in_flight.exists()
+
+
+def test_a_runs_folder_deleted_under_the_app_is_empty_then_made_again(tmp_path):
+    """``rm -rf checkpoints`` to free space while the app runs: the lists read empty, and the next
+    Start or Queue makes the folder again (each raised FileNotFoundError, "Internal error")."""
+    manager = RunManager(tmp_path / "checkpoints")
+    shutil.rmtree(manager.runs_dir)
+    assert manager.list() == [] and manager.live_run() is None and manager.queued() == []
+    assert manager.advance_queue() is None
+    run_id, position = manager.enqueue(tiny_config(max_steps=2))
+    assert position == 1 and [s["run_id"] for s in manager.list()] == [run_id]
