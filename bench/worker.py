@@ -68,7 +68,7 @@ def _run_info(trainer: Any) -> dict[str, Any]:
 
 def data_pipeline(datamodule: Any) -> str:
     """How this rank's images were read and augmented, for the report's table."""
-    from mae_core.prepared import StreamingMAEDataModule
+    from mae_core.shards import StreamingMAEDataModule
 
     if isinstance(datamodule, StreamingMAEDataModule) and datamodule.decode_on_device:
         return "prepared set (LitData stream), decoded and cropped on the device, normalise on device"

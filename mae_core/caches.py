@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mae_core import prepared
+from mae_core.diskspace import folder_bytes
 from mae_core.fileio import atomic_write_json, read_json
 
 
@@ -80,16 +81,6 @@ def _users(runs_dirs: Iterable[str | Path]) -> dict[str, list[str]]:
     return users
 
 
-def _on_disk(folder: Path) -> int:
-    """The bytes of the files in ``folder`` (a damaged set's manifest cannot say)."""
-    size = 0
-    with contextlib.suppress(OSError):
-        for path in folder.iterdir():
-            with contextlib.suppress(OSError):
-                size += path.stat().st_size if path.is_file() and not path.is_symlink() else 0
-    return size
-
-
 def cached_sets(runs_dirs: Iterable[str | Path]) -> list[CachedSet]:
     """The prepared sets in :func:`mae_core.prepared.cache_root` (one being prepared has no
     manifest yet and is left out), oldest first; a damaged one is listed with the reason."""
@@ -115,7 +106,7 @@ def cached_sets(runs_dirs: Iterable[str | Path]) -> list[CachedSet]:
         if manifest is None:  # its source as written, if it is text, to say which folder it was
             source = (read_json(folder / prepared.MANIFEST_NAME) or {}).get("source")
             sets.append(CachedSet(folder, source if isinstance(source, str) else "", 0,
-                                  _on_disk(folder), "", runs, False, damage))
+                                  folder_bytes(folder), "", runs, False, damage))
             continue
         source = manifest.get("source", "")
         sets.append(CachedSet(folder, source, manifest["count"], manifest.get("bytes", 0),
@@ -175,7 +166,8 @@ def report(runs_dirs: list[str | Path], remove: bool = False) -> list[str]:
         use = f"used by {', '.join(cached.runs)}" if cached.runs else "used by no run"
         if cached.damage:
             lines.append(f"  {cached.path.name}: damaged ({cached.damage}), "
-                         f"{cached.bytes / 1e9:.2f} GB, {use}; kept (remove it by hand once no "
+                         f"{cached.bytes / 1e9:.2f} GB, {use}; kept (the next run on its folder "
+                         "prepares it again; or remove it by hand once no "
                          "run needs it)")
             continue
         lines.append(f"  {cached.path.name}: {cached.count:,} images of "

@@ -8,9 +8,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +30,15 @@ from mae_core.fileio import (
     append_lines,
     atomic_write,
     fsync_file,
+    is_disk_full,
     remove_stale_temp_files,
 )
 from mae_core.flops import training_flops_per_image
 from mae_core.hardware import device_peak, mfu
 from mae_core.model import MAELightning
 from mae_core.reconstruct import grid_image, reconstruct
-from mae_core.rundir import RunPaths
+from mae_core.diskspace import full_disk_failure
+from mae_core.rundir import RunPaths, saved_step
 from mae_core.weights import save_weights
 
 PREVIEW_SEED = 0
@@ -280,6 +284,41 @@ def _distributed(trainer: pl.Trainer) -> bool:
     return trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
 
 
+class RecordFailure(pl.Callback):
+    """Rank 0 writes why fit failed into status.json from Lightning's ``on_exception``: before
+    the trainer's teardown closes the process group. After it, rank 1 dies of the closed
+    connection and Lightning's child watcher SIGKILLs rank 0, sometimes before it had written
+    anything (a full disk then read "the trainer process is gone"). What cannot be written here
+    (a full disk) is tried again by :func:`mae_core.train.main`."""
+
+    def __init__(self, paths: RunPaths) -> None:
+        self.paths = paths
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        # Lightning calls the strategy's on_exception only after the callbacks', and that is where
+        # DDP explains its bare "Expected to have finished reduction" (parameters not used in the
+        # loss). Asked first here, so the record carries it; asking twice changes nothing more.
+        trainer.strategy.on_exception(exception)
+        if trainer.is_global_zero:
+            with contextlib.suppress(OSError):  # never in place of the exception being handled
+                record_failure(self.paths, exception)
+
+
+def record_failure(paths: RunPaths, err: BaseException) -> None:
+    """The run failed with ``err`` (being handled): status.json says so, with the traceback's end."""
+    paths.write_status(state="failed", error=failure_text(paths, err),
+                       log_tail=traceback.format_exc()[-4000:])
+
+
+def failure_text(paths: RunPaths, err: BaseException) -> str:
+    """Why the run failed, for a person: a full disk is said in those words (torch.save's own
+    error on one is "enforce fail at inline_container.cc ... unexpected pos"), with what it kept."""
+    if is_disk_full(err):
+        return full_disk_failure(paths.root, paths.last_ckpt, saved_step(paths))
+    return "".join(traceback.format_exception_only(type(err), err)).strip() or type(err).__name__
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's ``torch.save`` checkpoints, written beside the target and renamed into place.
 
@@ -292,7 +331,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                         storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO takes no storage_options")
-        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+        atomic_write(path, lambda tmp: _save_to(checkpoint, tmp))
+
+
+def _save_to(checkpoint: dict[str, Any], tmp: str) -> None:
+    """``torch.save`` through a file this code closes: on a full disk, torch's own writer (given a
+    path) kept its descriptor open after failing, so the removed temp file still held its blocks
+    until the process exited, and status.json found no room to say why the run failed."""
+    with open(tmp, "wb") as handle:
+        torch.save(checkpoint, handle)
 
 
 class SaveCheckpoints(pl.Callback):

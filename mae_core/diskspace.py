@@ -11,6 +11,7 @@ checkpoint is the biggest file, so the peak is two checkpoints and every copy of
 from __future__ import annotations
 
 import errno
+import functools
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ def run_files(cfg: RunConfig) -> RunFiles:
                     weights=FLOAT32_BYTES * total, snapshots=cfg.train.weight_snapshots)
 
 
+@functools.lru_cache(maxsize=64)  # a queued run waiting for space asks again every 2 s
 def tensor_elements(cfg: ModelConfig) -> tuple[int, int]:
     """(every element of the saved state, the trainable elements) of ``cfg``'s model, built on the
     meta device: no memory, no initialisation, any size."""

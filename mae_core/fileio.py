@@ -50,7 +50,10 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         full = is_disk_full(err) or disk_nearly_full(path.parent)
         Path(tmp).unlink(missing_ok=True)
         if full:
-            raise DiskFullError(errno.ENOSPC, "the disk is full while writing", str(path)) from err
+            # In the C library's words too: a log reader (the app, after a rank that could not
+            # write its status) knows it by them (:func:`says_disk_full`).
+            raise DiskFullError(errno.ENOSPC, "No space left on device: the disk is full while "
+                                "writing", str(path)) from err
         raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -90,6 +93,11 @@ def disk_nearly_full(path: str | Path) -> bool:
     return free is not None and free < FULL_BELOW_BYTES
 
 
+def says_disk_full(text: str) -> bool:
+    """Whether ``text`` (an error's message, a log's tail) reports ENOSPC in the C library's words."""
+    return "no space left on device" in text.lower()
+
+
 def is_disk_full(err: BaseException | None) -> bool:
     """Whether ``err``, or an exception it was raised from, is a write that found the disk full."""
     seen = set()
@@ -98,7 +106,7 @@ def is_disk_full(err: BaseException | None) -> bool:
         if isinstance(err, DiskFullError) or (isinstance(err, OSError)
                                               and err.errno in _FULL_ERRNOS):
             return True
-        if "no space left on device" in str(err).lower():  # safetensors' Rust writer, others
+        if says_disk_full(str(err)):  # safetensors' Rust writer, LitData's worker tracebacks
             return True
         err = err.__cause__ or err.__context__
     return False

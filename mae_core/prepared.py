@@ -29,22 +29,19 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from torch import Tensor
 
 from mae_core.checks import shown
 from mae_core.crops import (
     JPEG_QUALITY,
     SMALL_SIDE,
-    collate_deferred,
     encode_copies,
-    finish_on_device,
     mid_side,
 )
-from mae_core.data import BATCHES_PER_WORKER_PER_EPOCH, DataError, MAEDataModule, find_images
+from mae_core.data import DataError, MAEDataModule, find_images
 from mae_core.data import preview_images as folder_previews
 from mae_core.fileio import atomic_write_json, fsync_dir, read_json
-from mae_core.images import ImageError, center_square, open_rgb
+from mae_core.images import ImageError, open_rgb
 from mae_core.preparing import count_done
 
 MANIFEST_NAME = "mae_manifest.json"
@@ -405,92 +402,6 @@ def run_data(data: str, run_root: Path, timeout_s: float = 6 * 3600.0,
     raise DataError(f"the first process recorded no data set in {record} within {timeout_s:.0f} s")
 
 
-# --- reading -----------------------------------------------------------------------------------
-
-def epoch_passes(images: int, batch_size: int, world: int, workers: int) -> int:
-    """Passes over a prepared set per epoch: one for a large set; a small one is read again until
-    each rank's epoch holds :data:`~mae_core.data.BATCHES_PER_WORKER_PER_EPOCH` batches per loader
-    worker. Each worker builds whole batches and all of them idle from the epoch's last batch to
-    the next epoch's first: on an H200 a 7-batch epoch fed ~3,000 images/s where the cores
-    decode 9,600. A set too small for one batch stays at one pass (refused with the reason)."""
-    batches = images // (world * batch_size)
-    if workers == 0 or batches == 0:
-        return 1
-    return -(-BATCHES_PER_WORKER_PER_EPOCH * workers // batches)
-
-
-def preview_images(path: str, image_size: int, count: int) -> Tensor:
-    """The prepared set's first ``count`` images, centre-cropped (the run's fixed previews)."""
-    from mae_core.shards import streaming_dataset  # LitData loads only where a set is read
-
-    dataset = streaming_dataset(path, None, shuffle=False)
-    images = [center_square(open_rgb(bytes(dataset[i]["image"])), image_size)
-              for i in range(min(count, len(dataset)))]
-    return torch.stack(images) if images else torch.empty(0, 3, image_size, image_size,
-                                                          dtype=torch.uint8)
-
-
-class StreamingMAEDataModule(pl.LightningDataModule):
-    """A prepared (local or remote) data set through LitData's ``StreamingDataLoader``.
-
-    Each rank reads its own share of the chunks (LitData splits them by the distributed world,
-    nodes included); Lightning saves the loader's ``state_dict`` in the checkpoint and restores it
-    on resume, so the interrupted epoch continues where it stopped. A small set with loader
-    workers is read more than once per epoch (:func:`epoch_passes`). Batches are
-    ``{"image": uint8, "id": int}``; :meth:`on_before_batch_transfer` keeps the ids (``last_ids``,
-    the samples of the step about to run) and hands the model the images.
-    """
-
-    def __init__(self, path: str, image_size: int, batch_size: int, num_workers: int,
-                 seed: int = 0, pin_memory: bool | None = None,
-                 decode_on_device: bool = False) -> None:
-        super().__init__()
-        self.decode_on_device = decode_on_device
-        self.path = path
-        self.image_size = image_size
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.seed = seed
-        self.pin_memory = pin_memory
-        self.dataset: Any = None
-        self.passes = 1  # over the set per epoch: :func:`epoch_passes`
-        self.last_ids: Tensor | None = None
-
-    def setup(self, stage: str | None = None) -> None:
-        from mae_core.shards import streaming_dataset
-
-        if self.dataset is None:
-            read = functools.partial(streaming_dataset, self.path, self.image_size, shuffle=True,
-                                     seed=self.seed, defer=self.decode_on_device)
-            dataset = read()
-            images = sum(end - start for start, end in dataset.region_of_interest)
-            world = self.trainer.world_size if self.trainer else 1
-            self.passes = epoch_passes(images, self.batch_size, world, self.num_workers)
-            self.dataset = read(passes=self.passes) if self.passes > 1 else dataset
-
-    def train_dataloader(self) -> Any:
-        from litdata import StreamingDataLoader
-
-        pin = self.pin_memory
-        if pin is None:
-            pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        loader = StreamingDataLoader(self.dataset, batch_size=self.batch_size, drop_last=True,
-                                     num_workers=self.num_workers, pin_memory=pin,
-                                     persistent_workers=self.num_workers > 0,
-                                     collate_fn=collate_deferred if self.decode_on_device else None)
-        if len(loader) == 0:
-            world = self.trainer.world_size if self.trainer else 1
-            raise DataError(f"the prepared data set {self.path} holds too few images for one batch "
-                            f"of {self.batch_size} on each of {world} processes")
-        return loader
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        self.last_ids = batch["id"]
-        if self.decode_on_device:  # before Lightning's copy: the JPEGs are read from host memory
-            return finish_on_device(batch, self.image_size, self.trainer.strategy.root_device)
-        return batch["image"]
-
-
 def make_datamodule(source: DataSource, image_size: int, batch_size: int, num_workers: int,
                     seed: int = 0, pin_memory: bool | None = None,
                     channels: int = 3, decode_on_device: bool = False) -> pl.LightningDataModule:
@@ -499,6 +410,8 @@ def make_datamodule(source: DataSource, image_size: int, batch_size: int, num_wo
     if source.kind == "memory":
         return MAEDataModule(source.path, image_size, batch_size, num_workers, pin_memory=pin_memory,
                              channels=channels)
+    from mae_core.shards import StreamingMAEDataModule  # LitData loads only where a set is read
+
     return StreamingMAEDataModule(source.path, image_size, batch_size, num_workers, seed, pin_memory,
                                   decode_on_device)
 
@@ -506,4 +419,6 @@ def make_datamodule(source: DataSource, image_size: int, batch_size: int, num_wo
 def source_previews(source: DataSource, image_size: int, count: int, channels: int = 3) -> Tensor:
     if source.kind == "memory":
         return folder_previews(source.path, image_size, count, channels)
+    from mae_core.shards import preview_images
+
     return preview_images(source.path, image_size, count)

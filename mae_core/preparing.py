@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mae_core.diskspace import full_disk_message, size_text
-from mae_core.fileio import atomic_write_json, atomic_write_text, is_disk_full, read_json
+from mae_core.fileio import (atomic_write_json, atomic_write_text, is_disk_full, read_json,
+                             says_disk_full)
 from mae_core.process import (
     PROJECT_ROOT,
     clean_env,
@@ -180,7 +181,7 @@ class Preparation:
             return Progress(result["state"], done or 0, total, seconds, target, result["message"])
         if code is not None:  # ended without a result: killed from outside, out of memory...
             tail = self.log_tail()
-            full = "no space left on device" in tail.lower()  # no room left for its result
+            full = says_disk_full(tail)  # no room left for its result
             return Progress("failed", 0, total, seconds, target,
                             f"the preparation process ended (exit code {code})"
                             + (f": {full_disk_message(target, then='prepare the folder again')}"

@@ -29,7 +29,7 @@ from mae_core.checks import DataError
 from mae_core.config import ConfigError, ModelConfig, RunConfig, TrainConfig, parse_bool
 from mae_core.fileio import atomic_write_json, read_json
 from mae_core.process import die_with_parent, on_this_host, record_alive
-from mae_core.rundir import LIVE_STATES, RunPaths, process_record, saved_step
+from mae_core.rundir import LIVE_STATES, RunPaths, process_record
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -116,7 +116,7 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
 
     from mae_core import prepared
     from mae_core.callbacks import (AtomicCheckpointIO, Previews, ProgressRecorder,
-                                     SaveCheckpoints, StopOnRequest)
+                                     RecordFailure, SaveCheckpoints, StopOnRequest)
     from mae_core.data import TrainSplitDataModule
     from mae_core.model import MAELightning
     from mae_core.monitor import EvalPlan, HeldOutMonitor, plan_evaluation
@@ -150,6 +150,7 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
                                            t.batch_size, recorder))
     if t.weight_snapshots:  # the Reconstruct tab's weights history (issue 14, item 5)
         callbacks.append(WeightSnapshots(paths.root, t.weight_snapshots, t.checkpoint_every_n_steps))
+    callbacks.append(RecordFailure(paths))
     trainer = pl.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
         strategy=make_strategy(cfg), max_steps=t.max_steps, max_epochs=t.max_epochs or -1,
@@ -172,12 +173,7 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
                                     t.num_workers or 0, pin_memory=t.accelerator == "gpu",
                                     channels=cfg.model.channels)
     ckpt = str(paths.last_ckpt) if resume else None
-    try:
-        trainer.fit(model, datamodule=data, ckpt_path=ckpt, weights_only=True)
-    except BaseException as err:  # noqa: BLE001 - reported in status.json, then re-raised
-        if trainer.is_global_zero:
-            _record_failure(paths, err)
-        raise
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt, weights_only=True)
     if trainer.is_global_zero:
         state = "stopped" if stopper.requested else "finished"
         paths.stop_request.unlink(missing_ok=True)
@@ -187,23 +183,6 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
 
 def _int_or_none(text: str | None) -> int | None:
     return int(text) if text and text.isdigit() else None
-
-
-def _record_failure(paths: RunPaths, err: BaseException) -> None:
-    """The run failed with ``err`` (being handled): status.json says so, with the traceback's end."""
-    paths.write_status(state="failed", error=failure_text(paths, err),
-                       log_tail=traceback.format_exc()[-4000:])
-
-
-def failure_text(paths: RunPaths, err: BaseException) -> str:
-    """Why the run failed, for a person: a full disk is said in those words (torch.save's own
-    error on one is "enforce fail at inline_container.cc ... unexpected pos"), with what it kept."""
-    from mae_core.diskspace import full_disk_failure
-    from mae_core.fileio import is_disk_full
-
-    if is_disk_full(err):
-        return full_disk_failure(paths.root, paths.last_ckpt, saved_step(paths))
-    return "".join(traceback.format_exception_only(type(err), err)).strip() or type(err).__name__
 
 
 # --- command line -----------------------------------------------------------------------------
@@ -382,7 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - the traceback goes to train.log, the summary to status.json
         traceback.print_exc()
         if prepared.first_process() and paths.read_status().get("state") in LIVE_STATES:
-            _record_failure(paths, err)  # before fit (a remote set without credentials, ...)
+            from mae_core.callbacks import record_failure  # before fit, or not written in it
+
+            record_failure(paths, err)
         return 1
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from mae_core import crops, prepared, train
+from mae_core import crops, shards, train
 from mae_core.process import exit_quickly
 
-_original = prepared.StreamingMAEDataModule.on_before_batch_transfer
+_original = shards.StreamingMAEDataModule.on_before_batch_transfer
 _original_box = crops.DecodeAugment.draw_box
 _BOXES: list[list[int]] = []  # the crop boxes this process drew since the last batch
 
@@ -42,7 +42,7 @@ def _recording(self, batch, dataloader_idx):
 
 
 if __name__ == "__main__":
-    prepared.StreamingMAEDataModule.on_before_batch_transfer = _recording
+    shards.StreamingMAEDataModule.on_before_batch_transfer = _recording
     crops.DecodeAugment.draw_box = _recording_box
     Path(sys.argv[1]).mkdir(parents=True, exist_ok=True)
     exit_quickly(train.main(sys.argv[2:]))

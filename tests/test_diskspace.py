@@ -24,7 +24,7 @@ from mae_core.fileio import (DiskFullError, atomic_write, free_bytes,
                              is_disk_full)
 from mae_core.rundir import LIVE_STATES, RunPaths, create_run, process_record
 from mae_core.runs import RunError, RunManager, checkpoint_step
-from mae_core.train import failure_text
+from mae_core.callbacks import failure_text
 
 CHECKPOINT_EVERY = 2
 STARTUP_S = 240  # generous: two CPU ranks start in ~10 s here, longer on a busy machine

@@ -385,9 +385,9 @@ def test_a_small_prepared_set_is_read_again_until_its_loader_workers_stay_busy(
     cores decode 9,600: every loader worker idles from an epoch's last batch to the next's first."""
     from mae_core.data import BATCHES_PER_WORKER_PER_EPOCH as PER_WORKER
 
-    assert prepared.epoch_passes(images, batch, world, workers) == passes
+    assert shards.epoch_passes(images, batch, world, workers) == passes
     for images in range(world * batch, 40 * world * batch, 7):  # the fewest passes that suffice
-        found = prepared.epoch_passes(images, batch, world, workers)
+        found = shards.epoch_passes(images, batch, world, workers)
         batches = images // (world * batch)
         assert found * batches >= PER_WORKER * workers
         assert found == 1 or (found - 1) * batches < PER_WORKER * workers

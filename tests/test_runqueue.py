@@ -95,13 +95,13 @@ def test_the_queue_scans_the_next_runs_data_outside_the_lock(tmp_path, monkeypat
     and the run launches once the scan is done; a run that left the queue meanwhile is not."""
     import threading
 
-    from mae_core import runs as runs_module
+    from mae_core import runqueue as queue_module
 
     manager = RunManager(tmp_path / "runs")
     waiting, _ = manager.enqueue(quick(max_steps=2))
-    slow_disk = SlowDisk(runs_module.check_data)  # the real scan, answering when told to
+    slow_disk = SlowDisk(queue_module.check_data)  # the real scan, answering when told to
     scanning, release = slow_disk.scanning, slow_disk.release
-    monkeypatch.setattr(runs_module, "check_data", slow_disk)
+    monkeypatch.setattr(queue_module, "check_data", slow_disk)
     launched: list[object] = []
     worker = threading.Thread(target=lambda: launched.append(manager.advance_queue()))
     worker.start()

@@ -81,7 +81,7 @@ def test_a_chunk_whose_header_is_gone_is_refused_with_the_sets_name(good_set, tm
 def test_the_raw_reader_names_the_set_too(good_set, tmp_path):
     path = damaged_copy(good_set, tmp_path / "set", offset_gone(0))
     with pytest.raises(DataError, match=rf"the prepared data set {path} is damaged: item 0"):
-        prepared.preview_images(str(path), 32, 4)
+        shards.preview_images(str(path), 32, 4)
 
 
 def test_the_first_undecodable_sample_is_an_undecodable_set():

@@ -57,7 +57,8 @@ def cache_html(ctx: AppContext) -> str:
     summary = (f"{len(sets)} prepared set(s) in {where}, {_gb(sum(c.bytes for c in sets))}; "
                f"{len(removable)} superseded and used by no run ({_gb(freeable)}).")
     if damaged:
-        summary += f" {damaged} damaged: kept, not read; remove a damaged set by hand once no run needs it."
+        summary += (f" {damaged} damaged: kept, not read; the next run on its folder prepares it "
+                    "again (or remove it by hand once no run needs it).")
     return (f"<p>{summary}</p><table class='cache-table' style='width:100%'><thead><tr><th>folder</th><th>images</th>"
             "<th>size</th><th>prepared</th><th>state</th><th>runs using it</th></tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table>")
