@@ -29,6 +29,7 @@ from mae_core.fileio import (
     append_line,
     append_lines,
     atomic_write,
+    atomic_write_text,
     fsync_file,
     is_disk_full,
     remove_stale_temp_files,
@@ -124,6 +125,8 @@ class ProgressRecorder(pl.Callback):
         self.last_row: dict[str, Any] | None = None  # the last flushed row (rank 0)
         self.flops_per_image: float | None = None  # training FLOPs of one image (rank 0)
         self.peak_flops: float | None = None  # one device's peak FLOP/s (rank 0)
+        self._own: dict[str, Any] = {}  # the status fields this trainer owns while it lives
+        self._config_text = ""  # config.yaml as the run started (rank 0)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:  # once per run, before the clock starts (a first probe: ~1 s)
@@ -135,13 +138,17 @@ class ProgressRecorder(pl.Callback):
             elapsed = [row["elapsed_s"] for row in self.paths.read_metrics() if "elapsed_s" in row]
             self._elapsed_before = float(elapsed[-1]) if elapsed else 0.0
             dataset = getattr(trainer.datamodule, "dataset", None)
-            self.paths.write_status(state="running", pid=os.getpid(), step=trainer.global_step,
-                                    total_steps=_total_steps(trainer), epoch=trainer.current_epoch,
-                                    world_size=trainer.world_size, error=None, log_tail=None,
-                                    images=getattr(dataset, "num_images", None),
-                                    skipped_files=getattr(dataset, "skipped", None),
-                                    flops_per_image=self.flops_per_image,
-                                    peak_flops=self.peak_flops, mfu=None)
+            self._own = {"state": "running", "pid": os.getpid(), "world_size": trainer.world_size,
+                         "images": getattr(dataset, "num_images", None),
+                         "skipped_files": getattr(dataset, "skipped", None),
+                         "flops_per_image": self.flops_per_image, "peak_flops": self.peak_flops}
+            self._config_text = self.paths.config.read_text()
+            created = self.paths.read_status().get("created")
+            if created is not None:
+                self._own["created"] = created
+            self.paths.write_status(step=trainer.global_step, total_steps=_total_steps(trainer),
+                                    epoch=trainer.current_epoch, error=None, log_tail=None,
+                                    mfu=None, **self._own)
 
     def exclude_time(self, seconds: float) -> None:
         """Leave ``seconds`` of work between steps (an evaluation) out of the next step's
@@ -202,11 +209,21 @@ class ProgressRecorder(pl.Callback):
         self.flush(trainer)
 
     def write_progress(self, trainer: pl.Trainer, **fields: Any) -> None:
+        """status.json with the latest figures, and again what this trainer said of itself at the
+        start (its state first): a status.json damaged or rewritten while it trains (by hand, or
+        by an app that took it for dead) is made whole by the next write, not left "failed" with
+        a live trainer behind it."""
         row = self.last_row or {}
+        self._own.update({k: v for k, v in fields.items() if k == "state"})
+        if self._config_text and not self.paths.config.is_file():
+            # Without it the folder is no run to the app: unlisted, unstoppable, and another run
+            # could start on the devices this one holds.
+            atomic_write_text(self.paths.config, self._config_text)
         self.paths.write_status(
             step=trainer.global_step, total_steps=_total_steps(trainer), epoch=trainer.current_epoch,
             loss=row.get("loss"), images_per_s=row.get("images_per_s"), mfu=row.get("mfu"),
-            elapsed_s=self._elapsed_before + time.perf_counter() - self._fit_start, **fields)
+            elapsed_s=self._elapsed_before + time.perf_counter() - self._fit_start,
+            **{**self._own, **fields})
 
 
 _ROW_ORDER = ("step", "epoch", "loss", "lr", "images_per_s", "elapsed_s", "mfu")
@@ -272,7 +289,7 @@ class StopOnRequest(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if not optimizer_stepped(trainer):
             return  # stop on a step boundary (and reduce across ranks once per step)
-        if self._any_rank(trainer, self.paths.stop_request.exists()):
+        if self._any_rank(trainer, self.paths.stop_requested()):
             self.requested = True
             trainer.should_stop = True
             if trainer.is_global_zero:

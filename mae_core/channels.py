@@ -126,7 +126,7 @@ def resolve_data(cfg: RunConfig) -> tuple[RunConfig, DataSummary]:
     summary = check_data(cfg.train.data)
     cfg = resolve_channels(cfg, summary)
     plan_evaluation(cfg.train, split_data=held_in_memory(cfg.train.data, summary.files),
-                    paths=summary.paths)
+                    paths=summary.paths, channels=cfg.model.channels)
     return cfg, summary
 
 

@@ -309,10 +309,15 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
+        from mae_core.fileio import NotRegularFileError, read_regular_bytes
+
         try:
-            data = yaml.safe_load(Path(path).read_text())
+            data = yaml.safe_load(read_regular_bytes(path).decode("utf-8"))
         except FileNotFoundError:
             raise ConfigError("config", f"no config file at {path}") from None
+        except NotRegularFileError:  # a FIFO would block the reader (the app) forever
+            raise ConfigError("config", f"{path} is not a regular file (a pipe, a device or a "
+                                        "folder in its place); put back the config file") from None
         except yaml.YAMLError as err:
             raise ConfigError("config", f"{path} is not valid YAML: {err}") from None
         except UnicodeDecodeError:
@@ -380,7 +385,10 @@ def _check_gpu_list(t: TrainConfig) -> None:
     """``gpus``: distinct GPU indices separated by commas, on a GPU run, as many as ``devices``."""
     if t.gpus == "":
         return
-    ok = isinstance(t.gpus, str) and re.fullmatch(r"\d{1,3}(,\d{1,3})*", t.gpus) is not None
+    # ASCII digits without leading zeros: the text goes to CUDA_VISIBLE_DEVICES as it is, and
+    # "0,00" or a full-width "０" must not pass as GPUs a set of ints cannot tell apart.
+    index = r"(0|[1-9][0-9]{0,2})"
+    ok = isinstance(t.gpus, str) and re.fullmatch(rf"{index}(,{index})*", t.gpus) is not None
     _require(ok, "gpus", f"must be GPU indices separated by commas, like 0,1 (or empty for all), "
              f"got {shown(t.gpus)}")
     indices = t.gpus.split(",")

@@ -8,6 +8,7 @@ normalisation runs batched on the training device (:meth:`MaskedAutoencoder.norm
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Callable
@@ -104,15 +105,27 @@ def find_images(folder: str) -> list[Path]:
     return sorted(paths)
 
 
+def expanded(folder: str, what: str = "data folder") -> Path:
+    """``folder`` with a leading ``~`` or ``~user`` expanded, or a :class:`DataError` saying that
+    home folder is unknown (pathlib raises a bare RuntimeError)."""
+    try:
+        return Path(folder).expanduser()
+    except RuntimeError:
+        head = folder.split("/", 1)[0]
+        whose = f"no user named {_named(head[1:])}" if len(head) > 1 else "HOME is not set"
+        raise DataError(f"{what} {_named(folder)}: {head} names no home folder on this machine "
+                        f"({whose}): write the folder's full path") from None
+
+
 def _checked_root(folder: str) -> Path:
     """``folder`` as a path, refused with a :class:`DataError` if it cannot be a data folder."""
+    root = expanded(folder)
     try:
-        root = Path(folder).expanduser()
         exists, is_dir = root.exists(), root.is_dir()
         real = os.path.realpath(root)
     except (OSError, ValueError) as err:  # a NUL byte, a name too long...
-        raise DataError(f"data folder {_named(folder)} cannot be read ({err.__class__.__name__}: "
-                        f"{_named(str(err))})") from None
+        raise DataError(f"data folder {_named(folder)} cannot be read ({_why(err)}): check the "
+                        "path") from None
     if not exists:
         raise DataError(f"data folder {_named(folder)} does not exist")
     if not is_dir:
@@ -121,6 +134,12 @@ def _checked_root(folder: str) -> Path:
         raise DataError(f"data folder {_named(folder)} is the root or a system folder "
                         f"({', '.join(SYSTEM_FOLDERS)}): choose a folder of images")
     return root
+
+
+def _why(err: OSError | ValueError) -> str:
+    if isinstance(err, OSError) and err.errno == errno.ENAMETOOLONG:
+        return "a name in it is longer than the file system allows, 255 bytes"
+    return (err.strerror if isinstance(err, OSError) else None) or str(err)
 
 
 def _named(folder: str) -> str:

@@ -99,25 +99,49 @@ def _saved_bytes(run_root: Path) -> int:
     return files_bytes([run_root / "last.ckpt", run_root / "model.safetensors", *kept])
 
 
-def check_room(cfg: RunConfig, folder: str | Path, resuming: bool = False) -> None:
+def still_to_write(cfg: RunConfig, run_root: Path) -> int:
+    """What a live run of ``cfg`` in ``run_root`` may still add to its disk before its peak."""
+    return max(0, run_files(cfg).peak - _saved_bytes(run_root))
+
+
+def same_disk(first: str | Path, second: str | Path) -> bool:
+    try:
+        return existing_parent(first).stat().st_dev == existing_parent(second).stat().st_dev
+    except OSError:
+        return True  # cannot tell: assume they share it, the safer answer for a space check
+
+
+def check_room(cfg: RunConfig, folder: str | Path, resuming: bool = False,
+               held: dict[str, int] | None = None) -> None:
     """Raise :class:`DiskFullError` unless the disk holding ``folder`` (the runs folder, or the
     run's own) has room for the run's files at their peak; a resumed run's files in ``folder``
-    count toward it."""
+    count toward it. ``held``: what each live run beside it (by id) may still write there, which
+    is not this run's to take (two runs on disjoint GPUs each saw the whole free space)."""
     folder = Path(folder)
     free = free_bytes(folder)
     if free is None:
         return  # a file system that cannot say: the save itself will tell
+    held = {run_id: size for run_id, size in (held or {}).items() if size > 0}
     files = run_files(cfg)
-    missing = files.peak - (_saved_bytes(folder) if resuming else 0) - free
+    needed = files.peak - (_saved_bytes(folder) if resuming else 0)
+    missing = needed + sum(held.values()) - free
     if missing > 0:
         raise DiskFullError(
             errno.ENOSPC,
-            f"not enough disk space: {disk_label(folder)} has {size_text(free)} free, and this "
-            f"run needs about {size_text(free + missing)} (each save writes a "
+            f"not enough disk space: {disk_label(folder)} has {size_text(free)} free"
+            f"{_held_text(held)}, and this run needs about {size_text(needed)} (each save writes a "
             f"{size_text(files.checkpoint)} checkpoint beside the last one, and the run keeps "
             f"{_copies(files.snapshots + 1)} of its {size_text(files.weights)} weights). Free "
             f"{size_text(missing)}: delete old "
             "runs in the Runs tab, lower weight_snapshots, or use a smaller model")
+
+
+def _held_text(held: dict[str, int]) -> str:
+    if not held:
+        return ""
+    runs = ", ".join(sorted(held))
+    return (f" ({size_text(sum(held.values()))} of it to be written yet by the live "
+            f"run{'s' if len(held) > 1 else ''} {runs})")
 
 
 def _copies(count: int) -> str:

@@ -79,3 +79,10 @@ def format_number(value: Any, digits: int = 4) -> str:
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         return "–"
     return f"{value:.{digits}g}"
+
+
+def format_loss(value: Any) -> str:
+    """A loss for a person: a NaN or infinite one says the run diverged, never "–" (no loss yet)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value} (diverged: lower the learning rate)"
+    return format_number(value)

@@ -74,6 +74,17 @@ def _require_mae_layout(name: str, vit: object) -> None:
     if getattr(vit, "global_pool", "") == "map" or getattr(vit, "attn_pool", None) is not None:
         raise ConfigError("timm_model", f"{name} pools with attention, whose weights MAE never "
                           "trains; choose a ViT with token or average pooling")
+    if getattr(vit, "no_embed_class", False):  # flexivit_*: lightly's fixed sin-cos init fails
+        raise ConfigError("timm_model", f"{name} leaves its class token out of the position "
+                          "embedding (no_embed_class), which the fixed sin-cos position embedding "
+                          "here includes; choose a ViT such as vit_small_patch16_224")
+    block = vit.blocks[0]
+    if not (hasattr(getattr(block, "attn", None), "num_heads")
+            and hasattr(getattr(block, "mlp", None), "fc1")):
+        raise ConfigError("timm_model", f"{name}'s blocks ({type(block).__name__}) are not "
+                          "attention then MLP blocks (attn, mlp.fc1), whose shapes the model's "
+                          "FLOP count and decoder are read from; choose a ViT such as "
+                          "vit_small_patch16_224")
 
 
 def check_timm_vit(name: str, image_size: int, patch_size: int) -> None:

@@ -53,8 +53,43 @@ def result_path(run_dir: str | Path) -> Path:
 
 
 def read_result(run_dir: str | Path) -> dict[str, Any] | None:
-    """The run's saved evaluation, or None."""
-    return read_json(result_path(run_dir))
+    """The run's saved evaluation, or None if it has none or it is damaged: the one place
+    ``evaluation.json`` is read, so a partial or hand-edited file reads as "not evaluated"
+    everywhere (the Runs table, its result, Compare) instead of breaking the page."""
+    return valid_result(read_json(result_path(run_dir)))
+
+
+def valid_result(result: Any) -> dict[str, Any] | None:
+    """``result`` with both encoders' figures checked and the delta derived from them, or None.
+
+    Each encoder needs a headline kNN top-1; every metric must be a percentage or null (missing
+    is null). The delta is recomputed: it is derived data, and a stored one may disagree.
+    """
+    if not isinstance(result, dict):
+        return None
+    scores = {name: _figures(result.get(name)) for name in ("trained", "random_init")}
+    if any(figures is None or figures["knn_top1"] is None for figures in scores.values()):
+        return None
+    trained, random_init = scores["trained"], scores["random_init"]
+    delta = {m: None if trained[m] is None or random_init[m] is None
+             else round(trained[m] - random_init[m], 2) for m in METRICS}
+    classes = result.get("classes")
+    return {**result, **scores, "delta": delta,
+            "classes": classes if isinstance(classes, list) else []}
+
+
+def _figures(saved: Any) -> dict[str, Any] | None:
+    """One encoder's saved figures with every metric present, or None if any is no percentage."""
+    if not isinstance(saved, dict):
+        return None
+    figures = {**saved, **{m: saved.get(m) for m in METRICS}}
+    return figures if all(_percentage(figures[m]) for m in METRICS) else None
+
+
+def _percentage(value: Any) -> bool:
+    """None or a number in [0, 100] (not a bool, not a string, not a 400-digit integer)."""
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                             and 0 <= value <= 100)
 
 
 def _load_run(run_dir: str | Path
@@ -140,12 +175,13 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, linear_pro
 
 
 def summary(result: dict[str, Any] | None) -> str:
-    """A saved evaluation in one cell: headline kNN top-1, pretrained / random init (delta)."""
-    try:
-        trained, random_init = result["trained"]["knn_top1"], result["random_init"]["knn_top1"]
-        return f"{trained:.1f} / {random_init:.1f} ({trained - random_init:+.1f})"
-    except (TypeError, KeyError):
+    """A saved evaluation in one cell: headline kNN top-1, pretrained / random init (delta); "–"
+    for none, or a damaged one."""
+    result = valid_result(result)
+    if result is None:
         return "–"
+    trained, random_init = result["trained"]["knn_top1"], result["random_init"]["knn_top1"]
+    return f"{trained:.1f} / {random_init:.1f} ({trained - random_init:+.1f})"
 
 
 def _cell(value: float | None, signed: bool = False) -> str:

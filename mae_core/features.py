@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from lightly.utils.benchmarking import knn_predict
 from torch import Tensor
 
-from mae_core.data import DataError, _named, class_of, find_images
+from mae_core.data import DataError, _named, class_of, expanded, find_images
 from mae_core.images import ImageError, center_square
 from mae_core.pixels import read_for, same_dtype
 from mae_core.model import MaskedAutoencoder
@@ -60,7 +60,7 @@ def class_folders(folder: str | Path) -> dict[str, list[Path]]:
     if not str(folder).strip():  # find_images("") means the sample photos: no classes there
         raise DataError("no labelled folder given: a labelled folder holds one subfolder per "
                         "class (root/<class>/*.png)")
-    root = Path(folder).expanduser()
+    root = expanded(str(folder), "labelled folder")
     classes: dict[str, list[Path]] = {}
     try:
         paths = find_images(str(folder))
@@ -161,6 +161,9 @@ def knn_accuracy(query: Tensor, bank: Tensor, bank_labels: Tensor, query_labels:
     ``k`` is capped by the bank's size; top-5 by the number of classes (with 5 classes or fewer it
     is 100 by construction).
     """
+    if len(query) == 0 or len(bank) == 0:  # k would be 0, and the mean of no queries 0 / 0
+        raise DataError(f"kNN accuracy needs images on both sides: {len(query)} queries, a bank "
+                        f"of {len(bank)}")
     k = min(k, len(bank))
     bank_t = F.normalize(bank, dim=1).t().contiguous()
     query = F.normalize(query, dim=1)

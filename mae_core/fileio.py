@@ -13,9 +13,10 @@ import errno
 import json
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 from mae_core.process import pid_alive
 
@@ -152,11 +153,39 @@ def append_lines(path: str | Path, lines: list[str]) -> None:
         handle.flush()
 
 
-def read_json(path: str | Path) -> dict[str, Any] | None:
-    """The JSON object at ``path``, or None if it is missing or unreadable."""
+class NotRegularFileError(OSError):
+    """A path that should hold a file holds something else (a FIFO, a device, a folder)."""
+
+
+def open_regular(path: str | Path) -> BinaryIO:
+    """``path`` opened for binary reading; :class:`NotRegularFileError` unless it is a regular file.
+
+    A run folder's files can be replaced by hand: opening a FIFO blocks until someone writes to it,
+    and a reader that holds a lock (the run manager) would hang the whole app. Opened non-blocking,
+    checked, then read as usual (a regular file's reads ignore the flag).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFileError(errno.EINVAL, "not a regular file", str(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular_bytes(path: str | Path) -> bytes:
+    """The whole of the regular file ``path``; OSError if it is missing, unreadable or no file."""
+    with open_regular(path) as handle:
+        return handle.read()
+
+
+def read_json(path: str | Path) -> dict[str, Any] | None:
+    """The JSON object at ``path``, or None if it is missing, unreadable or not a regular file."""
+    try:
+        data = json.loads(read_regular_bytes(path))
+    except (OSError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
@@ -40,7 +41,17 @@ def open_rgb(source: str | Path | bytes | BinaryIO, max_pixels: int = MAX_PIXELS
              name: str | None = None) -> Image.Image:
     """Decode ``source`` into an upright 8-bit RGB image."""
     label = name or (Path(source).name if isinstance(source, (str, Path)) else "upload")
-    return to_rgb8(ImageOps.exif_transpose(open_checked(source, max_pixels, label)))
+    image = open_checked(source, max_pixels, label)
+    with blamed_on(label):
+        return to_rgb8(upright(image, label))
+
+
+def upright(image: Image.Image, label: str) -> Image.Image:
+    """``image`` turned as its EXIF Orientation says, or an :class:`ImageError`: its EXIF block
+    is parsed (and re-serialised) here, not on opening, so a damaged one fails here."""
+    with blamed_on(label, "its EXIF metadata (orientation, camera data) is damaged",
+                   ": save the image again without its EXIF data to use it"):
+        return ImageOps.exif_transpose(image)
 
 
 def open_checked(source: str | Path | bytes | BinaryIO, max_pixels: int, label: str) -> Image.Image:
@@ -48,17 +59,33 @@ def open_checked(source: str | Path | bytes | BinaryIO, max_pixels: int, label: 
     non-images, corrupt files and decompression bombs are refused before their pixels decode."""
     if isinstance(source, bytes):
         source = io.BytesIO(source)
+    with blamed_on(label), warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        image = Image.open(source)
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageError(f"{label}: {width}×{height} pixels is too large "
+                             f"(limit {max_pixels:,} pixels); it looks like a decompression bomb")
+        image.seek(0)
+        image.load()
+    return image
+
+
+@contextmanager
+def blamed_on(label: str, damage: str = "the image is corrupt or truncated", remedy: str = ""
+              ) -> Iterator[None]:
+    """Runs PIL on the file ``label`` names: whatever it raises is an :class:`ImageError` naming
+    the file and saying ``damage`` (and ``remedy``), so the file is skipped like any unreadable
+    image.
+
+    Pillow's plugins parse untrusted bytes and raise far more than OSError: NotImplementedError
+    (a DDS header with unknown flags), SyntaxError (a WebP whose EXIF has a broken TIFF header),
+    TypeError, struct.error or AttributeError (re-serialising a damaged EXIF block)... Each is the
+    file's fault. MemoryError is not, and propagates (as KeyboardInterrupt does).
+    """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(source)
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageError(f"{label}: {width}×{height} pixels is too large "
-                                 f"(limit {max_pixels:,} pixels); it looks like a decompression bomb")
-            image.seek(0)
-            image.load()
-    except ImageError:
+        yield
+    except (ImageError, MemoryError):
         raise
     except FileNotFoundError:
         raise ImageError(f"{label}: no such file") from None
@@ -66,9 +93,9 @@ def open_checked(source: str | Path | bytes | BinaryIO, max_pixels: int, label: 
         raise ImageError(f"{label}: too many pixels; it looks like a decompression bomb") from None
     except Image.UnidentifiedImageError:
         raise ImageError(f"{label}: not an image file (or a format Pillow cannot read)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise ImageError(f"{label}: the image is corrupt or truncated ({err})") from None
-    return image
+    except Exception as err:  # noqa: BLE001 - a third-party parser on untrusted bytes (above)
+        why = str(err) or type(err).__name__
+        raise ImageError(f"{label}: {damage} ({why}){remedy}") from None
 
 
 def to_rgb8(image: Image.Image) -> Image.Image:

@@ -15,6 +15,10 @@ monitor uses (the data folder's class subfolders, or the separate ``eval_data`` 
   benchmarks). Features are all-gathered, so every rank scores the same full sets. The headline
   ``knn_top1``/``knn_top5`` is the class token at k = 200.
 
+An ``eval_data`` folder none of whose bank (or query) headers read is refused before the run. When
+images still fail to decode in the run, the figure they would make is left out, said once in
+train.log, and the run goes on.
+
 A callback rather than Lightning's validation loop: the loop counts batches, not optimizer steps
 (``val_check_interval`` with gradient accumulation and 4-step epochs of a repeated small folder
 drifts from the steps the curve, checkpoints and previews use), runs sanity checks and
@@ -43,7 +47,9 @@ from mae_core.config import AUTO_VAL_FRACTION, AUTO_VAL_MIN_IMAGES, TrainConfig
 from mae_core.data import DataError, HeldOutSplit, fixed_crops, split_folder
 from mae_core.features import knn_accuracy
 from mae_core.fileio import append_line
+from mae_core.images import ImageError
 from mae_core.model import MaskedAutoencoder, draw_token_mask, seeded_generator
+from mae_core.pixels import probe, readable_as
 
 # The validation masks' seed: fixed, so every evaluation of a run masks the same patches.
 VAL_MASK_SEED = 1234
@@ -88,12 +94,14 @@ class EvalPlan:
 
 
 def plan_evaluation(t: TrainConfig, split_data: bool = True,
-                    paths: tuple[Path, ...] = ()) -> EvalPlan:
+                    paths: tuple[Path, ...] = (), channels: int | None = None) -> EvalPlan:
     """The held-out split of ``t.data`` and the kNN sets; a :class:`DataError` when impossible.
 
     ``split_data=False`` (a prepared or streamed data set, trained whole) holds nothing out of
     ``t.data``: no validation loss, and a kNN monitor only from ``eval_data``. ``paths``:
     ``t.data``'s image files when the caller has them (``check_data``'s), not to walk it again.
+    ``channels``: the model's, when known; ``eval_data`` images it cannot read are then refused
+    too (:func:`_check_readable`).
     """
     if t.eval_every_n_steps == 0:
         return EvalPlan()
@@ -117,9 +125,36 @@ def plan_evaluation(t: TrainConfig, split_data: bool = True,
     else:
         return EvalPlan(**plan)
     bank, bank_labels = _subset(labelled.train, labelled.train_labels, limit, t.seed)
+    if t.eval_data:
+        _check_readable(t.eval_data, {"in its kNN bank": bank,
+                                      "held out as kNN queries": labelled.held_out[:limit]},
+                        channels)
     return EvalPlan(**plan, bank=bank, bank_labels=bank_labels,
                     query=labelled.held_out[:limit], query_labels=labelled.held_out_labels[:limit],
                     classes=labelled.classes)
+
+
+def _check_readable(folder: str, parts: dict[str, tuple[Path, ...]], channels: int | None) -> None:
+    """Refuses an ``eval_data`` folder when one of its ``parts`` has no image whose header reads
+    (as ``channels`` channels, when known): its kNN monitor would have nothing to score. Headers
+    only, and only until one reads: cheap. A file whose pixels are damaged behind a good header
+    is skipped by the monitor itself."""
+    kind = f" as {channels}-channel images" if channels else ""
+    causes = "corrupt, not images, or of another channel count" if channels else \
+        "corrupt or not images"
+    for part, paths in parts.items():
+        if paths and not any(_header_reads(path, channels) for path in paths):
+            raise DataError(f"eval_data {shown(folder)}: none of the {len(paths)} images {part} "
+                            f"can be read{kind} ({causes}), so the kNN monitor would have "
+                            "nothing to score: put readable images in its class subfolders")
+
+
+def _header_reads(path: Path, channels: int | None) -> bool:
+    try:
+        fmt = probe(path)
+    except ImageError:
+        return False
+    return channels is None or readable_as(fmt, channels)
 
 
 def _subset(paths: tuple[Path, ...], labels: tuple[int, ...], limit: int, seed: int
@@ -185,6 +220,7 @@ class HeldOutMonitor(EveryNSteps):
         self.last_row: dict[str, Any] | None = None
         self._evaluated_step: int | None = None
         self.val = self.bank = self.query = None  # this rank's shares, decoded in setup
+        self._told: set[str] = set()  # the skips already said in train.log
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         size, rank, world = pl_module.cfg.image_size, trainer.global_rank, trainer.world_size
@@ -216,7 +252,9 @@ class HeldOutMonitor(EveryNSteps):
             with torch.no_grad(), trainer.strategy.precision_plugin.forward_context():
                 row: dict[str, Any] = {"step": trainer.global_step, "epoch": trainer.current_epoch}
                 if self.plan.val:
-                    row["val_loss"] = self._val_loss(trainer, mae)
+                    val_loss = self._val_loss(trainer, mae)
+                    if val_loss is not None:
+                        row["val_loss"] = val_loss
                 if self.plan.knn:
                     row.update(self._knn(trainer, mae))
         finally:
@@ -235,8 +273,17 @@ class HeldOutMonitor(EveryNSteps):
         if self.recorder is not None:
             self.recorder.exclude_time(time.perf_counter() - started)
 
-    def _val_loss(self, trainer: pl.Trainer, mae: MaskedAutoencoder) -> float:
-        """The mean masked-patch loss over every rank's held-out images (sums all-reduced)."""
+    def _skipped(self, trainer: pl.Trainer, what: str, why: str) -> None:
+        """Says once in train.log (rank 0's output) that ``what`` is left out of the evaluations:
+        images that cannot be read end a metric, not the run."""
+        if trainer.is_global_zero and what not in self._told:
+            print(f"held-out evaluation: no {what} ({why}); the run goes on without it",
+                  flush=True)
+        self._told.add(what)
+
+    def _val_loss(self, trainer: pl.Trainer, mae: MaskedAutoencoder) -> float | None:
+        """The mean masked-patch loss over every rank's held-out images (sums all-reduced), or
+        None when none of them could be read."""
         device = mae.pixel_mean.device
         total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, images)
         for start in range(0, len(self.val.images), self.batch_size):
@@ -249,12 +296,24 @@ class HeldOutMonitor(EveryNSteps):
                                   torch.tensor(float(len(images)), dtype=torch.float64,
                                                device=device)])
         total = trainer.strategy.reduce(total, reduce_op="sum")
-        return (total[0] / total[1].clamp(min=1)).item()
+        if total[1].item() == 0:
+            self._skipped(trainer, "validation loss", f"none of the {len(self.plan.val)} held-out "
+                          "images could be read")
+            return None
+        return (total[0] / total[1]).item()
 
     def _knn(self, trainer: pl.Trainer, mae: MaskedAutoencoder) -> dict[str, float]:
         """kNN accuracies over the full (gathered) bank and query sets."""
         bank = self._gathered(trainer, mae, self.bank, self.plan.bank_labels)
         query = self._gathered(trainer, mae, self.query, self.plan.query_labels)
+        # Gathered: every rank sees the same counts, so all skip together.
+        unread = [f"none of the {len(paths)} {part} images could be read"
+                  for part, paths, got in (("bank", self.plan.bank, bank),
+                                           ("query", self.plan.query, query)) if len(got[2]) == 0]
+        if unread:
+            self._skipped(trainer, "kNN accuracy", " and ".join(unread) + " (corrupt, or of "
+                          "another channel count than the model's)")
+            return {}
         scores: dict[str, float] = {}
         for i, name in enumerate(FEATURES):
             scores.update(knn_scores(query[i], query[2], bank[i], bank[2], len(self.plan.classes),

@@ -8,7 +8,8 @@ to 8 bits. 8-bit colour (and 8-bit grayscale for a colour model) takes exactly t
 TIFF files are read with ``tifffile``, which keeps every sample of a multi-band file (PIL reads an
 RGB + near-infrared TIFF as plain RGB, dropping the fourth band). Only the pages of the first image
 are decoded (every channel, the first of any other axis), within :data:`MAX_SAMPLES` values, and a
-damaged TIFF, whatever tifffile raises on it, is an :class:`~mae_core.images.ImageError`.
+damaged TIFF, whatever tifffile raises on it, is an :class:`~mae_core.images.ImageError`. Its
+Orientation tag (274) turns it as ``ImageOps.exif_transpose`` turns the other formats.
 
 In PNG, WebP and the other photo formats an alpha channel is transparency: composited on white as
 before, never a channel.
@@ -30,17 +31,19 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor
 
 from mae_core.checks import MAX_CHANNELS
 from mae_core.images import (
     MAX_PIXELS,
     ImageError,
+    blamed_on,
     open_checked,
     open_rgb,
     to_rgb8,
     to_tensor,
+    upright,
 )
 
 Source = str | Path | bytes | BinaryIO
@@ -53,6 +56,7 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic TIFF, 
 # The channel axis in tifffile's axes codes: samples per pixel, or an ImageJ/OME channel axis.
 _CHANNEL_AXES = "SC"
 _ASSOCIATED_ALPHA, _UNASSOCIATED_ALPHA = 1, 2  # TIFF ExtraSamples values
+_ORIENTATION = 274  # the TIFF (and EXIF) Orientation tag
 # The most values (channels × height × width) one TIFF image may decode to: 4 bands at the pixel
 # limit (256 M values, 512 MB at 16 bits). A few compressed megabytes can claim far more.
 MAX_SAMPLES = 4 * MAX_PIXELS
@@ -205,6 +209,7 @@ def _open_tiff(source: Source, label: str, decode: bool) -> tuple[PixelFormat, n
             fmt = PixelFormat(samples - (alpha is not None), bits)
             if not decode:
                 return fmt, None
+            orientation = series.keyframe.tags.valueof(_ORIENTATION, 1)
             try:
                 array, axes = _first_image(series, label)
             except (ImageError, MemoryError):
@@ -229,7 +234,19 @@ def _open_tiff(source: Source, label: str, decode: bool) -> tuple[PixelFormat, n
         array = array.astype(np.uint8) * 255
     if alpha is not None:
         array = _on_white(array, alpha, 65535 if bits == 16 else 255)
+    array = _upright(array, orientation)
     return fmt, array.astype(np.uint16 if bits == 16 else np.uint8)
+
+
+def _upright(array: np.ndarray, orientation: object) -> np.ndarray:
+    """A (C, H, W) array turned as its TIFF Orientation tag says (1-8, as EXIF), which
+    tifffile leaves to the reader: what ``ImageOps.exif_transpose`` does for every other format,
+    so a camera's TIFF stands as its JPEG does. Other values are ignored, as PIL ignores them."""
+    turns = {2: lambda a: a[:, :, ::-1], 3: lambda a: a[:, ::-1, ::-1], 4: lambda a: a[:, ::-1],
+             5: lambda a: a.swapaxes(1, 2), 6: lambda a: np.rot90(a, -1, axes=(1, 2)),
+             7: lambda a: a[:, ::-1, ::-1].swapaxes(1, 2), 8: lambda a: np.rot90(a, 1, axes=(1, 2))}
+    turn = turns.get(orientation) if isinstance(orientation, int) else None
+    return np.ascontiguousarray(turn(array)) if turn else array
 
 
 def _on_white(array: np.ndarray, alpha: int, full: int) -> np.ndarray:
@@ -295,13 +312,14 @@ def probe(source: Source, name: str | None = None) -> PixelFormat:
 
 
 def _gray(image: Image.Image, label: str) -> np.ndarray:
-    image = ImageOps.exif_transpose(image)
-    if image.mode in _GRAY16:
+    image = upright(image, label)
+    with blamed_on(label):
+        if image.mode not in _GRAY16:
+            return np.asarray(to_rgb8(image).convert("L"), dtype=np.uint8)[None]
         array = np.asarray(image)
-        if image.mode == "I" and (array.min() < 0 or array.max() > 65535):
-            raise ImageError(f"{label}: 32-bit integer values outside 0–65535 are not supported")
-        return array.astype(np.uint16)[None]
-    return np.asarray(to_rgb8(image).convert("L"), dtype=np.uint8)[None]
+    if image.mode == "I" and (array.min() < 0 or array.max() > 65535):
+        raise ImageError(f"{label}: 32-bit integer values outside 0–65535 are not supported")
+    return array.astype(np.uint16)[None]
 
 
 def read_for(source: Source, channels: int, name: str | None = None) -> Tensor:
@@ -317,14 +335,10 @@ def read_for(source: Source, channels: int, name: str | None = None) -> Tensor:
     if channels == 3 and not tiff:
         return to_tensor(open_rgb(_rewound(source), name=label))  # today's RGB path, unchanged
     fmt = _open_tiff(source, label, decode=False)[0] if tiff else probe(source, label)
-    if channels == 3 and fmt.channels == 1:  # a grayscale TIFF, read by PIL as RGB
-        try:
-            return to_tensor(open_rgb(_rewound(source), name=label))
-        except (ImageError, MemoryError):
-            raise
-        except Exception as err:  # noqa: BLE001 - PIL's TIFF parser on untrusted bytes
-            raise _corrupt(label, err) from None
-    if fmt.channels != channels:
+    if channels == 3 and fmt.channels == 1:  # a grayscale TIFF, as RGB
+        # Not by PIL: Pillow 12 garbles an uncompressed grayscale TIFF that has an Orientation.
+        return torch.from_numpy(_rgb8_of_gray(_open_tiff(source, label, decode=True)[1]))
+    if not readable_as(fmt, channels):
         raise ImageError(f"{label}: a {fmt.channels}-channel image, but the model takes "
                          f"{channels}-channel images")
     if tiff:
@@ -332,6 +346,20 @@ def read_for(source: Source, channels: int, name: str | None = None) -> Tensor:
     else:
         array = _gray(open_checked(_rewound(source), MAX_PIXELS, label), label)
     return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def readable_as(fmt: PixelFormat, channels: int) -> bool:
+    """Whether :func:`read_for` reads an image of ``fmt`` for a model of ``channels`` channels:
+    its own count, or grayscale for a colour model."""
+    return fmt.channels == channels or (channels == 3 and fmt.channels == 1)
+
+
+def _rgb8_of_gray(array: np.ndarray) -> np.ndarray:
+    """(1, H, W) uint8 or uint16 → (3, H, W) uint8, as :func:`~mae_core.images.to_rgb8` converts
+    PIL's grayscale modes (16 bits scaled by 1/257)."""
+    if array.dtype == np.uint16:
+        array = (array / 257.0).astype(np.uint8)
+    return np.ascontiguousarray(np.repeat(array, 3, axis=0))
 
 
 def same_dtype(images: list[Tensor]) -> list[Tensor]:

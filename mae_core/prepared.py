@@ -65,7 +65,14 @@ def is_remote(data: str) -> bool:
 
 
 def is_prepared(data: str) -> bool:
-    return bool(data) and not is_remote(data) and (Path(data).expanduser() / MANIFEST_NAME).is_file()
+    if not data or is_remote(data):
+        return False
+    try:
+        return (Path(data).expanduser() / MANIFEST_NAME).is_file()
+    except (OSError, ValueError, RuntimeError):
+        # A name too long for the file system, a NUL, "~nosuchuser": no prepared set there; the
+        # folder check that follows says what is wrong with the path.
+        return False
 
 
 UNREADABLE = f"its {MANIFEST_NAME} is missing or unreadable"

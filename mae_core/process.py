@@ -91,7 +91,12 @@ def _proc_stat(pid: int) -> list[str] | None:
 
 
 def kill_group(pid: int, sig: signal.Signals = signal.SIGKILL) -> None:
-    """Send ``sig`` to the process group led by ``pid`` (a trainer and every rank it launched)."""
+    """Send ``sig`` to the process group led by ``pid`` (a trainer and every rank it launched).
+
+    A pid read from a run's folder can be anything: 0 would name this app's own group, 1 init's;
+    neither is ever a trainer's (each leads a session of its own)."""
+    if valid_pid(pid) is None or pid == os.getpgrp():
+        return
     try:
         os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
@@ -110,10 +115,73 @@ def on_this_host(record: dict[str, Any]) -> bool:
     return record.get("host") in (None, socket.gethostname())
 
 
+PID_MAX = 4_194_304  # the kernel's limit (2**22): no pid is larger
+
+
+def valid_pid(pid: Any) -> int | None:
+    """``pid`` if it can name one process of another program: an int from 2 to the kernel's
+    limit. Never a bool (``true`` is an int to Python), 0 or a negative (kill() reads those as
+    process groups, -1 as every process) or 1 (init)."""
+    return pid if type(pid) is int and 1 < pid <= PID_MAX else None
+
+
+def record_pid(record: Any) -> int | None:
+    """The pid a process record (process.json, read from disk: any JSON) names, if valid."""
+    return valid_pid(record.get("pid")) if isinstance(record, dict) else None
+
+
 def record_alive(record: dict[str, Any]) -> bool:
     """Whether the process a (local) record names still runs."""
-    pid = record.get("pid")
-    return isinstance(pid, int) and pid_alive(pid, record.get("start_time"))
+    pid = record_pid(record)
+    return pid is not None and pid_alive(pid, record.get("start_time"))
+
+
+def find_trainer(run_dir: str | Path) -> int | None:
+    """The pid of a live trainer of ``run_dir`` on this machine, from the command lines of its
+    processes: the process that leads it (the first rank, or the launcher above the ranks), for a
+    run whose process.json was lost while it trained."""
+    wanted = Path(run_dir).resolve()
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        pid = valid_pid(int(entry.name)) if entry.name.isdigit() else None
+        stat = _proc_stat(pid) if pid is not None else None
+        if stat and stat[0] not in ("Z", "X") and _trains(pid, wanted) and not _later_rank(pid):
+            parents[pid] = int(stat[1])
+    leaders = [pid for pid, parent in parents.items() if parent not in parents]
+    return min(leaders) if leaders else None
+
+
+def _trains(pid: int, run_dir: Path) -> bool:
+    """Whether process ``pid`` runs ``-m mae_core.train --run-dir <run_dir>`` (its own cwd makes a
+    relative ``--run-dir`` absolute)."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        if "mae_core.train" not in args:
+            return False
+        given = _option(args, "--run-dir")
+        return given is not None and (Path(os.readlink(f"/proc/{pid}/cwd")) / given
+                                      ).resolve() == run_dir
+    except (OSError, ValueError):
+        return False
+
+
+def _later_rank(pid: int) -> bool:
+    """Whether ``pid`` is a rank a first one launched (LOCAL_RANK 1, 2, ...): one that outlives
+    its first rank for a moment leads nothing."""
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(var.startswith(b"LOCAL_RANK=") and var != b"LOCAL_RANK=0" for var in env)
+
+
+def _option(args: list[str], name: str) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(name + "="):
+            return arg[len(name) + 1:]
+    return None
 
 
 def group_members(pgid: int) -> list[int]:

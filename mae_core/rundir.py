@@ -15,12 +15,13 @@ import json
 import re
 import shutil
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mae_core.checks import shown
-from mae_core.fileio import atomic_write_json, atomic_write_text, read_json
+from mae_core.fileio import atomic_write_json, atomic_write_text, open_regular, read_json
 from mae_core.process import process_record, process_start_time  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:
@@ -31,6 +32,9 @@ LIVE_STATES = frozenset({"starting", "running", "stopping"})
 # Longest directory name most file systems accept (bytes); a longer run id names no run.
 NAME_MAX = 255
 SNAPSHOT_DIR = "snapshots"  # in the run directory: the last K weight snapshots (mae_core.snapshots)
+# What Lightning's resume reads from a checkpoint (a run's trainer saves every one of them).
+LIGHTNING_CHECKPOINT_KEYS = frozenset({"state_dict", "global_step", "epoch", "loops",
+                                       "optimizer_states", "pytorch-lightning_version"})
 _RUN_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=@,-]*")
 
 
@@ -85,10 +89,16 @@ STATUS_FIELDS = RunStatus.fields()
 
 
 _STATUS_TYPES = {f.name: str(f.type) for f in dataclasses.fields(RunStatus)}
+# The largest magnitude a number in status.json may have: far beyond any step, count or second a
+# run reaches, yet small enough for every reader's float arithmetic (a 400-digit integer is not).
+_MAX_MAGNITUDE = 1e15
+# A device's peak FLOP/s and the FLOPs per image of a large model can pass 1e15 honestly.
+_MAX_MAGNITUDES = {"peak_flops": 1e21, "flops_per_image": 1e21}
 
 
 def _well_typed(name: str, value: Any) -> bool:
-    """Whether ``value`` has the type :class:`RunStatus` declares for ``name`` (bool is no number)."""
+    """Whether ``value`` has the type :class:`RunStatus` declares for ``name`` (bool is no number)
+    and, if a number, a finite one in a sane range."""
     kind = _STATUS_TYPES[name]
     if value is None:
         return kind.endswith("| None")
@@ -97,8 +107,17 @@ def _well_typed(name: str, value: Any) -> bool:
     if kind.startswith("str"):
         return isinstance(value, str)
     if kind.startswith("int") or isinstance(value, int):
-        return isinstance(value, int)
-    return isinstance(value, float)  # NaN too: a diverged run's loss is news, not damage
+        return isinstance(value, int) and _in_range(name, value)
+    if name == "loss" and isinstance(value, float):
+        return True  # NaN or huge too: a diverged run's loss is news, not damage
+    return isinstance(value, float) and _in_range(name, value)
+
+
+def _in_range(name: str, value: float) -> bool:
+    """Within the field's bound: False for NaN and infinities; exact for any integer (Python
+    compares an int with a float without converting it, so a 400-digit one cannot overflow)."""
+    limit = _MAX_MAGNITUDES.get(name, _MAX_MAGNITUDE)
+    return -limit <= value <= limit
 
 
 def check_status_fields(fields: dict[str, Any]) -> None:
@@ -165,6 +184,21 @@ class RunPaths:
     def stop_request(self) -> Path:
         return self.root / "STOP"
 
+    def stop_requested(self) -> bool:
+        """Whether a stop is asked: a STOP file (anything else in its place, a folder made by
+        hand, is no request, and goes with the next :meth:`clear_stop_request`)."""
+        return self.stop_request.is_file()
+
+    def request_stop(self) -> None:
+        self.clear_stop_request()
+        self.stop_request.touch()
+
+    def clear_stop_request(self) -> None:
+        if self.stop_request.is_dir() and not self.stop_request.is_symlink():
+            shutil.rmtree(self.stop_request, ignore_errors=True)
+        else:
+            self.stop_request.unlink(missing_ok=True)
+
     def read_status(self) -> dict[str, Any]:
         """status.json as a plain dict of the :class:`RunStatus` fields it holds; a value of the
         wrong type (a hand-edited or damaged file) is dropped, so one run cannot break a listing."""
@@ -202,11 +236,11 @@ class RunPaths:
         """Metric lines with ``step > since_step``; a line being written right now is skipped."""
         rows = []
         try:
-            with open(self.metrics) as handle:
+            with open_regular(self.metrics) as handle:  # a FIFO in its place would block
                 for line in handle:
                     try:
                         row = json.loads(line)
-                    except ValueError:
+                    except (ValueError, RecursionError):
                         continue
                     step = row.get("step") if isinstance(row, dict) else None
                     if isinstance(step, int) and not isinstance(step, bool) and step > since_step:
@@ -282,9 +316,11 @@ def new_run_id(runs_dir: Path, preset: str, policy: str) -> str:
 
 
 def tail_lines(path: Path, lines: int = 40) -> str:
-    """The last ``lines`` lines of a (log) file, reading only its end; "" if it cannot be read."""
+    """The last ``lines`` lines of a (log) file, reading only its end; "" if it cannot be read or
+    is no regular file (a FIFO in its place would block the reader, and the run manager reads it
+    under its lock)."""
     try:
-        with open(path, "rb") as handle:
+        with open_regular(path) as handle:
             handle.seek(0, 2)
             handle.seek(max(0, handle.tell() - 64 * 1024))
             text = handle.read().decode("utf-8", "replace")
@@ -302,21 +338,42 @@ def saved_step(paths: RunPaths) -> int | None:
 
 
 def checkpoint_step(path: Path) -> int:
-    """The optimizer step ``last.ckpt`` was saved at; RunError if it is missing or damaged.
+    """The optimizer step ``last.ckpt`` was saved at; RunError if it is missing, damaged, or not a
+    Lightning checkpoint (a resume from it would train on corrupt weights, or fail once launched).
 
-    Loads it the way resume will (``weights_only``), memory-mapped so a large one costs little.
+    Every member's CRC is checked first (``torch.load`` memory-maps the tensors and never reads
+    them), then it is loaded the way resume will (``weights_only``), memory-mapped.
     """
     if not path.is_file():
         raise RunError(f"{path.parent.name} has no checkpoint to resume from")
-    import torch
-
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        step = checkpoint["global_step"]
+        _verify_archive(path)
+        checkpoint = _load_checkpoint(path)
     except Exception as err:  # noqa: BLE001 - any failure to read it means it cannot be resumed
         detail = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
         raise RunError(f"the checkpoint {path} is corrupt ({detail}); it cannot be resumed") from None
-    if not isinstance(step, int) or step < 0:
+    keys = set(checkpoint) if isinstance(checkpoint, dict) else set()
+    missing = sorted(LIGHTNING_CHECKPOINT_KEYS - keys)
+    if missing:
+        raise RunError(f"{path} is not a checkpoint of this run: it lacks {', '.join(missing)} "
+                       "(a Lightning checkpoint has them); it cannot be resumed. Start a new run, "
+                       "or put back the last.ckpt this run wrote")
+    step = checkpoint["global_step"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise RunError(f"the checkpoint {path} holds no valid step ({shown(step)}); it cannot be resumed")
     return step
 
+
+def _verify_archive(path: Path) -> None:
+    """Raise ValueError naming the first member of the checkpoint's zip archive whose bytes do not
+    match their CRC (bytes overwritten inside it); a damaged archive raises on opening."""
+    with open_regular(path) as handle, zipfile.ZipFile(handle) as archive:
+        damaged = archive.testzip()
+    if damaged is not None:
+        raise ValueError(f"{damaged} fails its CRC check: its bytes were overwritten or damaged")
+
+
+def _load_checkpoint(path: Path) -> Any:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)

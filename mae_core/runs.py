@@ -30,7 +30,8 @@ from mae_core.channels import resolve_channels, resolve_data
 from mae_core.checks import shown
 from mae_core.config import RunConfig
 from mae_core.data import check_data
-from mae_core.diskspace import check_room, full_disk_failure, full_disk_message
+from mae_core.diskspace import (check_room, full_disk_failure, full_disk_message, same_disk,
+                                still_to_write)
 from mae_core.fileio import (DiskFullError, atomic_write_json, disk_nearly_full, read_json,
                              remove_stale_temp_files, says_disk_full)
 from mae_core.process import PROJECT_ROOT  # noqa: F401 - re-exported for callers and tests
@@ -89,6 +90,11 @@ class RunManager(QueuedRuns):
         with self._lock:
             paths = self.paths(run_id)
             status = paths.read_status()
+            if _damaged(status) and self._trainer_pid(paths) is not None:
+                # Its trainer lives and rewrites the file at its next progress save: still live,
+                # so it can be stopped, and neither deleted nor started twice meanwhile.
+                status = {**status, "state": "running", "error": f"{status.get('error')}; the "
+                          "trainer still runs and writes it again at its next progress save"}
             if status.get("state") in LIVE_STATES and not self._alive(paths, status):
                 try:
                     status = self._mark_dead(paths)
@@ -98,7 +104,7 @@ class RunManager(QueuedRuns):
                     status = {**status, "state": "failed", "error": "the trainer process is "
                               f"gone, and its status.json cannot be updated ({why})"}
         status["run_id"] = run_id
-        status["stop_requested"] = paths.stop_request.exists()
+        status["stop_requested"] = paths.stop_requested()
         status["resumable"] = (status.get("state") in ("stopped", "failed")
                                and paths.last_ckpt.exists())
         return status
@@ -130,18 +136,35 @@ class RunManager(QueuedRuns):
         Runs naming disjoint GPUs (``gpus``) may be live together; a run on every device (each
         CPU run, each run naming no GPUs) needs them all, so it waits for every other.
         """
-        wanted = cfg.train.gpu_set
+        for run_id, other in self._live_configs(exclude):
+            if _share_devices(cfg, other):
+                return run_id
+        return None
+
+    def _live_configs(self, exclude: str | None = None) -> Iterator[tuple[str, RunConfig | None]]:
+        """Each live run but ``exclude``, with its config (None: unreadable)."""
         for status in self.list():
             run_id = status["run_id"]
             if status.get("state") not in LIVE_STATES or run_id == exclude:
                 continue
             try:
-                held = self.config(run_id).train.gpu_set
-            except Exception:  # noqa: BLE001 - an unreadable config: assume it holds everything
-                held = None
-            if wanted is None or held is None or wanted & held:
-                return run_id
-        return None
+                yield run_id, self.config(run_id)
+            except Exception:  # noqa: BLE001 - an unreadable config: the callers assume the worst
+                yield run_id, None
+
+    def space_held(self, cfg: RunConfig, folder: Path,
+                   exclude: str | None = None) -> dict[str, int]:
+        """What each live run that may run beside ``cfg`` (disjoint GPUs) may still write on the
+        disk holding ``folder``: not free for ``cfg`` to take. Runs it shares devices with count
+        nothing: it cannot start before they end."""
+        held = {}
+        for run_id, other in self._live_configs(exclude):
+            if other is None or _share_devices(cfg, other):
+                continue
+            root = self.paths(run_id).root
+            if same_disk(root, folder):
+                held[run_id] = still_to_write(other, root)
+        return held
 
     def config(self, run_id: str) -> RunConfig:
         return RunConfig.load(self.paths(run_id).config)
@@ -191,11 +214,11 @@ class RunManager(QueuedRuns):
             if status.get("state") not in LIVE_STATES:
                 raise RunError(f"run {run_id} is not running (it is {status.get('state')})")
             paths = self.paths(run_id)
-            record = read_json(paths.process)
-            if paths.stop_request.exists():
+            record = self._process(paths)
+            if paths.stop_requested():
                 self._terminate(paths, record, reason="stopped by force on a second stop request")
                 return self.status(run_id)
-            paths.stop_request.touch()
+            paths.request_stop()
         if record and proc.on_this_host(record):
             threading.Thread(target=self._enforce_stop, args=(paths, record), daemon=True,
                              name=f"stop-{run_id}").start()
@@ -211,7 +234,7 @@ class RunManager(QueuedRuns):
         if max_steps is not None:
             cfg = cfg.with_overrides(max_steps=max_steps)
         resolve_channels(cfg, check_data(cfg.train.data))  # outside the locks; channels still match
-        self._require_room(cfg, paths.root, resuming=True)
+        self._require_room(cfg, paths.root, resuming=True, exclude=run_id)
         with self._exclusive():
             self._refuse_if_busy(cfg, exclude=run_id)
             status = self.status(run_id)
@@ -223,12 +246,13 @@ class RunManager(QueuedRuns):
                 raise RunError(f"run {run_id} has finished; raise max steps above "
                                f"{status.get('step')} to train it further")
             step = checkpoint_step(paths.last_ckpt)
-            if cfg.train.max_steps <= step:
+            # max_steps -1 trains by epochs (max_epochs): no step count to be above.
+            if cfg.train.max_steps != -1 and cfg.train.max_steps <= step:
                 raise RunError(f"the checkpoint of {run_id} is at step {step}: raise max steps "
                                f"above {step} to train it further")
             self._wait_for_exit(paths)
             cfg.save(paths.config)
-            paths.stop_request.unlink(missing_ok=True)
+            paths.clear_stop_request()
             # The old record goes first: a reader now sees a run starting, not a dead process.
             paths.process.unlink(missing_ok=True)
             paths.write_status(state="starting", error=None, log_tail=None, step=step,
@@ -236,13 +260,21 @@ class RunManager(QueuedRuns):
             self._launch(paths, resume=True)
         return self.status(run_id)
 
-    def delete(self, run_id: str) -> None:
+    def delete(self, run_id: str) -> Path | None:
+        """Delete a run that is not live; returns the folder a linked run's link pointed to,
+        which is left in place (None for a run folder of its own)."""
         with self._exclusive():
             status = self.status(run_id)
             if status.get("state") in LIVE_STATES:
                 raise RunError(f"run {run_id} is {status['state']}: stop it before deleting it")
-            shutil.rmtree(self.paths(run_id).root)
+            paths = self.paths(run_id)
+            pid = self._trainer_pid(paths)
+            if pid is not None:  # a trainer that wrote its end and has not exited yet
+                raise RunError(f"run {run_id}'s trainer (pid {pid}) is still exiting; try again "
+                               "in a moment")
+            left = _remove_run_folder(paths.root)
             self.queue.remove(run_id)
+        return left
 
     def export(self, run_id: str) -> tuple[Path, str]:
         """Write the run's encoder as timm weights; returns the file and a snippet that loads it."""
@@ -274,11 +306,11 @@ class RunManager(QueuedRuns):
             raise RunError(f"the run cannot be created in {self.runs_dir}: "
                            f"{err.strerror or err}") from None
 
-    @staticmethod
-    def _require_room(cfg: RunConfig, folder: Path, resuming: bool = False) -> None:
+    def _require_room(self, cfg: RunConfig, folder: Path, resuming: bool = False,
+                      exclude: str | None = None) -> None:
         """Refuse a run whose checkpoints the disk cannot hold, before anything is written."""
         try:
-            check_room(cfg, folder, resuming)
+            check_room(cfg, folder, resuming, held=self.space_held(cfg, folder, exclude))
         except DiskFullError as err:
             raise RunError(err.strerror) from None
 
@@ -315,7 +347,7 @@ class RunManager(QueuedRuns):
         """
         with self._lock:
             self._exit_codes[record["pid"]] = code
-            current = read_json(paths.process) or {}
+            current = self._process(paths)
             ours = (current.get("pid"), current.get("start_time")) == (record["pid"],
                                                                        record["start_time"])
             live = paths.read_status().get("state") in LIVE_STATES
@@ -324,37 +356,65 @@ class RunManager(QueuedRuns):
             if ours and live and paths.root.exists():
                 self._mark_dead(paths)
 
+    @staticmethod
+    def _process(paths: RunPaths) -> dict[str, Any]:
+        """The run's process record, or {} where process.json is missing or names no process
+        (hand-edited: a pid of 0 would have named this app's own process group)."""
+        record = read_json(paths.process)
+        return record if proc.record_pid(record) is not None else {}
+
     def _alive(self, paths: RunPaths, status: dict[str, Any]) -> bool:
-        info = read_json(paths.process)
-        if not info:
-            # Between "starting" and the launch being recorded (another app's manager at work).
-            return (status.get("state") == "starting"
-                    and time.time() - (status.get("updated") or 0) < LAUNCH_GRACE_S)
-        if not proc.on_this_host(info):
+        info = self._process(paths)
+        if info and not proc.on_this_host(info):
             # Launched on another node (torchrun/SLURM): its pid means nothing here, so a
             # status the trainer keeps refreshing is the sign of life.
             return time.time() - (status.get("updated") or 0) < REMOTE_SILENCE_S
-        return proc.record_alive(info)
+        if info and proc.record_alive(info):
+            return True
+        if not info and (status.get("state") == "starting"
+                         and time.time() - (status.get("updated") or 0) < LAUNCH_GRACE_S):
+            return True  # between "starting" and the launch being recorded (another app's manager)
+        return self._adopt(paths)
+
+    def _trainer_pid(self, paths: RunPaths) -> int | None:
+        """The live trainer of this run on this machine, whatever its status.json says."""
+        info = self._process(paths)
+        if info and proc.on_this_host(info) and proc.record_alive(info):
+            return info["pid"]
+        return proc.find_trainer(paths.root)
+
+    @staticmethod
+    def _adopt(paths: RunPaths) -> bool:
+        """A trainer of this run that process.json does not name (the file deleted or replaced
+        while it trained) still lives: it is recorded again, so Stop reaches it and the run is
+        never taken for dead, then resumed or deleted under it."""
+        pid = proc.find_trainer(paths.root)
+        if pid is None:
+            return False
+        with contextlib.suppress(OSError):
+            atomic_write_json(paths.process, proc.process_record(pid, command=["(found running)"]))
+        return True
 
     def _wait_for_exit(self, paths: RunPaths, timeout_s: float = 15.0) -> None:
         """A stopped trainer writes its final state just before it exits: let it finish exiting
         before a resume starts another one on the same files."""
-        info = read_json(paths.process) or {}
-        if not isinstance(info.get("pid"), int) or not proc.on_this_host(info):
+        info = self._process(paths)
+        if info and not proc.on_this_host(info):
             return
-        if not proc.wait_gone(info["pid"], info.get("start_time"), timeout_s):
+        pid = proc.record_pid(info) or proc.find_trainer(paths.root)
+        if pid is not None and not proc.wait_gone(pid, info.get("start_time"), timeout_s):
             raise RunError(f"run {paths.run_id}'s previous trainer process "
-                           f"(pid {info['pid']}) is still exiting; try again in a moment")
+                           f"(pid {pid}) is still exiting; try again in a moment")
 
     def _mark_dead(self, paths: RunPaths) -> dict[str, Any]:
         """The process is gone; unless it recorded its own end just before exiting, it failed."""
-        info = read_json(paths.process) or {}
-        pid = info.get("pid")
+        info = self._process(paths)
+        pid = proc.record_pid(info)
         # Orphaned DDP ranks go too. A pid that now belongs to another process (other start time)
         # means our group is already empty: Linux does not reuse a pid that still names a group.
         # Another node's pid names nothing here, and its temp files are not ours to judge.
         local = proc.on_this_host(info)
-        if local and isinstance(pid, int) and proc.process_start_time(pid) in (
+        if local and pid is not None and proc.process_start_time(pid) in (
                 None, info.get("start_time")):
             proc.kill_group(pid, signal.SIGKILL)
         # A kill during a save leaves the save's temp file: its writer is dead now, so it goes
@@ -365,11 +425,11 @@ class RunManager(QueuedRuns):
         if status.get("state") not in LIVE_STATES:
             return status
         code = None
-        if isinstance(pid, int):
+        if pid is not None:
             code = self._exit_codes.get(pid)
             code = proc.child_exit_code(pid) if code is None else code
         if code is not None and code < 0:
-            how = f"was killed by {signal.Signals(-code).name}"
+            how = f"was killed by {_signal_name(-code)}"
         elif code is not None:
             how = f"exited with code {code}"
         else:
@@ -398,10 +458,42 @@ class RunManager(QueuedRuns):
         if record and not proc.on_this_host(record):
             raise RunError(f"run {paths.run_id} runs on {record.get('host')}: it stops after its "
                            "current step, or end it there")
-        if record and isinstance(record.get("pid"), int):
+        if record and proc.record_pid(record) is not None:
             proc.terminate_group(record["pid"], record.get("start_time"))
-        current = read_json(paths.process) or {}
+        current = self._process(paths)
         if record and current.get("pid") not in (None, record.get("pid")):
             return
-        paths.stop_request.unlink(missing_ok=True)
+        paths.clear_stop_request()
         paths.write_status(state="stopped", error=reason, log_tail=paths.log_tail())
+
+
+def _share_devices(cfg: RunConfig, other: RunConfig | None) -> bool:
+    """Whether runs of ``cfg`` and ``other`` would share a device: a run naming no GPUs (each CPU
+    run) uses them all, and an unreadable config (None) is assumed to."""
+    wanted, held = cfg.train.gpu_set, other.train.gpu_set if other is not None else None
+    return wanted is None or held is None or bool(wanted & held)
+
+
+def _signal_name(number: int) -> str:
+    """SIGKILL, SIGTERM...; a real-time signal (34 to 64) has no name of its own."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _damaged(status: dict[str, Any]) -> bool:
+    """Whether status.json could not say the run's state (:meth:`RunPaths.read_status`)."""
+    return status.get("state") == "failed" and str(status.get("error")).startswith(
+        ("status.json is damaged", "status.json is missing"))
+
+
+def _remove_run_folder(root: Path) -> Path | None:
+    """Delete a run folder; one that is a link (a run moved to another disk and linked back) goes
+    as a link only: its target may hold more than the run. Returns that target, left in place."""
+    if not root.is_symlink():
+        shutil.rmtree(root)
+        return None
+    target = root.resolve()
+    root.unlink()
+    return target

@@ -176,7 +176,7 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
     trainer.fit(model, datamodule=data, ckpt_path=ckpt, weights_only=True)
     if trainer.is_global_zero:
         state = "stopped" if stopper.requested else "finished"
-        paths.stop_request.unlink(missing_ok=True)
+        paths.clear_stop_request()
         recorder.write_progress(trainer, state=state)
     return 0
 

@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as serialize
 
 from mae_core.config import ConfigError, ModelConfig
-from mae_core.fileio import atomic_write
+from mae_core.fileio import atomic_write, open_regular
 from mae_core.model import MaskedAutoencoder, pixel_stats
 
 ENCODER_PREFIX = "backbone.vit."
@@ -48,6 +48,7 @@ def save_weights(model: MaskedAutoencoder, path: str | Path, step: int | None = 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     try:
+        open_regular(path).close()  # a FIFO in its place would block safetensors' open forever
         with safe_open(str(path), framework="pt") as handle:
             return handle.metadata() or {}
     except FileNotFoundError:

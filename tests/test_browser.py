@@ -24,7 +24,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from helpers import free_port  # noqa: E402
 from mae_core.data import sample_photo_paths  # noqa: E402
-from mae_core.rundir import LIVE_STATES  # noqa: E402
+from mae_core.rundir import LIVE_STATES, create_run  # noqa: E402
 from mae_core.runs import RunManager  # noqa: E402
 from ui import build_app  # noqa: E402
 from ui.render import CSS  # noqa: E402
@@ -337,9 +337,31 @@ def test_runs_tab_lists_and_exports_the_run(page, server):
     _button(page, "Export encoder").click()
     _wait_text(page, "#export-code", "timm.create_model")
     _wait_text(page, "#export-file", ".safetensors")
+    _a_delete_tick_is_for_the_run_it_was_given_for(page, server["manager"], run)
     _show_data_cache(page)
     _settle(page)
     page.screenshot(path=str(SCREENSHOTS / "runs.png"), full_page=True)
+
+
+def _a_delete_tick_is_for_the_run_it_was_given_for(page, manager, run) -> None:
+    """Ticked for one run, then another picked: Delete used to delete the other without asking."""
+    other = create_run(manager.config(run["run_id"]), runs_dir=manager.runs_dir, state="stopped")
+    try:
+        _button(page, "Refresh").click()
+        _wait_text(page, "#runs-table", other.run_id)
+        page.locator("#confirm-delete input").check()
+        page.locator("#runs-table").get_by_text(other.run_id).filter(visible=True).first.click()
+        page.wait_for_function("(id) => document.querySelector('#runs-pick input')?.value === id",
+                               arg=other.run_id)
+        page.wait_for_function("() => !document.querySelector('#confirm-delete input').checked")
+        _button(page, "Delete run").click()
+        _wait_text(page, "#runs-message", "Tick")
+        assert other.root.is_dir()
+    finally:
+        manager.delete(other.run_id)
+    page.locator("#runs-table").get_by_text(run["run_id"]).filter(visible=True).first.click()
+    page.wait_for_function("(id) => document.querySelector('#runs-pick input')?.value === id",
+                           arg=run["run_id"])
 
 
 def _contrast(page, selector: str) -> float:

@@ -76,6 +76,31 @@ def test_impossible_paths_are_refused_with_a_short_message(folder, message):
     assert len(str(err.value)) < 600
 
 
+def _unknown_user() -> str:
+    import pwd
+
+    name = "nosuchuser-mae-studio"
+    with pytest.raises(KeyError):  # really no such account on this machine
+        pwd.getpwnam(name)
+    return name
+
+
+@pytest.mark.parametrize("name", ["a" * 300, "é" * 140], ids=["300-bytes", "280-bytes-utf8"])
+def test_a_name_longer_than_the_file_system_allows_is_said_in_words(tmp_path, name):
+    """The check asked whether a prepared set was there first: "Internal error: OSError: [Errno
+    36] File name too long" in the data field and at Start."""
+    folder = str(tmp_path / name)
+    with pytest.raises(DataError, match="cannot be read .*longer than the file system allows"):
+        check_data(folder)
+
+
+def test_an_unknown_users_home_is_said_in_words():
+    """~nosuchuser: pathlib's bare "RuntimeError: Could not determine home directory"."""
+    user = _unknown_user()
+    with pytest.raises(DataError, match=f"~{user} names no home folder .*no user named {user}"):
+        check_data(f"~{user}/photos")
+
+
 def test_a_file_and_an_empty_folder_are_refused(tmp_path):
     with pytest.raises(DataError, match="not a folder"):
         find_images(str(_photo(tmp_path / "one.png")))

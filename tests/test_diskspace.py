@@ -112,6 +112,38 @@ def test_a_queued_run_waits_in_its_place_for_disk_space_then_starts(small_disk):
     assert done and done["state"] == "finished" and done["error"] is None, done
 
 
+def test_what_a_live_run_on_other_gpus_will_still_write_is_not_free_for_another(small_disk,
+                                                                                 stand_in):
+    """Runs on disjoint GPUs may be live together: each used to see the whole free space, and two
+    that each fit alone filled the disk between them. (No GPU here: the check every Start, Queue,
+    Resume and queue turn makes is asked directly; a GPU run's start would need one.)"""
+    on_gpu_0 = tiny_config(devices=1, accelerator="gpu", gpus="0")
+    on_gpu_1 = on_gpu_0.with_overrides(gpus="1")
+    peak = diskspace.run_files(on_gpu_0).peak
+    disk = small_disk(int(1.5 * peak / 2**20))  # room for one run, not two
+    runs = disk / "runs"
+    manager = RunManager(runs)
+    manager._require_room(on_gpu_1, runs)  # alone, it fits
+    live = create_run(on_gpu_0, runs_dir=runs, state="running",
+                      process=process_record(stand_in.pid, command=["trainer"])).run_id
+    with pytest.raises(RunError) as refused:
+        manager._require_room(on_gpu_1, runs)
+    assert refused.value.args[0].startswith("not enough disk space"), refused.value
+    assert f"to be written yet by the live run {live}" in refused.value.args[0]
+    # A run on the live run's own GPU (or on all of them) waits for it to end: nothing is held.
+    assert manager.space_held(on_gpu_0, runs) == {}
+    assert manager.space_held(on_gpu_0.with_overrides(gpus=""), runs) == {}
+    # What the live run has saved is on the disk already: it holds only the rest.
+    held = manager.space_held(on_gpu_1, runs)[live]
+    assert held == diskspace.run_files(on_gpu_0).peak
+    (runs / live / "last.ckpt").write_bytes(b"x" * 2**20)
+    assert held - manager.space_held(on_gpu_1, runs)[live] == pytest.approx(2**20, abs=8192)
+    stand_in.kill()
+    stand_in.wait()
+    assert manager.space_held(on_gpu_1, runs) == {}  # ended: it writes nothing more
+    manager._require_room(on_gpu_1, runs)
+
+
 def test_the_trainer_started_by_hand_refuses_it_too(small_disk, run_module):
     run_dir = small_disk(64) / "run"
     done = run_module("mae_core.train", "--run-dir", run_dir, "--model", "vit-tiny",

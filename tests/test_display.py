@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from mae_core.display import ema, eta_seconds, format_duration, format_number, progress_fraction
+from mae_core.display import (ema, eta_seconds, format_duration, format_loss, format_number,
+                              progress_fraction)
 
 
 def test_ema_weight_zero_returns_the_values():
@@ -71,3 +72,9 @@ def test_format_number():
     assert format_number(None) == "–"
     assert format_number(math.nan) == "–"
     assert format_number("0.5") == "–"
+
+
+def test_a_diverged_loss_is_said_not_shown_as_no_loss_yet():
+    assert format_loss(math.nan).startswith("nan (diverged")
+    assert format_loss(math.inf).startswith("inf (diverged")
+    assert format_loss(0.25) == "0.25" and format_loss(None) == "–"

@@ -28,6 +28,8 @@ ANY_VIT = "vit_small_patch14_dinov2"  # a ViT-S with layer scale: not one of the
     ("vit_base_patch16_siglip_224", "class token"),  # attention pooling, no class token
     ("vit_base_patch16_reg4_gap_256", "class token"),  # register tokens
     ("no_such_model_anywhere", "timm has no model named"),
+    ("vit_small_patch16_18x2_224", "not attention then MLP blocks"),  # parallel: no .attn
+    ("flexivit_small", "no_embed_class"),  # its position embedding has no class token row
 ])
 def test_a_model_mae_cannot_use_is_refused_by_name(name, says):
     with pytest.raises(ConfigError) as err:

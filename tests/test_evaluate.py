@@ -119,3 +119,38 @@ def test_refusals_name_the_problem(tmp_path, demo, run_module):
     result = run_module("mae_core.evaluate", "--run", paths.root, "--data", flat)
     assert result.returncode == 2 and "at least 2 class" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# Partial or hand-edited evaluation.json files (a fault injector's and a person's): each broke the
+# Runs table, its result or Compare (KeyError 'delta', KeyError 'trained', "Unknown format code
+# 'f'" for a figure saved as text). They read as not evaluated.
+DAMAGED_RESULTS = [
+    {"note": 1},
+    {"trained": {"knn_top1": "71"}, "random_init": {"knn_top1": 63.0}},
+    {"trained": {"knn_top1": 71.0}, "random_init": {"knn_top1": True}},
+    {"trained": {"knn_top1": 71.0}, "random_init": {"knn_top1": 10**400}},
+    {"trained": {"knn_top1": 71.0}, "random_init": {"knn_top1": None}},
+    {"trained": {"knn_top1": 71.0, "knn_top5": "90"}, "random_init": {"knn_top1": 63.0}},
+    {"trained": [71.0], "random_init": {"knn_top1": 63.0}},
+    [1, 2],
+]
+
+
+@pytest.mark.parametrize("saved", DAMAGED_RESULTS)
+def test_a_damaged_saved_evaluation_reads_as_none(tmp_path, saved):
+    evaluate.result_path(tmp_path).write_text(json.dumps(saved))
+    assert evaluate.read_result(tmp_path) is None
+    assert evaluate.summary(saved) == "–"  # given the file's dict itself, too
+
+
+def test_a_partial_saved_evaluation_gets_its_missing_figures_and_delta(tmp_path):
+    """A file with the headline figures only: shown, its other metrics unknown, the delta derived
+    (a stored delta is derived data and may disagree: recomputed)."""
+    evaluate.result_path(tmp_path).write_text(json.dumps(
+        {"trained": {"knn_top1": 71.0, "linear_top1": 50}, "random_init": {"knn_top1": 63.0},
+         "delta": {"knn_top1": "lots"}, "classes": 3}))
+    result = evaluate.read_result(tmp_path)
+    assert result["delta"] == {"knn_top1": 8.0, "knn_top5": None, "linear_top1": None}
+    assert result["trained"]["knn_top5"] is None and result["random_init"]["linear_top1"] is None
+    assert result["classes"] == []  # a count where the class names belong: none known
+    assert evaluate.summary(result) == "71.0 / 63.0 (+8.0)"

@@ -6,6 +6,9 @@ rank 0 alone or rank 1 alone, during start-up, at a random moment of training, o
 is being written. After every kill the run must read ``failed`` at once, leave no process or zombie
 behind, hold only checkpoint and weights files that load, and resume from its checkpoint's step
 having lost at most the steps since that checkpoint. ``FAULT_SEED`` replays a sequence of kills.
+
+Then what a person does by hand to a live run's folder (process.json or status.json deleted or
+damaged, the folder a link) and a trainer killed by a signal without a name.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from helpers import poll
 from mae_core.config import RunConfig
 from mae_core.fileio import is_temp_file, read_json
 from mae_core.process import pid_alive, zombie_children
-from mae_core.rundir import LIVE_STATES, RunPaths
-from mae_core.runs import RunManager
+from mae_core import process as proc
+from mae_core.rundir import LIVE_STATES, RunPaths, create_run
+from mae_core.runs import RunError, RunManager
 
 KILLS = 20
 MODES = ("group", "rank0", "rank1")
@@ -197,3 +201,100 @@ def test_kills_at_random_points_lose_at_most_the_steps_since_the_last_checkpoint
     wait_for(lambda: not zombie_children(), "the last trainer to be reaped", 10, 0.05)
     assert not [p.name for p in paths.root.rglob("*") if is_temp_file(p)], "temp files left"
     assert not list(tmpdir_elsewhere.rglob("*")), "files left in $TMPDIR"
+
+
+# --- a live run's own files damaged or removed by hand ------------------------------------------
+
+def test_a_live_runs_process_and_status_files_damaged_by_hand_never_make_it_look_dead(tmp_path):
+    """process.json deleted or holding a hostile pid, status.json half written, config.yaml
+    deleted: the trainer still runs, so the run stays live. It used to read "failed": Resume then started a second
+    trainer on the same files (metrics.jsonl interleaved two runs) and Delete removed the folder
+    under the living one; a pid of 0 made the app SIGKILL its own process group."""
+    manager = RunManager(tmp_path / "runs", stop_timeout_s=60)
+    run_id = manager.start(run_config().with_overrides(devices=1))
+    paths = manager.paths(run_id)
+    trainer = read_json(paths.process)["pid"]
+    wait_for(lambda: manager.status(run_id).get("step", 0) >= 1, "the first step")
+    try:
+        for damage in ("", '{"pid": 0, "host": null}', '{"pid": true}'):
+            if damage:
+                paths.process.write_text(damage)
+            else:
+                paths.process.unlink()
+            status = manager.status(run_id)
+            assert status["state"] == "running", (damage, status)
+            assert read_json(paths.process)["pid"] == trainer, damage  # recorded again
+            for refused in (manager.resume, manager.delete):
+                with pytest.raises(RunError, match="is running"):
+                    refused(run_id)
+        paths.status.write_text('{"state": "runn')  # a write cut short by hand
+        status = manager.status(run_id)
+        assert status["state"] == "running" and "trainer still runs" in status["error"], status
+        with pytest.raises(RunError, match="is running"):
+            manager.delete(run_id)
+        # Its next progress save makes status.json whole again.
+        wait_for(lambda: (read_json(paths.status) or {}).get("state") == "running",
+                 "the trainer to write status.json again", 60)
+        assert manager.status(run_id).get("error") is None
+        assert [s["run_id"] for s in manager.list()] == [run_id]
+        # config.yaml deleted: the folder was no run to the app (unlisted, and another run could
+        # start on its devices) until the run ended. The trainer writes it again.
+        config = paths.config.read_text()
+        paths.config.unlink()
+        wait_for(lambda: paths.config.is_file(), "the trainer to write config.yaml again", 60)
+        assert paths.config.read_text() == config
+        assert [s["run_id"] for s in manager.list()] == [run_id]
+        manager.stop(run_id)
+        stopped = wait_for(lambda: (s := manager.status(run_id))["state"] not in LIVE_STATES and s,
+                           "the stop")
+        assert stopped["state"] == "stopped", stopped
+        steps = step_rows(paths)
+        assert steps == sorted(set(steps)), "metrics.jsonl holds one run's steps, in order"
+    finally:
+        if pid_alive(trainer):
+            os.killpg(trainer, signal.SIGKILL)
+
+
+def test_a_trainer_killed_by_a_real_time_signal_is_reported_and_every_run_still_lists(
+        tmp_path, monkeypatch):
+    """Signals 34 to 64 have no name in Python's enum: the death report raised ValueError, and
+    every listing with it, until the app restarted."""
+    monkeypatch.setattr(proc, "trainer_command", lambda run_dir, resume=False: ["sleep", "100"])
+    manager = RunManager(tmp_path / "runs")
+    paths = create_run(run_config(), runs_dir=manager.runs_dir, state="starting")
+    manager._launch(paths, resume=False)
+    os.kill(read_json(paths.process)["pid"], signal.SIGRTMIN + 6)
+    failed = wait_for(lambda: (s := manager.status(paths.run_id))["state"] == "failed" and s,
+                      "the death to be seen", 30)
+    assert f"killed by signal {signal.SIGRTMIN + 6} before finishing" in failed["error"], failed
+    assert [s["state"] for s in manager.list()] == ["failed"]
+
+
+def test_deleting_a_run_folder_that_is_a_link_removes_the_link_and_leaves_its_target(tmp_path):
+    """A run moved to another disk and linked back: rmtree refused the link ("Internal error");
+    following it could delete more than the run."""
+    elsewhere = create_run(run_config(), runs_dir=tmp_path / "other-disk", state="stopped")
+    manager = RunManager(tmp_path / "runs")
+    link = manager.runs_dir / elsewhere.run_id
+    link.symlink_to(elsewhere.root, target_is_directory=True)
+    assert [s["run_id"] for s in manager.list()] == [elsewhere.run_id]
+    assert manager.delete(elsewhere.run_id) == elsewhere.root.resolve()
+    assert not link.exists() and not link.is_symlink() and manager.list() == []
+    assert (elsewhere.root / "config.yaml").is_file()
+
+
+def test_a_folder_made_where_stop_goes_is_no_stop_request(tmp_path, stand_in):
+    """A STOP folder made by hand: the first Stop force-killed the run (it read as a second
+    request), and Resume and the trainer's own end raised IsADirectoryError."""
+    manager = RunManager(tmp_path / "runs")
+    paths = create_run(run_config(), runs_dir=manager.runs_dir, state="running",
+                       process=proc.process_record(stand_in.pid, command=["trainer"]))
+    (paths.stop_request / "inside").mkdir(parents=True)
+    assert manager.status(paths.run_id)["stop_requested"] is False
+    status = manager.stop(paths.run_id)
+    assert status["state"] == "running" and status["stop_requested"], status  # asked, not killed
+    assert stand_in.poll() is None and paths.stop_request.is_file()
+    paths.clear_stop_request()
+    (paths.stop_request / "inside").mkdir(parents=True)
+    paths.clear_stop_request()
+    assert not paths.stop_request.exists()

@@ -53,6 +53,21 @@ def test_a_missing_folder_is_refused(tmp_path):
         features.class_folders("/proc")  # walked as a data folder is, with its guards
 
 
+def test_an_unknown_users_home_is_refused_in_words():
+    """Evaluate's labelled folder "~nosuchuser/set" raised pathlib's bare RuntimeError."""
+    with pytest.raises(DataError, match="~nosuchuser-mae-studio names no home folder"):
+        features.class_folders("~nosuchuser-mae-studio/set")
+
+
+def test_knn_without_queries_or_bank_says_so():
+    """The live monitor called it with no readable query image: ZeroDivisionError at step 0."""
+    features_ = torch.randn(4, 8)
+    labels = torch.tensor([0, 1, 0, 1])
+    for query, bank in ((features_[:0], features_), (features_, features_[:0])):
+        with pytest.raises(DataError, match="needs images on both sides"):
+            features.knn_accuracy(query, bank, labels[:len(bank)], labels[:len(query)], 2)
+
+
 def test_the_split_is_stratified_and_the_same_for_the_same_seed():
     labels = torch.tensor([0] * 10 + [1] * 5 + [2] * 2)
     data = features.Labelled(torch.arange(17).view(17, 1, 1, 1).expand(17, 3, 2, 2), labels,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from helpers import poll
-from mae_core.fileio import atomic_write, atomic_write_text, is_temp_file, remove_stale_temp_files
+from mae_core.fileio import (NotRegularFileError, atomic_write, atomic_write_text, is_temp_file,
+                             open_regular, read_json, remove_stale_temp_files)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,3 +112,21 @@ def test_temp_files_of_live_writers_are_kept_and_of_dead_or_zombie_ones_removed(
         alive.wait()
         zombie.wait()
     assert remove_stale_temp_files(tmp_path) == [live_tmp]  # its writer is gone now
+
+
+def test_only_regular_files_are_opened_for_reading_and_a_fifo_never_blocks(tmp_path):
+    """A FIFO put in place of a run's file blocked its reader forever at open(): open_regular
+    opens it without blocking and refuses it, as it does a folder."""
+    fifo, folder, plain = tmp_path / "status.json", tmp_path / "folder", tmp_path / "plain.json"
+    os.mkfifo(fifo)
+    folder.mkdir()
+    plain.write_text('{"state": "running"}')
+    for other in (fifo, folder):
+        with pytest.raises(NotRegularFileError, match="not a regular file"):
+            open_regular(other)
+        assert read_json(other) is None
+    with open_regular(plain) as handle:
+        assert handle.read() == b'{"state": "running"}'
+    assert read_json(plain) == {"state": "running"}
+    with pytest.raises(FileNotFoundError):
+        open_regular(tmp_path / "missing")

@@ -4,6 +4,7 @@ numbers computed here, in one process, from the run's final weights."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -205,3 +206,71 @@ def test_the_run_manager_refuses_unlabelled_or_missing_eval_data_before_a_run_ex
         with pytest.raises(DataError):
             manager.enqueue(cfg)
     assert manager.list() == []
+
+
+# --- eval_data that cannot be read ---------------------------------------------------------------
+
+def _eval_folder(root: Path, data: bytes) -> Path:
+    for name in ("cats", "dogs"):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            (root / name / f"{i}.png").write_bytes(data)
+    return root
+
+
+def test_an_eval_folder_of_unreadable_images_is_refused_before_a_run_exists(tmp_path):
+    """Zero-byte images passed the check (it only listed them) and the run died at step 0 with
+    ZeroDivisionError."""
+    from mae_core.runs import RunManager
+
+    empty = _eval_folder(tmp_path / "empty", b"")
+    manager = RunManager(tmp_path / "runs")
+    cfg = RunConfig(train=TrainConfig(eval_data=str(empty), eval_every_n_steps=1,
+                                      accelerator="cpu", devices=1))
+    with pytest.raises(DataError, match="eval_data .*none of the .* images in its kNN bank can be "
+                                        "read .*put readable images"):
+        manager.start(cfg)
+    assert manager.list() == []
+
+
+def test_an_eval_folder_of_another_channel_count_is_refused_when_the_model_is_known(labelled):
+    t = TrainConfig(eval_data=str(labelled), eval_every_n_steps=1)
+    assert plan_evaluation(t, split_data=False, channels=3).knn  # RGB photos for an RGB model
+    with pytest.raises(DataError, match="can be read as 1-channel images"):
+        plan_evaluation(t, split_data=False, channels=1)
+
+
+def test_start_refuses_an_eval_folder_the_model_cannot_read(tmp_path, labelled):
+    """Grayscale training data makes a 1-channel model; an RGB eval folder used to pass Start and
+    leave the run without a kNN figure."""
+    from mae_core.runs import RunManager
+
+    gray = tmp_path / "gray"
+    gray.mkdir()
+    for i in range(8):
+        Image.new("L", (40, 40), 20 * i).save(gray / f"{i}.png")
+    manager = RunManager(tmp_path / "runs")
+    cfg = RunConfig(train=TrainConfig(data=str(gray), eval_data=str(labelled),
+                                      eval_every_n_steps=1, accelerator="cpu", devices=1))
+    with pytest.raises(DataError, match="1-channel images"):
+        manager.start(cfg)
+    assert manager.list() == []
+
+
+def test_a_run_whose_eval_images_cannot_be_decoded_goes_on_without_knn(run_module, tmp_path):
+    """Headers that read and pixels that do not (PNGs cut after their header) pass the check:
+    the monitor says in train.log why it has no kNN figure, and the run finishes."""
+    whole = io.BytesIO()
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(whole, "PNG")
+    cut = _eval_folder(tmp_path / "cut", whole.getvalue()[:45])
+    runs = tmp_path / "runs"
+    result = run_module("mae_core.train", "--runs-dir", runs, "--devices", "1", "--accelerator",
+                        "cpu", "--image-size", "32", "--patch-size", "8", "--batch-size", "4",
+                        "--max-steps", "2", "--num-previews", "0", "--precision", "32-true",
+                        "--eval-every-n-steps", "1", "--weight-snapshots", "0", "--eval-data", cut)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "no kNN accuracy (none of the 4 bank images could be read" in result.stdout
+    [run] = [RunPaths(p) for p in runs.iterdir() if p.is_dir()]
+    evaluations = [row for row in run.read_metrics() if "eval_s" in row]
+    assert [row["step"] for row in evaluations] == [0, 1, 2]
+    assert not any(key.startswith("knn") for row in evaluations for key in row)

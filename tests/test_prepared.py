@@ -488,3 +488,12 @@ def test_the_first_process_records_the_run_data_and_the_other_ranks_read_it(tmp_
     assert first.kind == "memory" and (run / prepared.RUN_DATA_NAME).is_file()
     monkeypatch.setenv("RANK", "1")
     assert prepared.run_data("", run, timeout_s=1.0) == first
+
+
+@pytest.mark.parametrize("data", ["/tmp/" + "a" * 300, "/tmp/" + "é" * 140,
+                                  "~nosuchuser-mae-studio/photos"],
+                         ids=["too-long", "too-long-utf8", "unknown-user"])
+def test_a_path_that_cannot_exist_is_no_prepared_set(data):
+    """is_prepared raised the path's OSError or RuntimeError before the folder check could say
+    what is wrong with it."""
+    assert prepared.is_prepared(data) is False

@@ -113,3 +113,54 @@ def test_a_rank_whose_launcher_is_already_gone_ends_at_once():
     orphan = subprocess.run([sys.executable, "-c", code, str(2**22 + 1)], env=env,
                             capture_output=True, text=True, timeout=60)
     assert orphan.returncode == -signal.SIGKILL and orphan.stdout == ""
+
+
+@pytest.mark.parametrize("pid", [0, -1, 1, True, 2**22 + 1, 10**30, 3.0, "123", None])
+def test_a_pid_read_from_disk_that_names_no_one_process_is_refused(pid):
+    """process.json is a file anyone can edit: 0 names the caller's own process group to kill(),
+    -1 every process, 1 init; ``true`` is an int to Python."""
+    assert proc.valid_pid(pid) is None
+    assert proc.record_pid({"pid": pid}) is None
+    assert not proc.record_alive({"pid": pid})
+
+
+def test_kill_group_never_signals_its_callers_own_group_or_every_process(tmp_path):
+    """Run in a child of its own session: had a hostile pid reached os.killpg, the child dies."""
+    script = ("import os, signal; from mae_core import process as proc\n"
+              "for pid in (0, -1, 1, True, os.getpgrp()):\n"
+              "    proc.kill_group(pid, signal.SIGKILL)\n"
+              "print('alive')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=proc.PROJECT_ROOT, start_new_session=True, timeout=60,
+                          env=proc.clean_env())
+    assert done.returncode == 0 and done.stdout.strip() == "alive", (done.returncode, done.stderr)
+
+
+def test_find_trainer_finds_the_leading_process_of_a_runs_trainer(tmp_path):
+    """A relative --run-dir is read from the process's own working folder; a later rank
+    (LOCAL_RANK=1) that outlives its first for a moment leads nothing; other runs do not count."""
+    run_dir = tmp_path / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    sleep = "import time; time.sleep(60)"
+    started = []
+
+    def start(*args: str, **env: str) -> subprocess.Popen:
+        process = subprocess.Popen([sys.executable, "-c", sleep, "-m", "mae_core.train", *args],
+                                   cwd=tmp_path, env=proc.clean_env(**env))
+        started.append(process)
+        return process
+
+    try:
+        assert proc.find_trainer(run_dir) is None
+        later = start("--run-dir", "runs/r1", LOCAL_RANK="1")
+        start("--run-dir", str(tmp_path / "runs" / "other"))
+        poll(lambda: proc.pid_alive(later.pid) and Path(f"/proc/{later.pid}/cmdline").read_bytes()
+             .count(b"--run-dir"), 10)
+        assert proc.find_trainer(run_dir) is None  # a later rank alone: its run has ended
+        first = start("--run-dir=runs/r1")
+        assert poll(lambda: proc.find_trainer(run_dir) == first.pid, 10)
+    finally:
+        for process in started:
+            process.kill()
+            process.wait()
+    assert proc.find_trainer(run_dir) is None

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from mae_core.config import RunConfig
+from mae_core import display
+from mae_core.config import ConfigError, RunConfig
+from mae_core.evaluate import read_result
+from mae_core.fileio import read_json
 from mae_core.process import process_record
-from mae_core.rundir import STATUS_FIELDS, RunPaths, RunStatus, create_run, valid_run_id
+from mae_core.rundir import (STATUS_FIELDS, RunError, RunPaths, RunStatus, checkpoint_step,
+                             create_run, valid_run_id)
+from mae_core.weights import WeightsError, read_metadata
 
 
 def small_config(**overrides) -> RunConfig:
@@ -118,3 +128,119 @@ def test_runs_created_at_the_same_moment_get_different_directories(tmp_path):
 ])
 def test_run_ids_are_plain_directory_names(run_id, ok):
     assert valid_run_id(run_id) is ok
+
+
+def test_numbers_no_reader_can_handle_are_dropped_from_the_status(tmp_path):
+    """A 400-digit elapsed time or a step of 10**30 made the Runs table and the live view raise
+    OverflowError (int too large to convert to float); True is no count."""
+    paths = create_run(small_config(), runs_dir=tmp_path)
+    paths.status.write_text(
+        '{"state": "running", "elapsed_s": ' + "9" * 400 + ', "step": ' + str(10**30)
+        + ', "total_steps": 1e400, "created": -1e300, "images": true, "epoch": 3, "loss": NaN,'
+        ' "updated": 1.7e9, "peak_flops": 4e15, "flops_per_image": 2e9}')
+    status = paths.read_status()
+    assert not {"elapsed_s", "step", "total_steps", "created", "images"} & set(status)
+    assert status["state"] == "running" and status["epoch"] == 3 and status["updated"] == 1.7e9
+    assert status["peak_flops"] == 4e15 and status["flops_per_image"] == 2e9  # an H200's FP8 peak
+    assert status["loss"] != status["loss"]  # a diverged loss stays: it is news
+    assert display.format_duration(status.get("elapsed_s")) == "–"
+    assert display.progress_fraction(status) is None and display.format_steps(status) == "0"
+    paths.status.write_text(json.dumps({"state": "stopped", "loss": 1e30, "step": 10**15}))
+    assert paths.read_status() == {"state": "stopped", "loss": 1e30, "step": 10**15}
+
+
+def _lightning_checkpoint(path: Path, step: int = 3) -> None:
+    """A checkpoint shaped like the trainer's: a real model's weights, written by its CheckpointIO."""
+    import pytorch_lightning as pl
+
+    from mae_core.callbacks import AtomicCheckpointIO
+    from mae_core.config import ModelConfig
+    from mae_core.model import MaskedAutoencoder
+
+    model = MaskedAutoencoder(ModelConfig(image_size=32, patch_size=8))
+    AtomicCheckpointIO().save_checkpoint({
+        "epoch": 0, "global_step": step, "pytorch-lightning_version": pl.__version__,
+        "state_dict": model.state_dict(), "loops": {}, "callbacks": {}, "optimizer_states": [],
+        "lr_schedulers": []}, path)
+
+
+def test_a_checkpoint_with_overwritten_bytes_is_corrupt(tmp_path):
+    """4 KiB of random bytes in the middle of last.ckpt were accepted: torch.load memory-maps the
+    tensors and never reads them, so Resume would have trained on damaged weights."""
+    path = tmp_path / "run" / "last.ckpt"
+    _lightning_checkpoint(path, step=3)
+    assert checkpoint_step(path) == 3
+    whole = bytearray(path.read_bytes())
+    middle = len(whole) // 2
+    whole[middle:middle + 4096] = os.urandom(4096)
+    path.write_bytes(bytes(whole))
+    with pytest.raises(RunError, match=r"corrupt \(archive/data/\d+ fails its CRC check"):
+        checkpoint_step(path)
+
+
+def test_a_torch_file_that_is_no_lightning_checkpoint_is_refused(tmp_path):
+    """``torch.save({"global_step": 2})`` was accepted; the resumed run then failed with
+    KeyError: 'pytorch-lightning_version'."""
+    import torch
+
+    path = tmp_path / "run" / "last.ckpt"
+    path.parent.mkdir()
+    for stranger in ({"global_step": 2}, [1, 2], {"global_step": 2, "state_dict": {}}):
+        torch.save(stranger, path)
+        with pytest.raises(RunError, match="is not a checkpoint of this run.*pytorch-lightning_"
+                                           "version"):
+            checkpoint_step(path)
+
+
+def _without_blocking(read: Callable[[], Any], fifo: Path, timeout_s: float = 20.0) -> Any:
+    """``read()``'s value, or its exception's type, got in a forked child; the test fails if it
+    blocks on ``fifo``. Not a thread: safetensors blocks in open() holding the GIL, which would
+    hang the test run itself."""
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_send_outcome, args=(read, send), daemon=True)
+    child.start()
+    child.join(timeout_s)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        pytest.fail(f"reading {fifo.name} blocked on the FIFO in its place")
+    return receive.recv()
+
+
+def _send_outcome(read: Callable[[], Any], send: Any) -> None:
+    try:
+        send.send(read())
+    except Exception as err:  # noqa: BLE001 - its type goes back to the test
+        send.send(type(err))
+
+
+# Each run-folder file's reader, and what it gives when that file is missing: a FIFO in its place
+# reads the same (a value, or an exception of this type).
+FIFO_READERS: dict[str, tuple[Callable[[RunPaths], Any], Any]] = {
+    "train.log": (lambda paths: paths.log_tail(), ""),
+    "metrics.jsonl": (lambda paths: paths.read_metrics(), []),
+    "status.json": (lambda paths: paths.read_status()["error"],
+                    "status.json is missing or unreadable"),
+    "process.json": (lambda paths: read_json(paths.process), None),
+    "evaluation.json": (lambda paths: read_result(paths.root), None),
+    "config.yaml": (lambda paths: RunConfig.load(paths.config), ConfigError),
+    "model.safetensors": (lambda paths: read_metadata(paths.weights), WeightsError),
+    "last.ckpt": (lambda paths: checkpoint_step(paths.last_ckpt), RunError),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FIFO_READERS))
+def test_a_fifo_in_a_run_folder_reads_as_no_file_instead_of_blocking(tmp_path, name):
+    """A FIFO in place of train.log hung whoever read its tail: the log view forever, and the run
+    manager, which reads it under its lock, the whole app. Every run-folder reader is checked."""
+    paths = create_run(small_config(), runs_dir=tmp_path)
+    fifo = paths.root / name
+    fifo.unlink(missing_ok=True)
+    os.mkfifo(fifo)
+    read, expected = FIFO_READERS[name]
+    got = _without_blocking(lambda: read(paths), fifo)
+    if isinstance(expected, type):
+        assert isinstance(got, type) and issubclass(got, expected), got
+    else:
+        assert got == expected, got

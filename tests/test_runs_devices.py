@@ -72,6 +72,10 @@ def test_a_run_is_not_in_its_own_way_when_it_resumes(tmp_path, live):
     ({"gpus": "0,0"}, "gpus", "twice"),
     ({"gpus": "0;1"}, "gpus", "separated by commas"),
     ({"gpus": "-1"}, "gpus", "separated by commas"),
+    ({"gpus": "0,00"}, "gpus", "separated by commas"),  # GPU 0 twice, in two spellings
+    ({"gpus": "01"}, "gpus", "separated by commas"),
+    ({"gpus": "\uff10"}, "gpus", "separated by commas"),  # a full-width 0
+    ({"gpus": "\u0660,\u0661"}, "gpus", "separated by commas"),  # Arabic-Indic 0 and 1
     ({"gpus": "0", "accelerator": "cpu"}, "gpus", "accelerator is cpu"),
     ({"gpus": "0,1", "devices": 3}, "devices", "make them agree"),
 ])

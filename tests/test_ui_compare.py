@@ -74,3 +74,15 @@ def test_compare_shows_each_runs_saved_evaluation(ctx):
         "71.0 / 63.0 (+8.0)"
     assert compare.run_results(ctx, b.run_id)["kNN top-1 % (pretrained / random init)"] == "–"
     assert "71.0 / 63.0 (+8.0)" in compare.compare_html(ctx, [a.run_id, b.run_id])
+
+
+def test_a_damaged_saved_evaluation_reads_as_none_in_compare(ctx):
+    """A figure saved as text ("71") made Compare raise "Unknown format code 'f'"."""
+    a = make_run(ctx, TINY, [1.0, 0.8])
+    b = make_run(ctx, TINY, [1.0, 0.9])
+    (a.root / "evaluation.json").write_text(json.dumps(
+        {"trained": {"knn_top1": "71"}, "random_init": {"knn_top1": 63.0}}))
+    (b.root / "evaluation.json").write_text(json.dumps({"note": 1}))
+    for run_id in (a.run_id, b.run_id):
+        assert compare.run_results(ctx, run_id)["kNN top-1 % (pretrained / random init)"] == "–"
+    assert a.run_id in compare.compare_html(ctx, [a.run_id, b.run_id])

@@ -90,6 +90,34 @@ def test_a_non_image_and_a_missing_file_are_refused_readably(ctx, run, tmp_path)
     assert "0 image(s) reconstructed, 2 refused" in result.message
 
 
+def test_hostile_files_are_refused_by_name_and_the_rest_reconstructed(ctx, run, tmp_path):
+    """A damaged EXIF block or a DDS header named .png raised past the refusals: "Internal error
+    in reconstruct" for the whole batch."""
+    from tests.test_images import hostile_files
+
+    hostile = hostile_files(tmp_path / "hostile")
+    good = photo(tmp_path / "holiday.png")
+    result = reconstruct.reconstruct_files(ctx, [str(p) for p in hostile + [good]], False,
+                                           run.run_id, 0.75, 0)
+    assert [row[0] for row in result.rows] == ["holiday.png"]
+    assert [name for name, _ in result.refused] == [p.name for p in hostile]
+
+
+def test_uploads_are_cut_to_the_model_size_as_they_are_decoded(tmp_path):
+    """16 full-size uploads were all held at full resolution until the last decoded (4 GB for
+    8000×8000 PNGs): each is now its centre square at the model's size as soon as it is read."""
+    import tifffile
+
+    wide = photo(tmp_path / "wide.png", size=(900, 300))
+    scan = tmp_path / "scan.tif"
+    tifffile.imwrite(scan, np.full((500, 700), 40_000, dtype=np.uint16))
+    images, refused = reconstruct._decode([wide, scan], 3, 32)
+    assert refused == [] and [name for name, _ in images] == ["wide.png", "scan.tif"]
+    assert all(tuple(image.shape) == (3, 32, 32) for _, image in images)
+    gray, _ = reconstruct._decode([scan], 1, 24)
+    assert tuple(gray[0][1].shape) == (1, 24, 24) and gray[0][1].dtype == torch.uint16
+
+
 def test_every_readable_image_is_reconstructed_up_to_the_limit(ctx, run, tmp_path):
     files = [str(photo(tmp_path / f"p{i:02d}.png", (33 + i, 32), seed=i))
              for i in range(reconstruct.MAX_IMAGES + 1)]

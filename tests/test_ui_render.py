@@ -191,3 +191,9 @@ def test_status_panel_shows_progress_eta_and_stop_request():
     stopped = render.status_html({**full_status(), "state": "stopped"}, None)
     assert "Stop requested" not in stopped  # a stop request is news only while the run is live
     assert 'data-field="ETA" style="font-weight:600">–<' in stopped
+
+
+def test_status_panel_says_a_run_diverged_instead_of_no_loss():
+    """status.json keeps a NaN loss (news, not damage); the panel showed it as "–", no loss yet."""
+    html = render.status_html({**full_status(), "loss": float("nan")}, None)
+    assert "nan (diverged: lower the learning rate)" in html

@@ -335,3 +335,32 @@ def test_the_data_cache_panel_shows_and_removes_around_a_damaged_entry(ctx, tmp_
     assert "2 damaged: kept, not read" in listing
     assert datacache.remove_superseded(ctx).startswith("Nothing removed")
     assert (cache / "count-x").is_dir() and (cache / "listed").is_dir()
+
+
+@pytest.mark.parametrize("saved", [
+    {"note": 1},  # KeyError: 'trained'
+    {"trained": {"knn_top1": "71"}, "random_init": {"knn_top1": 63.0}},  # Unknown format code 'f'
+])
+def test_a_damaged_saved_evaluation_reads_as_not_evaluated(ctx, saved):
+    """The runs list said "Internal error in the runs list" for a partial or hand-edited
+    evaluation.json; it shows the run as not evaluated."""
+    paths = make_run(ctx, "finished", step=4)
+    (paths.root / "evaluation.json").write_text(json.dumps(saved))
+    [row] = runs.table_rows(ctx, ctx.manager.list())
+    assert row[runs.HEADERS.index("kNN top-1 % (pretrained / random init)")] == "–"
+    assert runs.refresh(ctx, paths.run_id, None)["evaluation"] == ""
+    assert runs.evaluation_html(saved) == ""
+
+
+def test_a_saved_evaluation_without_its_delta_shows_the_delta_derived(ctx):
+    """Without "delta" the result table raised KeyError: 'delta'; the delta is derived from the
+    figures, and the metrics the file lacks show as unknown."""
+    paths = make_run(ctx, "finished", step=4)
+    (paths.root / "evaluation.json").write_text(json.dumps(
+        {"trained": {"knn_top1": 71.0}, "random_init": {"knn_top1": 63.0}, "k": "<b>20</b>"}))
+    [row] = runs.table_rows(ctx, ctx.manager.list())
+    assert row[runs.HEADERS.index("kNN top-1 % (pretrained / random init)")] == "71.0 / 63.0 (+8.0)"
+    shown = runs.refresh(ctx, paths.run_id, None)["evaluation"]
+    assert "<td>71.0</td><td>63.0</td><td>+8.0</td>" in shown
+    assert "<td>linear probe top-1</td><td>–</td><td>–</td><td>–</td>" in shown
+    assert "<b>20</b>" not in shown and "&lt;b&gt;20&lt;/b&gt;" in shown  # escaped: no markup

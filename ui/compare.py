@@ -30,7 +30,7 @@ def run_results(ctx: AppContext, run_id: str) -> dict[str, str]:
     return {
         "state": str(status.get("state", "?")),
         "steps": display.format_steps(status),
-        "loss (last logged)": display.format_number(status.get("loss")),
+        "loss (last logged)": display.format_loss(status.get("loss")),
         "epoch loss (last)": display.format_number(last_epoch[1] if last_epoch else None),
         "epoch loss (best)": display.format_number(min(epoch_losses) if len(epoch_losses) else None),
         "images/s (median, last 50 steps)": display.format_number(

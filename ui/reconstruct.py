@@ -47,10 +47,12 @@ def _sources(files: Any, use_samples: bool) -> list[Path]:
     return paths
 
 
-def _decode(paths: list[Path], channels: int = 3) -> tuple[list[tuple[str, Any]], list[tuple[str, str]]]:
+def _decode(paths: list[Path], channels: int, size: int
+            ) -> tuple[list[tuple[str, Any]], list[tuple[str, str]]]:
     """(readable images, refused files with the reason) for up to :data:`MAX_IMAGES` files, read
-    for a checkpoint of ``channels`` channels (uint8 or uint16 (C, H, W) tensors)."""
-    from mae_core.images import ImageError
+    for a checkpoint of ``channels`` channels and ``size`` pixels: each image's centre square at
+    that size (uint8 or uint16 (C, size, size) tensors), what the model is shown."""
+    from mae_core.images import ImageError, center_square
     from mae_core.pixels import read_for
 
     images, refused = [], []
@@ -59,7 +61,10 @@ def _decode(paths: list[Path], channels: int = 3) -> tuple[list[tuple[str, Any]]
             refused.append((path.name, f"over the {MAX_IMAGES} images of one request"))
             continue
         try:
-            images.append((path.name, read_for(path, channels, name=path.name)))
+            # Cut down before the next file decodes: 16 full-size 8000×8000 uploads held at once
+            # took 4 GB.
+            image = center_square(read_for(path, channels, name=path.name), size)
+            images.append((path.name, image))
         except ImageError as err:  # its message already starts with the file's name
             refused.append((path.name, str(err).removeprefix(f"{path.name}: ")))
         except OSError as err:
@@ -93,7 +98,7 @@ def reconstruct_files(ctx: AppContext, files: Any, use_samples: bool, run_id: st
     weights = ctx.manager.weights(run_id)
     model = ctx.models.get(weights)
     view = parse_view(channels_shown, model.cfg.channels, contrast or "auto")
-    images, refused = _decode(paths, model.cfg.channels)
+    images, refused = _decode(paths, model.cfg.channels, model.cfg.image_size)
     views = []
     if images:
         views = reconstruct_uploads(model, images, ratio, seed, view=view)
@@ -126,7 +131,9 @@ def preview_items(ctx: AppContext, run_id: str | None, limit: int = 24) -> list[
         paths = ctx.manager.previews(run_id)[-limit:]
     except Exception:  # noqa: BLE001 - e.g. the run was deleted meanwhile: no previews
         return []
-    return [(str(p), f"step {p.stem.split('_')[-1].lstrip('0') or '0'}") for p in paths][::-1]
+    # Only regular files: the page would block forever serving a FIFO named like a preview.
+    return [(str(p), f"step {p.stem.split('_')[-1].lstrip('0') or '0'}") for p in paths
+            if p.is_file()][::-1]
 
 
 def history_slider(ctx: AppContext, run_id: str | None) -> dict[str, Any]:

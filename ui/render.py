@@ -110,7 +110,7 @@ def status_html(status: Mapping[str, Any] | None, cfg: Any = None) -> str:
              ("images/s", display.format_number(status.get("images_per_s"), 3)),
              ("elapsed", display.format_duration(status.get("elapsed_s"))),
              ("ETA", display.format_duration(display.eta_seconds(status)) if live else "–"),
-             ("last loss", display.format_number(status.get("loss")))]
+             ("last loss", display.format_loss(status.get("loss")))]
     mfu = status.get("mfu")
     if isinstance(mfu, (int, float)) and mfu == mfu:  # the trainer reports it once it knows its peak
         cells.insert(3, ("MFU", f"{100 * mfu:.1f}%"))

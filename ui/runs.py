@@ -32,7 +32,7 @@ def table_rows(ctx: AppContext, statuses: Iterable[Mapping[str, Any]]) -> list[l
         if state == "queued" and s["run_id"] in queue:
             state = f"queued (#{queue.index(s['run_id']) + 1})"
         steps = display.format_steps(s)
-        loss = display.format_number(s.get("loss"))
+        loss = display.format_loss(s.get("loss"))
         if state in LIVE_STATES and loss != "–":
             loss += " (live)"
         epoch = ctx.metrics.reader(ctx.manager.paths(s["run_id"]).metrics).last("epoch_loss")
@@ -153,12 +153,16 @@ def evaluation_updates(ctx: AppContext, evaluations: Evaluations, run_id: str | 
 
 
 def evaluation_html(result: Mapping[str, Any] | None) -> str:
-    """A saved evaluation as a table: pretrained vs random init, delta in points."""
+    """A saved evaluation as a table: pretrained vs random init, delta in points; "" for none, or a
+    damaged one (it reads as not evaluated)."""
     if not result:
         return ""
-    from mae_core.evaluate import METRICS
+    from mae_core.evaluate import METRICS, valid_result
 
-    names = {"knn_top1": f"kNN top-1 (k={result.get('k')})", "knn_top5": "kNN top-5",
+    result = valid_result(dict(result))
+    if result is None:
+        return ""
+    names = {"knn_top1": f"kNN top-1 (k={render.esc(result.get('k'))})", "knn_top5": "kNN top-5",
              "linear_top1": "linear probe top-1"}
     cell = lambda v, sign="": "–" if v is None else f"{v:{sign}.1f}"  # noqa: E731
     rows = "".join(
@@ -310,6 +314,10 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
           c["pick"], c["refresh_event"]["outputs"], api_name="list_runs", show_progress="hidden")
     c["table"].select(_pick_row, None, c["pick"], api_name="pick_run_row",
                       show_progress="hidden").then(**c["refresh_event"])
+    # A tick is for the run it was given for: picking another one takes it back (it deleted
+    # whichever run was picked when Delete was pressed).
+    gr.on([c["pick"].input, c["table"].select], lambda: False, None, c["confirm"],
+          show_progress="hidden", queue=False)
     c["delete"].click(on_delete, [c["pick"], c["confirm"]], [c["message"], c["confirm"]],
                       api_name="delete_run", concurrency_id="run_actions",
                       show_progress="hidden").then(**c["refresh_event"])
