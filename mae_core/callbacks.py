@@ -32,6 +32,7 @@ from mae_core.fileio import (
     atomic_write_text,
     fsync_file,
     is_disk_full,
+    read_regular_bytes,
     remove_stale_temp_files,
 )
 from mae_core.flops import training_flops_per_image
@@ -142,7 +143,7 @@ class ProgressRecorder(pl.Callback):
                          "images": getattr(dataset, "num_images", None),
                          "skipped_files": getattr(dataset, "skipped", None),
                          "flops_per_image": self.flops_per_image, "peak_flops": self.peak_flops}
-            self._config_text = self.paths.config.read_text()
+            self._config_text = _text_or_empty(self.paths.config)  # none: a bare trainer
             created = self.paths.read_status().get("created")
             if created is not None:
                 self._own["created"] = created
@@ -224,6 +225,13 @@ class ProgressRecorder(pl.Callback):
             loss=row.get("loss"), images_per_s=row.get("images_per_s"), mfu=row.get("mfu"),
             elapsed_s=self._elapsed_before + time.perf_counter() - self._fit_start,
             **{**self._own, **fields})
+
+
+def _text_or_empty(path: Path) -> str:
+    try:
+        return read_regular_bytes(path).decode()
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 _ROW_ORDER = ("step", "epoch", "loss", "lr", "images_per_s", "elapsed_s", "mfu")

@@ -337,17 +337,19 @@ def saved_step(paths: RunPaths) -> int | None:
         return None
 
 
-def checkpoint_step(path: Path) -> int:
+def checkpoint_step(path: Path, verify: bool = True) -> int:
     """The optimizer step ``last.ckpt`` was saved at; RunError if it is missing, damaged, or not a
     Lightning checkpoint (a resume from it would train on corrupt weights, or fail once launched).
 
     Every member's CRC is checked first (``torch.load`` memory-maps the tensors and never reads
-    them), then it is loaded the way resume will (``weights_only``), memory-mapped.
+    them; ``verify=False`` leaves that to a caller that just did it, since it reads the whole file),
+    then it is loaded the way resume will (``weights_only``), memory-mapped.
     """
     if not path.is_file():
         raise RunError(f"{path.parent.name} has no checkpoint to resume from")
     try:
-        _verify_archive(path)
+        if verify:
+            _verify_archive(path)
         checkpoint = _load_checkpoint(path)
     except Exception as err:  # noqa: BLE001 - any failure to read it means it cannot be resumed
         detail = str(err).splitlines()[0][:200] if str(err) else type(err).__name__

@@ -235,6 +235,10 @@ class RunManager(QueuedRuns):
             cfg = cfg.with_overrides(max_steps=max_steps)
         resolve_channels(cfg, check_data(cfg.train.data))  # outside the locks; channels still match
         self._require_room(cfg, paths.root, resuming=True, exclude=run_id)
+        # Its bytes are checked outside the locks: reading a large checkpoint through takes
+        # seconds, and every status call would wait for it. Under them, its step is read again.
+        if paths.last_ckpt.is_file():  # a missing one is refused under them, after a live run
+            checkpoint_step(paths.last_ckpt)
         with self._exclusive():
             self._refuse_if_busy(cfg, exclude=run_id)
             status = self.status(run_id)
@@ -245,7 +249,7 @@ class RunManager(QueuedRuns):
                                                       or max_steps <= status.get("step", 0)):
                 raise RunError(f"run {run_id} has finished; raise max steps above "
                                f"{status.get('step')} to train it further")
-            step = checkpoint_step(paths.last_ckpt)
+            step = checkpoint_step(paths.last_ckpt, verify=False)
             # max_steps -1 trains by epochs (max_epochs): no step count to be above.
             if cfg.train.max_steps != -1 and cfg.train.max_steps <= step:
                 raise RunError(f"the checkpoint of {run_id} is at step {step}: raise max steps "
@@ -358,10 +362,13 @@ class RunManager(QueuedRuns):
 
     @staticmethod
     def _process(paths: RunPaths) -> dict[str, Any]:
-        """The run's process record, or {} where process.json is missing or names no process
-        (hand-edited: a pid of 0 would have named this app's own process group)."""
-        record = read_json(paths.process)
-        return record if proc.record_pid(record) is not None else {}
+        """The run's process record, or {} where process.json is missing or, on this machine,
+        names no process (hand-edited: a pid of 0 would have named this app's own process
+        group). Another node's pid is never used here, whatever it is."""
+        record = read_json(paths.process) or {}
+        if proc.on_this_host(record) and proc.record_pid(record) is None:
+            return {}
+        return record
 
     def _alive(self, paths: RunPaths, status: dict[str, Any]) -> bool:
         info = self._process(paths)
