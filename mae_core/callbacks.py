@@ -215,7 +215,8 @@ class ProgressRecorder(pl.Callback):
         by an app that took it for dead) is made whole by the next write, not left "failed" with
         a live trainer behind it."""
         row = self.last_row or {}
-        self._own.update({k: v for k, v in fields.items() if k == "state"})
+        if "state" in fields:
+            self._own["state"] = fields["state"]
         if self._config_text and not self.paths.config.is_file():
             # Without it the folder is no run to the app: unlisted, unstoppable, and another run
             # could start on the devices this one holds.

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from mae_core.config import cpu_bf16_feature
+from mae_core.precision import cpu_bf16_feature
 from mae_core.fileio import atomic_write_json, read_json
 
 CACHE_ENV = "MAE_STUDIO_CACHE_DIR"
@@ -280,7 +280,7 @@ def device_peak(device: str, precision: str | None, cache: Path | None = None, i
 
 def hardware_summary() -> str:
     """What the default config will train on, in words (shown by the UI)."""
-    from mae_core.config import cpu_bf16_feature, default_cpu_processes, usable_cores
+    from mae_core.config import default_cpu_processes, usable_cores
 
     gpus = torch.cuda.device_count()
     if gpus:

@@ -35,6 +35,9 @@ SNAPSHOT_DIR = "snapshots"  # in the run directory: the last K weight snapshots 
 # What Lightning's resume reads from a checkpoint (a run's trainer saves every one of them).
 LIGHTNING_CHECKPOINT_KEYS = frozenset({"state_dict", "global_step", "epoch", "loops",
                                        "optimizer_states", "pytorch-lightning_version"})
+# What read_status says where status.json cannot say the run's state (:func:`state_unknown`).
+UNREADABLE_STATUS = "status.json is missing or unreadable"
+DAMAGED_STATUS = "status.json is damaged"
 _RUN_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=@,-]*")
 
 
@@ -204,11 +207,10 @@ class RunPaths:
         wrong type (a hand-edited or damaged file) is dropped, so one run cannot break a listing."""
         status = read_json(self.status)
         if status is None:
-            return {"run_id": self.run_id, "state": "failed",
-                    "error": "status.json is missing or unreadable"}
+            return {"run_id": self.run_id, "state": "failed", "error": UNREADABLE_STATUS}
         kept = {k: v for k, v in status.items() if k in STATUS_FIELDS and _well_typed(k, v)}
         if kept.get("state") not in STATES:
-            kept.update(state="failed", error=f"status.json is damaged: its state is "
+            kept.update(state="failed", error=f"{DAMAGED_STATUS}: its state is "
                                               f"{shown(status.get('state'))}")
         return kept
 
@@ -313,6 +315,13 @@ def new_run_id(runs_dir: Path, preset: str, policy: str) -> str:
         n += 1
         run_id = f"{base}-{n}"
     return run_id
+
+
+def state_unknown(status: dict[str, Any]) -> bool:
+    """Whether ``status`` (from :meth:`RunPaths.read_status`) is a stand-in for a status.json
+    that is missing or damaged, not a state the run recorded."""
+    return status.get("state") == "failed" and str(status.get("error")).startswith(
+        (UNREADABLE_STATUS, DAMAGED_STATUS))
 
 
 def tail_lines(path: Path, lines: int = 40) -> str:

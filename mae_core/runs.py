@@ -18,9 +18,7 @@ import contextlib
 import fcntl
 import os
 import shutil
-import signal
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,25 +28,20 @@ from mae_core.channels import resolve_channels, resolve_data
 from mae_core.checks import shown
 from mae_core.config import RunConfig
 from mae_core.data import check_data
-from mae_core.diskspace import (check_room, full_disk_failure, full_disk_message, same_disk,
-                                still_to_write)
-from mae_core.fileio import (DiskFullError, atomic_write_json, disk_nearly_full, read_json,
-                             remove_stale_temp_files, says_disk_full)
+from mae_core.diskspace import check_room, full_disk_message, same_disk, still_to_write
+from mae_core.fileio import DiskFullError, atomic_write_json, disk_nearly_full
 from mae_core.process import PROJECT_ROOT  # noqa: F401 - re-exported for callers and tests
 from mae_core.rundir import (LIVE_STATES, RunError, RunPaths, checkpoint_step,  # noqa: F401
-                             create_run, saved_step, valid_run_id)
+                             create_run, saved_step, state_unknown, valid_run_id)
 from mae_core.runqueue import QueuedRuns, RunQueue
+from mae_core.runwatch import TrainerWatch
 from mae_core.weights import export_encoder, timm_snippet
 
-# A run on another node counts as alive while its status.json was rewritten this recently.
-REMOTE_SILENCE_S = 600.0
-# A run with no recorded process yet counts as alive this long after its status was written.
-LAUNCH_GRACE_S = 30.0
 # The lock file apps sharing a runs directory take before they check for a live run and launch.
 LOCK_NAME = ".runs.lock"
 
 
-class RunManager(QueuedRuns):
+class RunManager(QueuedRuns, TrainerWatch):
     """Owns the training processes of one runs directory.
 
     Args:
@@ -90,7 +83,7 @@ class RunManager(QueuedRuns):
         with self._lock:
             paths = self.paths(run_id)
             status = paths.read_status()
-            if _damaged(status) and self._trainer_pid(paths) is not None:
+            if state_unknown(status) and self._trainer_pid(paths) is not None:
                 # Its trainer lives and rewrites the file at its next progress save: still live,
                 # so it can be stopped, and neither deleted nor started twice meanwhile.
                 status = {**status, "state": "running", "error": f"{status.get('error')}; the "
@@ -343,112 +336,6 @@ class RunManager(QueuedRuns):
         atomic_write_json(paths.process, record)
         proc.watch(process, lambda code: self._on_exit(paths, record, code))
 
-    def _on_exit(self, paths: RunPaths, record: dict[str, Any], code: int) -> None:
-        """A trainer this manager launched has exited (not yet reaped): record a death at once.
-
-        The process-group kill ends DDP ranks the trainer left behind; the unreaped trainer still
-        holds its pid, so the group cannot be a stranger's.
-        """
-        with self._lock:
-            self._exit_codes[record["pid"]] = code
-            current = self._process(paths)
-            ours = (current.get("pid"), current.get("start_time")) == (record["pid"],
-                                                                       record["start_time"])
-            live = paths.read_status().get("state") in LIVE_STATES
-            if code != 0 or (ours and live):
-                proc.kill_group(record["pid"], signal.SIGKILL)
-            if ours and live and paths.root.exists():
-                self._mark_dead(paths)
-
-    @staticmethod
-    def _process(paths: RunPaths) -> dict[str, Any]:
-        """The run's process record, or {} where process.json is missing or, on this machine,
-        names no process (hand-edited: a pid of 0 would have named this app's own process
-        group). Another node's pid is never used here, whatever it is."""
-        record = read_json(paths.process) or {}
-        if proc.on_this_host(record) and proc.record_pid(record) is None:
-            return {}
-        return record
-
-    def _alive(self, paths: RunPaths, status: dict[str, Any]) -> bool:
-        info = self._process(paths)
-        if info and not proc.on_this_host(info):
-            # Launched on another node (torchrun/SLURM): its pid means nothing here, so a
-            # status the trainer keeps refreshing is the sign of life.
-            return time.time() - (status.get("updated") or 0) < REMOTE_SILENCE_S
-        if info and proc.record_alive(info):
-            return True
-        if not info and (status.get("state") == "starting"
-                         and time.time() - (status.get("updated") or 0) < LAUNCH_GRACE_S):
-            return True  # between "starting" and the launch being recorded (another app's manager)
-        return self._adopt(paths)
-
-    def _trainer_pid(self, paths: RunPaths) -> int | None:
-        """The live trainer of this run on this machine, whatever its status.json says."""
-        info = self._process(paths)
-        if info and proc.on_this_host(info) and proc.record_alive(info):
-            return info["pid"]
-        return proc.find_trainer(paths.root)
-
-    @staticmethod
-    def _adopt(paths: RunPaths) -> bool:
-        """A trainer of this run that process.json does not name (the file deleted or replaced
-        while it trained) still lives: it is recorded again, so Stop reaches it and the run is
-        never taken for dead, then resumed or deleted under it."""
-        pid = proc.find_trainer(paths.root)
-        if pid is None:
-            return False
-        with contextlib.suppress(OSError):
-            atomic_write_json(paths.process, proc.process_record(pid, command=["(found running)"]))
-        return True
-
-    def _wait_for_exit(self, paths: RunPaths, timeout_s: float = 15.0) -> None:
-        """A stopped trainer writes its final state just before it exits: let it finish exiting
-        before a resume starts another one on the same files."""
-        info = self._process(paths)
-        if info and not proc.on_this_host(info):
-            return
-        pid = proc.record_pid(info) or proc.find_trainer(paths.root)
-        if pid is not None and not proc.wait_gone(pid, info.get("start_time"), timeout_s):
-            raise RunError(f"run {paths.run_id}'s previous trainer process "
-                           f"(pid {pid}) is still exiting; try again in a moment")
-
-    def _mark_dead(self, paths: RunPaths) -> dict[str, Any]:
-        """The process is gone; unless it recorded its own end just before exiting, it failed."""
-        info = self._process(paths)
-        pid = proc.record_pid(info)
-        # Orphaned DDP ranks go too. A pid that now belongs to another process (other start time)
-        # means our group is already empty: Linux does not reuse a pid that still names a group.
-        # Another node's pid names nothing here, and its temp files are not ours to judge.
-        local = proc.on_this_host(info)
-        if local and pid is not None and proc.process_start_time(pid) in (
-                None, info.get("start_time")):
-            proc.kill_group(pid, signal.SIGKILL)
-        # A kill during a save leaves the save's temp file: its writer is dead now, so it goes
-        # (a failed run's folder holds only files that load).
-        if local:
-            remove_stale_temp_files(paths.root)
-        status = paths.read_status()
-        if status.get("state") not in LIVE_STATES:
-            return status
-        code = None
-        if pid is not None:
-            code = self._exit_codes.get(pid)
-            code = proc.child_exit_code(pid) if code is None else code
-        if code is not None and code < 0:
-            how = f"was killed by {_signal_name(-code)}"
-        elif code is not None:
-            how = f"exited with code {code}"
-        else:
-            how = "is gone (killed, or out of memory)"
-        error = f"the trainer process {how} before finishing"
-        log_tail = paths.log_tail()
-        # A process that hit the full disk first (any rank, any write) may have had no room left
-        # to say so; the disk, or the log, still can.
-        if disk_nearly_full(paths.root) or says_disk_full(log_tail):
-            error += f": {full_disk_failure(paths.root, paths.last_ckpt, saved_step(paths))}"
-        return paths.write_status(state="failed", log_tail=log_tail, error=error)
-
     def _enforce_stop(self, paths: RunPaths, record: dict[str, Any]) -> None:
         """Terminate the trainer ``record`` names if it outlives ``stop_timeout_s``."""
         pid, start_time = record["pid"], record.get("start_time")
@@ -479,20 +366,6 @@ def _share_devices(cfg: RunConfig, other: RunConfig | None) -> bool:
     run) uses them all, and an unreadable config (None) is assumed to."""
     wanted, held = cfg.train.gpu_set, other.train.gpu_set if other is not None else None
     return wanted is None or held is None or bool(wanted & held)
-
-
-def _signal_name(number: int) -> str:
-    """SIGKILL, SIGTERM...; a real-time signal (34 to 64) has no name of its own."""
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
-
-
-def _damaged(status: dict[str, Any]) -> bool:
-    """Whether status.json could not say the run's state (:meth:`RunPaths.read_status`)."""
-    return status.get("state") == "failed" and str(status.get("error")).startswith(
-        ("status.json is damaged", "status.json is missing"))
 
 
 def _remove_run_folder(root: Path) -> Path | None:

@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from mae_core import config as config_module
+from mae_core import precision as precision_module
 from mae_core.config import MAX_SEED, ConfigError, ModelConfig, RunConfig, TrainConfig
 
 
 def test_without_gpus_cpu_ddp_over_at_least_two_processes_in_full_precision(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # a no-op here; hides a GPU elsewhere
     # A CPU without native bf16 (tests/test_precision.py covers the one with it).
-    monkeypatch.setattr(config_module, "cpu_bf16_feature", lambda: None)
+    monkeypatch.setattr(precision_module, "cpu_bf16_feature", lambda: None)
     cfg = RunConfig().resolved()
     cores = os.cpu_count() or 1
     assert cfg.train.accelerator == "cpu" and cfg.train.precision == "32-true"
@@ -36,14 +37,14 @@ def test_without_gpus_cpu_ddp_over_at_least_two_processes_in_full_precision(monk
 def test_with_gpus_every_gpu_in_bf16(monkeypatch):
     # No GPU is lent to CI: only the detection is stood in for, the resolution logic is real.
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    monkeypatch.setattr(config_module, "_bf16_ok", lambda: True)
+    monkeypatch.setattr(precision_module, "_bf16_ok", lambda: True)
     cfg = RunConfig().resolved()
     assert (cfg.train.accelerator, cfg.train.devices, cfg.train.precision) == ("gpu", 4, "bf16-mixed")
     assert RunConfig(train=TrainConfig(devices=2)).resolved().train.devices == 2
     with pytest.raises(ConfigError) as err:
         RunConfig(train=TrainConfig(devices=8)).resolved()
     assert err.value.field == "devices"
-    monkeypatch.setattr(config_module, "_bf16_ok", lambda: False)  # e.g. a V100
+    monkeypatch.setattr(precision_module, "_bf16_ok", lambda: False)  # e.g. a V100
     assert RunConfig().resolved().train.precision == "32-true"
 
 

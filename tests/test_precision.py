@@ -15,8 +15,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from mae_core import config as config_module
-from mae_core.config import CPU_BF16_FLAGS, ConfigError, ModelConfig, RunConfig, TrainConfig
+from mae_core import precision as precision_module
+from mae_core.config import ConfigError, ModelConfig, RunConfig, TrainConfig
+from mae_core.precision import CPU_BF16_FLAGS
 from mae_core.rundir import create_run
 from mae_core.train import run_training
 
@@ -33,30 +34,30 @@ def test_detection_reads_the_cpus_own_flags():
         words = set(file.read().split())
     flags = [name for name in CPU_BF16_FLAGS if name in words]
     # AMX first: the faster of the two where a CPU has both.
-    assert config_module.cpu_bf16_feature() == (flags[0] if flags else None)
+    assert precision_module.cpu_bf16_feature() == (flags[0] if flags else None)
 
 
 def test_auto_precision_on_the_cpu_follows_native_bf16(monkeypatch):
-    native = config_module.cpu_bf16_feature() is not None
+    native = precision_module.cpu_bf16_feature() is not None
     assert _cpu().resolved().train.precision == ("bf16-mixed" if native else "32-true")
     # Both answers of the detection, on this machine's real resolution code:
-    monkeypatch.setattr(config_module, "cpu_bf16_feature", lambda: "amx_bf16")
+    monkeypatch.setattr(precision_module, "cpu_bf16_feature", lambda: "amx_bf16")
     assert _cpu().resolved().train.precision == "bf16-mixed"
     assert _cpu("bf16-mixed").resolved().train.precision == "bf16-mixed"
     assert _cpu("32-true").resolved().train.precision == "32-true"
-    monkeypatch.setattr(config_module, "cpu_bf16_feature", lambda: None)
+    monkeypatch.setattr(precision_module, "cpu_bf16_feature", lambda: None)
     assert _cpu().resolved().train.precision == "32-true"
 
 
 def test_bf16_without_native_support_and_fp16_on_the_cpu_are_refused(monkeypatch):
-    monkeypatch.setattr(config_module, "cpu_bf16_feature", lambda: None)
+    monkeypatch.setattr(precision_module, "cpu_bf16_feature", lambda: None)
     with pytest.raises(ConfigError) as err:
         _cpu("bf16-mixed").resolved()
     assert err.value.field == "precision"
     assert "natively" in str(err.value) and "avx512_bf16" in str(err.value)
     assert "32-true" in str(err.value)
     for feature in (None, "avx512_bf16"):
-        monkeypatch.setattr(config_module, "cpu_bf16_feature", lambda feature=feature: feature)
+        monkeypatch.setattr(precision_module, "cpu_bf16_feature", lambda feature=feature: feature)
         with pytest.raises(ConfigError) as err:
             _cpu("16-mixed").resolved()
         assert err.value.field == "precision" and "GPU" in str(err.value)

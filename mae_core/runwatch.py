@@ -1,0 +1,142 @@
+"""Whether a run's trainer lives, told from this machine: the run manager's watch over the
+processes it (or another app, or a person by hand) launched.
+
+``process.json`` names the trainer; a record missing or damaged is looked past to the process
+itself (its command line names the run folder), so a live trainer is never taken for dead. A
+trainer found gone is recorded ``failed`` with the reason (its exit code or signal, a full disk)
+and the log tail; its orphaned ranks and the temp files of its interrupted save go with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from typing import Any
+
+from mae_core import process as proc
+from mae_core.diskspace import full_disk_failure
+from mae_core.fileio import (atomic_write_json, disk_nearly_full, read_json,
+                             remove_stale_temp_files, says_disk_full)
+from mae_core.rundir import LIVE_STATES, RunError, RunPaths, saved_step
+
+# A run on another node counts as alive while its status.json was rewritten this recently.
+REMOTE_SILENCE_S = 600.0
+# A run with no recorded process yet counts as alive this long after its status was written.
+LAUNCH_GRACE_S = 30.0
+
+
+class TrainerWatch:
+    """The run manager's part that watches trainer processes (a base of
+    :class:`mae_core.runs.RunManager`, whose ``_lock`` and ``_exit_codes`` it uses)."""
+
+    _lock: threading.RLock
+    _exit_codes: dict[int, int]  # pid -> return code of trainers this manager reaped
+
+    def _on_exit(self, paths: RunPaths, record: dict[str, Any], code: int) -> None:
+        """A trainer this manager launched has exited (not yet reaped): record a death at once.
+
+        The process-group kill ends DDP ranks the trainer left behind; the unreaped trainer still
+        holds its pid, so the group cannot be a stranger's.
+        """
+        with self._lock:
+            self._exit_codes[record["pid"]] = code
+            current = self._process(paths)
+            ours = (current.get("pid"), current.get("start_time")) == (record["pid"],
+                                                                       record["start_time"])
+            live = paths.read_status().get("state") in LIVE_STATES
+            if code != 0 or (ours and live):
+                proc.kill_group(record["pid"], signal.SIGKILL)
+            if ours and live and paths.root.exists():
+                self._mark_dead(paths)
+
+    @staticmethod
+    def _process(paths: RunPaths) -> dict[str, Any]:
+        """The run's process record, or {} where process.json is missing or, on this machine,
+        names no process (hand-edited: a pid of 0 would have named this app's own process
+        group). Another node's pid is never used here, whatever it is."""
+        record = read_json(paths.process) or {}
+        if proc.on_this_host(record) and proc.record_pid(record) is None:
+            return {}
+        return record
+
+    def _alive(self, paths: RunPaths, status: dict[str, Any]) -> bool:
+        info = self._process(paths)
+        if info and not proc.on_this_host(info):
+            # Launched on another node (torchrun/SLURM): its pid means nothing here, so a
+            # status the trainer keeps refreshing is the sign of life.
+            return time.time() - (status.get("updated") or 0) < REMOTE_SILENCE_S
+        if not info and (status.get("state") == "starting"
+                         and time.time() - (status.get("updated") or 0) < LAUNCH_GRACE_S):
+            return True  # between "starting" and the launch being recorded (another app's manager)
+        pid = self._trainer_pid(paths)
+        if pid is not None and pid != info.get("pid"):
+            # A trainer process.json does not name (the file deleted or replaced while it
+            # trained): recorded again, so Stop reaches it and the run is never taken for dead,
+            # then resumed or deleted under it.
+            with contextlib.suppress(OSError):
+                atomic_write_json(paths.process, proc.process_record(pid, command=["(found)"]))
+        return pid is not None
+
+    def _trainer_pid(self, paths: RunPaths) -> int | None:
+        """The live trainer of this run on this machine, whatever its status.json says."""
+        info = self._process(paths)
+        if info and proc.on_this_host(info) and proc.record_alive(info):
+            return info["pid"]
+        return proc.find_trainer(paths.root)
+
+    def _wait_for_exit(self, paths: RunPaths, timeout_s: float = 15.0) -> None:
+        """A stopped trainer writes its final state just before it exits: let it finish exiting
+        before a resume starts another one on the same files."""
+        info = self._process(paths)
+        if info and not proc.on_this_host(info):
+            return
+        pid = proc.record_pid(info) or proc.find_trainer(paths.root)
+        if pid is not None and not proc.wait_gone(pid, info.get("start_time"), timeout_s):
+            raise RunError(f"run {paths.run_id}'s previous trainer process "
+                           f"(pid {pid}) is still exiting; try again in a moment")
+
+    def _mark_dead(self, paths: RunPaths) -> dict[str, Any]:
+        """The process is gone; unless it recorded its own end just before exiting, it failed."""
+        info = self._process(paths)
+        pid = proc.record_pid(info)
+        # Orphaned DDP ranks go too. A pid that now belongs to another process (other start time)
+        # means our group is already empty: Linux does not reuse a pid that still names a group.
+        # Another node's pid names nothing here, and its temp files are not ours to judge.
+        local = proc.on_this_host(info)
+        if local and pid is not None and proc.process_start_time(pid) in (
+                None, info.get("start_time")):
+            proc.kill_group(pid, signal.SIGKILL)
+        # A kill during a save leaves the save's temp file: its writer is dead now, so it goes
+        # (a failed run's folder holds only files that load).
+        if local:
+            remove_stale_temp_files(paths.root)
+        status = paths.read_status()
+        if status.get("state") not in LIVE_STATES:
+            return status
+        code = None
+        if pid is not None:
+            code = self._exit_codes.get(pid)
+            code = proc.child_exit_code(pid) if code is None else code
+        if code is not None and code < 0:
+            how = f"was killed by {_signal_name(-code)}"
+        elif code is not None:
+            how = f"exited with code {code}"
+        else:
+            how = "is gone (killed, or out of memory)"
+        error = f"the trainer process {how} before finishing"
+        log_tail = paths.log_tail()
+        # A process that hit the full disk first (any rank, any write) may have had no room left
+        # to say so; the disk, or the log, still can.
+        if disk_nearly_full(paths.root) or says_disk_full(log_tail):
+            error += f": {full_disk_failure(paths.root, paths.last_ckpt, saved_step(paths))}"
+        return paths.write_status(state="failed", log_tail=log_tail, error=error)
+
+
+def _signal_name(number: int) -> str:
+    """SIGKILL, SIGTERM...; a real-time signal (34 to 64) has no name of its own."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
