@@ -35,7 +35,7 @@ from mae_core.rundir import (LIVE_STATES, RunError, RunPaths, checkpoint_step,  
                              create_run, saved_step, state_unknown, valid_run_id)
 from mae_core.runqueue import QueuedRuns, RunQueue
 from mae_core.runwatch import TrainerWatch
-from mae_core.weights import export_encoder, timm_snippet
+from mae_core.weights import checkpoint_mismatch, export_encoder, timm_snippet
 
 # The lock file apps sharing a runs directory take before they check for a live run and launch.
 LOCK_NAME = ".runs.lock"
@@ -166,7 +166,9 @@ class RunManager(QueuedRuns, TrainerWatch):
         return self.paths(run_id).read_metrics(since_step)
 
     def previews(self, run_id: str) -> list[Path]:
-        return sorted(self.paths(run_id).previews.glob("step_*.png"))
+        """The run's preview images, oldest first. Regular files only: a page serving a FIFO
+        named like a preview would block forever."""
+        return sorted(p for p in self.paths(run_id).previews.glob("step_*.png") if p.is_file())
 
     def weights(self, run_id: str) -> Path:
         path = self.paths(run_id).weights
@@ -232,6 +234,7 @@ class RunManager(QueuedRuns, TrainerWatch):
         # seconds, and every status call would wait for it. Under them, its step is read again.
         if paths.last_ckpt.is_file():  # a missing one is refused under them, after a live run
             checkpoint_step(paths.last_ckpt)
+            _require_same_model(paths, cfg)
         with self._exclusive():
             self._refuse_if_busy(cfg, exclude=run_id)
             status = self.status(run_id)
@@ -366,6 +369,16 @@ def _share_devices(cfg: RunConfig, other: RunConfig | None) -> bool:
     run) uses them all, and an unreadable config (None) is assumed to."""
     wanted, held = cfg.train.gpu_set, other.train.gpu_set if other is not None else None
     return wanted is None or held is None or bool(wanted & held)
+
+
+def _require_same_model(paths: RunPaths, cfg: RunConfig) -> None:
+    """Refuse a ``last.ckpt`` of another model before a trainer is launched on it."""
+    mismatch = checkpoint_mismatch(paths.last_ckpt, cfg.model)
+    if mismatch:
+        raise RunError(f"{paths.last_ckpt} is not a checkpoint of this run's model "
+                       f"({cfg.model.encoder_name}, {cfg.model.image_size} px / patch "
+                       f"{cfg.model.patch_size}): {mismatch}. It cannot be resumed; start a new "
+                       "run, or put back the last.ckpt this run wrote")
 
 
 def _remove_run_folder(root: Path) -> Path | None:

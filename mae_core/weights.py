@@ -20,6 +20,7 @@ from mae_core.fileio import atomic_write, open_regular
 from mae_core.model import MaskedAutoencoder, pixel_stats
 
 ENCODER_PREFIX = "backbone.vit."
+LIGHTNING_PREFIX = "mae."  # MAELightning holds the model as ``self.mae``
 
 
 class WeightsError(ValueError):
@@ -75,6 +76,40 @@ def load_model(path: str | Path, device: str = "cpu") -> MaskedAutoencoder:
     except (SafetensorError, OSError, RuntimeError, ValueError) as err:
         raise WeightsError(f"{Path(path).name} does not match its model ({err})") from None
     return model.to(device).eval()
+
+
+def checkpoint_mismatch(path: str | Path, cfg: ModelConfig) -> str | None:
+    """How the model in the Lightning checkpoint at ``path`` differs from the one ``cfg`` builds,
+    in words (None where every tensor fits).
+
+    A checkpoint of another model (copied from another run, or a config edited by hand) would
+    otherwise pass every check and fail only in the launched trainer. Shapes alone are compared:
+    the checkpoint is memory-mapped and the model is built on the meta device, so this costs
+    no memory whatever the size.
+    """
+    import torch
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        return "it holds no state_dict"
+    saved = {key.removeprefix(LIGHTNING_PREFIX): tuple(value.shape) for key, value in state.items()
+             if isinstance(value, torch.Tensor)}
+    with torch.device("meta"):
+        expected = {key: tuple(value.shape) for key, value in MaskedAutoencoder(cfg).state_dict().items()}
+    missing = sorted(expected.keys() - saved.keys())
+    unexpected = sorted(saved.keys() - expected.keys())
+    resized = [key for key in expected if key in saved and saved[key] != expected[key]]
+    problems = []
+    if resized:
+        key = resized[0]
+        problems.append(f"{len(resized)} tensor(s) of another shape, e.g. {key} is "
+                        f"{list(saved[key])} in it and {list(expected[key])} in this run's model")
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) missing, e.g. {missing[0]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensor(s) this model has not, e.g. {unexpected[0]}")
+    return "; ".join(problems) or None
 
 
 def export_encoder(weights_path: str | Path, out_path: str | Path) -> list[str]:

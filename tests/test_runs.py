@@ -22,8 +22,9 @@ import torch
 from PIL import Image
 
 from helpers import SlowDisk, poll
-from mae_core.config import ConfigError, RunConfig
+from mae_core.config import ConfigError, ModelConfig, RunConfig
 from mae_core.data import DataError, ImageFolderDataset, find_images, sample_photo_paths
+from mae_core.model import MaskedAutoencoder
 from mae_core import data as data_module
 from mae_core.process import pid_alive, zombie_children
 from mae_core.rundir import create_run
@@ -278,6 +279,16 @@ def test_corrupt_checkpoint_is_refused_on_resume(manager):
         paths.last_ckpt.write_bytes(damaged)
         with pytest.raises(RunError, match="corrupt"):
             manager.resume(run_id, max_steps=20)
+    # A sound Lightning checkpoint of another model (copied from another run) passed every check,
+    # and the launched trainer failed on a size mismatch.
+    paths.last_ckpt.write_bytes(whole)
+    checkpoint = torch.load(paths.last_ckpt, weights_only=True)
+    other = MaskedAutoencoder(ModelConfig(preset="vit-tiny", image_size=64, patch_size=8))
+    checkpoint["state_dict"] = {f"mae.{k}": v for k, v in other.state_dict().items()}
+    torch.save(checkpoint, paths.last_ckpt)
+    with pytest.raises(RunError, match=r"not a checkpoint of this run's model .*32 px / patch 8.*"
+                                       r"pos_embed is \[1, 65, 192\] in it and \[1, 17, 192\]"):
+        manager.resume(run_id, max_steps=20)
     paths.last_ckpt.unlink()
     with pytest.raises(RunError, match="no checkpoint"):
         manager.resume(run_id, max_steps=20)

@@ -4,6 +4,7 @@ has one fixed scale; the checkpoint follows the live run unless one was picked b
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -266,6 +267,7 @@ def test_refresh_follows_the_live_run_unless_picked_by_hand(ctx, weights_file, s
     (live.previews).mkdir(exist_ok=True)
     Image.new("RGB", (8, 8)).save(live.previews / "step_000010.png")
     Image.new("RGB", (8, 8)).save(live.previews / "step_000020.png")
+    os.mkfifo(live.previews / "step_000030.png")  # serving it would block the page forever
 
     out = reconstruct.refresh(ctx, None, True, None)
     choices = out["ckpt_pick"]["choices"]

@@ -131,9 +131,7 @@ def preview_items(ctx: AppContext, run_id: str | None, limit: int = 24) -> list[
         paths = ctx.manager.previews(run_id)[-limit:]
     except Exception:  # noqa: BLE001 - e.g. the run was deleted meanwhile: no previews
         return []
-    # Only regular files: the page would block forever serving a FIFO named like a preview.
-    return [(str(p), f"step {p.stem.split('_')[-1].lstrip('0') or '0'}") for p in paths
-            if p.is_file()][::-1]
+    return [(str(p), f"step {p.stem.split('_')[-1].lstrip('0') or '0'}") for p in paths][::-1]
 
 
 def history_slider(ctx: AppContext, run_id: str | None) -> dict[str, Any]:
