@@ -122,6 +122,7 @@ class ProgressRecorder(pl.Callback):
         self._step_start = 0.0
         self._step_loss: torch.Tensor | None = None  # accumulation: the step's micro-batches
         self._step_images = 0
+        self._step_lr: float | None = None
         self._pending: list[tuple[dict[str, Any], torch.Tensor]] = []  # rows, their device loss
         self.last_row: dict[str, Any] | None = None  # the last flushed row (rank 0)
         self.flops_per_image: float | None = None  # training FLOPs of one image (rank 0)
@@ -151,6 +152,14 @@ class ProgressRecorder(pl.Callback):
                                     epoch=trainer.current_epoch, error=None, log_tail=None,
                                     mfu=None, **self._own)
 
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        # The rate this step trains at, read before it: Lightning steps the scheduler before
+        # on_train_batch_end, where the line used to read the next step's (the warm-up's first
+        # rate never showed, and the last step always read 0).
+        if self._step_loss is None:  # the step's first micro-batch
+            self._step_lr = trainer.optimizers[0].param_groups[0]["lr"]
+
     def exclude_time(self, seconds: float) -> None:
         """Leave ``seconds`` of work between steps (an evaluation) out of the next step's
         throughput; the elapsed time still counts them."""
@@ -174,7 +183,7 @@ class ProgressRecorder(pl.Callback):
         if not trainer.is_global_zero or trainer.global_step % self.log_every_n_steps:
             return
         row = {"step": trainer.global_step, "epoch": trainer.current_epoch,
-               "lr": trainer.optimizers[0].param_groups[0]["lr"], "images_per_s": images_per_s,
+               "lr": self._step_lr, "images_per_s": images_per_s,
                "elapsed_s": self._elapsed_before + now - self._fit_start,
                "mfu": mfu(images_per_s, self.flops_per_image, self.peak_flops, trainer.world_size)}
         self._pending.append((row, loss))
@@ -381,6 +390,7 @@ class SaveCheckpoints(pl.Callback):
         self.paths = paths
         self.every_n_steps = every_n_steps
         self.recorder = recorder  # its pending lines go to disk before the checkpoint
+        self._saved_step: int | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer.is_global_zero:
@@ -403,11 +413,18 @@ class SaveCheckpoints(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if not optimizer_stepped(trainer):
             return
-        if trainer.global_step % self.every_n_steps == 0 and not trainer.should_stop:
+        step = trainer.global_step
+        # A stop (StopOnRequest runs first) and the last of max_steps are saved here, mid-epoch,
+        # as the periodic checkpoints are. Saved in on_train_end, after Lightning has closed the
+        # epoch, the checkpoint named the next epoch: a resume skipped the rest of the stopped one,
+        # and a run trained by epochs finished steps short.
+        if step % self.every_n_steps == 0 or trainer.should_stop or step == trainer.max_steps:
             self.save(trainer, pl_module)
+            self._saved_step = step
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.save(trainer, pl_module)
+        if self._saved_step != trainer.global_step:  # the last epoch ended (max_epochs)
+            self.save(trainer, pl_module)
 
 
 class EveryNSteps(pl.Callback):

@@ -6,6 +6,7 @@ import json
 import math
 from typing import Any
 
+import pytest
 import pytorch_lightning as pl
 import torch
 
@@ -17,7 +18,7 @@ from mae_core.callbacks import (
 )
 from mae_core.config import ModelConfig
 from mae_core.data import MAEDataModule
-from mae_core.model import MAELightning
+from mae_core.model import MAELightning, warmup_cosine
 from mae_core.rundir import RunPaths
 from mae_core.weights import read_metadata
 from tests.helpers import SYNC_OPS, TensorCalls
@@ -27,7 +28,7 @@ NEVER = 1e9  # seconds: no flush by the clock within a test
 
 
 class Watched(pl.Callback):
-    """Runs another callback's ``on_train_batch_end`` under :class:`TensorCalls`."""
+    """Runs another callback's step hooks under :class:`TensorCalls`."""
 
     def __init__(self, inner: pl.Callback) -> None:
         self.inner = inner
@@ -35,6 +36,10 @@ class Watched(pl.Callback):
 
     def on_train_start(self, *args: Any) -> None:
         self.inner.on_train_start(*args)
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        with self.calls:
+            self.inner.on_train_batch_start(*args)
 
     def on_train_batch_end(self, *args: Any) -> None:
         with self.calls:
@@ -84,6 +89,11 @@ def test_the_step_callbacks_read_nothing_back_from_the_device_between_flushes(tm
     assert all(math.isfinite(row["images_per_s"]) and row["images_per_s"] > 0 for row in rows)
     status = json.loads(paths.status.read_text())
     assert status["loss"] == rows[-1]["loss"] and status["step"] == 5
+    # Each line's lr is the rate its step trained at (5 steps, no warm-up, cosine from 1e-3). It
+    # used to be the next step's: the first rate never showed and the last line always read 0.
+    assert [row["lr"] for row in rows] == pytest.approx(
+        [1e-3 * warmup_cosine(step - 1, warmup=0, total=5) for step in range(1, 6)])
+    assert rows[-1]["lr"] > 0
 
 
 def recorder_end(recorder: ProgressRecorder) -> pl.Callback:

@@ -299,16 +299,22 @@ def test_corrupt_checkpoint_is_refused_on_resume(manager):
 
 def test_a_run_trained_by_epochs_is_resumed_after_a_stop(manager):
     """max_steps -1 (train by max_epochs): Resume used to refuse it, asking for max steps above
-    the checkpoint's step, while the Runs tab called it resumable."""
-    run_id = manager.start(tiny_config(max_steps=-1, max_epochs=1000))
+    the checkpoint's step, while the Runs tab called it resumable. Then the stop's checkpoint,
+    saved after Lightning had closed the epoch, named the next one: the resumed run skipped the
+    rest of the stopped epoch and finished steps short."""
+    run_id = manager.start(tiny_config(max_steps=-1, max_epochs=10))  # 4 steps an epoch: 40
     paths = manager.paths(run_id)
     wait_for(lambda: paths.last_ckpt.exists(), "the first checkpoint")
     manager.stop(run_id)
     stopped = wait_until_ended(manager, run_id)
     assert stopped["state"] == "stopped" and stopped["resumable"], stopped
+    assert stopped["step"] < 40, "the run ended before the stop: the test proves nothing"
     resumed = manager.resume(run_id)
     assert resumed["resumed_from_step"] == stopped["step"], resumed
-    wait_for(lambda: manager.status(run_id).get("step", 0) > stopped["step"], "a step after it")
+    ended = wait_until_ended(manager, run_id)
+    assert ended["state"] == "finished" and ended["step"] == 40, ended
+    steps = [row["step"] for row in paths.read_metrics() if "loss" in row]
+    assert steps == list(range(1, 41))
 
 
 def test_unreadable_images_are_skipped_and_counted(tmp_path):
