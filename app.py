@@ -28,15 +28,26 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # e.g. a public address without authentication
         print(f"error: {err}", file=sys.stderr)
         return 2
+    runs_dir = Path(args.runs_dir).expanduser().resolve()
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(f"error: the runs directory {runs_dir} cannot be created ({err.strerror}): "
+              "pass another --runs-dir", file=sys.stderr)
+        return 2
     from ui import build_app, parameters
     from ui.common import LazyRunManager
 
-    runs_dir = Path(args.runs_dir).expanduser().resolve()
-    runs_dir.mkdir(parents=True, exist_ok=True)
     manager = LazyRunManager(runs_dir)
     demo = build_app(manager)
-    demo.queue(default_concurrency_limit=4).launch(**options, allowed_paths=[str(runs_dir)],
-                                                   prevent_thread_lock=True, quiet=True)
+    try:
+        demo.queue(default_concurrency_limit=4).launch(**options, allowed_paths=[str(runs_dir)],
+                                                       prevent_thread_lock=True, quiet=True)
+    except OSError as err:  # gradio's "Cannot find empty port in range: P-P", an unknown host
+        print(f"error: cannot serve on {args.host}:{args.port} ({str(err).splitlines()[0]}); "
+              "another program (or MAE Studio) may hold that port: pass another --port",
+              file=sys.stderr)
+        return 2
     manager.start_loading()  # the torch-heavy import, now that the page is already served
     parameters.warm_default_audit()
     print(f"MAE Studio is running at {demo.local_url}", flush=True)

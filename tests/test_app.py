@@ -428,6 +428,15 @@ def test_python_app_py_serves_on_localhost(tmp_path):
             assert f"127.0.0.1:{port}" in listening, listening
             assert f"0.0.0.0:{port}" not in listening and f"[::]:{port}" not in listening, listening
         print(f"python app.py: first page after {first_page_s:.1f} s")
+        # A second app on the same port, or a runs directory that cannot be made: said in a line
+        # (exit 2), not gradio's or pathlib's traceback.
+        for args, said in ((["--port", str(port)], f"error: cannot serve on 127.0.0.1:{port}"),
+                           (["--runs-dir", "/proc/no-runs-here"], "error: the runs directory")):
+            second = subprocess.run([sys.executable, "app.py", "--runs-dir", str(tmp_path / "b"),
+                                     *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                                    timeout=120)
+            assert second.returncode == 2 and said in second.stderr, second
+            assert "Traceback" not in second.stderr + second.stdout, second.stderr
     finally:
         os.killpg(process.pid, signal.SIGINT)
         try:
