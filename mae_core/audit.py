@@ -28,6 +28,8 @@ STATUSES = ("trainable", "frozen", "removed")
 # First match wins. The why of a status, by tensor name.
 _REASONS: list[tuple[str, str]] = [
     (r"(^|\.)head\.", "classifier head is not used by MAE pretraining"),
+    (r"^backbone\.vit\.fc_norm\.", ("fc_norm: used only by the pooled classification output, "
+                                    "which MAE pretraining never computes")),
     (r"^backbone\.mask_token$", "encoder mask token: masked patches are dropped, not replaced"),
     (r"^decoder\.mask_token$", "decoder mask token: stands in for the masked patches"),
     (r"pos_embed$", "fixed sin-cos embedding"),
@@ -70,7 +72,7 @@ class Audit:
 
 
 # Tensors the ``reference`` policy leaves trainable although pretraining never uses them.
-_UNUSED_BUT_TRAINABLE = (r"(^|\.)head\.", r"^backbone\.mask_token$")
+_UNUSED_BUT_TRAINABLE = (r"(^|\.)head\.", r"^backbone\.vit\.fc_norm\.", r"^backbone\.mask_token$")
 
 
 def _reason(name: str, status: str) -> str:
@@ -153,7 +155,8 @@ class RowGroup:
 
 # First match wins: (pattern on the tensor name, group title; {n} is the block number).
 _GROUPS: list[tuple[str, str]] = [
-    (r"(^|\.)head\.", "classification head"),
+    # timm's forward_head: pooling, then fc_norm (average-pooling ViTs), then the classifier.
+    (r"(^|\.)head\.|^backbone\.vit\.fc_norm\.", "classification head"),
     (r"^backbone\.(mask_token|vit\.(cls_token|pos_embed|reg_token))", "encoder tokens and position"),
     (r"^backbone\.vit\.patch_embed\.", "patch embedding"),
     (r"^backbone\.vit\.blocks\.(\d+)\.", "encoder block {n}"),

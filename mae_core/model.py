@@ -87,16 +87,23 @@ def apply_policy(model: MaskedAutoencoder, policy: str) -> None:
 
     ``ddp-clean``: the classifier head is removed (``reset_classifier(0)`` keeps the pooling, so the
     backbone still returns one embedding per image) and the encoder mask token is frozen: MAE drops
-    masked patches instead of replacing them, so it never reaches the loss. The sin-cos position
-    embedding is already fixed by lightly. With these, plain DDP (``find_unused_parameters=False``)
-    works. ``reference`` keeps the constructors' defaults: the naive recipe that needs
-    ``ddp_find_unused_parameters_true``.
+    masked patches instead of replacing them, so it never reaches the loss. So is ``fc_norm``, where
+    the ViT has one (average-pooling ViTs: ``beit3_*``, ``eva_large_*``): it norms only the pooled
+    classification output. The sin-cos position embedding is already fixed by lightly. With these,
+    plain DDP (``find_unused_parameters=False``) works. ``reference`` keeps the constructors'
+    defaults: the naive recipe that needs ``ddp_find_unused_parameters_true``.
     """
     vit = model.backbone.vit
     vit.pos_embed.requires_grad_(False)
     if policy == "ddp-clean":
         vit.reset_classifier(0)
         model.backbone.mask_token.requires_grad_(False)
+        # Frozen, not removed: the exported encoder keeps timm's keys, so it still loads with
+        # only the head missing. (Those ViTs' final ``norm`` is an Identity: lightly's encode(),
+        # which ends there, never reaches ``fc_norm``.)
+        fc_norm = getattr(vit, "fc_norm", None)
+        if isinstance(fc_norm, nn.Module):
+            fc_norm.requires_grad_(False)
     elif policy != "reference":
         raise ValueError(f"policy: unknown parameter policy {policy!r}")
 
@@ -133,6 +140,25 @@ def warmup_cosine(step: int, warmup: int, total: int, start_factor: float = 1e-3
         return start_factor + (1 - start_factor) * step / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def batch_images(batch: Any) -> Tensor:
+    """The images of a training batch: the batch itself where it is a tensor (this project's
+    loader), else its first item, and of that the first view where it is a list of views.
+
+    lightly's recipe (``LightlyDataset`` with ``MAETransform``) yields ``(views, targets,
+    filenames)`` with ``views`` a list of one tensor per view; MAE trains on the first, as lightly's
+    own examples do (``views = batch[0]; images = views[0]``). A torchvision ``(images, labels)``
+    batch gives its images.
+    """
+    if isinstance(batch, (list, tuple)) and batch:
+        batch = batch[0]
+        if isinstance(batch, (list, tuple)) and batch:
+            batch = batch[0]
+    if not isinstance(batch, Tensor):
+        raise TypeError(f"a training batch must be images (B, C, H, W) or lightly's (views, "
+                        f"targets, filenames), got {type(batch).__name__}")
+    return batch
 
 
 class MaskedAutoencoder(nn.Module):
@@ -208,7 +234,8 @@ class MAELightning(pl.LightningModule):
     AdamW with betas (0.9, 0.95) and weight decay on weights only (not norms, biases, tokens), the
     learning rate scaled by the effective batch, linear warm-up then per-step cosine decay.
     Batches arrive as uint8 images and are normalised on the device (float batches are taken
-    as already normalised).
+    as already normalised), or as lightly's ``(views, targets, filenames)``, whose first view is
+    trained on (:func:`batch_images`).
     """
 
     def __init__(self, model: dict[str, Any], lr: float, weight_decay: float = 0.05,
@@ -239,10 +266,11 @@ class MAELightning(pl.LightningModule):
         random.seed(seed + 500_000_003)
         torch.manual_seed(seed + 500_000_003)
 
-    def on_after_batch_transfer(self, batch: Tensor, dataloader_idx: int) -> Tensor:
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Tensor:
         # uint8 batches (this project's loader) are normalised here, on the device; float batches
         # come already normalised (lightly's MAETransform in the common recipe) and pass unchanged.
-        return batch if batch.is_floating_point() else self.mae.normalize(batch)
+        images = batch_images(batch)
+        return images if images.is_floating_point() else self.mae.normalize(images)
 
     def training_step(self, images: Tensor, batch_idx: int) -> Tensor:
         idx_keep, idx_mask = draw_token_mask(images.shape[0], self.cfg.num_patches,

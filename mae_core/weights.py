@@ -132,13 +132,29 @@ def export_encoder(weights_path: str | Path, out_path: str | Path) -> list[str]:
 
 
 def timm_snippet(cfg: ModelConfig, path: str | Path) -> str:
-    """Python that loads an exported encoder into timm for fine-tuning."""
+    """Python that loads an exported encoder into timm for fine-tuning.
+
+    ``pretrained_cfg_overlay`` gives the model pretraining's input size and normalisation (the
+    export's metadata): without it ``timm.data.resolve_data_config(model=model)`` returns the
+    preset's 224 px and default mean/std, and ``create_transform`` would feed fine-tuning images
+    pretraining never saw. ``crop_pct=1.0``: evaluation takes the whole centre square, as this
+    project's own evaluation does (timm's default 0.9 would resize and cut a margin off).
+    ``pretrained=False``: the overlay changes the config, nothing downloads.
+    """
+    mean, std = (tuple(float(v) for v in values) for values in pixel_stats(cfg))
+    size = (cfg.channels, cfg.image_size, cfg.image_size)
     return (
         "import timm\n"
         "from safetensors.torch import load_file\n\n"
         f"model = timm.create_model({cfg.encoder_name!r}, pretrained=False,\n"
         f"                          img_size={cfg.image_size}, patch_size={cfg.patch_size}, "
-        f"in_chans={cfg.channels}, num_classes=10)\n"
+        f"in_chans={cfg.channels}, num_classes=10,\n"
+        "                          # pretraining's input size and normalisation\n"
+        f"                          pretrained_cfg_overlay=dict(input_size={size!r},\n"
+        f"                                                      mean={mean!r},\n"
+        f"                                                      std={std!r}, crop_pct=1.0))\n"
         f"missing, unexpected = model.load_state_dict(load_file({str(path)!r}), strict=False)\n"
         "assert set(missing) == {'head.weight', 'head.bias'} and not unexpected\n"
+        "# fine-tuning's preprocessing, sized and normalised as pretraining was\n"
+        "transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))\n"
     )

@@ -189,6 +189,35 @@ def test_the_meta_check_agrees_on_other_encoders_and_losses(overrides):
         assert params.gradient_coverage(model) == audit(cfg).no_grad
 
 
+# The smallest timm ViT MAE accepts that pools by average: its final ``norm`` is an Identity and its
+# LayerNorm is ``fc_norm``, on the classification path (eva_large_*, beit3_large/giant_* alike).
+FC_NORM_VIT = "beit3_base_patch16_224"
+FC_NORM = {"backbone.vit.fc_norm.weight", "backbone.vit.fc_norm.bias"}
+
+
+def test_an_average_pooled_vits_fc_norm_is_frozen_so_plain_ddp_works():
+    """Its fc_norm never gets a gradient in MAE (lightly's encode() ends at ``norm``): trainable,
+    plain DDP failed on it with Lightning's unused-parameters error."""
+    clean = audit(ModelConfig(timm_model=FC_NORM_VIT, image_size=32, patch_size=16))
+    assert clean.no_grad == [] and clean.ddp_safe
+    assert clean.verdict().startswith("plain DDP safe")
+    rows = {row.name: row for row in clean.rows}
+    for name in FC_NORM:
+        assert rows[name].status == "frozen"
+        assert "pooled classification output" in rows[name].reason
+        assert "trained by the reconstruction loss" not in rows[name].reason
+    assert all(rows[name].status == "removed" for name in HEAD)
+    groups = {group.title: group for group in params.group_rows(clean)}
+    assert FC_NORM <= {row.name for row in groups["classification head"].rows}
+    assert groups["classification head"].ddp_relevant
+
+    reference = audit(ModelConfig(timm_model=FC_NORM_VIT, image_size=32, patch_size=16,
+                                  policy="reference"))
+    assert set(reference.no_grad) == {"backbone.mask_token", *HEAD, *FC_NORM}
+    rows = {row.name: row for row in reference.rows}
+    assert all(rows[name].reason.startswith("trainable but gets no gradient") for name in FC_NORM)
+
+
 def test_a_size_too_big_to_build_audits_from_shapes_alone():
     """vit-huge at 448 px / patch 2 (50,176 patches): the app's Parameters fields reach it, and a
     real build and backward would need tens of GB in the app's own process."""

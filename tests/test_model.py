@@ -9,11 +9,13 @@ import math
 import pytest
 import pytorch_lightning as pl
 import torch
+from lightly.data import LightlyDataset
 from lightly.models import utils as lightly_utils
+from lightly.transforms import MAETransform
 from torch import nn
 
 from mae_core.config import ModelConfig
-from mae_core.data import MAEDataModule
+from mae_core.data import MAEDataModule, sample_photo_paths
 from mae_core.model import (
     MAELightning,
     MaskedAutoencoder,
@@ -197,6 +199,41 @@ def test_forward_backward_for_image_sizes(image_size, patch_size):
             assert param.grad is None, f"frozen {name} got a gradient"
     with torch.no_grad():
         assert model.decode(images, idx_keep, None).shape == (2, n, patch_size**2 * 3)
+
+
+# --- lightly's own MAE data pipeline ----------------------------------------------------------------
+
+def test_trains_on_lightlys_own_mae_dataset_and_transform(tmp_path):
+    """lightly's recipe: ``LightlyDataset`` + ``MAETransform`` batches are ``(views, targets,
+    filenames)`` with ``views`` a list of normalised float tensors; the first view is trained on."""
+    for photo in sample_photo_paths()[:4]:
+        (tmp_path / photo.name).symlink_to(photo)
+    dataset = LightlyDataset(str(tmp_path), transform=MAETransform(input_size=SMALL.image_size))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, shuffle=True, drop_last=True)
+    torch.manual_seed(0)
+    module = MAELightning(model=dataclasses.asdict(SMALL), lr=1e-3)
+    before = module.mae.backbone.vit.blocks[0].attn.qkv.weight.detach().clone()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(module, loader)
+    assert trainer.global_step == 2
+    loss = trainer.callback_metrics["epoch_loss"]  # 4 photos, batch 2: the 2 steps are one epoch
+    assert torch.isfinite(loss) and loss > 0
+    assert not torch.equal(before, module.mae.backbone.vit.blocks[0].attn.qkv.weight)
+
+
+def test_every_batch_shape_becomes_the_images_the_step_trains_on():
+    module = MAELightning(model=dataclasses.asdict(SMALL), lr=1e-3)
+    uint8 = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    normalised = module.mae.normalize(uint8)
+    floats = torch.randn(2, 3, 32, 32)
+    labels = torch.zeros(2, dtype=torch.long)
+    assert torch.equal(module.on_after_batch_transfer(uint8, 0), normalised)  # this project's
+    assert module.on_after_batch_transfer(floats, 0) is floats  # already normalised: unchanged
+    lightly_batch = ([floats, torch.randn(2, 3, 16, 16)], labels, ["a.png", "b.png"])
+    assert module.on_after_batch_transfer(lightly_batch, 0) is floats  # the first view
+    assert torch.equal(module.on_after_batch_transfer([uint8, labels], 0), normalised)  # torchvision
 
 
 # --- a GPU-ready step: fused attention, no host synchronisation -------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -9,12 +10,21 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import timm
 import torch
+from PIL import Image
 
 from mae_core.config import ModelConfig
 from mae_core.fileio import is_temp_file, remove_stale_temp_files
-from mae_core.model import MaskedAutoencoder
-from mae_core.weights import WeightsError, load_model, read_metadata, save_weights
+from mae_core.model import MaskedAutoencoder, pixel_stats
+from mae_core.weights import (
+    WeightsError,
+    export_encoder,
+    load_model,
+    read_metadata,
+    save_weights,
+    timm_snippet,
+)
 
 CFG = ModelConfig(preset="vit-tiny", image_size=32, patch_size=8)
 
@@ -78,3 +88,28 @@ def test_a_save_killed_mid_write_leaves_only_a_temp_file_that_the_next_start_rem
     assert leftovers and all(is_temp_file(p) for p in leftovers), [p.name for p in leftovers]
     assert sorted(remove_stale_temp_files(run)) == sorted(leftovers)
     assert list(run.iterdir()) == [path] and read_metadata(path)["step"] == "2"
+
+
+@pytest.mark.parametrize("cfg", [
+    CFG,  # RGB: ImageNet's statistics, where timm's vit_tiny defaults to 0.5 ± 0.5 at 224 px
+    ModelConfig(preset="vit-tiny", image_size=32, patch_size=8, in_chans=1, normalize="dataset",
+                pixel_mean="0.195415", pixel_std="0.28"),  # a data set's own, one channel
+], ids=["rgb-imagenet", "gray-dataset"])
+def test_the_export_snippet_preprocesses_as_pretraining_did(tmp_path, cfg):
+    """The snippet's model resolves timm's data config (hence ``create_transform``) to the run's
+    image size and normalisation, and still loads the encoder with only the head missing."""
+    save_weights(MaskedAutoencoder(cfg), tmp_path / "model.safetensors")
+    out = tmp_path / "encoder.safetensors"
+    export_encoder(tmp_path / "model.safetensors", out)
+    namespace: dict = {}
+    exec(compile(timm_snippet(cfg, out), "snippet", "exec"), namespace)  # its asserts included
+    data = timm.data.resolve_data_config(model=namespace["model"])
+    mean, std = pixel_stats(cfg)
+    assert data["input_size"] == (cfg.channels, 32, 32)
+    assert data["mean"] == pytest.approx(mean) and data["std"] == pytest.approx(std)
+    assert data["crop_pct"] == 1.0  # the whole centre square, as the evaluation takes it
+    meta = read_metadata(out)  # what the export records is what the snippet applies
+    assert data["mean"] == pytest.approx(json.loads(meta["pixel_mean"]))
+    assert data["std"] == pytest.approx(json.loads(meta["pixel_std"]))
+    image = Image.new("L" if cfg.channels == 1 else "RGB", (48, 40), 128)
+    assert namespace["transform"](image).shape == (cfg.channels, 32, 32)
