@@ -397,13 +397,16 @@ def _check_gpu_list(t: TrainConfig) -> None:
 
 
 def _visible_gpus(t: TrainConfig) -> int:
-    """GPUs the run can use: all visible ones, or its ``gpus`` once they are checked to exist."""
+    """GPUs the run can use: all visible ones, or its ``gpus`` once they are checked to exist
+    (indices of the GPUs this process sees: under ``CUDA_VISIBLE_DEVICES=2,3``, GPU 0 is 2)."""
     import torch
+
+    from mae_core.process import gpus_narrowed
 
     visible = torch.cuda.device_count()
     if not t.gpus:
         return visible
-    if os.environ.get("CUDA_VISIBLE_DEVICES") == t.gpus:
+    if gpus_narrowed(t.gpus):
         return visible  # the trainer, launched with its GPUs: they are 0..n-1 in here
     missing = [i for i in t.gpus.split(",") if int(i) >= visible]
     _require(not missing, "gpus", f"GPU {', '.join(missing)} named but {visible} visible")

@@ -352,11 +352,11 @@ def resolve(data: str, workers: int | None = None,
 
 
 def first_process() -> bool:
-    """Global rank 0 of the job: not a rank Lightning launched (``LOCAL_RANK`` > 0), node 0, and
-    rank 0 of torchrun (``RANK``) or SLURM (``SLURM_PROCID``)."""
-    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
-    return rank == "0" and os.environ.get("LOCAL_RANK", "0") == "0" and \
-        os.environ.get("NODE_RANK", "0") == "0"
+    """Global rank 0 of the job (:func:`mae_core.process.first_process`, which the trainer asks
+    too: the process that creates the run is the one that records its data)."""
+    from mae_core.process import first_process as first
+
+    return first()
 
 
 def read_run_data(run_root: str | Path) -> DataSource | None:

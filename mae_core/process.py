@@ -7,6 +7,9 @@ never a pipe: nobody may be reading when a pipe's buffer fills, and then every r
 
 A pid alone names a process only until it is recycled, so a process is recorded as pid + start
 time (from ``/proc``), and a zombie counts as dead.
+
+Also asked here, without importing torch: which process of a job is the first (the one that writes
+the run), and the ``CUDA_VISIBLE_DEVICES`` that gives a trainer its run's GPUs.
 """
 
 from __future__ import annotations
@@ -25,21 +28,127 @@ from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
+# Set beside CUDA_VISIBLE_DEVICES when it is narrowed to a run's ``gpus``: "<gpus>:<the list it
+# became>". The narrowed list numbers the run's GPUs 0..n-1, so the trainer must not narrow again.
+GPUS_ENV = "MAE_STUDIO_GPUS"
 # Variables that would make a fresh trainer believe it is a rank someone else launched (the app may
 # itself run under torchrun, SLURM or a trainer's environment) or reuse another job's seed/port.
 LAUNCHER_VARS = ("MAE_STUDIO_RUN_DIR", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
                  "NODE_RANK", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED",
                  "PL_SEED_WORKERS", "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_LOCALID",
-                 "SLURM_NTASKS", "SLURM_JOB_ID", "MAE_STUDIO_RANK0_PID")
+                 "SLURM_NTASKS", "SLURM_JOB_ID", "MAE_STUDIO_RANK0_PID", GPUS_ENV)
+# Lightning fills every Trainer argument the code leaves out from PL_TRAINER_<ARG>: one in the
+# user's shell (FAST_DEV_RUN, MAX_TIME, LIMIT_TRAIN_BATCHES...) silently changed every run.
+TRAINER_ENV_PREFIX = "PL_TRAINER_"
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without launcher variables, with the project importable."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    """This process's environment without launcher variables or ``PL_TRAINER_*`` defaults, with
+    the project importable, and ``extra`` set.
+
+    A ``CUDA_VISIBLE_DEVICES`` in ``extra`` is a run's ``gpus``: indices of the GPUs this process
+    sees. Where this process itself runs under ``CUDA_VISIBLE_DEVICES`` they are positions in that
+    list, so they are mapped through it (``gpus="0,1"`` under ``CUDA_VISIBLE_DEVICES=2,3`` gives
+    ``2,3``; UUIDs and MIG names are kept as written), and :data:`GPUS_ENV` marks the list as
+    narrowed. ``""`` hides every GPU. A GPU this process does not see raises
+    :class:`GpuNotVisibleError`.
+    """
+    env = {k: v for k, v in os.environ.items()
+           if k not in LAUNCHER_VARS and not k.startswith(TRAINER_ENV_PREFIX)}
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
     env.update(extra)
+    if extra.get("CUDA_VISIBLE_DEVICES"):
+        env.update(gpu_env(extra["CUDA_VISIBLE_DEVICES"]))
     return env
+
+
+class GpuNotVisibleError(OSError):
+    """A run names a GPU its launcher does not see. An OSError, as the launch's other failures
+    are: the run manager records it as the reason its trainer could not be launched."""
+
+
+def visible_devices(gpus: str, visible: str | None) -> str:
+    """``CUDA_VISIBLE_DEVICES`` for the GPUs ``gpus`` (indices, comma-separated) of a process
+    that runs under ``CUDA_VISIBLE_DEVICES=visible`` (None: unset, every GPU visible).
+
+    CUDA numbers a process's GPUs by their position in its list, and reads the list only up to
+    its first entry that names no device (an empty one, ``-1``...), so that is how it is read here;
+    an entry is passed on as written (an index, ``GPU-<uuid>``, ``MIG-<uuid>``).
+    """
+    wanted = [int(i) for i in gpus.split(",") if i.strip()]
+    if visible is None:
+        return ",".join(map(str, wanted))
+    entries: list[str] = []
+    for entry in (e.strip() for e in visible.split(",")):
+        if not (entry.isdigit() or entry.startswith(("GPU-", "MIG-"))):
+            break
+        entries.append(entry)
+    missing = [str(i) for i in wanted if i >= len(entries)]
+    if missing:
+        raise GpuNotVisibleError(
+            f"GPU {', '.join(missing)} is named, but this process sees {len(entries)} GPU(s) "
+            f"(CUDA_VISIBLE_DEVICES={visible}): name GPUs from 0 to {len(entries) - 1}"
+            if entries else f"GPU {', '.join(missing)} is named, but this process sees no GPU "
+            f"(CUDA_VISIBLE_DEVICES={visible})")
+    return ",".join(entries[i] for i in wanted)
+
+
+def gpu_env(gpus: str) -> dict[str, str]:
+    """The variables that narrow a child of this process to the run's ``gpus`` (see
+    :func:`clean_env`)."""
+    devices = visible_devices(gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    return {"CUDA_VISIBLE_DEVICES": devices, GPUS_ENV: f"{gpus}:{devices}"}
+
+
+def gpus_narrowed(gpus: str) -> bool:
+    """Whether this process's ``CUDA_VISIBLE_DEVICES`` is already its run's ``gpus`` (as 0..n-1).
+
+    Told by :data:`GPUS_ENV`, never by comparing the list with ``gpus``: mapped through a
+    launcher's own list, ``gpus="0,1"`` may have become ``2,3``, and ``"2,3"`` read as ``0,1`` again
+    would name other GPUs. A marker whose list is not the current one is stale."""
+    return os.environ.get(GPUS_ENV) == f"{gpus}:{os.environ.get('CUDA_VISIBLE_DEVICES')}"
+
+
+# --- which process of a job this is ---------------------------------------------------------------
+
+def _rank_var(name: str) -> str:
+    return os.environ.get(name, "").strip()
+
+
+def _global_rank_var() -> str:
+    """The variable that gives the global rank: torchrun's ``RANK``, else ``SLURM_PROCID``."""
+    return "RANK" if _rank_var("RANK") else "SLURM_PROCID"
+
+
+def later_rank_vars() -> list[str]:
+    """``NAME=value`` of each rank variable that makes this process other than the first."""
+    return [f"{name}={os.environ[name]}" for name in (_global_rank_var(), "LOCAL_RANK", "NODE_RANK")
+            if _rank_var(name) not in ("", "0")]
+
+
+def first_process() -> bool:
+    """Global rank 0 of the job: rank 0 of torchrun (``RANK``) or SLURM (``SLURM_PROCID``), not a
+    rank Lightning launched (``LOCAL_RANK`` > 0), node 0. The one process that creates the run
+    directory and writes its files; every other waits for it. (One predicate for both: a process
+    that created the run, then waited for "rank 0" to record its data, waited for itself.)"""
+    return not later_rank_vars()
+
+
+def launcher_evident() -> bool:
+    """Whether some launcher started this process as one rank of several: a first process of
+    this project (``MAE_STUDIO_RANK0_PID``), torchrun (``TORCHELASTIC_RUN_ID``, ``MASTER_ADDR``,
+    ``WORLD_SIZE`` > 1), or a SLURM step of several tasks. Without one, a rank variable is a
+    stale export in the user's shell."""
+    def count(name: str) -> int:
+        value = os.environ.get(name, "").strip()
+        return int(value) if value.isdigit() else 0
+
+    return (any(name in os.environ for name in
+                ("MAE_STUDIO_RANK0_PID", "TORCHELASTIC_RUN_ID", "MASTER_ADDR"))
+            or count("WORLD_SIZE") > 1
+            or ("SLURM_JOB_ID" in os.environ
+                and max(count("SLURM_NTASKS"), count("SLURM_STEP_NUM_TASKS")) > 1))
 
 
 def trainer_command(run_dir: Path, resume: bool = False) -> list[str]:

@@ -28,7 +28,9 @@ from typing import TYPE_CHECKING, Any
 from mae_core.checks import DataError
 from mae_core.config import ConfigError, ModelConfig, RunConfig, TrainConfig, parse_bool
 from mae_core.fileio import atomic_write_json, read_json
-from mae_core.process import die_with_parent, on_this_host, record_alive
+from mae_core.process import (TRAINER_ENV_PREFIX, GpuNotVisibleError, die_with_parent,
+                              first_process, gpu_env, gpus_narrowed, later_rank_vars,
+                              launcher_evident, on_this_host, record_alive)
 from mae_core.rundir import LIVE_STATES, RunPaths, process_record
 
 if TYPE_CHECKING:
@@ -113,10 +115,11 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
     """
     import pytorch_lightning as pl
     import torch
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from mae_core import prepared
     from mae_core.callbacks import (AtomicCheckpointIO, Previews, ProgressRecorder,
-                                     RecordFailure, SaveCheckpoints, StopOnRequest)
+                                     SaveCheckpoints, StopOnRequest)
     from mae_core.data import TrainSplitDataModule
     from mae_core.model import MAELightning
     from mae_core.monitor import EvalPlan, HeldOutMonitor, plan_evaluation
@@ -150,7 +153,8 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
                                            t.batch_size, recorder))
     if t.weight_snapshots:  # the Reconstruct tab's weights history (issue 14, item 5)
         callbacks.append(WeightSnapshots(paths.root, t.weight_snapshots, t.checkpoint_every_n_steps))
-    callbacks.append(RecordFailure(paths))
+    callbacks.append(_failure_recorder(paths))
+    _drop_trainer_env()
     trainer = pl.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
         strategy=make_strategy(cfg), max_steps=t.max_steps, max_epochs=t.max_epochs or -1,
@@ -173,12 +177,78 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
                                     t.num_workers or 0, pin_memory=t.accelerator == "gpu",
                                     channels=cfg.model.channels)
     ckpt = str(paths.last_ckpt) if resume else None
-    trainer.fit(model, datamodule=data, ckpt_path=ckpt, weights_only=True)
+    try:
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt, weights_only=True)
+    except SIGTERMException:  # a SystemExit: left alone, the failed run exited 0
+        if trainer.is_global_zero and paths.read_status().get("state") in LIVE_STATES:
+            _record_termination(paths)  # not written in on_exception (a full disk): again
+        return 1
     if trainer.is_global_zero:
         state = "stopped" if stopper.requested else "finished"
         paths.clear_stop_request()
         recorder.write_progress(trainer, state=state)
     return 0
+
+
+TERMINATED = "terminated by SIGTERM (the machine or container was shut down, or someone ran kill)"
+
+
+def termination_text(paths: RunPaths) -> str:
+    """Why a run ended on SIGTERM, and where Resume takes it up (Lightning's own record of it is
+    the bare name ``pytorch_lightning.utilities.exceptions.SIGTERMException``)."""
+    from mae_core.rundir import RunError, checkpoint_step
+
+    try:
+        # Unverified: only its step is read (memory-mapped); a shutdown's grace period (docker
+        # stop: 10 s) is no time to read a large checkpoint through, and a resume verifies it.
+        step = checkpoint_step(paths.last_ckpt, verify=False)
+    except RunError:
+        return f"{TERMINATED}; it had saved no checkpoint: start it again"
+    return f"{TERMINATED}; Resume continues from step {step}"
+
+
+def _record_termination(paths: RunPaths) -> None:
+    with contextlib.suppress(OSError):  # never in place of the exit under way
+        paths.write_status(state="failed", error=termination_text(paths),
+                           log_tail=paths.log_tail())
+
+
+def _failure_recorder(paths: RunPaths) -> pl.Callback:
+    """:class:`mae_core.callbacks.RecordFailure`, saying a SIGTERM in words at the same moment
+    (before the teardown, after which Lightning may kill rank 0)."""
+    import signal
+    import threading
+
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from mae_core.callbacks import RecordFailure
+
+    class RecordFailureOrTermination(RecordFailure):
+        terminated = False
+
+        def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            # Noted before Lightning's own handler runs: on several ranks, that handler's
+            # broadcast meets a gradient all-reduce in flight, and the run fails with gloo's
+            # "Connection reset by peer" instead of SIGTERMException. (Lightning puts back the
+            # handlers it found when fit ends, so this one goes with its own.)
+            lightning = signal.getsignal(signal.SIGTERM)
+
+            def noted(signum: int, frame: Any) -> None:
+                self.terminated = True
+                if callable(lightning):
+                    lightning(signum, frame)
+
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, noted)
+
+        def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                         exception: BaseException) -> None:
+            if not (self.terminated or isinstance(exception, SIGTERMException)):
+                super().on_exception(trainer, pl_module, exception)
+            elif trainer.is_global_zero:
+                _record_termination(self.paths)
+
+    return RecordFailureOrTermination(paths)
 
 
 def _int_or_none(text: str | None) -> int | None:
@@ -233,8 +303,10 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
     """
     overrides = {k: v for k, v in vars(args).items()
                  if k not in ("config", "run_dir", "runs_dir", "resume")}
-    inherited = os.environ.get(RUN_DIR_ENV)  # set for the ranks Lightning launches
-    writer = _first_process()
+    writer = first_process()
+    # Set for the ranks Lightning launches (they run rank 0's command line, which may name no run
+    # directory); in a first process it can only be left over from another run's environment.
+    inherited = None if writer else os.environ.get(RUN_DIR_ENV)
     run_dir = args.run_dir or inherited
     if args.resume and not run_dir:
         raise ConfigError("resume", "--resume continues an existing run: name it with "
@@ -302,28 +374,58 @@ def _record_process(paths: RunPaths) -> None:
         atomic_write_json(paths.process, process_record(command=sys.argv))
 
 
-def _first_process() -> bool:
-    """Whether this is the job's first process, the one that writes the run directory's files.
-
-    Not a rank Lightning launched (they inherit the run directory), and rank 0 of a torchrun
-    (``RANK``) or SLURM (``SLURM_PROCID``) job.
-    """
-    global_rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
-    return RUN_DIR_ENV not in os.environ and global_rank == "0"
-
-
 def _wait_for(path: Path, timeout_s: float = 120.0) -> bool:
     """Other ranks of a torchrun/SLURM job wait for rank 0 to write the run's config; whether it
     appeared."""
+    if not path.exists():
+        _say_waiting(f"to write {path} (up to {timeout_s:.0f} s)")
     deadline = time.monotonic() + timeout_s
     while not path.exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     return path.exists()
 
 
+_said_waiting = False
+
+
+def _say_waiting(what: str) -> None:
+    """One line, once per process: a rank that waits in silence looks hung."""
+    global _said_waiting
+    if not _said_waiting:
+        _said_waiting = True
+        print(f"waiting for rank 0 {what}", flush=True)
+
+
+def _refuse_stale_rank() -> str | None:
+    """Why this process must not start, if a rank variable makes it other than the first while
+    no launcher started it (a stale export in the shell): it would wait for a rank 0 that never
+    comes (for its own run's data, up to 6 h), in silence."""
+    if first_process() or launcher_evident():
+        return None
+    named = later_rank_vars()
+    return (f"{' and '.join(named)} {'is' if len(named) == 1 else 'are'} set but no launcher "
+            f"started this process: unset {'it' if len(named) == 1 else 'them'}")
+
+
+def _drop_trainer_env() -> list[str]:
+    """Remove ``PL_TRAINER_*`` from this process's environment (its ranks inherit the rest): the
+    run's config says how it trains, a variable left in a shell must not
+    (``PL_TRAINER_FAST_DEV_RUN`` ended a 12-step run at step 1 without a checkpoint). The names
+    it removed."""
+    names = sorted(k for k in os.environ if k.startswith(TRAINER_ENV_PREFIX))
+    for name in names:
+        del os.environ[name]
+    if names:
+        print(f"ignoring {', '.join(names)}: the run's config sets how it trains", flush=True)
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    stale = _refuse_stale_rank()
+    if stale:
+        parser.exit(2, f"error: {stale}\n")
     if os.environ.get("LOCAL_RANK", "0") != "0":  # a rank Lightning (or torchrun) started
         die_with_parent(_int_or_none(os.environ.get(RANK0_PID_ENV)))
     else:  # the ranks Lightning starts from this process know their parent by it
@@ -334,19 +436,27 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"error: {err}\n")
     os.environ[RUN_DIR_ENV] = str(paths.root.resolve())
     gpus = cfg.train.gpus
-    if gpus and os.environ.get("CUDA_VISIBLE_DEVICES") != gpus:
+    if gpus and not gpus_narrowed(gpus):
         # CUDA fixes the visible devices when it starts (resolving the config started it): the
-        # trainer runs again, in this same process, seeing only the run's GPUs as 0..n-1.
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpus
+        # trainer runs again, in this same process, seeing only the run's GPUs as 0..n-1 (mapped
+        # through the shell's own CUDA_VISIBLE_DEVICES: never a GPU it fenced off).
+        try:
+            os.environ.update(gpu_env(gpus))
+        except GpuNotVisibleError as err:
+            parser.exit(2, f"error: gpus: {err}\n")
         command = [sys.executable, "-m", "mae_core.train", "--run-dir", str(paths.root.resolve())]
         os.execv(sys.executable, command + (["--resume"] if resume else []))
+    if first_process():  # before torch is imported: said at once
+        print(f"run directory: {paths.root}", flush=True)
     from mae_core import prepared
     from mae_core.diskspace import check_room
     from mae_core.fileio import DiskFullError
 
-    if prepared.first_process():
-        print(f"run directory: {paths.root}", flush=True)
-    if prepared.first_process():  # also where no app checked it (torchrun, SLURM, a script)
+    if not first_process():
+        known = prepared.read_run_data(paths.root)
+        if known is None or known.source != cfg.train.data:
+            _say_waiting(f"to record the run's data set in {paths.root / prepared.RUN_DATA_NAME}")
+    if first_process():  # also where no app checked it (torchrun, SLURM, a script)
         try:
             check_room(cfg, paths.root, resuming=resume)
         except DiskFullError as err:
@@ -360,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Exception as err:  # noqa: BLE001 - the traceback goes to train.log, the summary to status.json
         traceback.print_exc()
-        if prepared.first_process() and paths.read_status().get("state") in LIVE_STATES:
+        if first_process() and paths.read_status().get("state") in LIVE_STATES:
             from mae_core.callbacks import record_failure  # before fit, or not written in it
 
             record_failure(paths, err)

@@ -225,3 +225,26 @@ def test_statistics_that_would_normalise_pixels_to_infinity_are_refused(mean, st
     with pytest.raises(ConfigError) as err:
         ModelConfig(in_chans=1, normalize="dataset", pixel_mean=mean, pixel_std=std)
     assert err.value.field == field
+
+
+def test_gpus_are_indices_of_the_gpus_this_process_sees(monkeypatch):
+    """Under ``CUDA_VISIBLE_DEVICES=2,3`` this process sees two GPUs, 0 and 1. ``gpus=2,3`` was
+    accepted because it read like the list itself, and its trainer then trained on those two:
+    GPU 2 and 3 of this process do not exist."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(precision_module, "_bf16_ok", lambda: True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    monkeypatch.delenv("MAE_STUDIO_GPUS", raising=False)
+    with pytest.raises(ConfigError) as err:
+        RunConfig(train=TrainConfig(gpus="2,3")).resolved()
+    assert err.value.field == "gpus" and "2 visible" in str(err.value)
+    assert RunConfig(train=TrainConfig(gpus="0,1")).resolved().train.devices == 2
+    # The trainer of a run on the app's GPUs 4 and 5 (physical 6 and 7) sees only those, as
+    # 0 and 1, and its own gpus are still "4,5": they are its, not indices to check again.
+    from mae_core.process import gpu_env
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,4,5,6,7")
+    for name, value in gpu_env("4,5").items():
+        monkeypatch.setenv(name, value)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "6,7"
+    assert RunConfig(train=TrainConfig(gpus="4,5")).resolved().train.devices == 2

@@ -164,3 +164,63 @@ def test_find_trainer_finds_the_leading_process_of_a_runs_trainer(tmp_path):
             process.kill()
             process.wait()
     assert proc.find_trainer(run_dir) is None
+
+
+def test_a_trainer_gets_no_pl_trainer_defaults_from_the_shell(monkeypatch):
+    """Lightning fills every Trainer argument the code leaves out from ``PL_TRAINER_<ARG>``: with
+    ``PL_TRAINER_FAST_DEV_RUN=1`` in the app's environment a 12-step run "finished" at step 1."""
+    for name in ("PL_TRAINER_FAST_DEV_RUN", "PL_TRAINER_MAX_TIME", "PL_TRAINER_DETECT_ANOMALY",
+                 "PL_TRAINER_LIMIT_TRAIN_BATCHES", "PL_TRAINER_GRADIENT_CLIP_VAL"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setenv("PL_TORCH_DISTRIBUTED_BACKEND", "gloo")  # not a Trainer default: kept
+    env = proc.clean_env()
+    assert not [name for name in env if name.startswith("PL_TRAINER_")]
+    assert env["PL_TORCH_DISTRIBUTED_BACKEND"] == "gloo"
+
+
+@pytest.mark.parametrize("app_sees, gpus, trainer_gets", [
+    (None, "0,1", "0,1"),  # every GPU visible: indices are the machine's
+    ("2,3", "0,1", "2,3"),
+    ("2,3", "1", "3"),
+    ("4,5,6,7", "3,0", "7,4"),
+    ("GPU-8f0a1b2c-1111-2222-3333-444455556666,GPU-0d9e8f7a-aaaa", "1",
+     "GPU-0d9e8f7a-aaaa"),
+    ("MIG-5c1a0b2d-1111-2222-3333-444455556666,MIG-7e2f3a4b-bbbb", "1,0",
+     "MIG-7e2f3a4b-bbbb,MIG-5c1a0b2d-1111-2222-3333-444455556666"),
+])
+def test_a_runs_gpus_are_taken_from_the_gpus_the_app_sees(monkeypatch, app_sees, gpus,
+                                                           trainer_gets):
+    """``gpus`` are indices of the GPUs the app sees (they are validated against its device
+    count): under ``CUDA_VISIBLE_DEVICES=2,3`` the trainer of ``gpus=0,1`` got ``0,1``, two GPUs
+    the user had fenced off."""
+    if app_sees is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", app_sees)
+    env = proc.clean_env(CUDA_VISIBLE_DEVICES=gpus)
+    assert env["CUDA_VISIBLE_DEVICES"] == trainer_gets
+    # The trainer knows its list is already narrowed (it must not map "2,3" through itself again).
+    for name in ("CUDA_VISIBLE_DEVICES", proc.GPUS_ENV):
+        monkeypatch.setenv(name, env[name])
+    assert proc.gpus_narrowed(gpus)
+    assert not proc.gpus_narrowed("0")
+
+
+@pytest.mark.parametrize("app_sees", ["2,3", "2,-1,5", "2,,5", ""])
+def test_a_gpu_the_app_does_not_see_is_never_given_to_a_trainer(monkeypatch, app_sees):
+    """CUDA reads its list up to the first entry that names no device: GPU 1 of ``2,-1,5`` does
+    not exist, and passing "2" on would name a GPU outside the app's list. The error is an
+    OSError, which the run manager records as a failed launch."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", app_sees)
+    with pytest.raises(proc.GpuNotVisibleError, match=r"GPU 2 is named") as err:
+        proc.clean_env(CUDA_VISIBLE_DEVICES="0,2" if app_sees == "2,3" else "2")
+    assert isinstance(err.value, OSError)
+    assert proc.clean_env(CUDA_VISIBLE_DEVICES="")["CUDA_VISIBLE_DEVICES"] == ""  # hides them all
+
+
+def test_a_stale_narrowing_marker_does_not_count(monkeypatch):
+    """A marker copied into a shell whose list has changed since says nothing about this one."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    monkeypatch.setenv(proc.GPUS_ENV, "0,1:2,3")
+    assert not proc.gpus_narrowed("0,1")
+    assert proc.GPUS_ENV not in proc.clean_env()  # a launch that names no GPUs drops it too

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
-from mae_core.config import ConfigError, RunConfig, TrainConfig
-from mae_core.process import clean_env, process_record
+from mae_core import precision as precision_module
+from mae_core.config import ConfigError, ModelConfig, RunConfig, TrainConfig
+from mae_core.fileio import read_json
+from mae_core.process import clean_env, kill_group, process_record, valid_pid
 from mae_core.rundir import create_run
 from mae_core.runs import RunManager
 from tests.helpers import REPO_ROOT
@@ -93,3 +97,25 @@ def test_naming_gpus_on_a_machine_without_them_is_refused_before_training(tmp_pa
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "error: gpus:" in result.stderr and "0 visible" in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_a_trainer_gets_the_gpus_it_names_among_those_the_app_sees(tmp_path, monkeypatch):
+    """The app started under ``CUDA_VISIBLE_DEVICES=2,3`` sees two GPUs, 0 and 1; a run on
+    ``gpus=0,1`` got ``CUDA_VISIBLE_DEVICES=0,1``, two physical GPUs the user had fenced off.
+    Read from the launched trainer's own /proc environment (no GPU here: it fails later)."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # what CUDA=2,3 leaves visible
+    monkeypatch.setattr(precision_module, "_bf16_ok", lambda: True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    manager = RunManager(tmp_path)
+    cfg = RunConfig(model=ModelConfig(image_size=32, patch_size=8),
+                    train=TrainConfig(gpus="0,1", max_steps=2, num_previews=0))
+    run_id = manager.start(cfg)
+    pid = valid_pid((read_json(manager.paths(run_id).process) or {}).get("pid"))
+    try:
+        assert pid is not None
+        env = dict(var.split(b"=", 1) for var in
+                   Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in var)
+    finally:
+        if pid is not None:
+            kill_group(pid)
+    assert env[b"CUDA_VISIBLE_DEVICES"] == b"2,3"

@@ -288,3 +288,137 @@ def cmdline(pid: int) -> str:
         return (Path("/proc") / str(pid) / "cmdline").read_bytes().decode(errors="replace")
     except OSError:
         return ""
+
+
+# --- the trainer's environment: variables left in the shell --------------------------------------
+
+def test_pl_trainer_variables_in_the_shell_do_not_change_the_run(tmp_path, monkeypatch, capsys):
+    """Lightning fills every Trainer argument the code leaves out from ``PL_TRAINER_<ARG>``: with
+    ``PL_TRAINER_FAST_DEV_RUN=1`` in the shell a 3-step run "finished" at step 1 without a
+    checkpoint. The trainer ignores them, says so, and its ranks do not inherit them."""
+    from mae_core.config import ModelConfig, RunConfig, TrainConfig
+    from mae_core.rundir import create_run
+    from mae_core.train import run_training
+
+    monkeypatch.setenv("PL_TRAINER_FAST_DEV_RUN", "1")
+    monkeypatch.setenv("PL_TRAINER_LIMIT_TRAIN_BATCHES", "1")
+    cfg = RunConfig(model=ModelConfig(preset="vit-tiny", image_size=32, patch_size=8),
+                    train=TrainConfig(batch_size=4, max_steps=3, accelerator="cpu", devices=1,
+                                      precision="32-true", num_previews=0,
+                                      checkpoint_every_n_steps=3)).resolved()
+    paths = create_run(cfg, runs_dir=tmp_path)
+    assert run_training(cfg, paths) == 0
+    assert [row["step"] for row in paths.read_metrics() if "loss" in row] == [1, 2, 3]
+    assert _checkpoint_step(paths) == 3 and paths.read_status()["state"] == "finished"
+    assert "ignoring PL_TRAINER_FAST_DEV_RUN, PL_TRAINER_LIMIT_TRAIN_BATCHES" in \
+        capsys.readouterr().out
+    assert not [name for name in os.environ if name.startswith("PL_TRAINER_")]
+
+
+def test_a_run_on_named_gpus_started_by_hand_stays_within_the_shells_gpus(tmp_path):
+    """A run on ``gpus=0,1`` (a config the app or ``--gpus`` made, started by hand under
+    ``CUDA_VISIBLE_DEVICES=2,3``, whose GPUs 0 and 1 are the machine's 2 and 3) ran again with
+    ``CUDA_VISIBLE_DEVICES=0,1``: GPUs the user had fenced off. It runs again once (then it says
+    its run directory), on 2 and 3. (No GPU here: it fails later, after the check.)"""
+    from mae_core.config import ModelConfig, RunConfig, TrainConfig
+    from mae_core.rundir import create_run
+
+    cfg = RunConfig(model=ModelConfig(preset="vit-tiny", image_size=32, patch_size=8),
+                    train=TrainConfig(gpus="0,1", accelerator="gpu", devices=2,
+                                      precision="32-true", num_previews=0))
+    paths = create_run(cfg, run_dir=tmp_path / "run", state="stopped")
+    log = tmp_path / "log"
+    shell = {**clean_env(), "CUDA_VISIBLE_DEVICES": "2,3"}  # as the user exported it
+    with open(log, "w") as out:
+        trainer = subprocess.Popen([sys.executable, "-m", "mae_core.train", "--run-dir",
+                                    str(paths.root)], cwd=REPO_ROOT, env=shell, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert poll(lambda: "run directory:" in log.read_text(), 60), log.read_text()[-3000:]
+        environ = Path(f"/proc/{trainer.pid}/environ").read_bytes().split(b"\0")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(trainer.pid, signal.SIGKILL)
+        trainer.wait()
+    assert b"CUDA_VISIBLE_DEVICES=2,3" in environ
+    assert log.read_text().count("run directory:") == 1
+
+
+@pytest.mark.parametrize("stale, says", [
+    ({"LOCAL_RANK": "1"}, "LOCAL_RANK=1 is set"),
+    ({"RANK": "1"}, "RANK=1 is set"),
+    ({"RANK": "3", "LOCAL_RANK": "1"}, "RANK=3 and LOCAL_RANK=1 are set"),
+    ({"SLURM_PROCID": "1", "SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, "SLURM_PROCID=1 is set"),
+])
+def test_a_rank_variable_left_in_the_shell_is_refused_at_once(tmp_path, stale, says):
+    """``LOCAL_RANK=1`` exported in the shell, no launcher: the trainer created the run (status
+    "starting", process.json naming it, so the app refused every Start), then waited in silence
+    up to 6 h for "rank 0", itself, to record the data set; ``RANK=1`` waited with no run at all.
+    Refused (exit 2) before anything is written, naming what to unset."""
+    run_dir = tmp_path / "run"
+    env = clean_env(**stale)
+    result = subprocess.run([sys.executable, "-m", "mae_core.train", "--run-dir", str(run_dir),
+                             *TINY, "--devices", "1", "--max-steps", "2"], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=30)  # it hung for 6 h
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr == (f"error: {says} but no launcher started this process: unset "
+                             f"{'them' if ' and ' in says else 'it'}\n")
+    assert not run_dir.exists()
+
+
+def test_a_rank_a_launcher_started_says_it_waits_for_rank_0(tmp_path):
+    """A torchrun rank whose rank 0 has not written the run yet waits (up to 120 s for its
+    config, then for its data set): it says so, once, instead of looking hung."""
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    env = clean_env(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                    TORCHELASTIC_RUN_ID="test")
+    with open(log, "w") as out:
+        rank = subprocess.Popen([sys.executable, "-m", "mae_core.train", "--run-dir",
+                                 str(run_dir), *TINY, "--devices", "1"], cwd=REPO_ROOT, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        said = poll(log.read_text, 30)  # its wait is 120 s
+    finally:
+        os.killpg(rank.pid, signal.SIGKILL)
+        rank.wait()
+    assert said == f"waiting for rank 0 to write {run_dir / 'config.yaml'} (up to 120 s)\n"
+    assert not run_dir.exists()  # a later rank writes nothing
+
+
+def test_a_sigterm_fails_the_run_saying_so_and_resume_continues_it(tmp_path):
+    """SIGTERM (docker stop, a shutdown, kill, timeout) failed the run with the bare text
+    ``pytorch_lightning.utilities.exceptions.SIGTERMException`` (and exit code 0). It says what
+    happened and where Resume takes it up, and Resume does."""
+    paths = RunPaths(tmp_path / "run")
+    log = tmp_path / "log"
+    with open(log, "w") as out:
+        trainer = subprocess.Popen(
+            [sys.executable, "-m", "mae_core.train", "--run-dir", str(paths.root), "--preset",
+             "vit-tiny", "--image-size", "32", "--patch-size", "8", "--batch-size", "4",
+             "--devices", "1", "--accelerator", "cpu", "--num-previews", "0",
+             "--checkpoint-every-n-steps", "2", "--max-steps", "1000"],
+            cwd=REPO_ROOT, env=clean_env(), stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    try:
+        assert poll(paths.last_ckpt.exists, 120), log.read_text()[-3000:]
+        trainer.send_signal(signal.SIGTERM)
+        assert trainer.wait(timeout=60) == 1, log.read_text()[-3000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(trainer.pid, signal.SIGKILL)
+        trainer.wait()
+    step = _checkpoint_step(paths)
+    status = paths.read_status()
+    assert status["state"] == "failed", status
+    assert status["error"] == ("terminated by SIGTERM (the machine or container was shut down, or "
+                               f"someone ran kill); Resume continues from step {step}")
+
+    # Resumed in this process (what a Resume's trainer runs, without importing torch again).
+    from mae_core.config import RunConfig
+    from mae_core.train import run_training
+
+    cfg = RunConfig.load(paths.config).with_overrides(max_steps=step + 1)
+    assert run_training(cfg, paths, resume=True) == 0
+    assert paths.read_status()["state"] == "finished" and _checkpoint_step(paths) == step + 1
+    assert [row["step"] for row in paths.read_metrics() if "loss" in row] == \
+        list(range(1, step + 2))
