@@ -31,7 +31,7 @@ from mae_core.fileio import atomic_write_json, read_json
 from mae_core.process import (TRAINER_ENV_PREFIX, GpuNotVisibleError, die_with_parent,
                               first_process, gpu_env, gpus_narrowed, later_rank_vars,
                               launcher_evident, on_this_host, record_alive)
-from mae_core.rundir import LIVE_STATES, RunPaths, process_record
+from mae_core.rundir import LIVE_STATES, RunPaths, process_record, valid_run_id
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -311,6 +311,12 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
     if args.resume and not run_dir:
         raise ConfigError("resume", "--resume continues an existing run: name it with "
                                     "--run-dir checkpoints/<run-id>")
+    if run_dir and not valid_run_id(Path(run_dir).resolve().name):
+        # The app lists (and counts as live) only folders with such names: a run it cannot see
+        # would get another started beside it on the same devices.
+        raise ConfigError("run_dir", f"the run folder's name {Path(run_dir).resolve().name!r} "
+                          "may hold only ASCII letters, digits and _ . + = @ , - (not first: . + "
+                          "= @ , -), at most 255 bytes; the app lists no other")
     if run_dir:
         paths = RunPaths(Path(run_dir))
         if not writer and not _wait_for(paths.config):

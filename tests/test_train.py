@@ -422,3 +422,17 @@ def test_a_sigterm_fails_the_run_saying_so_and_resume_continues_it(tmp_path):
     assert paths.read_status()["state"] == "finished" and _checkpoint_step(paths) == step + 1
     assert [row["step"] for row in paths.read_metrics() if "loss" in row] == \
         list(range(1, step + 2))
+
+
+@pytest.mark.parametrize("name", ["my run", "été", ".hidden"])
+def test_a_run_folder_the_app_cannot_list_is_refused_by_hand(tmp_path, name):
+    """``--run-dir "runs/my run"`` trained where the app could not list it: the app showed no live
+    run and started a second one on the same devices."""
+    run_dir = tmp_path / name
+    result = subprocess.run([sys.executable, "-m", "mae_core.train", "--run-dir", str(run_dir),
+                             *TINY, "--devices", "1", "--max-steps", "2"], cwd=REPO_ROOT,
+                            env=clean_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith(f"error: run_dir: the run folder's name {name!r} may hold "
+                                    "only ASCII letters"), result.stderr
+    assert not run_dir.exists()
