@@ -78,9 +78,29 @@ class JsonlLogger(Logger):
         append_line(self.path, json.dumps(row))
 
 
+class BoardLogger(TensorBoardLogger):
+    """TensorBoard with Lightning's own scalars (``epoch_loss``, ``epoch``) at the optimizer steps
+    completed, as ``metrics.jsonl`` and this project's step scalars count them.
+
+    Lightning passes the 0-based index of the batch just trained: the epoch's mean sat one step
+    before the last step it averages, beside step scalars counted from 1.
+    """
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        super().log_metrics(metrics, None if step is None else step + 1)
+
+
 def tensorboard(trainer: pl.Trainer) -> TensorBoardLogger | None:
     """The run's TensorBoard logger, if it has one (the benchmark's runs do not)."""
     return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+
+def board_scalars(board: TensorBoardLogger, row: dict[str, Any]) -> None:
+    """A metrics.jsonl row's numbers on the board, at its own step (already counted from 1, so
+    not through :class:`BoardLogger`'s shift)."""
+    TensorBoardLogger.log_metrics(board, {k: v for k, v in row.items() if k not in ("step", "epoch")
+                                          and isinstance(v, (int, float))}, step=row["step"])
 
 
 def _plain(value: Any) -> Any:
@@ -203,8 +223,7 @@ class ProgressRecorder(pl.Callback):
         board = tensorboard(trainer)
         if board is not None:  # the same scalars for `tensorboard --logdir checkpoints`
             for row in rows:
-                board.log_metrics({k: v for k, v in row.items() if k not in ("step", "epoch")
-                                   and isinstance(v, (int, float))}, step=row["step"])
+                board_scalars(board, row)
         self.last_row = rows[-1]
         if now - self._last_status >= self.status_every_s:
             self._last_status = now

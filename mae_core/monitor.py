@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from mae_core import features
-from mae_core.callbacks import EveryNSteps, tensorboard
+from mae_core.callbacks import EveryNSteps, board_scalars, tensorboard
 from mae_core.checks import shown
 from mae_core.config import AUTO_VAL_FRACTION, AUTO_VAL_MIN_IMAGES, TrainConfig
 from mae_core.data import DataError, HeldOutSplit, fixed_crops, split_folder
@@ -268,8 +268,7 @@ class HeldOutMonitor(EveryNSteps):
             append_line(self.metrics_path, json.dumps(row))
             board = tensorboard(trainer)
             if board is not None:
-                board.log_metrics({k: v for k, v in row.items() if k not in ("step", "epoch")},
-                                  step=row["step"])
+                board_scalars(board, row)
         if self.recorder is not None:
             self.recorder.exclude_time(time.perf_counter() - started)
 

@@ -84,13 +84,12 @@ def make_strategy(cfg: RunConfig) -> Any:
 def loggers(cfg: RunConfig, paths: RunPaths) -> list[Logger]:
     """``metrics.jsonl`` (the app's source) and TensorBoard event files in ``<run>/tensorboard``,
     so ``tensorboard --logdir checkpoints`` shows every run beside the app."""
-    from pytorch_lightning.loggers import TensorBoardLogger
 
     from mae_core import prepared
-    from mae_core.callbacks import JsonlLogger
+    from mae_core.callbacks import BoardLogger, JsonlLogger
 
-    board = TensorBoardLogger(save_dir=str(paths.root), name="tensorboard", version="",
-                              default_hp_metric=False)
+    board = BoardLogger(save_dir=str(paths.root), name="tensorboard", version="",
+                        default_hp_metric=False)
     # The job's global rank 0 only: under torchrun every node has a LOCAL_RANK 0 (and no NODE_RANK),
     # and the other ranks' TensorBoard experiment is None.
     if prepared.first_process():
