@@ -18,13 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mae_core.config import ModelConfig, RunConfig
-from mae_core.fileio import DiskFullError, existing_parent, free_bytes
+from mae_core.fileio import DiskFullError, existing_parent, free_bytes, free_inodes, out_of_inodes
 from mae_core.rundir import SNAPSHOT_DIR
 
 FLOAT32_BYTES = 4
 ADAM_MOMENTS = 2  # exp_avg and exp_avg_sq, fp32, one of each per trainable element
 # Logs, metrics, TensorBoard events and previews: a few MB for a long run; the rest is slack.
 SPARE_BYTES = 64 * 2**20
+# Files (inodes) a run makes besides its previews and weight snapshots: its folder, status, process
+# record, config, curve, log, checkpoint, weights, TensorBoard's events, an evaluation, an export,
+# and the temp file of each save in flight; the rest is slack.
+RUN_INODES = 32
 
 
 def size_text(bytes_: int | None) -> str:
@@ -53,6 +57,16 @@ def run_files(cfg: RunConfig) -> RunFiles:
     total, trainable = tensor_elements(cfg.model)
     return RunFiles(checkpoint=FLOAT32_BYTES * (total + ADAM_MOMENTS * trainable),
                     weights=FLOAT32_BYTES * total, snapshots=cfg.train.weight_snapshots)
+
+
+def run_inodes(cfg: RunConfig) -> int:
+    """How many files (inodes) a run of ``cfg`` makes: every preview is kept, and each weight
+    snapshot is a file of its own (a link to the weights of its step, which a later save replaces).
+    A run by epochs has no step count to reckon its previews from: they count nothing."""
+    train = cfg.train
+    previews = (train.max_steps // train.preview_every_n_steps + 1
+                if train.num_previews and train.max_steps > 0 else 0)
+    return RUN_INODES + train.weight_snapshots + previews
 
 
 @functools.lru_cache(maxsize=64)  # a queued run waiting for space asks again every 2 s
@@ -134,6 +148,16 @@ def check_room(cfg: RunConfig, folder: str | Path, resuming: bool = False,
             f"{_copies(files.snapshots + 1)} of its {size_text(files.weights)} weights). Free "
             f"{size_text(missing)}: delete old "
             "runs in the Runs tab, lower weight_snapshots, or use a smaller model")
+    # Every file takes an inode as well: a disk out of them fails the run's first new file with
+    # "No space left on device" however many bytes are free.
+    inodes, wanted = free_inodes(folder), run_inodes(cfg)
+    if inodes is not None and inodes < wanted:
+        raise DiskFullError(
+            errno.ENOSPC,
+            f"not enough free inodes (files) on {disk_label(folder)}: {inodes:,} more files fit "
+            f"there, and this run makes about {wanted:,} (its saves, logs and previews), whatever "
+            f"the {size_text(free)} free. Delete files there (old runs in the Runs tab), raise "
+            "preview_every_n_steps (fewer previews), or use a runs folder on another disk")
 
 
 def _held_text(held: dict[str, int]) -> str:
@@ -153,9 +177,13 @@ def disk_label(path: str | Path) -> str:
 
 
 def full_disk_message(path: str | Path | None, then: str = "resume") -> str:
-    """The disk holding ``path`` (None: not known) filled up: what a person reads, with what is
-    free there now."""
+    """The disk holding ``path`` (None: not known) filled up, in bytes or in inodes: what a person
+    reads, with what is free there now."""
     free = free_bytes(path) if path is not None else None
+    if path is not None and out_of_inodes(path):
+        though = f", though {size_text(free)} is free" if free is not None else ""
+        return (f"no free inodes (files) left on {disk_label(path)}: no new file fits there{though}. "
+                f"Delete some files there (old runs in the Runs tab), then {then}")
     where = f" ({disk_label(path)}, {size_text(free)} free now)" if free is not None else ""
     return (f"the disk is full{where}. Free some space (delete old runs in the Runs tab), then "
             f"{then}")

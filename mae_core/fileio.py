@@ -24,6 +24,9 @@ TEMP_SUFFIX = ".tmp"
 # A write that failed with less than this free on its disk failed because the disk is full:
 # torch.save's writer says "enforce fail at inline_container.cc ... unexpected pos", not ENOSPC.
 FULL_BELOW_BYTES = 2**20
+# Nor with fewer free inodes than this: a write needs one for its temp file, and a disk out of
+# inodes says ENOSPC, "No space left on device", with hundreds of MB free.
+FULL_BELOW_INODES = 16
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # .<name>.<pid>.<mkstemp's 8 characters>.tmp; the pid is absent in files of older versions, and
 # in .tmpXXXXXX, safetensors' own temp file, which earlier versions' weights saves left when killed.
@@ -81,6 +84,26 @@ def free_bytes(path: str | Path) -> int | None:
     return (info.f_bfree if os.geteuid() == 0 else info.f_bavail) * info.f_frsize
 
 
+def free_inodes(path: str | Path) -> int | None:
+    """Free inodes (files that can still be made, for this user) on the file system that holds
+    ``path``, or None where it has no fixed number of them (btrfs and FAT report 0 of 0) or
+    cannot say."""
+    try:
+        info = os.statvfs(existing_parent(path))
+    except OSError:
+        return None
+    if info.f_files == 0:
+        return None
+    return info.f_ffree if os.geteuid() == 0 else info.f_favail
+
+
+def out_of_inodes(path: str | Path) -> bool:
+    """Whether the disk holding ``path`` has (nearly) no inodes left: no new file fits there,
+    whatever its free bytes."""
+    inodes = free_inodes(path)
+    return inodes is not None and inodes < FULL_BELOW_INODES
+
+
 def existing_parent(path: str | Path) -> Path:
     """``path`` itself if it exists, else its nearest existing parent folder."""
     folder = Path(path).absolute()
@@ -90,8 +113,9 @@ def existing_parent(path: str | Path) -> Path:
 
 
 def disk_nearly_full(path: str | Path) -> bool:
+    """Whether a write on the disk holding ``path`` can fail for want of room: bytes or inodes."""
     free = free_bytes(path)
-    return free is not None and free < FULL_BELOW_BYTES
+    return (free is not None and free < FULL_BELOW_BYTES) or out_of_inodes(path)
 
 
 def says_disk_full(text: str) -> bool:

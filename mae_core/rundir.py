@@ -75,6 +75,9 @@ class RunStatus:
     skipped_files: int | None = None  # image files it could not
     resumed_from_step: int | None = None  # the checkpoint's step the last resume started from
     error: str | None = None  # why it failed or was stopped by force
+    # The app process that set it "starting" (a process record): gone before a trainer was
+    # recorded, the launch never comes, and the run is dead at once whatever the clock says.
+    launcher: dict[str, Any] | None = None
     log_tail: str | None = None  # the end of train.log when it failed
 
     @classmethod
@@ -109,6 +112,8 @@ def _well_typed(name: str, value: Any) -> bool:
         return False
     if kind.startswith("str"):
         return isinstance(value, str)
+    if kind.startswith("dict"):
+        return isinstance(value, dict)
     if kind.startswith("int") or isinstance(value, int):
         return isinstance(value, int) and _in_range(name, value)
     if name == "loss" and isinstance(value, float):

@@ -18,6 +18,7 @@ from mae_core.channels import resolve_data
 from mae_core.config import RunConfig
 from mae_core.data import check_data
 from mae_core.fileio import atomic_write_json, read_json
+from mae_core.process import process_record
 from mae_core.rundir import RunError, RunPaths
 
 QUEUE_NAME = ".queue.json"
@@ -160,7 +161,7 @@ class QueuedRuns:
     def _launch_queued(self, run_id: str) -> bool:
         paths = self.paths(run_id)
         try:
-            paths.write_status(state="starting", error=None)
+            paths.write_status(state="starting", error=None, launcher=process_record())
             self._launch(paths, resume=False)
         except Exception as err:  # noqa: BLE001 - recorded in the run, the queue goes on
             _fail(paths, err)

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import shutil
@@ -39,6 +40,8 @@ from mae_core.weights import checkpoint_mismatch, export_encoder, timm_snippet
 
 # The lock file apps sharing a runs directory take before they check for a live run and launch.
 LOCK_NAME = ".runs.lock"
+# What a write refused for the file system's sake (not a bug) fails with: said in words.
+_UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class RunManager(QueuedRuns, TrainerWatch):
@@ -188,7 +191,7 @@ class RunManager(QueuedRuns, TrainerWatch):
         self._require_room(cfg, self.runs_dir)
         with self._exclusive():
             self._refuse_if_busy(cfg)
-            paths = self._create(cfg, data_files=summary.files)
+            paths = self._create(cfg, data_files=summary.files, launcher=proc.process_record())
             self._launch(paths, resume=False)
         return paths.run_id
 
@@ -202,7 +205,9 @@ class RunManager(QueuedRuns, TrainerWatch):
         """Ask the run to stop after its current step (it saves a checkpoint first).
 
         A second stop, or one not obeyed within ``stop_timeout_s``, terminates the process group
-        of the trainer the stop was meant for (never a trainer a later Resume launched).
+        of the trainer the stop was meant for (never a trainer a later Resume launched). A run
+        recorded on another host is ended by a second stop only once it has gone silent there
+        (:meth:`_end_remote`).
         """
         with self._lock:
             status = self.status(run_id)
@@ -210,10 +215,15 @@ class RunManager(QueuedRuns, TrainerWatch):
                 raise RunError(f"run {run_id} is not running (it is {status.get('state')})")
             paths = self.paths(run_id)
             record = self._process(paths)
-            if paths.stop_requested():
-                self._terminate(paths, record, reason="stopped by force on a second stop request")
+            forced = paths.stop_requested()
+            if forced and record and not proc.on_this_host(record):
+                self._end_remote(paths, record, status)
                 return self.status(run_id)
-            paths.request_stop()
+            if not forced:
+                paths.request_stop()
+        if forced:
+            self._terminate(paths, record, reason="stopped by force on a second stop request")
+            return self.status(run_id)
         if record and proc.on_this_host(record):
             threading.Thread(target=self._enforce_stop, args=(paths, record), daemon=True,
                              name=f"stop-{run_id}").start()
@@ -256,7 +266,8 @@ class RunManager(QueuedRuns, TrainerWatch):
             # The old record goes first: a reader now sees a run starting, not a dead process.
             paths.process.unlink(missing_ok=True)
             paths.write_status(state="starting", error=None, log_tail=None, step=step,
-                               resumed_from_step=step, total_steps=cfg.train.max_steps)
+                               resumed_from_step=step, total_steps=cfg.train.max_steps,
+                               launcher=proc.process_record())
             self._launch(paths, resume=True)
         return self.status(run_id)
 
@@ -289,20 +300,40 @@ class RunManager(QueuedRuns, TrainerWatch):
     def _exclusive(self) -> Iterator[None]:
         """This manager's lock and the runs directory's file lock, which every app sharing the
         directory takes (``flock`` locks belong to the open file, so two managers in one process
-        exclude each other too)."""
+        exclude each other too).
+
+        Every section under it writes: on a runs directory this app may not write (a read-only
+        mount, another user's folder) the first write refuses it in words, as RunError."""
         with self._lock:
-            self.runs_dir.mkdir(parents=True, exist_ok=True)  # made again if deleted under the app
-            fd = os.open(self.runs_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self.runs_dir.mkdir(parents=True, exist_ok=True)  # again if deleted under the app
+                fd = _open_lock(self.runs_dir)
+            except OSError as err:
+                raise RunError(self._cannot_write(err)) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 yield
+            except OSError as err:
+                if err.errno not in _UNWRITABLE:
+                    raise
+                raise RunError(self._cannot_write(err)) from None
             finally:
                 os.close(fd)  # releases the lock
+
+    def _cannot_write(self, err: OSError) -> str:
+        """A write under the runs directory that its file system or its owner refused, in words."""
+        if _read_only(self.runs_dir):
+            return (f"the runs directory {self.runs_dir} is read-only: its runs can be listed and "
+                    "viewed, but none started, queued, resumed or deleted. Mount it read-write, "
+                    "or run the app with another --runs-dir")
+        return f"{err.filename or self.runs_dir} cannot be changed: {err.strerror or err}"
 
     def _create(self, cfg: RunConfig, **status: Any) -> RunPaths:
         try:
             return create_run(cfg, runs_dir=self.runs_dir, **status)
         except OSError as err:  # a full disk or a read-only runs directory: said, not a crash
+            if err.errno in _UNWRITABLE:
+                raise RunError(self._cannot_write(err)) from None
             raise RunError(f"the run cannot be created in {self.runs_dir}: "
                            f"{err.strerror or err}") from None
 
@@ -344,24 +375,50 @@ class RunManager(QueuedRuns, TrainerWatch):
         pid, start_time = record["pid"], record.get("start_time")
         if proc.wait_gone(pid, start_time, self.stop_timeout_s, every_s=0.2):
             return
-        with self._lock:
-            if proc.pid_alive(pid, start_time):
-                self._terminate(paths, record, reason=f"stopped by force: the trainer did not stop "
-                                                      f"within {self.stop_timeout_s:.0f} s")
+        if proc.pid_alive(pid, start_time):
+            self._terminate(paths, record, reason=f"stopped by force: the trainer did not stop "
+                                                  f"within {self.stop_timeout_s:.0f} s")
 
     def _terminate(self, paths: RunPaths, record: dict[str, Any] | None, reason: str) -> None:
-        """End the trainer ``record`` names and its ranks (SIGTERM, then SIGKILL); record it as
-        stopped unless a newer trainer has taken over the run directory since."""
-        if record and not proc.on_this_host(record):
-            raise RunError(f"run {paths.run_id} runs on {record.get('host')}: it stops after its "
-                           "current step, or end it there")
+        """End the trainer ``record`` (of this host) names and its ranks (SIGTERM, then SIGKILL);
+        record it as stopped unless a newer trainer has taken over the run directory since.
+
+        Called without ``_lock``: a hung trainer (stopped, stuck in I/O) outlives SIGTERM for
+        the whole grace, and every status call, each page's refresh, waited those seconds. The
+        lock is taken only to check, after, whose run directory it is."""
         if record and proc.record_pid(record) is not None:
             proc.terminate_group(record["pid"], record.get("start_time"))
-        current = self._process(paths)
-        if record and current.get("pid") not in (None, record.get("pid")):
-            return
-        paths.clear_stop_request()
-        paths.write_status(state="stopped", error=reason, log_tail=paths.log_tail())
+        with self._lock:
+            current = self._process(paths)
+            if record and current.get("pid") not in (None, record.get("pid")):
+                return
+            paths.clear_stop_request()
+            paths.write_status(state="stopped", error=reason, log_tail=paths.log_tail())
+
+
+def _open_lock(runs_dir: Path) -> int:
+    """A descriptor of the runs directory's lock file to ``flock``, made if missing. Where it
+    cannot be opened for writing (a read-only mount), read-only: ``flock`` needs no write access,
+    and Start, Resume and Delete then say why they cannot write instead of failing on the lock.
+    With no lock file there, the directory itself is locked: nobody can write in it anyway."""
+    path = runs_dir / LOCK_NAME
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        if err.errno not in _UNWRITABLE:
+            raise
+    try:
+        return os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return os.open(runs_dir, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def _read_only(folder: Path) -> bool:
+    """Whether ``folder`` is on a file system mounted read-only."""
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def _share_devices(cfg: RunConfig, other: RunConfig | None) -> bool:

@@ -23,8 +23,34 @@ from mae_core.rundir import LIVE_STATES, RunError, RunPaths, saved_step
 
 # A run on another node counts as alive while its status.json was rewritten this recently.
 REMOTE_SILENCE_S = 600.0
+# A second Stop may end a run recorded on another host once it has been silent this long: a
+# trainer writes its status at every progress save, and that host may be this machine renamed.
+REMOTE_FORCE_STOP_S = 60.0
 # A run with no recorded process yet counts as alive this long after its status was written.
 LAUNCH_GRACE_S = 30.0
+# How far ahead of this machine's clock a status.json time may be and still count as recent
+# (another node's clock runs a little ahead). Further ahead, this clock was stepped back since.
+CLOCK_SKEW_S = 10.0
+
+
+def silent_for(status: dict[str, Any]) -> float:
+    """Seconds since status.json was last written (negative: dated ahead of this clock)."""
+    return time.time() - (status.get("updated") or 0)
+
+
+def heard_within(status: dict[str, Any], window_s: float) -> bool:
+    """Whether status.json was written less than ``window_s`` ago. A time dated ahead of this
+    clock by more than CLOCK_SKEW_S is no sign of life: the clock was stepped back since, and a
+    dead run stayed live (refusing Start, Delete and the queue) until the clock caught up."""
+    return -CLOCK_SKEW_S < silent_for(status) < window_s
+
+
+def launcher_gone(status: dict[str, Any]) -> bool:
+    """Whether the app process that set the run "starting" (its ``launcher`` record) is known to
+    have ended on this machine before recording a trainer: the launch will never come."""
+    launcher = status.get("launcher")
+    return (isinstance(launcher, dict) and proc.on_this_host(launcher)
+            and proc.record_pid(launcher) is not None and not proc.record_alive(launcher))
 
 
 class TrainerWatch:
@@ -49,7 +75,10 @@ class TrainerWatch:
             if code != 0 or (ours and live):
                 proc.kill_group(record["pid"], signal.SIGKILL)
             if ours and live and paths.root.exists():
-                self._mark_dead(paths)
+                # A full disk or a read-only runs folder: nothing to record the death in, and
+                # nobody to tell from this thread. The next status read finds it again and says why.
+                with contextlib.suppress(OSError):
+                    self._mark_dead(paths)
 
     @staticmethod
     def _process(paths: RunPaths) -> dict[str, Any]:
@@ -66,9 +95,9 @@ class TrainerWatch:
         if info and not proc.on_this_host(info):
             # Launched on another node (torchrun/SLURM): its pid means nothing here, so a
             # status the trainer keeps refreshing is the sign of life.
-            return time.time() - (status.get("updated") or 0) < REMOTE_SILENCE_S
-        if not info and (status.get("state") == "starting"
-                         and time.time() - (status.get("updated") or 0) < LAUNCH_GRACE_S):
+            return heard_within(status, REMOTE_SILENCE_S)
+        if (not info and status.get("state") == "starting" and not launcher_gone(status)
+                and heard_within(status, LAUNCH_GRACE_S)):
             return True  # between "starting" and the launch being recorded (another app's manager)
         pid = self._trainer_pid(paths)
         if pid is not None and pid != info.get("pid"):
@@ -96,6 +125,24 @@ class TrainerWatch:
         if pid is not None and not proc.wait_gone(pid, info.get("start_time"), timeout_s):
             raise RunError(f"run {paths.run_id}'s previous trainer process "
                            f"(pid {pid}) is still exiting; try again in a moment")
+
+    def _end_remote(self, paths: RunPaths, record: dict[str, Any], status: dict[str, Any]) -> None:
+        """A second Stop of a run recorded on another host (callers hold ``_lock``): nothing
+        here can signal it, so it is refused while the run is heard from. Silent for over
+        REMOTE_FORCE_STOP_S, it is marked failed: that host may be this very machine under a
+        new name (a container re-created on the same volume), and the run, dead, read
+        "running" for REMOTE_SILENCE_S with nothing to end it."""
+        host = record.get("host")
+        if heard_within(status, REMOTE_FORCE_STOP_S):
+            raise RunError(f"run {paths.run_id} runs on {host}: it stops after its current step, "
+                           "or end it there")
+        age = silent_for(status)
+        silence = (f"for {age:.0f} s" if age >= 0 else
+                   f"since a time {-age:.0f} s ahead of this machine's clock")
+        paths.clear_stop_request()
+        paths.write_status(state="failed", log_tail=paths.log_tail(),
+                           error=f"not heard from {silence} (it ran on host {host}): marked "
+                                 "stopped by force; if it still runs there, end it there")
 
     def _mark_dead(self, paths: RunPaths) -> dict[str, Any]:
         """The process is gone; unless it recorded its own end just before exiting, it failed."""
@@ -126,6 +173,8 @@ class TrainerWatch:
         else:
             how = "is gone (killed, or out of memory)"
         error = f"the trainer process {how} before finishing"
+        if pid is None and status.get("state") == "starting" and launcher_gone(status):
+            error = "the trainer was never launched: the app launching it ended first"
         log_tail = paths.log_tail()
         # A process that hit the full disk first (any rank, any write) may have had no room left
         # to say so; the disk, or the log, still can.

@@ -9,7 +9,11 @@ inline_container.cc ... unexpected pos", which names no disk.
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
+import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -19,9 +23,10 @@ from safetensors.torch import load_file
 
 from helpers import poll
 from mae_core import diskspace
+from mae_core import process as proc
 from mae_core.config import RunConfig
 from mae_core.fileio import (DiskFullError, atomic_write, free_bytes,
-                             is_disk_full)
+                             is_disk_full, read_json)
 from mae_core.rundir import LIVE_STATES, RunPaths, create_run, process_record
 from mae_core.runs import RunError, RunManager, checkpoint_step
 from mae_core.callbacks import failure_text
@@ -51,6 +56,25 @@ def fill(disk: Path, leave_bytes: int) -> Path:
             except OSError:
                 time.sleep(0.05)
     raise AssertionError(f"{disk} could not be filled")
+
+
+def with_inodes(disk: Path, inodes: int) -> Path:
+    """``disk`` (a small tmpfs) limited to ``inodes`` files and folders, itself included."""
+    subprocess.run(["mount", "-o", f"remount,nr_inodes={inodes}", str(disk)], check=True)
+    return disk
+
+
+def use_up_inodes(disk: Path) -> list[Path]:
+    """Empty files on ``disk`` until it can hold no more: the files, in the order made."""
+    made = []
+    while True:
+        path = disk / f"file{len(made)}"
+        try:
+            path.touch()
+        except OSError as err:
+            assert err.errno == errno.ENOSPC, err
+            return made
+        made.append(path)
 
 
 # --- the estimate and the check before a run starts ---------------------------------------------
@@ -142,6 +166,53 @@ def test_what_a_live_run_on_other_gpus_will_still_write_is_not_free_for_another(
     stand_in.wait()
     assert manager.space_held(on_gpu_1, runs) == {}  # ended: it writes nothing more
     manager._require_room(on_gpu_1, runs)
+
+
+def test_a_disk_out_of_inodes_refuses_the_run_however_many_bytes_are_free(small_disk):
+    """Each file takes an inode: a disk with 500 MB free and no inodes left passed the space
+    check, and the run died at its first new file, "No space left on device"."""
+    runs = with_inodes(small_disk(600), 24) / "runs"
+    manager = RunManager(runs)
+    cfg = tiny_config(num_previews=2, preview_every_n_steps=5, max_steps=40)
+    assert free_bytes(runs) > diskspace.run_files(cfg).peak  # room enough, by the bytes
+    for call in (manager.enqueue, manager.start):
+        with pytest.raises(RunError) as refused:
+            call(cfg)
+        message = str(refused.value)
+        assert message.startswith(f"not enough free inodes (files) on the disk holding {runs}: "
+                                  "22 more files fit there, and this run makes about "
+                                  f"{diskspace.run_inodes(cfg)}"), message
+        assert "Runs tab" in message
+    assert manager.list() == []
+
+
+def test_a_run_that_died_on_a_disk_out_of_inodes_says_so(small_disk, monkeypatch):
+    """The disk ran out of inodes under a live run: it read "the trainer process is gone, and its
+    status.json cannot be updated ([Errno 28] No space left on device ...)" while df showed
+    hundreds of MB free, and the reaper thread printed an uncaught traceback."""
+    crashed: list[BaseException] = []
+    monkeypatch.setattr(threading, "excepthook", lambda hook: crashed.append(hook.exc_value))
+    monkeypatch.setattr(proc, "trainer_command", lambda run_dir, resume=False: ["sleep", "300"])
+    disk = with_inodes(small_disk(64), 64)
+    manager = RunManager(disk / "runs")
+    paths = create_run(tiny_config(), runs_dir=manager.runs_dir, state="starting")
+    manager._launch(paths, resume=False)  # a stand-in trainer: it dies here, not of the disk
+    pid = read_json(paths.process)["pid"]
+    [reaper] = [t for t in threading.enumerate() if t.name == f"reap-{pid}"]
+    fillers = use_up_inodes(disk)
+    os.kill(pid, signal.SIGKILL)
+    reaper.join(10)
+    assert not reaper.is_alive() and not crashed, f"the reaper thread raised {crashed!r}"
+    status = manager.status(paths.run_id)
+    assert status["state"] == "failed"
+    assert ("its status.json cannot be updated (no free inodes (files) left on the disk holding "
+            f"{paths.root}: no new file fits there, though ") in status["error"], status["error"]
+    for filler in fillers[:4]:  # room for a status write, still too few for a run
+        filler.unlink()
+    status = manager.status(paths.run_id)
+    assert status["error"].startswith("the trainer process was killed by SIGKILL before "
+                                      "finishing: no free inodes (files) left"), status["error"]
+    assert paths.read_status()["error"] == status["error"]  # written down this time
 
 
 def test_the_trainer_started_by_hand_refuses_it_too(small_disk, run_module):

@@ -13,10 +13,13 @@ damaged, the folder a link) and a trainer killed by a signal without a name.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -268,6 +271,49 @@ def test_a_trainer_killed_by_a_real_time_signal_is_reported_and_every_run_still_
                       "the death to be seen", 30)
     assert f"killed by signal {signal.SIGRTMIN + 6} before finishing" in failed["error"], failed
     assert [s["state"] for s in manager.list()] == ["failed"]
+
+
+# A trainer as the force stop finds it: Lightning's SIGTERM handler would end it, but its process
+# group is stopped (SIGSTOP, a debugger, stuck in the kernel), so the signal waits and only the
+# SIGKILL at the end of the grace ends it.
+HUNG_TRAINER = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)); "
+                "print('ready', flush=True); time.sleep(300)")
+
+
+@pytest.mark.parametrize("by", ["second stop", "watchdog"])
+def test_a_force_stop_of_a_hung_trainer_never_holds_up_the_app(tmp_path, monkeypatch, by):
+    """Ending a hung trainer takes the whole grace between SIGTERM and SIGKILL (5 s), and the
+    force stop (a second Stop, or the stop watchdog) held the run manager's lock through it:
+    every status call, so every page of the app, froze for those seconds."""
+    monkeypatch.setattr(proc, "trainer_command",
+                        lambda run_dir, resume=False: [sys.executable, "-c", HUNG_TRAINER])
+    manager = RunManager(tmp_path / "runs", stop_timeout_s=0.5 if by == "watchdog" else 60)
+    paths = create_run(run_config(), runs_dir=manager.runs_dir, state="starting")
+    manager._launch(paths, resume=False)
+    pid = read_json(paths.process)["pid"]
+    try:
+        wait_for(lambda: "ready" in paths.log_tail(), "the stand-in trainer to start", 30)
+        os.killpg(pid, signal.SIGSTOP)
+        manager.stop(paths.run_id)
+        if by == "watchdog":
+            force = next(t for t in threading.enumerate() if t.name == f"stop-{paths.run_id}")
+        else:
+            force = threading.Thread(target=manager.stop, args=(paths.run_id,))
+            force.start()
+        time.sleep(manager.stop_timeout_s + 1 if by == "watchdog" else 1)  # into the grace
+        assert force.is_alive(), "the force stop ended before the status call: it proves nothing"
+        asked = time.monotonic()
+        status = manager.status(paths.run_id)
+        took = time.monotonic() - asked
+        assert took < 1, f"a status call waited {took:.1f} s for the force stop"
+        assert status["state"] in LIVE_STATES, status  # its trainer is not ended yet
+        force.join(30)
+        stopped = manager.status(paths.run_id)
+        assert stopped["state"] == "stopped" and "by force" in stopped["error"], stopped
+        assert not pid_alive(pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
 
 
 def test_deleting_a_run_folder_that_is_a_link_removes_the_link_and_leaves_its_target(tmp_path):

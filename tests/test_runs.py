@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -533,3 +534,45 @@ def test_a_runs_folder_deleted_under_the_app_is_empty_then_made_again(tmp_path):
     assert manager.advance_queue() is None
     run_id, position = manager.enqueue(tiny_config(max_steps=2))
     assert position == 1 and [s["run_id"] for s in manager.list()] == [run_id]
+
+
+def _lightning_checkpoint(path: Path, cfg: RunConfig, step: int) -> None:
+    """A checkpoint Resume accepts for a run of ``cfg`` (zeros of its model's shapes, no training)."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in MaskedAutoencoder(cfg.model).state_dict().items()}
+    torch.save({"state_dict": {f"mae.{k}": torch.zeros(shape) for k, shape in shapes.items()},
+                "global_step": step, "epoch": 0, "loops": {}, "optimizer_states": [],
+                "pytorch-lightning_version": "2.0.0"}, path)
+
+
+def test_a_read_only_runs_folder_still_lists_and_refuses_each_change_in_words(small_disk):
+    """A runs folder on a read-only mount (a backup, a volume mounted ro): Start, Queue, Resume and
+    Delete each read "Internal error ... OSError: [Errno 30] Read-only file system: '.runs.lock'",
+    since the lock file was opened for writing, whether there was one or not. They say why; the
+    runs still list and open, and nothing in the folder changes."""
+    disk = small_disk(600)  # room for the space check Start and Resume make first
+    manager = RunManager(disk / "runs")
+    cfg = tiny_config(max_steps=9, num_previews=0)
+    stopped = create_run(cfg.resolved(), runs_dir=manager.runs_dir, state="stopped")
+    stopped.write_status(step=3)
+    _lightning_checkpoint(stopped.last_ckpt, cfg.resolved(), step=3)
+    queued, _ = manager.enqueue(cfg)  # leaves the lock file behind
+    refusal = f"the runs directory {re.escape(str(manager.runs_dir))} is read-only"
+    changes = {"Start": lambda: manager.start(cfg), "Queue": lambda: manager.enqueue(cfg),
+               "Resume": lambda: manager.resume(stopped.run_id, max_steps=20),
+               "Delete": lambda: manager.delete(stopped.run_id),
+               "move in the queue": lambda: manager.move_queued(queued, -1),
+               "the queue's turn": manager.advance_queue}
+    for lock_file in (True, False):  # the lock file opened read-only, or none there at all
+        if not lock_file:
+            subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
+            (manager.runs_dir / ".runs.lock").unlink()
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        before = sorted((p, p.stat().st_mtime_ns) for p in disk.rglob("*"))
+        assert {s["run_id"]: s["state"] for s in manager.list()} == {
+            stopped.run_id: "stopped", queued: "queued"}
+        assert manager.status(stopped.run_id)["resumable"] and manager.queued() == [queued]
+        for change, call in changes.items():
+            with pytest.raises(RunError, match=refusal):
+                call()
+        assert sorted((p, p.stat().st_mtime_ns) for p in disk.rglob("*")) == before
