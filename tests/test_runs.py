@@ -270,6 +270,30 @@ def test_a_full_disk_fails_a_start_clearly_and_a_dead_run_still_lists(tmp_path, 
     assert runs() == before
 
 
+def test_a_stop_pressed_again_or_from_a_stale_page_never_forces(tmp_path):
+    """Stop pressed in a second tab that had not yet seen the first request (or twice through the
+    API) force-killed the run, losing the steps since its last checkpoint. A plain stop
+    (force=False, the page's "Stop") only ever asks; force=True ("Force stop") ends it."""
+    from mae_core.fileio import atomic_write_json
+    from mae_core.process import process_record
+
+    manager = RunManager(tmp_path / "runs", stop_timeout_s=600)
+    paths = create_run(tiny_config(max_steps=9).resolved(), runs_dir=manager.runs_dir)
+    sleeper = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        atomic_write_json(paths.process, process_record(sleeper.pid, command=["sleep", "300"]))
+        paths.write_status(state="running", step=3)
+        for _ in range(3):
+            assert manager.stop(paths.run_id, force=False)["state"] == "running"
+        assert paths.stop_requested() and sleeper.poll() is None  # asked, never killed
+        stopped = manager.stop(paths.run_id, force=True)
+        assert stopped["state"] == "stopped" and stopped["error"] == "stopped by force", stopped
+        assert sleeper.wait(timeout=10) is not None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 def test_corrupt_checkpoint_is_refused_on_resume(manager):
     run_id = manager.start(tiny_config(max_steps=8))
     wait_until_ended(manager, run_id)
