@@ -434,3 +434,49 @@ def test_every_tab_is_usable_at_800_px(browser_factory, server):
     page.wait_for_function("() => document.querySelector('#runs-pick input')?.value")
     assert page.evaluate("() => { const i = document.querySelector('#runs-pick input');"
                          " return i.scrollWidth <= i.clientWidth + 1; }"), "run name cut off"
+
+
+def test_a_phone_sees_the_whole_chart_and_every_preview(browser_factory, server):
+    """At 375 px the 500 px chart lost its y axis and half its legend, and the previews their
+    fourth column. A chart is as wide as its box, so one drawn while its tab was hidden is
+    drawn again when the tab shows."""
+    import json
+
+    from PIL import Image
+
+    from mae_core.config import ModelConfig, RunConfig, TrainConfig
+
+    manager = server["manager"]
+    cfg = RunConfig(model=ModelConfig(image_size=32, patch_size=8),
+                    train=TrainConfig(accelerator="cpu", devices=1, num_workers=0))
+    paths = create_run(cfg.resolved(), runs_dir=manager.runs_dir, state="stopped")
+    try:
+        with open(paths.metrics, "w") as handle:
+            handle.writelines(json.dumps({"step": s, "epoch": 0, "loss": 2.0 / s}) + "\n"
+                              for s in range(1, 41))
+        paths.previews.mkdir()
+        for step in range(0, 40, 10):
+            Image.new("RGB", (256, 128), (90, 60 + step, 30)).save(
+                paths.previews / f"step_{step:06d}.png")
+        paths.weights.write_bytes(b"the newest run with weights: its previews are shown")
+        page = browser_factory(width=375, height=740)
+        inside = ("([inner, outer, least]) => { const i = document.querySelector(inner);"
+                  " const o = document.querySelector(outer); if (!i || !o) return false;"
+                  " const a = i.getBoundingClientRect(), b = o.getBoundingClientRect();"
+                  " return a.width > least && a.left >= b.left - 1 && a.right <= b.right + 1; }")
+        chart_fits = ["#loss-plot canvas", "#loss-plot", 200]
+        page.wait_for_function(inside, arg=chart_fits)
+        page.get_by_role("tab", name="Reconstruct").click()
+        page.wait_for_function(
+            "() => document.querySelectorAll('#preview-gallery img').length >= 4")
+        for item in range(4):
+            preview = f"#preview-gallery .grid-container > :nth-child({item + 1})"
+            assert page.evaluate(inside, [preview, "#preview-gallery", 0]), f"preview {item + 1}"
+        with open(paths.metrics, "a") as handle:  # the next poll redraws the hidden chart
+            handle.write(json.dumps({"step": 41, "epoch": 0, "loss": 0.04}) + "\n")
+        page.wait_for_function("() => document.querySelector('#loss-plot canvas').width < 100")
+        page.get_by_role("tab", name="Train").click()
+        page.wait_for_function(inside, arg=chart_fits)
+        assert page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth + 1")
+    finally:
+        manager.delete(paths.run_id)

@@ -248,3 +248,20 @@ def test_a_full_disk_is_said_as_such_not_as_an_internal_error(tmp_path, caplog):
     assert message == ("export failed: the disk is full. Free some space (delete old runs in the "
                        "Runs tab), then try again")
     assert "failed" not in caplog.text  # the machine's state, not a bug to log
+
+
+def test_no_number_a_person_types_is_refused_before_its_handler(tmp_path):
+    """Every slider and number box of the app hands what was typed to its handler (which clamps
+    it or refuses it as a message). A plain gr.Slider refused 5 in "EMA smoothing" itself, with
+    a toast, on every 1.5 s poll: the live view stopped updating while the run trained on."""
+    from mae_core.runs import RunManager
+    from ui import build_app
+
+    demo = build_app(RunManager(tmp_path / "runs"))
+    fed = {block for fn in demo.fns.values() for block in fn.inputs
+           if isinstance(block, (gr.Slider, gr.Number))}
+    names = {block.elem_id for block in fed}
+    assert {"smoothing", "history-step", "recon-ratio", "param-image"} <= names
+    for block in fed:
+        for typed in (99999, -3, 2.5, None):
+            assert block.preprocess(typed) == typed, (block.elem_id, typed)

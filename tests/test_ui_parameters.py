@@ -103,3 +103,41 @@ def test_bad_fields_are_refused_naming_the_field(tmp_path, preset, image, patch,
     assert caught.value.field == field
     if field == "preset":
         assert "vit-tiny" in str(caught.value)  # the error lists the valid options
+
+
+def wired(demo, elem_id: str, event: str) -> list:
+    """The functions that an event of the component ``elem_id`` runs, each with its .then chain."""
+    fns = list(demo.fns.values())
+    block = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == elem_id)
+    chain = [f for f in fns if (block._id, event) in f.targets]
+    for done in chain:  # grows while it is walked
+        chain += [f for f in fns if f.trigger_after == done._id]
+    return chain
+
+
+def test_a_chosen_run_shows_its_model_in_the_fields_and_an_edit_leaves_the_run(tmp_path):
+    """The title read "Run …: 32px, patch 8" above fields still at the preset's defaults, and a
+    size typed there was silently ignored: Audit kept auditing the run."""
+    from ui import build_app
+
+    ctx = AppContext(RunManager(tmp_path / "runs"))
+    cfg = RunConfig(model=ModelConfig(preset="vit-small", image_size=40, patch_size=8),
+                    train=TrainConfig(accelerator="cpu", devices=1, num_workers=0))
+    paths = create_run(cfg.resolved(), runs_dir=ctx.manager.runs_dir)
+    assert parameters.run_model_fields(ctx, paths.run_id) == {
+        "preset": "vit-small", "image_size": 40, "patch_size": 8, "timm_model": ""}
+    assert parameters.run_model_fields(ctx, "") == {}  # no run: the fields are the model
+
+    demo = build_app(ctx.manager)
+    picked = wired(demo, "param-run", "input")
+    shown = {block.elem_id: value for block, value in picked[0].fn(paths.run_id).items()}
+    assert shown == {"param-preset": "vit-small", "param-image": 40, "param-patch": 8,
+                     "param-timm": ""}
+    assert picked[-1].fn is wired(demo, "audit-btn", "click")[0].fn  # then audits it
+    # Opening the tab picks the Train tab's run: its model is shown the same way.
+    assert picked[0].fn in [f.fn for f in wired(demo, "tab-parameters", "select")]
+    # An edit of any field leaves the run, as choosing a preset did: "(none: audit the preset…)".
+    for elem_id in ("param-preset", "param-image", "param-patch", "param-timm"):
+        leave = wired(demo, elem_id, "input")[0]
+        assert [block.elem_id for block in leave.outputs] == ["param-run"], elem_id
+        assert leave.fn() == parameters.NO_RUN[1], elem_id

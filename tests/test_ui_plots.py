@@ -244,3 +244,36 @@ def test_no_knn_chart_without_labels(tmp_path, short_runs):
     assert plots.knn_chart(plots.knn_points(unlabelled)) is None
     assert plots.knn_chart(plots.knn_points(short_runs)) is None
     assert "kNN" not in plots.describe_curves(unlabelled, "loss")
+
+
+# --- in Gradio's browser runtime -------------------------------------------------------------
+
+def layer_kinds(chart) -> list[str]:
+    """The kind each layer filters to ("" for the unfiltered hover layer)."""
+    return [next((t["filter"].split("'")[1] for t in layer.get("transform") or []), "")
+            for layer in chart.to_dict()["layer"]]
+
+
+def test_charts_fit_their_box_and_give_vega_nothing_to_warn_of(short_runs, tmp_path):
+    """At 375 px the chart, 500 px wide, lost its y axis and half its legend; every update
+    logged three Vega warnings (schema newer than Gradio's Vega-Lite 5, "zero" on a log axis,
+    an empty layer's infinite extent)."""
+    evaluated = {RUN_A: MetricsReader(write_evaluated_run(tmp_path / "evaluated.jsonl"))}
+    charts = [curve_chart(curve_points(short_runs, "loss", 0.8), "loss", True),
+              curve_chart(curve_points(short_runs, "loss", 0.0), "loss", False),
+              plots.knn_chart(plots.knn_points(evaluated))]
+    for chart in charts:
+        spec = chart.to_dict()
+        assert spec["width"] == "container"  # as wide as the column (CSS: #loss-plot)
+        assert spec["$schema"].startswith("https://vega.github.io/schema/vega-lite/v5")
+    assert all("zero" not in enc["y"]["scale"] for enc in specs(charts[0]))
+    assert all(enc["y"]["scale"]["zero"] is False for enc in specs(charts[1]))
+    # A layer per kind of point there is: no epoch has ended or evaluation run yet here.
+    early = {RUN_A: MetricsReader(write_run(tmp_path / "early.jsonl", 40))}
+    assert layer_kinds(curve_chart(curve_points(early, "loss", 0.0), "loss", True)) == ["raw", ""]
+    assert layer_kinds(curve_chart(curve_points(early, "loss", 0.8), "loss", True)) == [
+        "raw", "smoothed", ""]
+    assert layer_kinds(curve_chart(curve_points(short_runs, "loss", 0.8), "loss", True)) == [
+        "raw", "smoothed", "epoch mean", ""]
+    assert layer_kinds(curve_chart(curve_points(evaluated, "loss", 0.8), "loss", True)) == [
+        "raw", "smoothed", "validation", ""]

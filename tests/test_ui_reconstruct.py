@@ -356,3 +356,27 @@ def test_the_weights_history_of_a_run_on_a_prepared_set_shows_an_image_of_the_se
     html, message = reconstruct.reconstruct_history(ctx, paths.run_id, 50, 0.75, 0)
     assert "first preview photo (trained on)" in message and "held out" not in message
     assert "<img" in html
+
+
+def test_a_history_step_typed_past_either_end_takes_the_nearest_snapshot(ctx, tmp_path):
+    """The slider's number box takes any number: 99999 or -3 typed there reconstructs with the
+    newest or oldest snapshot (Gradio refused both with a toast), and text is refused naming the
+    field, as a message (it was an internal error)."""
+    from mae_core.snapshots import WeightSnapshots
+
+    data = tmp_path / "photos"
+    data.mkdir()
+    for i in range(4):
+        photo(data / f"p{i}.png", seed=i)
+    cfg = RunConfig(model=MODEL, train=TrainConfig(data=str(data), accelerator="cpu", devices=1,
+                                                   num_workers=0))
+    paths = create_run(cfg.resolved(), runs_dir=ctx.manager.runs_dir)
+    keeper = WeightSnapshots(paths.root, keep=2, every_n_steps=50)
+    for step in (50, 100):
+        keeper.save(SimpleNamespace(global_step=step),
+                    SimpleNamespace(mae=MaskedAutoencoder(MODEL)))
+    for typed, snapshot in ((99999, 100), (-3, 50), ("60", 50)):
+        _, message = reconstruct.reconstruct_history(ctx, paths.run_id, typed, 0.75, 0)
+        assert f"snapshot of step {snapshot}:" in message, typed
+    with pytest.raises(ConfigError, match="weights history step"):
+        reconstruct.reconstruct_history(ctx, paths.run_id, "abc", 0.75, 0)

@@ -228,6 +228,63 @@ def test_evaluate_refusals_reach_the_page_as_messages(ctx, tmp_path):
     assert not (paths.root / "evaluation.json").exists()
 
 
+@pytest.fixture
+def slow_evaluation(monkeypatch):
+    """evaluate_run stood in by one that reports progress and waits until ``release`` is set."""
+    import threading
+
+    release = threading.Event()
+
+    def evaluate_run(run_dir, data=None, linear_probe=False, progress=None):
+        progress(0.4, "embedding the bank")
+        if not release.wait(30):
+            raise TimeoutError("the test never released the evaluation")
+        return {"seconds": 1.5, "delta": {"knn_top1": 12.3}}
+
+    monkeypatch.setattr("mae_core.evaluate.evaluate_run", evaluate_run)
+    yield release
+    release.set()
+
+
+def test_a_reloaded_page_follows_the_running_evaluation_and_a_second_press_waits(
+        ctx, slow_evaluation):
+    """A reload lost the progress (the message line stayed empty while the job ran on), and an
+    Evaluate pressed for another run meanwhile went unanswered."""
+    first, second = make_run(ctx), make_run(ctx)
+    evaluations = runs.Evaluations()
+    pressed = runs.evaluation_updates(ctx, evaluations, first.run_id, "", False, poll_s=0.01)
+    assert "Evaluating" in next(pressed)["message"]
+    reloaded = runs.refresh(ctx, None, None, evaluations)  # a fresh page: no sig yet
+    progress = f"Evaluating <code>{first.run_id}</code>: embedding the bank (40%)"
+    assert progress in reloaded["message"]
+    assert "message" not in runs.refresh(ctx, None, reloaded["sig"], evaluations)  # unchanged
+
+    with pytest.raises(UserError, match=f"{first.run_id}.*wait until it ends"):
+        next(runs.evaluation_updates(ctx, evaluations, second.run_id, "", False))
+    waiting = runs.refresh(ctx, None, reloaded["sig"], evaluations)["message"]
+    assert 'data-kind="warn"' in waiting and f"<code>{second.run_id}</code> waits" in waiting
+    assert waiting == next(pressed)["message"]  # the first press's progress keeps saying so
+
+    slow_evaluation.set()
+    ended = runs.refresh(ctx, None, reloaded["sig"], evaluations)
+    while "Evaluated" not in ended.get("message", ""):
+        time.sleep(0.01)
+        ended = runs.refresh(ctx, None, ended["sig"], evaluations)
+    assert "+12.3 points" in ended["message"] and 'data-kind="ok"' in ended["message"]
+    assert "message" not in runs.refresh(ctx, None, ended["sig"], evaluations)  # said once
+    assert "message" not in runs.refresh(ctx, None, None, evaluations)  # not to a later page
+
+
+def test_an_evaluate_press_is_answered_while_one_runs(ctx):
+    """Gradio's default trigger mode dropped a press made while the last one's event ran (and a
+    concurrency limit would queue it behind a whole evaluation): the page said nothing."""
+    from ui import build_app
+
+    demo = build_app(ctx.manager)
+    [evaluate] = [f for f in demo.fns.values() if f.api_name == "evaluate_run"]
+    assert evaluate.trigger_mode == "multiple" and evaluate.concurrency_limit is None
+
+
 def test_the_table_names_each_runs_data_set(ctx, tmp_path):
     from mae_core.prepared import RUN_DATA_NAME
 

@@ -8,6 +8,7 @@ test launches a real tiny training run.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import time
 from pathlib import Path
@@ -232,6 +233,29 @@ def test_curve_view_never_smooths_the_learning_rate(ctx):
     assert "smoothed" in kinds  # an unknown metric falls back to the loss
 
 
+def smoothed_values(chart) -> list[float]:
+    rows = [row for data in chart.to_dict()["datasets"].values() for row in data]
+    return [row["value"] for row in rows if row["kind"] == "smoothed"]
+
+
+def test_a_smoothing_typed_out_of_range_is_clamped_never_refused(ctx):
+    """Whatever the smoothing box holds reaches every poll of the live view: 5 draws as the
+    slider's knob shows it (0.99), -1 as no smoothing, and a box emptied to retype keeps the
+    last number (it reset the chart to unsmoothed, or failed the poll on "abc")."""
+    paths = make_run(ctx, step=8)
+    write_metrics(paths, range(1, 9))
+
+    def poll(smoothing, sig=None):
+        return train.poll(ctx, **{**poll_args(paths.run_id, sig=sig), "smoothing": smoothing})
+
+    assert smoothed_values(poll(5)["chart"]) == smoothed_values(poll(0.99)["chart"])
+    assert smoothed_values(poll(-1)["chart"]) == []
+    typed = poll(0.5)
+    for retyping in (None, "", "abc", math.nan):
+        again = poll(retyping, typed["sig"])
+        assert "chart" not in again, retyping  # still the chart at 0.5: nothing to resend
+
+
 # --- actions on real runs ---------------------------------------------------------------------
 
 def test_stop_and_resume_refusals_are_readable(ctx):
@@ -314,6 +338,35 @@ def test_a_bad_config_file_gives_a_clear_error(tmp_path, content, words):
     path.write_bytes(content)
     with pytest.raises(ConfigError, match=words):
         train.form_from_yaml(str(path))
+
+
+def test_a_bad_uploaded_config_names_the_file_not_the_servers_folder(tmp_path):
+    upload = tmp_path / "gradio" / "3f9a0c1d" / "bad.yaml"  # where Gradio keeps an upload
+    upload.parent.mkdir(parents=True)
+    for content in (b"model: [unclosed\n", b"- just\n- a list\n"):
+        upload.write_bytes(content)
+        with pytest.raises(ConfigError) as caught:
+            train.form_from_yaml(str(upload))
+        assert "bad.yaml" in str(caught.value), content
+        assert str(upload.parent) not in str(caught.value), content
+
+
+def test_a_refused_download_takes_back_the_earlier_file(ctx):
+    """A valid form downloaded, then made invalid: the refusal says why and no longer offers
+    the earlier YAML (another form's config) for download."""
+    from ui import build_app
+    from ui.common import FIELD_NAMES
+
+    demo = build_app(ctx.manager)
+    [download] = [f for f in demo.fns.values() if f.api_name == "download_config"]
+    by_id = {getattr(block, "elem_id", None): block for block in demo.blocks.values()}
+    config_file, message = by_id["config-file"], by_id["train-message"]
+    values = form_values(TINY)
+    good = download.fn(*(values[name] for name in FIELD_NAMES))
+    assert Path(good[config_file]).is_file()
+    bad = download.fn(*({**values, "batch_size": "abc"}[name] for name in FIELD_NAMES))
+    assert "batch_size" in bad[message] and 'data-kind="error"' in bad[message]
+    assert config_file in bad and bad[config_file] is None
 
 
 def test_a_non_text_file_is_refused_as_a_user_error(tmp_path):

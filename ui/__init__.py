@@ -16,6 +16,9 @@ from ui import parameters, reconstruct, render, runs, train
 from ui.common import AppContext, UserError, guarded
 
 SLOW_POLL_S = 5.0  # checkpoint choices, previews and the runs table
+# After the tab's content is shown: Vega re-measures a chart's box on a window resize.
+REDRAW_CHARTS_JS = ("() => { setTimeout(() => window.dispatchEvent(new Event('resize')),"
+                    " 100); }")
 HEADER = ("# MAE Studio\nPretrain a Masked Autoencoder (timm ViT + lightly, Lightning DDP), watch it "
           "learn, and look inside it.")
 
@@ -28,7 +31,7 @@ def build_app(manager: Any) -> gr.Blocks:
     with gr.Blocks(title="MAE Studio", delete_cache=(3600, 86400)) as demo:
         gr.Markdown(HEADER, elem_id="header")
         with gr.Tabs(elem_id="tabs") as tabs:
-            with gr.Tab("Train", id="train", elem_id="tab-train"):
+            with gr.Tab("Train", id="train", elem_id="tab-train") as train_tab:
                 t = train.build(ctx)
             with gr.Tab("Reconstruct", id="reconstruct", elem_id="tab-reconstruct") as recon_tab:
                 r = reconstruct.build(ctx)
@@ -37,18 +40,23 @@ def build_app(manager: Any) -> gr.Blocks:
             with gr.Tab("Runs", id="runs", elem_id="tab-runs") as runs_tab:
                 u = runs.build(ctx)
         slow_timer = gr.Timer(SLOW_POLL_S)
-        _wire_across(ctx, demo, tabs, t, r, p, u, slow_timer, recon_tab, params_tab, runs_tab)
+        _wire_across(ctx, demo, tabs, t, r, p, u, slow_timer, train_tab, recon_tab, params_tab,
+                     runs_tab)
     demo.model_cache = ctx.models  # for tests and diagnostics: how often weights were loaded
     return demo
 
 
 def _wire_across(ctx: AppContext, demo: gr.Blocks, tabs: gr.Tabs, t: dict, r: dict, p: dict,
-                 u: dict, slow_timer: gr.Timer, recon_tab: gr.Tab, params_tab: gr.Tab,
-                 runs_tab: gr.Tab) -> None:
+                 u: dict, slow_timer: gr.Timer, train_tab: gr.Tab, recon_tab: gr.Tab,
+                 params_tab: gr.Tab, runs_tab: gr.Tab) -> None:
     hidden = "hidden"
     demo.load(guarded("hardware", lambda text: text)(train.hardware_text), None, t["hardware"],
               api_name="hardware", show_progress=hidden)
     demo.load(**t["refresh_spec"], api_name="load_train")
+    # The Train tab's poll goes on while another tab shows, and a chart it drew then is as wide
+    # as its hidden box: none. Back on the tab (or opened there), a resize event has Vega measure
+    # the box again (ui.plots: the charts are as wide as their box).
+    train_tab.select(None, js=REDRAW_CHARTS_JS)
     gr.on([demo.load, slow_timer.tick, recon_tab.select], **r["refresh_event"],
           api_name="refresh_checkpoints", trigger_mode="always_last")
     gr.on([demo.load, slow_timer.tick, runs_tab.select], **u["refresh_event"],
@@ -62,7 +70,7 @@ def _wire_across(ctx: AppContext, demo: gr.Blocks, tabs: gr.Tabs, t: dict, r: di
         return {p["run"]: gr.update(choices=choices, value=run_id if run_id in listed else "")}
 
     params_tab.select(run_for_audit, t["run_pick"], p["run"], api_name="params_for_run",
-                      show_progress=hidden).then(**p["audit_event"])
+                      show_progress=hidden).then(**p["fields_event"]).then(**p["audit_event"])
 
     @guarded("open", lambda text: {u["message"]: render.notice("error", text)})
     def open_run(run_id: str | None) -> dict:
@@ -77,4 +85,4 @@ def _wire_across(ctx: AppContext, demo: gr.Blocks, tabs: gr.Tabs, t: dict, r: di
 
     u["open"].click(open_run, u["pick"], [t["run_pick"], r["ckpt_pick"], r["follow"], tabs,
                                           u["message"]], api_name="open_run").then(
-        **t["refresh_spec"], api_name="open_refresh")
+        **t["refresh_spec"], api_name="open_refresh").then(None, js=REDRAW_CHARTS_JS)

@@ -60,6 +60,17 @@ def model_config(ctx: AppContext, run_id: str | None, preset: Any, image_size: A
     return base, f"{what}, {base.image_size}px, patch {base.patch_size}"
 
 
+def run_model_fields(ctx: AppContext, run_id: str | None) -> dict[str, Any]:
+    """What the model fields show for a chosen run, by field name: its preset, sizes and timm
+    model, the model its audit is of (they kept the preset's defaults: "Run …: 32px" above a
+    64 px field). Nothing without a run: then the fields are what is audited."""
+    if not run_id:
+        return {}
+    model = ctx.manager.config(run_id).model
+    return {"preset": model.preset, "image_size": model.image_size,
+            "patch_size": model.patch_size, "timm_model": model.timm_model}
+
+
 def warm_default_audit() -> None:
     """Audit the default model in the background at start-up, so the tab opens at once."""
     threading.Thread(target=lambda: audit_view(DEFAULTS.model, ""), name="warm-audit",
@@ -109,11 +120,22 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
         return {c["title"]: summary, c["diff"]: view.diff, c["clean"]: view.clean,
                 c["reference"]: view.reference, c["json"]: view.data, c["message"]: ""}
 
+    @guarded("the parameter audit", lambda text: {c["message"]: render.notice("error", text)})
+    def on_run_fields(run_id: str | None) -> dict:
+        return {c[name]: value for name, value in run_model_fields(ctx, run_id).items()}
+
     inputs = [c["run"], c["preset"], c["image_size"], c["patch_size"], c["timm_model"]]
     # The result area shows progress; the inputs are not outputs, so nothing covers them.
     progress = dict(show_progress="minimal", show_progress_on=[c["clean"], c["reference"]])
     c["audit_event"] = dict(fn=on_audit, inputs=inputs, outputs=outputs, **progress)
-    gr.on([c["audit"].click, c["run"].input], **c["audit_event"], api_name="audit")
-    # Choosing a preset by hand leaves any selected run: audit the preset.
+    c["fields_event"] = dict(fn=on_run_fields, inputs=[c["run"]],
+                             outputs=[*inputs[1:], c["message"]], show_progress="hidden")
+    c["audit"].click(**c["audit_event"], api_name="audit")
+    c["run"].input(**c["fields_event"], api_name="run_fields").then(**c["audit_event"],
+                                                                     api_name="audit_run")
+    # Editing the model by hand leaves any selected run: the fields are audited now (a preset at
+    # once; a size or name when Audit is pressed, not at every keystroke).
     c["preset"].input(lambda: "", None, c["run"], show_progress="hidden").then(
         **c["audit_event"], api_name="audit_preset")
+    gr.on([c[name].input for name in ("image_size", "patch_size", "timm_model")], lambda: "",
+          None, c["run"], show_progress="hidden", api_name="edit_model")

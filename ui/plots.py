@@ -27,6 +27,8 @@ PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#59a14f", "#b07aa1", "#76b7b2", "#9
 METRICS = display.METRICS
 AXIS_FORMATS = {"loss": ".3~g", "lr": ".1e", "images_per_s": ",.0f"}
 KINDS = ("raw", "smoothed", "epoch mean", "validation")
+# Gradio's plot draws with Vega-Lite 5 (5.23 in Gradio 6.31).
+VEGA_LITE_SCHEMA = "https://vega.github.io/schema/vega-lite/v5.json"
 # The kNN monitor's series (mae_core.monitor): top-1 accuracy per feature and k, as the legend says.
 KNN_SERIES = {"knn_cls_k20_top1": "class token, k=20", "knn_cls_k200_top1": "class token, k=200",
               "knn_mean_k20_top1": "mean patch token, k=20",
@@ -89,8 +91,8 @@ def curve_chart(points: pd.DataFrame, metric: str, log_scale: bool) -> VegaLiteC
     if points.empty:
         return None
     runs = tuple(dict.fromkeys(points["run"]))
-    smoothed = bool((points["kind"] == "smoothed").any())
-    spec = copy.deepcopy(_layout(metric, bool(log_scale), runs, smoothed))
+    kinds = frozenset(points["kind"])
+    spec = copy.deepcopy(_layout(metric, bool(log_scale), runs, kinds))
     if log_scale:  # a log axis spans the data, not whole decades
         low, high = float(points["value"].min()), float(points["value"].max())
         pad = (high / low) ** 0.05
@@ -101,33 +103,49 @@ def curve_chart(points: pd.DataFrame, metric: str, log_scale: bool) -> VegaLiteC
 
 
 @functools.lru_cache(maxsize=64)
-def _layout(metric: str, log_scale: bool, runs: tuple[str, ...], smoothed: bool) -> dict:
-    """The chart without its data, built (and validated) by Altair once per layout."""
+def _layout(metric: str, log_scale: bool, runs: tuple[str, ...], kinds: frozenset[str]) -> dict:
+    """The chart without its data, built (and validated) by Altair once per layout. A layer only
+    for each kind of point present: an empty one makes Vega warn of an infinite extent on every
+    update (no epoch ended yet, no evaluation yet)."""
     colours = run_colours(runs)
     colour = alt.Color("run:N", title="run", scale=alt.Scale(domain=list(runs),
                                                             range=[colours[r] for r in runs]),
                        legend=alt.Legend(orient="bottom", direction="vertical", labelLimit=0))
     y_axis = alt.Axis(format=AXIS_FORMATS[metric], title=METRICS[metric])
-    y = alt.Y("value:Q", axis=y_axis, scale=alt.Scale(type="log" if log_scale else "linear",
-                                                      zero=False, nice=not log_scale))
+    # "zero" only on a linear axis: Vega-Lite warns that it drops it from a log one.
+    scale = (alt.Scale(type="log", nice=False) if log_scale
+             else alt.Scale(type="linear", zero=False, nice=True))
+    y = alt.Y("value:Q", axis=y_axis, scale=scale)
     x = alt.X("step:Q", axis=alt.Axis(format="d", tickMinStep=1, title="step"))
     tooltip = [alt.Tooltip("run:N"), alt.Tooltip("kind:N"), alt.Tooltip("step:Q", format="d"),
                alt.Tooltip("value:Q", format=AXIS_FORMATS[metric], title=metric)]
     base = alt.Chart(alt.NamedData(name="points")).encode(x=x, y=y, color=colour, tooltip=tooltip)
-    layers = [base.transform_filter(alt.datum.kind == "raw").mark_line(
-        opacity=0.35 if smoothed else 1.0, strokeWidth=1)]
+    of = lambda kind: base.transform_filter(alt.datum.kind == kind)  # noqa: E731
+    smoothed = "smoothed" in kinds
+    layers = []
+    if "raw" in kinds:
+        layers.append(of("raw").mark_line(opacity=0.35 if smoothed else 1.0, strokeWidth=1))
     if smoothed:
-        layers.append(base.transform_filter(alt.datum.kind == "smoothed").mark_line(strokeWidth=2))
-    layers.append(base.transform_filter(alt.datum.kind == "epoch mean").mark_point(
-        shape="diamond", size=50, filled=True, opacity=0.9))
-    # Validation loss: dashed, with its evaluations marked (they are N steps apart).
-    layers.append(base.transform_filter(alt.datum.kind == "validation").mark_line(
-        strokeDash=[6, 3], strokeWidth=2, point=alt.OverlayMarkDef(shape="square", size=30)))
+        layers.append(of("smoothed").mark_line(strokeWidth=2))
+    if "epoch mean" in kinds:
+        layers.append(of("epoch mean").mark_point(shape="diamond", size=50, filled=True,
+                                                  opacity=0.9))
+    if "validation" in kinds:  # dashed, with its evaluations marked (they are N steps apart)
+        layers.append(of("validation").mark_line(
+            strokeDash=[6, 3], strokeWidth=2, point=alt.OverlayMarkDef(shape="square", size=30)))
     # Invisible points make every value hoverable, not just the line's pixels.
     layers.append(base.mark_point(opacity=0, size=60))
-    # A fixed width: Vega-Lite's "container" width collapses inside Gradio's plot.
-    chart = alt.layer(*layers).properties(width=500, height=300).interactive(bind_y=False)
-    return chart.to_dict()
+    return _fit(alt.layer(*layers).properties(height=300).interactive(bind_y=False))
+
+
+def _fit(chart: alt.TopLevelMixin) -> dict:
+    """The chart's spec, as wide as its box (ui.render.CSS lets the box span the column, so a
+    phone's narrow column gets a narrow chart, axis and legend inside it), for the Vega-Lite 5
+    that Gradio bundles (Altair writes its own newer schema, which vega-embed warns of on every
+    draw)."""
+    spec = chart.properties(width="container").to_dict()
+    spec["$schema"] = VEGA_LITE_SCHEMA
+    return spec
 
 
 def describe_curves(readers: Mapping[str, MetricsReader], metric: str) -> str:
@@ -192,4 +210,4 @@ def _knn_layout(runs: tuple[str, ...]) -> dict:
                alt.Tooltip("step:Q", format="d"), alt.Tooltip("value:Q", format=".1%", title="top-1")]
     chart = alt.Chart(alt.NamedData(name="points")).mark_line(point=True, strokeWidth=2).encode(
         x=x, y=y, color=colour, strokeDash=dash, detail="kind:N", tooltip=tooltip)
-    return chart.properties(width=500, height=220).interactive(bind_y=False).to_dict()
+    return _fit(chart.properties(height=220).interactive(bind_y=False))

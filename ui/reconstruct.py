@@ -22,7 +22,8 @@ import gradio as gr
 from mae_core.composite import STRETCH_CHOICES
 from mae_core.rundir import LIVE_STATES
 from ui import render
-from ui.common import AppContext, FieldNumber, FieldSlider, UserError, as_ratio, as_seed, guarded
+from ui.common import (AppContext, FieldNumber, FieldSlider, UserError, as_float, as_ratio, as_seed,
+                       guarded)
 
 MAX_IMAGES = 16  # per request: each is a forward pass and up to seven pictures
 NUM_SAMPLE_IMAGES = 3
@@ -159,10 +160,11 @@ def reconstruct_history(ctx: AppContext, run_id: str | None, step: Any, mask_rat
     from mae_core.snapshots import history_image, list_snapshots, nearest_snapshot
 
     ratio, seed = as_ratio(mask_ratio), as_seed(seed, "mask seed")
+    # Any number: a step typed past either end of the slider takes the snapshot nearest it.
+    step = as_float(step, "weights history step", optional=True) or 0.0
     if not run_id:
         raise UserError("Choose a run: its weight snapshots are what the slider moves through.")
-    chosen = nearest_snapshot(list_snapshots(ctx.manager.paths(run_id).root),
-                              float(step or 0))
+    chosen = nearest_snapshot(list_snapshots(ctx.manager.paths(run_id).root), step)
     if chosen is None:
         raise UserError(f"Run `{run_id}` kept no weight snapshots (weight_snapshots = 0, or it has "
                         "not reached its first one yet).")
@@ -204,7 +206,9 @@ def build(ctx: AppContext) -> dict[str, Any]:
     """Lay out the Reconstruct tab (inside an open ``gr.Tab``) and wire its events."""
     c: dict[str, Any] = {}
     with gr.Row():
-        with gr.Column(scale=1, min_width=280):
+        # Room for the checkpoint picker's "<run id> · live" beside its arrow (at 280 px it ran
+        # under the arrow, and was cut at 1024 px).
+        with gr.Column(scale=1, min_width=400):
             c["uploads"] = gr.File(label=f"images (any size; up to {MAX_IMAGES} at a time)",
                                    file_count="multiple", type="filepath", elem_id="uploads")
             c["use_samples"] = gr.Checkbox(False, label="use the sample photos", elem_id="use-samples")
@@ -230,12 +234,15 @@ def build(ctx: AppContext) -> dict[str, Any]:
             c["losses"] = gr.Dataframe(headers=["image", "loss (masked patches)", "masked patches"],
                                        interactive=False, elem_id="recon-losses", wrap=True)
     gr.Markdown("### Training previews (fixed images and mask, newest first)")
+    # Four columns where they fit, fewer on a narrow screen (ui.render.CSS: #preview-gallery).
     c["previews"] = gr.Gallery(columns=4, height="auto", object_fit="contain", label="previews",
                                elem_id="preview-gallery")
     gr.Markdown("### Weights history (one image, a fixed mask, the run's last weight snapshots)")
     with gr.Row():
-        c["history_step"] = gr.Slider(0, 1, value=0, step=1, label="weights history: step",
-                                      visible=False, elem_id="history-step", scale=3)
+        # A FieldSlider: Gradio refused a typed step past the slider's ends before the handler,
+        # which takes the nearest snapshot.
+        c["history_step"] = FieldSlider(0, 1, value=0, step=1, label="weights history: step",
+                                        visible=False, elem_id="history-step", scale=3)
         c["history_run"] = gr.Button("Reconstruct at this step", elem_id="history-btn", scale=1)
     c["history_message"] = gr.HTML(elem_id="history-message")
     c["history"] = gr.HTML(elem_id="history-results")

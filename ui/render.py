@@ -62,6 +62,15 @@ tr.no-grad { outline: 2px solid #dc2626; outline-offset: -2px; }
   color: var(--body-text-color-subdued); }
 #run-controls { align-items: center; }
 #loss-plot { overflow-x: auto; }
+/* The charts are as wide as their box (Vega-Lite's "container" width, ui.plots); Gradio's plot
+   centres that box at its content's width, where it would measure nothing: span the column. */
+#loss-plot .altair > div:first-child, #knn-plot .altair > div:first-child { width: 100%; }
+/* Gradio pads the canvas 6 px a side, past the width Vega measured. */
+#loss-plot .altair canvas, #knn-plot .altair canvas { padding: 0; }
+/* Gradio's gallery keeps its column count at any width (each at least 100 px): a phone cut the
+   fourth column off. Its count where the columns are wide enough, fewer where not. */
+#preview-gallery .grid-container { grid-template-columns: repeat(auto-fill,
+  minmax(max(140px, calc(100% / var(--grid-cols) - var(--spacing-lg))), 1fr)); }
 #train-message, #runs-message, #recon-message, #params-message { min-height: 0; }
 """
 

@@ -20,7 +20,8 @@ from ui.common import AppContext, UserError, describe, guarded
 HEADERS = ("run", "state", "steps", "loss (last logged)", "epoch loss (last)", "duration", "disk",
            "policy", "preset", "kNN top-1 % (pretrained / random init)", "data")
 # Fixed shares: by content alone, a long data folder would squeeze the kNN header to a letter a line.
-COLUMN_WIDTHS = ("17%", "7%", "7%", "7%", "7%", "6%", "6%", "7%", "7%", "11%", "18%")
+# "duration" and "ddp-clean" each need 8 % of a 1440 px page, or they break mid-word.
+COLUMN_WIDTHS = ("17%", "7%", "7%", "7%", "7%", "8%", "6%", "8%", "7%", "11%", "15%")
 
 
 def table_rows(ctx: AppContext, statuses: Iterable[Mapping[str, Any]]) -> list[list[Any]]:
@@ -96,6 +97,8 @@ class EvaluationJob:
     result: dict[str, Any] | None = None
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    refused: str | None = None  # a run whose Evaluate was pressed while this one ran
+    _outcome: str | None = None
 
     def run(self, run_dir: Path, data: str | None, linear_probe: bool) -> None:
         from mae_core.evaluate import evaluate_run
@@ -110,6 +113,27 @@ class EvaluationJob:
         finally:
             self.done.set()
 
+    def message(self) -> str:
+        """The message line for this evaluation: its progress while it runs (with the Evaluate
+        refused meanwhile, so that answer is not overwritten by the next progress), then how it
+        ended."""
+        if not self.done.is_set():
+            text = f"Evaluating `{self.run_id}`: {self.text} ({self.fraction:.0%})."
+            if self.refused:
+                return render.notice("warn", f"{text} `{self.refused}` waits: one evaluation at "
+                                             "a time, press Evaluate for it again once this one "
+                                             "ends.")
+            return render.notice("info", text)
+        if self._outcome is None:  # once: an unexpected error is logged by describe
+            if self.error is not None:
+                self._outcome = render.notice("error", describe(self.error, "evaluate"))
+            else:
+                result = self.result or {}
+                self._outcome = render.notice(
+                    "ok", f"Evaluated `{self.run_id}` in {result['seconds']} s: pretraining "
+                          f"bought {result['delta']['knn_top1']:+.1f} points of kNN top-1.")
+        return self._outcome
+
 
 class Evaluations:
     """The app's evaluations, one at a time: each embeds hundreds of images on the CPUs. The job
@@ -122,8 +146,12 @@ class Evaluations:
     def start(self, run_id: str, run_dir: Path, data: str | None, linear_probe: bool
               ) -> EvaluationJob:
         with self._lock:
-            if self.current is not None and not self.current.done.is_set():
-                raise UserError(f"`{self.current.run_id}` is being evaluated; wait until it ends.")
+            running = self.current
+            if running is not None and not running.done.is_set():
+                if run_id != running.run_id:
+                    running.refused = run_id
+                raise UserError(f"`{running.run_id}` is being evaluated ({running.text}, "
+                                f"{running.fraction:.0%}); wait until it ends.")
             job = self.current = EvaluationJob(run_id)
         threading.Thread(target=job.run, args=(run_dir, data, linear_probe), daemon=True,
                          name=f"evaluate-{run_id}").start()
@@ -141,15 +169,29 @@ def evaluation_updates(ctx: AppContext, evaluations: Evaluations, run_id: str | 
     folder = (data or "").strip() or None
     job = evaluations.start(run_id, paths.root, folder, bool(linear_probe))
     while not job.done.wait(poll_s):
-        yield {"message": render.notice("info", f"Evaluating `{run_id}`: {job.text} "
-                                        f"({job.fraction:.0%})")}
+        yield {"message": job.message()}
     if job.error is not None:
         raise job.error
-    result = job.result or {}
-    delta = result["delta"]["knn_top1"]
-    yield {"message": render.notice("ok", f"Evaluated `{run_id}` in {result['seconds']} s: "
-                                    f"pretraining bought {delta:+.1f} points of kNN top-1."),
-           "evaluation": evaluation_html(result)}
+    yield {"message": job.message(), "evaluation": evaluation_html(job.result)}
+
+
+def evaluation_progress(evaluations: Evaluations | None, sig: dict[str, Any]
+                        ) -> dict[str, Any]:
+    """The message line's update from the slow refresh: the running evaluation's progress (a page
+    opened or reloaded meanwhile shows it too; the Evaluate press that started it went with the
+    old page), then once how it ended; ``sig`` (updated) remembers what this page was shown."""
+    job = evaluations.current if evaluations is not None else None
+    if job is None:
+        return {}
+    if not job.done.is_set():
+        message = job.message()
+        shown = sig.get("evaluating")
+        sig["evaluating"] = (job.run_id, message)
+        return {} if shown == (job.run_id, message) else {"message": message}
+    if (sig.get("evaluating") or (None,))[0] == job.run_id:  # it ended since this page showed it
+        sig["evaluating"] = None
+        return {"message": job.message()}
+    return {}
 
 
 def evaluation_html(result: Mapping[str, Any] | None) -> str:
@@ -209,9 +251,10 @@ def saved_result(ctx: AppContext, run_id: str | None) -> dict[str, Any] | None:
     return read_result(ctx.manager.paths(run_id).root) if run_id else None
 
 
-def refresh(ctx: AppContext, current: str | None, sig: dict | None) -> dict[str, Any]:
+def refresh(ctx: AppContext, current: str | None, sig: dict | None,
+            evaluations: Evaluations | None = None) -> dict[str, Any]:
     """The runs table and the run chooser, when they changed; Delete only for a run that is not
-    live."""
+    live; the running evaluation's progress (:func:`evaluation_progress`)."""
     sig = dict(sig or {})
     runs = ctx.manager.list()
     ids = [s["run_id"] for s in runs]
@@ -233,6 +276,7 @@ def refresh(ctx: AppContext, current: str | None, sig: dict | None) -> dict[str,
     if deletable != sig.get("deletable"):
         out["delete"] = gr.update(interactive=deletable)
     sig.update(rows=rows, pick=(ids, value), deletable=deletable, ids=ids, evaluation=stamp)
+    out.update(evaluation_progress(evaluations, sig))
     out["sig"] = sig
     return out
 
@@ -292,7 +336,8 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
     @guarded("the runs list", error)
     def on_refresh(current: str | None, sig: dict | None) -> dict:
         parts = {**c, "compare_runs": c["compare"]["runs"]}
-        return {parts[name]: value for name, value in refresh(ctx, current, sig).items()}
+        return {parts[name]: value
+                for name, value in refresh(ctx, current, sig, evaluations).items()}
 
     @guarded("delete", error)
     def on_delete(run_id: str | None, confirmed: bool) -> dict:
@@ -307,7 +352,7 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
 
     c["refresh_event"] = dict(fn=on_refresh, inputs=[c["pick"], c["sig"]],
                               outputs=[c["table"], c["pick"], c["delete"], c["compare"]["runs"],
-                                       c["evaluation"], c["sig"]],
+                                       c["evaluation"], c["sig"], c["message"]],
                               show_progress="hidden")
     # Asked for by a person (or an API client): every part, changed or not.
     gr.on([c["refresh"].click, c["pick"].input], lambda current: on_refresh(current, None),
@@ -326,9 +371,13 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
             c["message"]: render.notice("ok", move_in_queue(ctx, run_id, offset))}),
             c["pick"], c["message"], api_name=f"queue_{name}", show_progress="hidden").then(
             **c["refresh_event"])
+    # Every press is answered: one made while an evaluation runs says to wait (trigger mode
+    # "once" dropped it unsaid; a concurrency limit would queue it until the first one ended).
+    # Evaluations itself runs one at a time.
     c["evaluate"].click(on_evaluate, [c["pick"], c["eval_data"], c["eval_linear"]],
                         [c["message"], c["evaluation"]], api_name="evaluate_run",
-                        show_progress="hidden").then(**c["refresh_event"])
+                        show_progress="hidden", trigger_mode="multiple",
+                        concurrency_limit=None).then(**c["refresh_event"])
     c["export"].click(on_export, c["pick"], [c["export_file"], c["export_code"], c["message"]],
                       api_name="export", show_progress_on=[c["export_file"]])
 

@@ -16,16 +16,19 @@ from typing import Any
 
 import gradio as gr
 
-from mae_core.config import RunConfig
+from mae_core.config import ConfigError, RunConfig
 from mae_core.preparing import Preparations
 from mae_core.rundir import LIVE_STATES
 from ui import datafield, plots, render
 from ui.common import (DEFAULTS, FIELD_NAMES, FORM_FIELDS, MAIN_FIELDS, AppContext, UserError, as_int,
-                       FieldNumber, config_from_form, describe, field_widget, form_values, guarded)
+                       FieldNumber, FieldSlider, config_from_form, describe, field_widget,
+                       form_values, guarded)
 
 POLL_S = 1.5
 LOG_LINES = 60
 HIDDEN = "hidden"
+SMOOTHING = 0.8  # the EMA slider's first value
+MAX_SMOOTHING = 0.99
 
 
 # --- actions ----------------------------------------------------------------------------------
@@ -110,7 +113,14 @@ def form_from_yaml(path: str | None) -> dict[str, Any]:
         raise UserError("Choose a config file (YAML, as a run's config.yaml).")
     if Path(path).stat().st_size > 1_000_000:
         raise UserError("That config file is over 1 MB: not a run config.")
-    return form_values(RunConfig.load(path))
+    try:
+        cfg = RunConfig.load(path)
+    except ConfigError as err:
+        # An upload sits in Gradio's temp folder: name the file as the person knows it, and keep
+        # the server's folders off the page.
+        reason = str(err).removeprefix(f"{err.field}: ").replace(str(path), Path(path).name)
+        raise ConfigError(err.field, reason) from None
+    return form_values(cfg)
 
 
 # --- the live view ----------------------------------------------------------------------------
@@ -143,12 +153,25 @@ def log_view(manager: Any, run_id: str | None, state: str | None) -> str:
     return render.log_html(manager.paths(run_id).log_tail(LOG_LINES), state)
 
 
+def smoothing_of(value: Any, last: float = SMOOTHING) -> float:
+    """The EMA weight for whatever the smoothing box holds: a number out of range is clamped to
+    the slider's range (where its knob already stands), no number at all (a box being retyped)
+    keeps ``last``. Never refused: the live view's every poll carries this value."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return last
+    if number != number:  # NaN
+        return last
+    return min(max(number, 0.0), MAX_SMOOTHING)
+
+
 def curve_view(ctx: AppContext, run_ids: list[str], metric: str, log_scale: bool,
-               smoothing: float) -> tuple[Any, str]:
+               smoothing: Any) -> tuple[Any, str]:
     """(chart, text) for the runs plotted; the learning rate is a schedule: never smoothed."""
     metric = metric if metric in plots.METRICS else "loss"
     readers = {r: ctx.metrics.reader(ctx.manager.paths(r).metrics) for r in run_ids}
-    smoothing = 0.0 if metric == "lr" else float(smoothing or 0)
+    smoothing = 0.0 if metric == "lr" else smoothing_of(smoothing, 0.0)
     points = plots.curve_points(readers, metric, smoothing)
     return plots.curve_chart(points, metric, bool(log_scale)), plots.describe_curves(readers, metric)
 
@@ -161,14 +184,14 @@ def knn_view(ctx: AppContext, run_ids: list[str]) -> dict[str, Any]:
 
 
 def curve_key(ctx: AppContext, run_ids: list[str], metric: str, log_scale: bool,
-              smoothing: float) -> tuple:
+              smoothing: Any) -> tuple:
     """Changes exactly when the chart would: new rows in any plotted run, or other settings."""
     rows = []
     for r in run_ids:
         reader = ctx.metrics.reader(ctx.manager.paths(r).metrics)
         reader.refresh()
         rows.append(reader.rows)
-    return (tuple(run_ids), metric, bool(log_scale), float(smoothing or 0), tuple(rows))
+    return (tuple(run_ids), metric, bool(log_scale), smoothing_of(smoothing, 0.0), tuple(rows))
 
 
 def log_key(manager: Any, run_id: str | None) -> tuple:
@@ -182,11 +205,13 @@ def log_key(manager: Any, run_id: str | None) -> tuple:
 
 
 def poll(ctx: AppContext, run_id: str | None, overlay: list[str] | None, metric: str,
-         log_scale: bool, smoothing: float, seen_live: str | None, sig: dict | None,
+         log_scale: bool, smoothing: Any, seen_live: str | None, sig: dict | None,
          action: dict | None) -> dict[str, Any]:
     """One refresh of the live view, as updates by component name; unchanged parts are left out,
     so an idle page costs a few file stats per tick."""
     sig = dict(sig or {})
+    smoothing = smoothing_of(smoothing, sig.get("smoothing", SMOOTHING))
+    sig["smoothing"] = smoothing  # the last number the box held: kept while it holds none
     runs = ctx.manager.list()
     by_id = {s["run_id"]: s for s in runs}
     live = next((s["run_id"] for s in runs if s.get("state") in LIVE_STATES), None)
@@ -307,8 +332,10 @@ def _build_live_view(c: dict[str, Any]) -> None:
                                label="metric", elem_id="metric", scale=2, min_width=200)
     with gr.Row():
         c["log_scale"] = gr.Checkbox(True, label="log scale", elem_id="log-scale")
-        c["smoothing"] = gr.Slider(0.0, 0.99, value=0.8, step=0.01, label="EMA smoothing",
-                                   elem_id="smoothing")
+        # A FieldSlider: a number typed out of range reaches poll (which clamps it) instead of
+        # Gradio refusing it before the handler, on every tick, freezing the live view.
+        c["smoothing"] = FieldSlider(0.0, MAX_SMOOTHING, value=SMOOTHING, step=0.01,
+                                     label="EMA smoothing", elem_id="smoothing")
     c["chart"] = gr.Plot(label="training curve", elem_id="loss-plot", show_label=False)
     # The kNN monitor (mae_core.monitor), shown once a plotted run has logged one.
     c["knn_chart"] = gr.Plot(label="kNN top-1 on held-out images", elem_id="knn-plot",
@@ -407,7 +434,9 @@ def _wire_form(ctx: AppContext, c: dict[str, Any], fields: list[Any]) -> None:
         note = render.notice("ok", f"The form now holds the config from `{Path(path).name}`.")
         return {**dict(zip(fields, values)), c["message"]: note}
 
-    @guarded("writing the config file", notice_only)
+    # A refused form takes back the file of an earlier download: it is not this form's config.
+    @guarded("writing the config file", lambda text: {c["config_file"]: None,
+                                                      **notice_only(text)})
     def on_download(*values: Any) -> dict:
         return {c["config_file"]: config_yaml_file(dict(zip(FIELD_NAMES, values))),
                 c["message"]: render.notice("ok", "Config written: download it below the buttons.")}
