@@ -396,6 +396,11 @@ class RunManager(QueuedRuns, TrainerWatch):
         lock is taken only to check, after, whose run directory it is."""
         if record and proc.record_pid(record) is not None:
             proc.terminate_group(record["pid"], record.get("start_time"))
+        # The steps since the last checkpoint are lost: say where Resume takes up (read outside
+        # the lock: a large checkpoint takes seconds to check).
+        step = saved_step(paths)
+        reason += (f": Resume continues from step {step}, its last checkpoint" if step is not None
+                   else ": it had saved no checkpoint")
         with self._lock:
             current = self._process(paths)
             if record and current.get("pid") not in (None, record.get("pid")):

@@ -222,6 +222,22 @@ def test_poll_follows_a_run_that_becomes_live_and_shows_its_stop(ctx, stand_ins)
     assert out["start"]["interactive"] is True
 
 
+def test_stop_pressed_as_stop_only_asks_and_force_stop_says_where_resume_takes_up(ctx, stand_ins):
+    """Stop pressed in a second tab that still read "Stop" after the first request (or pressed
+    twice through the API) force-killed the run and lost the steps since its last checkpoint."""
+    paths = make_run(ctx, state="starting")
+    trainer = stand_ins()
+    make_live(paths, trainer, step=7, total_steps=40)
+    for _ in range(2):  # two tabs, both still showing "Stop"
+        action = train.stop_run(ctx.manager, paths.run_id, "Stop")
+    assert trainer.poll() is None and ctx.manager.status(paths.run_id)["state"] == "running"
+    assert "Stop requested" in train.action_message(action, ctx.manager.status(paths.run_id))
+    action = train.stop_run(ctx.manager, paths.run_id, train.FORCE_STOP)
+    assert trainer.wait(timeout=10) is not None
+    message = train.action_message(action, ctx.manager.status(paths.run_id))
+    assert "stopped by force: it had saved no checkpoint" in message, message
+
+
 def test_curve_view_never_smooths_the_learning_rate(ctx):
     paths = make_run(ctx, step=5)
     write_metrics(paths, range(1, 6))

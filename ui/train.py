@@ -46,10 +46,20 @@ def queue_run(manager: Any, values: dict[str, Any]) -> dict[str, Any]:
             "text": f"Queued run `{run_id}` at position {position}."}
 
 
-def stop_run(manager: Any, run_id: str | None) -> dict[str, Any]:
+FORCE_STOP = "Force stop"  # the Stop button's label once a stop is requested
+
+
+def stop_run(manager: Any, run_id: str | None, label: str | None = "Stop") -> dict[str, Any]:
+    """Stop as the button read when pressed: "Stop" only ever asks (pressed again, or in a tab
+    that had not yet seen the first request, it used to force-kill the run and lose the steps
+    since its last checkpoint); "Force stop" ends it at once."""
     if not run_id:
         raise UserError("Choose a run to stop.")
-    manager.stop(run_id)
+    if label == FORCE_STOP:
+        manager.stop(run_id, force=True)
+        return {"action": "stop", "run_id": run_id, "kind": "ok",
+                "text": f"Stopped `{run_id}` by force."}
+    manager.stop(run_id, force=False)
     return {"action": "stop", "run_id": run_id, "kind": "ok", "text": f"Stopping `{run_id}`."}
 
 
@@ -86,6 +96,8 @@ def action_message(action: dict[str, Any] | None, status: dict[str, Any] | None)
     if state == "finished":
         return render.notice("ok", f"Run `{run_id}` finished at step {step}.")
     if state == "stopped":
+        if status.get("error"):  # stopped by force: the error says where Resume takes up
+            return render.notice("warn", f"Run `{run_id}` {status['error']}.")
         more = " Resume continues from its last checkpoint." if status.get("resumable") else ""
         return render.notice("info", f"Run `{run_id}` stopped at step {step}.{more}")
     return render.notice("error", f"Run `{run_id}` {state}: {status.get('error') or 'see the log'}")
@@ -143,7 +155,7 @@ def button_states(status: dict[str, Any] | None, any_live: bool) -> dict[str, di
     return {"start": {"interactive": not any_live},
             "queue": {"interactive": any_live},
             "stop": {"interactive": state in LIVE_STATES,
-                     "value": "Force stop" if stopping else "Stop"},
+                     "value": FORCE_STOP if stopping else "Stop"},
             "resume": {"interactive": bool(status and status.get("resumable")) and not any_live}}
 
 
@@ -369,8 +381,8 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
         return {c["action"]: queue_run(ctx.manager, dict(zip(FIELD_NAMES, values)))}
 
     @guarded("stop", message_fallback["stop"])
-    def on_stop(run_id: str | None) -> dict:
-        return {c["action"]: stop_run(ctx.manager, run_id)}
+    def on_stop(run_id: str | None, label: str | None) -> dict:
+        return {c["action"]: stop_run(ctx.manager, run_id, label)}
 
     @guarded("resume", message_fallback["resume"])
     def on_resume(run_id: str | None, until: Any) -> dict:
@@ -383,9 +395,11 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
     gr.on([c["run_pick"].input, c["overlay"].input, c["metric"].change, c["log_scale"].change,
            c["smoothing"].release], **refresh, api_name="select", trigger_mode="always_last")
     for name, fn, inputs in (("start", on_start, fields), ("queue", on_queue, fields),
-                             ("stop", on_stop, [c["run_pick"]]),
+                             ("stop", on_stop, [c["run_pick"], c["stop"]]),
                              ("resume", on_resume, [c["run_pick"], c["resume_until"]])):
-        c[name].click(fn, inputs, [c["action"]], api_name=name, concurrency_id="run_actions",
+        # /stop itself is an API function (run id, force=False): the button also sends its label
+        c[name].click(fn, inputs, [c["action"]], api_name="stop_button" if name == "stop" else name,
+                      concurrency_id="run_actions",
                       show_progress=HIDDEN).then(**refresh, api_name=f"{name}_refresh")
     _wire_form(ctx, c, fields)
     _api_endpoints(ctx)
@@ -410,7 +424,16 @@ def _api_endpoints(ctx: AppContext) -> None:
         steps, values = reader.series(metric)
         return {"steps": steps.tolist(), "values": values.tolist()}
 
+    def stop(run_id: str, force: bool = False) -> dict:
+        """Stop a run after its current step (it saves a checkpoint first); asked again, it only
+        asks. ``force=True`` ends it at once, as the page's Force stop does."""
+        try:
+            return stop_run(ctx.manager, run_id, FORCE_STOP if force else "Stop")
+        except Exception as err:  # noqa: BLE001 - an API client gets the reason, as from the page
+            return failed_action("stop", describe(err, "stop"))
+
     gr.api(run_status, api_name="status")
+    gr.api(stop, api_name="stop")
     gr.api(run_metric, api_name="metric")
 
 
