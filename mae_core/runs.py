@@ -227,7 +227,14 @@ class RunManager(QueuedRuns, TrainerWatch):
             if not forced and requested:  # asked already; its watchdog is running
                 return status
             if not forced:
-                paths.request_stop()
+                try:
+                    paths.request_stop()
+                except OSError as err:  # a read-only mount: the STOP file is how a stop is asked
+                    if err.errno not in _UNWRITABLE:
+                        raise
+                    raise RunError(f"run {run_id} cannot be asked to stop: "
+                                   f"{err.filename or paths.root} cannot be written "
+                                   f"({err.strerror}). Force stop ends it at once") from None
         if forced:
             self._terminate(paths, record, reason="stopped by force" if force else
                             "stopped by force on a second stop request")

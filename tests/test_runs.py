@@ -570,6 +570,29 @@ def _lightning_checkpoint(path: Path, cfg: RunConfig, step: int) -> None:
                 "pytorch-lightning_version": "2.0.0"}, path)
 
 
+def test_a_live_run_on_a_read_only_mount_is_refused_a_stop_in_words(small_disk):
+    """Stop writes a STOP file into the run folder: on a read-only mount it was "Internal error"."""
+    from mae_core.fileio import atomic_write_json
+    from mae_core.process import process_record
+
+    disk = small_disk(50)
+    manager = RunManager(disk / "runs", stop_timeout_s=600)
+    live = create_run(tiny_config(max_steps=9).resolved(), runs_dir=manager.runs_dir)
+    sleeper = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        atomic_write_json(live.process, process_record(sleeper.pid, command=["sleep", "300"]))
+        live.write_status(state="running", step=3)
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        with pytest.raises(RunError, match=f"run {live.run_id} cannot be asked to stop: .*STOP "
+                                           r"cannot be written \(Read-only file system\)"):
+            manager.stop(live.run_id, force=False)
+        assert sleeper.poll() is None and manager.status(live.run_id)["state"] == "running"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
+
+
 def test_a_read_only_runs_folder_still_lists_and_refuses_each_change_in_words(small_disk):
     """A runs folder on a read-only mount (a backup, a volume mounted ro): Start, Queue, Resume and
     Delete each read "Internal error ... OSError: [Errno 30] Read-only file system: '.runs.lock'",
