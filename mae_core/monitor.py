@@ -41,7 +41,8 @@ import torch
 from torch import Tensor
 
 from mae_core import features
-from mae_core.callbacks import EveryNSteps, board_scalars, tensorboard
+from mae_core.callbacks import EveryNSteps
+from mae_core.loggers import board_scalars, tensorboard
 from mae_core.checks import shown
 from mae_core.config import AUTO_VAL_FRACTION, AUTO_VAL_MIN_IMAGES, TrainConfig
 from mae_core.data import DataError, HeldOutSplit, fixed_crops, split_folder

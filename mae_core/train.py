@@ -86,7 +86,7 @@ def loggers(cfg: RunConfig, paths: RunPaths) -> list[Logger]:
     so ``tensorboard --logdir checkpoints`` shows every run beside the app."""
 
     from mae_core import prepared
-    from mae_core.callbacks import BoardLogger, JsonlLogger
+    from mae_core.loggers import BoardLogger, JsonlLogger
 
     board = BoardLogger(save_dir=str(paths.root), name="tensorboard", version="",
                         default_hp_metric=False)

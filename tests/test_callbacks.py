@@ -11,12 +11,12 @@ import pytorch_lightning as pl
 import torch
 
 from mae_core.callbacks import (
-    JsonlLogger,
     ProgressRecorder,
     SaveCheckpoints,
     StopOnRequest,
 )
 from mae_core.config import ModelConfig
+from mae_core.loggers import JsonlLogger
 from mae_core.data import MAEDataModule
 from mae_core.model import MAELightning, warmup_cosine
 from mae_core.rundir import RunPaths
