@@ -270,29 +270,42 @@ def test_a_full_disk_fails_a_start_clearly_and_a_dead_run_still_lists(tmp_path, 
     assert runs() == before
 
 
-def test_a_stop_pressed_again_or_from_a_stale_page_never_forces(tmp_path):
-    """Stop pressed in a second tab that had not yet seen the first request (or twice through the
-    API) force-killed the run, losing the steps since its last checkpoint. A plain stop
-    (force=False, the page's "Stop") only ever asks; force=True ("Force stop") ends it."""
+@pytest.fixture
+def live_stand_in():
+    """``make(manager)``: a run of ``manager`` recorded as running, its trainer a real process
+    (``sleep``, its own process group) that a force stop can end; ended after the test."""
     from mae_core.fileio import atomic_write_json
     from mae_core.process import process_record
 
-    manager = RunManager(tmp_path / "runs", stop_timeout_s=600)
-    paths = create_run(tiny_config(max_steps=9).resolved(), runs_dir=manager.runs_dir)
-    sleeper = subprocess.Popen(["sleep", "300"], start_new_session=True)
-    try:
+    sleepers: list[subprocess.Popen] = []
+
+    def make(manager: RunManager):
+        paths = create_run(tiny_config(max_steps=9).resolved(), runs_dir=manager.runs_dir)
+        sleeper = subprocess.Popen(["sleep", "300"], start_new_session=True)
+        sleepers.append(sleeper)
         atomic_write_json(paths.process, process_record(sleeper.pid, command=["sleep", "300"]))
         paths.write_status(state="running", step=3)
-        for _ in range(3):
-            assert manager.stop(paths.run_id, force=False)["state"] == "running"
-        assert paths.stop_requested() and sleeper.poll() is None  # asked, never killed
-        stopped = manager.stop(paths.run_id, force=True)
-        assert stopped["state"] == "stopped", stopped
-        assert stopped["error"] == "stopped by force: it had saved no checkpoint", stopped
-        assert sleeper.wait(timeout=10) is not None
-    finally:
+        return paths, sleeper
+
+    yield make
+    for sleeper in sleepers:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_a_stop_pressed_again_or_from_a_stale_page_never_forces(tmp_path, live_stand_in):
+    """Stop pressed in a second tab that had not yet seen the first request (or twice through the
+    API) force-killed the run, losing the steps since its last checkpoint. A plain stop
+    (force=False, the page's "Stop") only ever asks; force=True ("Force stop") ends it."""
+    manager = RunManager(tmp_path / "runs", stop_timeout_s=600)
+    paths, sleeper = live_stand_in(manager)
+    for _ in range(3):
+        assert manager.stop(paths.run_id, force=False)["state"] == "running"
+    assert paths.stop_requested() and sleeper.poll() is None  # asked, never killed
+    stopped = manager.stop(paths.run_id, force=True)
+    assert stopped["state"] == "stopped", stopped
+    assert stopped["error"] == "stopped by force: it had saved no checkpoint", stopped
+    assert sleeper.wait(timeout=10) is not None
 
 
 def test_corrupt_checkpoint_is_refused_on_resume(manager):
@@ -570,26 +583,18 @@ def _lightning_checkpoint(path: Path, cfg: RunConfig, step: int) -> None:
                 "pytorch-lightning_version": "2.0.0"}, path)
 
 
-def test_a_live_run_on_a_read_only_mount_is_refused_a_stop_in_words(small_disk):
+def test_a_live_run_on_a_read_only_mount_is_refused_a_stop_in_words(small_disk, live_stand_in):
     """Stop writes a STOP file into the run folder: on a read-only mount it was "Internal error"."""
-    from mae_core.fileio import atomic_write_json
-    from mae_core.process import process_record
-
     disk = small_disk(50)
     manager = RunManager(disk / "runs", stop_timeout_s=600)
-    live = create_run(tiny_config(max_steps=9).resolved(), runs_dir=manager.runs_dir)
-    sleeper = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    live, sleeper = live_stand_in(manager)
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
     try:
-        atomic_write_json(live.process, process_record(sleeper.pid, command=["sleep", "300"]))
-        live.write_status(state="running", step=3)
-        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
         with pytest.raises(RunError, match=f"run {live.run_id} cannot be asked to stop: .*STOP "
                                            r"cannot be written \(Read-only file system\)"):
             manager.stop(live.run_id, force=False)
         assert sleeper.poll() is None and manager.status(live.run_id)["state"] == "running"
     finally:
-        sleeper.kill()
-        sleeper.wait()
         subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
 
 
