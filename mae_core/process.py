@@ -327,7 +327,8 @@ def wait_gone(pid: int, start_time: str | None, timeout_s: float, every_s: float
 
 
 def terminate_group(pid: int, start_time: str | None, grace_s: float = 5.0) -> None:
-    """SIGTERM the process group, then SIGKILL it once ``grace_s`` has passed or the leader is gone.
+    """SIGTERM the process group, then SIGKILL it once ``grace_s`` has passed or the leader is gone,
+    and wait (up to ``grace_s`` again) until the leader is gone.
 
     The leader is checked by start time first: a recycled pid is not ours to signal. (Linux does not
     reuse a pid that still names a process group, so a group whose leader has exited is still ours.)
@@ -337,6 +338,9 @@ def terminate_group(pid: int, start_time: str | None, grace_s: float = 5.0) -> N
     kill_group(pid, signal.SIGTERM)
     wait_gone(pid, start_time, grace_s)
     kill_group(pid, signal.SIGKILL)
+    # SIGKILL is delivered asynchronously: a caller that then records the run "stopped" must not
+    # do so while its trainer still runs (seen once in CI: stopped, and the pid still alive).
+    wait_gone(pid, start_time, grace_s)
 
 
 def watch(process: subprocess.Popen, on_exit: Callable[[int], None]) -> threading.Thread:
