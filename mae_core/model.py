@@ -246,6 +246,7 @@ class MAELightning(pl.LightningModule):
         self.mae = MaskedAutoencoder(self.cfg)
         self._forward_loss = torch.compile(self.mae.loss) if compile else self.mae.loss
         self._mask_generator: torch.Generator | None = None
+        self._epoch_loss = EpochLoss()
 
     @classmethod
     def from_config(cls, run_cfg: Any) -> MAELightning:
@@ -279,8 +280,30 @@ class MAELightning(pl.LightningModule):
             loss = self._forward_loss(images, idx_keep, idx_mask)
         # The per-step curve is rank 0's loss (no extra communication every step); the epoch
         # summary in metrics.jsonl is the mean over every step of every rank.
-        self.log("epoch_loss", loss.detach(), on_step=False, on_epoch=True, sync_dist=True)
+        self._epoch_loss.add(loss.detach(), self.current_epoch)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        total, count = self._epoch_loss.global_sums(self.trainer.strategy, self.device,
+                                                    self.current_epoch)
+        # A stop mid-epoch leaves the epoch's line to its resume, which carries the sums on from
+        # the stop's checkpoint: one line per epoch, over all its steps. (Lightning's own epoch
+        # aggregate is not in its checkpoints: a stop and resume wrote two partial lines.)
+        stopped_mid_epoch = (self.trainer.should_stop
+                             and not self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+        if count and not stopped_mid_epoch:
+            # The same value on every rank: sync_dist only keeps Lightning from warning.
+            self.log("epoch_loss", total / count, on_step=False, on_epoch=True, sync_dist=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Every rank saves (Lightning's save is collective), so the reduction here is safe.
+        total, count = self._epoch_loss.global_sums(self.trainer.strategy, self.device,
+                                                    self.current_epoch)
+        checkpoint[EPOCH_LOSS_KEY] = {"epoch": self.current_epoch, "total": total, "count": count}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        world_size = self._trainer.world_size if self._trainer is not None else 1
+        self._epoch_loss = EpochLoss.restored(checkpoint.get(EPOCH_LOSS_KEY), world_size)
 
     def configure_optimizers(self) -> Any:
         groups = param_groups_weight_decay(
@@ -295,3 +318,41 @@ class MAELightning(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, functools.partial(warmup_cosine, warmup=warmup, total=total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+EPOCH_LOSS_KEY = "mae_studio_epoch_loss"
+
+
+class EpochLoss:
+    """The running sum and count of one rank's step losses in one epoch.
+
+    The sum stays on the device (no host sync per step). A checkpoint keeps the sums over every
+    rank; a resumed rank starts from its share of them, so a resume on another number of
+    processes keeps the same epoch mean.
+    """
+
+    def __init__(self, epoch: int = -1, total: float = 0.0, count: float = 0.0) -> None:
+        self.epoch = epoch
+        self.total: Tensor | float = total
+        self.count = count
+
+    def add(self, loss: Tensor, epoch: int) -> None:
+        if epoch != self.epoch:  # the first step of an epoch
+            self.epoch, self.total, self.count = epoch, 0.0, 0.0
+        self.total = self.total + loss.float()
+        self.count += 1
+
+    def global_sums(self, strategy: Any, device: torch.device, epoch: int) -> tuple[float, float]:
+        """The sum and count over every rank for ``epoch`` (collective: every rank calls it)."""
+        mine = (self.total, self.count) if epoch == self.epoch else (0.0, 0.0)
+        # On the training device whatever the sum holds (NCCL reduces device tensors only).
+        local = torch.stack([torch.as_tensor(value, dtype=torch.float64, device=device)
+                             for value in mine])
+        total, count = strategy.reduce(local, reduce_op="sum").tolist()
+        return total, count
+
+    @classmethod
+    def restored(cls, state: dict[str, float] | None, world_size: int) -> EpochLoss:
+        if not state:  # a checkpoint from before the epoch sums were kept
+            return cls()
+        return cls(int(state["epoch"]), state["total"] / world_size, state["count"] / world_size)

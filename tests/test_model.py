@@ -349,3 +349,62 @@ def test_the_schedule_is_linear_warmup_then_cosine_and_survives_a_new_max_steps(
     longer.step()  # the next step's rate comes from the longer run's schedule
     assert longer.get_last_lr()[0] == pytest.approx(0.1 * warmup_cosine(4, 1, 9))
     assert longer.get_last_lr()[0] > 0
+
+
+# --- the epoch's mean loss across a stop and its resume ---------------------------------------------
+
+class _Rows(pl.loggers.Logger):
+    """The rows Lightning logs, kept in memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[dict] = []
+
+    name, version = "rows", "0"
+
+    def log_hyperparams(self, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.rows.append({k: float(v) for k, v in metrics.items()})
+
+
+class _StopAndSaveAt(pl.Callback):
+    """Records each step's loss by epoch; at ``step`` saves a checkpoint and stops, as a Stop does."""
+
+    def __init__(self, step: int, path, losses: dict) -> None:
+        self.step, self.path, self.losses = step, path, losses
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.losses.setdefault(trainer.current_epoch, []).append(outputs["loss"].item())
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+            trainer.save_checkpoint(self.path)
+
+
+@pytest.mark.parametrize("stop_step", [2, 4], ids=["mid-epoch", "last-step-of-an-epoch"])
+def test_a_stopped_and_resumed_run_logs_one_mean_loss_per_epoch_over_all_its_steps(tmp_path, stop_step):
+    """Lightning's own epoch aggregate is not in its checkpoints: a stop mid-epoch logged the mean
+    of the steps before it, and the resumed run another of the steps after it, both for the same
+    epoch. The epoch's sums now travel in the checkpoint."""
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    loader = torch.utils.data.DataLoader(images, batch_size=2)  # 4 steps an epoch
+    losses: dict[int, list[float]] = {}
+    logged = _Rows()
+
+    def fit(ckpt_path=None) -> None:
+        module = MAELightning(model=dataclasses.asdict(SMALL), lr=1e-3)
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=logged,
+                             callbacks=[_StopAndSaveAt(stop_step, tmp_path / "stop.ckpt", losses)],
+                             enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, log_every_n_steps=1)
+        trainer.fit(module, loader, ckpt_path=ckpt_path)
+
+    fit()
+    fit(tmp_path / "stop.ckpt")
+    assert {epoch: len(steps) for epoch, steps in losses.items()} == {0: 4, 1: 4}  # each step once
+    epoch_rows = [row for row in logged.rows if "epoch_loss" in row]
+    assert [row["epoch"] for row in epoch_rows] == [0, 1]
+    for row in epoch_rows:
+        steps = losses[int(row["epoch"])]
+        assert row["epoch_loss"] == pytest.approx(sum(steps) / len(steps), rel=1e-5)

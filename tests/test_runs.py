@@ -352,8 +352,10 @@ def test_a_run_trained_by_epochs_is_resumed_after_a_stop(manager):
     assert resumed["resumed_from_step"] == stopped["step"], resumed
     ended = wait_until_ended(manager, run_id)
     assert ended["state"] == "finished" and ended["step"] == 40, ended
-    steps = [row["step"] for row in paths.read_metrics() if "loss" in row]
-    assert steps == list(range(1, 41))
+    rows = paths.read_metrics()
+    assert [row["step"] for row in rows if "loss" in row] == list(range(1, 41))
+    # One mean per epoch, over every step of both ranks: none for the stopped epoch's first part.
+    assert [row["epoch"] for row in rows if "epoch_loss" in row] == list(range(10))
 
 
 def test_unreadable_images_are_skipped_and_counted(tmp_path):
