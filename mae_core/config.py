@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -295,7 +296,8 @@ class RunConfig:
             raise ConfigError("config", "must be a mapping with model: and train: sections")
         unknown = set(map(str, data)) - {"model", "train"}
         if unknown:
-            raise ConfigError(sorted(unknown)[0], "unknown config section")
+            raise ConfigError(sorted(unknown)[0][:60], unknown_name("config section", sorted(unknown)[0],
+                                                                   ("model", "train")))
         return cls(model=_build(ModelConfig, data.get("model") or {}, "model"),
                    train=_build(TrainConfig, data.get("train") or {}, "train"))
 
@@ -334,7 +336,8 @@ class RunConfig:
         train_kw = {k: v for k, v in overrides.items() if k in train_names}
         unknown = set(overrides) - model_names - train_names
         if unknown:
-            raise ConfigError(sorted(unknown)[0], "unknown config field")
+            name = sorted(unknown)[0]
+            raise ConfigError(name[:60], unknown_name("config field", name, model_names | train_names))
         return RunConfig(model=dataclasses.replace(self.model, **model_kw),
                          train=dataclasses.replace(self.train, **train_kw))
 
@@ -445,5 +448,21 @@ def _build(cls: type, values: Any, section: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(map(str, values)) - names
     if unknown:
-        raise ConfigError(sorted(unknown)[0][:60], f"unknown field of {cls.__name__}")
+        name = sorted(unknown)[0]
+        other = {"model": "train", "train": "model"}.get(section)
+        if other and name in {f.name for f in dataclasses.fields(_SECTIONS[other])}:
+            raise ConfigError(name, f"belongs under {other}:, not {section}:")
+        raise ConfigError(name[:60], unknown_name(f"field under {section}:", name, names))
     return cls(**values)
+
+
+_SECTIONS = {"model": ModelConfig, "train": TrainConfig}
+
+
+def unknown_name(what: str, name: str, valid: Any) -> str:
+    """"unknown <what>", with the close matches among ``valid`` (else all of them)."""
+    valid = sorted(valid)
+    close = difflib.get_close_matches(name, valid, n=3)
+    if close:
+        return f"unknown {what} (did you mean {' or '.join(close)}?)"
+    return f"unknown {what} (valid: {', '.join(valid)})"

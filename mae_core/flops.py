@@ -27,18 +27,8 @@ from dataclasses import asdict, dataclass
 
 from mae_core.config import ModelConfig
 
-# Blocks of each timm encoder the presets name (timm's ViT-Ti/S/B have 12, ViT-L 24, ViT-H 32);
-# tests/test_flops.py checks these against the real timm models. Other timm ViTs (``timm_model``)
-# are measured on the meta device by :mod:`mae_core.encoders`.
-ENCODER_DEPTH = {
-    "vit_tiny_patch16_224": 12,
-    "vit_small_patch16_224": 12,
-    "vit_base_patch16_224": 12,
-    "vit_large_patch16_224": 24,
-    "vit_huge_patch14_224": 32,
-}
-# The presets' ViTs and lightly's MAE decoder both use an MLP 4× as wide as the tokens.
-MLP_RATIO = 4
+# lightly's MAE decoder's MLP is 4× as wide as its tokens (its default mlp_ratio).
+DECODER_MLP_RATIO = 4
 PREFIX_TOKENS = 1  # the class token: every encoder here has exactly one (mae_core.encoders)
 
 
@@ -74,11 +64,11 @@ def kept_patches(num_patches: int, mask_ratio: float) -> int:
 def block_macs(tokens: int, dim: int, mlp_hidden: int | None = None) -> int:
     """Multiply-accumulates of one pre-norm transformer block on ``tokens`` tokens of width ``dim``.
 
-    QKV (3·dim²) and output projection (dim²) plus the MLP (2·dim·hidden, hidden = MLP_RATIO·dim
-    unless given) per token, and the score and value products (tokens²·dim each, whatever the
+    QKV (3·dim²) and output projection (dim²) plus the MLP (2·dim·hidden, hidden =
+    DECODER_MLP_RATIO·dim unless given) per token, and the score and value products (tokens²·dim each, whatever the
     number of heads).
     """
-    hidden = MLP_RATIO * dim if mlp_hidden is None else mlp_hidden
+    hidden = DECODER_MLP_RATIO * dim if mlp_hidden is None else mlp_hidden
     linear = tokens * (4 * dim * dim + 2 * dim * hidden)
     attention = 2 * tokens * tokens * dim
     return linear + attention
@@ -103,11 +93,11 @@ def model_flops(cfg: ModelConfig) -> ModelFlops:
 
 
 def encoder_dims(cfg: ModelConfig) -> tuple[int, int, int]:
-    """The encoder's width, depth and MLP width: a preset's from the tables, any other timm ViT's
+    """The encoder's width, depth and MLP width: a preset's from its record, any other timm ViT's
     from the model itself (built on the meta device)."""
-    if not cfg.timm_model and cfg.encoder_name in ENCODER_DEPTH:
+    if not cfg.timm_model:
         spec = cfg.preset_spec
-        return spec.embed_dim, ENCODER_DEPTH[spec.timm_name], MLP_RATIO * spec.embed_dim
+        return spec.embed_dim, spec.depth, spec.mlp_ratio * spec.embed_dim
     from mae_core.encoders import encoder_shape
 
     shape = encoder_shape(cfg.encoder_name, cfg.image_size, cfg.patch_size)

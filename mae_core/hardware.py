@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from mae_core.precision import cpu_bf16_feature
+from mae_core.precision import cpu_bf16_feature, cpu_flags
 from mae_core.fileio import atomic_write_json, read_json
 
 CACHE_ENV = "MAE_STUDIO_CACHE_DIR"
@@ -114,9 +114,6 @@ def cpu_model() -> str:
     return _cpuinfo_field("model name") or platform.processor() or "unknown CPU"
 
 
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none)."""
-    return frozenset((_cpuinfo_field("flags") or "").split())
 
 
 def cpu_has_native(dtype: str) -> bool:
@@ -126,11 +123,7 @@ def cpu_has_native(dtype: str) -> bool:
         return True
     if dtype == "bf16":  # the same answer as the precision the trainer picks
         return cpu_bf16_feature() is not None
-    return bool(cpu_flags() & _NATIVE_FLAGS.get(dtype, set()))
-
-
-def cpu_has_native_bf16() -> bool:
-    return cpu_has_native("bf16")
+    return bool((cpu_flags() or frozenset()) & _NATIVE_FLAGS.get(dtype, set()))
 
 
 # --- measuring --------------------------------------------------------------------------------

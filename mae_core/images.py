@@ -22,7 +22,6 @@ from torchvision.transforms.v2 import functional as TF
 
 # ~ 8k × 8k: more than any camera, far less than a decompression bomb.
 MAX_PIXELS = 64_000_000
-MAX_FILE_BYTES = 64 * 1024 * 1024
 # An image longer than this many times its short side is used by its central part. MAE's random
 # crop (0.2 to 1 of the area, aspect 3/4 to 4/3) cannot fit in an image past 6.7:1 and falls back to
 # a centre crop, which the central part holds whole: every crop is the same (tests/test_data.py). And

@@ -35,7 +35,7 @@ from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mae_core.config import ModelConfig, parse_stats
+from mae_core.config import POLICIES, ModelConfig, TrainConfig, parse_stats
 
 
 def create_vit(cfg: ModelConfig) -> nn.Module:
@@ -105,7 +105,8 @@ def apply_policy(model: MaskedAutoencoder, policy: str) -> None:
         if isinstance(fc_norm, nn.Module):
             fc_norm.requires_grad_(False)
     elif policy != "reference":
-        raise ValueError(f"policy: unknown parameter policy {policy!r}")
+        raise ValueError(f"policy: unknown parameter policy {policy!r} (choose one of "
+                         f"{', '.join(POLICIES)})")
 
 
 def draw_token_mask(batch_size: int, num_patches: int, mask_ratio: float,
@@ -238,8 +239,10 @@ class MAELightning(pl.LightningModule):
     trained on (:func:`batch_images`).
     """
 
-    def __init__(self, model: dict[str, Any], lr: float, weight_decay: float = 0.05,
-                 warmup_fraction: float = 0.05, seed: int = 0, compile: bool = False) -> None:
+    def __init__(self, model: dict[str, Any], lr: float,
+                 weight_decay: float = TrainConfig.weight_decay,
+                 warmup_fraction: float = TrainConfig.warmup_fraction,
+                 seed: int = TrainConfig.seed, compile: bool = TrainConfig.compile) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.cfg = ModelConfig(**model)

@@ -20,6 +20,17 @@ def _bf16_ok() -> bool:
 
 
 @functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags from ``/proc/cpuinfo``; None where there is none (not Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as file:
+            return frozenset(word for line in file if line.startswith("flags")
+                             for word in line.partition(":")[2].split())
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
 def cpu_bf16_feature() -> str | None:
     """The instruction set with which this CPU computes bf16 natively (``amx_bf16`` or
     ``avx512_bf16``), or None where bf16 would be emulated.
@@ -29,20 +40,17 @@ def cpu_bf16_feature() -> str | None:
     looked up defensively). ``torch.backends.cpu.get_cpu_capability()`` cannot tell: it says
     ``AVX512`` with or without bf16.
     """
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as file:
-            flags = {word for line in file if line.startswith("flags")
-                     for word in line.partition(":")[2].split()}
+    flags = cpu_flags()
+    if flags is not None:
         return next((name for name in CPU_BF16_FLAGS if name in flags), None)
-    except OSError:  # not Linux: ask torch
-        import torch
+    import torch  # not Linux: ask torch
 
-        probes = {"amx_bf16": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported"}
-        for name, probe in probes.items():
-            check = getattr(torch.cpu, probe, None)
-            if check is not None and check():
-                return name
-        return None
+    probes = {"amx_bf16": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported"}
+    for name, probe in probes.items():
+        check = getattr(torch.cpu, probe, None)
+        if check is not None and check():
+            return name
+    return None
 
 
 def auto_precision(accelerator: str) -> str:

@@ -187,7 +187,7 @@ def error_heatmap(result: Reconstruction, size: int | None = None,
     return to_pil(0.3 * fit(result.original, view, result.bits)(result.original) + 0.7 * heat, size)
 
 
-def colorbar(width: int = 256, height: int = 14, scale_max: float = HEATMAP_MAX) -> Image.Image:
+def colorbar(width: int = 256, height: int = 14) -> Image.Image:
     """The heat map's colour scale as a horizontal strip, low error on the left."""
     ramp = colormap(torch.linspace(0, 1, width))  # (width, 3)
     strip = ramp[None].expand(height, width, 3)

@@ -472,13 +472,13 @@ def test_exported_four_channel_encoder_loads_into_timm(runs, tmp_path):
 
 
 def test_train_tab_says_what_kind_of_images_it_found(tmp_path):
-    from ui.train import check_data_folder
+    from ui.datafield import data_info
 
-    text = check_data_folder(None, str(make_gray16(tmp_path / "gray16", 3)))
+    text = data_info(str(make_gray16(tmp_path / "gray16", 3)))
     assert "3 image file(s) found; 1-channel (grayscale) 16-bit images: in_chans 1" in text
-    assert "in_chans" not in check_data_folder(None, "")  # RGB photos: as before
+    assert "in_chans" not in data_info("")  # RGB photos: as before
     mixed = make_four(tmp_path / "gray16", 1)
-    assert "mixes kinds of images" in check_data_folder(None, str(mixed))
+    assert "mixes kinds of images" in data_info(str(mixed))
 
 
 def test_a_copied_run_recomputes_its_statistics_from_the_data_it_names(runs, tmp_path):

@@ -248,3 +248,16 @@ def test_gpus_are_indices_of_the_gpus_this_process_sees(monkeypatch):
         monkeypatch.setenv(name, value)
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "6,7"
     assert RunConfig(train=TrainConfig(gpus="4,5")).resolved().train.devices == 2
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"modle": {}}, "modle: unknown config section (did you mean model?)"),
+    ({"model": {"batch_size": 8}}, "batch_size: belongs under train:, not model:"),
+    ({"train": {"mask_ratio": 0.5}}, "mask_ratio: belongs under model:, not train:"),
+    ({"train": {"max_step": 8}}, "max_step: unknown field under train: (did you mean max_steps"),
+    ({"train": {"zzz": 1}}, "zzz: unknown field under train: (valid: accelerator, "),
+])
+def test_an_unknown_name_in_a_config_file_says_what_was_meant(data, message):
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_dict(data)
+    assert str(err.value).startswith(message)

@@ -15,7 +15,7 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from mae_core.config import PRESETS, ModelConfig
-from mae_core.flops import ENCODER_DEPTH, MLP_RATIO, kept_patches, model_flops
+from mae_core.flops import DECODER_MLP_RATIO, kept_patches, model_flops
 from mae_core.model import MaskedAutoencoder, draw_token_mask
 
 aten = torch.ops.aten
@@ -86,10 +86,12 @@ def test_the_constants_are_those_of_the_real_models(preset):
     with torch.device("meta" if preset in ON_META else "cpu"):
         model = MaskedAutoencoder(ModelConfig(preset=preset, image_size=32, patch_size=8))
     vit = model.backbone.vit
-    assert len(vit.blocks) == ENCODER_DEPTH[PRESETS[preset].timm_name]
+    spec = PRESETS[preset]
+    assert len(vit.blocks) == spec.depth and vit.embed_dim == spec.embed_dim
     assert vit.num_prefix_tokens == 1
-    for block in (vit.blocks[0], model.decoder.blocks[0]):
-        assert block.mlp.fc1.out_features == MLP_RATIO * block.mlp.fc1.in_features
+    encoder_mlp, decoder_mlp = vit.blocks[0].mlp.fc1, model.decoder.blocks[0].mlp.fc1
+    assert encoder_mlp.out_features == spec.mlp_ratio * encoder_mlp.in_features
+    assert decoder_mlp.out_features == DECODER_MLP_RATIO * decoder_mlp.in_features
 
 
 @pytest.mark.parametrize(("patches", "ratio"), [(16, 0.75), (64, 0.75), (196, 0.75), (4, 0.9),

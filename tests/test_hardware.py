@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mae_core import hardware
-from mae_core.hardware import (cpu_has_native, cpu_has_native_bf16, cpu_peak, device_peak,
+from mae_core.hardware import (cpu_has_native, cpu_peak, device_peak,
                                gpu_spec, matmul_type, measure_matmul_flops, mfu)
 from mae_core.process import clean_env
 from tests.helpers import REPO_ROOT
@@ -85,7 +85,7 @@ def test_an_unreadable_cache_is_measured_over(tmp_path):
 
 
 def test_bf16_has_a_peak_only_where_the_cpu_has_native_bf16(tmp_path):
-    native = cpu_has_native_bf16()
+    native = cpu_has_native("bf16")
     # Both readings of the hardware agree: /proc/cpuinfo's flags and torch's cpuinfo checks.
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported",
                                                            "_is_amx_tile_supported")]

@@ -103,3 +103,33 @@ def test_cancel_stops_the_preparation_and_the_folder_stays_unprepared(tmp_path, 
     assert "Preparation cancelled" in cancelled["progress"] and 'data-kind="warn"' in cancelled["progress"]
     assert "not prepared yet" in cancelled["info"] and not cancelled["timer"].active
     assert [p for p in cache.glob("*") if not p.name.endswith(".lock")] == []
+
+
+def test_the_field_says_what_a_folder_holds(tmp_path):
+    missing = datafield.data_info(str(tmp_path / "no-such-folder"))
+    assert 'data-kind="error"' in missing and "no-such-folder" in missing
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(photos / "a.png")
+    Image.new("L", (50, 50), 128).save(photos / "sub" / "b.jpg")
+    (photos / "notes.txt").write_text("not an image")
+    found = datafield.data_info(f"  {photos}  ")
+    assert 'data-kind="ok"' in found and "2 image file(s) found" in found
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert 'data-kind="error"' in datafield.data_info(str(empty))
+    samples = datafield.data_info("")
+    assert 'data-kind="ok"' in samples and "sample photos" in samples
+    assert "decoded into memory" in samples  # 17 photos: no preparation
+
+
+def test_the_field_describes_a_prepared_set(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 30), (10 * i, 200, 30)).save(photos / f"{i}.png")
+    (photos / "bad.jpg").write_bytes(b"nope")
+    prepared.prepare(str(photos), tmp_path / "prepared", workers=1, verbose=False)
+    found = datafield.data_info(str(tmp_path / "prepared"))
+    assert 'data-kind="ok"' in found and "prepared: 3 images (1 unreadable skipped)" in found
+    assert "MB on disk" in found

@@ -403,38 +403,6 @@ def test_a_huge_or_missing_config_file_is_refused(tmp_path):
         train.form_from_yaml(None)
 
 
-def test_check_data_folder(ctx, tmp_path):
-    missing = train.check_data_folder(ctx.manager, str(tmp_path / "no-such-folder"))
-    assert 'data-kind="error"' in missing and "no-such-folder" in missing
-    photos = tmp_path / "photos"
-    (photos / "sub").mkdir(parents=True)
-    Image.new("RGB", (40, 30), (10, 200, 30)).save(photos / "a.png")
-    Image.new("L", (50, 50), 128).save(photos / "sub" / "b.jpg")
-    (photos / "notes.txt").write_text("not an image")
-    found = train.check_data_folder(ctx.manager, f"  {photos}  ")
-    assert 'data-kind="ok"' in found and "2 image file(s) found" in found
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    assert 'data-kind="error"' in train.check_data_folder(ctx.manager, str(empty))
-    samples = train.check_data_folder(ctx.manager, "")
-    assert 'data-kind="ok"' in samples and "sample photos" in samples
-    assert "decoded into memory" in samples  # 17 photos: no preparation
-
-
-def test_check_data_folder_describes_a_prepared_set(ctx, tmp_path):
-    from mae_core.prepared import prepare
-
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i in range(3):
-        Image.new("RGB", (40, 30), (10 * i, 200, 30)).save(photos / f"{i}.png")
-    (photos / "bad.jpg").write_bytes(b"nope")
-    prepare(str(photos), tmp_path / "prepared", workers=1, verbose=False)
-    found = train.check_data_folder(ctx.manager, str(tmp_path / "prepared"))
-    assert 'data-kind="ok"' in found and "prepared: 3 images (1 unreadable skipped)" in found
-    assert "MB on disk" in found
-
-
 def test_queue_is_offered_while_a_run_is_live_and_says_where_the_run_waits(ctx):
     assert train.button_states(None, any_live=False)["queue"]["interactive"] is False
     assert train.button_states(None, any_live=True)["queue"]["interactive"] is True

@@ -23,7 +23,8 @@ import gradio as gr
 
 from mae_core.checks import shown
 from mae_core.config import (ACCELERATORS, MAX_SEED, MIN_AUTO_LR, NORMALIZATIONS, PAPER_BASE_LR,
-                             POLICIES, PRECISIONS, PRESETS, ConfigError, ModelConfig, RunConfig)
+                             POLICIES, PRECISIONS, PRESETS, ConfigError, ModelConfig, RunConfig,
+                             unknown_name)
 from mae_core.metrics import MetricsStore
 
 log = logging.getLogger("mae_studio")
@@ -356,7 +357,8 @@ def config_from_form(values: dict[str, Any]) -> RunConfig:
     by_name = {f.name: f for f in FORM_FIELDS}
     unknown = set(values) - set(by_name)
     if unknown:
-        raise ConfigError(sorted(unknown)[0], "unknown config field")
+        name = sorted(unknown)[0]
+        raise ConfigError(name[:60], unknown_name("config field", name, by_name))
     overrides = {name: parse_value(by_name[name], value) for name, value in values.items()}
     if overrides.get("seed") is not None:
         as_seed(overrides["seed"])

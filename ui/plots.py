@@ -26,7 +26,6 @@ MAX_POINTS = 1000  # per curve
 PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#59a14f", "#b07aa1", "#76b7b2", "#9c755f", "#d37295")
 METRICS = display.METRICS
 AXIS_FORMATS = {"loss": ".3~g", "lr": ".1e", "images_per_s": ",.0f"}
-KINDS = ("raw", "smoothed", "epoch mean", "validation")
 # Gradio's plot draws with Vega-Lite 5 (5.23 in Gradio 6.31).
 VEGA_LITE_SCHEMA = "https://vega.github.io/schema/vega-lite/v5.json"
 # The kNN monitor's series (mae_core.monitor): top-1 accuracy per feature and k, as the legend says.

@@ -103,11 +103,6 @@ def action_message(action: dict[str, Any] | None, status: dict[str, Any] | None)
     return render.notice("error", f"Run `{run_id}` {state}: {status.get('error') or 'see the log'}")
 
 
-def check_data_folder(manager: Any, folder: str) -> str:
-    """What the data field holds, before Start (:func:`ui.datafield.data_info`)."""
-    return datafield.data_info(folder)
-
-
 def config_yaml_file(values: dict[str, Any]) -> str:
     """The form's config as a YAML file to download (validated first: a bad form is refused)."""
     cfg = config_from_form(values)
