@@ -23,8 +23,9 @@ from mae_core.rundir import LIVE_STATES, RunError, RunPaths, saved_step
 
 # A run on another node counts as alive while its status.json was rewritten this recently.
 REMOTE_SILENCE_S = 600.0
-# A second Stop may end a run recorded on another host once it has been silent this long: a
-# trainer writes its status at every progress save, and that host may be this machine renamed.
+# A Force stop (or a second Stop) may end a run recorded on another host once it has been silent
+# this long: a trainer writes its status at every progress save, and that host may be this
+# machine renamed.
 REMOTE_FORCE_STOP_S = 60.0
 # A run with no recorded process yet counts as alive this long after its status was written.
 LAUNCH_GRACE_S = 30.0
@@ -127,11 +128,11 @@ class TrainerWatch:
                            f"(pid {pid}) is still exiting; try again in a moment")
 
     def _end_remote(self, paths: RunPaths, record: dict[str, Any], status: dict[str, Any]) -> None:
-        """A second Stop of a run recorded on another host (callers hold ``_lock``): nothing
-        here can signal it, so it is refused while the run is heard from. Silent for over
-        REMOTE_FORCE_STOP_S, it is marked failed: that host may be this very machine under a
-        new name (a container re-created on the same volume), and the run, dead, read
-        "running" for REMOTE_SILENCE_S with nothing to end it."""
+        """A Force stop (or a second Stop) of a run recorded on another host (callers hold
+        ``_lock``): nothing here can signal it, so it is refused while the run is heard from.
+        Silent for over REMOTE_FORCE_STOP_S, it is marked failed: that host may be this very
+        machine under a new name (a container re-created on the same volume), and the run, dead,
+        read "running" for REMOTE_SILENCE_S with nothing to end it."""
         host = record.get("host")
         if heard_within(status, REMOTE_FORCE_STOP_S):
             raise RunError(f"run {paths.run_id} runs on {host}: it stops after its current step, "
@@ -142,7 +143,7 @@ class TrainerWatch:
         paths.clear_stop_request()
         paths.write_status(state="failed", log_tail=paths.log_tail(),
                            error=f"not heard from {silence} (it ran on host {host}): marked "
-                                 "stopped by force; if it still runs there, end it there")
+                                 "failed; if it still runs there, end it there")
 
     def _mark_dead(self, paths: RunPaths) -> dict[str, Any]:
         """The process is gone; unless it recorded its own end just before exiting, it failed."""

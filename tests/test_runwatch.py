@@ -113,7 +113,7 @@ def test_a_silent_run_recorded_on_another_host_is_ended_by_a_second_stop(tmp_pat
     ended = manager.stop(paths.run_id)
     assert ended["state"] == "failed" and not ended["stop_requested"], ended
     assert ended["error"].startswith(f"not heard from for {silent_s:.0f} s"), ended["error"]
-    assert ended["error"].endswith("(it ran on host old-container): marked stopped by force; if it still "
+    assert ended["error"].endswith("(it ran on host old-container): marked failed; if it still "
                                    "runs there, end it there"), ended["error"]
     assert manager.live_run() is None
     manager.delete(paths.run_id)
