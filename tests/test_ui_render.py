@@ -197,3 +197,11 @@ def test_status_panel_says_a_run_diverged_instead_of_no_loss():
     """status.json keeps a NaN loss (news, not damage); the panel showed it as "–", no loss yet."""
     html = render.status_html({**full_status(), "loss": float("nan")}, None)
     assert "nan (diverged: lower the learning rate)" in html
+
+
+def test_every_run_state_has_its_own_colour():
+    from mae_core.rundir import STATES
+
+    assert set(render.STATE_COLOURS) == set(STATES)
+    # A queued run waits to start: it used to show in the grey of a stopped one.
+    assert render.STATE_COLOURS["queued"] != render.STATE_COLOURS["stopped"]

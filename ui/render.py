@@ -75,8 +75,9 @@ tr.no-grad { outline: 2px solid #dc2626; outline-offset: -2px; }
 """
 
 # Saturated mid-tones that read on light and dark backgrounds alike, with white text on top.
-STATE_COLOURS = {"starting": "#b45309", "running": "#15803d", "stopping": "#b45309",
-                 "stopped": "#64748b", "finished": "#2563eb", "failed": "#dc2626"}
+STATE_COLOURS = {"queued": "#7c3aed", "starting": "#b45309", "running": "#15803d",
+                 "stopping": "#b45309", "stopped": "#64748b", "finished": "#2563eb",
+                 "failed": "#dc2626"}
 
 
 def esc(value: Any) -> str:

@@ -29,6 +29,9 @@ LOG_LINES = 60
 HIDDEN = "hidden"
 SMOOTHING = 0.8  # the EMA slider's first value
 MAX_SMOOTHING = 0.99
+# The Stop button's labels: the label pressed says which was meant (see stop_run).
+STOP = "Stop"
+FORCE_STOP = "Force stop"  # once a stop is requested
 
 
 # --- actions ----------------------------------------------------------------------------------
@@ -46,10 +49,7 @@ def queue_run(manager: Any, values: dict[str, Any]) -> dict[str, Any]:
             "text": f"Queued run `{run_id}` at position {position}."}
 
 
-FORCE_STOP = "Force stop"  # the Stop button's label once a stop is requested
-
-
-def stop_run(manager: Any, run_id: str | None, label: str | None = "Stop") -> dict[str, Any]:
+def stop_run(manager: Any, run_id: str | None, label: str | None = STOP) -> dict[str, Any]:
     """Stop as the button read when pressed: "Stop" only ever asks (pressed again, or in a tab
     that had not yet seen the first request, it used to force-kill the run and lose the steps
     since its last checkpoint); "Force stop" ends it at once."""
@@ -150,7 +150,7 @@ def button_states(status: dict[str, Any] | None, any_live: bool) -> dict[str, di
     return {"start": {"interactive": not any_live},
             "queue": {"interactive": any_live},
             "stop": {"interactive": state in LIVE_STATES,
-                     "value": FORCE_STOP if stopping else "Stop"},
+                     "value": FORCE_STOP if stopping else STOP},
             "resume": {"interactive": bool(status and status.get("resumable")) and not any_live}}
 
 
@@ -283,7 +283,7 @@ def build(ctx: AppContext) -> dict[str, Any]:
         c["start"] = gr.Button("Start", variant="primary", elem_id="start-btn", scale=1, min_width=90)
         c["queue"] = gr.Button("Queue", interactive=False, elem_id="queue-btn", scale=1,
                                min_width=90)
-        c["stop"] = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop-btn",
+        c["stop"] = gr.Button(STOP, variant="stop", interactive=False, elem_id="stop-btn",
                               scale=1, min_width=90)
         c["resume"] = gr.Button("Resume", interactive=False, elem_id="resume-btn", scale=1,
                                 min_width=90)
@@ -423,7 +423,7 @@ def _api_endpoints(ctx: AppContext) -> None:
         """Stop a run after its current step (it saves a checkpoint first); asked again, it only
         asks. ``force=True`` ends it at once, as the page's Force stop does."""
         try:
-            return stop_run(ctx.manager, run_id, FORCE_STOP if force else "Stop")
+            return stop_run(ctx.manager, run_id, FORCE_STOP if force else STOP)
         except Exception as err:  # noqa: BLE001 - an API client gets the reason, as from the page
             return failed_action("stop", describe(err, "stop"))
 
