@@ -12,19 +12,13 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench import PROJECT_ROOT
-
-# Variables of an enclosing distributed job that would make a worker think it is a launched rank.
-_DDP_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE",
-            "MASTER_ADDR", "MASTER_PORT", "MAE_STUDIO_RUN_DIR")
+from mae_core.process import clean_env
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    """This process's environment without launcher variables, with the project importable."""
-    env = {k: v for k, v in os.environ.items() if k not in _DDP_ENV}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
-    env.update(extra)
-    return env
+    """This process's environment as the app's trainers get it (:func:`mae_core.process.clean_env`:
+    no launcher variables or ``PL_TRAINER_*`` defaults, the project importable), with ``extra``."""
+    return clean_env(**extra)
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -28,12 +27,7 @@ from typing import TYPE_CHECKING, Any
 from mae_core.diskspace import full_disk_message, size_text
 from mae_core.fileio import (atomic_write_json, atomic_write_text, is_disk_full, read_json,
                              says_disk_full)
-from mae_core.process import (
-    PROJECT_ROOT,
-    clean_env,
-    process_start_time,
-    terminate_group,
-)
+from mae_core.process import launch, process_start_time, terminate_group
 
 if TYPE_CHECKING:
     from mae_core.data import DataSummary
@@ -160,10 +154,7 @@ class Preparation:
             command += ["--workers", str(workers)]
         self.started = time.monotonic()
         self._cancelled = False
-        with open(self.progress_dir / LOG_NAME, "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, cwd=PROJECT_ROOT,
-                                            env=clean_env(), start_new_session=True)
+        self.process = launch(command, self.progress_dir / LOG_NAME)
         self.start_time = process_start_time(self.process.pid)
         self._lock = threading.Lock()
 
