@@ -301,10 +301,13 @@ class RunConfig:
         return cls(model=_build(ModelConfig, data.get("model") or {}, "model"),
                    train=_build(TrainConfig, data.get("train") or {}, "train"))
 
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def save(self, path: str | Path) -> None:
         from mae_core.fileio import atomic_write_text
 
-        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+        atomic_write_text(path, self.to_yaml())
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:

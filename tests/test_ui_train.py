@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -434,3 +435,15 @@ def test_poll_shows_the_knn_chart_once_the_run_has_one(ctx):
                                                              ("class token, k=200", 0.75)}
     assert "validation" in {row["kind"] for row in
                             out["chart"].to_dict()["datasets"]["points"]}
+
+
+def test_config_downloads_do_not_pile_up_in_the_temp_folder():
+    values = form_values(TINY)
+    first = Path(train.config_yaml_file(values))
+    assert Path(train.config_yaml_file(values)) == first  # the same config: the same file
+    other = Path(train.config_yaml_file({**values, "seed": 11}))
+    assert other != first and other.parent == first.parent
+    day_old = time.time() - train.CONFIG_FILE_MAX_AGE_S - 60
+    os.utime(first, (day_old, day_old))
+    train.config_yaml_file({**values, "seed": 12})
+    assert not first.exists() and other.exists()

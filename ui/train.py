@@ -8,15 +8,19 @@ without a server; :func:`build` lays out the tab and wires its events to them.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import hashlib
 
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from mae_core.config import ConfigError, RunConfig
+from mae_core.fileio import atomic_write_text
 from mae_core.preparing import Preparations
 from mae_core.rundir import LIVE_STATES
 from ui import datafield, plots, render
@@ -29,6 +33,7 @@ LOG_LINES = 60
 HIDDEN = "hidden"
 SMOOTHING = 0.8  # the EMA slider's first value
 MAX_SMOOTHING = 0.99
+CONFIG_FILE_MAX_AGE_S = 86400.0  # Gradio's own cache keeps a download a day (ui.build_app)
 # The Stop button's labels: the label pressed says which was meant (see stop_run).
 STOP = "Stop"
 FORCE_STOP = "Force stop"  # once a stop is requested
@@ -104,14 +109,26 @@ def action_message(action: dict[str, Any] | None, status: dict[str, Any] | None)
 
 
 def config_yaml_file(values: dict[str, Any]) -> str:
-    """The form's config as a YAML file to download (validated first: a bad form is refused)."""
-    cfg = config_from_form(values)
-    folder = Path(tempfile.gettempdir()) / "mae-studio-configs"
-    folder.mkdir(exist_ok=True)
-    fd, path = tempfile.mkstemp(dir=folder, prefix="mae-config-", suffix=".yaml")
-    os.close(fd)
-    cfg.save(path)
-    return path
+    """The form's config as a YAML file to download (validated first: a bad form is refused).
+
+    Gradio copies the file into its own cache, which it purges; this copy is named by its
+    content, so downloading the same config again writes nothing new, and copies a day old are
+    removed here (one per download piled up in the temp folder for good)."""
+    text = config_from_form(values).to_yaml()
+    folder = Path(tempfile.gettempdir()) / f"mae-studio-configs-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    _remove_older_than(folder, CONFIG_FILE_MAX_AGE_S)
+    path = folder / f"mae-config-{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml"
+    atomic_write_text(path, text)
+    return str(path)
+
+
+def _remove_older_than(folder: Path, age_s: float) -> None:
+    cutoff = time.time() - age_s
+    for old in folder.glob("mae-config-*.yaml"):
+        with contextlib.suppress(OSError):  # another request removed it first
+            if old.stat().st_mtime < cutoff:
+                old.unlink()
 
 
 def form_from_yaml(path: str | None) -> dict[str, Any]:
