@@ -181,10 +181,15 @@ def test_second_start_and_deleting_a_live_run_are_refused(server, run_state):
 
 def test_stop(server, run_state):
     client = server["client"]
-    action = client.predict(run_state["id"], api_name="/stop")
+    # force as a JSON client may send it: "abc" is refused, "false" only asks (any non-empty
+    # string used to count as true, and force-killed the run)
+    action = client.predict(run_state["id"], "abc", api_name="/stop")
+    assert action["kind"] == "error" and "force: must be true or false" in action["text"]
+    assert _status(client, run_state["id"])["state"] == "running"
+    action = client.predict(run_state["id"], "false", api_name="/stop")
     assert action["kind"] == "ok" and action["run_id"] == run_state["id"]
     status = _wait_state(client, run_state["id"], {"stopped", "failed", "finished"})
-    assert status["state"] == "stopped", status
+    assert status["state"] == "stopped" and not status.get("error"), status
     assert status["resumable"] is True
     assert status["step"] > 0
     run_state["stopped_at"] = status["step"]
@@ -203,6 +208,8 @@ def test_resume_quotes_the_checkpoint_step_and_runs_to_the_new_end(server, run_s
     assert status["step"] == target
     curve = client.predict(run_state["id"], "loss", api_name="/metric")
     assert curve["steps"] == list(range(1, target + 1))  # a line for every step, no gap
+    with pytest.raises(AppError, match="logged no metric named 'abc'; it logged: .*images_per_s"):
+        client.predict(run_state["id"], "abc", api_name="/metric")
 
 
 # --- reconstruct ----------------------------------------------------------------------------------
@@ -345,6 +352,19 @@ def test_parameter_audit_of_a_run_uses_its_geometry(server, run_state):
     assert "patch_size" in message
     *_, message = server["client"].predict("", "resnet50", 32, 8, api_name="/audit")
     assert "preset" in message
+    *_, message = server["client"].predict("", ["vit-tiny"], 32, 8, api_name="/audit")
+    assert "preset: choose one of" in message  # was "Internal error … unhashable type: 'list'"
+    *_, message = server["client"].predict(["x"], "vit-tiny", 32, 8, api_name="/audit")
+    assert "a run id is text" in message
+
+
+def test_choosing_no_run_in_the_parameters_tab_keeps_the_fields(server, run_state):
+    """"(none: audit the preset and sizes below)": the fields' event returned an empty dict, which
+    Gradio took as one value for its five outputs, and failed (the audit after it never ran)."""
+    *fields, message = server["client"].predict("", api_name="/run_fields")
+    assert message == ""
+    *fields, message = server["client"].predict(run_state["id"], api_name="/run_fields")
+    assert fields[:3] == ["vit-tiny", 32, 8] and message == ""
 
 
 # --- runs: list, open, export, delete -------------------------------------------------------------
@@ -362,6 +382,8 @@ def test_open_run(server, run_state):
     pick, ckpt, message = server["client"].predict(run_state["id"], api_name="/open_run")
     assert pick["value"] == run_state["id"] and ckpt["value"] == run_state["id"]
     assert run_state["id"] in message
+    *_, message = server["client"].predict([run_state["id"]], api_name="/open_run")
+    assert "a run id is text" in message and "Internal error" not in message
 
 
 def test_copy_a_runs_config_into_the_form(server, run_state):

@@ -447,3 +447,16 @@ def test_config_downloads_do_not_pile_up_in_the_temp_folder():
     os.utime(first, (day_old, day_old))
     train.config_yaml_file({**values, "seed": 12})
     assert not first.exists() and other.exists()
+
+
+@pytest.mark.parametrize("garbage", [
+    dict(overlay=-1), dict(overlay=2.5), dict(overlay=True), dict(overlay=["x", 3, None]),
+    dict(action={"foo": 1}), dict(action="string"), dict(action=5), dict(action={"kind": "ok"}),
+    dict(sig=[1, 2]), dict(run_id=["a"]), dict(seen_live=7), dict(metric=["loss"]),
+])
+def test_the_live_view_takes_what_an_api_client_sends_as_empty(ctx, garbage):
+    """/poll and /select are API endpoints too: a client's -1 for the overlay or {"foo": 1} for the
+    last action was an "Internal error in the live view" (TypeError, KeyError)."""
+    paths = make_run(ctx)
+    out = train.poll(ctx, **{**poll_args(paths.run_id), **garbage})
+    assert "sig" in out and 'data-kind="error"' not in str(out.get("message", ""))

@@ -14,7 +14,7 @@ import gradio as gr
 
 from mae_core.checks import shown
 from ui import parameters, reconstruct, render, runs, train
-from ui.common import AppContext, UserError, guarded
+from ui.common import AppContext, UserError, as_run_id, guarded
 
 SLOW_POLL_S = 5.0  # checkpoint choices, previews and the runs table
 # After the tab's content is shown: Vega re-measures a chart's box on a window resize.
@@ -83,6 +83,7 @@ def _wire_across(ctx: AppContext, demo: gr.Blocks, tabs: gr.Tabs, built: dict[st
 
     @guarded("open", lambda text: {runs_ui["message"]: render.notice("error", text)})
     def open_run(run_id: str | None) -> dict:
+        run_id = as_run_id(run_id)
         if not run_id:
             raise UserError("Choose a run to open.")
         if run_id not in {s["run_id"] for s in ctx.manager.list()}:

@@ -203,9 +203,23 @@ def as_ratio(value: Any, name: str = "mask_ratio") -> float:
     return ratio
 
 
+def as_run_id(value: Any) -> str | None:
+    """A run id from a form or API value: text, or None for none chosen (blank, null). A list or a
+    number is refused by name; the run manager says whether such a run exists."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise UserError(f"a run id is text (a run's folder name), not {shown(value)}")
+    return value
+
+
 def as_bool(value: Any, name: str) -> bool:
+    """True or false from a form or API value: "false", "no", "0", null are false; a value that
+    is neither (a list, "abc", NaN) is refused, never taken as true for being non-empty."""
     if isinstance(value, bool):
         return value
+    if value is None:
+        return False
     text = str(value).strip().lower()
     if text in ("true", "1", "yes", "on"):
         return True

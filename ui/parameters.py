@@ -16,7 +16,8 @@ import gradio as gr
 from mae_core.checks import shown
 from mae_core.config import PRESETS, ModelConfig
 from ui import render
-from ui.common import DEFAULTS, AppContext, FieldNumber, as_int, cached_audit, guarded
+from ui.common import (DEFAULTS, AppContext, FieldNumber, as_int, as_run_id, cached_audit,
+                       guarded)
 
 NO_RUN = ("(none: audit the preset and sizes below)", "")
 
@@ -46,10 +47,11 @@ def model_config(ctx: AppContext, run_id: str | None, preset: Any, image_size: A
                  patch_size: Any, timm_model: Any = "") -> tuple[ModelConfig, str]:
     """The model to audit, and a title: a run's model when one is chosen, else the fields
     (``timm_model``, any timm ViT name, replaces the preset's encoder)."""
+    run_id = as_run_id(run_id)
     if run_id:
         base = ctx.manager.config(run_id).model
         return base, f"Run `{run_id}`: {base.label}, {base.image_size}px, patch {base.patch_size}"
-    if preset not in PRESETS:
+    if not isinstance(preset, str) or preset not in PRESETS:
         from mae_core.config import ConfigError
 
         raise ConfigError("preset", f"choose one of {', '.join(PRESETS)}; got {shown(preset)}")
@@ -64,6 +66,7 @@ def run_model_fields(ctx: AppContext, run_id: str | None) -> dict[str, Any]:
     """What the model fields show for a chosen run, by field name: its preset, sizes and timm
     model, the model its audit is of (they kept the preset's defaults: "Run …: 32px" above a
     64 px field). Nothing without a run: then the fields are what is audited."""
+    run_id = as_run_id(run_id)
     if not run_id:
         return {}
     model = ctx.manager.config(run_id).model
@@ -122,7 +125,10 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
 
     @guarded("the parameter audit", lambda text: {c["message"]: render.notice("error", text)})
     def on_run_fields(run_id: str | None) -> dict:
-        return {c[name]: value for name, value in run_model_fields(ctx, run_id).items()}
+        # The message is always among the updates: an empty dict is not read as "no updates"
+        # but as one value for five outputs, and Gradio failed the event ("(none)" chosen).
+        return {c["message"]: "", **{c[name]: value
+                                     for name, value in run_model_fields(ctx, run_id).items()}}
 
     inputs = [c["run"], c["preset"], c["image_size"], c["patch_size"], c["timm_model"]]
     # The result area shows progress; the inputs are not outputs, so nothing covers them.

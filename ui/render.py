@@ -84,6 +84,9 @@ def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
+NOTICE_KINDS = ("ok", "info", "warn", "error")
+
+
 def notice(kind: str, text: str) -> str:
     """A one-line message box; ``kind`` is ok, info, warn or error. ``text`` may hold `code`."""
     parts = esc(text).split("`")

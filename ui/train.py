@@ -19,14 +19,15 @@ from typing import Any
 
 import gradio as gr
 
+from mae_core.checks import shown
 from mae_core.config import ConfigError, RunConfig
 from mae_core.fileio import atomic_write_text
 from mae_core.preparing import Preparations
 from mae_core.rundir import LIVE_STATES
 from ui import datafield, plots, render
-from ui.common import (DEFAULTS, FIELD_NAMES, FORM_FIELDS, MAIN_FIELDS, AppContext, UserError, as_int,
-                       FieldNumber, FieldSlider, config_from_form, describe, field_widget,
-                       form_values, guarded)
+from ui.common import (DEFAULTS, FIELD_NAMES, FORM_FIELDS, MAIN_FIELDS, AppContext, UserError,
+                       FieldNumber, FieldSlider, as_bool, as_int, config_from_form, describe,
+                       field_widget, form_values, guarded)
 
 POLL_S = 1.5
 LOG_LINES = 60
@@ -232,8 +233,16 @@ def poll(ctx: AppContext, run_id: str | None, overlay: list[str] | None, metric:
          log_scale: bool, smoothing: Any, seen_live: str | None, sig: dict | None,
          action: dict | None) -> dict[str, Any]:
     """One refresh of the live view, as updates by component name; unchanged parts are left out,
-    so an idle page costs a few file stats per tick."""
-    sig = dict(sig or {})
+    so an idle page costs a few file stats per tick.
+
+    Every input may come from an API client, not the page: what is not of the page's kind is
+    taken as empty (a list of run ids, an action record, the page's signature dict)."""
+    run_id, seen_live = _text_or_none(run_id), _text_or_none(seen_live)
+    overlay = [r for r in overlay if isinstance(r, str)] if isinstance(overlay, list) else []
+    metric = metric if isinstance(metric, str) else "loss"
+    log_scale = log_scale is True
+    action = action if _is_action(action) else None
+    sig = dict(sig) if isinstance(sig, dict) else {}
     smoothing = smoothing_of(smoothing, sig.get("smoothing", SMOOTHING))
     sig["smoothing"] = smoothing  # the last number the box held: kept while it holds none
     runs = ctx.manager.list()
@@ -268,6 +277,17 @@ def poll(ctx: AppContext, run_id: str | None, overlay: list[str] | None, metric:
     sig.update(curve=key, log=key_log, log_state=(status or {}).get("state"))
     out["sig"] = sig
     return out
+
+
+def _text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _is_action(action: Any) -> bool:
+    """Whether ``action`` is a record the run controls wrote (see :func:`start_run`)."""
+    return (isinstance(action, dict) and action.get("kind") in render.NOTICE_KINDS
+            and isinstance(action.get("text"), str)
+            and isinstance(action.get("run_id"), (str, type(None))))
 
 
 def _config_or_none(manager: Any, run_id: str | None) -> RunConfig | None:
@@ -410,7 +430,9 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
                              ("stop", on_stop, [c["run_pick"], c["stop"]]),
                              ("resume", on_resume, [c["run_pick"], c["resume_until"]])):
         # /stop itself is an API function (run id, force=False): the button also sends its label
+        # (the button's own endpoint is left out of the API's docs: a client calls /stop)
         c[name].click(fn, inputs, [c["action"]], api_name="stop_button" if name == "stop" else name,
+                      api_visibility="undocumented" if name == "stop" else "public",
                       concurrency_id="run_actions",
                       show_progress=HIDDEN).then(**refresh, api_name=f"{name}_refresh")
     _wire_form(ctx, c, fields)
@@ -430,17 +452,24 @@ def _api_endpoints(ctx: AppContext) -> None:
     def run_metric(run_id: str, metric: str = "loss") -> dict:
         """A run's metric as {"steps": [...], "values": [...]}, every logged step (not thinned)."""
         try:
+            if not isinstance(metric, str):
+                raise UserError(f"a metric is named by text (loss, lr, ...), not {shown(metric)}")
             reader = ctx.metrics.reader(ctx.manager.paths(run_id).metrics)
+            logged = reader.keys()
+            # A live run may log it later (a kNN score at its first evaluation); an ended one not.
+            if metric not in logged and ctx.manager.status(run_id).get("state") not in LIVE_STATES:
+                raise UserError(f"run {run_id} logged no metric named {shown(metric)}; it logged: "
+                                f"{', '.join(sorted(k for k in logged if k != 'step')) or 'nothing'}")
+            steps, values = reader.series(metric)
         except Exception as err:  # noqa: BLE001
             raise gr.Error(describe(err, "metrics"), print_exception=False) from None
-        steps, values = reader.series(metric)
         return {"steps": steps.tolist(), "values": values.tolist()}
 
     def stop(run_id: str, force: bool = False) -> dict:
         """Stop a run after its current step (it saves a checkpoint first); asked again, it only
         asks. ``force=True`` ends it at once, as the page's Force stop does."""
         try:
-            return stop_run(ctx.manager, run_id, FORCE_STOP if force else STOP)
+            return stop_run(ctx.manager, run_id, FORCE_STOP if as_bool(force, "force") else STOP)
         except Exception as err:  # noqa: BLE001 - an API client gets the reason, as from the page
             return failed_action("stop", describe(err, "stop"))
 
