@@ -314,7 +314,7 @@ class RunConfig:
         from mae_core.fileio import NotRegularFileError, read_regular_bytes
 
         try:
-            data = yaml.safe_load(read_regular_bytes(path).decode("utf-8"))
+            data = yaml.load(read_regular_bytes(path).decode("utf-8"), Loader=_StrictLoader)
         except FileNotFoundError:
             raise ConfigError("config", f"no config file at {path}") from None
         except NotRegularFileError:  # a FIFO would block the reader (the app) forever
@@ -460,6 +460,25 @@ def _build(cls: type, values: Any, section: str) -> Any:
 
 
 _SECTIONS = {"model": ModelConfig, "train": TrainConfig}
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key repeated in one mapping: YAML keeps the last one, so a
+    second ``model:`` section replaced the first whole, and its fields went back to defaults
+    without a word."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str):
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} appears twice in one mapping (the second would replace "
+                                f"the first)", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def unknown_name(what: str, name: str, valid: Any) -> str:

@@ -261,3 +261,18 @@ def test_an_unknown_name_in_a_config_file_says_what_was_meant(data, message):
     with pytest.raises(ConfigError) as err:
         RunConfig.from_dict(data)
     assert str(err.value).startswith(message)
+
+
+def test_a_section_or_field_written_twice_is_refused(tmp_path):
+    """YAML keeps the last of two equal keys: a second model: section replaced the first whole."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("model:\n  preset: vit-tiny\n  image_size: 32\ntrain:\n  max_steps: 5\n"
+                     "model:\n  preset: vit-huge\n")
+    with pytest.raises(ConfigError, match="'model' appears twice"):
+        RunConfig.load(twice)
+    twice.write_text("train:\n  max_steps: 5\n  max_steps: 50\n")
+    with pytest.raises(ConfigError, match="'max_steps' appears twice"):
+        RunConfig.load(twice)
+    once = tmp_path / "once.yaml"
+    once.write_text("model:\n  preset: vit-tiny\ntrain:\n  max_steps: 5\n")
+    assert RunConfig.load(once).train.max_steps == 5
