@@ -68,13 +68,23 @@ def load_model(path: str | Path, device: str = "cpu") -> MaskedAutoencoder:
     except (ValueError, TypeError, ConfigError) as err:
         raise WeightsError(f"{Path(path).name} has an invalid model config ({err})") from None
     model = MaskedAutoencoder(cfg)
-    try:
-        from safetensors.torch import load_file
+    from safetensors.torch import load_file
 
+    try:
         state = load_file(str(path), device=device)
+    except FileNotFoundError:  # removed since its metadata was read (a run being deleted)
+        raise WeightsError(f"no weights file at {path}") from None
+    except (SafetensorError, OSError, ValueError) as err:
+        raise WeightsError(f"{Path(path).name} is not a readable safetensors file ({err})") from None
+    differs = shape_mismatch({key: tuple(value.shape) for key, value in state.items()},
+                             {key: tuple(value.shape) for key, value in model.state_dict().items()})
+    if differs:  # in a line, not torch's list of every tensor
+        raise WeightsError(f"{Path(path).name} does not match its model: {differs}")
+    try:
         model.load_state_dict(state, strict=True)
-    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
-        raise WeightsError(f"{Path(path).name} does not match its model ({err})") from None
+    except RuntimeError as err:  # shapes fit, yet torch refused: its first line says why
+        raise WeightsError(f"{Path(path).name} does not match its model "
+                           f"({str(err).strip().splitlines()[0][:300]})") from None
     return model.to(device).eval()
 
 
@@ -97,6 +107,12 @@ def checkpoint_mismatch(path: str | Path, cfg: ModelConfig) -> str | None:
              if isinstance(value, torch.Tensor)}
     with torch.device("meta"):
         expected = {key: tuple(value.shape) for key, value in MaskedAutoencoder(cfg).state_dict().items()}
+    return shape_mismatch(saved, expected, "this run's model")
+
+
+def shape_mismatch(saved: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
+                   model: str = "the model") -> str | None:
+    """How the tensor shapes ``saved`` differ from those ``model`` expects, in one line."""
     missing = sorted(expected.keys() - saved.keys())
     unexpected = sorted(saved.keys() - expected.keys())
     resized = [key for key in expected if key in saved and saved[key] != expected[key]]
@@ -104,7 +120,7 @@ def checkpoint_mismatch(path: str | Path, cfg: ModelConfig) -> str | None:
     if resized:
         key = resized[0]
         problems.append(f"{len(resized)} tensor(s) of another shape, e.g. {key} is "
-                        f"{list(saved[key])} in it and {list(expected[key])} in this run's model")
+                        f"{list(saved[key])} in it and {list(expected[key])} in {model}")
     if missing:
         problems.append(f"{len(missing)} tensor(s) missing, e.g. {missing[0]}")
     if unexpected:

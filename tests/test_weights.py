@@ -75,6 +75,25 @@ DYING_SAVE = textwrap.dedent("""
 """)
 
 
+def test_weights_of_another_shape_are_refused_in_one_line(tmp_path):
+    """A file whose tensors do not fit its own recorded model (written by hand, or patched):
+    torch's error listed every tensor over dozens of lines into the page's notice."""
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "model.safetensors"
+    save_weights(MaskedAutoencoder(CFG), path)
+    metadata = read_metadata(path)
+    state = load_file(str(path))
+    state = {key: (torch.zeros(3, 3) if "blocks" in key else value) for key, value in state.items()}
+    save_file(state, str(path), metadata=metadata)
+    with pytest.raises(WeightsError) as err:
+        load_model(path)
+    message = str(err.value)
+    assert message.startswith("model.safetensors does not match its model: ")
+    assert "tensor(s) of another shape, e.g. backbone.vit.blocks.0." in message
+    assert "\n" not in message and len(message) < 300
+
+
 def test_a_save_killed_mid_write_leaves_only_a_temp_file_that_the_next_start_removes(tmp_path):
     """No leftover a run directory's cleanup cannot see (safetensors' own ``save_file`` writes
     through a ``.tmpXXXXXX`` of its own beside the target: the model's size, per killed save)."""
