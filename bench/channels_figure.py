@@ -25,6 +25,7 @@ from mae_core.data import sample_photo_paths
 from mae_core.images import open_rgb
 from mae_core.pixels import read_for
 from mae_core.reconstruct import grid_image, reconstruct
+from mae_core.rundir import RunPaths
 from mae_core.weights import load_model
 
 CROP = 96
@@ -81,9 +82,10 @@ def figure(run_dir: Path, out: Path, display_channels: str) -> None:
     from mae_core.config import RunConfig
     from mae_core.monitor import plan_evaluation
 
-    cfg = RunConfig.load(run_dir / "config.yaml")
+    paths = RunPaths(run_dir)
+    cfg = RunConfig.load(paths.config)
     held_out = plan_evaluation(cfg.train).val[:4]  # never trained on
-    model = load_model(run_dir / "model.safetensors")
+    model = load_model(paths.weights)
     images = torch.stack([read_for(p, model.cfg.channels)[:, 16:80, 16:80] for p in held_out])
     results = reconstruct(model, images, seed=0)
     view = parse_view(display_channels, model.cfg.channels)

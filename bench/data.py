@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from bench.procs import child_env, load_average, peak_rss_bytes, stop_group
+from mae_core.rundir import RunPaths
 
 SIZE = (640, 480)
 
@@ -137,6 +138,7 @@ def train_run(data_dir: Path, devices: int, root: Path, steps: int = 6,
     the part inside ``trainer.fit`` (the first step's own compute: ``elapsed_s`` of its line).
     ``threads`` sets ``OMP_NUM_THREADS`` (default: torch's, all cores per single process)."""
     run_dir = root / f"run-{data_dir.name}-{devices}{f'-t{threads}' if threads else ''}"
+    metrics = RunPaths(run_dir).metrics
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "mae_core.train", "--data", str(data_dir), "--run-dir", str(run_dir),
            "--devices", str(devices), "--accelerator", "cpu", "--max-steps", str(steps),
@@ -153,15 +155,14 @@ def train_run(data_dir: Path, devices: int, root: Path, steps: int = 6,
         while proc.poll() is None:
             for pid in _group(proc.pid):
                 peaks[pid] = max(peaks.get(pid, 0), peak_rss_bytes(pid) or 0)
-            if first_step is None and (run_dir / "metrics.jsonl").exists() and \
-                    '"step"' in (run_dir / "metrics.jsonl").read_text():
+            if first_step is None and metrics.exists() and '"step"' in metrics.read_text():
                 first_step = time.monotonic() - started
             time.sleep(0.2)
     finally:
         stop_group(proc)
     ranks = sorted(peaks.values(), reverse=True)[:devices]  # the ranks; helpers are far smaller
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if '"elapsed_s"' in line] if (run_dir / "metrics.jsonl").exists() else []
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()
+            if '"elapsed_s"' in line] if metrics.exists() else []
     return {"devices": devices, "threads": threads or "default", "returncode": proc.returncode,
             "first_step_s": round(first_step, 1) if first_step else None,
             "first_step_in_fit_s": round(rows[0]["elapsed_s"], 1) if rows else None,

@@ -425,7 +425,7 @@ class Previews(EveryNSteps):
             return
         results = reconstruct(pl_module.mae, self.images, seed=PREVIEW_SEED)
         image = grid_image(results, size=max(96, pl_module.cfg.image_size))
-        target = self.paths.previews / f"step_{trainer.global_step:07d}.png"
+        target = self.paths.preview(trainer.global_step)
         atomic_write(target, lambda tmp: image.save(tmp, format="PNG"))
         board = tensorboard(trainer)
         if board is not None:
@@ -436,4 +436,4 @@ class Previews(EveryNSteps):
         self.write(trainer, pl_module)
 
     def done_at(self, step: int) -> bool:
-        return (self.paths.previews / f"step_{step:07d}.png").exists()
+        return self.paths.preview(step).exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from mae_core.checks import DataError
+from mae_core.rundir import DEFAULT_RUNS_DIR
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,14 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     caches = commands.add_parser("caches", help="list the automatically prepared sets and the runs "
                                                 "that use them; remove superseded ones")
     caches.add_argument("--runs-dir", action="append", default=None,
-                        help="where runs live (repeatable; default: checkpoints)")
+                        help=f"where runs live (repeatable; default: {DEFAULT_RUNS_DIR})")
     caches.add_argument("--remove-superseded", action="store_true",
                         help="remove the sets a newer set of the same folder replaced and no run uses")
     args = parser.parse_args(argv)
     if args.command == "caches":
         from mae_core.caches import report
 
-        print("\n".join(report(args.runs_dir or ["checkpoints"], args.remove_superseded)))
+        print("\n".join(report(args.runs_dir or [DEFAULT_RUNS_DIR], args.remove_superseded)))
         return 0
     try:
         manifest = prepared.prepare(args.src, args.out, args.short_side, args.workers)

@@ -29,8 +29,9 @@ from PIL import Image
 
 from mae_core.data import DataError
 from mae_core.fileio import fsync_dir
+from mae_core.rundir import DEFAULT_RUNS_DIR
 
-DEFAULT_PATH = Path("checkpoints") / ".demo-labelled"
+DEFAULT_PATH = Path(DEFAULT_RUNS_DIR) / ".demo-labelled"
 # Bump when the recipe changes: a cached set of another version is rebuilt.
 VERSION = 1
 SIDE = 64

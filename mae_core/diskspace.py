@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mae_core.config import ModelConfig, RunConfig
 from mae_core.fileio import DiskFullError, existing_parent, free_bytes, free_inodes, out_of_inodes
-from mae_core.rundir import SNAPSHOT_DIR
+from mae_core.rundir import RunPaths
 
 FLOAT32_BYTES = 4
 ADAM_MOMENTS = 2  # exp_avg and exp_avg_sq, fp32, one of each per trainable element
@@ -108,9 +108,9 @@ def files_bytes(paths: Iterable[Path]) -> int:
 def _saved_bytes(run_root: Path) -> int:
     """What a resumed run's folder already holds of its peak: the files its saves replace (an
     exported encoder or an evaluation stays beside them, and counts nothing here)."""
-    snapshots = run_root / SNAPSHOT_DIR
-    kept = list(snapshots.glob("*.safetensors")) if snapshots.is_dir() else []
-    return files_bytes([run_root / "last.ckpt", run_root / "model.safetensors", *kept])
+    paths = RunPaths(run_root)
+    kept = list(paths.snapshots.glob("*.safetensors")) if paths.snapshots.is_dir() else []
+    return files_bytes([paths.last_ckpt, paths.weights, *kept])
 
 
 def still_to_write(cfg: RunConfig, run_root: Path) -> int:

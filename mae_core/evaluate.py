@@ -34,7 +34,6 @@ from mae_core.rundir import RunPaths
 from mae_core.runs import RunError
 from mae_core.weights import WeightsError, load_model, read_metadata
 
-RESULT_NAME = "evaluation.json"
 # The headline figures: kNN with lightly's k=20 on the mean of the patch tokens (MAE trains no
 # class token objective: its class token sees no loss, the patch tokens do). Every feature × k
 # combination is in "details".
@@ -48,15 +47,11 @@ class EvaluationError(RunError):
     """The run cannot be evaluated (no run there, no weights yet); the message says why."""
 
 
-def result_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / RESULT_NAME
-
-
 def read_result(run_dir: str | Path) -> dict[str, Any] | None:
     """The run's saved evaluation, or None if it has none or it is damaged: the one place
     ``evaluation.json`` is read, so a partial or hand-edited file reads as "not evaluated"
     everywhere (the Runs table, its result, Compare) instead of breaking the page."""
-    return valid_result(read_json(result_path(run_dir)))
+    return valid_result(read_json(RunPaths(Path(run_dir)).evaluation))
 
 
 def valid_result(result: Any) -> dict[str, Any] | None:
@@ -169,7 +164,7 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, linear_pro
         "seconds": round(time.monotonic() - started, 1), "evaluated_at": time.time(),
     }
     if save:
-        atomic_write_json(result_path(paths.root), result)
+        atomic_write_json(paths.evaluation, result)
     report(1.0, "done")
     return result
 
@@ -218,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--split", type=float, default=0.2, help="validation fraction (0.2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and the probe")
-    parser.add_argument("--no-save", action="store_true", help=f"do not write <run>/{RESULT_NAME}")
+    parser.add_argument("--no-save", action="store_true",
+                        help=f"do not write {RunPaths(Path('<run>')).evaluation}")
     return parser
 
 

@@ -43,6 +43,7 @@ from mae_core.data import preview_images as folder_previews
 from mae_core.fileio import atomic_write_json, fsync_dir, read_json
 from mae_core.images import ImageError, open_rgb
 from mae_core.preparing import count_done
+from mae_core.rundir import RUN_DATA_NAME, RunPaths, state_unknown  # noqa: F401 - for caches
 
 MANIFEST_NAME = "mae_manifest.json"
 # 2 added the half-pixel copy ("mid") and stores a copy no smaller than the image empty; the
@@ -57,7 +58,6 @@ MIN_SHORT_SIDE = 256
 AUTO_PREPARE_ABOVE = 1000
 CACHE_ENV = "MAE_STUDIO_DATA_CACHE"
 REMOTE_SCHEMES = ("s3://", "gs://", "azure://", "hf://")
-RUN_DATA_NAME = "data.json"  # in the run directory: what the run trains on, for every rank
 
 
 def is_remote(data: str) -> bool:
@@ -363,7 +363,7 @@ def read_run_data(run_root: str | Path) -> DataSource | None:
     """``<run>/data.json``, the one place it is read; None when it is missing or names no data set
     (a kind, path or source of another type). A count of another type, or out of range, reads as
     unknown (None): the set the run resumes on is its path, not its count."""
-    known = read_json(Path(run_root) / RUN_DATA_NAME) or {}
+    known = read_json(RunPaths(Path(run_root)).data_record) or {}
     kind, path, source = known.get("kind"), known.get("path"), known.get("source", "")
     if kind not in ("memory", "prepared", "remote") or not all(
             isinstance(text, str) and "\0" not in text for text in (path, source)):
@@ -380,7 +380,7 @@ def run_data(data: str, run_root: Path, timeout_s: float = 6 * 3600.0,
     keeps the prepared set it started on, so the saved loader position still matches."""
     from mae_core.caches import register_use
 
-    record = run_root / RUN_DATA_NAME
+    paths = RunPaths(Path(run_root))
     if first_process():
         known = read_run_data(run_root)
         if known and known.source == data and (
@@ -389,7 +389,7 @@ def run_data(data: str, run_root: Path, timeout_s: float = 6 * 3600.0,
                 register_use(known.path, run_root)
             return known
         found = resolve(data, auto_prepare_above=auto_prepare_above)
-        atomic_write_json(record, asdict(found))
+        atomic_write_json(paths.data_record, asdict(found))
         if found.kind == "prepared":
             register_use(found.path, run_root)
         return found
@@ -398,15 +398,17 @@ def run_data(data: str, run_root: Path, timeout_s: float = 6 * 3600.0,
         known = read_run_data(run_root)
         if known and known.source == data:
             return known
-        status = read_json(run_root / "status.json") or {}
+        status = paths.read_status()
         updated = status.get("updated")
-        # Failed in this session (a resumed run's status may still say a previous one failed).
-        if status.get("state") == "failed" and type(updated) in (int, float) and \
-                updated >= started - 5:
+        # Failed in this session (a resumed run's status may still say a previous one failed); a
+        # missing or damaged status.json is no news from the first process.
+        if status["state"] == "failed" and not state_unknown(status) and updated is not None \
+                and updated >= started - 5:
             raise DataError(f"the first process failed before it recorded the data set: "
                             f"{status.get('error')}")
         time.sleep(0.5)
-    raise DataError(f"the first process recorded no data set in {record} within {timeout_s:.0f} s")
+    raise DataError(f"the first process recorded no data set in {paths.data_record} within "
+                    f"{timeout_s:.0f} s")
 
 
 def make_datamodule(source: DataSource, image_size: int, batch_size: int, num_workers: int,

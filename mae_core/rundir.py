@@ -1,10 +1,15 @@
 """The run directory: where a run's files live, what ``status.json`` may hold, and creating a run.
 
-``checkpoints/<run-id>/`` holds ``config.yaml`` (the resolved config), ``status.json`` (state and
-progress, fields defined by :class:`RunStatus`), ``process.json`` (the trainer's process),
+:class:`RunPaths` names every file of a run; no other module spells one. ``checkpoints/<run-id>/``
+(:data:`DEFAULT_RUNS_DIR`) holds ``config.yaml`` (the resolved config; the file that makes a folder a
+run), ``status.json`` (state and progress, fields defined by :class:`RunStatus`), ``process.json``
+(the trainer's process), ``data.json`` (the data set it trains on, :mod:`mae_core.prepared`),
 ``metrics.jsonl`` (one line per logged step), ``train.log``, ``last.ckpt`` (for resume),
-``model.safetensors`` (weights) and ``previews/``. A ``STOP`` file asks the trainer to stop.
-:func:`create_run` is the one place a run directory is made, by the run manager and the trainer alike.
+``model.safetensors`` (weights), ``previews/step_<step>.png``, ``snapshots/step_<step>.safetensors``
+(the weights history, :mod:`mae_core.snapshots`), ``tensorboard/``, and once asked for
+``evaluation.json``, ``encoder.safetensors`` (the timm export) and ``metrics.csv``. A ``STOP`` file
+asks the trainer to stop. :func:`create_run` is the one place a run directory is made, by the run
+manager and the trainer alike.
 """
 
 from __future__ import annotations
@@ -31,7 +36,10 @@ STATES = ("queued", "starting", "running", "stopping", "stopped", "finished", "f
 LIVE_STATES = frozenset({"starting", "running", "stopping"})
 # Longest directory name most file systems accept (bytes); a longer run id names no run.
 NAME_MAX = 255
-SNAPSHOT_DIR = "snapshots"  # in the run directory: the last K weight snapshots (mae_core.snapshots)
+# Where runs live unless the app, the trainer or a tool is told otherwise.
+DEFAULT_RUNS_DIR = "checkpoints"
+# Named here, not only by RunPaths.data_record: mae_core.caches globs every run's record by it.
+RUN_DATA_NAME = "data.json"
 # What Lightning's resume reads from a checkpoint (a run's trainer saves every one of them).
 LIGHTNING_CHECKPOINT_KEYS = frozenset({"state_dict", "global_step", "epoch", "loops",
                                        "optimizer_states", "pytorch-lightning_version"})
@@ -39,6 +47,11 @@ LIGHTNING_CHECKPOINT_KEYS = frozenset({"state_dict", "global_step", "epoch", "lo
 UNREADABLE_STATUS = "status.json is missing or unreadable"
 DAMAGED_STATUS = "status.json is damaged"
 _RUN_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=@,-]*")
+# _RUN_ID and NAME_MAX in words, for every message that refuses a name.
+RUN_ID_RULE = (f"ASCII letters, digits and _ . + = @ , - (not first: . + = @ , -), "
+               f"at most {NAME_MAX} bytes")
+# A preview's or weight snapshot's name, without its suffix (written by _step_name).
+_STEP_NAME = re.compile(r"step_(\d+)")
 
 
 class RunError(RuntimeError):
@@ -144,6 +157,28 @@ def valid_run_id(run_id: Any) -> bool:
             and _RUN_ID.fullmatch(run_id) is not None)
 
 
+def _step_name(step: int, suffix: str) -> str:
+    # Zero-padded: a folder sorted by name is in step order.
+    return f"step_{step:07d}{suffix}"
+
+
+def _named_step(path: str | Path, suffix: str) -> int | None:
+    path = Path(path)
+    match = _STEP_NAME.fullmatch(path.stem) if path.suffix == suffix else None
+    return int(match.group(1)) if match else None
+
+
+def preview_step(path: str | Path) -> int | None:
+    """The step of a preview named by :meth:`RunPaths.preview`; None for any other name."""
+    return _named_step(path, ".png")
+
+
+def snapshot_step(path: str | Path) -> int | None:
+    """The step of a weight snapshot named by :meth:`RunPaths.snapshot`; None for any other name
+    (a save's temp file, a note left beside them)."""
+    return _named_step(path, ".safetensors")
+
+
 @dataclass(frozen=True)
 class RunPaths:
     root: Path
@@ -181,6 +216,10 @@ class RunPaths:
         return self.root / "model.safetensors"
 
     @property
+    def data_record(self) -> Path:
+        return self.root / RUN_DATA_NAME
+
+    @property
     def tensorboard(self) -> Path:
         return self.root / "tensorboard"
 
@@ -188,9 +227,39 @@ class RunPaths:
     def previews(self) -> Path:
         return self.root / "previews"
 
+    def preview(self, step: int) -> Path:
+        return self.previews / _step_name(step, ".png")
+
+    @property
+    def snapshots(self) -> Path:
+        return self.root / "snapshots"
+
+    def snapshot(self, step: int) -> Path:
+        return self.snapshots / _step_name(step, ".safetensors")
+
+    @property
+    def evaluation(self) -> Path:
+        return self.root / "evaluation.json"
+
+    @property
+    def encoder(self) -> Path:
+        return self.root / "encoder.safetensors"
+
+    @property
+    def metrics_csv(self) -> Path:
+        return self.root / "metrics.csv"
+
     @property
     def stop_request(self) -> Path:
         return self.root / "STOP"
+
+    def is_run(self) -> bool:
+        """Whether the folder holds a run: its ``config.yaml``, the file :func:`create_run` writes
+        last (a folder or an unreadable entry in its place makes none)."""
+        try:
+            return self.config.is_file()
+        except OSError:
+            return False
 
     def stop_requested(self) -> bool:
         """Whether a stop is asked: a STOP file (anything else in its place, a folder made by

@@ -2,8 +2,8 @@
 
 A queued run is a run directory in state ``queued`` (its config checked, nothing launched) plus its
 place in ``.queue.json``. The run manager changes the order only under the runs directory's lock
-(the one "one live run" uses), so two apps sharing the directory keep one queue; an app restart
-loses nothing.
+(the one that serialises runs sharing devices), so two apps sharing the directory keep one queue;
+an app restart loses nothing.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 The UI calls this and nothing below it. Each run is a ``python -m mae_core.train`` process launched
 by :mod:`mae_core.process`, with its output in ``train.log``. A new manager (an app restart)
 re-attaches to live runs from ``process.json`` and reports runs whose process died without
-finishing as ``failed``, with the log tail. One run at a time per runs directory, also across apps
-sharing it: a file lock in the runs directory is held from the live-run check to the launch.
+finishing as ``failed``, with the log tail. Runs that share devices are serialised (runs naming
+disjoint GPU sets may be live together), also across apps sharing the runs directory: a file lock
+in it is held from the live-run check to the launch.
 
 Example:
     >>> manager = RunManager("checkpoints")
@@ -32,8 +33,9 @@ from mae_core.data import check_data
 from mae_core.diskspace import check_room, full_disk_message, same_disk, still_to_write
 from mae_core.fileio import DiskFullError, atomic_write_json, disk_nearly_full
 from mae_core.process import PROJECT_ROOT  # noqa: F401 - re-exported for callers and tests
-from mae_core.rundir import (LIVE_STATES, RunError, RunPaths, checkpoint_step,  # noqa: F401
-                             create_run, saved_step, state_unknown, valid_run_id)
+from mae_core.rundir import (DEFAULT_RUNS_DIR, LIVE_STATES, RUN_ID_RULE,  # noqa: F401
+                             RunError, RunPaths, checkpoint_step, create_run, preview_step,
+                             saved_step, state_unknown, valid_run_id)
 from mae_core.runqueue import QueuedRuns, RunQueue
 from mae_core.runwatch import TrainerWatch
 from mae_core.weights import checkpoint_mismatch, export_encoder, timm_snippet
@@ -52,7 +54,7 @@ class RunManager(QueuedRuns, TrainerWatch):
         stop_timeout_s: how long a graceful stop may take before the process group is terminated.
     """
 
-    def __init__(self, runs_dir: str | Path = "checkpoints", stop_timeout_s: float = 60.0) -> None:
+    def __init__(self, runs_dir: str | Path = DEFAULT_RUNS_DIR, stop_timeout_s: float = 60.0) -> None:
         self.runs_dir = Path(runs_dir)
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.stop_timeout_s = stop_timeout_s
@@ -66,14 +68,10 @@ class RunManager(QueuedRuns, TrainerWatch):
     def paths(self, run_id: str) -> RunPaths:
         """The files of run ``run_id``; RunError unless it names a run directory of this manager."""
         if not valid_run_id(run_id):
-            raise RunError(f"no run named {shown(run_id)}: a run id is one directory name "
-                           "(letters, digits, '-', '_', '.'; at most 255 bytes)")
+            raise RunError(f"no run named {shown(run_id)}: a run id is one directory name of "
+                           f"{RUN_ID_RULE}")
         paths = RunPaths(self.runs_dir / run_id)
-        try:
-            is_run = paths.config.is_file()
-        except OSError:
-            is_run = False
-        if not is_run:
+        if not paths.is_run():
             raise RunError(f"no run named {shown(run_id)} in {self.runs_dir}")
         return paths
 
@@ -113,7 +111,7 @@ class RunManager(QueuedRuns, TrainerWatch):
         except FileNotFoundError:  # deleted under the app (to free space): no runs, not an error
             return []
         for root in roots:
-            if valid_run_id(root.name) and (root / "config.yaml").exists():
+            if valid_run_id(root.name) and RunPaths(root).is_run():
                 try:
                     runs.append(self.status(root.name))
                 except RunError:
@@ -171,7 +169,13 @@ class RunManager(QueuedRuns, TrainerWatch):
     def previews(self, run_id: str) -> list[Path]:
         """The run's preview images, oldest first. Regular files only: a page serving a FIFO
         named like a preview would block forever."""
-        return sorted(p for p in self.paths(run_id).previews.glob("step_*.png") if p.is_file())
+        folder = self.paths(run_id).previews
+        try:
+            found = [(step, p) for p in folder.iterdir()
+                     if (step := preview_step(p)) is not None and p.is_file()]
+        except OSError:  # no previews yet
+            return []
+        return [p for _, p in sorted(found)]
 
     def weights(self, run_id: str) -> Path:
         path = self.paths(run_id).weights
@@ -305,7 +309,7 @@ class RunManager(QueuedRuns, TrainerWatch):
     def export(self, run_id: str) -> tuple[Path, str]:
         """Write the run's encoder as timm weights; returns the file and a snippet that loads it."""
         paths = self.paths(run_id)
-        out = paths.root / "encoder.safetensors"
+        out = paths.encoder
         export_encoder(self.weights(run_id), out)
         return out, timm_snippet(RunConfig.load(paths.config).model, out)
 

@@ -9,7 +9,6 @@ Reconstruct tab's step slider reconstructs with each of them (issue 14, item 5).
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -19,24 +18,18 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from mae_core.callbacks import EveryNSteps
 from mae_core.fileio import atomic_write
-from mae_core.rundir import SNAPSHOT_DIR, RunPaths
+from mae_core.rundir import RunPaths, snapshot_step
 from mae_core.weights import WeightsError, read_metadata, save_weights
-
-_NAME = re.compile(r"^step_(\d{7,})\.safetensors$")
-
-
-def snapshot_path(run_root: Path, step: int) -> Path:
-    return Path(run_root) / SNAPSHOT_DIR / f"step_{step:07d}.safetensors"
 
 
 def list_snapshots(run_root: Path) -> list[tuple[int, Path]]:
     """(step, path) of the run's weight snapshots, oldest first (temp files and others ignored)."""
-    folder = Path(run_root) / SNAPSHOT_DIR
     try:
-        names = [(m, p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+        found = [(step, p) for p in RunPaths(Path(run_root)).snapshots.iterdir()
+                 if (step := snapshot_step(p)) is not None]
     except OSError:  # no folder yet (or it went): no snapshots
         return []
-    return sorted((int(m.group(1)), p) for m, p in names)
+    return sorted(found)
 
 
 def nearest_snapshot(snapshots: list[tuple[int, Path]], step: float) -> tuple[int, Path] | None:
@@ -86,24 +79,24 @@ class WeightSnapshots(EveryNSteps):
     end, keeping the newest ``keep`` (atomic writes; rank 0)."""
 
     def __init__(self, run_root: Path, keep: int, every_n_steps: int) -> None:
-        self.run_root = Path(run_root)
+        self.paths = RunPaths(Path(run_root))
         self.keep = keep
         self.every_n_steps = every_n_steps
 
     @rank_zero_only
     def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
-        target = snapshot_path(self.run_root, step)
+        target = self.paths.snapshot(step)
         if not self._link_weights(step, target):
             save_weights(pl_module.mae, target, step=step)
-        for _, old in list_snapshots(self.run_root)[:-self.keep]:
+        for _, old in list_snapshots(self.paths.root)[:-self.keep]:
             old.unlink(missing_ok=True)
 
     def _link_weights(self, step: int, target: Path) -> bool:
         """Hard-link ``model.safetensors`` when SaveCheckpoints (an earlier callback) has just
         written this step's weights: no second write. Its next save renames a new file over it,
         so the snapshot keeps this content. False where it is another step or links fail."""
-        weights = RunPaths(self.run_root).weights
+        weights = self.paths.weights
         try:
             if read_metadata(weights).get("step") != str(step):
                 return False
@@ -121,4 +114,4 @@ class WeightSnapshots(EveryNSteps):
         self.save(trainer, pl_module)  # step 0: the freshly initialised model, the history's "before"
 
     def done_at(self, step: int) -> bool:
-        return snapshot_path(self.run_root, step).exists()
+        return self.paths.snapshot(step).exists()

@@ -31,7 +31,8 @@ from mae_core.fileio import atomic_write_json, read_json
 from mae_core.process import (TRAINER_ENV_PREFIX, GpuNotVisibleError, die_with_parent,
                               first_process, gpu_env, gpus_narrowed, later_rank_vars,
                               launcher_evident, on_this_host, record_alive)
-from mae_core.rundir import LIVE_STATES, RunPaths, process_record, valid_run_id
+from mae_core.rundir import (DEFAULT_RUNS_DIR, LIVE_STATES, RUN_ID_RULE, RunPaths, process_record,
+                             valid_run_id)
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -56,8 +57,6 @@ class _NoAdverts(logging.Filter):
 
 
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NoAdverts())
-
-DEFAULT_RUNS_DIR = "checkpoints"
 
 
 # --- building and running -------------------------------------------------------------------
@@ -88,8 +87,8 @@ def loggers(cfg: RunConfig, paths: RunPaths) -> list[Logger]:
     from mae_core import prepared
     from mae_core.loggers import BoardLogger, JsonlLogger
 
-    board = BoardLogger(save_dir=str(paths.root), name="tensorboard", version="",
-                        default_hp_metric=False)
+    board = BoardLogger(save_dir=str(paths.tensorboard.parent), name=paths.tensorboard.name,
+                        version="", default_hp_metric=False)
     # The job's global rank 0 only: under torchrun every node has a LOCAL_RANK 0 (and no NODE_RANK),
     # and the other ranks' TensorBoard experiment is None.
     if prepared.first_process():
@@ -314,8 +313,7 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
         # The app lists (and counts as live) only folders with such names: a run it cannot see
         # would get another started beside it on the same devices.
         raise ConfigError("run_dir", f"the run folder's name {Path(run_dir).resolve().name!r} "
-                          "may hold only ASCII letters, digits and _ . + = @ , - (not first: . + "
-                          "= @ , -), at most 255 bytes; the app lists no other")
+                          f"may hold only {RUN_ID_RULE}; the app lists no other")
     if run_dir:
         paths = RunPaths(Path(run_dir))
         if not writer and not _wait_for(paths.config):
@@ -460,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     if not first_process():
         known = prepared.read_run_data(paths.root)
         if known is None or known.source != cfg.train.data:
-            _say_waiting(f"to record the run's data set in {paths.root / prepared.RUN_DATA_NAME}")
+            _say_waiting(f"to record the run's data set in {paths.data_record}")
     if first_process():  # also where no app checked it (torchrun, SLURM, a script)
         try:
             check_room(cfg, paths.root, resuming=resume)

@@ -67,7 +67,7 @@ def _fit(paths: RunPaths, callbacks: list[pl.Callback], steps: int, logger: Any 
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=logger,
                          enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=callbacks)
-    trainer.fit(MAELightning(model=SMALL.__dict__, lr=1e-3),
+    trainer.fit(MAELightning(model=SMALL.__dict__, lr=1e-3, warmup_fraction=0.0),
                 datamodule=MAEDataModule("", SMALL.image_size, 4, 0))
     return trainer
 

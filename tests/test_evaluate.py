@@ -14,7 +14,7 @@ from mae_core.config import ModelConfig, RunConfig, TrainConfig
 from mae_core.data import DataError
 from mae_core.demo_data import ensure_demo_set
 from mae_core.model import MaskedAutoencoder
-from mae_core.rundir import create_run
+from mae_core.rundir import RunPaths, create_run
 from mae_core.weights import save_weights
 
 # A short pretraining that fits a test: vit-tiny at 32 px on the demo set; fp32 so the figures do
@@ -115,7 +115,7 @@ def test_refusals_name_the_problem(tmp_path, demo, run_module):
     (flat / "faces" / "a.png").write_bytes((demo / "face" / "face-000.png").read_bytes())
     with pytest.raises(DataError, match="at least 2 class"):
         evaluate.evaluate_run(paths.root, flat)
-    assert not evaluate.result_path(paths.root).exists()  # nothing saved on a refusal
+    assert not paths.evaluation.exists()  # nothing saved on a refusal
     result = run_module("mae_core.evaluate", "--run", paths.root, "--data", flat)
     assert result.returncode == 2 and "at least 2 class" in result.stderr
     assert "Traceback" not in result.stderr
@@ -138,7 +138,7 @@ DAMAGED_RESULTS = [
 
 @pytest.mark.parametrize("saved", DAMAGED_RESULTS)
 def test_a_damaged_saved_evaluation_reads_as_none(tmp_path, saved):
-    evaluate.result_path(tmp_path).write_text(json.dumps(saved))
+    RunPaths(tmp_path).evaluation.write_text(json.dumps(saved))
     assert evaluate.read_result(tmp_path) is None
     assert evaluate.summary(saved) == "–"  # given the file's dict itself, too
 
@@ -146,7 +146,7 @@ def test_a_damaged_saved_evaluation_reads_as_none(tmp_path, saved):
 def test_a_partial_saved_evaluation_gets_its_missing_figures_and_delta(tmp_path):
     """A file with the headline figures only: shown, its other metrics unknown, the delta derived
     (a stored delta is derived data and may disagree: recomputed)."""
-    evaluate.result_path(tmp_path).write_text(json.dumps(
+    RunPaths(tmp_path).evaluation.write_text(json.dumps(
         {"trained": {"knn_top1": 71.0, "linear_top1": 50}, "random_init": {"knn_top1": 63.0},
          "delta": {"knn_top1": "lots"}, "classes": 3}))
     result = evaluate.read_result(tmp_path)

@@ -17,8 +17,8 @@ from mae_core.config import ConfigError, RunConfig
 from mae_core.evaluate import read_result
 from mae_core.fileio import read_json
 from mae_core.process import process_record
-from mae_core.rundir import (STATUS_FIELDS, RunError, RunPaths, RunStatus, checkpoint_step,
-                             create_run, valid_run_id)
+from mae_core.rundir import (RUN_ID_RULE, STATUS_FIELDS, RunError, RunPaths, RunStatus,
+                             checkpoint_step, create_run, preview_step, snapshot_step, valid_run_id)
 from mae_core.weights import WeightsError, read_metadata
 
 
@@ -128,6 +128,52 @@ def test_runs_created_at_the_same_moment_get_different_directories(tmp_path):
 ])
 def test_run_ids_are_plain_directory_names(run_id, ok):
     assert valid_run_id(run_id) is ok
+
+
+def test_the_run_id_rule_in_words_says_what_valid_run_id_accepts():
+    listed = RUN_ID_RULE.split(" (not first: ")[0].split("digits and ")[1].split()
+    not_first = RUN_ID_RULE.split("(not first: ")[1].split(")")[0].split()
+    assert all(valid_run_id(f"a{char}b") for char in listed)
+    assert not any(valid_run_id(f"{char}b") for char in not_first)
+    assert valid_run_id("_b") and "_" not in not_first and "255 bytes" in RUN_ID_RULE
+
+
+def test_run_file_names_stay_what_existing_runs_hold(tmp_path):
+    """Renaming any of them would orphan the files of every run already on disk."""
+    paths = RunPaths(tmp_path)
+    names = {name: getattr(paths, name).relative_to(tmp_path).as_posix() for name in (
+        "config", "status", "process", "metrics", "log", "last_ckpt", "weights", "data_record",
+        "tensorboard", "previews", "snapshots", "evaluation", "encoder", "metrics_csv",
+        "stop_request")}
+    assert names == {
+        "config": "config.yaml", "status": "status.json", "process": "process.json",
+        "metrics": "metrics.jsonl", "log": "train.log", "last_ckpt": "last.ckpt",
+        "weights": "model.safetensors", "data_record": "data.json", "tensorboard": "tensorboard",
+        "previews": "previews", "snapshots": "snapshots", "evaluation": "evaluation.json",
+        "encoder": "encoder.safetensors", "metrics_csv": "metrics.csv", "stop_request": "STOP"}
+    assert paths.preview(40) == tmp_path / "previews" / "step_0000040.png"
+    assert paths.snapshot(40) == tmp_path / "snapshots" / "step_0000040.safetensors"
+
+
+def test_preview_and_snapshot_names_give_back_their_step(tmp_path):
+    paths = RunPaths(tmp_path)
+    assert preview_step(paths.preview(0)) == 0 and preview_step(paths.preview(12345678)) == 12345678
+    assert snapshot_step(paths.snapshot(150)) == 150
+    assert preview_step("step_000010.png") == 10  # an older or hand-made width reads too
+    for other in ("step_0000010.safetensors", ".step_0000010.png.123.abcd1234.tmp", "step_.png",
+                  "step_x.png", "notes.png", "step_0000010.png.bak"):
+        assert preview_step(other) is None, other
+    assert snapshot_step(paths.preview(10)) is None
+
+
+def test_a_folder_is_a_run_once_it_holds_a_config_file(tmp_path):
+    paths = RunPaths(tmp_path / "run")
+    assert not paths.is_run()  # no folder at all
+    paths.config.mkdir(parents=True)
+    assert not paths.is_run()  # a folder named config.yaml is no config
+    paths.config.rmdir()
+    paths.config.write_text("model: {}\n")
+    assert paths.is_run()
 
 
 def test_numbers_no_reader_can_handle_are_dropped_from_the_status(tmp_path):

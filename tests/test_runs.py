@@ -28,7 +28,7 @@ from mae_core.data import DataError, ImageFolderDataset, find_images, sample_pho
 from mae_core.model import MaskedAutoencoder
 from mae_core import data as data_module
 from mae_core.process import pid_alive, zombie_children
-from mae_core.rundir import create_run
+from mae_core.rundir import RUN_ID_RULE, create_run
 from mae_core.runs import PROJECT_ROOT, RunError, RunManager
 from mae_core.weights import load_model
 
@@ -547,6 +547,19 @@ def test_a_run_id_that_names_no_run_directory_gets_a_clear_refusal(manager, run_
         with pytest.raises(RunError, match="no run named") as err:
             call(run_id)
         assert len(str(err.value)) < 300  # the id is cut short, not echoed 5,000 times
+        assert RUN_ID_RULE in str(err.value)
+
+
+def test_previews_are_listed_in_step_order_and_nothing_else(manager):
+    paths = create_run(tiny_config().resolved(), runs_dir=manager.runs_dir)
+    assert manager.previews(paths.run_id) == []  # no previews folder yet
+    paths.previews.mkdir()
+    for step in (100, 0, 20):
+        paths.preview(step).write_bytes(b"png")
+    (paths.previews / "notes.png").write_bytes(b"")
+    (paths.previews / f".{paths.preview(30).name}.123.abcd1234.tmp").write_bytes(b"")
+    paths.preview(40).mkdir()  # a folder named like one is no preview
+    assert manager.previews(paths.run_id) == [paths.preview(0), paths.preview(20), paths.preview(100)]
 
 
 def test_a_run_found_dead_loses_the_temp_files_of_its_interrupted_save(tmp_path):

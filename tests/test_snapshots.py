@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from mae_core.config import ModelConfig
 from mae_core.model import MaskedAutoencoder
 from mae_core.rundir import RunPaths
-from mae_core.snapshots import WeightSnapshots, list_snapshots, nearest_snapshot, snapshot_path
+from mae_core.snapshots import WeightSnapshots, list_snapshots, nearest_snapshot
 from mae_core.weights import read_metadata, save_weights
 
 MODEL = ModelConfig(image_size=32, patch_size=8)
@@ -34,11 +34,11 @@ def test_snapshot_links_this_steps_weights_and_survives_the_next_save(tmp_path):
     keeper = WeightSnapshots(tmp_path, keep=2, every_n_steps=100)
     step0 = model(0)
     keeper.save(SimpleNamespace(global_step=0), SimpleNamespace(mae=step0))  # no weights yet
-    assert read_metadata(snapshot_path(tmp_path, 0))["step"] == "0"
+    assert read_metadata(paths.snapshot(0))["step"] == "0"
     trained = model(1)
     save_weights(trained, paths.weights, step=100)  # SaveCheckpoints, just before
     keeper.save(SimpleNamespace(global_step=100), SimpleNamespace(mae=trained))
-    linked = snapshot_path(tmp_path, 100)
+    linked = paths.snapshot(100)
     assert os.stat(linked).st_ino == os.stat(paths.weights).st_ino  # no second write
     save_weights(model(2), paths.weights, step=200)  # the next checkpoint renames a new file in
     assert os.stat(linked).st_ino != os.stat(paths.weights).st_ino
@@ -46,7 +46,7 @@ def test_snapshot_links_this_steps_weights_and_survives_the_next_save(tmp_path):
     assert not same_weights(linked, paths.weights)
     # Weights of another step are not linked: the snapshot is written from the model.
     keeper.save(SimpleNamespace(global_step=150), SimpleNamespace(mae=model(3)))
-    assert read_metadata(snapshot_path(tmp_path, 150))["step"] == "150"
+    assert read_metadata(paths.snapshot(150))["step"] == "150"
     assert [step for step, _ in list_snapshots(tmp_path)] == [100, 150]  # the newest 2 kept
 
 

@@ -302,7 +302,7 @@ def test_refresh_without_a_live_run_offers_the_newest(ctx, weights_file):
 # --- the weights history (issue 14, item 5) -------------------------------------------------------
 
 def test_weights_history_slider_and_reconstruction_at_a_step(ctx, tmp_path):
-    from mae_core.snapshots import WeightSnapshots, list_snapshots, nearest_snapshot, snapshot_path
+    from mae_core.snapshots import WeightSnapshots, list_snapshots, nearest_snapshot
 
     data = tmp_path / "photos"
     data.mkdir()
@@ -330,7 +330,7 @@ def test_weights_history_slider_and_reconstruction_at_a_step(ctx, tmp_path):
     assert html_50 != html_100  # other weights, same image and mask: another reconstruction
     again, _ = reconstruct.reconstruct_history(ctx, paths.run_id, 40, 0.75, 0)
     assert again == html_50  # fixed image and mask: the same weights give the same picture
-    paths.weights.write_bytes(snapshot_path(paths.root, 100).read_bytes())  # a run with weights
+    paths.weights.write_bytes(paths.snapshot(100).read_bytes())  # a run with weights
     out = reconstruct.refresh(ctx, paths.run_id, False, None)
     assert out["history_step"]["value"] == 100 and out["history_step"]["visible"] is True
 

@@ -87,7 +87,7 @@ def metrics_csv(ctx: AppContext, run_id: str | None) -> str:
     if not run_id:
         raise UserError("Choose a run whose metrics to download.")
     paths = ctx.manager.paths(run_id)
-    return str(write_csv(ctx.metrics.reader(paths.metrics), paths.root / "metrics.csv"))
+    return str(write_csv(ctx.metrics.reader(paths.metrics), paths.metrics_csv))
 
 
 def build(ctx: AppContext, pick: gr.Dropdown) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import os
 import sys
 from typing import Any
 
+from mae_core.rundir import DEFAULT_RUNS_DIR
 from ui.render import CSS
 
 AUTH_ENV = "MAE_STUDIO_AUTH"
@@ -29,7 +30,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also open a public gradio.live link (needs --auth)")
     parser.add_argument("--auth", metavar="USER:PASSWORD",
                         help=f"require this login (or set {AUTH_ENV}=USER:PASSWORD)")
-    parser.add_argument("--runs-dir", default="checkpoints", help="where runs live (default checkpoints)")
+    parser.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR,
+                        help=f"where runs live (default {DEFAULT_RUNS_DIR})")
     parser.add_argument("--no-browser", action="store_true",
                         help="do not open a browser tab (none is opened without a display anyway)")
     return parser.parse_args(argv)

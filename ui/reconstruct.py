@@ -20,7 +20,7 @@ from typing import Any
 import gradio as gr
 
 from mae_core.composite import STRETCH_CHOICES
-from mae_core.rundir import LIVE_STATES
+from mae_core.rundir import LIVE_STATES, preview_step
 from ui import render
 from ui.common import (AppContext, FieldNumber, FieldSlider, UserError, as_float, as_ratio, as_seed,
                        guarded)
@@ -132,7 +132,7 @@ def preview_items(ctx: AppContext, run_id: str | None, limit: int = 24) -> list[
         paths = ctx.manager.previews(run_id)[-limit:]
     except Exception:  # noqa: BLE001 - e.g. the run was deleted meanwhile: no previews
         return []
-    return [(str(p), f"step {p.stem.split('_')[-1].lstrip('0') or '0'}") for p in paths][::-1]
+    return [(str(p), f"step {preview_step(p)}") for p in paths][::-1]
 
 
 def history_slider(ctx: AppContext, run_id: str | None) -> dict[str, Any]:
