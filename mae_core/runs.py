@@ -59,6 +59,7 @@ class RunManager(QueuedRuns, TrainerWatch):
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.stop_timeout_s = stop_timeout_s
         self._exit_codes: dict[int, int] = {}  # pid -> return code of trainers this manager reaped
+        self._terminating: set[Path] = set()  # run directories whose trainer _terminate is ending
         self._lock = threading.RLock()
         self.queue = RunQueue(self.runs_dir)
         self._queue_worker: threading.Thread | None = None
@@ -89,7 +90,8 @@ class RunManager(QueuedRuns, TrainerWatch):
                 # so it can be stopped, and neither deleted nor started twice meanwhile.
                 status = {**status, "state": "running", "error": f"{status.get('error')}; the "
                           "trainer still runs and writes it again at its next progress save"}
-            if status.get("state") in LIVE_STATES and not self._alive(paths, status):
+            if (status.get("state") in LIVE_STATES and paths.root not in self._terminating
+                    and not self._alive(paths, status)):
                 try:
                     status = self._mark_dead(paths)
                 except OSError as err:  # a full disk, a read-only archive: report, don't break
@@ -405,19 +407,27 @@ class RunManager(QueuedRuns, TrainerWatch):
         Called without ``_lock``: a hung trainer (stopped, stuck in I/O) outlives SIGTERM for
         the whole grace, and every status call, each page's refresh, waited those seconds. The
         lock is taken only to check, after, whose run directory it is."""
-        if record and proc.record_pid(record) is not None:
-            proc.terminate_group(record["pid"], record.get("start_time"))
-        # The steps since the last checkpoint are lost: say where Resume takes up (read outside
-        # the lock: a large checkpoint takes seconds to check).
-        step = saved_step(paths)
-        reason += (f": Resume continues from step {step}, its last checkpoint" if step is not None
-                   else ": it had saved no checkpoint")
+        # Meanwhile the trainer's death is this stop's to record: a status read (or the reaper)
+        # seeing the process gone first recorded it "failed" ("the trainer process is gone").
         with self._lock:
-            current = self._process(paths)
-            if record and current.get("pid") not in (None, record.get("pid")):
-                return
-            paths.clear_stop_request()
-            paths.write_status(state="stopped", error=reason, log_tail=paths.log_tail())
+            self._terminating.add(paths.root)
+        try:
+            if record and proc.record_pid(record) is not None:
+                proc.terminate_group(record["pid"], record.get("start_time"))
+            # The steps since the last checkpoint are lost: say where Resume takes up (read
+            # outside the lock: a large checkpoint takes seconds to check).
+            step = saved_step(paths)
+            reason += (f": Resume continues from step {step}, its last checkpoint"
+                       if step is not None else ": it had saved no checkpoint")
+            with self._lock:
+                current = self._process(paths)
+                if record and current.get("pid") not in (None, record.get("pid")):
+                    return
+                paths.clear_stop_request()
+                paths.write_status(state="stopped", error=reason, log_tail=paths.log_tail())
+        finally:
+            with self._lock:
+                self._terminating.discard(paths.root)
 
 
 def _open_lock(runs_dir: Path) -> int:

@@ -13,6 +13,7 @@ import contextlib
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from mae_core import process as proc
@@ -56,10 +57,12 @@ def launcher_gone(status: dict[str, Any]) -> bool:
 
 class TrainerWatch:
     """The run manager's part that watches trainer processes (a base of
-    :class:`mae_core.runs.RunManager`, whose ``_lock`` and ``_exit_codes`` it uses)."""
+    :class:`mae_core.runs.RunManager`, whose ``_lock``, ``_exit_codes`` and ``_terminating`` it
+    uses)."""
 
     _lock: threading.RLock
     _exit_codes: dict[int, int]  # pid -> return code of trainers this manager reaped
+    _terminating: set[Path]  # run directories whose trainer a force stop is ending (it records)
 
     def _on_exit(self, paths: RunPaths, record: dict[str, Any], code: int) -> None:
         """A trainer this manager launched has exited (not yet reaped): record a death at once.
@@ -75,7 +78,7 @@ class TrainerWatch:
             live = paths.read_status().get("state") in LIVE_STATES
             if code != 0 or (ours and live):
                 proc.kill_group(record["pid"], signal.SIGKILL)
-            if ours and live and paths.root.exists():
+            if ours and live and paths.root.exists() and paths.root not in self._terminating:
                 # A full disk or a read-only runs folder: nothing to record the death in, and
                 # nobody to tell from this thread. The next status read finds it again and says why.
                 with contextlib.suppress(OSError):

@@ -293,6 +293,31 @@ def live_stand_in():
         sleeper.wait()
 
 
+def test_a_force_stop_is_recorded_as_such_whatever_reads_the_status_meanwhile(tmp_path,
+                                                                              live_stand_in):
+    """The trainer is signalled outside the lock; a status read (another page's poll) that saw it
+    gone before the stop wrote its record marked the run "failed: the trainer process is gone"."""
+    manager = RunManager(tmp_path / "runs")
+    paths, sleeper = live_stand_in(manager)
+    seen: set[str] = set()
+    done = threading.Event()
+
+    def poll_status() -> None:
+        while not done.is_set():
+            seen.add(manager.status(paths.run_id)["state"])
+
+    watcher = threading.Thread(target=poll_status)
+    watcher.start()
+    try:
+        ended = manager.stop(paths.run_id, force=True)
+    finally:
+        done.set()
+        watcher.join()
+    assert ended["state"] == "stopped" and ended["error"].startswith("stopped by force"), ended
+    assert seen <= {"running", "stopping", "stopped"}, seen
+    assert sleeper.poll() is not None
+
+
 def test_a_stop_pressed_again_or_from_a_stale_page_never_forces(tmp_path, live_stand_in):
     """Stop pressed in a second tab that had not yet seen the first request (or twice through the
     API) force-killed the run, losing the steps since its last checkpoint. A plain stop
