@@ -164,7 +164,10 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, linear_pro
         "seconds": round(time.monotonic() - started, 1), "evaluated_at": time.time(),
     }
     if save:
-        atomic_write_json(paths.evaluation, result)
+        try:
+            atomic_write_json(paths.evaluation, result, make_dirs=False)
+        except FileNotFoundError:
+            raise EvaluationError(f"run {paths.run_id} was deleted while it was evaluated") from None
     report(1.0, "done")
     return result
 

@@ -34,14 +34,17 @@ _TEMP_NAME = re.compile(
     r"^\.(?:(?P<name>.+?)(?:\.(?P<pid>\d+))?\.[A-Za-z0-9_]{8}\.tmp|tmp[A-Za-z0-9]{6})$")
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+def atomic_write(path: str | Path, write: Callable[[str], None], make_dirs: bool = True) -> None:
     """Call ``write(tmp_path)`` on a temp file beside ``path``, fsync it, then rename over ``path``.
 
     If ``write`` raises, or the process dies, ``path`` keeps its previous content; an exception
     also removes the temp file (a kill leaves it for :func:`remove_stale_temp_files`).
+    ``make_dirs=False`` writes only into a folder that exists (FileNotFoundError otherwise): a
+    file written into a run directory deleted meanwhile brought the folder back, invisible.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if make_dirs:
+        path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.",
                                suffix=TEMP_SUFFIX)
     os.close(fd)
@@ -157,12 +160,12 @@ def fsync_dir(folder: str | Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+def atomic_write_text(path: str | Path, text: str, make_dirs: bool = True) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text), make_dirs)
 
 
-def atomic_write_json(path: str | Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, default=str))
+def atomic_write_json(path: str | Path, data: Any, make_dirs: bool = True) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=str), make_dirs)
 
 
 def append_line(path: str | Path, line: str) -> None:

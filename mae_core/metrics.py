@@ -252,7 +252,7 @@ class MetricsStore:
         return reader
 
 
-def write_csv(reader: MetricsReader, path: Path) -> Path:
+def write_csv(reader: MetricsReader, path: Path, make_dirs: bool = True) -> Path:
     """Every logged row of the run as CSV (``step`` then one column per metric, blank where a row
     has none), written atomically: what a spreadsheet or pandas reads."""
     import csv
@@ -267,5 +267,5 @@ def write_csv(reader: MetricsReader, path: Path) -> Path:
     out.writerow(["step", *keys])
     for i, step in enumerate(steps):
         out.writerow([int(step), *("" if math.isnan(c[i]) else repr(c[i]) for c in columns)])
-    atomic_write_text(path, buffer.getvalue())
+    atomic_write_text(path, buffer.getvalue(), make_dirs)
     return Path(path)

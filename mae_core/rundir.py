@@ -38,6 +38,8 @@ LIVE_STATES = frozenset({"starting", "running", "stopping"})
 NAME_MAX = 255
 # Where runs live unless the app, the trainer or a tool is told otherwise.
 DEFAULT_RUNS_DIR = "checkpoints"
+# A deleted run's folder while its files are removed: hidden, and no run id (mae_core.runs).
+TRASH_PREFIX = ".deleting-"
 # Named here, not only by RunPaths.data_record: mae_core.caches globs every run's record by it.
 RUN_DATA_NAME = "data.json"
 # What Lightning's resume reads from a checkpoint (a run's trainer saves every one of them).
@@ -302,7 +304,7 @@ class RunPaths:
         status = read_json(self.status) or {}
         status = {k: v for k, v in status.items() if k in STATUS_FIELDS}
         status.update(fields, run_id=self.run_id, updated=time.time())
-        atomic_write_json(self.status, status)
+        atomic_write_json(self.status, status, make_dirs=False)  # never brings back a deleted run
         return status
 
     def log_tail(self, lines: int = 40) -> str:
@@ -330,7 +332,7 @@ class RunPaths:
         if not self.metrics.exists():
             return
         kept = [json.dumps(row) for row in self.read_metrics() if row.get("step", 0) <= last_step]
-        atomic_write_text(self.metrics, "".join(line + "\n" for line in kept))
+        atomic_write_text(self.metrics, "".join(line + "\n" for line in kept), make_dirs=False)
 
 
 def create_run(cfg: RunConfig, runs_dir: str | Path | None = None, run_dir: str | Path | None = None,

@@ -21,6 +21,7 @@ import fcntl
 import os
 import shutil
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,8 @@ from mae_core.diskspace import check_room, full_disk_message, same_disk, still_t
 from mae_core.fileio import DiskFullError, atomic_write_json, disk_nearly_full
 from mae_core.process import PROJECT_ROOT  # noqa: F401 - re-exported for callers and tests
 from mae_core.rundir import (DEFAULT_RUNS_DIR, LIVE_STATES, RUN_ID_RULE,  # noqa: F401
-                             RunError, RunPaths, checkpoint_step, create_run, preview_step,
+                             TRASH_PREFIX, RunError, RunPaths, checkpoint_step, create_run,
+                             preview_step,
                              saved_step, state_unknown, valid_run_id)
 from mae_core.runqueue import QueuedRuns, RunQueue
 from mae_core.runwatch import TrainerWatch
@@ -294,7 +296,13 @@ class RunManager(QueuedRuns, TrainerWatch):
 
     def delete(self, run_id: str) -> Path | None:
         """Delete a run that is not live; returns the folder a linked run's link pointed to,
-        which is left in place (None for a run folder of its own)."""
+        which is left in place (None for a run folder of its own).
+
+        Under the lock the run only leaves its name (a rename into a hidden folder, at once);
+        its files are removed after, so a run of 60,000 previews no longer held every status
+        call for seconds. A write into it meanwhile (an export, an evaluation) finds no folder
+        (:func:`mae_core.fileio.atomic_write`'s ``make_dirs=False``) instead of making it again.
+        """
         with self._exclusive():
             status = self.status(run_id)
             if status.get("state") in LIVE_STATES:
@@ -304,15 +312,21 @@ class RunManager(QueuedRuns, TrainerWatch):
             if pid is not None:  # a trainer that wrote its end and has not exited yet
                 raise RunError(f"run {run_id}'s trainer (pid {pid}) is still exiting; try again "
                                "in a moment")
-            left = _remove_run_folder(paths.root)
+            left, trash = _unlink_run_folder(paths.root, self.runs_dir)
             self.queue.remove(run_id)
+        for folder in [trash, *self.runs_dir.glob(f"{TRASH_PREFIX}*")]:
+            if folder is not None:  # and the leftovers of a delete that was interrupted
+                shutil.rmtree(folder, ignore_errors=True)
         return left
 
     def export(self, run_id: str) -> tuple[Path, str]:
         """Write the run's encoder as timm weights; returns the file and a snippet that loads it."""
         paths = self.paths(run_id)
         out = paths.encoder
-        export_encoder(self.weights(run_id), out)
+        try:
+            export_encoder(self.weights(run_id), out, make_dirs=False)
+        except FileNotFoundError:
+            raise RunError(f"run {run_id} was deleted while its encoder was exported") from None
         return out, timm_snippet(RunConfig.load(paths.config).model, out)
 
     # --- processes ----------------------------------------------------------------------------
@@ -388,7 +402,7 @@ class RunManager(QueuedRuns, TrainerWatch):
             paths.write_status(state="failed", error=f"the trainer could not be launched: {err}")
             raise RunError(f"the trainer could not be launched: {err}") from None
         record = proc.process_record(process.pid, command=command)
-        atomic_write_json(paths.process, record)
+        atomic_write_json(paths.process, record, make_dirs=False)
         proc.watch(process, lambda code: self._on_exit(paths, record, code))
 
     def _enforce_stop(self, paths: RunPaths, record: dict[str, Any]) -> None:
@@ -472,12 +486,22 @@ def _require_same_model(paths: RunPaths, cfg: RunConfig) -> None:
                        "run, or put back the last.ckpt this run wrote")
 
 
-def _remove_run_folder(root: Path) -> Path | None:
-    """Delete a run folder; one that is a link (a run moved to another disk and linked back) goes
-    as a link only: its target may hold more than the run. Returns that target, left in place."""
-    if not root.is_symlink():
+def _unlink_run_folder(root: Path, runs_dir: Path) -> tuple[Path | None, Path | None]:
+    """Take a run folder out of the runs directory: (the target a linked run pointed to, left in
+    place; the hidden folder the run now is, for the caller to remove).
+
+    One that is a link (a run moved to another disk and linked back) goes as a link only: its
+    target may hold more than the run. A hidden name is no run id, so no listing shows it."""
+    if root.is_symlink():
+        target = root.resolve()
+        root.unlink()
+        return target, None
+    trash = runs_dir / f"{TRASH_PREFIX}{uuid.uuid4().hex}"
+    try:
+        os.rename(root, trash)
+    except OSError as err:
+        if err.errno not in (errno.EXDEV, errno.EBUSY):  # a run folder that is a mount point
+            raise
         shutil.rmtree(root)
-        return None
-    target = root.resolve()
-    root.unlink()
-    return target
+        return None, None
+    return None, trash

@@ -32,12 +32,12 @@ def _cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _write_safetensors(path: str | Path, state: dict[str, torch.Tensor],
-                       metadata: dict[str, str]) -> None:
+                       metadata: dict[str, str], make_dirs: bool = True) -> None:
     """Serialised in memory, then written through :func:`atomic_write`: safetensors' own
     ``save_file`` writes through a ``.tmpXXXXXX`` file of its own beside the target, which a kill
     would leave behind (the size of the model, once per killed save) where nothing removes it."""
     data = serialize(state, metadata=metadata)
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), make_dirs)
 
 
 def save_weights(model: MaskedAutoencoder, path: str | Path, step: int | None = None) -> None:
@@ -128,7 +128,8 @@ def shape_mismatch(saved: dict[str, tuple[int, ...]], expected: dict[str, tuple[
     return "; ".join(problems) or None
 
 
-def export_encoder(weights_path: str | Path, out_path: str | Path) -> list[str]:
+def export_encoder(weights_path: str | Path, out_path: str | Path,
+                   make_dirs: bool = True) -> list[str]:
     """Write the encoder as timm ``VisionTransformer`` weights; returns the tensor names written.
 
     The keys are timm's own (``blocks.0.attn.qkv.weight``…); the classifier head is not included,
@@ -143,7 +144,7 @@ def export_encoder(weights_path: str | Path, out_path: str | Path) -> list[str]:
                 # Fine-tuning must normalise inputs as pretraining did (the data set's own statistics).
                 "pixel_mean": json.dumps(list(pixel_stats(model.cfg)[0])),
                 "pixel_std": json.dumps(list(pixel_stats(model.cfg)[1]))}
-    _write_safetensors(out_path, _cpu_state(encoder), metadata)
+    _write_safetensors(out_path, _cpu_state(encoder), metadata, make_dirs)
     return sorted(encoder)
 
 

@@ -409,9 +409,12 @@ def test_export_loads_into_timm(server, run_state):
 
 def test_delete_asks_first_then_deletes(server, run_state):
     client = server["client"]
-    message, _ = client.predict(run_state["id"], False, api_name="/delete_run")
-    assert "yes, delete" in message and 'data-kind="error"' in message
-    assert (server["runs_dir"] / run_state["id"]).is_dir()
+    for unconfirmed in (False, "false", "no", None):  # a non-empty string used to delete
+        message, _ = client.predict(run_state["id"], unconfirmed, api_name="/delete_run")
+        assert "yes, delete" in message and 'data-kind="error"' in message, unconfirmed
+        assert (server["runs_dir"] / run_state["id"]).is_dir()
+    message, _ = client.predict(run_state["id"], "maybe", api_name="/delete_run")
+    assert "confirmed: must be true or false" in message
     message, confirm = client.predict(run_state["id"], True, api_name="/delete_run")
     assert run_state["id"] in message and confirm is False
     assert not (server["runs_dir"] / run_state["id"]).exists()

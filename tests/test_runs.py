@@ -669,3 +669,55 @@ def test_a_read_only_runs_folder_still_lists_and_refuses_each_change_in_words(sm
             with pytest.raises(RunError, match=refusal):
                 call()
         assert sorted((p, p.stat().st_mtime_ns) for p in disk.rglob("*")) == before
+
+
+# --- delete ---------------------------------------------------------------------------------------
+
+def test_a_deleted_runs_files_go_after_the_lock_so_other_runs_keep_answering(tmp_path, monkeypatch):
+    """Removing a run of 60,000 previews took seconds under the run manager's lock: every status
+    call and list waited. Under the lock the run now only leaves its name."""
+    manager = RunManager(tmp_path / "runs")
+    doomed = create_run(tiny_config().resolved(), runs_dir=manager.runs_dir, state="stopped")
+    other = create_run(tiny_config().resolved(), runs_dir=manager.runs_dir, state="stopped")
+    removing, release = threading.Event(), threading.Event()
+    real_rmtree = shutil.rmtree
+
+    def slow_rmtree(path, *args, **kwargs):
+        removing.set()
+        release.wait(60)
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", slow_rmtree)
+    deleting = threading.Thread(target=manager.delete, args=(doomed.run_id,))
+    deleting.start()
+    try:
+        assert removing.wait(60)
+        answered: list[dict] = []
+        asking = threading.Thread(target=lambda: answered.append(manager.status(other.run_id)))
+        asking.start()
+        asking.join(30)
+        assert answered and answered[0]["state"] == "stopped"  # not held until the files are gone
+        assert [s["run_id"] for s in manager.list()] == [other.run_id]  # already gone by name
+    finally:
+        release.set()
+        deleting.join(60)
+    assert sorted(p.name for p in manager.runs_dir.iterdir() if p.is_dir()) == [other.run_id]
+
+
+def test_a_write_into_a_run_deleted_meanwhile_never_brings_its_folder_back(tmp_path):
+    """An export, an evaluation or a late status record racing a Delete wrote into the path and
+    made the folder again: a run without its config, invisible in the app, holding its disk."""
+    from mae_core.weights import export_encoder, save_weights
+
+    manager = RunManager(tmp_path / "runs")
+    paths = create_run(tiny_config().resolved(), runs_dir=manager.runs_dir, state="stopped")
+    weights = tmp_path / "kept.safetensors"
+    save_weights(MaskedAutoencoder(tiny_config().model), weights)
+    manager.delete(paths.run_id)
+    with pytest.raises(FileNotFoundError):
+        paths.write_status(state="failed", error="the trainer process is gone")
+    with pytest.raises(FileNotFoundError):
+        export_encoder(weights, paths.encoder, make_dirs=False)
+    assert not paths.root.exists()
+    with pytest.raises(RunError, match="no run named"):
+        manager.export(paths.run_id)

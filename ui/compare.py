@@ -10,9 +10,10 @@ from typing import Any
 import gradio as gr
 
 from mae_core import display
+from mae_core.checks import shown
 from mae_core.metrics import write_csv
 from ui import render
-from ui.common import AppContext, UserError, guarded
+from ui.common import AppContext, UserError, as_run_id, guarded
 
 MAX_RUNS = 8  # columns that still read side by side
 
@@ -51,7 +52,9 @@ def run_settings(ctx: AppContext, run_id: str) -> dict[str, str]:
 
 def compare_html(ctx: AppContext, run_ids: list[str] | None) -> str:
     """The comparison table: results, then the settings that differ (marked), then the rest."""
-    run_ids = [r for r in dict.fromkeys(run_ids or []) if r]
+    if run_ids is not None and not isinstance(run_ids, list):
+        raise UserError(f"choose runs as a list of run ids, not {shown(run_ids)}")
+    run_ids = [r for r in dict.fromkeys(as_run_id(r) for r in run_ids or []) if r]
     if len(run_ids) < 2:
         raise UserError("Choose two or more runs to compare.")
     if len(run_ids) > MAX_RUNS:
@@ -87,7 +90,10 @@ def metrics_csv(ctx: AppContext, run_id: str | None) -> str:
     if not run_id:
         raise UserError("Choose a run whose metrics to download.")
     paths = ctx.manager.paths(run_id)
-    return str(write_csv(ctx.metrics.reader(paths.metrics), paths.metrics_csv))
+    try:
+        return str(write_csv(ctx.metrics.reader(paths.metrics), paths.metrics_csv, make_dirs=False))
+    except FileNotFoundError:
+        raise UserError(f"run {run_id} was deleted meanwhile") from None
 
 
 def build(ctx: AppContext, pick: gr.Dropdown) -> dict[str, Any]:

@@ -22,8 +22,8 @@ import gradio as gr
 from mae_core.composite import STRETCH_CHOICES
 from mae_core.rundir import LIVE_STATES, preview_step
 from ui import render
-from ui.common import (AppContext, FieldNumber, FieldSlider, UserError, as_float, as_ratio, as_seed,
-                       guarded)
+from ui.common import (AppContext, FieldNumber, FieldSlider, UserError, as_bool, as_float,
+                       as_ratio, as_run_id, as_seed, guarded)
 
 MAX_IMAGES = 16  # per request: each is a forward pass and up to seven pictures
 NUM_SAMPLE_IMAGES = 3
@@ -91,9 +91,10 @@ def reconstruct_files(ctx: AppContext, files: Any, use_samples: bool, run_id: st
     from mae_core.weights import read_metadata
 
     ratio, seed = as_ratio(mask_ratio), as_seed(seed, "mask seed")
-    paths = _sources(files, use_samples)
+    paths = _sources(files, as_bool(use_samples, "use the sample photos"))
     if not paths:
         raise UserError("Upload one or more images, or tick “use the sample photos”.")
+    run_id = as_run_id(run_id)
     if not run_id:
         raise UserError("Choose a checkpoint: no run has saved weights yet (train one first).")
     weights = ctx.manager.weights(run_id)

@@ -13,9 +13,10 @@ from typing import Any
 import gradio as gr
 
 from mae_core import display
+from mae_core.checks import shown
 from mae_core.rundir import LIVE_STATES
 from ui import compare, datacache, render
-from ui.common import AppContext, UserError, describe, guarded
+from ui.common import AppContext, UserError, as_bool, as_run_id, describe, guarded
 
 HEADERS = ("run", "state", "steps", "loss (last logged)", "epoch loss (last)", "duration", "disk",
            "policy", "preset", "kNN top-1 % (pretrained / random init)", "data")
@@ -163,11 +164,14 @@ def evaluation_updates(ctx: AppContext, evaluations: Evaluations, run_id: str | 
                        ) -> Iterator[dict[str, Any]]:
     """Start evaluating ``run_id`` on ``data`` (empty: the demo set); yield its progress as it
     goes, then its result table. Refusals and failures are raised (the caller shows them)."""
+    run_id = as_run_id(run_id)
     if not run_id:
         raise UserError("Choose a run to evaluate.")
     paths = ctx.manager.paths(run_id)  # refuses a run id that names no run
+    if data is not None and not isinstance(data, str):
+        raise UserError(f"the data folder is a path, not {shown(data)}")
     folder = (data or "").strip() or None
-    job = evaluations.start(run_id, paths.root, folder, bool(linear_probe))
+    job = evaluations.start(run_id, paths.root, folder, as_bool(linear_probe, "linear probe"))
     while not job.done.wait(poll_s):
         yield {"message": job.message()}
     if job.error is not None:
@@ -185,9 +189,9 @@ def evaluation_progress(evaluations: Evaluations | None, sig: dict[str, Any]
         return {}
     if not job.done.is_set():
         message = job.message()
-        shown = sig.get("evaluating")
+        on_page = sig.get("evaluating")
         sig["evaluating"] = (job.run_id, message)
-        return {} if shown == (job.run_id, message) else {"message": message}
+        return {} if on_page == (job.run_id, message) else {"message": message}
     if (sig.get("evaluating") or (None,))[0] == job.run_id:  # it ended since this page showed it
         sig["evaluating"] = None
         return {"message": job.message()}
@@ -221,9 +225,11 @@ def evaluation_html(result: Mapping[str, Any] | None) -> str:
 
 
 def delete_run(ctx: AppContext, run_id: str | None, confirmed: bool) -> str:
+    run_id = as_run_id(run_id)
     if not run_id:
         raise UserError("Choose a run to delete.")
-    if not confirmed:
+    # Strictly true: an API client's "false" is a non-empty string, and deleted the run.
+    if not as_bool(confirmed, "confirmed"):
         raise UserError(f"Tick “yes, delete” first: deleting {run_id} removes its checkpoints, "
                         "weights and previews for good.")
     ctx.manager.delete(run_id)
