@@ -51,6 +51,14 @@ def shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+# Data given as a URL: a prepared set LitData streams from object storage or the Hub.
+REMOTE_SCHEMES = ("s3://", "gs://", "azure://", "hf://")
+
+
+def is_remote(data: str) -> bool:
+    return data.startswith(REMOTE_SCHEMES)
+
+
 def parse_bool(text: str) -> bool:
     """A command-line switch's value: true/false, on/off, yes/no or 1/0."""
     if text.lower() in ("1", "true", "yes", "on"):

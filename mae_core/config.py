@@ -25,7 +25,7 @@ import yaml
 # ConfigError, the presets and parse_bool are part of this module's interface (re-exported).
 from mae_core.checks import (NORMALIZATIONS, ConfigError, _check_bool,  # noqa: F401
                              _check_choice, _check_int, _check_number, _is_int, _is_number,
-                             _require, check_channels, format_stats, parse_bool,
+                             _require, check_channels, format_stats, is_remote, parse_bool,
                              parse_stats, shown)
 from mae_core.presets import PRESETS, DecoderSpec, Preset  # noqa: F401
 from mae_core.precision import auto_precision, check_precision_for
@@ -372,7 +372,7 @@ class RunConfig:
         # The trainer may run from another directory than the caller: a relative folder is
         # resolved once, here, so both read the same one. "" stays the embedded photos.
         # A prepared set's URL (s3://...) is read by LitData as it is.
-        remote = t.data.startswith(("s3://", "gs://", "azure://", "hf://"))
+        remote = is_remote(t.data)
         data = os.path.abspath(os.path.expanduser(t.data)) if t.data and not remote else t.data
         eval_data = os.path.abspath(os.path.expanduser(t.eval_data)) if t.eval_data else ""
         train = dataclasses.replace(t, data=data, eval_data=eval_data, accelerator=accelerator, devices=devices,

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     opt.add_argument("out", help="the prepared data set's directory (must not exist)")
     opt.add_argument("--short-side", type=int, default=prepared.DEFAULT_SHORT_SIDE,
                      help=f"bound on each image's short side (default {prepared.DEFAULT_SHORT_SIDE}, "
-                          f"2 x the largest training size; at least {prepared.MIN_SHORT_SIDE})")
+                          f"2 x the MAE paper's 224 px; at least {prepared.MIN_SHORT_SIDE})")
     opt.add_argument("--workers", type=int, default=None, help="encoding processes (default: cores)")
     caches = commands.add_parser("caches", help="list the automatically prepared sets and the runs "
                                                 "that use them; remove superseded ones")

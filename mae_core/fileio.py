@@ -34,6 +34,12 @@ _TEMP_NAME = re.compile(
     r"^\.(?:(?P<name>.+?)(?:\.(?P<pid>\d+))?\.[A-Za-z0-9_]{8}\.tmp|tmp[A-Za-z0-9]{6})$")
 
 
+def cache_home() -> Path:
+    """This app's cache folder: ``$XDG_CACHE_HOME/mae_studio``, else ``~/.cache/mae_studio`` (the
+    prepared data sets and the measured peak FLOP/s live under it)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mae_studio"
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None], make_dirs: bool = True) -> None:
     """Call ``write(tmp_path)`` on a temp file beside ``path``, fsync it, then rename over ``path``.
 

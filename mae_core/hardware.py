@@ -4,7 +4,7 @@ On the CPU the peak is *measured*: a short probe of square matmuls (1024², best
 thread count of the calling process, per precision: fp32 always, bf16 only where the CPU has native
 bf16 (AVX-512 BF16 or AMX; emulated bf16 has no meaningful peak). A probe's result is cached on
 disk per machine (CPU model, torch version, threads, precision) in
-``~/.cache/mae-studio/peak.json`` (``$MAE_STUDIO_CACHE_DIR`` moves it), so it runs once per machine.
+``~/.cache/mae_studio/peak.json`` (``$MAE_STUDIO_CACHE_DIR`` moves it), so it runs once per machine.
 
 On a GPU the datasheet's dense figure is used where the model is known (A100, H100, H200), and a
 measured matmul peak (cached the same way) where it is not; both are reported.
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from mae_core.precision import cpu_bf16_feature, cpu_flags
-from mae_core.fileio import atomic_write_json, read_json
+from mae_core.fileio import atomic_write_json, cache_home, read_json
 
 CACHE_ENV = "MAE_STUDIO_CACHE_DIR"
 CACHE_VERSION = 1
@@ -160,12 +160,8 @@ def measure_matmul_flops(dtype: str, device: str = "cpu", size: int = 1024, repe
 
 
 def cache_path() -> Path:
-    """``$MAE_STUDIO_CACHE_DIR/peak.json``, else ``$XDG_CACHE_HOME`` or ``~/.cache``/mae-studio."""
-    folder = os.environ.get(CACHE_ENV)
-    if not folder:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        folder = os.path.join(base, "mae-studio")
-    return Path(folder) / "peak.json"
+    """``$MAE_STUDIO_CACHE_DIR/peak.json``, else in :func:`mae_core.fileio.cache_home`."""
+    return Path(os.environ.get(CACHE_ENV) or cache_home()) / "peak.json"
 
 
 def _cached_measurement(key: str, measure: Any, cache: Path, refresh: bool, **record: Any

@@ -31,7 +31,7 @@ from typing import Any
 import pytorch_lightning as pl
 from torch import Tensor
 
-from mae_core.checks import shown
+from mae_core.checks import REMOTE_SCHEMES, is_remote, shown  # noqa: F401 - for callers
 from mae_core.crops import (
     JPEG_QUALITY,
     SMALL_SIDE,
@@ -40,7 +40,7 @@ from mae_core.crops import (
 )
 from mae_core.data import DataError, MAEDataModule, find_images
 from mae_core.data import preview_images as folder_previews
-from mae_core.fileio import atomic_write_json, fsync_dir, read_json
+from mae_core.fileio import atomic_write_json, cache_home, fsync_dir, read_json
 from mae_core.images import ImageError, open_rgb
 from mae_core.preparing import count_done
 from mae_core.rundir import RUN_DATA_NAME, RunPaths, state_unknown  # noqa: F401 - for caches
@@ -50,18 +50,14 @@ MANIFEST_NAME = "mae_manifest.json"
 # reader takes both (a version-1 set reads as it did, without the faster copy).
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
-# 2 × the largest training size (224): one prepared set serves every image size of the config.
+# 2 × the MAE paper's 224 px (and config.MAX_IMAGE_SIZE): one prepared set serves every size up
+# to 224 at full resolution, even for MAE's smaller random crops; larger sizes upsample them.
 DEFAULT_SHORT_SIDE = 448
 MIN_SHORT_SIDE = 256
 # Up to this many image files a folder is decoded into memory per process (today's path, which
 # starts in about a second); above it the folder is prepared once and streamed.
 AUTO_PREPARE_ABOVE = 1000
 CACHE_ENV = "MAE_STUDIO_DATA_CACHE"
-REMOTE_SCHEMES = ("s3://", "gs://", "azure://", "hf://")
-
-
-def is_remote(data: str) -> bool:
-    return data.startswith(REMOTE_SCHEMES)
 
 
 def is_prepared(data: str) -> bool:
@@ -233,8 +229,7 @@ def prepare(source: str, out: str | Path, short_side: int = DEFAULT_SHORT_SIDE,
 # --- the cache of automatically prepared folders ---------------------------------------------
 
 def cache_root() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mae_studio" / "prepared"
-    return Path(os.environ.get(CACHE_ENV) or default)
+    return Path(os.environ.get(CACHE_ENV) or cache_home() / "prepared")
 
 
 def cache_key(folder: str, paths: list[Path], short_side: int) -> str:

@@ -130,7 +130,7 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
     stopper = StopOnRequest(paths, recorder)
     callbacks = [recorder, stopper, SaveCheckpoints(paths, t.checkpoint_every_n_steps, recorder)]
     # A folder, a prepared set or a URL: decided (and a large folder prepared) once per run.
-    if "://" in t.data:  # a network wait (credentials, retries) must not look like a hang
+    if prepared.is_remote(t.data):  # a network wait (credentials, retries) must not look like a hang
         print(f"opening the remote data set {t.data}", flush=True)
     try:
         source = prepared.run_data(t.data, paths.root)
