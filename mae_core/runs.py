@@ -209,15 +209,15 @@ class RunManager(QueuedRuns, TrainerWatch):
         except RunError:
             return None
 
-    def stop(self, run_id: str, force: bool | None = None) -> dict[str, Any]:
+    def stop(self, run_id: str, force: bool = False) -> dict[str, Any]:
         """Ask the run to stop after its current step (it saves a checkpoint first).
 
-        ``force=True`` (the page's "Force stop"), a second stop with ``force=None``, or a stop not
-        obeyed within ``stop_timeout_s`` terminates the process group of the trainer the stop was
-        meant for (never a trainer a later Resume launched): the steps since its last checkpoint
-        are lost. ``force=False`` (the page's "Stop") only ever asks: pressed again, or from a
-        page that had not yet seen the first request, it changes nothing. A run recorded on
-        another host is ended by force only once it has gone silent there (:meth:`_end_remote`).
+        ``force=True`` (the page's "Force stop"), or a stop not obeyed within ``stop_timeout_s``,
+        terminates the process group of the trainer the stop was meant for (never a trainer a
+        later Resume launched): the steps since its last checkpoint are lost. A plain stop only
+        ever asks: pressed again, or from a page that had not yet seen the first request, it
+        changes nothing (a second request used to force). A run recorded on another host is
+        ended by force only once it has gone silent there (:meth:`_end_remote`).
         """
         with self._lock:
             status = self.status(run_id)
@@ -226,15 +226,14 @@ class RunManager(QueuedRuns, TrainerWatch):
             paths = self.paths(run_id)
             record = self._process(paths)
             requested = paths.stop_requested()
-            forced = requested if force is None else force
-            if forced and record and not proc.on_this_host(record):
+            if force and record and not proc.on_this_host(record):
                 if not requested:  # nothing here can signal it: it is asked at least
                     paths.request_stop()
                 self._end_remote(paths, record, status)
                 return self.status(run_id)
-            if not forced and requested:  # asked already; its watchdog is running
+            if not force and requested:  # asked already; its watchdog is running
                 return status
-            if not forced:
+            if not force:
                 try:
                     paths.request_stop()
                 except OSError as err:  # a read-only mount: the STOP file is how a stop is asked
@@ -243,9 +242,8 @@ class RunManager(QueuedRuns, TrainerWatch):
                     raise RunError(f"run {run_id} cannot be asked to stop: "
                                    f"{err.filename or paths.root} cannot be written "
                                    f"({err.strerror}). Force stop ends it at once") from None
-        if forced:
-            self._terminate(paths, record, reason="stopped by force" if force else
-                            "stopped by force on a second stop request")
+        if force:
+            self._terminate(paths, record, reason="stopped by force")
             return self.status(run_id)
         if record and proc.on_this_host(record):
             threading.Thread(target=self._enforce_stop, args=(paths, record), daemon=True,

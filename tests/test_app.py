@@ -62,7 +62,7 @@ def server(tmp_path_factory):
         if live:  # a failed test must not leave DDP ranks behind
             manager.stop(live)
             if not poll(lambda: manager.status(live)["state"] not in LIVE_STATES, 30):
-                manager.stop(live)  # a second stop ends the process group at once
+                manager.stop(live, force=True)
         demo.close()
 
 

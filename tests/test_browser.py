@@ -60,7 +60,7 @@ def server(tmp_path_factory):
             while manager.status(live)["state"] in LIVE_STATES and time.monotonic() < deadline:
                 time.sleep(0.5)
             if manager.status(live)["state"] in LIVE_STATES:
-                manager.stop(live)  # the second stop ends the process group
+                manager.stop(live, force=True)
         demo.close()
 
 

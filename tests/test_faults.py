@@ -200,8 +200,7 @@ def test_kills_at_random_points_lose_at_most_the_steps_since_the_last_checkpoint
         assert checkpoint_step(paths) == stopped["step"] == len(step_rows(paths))
     finally:
         if manager.live_run():
-            manager.stop(run_id)
-            manager.stop(run_id)
+            manager.stop(run_id, force=True)
     wait_for(lambda: not processes_of(paths.root), "every trainer process to exit", 30, 0.05)
     wait_for(lambda: not zombie_children(), "the last trainer to be reaped", 10, 0.05)
     assert not [p.name for p in paths.root.rglob("*") if is_temp_file(p)], "temp files left"
@@ -282,10 +281,10 @@ HUNG_TRAINER = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda 
                 "print('ready', flush=True); time.sleep(300)")
 
 
-@pytest.mark.parametrize("by", ["second stop", "watchdog"])
+@pytest.mark.parametrize("by", ["force stop", "watchdog"])
 def test_a_force_stop_of_a_hung_trainer_never_holds_up_the_app(tmp_path, monkeypatch, by):
     """Ending a hung trainer takes the whole grace between SIGTERM and SIGKILL (5 s), and the
-    force stop (a second Stop, or the stop watchdog) held the run manager's lock through it:
+    force stop (Force stop, or the stop watchdog) held the run manager's lock through it:
     every status call, so every page of the app, froze for those seconds."""
     monkeypatch.setattr(proc, "trainer_command",
                         lambda run_dir, resume=False: [sys.executable, "-c", HUNG_TRAINER])
@@ -300,7 +299,8 @@ def test_a_force_stop_of_a_hung_trainer_never_holds_up_the_app(tmp_path, monkeyp
         if by == "watchdog":
             force = next(t for t in threading.enumerate() if t.name == f"stop-{paths.run_id}")
         else:
-            force = threading.Thread(target=manager.stop, args=(paths.run_id,))
+            force = threading.Thread(target=manager.stop, args=(paths.run_id,),
+                                     kwargs={"force": True})
             force.start()
         time.sleep(manager.stop_timeout_s + 1 if by == "watchdog" else 1)  # into the grace
         assert force.is_alive(), "the force stop ended before the status call: it proves nothing"

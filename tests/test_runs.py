@@ -71,8 +71,7 @@ def manager(tmp_path):
     yield manager
     live = manager.live_run()
     if live:
-        manager.stop(live)
-        manager.stop(live)
+        manager.stop(live, force=True)
 
 
 def test_run_streams_metrics_stops_and_resumes_to_the_end(manager):
@@ -477,8 +476,7 @@ def test_stop_watchdog_never_kills_the_trainer_a_resume_launched(tmp_path):
         assert pid_alive(resumed["pid"], resumed["start_time"])
     finally:
         if manager.live_run():
-            manager.stop(run_id)
-            manager.stop(run_id)
+            manager.stop(run_id, force=True)
     wait_for_no_trainers(manager.runs_dir)
 
 
@@ -514,8 +512,7 @@ def test_two_apps_on_one_runs_directory_never_start_two_runs(tmp_path):
     finally:
         for run_id in (o for o in outcomes if isinstance(o, str)):
             if managers[0].status(run_id)["state"] in ("starting", "running", "stopping"):
-                managers[0].stop(run_id)
-                managers[0].stop(run_id)
+                managers[0].stop(run_id, force=True)
     wait_for_no_trainers(tmp_path / "runs")
 
 

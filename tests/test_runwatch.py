@@ -110,7 +110,7 @@ def test_a_silent_run_recorded_on_another_host_is_ended_by_a_second_stop(tmp_pat
     assert manager.status(paths.run_id)["state"] == "running"
     asked = manager.stop(paths.run_id)
     assert asked["state"] == "running" and asked["stop_requested"], asked
-    ended = manager.stop(paths.run_id)
+    ended = manager.stop(paths.run_id, force=True)
     assert ended["state"] == "failed" and not ended["stop_requested"], ended
     assert ended["error"].startswith(f"not heard from for {silent_s:.0f} s"), ended["error"]
     assert ended["error"].endswith("(it ran on host old-container): marked failed; if it still "
@@ -124,7 +124,7 @@ def test_a_silent_run_recorded_on_another_host_is_ended_by_a_second_stop(tmp_pat
     dated(heard, time.time() - 5)
     manager.stop(heard.run_id)
     with pytest.raises(RunError, match="runs on gpu-node-7: it stops after its current step"):
-        manager.stop(heard.run_id)
+        manager.stop(heard.run_id, force=True)
     assert manager.status(heard.run_id)["state"] == "running"
 
 
