@@ -29,7 +29,7 @@ from typing import Any
 from mae_core import process as proc
 from mae_core.channels import resolve_channels, resolve_data
 from mae_core.checks import shown
-from mae_core.config import RunConfig
+from mae_core.config import ConfigError, RunConfig
 from mae_core.data import check_data
 from mae_core.diskspace import check_room, full_disk_message, same_disk, still_to_write
 from mae_core.fileio import DiskFullError, atomic_write_json, disk_nearly_full
@@ -259,6 +259,7 @@ class RunManager(QueuedRuns, TrainerWatch):
         cfg = RunConfig.load(paths.config)
         if max_steps is not None:
             cfg = cfg.with_overrides(max_steps=max_steps)
+        _require_devices(cfg, run_id)
         resolve_channels(cfg, check_data(cfg.train.data))  # outside the locks; channels still match
         self._require_room(cfg, paths.root, resuming=True, exclude=run_id)
         # Its bytes are checked outside the locks: reading a large checkpoint through takes
@@ -482,6 +483,16 @@ def _require_same_model(paths: RunPaths, cfg: RunConfig) -> None:
                        f"({cfg.model.encoder_name}, {cfg.model.image_size} px / patch "
                        f"{cfg.model.patch_size}): {mismatch}. It cannot be resumed; start a new "
                        "run, or put back the last.ckpt this run wrote")
+
+
+def _require_devices(cfg: RunConfig, run_id: str) -> None:
+    """The devices the run trained on are still here: checked as Start checks them (after an app
+    restart under a narrower CUDA_VISIBLE_DEVICES, or on a machine with fewer cores, the trainer
+    failed at launch instead)."""
+    try:
+        cfg.resolved()
+    except ConfigError as err:
+        raise RunError(f"run {run_id} cannot be resumed here: {err}") from None
 
 
 def _unlink_run_folder(root: Path, runs_dir: Path) -> tuple[Path | None, Path | None]:

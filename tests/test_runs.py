@@ -718,3 +718,18 @@ def test_a_write_into_a_run_deleted_meanwhile_never_brings_its_folder_back(tmp_p
     assert not paths.root.exists()
     with pytest.raises(RunError, match="no run named"):
         manager.export(paths.run_id)
+
+
+def test_resume_checks_the_devices_the_run_needs_are_still_there(tmp_path):
+    """A run saved on GPUs (or more CPU cores) resumed where they are not visible: Start refuses
+    such a config, but Resume launched it, and the trainer failed."""
+    manager = RunManager(tmp_path / "runs")
+    paths = create_run(tiny_config(devices=1).resolved(), runs_dir=manager.runs_dir,
+                       state="stopped")
+    saved = paths.config.read_text()
+    paths.config.write_text(saved.replace("accelerator: cpu", "accelerator: gpu")
+                            .replace("gpus: ''", "gpus: '1'"))
+    assert RunConfig.load(paths.config).train.gpus == "1"  # the edit took
+    with pytest.raises(RunError, match=f"run {paths.run_id} cannot be resumed here: .*GPU"):
+        manager.resume(paths.run_id)
+    assert manager.status(paths.run_id)["state"] == "stopped"
