@@ -235,37 +235,68 @@ def _total_steps(trainer: pl.Trainer) -> int:
 
 
 class StopOnRequest(pl.Callback):
-    """Stops after the current step once the run directory holds a ``STOP`` file.
+    """Stops after the current step once the run directory holds a ``STOP`` file, or once a rank
+    got SIGTERM (``docker stop``, a shutdown, ``kill``, ``timeout``): ``requested`` or
+    ``terminated`` says which. The stop saves that step's checkpoint (:class:`SaveCheckpoints`).
 
     Every rank must stop at the same step, so the decision is reduced across ranks (any rank that
-    saw the file stops them all); setting ``should_stop`` on one rank alone would hang DDP. The
-    reduction runs over gloo on host tensors: on GPUs a side group, so the check never waits for
-    the device (an NCCL reduction read back on the host would, every step).
+    saw the file or the signal stops them all); setting ``should_stop`` on one rank alone would
+    hang DDP. The reduction runs over gloo on host tensors: on GPUs a side group, so the check
+    never waits for the device (an NCCL reduction read back on the host would, every step).
+
+    SIGTERM is only noted in the handler. Lightning's own handler broadcasts from inside it, and
+    that broadcast met the other rank's gradient all-reduce: a group SIGTERM hung the run until
+    gloo's 10-minute timeout. Its per-step broadcast of the flag (a device sync every step on
+    GPUs) has nothing left to carry, and is switched off.
     """
 
     def __init__(self, paths: RunPaths, recorder: ProgressRecorder) -> None:
         self.paths = paths
         self.recorder = recorder
         self.requested = False
+        self.terminated = False
+        self.signalled = False
         self._group: Any = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Every rank creates the group at the same point (new_group is collective).
         if _distributed(trainer) and dist.get_backend() != "gloo":
             self._group = dist.new_group(backend="gloo")
+        self._take_sigterm(trainer)
 
-    def _any_rank(self, trainer: pl.Trainer, seen: bool) -> bool:
+    def _take_sigterm(self, trainer: pl.Trainer) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals reach the main thread only (a trainer run from a test's thread)
+        launcher = trainer.strategy.launcher
+
+        def noted(signum: int, frame: Any) -> None:
+            self.signalled = True
+            if launcher is not None:  # the ranks it started, sent SIGTERM to rank 0 alone
+                launcher.kill(signum)
+
+        # Lightning puts back the handlers it found when fit ends, so this one goes with its own.
+        signal.signal(signal.SIGTERM, noted)
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if hasattr(epoch_loop, "_broadcast_sigterm_tensor"):
+            epoch_loop._broadcast_sigterm_tensor = lambda: None
+
+    def _any_rank(self, trainer: pl.Trainer, *seen: bool) -> tuple[bool, ...]:
         if not _distributed(trainer):
             return seen
-        flag = torch.tensor([int(seen)], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        return bool(flag.item())  # a host tensor: no device wait
+        flags = torch.tensor([int(s) for s in seen], dtype=torch.int32)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
+        return tuple(bool(f) for f in flags.tolist())  # a host tensor: no device wait
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if not optimizer_stepped(trainer):
             return  # stop on a step boundary (and reduce across ranks once per step)
-        if self._any_rank(trainer, self.paths.stop_requested()):
-            self.requested = True
+        requested, terminated = self._any_rank(trainer, self.paths.stop_requested(),
+                                               self.signalled)
+        if requested or terminated:
+            self.requested, self.terminated = requested, terminated
             trainer.should_stop = True
             if trainer.is_global_zero:
                 self.recorder.flush(trainer)

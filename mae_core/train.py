@@ -151,7 +151,7 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
                                            t.batch_size, recorder))
     if t.weight_snapshots:  # the Reconstruct tab's weights history (issue 14, item 5)
         callbacks.append(WeightSnapshots(paths.root, t.weight_snapshots, t.checkpoint_every_n_steps))
-    callbacks.append(_failure_recorder(paths))
+    callbacks.append(_failure_recorder(paths, stopper))
     _drop_trainer_env()
     trainer = pl.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
@@ -180,6 +180,11 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
     except SIGTERMException:  # a SystemExit: left alone, the failed run exited 0
         if trainer.is_global_zero and paths.read_status().get("state") in LIVE_STATES:
             _record_termination(paths)  # not written in on_exception (a full disk): again
+        return 1
+    if stopper.terminated:  # stopped after its step, saved: said as SIGTERM, exit 1
+        if trainer.is_global_zero:
+            paths.clear_stop_request()
+            _record_termination(paths)
         return 1
     if trainer.is_global_zero:
         state = "stopped" if stopper.requested else "finished"
@@ -211,37 +216,19 @@ def _record_termination(paths: RunPaths) -> None:
                            log_tail=paths.log_tail())
 
 
-def _failure_recorder(paths: RunPaths) -> pl.Callback:
+def _failure_recorder(paths: RunPaths, stopper: Any) -> pl.Callback:
     """:class:`mae_core.callbacks.RecordFailure`, saying a SIGTERM in words at the same moment
-    (before the teardown, after which Lightning may kill rank 0)."""
-    import signal
-    import threading
-
+    (before the teardown, after which Lightning may kill rank 0): one that came before the
+    stopper took over the signal (Lightning's SIGTERMException), or one that a failure followed
+    (a rank that died of it first)."""
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from mae_core.callbacks import RecordFailure
 
     class RecordFailureOrTermination(RecordFailure):
-        terminated = False
-
-        def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-            # Noted before Lightning's own handler runs: on several ranks, that handler's
-            # broadcast meets a gradient all-reduce in flight, and the run fails with gloo's
-            # "Connection reset by peer" instead of SIGTERMException. (Lightning puts back the
-            # handlers it found when fit ends, so this one goes with its own.)
-            lightning = signal.getsignal(signal.SIGTERM)
-
-            def noted(signum: int, frame: Any) -> None:
-                self.terminated = True
-                if callable(lightning):
-                    lightning(signum, frame)
-
-            if threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGTERM, noted)
-
         def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                          exception: BaseException) -> None:
-            if not (self.terminated or isinstance(exception, SIGTERMException)):
+            if not (stopper.signalled or isinstance(exception, SIGTERMException)):
                 super().on_exception(trainer, pl_module, exception)
             elif trainer.is_global_zero:
                 _record_termination(self.paths)
