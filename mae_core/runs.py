@@ -195,6 +195,7 @@ class RunManager(QueuedRuns, TrainerWatch):
         The data folder is scanned before any lock is taken (a slow disk must not freeze every
         status call); the image files it found are in the new run's status as ``data_files``.
         """
+        require_one_node(cfg)
         cfg, summary = resolve_data(cfg.resolved())  # in_chans and statistics from the data
         self._require_room(cfg, self.runs_dir)
         with self._exclusive():
@@ -259,6 +260,7 @@ class RunManager(QueuedRuns, TrainerWatch):
         cfg = RunConfig.load(paths.config)
         if max_steps is not None:
             cfg = cfg.with_overrides(max_steps=max_steps)
+        require_one_node(cfg, run_id)
         _require_devices(cfg, run_id)
         resolve_channels(cfg, check_data(cfg.train.data))  # outside the locks; channels still match
         self._require_room(cfg, paths.root, resuming=True, exclude=run_id)
@@ -278,10 +280,7 @@ class RunManager(QueuedRuns, TrainerWatch):
                 raise RunError(f"run {run_id} has finished; raise max steps above "
                                f"{status.get('step')} to train it further")
             step = checkpoint_step(paths.last_ckpt, verify=False)
-            # max_steps -1 trains by epochs (max_epochs): no step count to be above.
-            if cfg.train.max_steps != -1 and cfg.train.max_steps <= step:
-                raise RunError(f"the checkpoint of {run_id} is at step {step}: raise max steps "
-                               f"above {step} to train it further")
+            _require_steps_left(cfg, step, run_id)
             self._wait_for_exit(paths)
             cfg.save(paths.config)
             paths.clear_stop_request()
@@ -475,6 +474,24 @@ def _share_devices(cfg: RunConfig, other: RunConfig | None) -> bool:
     return wanted is None or held is None or bool(wanted & held)
 
 
+def check_resumable(paths: RunPaths, cfg: RunConfig) -> int:
+    """The step ``paths``' ``last.ckpt`` resumes ``cfg`` from, once its bytes, its model and
+    ``cfg``'s max steps allow it (RunError says why not): what Resume checks, in the app and in
+    ``python -m mae_core.train --resume`` (which took an overwritten checkpoint, or max steps at
+    or below its step, and "finished" at once)."""
+    step = checkpoint_step(paths.last_ckpt)
+    _require_same_model(paths, cfg)
+    _require_steps_left(cfg, step, paths.run_id)
+    return step
+
+
+def _require_steps_left(cfg: RunConfig, step: int, run_id: str) -> None:
+    # max_steps -1 trains by epochs (max_epochs): no step count to be above.
+    if cfg.train.max_steps != -1 and cfg.train.max_steps <= step:
+        raise RunError(f"the checkpoint of {run_id} is at step {step}: raise max steps "
+                       f"above {step} to train it further")
+
+
 def _require_same_model(paths: RunPaths, cfg: RunConfig) -> None:
     """Refuse a ``last.ckpt`` of another model before a trainer is launched on it."""
     mismatch = checkpoint_mismatch(paths.last_ckpt, cfg.model)
@@ -483,6 +500,17 @@ def _require_same_model(paths: RunPaths, cfg: RunConfig) -> None:
                        f"({cfg.model.encoder_name}, {cfg.model.image_size} px / patch "
                        f"{cfg.model.patch_size}): {mismatch}. It cannot be resumed; start a new "
                        "run, or put back the last.ckpt this run wrote")
+
+
+def require_one_node(cfg: RunConfig, run_id: str | None = None) -> None:
+    """The app launches one machine's processes: a run on several nodes starts and resumes from
+    their launcher (it waited in "starting" for nodes that never came)."""
+    nodes = cfg.train.num_nodes
+    if nodes > 1:
+        what = f"run {run_id} trains" if run_id else "a run"
+        raise RunError(f"{what} on {nodes} nodes: the app starts one machine's processes; "
+                       "run it on every node with torchrun or srun (python -m mae_core.train "
+                       f"--num-nodes {nodes} ...{' --resume' if run_id else ''})")
 
 
 def _require_devices(cfg: RunConfig, run_id: str) -> None:

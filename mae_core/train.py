@@ -311,6 +311,8 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
                 raise ConfigError("resume", f"{paths.last_ckpt} does not exist: nothing to resume")
             if writer:
                 _check_continuation(cfg, paths, args.resume, overrides)
+            if args.resume and writer:  # checked as the app's Resume checks it, before any write
+                _check_resumable(paths, cfg.with_overrides(**overrides))
             if overrides and writer:  # e.g. --max-steps to extend a run; the ranks read it back
                 cfg, _ = _resolve_data(cfg.with_overrides(**overrides).resolved())
                 cfg.save(paths.config)
@@ -348,6 +350,15 @@ def _check_continuation(cfg: RunConfig, paths: RunPaths, resume: bool,
     if changed:
         raise ConfigError(changed[0], "a resume continues the run's own model, which its checkpoint "
                                       "holds: start a new run to change it")
+
+
+def _check_resumable(paths: RunPaths, cfg: RunConfig) -> None:
+    from mae_core.runs import RunError, check_resumable
+
+    try:
+        check_resumable(paths, cfg)
+    except RunError as err:
+        raise ConfigError("resume", str(err)) from None
 
 
 def _resolve_data(cfg: RunConfig) -> tuple[RunConfig, DataSummary]:

@@ -733,3 +733,19 @@ def test_resume_checks_the_devices_the_run_needs_are_still_there(tmp_path):
     with pytest.raises(RunError, match=f"run {paths.run_id} cannot be resumed here: .*GPU"):
         manager.resume(paths.run_id)
     assert manager.status(paths.run_id)["state"] == "stopped"
+
+
+def test_a_run_on_several_nodes_is_left_to_its_launcher(tmp_path):
+    """Resumed from the app, a 2-node run (trained with torchrun) launched one local process that
+    waited in "starting" for a node that never came."""
+    manager = RunManager(tmp_path / "runs")
+    with pytest.raises(RunError, match="a run on 2 nodes: the app starts one machine's processes"):
+        manager.start(tiny_config(num_nodes=2, devices=1))
+    with pytest.raises(RunError, match="on 2 nodes"):
+        manager.enqueue(tiny_config(num_nodes=2, devices=1))
+    paths = create_run(tiny_config(devices=1).resolved(), runs_dir=manager.runs_dir,
+                       state="stopped")
+    paths.config.write_text(paths.config.read_text().replace("num_nodes: 1", "num_nodes: 2"))
+    with pytest.raises(RunError, match=f"run {paths.run_id} trains on 2 nodes: .*--resume"):
+        manager.resume(paths.run_id)
+    assert manager.list()[0]["state"] == "stopped" and len(manager.list()) == 1

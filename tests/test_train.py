@@ -449,3 +449,28 @@ def test_a_run_folder_the_app_cannot_list_is_refused_by_hand(tmp_path, name):
     assert result.stderr.startswith(f"error: run_dir: the run folder's name {name!r} may hold "
                                     "only ASCII letters"), result.stderr
     assert not run_dir.exists()
+
+
+def test_a_resume_by_hand_is_checked_as_the_apps_resume(tmp_path):
+    """``--resume`` took a checkpoint with overwritten bytes (and trained on), and a max steps at
+    or below the checkpoint's step ("finished" at once, the config rewritten); the app's Resume
+    refused both."""
+    run = tmp_path / "run"
+    common = ["--run-dir", str(run), "--preset", "vit-tiny", "--image-size", "32", "--patch-size",
+              "8", "--batch-size", "4", "--devices", "1", "--accelerator", "cpu",
+              "--num-previews", "0"]
+    first = _train(tmp_path, *common, "--max-steps", "2")
+    assert first.returncode == 0, first.stdout[-3000:]
+    config = (run / "config.yaml").read_text()
+    for extra in ([], ["--max-steps", "2"], ["--max-steps", "1"]):
+        again = _train(tmp_path, "--run-dir", str(run), "--resume", *extra)
+        assert again.returncode == 2, again.stdout[-3000:]
+        assert "the checkpoint of run is at step 2: raise max steps above 2" in again.stdout
+    assert (run / "config.yaml").read_text() == config  # nothing rewritten
+    data = bytearray((run / "last.ckpt").read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = b"\0" * 64
+    (run / "last.ckpt").write_bytes(bytes(data))
+    corrupt = _train(tmp_path, "--run-dir", str(run), "--resume", "--max-steps", "4")
+    assert corrupt.returncode == 2, corrupt.stdout[-3000:]
+    assert "last.ckpt" in corrupt.stdout and "Traceback" not in corrupt.stdout
+    assert RunPaths(run).read_status()["state"] == "finished"
