@@ -235,9 +235,9 @@ def _total_steps(trainer: pl.Trainer) -> int:
 
 
 class StopOnRequest(pl.Callback):
-    """Stops after the current step once the run directory holds a ``STOP`` file, or once a rank
-    got SIGTERM (``docker stop``, a shutdown, ``kill``, ``timeout``): ``requested`` or
-    ``terminated`` says which. The stop saves that step's checkpoint (:class:`SaveCheckpoints`).
+    """Stops after the current step once the run directory holds a ``STOP`` file or a rank got
+    Ctrl-C (``requested``), or once a rank got SIGTERM (``docker stop``, a shutdown, ``kill``,
+    ``timeout``: ``terminated``). The stop saves that step's checkpoint (:class:`SaveCheckpoints`).
 
     Every rank must stop at the same step, so the decision is reduced across ranks (any rank that
     saw the file or the signal stops them all); setting ``should_stop`` on one rank alone would
@@ -255,7 +255,8 @@ class StopOnRequest(pl.Callback):
         self.recorder = recorder
         self.requested = False
         self.terminated = False
-        self.signalled = False
+        self.signalled = False  # SIGTERM reached this rank
+        self.interrupted = False  # Ctrl-C (SIGINT) did
         self._group: Any = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -277,8 +278,14 @@ class StopOnRequest(pl.Callback):
             if launcher is not None:  # the ranks it started, sent SIGTERM to rank 0 alone
                 launcher.kill(signum)
 
-        # Lightning puts back the handlers it found when fit ends, so this one goes with its own.
+        def interrupted(signum: int, frame: Any) -> None:
+            # Ctrl-C is a Stop; pressed again, the usual KeyboardInterrupt at once.
+            self.interrupted = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        # Lightning puts back the handlers it found when fit ends, so these go with its own.
         signal.signal(signal.SIGTERM, noted)
+        signal.signal(signal.SIGINT, interrupted)
         epoch_loop = trainer.fit_loop.epoch_loop
         if hasattr(epoch_loop, "_broadcast_sigterm_tensor"):
             epoch_loop._broadcast_sigterm_tensor = lambda: None
@@ -293,8 +300,8 @@ class StopOnRequest(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if not optimizer_stepped(trainer):
             return  # stop on a step boundary (and reduce across ranks once per step)
-        requested, terminated = self._any_rank(trainer, self.paths.stop_requested(),
-                                               self.signalled)
+        requested, terminated = self._any_rank(
+            trainer, self.interrupted or self.paths.stop_requested(), self.signalled)
         if requested or terminated:
             self.requested, self.terminated = requested, terminated
             trainer.should_stop = True

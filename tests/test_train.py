@@ -451,6 +451,32 @@ def test_a_run_folder_the_app_cannot_list_is_refused_by_hand(tmp_path, name):
     assert not run_dir.exists()
 
 
+def test_ctrl_c_stops_every_rank_after_its_step_as_a_stop_does(tmp_path):
+    """Ctrl-C in the terminal (SIGINT to the process group) failed the run with the bare text
+    ``KeyboardInterrupt`` and exit code 1, saving nothing since the last checkpoint."""
+    paths = RunPaths(tmp_path / "run")
+    log = tmp_path / "log"
+    with open(log, "w") as out:
+        trainer = subprocess.Popen(
+            [sys.executable, "-m", "mae_core.train", "--run-dir", str(paths.root), "--preset",
+             "vit-tiny", "--image-size", "32", "--patch-size", "8", "--batch-size", "4",
+             "--devices", "2", "--accelerator", "cpu", "--num-previews", "0",
+             "--checkpoint-every-n-steps", "2", "--max-steps", "1000"],
+            cwd=REPO_ROOT, env=clean_env(), stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    try:
+        assert poll(paths.last_ckpt.exists, 180), log.read_text()[-3000:]
+        os.killpg(trainer.pid, signal.SIGINT)
+        assert trainer.wait(timeout=90) == 0, log.read_text()[-3000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(trainer.pid, signal.SIGKILL)
+        trainer.wait()
+    status = paths.read_status()
+    assert status["state"] == "stopped" and not status.get("error"), status
+    assert status["step"] == _checkpoint_step(paths) == max(r["step"] for r in paths.read_metrics())
+
+
 def test_a_resume_by_hand_is_checked_as_the_apps_resume(tmp_path):
     """``--resume`` took a checkpoint with overwritten bytes (and trained on), and a max steps at
     or below the checkpoint's step ("finished" at once, the config rewritten); the app's Resume
