@@ -307,6 +307,7 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
             raise ConfigError("run_dir", f"rank 0 wrote no {paths.config}: this rank cannot start")
         if paths.config.exists():
             cfg = RunConfig.load(paths.config)
+            _require_launcher_world(cfg.with_overrides(**overrides))
             if args.resume and not paths.last_ckpt.exists():
                 raise ConfigError("resume", f"{paths.last_ckpt} does not exist: nothing to resume")
             if writer:
@@ -324,7 +325,9 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
     from mae_core.rundir import create_run
 
     base = RunConfig.load(args.config) if args.config else RunConfig()
-    cfg, summary = _resolve_data(base.with_overrides(**overrides).resolved())
+    resolved = base.with_overrides(**overrides).resolved()
+    _require_launcher_world(resolved)
+    cfg, summary = _resolve_data(resolved)
     # process.json goes in before config.yaml (what makes the directory a run): a reader never
     # sees a live run that has no process to check.
     paths = create_run(cfg, runs_dir=args.runs_dir, run_dir=run_dir,
@@ -350,6 +353,22 @@ def _check_continuation(cfg: RunConfig, paths: RunPaths, resume: bool,
     if changed:
         raise ConfigError(changed[0], "a resume continues the run's own model, which its checkpoint "
                                       "holds: start a new run to change it")
+
+
+def _require_launcher_world(cfg: RunConfig) -> None:
+    """Under torchrun, the processes it started are the run's: ``devices`` × ``num_nodes`` must
+    be torchrun's world size. (With --devices 1 under --nproc-per-node 2, two single-process runs
+    trained into one folder, each step logged twice; the reverse failed with a traceback.)"""
+    world = os.environ.get("WORLD_SIZE", "")
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not world.isdigit():
+        return
+    t = cfg.train
+    devices = t.devices if isinstance(t.devices, int) else None
+    if devices is not None and devices * t.num_nodes != int(world):
+        per_node = os.environ.get("LOCAL_WORLD_SIZE", "?")
+        raise ConfigError("devices", f"torchrun started {world} processes ({per_node} per node), "
+                          f"but devices × num_nodes is {devices} × {t.num_nodes}: give "
+                          f"--devices {per_node} --num-nodes <the number of nodes>")
 
 
 def _check_resumable(paths: RunPaths, cfg: RunConfig) -> None:

@@ -500,3 +500,18 @@ def test_a_resume_by_hand_is_checked_as_the_apps_resume(tmp_path):
     assert corrupt.returncode == 2, corrupt.stdout[-3000:]
     assert "last.ckpt" in corrupt.stdout and "Traceback" not in corrupt.stdout
     assert RunPaths(run).read_status()["state"] == "finished"
+
+
+def test_torchrun_processes_must_be_the_runs_devices_times_nodes(tmp_path):
+    """``--devices 1`` under ``torchrun --nproc-per-node 2``: two single-process runs trained into
+    one folder, each step logged twice, exit code 0."""
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+         "-m", "mae_core.train", "--run-dir", str(run), "--devices", "1", "--max-steps", "3",
+         "--image-size", "32", "--patch-size", "8", "--accelerator", "cpu"],
+        cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert ("error: devices: torchrun started 2 processes (2 per node), but devices × num_nodes "
+            "is 1 × 1: give --devices 2") in result.stdout + result.stderr
+    assert not run.exists()  # refused before anything was written
