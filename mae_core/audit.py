@@ -207,13 +207,14 @@ def format_table(result: Audit) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mae_core.audit", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="vit-tiny", help=f"preset: {', '.join(PRESETS)}")
+    d = ModelConfig()  # the trainer's own defaults: the model a plain run trains
+    parser.add_argument("--model", default=d.preset, help=f"preset: {', '.join(PRESETS)}")
     parser.add_argument("--timm-model", default="",
                         help="any timm VisionTransformer name as the encoder, instead of --model's")
-    parser.add_argument("--policy", default="ddp-clean", help=f"one of {', '.join(POLICIES)}")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--patch-size", type=int, default=16)
-    parser.add_argument("--in-chans", type=int, default=3,
+    parser.add_argument("--policy", default=d.policy, help=f"one of {', '.join(POLICIES)}")
+    parser.add_argument("--image-size", type=int, default=d.image_size)
+    parser.add_argument("--patch-size", type=int, default=d.patch_size)
+    parser.add_argument("--in-chans", type=int, default=d.channels,
                         help="channels per pixel (1 grayscale, 3 RGB, N multi-band)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
