@@ -373,8 +373,8 @@ class RunConfig:
         # resolved once, here, so both read the same one. "" stays the embedded photos.
         # A prepared set's URL (s3://...) is read by LitData as it is.
         remote = is_remote(t.data)
-        data = os.path.abspath(os.path.expanduser(t.data)) if t.data and not remote else t.data
-        eval_data = os.path.abspath(os.path.expanduser(t.eval_data)) if t.eval_data else ""
+        data = _absolute(t.data) if t.data and not remote else t.data
+        eval_data = _absolute(t.eval_data) if t.eval_data else ""
         train = dataclasses.replace(t, data=data, eval_data=eval_data, accelerator=accelerator, devices=devices,
                                     precision=precision, find_unused_parameters=find_unused,
                                     num_workers=workers)
@@ -460,6 +460,13 @@ def _build(cls: type, values: Any, section: str) -> Any:
 
 
 _SECTIONS = {"model": ModelConfig, "train": TrainConfig}
+
+
+def _absolute(folder: str) -> str:
+    expanded = os.path.expanduser(folder)
+    if expanded.startswith("~"):  # an unknown user: kept, so the data check says so in words
+        return folder
+    return os.path.abspath(expanded)
 
 
 class _StrictLoader(yaml.SafeLoader):

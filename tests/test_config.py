@@ -276,3 +276,14 @@ def test_a_section_or_field_written_twice_is_refused(tmp_path):
     once = tmp_path / "once.yaml"
     once.write_text("model:\n  preset: vit-tiny\ntrain:\n  max_steps: 5\n")
     assert RunConfig.load(once).train.max_steps == 5
+
+
+def test_a_data_folder_of_an_unknown_users_home_is_said_as_such():
+    """``~nosuchuser/x`` was made absolute against the working folder first, and then read
+    "data folder /current/dir/~nosuchuser/x does not exist"."""
+    from mae_core.data import DataError, check_data
+
+    cfg = RunConfig().with_overrides(data="~nosuchuser/x").resolved()
+    with pytest.raises(DataError, match="~nosuchuser names no home folder on this machine"):
+        check_data(cfg.train.data)
+    assert RunConfig().with_overrides(data="~/x").resolved().train.data.startswith("/")
