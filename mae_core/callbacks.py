@@ -346,7 +346,20 @@ def failure_text(paths: RunPaths, err: BaseException) -> str:
     error on one is "enforce fail at inline_container.cc ... unexpected pos"), with what it kept."""
     if is_disk_full(err):
         return full_disk_failure(paths.root, paths.last_ckpt, saved_step(paths))
-    return "".join(traceback.format_exception_only(type(err), err)).strip() or type(err).__name__
+    return (port_taken(err)
+            or "".join(traceback.format_exception_only(type(err), err)).strip()
+            or type(err).__name__)
+
+
+def port_taken(err: BaseException) -> str | None:
+    """Rank 0 could not listen on ``MASTER_PORT`` (left in the shell, or taken by another job),
+    in one line instead of torch's 45-line DistNetworkError."""
+    text = str(err)
+    if "EADDRINUSE" not in text and "address already in use" not in text.lower():
+        return None
+    port = os.environ.get("MASTER_PORT", "?")
+    return (f"MASTER_PORT={port} is in use by another process: unset MASTER_PORT (a free port "
+            "is then chosen) or give a free one")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

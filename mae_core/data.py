@@ -1,7 +1,9 @@
 """Training data: a folder of images (or the embedded sample photos), decoded once, augmented as MAE.
 
-Images are decoded once and cached in memory as small uint8 tensors (short side = 2 × image size),
-so an epoch costs crops and flips, not JPEG decodes. Augmentation is lightly's ``MAETransform``
+Images are decoded once and cached in memory as small tensors (short side 2 × image size, at most
+512; uint8, or uint16 for 16-bit grayscale and multi-band images), so an epoch costs crops and
+flips, not JPEG decodes; a folder too large for :data:`CACHE_LIMIT_BYTES` is decoded on every
+access instead (a large one is prepared and streamed, :mod:`mae_core.prepared`). Augmentation is lightly's ``MAETransform``
 (random resized crop with scale (0.2, 1), bicubic, horizontal flip) applied to those tensors; the
 normalisation runs batched on the training device (:meth:`MaskedAutoencoder.normalize`).
 """

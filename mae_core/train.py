@@ -489,7 +489,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 1
     except Exception as err:  # noqa: BLE001 - the traceback goes to train.log, the summary to status.json
-        traceback.print_exc()
+        from mae_core.callbacks import port_taken
+
+        taken = port_taken(err)
+        if taken:
+            print(f"error: {taken}", file=sys.stderr, flush=True)
+        else:
+            traceback.print_exc()
         if first_process() and paths.read_status().get("state") in LIVE_STATES:
             from mae_core.callbacks import record_failure  # before fit, or not written in it
 

@@ -385,6 +385,34 @@ def test_a_rank_a_launcher_started_says_it_waits_for_rank_0(tmp_path):
     assert not run_dir.exists()  # a later rank writes nothing
 
 
+def _signalled_run(tmp_path: Path, devices: int, image_size: int, signum: int,
+                   group: bool) -> tuple[RunPaths, int, str]:
+    """Start a long run by hand, send it ``signum`` (to its process group, or to rank 0 alone)
+    once it saved a checkpoint; (its paths, its exit code, the end of its output)."""
+    paths = RunPaths(tmp_path / "run")
+    log = tmp_path / "log"
+    with open(log, "w") as out:
+        trainer = subprocess.Popen(
+            [sys.executable, "-m", "mae_core.train", "--run-dir", str(paths.root), "--preset",
+             "vit-tiny", "--image-size", str(image_size), "--patch-size", "8", "--batch-size",
+             "4", "--devices", str(devices), "--accelerator", "cpu", "--num-previews", "0",
+             "--checkpoint-every-n-steps", "2", "--max-steps", "1000"],
+            cwd=REPO_ROOT, env=clean_env(), stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    try:
+        assert poll(paths.last_ckpt.exists, 180), log.read_text()[-3000:]
+        if group:
+            os.killpg(trainer.pid, signum)
+        else:
+            trainer.send_signal(signum)
+        code = trainer.wait(timeout=90)  # a hang (gloo's 10 minutes) fails here
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(trainer.pid, signal.SIGKILL)
+        trainer.wait()
+    return paths, code, log.read_text()[-3000:]
+
+
 @pytest.mark.parametrize(("devices", "to"), [(1, "process"), (2, "group"), (2, "process")],
                          ids=["one-process", "two-ranks-group", "two-ranks-rank-0"])
 def test_a_sigterm_ends_the_run_after_its_step_saying_so_and_resume_continues_it(tmp_path,
@@ -395,27 +423,8 @@ def test_a_sigterm_ends_the_run_after_its_step_saying_so_and_resume_continues_it
     minutes: Lightning's handler broadcast from inside the signal, into the other rank's gradient
     all-reduce. Now every rank stops after the same step and saves it, the run says what
     happened and where Resume takes it up, and Resume does."""
-    paths = RunPaths(tmp_path / "run")
-    log = tmp_path / "log"
-    with open(log, "w") as out:
-        trainer = subprocess.Popen(
-            [sys.executable, "-m", "mae_core.train", "--run-dir", str(paths.root), "--preset",
-             "vit-tiny", "--image-size", "64", "--patch-size", "8", "--batch-size", "4",
-             "--devices", str(devices), "--accelerator", "cpu", "--num-previews", "0",
-             "--checkpoint-every-n-steps", "2", "--max-steps", "1000"],
-            cwd=REPO_ROOT, env=clean_env(), stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True)
-    try:
-        assert poll(paths.last_ckpt.exists, 180), log.read_text()[-3000:]
-        if to == "group":
-            os.killpg(trainer.pid, signal.SIGTERM)
-        else:
-            trainer.send_signal(signal.SIGTERM)
-        assert trainer.wait(timeout=90) == 1, log.read_text()[-3000:]
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(trainer.pid, signal.SIGKILL)
-        trainer.wait()
+    paths, code, log = _signalled_run(tmp_path, devices, 64, signal.SIGTERM, group=to == "group")
+    assert code == 1, log
     step = _checkpoint_step(paths)
     status = paths.read_status()
     assert status["state"] == "failed", status
@@ -454,24 +463,8 @@ def test_a_run_folder_the_app_cannot_list_is_refused_by_hand(tmp_path, name):
 def test_ctrl_c_stops_every_rank_after_its_step_as_a_stop_does(tmp_path):
     """Ctrl-C in the terminal (SIGINT to the process group) failed the run with the bare text
     ``KeyboardInterrupt`` and exit code 1, saving nothing since the last checkpoint."""
-    paths = RunPaths(tmp_path / "run")
-    log = tmp_path / "log"
-    with open(log, "w") as out:
-        trainer = subprocess.Popen(
-            [sys.executable, "-m", "mae_core.train", "--run-dir", str(paths.root), "--preset",
-             "vit-tiny", "--image-size", "32", "--patch-size", "8", "--batch-size", "4",
-             "--devices", "2", "--accelerator", "cpu", "--num-previews", "0",
-             "--checkpoint-every-n-steps", "2", "--max-steps", "1000"],
-            cwd=REPO_ROOT, env=clean_env(), stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True)
-    try:
-        assert poll(paths.last_ckpt.exists, 180), log.read_text()[-3000:]
-        os.killpg(trainer.pid, signal.SIGINT)
-        assert trainer.wait(timeout=90) == 0, log.read_text()[-3000:]
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(trainer.pid, signal.SIGKILL)
-        trainer.wait()
+    paths, code, log = _signalled_run(tmp_path, 2, 32, signal.SIGINT, group=True)
+    assert code == 0, log
     status = paths.read_status()
     assert status["state"] == "stopped" and not status.get("error"), status
     assert status["step"] == _checkpoint_step(paths) == max(r["step"] for r in paths.read_metrics())
@@ -515,3 +508,24 @@ def test_torchrun_processes_must_be_the_runs_devices_times_nodes(tmp_path):
     assert ("error: devices: torchrun started 2 processes (2 per node), but devices × num_nodes "
             "is 1 × 1: give --devices 2") in result.stdout + result.stderr
     assert not run.exists()  # refused before anything was written
+
+
+def test_a_taken_master_port_is_said_in_one_line(tmp_path):
+    """A MASTER_PORT left in the shell that another process listens on: torch's 45-line
+    DistNetworkError (EADDRINUSE) was the run's record and its output."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = tmp_path / "run"
+        result = _train(tmp_path, "--run-dir", str(run), "--preset", "vit-tiny", "--image-size",
+                        "32", "--patch-size", "8", "--batch-size", "4", "--devices", "2",
+                        "--accelerator", "cpu", "--max-steps", "2", "--num-previews", "0",
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    said = f"MASTER_PORT={port} is in use by another process: unset MASTER_PORT"
+    assert result.returncode == 1 and f"error: {said}" in result.stdout, result.stdout[-3000:]
+    assert "Traceback" not in result.stdout
+    status = RunPaths(run).read_status()
+    assert status["state"] == "failed" and status["error"].startswith(said), status

@@ -132,7 +132,11 @@ def test_a_chosen_run_shows_its_model_in_the_fields_and_an_edit_leaves_the_run(t
     picked = wired(demo, "param-run", "input")
     shown = {block.elem_id: value for block, value in picked[0].fn(paths.run_id).items()}
     assert shown == {"param-preset": "vit-small", "param-image": 40, "param-patch": 8,
-                     "param-timm": ""}
+                     "param-timm": "", "params-message": ""}
+    # No run: only the message is cleared, the fields stay what is audited (an empty dict of
+    # updates read as one value for five outputs, and the event failed).
+    none = {block.elem_id: value for block, value in picked[0].fn("").items()}
+    assert none == {"params-message": ""}
     assert picked[-1].fn is wired(demo, "audit-btn", "click")[0].fn  # then audits it
     # Opening the tab picks the Train tab's run: its model is shown the same way.
     assert picked[0].fn in [f.fn for f in wired(demo, "tab-parameters", "select")]
