@@ -244,10 +244,11 @@ class StopOnRequest(pl.Callback):
     hang DDP. The reduction runs over gloo on host tensors: on GPUs a side group, so the check
     never waits for the device (an NCCL reduction read back on the host would, every step).
 
-    SIGTERM is only noted in the handler. Lightning's own handler broadcasts from inside it, and
-    that broadcast met the other rank's gradient all-reduce: a group SIGTERM hung the run until
-    gloo's 10-minute timeout. Its per-step broadcast of the flag (a device sync every step on
-    GPUs) has nothing left to carry, and is switched off.
+    SIGTERM and SIGINT are only noted in their handlers. Lightning's own SIGTERM handler
+    broadcasts from inside the signal, and that broadcast met the other rank's gradient
+    all-reduce: a group SIGTERM hung the run until gloo's 10-minute timeout. Its per-step
+    broadcast of the flag (a device sync every step on GPUs) has nothing left to carry, and is
+    switched off.
     """
 
     def __init__(self, paths: RunPaths, recorder: ProgressRecorder) -> None:
@@ -263,9 +264,9 @@ class StopOnRequest(pl.Callback):
         # Every rank creates the group at the same point (new_group is collective).
         if _distributed(trainer) and dist.get_backend() != "gloo":
             self._group = dist.new_group(backend="gloo")
-        self._take_sigterm(trainer)
+        self._take_signals(trainer)
 
-    def _take_sigterm(self, trainer: pl.Trainer) -> None:
+    def _take_signals(self, trainer: pl.Trainer) -> None:
         import signal
         import threading
 
