@@ -8,11 +8,9 @@ and ``Previews`` (fixed reconstructions every N steps); the loggers are :mod:`ma
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,6 @@ from mae_core.fileio import (
     atomic_write,
     atomic_write_text,
     fsync_file,
-    is_disk_full,
     read_regular_bytes,
     remove_stale_temp_files,
 )
@@ -38,8 +35,8 @@ from mae_core.hardware import device_peak, mfu
 from mae_core.loggers import board_scalars, tensorboard
 from mae_core.model import MAELightning
 from mae_core.reconstruct import grid_image, reconstruct
-from mae_core.diskspace import full_disk_failure
-from mae_core.rundir import RunPaths, saved_step
+from mae_core.rundir import RunPaths
+from mae_core.slurm import on_slurm
 from mae_core.weights import save_weights
 
 PREVIEW_SEED = 0
@@ -249,6 +246,9 @@ class StopOnRequest(pl.Callback):
     all-reduce: a group SIGTERM hung the run until gloo's 10-minute timeout. Its per-step
     broadcast of the flag (a device sync every step on GPUs) has nothing left to carry, and is
     switched off.
+
+    Under SLURM, the requeue signal (``sbatch --signal=USR1@90``) stops the run the same way
+    (``requeue``; :mod:`mae_core.slurm`), not Lightning's handler, which saved inside the signal.
     """
 
     def __init__(self, paths: RunPaths, recorder: ProgressRecorder) -> None:
@@ -258,6 +258,8 @@ class StopOnRequest(pl.Callback):
         self.terminated = False
         self.signalled = False  # SIGTERM reached this rank
         self.interrupted = False  # Ctrl-C (SIGINT) did
+        self.requeue = False  # SLURM's requeue signal stopped the run
+        self.requeue_signalled = False  # and reached this rank
         self._group: Any = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -284,9 +286,14 @@ class StopOnRequest(pl.Callback):
             self.interrupted = True
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
+        def requeue_noted(signum: int, frame: Any) -> None:
+            self.requeue_signalled = True
+
         # Lightning puts back the handlers it found when fit ends, so these go with its own.
         signal.signal(signal.SIGTERM, noted)
         signal.signal(signal.SIGINT, interrupted)
+        if on_slurm(trainer):
+            signal.signal(signal.SIGUSR1, requeue_noted)
         epoch_loop = trainer.fit_loop.epoch_loop
         if hasattr(epoch_loop, "_broadcast_sigterm_tensor"):
             epoch_loop._broadcast_sigterm_tensor = lambda: None
@@ -301,10 +308,11 @@ class StopOnRequest(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if not optimizer_stepped(trainer):
             return  # stop on a step boundary (and reduce across ranks once per step)
-        requested, terminated = self._any_rank(
-            trainer, self.interrupted or self.paths.stop_requested(), self.signalled)
-        if requested or terminated:
-            self.requested, self.terminated = requested, terminated
+        requested, terminated, requeue = self._any_rank(
+            trainer, self.interrupted or self.paths.stop_requested(), self.signalled,
+            self.requeue_signalled)
+        if requested or terminated or requeue:
+            self.requested, self.terminated, self.requeue = requested, terminated, requeue
             trainer.should_stop = True
             if trainer.is_global_zero:
                 self.recorder.flush(trainer)
@@ -313,54 +321,6 @@ class StopOnRequest(pl.Callback):
 
 def _distributed(trainer: pl.Trainer) -> bool:
     return trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
-
-
-class RecordFailure(pl.Callback):
-    """Rank 0 writes why fit failed into status.json from Lightning's ``on_exception``: before
-    the trainer's teardown closes the process group. After it, rank 1 dies of the closed
-    connection and Lightning's child watcher SIGKILLs rank 0, sometimes before it had written
-    anything (a full disk then read "the trainer process is gone"). What cannot be written here
-    (a full disk) is tried again by :func:`mae_core.train.main`."""
-
-    def __init__(self, paths: RunPaths) -> None:
-        self.paths = paths
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                     exception: BaseException) -> None:
-        # Lightning calls the strategy's on_exception only after the callbacks', and that is where
-        # DDP explains its bare "Expected to have finished reduction" (parameters not used in the
-        # loss). Asked first here, so the record carries it; asking twice changes nothing more.
-        trainer.strategy.on_exception(exception)
-        if trainer.is_global_zero:
-            with contextlib.suppress(OSError):  # never in place of the exception being handled
-                record_failure(self.paths, exception)
-
-
-def record_failure(paths: RunPaths, err: BaseException) -> None:
-    """The run failed with ``err`` (being handled): status.json says so, with the traceback's end."""
-    paths.write_status(state="failed", error=failure_text(paths, err),
-                       log_tail=traceback.format_exc()[-4000:])
-
-
-def failure_text(paths: RunPaths, err: BaseException) -> str:
-    """Why the run failed, for a person: a full disk is said in those words (torch.save's own
-    error on one is "enforce fail at inline_container.cc ... unexpected pos"), with what it kept."""
-    if is_disk_full(err):
-        return full_disk_failure(paths.root, paths.last_ckpt, saved_step(paths))
-    return (port_taken(err)
-            or "".join(traceback.format_exception_only(type(err), err)).strip()
-            or type(err).__name__)
-
-
-def port_taken(err: BaseException) -> str | None:
-    """Rank 0 could not listen on ``MASTER_PORT`` (left in the shell, or taken by another job),
-    in one line instead of torch's 45-line DistNetworkError."""
-    text = str(err)
-    if "EADDRINUSE" not in text and "address already in use" not in text.lower():
-        return None
-    port = os.environ.get("MASTER_PORT", "?")
-    return (f"MASTER_PORT={port} is in use by another process: unset MASTER_PORT (a free port "
-            "is then chosen) or give a free one")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -20,7 +20,9 @@ stretch for 16-bit and non-RGB images).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -192,6 +194,44 @@ def colorbar(width: int = 256, height: int = 14) -> Image.Image:
     ramp = colormap(torch.linspace(0, 1, width))  # (width, 3)
     strip = ramp[None].expand(height, width, 3)
     return Image.fromarray((strip * 255).round().byte().numpy())
+
+
+def read_uploads(paths: Iterable[str | Path], channels: int, size: int, limit: int | None = None
+                 ) -> tuple[list[tuple[str, Tensor]], list[tuple[str, str]]]:
+    """Image files read for a model of ``channels`` channels and ``size`` pixels, as
+    :func:`reconstruct_uploads` takes them: (readable images, refused files with the reason).
+
+    Each image is its centre square at ``size`` (a uint8 or uint16 (C, size, size) tensor from
+    :func:`mae_core.pixels.read_for`), what the model is shown, named by its file name. A file that
+    cannot be used (not an image, corrupt, a decompression bomb, a channel count the model does
+    not take, unreadable) is refused with a reason for a person to read, so one bad file spoils
+    nothing; so is every file past the first ``limit`` images.
+
+    Example:
+        >>> images, refused = read_uploads(["photo.jpg", "notes.txt"], channels=3, size=64)
+        >>> refused
+        [('notes.txt', 'not an image file (or a format Pillow cannot read)')]
+        >>> reconstruct_uploads(model, images, mask_ratio=0.75, seed=0)
+    """
+    from mae_core.images import ImageError, center_square
+    from mae_core.pixels import read_for
+
+    images: list[tuple[str, Tensor]] = []
+    refused: list[tuple[str, str]] = []
+    for path in map(Path, paths):
+        if limit is not None and len(images) >= limit:
+            refused.append((path.name, f"over the {limit} images of one request"))
+            continue
+        try:
+            # Cut down before the next file decodes: 16 full-size 8000×8000 uploads held at once
+            # took 4 GB.
+            image = center_square(read_for(path, channels, name=path.name), size)
+            images.append((path.name, image))
+        except ImageError as err:  # its message already starts with the file's name
+            refused.append((path.name, str(err).removeprefix(f"{path.name}: ")))
+        except OSError as err:
+            refused.append((path.name, f"could not be read ({err.strerror or err})"))
+    return images, refused
 
 
 @dataclass

@@ -73,7 +73,7 @@ class QueuedRuns:
     def enqueue(self, cfg: RunConfig) -> tuple[str, int]:
         """Check ``cfg`` and its data as :meth:`start` does, and queue it behind the live run and
         the runs already waiting; (run id, position). :meth:`advance_queue` launches it."""
-        from mae_core.runs import require_one_node  # (runs builds on this module)
+        from mae_core.resumecheck import require_one_node  # (runs builds on this module)
 
         require_one_node(cfg)
         cfg, summary = resolve_data(cfg.resolved())  # in_chans and statistics from the data

@@ -29,18 +29,20 @@ from typing import Any
 from mae_core import process as proc
 from mae_core.channels import resolve_channels, resolve_data
 from mae_core.checks import shown
-from mae_core.config import ConfigError, RunConfig
+from mae_core.config import RunConfig
 from mae_core.data import check_data
 from mae_core.diskspace import check_room, full_disk_message, same_disk, still_to_write
 from mae_core.fileio import DiskFullError, atomic_write_json, disk_nearly_full
 from mae_core.process import PROJECT_ROOT  # noqa: F401 - re-exported for callers and tests
+from mae_core.resumecheck import (require_devices, require_one_node, require_same_model,
+                                  require_steps_left)
 from mae_core.rundir import (DEFAULT_RUNS_DIR, LIVE_STATES, RUN_ID_RULE,  # noqa: F401
                              TRASH_PREFIX, RunError, RunPaths, checkpoint_step, create_run,
                              preview_step,
                              saved_step, state_unknown, valid_run_id)
 from mae_core.runqueue import QueuedRuns, RunQueue
 from mae_core.runwatch import TrainerWatch
-from mae_core.weights import checkpoint_mismatch, export_encoder, timm_snippet
+from mae_core.weights import export_encoder, timm_snippet
 
 # The lock file apps sharing a runs directory take before they check for a live run and launch.
 LOCK_NAME = ".runs.lock"
@@ -135,7 +137,7 @@ class RunManager(QueuedRuns, TrainerWatch):
         CPU run, each run naming no GPUs) needs them all, so it waits for every other.
         """
         for run_id, other in self._live_configs(exclude):
-            if _share_devices(cfg, other):
+            if share_devices(cfg, other):
                 return run_id
         return None
 
@@ -157,7 +159,7 @@ class RunManager(QueuedRuns, TrainerWatch):
         nothing: it cannot start before they end."""
         held = {}
         for run_id, other in self._live_configs(exclude):
-            if other is None or _share_devices(cfg, other):
+            if other is None or share_devices(cfg, other):
                 continue
             root = self.paths(run_id).root
             if same_disk(root, folder):
@@ -261,14 +263,14 @@ class RunManager(QueuedRuns, TrainerWatch):
         if max_steps is not None:
             cfg = cfg.with_overrides(max_steps=max_steps)
         require_one_node(cfg, run_id)
-        _require_devices(cfg, run_id)
+        require_devices(cfg, run_id)
         resolve_channels(cfg, check_data(cfg.train.data))  # outside the locks; channels still match
         self._require_room(cfg, paths.root, resuming=True, exclude=run_id)
         # Its bytes are checked outside the locks: reading a large checkpoint through takes
         # seconds, and every status call would wait for it. Under them, its step is read again.
         if paths.last_ckpt.is_file():  # a missing one is refused under them, after a live run
             checkpoint_step(paths.last_ckpt)
-            _require_same_model(paths, cfg)
+            require_same_model(paths, cfg)
         with self._exclusive():
             self._refuse_if_busy(cfg, exclude=run_id)
             status = self.status(run_id)
@@ -280,7 +282,7 @@ class RunManager(QueuedRuns, TrainerWatch):
                 raise RunError(f"run {run_id} has finished; raise max steps above "
                                f"{status.get('step')} to train it further")
             step = checkpoint_step(paths.last_ckpt, verify=False)
-            _require_steps_left(cfg, step, run_id)
+            require_steps_left(cfg, step, run_id)
             self._wait_for_exit(paths)
             cfg.save(paths.config)
             paths.clear_stop_request()
@@ -467,60 +469,11 @@ def _read_only(folder: Path) -> bool:
         return False
 
 
-def _share_devices(cfg: RunConfig, other: RunConfig | None) -> bool:
+def share_devices(cfg: RunConfig, other: RunConfig | None) -> bool:
     """Whether runs of ``cfg`` and ``other`` would share a device: a run naming no GPUs (each CPU
     run) uses them all, and an unreadable config (None) is assumed to."""
     wanted, held = cfg.train.gpu_set, other.train.gpu_set if other is not None else None
     return wanted is None or held is None or bool(wanted & held)
-
-
-def check_resumable(paths: RunPaths, cfg: RunConfig) -> int:
-    """The step ``paths``' ``last.ckpt`` resumes ``cfg`` from, once its bytes, its model and
-    ``cfg``'s max steps allow it (RunError says why not): what Resume checks, in the app and in
-    ``python -m mae_core.train --resume`` (which took an overwritten checkpoint, or max steps at
-    or below its step, and "finished" at once)."""
-    step = checkpoint_step(paths.last_ckpt)
-    _require_same_model(paths, cfg)
-    _require_steps_left(cfg, step, paths.run_id)
-    return step
-
-
-def _require_steps_left(cfg: RunConfig, step: int, run_id: str) -> None:
-    # max_steps -1 trains by epochs (max_epochs): no step count to be above.
-    if cfg.train.max_steps != -1 and cfg.train.max_steps <= step:
-        raise RunError(f"the checkpoint of {run_id} is at step {step}: raise max steps "
-                       f"above {step} to train it further")
-
-
-def _require_same_model(paths: RunPaths, cfg: RunConfig) -> None:
-    """Refuse a ``last.ckpt`` of another model before a trainer is launched on it."""
-    mismatch = checkpoint_mismatch(paths.last_ckpt, cfg.model)
-    if mismatch:
-        raise RunError(f"{paths.last_ckpt} is not a checkpoint of this run's model "
-                       f"({cfg.model.encoder_name}, {cfg.model.image_size} px / patch "
-                       f"{cfg.model.patch_size}): {mismatch}. It cannot be resumed; start a new "
-                       "run, or put back the last.ckpt this run wrote")
-
-
-def require_one_node(cfg: RunConfig, run_id: str | None = None) -> None:
-    """The app launches one machine's processes: a run on several nodes starts and resumes from
-    their launcher (it waited in "starting" for nodes that never came)."""
-    nodes = cfg.train.num_nodes
-    if nodes > 1:
-        what = f"run {run_id} trains" if run_id else "a run"
-        raise RunError(f"{what} on {nodes} nodes: the app starts one machine's processes; "
-                       "run it on every node with torchrun or srun (python -m mae_core.train "
-                       f"--num-nodes {nodes} ...{' --resume' if run_id else ''})")
-
-
-def _require_devices(cfg: RunConfig, run_id: str) -> None:
-    """The devices the run trained on are still here: checked as Start checks them (after an app
-    restart under a narrower CUDA_VISIBLE_DEVICES, or on a machine with fewer cores, the trainer
-    failed at launch instead)."""
-    try:
-        cfg.resolved()
-    except ConfigError as err:
-        raise RunError(f"run {run_id} cannot be resumed here: {err}") from None
 
 
 def _unlink_run_folder(root: Path, runs_dir: Path) -> tuple[Path | None, Path | None]:

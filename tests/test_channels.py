@@ -484,7 +484,7 @@ def test_train_tab_says_what_kind_of_images_it_found(tmp_path):
 def test_a_copied_run_recomputes_its_statistics_from_the_data_it_names(runs, tmp_path):
     from mae_core.channels import for_new_data
     from mae_core.runs import RunManager
-    from ui.train import form_from_run
+    from ui.configfile import form_from_run
 
     folder, paths = runs["gray16"]
     cfg = RunConfig.load(paths.config)

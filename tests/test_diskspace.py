@@ -29,7 +29,6 @@ from mae_core.fileio import (DiskFullError, atomic_write, free_bytes,
                              is_disk_full, read_json)
 from mae_core.rundir import LIVE_STATES, RunPaths, create_run, process_record
 from mae_core.runs import RunError, RunManager, checkpoint_step
-from mae_core.callbacks import failure_text
 
 CHECKPOINT_EVERY = 2
 STARTUP_S = 240  # generous: two CPU ranks start in ~10 s here, longer on a busy machine
@@ -282,17 +281,6 @@ def test_a_full_disk_mid_run_fails_it_with_that_reason_and_loses_nothing(small_d
     done = poll(lambda: (s := manager.status(run_id))["state"] not in LIVE_STATES and s, STARTUP_S)
     assert done and done["state"] == "finished", paths.log_tail()
     assert checkpoint_step(paths.last_ckpt) == kept + CHECKPOINT_EVERY
-
-
-def test_failure_text_names_a_full_disk_whatever_raised_it(tmp_path):
-    from mae_core.rundir import RunPaths
-
-    paths = RunPaths(tmp_path)
-    wrapped = RuntimeError("enforce fail at inline_container.cc:672 . unexpected pos 576 vs 534")
-    wrapped.__cause__ = OSError(28, "No space left on device")
-    assert failure_text(paths, wrapped).startswith("the disk is full")
-    assert failure_text(paths, ValueError("bad value")) == "ValueError: bad value"
-    assert "is intact" not in failure_text(paths, wrapped)  # there is no checkpoint to speak of
 
 
 def test_a_trainer_that_died_with_no_room_to_say_why_is_said_to_have_filled_the_disk(

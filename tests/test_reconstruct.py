@@ -1,16 +1,22 @@
 """mae_core.reconstruct: the reconstruction panels borrow each masked patch's mean and contrast from
-the input under norm_pix_loss, and the model's own output is shown beside them as it is."""
+the input under norm_pix_loss, and the model's own output is shown beside them as it is; uploads are
+read at the model's size, each unusable file refused by name with its reason."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from lightly.models import utils
+from PIL import Image
 
 from mae_core.config import ModelConfig
 from mae_core.model import MaskedAutoencoder
 from mae_core.reconstruct import (MODEL_PANEL_TITLES, NEUTRAL_CONTRAST, grid_image, model_panels,
-                                  neutral, panels, reconstruct, reconstruct_uploads, to_pil)
+                                  neutral, panels, read_uploads, reconstruct, reconstruct_uploads,
+                                  to_pil)
 
 MODEL = ModelConfig(image_size=32, patch_size=8, norm_pix_loss=True)
 
@@ -92,8 +98,6 @@ def test_without_norm_pix_loss_the_reconstruction_is_the_output_and_no_extra_pan
 
 
 def test_uploads_carry_the_model_panels_and_the_grid_can_show_them():
-    from PIL import Image
-
     model = MaskedAutoencoder(MODEL)
     upload = Image.fromarray(photos(1)[0].permute(1, 2, 0).numpy())
     [view] = reconstruct_uploads(model, [("a.png", upload)], 0.75, 0, display=64)
@@ -105,3 +109,38 @@ def test_uploads_carry_the_model_panels_and_the_grid_can_show_them():
     assert wide.size == (6 * 32 + 10, 2 * 32 + 2)
     assert wide.crop((4 * 34, 0, 4 * 34 + 32, 32)).tobytes() == to_pil(results[0].model_output).tobytes()
     assert len(panels(results[0])) == 4
+
+
+# --- reading uploads ----------------------------------------------------------------------------
+
+def photo_file(path: Path, size=(48, 40)) -> Path:
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3),
+                                                      dtype=np.uint8)).save(path)
+    return path
+
+
+def test_uploads_are_cut_to_the_model_size_as_they_are_decoded(tmp_path):
+    """16 full-size uploads were all held at full resolution until the last decoded (4 GB for
+    8000×8000 PNGs): each is now its centre square at the model's size as soon as it is read."""
+    import tifffile
+
+    wide = photo_file(tmp_path / "wide.png", size=(900, 300))
+    scan = tmp_path / "scan.tif"
+    tifffile.imwrite(scan, np.full((500, 700), 40_000, dtype=np.uint16))
+    images, refused = read_uploads([wide, scan], 3, 32)
+    assert refused == [] and [name for name, _ in images] == ["wide.png", "scan.tif"]
+    assert all(tuple(image.shape) == (3, 32, 32) for _, image in images)
+    gray, _ = read_uploads([str(scan)], 1, 24)
+    assert tuple(gray[0][1].shape) == (1, 24, 24) and gray[0][1].dtype == torch.uint16
+
+
+def test_unusable_uploads_and_those_past_the_limit_are_refused_by_name_with_the_reason(tmp_path):
+    notes, missing = tmp_path / "notes.png", tmp_path / "gone.jpg"
+    notes.write_text("these are my notes, not a picture")
+    pictures = [photo_file(tmp_path / f"p{i}.png") for i in range(3)]
+    images, refused = read_uploads([notes, missing, *pictures], 3, 32, limit=2)
+    assert [name for name, _ in images] == ["p0.png", "p1.png"]
+    reasons = dict(refused)
+    assert list(reasons) == ["notes.png", "gone.jpg", "p2.png"]
+    assert reasons["notes.png"].startswith("not an image") and "no such file" in reasons["gone.jpg"]
+    assert reasons["p2.png"] == "over the 2 images of one request"

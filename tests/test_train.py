@@ -385,19 +385,23 @@ def test_a_rank_a_launcher_started_says_it_waits_for_rank_0(tmp_path):
     assert not run_dir.exists()  # a later rank writes nothing
 
 
+def _long_run(run_dir: Path, devices: int, image_size: int, max_steps: int = 1000) -> list[str]:
+    return ["--run-dir", str(run_dir), "--preset", "vit-tiny", "--image-size", str(image_size),
+            "--patch-size", "8", "--batch-size", "4", "--devices", str(devices), "--accelerator",
+            "cpu", "--num-previews", "0", "--checkpoint-every-n-steps", "2", "--max-steps",
+            str(max_steps)]
+
+
 def _signalled_run(tmp_path: Path, devices: int, image_size: int, signum: int,
-                   group: bool) -> tuple[RunPaths, int, str]:
+                   group: bool, **env: str) -> tuple[RunPaths, int, str]:
     """Start a long run by hand, send it ``signum`` (to its process group, or to rank 0 alone)
     once it saved a checkpoint; (its paths, its exit code, the end of its output)."""
     paths = RunPaths(tmp_path / "run")
     log = tmp_path / "log"
     with open(log, "w") as out:
         trainer = subprocess.Popen(
-            [sys.executable, "-m", "mae_core.train", "--run-dir", str(paths.root), "--preset",
-             "vit-tiny", "--image-size", str(image_size), "--patch-size", "8", "--batch-size",
-             "4", "--devices", str(devices), "--accelerator", "cpu", "--num-previews", "0",
-             "--checkpoint-every-n-steps", "2", "--max-steps", "1000"],
-            cwd=REPO_ROOT, env=clean_env(), stdout=out, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "mae_core.train", *_long_run(paths.root, devices, image_size)],
+            cwd=REPO_ROOT, env=clean_env(**env), stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True)
     try:
         assert poll(paths.last_ckpt.exists, 180), log.read_text()[-3000:]
@@ -447,6 +451,40 @@ def test_a_sigterm_ends_the_run_after_its_step_saying_so_and_resume_continues_it
     assert paths.read_status()["state"] == "finished" and _checkpoint_step(paths) == step + 1
     assert [row["step"] for row in paths.read_metrics() if "loss" in row] == \
         list(range(1, step + 2))
+
+
+def test_slurms_requeue_signal_saves_the_step_requeues_and_the_next_start_continues(tmp_path):
+    """``sbatch --requeue --signal=USR1@90``: Lightning's own requeue handler saved from inside
+    the signal, mid-step (the same DDP hang as its SIGTERM broadcast), and the requeued job, the
+    same command, was refused ("holds a trained run: add --resume"). Now the run stops after its
+    step, saved, asks SLURM to requeue the job, and the requeued start continues it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"  # SLURM's, as a stand-in that records what it was asked
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.calls'}\n")
+    scontrol.chmod(0o755)
+    slurm = dict(SLURM_NTASKS="1", SLURM_JOB_NAME="mae", SLURM_JOB_ID="4242", SLURM_PROCID="0",
+                 SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_NODELIST="localhost",
+                 PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    paths, code, log = _signalled_run(tmp_path, 1, 32, signal.SIGUSR1, group=False, **slurm)
+    assert code == 0, log
+    step = _checkpoint_step(paths)
+    status = paths.read_status()
+    assert status["state"] == "stopped" and status["step"] == step, status
+    assert "requeued SLURM job 4242: its next start continues the run" in log
+    assert (tmp_path / "scontrol.calls").read_text() == "requeue 4242\n"
+
+    # The requeued job: the same command (here with max steps cut short), SLURM_RESTART_COUNT=1.
+    command = _long_run(paths.root, 1, 32, max_steps=step + 2)
+    again = _train(tmp_path, *command, SLURM_RESTART_COUNT="1", **slurm)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert paths.read_status()["state"] == "finished" and _checkpoint_step(paths) == step + 2
+    assert [r["step"] for r in paths.read_metrics() if "loss" in r] == list(range(1, step + 3))
+    # Started once more (or by a script with --auto-resume) after it finished: nothing to do.
+    done = _train(tmp_path, *command, "--auto-resume")
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert f"already finished at step {step + 2}: nothing to do" in done.stdout
+    assert _checkpoint_step(paths) == step + 2
 
 
 @pytest.mark.parametrize("name", ["my run", "été", ".hidden"])

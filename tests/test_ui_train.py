@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from mae_core.config import ConfigError, ModelConfig, RunConfig, TrainConfig
 from mae_core.fileio import atomic_write_json
@@ -23,7 +20,7 @@ from mae_core.process import process_record
 from mae_core.rundir import LIVE_STATES, RunPaths, create_run
 from mae_core.runs import RunError
 from ui import train
-from ui.common import AppContext, UserError, form_values, user_errors
+from ui.common import AppContext, UserError, form_values
 
 TINY = RunConfig(model=ModelConfig(image_size=32, patch_size=8),
                  train=TrainConfig(accelerator="cpu", devices=1, batch_size=4, max_steps=4,
@@ -321,88 +318,6 @@ def test_start_launches_a_real_run_that_finishes(ctx):
     assert out["resume"]["interactive"] is False and out["start"]["interactive"] is True
 
 
-# --- the form and config files ----------------------------------------------------------------
-
-def test_config_yaml_round_trips_into_the_form():
-    values = {**form_values(TINY), "preset": "vit-small", "seed": 7, "base_lr": 3e-4,
-              "policy": "reference", "max_epochs": 2}
-    path = train.config_yaml_file(values)
-    assert Path(path).read_text().startswith("model:")
-    back = train.form_from_yaml(path)
-    assert back["preset"] == "vit-small" and back["seed"] == 7 and back["policy"] == "reference"
-    assert back == {**values, "max_epochs": 2}
-    with pytest.raises(ConfigError, match="batch_size"):
-        train.config_yaml_file({**values, "batch_size": "abc"})
-
-
-def test_copy_a_runs_config_into_the_form(ctx):
-    paths = make_run(ctx)
-    assert train.form_from_run(ctx.manager, paths.run_id) == form_values(TINY.resolved())
-    with pytest.raises(UserError):
-        train.form_from_run(ctx.manager, None)
-
-
-@pytest.mark.parametrize("content,words", [
-    (b"model: [unclosed\n", "not valid YAML"),
-    (b"hello: world\n", "hello"),
-    (b"- just\n- a list\n", "mapping"),
-    (b"model:\n  image_size: 36\n", "image_size"),
-    (b"train:\n  batch_sise: 8\n", "batch_sise"),
-])
-def test_a_bad_config_file_gives_a_clear_error(tmp_path, content, words):
-    path = tmp_path / "config.yaml"
-    path.write_bytes(content)
-    with pytest.raises(ConfigError, match=words):
-        train.form_from_yaml(str(path))
-
-
-def test_a_bad_uploaded_config_names_the_file_not_the_servers_folder(tmp_path):
-    upload = tmp_path / "gradio" / "3f9a0c1d" / "bad.yaml"  # where Gradio keeps an upload
-    upload.parent.mkdir(parents=True)
-    for content in (b"model: [unclosed\n", b"- just\n- a list\n"):
-        upload.write_bytes(content)
-        with pytest.raises(ConfigError) as caught:
-            train.form_from_yaml(str(upload))
-        assert "bad.yaml" in str(caught.value), content
-        assert str(upload.parent) not in str(caught.value), content
-
-
-def test_a_refused_download_takes_back_the_earlier_file(ctx):
-    """A valid form downloaded, then made invalid: the refusal says why and no longer offers
-    the earlier YAML (another form's config) for download."""
-    from ui import build_app
-    from ui.common import FIELD_NAMES
-
-    demo = build_app(ctx.manager)
-    [download] = [f for f in demo.fns.values() if f.api_name == "download_config"]
-    by_id = {getattr(block, "elem_id", None): block for block in demo.blocks.values()}
-    config_file, message = by_id["config-file"], by_id["train-message"]
-    values = form_values(TINY)
-    good = download.fn(*(values[name] for name in FIELD_NAMES))
-    assert Path(good[config_file]).is_file()
-    bad = download.fn(*({**values, "batch_size": "abc"}[name] for name in FIELD_NAMES))
-    assert "batch_size" in bad[message] and 'data-kind="error"' in bad[message]
-    assert config_file in bad and bad[config_file] is None
-
-
-def test_a_non_text_file_is_refused_as_a_user_error(tmp_path):
-    """An image uploaded by mistake is refused with a readable message, not an internal error."""
-    path = tmp_path / "photo.yaml"
-    Image.new("RGB", (16, 16), (200, 10, 10)).save(path, format="PNG")
-    with pytest.raises(user_errors()) as caught:
-        train.form_from_yaml(str(path))
-    assert "photo.yaml" in str(caught.value)
-
-
-def test_a_huge_or_missing_config_file_is_refused(tmp_path):
-    big = tmp_path / "big.yaml"
-    big.write_text("# " + "x" * 1_100_000 + "\n")
-    with pytest.raises(UserError, match="1 MB"):
-        train.form_from_yaml(str(big))
-    with pytest.raises(UserError, match="Choose a config file"):
-        train.form_from_yaml(None)
-
-
 def test_queue_is_offered_while_a_run_is_live_and_says_where_the_run_waits(ctx):
     assert train.button_states(None, any_live=False)["queue"]["interactive"] is False
     assert train.button_states(None, any_live=True)["queue"]["interactive"] is True
@@ -434,18 +349,6 @@ def test_poll_shows_the_knn_chart_once_the_run_has_one(ctx):
                                                              ("class token, k=200", 0.75)}
     assert "validation" in {row["kind"] for row in
                             out["chart"].to_dict()["datasets"]["points"]}
-
-
-def test_config_downloads_do_not_pile_up_in_the_temp_folder():
-    values = form_values(TINY)
-    first = Path(train.config_yaml_file(values))
-    assert Path(train.config_yaml_file(values)) == first  # the same config: the same file
-    other = Path(train.config_yaml_file({**values, "seed": 11}))
-    assert other != first and other.parent == first.parent
-    day_old = time.time() - train.CONFIG_FILE_MAX_AGE_S - 60
-    os.utime(first, (day_old, day_old))
-    train.config_yaml_file({**values, "seed": 12})
-    assert not first.exists() and other.exists()
 
 
 @pytest.mark.parametrize("garbage", [

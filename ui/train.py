@@ -8,23 +8,15 @@ without a server; :func:`build` lays out the tab and wires its events to them.
 from __future__ import annotations
 
 import atexit
-import contextlib
-import hashlib
-
-import os
-import tempfile
-import time
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from mae_core.checks import shown
-from mae_core.config import ConfigError, RunConfig
-from mae_core.fileio import atomic_write_text
+from mae_core.config import RunConfig
 from mae_core.preparing import Preparations
 from mae_core.rundir import LIVE_STATES
-from ui import datafield, plots, render
+from ui import configfile, datafield, plots, render
 from ui.common import (DEFAULTS, FIELD_NAMES, FORM_FIELDS, MAIN_FIELDS, AppContext, UserError,
                        FieldNumber, FieldSlider, as_bool, as_int, config_from_form, describe,
                        field_widget, form_values, guarded)
@@ -34,7 +26,6 @@ LOG_LINES = 60
 HIDDEN = "hidden"
 SMOOTHING = 0.8  # the EMA slider's first value
 MAX_SMOOTHING = 0.99
-CONFIG_FILE_MAX_AGE_S = 86400.0  # Gradio's own cache keeps a download a day (ui.build_app)
 # The Stop button's labels: the label pressed says which was meant (see stop_run).
 STOP = "Stop"
 FORCE_STOP = "Force stop"  # once a stop is requested
@@ -107,45 +98,6 @@ def action_message(action: dict[str, Any] | None, status: dict[str, Any] | None)
         more = " Resume continues from its last checkpoint." if status.get("resumable") else ""
         return render.notice("info", f"Run `{run_id}` stopped at step {step}.{more}")
     return render.notice("error", f"Run `{run_id}` {state}: {status.get('error') or 'see the log'}")
-
-
-def config_yaml_file(values: dict[str, Any]) -> str:
-    """The form's config as a YAML file to download (validated first: a bad form is refused).
-
-    Gradio copies the file into its own cache, which it purges; this copy is named by its
-    content, so downloading the same config again writes nothing new, and copies a day old are
-    removed here (one per download piled up in the temp folder for good)."""
-    text = config_from_form(values).to_yaml()
-    folder = Path(tempfile.gettempdir()) / f"mae-studio-configs-{os.getuid()}"
-    folder.mkdir(mode=0o700, exist_ok=True)
-    _remove_older_than(folder, CONFIG_FILE_MAX_AGE_S)
-    path = folder / f"mae-config-{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml"
-    atomic_write_text(path, text)
-    return str(path)
-
-
-def _remove_older_than(folder: Path, age_s: float) -> None:
-    cutoff = time.time() - age_s
-    for old in folder.glob("mae-config-*.yaml"):
-        with contextlib.suppress(OSError):  # another request removed it first
-            if old.stat().st_mtime < cutoff:
-                old.unlink()
-
-
-def form_from_yaml(path: str | None) -> dict[str, Any]:
-    """A config file's values for the form (an uploaded ``config.yaml``); refused if invalid."""
-    if not path:
-        raise UserError("Choose a config file (YAML, as a run's config.yaml).")
-    if Path(path).stat().st_size > 1_000_000:
-        raise UserError("That config file is over 1 MB: not a run config.")
-    try:
-        cfg = RunConfig.load(path)
-    except ConfigError as err:
-        # An upload sits in Gradio's temp folder: name the file as the person knows it, and keep
-        # the server's folders off the page.
-        reason = str(err).removeprefix(f"{err.field}: ").replace(str(path), Path(path).name)
-        raise ConfigError(err.field, reason) from None
-    return form_values(cfg)
 
 
 # --- the live view ----------------------------------------------------------------------------
@@ -299,17 +251,6 @@ def _config_or_none(manager: Any, run_id: str | None) -> RunConfig | None:
         return None
 
 
-def form_from_run(manager: Any, run_id: str | None) -> dict[str, Any]:
-    """The selected run's config, as the form shows it ("copy this run's config into the form")."""
-    if not run_id:
-        raise UserError("Choose a run whose config to copy.")
-    from mae_core.channels import for_new_data
-
-    # Channels and data set statistics are computed again at Start from the folder the form
-    # names: the same folder gives the same numbers, another one its own.
-    return form_values(for_new_data(manager.config(run_id)))
-
-
 # --- layout and events ------------------------------------------------------------------------
 
 def build(ctx: AppContext) -> dict[str, Any]:
@@ -355,14 +296,7 @@ def _build_form(c: dict[str, Any]) -> None:
     with gr.Accordion("more settings", open=False, elem_id="more-settings"):
         for field in [f for f in FORM_FIELDS if not f.hint.main]:
             c[f"field.{field.name}"] = field_widget(field, values[field.name])
-    with gr.Accordion("config file", open=False, elem_id="config-tools"):
-        with gr.Row():
-            c["copy_config"] = gr.Button("Copy the shown run's config into the form",
-                                         elem_id="copy-config")
-            c["download_config"] = gr.Button("Download the form as YAML", elem_id="download-config")
-        c["upload_config"] = gr.UploadButton("Load a config YAML into the form",
-                                             file_types=[".yaml", ".yml"], elem_id="upload-config")
-        c["config_file"] = gr.File(label="config.yaml", interactive=False, elem_id="config-file")
+    configfile.build(c)  # copy a run's config, download or upload a YAML
 
 
 def _build_live_view(c: dict[str, Any]) -> None:
@@ -482,34 +416,7 @@ def _wire_form(ctx: AppContext, c: dict[str, Any], fields: list[Any]) -> None:
     jobs = Preparations()
     atexit.register(jobs.release)  # a preparation outlives the app; its progress files do not
     datafield.wire(c, jobs)
-    to_fields = lambda values: [values[name] for name in FIELD_NAMES]  # noqa: E731
-    notice_only = lambda text: {c["message"]: render.notice("error", text)}  # noqa: E731
-
-    @guarded("copying the run's config", notice_only)
-    def on_copy(run_id: str | None) -> dict:
-        values = to_fields(form_from_run(ctx.manager, run_id))
-        note = render.notice("ok", f"The form now holds the config of `{run_id}`.")
-        return {**dict(zip(fields, values)), c["message"]: note}
-
-    @guarded("loading the config file", notice_only)
-    def on_upload(file: Any) -> dict:
-        path = getattr(file, "name", file)
-        values = to_fields(form_from_yaml(path))
-        note = render.notice("ok", f"The form now holds the config from `{Path(path).name}`.")
-        return {**dict(zip(fields, values)), c["message"]: note}
-
-    # A refused form takes back the file of an earlier download: it is not this form's config.
-    @guarded("writing the config file", lambda text: {c["config_file"]: None,
-                                                      **notice_only(text)})
-    def on_download(*values: Any) -> dict:
-        return {c["config_file"]: config_yaml_file(dict(zip(FIELD_NAMES, values))),
-                c["message"]: render.notice("ok", "Config written: download it below the buttons.")}
-
-    c["copy_config"].click(on_copy, c["run_pick"], [*fields, c["message"]], api_name="copy_config")
-    c["upload_config"].upload(on_upload, c["upload_config"], [*fields, c["message"]],
-                              api_name="load_config")
-    c["download_config"].click(on_download, fields, [c["config_file"], c["message"]],
-                               api_name="download_config")
+    configfile.wire(ctx, c, fields)
 
 
 def hardware_text() -> str:

@@ -1,0 +1,100 @@
+"""Saying why a run ended badly, in the run's ``status.json``: a failure (with its traceback's
+end), a full disk, a taken port, a SIGTERM, each in words a person acts on.
+
+Written by rank 0 from Lightning's ``on_exception`` (:class:`RecordFailure`), before the teardown
+after which Lightning may kill it, and again by :func:`mae_core.train.main` where that failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import traceback
+from typing import Any
+
+import pytorch_lightning as pl
+
+from mae_core.diskspace import full_disk_failure
+from mae_core.fileio import is_disk_full
+from mae_core.rundir import RunError, RunPaths, checkpoint_step, saved_step
+
+
+class RecordFailure(pl.Callback):
+    """Rank 0 writes why fit failed into status.json from Lightning's ``on_exception``: before
+    the trainer's teardown closes the process group. After it, rank 1 dies of the closed
+    connection and Lightning's child watcher SIGKILLs rank 0, sometimes before it had written
+    anything (a full disk then read "the trainer process is gone"). What cannot be written here
+    (a full disk) is tried again by :func:`mae_core.train.main`.
+
+    A SIGTERM is said in words at the same moment: one that came before ``stopper``
+    (:class:`mae_core.callbacks.StopOnRequest`) took over the signal (Lightning's
+    ``SIGTERMException``), or one that a failure followed (a rank that died of it first).
+    """
+
+    def __init__(self, paths: RunPaths, stopper: Any = None) -> None:
+        self.paths = paths
+        self.stopper = stopper
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        if getattr(self.stopper, "signalled", False) or isinstance(exception, SIGTERMException):
+            if trainer.is_global_zero:
+                record_termination(self.paths)
+            return
+        # Lightning calls the strategy's on_exception only after the callbacks', and that is where
+        # DDP explains its bare "Expected to have finished reduction" (parameters not used in the
+        # loss). Asked first here, so the record carries it; asking twice changes nothing more.
+        trainer.strategy.on_exception(exception)
+        if trainer.is_global_zero:
+            with contextlib.suppress(OSError):  # never in place of the exception being handled
+                record_failure(self.paths, exception)
+
+
+def record_failure(paths: RunPaths, err: BaseException) -> None:
+    """The run failed with ``err`` (being handled): status.json says so, with the traceback's end."""
+    paths.write_status(state="failed", error=failure_text(paths, err),
+                       log_tail=traceback.format_exc()[-4000:])
+
+
+def failure_text(paths: RunPaths, err: BaseException) -> str:
+    """Why the run failed, for a person: a full disk is said in those words (torch.save's own
+    error on one is "enforce fail at inline_container.cc ... unexpected pos"), with what it kept."""
+    if is_disk_full(err):
+        return full_disk_failure(paths.root, paths.last_ckpt, saved_step(paths))
+    return (port_taken(err)
+            or "".join(traceback.format_exception_only(type(err), err)).strip()
+            or type(err).__name__)
+
+
+def port_taken(err: BaseException) -> str | None:
+    """Rank 0 could not listen on ``MASTER_PORT`` (left in the shell, or taken by another job),
+    in one line instead of torch's 45-line DistNetworkError."""
+    text = str(err)
+    if "EADDRINUSE" not in text and "address already in use" not in text.lower():
+        return None
+    port = os.environ.get("MASTER_PORT", "?")
+    return (f"MASTER_PORT={port} is in use by another process: unset MASTER_PORT (a free port "
+            "is then chosen) or give a free one")
+
+
+TERMINATED = "terminated by SIGTERM (the machine or container was shut down, or someone ran kill)"
+
+
+def termination_text(paths: RunPaths) -> str:
+    """Why a run ended on SIGTERM, and where Resume takes it up (Lightning's own record of it is
+    the bare name ``pytorch_lightning.utilities.exceptions.SIGTERMException``)."""
+    try:
+        # Unverified: only its step is read (memory-mapped); a shutdown's grace period (docker
+        # stop: 10 s) is no time to read a large checkpoint through, and a resume verifies it.
+        step = checkpoint_step(paths.last_ckpt, verify=False)
+    except RunError:
+        return f"{TERMINATED}; it had saved no checkpoint: start it again"
+    return f"{TERMINATED}; Resume continues from step {step}"
+
+
+def record_termination(paths: RunPaths) -> None:
+    with contextlib.suppress(OSError):  # never in place of the exit under way
+        paths.write_status(state="failed", error=termination_text(paths),
+                           log_tail=paths.log_tail())

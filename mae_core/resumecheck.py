@@ -1,0 +1,63 @@
+"""What a run must satisfy before it is started or resumed, checked before any trainer is launched.
+
+A resume needs a sound ``last.ckpt`` of the run's own model, max steps above the checkpoint's step,
+the devices the run trains on still visible here, and (from the app) a single node. These guards
+are shared by the app's :class:`mae_core.runs.RunManager` (Start, Queue and Resume) and the
+command line ``python -m mae_core.train --resume``; each raises :class:`~mae_core.rundir.RunError`
+saying why not, so a refused resume changes nothing instead of failing in the launched trainer.
+"""
+
+from __future__ import annotations
+
+from mae_core.config import ConfigError, RunConfig
+from mae_core.rundir import RunError, RunPaths, checkpoint_step
+from mae_core.weights import checkpoint_mismatch
+
+
+def check_resumable(paths: RunPaths, cfg: RunConfig) -> int:
+    """The step ``paths``' ``last.ckpt`` resumes ``cfg`` from, once its bytes, its model and
+    ``cfg``'s max steps allow it (RunError says why not): what Resume checks, in the app and in
+    ``python -m mae_core.train --resume`` (which took an overwritten checkpoint, or max steps at
+    or below its step, and "finished" at once)."""
+    step = checkpoint_step(paths.last_ckpt)
+    require_same_model(paths, cfg)
+    require_steps_left(cfg, step, paths.run_id)
+    return step
+
+
+def require_steps_left(cfg: RunConfig, step: int, run_id: str) -> None:
+    # max_steps -1 trains by epochs (max_epochs): no step count to be above.
+    if cfg.train.max_steps != -1 and cfg.train.max_steps <= step:
+        raise RunError(f"the checkpoint of {run_id} is at step {step}: raise max steps "
+                       f"above {step} to train it further")
+
+
+def require_same_model(paths: RunPaths, cfg: RunConfig) -> None:
+    """Refuse a ``last.ckpt`` of another model before a trainer is launched on it."""
+    mismatch = checkpoint_mismatch(paths.last_ckpt, cfg.model)
+    if mismatch:
+        raise RunError(f"{paths.last_ckpt} is not a checkpoint of this run's model "
+                       f"({cfg.model.encoder_name}, {cfg.model.image_size} px / patch "
+                       f"{cfg.model.patch_size}): {mismatch}. It cannot be resumed; start a new "
+                       "run, or put back the last.ckpt this run wrote")
+
+
+def require_one_node(cfg: RunConfig, run_id: str | None = None) -> None:
+    """The app launches one machine's processes: a run on several nodes starts and resumes from
+    their launcher (it waited in "starting" for nodes that never came)."""
+    nodes = cfg.train.num_nodes
+    if nodes > 1:
+        what = f"run {run_id} trains" if run_id else "a run"
+        raise RunError(f"{what} on {nodes} nodes: the app starts one machine's processes; "
+                       "run it on every node with torchrun or srun (python -m mae_core.train "
+                       f"--num-nodes {nodes} ...{' --resume' if run_id else ''})")
+
+
+def require_devices(cfg: RunConfig, run_id: str) -> None:
+    """The devices the run trained on are still here: checked as Start checks them (after an app
+    restart under a narrower CUDA_VISIBLE_DEVICES, or on a machine with fewer cores, the trainer
+    failed at launch instead)."""
+    try:
+        cfg.resolved()
+    except ConfigError as err:
+        raise RunError(f"run {run_id} cannot be resumed here: {err}") from None

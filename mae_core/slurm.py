@@ -1,0 +1,56 @@
+"""SLURM: whether it started this job, a requeued start, and asking it to requeue the job.
+
+A preemptible or time-limited job (``sbatch --requeue --signal=USR1@90``) gets SIGUSR1 before it
+ends: :class:`mae_core.callbacks.StopOnRequest` stops every rank after the same step and saves it,
+the trainer asks SLURM to requeue the job, and the job's next start (the same command, with
+``SLURM_RESTART_COUNT`` > 0) continues the run from that checkpoint (:mod:`mae_core.trainargs`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
+
+def requeued_start() -> bool:
+    """Whether this is a SLURM job started again after a requeue (a preemption, a node failure,
+    ``scontrol requeue``): the same command that first started the run."""
+    count = os.environ.get("SLURM_RESTART_COUNT", "")
+    return count.isdigit() and int(count) > 0
+
+
+def on_slurm(trainer: pl.Trainer) -> bool:
+    """Whether SLURM started this job (Lightning's cluster environment for it)."""
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    return isinstance(trainer._accelerator_connector.cluster_environment, SLURMEnvironment)
+
+
+def slurm_environment() -> Any:
+    """Lightning's SLURM environment without its auto-requeue (:class:`StopOnRequest` takes the
+    requeue signal), or None outside SLURM."""
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    return SLURMEnvironment(auto_requeue=False) if SLURMEnvironment.detect() else None
+
+
+def requeue_slurm_job() -> str:
+    """Ask SLURM to requeue this job (``scontrol requeue``); what happened, in one line."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = (f"{array_job}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}" if array_job
+           else os.environ.get("SLURM_JOB_ID", ""))
+    if not job:
+        return "no SLURM job id to requeue: start the run again with --auto-resume"
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True,
+                                timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"could not requeue SLURM job {job} ({err}): resume the run with --auto-resume"
+    if result.returncode != 0:
+        why = (result.stderr or result.stdout).strip().splitlines()[-1:] or [f"exit {result.returncode}"]
+        return f"scontrol could not requeue SLURM job {job} ({why[0]}): resume the run by hand"
+    return f"requeued SLURM job {job}: its next start continues the run"

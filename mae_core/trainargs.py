@@ -1,0 +1,392 @@
+"""The trainer's command line: flags generated from the config dataclasses, and the run directory
+they name, checked before anything is written.
+
+``python -m mae_core.train`` (:mod:`mae_core.train`) parses with :func:`build_parser` and gets its
+config and run directory from :func:`prepare`. Only the job's first process writes; every other
+rank (Lightning's, torchrun's, SLURM's) reads back what it wrote.
+
+A job that may be started again with the same command (SLURM requeues it after a preemption, a
+script retries it) passes ``--auto-resume``: it continues its ``--run-dir`` from the last
+checkpoint when there is one, starts it when there is none, and exits 0 when it already finished.
+A requeued SLURM job (``SLURM_RESTART_COUNT`` > 0) does so without the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mae_core.checks import NORMALIZATIONS
+from mae_core.config import (ACCELERATORS, POLICIES, PRECISIONS, PRESETS, ConfigError,
+                             ModelConfig, RunConfig, TrainConfig, parse_bool)
+from mae_core.fileio import atomic_write_json, read_json
+from mae_core.process import (first_process, later_rank_vars, launcher_evident, on_this_host,
+                              record_alive)
+from mae_core.rundir import (DEFAULT_RUNS_DIR, LIVE_STATES, RUN_ID_RULE, RunError, RunPaths,
+                             checkpoint_step, create_run, process_record, valid_run_id)
+from mae_core.slurm import requeued_start
+
+if TYPE_CHECKING:
+    from mae_core.data import DataSummary
+
+RUN_DIR_ENV = "MAE_STUDIO_RUN_DIR"
+
+# What each config field means on the command line (the app's form has its own, shorter hints).
+# tests/test_trainargs.py checks that every field of ModelConfig and TrainConfig has one.
+FIELD_HELP = {
+    # ModelConfig
+    "preset": f"the encoder (and its decoder): {', '.join(PRESETS)}",
+    "image_size": "training image side in pixels",
+    "patch_size": "ViT patch side in pixels; must divide the image size",
+    "mask_ratio": "share of patches hidden from the encoder (the paper: 0.75)",
+    "decoder_dim": "decoder width (auto: the preset's)",
+    "decoder_depth": "decoder blocks (auto: the preset's)",
+    "decoder_heads": "decoder attention heads (auto: the preset's)",
+    "norm_pix_loss": "predict each patch's normalised pixels (the paper's better features)",
+    "policy": f"{' or '.join(POLICIES)}: ddp-clean removes the classifier head and freezes the "
+              "encoder mask token so plain DDP runs; reference is the naive recipe",
+    "timm_model": "any timm VisionTransformer name, replacing the preset's encoder",
+    "in_chans": "values per pixel (1 grayscale, 3 RGB, N multi-band TIFF; auto: the data's)",
+    "normalize": f"input normalisation: {', '.join(NORMALIZATIONS)} (auto: ImageNet's for 8-bit "
+                 "RGB data, else the data set's own)",
+    "pixel_mean": "per-channel mean as fractions of full scale, e.g. 0.45 or 0.4,0.4,0.3",
+    "pixel_std": "per-channel standard deviation as fractions of full scale",
+    # TrainConfig
+    "data": "an image folder, a prepared set (python -m mae_core.data optimize) or a URL; "
+            "empty: the sample photos",
+    "batch_size": "images per process per step",
+    "accumulate_grad_batches": "batches whose gradients are summed per optimizer step",
+    "base_lr": "learning rate per 256 images of effective batch (auto: the paper's 1.5e-4, at "
+               "least 1e-3 in all)",
+    "weight_decay": "AdamW weight decay",
+    "warmup_fraction": "share of the steps spent warming up the learning rate",
+    "max_steps": "optimizer steps to train (-1: train by max epochs)",
+    "max_epochs": "epochs to train when max steps is -1",
+    "accelerator": f"{', '.join(ACCELERATORS)} (auto: every GPU, else CPU processes over gloo)",
+    "devices": "processes per node: GPUs, or CPU processes (auto: every GPU, or 2 CPU processes)",
+    "gpus": "this run's GPUs, e.g. 0,1 (empty: all)",
+    "num_nodes": "nodes of a torchrun or SLURM job",
+    "precision": f"{', '.join(PRECISIONS)} (auto: bf16-mixed on GPUs and on CPUs with AMX or "
+                 "AVX-512 BF16)",
+    "find_unused_parameters": "let DDP search for parameters without gradients each step "
+                              "(auto: only for the reference policy)",
+    "static_graph": "tell DDP the graph never changes (ddp-clean only)",
+    "compile": "torch.compile the model (a minute of compiling, then faster steps)",
+    "decode_on_device": "decode a prepared set's JPEGs on the GPU",
+    "num_workers": "data loader workers per process (auto: from the CPU cores)",
+    "seed": "random seed of weights, masks and data order",
+    "log_every_n_steps": "steps between metric lines",
+    "checkpoint_every_n_steps": "steps between checkpoints (last.ckpt)",
+    "preview_every_n_steps": "steps between reconstruction previews",
+    "num_previews": "images in each preview (0: none)",
+    "val_fraction": "share of the data held out for validation (auto: 10%% of 100+ images)",
+    "val_count": "images held out for validation (instead of val fraction)",
+    "eval_every_n_steps": "steps between held-out evaluations (0: never)",
+    "eval_data": "a labelled folder (folder/<class>/*.jpg) for the kNN monitor (empty: the data "
+                 "folder's class subfolders)",
+    "eval_max_images": "images per held-out evaluation",
+    "weight_snapshots": "encoder snapshots kept for the Reconstruct tab's history",
+}
+
+
+# --- flags --------------------------------------------------------------------------------------
+
+def _flag_parser(text: str, annotation: str):
+    def parse(value: str) -> Any:
+        if value.lower() in ("auto", "none", "null") and "None" in annotation:
+            return None
+        if "bool" in annotation:
+            try:
+                return parse_bool(value)
+            except argparse.ArgumentTypeError:
+                raise argparse.ArgumentTypeError(f"{text} must be true or false, got {value!r}") from None
+        kind = "int" if "int" in annotation else "float" if "float" in annotation else None
+        try:
+            return int(value) if kind == "int" else float(value) if kind == "float" else value
+        except ValueError:
+            # Named like the config's own errors: "2.5" for a batch size is refused, not rounded.
+            what = "an integer" if kind == "int" else "a number"
+            raise argparse.ArgumentTypeError(f"{text} must be {what}, got {value!r}") from None
+    parse.__name__ = annotation
+    return parse
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    value = f.default
+    if value is None:
+        return "auto"
+    return repr(value) if value == "" else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m mae_core.train",
+        description="Pretrain a Masked Autoencoder with Lightning DDP. Flags override --config; "
+                    "'auto' chooses for this machine.",
+        epilog="Exit codes: 0 finished or stopped on request, 1 training failed or was "
+               "terminated, 2 the config or data was refused.")
+    run = parser.add_argument_group("run")
+    run.add_argument("--config", help="RUN.yaml (model: and train: sections); flags override it")
+    run.add_argument("--run-dir", help="the run directory (default: a new one under --runs-dir)")
+    run.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR,
+                     help="where new runs are created (default %(default)s)")
+    run.add_argument("--resume", action="store_true", help="continue --run-dir from last.ckpt")
+    run.add_argument("--auto-resume", action="store_true",
+                     help="continue --run-dir if it has a checkpoint, else start it; exit 0 if "
+                          "it already finished (a job SLURM may requeue, a script run again)")
+    for cls, title in ((ModelConfig, "model"), (TrainConfig, "train")):
+        group = parser.add_argument_group(title)
+        for f in dataclasses.fields(cls):
+            flags = ["--" + f.name.replace("_", "-")]
+            if f.name == "preset":
+                flags.insert(0, "--model")
+            group.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS,
+                               type=_flag_parser(flags[0], str(f.type)), metavar=_metavar(f),
+                               help=f"{FIELD_HELP[f.name]} (default {_default_text(f)})")
+    return parser
+
+
+def _metavar(f: dataclasses.Field) -> str:
+    kind = str(f.type)
+    for word, meta in (("bool", "BOOL"), ("int", "N"), ("float", "X")):
+        if word in kind:
+            return meta
+    return "TEXT"
+
+
+# --- the run directory ------------------------------------------------------------------------
+
+class AlreadyFinished(Exception):
+    """``--auto-resume`` of a run that already reached its end: nothing to do (exit 0)."""
+
+
+def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
+    """Resolve the config and the run directory; only the first process writes anything.
+
+    A run directory that already holds ``config.yaml`` (made by the run manager, by rank 0 for the
+    ranks Lightning launches, or by a previous session for ``--resume``) is the config's source.
+    Raises :class:`AlreadyFinished` for an automatic resume of a finished run.
+    """
+    overrides = {k: v for k, v in vars(args).items()
+                 if k not in ("config", "run_dir", "runs_dir", "resume", "auto_resume")}
+    writer = first_process()
+    # Set for the ranks Lightning launches (they run rank 0's command line, which may name no run
+    # directory); in a first process it can only be left over from another run's environment.
+    inherited = None if writer else os.environ.get(RUN_DIR_ENV)
+    run_dir = args.run_dir or inherited
+    automatic = getattr(args, "auto_resume", False) or (requeued_start() and run_dir is not None)
+    if (args.resume or automatic) and not run_dir:
+        flag = "--resume" if args.resume else "--auto-resume"
+        raise ConfigError("resume", f"{flag} continues a named run: give it with "
+                                    "--run-dir checkpoints/<run-id>, the same at every start")
+    if run_dir and not valid_run_id(Path(run_dir).resolve().name):
+        # The app lists (and counts as live) only folders with such names: a run it cannot see
+        # would get another started beside it on the same devices.
+        raise ConfigError("run_dir", f"the run folder's name {Path(run_dir).resolve().name!r} "
+                          f"may hold only {RUN_ID_RULE}; the app lists no other")
+    if run_dir:
+        paths = RunPaths(Path(run_dir))
+        if not writer and not wait_for(paths.config):
+            raise ConfigError("run_dir", f"rank 0 wrote no {paths.config}: this rank cannot start")
+        if paths.config.exists():
+            cfg = RunConfig.load(paths.config)
+            resume = args.resume or (automatic and paths.last_ckpt.exists())
+            if automatic and resume:
+                _stop_if_finished(cfg.with_overrides(**overrides), paths)
+            return _continue_run(cfg, paths, resume, overrides, writer)
+        if args.resume:
+            raise ConfigError("resume", f"{paths.config} does not exist: nothing to resume")
+        if writer:
+            _require_new_run_folder(paths.root)
+    base = RunConfig.load(args.config) if args.config else RunConfig()
+    resolved = base.with_overrides(**overrides).resolved()
+    _require_launcher_world(resolved)
+    _require_devices_free(resolved, Path(run_dir).parent if run_dir else Path(args.runs_dir))
+    cfg, summary = _resolve_data(resolved)
+    # process.json goes in before config.yaml (what makes the directory a run): a reader never
+    # sees a live run that has no process to check.
+    paths = create_run(cfg, runs_dir=args.runs_dir, run_dir=run_dir,
+                       process=process_record(command=sys.argv), data_files=summary.files)
+    return cfg, paths, False
+
+
+def _continue_run(cfg: RunConfig, paths: RunPaths, resume: bool, overrides: dict[str, Any],
+                  writer: bool) -> tuple[RunConfig, RunPaths, bool]:
+    """The config of a run directory that exists: resumed, started again before its first
+    checkpoint, or joined by a later rank."""
+    _require_launcher_world(cfg.with_overrides(**overrides))
+    if resume and not paths.last_ckpt.exists():
+        raise ConfigError("resume", f"{paths.last_ckpt} does not exist: nothing to resume")
+    if writer:
+        _check_continuation(cfg, paths, resume, overrides)
+        if resume:  # checked as the app's Resume checks it, before any write
+            _check_resumable(paths, cfg.with_overrides(**overrides))
+        if overrides:  # e.g. --max-steps to extend a run; the ranks read it back
+            cfg, _ = _resolve_data(cfg.with_overrides(**overrides).resolved())
+            cfg.save(paths.config)
+        _record_process(paths)
+    return cfg, paths, resume
+
+
+def _stop_if_finished(cfg: RunConfig, paths: RunPaths) -> None:
+    """An automatic resume of a run that finished at (or past) its max steps has nothing to do:
+    a requeued job that had ended, a script run once more. Every rank reads the same files (the
+    first process writes nothing in this case), so all exit together."""
+    if paths.read_status().get("state") != "finished" or cfg.train.max_steps < 0:
+        return
+    try:
+        step = checkpoint_step(paths.last_ckpt, verify=False)  # the resume checks it in full
+    except RunError:
+        return
+    if step >= cfg.train.max_steps:
+        raise AlreadyFinished(f"{paths.root} already finished at step {step}: nothing to do "
+                              "(give a higher --max-steps to train it further)")
+
+
+# Files a run folder holds before its config.yaml: a start that failed there may be started again.
+_BEFORE_CONFIG = frozenset({"status.json", "process.json", "train.log", "STOP"})
+
+
+def _require_new_run_folder(root: Path) -> None:
+    """A new run goes into a new (or empty) folder that is not inside another run: a folder of
+    photos would get a run's files (and a Delete in the app removes the folder with everything in
+    it), and a run inside another run is listed nowhere (the app lists a runs folder's children)."""
+    for parent in root.resolve().parents:
+        if RunPaths(parent).is_run():
+            raise ConfigError("run_dir", f"{root} is inside the run {parent}: give a folder "
+                              "beside it, e.g. with --runs-dir")
+    if root.is_file():
+        raise ConfigError("run_dir", f"{root} is a file: give a new folder")
+    if root.is_dir():
+        others = sorted(p.name for p in root.iterdir() if p.name not in _BEFORE_CONFIG
+                        and not p.name.startswith("."))
+        if others:
+            raise ConfigError("run_dir", f"{root} already holds files that are not a run's "
+                              f"({', '.join(others[:3])}{', …' if len(others) > 3 else ''}): a "
+                              "new run needs a new or empty folder")
+
+
+def _require_devices_free(cfg: RunConfig, runs_dir: Path) -> None:
+    """A new run started by hand is refused where the app would refuse it: beside a live run of
+    its runs folder on this machine that holds devices it needs (each CPU run holds them all). The
+    app refuses to start beside a run started by hand; the reverse went unchecked."""
+    from mae_core.runs import share_devices
+
+    if not runs_dir.is_dir():
+        return
+    for root in sorted(runs_dir.iterdir()):
+        paths = RunPaths(root)
+        if not (valid_run_id(root.name) and paths.is_run()
+                and paths.read_status().get("state") in LIVE_STATES):
+            continue
+        record = read_json(paths.process) or {}
+        if not (on_this_host(record) and record_alive(record)):
+            continue  # another node's, or dead (the app marks it failed when it next looks)
+        try:
+            other = RunConfig.load(paths.config)
+        except Exception:  # noqa: BLE001 - unreadable: assumed to hold every device, as the app does
+            other = None
+        if share_devices(cfg, other):
+            raise ConfigError("devices", f"run {root.name} is training on this machine's "
+                              f"devices (process {record.get('pid')}): stop it first, or give "
+                              "--gpus that it does not use")
+
+
+def _check_continuation(cfg: RunConfig, paths: RunPaths, resume: bool,
+                        overrides: dict[str, Any]) -> None:
+    """What a command may do to an existing run: never train it twice at once, never restart a
+    trained run from step 0 (its metrics and checkpoint would be overwritten), never resume it
+    into a model its checkpoint cannot load (the config would keep the change)."""
+    record = read_json(paths.process) or {}
+    if record.get("pid") != os.getpid() and on_this_host(record) and record_alive(record):
+        raise ConfigError("run_dir", f"{paths.root} is being trained by process {record['pid']}: "
+                                     "stop it first")
+    if not resume and paths.last_ckpt.exists():
+        raise ConfigError("resume", f"{paths.root} holds a trained run: add --resume (or "
+                                    "--auto-resume) to continue it, or give a new --run-dir")
+    model = cfg.with_overrides(**overrides).model if resume else cfg.model
+    changed = [f.name for f in dataclasses.fields(model)
+               if getattr(model, f.name) != getattr(cfg.model, f.name)]
+    if changed:
+        raise ConfigError(changed[0], "a resume continues the run's own model, which its checkpoint "
+                                      "holds: start a new run to change it")
+
+
+def _require_launcher_world(cfg: RunConfig) -> None:
+    """Under torchrun, the processes it started are the run's: ``devices`` × ``num_nodes`` must
+    be torchrun's world size. (With --devices 1 under --nproc-per-node 2, two single-process runs
+    trained into one folder, each step logged twice; the reverse failed with a traceback.)"""
+    world = os.environ.get("WORLD_SIZE", "")
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not world.isdigit():
+        return
+    t = cfg.train
+    devices = t.devices if isinstance(t.devices, int) else None
+    if devices is not None and devices * t.num_nodes != int(world):
+        per_node = os.environ.get("LOCAL_WORLD_SIZE", "?")
+        raise ConfigError("devices", f"torchrun started {world} processes ({per_node} per node), "
+                          f"but devices × num_nodes is {devices} × {t.num_nodes}: give "
+                          f"--devices {per_node} --num-nodes <the number of nodes>")
+
+
+def _check_resumable(paths: RunPaths, cfg: RunConfig) -> None:
+    from mae_core.resumecheck import check_resumable
+
+    try:
+        check_resumable(paths, cfg)
+    except RunError as err:
+        raise ConfigError("resume", str(err)) from None
+
+
+def _resolve_data(cfg: RunConfig) -> tuple[RunConfig, DataSummary]:
+    # The one step of ``prepare`` that needs torch: imported here, after the flags are checked.
+    from mae_core.channels import resolve_data
+
+    return resolve_data(cfg)
+
+
+def _record_process(paths: RunPaths) -> None:
+    """Record this process in ``process.json`` unless the run manager that launched it already
+    did, so the app can follow (and stop) a run started by hand, torchrun or SLURM."""
+    if (read_json(paths.process) or {}).get("pid") != os.getpid():
+        atomic_write_json(paths.process, process_record(command=sys.argv))
+
+
+# --- the other ranks ----------------------------------------------------------------------------
+
+def wait_for(path: Path, timeout_s: float = 120.0) -> bool:
+    """Other ranks of a torchrun/SLURM job wait for rank 0 to write the run's config; whether it
+    appeared."""
+    if not path.exists():
+        say_waiting(f"to write {path} (up to {timeout_s:.0f} s)")
+    deadline = time.monotonic() + timeout_s
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return path.exists()
+
+
+_said_waiting = False
+
+
+def say_waiting(what: str) -> None:
+    """One line, once per process: a rank that waits in silence looks hung."""
+    global _said_waiting
+    if not _said_waiting:
+        _said_waiting = True
+        print(f"waiting for rank 0 {what}", flush=True)
+
+
+def refuse_stale_rank() -> str | None:
+    """Why this process must not start, if a rank variable makes it other than the first while
+    no launcher started it (a stale export in the shell): it would wait for a rank 0 that never
+    comes (for its own run's data, up to 6 h), in silence."""
+    if first_process() or launcher_evident():
+        return None
+    named = later_rank_vars()
+    return (f"{' and '.join(named)} {'is' if len(named) == 1 else 'are'} set but no launcher "
+            f"started this process: unset {'it' if len(named) == 1 else 'them'}")
+

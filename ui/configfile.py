@@ -1,0 +1,121 @@
+"""The Train form ↔ a config file: load an uploaded RUN.yaml into the form, write the form as a YAML
+file to download, or copy an existing run's config into the form.
+
+The plain functions take and return plain values (tests call them without a server); :func:`build`
+lays out the "config file" accordion inside the Train form and :func:`wire` its events, which fill
+the form's fields and report in the Train tab's message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from mae_core.config import ConfigError, RunConfig
+from mae_core.fileio import atomic_write_text
+from ui import render
+from ui.common import FIELD_NAMES, AppContext, UserError, config_from_form, form_values, guarded
+
+CONFIG_FILE_MAX_AGE_S = 86400.0  # Gradio's own cache keeps a download a day (ui.build_app)
+
+
+def config_yaml_file(values: dict[str, Any]) -> str:
+    """The form's config as a YAML file to download (validated first: a bad form is refused).
+
+    Gradio copies the file into its own cache, which it purges; this copy is named by its
+    content, so downloading the same config again writes nothing new, and copies a day old are
+    removed here (one per download piled up in the temp folder for good)."""
+    text = config_from_form(values).to_yaml()
+    folder = Path(tempfile.gettempdir()) / f"mae-studio-configs-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    _remove_older_than(folder, CONFIG_FILE_MAX_AGE_S)
+    path = folder / f"mae-config-{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml"
+    atomic_write_text(path, text)
+    return str(path)
+
+
+def _remove_older_than(folder: Path, age_s: float) -> None:
+    cutoff = time.time() - age_s
+    for old in folder.glob("mae-config-*.yaml"):
+        with contextlib.suppress(OSError):  # another request removed it first
+            if old.stat().st_mtime < cutoff:
+                old.unlink()
+
+
+def form_from_yaml(path: str | None) -> dict[str, Any]:
+    """A config file's values for the form (an uploaded ``config.yaml``); refused if invalid."""
+    if not path:
+        raise UserError("Choose a config file (YAML, as a run's config.yaml).")
+    if Path(path).stat().st_size > 1_000_000:
+        raise UserError("That config file is over 1 MB: not a run config.")
+    try:
+        cfg = RunConfig.load(path)
+    except ConfigError as err:
+        # An upload sits in Gradio's temp folder: name the file as the person knows it, and keep
+        # the server's folders off the page.
+        reason = str(err).removeprefix(f"{err.field}: ").replace(str(path), Path(path).name)
+        raise ConfigError(err.field, reason) from None
+    return form_values(cfg)
+
+
+def form_from_run(manager: Any, run_id: str | None) -> dict[str, Any]:
+    """The selected run's config, as the form shows it ("copy this run's config into the form")."""
+    if not run_id:
+        raise UserError("Choose a run whose config to copy.")
+    from mae_core.channels import for_new_data
+
+    # Channels and data set statistics are computed again at Start from the folder the form
+    # names: the same folder gives the same numbers, another one its own.
+    return form_values(for_new_data(manager.config(run_id)))
+
+
+def build(c: dict[str, Any]) -> None:
+    """The "config file" accordion (inside the Train form): copy, download, upload and the file."""
+    with gr.Accordion("config file", open=False, elem_id="config-tools"):
+        with gr.Row():
+            c["copy_config"] = gr.Button("Copy the shown run's config into the form",
+                                         elem_id="copy-config")
+            c["download_config"] = gr.Button("Download the form as YAML", elem_id="download-config")
+        c["upload_config"] = gr.UploadButton("Load a config YAML into the form",
+                                             file_types=[".yaml", ".yml"], elem_id="upload-config")
+        c["config_file"] = gr.File(label="config.yaml", interactive=False, elem_id="config-file")
+
+
+def wire(ctx: AppContext, c: dict[str, Any], fields: list[Any]) -> None:
+    """The accordion's events; ``fields`` are the form's widgets in :data:`FIELD_NAMES` order, and
+    ``c["run_pick"]`` (the run copied from) and ``c["message"]`` (where they report) exist."""
+    to_fields = lambda values: [values[name] for name in FIELD_NAMES]  # noqa: E731
+    notice_only = lambda text: {c["message"]: render.notice("error", text)}  # noqa: E731
+
+    @guarded("copying the run's config", notice_only)
+    def on_copy(run_id: str | None) -> dict:
+        values = to_fields(form_from_run(ctx.manager, run_id))
+        note = render.notice("ok", f"The form now holds the config of `{run_id}`.")
+        return {**dict(zip(fields, values)), c["message"]: note}
+
+    @guarded("loading the config file", notice_only)
+    def on_upload(file: Any) -> dict:
+        path = getattr(file, "name", file)
+        values = to_fields(form_from_yaml(path))
+        note = render.notice("ok", f"The form now holds the config from `{Path(path).name}`.")
+        return {**dict(zip(fields, values)), c["message"]: note}
+
+    # A refused form takes back the file of an earlier download: it is not this form's config.
+    @guarded("writing the config file", lambda text: {c["config_file"]: None,
+                                                      **notice_only(text)})
+    def on_download(*values: Any) -> dict:
+        return {c["config_file"]: config_yaml_file(dict(zip(FIELD_NAMES, values))),
+                c["message"]: render.notice("ok", "Config written: download it below the buttons.")}
+
+    c["copy_config"].click(on_copy, c["run_pick"], [*fields, c["message"]], api_name="copy_config")
+    c["upload_config"].upload(on_upload, c["upload_config"], [*fields, c["message"]],
+                              api_name="load_config")
+    c["download_config"].click(on_download, fields, [c["config_file"], c["message"]],
+                               api_name="download_config")
