@@ -172,6 +172,7 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
                                     t.num_workers or 0, pin_memory=t.accelerator == "gpu",
                                     channels=cfg.model.channels)
     ckpt = str(paths.last_ckpt) if resume else None
+    _say_joining(trainer)
     try:
         trainer.fit(model, datamodule=data, ckpt_path=ckpt, weights_only=True)
     except SIGTERMException:  # a SystemExit: left alone, the failed run exited 0
@@ -194,6 +195,24 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
         paths.clear_stop_request()
         recorder.write_progress(trainer, state=state)
     return 0
+
+
+def _say_joining(trainer: pl.Trainer) -> None:
+    """Rank 0 of a job whose processes torchrun or srun start waits for them all in fit, silent
+    for up to the 10-minute timeout when one never comes (an sbatch script without srun, a node
+    that did not start): it says so first."""
+    # Before fit, the trainer's ranks and world size are not set yet: the job's own are read.
+    world = trainer.num_nodes * trainer.num_devices
+    if world < 2 or not first_process():
+        return
+    if not trainer.strategy.cluster_environment.creates_processes_externally:
+        return  # the ranks Lightning starts itself
+    where = os.environ.get("MASTER_ADDR", "")
+    where = f" at {where}:{os.environ.get('MASTER_PORT', '?')}" if where else ""
+    others = world - 1
+    print(f"waiting for the job's other {others} process{'es' if others > 1 else ''} to join"
+          f"{where} (started by torchrun or srun on every node; given up after 10 minutes)",
+          flush=True)
 
 
 def _int_or_none(text: str | None) -> int | None:

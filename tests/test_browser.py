@@ -368,7 +368,9 @@ def _contrast(page, selector: str) -> float:
     """WCAG contrast ratio between an element's text colour and the background it sits on."""
     return page.evaluate("""(sel) => {
       const el = document.querySelector(sel);
-      const rgba = (c) => (c.match(/[\\d.]+/g) || []).map(Number);
+      // "rgb(r, g, b)", "rgba(r, g, b, a)", or color-mix()'s "color(srgb r g b / a)" in 0-1.
+      const rgba = (c) => { const v = (c.match(/[\\d.]+/g) || []).map(Number);
+        return c.startsWith("color(srgb") ? v.map((x, i) => (i < 3 ? x * 255 : x)) : v; };
       const lum = ([r, g, b]) => { const f = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 :
         Math.pow((v + 0.055) / 1.055, 2.4); }; return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b); };
       let layers = []; for (let n = el; n; n = n.parentElement) {
@@ -376,7 +378,8 @@ def _contrast(page, selector: str) -> float:
         if (c.length >= 3 && (c.length < 4 || c[3] > 0)) { layers.push(c); if (c.length < 4 || c[3] >= 1) break; } }
       let bg = [255, 255, 255]; for (const c of layers.reverse()) { const a = c.length < 4 ? 1 : c[3];
         bg = [0, 1, 2].map((i) => c[i] * a + bg[i] * (1 - a)); }
-      const fg = rgba(getComputedStyle(el).color);
+      let fg = rgba(getComputedStyle(el).color);  // a translucent text colour, over its background
+      if (fg.length >= 4) fg = [0, 1, 2].map((i) => fg[i] * fg[3] + bg[i] * (1 - fg[3]));
       const [hi, lo] = [lum(fg), lum(bg)].sort((a, b) => b - a);
       return (hi + 0.05) / (lo + 0.05); }""", selector)
 
@@ -396,6 +399,10 @@ def test_dark_mode_is_readable(browser_factory, server):
                      "#params-clean .mae-notice", "#params-reference .mae-notice",
                      "#params-diff td.name"):
         assert _contrast(page, selector) >= 4.5, selector
+    # The grid in the border colour, not Gradio's ".prose td" text colour.
+    assert page.evaluate("""() => { const td = document.querySelector('#params-clean .mae-table td');
+      const body = getComputedStyle(document.body).color, cs = getComputedStyle(td);
+      return cs.borderLeftColor !== body && cs.borderLeftColor === cs.borderTopColor; }""")
     page.screenshot(path=str(SCREENSHOTS / "parameters-dark.png"), full_page=False)
     page.get_by_role("tab", name="Runs").click()
     _show_data_cache(page)
@@ -418,6 +425,8 @@ def test_every_tab_is_usable_at_800_px(browser_factory, server):
     form = page.locator("#field-data").bounding_box()
     live = page.locator("#run-pick").bounding_box()
     assert live["y"] > form["y"] + form["height"] or live["width"] > 500  # stacked, not crushed
+    # Gradio's subdued text colour is #bbbbc2 in light mode too (1.8:1): the panel's labels.
+    assert _contrast(page, "#run-status .mae-muted") >= 4.5
     page.screenshot(path=str(SCREENSHOTS / "train-800.png"), full_page=True)
     for tab in ("Reconstruct", "Parameters", "Runs"):
         page.get_by_role("tab", name=tab).click()
@@ -434,6 +443,18 @@ def test_every_tab_is_usable_at_800_px(browser_factory, server):
     page.wait_for_function("() => document.querySelector('#runs-pick input')?.value")
     assert page.evaluate("() => { const i = document.querySelector('#runs-pick input');"
                          " return i.scrollWidth <= i.clientWidth + 1; }"), "run name cut off"
+    # Whole words in the runs table: its fixed-width columns scroll sideways inside its frame.
+    assert page.evaluate("() => { const t = document.querySelector('#runs-table table');"
+                         " const v = t.closest('.virtual-table-viewport') || t.parentElement;"
+                         " return v.scrollWidth > v.clientWidth + 1; }")
+    page.get_by_text("Compare runs and download metrics").click()
+    for button in ("#open-btn", "#sooner-btn", "#later-btn", "#refresh-btn", "#csv-btn"):
+        assert page.locator(button).bounding_box()["height"] < 48, f"{button} wraps its label"
+    page.get_by_role("tab", name="Parameters").click()
+    page.locator("#params-reference .mae-table").first.wait_for()
+    clean = page.locator("#params-clean").bounding_box()
+    reference = page.locator("#params-reference").bounding_box()
+    assert reference["y"] >= clean["y"] + clean["height"], "policy tables side by side at 800 px"
 
 
 def test_a_phone_sees_the_whole_chart_and_every_preview(browser_factory, server):

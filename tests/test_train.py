@@ -385,6 +385,32 @@ def test_a_rank_a_launcher_started_says_it_waits_for_rank_0(tmp_path):
     assert not run_dir.exists()  # a later rank writes nothing
 
 
+def test_rank_0_of_a_launched_job_says_it_waits_for_the_others(tmp_path):
+    """Rank 0 of a torchrun or srun job waited in silence for ranks that never came (an sbatch
+    script without srun), until the 10-minute timeout."""
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    env = clean_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_RUN_ID="test")
+    with open(log, "w") as out:
+        rank = subprocess.Popen([sys.executable, "-m", "mae_core.train", "--run-dir",
+                                 str(run_dir), *TINY, "--devices", "2", "--num-previews", "0"],
+                                cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        said = poll(lambda: "to join" in log.read_text(), 120)
+    finally:
+        os.killpg(rank.pid, signal.SIGKILL)
+        rank.wait()
+    assert said, log.read_text()[-3000:]
+    assert (f"waiting for the job's other 1 process to join at 127.0.0.1:{port} (started by "
+            "torchrun or srun on every node; given up after 10 minutes)") in log.read_text()
+
+
 def _long_run(run_dir: Path, devices: int, image_size: int, max_steps: int = 1000) -> list[str]:
     return ["--run-dir", str(run_dir), "--preset", "vit-tiny", "--image-size", str(image_size),
             "--patch-size", "8", "--batch-size", "4", "--devices", str(devices), "--accelerator",

@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import json
 
+import gradio as gr
 import pytest
 
 from mae_core.config import ModelConfig, RunConfig, TrainConfig
@@ -86,3 +87,18 @@ def test_a_damaged_saved_evaluation_reads_as_none_in_compare(ctx):
     for run_id in (a.run_id, b.run_id):
         assert compare.run_results(ctx, run_id)["kNN top-1 % (pretrained / random init)"] == "–"
     assert a.run_id in compare.compare_html(ctx, [a.run_id, b.run_id])
+
+
+def test_compare_pressed_with_no_runs_says_what_to_do(ctx):
+    """The Compare button with nothing chosen: the message names the field and the next step."""
+    with gr.Blocks() as demo:
+        c = compare.build(ctx, gr.Dropdown(allow_custom_value=True))
+    on_compare = next(f.fn for f in demo.fns.values() if f.api_name == "compare")
+    for nothing in ([], None, [""]):
+        message = on_compare(nothing)[c["message"]]
+        assert 'data-kind="error"' in message
+        assert "No runs chosen" in message and "two or more" in message
+        assert "runs to compare" in message and "press Compare" in message
+    a = make_run(ctx, TINY, [1.0])
+    message = on_compare([a.run_id])[c["message"]]
+    assert f"<code>{a.run_id}</code>" in message and "two or more" in message

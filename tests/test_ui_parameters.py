@@ -6,12 +6,13 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import gradio as gr
 import pytest
 
 from mae_core.config import ConfigError, ModelConfig, RunConfig, TrainConfig
 from mae_core.rundir import create_run
 from mae_core.runs import RunError, RunManager
-from ui import parameters
+from ui import parameters, render
 from ui.common import AppContext, cached_audit
 
 TINY = ModelConfig(image_size=32, patch_size=8)
@@ -145,3 +146,15 @@ def test_a_chosen_run_shows_its_model_in_the_fields_and_an_edit_leaves_the_run(t
         leave = wired(demo, elem_id, "input")[0]
         assert [block.elem_id for block in leave.outputs] == ["param-run"], elem_id
         assert leave.fn() == parameters.NO_RUN[1], elem_id
+
+
+def test_the_policy_tables_stack_on_a_narrow_screen(ctx):
+    """Side by side at 800 px each table got ~340 px and the tensor names broke every few
+    characters: each asks for 560 px, so the row wraps them one above the other there."""
+    with gr.Blocks():
+        c = parameters.build(ctx)
+    assert c["clean"].min_width == c["reference"].min_width == parameters.POLICY_TABLE_MIN_WIDTH
+    assert parameters.POLICY_TABLE_MIN_WIDTH >= 560
+    # Gradio 6.31 draws gr.HTML with "min-width: min(0px, 100%)" whatever min_width says.
+    rule = f"min-width: min({parameters.POLICY_TABLE_MIN_WIDTH}px, 100%) !important"
+    assert re.search(r"#params-clean, #params-reference \{ " + re.escape(rule), render.CSS)

@@ -277,3 +277,18 @@ def test_charts_fit_their_box_and_give_vega_nothing_to_warn_of(short_runs, tmp_p
         "raw", "smoothed", "epoch mean", ""]
     assert layer_kinds(curve_chart(curve_points(evaluated, "loss", 0.8), "loss", True)) == [
         "raw", "smoothed", "validation", ""]
+
+
+def test_charts_are_themed_for_dark_and_light_pages(short_runs, tmp_path):
+    """Gradio draws a raw Vega-Lite spec unthemed: in dark mode the chart was a white box with
+    black text. A transparent background and mid-grey text, grid and frame read on both."""
+    evaluated = {RUN_A: MetricsReader(write_evaluated_run(tmp_path / "evaluated.jsonl"))}
+    for chart in (curve_chart(curve_points(short_runs, "loss", 0.8), "loss", True),
+                  plots.knn_chart(plots.knn_points(evaluated))):
+        config = chart.to_dict()["config"]
+        assert config["background"] == "transparent"
+        for part in ("axis", "legend"):
+            assert config[part]["labelColor"] == config[part]["titleColor"] == plots.CHART_GREY
+        assert config["axis"]["gridColor"].startswith("rgba(128,128,128")
+        assert config["view"]["stroke"].startswith("rgba(128,128,128")
+        assert config["view"]["continuousWidth"] == 300  # Altair's own config is kept

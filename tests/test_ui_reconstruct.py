@@ -104,21 +104,6 @@ def test_hostile_files_are_refused_by_name_and_the_rest_reconstructed(ctx, run, 
     assert [name for name, _ in result.refused] == [p.name for p in hostile]
 
 
-def test_uploads_are_cut_to_the_model_size_as_they_are_decoded(tmp_path):
-    """16 full-size uploads were all held at full resolution until the last decoded (4 GB for
-    8000×8000 PNGs): each is now its centre square at the model's size as soon as it is read."""
-    import tifffile
-
-    wide = photo(tmp_path / "wide.png", size=(900, 300))
-    scan = tmp_path / "scan.tif"
-    tifffile.imwrite(scan, np.full((500, 700), 40_000, dtype=np.uint16))
-    images, refused = reconstruct._decode([wide, scan], 3, 32)
-    assert refused == [] and [name for name, _ in images] == ["wide.png", "scan.tif"]
-    assert all(tuple(image.shape) == (3, 32, 32) for _, image in images)
-    gray, _ = reconstruct._decode([scan], 1, 24)
-    assert tuple(gray[0][1].shape) == (1, 24, 24) and gray[0][1].dtype == torch.uint16
-
-
 def test_every_readable_image_is_reconstructed_up_to_the_limit(ctx, run, tmp_path):
     files = [str(photo(tmp_path / f"p{i:02d}.png", (33 + i, 32), seed=i))
              for i in range(reconstruct.MAX_IMAGES + 1)]

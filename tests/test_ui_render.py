@@ -205,3 +205,31 @@ def test_every_run_state_has_its_own_colour():
     assert set(render.STATE_COLOURS) == set(STATES)
     # A queued run waits to start: it used to show in the grey of a stopped one.
     assert render.STATE_COLOURS["queued"] != render.STATE_COLOURS["stopped"]
+
+
+def css_rules() -> dict[str, str]:
+    """Selector (without comments) -> declarations, for each rule in render.CSS."""
+    text = re.sub(r"/\*.*?\*/", "", render.CSS, flags=re.S)
+    return {" ".join(sel.split()): body for sel, body in re.findall(r"([^{}]+)\{([^{}]*)\}", text)}
+
+
+def test_muted_text_reads_in_light_mode_too():
+    """--body-text-color-subdued is #bbbbc2 in light mode as in dark: 1.8:1 on the light page."""
+    rules = css_rules()
+    assert not any("--body-text-color-subdued" in body for body in rules.values())
+    for selector in (".mae-muted", ".mae-recon figcaption", ".mae-colorbar .ticks"):
+        assert "color-mix(in srgb, var(--body-text-color)" in rules[selector], selector
+
+
+def test_table_grid_outranks_gradios_prose_borders():
+    """Gradio's ".gradio-container-X .prose td" (two classes and a tag) drew the grid in the text
+    colour over ".mae-table td": the rule for the grid needs three classes."""
+    rules = css_rules()
+    selector = next(s for s in rules if ".prose .mae-table td" in s)
+    assert ".gradio-container .prose .mae-table td" in selector
+    assert ".gradio-container .prose .mae-table th" in selector
+    assert "border-color: var(--border-color-primary)" in rules[selector]
+
+
+def test_the_preview_gallery_is_not_capped_at_the_window_height():
+    assert "max-height: none" in css_rules()["#preview-gallery .grid-wrap.fixed-height"]

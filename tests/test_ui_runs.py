@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from mae_core.config import ModelConfig, RunConfig, TrainConfig
+from mae_core.evaljobs import EvaluationJob, Evaluations
 from mae_core.fileio import atomic_write_json
 from mae_core.model import MaskedAutoencoder
 from mae_core.process import process_record
@@ -39,6 +40,18 @@ def make_run(ctx: AppContext, state: str = "stopped", **status) -> RunPaths:
 def make_live(paths: RunPaths, process: subprocess.Popen, **status) -> None:
     atomic_write_json(paths.process, process_record(process.pid))
     paths.write_status(state="running", **status)
+
+
+def test_the_runs_table_columns_have_fixed_pixel_widths():
+    """Shares of the page broke "finished" and "ddp-clean" mid-word at 800 px: fixed widths keep
+    words whole (the table scrolls sideways in its frame) and still fit a 1440 px page."""
+    assert len(runs.COLUMN_WIDTHS) == len(runs.HEADERS)
+    pixels = [int(w.removesuffix("px")) for w in runs.COLUMN_WIDTHS
+              if w.endswith("px") and w.removesuffix("px").isdigit()]
+    assert len(pixels) == len(runs.COLUMN_WIDTHS), runs.COLUMN_WIDTHS
+    assert all(p >= 80 for p in pixels)
+    assert pixels[runs.HEADERS.index("run")] >= 200
+    assert sum(pixels) <= 1214  # the table's frame on a 1440 px page
 
 
 def test_a_live_runs_loss_is_marked_live(ctx, stand_in):
@@ -191,7 +204,7 @@ def test_evaluate_reports_progress_then_the_table_and_the_runs_table_shows_it(ct
     assert row[knn] == "–"  # not evaluated yet
     before = runs.refresh(ctx, paths.run_id, None)
     assert before["evaluation"] == ""
-    updates = list(runs.evaluation_updates(ctx, runs.Evaluations(), paths.run_id,
+    updates = list(runs.evaluation_updates(ctx, Evaluations(), paths.run_id,
                                            f"  {_labelled(tmp_path / 'set')}  ", True, poll_s=0.01))
     assert all("Evaluating" in u["message"] for u in updates[:-1])
     last = updates[-1]
@@ -209,7 +222,7 @@ def test_evaluate_reports_progress_then_the_table_and_the_runs_table_shows_it(ct
 def test_evaluate_refusals_reach_the_page_as_messages(ctx, tmp_path):
     from mae_core.data import DataError
 
-    evaluations = runs.Evaluations()
+    evaluations = Evaluations()
     with pytest.raises(UserError, match="Choose a run"):
         next(runs.evaluation_updates(ctx, evaluations, None, "", False))
     with pytest.raises(RunError):
@@ -222,7 +235,7 @@ def test_evaluate_refusals_reach_the_page_as_messages(ctx, tmp_path):
     with pytest.raises(DataError, match="no class subfolders"):
         list(runs.evaluation_updates(ctx, evaluations, paths.run_id, str(tmp_path / "flat"),
                                      False, poll_s=0.01))
-    evaluations.current = runs.EvaluationJob("someone-else")  # still running
+    evaluations.current = EvaluationJob("someone-else")  # still running
     with pytest.raises(UserError, match="someone-else"):
         next(runs.evaluation_updates(ctx, evaluations, paths.run_id, "", False))
     assert not (paths.root / "evaluation.json").exists()
@@ -251,7 +264,7 @@ def test_a_reloaded_page_follows_the_running_evaluation_and_a_second_press_waits
     """A reload lost the progress (the message line stayed empty while the job ran on), and an
     Evaluate pressed for another run meanwhile went unanswered."""
     first, second = make_run(ctx), make_run(ctx)
-    evaluations = runs.Evaluations()
+    evaluations = Evaluations()
     pressed = runs.evaluation_updates(ctx, evaluations, first.run_id, "", False, poll_s=0.01)
     assert "Evaluating" in next(pressed)["message"]
     reloaded = runs.refresh(ctx, None, None, evaluations)  # a fresh page: no sig yet

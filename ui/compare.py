@@ -55,8 +55,11 @@ def compare_html(ctx: AppContext, run_ids: list[str] | None) -> str:
     if run_ids is not None and not isinstance(run_ids, list):
         raise UserError(f"choose runs as a list of run ids, not {shown(run_ids)}")
     run_ids = [r for r in dict.fromkeys(as_run_id(r) for r in run_ids or []) if r]
+    if not run_ids:
+        raise UserError("No runs chosen: pick two or more in “runs to compare”, then press "
+                        "Compare.")
     if len(run_ids) < 2:
-        raise UserError("Choose two or more runs to compare.")
+        raise UserError(f"Only `{run_ids[0]}` is chosen: pick two or more in “runs to compare”.")
     if len(run_ids) > MAX_RUNS:
         raise UserError(f"Compare at most {MAX_RUNS} runs at a time.")
     results = {r: run_results(ctx, r) for r in run_ids}
@@ -105,8 +108,8 @@ def build(ctx: AppContext, pick: gr.Dropdown) -> dict[str, Any]:
                                     allow_custom_value=True, elem_id="compare-runs", scale=3,
                                     min_width=240)
             c["compare"] = gr.Button("Compare", elem_id="compare-btn", scale=1, min_width=100)
-            c["csv"] = gr.Button("Download the chosen run's metrics (CSV)", elem_id="csv-btn",
-                                 scale=1, min_width=140)
+            # The run chosen above, in the tab's "run" picker (its label took four lines at 800 px).
+            c["csv"] = gr.Button("Metrics CSV", elem_id="csv-btn", scale=1, min_width=140)
         c["message"] = gr.HTML(elem_id="compare-message")
         c["table"] = gr.HTML(elem_id="compare-box")
         c["csv_file"] = gr.File(label="metrics.csv", interactive=False, elem_id="csv-file")

@@ -20,6 +20,7 @@ from ui.common import (DEFAULTS, AppContext, FieldNumber, as_int, as_run_id, cac
                        guarded)
 
 NO_RUN = ("(none: audit the preset and sizes below)", "")
+POLICY_TABLE_MIN_WIDTH = 560  # px: a tensor name reads whole; two fit side by side from ~1200 px
 
 
 @dataclasses.dataclass
@@ -100,9 +101,14 @@ def build(ctx: AppContext) -> dict[str, Any]:
     c["title"] = gr.Markdown(elem_id="params-title")
     c["message"] = gr.HTML(elem_id="params-message")
     c["diff"] = gr.HTML(elem_id="params-diff")
+    # Side by side where each gets POLICY_TABLE_MIN_WIDTH, stacked on a narrower screen: at 800 px
+    # each got ~340 px and the tensor names broke every few characters. (Gradio's front end drops
+    # gr.HTML's min_width: ui.render.CSS sets it on #params-clean and #params-reference.)
     with gr.Row():
-        c["clean"] = gr.HTML(elem_id="params-clean", min_height=0)
-        c["reference"] = gr.HTML(elem_id="params-reference", min_height=0)
+        c["clean"] = gr.HTML(elem_id="params-clean", min_height=0,
+                             min_width=POLICY_TABLE_MIN_WIDTH)
+        c["reference"] = gr.HTML(elem_id="params-reference", min_height=0,
+                                 min_width=POLICY_TABLE_MIN_WIDTH)
     c["json"] = gr.JSON(visible=False)
     _wire(ctx, c)
     return c

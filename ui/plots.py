@@ -28,6 +28,16 @@ METRICS = display.METRICS
 AXIS_FORMATS = {"loss": ".3~g", "lr": ".1e", "images_per_s": ",.0f"}
 # Gradio's plot draws with Vega-Lite 5 (5.23 in Gradio 6.31).
 VEGA_LITE_SCHEMA = "https://vega.github.io/schema/vega-lite/v5.json"
+# Gradio draws a raw Vega-Lite spec unthemed: black text on a white box, even in dark mode. A
+# transparent background (the page's shows through) and a mid-grey that reads on both.
+CHART_GREY = "#8b8b94"
+CHART_CONFIG = {
+    "background": "transparent",
+    "axis": {"labelColor": CHART_GREY, "titleColor": CHART_GREY, "domainColor": CHART_GREY,
+             "tickColor": CHART_GREY, "gridColor": "rgba(128,128,128,0.25)"},
+    "legend": {"labelColor": CHART_GREY, "titleColor": CHART_GREY},
+    "view": {"stroke": "rgba(128,128,128,0.35)"},
+}
 # The kNN monitor's series (mae_core.monitor): top-1 accuracy per feature and k, as the legend says.
 KNN_SERIES = {"knn_cls_k20_top1": "class token, k=20", "knn_cls_k200_top1": "class token, k=200",
               "knn_mean_k20_top1": "mean patch token, k=20",
@@ -141,9 +151,12 @@ def _fit(chart: alt.TopLevelMixin) -> dict:
     """The chart's spec, as wide as its box (ui.render.CSS lets the box span the column, so a
     phone's narrow column gets a narrow chart, axis and legend inside it), for the Vega-Lite 5
     that Gradio bundles (Altair writes its own newer schema, which vega-embed warns of on every
-    draw)."""
+    draw), themed for light and dark pages alike (:data:`CHART_CONFIG`)."""
     spec = chart.properties(width="container").to_dict()
     spec["$schema"] = VEGA_LITE_SCHEMA
+    config = spec.setdefault("config", {})
+    for key, value in CHART_CONFIG.items():
+        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
     return spec
 
 

@@ -48,31 +48,6 @@ def _sources(files: Any, use_samples: bool) -> list[Path]:
     return paths
 
 
-def _decode(paths: list[Path], channels: int, size: int
-            ) -> tuple[list[tuple[str, Any]], list[tuple[str, str]]]:
-    """(readable images, refused files with the reason) for up to :data:`MAX_IMAGES` files, read
-    for a checkpoint of ``channels`` channels and ``size`` pixels: each image's centre square at
-    that size (uint8 or uint16 (C, size, size) tensors), what the model is shown."""
-    from mae_core.images import ImageError, center_square
-    from mae_core.pixels import read_for
-
-    images, refused = [], []
-    for path in paths:
-        if len(images) >= MAX_IMAGES:
-            refused.append((path.name, f"over the {MAX_IMAGES} images of one request"))
-            continue
-        try:
-            # Cut down before the next file decodes: 16 full-size 8000×8000 uploads held at once
-            # took 4 GB.
-            image = center_square(read_for(path, channels, name=path.name), size)
-            images.append((path.name, image))
-        except ImageError as err:  # its message already starts with the file's name
-            refused.append((path.name, str(err).removeprefix(f"{path.name}: ")))
-        except OSError as err:
-            refused.append((path.name, f"could not be read ({err.strerror or err})"))
-    return images, refused
-
-
 def _channels_note(cfg: Any) -> str:
     """How a checkpoint reads images, for the message: only said when not ImageNet-normalised RGB."""
     if cfg.channels == 3 and cfg.normalize != "dataset":
@@ -87,7 +62,7 @@ def reconstruct_files(ctx: AppContext, files: Any, use_samples: bool, run_id: st
     (1-based, "4,3,2" or "2"; blank = auto) and ``contrast`` choose how the panels show them."""
     from mae_core.composite import parse_view
     from mae_core.reconstruct import (HEATMAP_MAX, MODEL_PANEL_TITLES, PANEL_TITLES, colorbar,
-                                      reconstruct_uploads)
+                                      read_uploads, reconstruct_uploads)
     from mae_core.weights import read_metadata
 
     ratio, seed = as_ratio(mask_ratio), as_seed(seed, "mask seed")
@@ -100,7 +75,8 @@ def reconstruct_files(ctx: AppContext, files: Any, use_samples: bool, run_id: st
     weights = ctx.manager.weights(run_id)
     model = ctx.models.get(weights)
     view = parse_view(channels_shown, model.cfg.channels, contrast or "auto")
-    images, refused = _decode(paths, model.cfg.channels, model.cfg.image_size)
+    images, refused = read_uploads(paths, model.cfg.channels, model.cfg.image_size,
+                                   limit=MAX_IMAGES)
     views = []
     if images:
         views = reconstruct_uploads(model, images, ratio, seed, view=view)
@@ -244,7 +220,10 @@ def build(ctx: AppContext) -> dict[str, Any]:
         # which takes the nearest snapshot.
         c["history_step"] = FieldSlider(0, 1, value=0, step=1, label="weights history: step",
                                         visible=False, elem_id="history-step", scale=3)
-        c["history_run"] = gr.Button("Reconstruct at this step", elem_id="history-btn", scale=1)
+        # Reconstructs the image with the weights of the slider's step ("Reconstruct at this
+        # step" took two lines at 800 px); on a phone it wraps below the slider.
+        c["history_run"] = gr.Button("Show this step", elem_id="history-btn", scale=1,
+                                     min_width=160)
     c["history_message"] = gr.HTML(elem_id="history-message")
     c["history"] = gr.HTML(elem_id="history-results")
     c["follow"] = gr.State(True)

@@ -21,7 +21,9 @@ CSS = """
 .mae-box { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 10px 12px;
   background: var(--background-fill-secondary); color: var(--body-text-color); font-size: 14px;
   line-height: 1.5; }
-.mae-muted { color: var(--body-text-color-subdued); font-size: 12px; }
+/* Gradio's --body-text-color-subdued is #bbbbc2 in both modes: 1.8:1 on a light page. The text
+   colour faded over whatever lies beneath: ~5.5:1 on the light page, ~8:1 on the dark one. */
+.mae-muted { color: color-mix(in srgb, var(--body-text-color) 70%, transparent); font-size: 12px; }
 .mae-grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(96px, 1fr)); gap: 8px; }
 .mae-pill { border-radius: 999px; padding: 1px 10px; font-weight: 600; color: #fff; }
 .mae-bar { background: var(--border-color-primary); border-radius: 6px; height: 12px; margin: 8px 0;
@@ -45,6 +47,11 @@ CSS = """
 .mae-table td.name { font-family: var(--font-mono); overflow-wrap: anywhere; }
 .mae-table td.reason { min-width: 12em; overflow-wrap: anywhere; }
 .mae-table td.num { text-align: right; white-space: nowrap; }
+/* Gradio borders ".prose" tables, rows and cells in the text colour, in a rule scoped to its
+   container that outranks ".mae-table td": the grid in the border colour instead. */
+.gradio-container .prose .mae-table, .gradio-container .prose .mae-table tr,
+.gradio-container .prose .mae-table th, .gradio-container .prose .mae-table td {
+  border-color: var(--border-color-primary); }
 .st-trainable { background: rgba(22, 163, 74, .14); }
 .st-frozen { background: rgba(37, 99, 235, .16); }
 .st-removed { background: rgba(220, 38, 38, .16); }
@@ -56,10 +63,11 @@ tr.no-grad { outline: 2px solid #dc2626; outline-offset: -2px; }
   margin-bottom: 12px; }
 .mae-recon figure { margin: 0; }
 .mae-recon img { width: 100%; image-rendering: pixelated; border-radius: 4px; }
-.mae-recon figcaption { font-size: 12px; color: var(--body-text-color-subdued); overflow-wrap: anywhere; }
+.mae-recon figcaption { font-size: 12px; overflow-wrap: anywhere;
+  color: color-mix(in srgb, var(--body-text-color) 70%, transparent); }
 .mae-colorbar img { width: 100%; max-width: 320px; height: 14px; display: block; }
 .mae-colorbar .ticks { display: flex; justify-content: space-between; max-width: 320px; font-size: 11px;
-  color: var(--body-text-color-subdued); }
+  color: color-mix(in srgb, var(--body-text-color) 70%, transparent); }
 #run-controls { align-items: center; }
 #loss-plot { overflow-x: auto; }
 /* The charts are as wide as their box (Vega-Lite's "container" width, ui.plots); Gradio's plot
@@ -71,6 +79,12 @@ tr.no-grad { outline: 2px solid #dc2626; outline-offset: -2px; }
    fourth column off. Its count where the columns are wide enough, fewer where not. */
 #preview-gallery .grid-container { grid-template-columns: repeat(auto-fill,
   minmax(max(140px, calc(100% / var(--grid-cols) - var(--spacing-lg))), 1fr)); }
+/* ... and caps its height at 55 % of the window, cutting the last row off on a small screen
+   (800 x 600): it grows with its previews instead, the page scrolls. */
+#preview-gallery .grid-wrap.fixed-height { max-height: none; }
+/* The two policy tables side by side only where each gets 560 px (ui.parameters), stacked on a
+   narrower screen; Gradio 6.31's gr.HTML drops its min_width (an inline "min(0px, 100%)"). */
+#params-clean, #params-reference { min-width: min(560px, 100%) !important; }
 #train-message, #runs-message, #recon-message, #params-message { min-height: 0; }
 """
 

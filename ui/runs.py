@@ -1,28 +1,32 @@
 """The Runs tab: every run in the runs directory, and what can be done with one: open it in the other
-tabs, export its encoder for timm, evaluate it against its random init (kNN / linear probe, in a
-background thread), delete it (asks first; never a live run), compare runs (:mod:`ui.compare`)."""
+tabs, export its encoder for timm, evaluate it against its random init (kNN / linear probe, a
+background job of :mod:`mae_core.evaljobs`), delete it (asks first; never a live run), compare
+runs (:mod:`ui.compare`)."""
 
 from __future__ import annotations
 
-import threading
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from mae_core import display
 from mae_core.checks import shown
+from mae_core.evaljobs import EvaluationBusy, EvaluationJob, Evaluations
 from mae_core.rundir import LIVE_STATES
 from ui import compare, datacache, render
 from ui.common import AppContext, UserError, as_bool, as_run_id, describe, guarded
 
 HEADERS = ("run", "state", "steps", "loss (last logged)", "epoch loss (last)", "duration", "disk",
            "policy", "preset", "kNN top-1 % (pretrained / random init)", "data")
-# Fixed shares: by content alone, a long data folder would squeeze the kNN header to a letter a line.
-# "duration" and "ddp-clean" each need 8 % of a 1440 px page, or they break mid-word.
-COLUMN_WIDTHS = ("17%", "7%", "7%", "7%", "7%", "8%", "6%", "8%", "7%", "11%", "15%")
+# Fixed widths: by content alone, a long data folder would squeeze the kNN header to a letter a
+# line; shares of the page broke "finished", "ddp-clean", "vit-tiny" mid-word on a narrow one.
+# Each column is as wide as its longest word ("finished", "duration", "vit-large", "reference",
+# "(pretrained"); together they fit a 1440 px page (1214 px of table), and on a narrower one the
+# table scrolls sideways in its frame.
+COLUMN_WIDTHS = ("220px", "90px", "80px", "80px", "80px", "90px", "80px", "100px", "100px", "120px",
+                 "170px")
 
 
 def table_rows(ctx: AppContext, statuses: Iterable[Mapping[str, Any]]) -> list[list[Any]]:
@@ -88,75 +92,32 @@ def saved_evaluation(ctx: AppContext, run_id: str) -> str:
 
 # --- evaluation ---------------------------------------------------------------------------------
 
-@dataclass
-class EvaluationJob:
-    """One evaluation running in a background thread: its progress, then its result or error."""
-
-    run_id: str
-    fraction: float = 0.0
-    text: str = "starting"
-    result: dict[str, Any] | None = None
-    error: BaseException | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-    refused: str | None = None  # a run whose Evaluate was pressed while this one ran
-    _outcome: str | None = None
-
-    def run(self, run_dir: Path, data: str | None, linear_probe: bool) -> None:
-        from mae_core.evaluate import evaluate_run
-
-        def progress(fraction: float, text: str) -> None:
-            self.fraction, self.text = fraction, text
-
-        try:
-            self.result = evaluate_run(run_dir, data, linear_probe=linear_probe, progress=progress)
-        except BaseException as err:  # noqa: BLE001 - handed to the page by evaluation_updates
-            self.error = err
-        finally:
-            self.done.set()
-
-    def message(self) -> str:
-        """The message line for this evaluation: its progress while it runs (with the Evaluate
-        refused meanwhile, so that answer is not overwritten by the next progress), then how it
-        ended."""
-        if not self.done.is_set():
-            text = f"Evaluating `{self.run_id}`: {self.text} ({self.fraction:.0%})."
-            if self.refused:
-                return render.notice("warn", f"{text} `{self.refused}` waits: one evaluation at "
-                                             "a time, press Evaluate for it again once this one "
-                                             "ends.")
-            return render.notice("info", text)
-        if self._outcome is None:  # once: an unexpected error is logged by describe
-            if self.error is not None:
-                self._outcome = render.notice("error", describe(self.error, "evaluate"))
-            else:
-                result = self.result or {}
-                self._outcome = render.notice(
-                    "ok", f"Evaluated `{self.run_id}` in {result['seconds']} s: pretraining "
-                          f"bought {result['delta']['knn_top1']:+.1f} points of kNN top-1.")
-        return self._outcome
+# What a finished job's message line said, rendered once per job: an unexpected error is logged
+# (by describe) when it is first shown, not at every refresh.
+_outcomes: weakref.WeakKeyDictionary[EvaluationJob, str] = weakref.WeakKeyDictionary()
 
 
-class Evaluations:
-    """The app's evaluations, one at a time: each embeds hundreds of images on the CPUs. The job
-    runs in its own thread, so it ends (and saves its result) even if the page is closed."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.current: EvaluationJob | None = None
-
-    def start(self, run_id: str, run_dir: Path, data: str | None, linear_probe: bool
-              ) -> EvaluationJob:
-        with self._lock:
-            running = self.current
-            if running is not None and not running.done.is_set():
-                if run_id != running.run_id:
-                    running.refused = run_id
-                raise UserError(f"`{running.run_id}` is being evaluated ({running.text}, "
-                                f"{running.fraction:.0%}); wait until it ends.")
-            job = self.current = EvaluationJob(run_id)
-        threading.Thread(target=job.run, args=(run_dir, data, linear_probe), daemon=True,
-                         name=f"evaluate-{run_id}").start()
-        return job
+def job_message(job: EvaluationJob) -> str:
+    """The message line for an evaluation: its progress while it runs (with the Evaluate refused
+    meanwhile, so that answer is not overwritten by the next progress), then how it ended."""
+    if not job.done.is_set():
+        text = f"Evaluating `{job.run_id}`: {job.text} ({job.fraction:.0%})."
+        if job.refused:
+            return render.notice("warn", f"{text} `{job.refused}` waits: one evaluation at "
+                                         "a time, press Evaluate for it again once this one "
+                                         "ends.")
+        return render.notice("info", text)
+    outcome = _outcomes.get(job)
+    if outcome is None:
+        if job.error is not None:
+            outcome = render.notice("error", describe(job.error, "evaluate"))
+        else:
+            result = job.result or {}
+            outcome = render.notice(
+                "ok", f"Evaluated `{job.run_id}` in {result['seconds']} s: pretraining "
+                      f"bought {result['delta']['knn_top1']:+.1f} points of kNN top-1.")
+        _outcomes[job] = outcome
+    return outcome
 
 
 def evaluation_updates(ctx: AppContext, evaluations: Evaluations, run_id: str | None,
@@ -171,12 +132,15 @@ def evaluation_updates(ctx: AppContext, evaluations: Evaluations, run_id: str | 
     if data is not None and not isinstance(data, str):
         raise UserError(f"the data folder is a path, not {shown(data)}")
     folder = (data or "").strip() or None
-    job = evaluations.start(run_id, paths.root, folder, as_bool(linear_probe, "linear probe"))
+    try:
+        job = evaluations.start(run_id, paths.root, folder, as_bool(linear_probe, "linear probe"))
+    except EvaluationBusy as err:  # one at a time: the page's own refusal
+        raise UserError(str(err)) from None
     while not job.done.wait(poll_s):
-        yield {"message": job.message()}
+        yield {"message": job_message(job)}
     if job.error is not None:
         raise job.error
-    yield {"message": job.message(), "evaluation": evaluation_html(job.result)}
+    yield {"message": job_message(job), "evaluation": evaluation_html(job.result)}
 
 
 def evaluation_progress(evaluations: Evaluations | None, sig: dict[str, Any]
@@ -188,13 +152,13 @@ def evaluation_progress(evaluations: Evaluations | None, sig: dict[str, Any]
     if job is None:
         return {}
     if not job.done.is_set():
-        message = job.message()
+        message = job_message(job)
         on_page = sig.get("evaluating")
         sig["evaluating"] = (job.run_id, message)
         return {} if on_page == (job.run_id, message) else {"message": message}
     if (sig.get("evaluating") or (None,))[0] == job.run_id:  # it ended since this page showed it
         sig["evaluating"] = None
-        return {"message": job.message()}
+        return {"message": job_message(job)}
     return {}
 
 
@@ -297,12 +261,14 @@ def build(ctx: AppContext) -> dict[str, Any]:
         c["pick"] = gr.Dropdown([], value=None, label="run", scale=3, min_width=400,
                                 elem_id="runs-pick", allow_custom_value=True)
         c["refresh"] = gr.Button("Refresh", scale=1, min_width=90, elem_id="refresh-btn")
-        c["open"] = gr.Button("Open in Train & Reconstruct", scale=1, min_width=150,
-                              elem_id="open-btn")
+        # Short labels: at 800 px "Open in Train & Reconstruct" took three lines (Open shows the
+        # run in the Train and Reconstruct tabs and switches to Train).
+        c["open"] = gr.Button("Open", scale=1, min_width=90, elem_id="open-btn")
         c["export"] = gr.Button("Export encoder", scale=1, min_width=120, elem_id="export-btn")
     with gr.Row():
-        c["sooner"] = gr.Button("Queue: sooner", scale=1, min_width=110, elem_id="sooner-btn")
-        c["later"] = gr.Button("Queue: later", scale=1, min_width=110, elem_id="later-btn")
+        # Move the chosen queued run up or down the queue (its place shows in the table's state).
+        c["sooner"] = gr.Button("Sooner", scale=1, min_width=90, elem_id="sooner-btn")
+        c["later"] = gr.Button("Later", scale=1, min_width=90, elem_id="later-btn")
         c["confirm"] = gr.Checkbox(False, label="yes, delete this run's files (or its place in "
                                    "the queue)", scale=3, elem_id="confirm-delete")
         c["delete"] = gr.Button("Delete run", variant="stop", scale=1, min_width=110,
