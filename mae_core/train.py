@@ -108,48 +108,88 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
     import torch
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from mae_core import prepared
-    from mae_core.callbacks import (AtomicCheckpointIO, Previews, ProgressRecorder,
-                                     SaveCheckpoints, StopOnRequest)
-    from mae_core.data import TrainSplitDataModule
-    from mae_core.failures import RecordFailure, record_termination
+    from mae_core.failures import record_termination
     from mae_core.model import MAELightning
-    from mae_core.monitor import EvalPlan, HeldOutMonitor, plan_evaluation
-    from mae_core.slurm import requeue_slurm_job, slurm_environment
-    from mae_core.snapshots import WeightSnapshots
+    from mae_core.monitor import EvalPlan, plan_evaluation
 
     t = cfg.train
     pl.seed_everything(t.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
-    recorder = ProgressRecorder(paths, log_every_n_steps=t.log_every_n_steps)
-    stopper = StopOnRequest(paths, recorder)
-    callbacks = [recorder, stopper, SaveCheckpoints(paths, t.checkpoint_every_n_steps, recorder)]
-    # A folder, a prepared set or a URL: decided (and a large folder prepared) once per run.
-    if prepared.is_remote(t.data):  # a network wait (credentials, retries) must not look like a hang
-        print(f"opening the remote data set {t.data}", flush=True)
-    try:
-        source = prepared.run_data(t.data, paths.root)
-    except DataError as err:  # the other ranks and nodes wait on status.json to give up
-        if prepared.first_process():
-            paths.write_status(state="failed", error=str(err))
-        raise
-    if t.num_previews:
-        callbacks.append(Previews(paths, prepared.source_previews(
-            source, cfg.model.image_size, t.num_previews, cfg.model.channels), t.preview_every_n_steps))
-    callbacks.extend(extra_callbacks or [])
+    source = _open_data(t.data, paths)
     # Held-out evaluation (issue 14); a caller's own data module has no split to evaluate, and a
     # streamed (prepared) set is trained whole: its kNN monitor needs a separate eval_data folder.
     plan = (plan_evaluation(t, split_data=source.kind == "memory") if datamodule is None
             else EvalPlan())
-    if plan.active:  # before SaveCheckpoints: a step's line is on disk before its checkpoint
-        callbacks.insert(2, HeldOutMonitor(plan, paths.metrics, t.eval_every_n_steps,
-                                           t.batch_size, recorder))
+    callbacks = _callbacks(cfg, paths, source, plan, extra_callbacks or [])
+    recorder, stopper = callbacks[0], callbacks[1]
+    trainer = _trainer(cfg, paths, callbacks)
+    model = MAELightning.from_config(cfg)
+    data = datamodule if datamodule is not None else _datamodule(cfg, source, plan)
+    _say_joining(trainer)
+    try:
+        trainer.fit(model, datamodule=data, ckpt_path=str(paths.last_ckpt) if resume else None,
+                    weights_only=True)
+    except SIGTERMException:  # a SystemExit: left alone, the failed run exited 0
+        if trainer.is_global_zero and paths.read_status().get("state") in LIVE_STATES:
+            record_termination(paths)  # not written in on_exception (a full disk): again
+        return 1
+    return _ended(trainer, paths, recorder, stopper)
+
+
+def _open_data(data: str, paths: RunPaths) -> Any:
+    """What the run trains on (:func:`mae_core.prepared.run_data`): a folder, a prepared set or
+    a URL, decided (and a large folder prepared) once per run."""
+    from mae_core import prepared
+
+    if prepared.is_remote(data):  # a network wait (credentials, retries) must not look like a hang
+        print(f"opening the remote data set {data}", flush=True)
+    try:
+        return prepared.run_data(data, paths.root)
+    except DataError as err:  # the other ranks and nodes wait on status.json to give up
+        if prepared.first_process():
+            paths.write_status(state="failed", error=str(err))
+        raise
+
+
+def _callbacks(cfg: RunConfig, paths: RunPaths, source: Any, plan: Any,
+               extra: list[pl.Callback]) -> list[pl.Callback]:
+    """The trainer's callbacks, in the order they run each step: the recorder and the stopper
+    first (the stop is decided before anything saves), a step's metric lines before its
+    checkpoint, the caller's after the trainer's own, the failure record last."""
+    from mae_core import prepared
+    from mae_core.callbacks import Previews, ProgressRecorder, SaveCheckpoints, StopOnRequest
+    from mae_core.failures import RecordFailure
+    from mae_core.monitor import HeldOutMonitor
+    from mae_core.snapshots import WeightSnapshots
+
+    t = cfg.train
+    recorder = ProgressRecorder(paths, log_every_n_steps=t.log_every_n_steps)
+    stopper = StopOnRequest(paths, recorder)
+    callbacks: list[pl.Callback] = [recorder, stopper]
+    if plan.active:
+        callbacks.append(HeldOutMonitor(plan, paths.metrics, t.eval_every_n_steps, t.batch_size,
+                                        recorder))
+    callbacks.append(SaveCheckpoints(paths, t.checkpoint_every_n_steps, recorder))
+    if t.num_previews:
+        callbacks.append(Previews(paths, prepared.source_previews(
+            source, cfg.model.image_size, t.num_previews, cfg.model.channels), t.preview_every_n_steps))
+    callbacks.extend(extra)
     if t.weight_snapshots:  # the Reconstruct tab's weights history (issue 14, item 5)
         callbacks.append(WeightSnapshots(paths.root, t.weight_snapshots, t.checkpoint_every_n_steps))
     callbacks.append(RecordFailure(paths, stopper))
+    return callbacks
+
+
+def _trainer(cfg: RunConfig, paths: RunPaths, callbacks: list[pl.Callback]) -> pl.Trainer:
+    import pytorch_lightning as pl
+
+    from mae_core.callbacks import AtomicCheckpointIO
+    from mae_core.slurm import slurm_environment
+
+    t = cfg.train
     _drop_trainer_env()
     plugins = [AtomicCheckpointIO(), slurm_environment()]
-    trainer = pl.Trainer(
+    return pl.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
         strategy=make_strategy(cfg), max_steps=t.max_steps, max_epochs=t.max_epochs or -1,
         accumulate_grad_batches=t.accumulate_grad_batches,  # max_steps counts optimizer steps
@@ -162,38 +202,39 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
         # embedding (a 16×16, stride-16 conv from 3 channels) at 2 ms of a 52 ms compiled H200
         # step: its FLOPs at the step's matmul rate take ~0.1 ms. No effect on the CPU.
         benchmark=True)
-    model = MAELightning.from_config(cfg)
-    data = datamodule if datamodule is not None else prepared.make_datamodule(
+
+
+def _datamodule(cfg: RunConfig, source: Any, plan: Any) -> pl.LightningDataModule:
+    from mae_core import prepared
+    from mae_core.data import TrainSplitDataModule
+
+    t = cfg.train
+    if plan.train is not None:  # the held-out images are never trained on
+        return TrainSplitDataModule(plan.train, cfg.model.image_size, t.batch_size,
+                                    t.num_workers or 0, pin_memory=t.accelerator == "gpu",
+                                    channels=cfg.model.channels)
+    return prepared.make_datamodule(
         source, cfg.model.image_size, t.batch_size, t.num_workers or 0, seed=t.seed,
         pin_memory=t.accelerator == "gpu", channels=cfg.model.channels,
         decode_on_device=t.decode_on_device)
-    if plan.train is not None:  # the held-out images are never trained on
-        data = TrainSplitDataModule(plan.train, cfg.model.image_size, t.batch_size,
-                                    t.num_workers or 0, pin_memory=t.accelerator == "gpu",
-                                    channels=cfg.model.channels)
-    ckpt = str(paths.last_ckpt) if resume else None
-    _say_joining(trainer)
-    try:
-        trainer.fit(model, datamodule=data, ckpt_path=ckpt, weights_only=True)
-    except SIGTERMException:  # a SystemExit: left alone, the failed run exited 0
-        if trainer.is_global_zero and paths.read_status().get("state") in LIVE_STATES:
-            record_termination(paths)  # not written in on_exception (a full disk): again
-        return 1
-    if stopper.requeue:  # SLURM's time limit or preemption is near: saved, then requeued
-        if trainer.is_global_zero:
-            paths.clear_stop_request()
-            recorder.write_progress(trainer, state="stopped")
-            print(requeue_slurm_job(), flush=True)
-        return 0
-    if stopper.terminated:  # stopped after its step, saved: said as SIGTERM, exit 1
+
+
+def _ended(trainer: pl.Trainer, paths: RunPaths, recorder: Any, stopper: Any) -> int:
+    """Rank 0 records how fit ended (finished, stopped, requeued or terminated); the exit code."""
+    from mae_core.failures import record_termination
+    from mae_core.slurm import requeue_slurm_job
+
+    if stopper.terminated and not stopper.requeue:  # stopped after its step, saved: exit 1
         if trainer.is_global_zero:
             paths.clear_stop_request()
             record_termination(paths)
         return 1
     if trainer.is_global_zero:
-        state = "stopped" if stopper.requested else "finished"
+        state = "stopped" if stopper.requested or stopper.requeue else "finished"
         paths.clear_stop_request()
         recorder.write_progress(trainer, state=state)
+        if stopper.requeue:  # SLURM's time limit or preemption is near: saved, then requeued
+            print(requeue_slurm_job(), flush=True)
     return 0
 
 

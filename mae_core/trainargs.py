@@ -263,8 +263,11 @@ def _require_new_run_folder(root: Path) -> None:
     if root.is_file():
         raise ConfigError("run_dir", f"{root} is a file: give a new folder")
     if root.is_dir():
-        others = sorted(p.name for p in root.iterdir() if p.name not in _BEFORE_CONFIG
-                        and not p.name.startswith("."))
+        try:
+            others = sorted(p.name for p in root.iterdir() if p.name not in _BEFORE_CONFIG
+                            and not p.name.startswith("."))
+        except OSError:
+            return  # unreadable: creating the run there says why in its own words
         if others:
             raise ConfigError("run_dir", f"{root} already holds files that are not a run's "
                               f"({', '.join(others[:3])}{', …' if len(others) > 3 else ''}): a "
@@ -277,9 +280,11 @@ def _require_devices_free(cfg: RunConfig, runs_dir: Path) -> None:
     app refuses to start beside a run started by hand; the reverse went unchecked."""
     from mae_core.runs import share_devices
 
-    if not runs_dir.is_dir():
+    try:
+        roots = sorted(runs_dir.iterdir())
+    except OSError:  # none yet, or not readable: nothing live to see there
         return
-    for root in sorted(runs_dir.iterdir()):
+    for root in roots:
         paths = RunPaths(root)
         if not (valid_run_id(root.name) and paths.is_run()
                 and paths.read_status().get("state") in LIVE_STATES):

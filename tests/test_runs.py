@@ -455,7 +455,8 @@ def test_manager_follows_and_stops_a_run_started_by_hand(tmp_path):
 
 def test_stop_watchdog_never_kills_the_trainer_a_resume_launched(tmp_path):
     """Stop, then Resume at once: the stop's watchdog watches the trainer it was started for."""
-    manager = RunManager(tmp_path / "runs", stop_timeout_s=15)
+    # Long enough for a graceful stop on a busy machine (~2 s here), short enough to wait out.
+    manager = RunManager(tmp_path / "runs", stop_timeout_s=8)
     run_id = manager.start(tiny_config(max_steps=5000, checkpoint_every_n_steps=2, num_previews=0))
     try:
         for _ in range(2):  # twice: the old watchdog lost its race with the resume only mostly

@@ -548,10 +548,16 @@ def test_a_resume_by_hand_is_checked_as_the_apps_resume(tmp_path):
     first = _train(tmp_path, *common, "--max-steps", "2")
     assert first.returncode == 0, first.stdout[-3000:]
     config = (run / "config.yaml").read_text()
-    for extra in ([], ["--max-steps", "1"]):  # the run's own max steps (finished), one below
-        again = _train(tmp_path, "--run-dir", str(run), "--resume", *extra)
-        assert again.returncode == 2, again.stdout[-3000:]
-        assert "the checkpoint of run is at step 2: raise max steps above 2" in again.stdout
+    again = _train(tmp_path, "--run-dir", str(run), "--resume")  # the run's own max steps
+    assert again.returncode == 2, again.stdout[-3000:]
+    assert "the checkpoint of run is at step 2: raise max steps above 2" in again.stdout
+    # One below, in this process (the command line's own checks, without another start-up).
+    from mae_core.config import ConfigError
+    from mae_core.trainargs import build_parser, prepare
+
+    with pytest.raises(ConfigError, match="the checkpoint of run is at step 2: raise max steps "
+                                          "above 2"):
+        prepare(build_parser().parse_args(["--run-dir", str(run), "--resume", "--max-steps", "1"]))
     assert (run / "config.yaml").read_text() == config  # nothing rewritten
     data = bytearray((run / "last.ckpt").read_bytes())
     data[len(data) // 2: len(data) // 2 + 64] = b"\0" * 64
