@@ -16,6 +16,7 @@ hundred images takes a second, preparing them would take longer than the run.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import hashlib
@@ -23,6 +24,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -42,7 +44,7 @@ from mae_core.data import DataError, MAEDataModule, find_images
 from mae_core.data import preview_images as folder_previews
 from mae_core.fileio import atomic_write_json, cache_home, fsync_dir, read_json
 from mae_core.images import ImageError, open_rgb
-from mae_core.preparing import count_done
+from mae_core.preparing import count_done, reported_progress
 from mae_core.rundir import RUN_DATA_NAME, RunPaths, state_unknown  # noqa: F401 - for caches
 
 MANIFEST_NAME = "mae_manifest.json"
@@ -198,12 +200,19 @@ def prepare(source: str, out: str | Path, short_side: int = DEFAULT_SHORT_SIDE,
     workers = max(1, min(workers or (os.cpu_count() or 1), len(paths)))
     started = time.monotonic()
     try:
-        encode = functools.partial(_encode, short_side=short_side,
-                                   progress=str(progress) if progress else None)
-        litdata.optimize(fn=encode,
-                         inputs=[(i, str(p)) for i, p in enumerate(paths)], output_dir=str(tmp),
-                         chunk_bytes="64MB", num_workers=workers, verbose=verbose,
-                         start_method="fork")
+        with contextlib.ExitStack() as reporting:
+            if verbose:  # our own progress lines: LitData's (verbose) are a redrawn bar and an advert
+                print(f"preparing {len(paths):,} images of {source or 'the sample photos'} into "
+                      f"{out} ({workers} encoding process{'es' if workers > 1 else ''})", flush=True)
+                progress = progress or reporting.enter_context(
+                    tempfile.TemporaryDirectory(prefix="mae-encode-"))
+                reporting.enter_context(reported_progress(progress, len(paths)))
+            encode = functools.partial(_encode, short_side=short_side,
+                                       progress=str(progress) if progress else None)
+            litdata.optimize(fn=encode,
+                             inputs=[(i, str(p)) for i, p in enumerate(paths)],
+                             output_dir=str(tmp), chunk_bytes="64MB", num_workers=workers,
+                             verbose=False, start_method="fork")
         count, size = _shard_count(tmp)
         if count == 0:
             raise DataError(f"none of the {len(paths)} image files in {source or 'the sample photos'} "
@@ -273,7 +282,6 @@ def prepare_cached(folder: str, paths: list[Path] | None = None,
             target.rename(aside)
             shutil.rmtree(aside, ignore_errors=True)
         if manifest is None:
-            print(f"preparing {len(paths):,} images of {folder} into {target}", flush=True)
             prepare(folder, target, short_side, workers, paths=paths, progress=progress)
     return target
 

@@ -13,6 +13,7 @@ target, once the walk is done), ``done-<pid>`` (each encoding process's count) a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -22,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from mae_core.diskspace import full_disk_message, size_text
 from mae_core.fileio import (atomic_write_json, atomic_write_text, is_disk_full, read_json,
@@ -106,6 +107,33 @@ def count_done(progress: str | None) -> None:
     if progress and now - _DONE["written"] >= PROGRESS_EVERY_S:
         _DONE["written"] = now
         atomic_write_text(Path(progress) / f"done-{os.getpid()}", str(_DONE["count"]))
+
+
+# How often a preparation says how far it got, in the terminal or the log it writes to.
+REPORT_EVERY_S = 10.0
+
+
+@contextlib.contextmanager
+def reported_progress(progress: str | Path, total: int,
+                      every_s: float = REPORT_EVERY_S) -> Iterator[None]:
+    """Print "encoded N of M images (P %)" every ``every_s`` while the block runs. LitData's own
+    progress bar redraws with terminal escapes (unreadable in a log file), and comes with its
+    advert and a line per worker."""
+    stop = threading.Event()
+
+    def report() -> None:
+        while not stop.wait(every_s):
+            done = min(progress_done(progress), total)
+            print(f"encoded {done:,} of {total:,} images ({100 * done / max(total, 1):.0f} %)",
+                  flush=True)
+
+    reporter = threading.Thread(target=report, name="preparation-progress", daemon=True)
+    reporter.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        reporter.join()
 
 
 def progress_done(progress: str | Path) -> int:

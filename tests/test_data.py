@@ -123,6 +123,12 @@ def test_optimize_command_prepares_a_folder_counts_skipped_and_refuses_bad_input
     result = run_module("mae_core.data", "optimize", tmp_path / "src", out, "--workers", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "prepared 3 images (1 skipped: unreadable)" in result.stdout
+    # Its own lines only: LitData's advert, per-worker chatter and redrawn bar read as noise
+    # (and escapes in a log file).
+    assert result.stdout.startswith(f"preparing 4 images of {tmp_path / 'src'} into {out} (1 "
+                                    "encoding process)\n"), result.stdout
+    assert "lightning.ai" not in result.stdout + result.stderr
+    assert "\r" not in result.stdout + result.stderr and "\x1b" not in result.stdout + result.stderr
     summary = check_data(str(out))  # a prepared directory is a data set too
     assert summary.files == 3
     # The refusals through the same main(), in this process (the command's entry point is proven

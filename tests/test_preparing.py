@@ -181,3 +181,16 @@ def test_a_preparation_that_fills_the_disk_says_so_and_keeps_nothing(tmp_path, s
                                      f"{disk}"), failed.message
     assert failed.message.endswith("then prepare the folder again")
     assert [p for p in disk.iterdir() if p.is_dir()] == []  # no partial set, no temp folder
+
+
+def test_a_preparation_says_how_far_it_got_every_few_seconds(tmp_path, capsys):
+    """A long preparation in a terminal or a log: its own readable lines, summed over the
+    encoding processes' counts (LitData's bar redraws with escapes a log file cannot show)."""
+    from mae_core.preparing import reported_progress
+
+    (tmp_path / "done-11").write_text("3")
+    (tmp_path / "done-12").write_text("2")
+    with reported_progress(tmp_path, total=20, every_s=0.05):
+        time.sleep(0.2)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and set(lines) == {"encoded 5 of 20 images (25 %)"}
