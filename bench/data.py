@@ -171,7 +171,8 @@ def train_run(data_dir: Path, devices: int, root: Path, steps: int = 6,
 
 
 # What each training process imports (mae_core.train itself imports them only once it runs).
-TRAINER_IMPORTS = "import pytorch_lightning, mae_core.model, mae_core.callbacks, mae_core.prepared"
+TRAINER_IMPORTS = ("import pytorch_lightning, mae_core.model, mae_core.callbacks, "
+                   "mae_core.datasource")
 
 
 def import_seconds(repeats: int = 2) -> float:

@@ -1,6 +1,6 @@
 """``python -m bench.loader``: can this data feed this device? The trainer's own loader, alone.
 
-The data module a run would use (:func:`mae_core.prepared.make_datamodule`: the in-memory cache
+The data module a run would use (:func:`mae_core.datasource.make_datamodule`: the in-memory cache
 for a small folder, the LitData stream for a prepared set), with the run's loader workers, pinned
 memory on a GPU, and each batch copied to the device as Lightning copies it: images/s and the
 time the host waited for each batch, beside what one worker computes alone (this process, one
@@ -71,17 +71,17 @@ def measure(data: str, image_size: int, batch_size: int, workers: int, batches: 
     import torch
 
     from bench.data import _forever
-    from mae_core import crops, prepared
+    from mae_core import crops, datasource
 
     with tempfile.TemporaryDirectory(prefix="mae-bench-loader-") as root:
         if transfer_only:
             kind, deferred, per_core = "transfer only", False, None
             loader = _transfer_only_loader(image_size, batch_size, workers, device == "cuda")
         else:
-            source = prepared.run_data(data, Path(root))
+            source = datasource.run_data(data, Path(root))
             per_core = per_core_rate(source, image_size, batch_size, decode_on_device)
-            module = prepared.make_datamodule(source, image_size, batch_size, workers,
-                                              pin_memory=device == "cuda",
+            module = datasource.make_datamodule(source, image_size, batch_size, workers,
+                                                pin_memory=device == "cuda",
                                               decode_on_device=decode_on_device)
             module.setup("fit")
             loader = module.train_dataloader()
@@ -132,10 +132,10 @@ def per_core_rate(source: Any, image_size: int, batch_size: int, decode_on_devic
     import torch
 
     from bench.data import _forever
-    from mae_core import prepared
+    from mae_core import datasource
 
-    module = prepared.make_datamodule(source, image_size, batch_size, 0, pin_memory=False,
-                                      decode_on_device=decode_on_device)
+    module = datasource.make_datamodule(source, image_size, batch_size, 0, pin_memory=False,
+                                        decode_on_device=decode_on_device)
     module.setup("fit")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -25,9 +25,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mae_core import prepared
+from mae_core import datasource, prepared
 from mae_core.diskspace import folder_bytes
 from mae_core.fileio import atomic_write_json, read_json
+from mae_core.rundir import RUN_DATA_NAME
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,9 @@ class CachedSet:
 
 def register_use(dataset: str | Path, run_root: Path) -> None:
     """Note beside a set of the cache (``<set>.runs/``) that the run at ``run_root`` trains on it
-    (:func:`mae_core.prepared.run_data`): the housekeeping then keeps a set that any run may resume
-    on, wherever its runs folder is, not only the runs of the folders it is shown. Other sets are
-    not the cache's."""
+    (:func:`mae_core.datasource.run_data`): the housekeeping then keeps a set that any run may
+    resume on, wherever its runs folder is, not only the runs of the folders it is shown. Other
+    sets are not the cache's."""
     real = Path(os.path.realpath(dataset))
     if real.parent != Path(os.path.realpath(prepared.cache_root())):
         return
@@ -64,7 +65,7 @@ def registered_runs(dataset: Path) -> list[str]:
         run = (read_json(note) or {}).get("run")
         if not isinstance(run, str) or not run or "\0" in run:  # not a note register_use wrote
             continue
-        named = prepared.read_run_data(run)
+        named = datasource.read_run_data(run)
         if named and named.path and os.path.realpath(named.path) == real:
             runs.append(run)
     return runs
@@ -74,8 +75,8 @@ def _users(runs_dirs: Iterable[str | Path]) -> dict[str, list[str]]:
     """{real path of a prepared set: [run directories whose data.json names it]}."""
     users: dict[str, list[str]] = {}
     for runs_dir in runs_dirs:
-        for record in sorted(Path(runs_dir).glob(f"*/{prepared.RUN_DATA_NAME}")):
-            named = prepared.read_run_data(record.parent)  # None: missing or damaged
+        for record in sorted(Path(runs_dir).glob(f"*/{RUN_DATA_NAME}")):
+            named = datasource.read_run_data(record.parent)  # None: missing or damaged
             if named and named.path:
                 users.setdefault(os.path.realpath(named.path), []).append(str(record.parent))
     return users

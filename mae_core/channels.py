@@ -121,7 +121,7 @@ def resolve_data(cfg: RunConfig) -> tuple[RunConfig, DataSummary]:
     the trainer itself would (reusing the folder's walk). ``cfg`` must be resolved."""
     from mae_core.data import check_data
     from mae_core.monitor import plan_evaluation  # brings the model's modules: when needed
-    from mae_core.prepared import held_in_memory
+    from mae_core.datasource import held_in_memory
 
     summary = check_data(cfg.train.data)
     cfg = resolve_channels(cfg, summary)

@@ -184,16 +184,16 @@ def check_data(folder: str) -> DataSummary:
 
     A prepared data set is checked by its manifest; a remote URL is left to LitData at start.
     """
-    from mae_core import prepared
+    from mae_core import datasource, prepared
     from mae_core.channels import scan_headers
 
     if prepared.is_remote(folder) or prepared.is_prepared(folder):
-        found = prepared.describe(folder)
+        found = datasource.describe(folder)
         return DataSummary(name=folder, files=found.count or 0, folder=False)
     paths = find_images(folder)
     scan = scan_headers(paths, folder)
     fmt = scan.format
-    if not fmt.is_rgb8 and not prepared.held_in_memory(folder, len(paths)):
+    if not fmt.is_rgb8 and not datasource.held_in_memory(folder, len(paths)):
         raise DataError(f"data folder {_named(folder)} holds {len(paths):,} {fmt.describe()} "
                         f"images; above {prepared.AUTO_PREPARE_ABOVE:,} images a folder is "
                         "streamed as a prepared set of 8-bit RGB JPEGs, which would lose its "

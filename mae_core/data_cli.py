@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     opt = commands.add_parser("optimize", help="re-encode a folder into LitData shards")
     opt.add_argument("src", help="folder of images (searched recursively)")
-    opt.add_argument("out", help="the prepared data set's directory (must not exist)")
+    opt.add_argument("out", help="the prepared data set's directory (new, or empty)")
     opt.add_argument("--short-side", type=int, default=prepared.DEFAULT_SHORT_SIDE,
                      help=f"bound on each image's short side (default {prepared.DEFAULT_SHORT_SIDE}, "
                           f"2 x the MAE paper's 224 px; at least {prepared.MIN_SHORT_SIDE})")

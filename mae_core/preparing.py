@@ -32,7 +32,7 @@ from mae_core.process import launch, process_start_time, terminate_group
 
 if TYPE_CHECKING:
     from mae_core.data import DataSummary
-    from mae_core.prepared import DataSource
+    from mae_core.datasource import DataSource
 
 JOB_NAME = "job.json"
 RESULT_NAME = "result.json"
@@ -46,10 +46,11 @@ def survey(data: str, summary: DataSummary | None = None) -> DataSource:
     size on disk and, for a folder read in memory, how many of its files are not images (from
     their headers: a large folder's unreadable files are counted when it is prepared).
     ``summary``, :func:`mae_core.data.check_data`'s for ``data``, saves a second walk and scan."""
-    # (imported here: mae_core.prepared imports torch and Lightning, the app's page need not wait)
+    # (imported here: mae_core.datasource imports torch and Lightning, the app's page need not wait)
     from mae_core.channels import scan_headers
     from mae_core.data import find_images
-    from mae_core.prepared import describe, is_prepared, is_remote
+    from mae_core.datasource import describe
+    from mae_core.prepared import is_prepared, is_remote
 
     if is_remote(data) or is_prepared(data):
         return describe(data)

@@ -3,7 +3,7 @@
 :class:`RunPaths` names every file of a run; no other module spells one. ``checkpoints/<run-id>/``
 (:data:`DEFAULT_RUNS_DIR`) holds ``config.yaml`` (the resolved config; the file that makes a folder a
 run), ``status.json`` (state and progress, fields defined by :class:`RunStatus`), ``process.json``
-(the trainer's process), ``data.json`` (the data set it trains on, :mod:`mae_core.prepared`),
+(the trainer's process), ``data.json`` (the data set it trains on, :mod:`mae_core.datasource`),
 ``metrics.jsonl`` (one line per logged step), ``train.log``, ``last.ckpt`` (for resume),
 ``model.safetensors`` (weights), ``previews/step_<step>.png``, ``snapshots/step_<step>.safetensors``
 (the weights history, :mod:`mae_core.snapshots`), ``tensorboard/``, and once asked for

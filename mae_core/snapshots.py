@@ -44,7 +44,7 @@ def history_image(train: Any, image_size: int, channels: int = 3, source: Any = 
     """(name, uint8 or uint16 (C, S, S)) of the image a run's history is shown on: its first
     held-out image (never trained on) when it holds some out, else its first preview photo.
 
-    ``source`` is the run's recorded data set (:func:`mae_core.prepared.read_run_data`): a run
+    ``source`` is the run's recorded data set (:func:`mae_core.datasource.read_run_data`): a run
     that streamed a prepared set held nothing out (the trainer splits in-memory folders only),
     and its images are read from the set, not from a folder.
     """
@@ -64,7 +64,7 @@ def history_image(train: Any, image_size: int, channels: int = 3, source: Any = 
         raise DataError(f"the run streamed the remote data set {source.source}: its weights "
                          "history is shown on a local image, and it has none")
     if streamed:
-        from mae_core.prepared import source_previews
+        from mae_core.datasource import source_previews
 
         images = source_previews(source, image_size, 1, channels)
     else:

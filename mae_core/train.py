@@ -77,14 +77,14 @@ def loggers(cfg: RunConfig, paths: RunPaths) -> list[Logger]:
     """``metrics.jsonl`` (the app's source) and TensorBoard event files in ``<run>/tensorboard``,
     so ``tensorboard --logdir checkpoints`` shows every run beside the app."""
 
-    from mae_core import prepared
+    from mae_core import datasource
     from mae_core.loggers import BoardLogger, JsonlLogger
 
     board = BoardLogger(save_dir=str(paths.tensorboard.parent), name=paths.tensorboard.name,
                         version="", default_hp_metric=False)
     # The job's global rank 0 only: under torchrun every node has a LOCAL_RANK 0 (and no NODE_RANK),
     # and the other ranks' TensorBoard experiment is None.
-    if prepared.first_process():
+    if datasource.first_process():
         from torch.utils.tensorboard.summary import hparams
 
         params = {f"{part}.{name}": value if value is not None else "auto"
@@ -137,16 +137,16 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
 
 
 def _open_data(data: str, paths: RunPaths) -> Any:
-    """What the run trains on (:func:`mae_core.prepared.run_data`): a folder, a prepared set or
+    """What the run trains on (:func:`mae_core.datasource.run_data`): a folder, a prepared set or
     a URL, decided (and a large folder prepared) once per run."""
-    from mae_core import prepared
+    from mae_core import datasource
 
-    if prepared.is_remote(data):  # a network wait (credentials, retries) must not look like a hang
+    if datasource.is_remote(data):  # a network wait (credentials, retries) must not look like a hang
         print(f"opening the remote data set {data}", flush=True)
     try:
-        return prepared.run_data(data, paths.root)
+        return datasource.run_data(data, paths.root)
     except DataError as err:  # the other ranks and nodes wait on status.json to give up
-        if prepared.first_process():
+        if datasource.first_process():
             paths.write_status(state="failed", error=str(err))
         raise
 
@@ -156,7 +156,7 @@ def _callbacks(cfg: RunConfig, paths: RunPaths, source: Any, plan: Any,
     """The trainer's callbacks, in the order they run each step: the recorder and the stopper
     first (the stop is decided before anything saves), a step's metric lines before its
     checkpoint, the caller's after the trainer's own, the failure record last."""
-    from mae_core import prepared
+    from mae_core import datasource
     from mae_core.callbacks import Previews, ProgressRecorder, SaveCheckpoints, StopOnRequest
     from mae_core.failures import RecordFailure
     from mae_core.monitor import HeldOutMonitor
@@ -171,7 +171,7 @@ def _callbacks(cfg: RunConfig, paths: RunPaths, source: Any, plan: Any,
                                         recorder))
     callbacks.append(SaveCheckpoints(paths, t.checkpoint_every_n_steps, recorder))
     if t.num_previews:
-        callbacks.append(Previews(paths, prepared.source_previews(
+        callbacks.append(Previews(paths, datasource.source_previews(
             source, cfg.model.image_size, t.num_previews, cfg.model.channels), t.preview_every_n_steps))
     callbacks.extend(extra)
     if t.weight_snapshots:  # the Reconstruct tab's weights history (issue 14, item 5)
@@ -205,7 +205,7 @@ def _trainer(cfg: RunConfig, paths: RunPaths, callbacks: list[pl.Callback]) -> p
 
 
 def _datamodule(cfg: RunConfig, source: Any, plan: Any) -> pl.LightningDataModule:
-    from mae_core import prepared
+    from mae_core import datasource
     from mae_core.data import TrainSplitDataModule
 
     t = cfg.train
@@ -213,7 +213,7 @@ def _datamodule(cfg: RunConfig, source: Any, plan: Any) -> pl.LightningDataModul
         return TrainSplitDataModule(plan.train, cfg.model.image_size, t.batch_size,
                                     t.num_workers or 0, pin_memory=t.accelerator == "gpu",
                                     channels=cfg.model.channels)
-    return prepared.make_datamodule(
+    return datasource.make_datamodule(
         source, cfg.model.image_size, t.batch_size, t.num_workers or 0, seed=t.seed,
         pin_memory=t.accelerator == "gpu", channels=cfg.model.channels,
         decode_on_device=t.decode_on_device)
@@ -304,12 +304,12 @@ def main(argv: list[str] | None = None) -> int:
         os.execv(sys.executable, command + (["--resume"] if resume else []))
     if first_process():  # before torch is imported: said at once
         print(f"run directory: {paths.root}", flush=True)
-    from mae_core import prepared
+    from mae_core import datasource
     from mae_core.diskspace import check_room
     from mae_core.fileio import DiskFullError
 
     if not first_process():
-        known = prepared.read_run_data(paths.root)
+        known = datasource.read_run_data(paths.root)
         if known is None or known.source != cfg.train.data:
             say_waiting(f"to record the run's data set in {paths.data_record}")
     if first_process():  # also where no app checked it (torchrun, SLURM, a script)

@@ -68,7 +68,8 @@ FIELD_HELP = {
     "max_steps": "optimizer steps to train (-1: train by max epochs)",
     "max_epochs": "epochs to train when max steps is -1",
     "accelerator": f"{', '.join(ACCELERATORS)} (auto: every GPU, else CPU processes over gloo)",
-    "devices": "processes per node: GPUs, or CPU processes (auto: every GPU, or 2 CPU processes)",
+    "devices": "processes per node: GPUs, or CPU processes (auto: every GPU, else one CPU process "
+               "per 2 cores, at least 2)",
     "gpus": "this run's GPUs, e.g. 0,1 (empty: all)",
     "num_nodes": "nodes of a torchrun or SLURM job",
     "precision": f"{', '.join(PRECISIONS)} (auto: bf16-mixed on GPUs and on CPUs with AMX or "

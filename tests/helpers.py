@@ -1,4 +1,5 @@
-"""Small helpers the test files share (waiting on real processes, picking ports)."""
+"""Small helpers the test files share (waiting on real processes, picking ports, and images of
+other channel counts and bit depths, as TIFF scans and satellite tiles store them)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
+import tifffile
+from PIL import Image
 from torch.overrides import TorchFunctionMode
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -17,7 +21,8 @@ if str(REPO_ROOT) not in sys.path:  # the benchmark package lives beside mae_cor
 
 from bench.procs import free_port  # noqa: E402 - the benchmark's port picker, shared
 
-__all__ = ["SYNC_OPS", "SlowDisk", "TensorCalls", "free_port", "poll"]
+__all__ = ["SIZE", "SYNC_OPS", "SlowDisk", "TensorCalls", "free_port", "make_four", "make_gray16",
+           "poll", "rgb_png", "scan16", "tile4"]
 T = TypeVar("T")
 
 
@@ -61,3 +66,44 @@ class TensorCalls(TorchFunctionMode):
 # Each of these waits for the device (copies a value to the host or sizes an output by the data).
 SYNC_OPS = frozenset({"item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__",
                       "__index__", "nonzero", "argwhere", "masked_select", "unique"})
+
+
+# --- images of other kinds: 16-bit grayscale, 4 bands ----------------------------------------
+
+SIZE = 32  # their side
+
+
+def scan16(index: int) -> np.ndarray:
+    """A smooth 16-bit scan that fills ~12 bits around 20 % of full scale, like a CT or microscope
+    image: 8-bit reading would leave it a few grey levels."""
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    values = 13000 + 5000 * np.sin((xx + 3 * index) / 5.0) + 3000 * np.cos((yy + index) / 4.0)
+    return values.astype(np.uint16)
+
+
+def tile4(index: int) -> np.ndarray:
+    """4 bands (C, H, W) of 8-bit values, each band its own pattern and level."""
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    return np.stack([40 + 50 * c + 30 * np.sin((xx * (c + 1) + index) / 6.0) + 10 * np.cos(yy / 3.0)
+                     for c in range(4)]).astype(np.uint8)
+
+
+def make_gray16(folder: Path, count: int = 12) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        tifffile.imwrite(folder / f"scan_{i:02d}.tif", scan16(i))
+    return folder
+
+
+def make_four(folder: Path, count: int = 12) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        tifffile.imwrite(folder / f"tile_{i:02d}.tif", tile4(i), photometric="minisblack",
+                         planarconfig="separate")
+    return folder
+
+
+def rgb_png(path: Path, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)).save(path)
+    return path

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mae_core import caches, prepared
+from mae_core import caches, datasource, prepared
+from mae_core.rundir import RUN_DATA_NAME
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,7 +51,7 @@ def _three_versions(folder: Path) -> list[Path]:
 def _run_on(runs_dir: Path, name: str, data: Path) -> None:
     """A run directory whose data.json names ``data`` (as the trainer records it)."""
     (runs_dir / name).mkdir(parents=True)
-    (runs_dir / name / prepared.RUN_DATA_NAME).write_text(json.dumps({"kind": "prepared", "path": str(data)}))
+    (runs_dir / name / RUN_DATA_NAME).write_text(json.dumps({"kind": "prepared", "path": str(data)}))
 
 
 def test_superseded_sets_no_run_names_are_removed_and_nothing_else(tmp_path, cache):
@@ -71,7 +72,7 @@ def test_superseded_sets_no_run_names_are_removed_and_nothing_else(tmp_path, cac
     removed = caches.remove_superseded([runs])
     assert [c.path for c in removed] == [first] and not first.exists()
     assert second.is_dir() and newest.is_dir() and other.is_dir()
-    assert prepared.describe(str(second)).count == 4  # the stopped run's set still reads
+    assert datasource.describe(str(second)).count == 4  # the stopped run's set still reads
     assert caches.remove_superseded([runs]) == []  # nothing more to do
 
 
@@ -101,14 +102,14 @@ def test_the_command_line_lists_the_sets_and_removes_the_superseded(tmp_path, ca
 
 def test_a_run_in_another_runs_folder_keeps_its_set_until_it_is_deleted(tmp_path, cache):
     """The app knows its own runs folder only; a run trained from the command line elsewhere
-    notes its use beside the set (prepared.run_data), so the set it would resume on is kept."""
+    notes its use beside the set (datasource.run_data), so the set it would resume on is kept."""
     folder = tmp_path / "photos"
     folder.mkdir()
     for i in range(3):
         _photo(folder / f"{i}.jpg", i)
     elsewhere = tmp_path / "elsewhere" / "cli-run"
     elsewhere.mkdir(parents=True)
-    source = prepared.run_data(str(folder), elsewhere, auto_prepare_above=0)
+    source = datasource.run_data(str(folder), elsewhere, auto_prepare_above=0)
     assert source.kind == "prepared"
     _photo(folder / "added.jpg", 9)
     newest = prepared.prepare_cached(str(folder), workers=1)
@@ -119,7 +120,7 @@ def test_a_run_in_another_runs_folder_keeps_its_set_until_it_is_deleted(tmp_path
     assert caches.remove_superseded([app_runs]) == [] and old.path.is_dir()
     # resumed, the run notes it again (a run recorded before this note existed gets one too)
     shutil.rmtree(old.path.parent / f"{old.path.name}.runs")
-    assert prepared.run_data(str(folder), elsewhere).path == source.path
+    assert datasource.run_data(str(folder), elsewhere).path == source.path
     assert caches.remove_superseded([app_runs]) == [] and old.path.is_dir()
     shutil.rmtree(elsewhere)  # the run is deleted: its note no longer counts
     assert [c.path for c in caches.remove_superseded([app_runs])] == [old.path]
@@ -161,9 +162,9 @@ def test_a_damaged_entry_or_note_is_listed_as_such_and_breaks_nothing_else(tmp_p
     runs = tmp_path / "runs"
     _run_on(runs, "good-run", new)
     (runs / "bad-run").mkdir()  # its data.json names nothing readable
-    (runs / "bad-run" / prepared.RUN_DATA_NAME).write_text(json.dumps({"kind": "prepared", "path": 7}))
+    (runs / "bad-run" / RUN_DATA_NAME).write_text(json.dumps({"kind": "prepared", "path": 7}))
     (runs / "list-run").mkdir()
-    (runs / "list-run" / prepared.RUN_DATA_NAME).write_text("[1]")
+    (runs / "list-run" / RUN_DATA_NAME).write_text("[1]")
     listed = {c.path.name: c for c in caches.cached_sets([runs])}
     assert set(listed) == {"photos-old", "photos-new", *damaged, "chunk-gone"}
     assert listed["photos-old"].superseded and not listed["photos-new"].superseded

@@ -1,7 +1,7 @@
 """Fault injection: kill -9 a training run at random points, many times, and resume it each time.
 
 One real run (two CPU DDP processes over gloo, vit-tiny, 32 px, patch 8, batch 4, a checkpoint
-every 2 steps, ``$TMPDIR`` on another file system) is killed 20 times: the whole process group,
+every 2 steps, ``$TMPDIR`` on another file system) is killed 9 times (``FAULT_KILLS``): the whole process group,
 rank 0 alone or rank 1 alone, during start-up, at a random moment of training, or while a checkpoint
 is being written. After every kill the run must read ``failed`` at once, leave no process or zombie
 behind, hold only checkpoint and weights files that load, and resume from its checkpoint's step

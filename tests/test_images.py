@@ -1,5 +1,5 @@
 """Opening a person's images (mae_core/images.py, mae_core/pixels.py): hostile files end as an
-ImageError naming the file, wherever they are read; TIFFs stand as their Orientation tag says."""
+ImageError naming the file, wherever they are read."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
 from PIL import Image
 
 from mae_core.data import DataError, ImageFolderDataset, check_data
@@ -97,44 +96,3 @@ def test_the_data_check_and_the_dataset_skip_hostile_files(tmp_path):
     hostile_files(only_hostile)
     with pytest.raises(DataError, match="none of the 3 image files .* can be read"):
         check_data(str(only_hostile))
-
-
-# --- TIFF orientation ---------------------------------------------------------------------------
-
-def _tiff(array: np.ndarray, orientation: int, **options) -> bytes:
-    buffer = io.BytesIO()
-    tifffile.imwrite(buffer, array, extratags=[(274, "H", 1, orientation, True)], **options)
-    return buffer.getvalue()
-
-
-def _png(array: np.ndarray, orientation: int) -> bytes:
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, "PNG", exif=exif)
-    return buffer.getvalue()
-
-
-@pytest.mark.parametrize("orientation", range(2, 9))  # 1 is upright already
-def test_a_tiff_stands_as_its_orientation_tag_says_like_a_png(orientation):
-    """tifffile leaves tag 274 to the reader: a camera's rotated TIFF came out lying on its side
-    while the same image as PNG (exif_transpose) stood upright."""
-    rng = np.random.default_rng(orientation)
-    rgb = rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)
-    expected = read_for(_png(rgb, orientation), 3, "x.png")
-    assert (expected.shape[1] == 30) == (orientation >= 5)  # the PNG path does turn it
-    tiff = read_for(_tiff(rgb, orientation, photometric="rgb"), 3, "x.tif")
-    assert np.array_equal(tiff.numpy(), expected.numpy())
-    gray = rng.integers(0, 255, (20, 30), dtype=np.uint8)
-    gray_png = read_for(_png(gray, orientation), 3, "g.png")
-    gray_tiff = _tiff(gray, orientation, photometric="minisblack")
-    assert np.array_equal(read_for(gray_tiff, 3, "g.tif").numpy(), gray_png.numpy())
-    assert np.array_equal(read_for(gray_tiff, 1, "g.tif").numpy(), gray_png.numpy()[:1])
-
-
-def test_a_16_bit_tiff_keeps_its_values_when_turned(tmp_path):
-    scan = np.arange(20 * 30, dtype=np.uint16).reshape(20, 30) * 100
-    tifffile.imwrite(tmp_path / "scan.tif", scan, extratags=[(274, "H", 1, 6, True)])
-    turned = read_for(tmp_path / "scan.tif", 1)
-    assert turned.dtype.itemsize == 2
-    assert np.array_equal(turned.numpy()[0], np.rot90(scan, -1))  # 6: a quarter turn clockwise

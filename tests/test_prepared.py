@@ -12,7 +12,6 @@ import os
 import random
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -21,10 +20,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mae_core import crops, prepared, shards
+from mae_core import crops, datasource, prepared, shards
 from mae_core.config import RunConfig
 from mae_core.data import DataError, check_data, find_images
-from mae_core.rundir import RunPaths
+from mae_core.rundir import RUN_DATA_NAME, RunPaths
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -148,34 +147,6 @@ def test_crops_of_any_image_shape_come_out_whole(tmp_path):
                 assert out.dtype == torch.uint8 and tuple(out.shape) == (3, size, size)
 
 
-def test_data_resolves_to_memory_prepared_cache_or_remote(tmp_path, cache):
-    small = prepared.describe("")  # the 17 embedded photos stay on the in-memory path
-    assert small.kind == "memory" and small.files == 17
-    folder = _photos(tmp_path / "photos", 6)
-    assert prepared.describe(str(folder), auto_prepare_above=5).kind == "folder"  # not yet
-    found = prepared.resolve(str(folder), workers=1, auto_prepare_above=5)
-    assert found.kind == "prepared" and found.count == 6 and found.source == str(folder)
-    assert Path(found.path).parent == cache
-    again = prepared.describe(str(folder), auto_prepare_above=5)  # found in the cache now
-    assert again.kind == "prepared" and again.path == found.path
-    assert prepared.describe(found.path).kind == "prepared"
-    assert check_data(found.path).files == 6
-    assert prepared.describe("s3://bucket/set").kind == "remote"
-    manifest_path = Path(found.path) / prepared.MANIFEST_NAME
-    manifest = json.loads(manifest_path.read_text())
-    assert manifest["format"] == 2 and manifest["mid_side"] == 317
-    for version, readable in ((1, True), (3, False)):  # a set of the previous layout still reads
-        manifest_path.write_text(json.dumps({**manifest, "format": version}))
-        if readable:
-            assert prepared.describe(found.path).count == 6
-        else:
-            with pytest.raises(DataError, match="prepare it again"):
-                prepared.describe(found.path)
-    with pytest.raises(DataError, match="prepare it again"):
-        (Path(found.path) / prepared.MANIFEST_NAME).write_text("{}")
-        prepared.describe(found.path)
-
-
 def test_a_cached_set_damaged_on_disk_is_prepared_again_not_refused_for_ever(tmp_path, cache,
                                                                            capsys):
     """The cache's copy of a folder loses a chunk: the folder, still there, is prepared again
@@ -184,15 +155,15 @@ def test_a_cached_set_damaged_on_disk_is_prepared_again_not_refused_for_ever(tmp
     folder = _photos(tmp_path / "photos", 6)
     run = RunPaths(tmp_path / "runs" / "reader")
     run.root.mkdir(parents=True)
-    found = prepared.run_data(str(folder), run.root, auto_prepare_above=5)  # the run's set, noted
+    found = datasource.run_data(str(folder), run.root, auto_prepare_above=5)  # the run's set, noted
     run.write_status(state="running")
     chunk = sorted(Path(found.path).glob("chunk-*.bin"))[0]  # one per encoding worker
     chunk.write_bytes(chunk.read_bytes()[:100])  # cut short
-    assert prepared.describe(str(folder), auto_prepare_above=5).kind == "folder"  # not usable
+    assert datasource.describe(str(folder), auto_prepare_above=5).kind == "folder"  # not usable
     with pytest.raises(DataError, match=f"the live run {run.root} reads it: stop that run"):
-        prepared.resolve(str(folder), workers=1, auto_prepare_above=5)  # not under its reader
+        datasource.resolve(str(folder), workers=1, auto_prepare_above=5)  # not under its reader
     run.write_status(state="stopped")
-    again = prepared.resolve(str(folder), workers=1, auto_prepare_above=5)
+    again = datasource.resolve(str(folder), workers=1, auto_prepare_above=5)
     assert again.path == found.path and again.count == 6
     assert prepared.check_set(again.path)[0] is not None
     assert "is damaged (its chunk" in capsys.readouterr().out
@@ -217,7 +188,7 @@ def test_a_damaged_prepared_set_is_refused_before_training_with_the_reason(tmp_p
         folder = tmp_path / name
         shutil.copytree(good, folder)
         damage(folder)
-        for check in (prepared.describe, check_data):
+        for check in (datasource.describe, check_data):
             with pytest.raises(DataError, match=f"is damaged \\(its {reasons[name]}"):
                 check(str(folder))
     assert check_data(str(good)).files == 4
@@ -252,54 +223,19 @@ def test_a_manifest_or_index_of_the_wrong_types_is_refused_as_damaged(tmp_path):
         folder = tmp_path / name
         shutil.copytree(good, folder)
         (folder / file).write_text(json.dumps(content))  # (1e400 is written as Infinity)
-        for check in (prepared.describe, check_data, data_note, prepared.read_manifest):
+        for check in (datasource.describe, check_data, data_note, prepared.read_manifest):
             with pytest.raises(DataError, match=f"is damaged \\(its .*{reason}"):
                 check(str(folder))
         run = tmp_path / "runs" / name
         run.mkdir(parents=True)
         with pytest.raises(DataError, match="is damaged"):  # a run on it starts nothing
-            prepared.run_data(str(folder), run)
-        assert not (run / prepared.RUN_DATA_NAME).exists()
+            datasource.run_data(str(folder), run)
+        assert not (run / RUN_DATA_NAME).exists()
     assert prepared.check_set(good) == (manifest, None)
     assert data_note(str(good)).startswith("prepared: 3 images (0 unreadable skipped)")
     del manifest["seconds"], manifest["bytes"]  # optional: a field absent is not damage
     (good / prepared.MANIFEST_NAME).write_text(json.dumps(manifest))
-    assert prepared.describe(str(good)).count == 3
-
-
-def test_a_damaged_run_data_record_reads_as_missing_or_its_count_as_unknown(tmp_path,
-                                                                           monkeypatch):
-    """``<run>/data.json`` is read in one place (prepared.read_run_data): a kind, path or source of
-    another type is no record (the first process decides again, the other ranks keep waiting);
-    a count of another type is unknown. Nothing else is raised."""
-    from mae_core.fileio import atomic_write_json
-
-    run = tmp_path / "run"
-    run.mkdir()
-    record = run / prepared.RUN_DATA_NAME
-    base = {"kind": "prepared", "path": "/data/prep", "source": "/data/prep"}
-    for bad in ({"count": "many"}, {"count": -5}, {"count": 1e400}, {"files": [1]},
-                {"skipped": True}, {"bytes": 2.5}, {"short_side": {}}):
-        atomic_write_json(record, {**base, "count": 7, **bad})
-        found = prepared.read_run_data(run)
-        assert found is not None and found.path == "/data/prep"
-        assert all(getattr(found, key) is None for key in bad)
-    atomic_write_json(record, {**base, "count": 7, "future_field": 1})  # another version's extra
-    assert prepared.read_run_data(run).count == 7
-    for damaged in ({**base, "kind": ["prepared"]}, {**base, "kind": "folder"},
-                    {**base, "path": 5}, {**base, "source": {"a": 1}}, {**base, "path": "a\0b"},
-                    {"path": "/data/prep"}):
-        atomic_write_json(record, damaged)
-        assert prepared.read_run_data(run) is None
-        monkeypatch.setenv("RANK", "1")  # waits for a record; gives up on time, no TypeError
-        atomic_write_json(run / "status.json", {"state": "failed", "updated": "soon"})
-        with pytest.raises(DataError, match="recorded no data set"):
-            prepared.run_data("", run, timeout_s=0.3)
-        monkeypatch.setenv("RANK", "0")  # the first process records the set afresh
-        assert prepared.run_data("", run).kind == "memory"
-        assert prepared.read_run_data(run).source == ""
-    record.write_text("[1, 2]")
-    assert prepared.read_run_data(run) is None and prepared.read_run_data(tmp_path / "none") is None
+    assert datasource.describe(str(good)).count == 3
 
 
 def test_one_process_prepares_while_the_others_wait(tmp_path, cache):
@@ -367,7 +303,7 @@ def test_two_processes_shard_an_epoch_and_resume_mid_epoch_without_repeats(run_m
     first, resumed = sum(boxes[0][:3], Counter()), sum(boxes[0][3:6], Counter())
     assert sum((first & resumed).values()) < 3, first & resumed
     assert not any(row["decoded_here"] for rows_of in rows.values() for row in rows_of)
-    record = json.loads((run_dir / prepared.RUN_DATA_NAME).read_text())
+    record = json.loads((run_dir / RUN_DATA_NAME).read_text())
     assert record["kind"] == "prepared" and record["count"] == 48
     assert json.loads(RunPaths(run_dir).status.read_text())["state"] == "finished"
 
@@ -468,26 +404,6 @@ def test_two_nodes_over_loopback_train_one_prepared_set_into_one_run(tmp_path):
     steps = [row["step"] for row in paths.read_metrics() if "loss" in row]
     assert steps == sorted(set(steps)) == [1, 2, 3, 4]  # one writer: each step logged once
     assert "run directory:" in outputs[0] and "run directory:" not in outputs[1]
-
-
-def test_the_first_process_records_the_run_data_and_the_other_ranks_read_it(tmp_path, monkeypatch):
-    from mae_core.fileio import atomic_write_json
-
-    run = tmp_path / "run"
-    run.mkdir()
-    monkeypatch.setenv("RANK", "1")  # a torchrun rank: waits for the record
-    atomic_write_json(run / "status.json", {"state": "failed", "error": "disk full", "updated": 1.0})
-    with pytest.raises(DataError, match="recorded no data set"):  # an old failure is not this one
-        prepared.run_data("", run, timeout_s=1.0)
-    atomic_write_json(run / "status.json", {"state": "failed", "error": "disk full",
-                                            "updated": time.time()})
-    with pytest.raises(DataError, match="disk full"):
-        prepared.run_data("", run, timeout_s=30.0)
-    monkeypatch.setenv("RANK", "0")
-    first = prepared.run_data("", run)
-    assert first.kind == "memory" and (run / prepared.RUN_DATA_NAME).is_file()
-    monkeypatch.setenv("RANK", "1")
-    assert prepared.run_data("", run, timeout_s=1.0) == first
 
 
 @pytest.mark.parametrize("data", ["/tmp/" + "a" * 300, "/tmp/" + "é" * 140,

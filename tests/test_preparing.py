@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mae_core import prepared
+from mae_core import datasource, prepared
 from mae_core.preparing import Preparation, Preparations
 from mae_core.process import group_members
 
@@ -55,7 +55,7 @@ def test_a_preparation_reports_progress_and_fills_the_cache_a_run_uses(tmp_path,
         assert (done.done, done.total, done.fraction) == (41, 41, 1.0)
         assert "prepared 40 images (1 unreadable skipped)" in done.message
         # the same set a run's start would look for: found, not prepared again
-        found = prepared.describe(str(folder), auto_prepare_above=10)
+        found = datasource.describe(str(folder), auto_prepare_above=10)
         assert found.kind == "prepared" and found.count == 40 and found.skipped == 1
         assert Path(done.target) == Path(found.path)
     finally:
@@ -78,7 +78,7 @@ def test_cancel_ends_the_workers_and_leaves_no_partial_set(tmp_path, cache):
         assert job.cancel().state == "cancelled"  # twice is harmless
         leftovers = [p.name for p in cache.iterdir() if not p.name.endswith(".lock")]
         assert leftovers == []  # neither the target nor its .tmp-<pid> folder
-        assert prepared.describe(str(folder), auto_prepare_above=10).kind == "folder"
+        assert datasource.describe(str(folder), auto_prepare_above=10).kind == "folder"
     finally:
         job.close()
 
@@ -124,7 +124,7 @@ def test_an_app_that_exits_leaves_the_preparation_running_into_the_cache_and_not
         time.sleep(0.1)
     assert not pid_alive(pid), "the preparation never ended"
     assert not Path(running_dir).exists()  # removed by the job itself: no app to read it
-    found = prepared.describe(str(folder), auto_prepare_above=10)
+    found = datasource.describe(str(folder), auto_prepare_above=10)
     assert found.kind == "prepared" and found.count == 60
 
 

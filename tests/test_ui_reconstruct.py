@@ -323,7 +323,7 @@ def test_weights_history_slider_and_reconstruction_at_a_step(ctx, tmp_path):
 def test_the_weights_history_of_a_run_on_a_prepared_set_shows_an_image_of_the_set(ctx, tmp_path):
     """A run that streamed a prepared set: its history image comes from the set (a folder reader
     found "no images" there) and is never called held out (the trainer holds none out)."""
-    from mae_core import prepared
+    from mae_core import datasource, prepared
     from mae_core.snapshots import WeightSnapshots
 
     src = tmp_path / "photos"
@@ -335,7 +335,8 @@ def test_the_weights_history_of_a_run_on_a_prepared_set_shows_an_image_of_the_se
     cfg = RunConfig(model=MODEL, train=TrainConfig(data=str(data), accelerator="cpu", devices=1,
                                                    val_count=2, num_workers=0))
     paths = create_run(cfg.resolved(), runs_dir=ctx.manager.runs_dir)
-    assert prepared.run_data(str(data), paths.root).kind == "prepared"  # recorded as the trainer does
+    # recorded as the trainer does
+    assert datasource.run_data(str(data), paths.root).kind == "prepared"
     WeightSnapshots(paths.root, keep=2, every_n_steps=50).save(
         SimpleNamespace(global_step=50), SimpleNamespace(mae=MaskedAutoencoder(MODEL)))
     html, message = reconstruct.reconstruct_history(ctx, paths.run_id, 50, 0.75, 0)

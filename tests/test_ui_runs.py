@@ -299,7 +299,7 @@ def test_an_evaluate_press_is_answered_while_one_runs(ctx):
 
 
 def test_the_table_names_each_runs_data_set(ctx, tmp_path):
-    from mae_core.prepared import RUN_DATA_NAME
+    from mae_core.rundir import RUN_DATA_NAME
 
     queued = make_run(ctx, "queued", data_files=17)  # not started: the config's folder
     memory = make_run(ctx, "finished")
@@ -331,6 +331,7 @@ def test_the_data_cache_panel_lists_sets_and_removes_only_superseded_ones_no_run
     import numpy as np
 
     from mae_core import prepared
+    from mae_core.rundir import RUN_DATA_NAME
     from ui import datacache
 
     monkeypatch.setenv(prepared.CACHE_ENV, str(tmp_path / "cache"))
@@ -345,13 +346,13 @@ def test_the_data_cache_panel_lists_sets_and_removes_only_superseded_ones_no_run
     new = prepared.prepare_cached(str(photos), workers=1)
     run = ctx.manager.runs_dir / "stopped-run"
     run.mkdir(parents=True)
-    atomic_write_json(run / prepared.RUN_DATA_NAME, {"kind": "prepared", "path": str(old)})
+    atomic_write_json(run / RUN_DATA_NAME, {"kind": "prepared", "path": str(old)})
     listing = datacache.cache_html(ctx)
     assert listing.count("<tr><td") == 2 and "superseded" in listing and "stopped-run" in listing
     assert "0 superseded and used by no run" in listing
     assert datacache.remove_superseded(ctx).startswith("Nothing removed")
     assert old.is_dir() and new.is_dir()
-    (run / prepared.RUN_DATA_NAME).unlink()  # the run was deleted
+    (run / RUN_DATA_NAME).unlink()  # the run was deleted
     assert "1 superseded and used by no run" in datacache.cache_html(ctx)
     assert datacache.remove_superseded(ctx).startswith("Removed 1 superseded set(s)")
     assert not old.exists() and new.is_dir()
@@ -363,7 +364,7 @@ def test_a_damaged_data_record_costs_its_own_cell_only(ctx):
     fail for every run (``{count:,}``); -5 and 1e400 showed as "-5 images" and "inf images". Now
     such a count is unknown, a record naming no data set falls back to the config's folder, and
     the table and refresh serve every run."""
-    from mae_core.prepared import RUN_DATA_NAME
+    from mae_core.rundir import RUN_DATA_NAME
 
     good = make_run(ctx, "finished")
     atomic_write_json(good.root / RUN_DATA_NAME, {"kind": "prepared", "path": "/data/prep",

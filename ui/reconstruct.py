@@ -147,7 +147,7 @@ def reconstruct_history(ctx: AppContext, run_id: str | None, step: Any, mask_rat
                         "not reached its first one yet).")
     model = ctx.models.get(chosen[1])
     view = parse_view(channels_shown, model.cfg.channels, contrast or "auto")
-    from mae_core.prepared import read_run_data
+    from mae_core.datasource import read_run_data
 
     name, image = history_image(ctx.manager.config(run_id).train, model.cfg.image_size,
                                 model.cfg.channels, read_run_data(ctx.manager.paths(run_id).root))

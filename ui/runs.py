@@ -61,9 +61,9 @@ def run_size(ctx: AppContext, run_id: str) -> str:
 def data_cell(ctx: AppContext, status: Mapping[str, Any]) -> str:
     """The run's data set in one cell: what it was given (folder, prepared directory or URL), how
     it is read and its image count, from ``<run>/data.json`` (written when the run started; a count
-    of another type reads as unknown, :func:`mae_core.prepared.read_run_data`); before that, or if
+    of another type reads as unknown, :func:`mae_core.datasource.read_run_data`); before that, or if
     it is damaged, the config's folder and the file count found at launch."""
-    from mae_core.prepared import read_run_data
+    from mae_core.datasource import read_run_data
 
     record = read_run_data(ctx.manager.paths(status["run_id"]).root)
     if record:
