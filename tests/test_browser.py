@@ -27,7 +27,7 @@ from mae_core.data import sample_photo_paths  # noqa: E402
 from mae_core.rundir import LIVE_STATES, create_run  # noqa: E402
 from mae_core.runs import RunManager  # noqa: E402
 from ui import build_app  # noqa: E402
-from ui.render import CSS  # noqa: E402
+from ui.render import CSS, theme  # noqa: E402
 
 SCREENSHOTS = REPO_ROOT / "test-artifacts" / "screenshots"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -49,7 +49,8 @@ def _chromium() -> str:
 def server(tmp_path_factory):
     manager = RunManager(tmp_path_factory.mktemp("runs"))
     demo = build_app(manager)
-    demo.queue().launch(prevent_thread_lock=True, server_port=free_port(), quiet=True, css=CSS)
+    demo.queue().launch(prevent_thread_lock=True, server_port=free_port(), quiet=True, css=CSS,
+                        theme=theme())  # what app.py launches with (ui.launch.launch_options)
     try:
         yield {"url": demo.local_url, "manager": manager}
     finally:
@@ -427,6 +428,7 @@ def test_every_tab_is_usable_at_800_px(browser_factory, server):
     assert live["y"] > form["y"] + form["height"] or live["width"] > 500  # stacked, not crushed
     # Gradio's subdued text colour is #bbbbc2 in light mode too (1.8:1): the panel's labels.
     assert _contrast(page, "#run-status .mae-muted") >= 4.5
+    assert _contrast(page, "#field-data .info-text") >= 4.5  # Gradio's own field hints (theme)
     page.screenshot(path=str(SCREENSHOTS / "train-800.png"), full_page=True)
     for tab in ("Reconstruct", "Parameters", "Runs"):
         page.get_by_role("tab", name=tab).click()

@@ -70,3 +70,5 @@ def test_runs_dir_port_and_browser_flags():
     opts = launch_options(args)
     assert opts["server_port"] == 8123 and opts["inbrowser"] is False
     assert "mae-box" in opts["css"]  # the theme-variable CSS travels with the launch
+    # Field hints in a grey that reads on a light page (the default's is 2.6:1 on white).
+    assert opts["theme"].body_text_color_subdued == "*neutral_500"

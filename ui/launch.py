@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 from mae_core.rundir import DEFAULT_RUNS_DIR
-from ui.render import CSS
+from ui.render import CSS, theme
 
 AUTH_ENV = "MAE_STUDIO_AUTH"
 MAX_UPLOAD = "64mb"
@@ -64,7 +64,7 @@ def launch_options(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"{where} lets anyone who reaches it start, stop and delete runs: add "
                          f"--auth USER:PASSWORD (or set {AUTH_ENV}=USER:PASSWORD), or bind 127.0.0.1")
     return dict(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
-                max_file_size=MAX_UPLOAD, css=CSS,
+                max_file_size=MAX_UPLOAD, css=CSS, theme=theme(),
                 inbrowser=not args.no_browser and _has_display())
 
 

@@ -16,6 +16,15 @@ from typing import Any
 from mae_core import display
 from mae_core.rundir import LIVE_STATES
 
+def theme() -> Any:
+    """Gradio's default theme with its subdued text (field hints, slider ends) readable on a light
+    page: the default's neutral-400 is the same grey in both modes, 2.6:1 on white."""
+    import gradio as gr
+
+    return gr.themes.Default().set(body_text_color_subdued="*neutral_500",
+                                   body_text_color_subdued_dark="*neutral_400")
+
+
 CSS = """
 .gradio-container { max-width: 1500px !important; }
 .mae-box { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 10px 12px;
