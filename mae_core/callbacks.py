@@ -36,7 +36,7 @@ from mae_core.loggers import board_scalars, tensorboard
 from mae_core.model import MAELightning
 from mae_core.reconstruct import grid_image, reconstruct
 from mae_core.rundir import RunPaths
-from mae_core.slurm import on_slurm
+from mae_core.slurm import on_slurm, requeue_signal_seen
 from mae_core.weights import save_weights
 
 PREVIEW_SEED = 0
@@ -294,6 +294,7 @@ class StopOnRequest(pl.Callback):
         signal.signal(signal.SIGINT, interrupted)
         if on_slurm(trainer):
             signal.signal(signal.SIGUSR1, requeue_noted)
+            self.requeue_signalled = self.requeue_signalled or requeue_signal_seen()
         epoch_loop = trainer.fit_loop.epoch_loop
         if hasattr(epoch_loop, "_broadcast_sigterm_tensor"):
             epoch_loop._broadcast_sigterm_tensor = lambda: None

@@ -9,11 +9,30 @@ the trainer asks SLURM to requeue the job, and the job's next start (the same co
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
+
+
+_EARLY_REQUEUE = threading.Event()
+
+
+def catch_requeue_signal_early() -> None:
+    """Under SLURM, note the requeue signal from the process's start: its default action kills
+    the process, and one that came during the imports or a data preparation (minutes for a large
+    folder) lost the job unsaved and unrequeued. :class:`mae_core.callbacks.StopOnRequest` takes
+    it over at the first step, and stops the run there."""
+    if "SLURM_JOB_ID" in os.environ and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGUSR1, lambda signum, frame: _EARLY_REQUEUE.set())
+
+
+def requeue_signal_seen() -> bool:
+    """Whether the requeue signal came before the training loop took it over."""
+    return _EARLY_REQUEUE.is_set()
 
 
 def requeued_start() -> bool:

@@ -229,11 +229,14 @@ def _ended(trainer: pl.Trainer, paths: RunPaths, recorder: Any, stopper: Any) ->
             paths.clear_stop_request()
             record_termination(paths)
         return 1
+    # A stop or a requeue that lands on the last step: the run is done (requeued, every later
+    # start of the job would be refused: nothing left to resume).
+    done = 0 < trainer.max_steps <= trainer.global_step
     if trainer.is_global_zero:
-        state = "stopped" if stopper.requested or stopper.requeue else "finished"
+        state = "stopped" if (stopper.requested or stopper.requeue) and not done else "finished"
         paths.clear_stop_request()
         recorder.write_progress(trainer, state=state)
-        if stopper.requeue:  # SLURM's time limit or preemption is near: saved, then requeued
+        if stopper.requeue and not done:  # SLURM's time limit or preemption is near: requeued
             print(requeue_slurm_job(), flush=True)
     return 0
 
@@ -274,6 +277,9 @@ def _drop_trainer_env() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mae_core.slurm import catch_requeue_signal_early
+
+    catch_requeue_signal_early()
     parser = build_parser()
     args = parser.parse_args(argv)
     stale = refuse_stale_rank()

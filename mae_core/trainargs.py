@@ -235,10 +235,10 @@ def _continue_run(cfg: RunConfig, paths: RunPaths, resume: bool, overrides: dict
 
 
 def _stop_if_finished(cfg: RunConfig, paths: RunPaths) -> None:
-    """An automatic resume of a run that finished at (or past) its max steps has nothing to do:
-    a requeued job that had ended, a script run once more. Every rank reads the same files (the
-    first process writes nothing in this case), so all exit together."""
-    if paths.read_status().get("state") != "finished" or cfg.train.max_steps < 0:
+    """An automatic resume of a run that finished (or was stopped) at or past its max steps has
+    nothing to do: a requeued job that had ended, a script run once more. Every rank reads the
+    same files (the first process writes nothing in this case), so all exit together."""
+    if paths.read_status().get("state") not in ("finished", "stopped") or cfg.train.max_steps < 0:
         return
     try:
         step = checkpoint_step(paths.last_ckpt, verify=False)  # the resume checks it in full

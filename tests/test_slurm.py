@@ -51,3 +51,24 @@ def test_requeue_names_the_job_and_says_what_happened(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no scontrol at all
     assert requeue_slurm_job().startswith("could not requeue SLURM job 77_3 (")
     assert requeue_slurm_job().endswith("): resume the run with --auto-resume")
+
+
+def test_the_requeue_signal_during_start_up_is_noted_not_deadly(monkeypatch):
+    """SIGUSR1's default action kills the process: one that came during the imports or a data
+    preparation lost the job, unsaved and unrequeued (the training loop takes the signal only
+    from its first step)."""
+    import os
+    import signal
+
+    from mae_core import slurm
+
+    before = signal.getsignal(signal.SIGUSR1)
+    monkeypatch.setattr(slurm, "_EARLY_REQUEUE", slurm.threading.Event())
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    try:
+        slurm.catch_requeue_signal_early()
+        assert not slurm.requeue_signal_seen()
+        os.kill(os.getpid(), signal.SIGUSR1)  # would end this test process without the handler
+        assert slurm.requeue_signal_seen()
+    finally:
+        signal.signal(signal.SIGUSR1, before)

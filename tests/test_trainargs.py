@@ -92,3 +92,20 @@ def test_a_new_run_by_hand_is_refused_beside_a_live_run_on_the_same_devices(tmp_
     cfg, paths, _ = _prepare("--runs-dir", str(runs), "--accelerator", "cpu", "--devices", "1",
                              "--image-size", "32")
     assert paths.root.parent == runs and paths.run_id != live.run_id
+
+
+@pytest.mark.parametrize("state", ["finished", "stopped"])
+def test_an_automatic_resume_of_a_run_at_its_max_steps_has_nothing_to_do(tmp_path, state):
+    """A Stop (or SLURM's requeue signal) that landed on the last step left the run "stopped" at
+    its max steps: every requeued start of the job was refused ("raise max steps above")."""
+    import torch
+
+    from mae_core.trainargs import AlreadyFinished
+
+    paths = create_run(RunConfig().with_overrides(max_steps=4), run_dir=tmp_path / "run",
+                       state=state)
+    torch.save({"global_step": 4, "epoch": 0, "state_dict": {}, "loops": {},
+                "pytorch-lightning_version": "2", "optimizer_states": [], "lr_schedulers": []},
+               paths.last_ckpt)
+    with pytest.raises(AlreadyFinished, match="already finished at step 4: nothing to do"):
+        _prepare("--run-dir", str(paths.root), "--auto-resume")
