@@ -185,10 +185,12 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
         flag = "--resume" if args.resume else "--auto-resume"
         raise ConfigError("resume", f"{flag} continues a named run: give it with "
                                     "--run-dir checkpoints/<run-id>, the same at every start")
-    if run_dir and not valid_run_id(Path(run_dir).resolve().name):
+    # The name the app lists is the one in its runs folder: a link's own, not its target's.
+    name = Path(os.path.abspath(run_dir)).name if run_dir else ""
+    if run_dir and not valid_run_id(name):
         # The app lists (and counts as live) only folders with such names: a run it cannot see
         # would get another started beside it on the same devices.
-        raise ConfigError("run_dir", f"the run folder's name {Path(run_dir).resolve().name!r} "
+        raise ConfigError("run_dir", f"the run folder's name {name!r} "
                           f"may hold only {RUN_ID_RULE}; the app lists no other")
     if run_dir:
         paths = RunPaths(Path(run_dir))

@@ -109,3 +109,13 @@ def test_an_automatic_resume_of_a_run_at_its_max_steps_has_nothing_to_do(tmp_pat
                paths.last_ckpt)
     with pytest.raises(AlreadyFinished, match="already finished at step 4: nothing to do"):
         _prepare("--run-dir", str(paths.root), "--auto-resume")
+
+
+def test_a_linked_run_folder_is_judged_by_the_name_the_app_lists(tmp_path):
+    """The name check read the link's target: ``runs/my link`` → ``other/good`` trained where the
+    app, which lists ``my link``, could not see it."""
+    (tmp_path / "other" / "good").mkdir(parents=True)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "my link").symlink_to(tmp_path / "other" / "good")
+    with pytest.raises(ConfigError, match="run_dir: the run folder's name 'my link' may hold only"):
+        _prepare("--run-dir", str(tmp_path / "runs" / "my link"))
