@@ -251,10 +251,6 @@ def _stop_if_finished(cfg: RunConfig, paths: RunPaths) -> None:
                               "(give a higher --max-steps to train it further)")
 
 
-# Files a run folder holds before its config.yaml: a start that failed there may be started again.
-_BEFORE_CONFIG = frozenset({"status.json", "process.json", "train.log", "STOP"})
-
-
 def _require_new_run_folder(root: Path) -> None:
     """A new run goes into a new (or empty) folder that is not inside another run: a folder of
     photos would get a run's files (and a Delete in the app removes the folder with everything in
@@ -266,8 +262,11 @@ def _require_new_run_folder(root: Path) -> None:
     if root.is_file():
         raise ConfigError("run_dir", f"{root} is a file: give a new folder")
     if root.is_dir():
+        # What a run folder holds before its config.yaml: a start that failed there may start again.
+        run = RunPaths(root)
+        before_config = {p.name for p in (run.status, run.process, run.log, run.stop_request)}
         try:
-            others = sorted(p.name for p in root.iterdir() if p.name not in _BEFORE_CONFIG
+            others = sorted(p.name for p in root.iterdir() if p.name not in before_config
                             and not p.name.startswith("."))
         except OSError:
             return  # unreadable: creating the run there says why in its own words
