@@ -495,3 +495,11 @@ def unknown_name(what: str, name: str, valid: Any) -> str:
     if close:
         return f"unknown {what} (did you mean {' or '.join(close)}?)"
     return f"unknown {what} (valid: {', '.join(valid)})"
+
+
+def share_devices(cfg: RunConfig, other: RunConfig | None) -> bool:
+    """Whether runs of ``cfg`` and ``other`` would share a device: a run naming no GPUs (each CPU
+    run) uses them all, and an unreadable config (None) is assumed to. The one rule for the app's
+    Start, Queue and Resume and for a run started by hand."""
+    wanted, held = cfg.train.gpu_set, other.train.gpu_set if other is not None else None
+    return wanted is None or held is None or bool(wanted & held)

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -112,19 +112,14 @@ def gpus_narrowed(gpus: str) -> bool:
 
 # --- which process of a job this is ---------------------------------------------------------------
 
-def _rank_var(name: str) -> str:
-    return os.environ.get(name, "").strip()
-
-
-def _global_rank_var() -> str:
-    """The variable that gives the global rank: torchrun's ``RANK``, else ``SLURM_PROCID``."""
-    return "RANK" if _rank_var("RANK") else "SLURM_PROCID"
-
-
-def later_rank_vars() -> list[str]:
-    """``NAME=value`` of each rank variable that makes this process other than the first."""
-    return [f"{name}={os.environ[name]}" for name in (_global_rank_var(), "LOCAL_RANK", "NODE_RANK")
-            if _rank_var(name) not in ("", "0")]
+def later_rank_vars(env: Mapping[str, str] | None = None) -> list[str]:
+    """``NAME=value`` of each rank variable that makes this process (or the one whose
+    environment ``env`` is) other than the first. The global rank is torchrun's ``RANK``, else
+    ``SLURM_PROCID``."""
+    env = os.environ if env is None else env
+    global_rank = "RANK" if env.get("RANK", "").strip() else "SLURM_PROCID"
+    return [f"{name}={env[name]}" for name in (global_rank, "LOCAL_RANK", "NODE_RANK")
+            if env.get(name, "").strip() not in ("", "0")]
 
 
 def first_process() -> bool:
@@ -245,14 +240,27 @@ def record_alive(record: dict[str, Any]) -> bool:
     return pid is not None and pid_alive(pid, record.get("start_time"))
 
 
-def find_trainer(run_dir: str | Path) -> int | None:
+def live_trainer(record: dict[str, Any], run_dir: str | Path,
+                 besides: int | None = None) -> int | None:
+    """The pid of the live trainer of ``run_dir`` on this machine: the one its process record
+    names, else one found by its command line (process.json deleted or replaced while it
+    trained). ``besides``: a pid never to count (a trainer asking about its own run)."""
+    pid = record_pid(record)
+    if pid is not None and pid != besides and on_this_host(record) and record_alive(record):
+        return pid
+    return find_trainer(run_dir, besides)
+
+
+def find_trainer(run_dir: str | Path, besides: int | None = None) -> int | None:
     """The pid of a live trainer of ``run_dir`` on this machine, from the command lines of its
     processes: the process that leads it (the first rank, or the launcher above the ranks), for a
-    run whose process.json was lost while it trained."""
+    run whose process.json was lost while it trained. ``besides`` is never counted."""
     wanted = Path(run_dir).resolve()
     parents = {}
     for entry in Path("/proc").iterdir():
         pid = valid_pid(int(entry.name)) if entry.name.isdigit() else None
+        if pid is not None and pid == besides:
+            continue
         stat = _proc_stat(pid) if pid is not None else None
         if stat and stat[0] not in ("Z", "X") and _trains(pid, wanted) and not _later_rank(pid):
             parents[pid] = int(stat[1])
@@ -275,13 +283,14 @@ def _trains(pid: int, run_dir: Path) -> bool:
 
 
 def _later_rank(pid: int) -> bool:
-    """Whether ``pid`` is a rank a first one launched (LOCAL_RANK 1, 2, ...): one that outlives
-    its first rank for a moment leads nothing."""
+    """Whether ``pid`` is a later rank of its job (Lightning's LOCAL_RANK 1, 2, ..., another
+    srun task or torchrun worker of the same job): one that outlives its first rank for a moment
+    leads nothing, and a job's other local ranks are not another trainer of its run."""
     try:
-        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        raw = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return False
-    return any(var.startswith(b"LOCAL_RANK=") and var != b"LOCAL_RANK=0" for var in env)
+    return bool(later_rank_vars(dict(var.split("=", 1) for var in raw if "=" in var)))
 
 
 def _option(args: list[str], name: str) -> str | None:

@@ -29,7 +29,7 @@ from typing import Any
 from mae_core import process as proc
 from mae_core.channels import resolve_channels, resolve_data
 from mae_core.checks import shown
-from mae_core.config import RunConfig
+from mae_core.config import RunConfig, share_devices
 from mae_core.data import check_data
 from mae_core.diskspace import check_room, full_disk_message, same_disk, still_to_write
 from mae_core.fileio import DiskFullError, atomic_write_json, disk_nearly_full
@@ -467,13 +467,6 @@ def _read_only(folder: Path) -> bool:
         return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
     except OSError:
         return False
-
-
-def share_devices(cfg: RunConfig, other: RunConfig | None) -> bool:
-    """Whether runs of ``cfg`` and ``other`` would share a device: a run naming no GPUs (each CPU
-    run) uses them all, and an unreadable config (None) is assumed to."""
-    wanted, held = cfg.train.gpu_set, other.train.gpu_set if other is not None else None
-    return wanted is None or held is None or bool(wanted & held)
 
 
 def _unlink_run_folder(root: Path, runs_dir: Path) -> tuple[Path | None, Path | None]:

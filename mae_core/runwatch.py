@@ -114,10 +114,7 @@ class TrainerWatch:
 
     def _trainer_pid(self, paths: RunPaths) -> int | None:
         """The live trainer of this run on this machine, whatever its status.json says."""
-        info = self._process(paths)
-        if info and proc.on_this_host(info) and proc.record_alive(info):
-            return info["pid"]
-        return proc.find_trainer(paths.root)
+        return proc.live_trainer(self._process(paths), paths.root)
 
     def _wait_for_exit(self, paths: RunPaths, timeout_s: float = 15.0) -> None:
         """A stopped trainer writes its final state just before it exits: let it finish exiting

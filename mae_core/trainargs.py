@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -23,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 from mae_core.checks import NORMALIZATIONS
 from mae_core.config import (ACCELERATORS, POLICIES, PRECISIONS, PRESETS, ConfigError,
-                             ModelConfig, RunConfig, TrainConfig, parse_bool)
+                             ModelConfig, RunConfig, TrainConfig, parse_bool,
+                             share_devices)
 from mae_core.fileio import atomic_write_json, read_json
-from mae_core.process import (first_process, later_rank_vars, launcher_evident, on_this_host,
-                              record_alive)
+from mae_core.process import first_process, later_rank_vars, launcher_evident, live_trainer
 from mae_core.rundir import (DEFAULT_RUNS_DIR, LIVE_STATES, RUN_ID_RULE, RunError, RunPaths,
                              checkpoint_step, create_run, process_record, valid_run_id)
 from mae_core.slurm import requeued_start
@@ -199,7 +200,8 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
         if paths.config.exists():
             cfg = RunConfig.load(paths.config)
             resume = args.resume or (automatic and paths.last_ckpt.exists())
-            if automatic and resume:
+            if automatic and resume:  # a model flag is refused, finished or not
+                _require_same_model(cfg, overrides)
                 _stop_if_finished(cfg.with_overrides(**overrides), paths)
             return _continue_run(cfg, paths, resume, overrides, writer)
         if args.resume:
@@ -214,7 +216,7 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
     # process.json goes in before config.yaml (what makes the directory a run): a reader never
     # sees a live run that has no process to check.
     paths = create_run(cfg, runs_dir=args.runs_dir, run_dir=run_dir,
-                       process=process_record(command=sys.argv), data_files=summary.files)
+                       process=_own_record(overrides), data_files=summary.files)
     return cfg, paths, False
 
 
@@ -232,7 +234,9 @@ def _continue_run(cfg: RunConfig, paths: RunPaths, resume: bool, overrides: dict
         if overrides:  # e.g. --max-steps to extend a run; the ranks read it back
             cfg, _ = _resolve_data(cfg.with_overrides(**overrides).resolved())
             cfg.save(paths.config)
-        _record_process(paths)
+        _record_process(paths, overrides)
+    elif overrides:
+        cfg = _config_with(paths, overrides)
     return cfg, paths, resume
 
 
@@ -255,6 +259,9 @@ def _require_new_run_folder(root: Path) -> None:
     """A new run goes into a new (or empty) folder that is not inside another run: a folder of
     photos would get a run's files (and a Delete in the app removes the folder with everything in
     it), and a run inside another run is listed nowhere (the app lists a runs folder's children)."""
+    if root.is_symlink() and not root.exists():
+        raise ConfigError("run_dir", f"{root} is a link to {os.readlink(root)}, which does not "
+                          "exist: make that folder first, or give another --run-dir")
     for parent in root.resolve().parents:
         if RunPaths(parent).is_run():
             raise ConfigError("run_dir", f"{root} is inside the run {parent}: give a folder "
@@ -280,8 +287,6 @@ def _require_devices_free(cfg: RunConfig, runs_dir: Path) -> None:
     """A new run started by hand is refused where the app would refuse it: beside a live run of
     its runs folder on this machine that holds devices it needs (each CPU run holds them all). The
     app refuses to start beside a run started by hand; the reverse went unchecked."""
-    from mae_core.runs import share_devices
-
     try:
         roots = sorted(runs_dir.iterdir())
     except OSError:  # none yet, or not readable: nothing live to see there
@@ -291,8 +296,8 @@ def _require_devices_free(cfg: RunConfig, runs_dir: Path) -> None:
         if not (valid_run_id(root.name) and paths.is_run()
                 and paths.read_status().get("state") in LIVE_STATES):
             continue
-        record = read_json(paths.process) or {}
-        if not (on_this_host(record) and record_alive(record)):
+        pid = live_trainer(read_json(paths.process) or {}, root)
+        if pid is None:
             continue  # another node's, or dead (the app marks it failed when it next looks)
         try:
             other = RunConfig.load(paths.config)
@@ -300,7 +305,7 @@ def _require_devices_free(cfg: RunConfig, runs_dir: Path) -> None:
             other = None
         if share_devices(cfg, other):
             raise ConfigError("devices", f"run {root.name} is training on this machine's "
-                              f"devices (process {record.get('pid')}): stop it first, or give "
+                              f"devices (process {pid}): stop it first, or give "
                               "--gpus that it does not use")
 
 
@@ -309,14 +314,21 @@ def _check_continuation(cfg: RunConfig, paths: RunPaths, resume: bool,
     """What a command may do to an existing run: never train it twice at once, never restart a
     trained run from step 0 (its metrics and checkpoint would be overwritten), never resume it
     into a model its checkpoint cannot load (the config would keep the change)."""
-    record = read_json(paths.process) or {}
-    if record.get("pid") != os.getpid() and on_this_host(record) and record_alive(record):
-        raise ConfigError("run_dir", f"{paths.root} is being trained by process {record['pid']}: "
+    pid = live_trainer(read_json(paths.process) or {}, paths.root, besides=os.getpid())
+    if pid is not None:
+        raise ConfigError("run_dir", f"{paths.root} is being trained by process {pid}: "
                                      "stop it first")
     if not resume and paths.last_ckpt.exists():
         raise ConfigError("resume", f"{paths.root} holds a trained run: add --resume (or "
                                     "--auto-resume) to continue it, or give a new --run-dir")
-    model = cfg.with_overrides(**overrides).model if resume else cfg.model
+    if resume:
+        _require_same_model(cfg, overrides)
+
+
+def _require_same_model(cfg: RunConfig, overrides: dict[str, Any]) -> None:
+    """A resume continues the model its checkpoint holds: a model flag that changes it is refused
+    (the config would keep the change, and the checkpoint not load into it)."""
+    model = cfg.with_overrides(**overrides).model
     changed = [f.name for f in dataclasses.fields(model)
                if getattr(model, f.name) != getattr(cfg.model, f.name)]
     if changed:
@@ -356,11 +368,21 @@ def _resolve_data(cfg: RunConfig) -> tuple[RunConfig, DataSummary]:
     return resolve_data(cfg)
 
 
-def _record_process(paths: RunPaths) -> None:
+def _record_process(paths: RunPaths, overrides: dict[str, Any]) -> None:
     """Record this process in ``process.json`` unless the run manager that launched it already
     did, so the app can follow (and stop) a run started by hand, torchrun or SLURM."""
     if (read_json(paths.process) or {}).get("pid") != os.getpid():
-        atomic_write_json(paths.process, process_record(command=sys.argv))
+        atomic_write_json(paths.process, _own_record(overrides))
+
+
+def _own_record(overrides: dict[str, Any]) -> dict[str, Any]:
+    """This process's record, with the flags it applied to the run's config: the sign, for the
+    job's later ranks, that config.yaml is the one this command wrote (:func:`_config_with`)."""
+    return process_record(command=sys.argv, overrides=_as_recorded(overrides))
+
+
+def _as_recorded(overrides: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(overrides, sort_keys=True))
 
 
 # --- the other ranks ----------------------------------------------------------------------------
@@ -377,6 +399,26 @@ def wait_for(path: Path, timeout_s: float = 120.0) -> bool:
 
 
 _said_waiting = False
+
+
+def _config_with(paths: RunPaths, overrides: dict[str, Any],
+                 timeout_s: float = 120.0) -> RunConfig:
+    """The run's config once rank 0 of this job has written it with the command's flags. Read
+    before (``--max-steps 6`` given to a requeued 2-rank job), a later rank trained to the old max
+    steps while rank 0 trained to 6, and the longer one waited in DDP for steps the other never
+    took until gloo gave up (10 minutes). Rank 0 records the flags in process.json after it saves
+    the config; a record with the same flags from an earlier start names a config with them too."""
+    wanted = _as_recorded(overrides)
+    deadline = time.monotonic() + timeout_s
+    while (read_json(paths.process) or {}).get("overrides") != wanted:
+        if time.monotonic() >= deadline:
+            raise ConfigError("run_dir", f"rank 0 wrote no config with this command's flags "
+                              f"({', '.join(sorted(overrides))}) in {timeout_s:.0f} s: this rank "
+                              "cannot start")
+        say_waiting(f"to write the run's config with this command's flags (up to "
+                    f"{timeout_s:.0f} s)")
+        time.sleep(0.2)
+    return RunConfig.load(paths.config)
 
 
 def say_waiting(what: str) -> None:

@@ -138,7 +138,8 @@ def test_kill_group_never_signals_its_callers_own_group_or_every_process(tmp_pat
 
 def test_find_trainer_finds_the_leading_process_of_a_runs_trainer(tmp_path):
     """A relative --run-dir is read from the process's own working folder; a later rank
-    (LOCAL_RANK=1) that outlives its first for a moment leads nothing; other runs do not count."""
+    (LOCAL_RANK=1, or another srun task of the job: SLURM_PROCID=1) leads nothing; other runs
+    do not count, nor the trainer asking (``besides``)."""
     run_dir = tmp_path / "runs" / "r1"
     run_dir.mkdir(parents=True)
     sleep = "import time; time.sleep(60)"
@@ -153,12 +154,15 @@ def test_find_trainer_finds_the_leading_process_of_a_runs_trainer(tmp_path):
     try:
         assert proc.find_trainer(run_dir) is None
         later = start("--run-dir", "runs/r1", LOCAL_RANK="1")
+        task = start("--run-dir", str(run_dir), SLURM_PROCID="1", SLURM_LOCALID="1")
         start("--run-dir", str(tmp_path / "runs" / "other"))
-        poll(lambda: proc.pid_alive(later.pid) and Path(f"/proc/{later.pid}/cmdline").read_bytes()
-             .count(b"--run-dir"), 10)
-        assert proc.find_trainer(run_dir) is None  # a later rank alone: its run has ended
+        for process in (later, task):
+            poll(lambda: proc.pid_alive(process.pid) and Path(
+                f"/proc/{process.pid}/cmdline").read_bytes().count(b"--run-dir"), 10)
+        assert proc.find_trainer(run_dir) is None  # later ranks alone: its run has ended
         first = start("--run-dir=runs/r1")
         assert poll(lambda: proc.find_trainer(run_dir) == first.pid, 10)
+        assert proc.find_trainer(run_dir, besides=first.pid) is None
     finally:
         for process in started:
             process.kill()

@@ -109,6 +109,9 @@ def test_an_automatic_resume_of_a_run_at_its_max_steps_has_nothing_to_do(tmp_pat
                paths.last_ckpt)
     with pytest.raises(AlreadyFinished, match="already finished at step 4: nothing to do"):
         _prepare("--run-dir", str(paths.root), "--auto-resume")
+    # A model flag is refused as a resume refuses it (it said "already finished", exit 0).
+    with pytest.raises(ConfigError, match="preset: a resume continues the run's own model"):
+        _prepare("--run-dir", str(paths.root), "--auto-resume", "--preset", "vit-small")
 
 
 def test_a_linked_run_folder_is_judged_by_the_name_the_app_lists(tmp_path):
@@ -119,3 +122,89 @@ def test_a_linked_run_folder_is_judged_by_the_name_the_app_lists(tmp_path):
     (tmp_path / "runs" / "my link").symlink_to(tmp_path / "other" / "good")
     with pytest.raises(ConfigError, match="run_dir: the run folder's name 'my link' may hold only"):
         _prepare("--run-dir", str(tmp_path / "runs" / "my link"))
+
+
+def test_a_link_to_a_folder_that_does_not_exist_is_refused_in_words(tmp_path):
+    """It made ``create_run`` raise FileExistsError, a traceback naming neither the link nor its
+    target."""
+    (tmp_path / "runs").mkdir()
+    link = tmp_path / "runs" / "run1"
+    link.symlink_to(tmp_path / "elsewhere" / "run1")
+    with pytest.raises(ConfigError, match=r"run_dir: .*run1 is a link to .*elsewhere/run1, which "
+                                          "does not exist: make that folder first"):
+        _prepare("--run-dir", str(link))
+    assert not (tmp_path / "elsewhere").exists()
+
+
+@pytest.fixture
+def trainer_of(tmp_path):
+    """``trainer_of(run_dir)``: a process whose command line trains ``run_dir`` (as a trainer's
+    does), ended after the test."""
+    import subprocess
+    import sys
+
+    from helpers import poll
+    from mae_core.process import clean_env, find_trainer
+
+    started = []
+
+    def start(run_dir):
+        started.append(subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(60)", "-m", "mae_core.train",
+             "--run-dir", str(run_dir)], env=clean_env()))
+        assert poll(lambda: find_trainer(run_dir) == started[-1].pid, 10)
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.kill()
+        process.wait()
+
+
+def test_a_live_trainer_whose_process_json_is_gone_is_still_seen(tmp_path, trainer_of):
+    """The trainer's own checks trusted process.json alone (the app also finds a trainer by its
+    command line): with the file deleted, ``--auto-resume`` started a second trainer on the same
+    run, and a new run went beside it on the same devices."""
+    import torch
+
+    runs = tmp_path / "runs"
+    paths = create_run(RunConfig().with_overrides(accelerator="cpu", devices=1, max_steps=8),
+                       runs_dir=runs, state="running")
+    torch.save({"global_step": 4}, paths.last_ckpt)
+    trainer = trainer_of(paths.root)
+    assert not paths.process.exists()
+    with pytest.raises(ConfigError, match=f"run_dir: .* is being trained by process {trainer.pid}: "
+                                          "stop it first"):
+        _prepare("--run-dir", str(paths.root), "--auto-resume")
+    with pytest.raises(ConfigError, match=f"devices: run {paths.run_id} is training on this "
+                                          f"machine's devices \\(process {trainer.pid}\\)"):
+        _prepare("--runs-dir", str(runs), "--accelerator", "cpu", "--devices", "1")
+
+
+def test_a_later_rank_trains_with_the_flags_rank_0_writes_into_the_config(tmp_path):
+    """``--max-steps 6`` given to a 2-rank job restarting a run (srun, torchrun: every rank runs
+    the command): the later rank read config.yaml before rank 0 rewrote it, trained to the old 4
+    steps, and rank 0 waited in DDP for a fifth step until gloo gave up, 10 minutes later."""
+    import subprocess
+    import sys
+
+    from mae_core.process import PROJECT_ROOT, clean_env
+
+    root = tmp_path / "run"
+    create_run(RunConfig().with_overrides(max_steps=4, image_size=32, accelerator="cpu",
+                                          devices=2), run_dir=root, state="failed")
+    flags = ["--run-dir", str(root), "--max-steps", "6"]
+    read = ("import sys; from mae_core.trainargs import build_parser, prepare; "
+            "print('max_steps', prepare(build_parser().parse_args(sys.argv[1:]))[0].train.max_steps)")
+    later = subprocess.Popen([sys.executable, "-c", read, *flags], cwd=PROJECT_ROOT, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             env=clean_env(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1"))
+    try:
+        said = later.stdout.readline()
+        assert "waiting for rank 0 to write the run's config with this command's flags" in said
+        cfg, _, _ = _prepare(*flags)  # rank 0
+        assert cfg.train.max_steps == 6
+        assert later.communicate(timeout=60)[0].split() == ["max_steps", "6"]
+    finally:
+        later.kill()
+        later.wait()
