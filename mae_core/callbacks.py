@@ -36,7 +36,7 @@ from mae_core.loggers import board_scalars, tensorboard
 from mae_core.model import MAELightning
 from mae_core.reconstruct import grid_image, reconstruct
 from mae_core.rundir import RunPaths
-from mae_core.slurm import on_slurm, requeue_signal_seen
+from mae_core.slurm import note_requeue_signal, on_slurm, requeue_signal_seen
 from mae_core.weights import save_weights
 
 PREVIEW_SEED = 0
@@ -259,7 +259,6 @@ class StopOnRequest(pl.Callback):
         self.signalled = False  # SIGTERM reached this rank
         self.interrupted = False  # Ctrl-C (SIGINT) did
         self.requeue = False  # SLURM's requeue signal stopped the run
-        self.requeue_signalled = False  # and reached this rank
         self._group: Any = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -286,15 +285,11 @@ class StopOnRequest(pl.Callback):
             self.interrupted = True
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
-        def requeue_noted(signum: int, frame: Any) -> None:
-            self.requeue_signalled = True
-
         # Lightning puts back the handlers it found when fit ends, so these go with its own.
         signal.signal(signal.SIGTERM, noted)
         signal.signal(signal.SIGINT, interrupted)
         if on_slurm(trainer):
-            signal.signal(signal.SIGUSR1, requeue_noted)
-            self.requeue_signalled = self.requeue_signalled or requeue_signal_seen()
+            signal.signal(signal.SIGUSR1, note_requeue_signal)
         epoch_loop = trainer.fit_loop.epoch_loop
         if hasattr(epoch_loop, "_broadcast_sigterm_tensor"):
             epoch_loop._broadcast_sigterm_tensor = lambda: None
@@ -311,7 +306,7 @@ class StopOnRequest(pl.Callback):
             return  # stop on a step boundary (and reduce across ranks once per step)
         requested, terminated, requeue = self._any_rank(
             trainer, self.interrupted or self.paths.stop_requested(), self.signalled,
-            self.requeue_signalled)
+            requeue_signal_seen())
         if requested or terminated or requeue:
             self.requested, self.terminated, self.requeue = requested, terminated, requeue
             trainer.should_stop = True

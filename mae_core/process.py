@@ -167,6 +167,19 @@ def process_start_time(pid: int) -> str | None:
     return stat[19] if stat else None
 
 
+def started_at(pid: int | None = None) -> float | None:
+    """When process ``pid`` (this one by default) started, in ``time.time()`` seconds (to the
+    kernel's clock tick), or None if it is gone or there is no /proc."""
+    ticks = process_start_time(os.getpid() if pid is None else pid)
+    try:
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    if ticks is None or not ticks.isdigit():
+        return None
+    return time.time() - (uptime - int(ticks) / os.sysconf("SC_CLK_TCK"))
+
+
 def pid_alive(pid: int, start_time: str | None = None) -> bool:
     """Whether ``pid`` runs and is the process that started at ``start_time`` (a zombie is dead)."""
     if pid <= 0:

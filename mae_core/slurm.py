@@ -18,21 +18,28 @@ if TYPE_CHECKING:
     import pytorch_lightning as pl
 
 
-_EARLY_REQUEUE = threading.Event()
+# SLURM's requeue signal (SIGUSR1, ``sbatch --signal=USR1@120``) reached this process: the one
+# record of it, from the start-up to the last step.
+_REQUEUE_SIGNAL = threading.Event()
+
+
+def note_requeue_signal(signum: int = signal.SIGUSR1, frame: Any = None) -> None:
+    """The requeue signal's handler: noted, acted on after the current step."""
+    _REQUEUE_SIGNAL.set()
 
 
 def catch_requeue_signal_early() -> None:
     """Under SLURM, note the requeue signal from the process's start: its default action kills
     the process, and one that came during the imports or a data preparation (minutes for a large
-    folder) lost the job unsaved and unrequeued. :class:`mae_core.callbacks.StopOnRequest` takes
-    it over at the first step, and stops the run there."""
+    folder) lost the job unsaved and unrequeued. :class:`mae_core.callbacks.StopOnRequest` stops
+    the run after its first step, and installs the handler again after Lightning's."""
     if "SLURM_JOB_ID" in os.environ and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGUSR1, lambda signum, frame: _EARLY_REQUEUE.set())
+        signal.signal(signal.SIGUSR1, note_requeue_signal)
 
 
 def requeue_signal_seen() -> bool:
-    """Whether the requeue signal came before the training loop took it over."""
-    return _EARLY_REQUEUE.is_set()
+    """Whether the requeue signal has reached this process."""
+    return _REQUEUE_SIGNAL.is_set()
 
 
 def requeued_start() -> bool:

@@ -237,7 +237,13 @@ def _ended(trainer: pl.Trainer, paths: RunPaths, recorder: Any, stopper: Any) ->
         paths.clear_stop_request()
         recorder.write_progress(trainer, state=state)
         if stopper.requeue and not done:  # SLURM's time limit or preemption is near: requeued
-            print(requeue_slurm_job(), flush=True)
+            requeued = requeue_slurm_job()
+            print(requeued, flush=True)
+            # Said where the app shows the run: it reads "stopped" like a user's Stop, and a
+            # Resume there would train it beside the job's next start.
+            with contextlib.suppress(OSError):  # the job may be ending already
+                paths.write_status(error=f"stopped at step {trainer.global_step} by SLURM's "
+                                         f"requeue signal; {requeued}")
     return 0
 
 

@@ -27,7 +27,8 @@ from mae_core.config import (ACCELERATORS, POLICIES, PRECISIONS, PRESETS, Config
                              ModelConfig, RunConfig, TrainConfig, parse_bool,
                              share_devices)
 from mae_core.fileio import atomic_write_json, read_json
-from mae_core.process import first_process, later_rank_vars, launcher_evident, live_trainer
+from mae_core.process import (first_process, later_rank_vars, launcher_evident, live_trainer,
+                              started_at)
 from mae_core.rundir import (DEFAULT_RUNS_DIR, LIVE_STATES, RUN_ID_RULE, RunError, RunPaths,
                              checkpoint_step, create_run, process_record, valid_run_id)
 from mae_core.slurm import requeued_start
@@ -217,6 +218,7 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
     # sees a live run that has no process to check.
     paths = create_run(cfg, runs_dir=args.runs_dir, run_dir=run_dir,
                        process=_own_record(overrides), data_files=summary.files)
+    _clear_stale_stop(paths)
     return cfg, paths, False
 
 
@@ -234,7 +236,8 @@ def _continue_run(cfg: RunConfig, paths: RunPaths, resume: bool, overrides: dict
         if overrides:  # e.g. --max-steps to extend a run; the ranks read it back
             cfg, _ = _resolve_data(cfg.with_overrides(**overrides).resolved())
             cfg.save(paths.config)
-        _record_process(paths, overrides)
+        if _record_process(paths, overrides):  # started by hand (the app clears it itself)
+            _clear_stale_stop(paths)
     elif overrides:
         cfg = _config_with(paths, overrides)
     return cfg, paths, resume
@@ -368,11 +371,28 @@ def _resolve_data(cfg: RunConfig) -> tuple[RunConfig, DataSummary]:
     return resolve_data(cfg)
 
 
-def _record_process(paths: RunPaths, overrides: dict[str, Any]) -> None:
+def _record_process(paths: RunPaths, overrides: dict[str, Any]) -> bool:
     """Record this process in ``process.json`` unless the run manager that launched it already
-    did, so the app can follow (and stop) a run started by hand, torchrun or SLURM."""
-    if (read_json(paths.process) or {}).get("pid") != os.getpid():
-        atomic_write_json(paths.process, _own_record(overrides))
+    did, so the app can follow (and stop) a run started by hand, torchrun or SLURM. Whether it
+    was started so (not by the app)."""
+    if (read_json(paths.process) or {}).get("pid") == os.getpid():
+        return False
+    atomic_write_json(paths.process, _own_record(overrides))
+    return True
+
+
+def _clear_stale_stop(paths: RunPaths) -> None:
+    """A STOP file older than this process asks nothing of it: left by a trainer killed before
+    it could clear it (a Force stop, a crash), it stopped every start by hand after its first
+    step (a requeued SLURM job then ended for good). One made since (Stop clicked in the app
+    while this trainer starts up) stands."""
+    started = started_at()
+    try:
+        made = paths.stop_request.stat().st_mtime
+    except OSError:
+        return
+    if started is not None and made < started:
+        paths.clear_stop_request()
 
 
 def _own_record(overrides: dict[str, Any]) -> dict[str, Any]:

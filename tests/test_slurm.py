@@ -63,7 +63,7 @@ def test_the_requeue_signal_during_start_up_is_noted_not_deadly(monkeypatch):
     from mae_core import slurm
 
     before = signal.getsignal(signal.SIGUSR1)
-    monkeypatch.setattr(slurm, "_EARLY_REQUEUE", slurm.threading.Event())
+    monkeypatch.setattr(slurm, "_REQUEUE_SIGNAL", slurm.threading.Event())
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     try:
         slurm.catch_requeue_signal_early()

@@ -498,6 +498,9 @@ def test_slurms_requeue_signal_saves_the_step_requeues_and_the_next_start_contin
     status = paths.read_status()
     assert status["state"] == "stopped" and status["step"] == step, status
     assert "requeued SLURM job 4242: its next start continues the run" in log
+    # The app shows it as the requeue it is, not as a user's Stop.
+    assert status["error"] == (f"stopped at step {step} by SLURM's requeue signal; requeued SLURM "
+                               "job 4242: its next start continues the run"), status
     assert (tmp_path / "scontrol.calls").read_text() == "requeue 4242\n"
 
     # The requeued job: the same command (here with max steps cut short), SLURM_RESTART_COUNT=1.
@@ -505,6 +508,7 @@ def test_slurms_requeue_signal_saves_the_step_requeues_and_the_next_start_contin
     again = _train(tmp_path, *command, SLURM_RESTART_COUNT="1", **slurm)
     assert again.returncode == 0, again.stdout[-3000:]
     assert paths.read_status()["state"] == "finished" and _checkpoint_step(paths) == step + 2
+    assert paths.read_status()["error"] is None  # the requeue note goes with the next start
     assert [r["step"] for r in paths.read_metrics() if "loss" in r] == list(range(1, step + 3))
     # Started once more (or by a script with --auto-resume) after it finished: nothing to do.
     done = _train(tmp_path, *command, "--auto-resume")

@@ -208,3 +208,34 @@ def test_a_later_rank_trains_with_the_flags_rank_0_writes_into_the_config(tmp_pa
     finally:
         later.kill()
         later.wait()
+
+
+def test_a_stop_request_older_than_the_trainer_is_cleared_one_made_since_stands(tmp_path):
+    """A STOP left by a trainer killed before it cleared it stopped every start by hand after its
+    first step (a requeued SLURM job ended for good); the app's Resume clears it, a command did
+    not. A Stop clicked in the app while this trainer starts up is kept."""
+    import os
+
+    from mae_core.process import started_at
+
+    def stale_stop(paths: RunPaths) -> None:
+        paths.request_stop()
+        before = started_at() - 5  # this process (the "trainer") started after it was made
+        os.utime(paths.stop_request, (before, before))
+
+    flags = ["--max-steps", "8", "--image-size", "32", "--accelerator", "cpu", "--devices", "1"]
+    new = RunPaths(tmp_path / "new")
+    new.root.mkdir()
+    stale_stop(new)  # all a folder may hold for a new run
+    _prepare("--run-dir", str(new.root), *flags)
+    assert new.is_run() and not new.stop_requested()
+
+    paths = create_run(RunConfig().with_overrides(max_steps=8, image_size=32, accelerator="cpu",
+                                                  devices=1), run_dir=tmp_path / "run",
+                       state="failed")
+    stale_stop(paths)
+    _prepare("--run-dir", str(paths.root))  # started again (no checkpoint yet)
+    assert not paths.stop_requested()
+    paths.request_stop()  # made now: after this process started
+    _prepare("--run-dir", str(paths.root))
+    assert paths.stop_requested()
