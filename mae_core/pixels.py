@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import io
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,6 +191,18 @@ def _decodable(values: int, label: str, why: str = "") -> None:
 def _corrupt(label: str, err: BaseException) -> ImageError:
     why = str(err) or type(err).__name__
     return ImageError(f"{label}: the TIFF is corrupt or truncated ({why})")
+
+
+class _TagValueNotice(logging.Filter):
+    """tifffile logs a tag value outside its enum ("9 is not a valid ORIENTATION") as an error,
+    twice per file, then uses the raw value (an Orientation outside 1-8 is read as 1): in a data
+    folder that was two lines per image per epoch in train.log, about nothing wrong."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is not a valid" not in record.getMessage()
+
+
+logging.getLogger("tifffile").addFilter(_TagValueNotice())
 
 
 def _open_tiff(source: Source, label: str, decode: bool) -> tuple[PixelFormat, np.ndarray | None]:

@@ -226,6 +226,17 @@ def test_a_tiff_stands_as_its_orientation_tag_says_like_a_png(orientation):
     assert np.array_equal(read_for(gray_tiff, 1, "g.tif").numpy(), gray_png.numpy()[:1])
 
 
+@pytest.mark.parametrize("orientation", [0, 9, 65535])
+def test_a_tiff_with_an_orientation_outside_1_to_8_is_read_upright_in_silence(orientation, caplog):
+    """tifffile logged such a tag as an error, twice per file: two lines per image per epoch in
+    a run's train.log, about nothing wrong (it is read as 1, as a PNG with it is)."""
+    rgb = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    with caplog.at_level("DEBUG"):
+        tiff = read_for(_tiff(rgb, orientation, photometric="rgb"), 3, "x.tif")
+    assert np.array_equal(tiff.numpy(), np.transpose(rgb, (2, 0, 1)))
+    assert not [r for r in caplog.records if r.name.startswith("tifffile")], caplog.text
+
+
 def test_a_16_bit_tiff_keeps_its_values_when_turned(tmp_path):
     scan = np.arange(20 * 30, dtype=np.uint16).reshape(20, 30) * 100
     tifffile.imwrite(tmp_path / "scan.tif", scan, extratags=[(274, "H", 1, 6, True)])
