@@ -335,6 +335,16 @@ class RunPaths:
         atomic_write_text(self.metrics, "".join(line + "\n" for line in kept), make_dirs=False)
 
 
+def run_folders(runs_dir: str | Path) -> list[RunPaths]:
+    """The runs of a runs folder: its children the app lists (a run id for a name, a
+    ``config.yaml``). None where the folder is missing or unreadable."""
+    try:
+        roots = sorted(Path(runs_dir).iterdir())
+    except OSError:  # none yet, deleted under the app (to free space), or not readable
+        return []
+    return [RunPaths(root) for root in roots if valid_run_id(root.name) and RunPaths(root).is_run()]
+
+
 def create_run(cfg: RunConfig, runs_dir: str | Path | None = None, run_dir: str | Path | None = None,
                process: dict[str, Any] | None = None, state: str = "starting",
                **status: Any) -> RunPaths:

@@ -38,8 +38,8 @@ from mae_core.resumecheck import (require_devices, require_one_node, require_sam
                                   require_steps_left)
 from mae_core.rundir import (DEFAULT_RUNS_DIR, LIVE_STATES, RUN_ID_RULE,  # noqa: F401
                              TRASH_PREFIX, RunError, RunPaths, checkpoint_step, create_run,
-                             preview_step,
-                             saved_step, state_unknown, valid_run_id)
+                             preview_step, run_folders, saved_step, state_unknown,
+                             valid_run_id)
 from mae_core.runqueue import QueuedRuns, RunQueue
 from mae_core.runwatch import TrainerWatch
 from mae_core.weights import export_encoder, timm_snippet
@@ -112,16 +112,11 @@ class RunManager(QueuedRuns, TrainerWatch):
     def list(self) -> list[dict[str, Any]]:
         """Every run, newest first."""
         runs = []
-        try:
-            roots = list(self.runs_dir.iterdir())
-        except FileNotFoundError:  # deleted under the app (to free space): no runs, not an error
-            return []
-        for root in roots:
-            if valid_run_id(root.name) and RunPaths(root).is_run():
-                try:
-                    runs.append(self.status(root.name))
-                except RunError:
-                    continue
+        for paths in run_folders(self.runs_dir):
+            try:
+                runs.append(self.status(paths.run_id))
+            except RunError:
+                continue
         return sorted(runs, key=lambda s: (s.get("created") or 0, s["run_id"]), reverse=True)
 
     def live_run(self) -> str | None:

@@ -30,7 +30,8 @@ from mae_core.fileio import atomic_write_json, read_json
 from mae_core.process import (first_process, later_rank_vars, launcher_evident, live_trainer,
                               started_at)
 from mae_core.rundir import (DEFAULT_RUNS_DIR, LIVE_STATES, RUN_ID_RULE, RunError, RunPaths,
-                             checkpoint_step, create_run, process_record, valid_run_id)
+                             checkpoint_step, create_run, process_record, run_folders,
+                             valid_run_id)
 from mae_core.slurm import requeued_start
 
 if TYPE_CHECKING:
@@ -290,16 +291,10 @@ def _require_devices_free(cfg: RunConfig, runs_dir: Path) -> None:
     """A new run started by hand is refused where the app would refuse it: beside a live run of
     its runs folder on this machine that holds devices it needs (each CPU run holds them all). The
     app refuses to start beside a run started by hand; the reverse went unchecked."""
-    try:
-        roots = sorted(runs_dir.iterdir())
-    except OSError:  # none yet, or not readable: nothing live to see there
-        return
-    for root in roots:
-        paths = RunPaths(root)
-        if not (valid_run_id(root.name) and paths.is_run()
-                and paths.read_status().get("state") in LIVE_STATES):
+    for paths in run_folders(runs_dir):
+        if paths.read_status().get("state") not in LIVE_STATES:
             continue
-        pid = live_trainer(read_json(paths.process) or {}, root)
+        pid = live_trainer(read_json(paths.process) or {}, paths.root)
         if pid is None:
             continue  # another node's, or dead (the app marks it failed when it next looks)
         try:
@@ -307,7 +302,7 @@ def _require_devices_free(cfg: RunConfig, runs_dir: Path) -> None:
         except Exception:  # noqa: BLE001 - unreadable: assumed to hold every device, as the app does
             other = None
         if share_devices(cfg, other):
-            raise ConfigError("devices", f"run {root.name} is training on this machine's "
+            raise ConfigError("devices", f"run {paths.run_id} is training on this machine's "
                               f"devices (process {pid}): stop it first, or give "
                               "--gpus that it does not use")
 
