@@ -19,6 +19,7 @@ import datetime
 import json
 import re
 import shutil
+import threading
 import time
 import zipfile
 from dataclasses import dataclass
@@ -54,6 +55,11 @@ RUN_ID_RULE = (f"ASCII letters, digits and _ . + = @ , - (not first: . + = @ , -
                f"at most {NAME_MAX} bytes")
 # A preview's or weight snapshot's name, without its suffix (written by _step_name).
 _STEP_NAME = re.compile(r"step_(\d+)")
+
+
+# Held for each read-merge-write of a status.json by this process (a trainer writes from its
+# loop and from its heartbeat thread).
+_STATUS_WRITE = threading.Lock()
 
 
 class RunError(RuntimeError):
@@ -301,11 +307,29 @@ class RunPaths:
             ValueError: a field :class:`RunStatus` does not define, or an unknown state.
         """
         check_status_fields(fields)
-        status = read_json(self.status) or {}
-        status = {k: v for k, v in status.items() if k in STATUS_FIELDS}
-        status.update(fields, run_id=self.run_id, updated=time.time())
-        atomic_write_json(self.status, status, make_dirs=False)  # never brings back a deleted run
+        with _STATUS_WRITE:  # a read-merge-write: another thread's write between would be lost
+            status = read_json(self.status) or {}
+            status = {k: v for k, v in status.items() if k in STATUS_FIELDS}
+            status.update(fields, run_id=self.run_id, updated=time.time())
+            atomic_write_json(self.status, status, make_dirs=False)  # never brings back a deleted run
         return status
+
+    def keep_status_fresh(self, every_s: float = 60.0) -> threading.Event:
+        """Rewrite status.json's ``updated`` every ``every_s`` seconds from a thread, for as long
+        as this process lives (or the event returned is set). An app on another node judges a run
+        by that time alone (:data:`mae_core.runwatch.REMOTE_SILENCE_S`): a trainer there preparing
+        its data set, or on a step slower than that, was marked failed while it ran."""
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(every_s):
+                try:
+                    self.write_status()  # the fields as they are: only the time is new
+                except (OSError, ValueError):  # a full disk, the run deleted: the next beat
+                    continue
+
+        threading.Thread(target=beat, name="status-heartbeat", daemon=True).start()
+        return done
 
     def log_tail(self, lines: int = 40) -> str:
         return tail_lines(self.log, lines)

@@ -316,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         os.execv(sys.executable, command + (["--resume"] if resume else []))
     if first_process():  # before torch is imported: said at once
         print(f"run directory: {paths.root}", flush=True)
+        paths.keep_status_fresh()  # through a data preparation of hours, a step of minutes
     from mae_core import datasource
     from mae_core.diskspace import check_room
     from mae_core.fileio import DiskFullError

@@ -52,6 +52,33 @@ def test_status_json_holds_only_the_fields_run_status_defines(tmp_path):
             "resumed_from_step", "data_files"} <= STATUS_FIELDS
 
 
+def test_a_trainers_status_stays_fresh_between_steps_and_keeps_what_the_trainer_wrote(tmp_path):
+    """An app on another node judges a run by status.json's time alone: a trainer there that
+    was preparing its data set (hours for a large folder), or on a step slower than 10 minutes,
+    was marked failed while it ran, and offered for a Resume that would train it twice."""
+    import time
+
+    from helpers import poll
+    from mae_core.runs import RunManager
+
+    runs = tmp_path / "runs"
+    paths = create_run(small_config(), runs_dir=runs, state="running",
+                       process=process_record(command=["train"]) | {"host": "another-node"})
+    status = read_json(paths.status) | {"updated": time.time() - 700}  # silent for too long
+    paths.status.write_text(json.dumps(status))
+    stop = paths.keep_status_fresh(every_s=0.05)
+    try:
+        assert poll(lambda: time.time() - paths.read_status()["updated"] < 5, 10)
+        assert RunManager(runs).status(paths.run_id)["state"] == "running"
+        for step in range(1, 41):  # the trainer's own writes, meanwhile: none is lost
+            paths.write_status(step=step)
+        paths.write_status(state="finished")
+        time.sleep(0.2)  # a few beats more
+        assert (paths.read_status()["state"], paths.read_status()["step"]) == ("finished", 40)
+    finally:
+        stop.set()
+
+
 def test_missing_status_reads_as_failed(tmp_path):
     paths = RunPaths(tmp_path / "run")
     assert paths.read_status()["state"] == "failed"
