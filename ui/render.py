@@ -53,7 +53,9 @@ CSS = """
 .mae-table th { text-align: left; padding: 3px 6px; background: var(--background-fill-secondary);
   color: var(--body-text-color); white-space: nowrap; }
 .mae-table td { padding: 2px 6px; vertical-align: top; border-top: 1px solid var(--border-color-primary); }
-.mae-table td.name { font-family: var(--font-mono); overflow-wrap: anywhere; }
+/* A tensor name breaks after its dots (tensor_name_html), never inside a part: at 1440 px the
+   policy tables broke "mask_token" as "m / ask_token". */
+.mae-table td.name { font-family: var(--font-mono); overflow-wrap: normal; word-break: normal; }
 .mae-table td.reason { min-width: 12em; overflow-wrap: anywhere; }
 .mae-table td.num { text-align: right; white-space: nowrap; }
 /* Gradio borders ".prose" tables, rows and cells in the text colour, in a rule scoped to its
@@ -222,11 +224,16 @@ def _group_html(group: Any, no_grad: list[str]) -> str:
             "</div></details>")
 
 
+def tensor_name_html(name: str) -> str:
+    """A tensor's name that a narrow column breaks after a dot only: ``backbone.<wbr>mask_token``."""
+    return ".<wbr>".join(esc(part) for part in name.split("."))
+
+
 def _row_html(row: Any, no_grad: bool) -> str:
     flag = " ⚠ no gradient" if no_grad else ""
     return (f'<tr data-name="{esc(row.name)}" data-status="{esc(row.status)}" '
             f'class="st-{esc(row.status)}{" no-grad" if no_grad else ""}">'
-            f'<td class="name">{esc(row.name)}</td><td class="num">{"×".join(map(str, row.shape))}</td>'
+            f'<td class="name">{tensor_name_html(row.name)}</td><td class="num">{"×".join(map(str, row.shape))}</td>'
             f'<td class="num">{row.numel:,}</td><td><b>{esc(row.status)}</b>{flag}</td>'
             f'<td class="reason">{esc(row.reason)}</td></tr>')
 
@@ -242,7 +249,7 @@ def audit_diff_html(clean: Any, reference: Any) -> str:
         cells = "".join(f'<td class="st-{esc(r.status)}">{esc(r.status)}'
                         f'{" ⚠ no gradient" if r.name in result.no_grad else ""}</td>'
                         for r, result in ((row, clean), (other, reference)))
-        rows.append(f'<tr><td class="name">{esc(row.name)}</td>{cells}'
+        rows.append(f'<tr data-name="{esc(row.name)}"><td class="name">{tensor_name_html(row.name)}</td>{cells}'
                     f'<td class="reason">{esc(row.reason)}</td></tr>')
     if not rows:
         return '<div class="mae-box">Both policies treat every tensor the same way.</div>'
