@@ -59,7 +59,7 @@ _STEP_NAME = re.compile(r"step_(\d+)")
 
 # Held for each read-merge-write of a status.json by this process (a trainer writes from its
 # loop and from its heartbeat thread).
-_STATUS_WRITE = threading.Lock()
+_STATUS_WRITE = threading.RLock()  # re-entrant: a signal handler may write in the holder thread
 
 
 class RunError(RuntimeError):
