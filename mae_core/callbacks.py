@@ -259,6 +259,7 @@ class StopOnRequest(pl.Callback):
         self.signalled = False  # SIGTERM reached this rank
         self.interrupted = False  # Ctrl-C (SIGINT) did
         self.requeue = False  # SLURM's requeue signal stopped the run
+        self._slurm = False  # a SLURM job Lightning knows (SIGUSR1 is its requeue signal)
         self._group: Any = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -288,7 +289,8 @@ class StopOnRequest(pl.Callback):
         # Lightning puts back the handlers it found when fit ends, so these go with its own.
         signal.signal(signal.SIGTERM, noted)
         signal.signal(signal.SIGINT, interrupted)
-        if on_slurm(trainer):
+        self._slurm = on_slurm(trainer)
+        if self._slurm:
             signal.signal(signal.SIGUSR1, note_requeue_signal)
         epoch_loop = trainer.fit_loop.epoch_loop
         if hasattr(epoch_loop, "_broadcast_sigterm_tensor"):
@@ -306,7 +308,7 @@ class StopOnRequest(pl.Callback):
             return  # stop on a step boundary (and reduce across ranks once per step)
         requested, terminated, requeue = self._any_rank(
             trainer, self.interrupted or self.paths.stop_requested(), self.signalled,
-            requeue_signal_seen())
+            self._slurm and requeue_signal_seen())
         if requested or terminated or requeue:
             self.requested, self.terminated, self.requeue = requested, terminated, requeue
             trainer.should_stop = True
