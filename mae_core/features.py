@@ -79,7 +79,14 @@ def class_folders(folder: str | Path) -> dict[str, list[Path]]:
     if len(classes) < 2:
         raise DataError(f"{_named(str(folder))} has one class ({next(iter(classes))}); "
                         "classification needs at least 2 class subfolders with images")
-    keep = max(1, min(MAX_PER_CLASS, MAX_IMAGES // len(classes)))
+    most = MAX_IMAGES // 2
+    if len(classes) > most:
+        # Each class needs 2 images (one to train, one to score) within the MAX_IMAGES read: with
+        # more, 1 per class was kept and the split failed with "each class needs 2 images".
+        raise DataError(f"{_named(str(folder))} has {len(classes):,} classes: the evaluation "
+                        f"reads at most {MAX_IMAGES:,} images, at least 2 per class, so at most "
+                        f"{most:,} classes; give a folder with fewer")
+    keep = min(MAX_PER_CLASS, MAX_IMAGES // len(classes))
     return {name: paths[:keep] for name, paths in classes.items()}
 
 

@@ -148,3 +148,16 @@ def test_a_large_folder_is_read_up_to_a_bounded_sorted_subset(tmp_path, monkeypa
     classes = features.class_folders(root)
     assert {name: [p.name for p in paths] for name, paths in classes.items()} == {
         "a": ["0.png", "1.png"], "b": ["0.png", "1.png"], "c": ["0.png", "1.png"]}
+
+
+def test_more_classes_than_the_read_can_give_2_images_each_are_refused_in_words(tmp_path,
+                                                                               monkeypatch):
+    """Past MAX_IMAGES / 2 classes one image per class was kept, and the split then failed with
+    "each class needs 2 images" on a folder whose classes all had many."""
+    root = _folder(tmp_path / "set", {"a": 3, "b": 3, "c": 3})
+    monkeypatch.setattr(features, "MAX_IMAGES", 5)
+    with pytest.raises(DataError, match="has 3 classes: the evaluation reads at most 5 images, at "
+                                        "least 2 per class, so at most 2 classes"):
+        features.class_folders(root)
+    monkeypatch.setattr(features, "MAX_IMAGES", 6)
+    assert len(features.class_folders(root)) == 3
