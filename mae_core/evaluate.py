@@ -29,6 +29,7 @@ from mae_core.demo_data import DEFAULT_PATH as DEMO_PATH
 from mae_core.demo_data import ensure_demo_set
 from mae_core.fileio import atomic_write_json, read_json
 from mae_core.images import ImageError
+from mae_core.metrics import HEADLINE_KNN_K
 from mae_core.model import MaskedAutoencoder
 from mae_core.rundir import RunPaths
 from mae_core.runs import RunError
@@ -38,7 +39,7 @@ from mae_core.weights import WeightsError, load_model, read_metadata
 # class token objective: its class token sees no loss, the patch tokens do). Every feature × k
 # combination is in "details".
 HEADLINE_FEATURE = "mean_patch"
-HEADLINE_K = 20
+HEADLINE_K = HEADLINE_KNN_K  # the live monitor's headline too
 METRICS = ("knn_top1", "knn_top5", "linear_top1")
 Progress = Callable[[float, str], None]
 

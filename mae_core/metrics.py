@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 # val_loss, eval_s, knn_top1/5 and 8 knn_{cls,mean}_k{20,200}_top{1,5}); a new column costs one
 # value per earlier row, so an unbounded count would make a file with a new key per line quadratic.
 MAX_COLUMNS = 64
+# The headline kNN figure, in the live monitor and in Evaluate alike: the mean patch token (MAE's
+# loss never reaches the class token) at k = 20 (with banks of a few hundred images, k = 200
+# votes across most of a class). The monitor's series for it; its knn_top1/knn_top5 repeat it.
+HEADLINE_KNN_K = 20
+HEADLINE_KNN_TOP1 = f"knn_mean_k{HEADLINE_KNN_K}_top1"
 # Steps are kept as float64 and handed out as int64: whole numbers up to 2**53 are exact in both.
 MAX_STEP = 2**53
 _CHUNK_LINES = 8192  # lines parsed into rows before they are appended

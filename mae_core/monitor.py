@@ -13,7 +13,8 @@ monitor uses (the data folder's class subfolders, or the separate ``eval_data`` 
   class token and the mean patch token are each scored with lightly's ``knn_predict`` (cosine
   similarity, temperature 0.07, k = 20 and 200 capped by the bank size, as lightly's ViT
   benchmarks). Features are all-gathered, so every rank scores the same full sets. The headline
-  ``knn_top1``/``knn_top5`` is the class token at k = 200.
+  ``knn_top1``/``knn_top5`` is Evaluate's: the mean patch token at k = 20
+  (:data:`mae_core.metrics.HEADLINE_KNN_K`).
 
 An ``eval_data`` folder none of whose bank (or query) headers read is refused before the run. When
 images still fail to decode in the run, the figure they would make is left out, said once in
@@ -48,6 +49,7 @@ from mae_core.config import AUTO_VAL_FRACTION, AUTO_VAL_MIN_IMAGES, TrainConfig
 from mae_core.data import DataError, HeldOutSplit, fixed_crops, split_folder
 from mae_core.features import knn_accuracy
 from mae_core.fileio import append_line
+from mae_core.metrics import HEADLINE_KNN_K
 from mae_core.images import ImageError
 from mae_core.model import MaskedAutoencoder, draw_token_mask, seeded_generator
 from mae_core.pixels import probe, readable_as
@@ -318,8 +320,8 @@ class HeldOutMonitor(EveryNSteps):
         for i, name in enumerate(FEATURES):
             scores.update(knn_scores(query[i], query[2], bank[i], bank[2], len(self.plan.classes),
                                      f"knn_{name}"))
-        scores["knn_top1"] = scores["knn_cls_k200_top1"]
-        scores["knn_top5"] = scores["knn_cls_k200_top5"]
+        scores["knn_top1"] = scores[f"knn_mean_k{HEADLINE_KNN_K}_top1"]
+        scores["knn_top5"] = scores[f"knn_mean_k{HEADLINE_KNN_K}_top5"]
         return scores
 
     def _gathered(self, trainer: pl.Trainer, mae: MaskedAutoencoder, share: _Share,

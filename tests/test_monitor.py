@@ -138,6 +138,9 @@ def test_ddp_run_records_validation_loss_and_knn_at_fixed_steps(ddp_run):
         assert math.isfinite(row["val_loss"]) and 0 < row["val_loss"] < 10
         assert 0 <= row["knn_top1"] <= row["knn_top5"] <= 1
         assert row["knn_top1"] >= 0.75  # reds against blues: a random ViT separates them
+        # The headline is Evaluate's: the mean patch token at k=20 (it was the class token, k=200).
+        assert (row["knn_top1"], row["knn_top5"]) == (row["knn_mean_k20_top1"],
+                                                      row["knn_mean_k20_top5"])
     status = json.loads(ddp_run.status.read_text())
     assert status["world_size"] == 2
     assert status["images"] == 2 * PER_CLASS - VAL_COUNT  # the held-out images are not trained on

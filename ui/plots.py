@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from mae_core import display
-from mae_core.metrics import MetricsReader, thin
+from mae_core.metrics import HEADLINE_KNN_K, HEADLINE_KNN_TOP1, MetricsReader, thin
 from ui.altair_spec import VegaLiteChart
 
 MAX_POINTS = 1000  # per curve
@@ -175,9 +175,11 @@ def describe_curves(readers: Mapping[str, MetricsReader], metric: str) -> str:
         if val:
             text += (f"; validation loss {display.format_number(val[1])} at step {val[0]} "
                      "(dashed, ■)")
-        knn = reader.last("knn_top1")
+        # The series itself, not knn_top1: that alias was the class token at k=200 in older runs.
+        knn = reader.last(HEADLINE_KNN_TOP1)
         if knn:
-            text += f"; kNN top-1 {knn[1]:.1%} at step {knn[0]} (class token, k=200)"
+            text += (f"; kNN top-1 {knn[1]:.1%} at step {knn[0]} (mean patch token, "
+                     f"k={HEADLINE_KNN_K})")
         lines.append(text)
     return "  \n".join(lines) if lines else "No run selected."
 
