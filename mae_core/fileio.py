@@ -181,8 +181,8 @@ def append_line(path: str | Path, line: str) -> None:
 
 def append_lines(path: str | Path, lines: list[str]) -> None:
     """Append whole lines in one write and flush them (a reader sees complete lines at once)."""
-    with open(path, "a") as handle:
-        handle.write("".join(line.rstrip("\n") + "\n" for line in lines))
+    with open_regular(path, append=True) as handle:
+        handle.write("".join(line.rstrip("\n") + "\n" for line in lines).encode())
         handle.flush()
 
 
@@ -190,19 +190,27 @@ class NotRegularFileError(OSError):
     """A path that should hold a file holds something else (a FIFO, a device, a folder)."""
 
 
-def open_regular(path: str | Path) -> BinaryIO:
-    """``path`` opened for binary reading; :class:`NotRegularFileError` unless it is a regular file.
+def open_regular(path: str | Path, append: bool = False) -> BinaryIO:
+    """``path`` opened for binary reading (or appending, created if missing);
+    :class:`NotRegularFileError` unless it is a regular file.
 
-    A run folder's files can be replaced by hand: opening a FIFO blocks until someone writes to it,
-    and a reader that holds a lock (the run manager) would hang the whole app. Opened non-blocking,
-    checked, then read as usual (a regular file's reads ignore the flag).
+    A run folder's files can be replaced by hand: opening a FIFO blocks until someone writes to
+    (or reads from) it, and a caller that holds a lock (the run manager launching a trainer with
+    its output going to train.log) would hang the whole app. Opened non-blocking, checked, then
+    used as usual (a regular file's reads and writes ignore the flag).
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT if append else os.O_RDONLY
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as err:
+        if err.errno == errno.ENXIO:  # a FIFO no one reads, opened for writing
+            raise NotRegularFileError(errno.EINVAL, "not a regular file", str(path)) from None
+        raise
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise NotRegularFileError(errno.EINVAL, "not a regular file", str(path))
         os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
+        return os.fdopen(fd, "ab" if append else "rb")
     except BaseException:
         os.close(fd)
         raise

@@ -8,6 +8,8 @@ decoding their pixels.
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -53,9 +55,24 @@ def upright(image: Image.Image, label: str) -> Image.Image:
         return ImageOps.exif_transpose(image)
 
 
+def refuse_special_file(source: object, label: str) -> None:
+    """An :class:`ImageError` if the path ``source`` names a FIFO, a device or a socket: opening
+    one to read blocks until something writes to it (a FIFO upload hung its request for good).
+    A missing or unreadable path is left to the reader, which says why in its own words."""
+    if not isinstance(source, (str, Path)):
+        return
+    try:
+        mode = os.stat(source).st_mode
+    except (OSError, ValueError):
+        return
+    if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode):
+        raise ImageError(f"{label}: not an image file but a FIFO, a device or a socket")
+
+
 def open_checked(source: str | Path | bytes | BinaryIO, max_pixels: int, label: str) -> Image.Image:
     """``source`` decoded by PIL as it is stored (first frame), or a clear :class:`ImageError`:
     non-images, corrupt files and decompression bombs are refused before their pixels decode."""
+    refuse_special_file(source, label)
     if isinstance(source, bytes):
         source = io.BytesIO(source)
     with blamed_on(label), warnings.catch_warnings():

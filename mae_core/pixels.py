@@ -42,6 +42,7 @@ from mae_core.images import (
     blamed_on,
     open_checked,
     open_rgb,
+    refuse_special_file,
     to_rgb8,
     to_tensor,
     upright,
@@ -309,6 +310,7 @@ def _pil_format(image: Image.Image, label: str) -> PixelFormat:
 def probe(source: Source, name: str | None = None) -> PixelFormat:
     """The file's channels and bit depth, from its header (no pixels decoded)."""
     label = _label(source, name)
+    refuse_special_file(source, label)
     if _is_tiff(source):
         return _open_tiff(source, label, decode=False)[0]
     try:
@@ -344,6 +346,7 @@ def read_for(source: Source, channels: int, name: str | None = None) -> Tensor:
     mismatch is an :class:`ImageError` saying both counts.
     """
     label = _label(source, name)
+    refuse_special_file(source, label)
     tiff = _is_tiff(source)
     if channels == 3 and not tiff:
         return to_tensor(open_rgb(_rewound(source), name=label))  # today's RGB path, unchanged

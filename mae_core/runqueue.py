@@ -19,7 +19,7 @@ from mae_core.config import RunConfig
 from mae_core.data import check_data
 from mae_core.fileio import atomic_write_json, read_json
 from mae_core.process import process_record
-from mae_core.rundir import RunError, RunPaths
+from mae_core.rundir import RunError, RunPaths, run_folders
 
 QUEUE_NAME = ".queue.json"
 
@@ -42,6 +42,10 @@ class RunQueue:
         ids = [r for r in self.ids() if r != run_id] + [run_id]
         self._write(ids)
         return len(ids)
+
+    def extend(self, run_ids: list[str]) -> None:
+        """Append ``run_ids`` in their order (one write)."""
+        self._write([r for r in self.ids() if r not in run_ids] + run_ids)
 
     def remove(self, run_id: str) -> bool:
         ids = self.ids()
@@ -89,11 +93,28 @@ class QueuedRuns:
 
     def queued(self) -> list[str]:
         """The queued runs, in the order they will start."""
-        return [r for r in self.queue.ids() if self._state(r) == "queued"]
+        ids = self.queue.ids()
+        return [r for r in ids + self._strays(ids) if self._state(r) == "queued"]
+
+    def _strays(self, listed: list[str]) -> list[str]:
+        """Runs in state ``queued`` that the queue file does not list, oldest first: the app was
+        killed between making the run and queueing it, or ``.queue.json`` was damaged. They read
+        "queued" for ever and never started, and Sooner/Later said "not queued"."""
+        known = set(listed)
+        strays = [(p.read_status().get("created") or 0, p.run_id) for p in run_folders(self.runs_dir)
+                  if p.run_id not in known and p.read_status().get("state") == "queued"]
+        return [run_id for _, run_id in sorted(strays)]
+
+    def _adopt_strays(self) -> None:
+        """Put the :meth:`_strays` at the end of the queue (callers hold the locks)."""
+        strays = self._strays(self.queue.ids())
+        if strays:
+            self.queue.extend(strays)
 
     def move_queued(self, run_id: str, offset: int) -> int:
         """Move a queued run ``offset`` places (negative: sooner); its new position."""
         with self._exclusive():
+            self._adopt_strays()
             if self._state(run_id) != "queued" or run_id not in self.queue.ids():
                 raise RunError(f"run {self.paths(run_id).run_id} is not queued")
             return self.queue.move(run_id, offset)
@@ -136,6 +157,8 @@ class QueuedRuns:
     def _first_queued(self, clean: bool = True) -> tuple[str, RunConfig] | None:
         """The first queued run and its config (under the locks); with ``clean``, entries that
         are no longer queued leave the queue, and a run whose config cannot load is failed."""
+        if clean:
+            self._adopt_strays()
         for run_id in self.queue.ids():
             if self._state(run_id) != "queued":
                 if not clean:

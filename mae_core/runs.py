@@ -32,7 +32,8 @@ from mae_core.checks import shown
 from mae_core.config import RunConfig, share_devices
 from mae_core.data import check_data
 from mae_core.diskspace import check_room, full_disk_message, same_disk, still_to_write
-from mae_core.fileio import DiskFullError, atomic_write_json, disk_nearly_full
+from mae_core.fileio import (DiskFullError, NotRegularFileError, atomic_write_json,
+                             disk_nearly_full)
 from mae_core.process import PROJECT_ROOT  # noqa: F401 - re-exported for callers and tests
 from mae_core.resumecheck import (require_devices, require_one_node, require_same_model,
                                   require_steps_left)
@@ -394,8 +395,10 @@ class RunManager(QueuedRuns, TrainerWatch):
             process = proc.launch(command, paths.log,
                                   env=proc.clean_env(CUDA_VISIBLE_DEVICES=gpus) if gpus else None)
         except OSError as err:
-            paths.write_status(state="failed", error=f"the trainer could not be launched: {err}")
-            raise RunError(f"the trainer could not be launched: {err}") from None
+            why = (f"{paths.log} is not a regular file (a FIFO, a device or a folder): remove it"
+                   if isinstance(err, NotRegularFileError) else str(err))
+            paths.write_status(state="failed", error=f"the trainer could not be launched: {why}")
+            raise RunError(f"the trainer could not be launched: {why}") from None
         record = proc.process_record(process.pid, command=command)
         atomic_write_json(paths.process, record, make_dirs=False)
         proc.watch(process, lambda code: self._on_exit(paths, record, code))

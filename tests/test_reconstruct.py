@@ -144,3 +144,33 @@ def test_unusable_uploads_and_those_past_the_limit_are_refused_by_name_with_the_
     assert list(reasons) == ["notes.png", "gone.jpg", "p2.png"]
     assert reasons["notes.png"].startswith("not an image") and "no such file" in reasons["gone.jpg"]
     assert reasons["p2.png"] == "over the 2 images of one request"
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_a_fifo_among_the_uploads_is_refused_not_waited_on(tmp_path, channels):
+    """Reading a FIFO blocks until something writes to it: one among the uploads hung the request
+    for good (the TIFF check opened every file before any was checked)."""
+    import os
+    import threading
+
+    fifos = [tmp_path / "pipe.png", tmp_path / "pipe.tif"]
+    for fifo in fifos:
+        os.mkfifo(fifo)
+    picture = Image.new("L" if channels == 1 else "RGB", (40, 40), 128)
+    picture.save(tmp_path / "ok.png")
+    answer = []
+    reader = threading.Thread(target=lambda: answer.append(
+        read_uploads([*fifos, tmp_path / "ok.png"], channels, 32)), daemon=True)
+    reader.start()
+    reader.join(20)
+    if reader.is_alive():  # unblock the reader, so the test process can end
+        for fifo in fifos:
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # nobody reads this one
+                pass
+    assert answer, "read_uploads waited on a FIFO"
+    images, refused = answer[0]
+    assert [name for name, _ in images] == ["ok.png"]
+    assert dict(refused) == dict.fromkeys(["pipe.png", "pipe.tif"],
+                                          "not an image file but a FIFO, a device or a socket")

@@ -61,6 +61,49 @@ def test_a_queue_that_cannot_be_written_refuses_the_run_and_leaves_none_waiting(
     assert manager.list() == []
 
 
+def test_queued_runs_the_queue_file_lost_keep_their_place_and_start(tmp_path):
+    """A run made "queued" but not in .queue.json (the app killed between the two writes, the file
+    damaged) read "queued" for ever, never started, and Sooner/Later said "not queued"."""
+    manager = RunManager(tmp_path / "runs")
+    first, _ = manager.enqueue(quick())
+    second, _ = manager.enqueue(quick())
+    manager.queue.path.write_text('{"order": ')  # damaged: it lists nothing
+    restarted = RunManager(tmp_path / "runs")
+    assert restarted.queued() == [first, second]  # oldest first
+    assert restarted.move_queued(second, -1) == 1 and restarted.queued() == [second, first]
+    manager.queue.path.write_text('{"order": []}')
+    assert restarted.advance_queue() == first  # the oldest, as the lost file is not the order
+    done = poll(lambda: (s := restarted.status(first))["state"] == "finished" and s, TIMEOUT_S)
+    assert done, restarted.status(first)
+    assert restarted.queued() == [second]
+
+
+def test_a_run_whose_train_log_is_a_fifo_fails_its_launch_in_words_without_freezing_the_app(
+        tmp_path):
+    """The launch opened train.log to append the trainer's output: a FIFO there blocked it for
+    good, under the runs lock, and every status call of the app waited behind it."""
+    import os
+    import threading
+
+    manager = RunManager(tmp_path / "runs")
+    run_id, _ = manager.enqueue(quick())
+    log = manager.paths(run_id).log
+    log.unlink(missing_ok=True)
+    os.mkfifo(log)
+    launched = []
+    worker = threading.Thread(target=lambda: launched.append(manager.advance_queue()), daemon=True)
+    worker.start()
+    worker.join(30)
+    if worker.is_alive():  # unblock it, so the test process can end
+        os.close(os.open(log, os.O_RDONLY | os.O_NONBLOCK))
+    assert launched == [None], "the launch waited on a FIFO"
+    status = manager.status(run_id)
+    assert status["state"] == "failed"
+    assert status["error"] == (f"could not start from the queue: the trainer could not be "
+                               f"launched: {log} is not a regular file (a FIFO, a device or a "
+                               "folder): remove it")
+
+
 def test_queued_runs_start_back_to_back_across_an_app_restart_past_a_broken_one(tmp_path):
     data = tmp_path / "photos"
     data.mkdir()

@@ -99,6 +99,9 @@ def test_a_huge_or_missing_config_file_is_refused(tmp_path):
         configfile.form_from_yaml(str(big))
     with pytest.raises(UserError, match="Choose a config file"):
         configfile.form_from_yaml(None)
+    # Gone from the upload folder meanwhile: it said "Internal error: FileNotFoundError".
+    with pytest.raises(UserError, match="gone.yaml cannot be read .*: upload it again"):
+        configfile.form_from_yaml(str(tmp_path / "gone.yaml"))
 
 
 def test_config_downloads_do_not_pile_up_in_the_temp_folder():

@@ -53,7 +53,12 @@ def form_from_yaml(path: str | None) -> dict[str, Any]:
     """A config file's values for the form (an uploaded ``config.yaml``); refused if invalid."""
     if not path:
         raise UserError("Choose a config file (YAML, as a run's config.yaml).")
-    if Path(path).stat().st_size > 1_000_000:
+    try:
+        size = Path(path).stat().st_size
+    except OSError as err:  # gone from the upload folder meanwhile, or unreadable
+        raise UserError(f"{Path(path).name} cannot be read ({err.strerror or err}): upload it "
+                        "again.") from None
+    if size > 1_000_000:
         raise UserError("That config file is over 1 MB: not a run config.")
     try:
         cfg = RunConfig.load(path)
