@@ -285,17 +285,41 @@ def find_trainer(run_dir: str | Path, besides: int | None = None) -> int | None:
 
 
 def _trains(pid: int, run_dir: Path) -> bool:
-    """Whether process ``pid`` runs ``-m mae_core.train --run-dir <run_dir>`` (its own cwd makes a
-    relative ``--run-dir`` absolute)."""
+    """Whether process ``pid`` is Python running ``-m mae_core.train --run-dir <run_dir>`` (its
+    own cwd makes a relative ``--run-dir`` absolute)."""
     try:
         args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-        if "mae_core.train" not in args:
+        if python_module(args) != "mae_core.train":
             return False
         given = _option(args, "--run-dir")
         return given is not None and (Path(os.readlink(f"/proc/{pid}/cwd")) / given
                                       ).resolve() == run_dir
     except (OSError, ValueError):
         return False
+
+
+# Python's options that take a value as the next argument (``python -X dev -m ...``).
+_PYTHON_VALUE_OPTIONS = ("-X", "-W", "--check-hash-based-pycs")
+
+
+def python_module(args: list[str]) -> str | None:
+    """The module a Python command line runs (``python -u -m mae_core.train ...``), or None.
+    A launcher whose own arguments name it (``python .../torchrun -m mae_core.train``, ``srun
+    python -m mae_core.train``) runs none itself: counted as the run's trainer, it made the
+    trainer it launched refuse to resume the run ("being trained by process <its launcher>")."""
+    if not args or not Path(args[0]).name.startswith("python"):
+        return None
+    i = 1
+    while i < len(args):
+        arg = args[i]
+        if arg == "-m":
+            return args[i + 1] if i + 1 < len(args) else None
+        if arg.startswith("-m"):
+            return arg[2:]
+        if arg in ("-c", "-") or not arg.startswith("-"):
+            return None  # code, stdin or a script: no module
+        i += 2 if arg in _PYTHON_VALUE_OPTIONS else 1
+    return None
 
 
 def _later_rank(pid: int) -> bool:

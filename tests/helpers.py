@@ -107,3 +107,20 @@ def rgb_png(path: Path, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     Image.fromarray(rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)).save(path)
     return path
+
+
+def stand_in_trainer(cwd: Path, *args: str, **env: str):
+    """A process whose command line is a trainer's, ``python -m mae_core.train ARGS`` (run in
+    ``cwd``, with ``env`` set), that only sleeps: a ``mae_core.train`` module of its own comes
+    first on its path. Started; the caller ends it."""
+    import subprocess
+
+    from mae_core.process import clean_env
+
+    fake = cwd / ".stand-in-trainer"
+    (fake / "mae_core").mkdir(parents=True, exist_ok=True)
+    (fake / "mae_core" / "__init__.py").write_text("")
+    (fake / "mae_core" / "train.py").write_text("import time\ntime.sleep(120)\n")
+    base = clean_env(**env)
+    base["PYTHONPATH"] = str(fake)
+    return subprocess.Popen([sys.executable, "-m", "mae_core.train", *args], cwd=cwd, env=base)

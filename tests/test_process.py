@@ -139,24 +139,28 @@ def test_kill_group_never_signals_its_callers_own_group_or_every_process(tmp_pat
 def test_find_trainer_finds_the_leading_process_of_a_runs_trainer(tmp_path):
     """A relative --run-dir is read from the process's own working folder; a later rank
     (LOCAL_RANK=1, or another srun task of the job: SLURM_PROCID=1) leads nothing; other runs
-    do not count, nor the trainer asking (``besides``)."""
+    do not count, nor the trainer asking (``besides``), nor a launcher whose own arguments name
+    the module (torchrun's ``-m mae_core.train``: the trainer it launched refused to resume)."""
+    from helpers import stand_in_trainer
+
     run_dir = tmp_path / "runs" / "r1"
     run_dir.mkdir(parents=True)
-    sleep = "import time; time.sleep(60)"
     started = []
 
     def start(*args: str, **env: str) -> subprocess.Popen:
-        process = subprocess.Popen([sys.executable, "-c", sleep, "-m", "mae_core.train", *args],
-                                   cwd=tmp_path, env=proc.clean_env(**env))
-        started.append(process)
-        return process
+        started.append(stand_in_trainer(tmp_path, *args, **env))
+        return started[-1]
 
     try:
         assert proc.find_trainer(run_dir) is None
         later = start("--run-dir", "runs/r1", LOCAL_RANK="1")
         task = start("--run-dir", str(run_dir), SLURM_PROCID="1", SLURM_LOCALID="1")
         start("--run-dir", str(tmp_path / "runs" / "other"))
-        for process in (later, task):
+        launcher = subprocess.Popen(  # as `python .../torchrun --nproc-per-node 2 -m ...` is
+            [sys.executable, "-c", "import time; time.sleep(60)", "--nproc-per-node", "2", "-m",
+             "mae_core.train", "--run-dir", str(run_dir)], cwd=tmp_path, env=proc.clean_env())
+        started.append(launcher)
+        for process in (later, task, launcher):
             poll(lambda: proc.pid_alive(process.pid) and Path(
                 f"/proc/{process.pid}/cmdline").read_bytes().count(b"--run-dir"), 10)
         assert proc.find_trainer(run_dir) is None  # later ranks alone: its run has ended
@@ -228,3 +232,16 @@ def test_a_stale_narrowing_marker_does_not_count(monkeypatch):
     monkeypatch.setenv(proc.GPUS_ENV, "0,1:2,3")
     assert not proc.gpus_narrowed("0,1")
     assert proc.GPUS_ENV not in proc.clean_env()  # a launch that names no GPUs drops it too
+
+
+@pytest.mark.parametrize("args, module", [
+    (["/usr/bin/python3", "-m", "mae_core.train", "--run-dir", "r"], "mae_core.train"),
+    (["python", "-u", "-X", "dev", "-W", "ignore", "-m", "mae_core.train"], "mae_core.train"),
+    (["python3.11", "-mmae_core.train"], "mae_core.train"),
+    (["python", "/usr/local/bin/torchrun", "--nproc-per-node", "2", "-m", "mae_core.train"], None),
+    (["srun", "python", "-m", "mae_core.train"], None),
+    (["python", "-c", "pass", "-m", "mae_core.train"], None),
+    ([], None),
+])
+def test_the_module_a_command_line_runs(args, module):
+    assert proc.python_module(args) == module

@@ -42,7 +42,8 @@ WRAPPER = textwrap.dedent("""
     records = []
     if os.environ.get("MAE_TEST_AUDIT"):
         def hook(event, args):
-            if event == "open" and args[0] is not None and (
+            # An int is a descriptor os.open already opened (and recorded), as os.fdopen's is.
+            if event == "open" and args[0] is not None and not isinstance(args[0], int) and (
                     (args[1] and any(c in str(args[1]) for c in "wax+")) or
                     (isinstance(args[2], int) and args[2] & (os.O_WRONLY | os.O_RDWR))):
                 records.append(["write", os.fsdecode(args[0])])

@@ -140,18 +140,13 @@ def test_a_link_to_a_folder_that_does_not_exist_is_refused_in_words(tmp_path):
 def trainer_of(tmp_path):
     """``trainer_of(run_dir)``: a process whose command line trains ``run_dir`` (as a trainer's
     does), ended after the test."""
-    import subprocess
-    import sys
-
-    from helpers import poll
-    from mae_core.process import clean_env, find_trainer
+    from helpers import poll, stand_in_trainer
+    from mae_core.process import find_trainer
 
     started = []
 
     def start(run_dir):
-        started.append(subprocess.Popen(
-            [sys.executable, "-c", "import time; time.sleep(60)", "-m", "mae_core.train",
-             "--run-dir", str(run_dir)], env=clean_env()))
+        started.append(stand_in_trainer(tmp_path, "--run-dir", str(run_dir)))
         assert poll(lambda: find_trainer(run_dir) == started[-1].pid, 10)
         return started[-1]
 
