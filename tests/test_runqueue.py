@@ -71,11 +71,7 @@ def test_queued_runs_the_queue_file_lost_keep_their_place_and_start(tmp_path):
     restarted = RunManager(tmp_path / "runs")
     assert restarted.queued() == [first, second]  # oldest first
     assert restarted.move_queued(second, -1) == 1 and restarted.queued() == [second, first]
-    manager.queue.path.write_text('{"order": []}')
-    assert restarted.advance_queue() == first  # the oldest, as the lost file is not the order
-    done = poll(lambda: (s := restarted.status(first))["state"] == "finished" and s, TIMEOUT_S)
-    assert done, restarted.status(first)
-    assert restarted.queued() == [second]
+    # (that such a run starts in its turn: the back-to-back test below loses one from the file)
 
 
 def test_a_run_whose_train_log_is_a_fifo_fails_its_launch_in_words_without_freezing_the_app(
@@ -113,6 +109,7 @@ def test_queued_runs_start_back_to_back_across_an_app_restart_past_a_broken_one(
     first, _ = before.enqueue(quick())
     second, _ = before.enqueue(quick())
     shutil.rmtree(data)  # the first queued run's data is gone by the time its turn comes
+    before.queue.remove(second)  # as if the app was killed between making it and queueing it
     del before
 
     after = RunManager(tmp_path / "runs")  # the restarted app picks the queue up
