@@ -27,6 +27,8 @@ from mae_core.checks import (NORMALIZATIONS, ConfigError, _check_bool,  # noqa: 
                              _check_choice, _check_int, _check_number, _is_int, _is_number,
                              _require, check_channels, format_stats, is_remote, parse_bool,
                              parse_stats, shown)
+from mae_core.devices import (default_cpu_processes, default_workers,  # noqa: F401
+                              share_devices, usable_cores, visible_gpus)
 from mae_core.presets import PRESETS, DecoderSpec, Preset  # noqa: F401
 from mae_core.precision import auto_precision, check_precision_for
 
@@ -347,7 +349,7 @@ class RunConfig:
     def resolved(self) -> RunConfig:
         """Fill every "auto" value for this machine, so the saved config says what really ran."""
         t = self.train
-        gpus = _visible_gpus(t) if t.accelerator in ("auto", "gpu") else 0
+        gpus = visible_gpus(t) if t.accelerator in ("auto", "gpu") else 0
         if (t.accelerator == "gpu" or t.gpus) and gpus == 0:
             raise ConfigError("gpus" if t.gpus else "accelerator",
                               "GPUs were asked for but no CUDA GPU is visible")
@@ -402,49 +404,6 @@ def _check_gpu_list(t: TrainConfig) -> None:
              "blank or make them agree")
 
 
-def _visible_gpus(t: TrainConfig) -> int:
-    """GPUs the run can use: all visible ones, or its ``gpus`` once they are checked to exist
-    (indices of the GPUs this process sees: under ``CUDA_VISIBLE_DEVICES=2,3``, GPU 0 is 2)."""
-    import torch
-
-    from mae_core.process import gpus_narrowed
-
-    visible = torch.cuda.device_count()
-    if not t.gpus:
-        return visible
-    if gpus_narrowed(t.gpus):
-        return visible  # the trainer, launched with its GPUs: they are 0..n-1 in here
-    missing = [i for i in t.gpus.split(",") if int(i) >= visible]
-    _require(not missing, "gpus", f"GPU {', '.join(missing)} named but {visible} visible")
-    return len(t.gpus.split(","))
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, as set by taskset, cgroups or SLURM)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def default_cpu_processes() -> int:
-    """One DDP process per two cores, and at least two where there are two cores (so DDP is real)."""
-    cores = usable_cores()
-    return 1 if cores < 2 else max(2, cores // 2)
-
-
-def default_workers(accelerator: str, devices: int) -> int:
-    """Loader workers per process: the cores left over after one per training process.
-
-    Decoded images are cached, so on a CPU-only machine the training processes themselves are
-    the best use of the cores and loading stays in-process.
-    """
-    cores = usable_cores()
-    if accelerator == "cpu":
-        return 0
-    return max(0, min(8, cores // max(devices, 1) - 1))
-
-
 def _build(cls: type, values: Any, section: str) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(section, f"must be a mapping of field: value, got {shown(values)}")
@@ -495,11 +454,3 @@ def unknown_name(what: str, name: str, valid: Any) -> str:
     if close:
         return f"unknown {what} (did you mean {' or '.join(close)}?)"
     return f"unknown {what} (valid: {', '.join(valid)})"
-
-
-def share_devices(cfg: RunConfig, other: RunConfig | None) -> bool:
-    """Whether runs of ``cfg`` and ``other`` would share a device: a run naming no GPUs (each CPU
-    run) uses them all, and an unreadable config (None) is assumed to. The one rule for the app's
-    Start, Queue and Resume and for a run started by hand."""
-    wanted, held = cfg.train.gpu_set, other.train.gpu_set if other is not None else None
-    return wanted is None or held is None or bool(wanted & held)

@@ -269,7 +269,7 @@ def device_peak(device: str, precision: str | None, cache: Path | None = None, i
 
 def hardware_summary() -> str:
     """What the default config will train on, in words (shown by the UI)."""
-    from mae_core.config import default_cpu_processes, usable_cores
+    from mae_core.devices import default_cpu_processes, usable_cores
 
     gpus = torch.cuda.device_count()
     if gpus:

@@ -29,7 +29,8 @@ from typing import Any
 from mae_core import process as proc
 from mae_core.channels import resolve_channels, resolve_data
 from mae_core.checks import shown
-from mae_core.config import RunConfig, share_devices
+from mae_core.config import RunConfig
+from mae_core.devices import share_devices
 from mae_core.data import check_data
 from mae_core.diskspace import check_room, full_disk_message, same_disk, still_to_write
 from mae_core.fileio import (DiskFullError, NotRegularFileError, atomic_write_json,

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from mae_core.checks import NORMALIZATIONS
 from mae_core.config import (ACCELERATORS, POLICIES, PRECISIONS, PRESETS, ConfigError,
-                             ModelConfig, RunConfig, TrainConfig, parse_bool,
-                             share_devices)
+                             ModelConfig, RunConfig, TrainConfig, parse_bool)
+from mae_core.devices import share_devices
 from mae_core.fileio import atomic_write_json, read_json
 from mae_core.process import (first_process, later_rank_vars, launcher_evident, live_trainer,
                               started_at)
