@@ -20,6 +20,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from mae_core.checks import NORMALIZATIONS
@@ -405,12 +406,19 @@ def _as_recorded(overrides: dict[str, Any]) -> dict[str, Any]:
 def wait_for(path: Path, timeout_s: float = 120.0) -> bool:
     """Other ranks of a torchrun/SLURM job wait for rank 0 to write the run's config; whether it
     appeared."""
-    if not path.exists():
-        say_waiting(f"to write {path} (up to {timeout_s:.0f} s)")
+    return _wait_until(path.exists, f"to write {path}", timeout_s)
+
+
+def _wait_until(done: Callable[[], bool], what: str, timeout_s: float) -> bool:
+    """Poll ``done`` until it holds or ``timeout_s`` pass, saying once what this rank waits for
+    rank 0 ``what``; whether it held."""
     deadline = time.monotonic() + timeout_s
-    while not path.exists() and time.monotonic() < deadline:
+    while not done():
+        if time.monotonic() >= deadline:
+            return False
+        say_waiting(f"{what} (up to {timeout_s:.0f} s)")
         time.sleep(0.2)
-    return path.exists()
+    return True
 
 
 _said_waiting = False
@@ -424,15 +432,11 @@ def _config_with(paths: RunPaths, overrides: dict[str, Any],
     took until gloo gave up (10 minutes). Rank 0 records the flags in process.json after it saves
     the config; a record with the same flags from an earlier start names a config with them too."""
     wanted = _as_recorded(overrides)
-    deadline = time.monotonic() + timeout_s
-    while (read_json(paths.process) or {}).get("overrides") != wanted:
-        if time.monotonic() >= deadline:
-            raise ConfigError("run_dir", f"rank 0 wrote no config with this command's flags "
-                              f"({', '.join(sorted(overrides))}) in {timeout_s:.0f} s: this rank "
-                              "cannot start")
-        say_waiting(f"to write the run's config with this command's flags (up to "
-                    f"{timeout_s:.0f} s)")
-        time.sleep(0.2)
+    if not _wait_until(lambda: (read_json(paths.process) or {}).get("overrides") == wanted,
+                       "to write the run's config with this command's flags", timeout_s):
+        raise ConfigError("run_dir", f"rank 0 wrote no config with this command's flags "
+                          f"({', '.join(sorted(overrides))}) in {timeout_s:.0f} s: this rank "
+                          "cannot start")
     return RunConfig.load(paths.config)
 
 
