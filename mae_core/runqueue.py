@@ -101,9 +101,11 @@ class QueuedRuns:
         killed between making the run and queueing it, or ``.queue.json`` was damaged. They read
         "queued" for ever and never started, and Sooner/Later said "not queued"."""
         known = set(listed)
-        strays = [(p.read_status().get("created") or 0, p.run_id) for p in run_folders(self.runs_dir)
-                  if p.run_id not in known and p.read_status().get("state") == "queued"]
-        return [run_id for _, run_id in sorted(strays)]
+        statuses = [p.read_status() | {"run_id": p.run_id} for p in run_folders(self.runs_dir)
+                    if p.run_id not in known]
+        return [s["run_id"] for s in sorted(statuses, key=lambda s: (s.get("created") or 0,
+                                                                    s["run_id"]))
+                if s.get("state") == "queued"]
 
     def _adopt_strays(self) -> None:
         """Put the :meth:`_strays` at the end of the queue (callers hold the locks)."""
