@@ -105,7 +105,7 @@ class ProgressRecorder(pl.Callback):
                 self._own["created"] = created
             self.paths.write_status(step=trainer.global_step, total_steps=_total_steps(trainer),
                                     epoch=trainer.current_epoch, error=None, log_tail=None,
-                                    mfu=None, **self._own)
+                                    requeued_job=None, mfu=None, **self._own)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:

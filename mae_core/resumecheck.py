@@ -61,3 +61,16 @@ def require_devices(cfg: RunConfig, run_id: str) -> None:
         cfg.resolved()
     except ConfigError as err:
         raise RunError(f"run {run_id} cannot be resumed here: {err}") from None
+
+
+def require_no_waiting_job(run_id: str, status: dict) -> None:
+    """Refuse to resume a run that a SLURM job requeued itself to continue while SLURM still
+    holds that job: both trainers would train it (the job's start, the later, is refused then,
+    and the job ends). Once the job is cancelled or over, or where no squeue can say, it goes."""
+    from mae_core.slurm import waiting_job_state
+
+    job = status.get("requeued_job")
+    state = waiting_job_state(job) if job else None
+    if state is not None:
+        raise RunError(f"run {run_id} is continued by SLURM job {job} ({state.lower()}) when it "
+                       f"starts again: cancel it (scancel {job}) to resume the run here")

@@ -96,6 +96,9 @@ class RunStatus:
     skipped_files: int | None = None  # image files it could not
     resumed_from_step: int | None = None  # the checkpoint's step the last resume started from
     error: str | None = None  # why it failed or was stopped by force
+    # The SLURM job that requeued itself to continue this run at its next start (stopped by its
+    # requeue signal); the app refuses to resume the run while that job waits.
+    requeued_job: str | None = None
     # The app process that set it "starting" (a process record): gone before a trainer was
     # recorded, the launch never comes, and the run is dead at once whatever the clock says.
     launcher: dict[str, Any] | None = None

@@ -36,8 +36,8 @@ from mae_core.diskspace import check_room, full_disk_message, same_disk, still_t
 from mae_core.fileio import (DiskFullError, NotRegularFileError, atomic_write_json,
                              disk_nearly_full)
 from mae_core.process import PROJECT_ROOT  # noqa: F401 - re-exported for callers and tests
-from mae_core.resumecheck import (require_devices, require_one_node, require_same_model,
-                                  require_steps_left)
+from mae_core.resumecheck import (require_devices, require_no_waiting_job, require_one_node,
+                                  require_same_model, require_steps_left)
 from mae_core.rundir import (DEFAULT_RUNS_DIR, LIVE_STATES, RUN_ID_RULE,  # noqa: F401
                              TRASH_PREFIX, RunError, RunPaths, checkpoint_step, create_run,
                              preview_step, run_folders, saved_step, state_unknown,
@@ -259,6 +259,7 @@ class RunManager(QueuedRuns, TrainerWatch):
         cfg = RunConfig.load(paths.config)
         if max_steps is not None:
             cfg = cfg.with_overrides(max_steps=max_steps)
+        require_no_waiting_job(run_id, paths.read_status())  # asks squeue: outside the locks
         require_one_node(cfg, run_id)
         require_devices(cfg, run_id)
         resolve_channels(cfg, check_data(cfg.train.data))  # outside the locks; channels still match
@@ -286,7 +287,7 @@ class RunManager(QueuedRuns, TrainerWatch):
             # The old record goes first: a reader now sees a run starting, not a dead process.
             paths.process.unlink(missing_ok=True)
             paths.write_status(state="starting", error=None, log_tail=None, step=step,
-                               resumed_from_step=step, total_steps=cfg.train.max_steps,
+                               requeued_job=None, resumed_from_step=step, total_steps=cfg.train.max_steps,
                                launcher=proc.process_record())
             self._launch(paths, resume=True)
         return self.status(run_id)

@@ -22,8 +22,9 @@ from mae_core.fileio import (atomic_write_json, disk_nearly_full, read_json,
                              remove_stale_temp_files, says_disk_full)
 from mae_core.rundir import LIVE_STATES, RunError, RunPaths, saved_step
 
-# A run on another node counts as alive while its status.json was rewritten this recently.
-REMOTE_SILENCE_S = 600.0
+# A run on another node counts as alive while its status.json was rewritten this recently: its
+# trainer rewrites it every minute (RunPaths.keep_status_fresh), so 5 missed beats.
+REMOTE_SILENCE_S = 300.0
 # A Force stop (or a second Stop) may end a run recorded on another host once it has been silent
 # this long: a trainer writes its status at every progress save, and that host may be this
 # machine renamed.

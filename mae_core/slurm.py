@@ -9,6 +9,7 @@ the trainer asks SLURM to requeue the job, and the job's next start (the same co
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -64,19 +65,49 @@ def slurm_environment() -> Any:
     return SLURMEnvironment(auto_requeue=False) if SLURMEnvironment.detect() else None
 
 
-def requeue_slurm_job() -> str:
-    """Ask SLURM to requeue this job (``scontrol requeue``); what happened, in one line."""
+def slurm_job() -> str | None:
+    """This process's SLURM job as scontrol names it (``<array job>_<task>`` for an array task),
+    or None outside SLURM. A requeued job keeps it."""
     array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
-    job = (f"{array_job}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}" if array_job
-           else os.environ.get("SLURM_JOB_ID", ""))
+    if array_job:
+        return f"{array_job}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
+def requeue_slurm_job() -> tuple[bool, str]:
+    """Ask SLURM to requeue this job (``scontrol requeue``): whether it did, and what happened,
+    in one line."""
+    job = slurm_job()
     if not job:
-        return "no SLURM job id to requeue: start the run again with --auto-resume"
+        return False, "no SLURM job id to requeue: start the run again with --auto-resume"
     try:
         result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True,
                                 timeout=60)
     except (OSError, subprocess.TimeoutExpired) as err:
-        return f"could not requeue SLURM job {job} ({err}): resume the run with --auto-resume"
+        return False, f"could not requeue SLURM job {job} ({err}): resume the run with --auto-resume"
     if result.returncode != 0:
         why = (result.stderr or result.stdout).strip().splitlines()[-1:] or [f"exit {result.returncode}"]
-        return f"scontrol could not requeue SLURM job {job} ({why[0]}): resume the run by hand"
-    return f"requeued SLURM job {job}: its next start continues the run"
+        return False, (f"scontrol could not requeue SLURM job {job} ({why[0]}): resume the run "
+                       "by hand")
+    return True, f"requeued SLURM job {job}: its next start continues the run"
+
+
+# squeue's states (%T) of a job that is over: it never starts again by itself.
+_ENDED_JOB_STATES = frozenset({"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED",
+                               "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "TIMEOUT"})
+_JOB_ID = re.compile(r"\d+(_\d+)?")
+
+
+def waiting_job_state(job: str) -> str | None:
+    """SLURM's state of ``job`` (``squeue``) while it may still start or runs: PENDING,
+    REQUEUED, RUNNING, ... None when it is over, SLURM no longer knows it, or no squeue here
+    can say (the app on a machine outside the cluster)."""
+    if not isinstance(job, str) or not _JOB_ID.fullmatch(job):
+        return None
+    try:
+        result = subprocess.run(["squeue", "--noheader", "--jobs", job, "--format", "%T"],
+                                capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    states = result.stdout.split() if result.returncode == 0 else []
+    return states[0] if states and states[0] not in _ENDED_JOB_STATES else None

@@ -222,7 +222,7 @@ def _datamodule(cfg: RunConfig, source: Any, plan: Any) -> pl.LightningDataModul
 def _ended(trainer: pl.Trainer, paths: RunPaths, recorder: Any, stopper: Any) -> int:
     """Rank 0 records how fit ended (finished, stopped, requeued or terminated); the exit code."""
     from mae_core.failures import record_termination
-    from mae_core.slurm import requeue_slurm_job
+    from mae_core.slurm import requeue_slurm_job, slurm_job
 
     if stopper.terminated and not stopper.requeue:  # stopped after its step, saved: exit 1
         if trainer.is_global_zero:
@@ -237,13 +237,14 @@ def _ended(trainer: pl.Trainer, paths: RunPaths, recorder: Any, stopper: Any) ->
         paths.clear_stop_request()
         recorder.write_progress(trainer, state=state)
         if stopper.requeue and not done:  # SLURM's time limit or preemption is near: requeued
-            requeued = requeue_slurm_job()
-            print(requeued, flush=True)
-            # Said where the app shows the run: it reads "stopped" like a user's Stop, and a
-            # Resume there would train it beside the job's next start.
+            requeued, said = requeue_slurm_job()
+            print(said, flush=True)
+            # Said where the app shows the run: it reads "stopped" like a user's Stop, and its
+            # Resume is refused while the job waits to continue it (RunManager.resume).
             with contextlib.suppress(OSError):  # the job may be ending already
                 paths.write_status(error=f"stopped at step {trainer.global_step} by SLURM's "
-                                         f"requeue signal; {requeued}")
+                                         f"requeue signal; {said}",
+                                   requeued_job=slurm_job() if requeued else None)
     return 0
 
 

@@ -29,11 +29,11 @@ from mae_core.config import (ACCELERATORS, POLICIES, PRECISIONS, PRESETS, Config
 from mae_core.devices import share_devices
 from mae_core.fileio import atomic_write_json, read_json
 from mae_core.process import (first_process, later_rank_vars, launcher_evident, live_trainer,
-                              started_at)
+                              on_this_host, started_at)
 from mae_core.rundir import (DEFAULT_RUNS_DIR, LIVE_STATES, RUN_ID_RULE, RunError, RunPaths,
                              checkpoint_step, create_run, process_record, run_folders,
                              valid_run_id)
-from mae_core.slurm import requeued_start
+from mae_core.slurm import requeued_start, slurm_job
 
 if TYPE_CHECKING:
     from mae_core.data import DataSummary
@@ -313,15 +313,38 @@ def _check_continuation(cfg: RunConfig, paths: RunPaths, resume: bool,
     """What a command may do to an existing run: never train it twice at once, never restart a
     trained run from step 0 (its metrics and checkpoint would be overwritten), never resume it
     into a model its checkpoint cannot load (the config would keep the change)."""
-    pid = live_trainer(read_json(paths.process) or {}, paths.root, besides=os.getpid())
+    record = read_json(paths.process) or {}
+    pid = live_trainer(record, paths.root, besides=os.getpid())
     if pid is not None:
         raise ConfigError("run_dir", f"{paths.root} is being trained by process {pid}: "
                                      "stop it first")
+    _refuse_a_trainer_elsewhere(paths, record)
     if not resume and paths.last_ckpt.exists():
         raise ConfigError("resume", f"{paths.root} holds a trained run: add --resume (or "
                                     "--auto-resume) to continue it, or give a new --run-dir")
     if resume:
         _require_same_model(cfg, overrides)
+
+
+def _refuse_a_trainer_elsewhere(paths: RunPaths, record: dict[str, Any]) -> None:
+    """A run recorded on another host (a shared runs folder) counts as trained there while its
+    status is live and was refreshed lately, as the app judges it: no pid check sees across hosts,
+    so a start on host B trained the run beside its live trainer on host A. A start of the SLURM
+    job the record names is that job requeued (a node failure): SLURM never runs a job twice."""
+    if not isinstance(record, dict) or on_this_host(record):
+        return
+    from mae_core.runwatch import REMOTE_SILENCE_S, heard_within, silent_for
+
+    status = paths.read_status()
+    if status.get("state") not in LIVE_STATES or not heard_within(status, REMOTE_SILENCE_S):
+        return
+    job = slurm_job()
+    if job is not None and record.get("slurm_job") == job:
+        return
+    raise ConfigError("run_dir", f"{paths.root} is being trained on host {record.get('host')} "
+                      f"(heard from {max(silent_for(status), 0):.0f} s ago): stop it there first. "
+                      f"If that host is down, Force stop the run in the app, or start again once "
+                      f"it has been silent for {REMOTE_SILENCE_S / 60:.0f} minutes")
 
 
 def _require_same_model(cfg: RunConfig, overrides: dict[str, Any]) -> None:
@@ -394,7 +417,9 @@ def _clear_stale_stop(paths: RunPaths) -> None:
 def _own_record(overrides: dict[str, Any]) -> dict[str, Any]:
     """This process's record, with the flags it applied to the run's config: the sign, for the
     job's later ranks, that config.yaml is the one this command wrote (:func:`_config_with`)."""
-    return process_record(command=sys.argv, overrides=_as_recorded(overrides))
+    job = slurm_job()
+    return process_record(command=sys.argv, overrides=_as_recorded(overrides),
+                          **({"slurm_job": job} if job else {}))
 
 
 def _as_recorded(overrides: dict[str, Any]) -> dict[str, Any]:

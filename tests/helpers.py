@@ -124,3 +124,13 @@ def stand_in_trainer(cwd: Path, *args: str, **env: str):
     base = clean_env(**env)
     base["PYTHONPATH"] = str(fake)
     return subprocess.Popen([sys.executable, "-m", "mae_core.train", *args], cwd=cwd, env=base)
+
+
+def squeue_saying(folder: Path, state: str, exit_code: int = 0) -> Path:
+    """A stand-in for SLURM's squeue that prints ``state`` for any job and records the call."""
+    folder.mkdir(exist_ok=True)
+    script = folder / "squeue"
+    script.write_text(f"#!/bin/sh\necho \"$@\" >> {folder / 'calls'}\necho {state}\n"
+                      f"exit {exit_code}\n")
+    script.chmod(0o755)
+    return folder

@@ -35,22 +35,23 @@ def _scontrol(folder: Path, exit_code: int = 0) -> Path:
 def test_requeue_names_the_job_and_says_what_happened(monkeypatch, tmp_path):
     for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
         monkeypatch.delenv(name, raising=False)
-    assert requeue_slurm_job().startswith("no SLURM job id to requeue")
+    assert requeue_slurm_job()[1].startswith("no SLURM job id to requeue")
     bin_dir = _scontrol(tmp_path / "bin")
     monkeypatch.setenv("PATH", str(bin_dir))
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    assert requeue_slurm_job() == "requeued SLURM job 4242: its next start continues the run"
+    assert requeue_slurm_job() == (True, "requeued SLURM job 4242: its next start continues the run")
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")  # an array task: the array's job id and index
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
-    assert requeue_slurm_job() == "requeued SLURM job 77_3: its next start continues the run"
+    assert requeue_slurm_job() == (True, "requeued SLURM job 77_3: its next start continues the run")
     assert (bin_dir / "calls").read_text() == "requeue 4242\nrequeue 77_3\n"
     failing = _scontrol(tmp_path / "failing", exit_code=1)
     monkeypatch.setenv("PATH", str(failing))
-    assert requeue_slurm_job() == ("scontrol could not requeue SLURM job 77_3 (Invalid job id "
-                                   "specified): resume the run by hand")
+    assert requeue_slurm_job() == (False, "scontrol could not requeue SLURM job 77_3 (Invalid job "
+                                          "id specified): resume the run by hand")
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no scontrol at all
-    assert requeue_slurm_job().startswith("could not requeue SLURM job 77_3 (")
-    assert requeue_slurm_job().endswith("): resume the run with --auto-resume")
+    requeued, said = requeue_slurm_job()
+    assert not requeued and said.startswith("could not requeue SLURM job 77_3 (")
+    assert said.endswith("): resume the run with --auto-resume")
 
 
 def test_the_requeue_signal_during_start_up_is_noted_not_deadly(monkeypatch):
@@ -72,3 +73,32 @@ def test_the_requeue_signal_during_start_up_is_noted_not_deadly(monkeypatch):
         assert slurm.requeue_signal_seen()
     finally:
         signal.signal(signal.SIGUSR1, before)
+
+
+@pytest.mark.parametrize("said, exit_code, waiting", [
+    ("PENDING", 0, "PENDING"), ("REQUEUED", 0, "REQUEUED"), ("RUNNING", 0, "RUNNING"),
+    ("COMPLETED", 0, None), ("CANCELLED", 0, None), ("", 0, None),
+    ("slurm_load_jobs:_Invalid_job_id_specified", 1, None)])
+def test_a_requeued_job_waits_while_squeue_holds_it(monkeypatch, tmp_path, said, exit_code, waiting):
+    from helpers import squeue_saying
+    from mae_core.slurm import waiting_job_state
+
+    bin_dir = squeue_saying(tmp_path / "bin", said, exit_code)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert waiting_job_state("4242") == waiting
+    assert waiting_job_state("77_3") == waiting
+    assert (bin_dir / "calls").read_text().splitlines() == [
+        "--noheader --jobs 4242 --format %T", "--noheader --jobs 77_3 --format %T"]
+
+
+def test_no_squeue_or_no_job_id_is_no_waiting_job(monkeypatch, tmp_path):
+    from helpers import squeue_saying
+    from mae_core.slurm import waiting_job_state
+
+    bin_dir = squeue_saying(tmp_path / "bin", "PENDING")
+    monkeypatch.setenv("PATH", str(bin_dir))
+    for hostile in ("--help", "4242 --all", "", "4_2_4"):  # a hand-edited status.json
+        assert waiting_job_state(hostile) is None
+    assert not (bin_dir / "calls").exists()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # the app outside the cluster
+    assert waiting_job_state("4242") is None

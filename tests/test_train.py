@@ -15,14 +15,16 @@ import sys
 import textwrap
 import uuid
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 
-from helpers import poll
+from helpers import poll, squeue_saying
 from mae_core.fileio import is_temp_file
 from mae_core.process import clean_env
-from mae_core.rundir import RunPaths
+from mae_core.rundir import RunError, RunPaths
+from mae_core.runs import RunManager
 from mae_core.weights import load_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -503,6 +505,15 @@ def test_slurms_requeue_signal_saves_the_step_requeues_and_the_next_start_contin
     assert status["error"] == (f"stopped at step {step} by SLURM's requeue signal; requeued SLURM "
                                "job 4242: its next start continues the run"), status
     assert (tmp_path / "scontrol.calls").read_text() == "requeue 4242\n"
+    # The app's Resume would train it beside the job's next start: refused while SLURM holds it.
+    assert status["requeued_job"] == "4242"
+    squeue_saying(bin_dir, "PENDING")
+    with pytest.raises(RunError, match=f"run {paths.run_id} is continued by SLURM job 4242 "
+                                       r"\(pending\) when it starts again: cancel it \(scancel "
+                                       r"4242\) to resume the run here"):
+        with mock.patch.dict(os.environ, PATH=slurm["PATH"]):
+            RunManager(paths.root.parent).resume(paths.run_id)
+    assert paths.read_status() == status  # nothing changed
 
     # The requeued job: the same command (here with max steps cut short), SLURM_RESTART_COUNT=1.
     command = _long_run(paths.root, 1, 32, max_steps=step + 2)
@@ -510,6 +521,7 @@ def test_slurms_requeue_signal_saves_the_step_requeues_and_the_next_start_contin
     assert again.returncode == 0, again.stdout[-3000:]
     assert paths.read_status()["state"] == "finished" and _checkpoint_step(paths) == step + 2
     assert paths.read_status()["error"] is None  # the requeue note goes with the next start
+    assert paths.read_status()["requeued_job"] is None
     assert [r["step"] for r in paths.read_metrics() if "loss" in r] == list(range(1, step + 3))
     # Started once more (or by a script with --auto-resume) after it finished: nothing to do.
     done = _train(tmp_path, *command, "--auto-resume")

@@ -234,3 +234,48 @@ def test_a_stop_request_older_than_the_trainer_is_cleared_one_made_since_stands(
     paths.request_stop()  # made now: after this process started
     _prepare("--run-dir", str(paths.root))
     assert paths.stop_requested()
+
+
+def test_a_run_trained_on_another_host_is_refused_while_heard_from_unless_its_job_requeued(
+        tmp_path, monkeypatch):
+    """A shared runs folder: a start on host B of a run whose trainer is live on host A passed
+    every check (they compare pids, which mean nothing across hosts) and trained the run twice at
+    once. The record's host and the status's age are what the app judges such a run by."""
+    import time
+
+    from mae_core.fileio import atomic_write_json, read_json
+    from mae_core.process import on_this_host
+    from mae_core.runwatch import REMOTE_SILENCE_S
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    cfg = RunConfig().with_overrides(max_steps=8, image_size=32, accelerator="cpu", devices=1)
+    elsewhere = {"pid": 4242, "start_time": "1", "host": "gpu-node-7", "slurm_job": "913"}
+    paths = create_run(cfg, run_dir=tmp_path / "run", state="running", process=elsewhere)
+
+    def heard(seconds_ago: float, state: str = "running") -> None:
+        atomic_write_json(paths.status, {**read_json(paths.status), "state": state,
+                                         "updated": time.time() - seconds_ago})
+
+    heard(30)
+    with pytest.raises(ConfigError, match=r"run_dir: .*run is being trained on host gpu-node-7 "
+                                          r"\(heard from 3\d s ago\): stop it there first"):
+        _prepare("--run-dir", str(paths.root))
+    monkeypatch.setenv("SLURM_JOB_ID", "914")  # another job: as refused
+    with pytest.raises(ConfigError, match="being trained on host gpu-node-7"):
+        _prepare("--run-dir", str(paths.root))
+    assert read_json(paths.process) == elsewhere  # nothing written
+
+    # The same job, requeued after its node failed: started on this host, recorded here.
+    monkeypatch.setenv("SLURM_JOB_ID", "913")
+    _prepare("--run-dir", str(paths.root))
+    record = read_json(paths.process)
+    assert on_this_host(record) and record["slurm_job"] == "913"
+
+    # Silent past the app's limit, or no longer live: the trainer there is gone.
+    monkeypatch.delenv("SLURM_JOB_ID")
+    for seconds_ago, state in ((REMOTE_SILENCE_S + 5, "running"), (5, "failed")):
+        atomic_write_json(paths.process, elsewhere)
+        heard(seconds_ago, state)
+        _prepare("--run-dir", str(paths.root))
+        assert on_this_host(read_json(paths.process))
