@@ -35,7 +35,7 @@ from mae_core.hardware import device_peak, mfu
 from mae_core.loggers import board_scalars, tensorboard
 from mae_core.model import MAELightning
 from mae_core.reconstruct import grid_image, reconstruct
-from mae_core.rundir import RunPaths
+from mae_core.rundir import RunPaths, RunState
 from mae_core.slurm import note_requeue_signal, on_slurm, requeue_signal_seen
 from mae_core.weights import save_weights
 
@@ -95,7 +95,8 @@ class ProgressRecorder(pl.Callback):
             elapsed = [row["elapsed_s"] for row in self.paths.read_metrics() if "elapsed_s" in row]
             self._elapsed_before = float(elapsed[-1]) if elapsed else 0.0
             dataset = getattr(trainer.datamodule, "dataset", None)
-            self._own = {"state": "running", "pid": os.getpid(), "world_size": trainer.world_size,
+            self._own = {"state": RunState.RUNNING, "pid": os.getpid(),
+                         "world_size": trainer.world_size,
                          "images": getattr(dataset, "num_images", None),
                          "skipped_files": getattr(dataset, "skipped", None),
                          "flops_per_image": self.flops_per_image, "peak_flops": self.peak_flops}
@@ -314,7 +315,7 @@ class StopOnRequest(pl.Callback):
             trainer.should_stop = True
             if trainer.is_global_zero:
                 self.recorder.flush(trainer)
-                self.recorder.write_progress(trainer, state="stopping")
+                self.recorder.write_progress(trainer, state=RunState.STOPPING)
 
 
 def _distributed(trainer: pl.Trainer) -> bool:

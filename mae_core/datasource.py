@@ -31,7 +31,7 @@ from mae_core.prepared import (
     prepare_cached,
     read_manifest,
 )
-from mae_core.rundir import RunPaths, state_unknown
+from mae_core.rundir import RunPaths, RunState, state_unknown
 
 
 @dataclass(frozen=True)
@@ -140,8 +140,8 @@ def run_data(data: str, run_root: Path, timeout_s: float = 6 * 3600.0,
         updated = status.get("updated")
         # Failed in this session (a resumed run's status may still say a previous one failed); a
         # missing or damaged status.json is no news from the first process.
-        if status["state"] == "failed" and not state_unknown(status) and updated is not None \
-                and updated >= started - 5:
+        if (status["state"] == RunState.FAILED and not state_unknown(status)
+                and updated is not None and updated >= started - 5):
             raise DataError(f"the first process failed before it recorded the data set: "
                             f"{status.get('error')}")
         time.sleep(0.5)

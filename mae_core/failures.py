@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 
 from mae_core.diskspace import full_disk_failure
 from mae_core.fileio import is_disk_full
-from mae_core.rundir import RunError, RunPaths, checkpoint_step, saved_step
+from mae_core.rundir import RunError, RunPaths, RunState, checkpoint_step, saved_step
 
 
 class RecordFailure(pl.Callback):
@@ -54,7 +54,7 @@ class RecordFailure(pl.Callback):
 
 def record_failure(paths: RunPaths, err: BaseException) -> None:
     """The run failed with ``err`` (being handled): status.json says so, with the traceback's end."""
-    paths.write_status(state="failed", error=failure_text(paths, err),
+    paths.write_status(state=RunState.FAILED, error=failure_text(paths, err),
                        log_tail=traceback.format_exc()[-4000:])
 
 
@@ -96,5 +96,5 @@ def termination_text(paths: RunPaths) -> str:
 
 def record_termination(paths: RunPaths) -> None:
     with contextlib.suppress(OSError):  # never in place of the exit under way
-        paths.write_status(state="failed", error=termination_text(paths),
+        paths.write_status(state=RunState.FAILED, error=termination_text(paths),
                            log_tail=paths.log_tail())

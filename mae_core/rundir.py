@@ -23,6 +23,7 @@ import threading
 import time
 import zipfile
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,8 +34,20 @@ from mae_core.process import process_record, process_start_time  # noqa: F401 - 
 if TYPE_CHECKING:
     from mae_core.config import RunConfig
 
-STATES = ("queued", "starting", "running", "stopping", "stopped", "finished", "failed")
-LIVE_STATES = frozenset({"starting", "running", "stopping"})
+class RunState(StrEnum):
+    """A run's state in status.json. A str: it is written to JSON and compared as its text."""
+
+    QUEUED = "queued"  # made, waiting in the queue for the devices
+    STARTING = "starting"  # a trainer is being launched (or resumed)
+    RUNNING = "running"
+    STOPPING = "stopping"  # asked to stop: it does after its current step
+    STOPPED = "stopped"  # by a Stop, a SIGINT or a SLURM requeue, with a checkpoint to resume
+    FINISHED = "finished"  # reached its max steps (or epochs)
+    FAILED = "failed"  # ended otherwise; ``error`` says why
+
+
+STATES = tuple(RunState)
+LIVE_STATES = frozenset({RunState.STARTING, RunState.RUNNING, RunState.STOPPING})
 # Longest directory name most file systems accept (bytes); a longer run id names no run.
 NAME_MAX = 255
 # Where runs live unless the app, the trainer or a tool is told otherwise.
@@ -75,7 +88,7 @@ class RunStatus:
     """
 
     run_id: str = ""
-    state: str = "starting"  # one of STATES
+    state: str = RunState.STARTING
     created: float | None = None  # time.time() when the run directory was made
     updated: float | None = None  # time.time() of the last write; a remote run's sign of life
     preset: str | None = None
@@ -292,10 +305,10 @@ class RunPaths:
         wrong type (a hand-edited or damaged file) is dropped, so one run cannot break a listing."""
         status = read_json(self.status)
         if status is None:
-            return {"run_id": self.run_id, "state": "failed", "error": UNREADABLE_STATUS}
+            return {"run_id": self.run_id, "state": RunState.FAILED, "error": UNREADABLE_STATUS}
         kept = {k: v for k, v in status.items() if k in STATUS_FIELDS and _well_typed(k, v)}
         if kept.get("state") not in STATES:
-            kept.update(state="failed", error=f"{DAMAGED_STATUS}: its state is "
+            kept.update(state=RunState.FAILED, error=f"{DAMAGED_STATUS}: its state is "
                                               f"{shown(status.get('state'))}")
         return kept
 
@@ -373,7 +386,7 @@ def run_folders(runs_dir: str | Path) -> list[RunPaths]:
 
 
 def create_run(cfg: RunConfig, runs_dir: str | Path | None = None, run_dir: str | Path | None = None,
-               process: dict[str, Any] | None = None, state: str = "starting",
+               process: dict[str, Any] | None = None, state: str = RunState.STARTING,
                **status: Any) -> RunPaths:
     """Make a run directory for ``cfg`` (already resolved): the one place runs are created.
 
@@ -433,7 +446,7 @@ def new_run_id(runs_dir: Path, preset: str, policy: str) -> str:
 def state_unknown(status: dict[str, Any]) -> bool:
     """Whether ``status`` (from :meth:`RunPaths.read_status`) is a stand-in for a status.json
     that is missing or damaged, not a state the run recorded."""
-    return status.get("state") == "failed" and str(status.get("error")).startswith(
+    return status.get("state") == RunState.FAILED and str(status.get("error")).startswith(
         (UNREADABLE_STATUS, DAMAGED_STATUS))
 
 

@@ -19,7 +19,7 @@ from mae_core.config import RunConfig
 from mae_core.data import check_data
 from mae_core.fileio import atomic_write_json, read_json
 from mae_core.process import process_record
-from mae_core.rundir import RunError, RunPaths, run_folders
+from mae_core.rundir import RunError, RunPaths, RunState, run_folders
 
 QUEUE_NAME = ".queue.json"
 
@@ -83,7 +83,7 @@ class QueuedRuns:
         cfg, summary = resolve_data(cfg.resolved())  # in_chans and statistics from the data
         self._require_room(cfg, self.runs_dir)
         with self._exclusive():
-            paths = self._create(cfg, state="queued", data_files=summary.files)
+            paths = self._create(cfg, state=RunState.QUEUED, data_files=summary.files)
             try:
                 return paths.run_id, self.queue.add(paths.run_id)
             except OSError as err:  # a run that is in no queue would wait forever: none is made
@@ -94,7 +94,7 @@ class QueuedRuns:
     def queued(self) -> list[str]:
         """The queued runs, in the order they will start."""
         ids = self.queue.ids()
-        return [r for r in ids + self._strays(ids) if self._state(r) == "queued"]
+        return [r for r in ids + self._strays(ids) if self._state(r) == RunState.QUEUED]
 
     def _strays(self, listed: list[str]) -> list[str]:
         """Runs in state ``queued`` that the queue file does not list, oldest first: the app was
@@ -105,7 +105,7 @@ class QueuedRuns:
                     if p.run_id not in known]
         return [s["run_id"] for s in sorted(statuses, key=lambda s: (s.get("created") or 0,
                                                                     s["run_id"]))
-                if s.get("state") == "queued"]
+                if s.get("state") == RunState.QUEUED]
 
     def _adopt_strays(self) -> None:
         """Put the :meth:`_strays` at the end of the queue (callers hold the locks)."""
@@ -117,7 +117,7 @@ class QueuedRuns:
         """Move a queued run ``offset`` places (negative: sooner); its new position."""
         with self._exclusive():
             self._adopt_strays()
-            if self._state(run_id) != "queued" or run_id not in self.queue.ids():
+            if self._state(run_id) != RunState.QUEUED or run_id not in self.queue.ids():
                 raise RunError(f"run {self.paths(run_id).run_id} is not queued")
             return self.queue.move(run_id, offset)
 
@@ -162,7 +162,7 @@ class QueuedRuns:
         if clean:
             self._adopt_strays()
         for run_id in self.queue.ids():
-            if self._state(run_id) != "queued":
+            if self._state(run_id) != RunState.QUEUED:
                 if not clean:
                     return None
                 self.queue.remove(run_id)
@@ -182,14 +182,14 @@ class QueuedRuns:
         with self._exclusive():
             paths = self.paths(run_id)
             status = paths.read_status()
-            if status.get("state") == "queued" and status.get("error") != why:
+            if status.get("state") == RunState.QUEUED and status.get("error") != why:
                 with contextlib.suppress(OSError):  # on a full disk this may not fit either
                     paths.write_status(error=why)
 
     def _launch_queued(self, run_id: str) -> bool:
         paths = self.paths(run_id)
         try:
-            paths.write_status(state="starting", error=None, launcher=process_record())
+            paths.write_status(state=RunState.STARTING, error=None, launcher=process_record())
             self._launch(paths, resume=False)
         except Exception as err:  # noqa: BLE001 - recorded in the run, the queue goes on
             _fail(paths, err)
@@ -214,4 +214,4 @@ class QueuedRuns:
 
 
 def _fail(paths: RunPaths, err: BaseException) -> None:
-    paths.write_status(state="failed", error=f"could not start from the queue: {err}")
+    paths.write_status(state=RunState.FAILED, error=f"could not start from the queue: {err}")

@@ -39,8 +39,8 @@ from mae_core.process import PROJECT_ROOT  # noqa: F401 - re-exported for caller
 from mae_core.resumecheck import (require_devices, require_no_waiting_job, require_one_node,
                                   require_same_model, require_steps_left)
 from mae_core.rundir import (DEFAULT_RUNS_DIR, LIVE_STATES, RUN_ID_RULE,  # noqa: F401
-                             TRASH_PREFIX, RunError, RunPaths, checkpoint_step, create_run,
-                             preview_step, run_folders, saved_step, state_unknown,
+                             TRASH_PREFIX, RunError, RunPaths, RunState, checkpoint_step,
+                             create_run, preview_step, run_folders, saved_step, state_unknown,
                              valid_run_id)
 from mae_core.runqueue import QueuedRuns, RunQueue
 from mae_core.runwatch import TrainerWatch
@@ -94,8 +94,9 @@ class RunManager(QueuedRuns, TrainerWatch):
             if state_unknown(status) and self._trainer_pid(paths) is not None:
                 # Its trainer lives and rewrites the file at its next progress save: still live,
                 # so it can be stopped, and neither deleted nor started twice meanwhile.
-                status = {**status, "state": "running", "error": f"{status.get('error')}; the "
-                          "trainer still runs and writes it again at its next progress save"}
+                status = {**status, "state": RunState.RUNNING,
+                          "error": f"{status.get('error')}; the trainer still runs and writes it "
+                                   "again at its next progress save"}
             if (status.get("state") in LIVE_STATES and paths.root not in self._terminating
                     and not self._alive(paths, status)):
                 try:
@@ -103,11 +104,11 @@ class RunManager(QueuedRuns, TrainerWatch):
                 except OSError as err:  # a full disk, a read-only archive: report, don't break
                     why = (full_disk_message(paths.root) if disk_nearly_full(paths.root)
                            else str(err))
-                    status = {**status, "state": "failed", "error": "the trainer process is "
+                    status = {**status, "state": RunState.FAILED, "error": "the trainer process is "
                               f"gone, and its status.json cannot be updated ({why})"}
         status["run_id"] = run_id
         status["stop_requested"] = paths.stop_requested()
-        status["resumable"] = (status.get("state") in ("stopped", "failed")
+        status["resumable"] = (status.get("state") in (RunState.STOPPED, RunState.FAILED)
                                and paths.last_ckpt.exists())
         return status
 
@@ -275,7 +276,7 @@ class RunManager(QueuedRuns, TrainerWatch):
             if status.get("state") in LIVE_STATES:  # a stale page, the API, another node's run
                 raise RunError(f"run {run_id} is {status['state']}: it can be resumed once it "
                                "has stopped")
-            if status.get("state") == "finished" and (max_steps is None
+            if status.get("state") == RunState.FINISHED and (max_steps is None
                                                       or max_steps <= status.get("step", 0)):
                 raise RunError(f"run {run_id} has finished; raise max steps above "
                                f"{status.get('step')} to train it further")
@@ -286,7 +287,7 @@ class RunManager(QueuedRuns, TrainerWatch):
             paths.clear_stop_request()
             # The old record goes first: a reader now sees a run starting, not a dead process.
             paths.process.unlink(missing_ok=True)
-            paths.write_status(state="starting", error=None, log_tail=None, step=step,
+            paths.write_status(state=RunState.STARTING, error=None, log_tail=None, step=step,
                                requeued_job=None, resumed_from_step=step, total_steps=cfg.train.max_steps,
                                launcher=proc.process_record())
             self._launch(paths, resume=True)
@@ -399,7 +400,8 @@ class RunManager(QueuedRuns, TrainerWatch):
         except OSError as err:
             why = (f"{paths.log} is not a regular file (a FIFO, a device or a folder): remove it"
                    if isinstance(err, NotRegularFileError) else str(err))
-            paths.write_status(state="failed", error=f"the trainer could not be launched: {why}")
+            paths.write_status(state=RunState.FAILED,
+                               error=f"the trainer could not be launched: {why}")
             raise RunError(f"the trainer could not be launched: {why}") from None
         record = proc.process_record(process.pid, command=command)
         atomic_write_json(paths.process, record, make_dirs=False)
@@ -438,7 +440,7 @@ class RunManager(QueuedRuns, TrainerWatch):
                 if record and current.get("pid") not in (None, record.get("pid")):
                     return
                 paths.clear_stop_request()
-                paths.write_status(state="stopped", error=reason, log_tail=paths.log_tail())
+                paths.write_status(state=RunState.STOPPED, error=reason, log_tail=paths.log_tail())
         finally:
             with self._lock:
                 self._terminating.discard(paths.root)

@@ -20,7 +20,7 @@ from mae_core import process as proc
 from mae_core.diskspace import full_disk_failure
 from mae_core.fileio import (atomic_write_json, disk_nearly_full, read_json,
                              remove_stale_temp_files, says_disk_full)
-from mae_core.rundir import LIVE_STATES, RunError, RunPaths, saved_step
+from mae_core.rundir import LIVE_STATES, RunError, RunPaths, RunState, saved_step
 
 # A run on another node counts as alive while its status.json was rewritten this recently: its
 # trainer rewrites it every minute (RunPaths.keep_status_fresh), so 5 missed beats.
@@ -101,7 +101,7 @@ class TrainerWatch:
             # Launched on another node (torchrun/SLURM): its pid means nothing here, so a
             # status the trainer keeps refreshing is the sign of life.
             return heard_within(status, REMOTE_SILENCE_S)
-        if (not info and status.get("state") == "starting" and not launcher_gone(status)
+        if (not info and status.get("state") == RunState.STARTING and not launcher_gone(status)
                 and heard_within(status, LAUNCH_GRACE_S)):
             return True  # between "starting" and the launch being recorded (another app's manager)
         pid = self._trainer_pid(paths)
@@ -142,7 +142,7 @@ class TrainerWatch:
         silence = (f"for {age:.0f} s" if age >= 0 else
                    f"since a time {-age:.0f} s ahead of this machine's clock")
         paths.clear_stop_request()
-        paths.write_status(state="failed", log_tail=paths.log_tail(),
+        paths.write_status(state=RunState.FAILED, log_tail=paths.log_tail(),
                            error=f"not heard from {silence} (it ran on host {host}): marked "
                                  "failed; if it still runs there, end it there")
 
@@ -175,14 +175,14 @@ class TrainerWatch:
         else:
             how = "is gone (killed, or out of memory)"
         error = f"the trainer process {how} before finishing"
-        if pid is None and status.get("state") == "starting" and launcher_gone(status):
+        if pid is None and status.get("state") == RunState.STARTING and launcher_gone(status):
             error = "the trainer was never launched: the app launching it ended first"
         log_tail = paths.log_tail()
         # A process that hit the full disk first (any rank, any write) may have had no room left
         # to say so; the disk, or the log, still can.
         if disk_nearly_full(paths.root) or says_disk_full(log_tail):
             error += f": {full_disk_failure(paths.root, paths.last_ckpt, saved_step(paths))}"
-        return paths.write_status(state="failed", log_tail=log_tail, error=error)
+        return paths.write_status(state=RunState.FAILED, log_tail=log_tail, error=error)
 
 
 def _signal_name(number: int) -> str:

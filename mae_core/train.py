@@ -26,7 +26,7 @@ from mae_core.checks import DataError
 from mae_core.config import ConfigError, RunConfig
 from mae_core.process import (TRAINER_ENV_PREFIX, GpuNotVisibleError, die_with_parent,
                               first_process, gpu_env, gpus_narrowed)
-from mae_core.rundir import LIVE_STATES, RunPaths
+from mae_core.rundir import LIVE_STATES, RunPaths, RunState
 from mae_core.trainargs import (RUN_DIR_ENV, AlreadyFinished, build_parser, prepare,
                                 refuse_stale_rank, say_waiting)
 
@@ -147,7 +147,7 @@ def _open_data(data: str, paths: RunPaths) -> Any:
         return datasource.run_data(data, paths.root)
     except DataError as err:  # the other ranks and nodes wait on status.json to give up
         if datasource.first_process():
-            paths.write_status(state="failed", error=str(err))
+            paths.write_status(state=RunState.FAILED, error=str(err))
         raise
 
 
@@ -233,7 +233,8 @@ def _ended(trainer: pl.Trainer, paths: RunPaths, recorder: Any, stopper: Any) ->
     # start of the job would be refused: nothing left to resume).
     done = 0 < trainer.max_steps <= trainer.global_step
     if trainer.is_global_zero:
-        state = "stopped" if (stopper.requested or stopper.requeue) and not done else "finished"
+        state = (RunState.STOPPED if (stopper.requested or stopper.requeue) and not done
+                 else RunState.FINISHED)
         paths.clear_stop_request()
         recorder.write_progress(trainer, state=state)
         if stopper.requeue and not done:  # SLURM's time limit or preemption is near: requeued
@@ -332,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         except DiskFullError as err:
             print(f"error: {err.strerror}", file=sys.stderr, flush=True)
             with contextlib.suppress(OSError):
-                paths.write_status(state="failed", error=err.strerror)
+                paths.write_status(state=RunState.FAILED, error=err.strerror)
             return 2
     try:
         return run_training(cfg, paths, resume)

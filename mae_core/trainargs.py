@@ -31,7 +31,7 @@ from mae_core.fileio import atomic_write_json, read_json
 from mae_core.process import (first_process, later_rank_vars, launcher_evident, live_trainer,
                               on_this_host, started_at)
 from mae_core.rundir import (DEFAULT_RUNS_DIR, LIVE_STATES, RUN_ID_RULE, RunError, RunPaths,
-                             checkpoint_step, create_run, process_record, run_folders,
+                             RunState, checkpoint_step, create_run, process_record, run_folders,
                              valid_run_id)
 from mae_core.slurm import requeued_start, slurm_job
 
@@ -249,7 +249,8 @@ def _stop_if_finished(cfg: RunConfig, paths: RunPaths) -> None:
     """An automatic resume of a run that finished (or was stopped) at or past its max steps has
     nothing to do: a requeued job that had ended, a script run once more. Every rank reads the
     same files (the first process writes nothing in this case), so all exit together."""
-    if paths.read_status().get("state") not in ("finished", "stopped") or cfg.train.max_steps < 0:
+    if (paths.read_status().get("state") not in (RunState.FINISHED, RunState.STOPPED)
+            or cfg.train.max_steps < 0):
         return
     try:
         step = checkpoint_step(paths.last_ckpt, verify=False)  # the resume checks it in full

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from mae_core import display
-from mae_core.rundir import LIVE_STATES
+from mae_core.rundir import LIVE_STATES, RunState
 
 def theme() -> Any:
     """Gradio's default theme with its subdued text (field hints, slider ends) readable on a light
@@ -100,9 +100,10 @@ tr.no-grad { outline: 2px solid #dc2626; outline-offset: -2px; }
 """
 
 # Saturated mid-tones that read on light and dark backgrounds alike, with white text on top.
-STATE_COLOURS = {"queued": "#7c3aed", "starting": "#b45309", "running": "#15803d",
-                 "stopping": "#b45309", "stopped": "#64748b", "finished": "#2563eb",
-                 "failed": "#dc2626"}
+STATE_COLOURS = {RunState.QUEUED: "#7c3aed", RunState.STARTING: "#b45309",
+                 RunState.RUNNING: "#15803d", RunState.STOPPING: "#b45309",
+                 RunState.STOPPED: "#64748b", RunState.FINISHED: "#2563eb",
+                 RunState.FAILED: "#dc2626"}
 
 
 def esc(value: Any) -> str:
@@ -181,8 +182,9 @@ def _notes(status: Mapping[str, Any], state: str) -> str:
     if status.get("stop_requested") and state in LIVE_STATES:
         out += notice("warn", "Stop requested: the run saves a checkpoint after the current step.")
     if status.get("error"):
-        kind = "error" if state == "failed" else "info"
-        out += notice(kind, f"{'Error' if state == 'failed' else 'Note'}: {status['error']}")
+        failed = state == RunState.FAILED
+        out += notice("error" if failed else "info",
+                      f"{'Error' if failed else 'Note'}: {status['error']}")
     return out
 
 

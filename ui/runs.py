@@ -14,7 +14,7 @@ import gradio as gr
 from mae_core import display
 from mae_core.checks import shown
 from mae_core.evaljobs import EvaluationBusy, EvaluationJob, Evaluations
-from mae_core.rundir import LIVE_STATES
+from mae_core.rundir import LIVE_STATES, RunState
 from ui import compare, datacache, render
 from ui.common import AppContext, UserError, as_bool, as_run_id, describe, guarded
 
@@ -35,7 +35,7 @@ def table_rows(ctx: AppContext, statuses: Iterable[Mapping[str, Any]]) -> list[l
     queue = ctx.manager.queued()
     for s in statuses:
         state = s.get("state", "?")
-        if state == "queued" and s["run_id"] in queue:
+        if state == RunState.QUEUED and s["run_id"] in queue:
             state = f"queued (#{queue.index(s['run_id']) + 1})"
         steps = display.format_steps(s)
         loss = display.format_loss(s.get("loss"))

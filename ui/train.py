@@ -15,7 +15,7 @@ import gradio as gr
 from mae_core.checks import shown
 from mae_core.config import RunConfig
 from mae_core.preparing import Preparations
-from mae_core.rundir import LIVE_STATES
+from mae_core.rundir import LIVE_STATES, RunState
 from ui import configfile, datafield, plots, render
 from ui.common import (DEFAULTS, FIELD_NAMES, FORM_FIELDS, MAIN_FIELDS, AppContext, UserError,
                        FieldNumber, FieldSlider, as_bool, as_int, config_from_form, describe,
@@ -83,16 +83,16 @@ def action_message(action: dict[str, Any] | None, status: dict[str, Any] | None)
     if action["kind"] == "error" or not status:
         return render.notice(action["kind"], action["text"])
     run_id, state, step = action["run_id"], status.get("state"), status.get("step", 0)
-    if state == "queued":
+    if state == RunState.QUEUED:
         return render.notice("info", f"{action['text']} It starts when the devices are free.")
     if state in LIVE_STATES:
         if status.get("stop_requested"):
             return render.notice("warn", f"Stop requested for `{run_id}`: it saves a checkpoint "
                                          "after the current step (Force stop ends it at once).")
         return render.notice("ok", f"{action['text']} It is {state}.")
-    if state == "finished":
+    if state == RunState.FINISHED:
         return render.notice("ok", f"Run `{run_id}` finished at step {step}.")
-    if state == "stopped":
+    if state == RunState.STOPPED:
         if status.get("error"):  # stopped by force: the error says where Resume takes up
             return render.notice("warn", f"Run `{run_id}` {status['error']}.")
         more = " Resume continues from its last checkpoint." if status.get("resumable") else ""
