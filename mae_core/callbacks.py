@@ -106,7 +106,7 @@ class ProgressRecorder(pl.Callback):
                 self._own["created"] = created
             self.paths.write_status(step=trainer.global_step, total_steps=_total_steps(trainer),
                                     epoch=trainer.current_epoch, error=None, log_tail=None,
-                                    requeued_job=None, mfu=None, **self._own)
+                                    requeued_job=None, mfu=None, step_at=None, **self._own)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -189,7 +189,7 @@ class ProgressRecorder(pl.Callback):
             step=trainer.global_step, total_steps=_total_steps(trainer), epoch=trainer.current_epoch,
             loss=row.get("loss"), images_per_s=row.get("images_per_s"), mfu=row.get("mfu"),
             elapsed_s=self._elapsed_before + time.perf_counter() - self._fit_start,
-            **{**self._own, **fields})
+            step_at=time.time(), **{**self._own, **fields})
 
 
 def _text_or_empty(path: Path) -> str:

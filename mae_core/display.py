@@ -11,8 +11,11 @@ Example:
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from mae_core.rundir import RunState
 
 # The metrics each step logs (``metrics.jsonl``), with a label for people.
 METRICS: dict[str, str] = {
@@ -53,6 +56,35 @@ def eta_seconds(status: Mapping[str, Any]) -> float | None:
     if not isinstance(total, (int, float)) or total <= 0 or not elapsed or step <= 0:
         return None
     return max(0.0, (total - step) * elapsed / step)
+
+
+# A running run with no step for this long, and for this many of its mean steps, may be hung.
+STALL_MIN_S = 300.0
+STALL_STEPS = 20
+
+
+def stalled_seconds(status: Mapping[str, Any], now: float | None = None) -> float | None:
+    """Seconds since a running run's last step, when that is far longer than its steps take (a
+    hang: a DDP rank waiting for one that died, a trainer stopped with SIGSTOP, a dead mount);
+    else None. Its process lives (and its heartbeat beats), so nothing else tells."""
+    step, step_at = status.get("step"), status.get("step_at")
+    if (status.get("state") != RunState.RUNNING or not _is_number(step_at)
+            or not isinstance(step, int) or step <= 0):
+        return None
+    since = (time.time() if now is None else now) - step_at
+    return since if since > max(STALL_MIN_S, STALL_STEPS * (mean_step_seconds(status) or 0)) else None
+
+
+def mean_step_seconds(status: Mapping[str, Any]) -> float | None:
+    """The run's mean time per step so far (over its resumes), or None before its first step."""
+    step, elapsed = status.get("step"), status.get("elapsed_s")
+    if not isinstance(step, int) or step <= 0 or not _is_number(elapsed) or elapsed <= 0:
+        return None
+    return elapsed / step
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def format_steps(status: Mapping[str, Any]) -> str:

@@ -104,6 +104,9 @@ class RunStatus:
     flops_per_image: float | None = None  # training FLOPs (forward + backward) per image
     peak_flops: float | None = None  # peak FLOP/s of one device (a GPU, or one CPU process)
     elapsed_s: float | None = None  # training time, summed over resumes
+    # time.time() of the last progress save after steps (the heartbeat moves ``updated`` only):
+    # a live run with no step for long may be hung (mae_core.display.stalled_seconds).
+    step_at: float | None = None
     data_files: int | None = None  # image files the data scan found before the launch
     images: int | None = None  # images the trainer could read
     skipped_files: int | None = None  # image files it could not

@@ -55,6 +55,7 @@ def test_ddp_clean_trains_with_plain_ddp(clean_run):
     assert status["world_size"] == 2
     assert status["step"] == 6
     assert isinstance(status["loss"], float) and math.isfinite(status["loss"])
+    assert status["updated"] - 5 < status["step_at"] <= status["updated"]  # its last step's time
     losses = [row["loss"] for row in paths.read_metrics() if "loss" in row]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
     assert paths.weights.exists()

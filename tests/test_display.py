@@ -78,3 +78,25 @@ def test_a_diverged_loss_is_said_not_shown_as_no_loss_yet():
     assert format_loss(math.nan).startswith("nan (diverged")
     assert format_loss(math.inf).startswith("inf (diverged")
     assert format_loss(0.25) == "0.25" and format_loss(None) == "–"
+
+
+def test_a_running_run_without_a_step_for_far_longer_than_its_steps_take_is_stalled():
+    """A DDP rank waiting for one that died, a trainer under SIGSTOP: the process lives and its
+    heartbeat (or, here, its pid) keeps the run "running" for ever, with nothing to say so."""
+    from mae_core.display import STALL_MIN_S, STALL_STEPS, mean_step_seconds, stalled_seconds
+
+    now = 1_000_000.0
+    fast = {"state": "running", "step": 100, "elapsed_s": 50.0}  # 0.5 s a step
+    assert mean_step_seconds(fast) == 0.5
+    assert stalled_seconds({**fast, "step_at": now - STALL_MIN_S + 1}, now) is None
+    assert stalled_seconds({**fast, "step_at": now - STALL_MIN_S - 1}, now) == STALL_MIN_S + 1
+    slow = {"state": "running", "step": 10, "elapsed_s": 600.0}  # a minute a step: 20 of them
+    assert stalled_seconds({**slow, "step_at": now - 10 * 60}, now) is None
+    assert stalled_seconds({**slow, "step_at": now - STALL_STEPS * 60 - 1}, now) is not None
+    old = {**fast, "step_at": now - 3600}
+    for quiet in ({**old, "state": "stopped"}, {**old, "state": "stopping"},  # not running
+                  {**old, "step": 0}, {**fast, "step_at": None},  # before its first step
+                  {**old, "step_at": "yesterday"}, {**old, "step_at": math.nan}):  # hand-edited
+        assert stalled_seconds(quiet, now) is None, quiet
+    assert mean_step_seconds({"step": 0, "elapsed_s": 5}) is None
+    assert mean_step_seconds({"step": 3, "elapsed_s": None}) is None

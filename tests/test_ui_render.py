@@ -101,6 +101,21 @@ def test_status_panel_uses_no_light_fills(state):
     assert (1.05) / (lum + 0.05) >= 3.0, f"white on {colour} is too faint"
 
 
+def test_status_panel_says_when_a_running_run_has_taken_no_step_for_long():
+    import time
+
+    from mae_core.display import STALL_MIN_S
+
+    calm = {**full_status(), "stop_requested": False, "error": None, "step_at": time.time() - 5}
+    assert "No step for" not in render.status_html(calm)
+    hung = {**calm, "step_at": time.time() - STALL_MIN_S - 120}
+    html = render.status_html(hung)
+    assert "No step for 7 min" in html and "(a step took 2 s on average)" in html
+    assert "Stop, then Force stop, ends it" in html
+    assert_dark_mode_safe(html)
+    assert "No step for" not in render.status_html({**hung, "state": "finished"})
+
+
 def test_empty_status_panel_and_notices_use_no_light_fills():
     assert_dark_mode_safe(render.status_html(None))
     for kind in ("ok", "info", "warn", "error"):

@@ -179,6 +179,13 @@ def _about(cfg: Any, status: Mapping[str, Any]) -> str:
 
 def _notes(status: Mapping[str, Any], state: str) -> str:
     out = ""
+    stalled = display.stalled_seconds(status)
+    if stalled is not None:
+        mean = display.mean_step_seconds(status)
+        pace = f" (a step took {mean:.2g} s on average)" if mean is not None and mean < 60 else ""
+        out += notice("warn", f"No step for {display.format_duration(stalled)}{pace}: the trainer "
+                              "may be hung, e.g. one DDP process waiting for another that died. Its "
+                              "log may say why; Stop, then Force stop, ends it.")
     if status.get("stop_requested") and state in LIVE_STATES:
         out += notice("warn", "Stop requested: the run saves a checkpoint after the current step.")
     if status.get("error"):
