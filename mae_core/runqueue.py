@@ -12,7 +12,9 @@ import contextlib
 import shutil
 import threading
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from mae_core.channels import resolve_data
 from mae_core.config import RunConfig
@@ -91,21 +93,23 @@ class QueuedRuns:
                 raise RunError(f"the run cannot be queued: {self.queue.path} cannot be "
                                f"written ({err.strerror or err})") from None
 
-    def queued(self) -> list[str]:
-        """The queued runs, in the order they will start."""
+    def queued(self, statuses: Iterable[Mapping[str, Any]] | None = None) -> list[str]:
+        """The queued runs, in the order they will start. ``statuses``: every run's, read already
+        (the Runs tab's listing), so the runs folder is not read a second time."""
         ids = self.queue.ids()
-        return [r for r in ids + self._strays(ids) if self._state(r) == RunState.QUEUED]
+        if statuses is None:
+            return [r for r in ids + self._strays(ids) if self._state(r) == RunState.QUEUED]
+        waiting = [s for s in statuses if s.get("state") == RunState.QUEUED]
+        named = {s["run_id"] for s in waiting}
+        return [r for r in ids if r in named] + _strays_among(waiting, set(ids))
 
     def _strays(self, listed: list[str]) -> list[str]:
         """Runs in state ``queued`` that the queue file does not list, oldest first: the app was
         killed between making the run and queueing it, or ``.queue.json`` was damaged. They read
         "queued" for ever and never started, and Sooner/Later said "not queued"."""
         known = set(listed)
-        statuses = [p.read_status() | {"run_id": p.run_id} for p in run_folders(self.runs_dir)
-                    if p.run_id not in known]
-        return [s["run_id"] for s in sorted(statuses, key=lambda s: (s.get("created") or 0,
-                                                                    s["run_id"]))
-                if s.get("state") == RunState.QUEUED]
+        return _strays_among([p.read_status() | {"run_id": p.run_id}
+                              for p in run_folders(self.runs_dir) if p.run_id not in known], known)
 
     def _adopt_strays(self) -> None:
         """Put the :meth:`_strays` at the end of the queue (callers hold the locks)."""
@@ -215,3 +219,9 @@ class QueuedRuns:
 
 def _fail(paths: RunPaths, err: BaseException) -> None:
     paths.write_status(state=RunState.FAILED, error=f"could not start from the queue: {err}")
+
+
+def _strays_among(statuses: Iterable[Mapping[str, Any]], listed: set[str]) -> list[str]:
+    """The runs of ``statuses`` in state ``queued`` that are not ``listed``, oldest first."""
+    strays = [s for s in statuses if s.get("state") == RunState.QUEUED and s["run_id"] not in listed]
+    return [s["run_id"] for s in sorted(strays, key=lambda s: (s.get("created") or 0, s["run_id"]))]

@@ -70,7 +70,13 @@ def test_queued_runs_the_queue_file_lost_keep_their_place_and_start(tmp_path):
     manager.queue.path.write_text('{"order": ')  # damaged: it lists nothing
     restarted = RunManager(tmp_path / "runs")
     assert restarted.queued() == [first, second]  # oldest first
-    assert restarted.move_queued(second, -1) == 1 and restarted.queued() == [second, first]
+    third, _ = restarted.enqueue(quick())  # listed, after the strays it took back in
+    restarted.queue.path.write_text('{"order": ')
+    assert restarted.queued() == [first, second, third]
+    # The Runs tab passes the statuses it listed (the folder is read once): the same order.
+    assert restarted.queued(restarted.list()) == [first, second, third]
+    assert restarted.move_queued(second, -1) == 1 and restarted.queued() == [second, first, third]
+    assert restarted.queued(restarted.list()) == [second, first, third]
     # (that such a run starts in its turn: the back-to-back test below loses one from the file)
 
 

@@ -30,9 +30,11 @@ COLUMN_WIDTHS = ("220px", "90px", "80px", "80px", "80px", "90px", "80px", "100px
 
 
 def table_rows(ctx: AppContext, statuses: Iterable[Mapping[str, Any]]) -> list[list[Any]]:
-    """One row per run. A live run's loss is its latest logged step's, not a final figure."""
+    """One row per run (``statuses``: every run's, as the run manager lists them). A live run's
+    loss is its latest logged step's, not a final figure."""
     rows = []
-    queue = ctx.manager.queued()
+    statuses = list(statuses)
+    queue = ctx.manager.queued(statuses)
     for s in statuses:
         state = s.get("state", "?")
         if state == RunState.QUEUED and s["run_id"] in queue:
