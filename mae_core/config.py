@@ -320,8 +320,9 @@ class RunConfig:
         except FileNotFoundError:
             raise ConfigError("config", f"no config file at {path}") from None
         except NotRegularFileError:  # a FIFO would block the reader (the app) forever
-            raise ConfigError("config", f"{path} is not a regular file (a pipe, a device or a "
-                                        "folder in its place); put back the config file") from None
+            raise ConfigError("config", f"{path} is not a regular file (a link, a pipe, a device "
+                                        "or a folder in its place); put back the config file"
+                              ) from None
         except yaml.YAMLError as err:
             raise ConfigError("config", f"{path} is not valid YAML: {err}") from None
         except UnicodeDecodeError:

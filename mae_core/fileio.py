@@ -187,23 +187,27 @@ def append_lines(path: str | Path, lines: list[str]) -> None:
 
 
 class NotRegularFileError(OSError):
-    """A path that should hold a file holds something else (a FIFO, a device, a folder)."""
+    """A path that should hold a file holds something else (a link, a FIFO, a device, a
+    folder)."""
 
 
 def open_regular(path: str | Path, append: bool = False) -> BinaryIO:
     """``path`` opened for binary reading (or appending, created if missing);
-    :class:`NotRegularFileError` unless it is a regular file.
+    :class:`NotRegularFileError` unless it is a regular file, itself: not a link to one.
 
     A run folder's files can be replaced by hand: opening a FIFO blocks until someone writes to
     (or reads from) it, and a caller that holds a lock (the run manager launching a trainer with
     its output going to train.log) would hang the whole app. Opened non-blocking, checked, then
-    used as usual (a regular file's reads and writes ignore the flag).
+    used as usual (a regular file's reads and writes ignore the flag). A link in a run file's place
+    is never followed: through one, the app showed (and served) a file from outside the runs
+    folder, and a Resume appended the trainer's output to one. (A link to the run folder itself is
+    a linked run, and is followed: only the last part of the path counts.)
     """
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT if append else os.O_RDONLY
     try:
-        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
     except OSError as err:
-        if err.errno == errno.ENXIO:  # a FIFO no one reads, opened for writing
+        if err.errno in (errno.ENXIO, errno.ELOOP):  # a FIFO no one reads (to write); a link
             raise NotRegularFileError(errno.EINVAL, "not a regular file", str(path)) from None
         raise
     try:

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -27,8 +28,11 @@ import os
 import threading
 from array import array
 from pathlib import Path
+from stat import S_ISREG
 
 import numpy as np
+
+from mae_core.fileio import NotRegularFileError, open_regular
 
 _NAN = float("nan")
 
@@ -76,7 +80,9 @@ class MetricsReader:
         """Read what was appended since the last call; True if any row was added (or reset)."""
         with self._lock:
             try:
-                stat = os.stat(self.path)
+                stat = os.lstat(self.path)
+                if not S_ISREG(stat.st_mode):  # a link (to a file elsewhere), a FIFO: no curve
+                    raise NotRegularFileError(errno.EINVAL, "not a regular file", str(self.path))
             except OSError:
                 changed = self.rows > 0
                 self._reset(identity=None)
@@ -88,7 +94,7 @@ class MetricsReader:
             if stat.st_size == self._offset:
                 return reset
             try:
-                with open(self.path, "rb") as handle:
+                with open_regular(self.path) as handle:
                     handle.seek(self._offset)
                     data = handle.read(stat.st_size - self._offset)
             except OSError:  # removed or unreadable between the stat and the open: next poll

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import glob
 import hashlib
 import json
 import os
@@ -277,8 +278,19 @@ def prepare_cached(folder: str, paths: list[Path] | None = None,
             target.rename(aside)
             shutil.rmtree(aside, ignore_errors=True)
         if manifest is None:
+            _remove_abandoned_preparations(target)
             prepare(folder, target, short_side, workers, paths=paths, progress=progress)
     return target
+
+
+def _remove_abandoned_preparations(target: Path) -> None:
+    """The ``.<target>.tmp-<pid>`` folders of preparations of ``target`` that were killed (a Force
+    stop, a SIGKILL, a power cut): partial shards, up to the whole set's size, that nothing
+    removed. Called under the target's lock, so no preparation of it is running, here or on
+    another host sharing the cache."""
+    for abandoned in target.parent.glob(f".{glob.escape(target.name)}.tmp-*"):
+        if abandoned.is_dir() and not abandoned.is_symlink():
+            shutil.rmtree(abandoned, ignore_errors=True)
 
 
 def _refuse_if_read(target: Path, damage: str | None) -> None:

@@ -155,7 +155,8 @@ def trainer_command(run_dir: Path, resume: bool = False) -> list[str]:
 def launch(command: list[str], log: Path, cwd: Path = PROJECT_ROOT,
            env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start ``command`` in a new session with stdout and stderr appended to ``log``
-    (:class:`~mae_core.fileio.NotRegularFileError` if that is a FIFO, a device or a folder)."""
+    (:class:`~mae_core.fileio.NotRegularFileError` if that is a link, a FIFO, a device or a
+    folder)."""
     from mae_core.fileio import open_regular
 
     with open_regular(log, append=True) as handle:

@@ -10,7 +10,7 @@ saying why not, so a refused resume changes nothing instead of failing in the la
 from __future__ import annotations
 
 from mae_core.config import ConfigError, RunConfig
-from mae_core.rundir import RunError, RunPaths, checkpoint_step
+from mae_core.rundir import RunError, RunPaths, RunState, checkpoint_step
 from mae_core.weights import checkpoint_mismatch
 
 
@@ -23,6 +23,32 @@ def check_resumable(paths: RunPaths, cfg: RunConfig) -> int:
     require_same_model(paths, cfg)
     require_steps_left(cfg, step, paths.run_id)
     return step
+
+
+def ended_at_max_epochs(status: dict, cfg: RunConfig) -> bool:
+    """Whether the run finished at its max epochs, short of its max steps: resumed under the same
+    epoch limit, Lightning ends the fit at once and the run "finishes" again, untrained."""
+    t, step = cfg.train, status.get("step")
+    return (status.get("state") == RunState.FINISHED and t.max_epochs is not None
+            and (t.max_steps == -1 or (isinstance(step, int) and step < t.max_steps)))
+
+
+def past_the_epoch_limit(status: dict, old: RunConfig, new: RunConfig, run_id: str) -> RunConfig:
+    """``new``, the config a resume of a run that trained under ``old`` asks for, as it must be to
+    train further (RunError if it cannot). A run that ended at its max epochs, given a new max
+    steps, loses the epoch limit that ended it (Resume "towards 28 steps" used to end at once,
+    still at step 8); given neither more steps nor more epochs, it is refused."""
+    if not ended_at_max_epochs(status, old):
+        return new
+    epochs = old.train.max_epochs
+    if 0 < new.train.max_steps != old.train.max_steps and new.train.max_epochs == epochs:
+        new = new.with_overrides(max_epochs=None)
+    if new.train.max_epochs is not None and new.train.max_epochs <= epochs:
+        step = status.get("step")
+        raise RunError(f"run {run_id} finished its {epochs} epoch{'s' if epochs != 1 else ''} at "
+                       f"step {step}: raise max steps above {step} (the epoch limit then goes) "
+                       f"or max epochs above {epochs} to train it further")
+    return new
 
 
 def require_steps_left(cfg: RunConfig, step: int, run_id: str) -> None:

@@ -36,8 +36,8 @@ from mae_core.diskspace import check_room, full_disk_message, same_disk, still_t
 from mae_core.fileio import (DiskFullError, NotRegularFileError, atomic_write_json,
                              disk_nearly_full)
 from mae_core.process import PROJECT_ROOT  # noqa: F401 - re-exported for callers and tests
-from mae_core.resumecheck import (require_devices, require_no_waiting_job, require_one_node,
-                                  require_same_model, require_steps_left)
+from mae_core.resumecheck import (past_the_epoch_limit, require_devices, require_no_waiting_job,
+                                  require_one_node, require_same_model, require_steps_left)
 from mae_core.rundir import (DEFAULT_RUNS_DIR, LIVE_STATES, RUN_ID_RULE,  # noqa: F401
                              TRASH_PREFIX, RunError, RunPaths, RunState, checkpoint_step,
                              create_run, preview_step, run_folders, saved_step, state_unknown,
@@ -172,11 +172,12 @@ class RunManager(QueuedRuns, TrainerWatch):
 
     def previews(self, run_id: str) -> list[Path]:
         """The run's preview images, oldest first. Regular files only: a page serving a FIFO
-        named like a preview would block forever."""
+        named like a preview would block forever, and one named so that links elsewhere served a
+        file from outside the runs folder."""
         folder = self.paths(run_id).previews
         try:
-            found = [(step, p) for p in folder.iterdir()
-                     if (step := preview_step(p)) is not None and p.is_file()]
+            found = [(step, p) for p in folder.iterdir() if (step := preview_step(p)) is not None
+                     and p.is_file() and not p.is_symlink()]
         except OSError:  # no previews yet
             return []
         return [p for _, p in sorted(found)]
@@ -257,10 +258,11 @@ class RunManager(QueuedRuns, TrainerWatch):
         Returns the run's status; ``resumed_from_step`` is the checkpoint's own step.
         """
         paths = self.paths(run_id)
-        cfg = RunConfig.load(paths.config)
-        if max_steps is not None:
-            cfg = cfg.with_overrides(max_steps=max_steps)
-        require_no_waiting_job(run_id, paths.read_status())  # asks squeue: outside the locks
+        trained = RunConfig.load(paths.config)
+        cfg = trained if max_steps is None else trained.with_overrides(max_steps=max_steps)
+        status = paths.read_status()
+        cfg = past_the_epoch_limit(status, trained, cfg, run_id)
+        require_no_waiting_job(run_id, status)  # asks squeue: outside the locks
         require_one_node(cfg, run_id)
         require_devices(cfg, run_id)
         resolve_channels(cfg, check_data(cfg.train.data))  # outside the locks; channels still match
@@ -288,8 +290,8 @@ class RunManager(QueuedRuns, TrainerWatch):
             # The old record goes first: a reader now sees a run starting, not a dead process.
             paths.process.unlink(missing_ok=True)
             paths.write_status(state=RunState.STARTING, error=None, log_tail=None, step=step,
-                               requeued_job=None, resumed_from_step=step, total_steps=cfg.train.max_steps,
-                               launcher=proc.process_record())
+                               requeued_job=None, resumed_from_step=step,
+                               total_steps=cfg.train.max_steps, launcher=proc.process_record())
             self._launch(paths, resume=True)
         return self.status(run_id)
 
@@ -322,11 +324,12 @@ class RunManager(QueuedRuns, TrainerWatch):
         """Write the run's encoder as timm weights; returns the file and a snippet that loads it."""
         paths = self.paths(run_id)
         out = paths.encoder
+        model = RunConfig.load(paths.config).model  # first: a refusal writes nothing
         try:
             export_encoder(self.weights(run_id), out, make_dirs=False)
         except FileNotFoundError:
             raise RunError(f"run {run_id} was deleted while its encoder was exported") from None
-        return out, timm_snippet(RunConfig.load(paths.config).model, out)
+        return out, timm_snippet(model, out)
 
     # --- processes ----------------------------------------------------------------------------
 
@@ -398,7 +401,8 @@ class RunManager(QueuedRuns, TrainerWatch):
             process = proc.launch(command, paths.log,
                                   env=proc.clean_env(CUDA_VISIBLE_DEVICES=gpus) if gpus else None)
         except OSError as err:
-            why = (f"{paths.log} is not a regular file (a FIFO, a device or a folder): remove it"
+            why = (f"{paths.log} is not a regular file (a link, a FIFO, a device or a folder): "
+                   "remove it"
                    if isinstance(err, NotRegularFileError) else str(err))
             paths.write_status(state=RunState.FAILED,
                                error=f"the trainer could not be launched: {why}")

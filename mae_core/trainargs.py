@@ -205,13 +205,14 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
             resume = args.resume or (automatic and paths.last_ckpt.exists())
             if automatic and resume:  # a model flag is refused, finished or not
                 _require_same_model(cfg, overrides)
-                _stop_if_finished(cfg.with_overrides(**overrides), paths)
+                _stop_if_finished(cfg, cfg.with_overrides(**overrides), paths)
             return _continue_run(cfg, paths, resume, overrides, writer)
         if args.resume:
             raise ConfigError("resume", f"{paths.config} does not exist: nothing to resume")
         if writer:
             _require_new_run_folder(paths.root)
-    base = RunConfig.load(args.config) if args.config else RunConfig()
+    # Your own file, perhaps a link (dotfiles): a run's config.yaml is never read through one.
+    base = RunConfig.load(Path(args.config).resolve()) if args.config else RunConfig()
     resolved = base.with_overrides(**overrides).resolved()
     _require_launcher_world(resolved)
     _require_devices_free(resolved, Path(run_dir).parent if run_dir else Path(args.runs_dir))
@@ -233,10 +234,11 @@ def _continue_run(cfg: RunConfig, paths: RunPaths, resume: bool, overrides: dict
         raise ConfigError("resume", f"{paths.last_ckpt} does not exist: nothing to resume")
     if writer:
         _check_continuation(cfg, paths, resume, overrides)
+        wanted = cfg.with_overrides(**overrides)
         if resume:  # checked as the app's Resume checks it, before any write
-            _check_resumable(paths, cfg.with_overrides(**overrides))
+            wanted = _resume_config(paths, cfg, wanted)
         if overrides:  # e.g. --max-steps to extend a run; the ranks read it back
-            cfg, _ = _resolve_data(cfg.with_overrides(**overrides).resolved())
+            cfg, _ = _resolve_data(wanted.resolved())
             cfg.save(paths.config)
         if _record_process(paths, overrides):  # started by hand (the app clears it itself)
             _clear_stale_stop(paths)
@@ -245,12 +247,21 @@ def _continue_run(cfg: RunConfig, paths: RunPaths, resume: bool, overrides: dict
     return cfg, paths, resume
 
 
-def _stop_if_finished(cfg: RunConfig, paths: RunPaths) -> None:
-    """An automatic resume of a run that finished (or was stopped) at or past its max steps has
-    nothing to do: a requeued job that had ended, a script run once more. Every rank reads the
-    same files (the first process writes nothing in this case), so all exit together."""
-    if (paths.read_status().get("state") not in (RunState.FINISHED, RunState.STOPPED)
-            or cfg.train.max_steps < 0):
+def _stop_if_finished(trained: RunConfig, cfg: RunConfig, paths: RunPaths) -> None:
+    """An automatic resume of a run that finished (or was stopped) at or past its max steps, or
+    at its max epochs, has nothing to do: a requeued job that had ended, a script run once more.
+    Every rank reads the same files (the first process writes nothing in this case), so all exit
+    together. ``trained``: the config the run trained under; ``cfg``: with this command's flags."""
+    from mae_core.resumecheck import past_the_epoch_limit
+
+    status = paths.read_status()
+    try:
+        past_the_epoch_limit(status, trained, cfg, paths.root.name)
+    except RunError:
+        raise AlreadyFinished(f"{paths.root} already finished its {trained.train.max_epochs} "
+                              "epochs: nothing to do (give a higher --max-steps or --max-epochs "
+                              "to train it further)") from None
+    if status.get("state") not in (RunState.FINISHED, RunState.STOPPED) or cfg.train.max_steps < 0:
         return
     try:
         step = checkpoint_step(paths.last_ckpt, verify=False)  # the resume checks it in full
@@ -375,13 +386,16 @@ def _require_launcher_world(cfg: RunConfig) -> None:
                           f"--devices {per_node} --num-nodes <the number of nodes>")
 
 
-def _check_resumable(paths: RunPaths, cfg: RunConfig) -> None:
-    from mae_core.resumecheck import check_resumable
+def _resume_config(paths: RunPaths, trained: RunConfig, wanted: RunConfig) -> RunConfig:
+    """The config ``--resume`` continues the run under, checked as the app's Resume checks it."""
+    from mae_core.resumecheck import check_resumable, past_the_epoch_limit
 
     try:
+        cfg = past_the_epoch_limit(paths.read_status(), trained, wanted, paths.root.name)
         check_resumable(paths, cfg)
     except RunError as err:
         raise ConfigError("resume", str(err)) from None
+    return cfg
 
 
 def _resolve_data(cfg: RunConfig) -> tuple[RunConfig, DataSummary]:

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from mae_core import caches, datasource, prepared
+from mae_core.data import find_images
 from mae_core.rundir import RUN_DATA_NAME
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -199,3 +200,21 @@ def test_a_superseded_set_linked_into_the_cache_is_unlinked_never_followed(tmp_p
     assert not (cache / "photos-old.runs").is_symlink()
     assert (elsewhere / prepared.MANIFEST_NAME).is_file() and (elsewhere / "chunk-0-0.bin").is_file()
     assert [c.path for c in caches.cached_sets([])] == [new]
+
+
+def test_a_killed_preparations_partial_shards_go_at_the_next_preparation(tmp_path, cache):
+    """A Force stop during a large folder's preparation (SIGKILL to its process group) left its
+    ``.<set>.tmp-<pid>`` in the cache, partial shards up to the set's size, for good."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        _photo(folder / f"{i}.jpg", i)
+    target = prepared.cache_dir(str(folder), find_images(str(folder)), prepared.DEFAULT_SHORT_SIDE)
+    abandoned = target.parent / f".{target.name}.tmp-4242"
+    (abandoned / "chunk-0-0.bin").parent.mkdir(parents=True)
+    (abandoned / "chunk-0-0.bin").write_bytes(b"\0" * 1024)
+    other = target.parent / f".{target.name}x.tmp-4242"  # another set's: not this one's to remove
+    other.mkdir()
+    assert prepared.prepare_cached(str(folder), workers=1) == target
+    assert not abandoned.exists() and other.is_dir()
+    assert prepared.check_set(target)[0] is not None

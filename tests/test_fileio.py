@@ -130,3 +130,22 @@ def test_only_regular_files_are_opened_for_reading_and_a_fifo_never_blocks(tmp_p
     assert read_json(plain) == {"state": "running"}
     with pytest.raises(FileNotFoundError):
         open_regular(tmp_path / "missing")
+
+
+def test_a_link_in_a_files_place_is_never_followed_a_linked_folder_is(tmp_path):
+    """A run's file linked to one outside the runs folder was read (shown, served) and appended
+    to. A linked run folder (the app supports one) is still read through its link."""
+    outside = tmp_path / "secret.txt"
+    outside.write_text('{"password": "hunter2"}')
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "status.json").symlink_to(outside)
+    for append in (False, True):
+        with pytest.raises(NotRegularFileError, match="not a regular file"):
+            open_regular(run / "status.json", append=append)
+    assert read_json(run / "status.json") is None
+    assert outside.read_text() == '{"password": "hunter2"}'
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "status.json").write_text('{"state": "running"}')
+    (tmp_path / "linked").symlink_to(tmp_path / "real")
+    assert read_json(tmp_path / "linked" / "status.json") == {"state": "running"}

@@ -88,6 +88,18 @@ def test_a_replaced_file_starts_over_even_when_longer(metrics):
     assert steps.tolist() == [10, 11, 12, 13] and losses.tolist() == [0.5] * 4
 
 
+def test_a_link_or_a_fifo_in_the_files_place_is_no_curve(metrics, tmp_path):
+    """A link planted in a run folder showed the file it named (outside the runs folder) as the
+    run's curve; a FIFO is never opened (that blocks)."""
+    outside = tmp_path / "elsewhere.jsonl"
+    outside.write_text(line(1, loss=1.0) + line(2, loss=0.5))
+    metrics.symlink_to(outside)
+    assert MetricsReader(metrics).series("loss")[0].tolist() == []
+    metrics.unlink()
+    os.mkfifo(metrics)
+    assert MetricsReader(metrics).series("loss")[0].tolist() == []
+
+
 def test_a_removed_file_empties_the_reader(metrics):
     metrics.write_text(line(1, loss=1.0))
     reader = MetricsReader(metrics)

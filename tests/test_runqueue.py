@@ -102,8 +102,25 @@ def test_a_run_whose_train_log_is_a_fifo_fails_its_launch_in_words_without_freez
     status = manager.status(run_id)
     assert status["state"] == "failed"
     assert status["error"] == (f"could not start from the queue: the trainer could not be "
-                               f"launched: {log} is not a regular file (a FIFO, a device or a "
-                               "folder): remove it")
+                               f"launched: {log} is not a regular file (a link, a FIFO, a device "
+                               "or a folder): remove it")
+
+
+def test_a_train_log_linked_elsewhere_is_never_written_through(tmp_path):
+    """A link planted in a run folder in place of train.log: the launch appended the trainer's
+    output to the file it named, outside the runs folder."""
+    manager = RunManager(tmp_path / "runs")
+    run_id, _ = manager.enqueue(quick())
+    outside = tmp_path / "outside.log"
+    outside.write_text("someone else's file\n")
+    log = manager.paths(run_id).log
+    log.unlink(missing_ok=True)
+    log.symlink_to(outside)
+    assert manager.advance_queue() is None
+    status = manager.status(run_id)
+    assert status["state"] == "failed" and "(a link, a FIFO, a device or a folder)" in status["error"]
+    assert outside.read_text() == "someone else's file\n"
+    assert manager.paths(run_id).log_tail() == ""  # nor shown
 
 
 def test_queued_runs_start_back_to_back_across_an_app_restart_past_a_broken_one(tmp_path):

@@ -381,6 +381,16 @@ def test_a_run_trained_by_epochs_is_resumed_after_a_stop(manager):
     # One mean per epoch, over every step of both ranks: none for the stopped epoch's first part.
     assert [row["epoch"] for row in rows if "epoch_loss" in row] == list(range(10))
 
+    # Finished at its max epochs: Resume "towards 44 steps" ended at once, still at step 40.
+    with pytest.raises(RunError, match=f"run {run_id} finished its 10 epochs at step 40: raise "
+                                       "max steps above 40"):
+        manager.resume(run_id)
+    manager.resume(run_id, max_steps=44)  # the epoch limit that ended it goes
+    ended = wait_until_ended(manager, run_id)
+    assert ended["state"] == "finished" and ended["step"] == 44, ended
+    cfg = manager.config(run_id)
+    assert (cfg.train.max_steps, cfg.train.max_epochs) == (44, None)
+
 
 def test_unreadable_images_are_skipped_and_counted(tmp_path):
     folder = tmp_path / "data" / "nested"
@@ -582,6 +592,7 @@ def test_previews_are_listed_in_step_order_and_nothing_else(manager):
     (paths.previews / "notes.png").write_bytes(b"")
     (paths.previews / f".{paths.preview(30).name}.123.abcd1234.tmp").write_bytes(b"")
     paths.preview(40).mkdir()  # a folder named like one is no preview
+    paths.preview(50).symlink_to(paths.preview(0))  # a link is served from where it points
     assert manager.previews(paths.run_id) == [paths.preview(0), paths.preview(20), paths.preview(100)]
 
 

@@ -114,6 +114,33 @@ def test_an_automatic_resume_of_a_run_at_its_max_steps_has_nothing_to_do(tmp_pat
         _prepare("--run-dir", str(paths.root), "--auto-resume", "--preset", "vit-small")
 
 
+def test_a_run_that_ended_at_its_max_epochs_resumes_only_past_that_limit(tmp_path):
+    """Finished at max epochs 2 (step 8): ``--resume --max-steps 28`` ended at once, still at step
+    8, "finished"; a requeued ``--auto-resume`` trained nothing and finished again."""
+    from mae_core.fileio import atomic_write_json, read_json
+    from mae_core.trainargs import AlreadyFinished
+
+    for max_steps in (-1, 300):  # trained by epochs alone, or by both limits (epochs came first)
+        trained = RunConfig().with_overrides(max_steps=max_steps, max_epochs=2, image_size=32,
+                                             accelerator="cpu", devices=1)
+        paths = create_run(trained, run_dir=tmp_path / f"run{max_steps}", state="finished")
+        atomic_write_json(paths.status, {**read_json(paths.status), "step": 8})
+        paths.last_ckpt.write_bytes(b"checked after the limits")
+        run = ["--run-dir", str(paths.root)]
+        with pytest.raises(AlreadyFinished, match="already finished its 2 epochs: nothing to do"):
+            _prepare(*run, "--auto-resume")
+        for same in ([], ["--max-epochs", "2"], ["--max-steps", "-1"]):
+            with pytest.raises(ConfigError, match=r"resume: run .* finished its 2 epochs at step "
+                                                  r"8: raise max steps above 8 \(the epoch limit "
+                                                  "then goes\) or max epochs above 2"):
+                _prepare(*run, "--resume", *same)
+        assert RunConfig.load(paths.config) == trained  # nothing written
+        # Past the limit, it goes on to the checkpoint's own checks (this one is no checkpoint).
+        for further in (["--max-steps", "28"], ["--max-epochs", "3"]):
+            with pytest.raises(ConfigError, match="last.ckpt"):
+                _prepare(*run, "--resume", *further)
+
+
 def test_a_linked_run_folder_is_judged_by_the_name_the_app_lists(tmp_path):
     """The name check read the link's target: ``runs/my link`` → ``other/good`` trained where the
     app, which lists ``my link``, could not see it."""
@@ -279,3 +306,25 @@ def test_a_run_trained_on_another_host_is_refused_while_heard_from_unless_its_jo
         heard(seconds_ago, state)
         _prepare("--run-dir", str(paths.root))
         assert on_this_host(read_json(paths.process))
+
+
+def test_a_runs_config_linked_elsewhere_is_refused_your_own_linked_config_file_is_read(tmp_path):
+    """A config.yaml planted as a link in a run folder was read through it: every tab that loads
+    the config quoted the linked file's lines back in its "not valid YAML" message. The
+    ``--config`` you give is your own file, and may be a link (dotfiles)."""
+    mine = tmp_path / "dotfiles" / "mae.yaml"
+    mine.parent.mkdir()
+    RunConfig().with_overrides(max_steps=7, image_size=32, accelerator="cpu", devices=1).save(mine)
+    (tmp_path / "mae.yaml").symlink_to(mine)
+    cfg, paths, _ = _prepare("--config", str(tmp_path / "mae.yaml"), "--run-dir",
+                             str(tmp_path / "run"))
+    assert cfg.train.max_steps == 7
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("password: [hunter2\n")
+    paths.config.unlink()
+    paths.config.symlink_to(secret)
+    for load in (lambda: RunConfig.load(paths.config), lambda: _prepare("--run-dir", str(paths.root))):
+        with pytest.raises(ConfigError, match=r"is not a regular file \(a link,") as err:
+            load()
+        assert "hunter2" not in str(err.value)

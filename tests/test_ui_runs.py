@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from mae_core.config import ModelConfig, RunConfig, TrainConfig
+from mae_core.config import ConfigError, ModelConfig, RunConfig, TrainConfig
 from mae_core.evaljobs import EvaluationJob, Evaluations
 from mae_core.fileio import atomic_write_json
 from mae_core.model import MaskedAutoencoder
@@ -166,6 +166,13 @@ def test_export_refusals(ctx):
         runs.export_run(ctx, no_weights.run_id)
     with pytest.raises(UserError, match="Choose a run"):
         runs.export_run(ctx, None)
+    # A config it cannot read is refused before the encoder file is written, not after.
+    broken = make_run(ctx, "finished", step=5)
+    save_weights(MaskedAutoencoder(MODEL), broken.weights, step=5)
+    broken.config.write_text("model: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        runs.export_run(ctx, broken.run_id)
+    assert not broken.encoder.exists()
 
 
 def test_queued_runs_show_their_place_and_move(ctx):
