@@ -118,7 +118,8 @@ def test_a_train_log_linked_elsewhere_is_never_written_through(tmp_path):
     log.symlink_to(outside)
     assert manager.advance_queue() is None
     status = manager.status(run_id)
-    assert status["state"] == "failed" and "(a link, a FIFO, a device or a folder)" in status["error"]
+    assert status["state"] == "failed"
+    assert "(a link, a FIFO, a device or a folder)" in status["error"]
     assert outside.read_text() == "someone else's file\n"
     assert manager.paths(run_id).log_tail() == ""  # nor shown
 

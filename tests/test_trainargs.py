@@ -324,7 +324,8 @@ def test_a_runs_config_linked_elsewhere_is_refused_your_own_linked_config_file_i
     secret.write_text("password: [hunter2\n")
     paths.config.unlink()
     paths.config.symlink_to(secret)
-    for load in (lambda: RunConfig.load(paths.config), lambda: _prepare("--run-dir", str(paths.root))):
+    for load in (lambda: RunConfig.load(paths.config),
+                 lambda: _prepare("--run-dir", str(paths.root))):
         with pytest.raises(ConfigError, match=r"is not a regular file \(a link,") as err:
             load()
         assert "hunter2" not in str(err.value)
