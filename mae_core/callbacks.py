@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,9 @@ from mae_core.reconstruct import grid_image, reconstruct
 from mae_core.rundir import RunPaths, RunState
 from mae_core.slurm import note_requeue_signal, on_slurm, requeue_signal_seen
 from mae_core.weights import save_weights
+
+# Flushed rows the status panel's images/s, MFU and ETA are the median and pace of.
+RECENT_ROWS = 20
 
 PREVIEW_SEED = 0
 
@@ -80,6 +84,9 @@ class ProgressRecorder(pl.Callback):
         self._step_lr: float | None = None
         self._pending: list[tuple[dict[str, Any], torch.Tensor]] = []  # rows, their device loss
         self.last_row: dict[str, Any] | None = None  # the last flushed row (rank 0)
+        # The last flushed rows (rank 0): the status panel's speed and ETA are theirs, not the
+        # last step's alone (one step's rate swung 131 → 8 → 31 images/s on a busy machine).
+        self._recent: deque[dict[str, Any]] = deque(maxlen=RECENT_ROWS)
         self.flops_per_image: float | None = None  # training FLOPs of one image (rank 0)
         self.peak_flops: float | None = None  # one device's peak FLOP/s (rank 0)
         self._own: dict[str, Any] = {}  # the status fields this trainer owns while it lives
@@ -161,6 +168,7 @@ class ProgressRecorder(pl.Callback):
             for row in rows:
                 board_scalars(board, row)
         self.last_row = rows[-1]
+        self._recent.extend(rows)
         if now - self._last_status >= self.status_every_s:
             self._last_status = now
             self.write_progress(trainer)
@@ -178,18 +186,31 @@ class ProgressRecorder(pl.Callback):
         start (its state first): a status.json damaged or rewritten while it trains (by hand, or
         by an app that took it for dead) is made whole by the next write, not left "failed" with
         a live trainer behind it."""
-        row = self.last_row or {}
         if "state" in fields:
             self._own["state"] = fields["state"]
         if self._config_text and not self.paths.config.is_file():
             # Without it the folder is no run to the app: unlisted, unstoppable, and another run
             # could start on the devices this one holds.
             atomic_write_text(self.paths.config, self._config_text)
+        images_per_s = _median([row["images_per_s"] for row in self._recent])
         self.paths.write_status(
             step=trainer.global_step, total_steps=_total_steps(trainer), epoch=trainer.current_epoch,
-            loss=row.get("loss"), images_per_s=row.get("images_per_s"), mfu=row.get("mfu"),
+            loss=(self.last_row or {}).get("loss"), images_per_s=images_per_s,
+            mfu=mfu(images_per_s, self.flops_per_image, self.peak_flops, trainer.world_size)
+            if images_per_s is not None else None, step_s=_pace(self._recent),
             elapsed_s=self._elapsed_before + time.perf_counter() - self._fit_start,
             step_at=time.time(), **{**self._own, **fields})
+
+
+def _median(values: list[float]) -> float | None:
+    return float(np.median(values)) if values else None
+
+
+def _pace(rows: deque[dict[str, Any]]) -> float | None:
+    """Wall seconds per step over ``rows`` (evaluations and data waits included), or None."""
+    if len(rows) < 2 or rows[-1]["step"] <= rows[0]["step"]:
+        return None
+    return (rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]) / (rows[-1]["step"] - rows[0]["step"])
 
 
 def _text_or_empty(path: Path) -> str:

@@ -324,7 +324,11 @@ class RunConfig:
                                         "or a folder in its place); put back the config file"
                               ) from None
         except yaml.YAMLError as err:
-            raise ConfigError("config", f"{path} is not valid YAML: {err}") from None
+            # The parser's own text quotes the file's lines in its own words: where and what.
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            why = getattr(err, "problem", None) or "it cannot be parsed"
+            raise ConfigError("config", f"{path} is not valid YAML{where}: {why}") from None
         except UnicodeDecodeError:
             raise ConfigError("config", f"{Path(path).name} is not a text YAML file") from None
         except (ValueError, RecursionError) as err:  # a 5,000-digit number, 5,000 nested lists
@@ -385,6 +389,30 @@ class RunConfig:
             train = dataclasses.replace(
                 train, base_lr=train.learning_rate() * 256 / train.effective_batch_size)
         return RunConfig(model=self.model, train=train)
+
+
+# The fields resolved() fills for this machine and batch when "auto" (TrainConfig's default).
+AUTO_FIELDS = ("accelerator", "devices", "precision", "find_unused_parameters", "num_workers",
+               "base_lr")
+
+
+def with_auto_restored(cfg: RunConfig) -> RunConfig:
+    """``cfg`` (a run's resolved config) with each field of :data:`AUTO_FIELDS` that holds what
+    "auto" gives here back at "auto", for a new run to derive again from its own settings: a
+    copied base lr of 0.016 (auto's at batch 16) trained a batch of 256 at 16 times auto's rate,
+    and a copied ``accelerator: cpu`` kept a run off this machine's GPUs. A value auto would not
+    give here (set by hand, or another machine's) stays."""
+    auto = TrainConfig()
+    kept = {}
+    for name in AUTO_FIELDS:
+        default = getattr(auto, name)
+        try:
+            derived = getattr(cfg.with_overrides(**{name: default}).resolved().train, name)
+        except ConfigError:
+            continue
+        if derived == getattr(cfg.train, name):
+            kept[name] = default
+    return cfg.with_overrides(**kept)
 
 
 def _check_gpu_list(t: TrainConfig) -> None:

@@ -51,9 +51,16 @@ def progress_fraction(status: Mapping[str, Any]) -> float | None:
 
 
 def eta_seconds(status: Mapping[str, Any]) -> float | None:
-    """Seconds left at the run's average pace so far, or None when it cannot be told yet."""
+    """Seconds left at the run's recent pace (``step_s``, over its last steps), else at its
+    average pace so far; None when it cannot be told yet. (The average alone lagged: after a
+    resume on a slower machine it counted the faster session's steps too.)"""
     step, total, elapsed = status.get("step") or 0, status.get("total_steps"), status.get("elapsed_s")
-    if not isinstance(total, (int, float)) or total <= 0 or not elapsed or step <= 0:
+    if not isinstance(total, (int, float)) or total <= 0 or step <= 0:
+        return None
+    pace = status.get("step_s")
+    if _is_number(pace) and pace > 0:
+        return max(0.0, (total - step) * pace)
+    if not _is_number(elapsed) or elapsed <= 0:
         return None
     return max(0.0, (total - step) * elapsed / step)
 

@@ -99,11 +99,12 @@ class RunStatus:
     total_steps: int | None = None
     epoch: int | None = None
     loss: float | None = None  # the last step's loss (raw, one rank)
-    images_per_s: float | None = None
+    images_per_s: float | None = None  # the median of the last steps' (callbacks.RECENT_ROWS)
     mfu: float | None = None  # model FLOPs utilisation of the last step: achieved / peak FLOP/s
     flops_per_image: float | None = None  # training FLOPs (forward + backward) per image
     peak_flops: float | None = None  # peak FLOP/s of one device (a GPU, or one CPU process)
     elapsed_s: float | None = None  # training time, summed over resumes
+    step_s: float | None = None  # wall seconds per step over the last steps: the ETA's pace
     # time.time() of the last progress save after steps (the heartbeat moves ``updated`` only):
     # a live run with no step for long may be hung (mae_core.display.stalled_seconds).
     step_at: float | None = None

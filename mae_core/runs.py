@@ -387,9 +387,10 @@ class RunManager(QueuedRuns, TrainerWatch):
         if live is None:
             return
         if cfg.train.gpu_set is None:
-            raise RunError(f"run {live} is still live: stop it before starting or resuming another "
-                           "(a run on all the devices runs alone; runs that name disjoint GPUs, "
-                           "gpus=0,1 and gpus=2,3, may run together)")
+            gpus = (" (runs that name disjoint GPUs, gpus=0,1 and gpus=2,3, may run together)"
+                    if cfg.train.accelerator == "gpu" else "")
+            raise RunError(f"run {live} is still live on the devices this run needs: stop it, or "
+                           f"Queue this run to start when it ends{gpus}")
         raise RunError(f"run {live} is live on GPUs this run needs ({cfg.train.gpus}): stop it, "
                        "queue this run, or name other GPUs")
 

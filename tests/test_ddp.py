@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,12 @@ def test_ddp_clean_trains_with_plain_ddp(clean_run):
     assert status["step"] == 6
     assert isinstance(status["loss"], float) and math.isfinite(status["loss"])
     assert status["updated"] - 5 < status["step_at"] <= status["updated"]  # its last step's time
+    # The panel's speed is the last steps' median, its ETA their pace: not one step's swing.
+    rows = [row for row in paths.read_metrics() if "loss" in row]
+    assert status["images_per_s"] == pytest.approx(statistics.median(
+        row["images_per_s"] for row in rows))
+    assert status["step_s"] == pytest.approx(
+        (rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]) / (len(rows) - 1))
     losses = [row["loss"] for row in paths.read_metrics() if "loss" in row]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
     assert paths.weights.exists()

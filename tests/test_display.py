@@ -46,6 +46,15 @@ def test_eta_at_the_average_pace_so_far():
         assert eta_seconds(unknown) is None, unknown
 
 
+def test_eta_at_the_recent_pace_when_the_trainer_reports_it():
+    """After a resume on a slower machine the whole run's average counted the faster session's
+    steps too: at step 97 of 140 it said 1 min 02 s while the run needed 2 min."""
+    status = {"step": 97, "total_steps": 140, "elapsed_s": 60.0, "step_s": 2.8}
+    assert eta_seconds(status) == pytest.approx(43 * 2.8)
+    for unknown in (None, 0, "fast", math.nan):  # older trainers, hand-edited files
+        assert eta_seconds({**status, "step_s": unknown}) == pytest.approx(43 * 60 / 97)
+
+
 def test_progress_fraction_is_clamped_and_unknown_without_a_total():
     assert progress_fraction({"step": 50, "total_steps": 200}) == 0.25
     assert progress_fraction({"step": 300, "total_steps": 200}) == 1.0

@@ -207,7 +207,8 @@ def test_guarded_turns_a_refusal_into_the_fallback():
         return config_from_form({"batch_size": value})
 
     result = handler(2.5)
-    assert result["message"].startswith("Invalid setting, batch_size")
+    # Named as the form labels it, the field's own name beside it (for YAML files and the API).
+    assert result["message"].startswith("Invalid setting, batch size (per process) (batch_size): ")
     assert seen == [result["message"]]
     assert isinstance(handler(8), RunConfig)  # a good call returns its value
 

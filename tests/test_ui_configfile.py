@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mae_core.config import ConfigError, ModelConfig, RunConfig, TrainConfig
+from mae_core.config import MIN_AUTO_LR, ConfigError, ModelConfig, RunConfig, TrainConfig
 from mae_core.rundir import create_run
 from ui import configfile
-from ui.common import UserError, form_values, user_errors
+from ui.common import UserError, config_from_form, form_values, user_errors
 
 TINY = RunConfig(model=ModelConfig(image_size=32, patch_size=8),
                  train=TrainConfig(accelerator="cpu", devices=1, batch_size=4, max_steps=4,
@@ -33,9 +33,27 @@ def test_config_yaml_round_trips_into_the_form():
         configfile.config_yaml_file({**values, "batch_size": "abc"})
 
 
-def test_copy_a_runs_config_into_the_form(ctx):
-    paths = create_run(TINY.resolved(), runs_dir=ctx.manager.runs_dir)
-    assert configfile.form_from_run(ctx.manager, paths.run_id) == form_values(TINY.resolved())
+def test_copy_a_runs_config_into_the_form_with_what_was_auto_as_auto(ctx):
+    """A run saves what "auto" gave it (so a resume keeps its rate): copied as such, a base lr of
+    0.064 (auto's at batch 4) trained the next run's batch of 256 at 64 times auto's rate."""
+    ran = TINY.resolved()
+    assert ran.train.base_lr == pytest.approx(0.064) and ran.train.precision is not None
+    paths = create_run(ran, runs_dir=ctx.manager.runs_dir)
+    copied = configfile.form_from_run(ctx.manager, paths.run_id)
+    auto = form_values(RunConfig())
+    changed = {k for k, v in copied.items() if v != form_values(ran)[k]}
+    assert changed <= {"base_lr", "precision", "accelerator", "num_workers",
+                       "find_unused_parameters"}
+    for name in ("base_lr", "precision", "accelerator"):
+        assert copied[name] == auto[name], name
+    assert (copied["devices"], copied["batch_size"], copied["image_size"]) == (1, 4, 32)  # chosen
+    bigger = config_from_form({**copied, "batch_size": 256}).resolved().train
+    assert bigger.learning_rate() == pytest.approx(MIN_AUTO_LR)  # auto's at batch 256 (not 0.064)
+    # A value set by hand is no auto value: it stays.
+    own = create_run(TINY.with_overrides(base_lr=0.002, precision="32-true").resolved(),
+                     runs_dir=ctx.manager.runs_dir)
+    mine = configfile.form_from_run(ctx.manager, own.run_id)
+    assert (mine["base_lr"], mine["precision"]) == (0.002, "32-true")
     with pytest.raises(UserError):
         configfile.form_from_run(ctx.manager, None)
 

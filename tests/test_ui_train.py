@@ -99,6 +99,10 @@ def test_action_message_for_finished_failed_and_refused():
     failed = train.action_message(start, {"state": "failed", "step": 3,
                                           "error": "CUDA out of memory on rank 1"})
     assert "CUDA out of memory on rank 1" in failed and 'data-kind="error"' in failed
+    assert "Resume" not in failed  # no checkpoint: nothing to resume
+    killed = train.action_message(start, {"state": "failed", "step": 21, "resumable": True,
+                                          "error": "the trainer was killed by SIGKILL"})
+    assert "Resume continues from its last checkpoint" in killed  # said as a stop says it
     refused = train.action_message(train.failed_action("start", "Invalid setting, seed: too big"),
                                    {"state": "running"})
     assert "Invalid setting, seed: too big" in refused and 'data-kind="error"' in refused

@@ -51,7 +51,13 @@ def user_errors() -> tuple[type[Exception], ...]:
 def describe(err: BaseException, action: str = "") -> str:
     """``err`` in words for the page; an unexpected one is logged with its traceback."""
     if isinstance(err, ConfigError):
-        return f"Invalid setting, {err}"
+        # Named as the form labels it (a person never sees "max_steps"), the field's own name
+        # beside it for YAML files and the API.
+        hint = HINTS.get(err.field)
+        if hint is None or not hint.label:
+            return f"Invalid setting, {err}"
+        reason = str(err).removeprefix(f"{err.field}: ")
+        return f"Invalid setting, {hint.label} ({err.field}): {reason}"
     if isinstance(err, user_errors()):
         return str(err)
     from mae_core.fileio import is_disk_full

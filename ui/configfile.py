@@ -75,10 +75,12 @@ def form_from_run(manager: Any, run_id: str | None) -> dict[str, Any]:
     if not run_id:
         raise UserError("Choose a run whose config to copy.")
     from mae_core.channels import for_new_data
+    from mae_core.config import with_auto_restored
 
     # Channels and data set statistics are computed again at Start from the folder the form
-    # names: the same folder gives the same numbers, another one its own.
-    return form_values(for_new_data(manager.config(run_id)))
+    # names: the same folder gives the same numbers, another one its own. So is what was "auto"
+    # (the base lr for the batch, the devices): a copy is a new run's starting point.
+    return form_values(with_auto_restored(for_new_data(manager.config(run_id))))
 
 
 def build(c: dict[str, Any]) -> None:

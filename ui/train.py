@@ -97,7 +97,10 @@ def action_message(action: dict[str, Any] | None, status: dict[str, Any] | None)
             return render.notice("warn", f"Run `{run_id}` {status['error']}.")
         more = " Resume continues from its last checkpoint." if status.get("resumable") else ""
         return render.notice("info", f"Run `{run_id}` stopped at step {step}.{more}")
-    return render.notice("error", f"Run `{run_id}` {state}: {status.get('error') or 'see the log'}")
+    more = (" Resume continues from its last checkpoint (steps since it are trained again)."
+            if status.get("resumable") else "")
+    return render.notice("error", f"Run `{run_id}` {state}: {status.get('error') or 'see the log'}"
+                                  f"{more}")
 
 
 # --- the live view ----------------------------------------------------------------------------
