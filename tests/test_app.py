@@ -203,6 +203,7 @@ def test_resume_quotes_the_checkpoint_step_and_runs_to_the_new_end(server, run_s
     action = client.predict(run_state["id"], target, api_name="/resume")
     assert action["kind"] == "ok", action
     assert f"at step {run_state['stopped_at']}" in action["text"]  # the checkpoint's step
+    assert f"schedule now ends at step {target}" in action["text"]
     status = _wait_state(client, run_state["id"], {"finished", "failed", "stopped"})
     assert status["state"] == "finished", status
     assert status["step"] == target

@@ -66,9 +66,11 @@ def resume_run(manager: Any, run_id: str | None, until_step: Any) -> dict[str, A
     steps = as_int(until_step, "resume until step", optional=True) or None
     status = manager.resume(run_id, max_steps=steps)
     step = status.get("resumed_from_step", status.get("step", 0))
+    # A new end moves the learning rate's cosine decay with it: said, as the curve shows it.
+    schedule = (f" Its learning-rate schedule now ends at step {steps}." if steps else "")
     return {"action": "resume", "run_id": run_id, "kind": "ok",
             "text": f"Resumed `{run_id}` from its checkpoint at step {step} towards "
-                    f"{status.get('total_steps')} steps."}
+                    f"{status.get('total_steps')} steps.{schedule}"}
 
 
 def failed_action(action: str, message: str) -> dict[str, Any]:
