@@ -131,6 +131,11 @@ def test_pick_selected_follows_a_newly_live_run_but_keeps_a_choice():
     assert train.pick_selected(quiet, None, seen_live=None) == "b"  # the newest
     assert train.pick_selected(quiet, "gone", seen_live=None) == "b"
     assert train.pick_selected([], "gone", seen_live=None) is None
+    # An older run resumed since, and ended: a page opened now shows it, not a newer idle one.
+    heard = [{"run_id": "b", "state": "stopped", "created": 20, "updated": 25},
+             {"run_id": "a", "state": "finished", "created": 10, "updated": 90},
+             {"run_id": "c", "state": "failed", "updated": None, "created": "x"}]  # hand-edited
+    assert train.pick_selected(heard, None, seen_live=None) == "a"
 
 
 def test_button_states():

@@ -109,14 +109,22 @@ def action_message(action: dict[str, Any] | None, status: dict[str, Any] | None)
 
 def pick_selected(runs: list[dict[str, Any]], current: str | None, seen_live: str | None) -> str | None:
     """The run the tab shows: a newly live run (started here or elsewhere), else the current
-    choice, else the live run or the newest."""
+    choice, else the live run or the last one heard from (a page opened after a resumed run ended
+    showed a newer run it had never been about)."""
     ids = [s["run_id"] for s in runs]
     live = next((s["run_id"] for s in runs if s.get("state") in LIVE_STATES), None)
     if live is not None and live != seen_live:
         return live
     if current in ids:
         return current
-    return live or (ids[0] if ids else None)
+    if live is not None or not runs:
+        return live
+    return max(runs, key=lambda s: _number_or(s.get("updated"), _number_or(s.get("created"), 0))
+               )["run_id"]
+
+
+def _number_or(value: Any, default: float) -> float:
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else default
 
 
 def button_states(status: dict[str, Any] | None, any_live: bool) -> dict[str, dict[str, Any]]:
