@@ -508,5 +508,12 @@ def test_a_phone_sees_the_whole_chart_and_every_preview(browser_factory, server)
         page.get_by_role("tab", name="Train").click()
         page.wait_for_function(inside, arg=chart_fits)
         assert page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth + 1")
+        # Every tensor's reason, the Parameters tab's point, is in view: no sideways scroll.
+        page.get_by_role("tab", name="Parameters").click()
+        page.locator("#params-clean td.reason").first.wait_for()
+        reasons = page.evaluate("() => [...document.querySelectorAll('#params-clean td.reason')]"
+                                ".filter(td => td.getBoundingClientRect().width > 0)"
+                                ".map(td => td.getBoundingClientRect().right)")
+        assert reasons and max(reasons) <= 375, reasons
     finally:
         manager.delete(paths.run_id)

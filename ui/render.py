@@ -63,6 +63,15 @@ CSS = """
 .gradio-container .prose .mae-table, .gradio-container .prose .mae-table tr,
 .gradio-container .prose .mae-table th, .gradio-container .prose .mae-table td {
   border-color: var(--border-color-primary); }
+/* On a phone the reason (what the Parameters tab is for) sat a sideways scroll away in every table:
+   there each row is a card of its own (the cells say what they are without their header), the
+   name taking what the other cells leave, the reason on a line of its own under them. */
+@media (max-width: 640px) {
+  .mae-table, .mae-table tbody { display: block; }
+  .mae-table thead { display: none; }
+  .mae-table tr { display: grid; grid-template-columns: minmax(0, 1fr) repeat(3, max-content); }
+  .mae-table td.reason { grid-column: 1 / -1; min-width: 0; border-top: none; padding-bottom: 4px; }
+}
 .st-trainable { background: rgba(22, 163, 74, .14); }
 .st-frozen { background: rgba(37, 99, 235, .16); }
 .st-removed { background: rgba(220, 38, 38, .16); }
@@ -224,12 +233,13 @@ def audit_html(result: Any, groups: Iterable[Any]) -> str:
 def _group_html(group: Any, no_grad: list[str]) -> str:
     rows = "".join(_row_html(row, row.name in no_grad) for row in group.rows)
     counts = ", ".join(f"{status} {n:,}" for status, n in group.totals.items() if n)
-    head = "".join(f"<th>{h}</th>" for h in ("name", "shape", "count", "status", "reason"))
+    head = "".join(f"<th>{h}</th>" for h in ("name", "shape", "count", "status")
+                   ) + '<th class="reason">reason</th>'
     mark = " ⚑ DDP-relevant" if group.ddp_relevant else ""
     return (f'<details class="mae-group" data-group="{esc(group.title)}"'
             f'{" open" if group.ddp_relevant else ""}><summary><b>{esc(group.title)}</b>{mark} · '
             f'{len(group.rows)} tensors · {esc(counts)}</summary><div class="mae-table-wrap">'
-            f'<table class="mae-table"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
+            f'<table class="mae-table mae-audit"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
             "</div></details>")
 
 
@@ -262,9 +272,10 @@ def audit_diff_html(clean: Any, reference: Any) -> str:
                     f'<td class="reason">{esc(row.reason)}</td></tr>')
     if not rows:
         return '<div class="mae-box">Both policies treat every tensor the same way.</div>'
-    head = "".join(f"<th>{h}</th>" for h in ("tensor", "ddp-clean", "reference", "why"))
+    head = "".join(f"<th>{h}</th>" for h in ("tensor", "ddp-clean", "reference")
+                   ) + '<th class="reason">why</th>'
     return ('<div class="mae-box"><b>Where the policies differ</b><div class="mae-table-wrap">'
-            f'<table class="mae-table" style="margin-top:4px"><thead><tr>{head}</tr></thead>'
+            f'<table class="mae-table mae-diff" style="margin-top:4px"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table></div></div>')
 
 
