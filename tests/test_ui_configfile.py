@@ -92,13 +92,41 @@ def test_a_refused_download_takes_back_the_earlier_file(ctx):
     demo = build_app(ctx.manager)
     [download] = [f for f in demo.fns.values() if f.api_name == "download_config"]
     by_id = {getattr(block, "elem_id", None): block for block in demo.blocks.values()}
-    config_file, message = by_id["config-file"], by_id["train-message"]
+    config_file, message = by_id["config-file"], by_id["config-message"]
     values = form_values(TINY)
     good = download.fn(*(values[name] for name in FIELD_NAMES))
     assert Path(good[config_file]).is_file()
     bad = download.fn(*({**values, "batch_size": "abc"}[name] for name in FIELD_NAMES))
     assert "batch_size" in bad[message] and 'data-kind="error"' in bad[message]
     assert config_file in bad and bad[config_file] is None
+
+
+def test_the_accordion_reports_under_its_own_buttons(ctx, tmp_path):
+    """Copy, load and download answer in the accordion, under its buttons: the Train tab's
+    message sits about 1,000 px above them, where a refusal or a success went unseen."""
+    from ui import build_app
+    from ui.common import FIELD_NAMES
+
+    demo = build_app(ctx.manager)
+    by_id = {getattr(block, "elem_id", None): block for block in demo.blocks.values()}
+    message, accordion = by_id["config-message"], by_id["config-tools"]
+    assert message.parent is accordion
+    order = [getattr(child, "elem_id", None) for child in accordion.children]
+    assert order.index("config-message") > order.index("upload-config")  # under the buttons
+    handler = {f.api_name: f for f in demo.fns.values()}
+    for name in ("copy_config", "load_config", "download_config"):
+        outputs = handler[name].outputs
+        assert message in outputs and by_id["train-message"] not in outputs
+
+    paths = create_run(TINY.resolved(), runs_dir=ctx.manager.runs_dir)
+    assert "now holds the config of" in handler["copy_config"].fn(paths.run_id)[message]
+    assert 'data-kind="error"' in handler["copy_config"].fn(None)[message]
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"model: [unclosed\n")
+    assert "bad.yaml" in handler["load_config"].fn(str(bad))[message]
+    values = form_values(TINY)
+    written = handler["download_config"].fn(*(values[name] for name in FIELD_NAMES))
+    assert "Config written" in written[message]
 
 
 def test_a_non_text_file_is_refused_as_a_user_error(tmp_path):

@@ -137,6 +137,35 @@ def test_runs_that_hash_alike_still_get_different_colours():
     assert both[first] == run_colours([first])[first] and both[colliding] != both[first]
 
 
+def lab(colour: str) -> np.ndarray:
+    from skimage.color import rgb2lab
+
+    return rgb2lab(np.array([[[int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5)]]]))[0, 0]
+
+
+def difference(a: str, b: str) -> float:
+    """How different two colours look (CIEDE2000: about 2 is just noticeable, 20 is clear)."""
+    from skimage.color import deltaE_ciede2000
+
+    return float(deltaE_ciede2000(lab(a), lab(b)))
+
+
+def test_runs_shown_together_get_clearly_different_colours():
+    """Two overlaid runs were #e15759 and #d37295: a red and a pink hardly told apart."""
+    pairs = [(a, b) for i, a in enumerate(PALETTE) for b in PALETTE[i + 1:]]
+    assert min(difference(a, b) for a, b in pairs) > 20
+    # Mid-tones: neither lost on the white page nor on the dark one.
+    assert all(40 < lab(colour)[0] < 80 for colour in PALETTE)
+    ids = [f"2026{m:02d}{d:02d}-1{d % 10}0000-vit-tiny-ddp-clean" for m in (1, 6)
+           for d in range(1, 29)]
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        shown = list(rng.choice(ids, size=rng.integers(2, len(PALETTE) + 1), replace=False))
+        colours = list(run_colours(shown).values())
+        assert len(set(colours)) == len(shown)
+        assert min(difference(a, b) for i, a in enumerate(colours) for b in colours[i + 1:]) > 20
+
+
 def test_the_chart_colour_scale_follows_the_run(short_runs, tmp_path):
     third = "20261128-000000-vit-base-ddp-clean"
     readers = {**short_runs, third: MetricsReader(write_run(tmp_path / "c.jsonl", 300))}

@@ -274,6 +274,38 @@ def test_refresh_follows_the_live_run_unless_picked_by_hand(ctx, weights_file, s
     assert following["ckpt_pick"]["value"] == live.run_id
 
 
+def test_a_live_run_without_weights_yet_says_whose_weights_are_shown(ctx, weights_file, stand_in):
+    """Before the live run's first checkpoint the picker showed an older run's weights, and said
+    it followed the live run."""
+    older = make_run(ctx, weights_file)
+    live = make_run(ctx, None, state="starting")  # checkpoints every 100 steps, 4 in all
+    atomic_write_json(live.process, process_record(stand_in.pid))
+    live.write_status(state="running", step=1, total_steps=400)
+
+    out = reconstruct.refresh(ctx, None, True, None)
+    assert out["ckpt_pick"]["value"] == older.run_id
+    assert out["ckpt_pick"]["info"] == (f"run {live.run_id} is training: its first weights come "
+                                        f"at step 100; showing run {older.run_id}'s")
+    assert "ckpt_pick" not in reconstruct.refresh(ctx, None, True, out["sig"])  # said once
+    live.write_status(state="running", step=2, total_steps=40)  # fewer steps than the interval
+    assert "at step 40;" in reconstruct.refresh(ctx, None, True, out["sig"])["ckpt_pick"]["info"]
+
+    # Its first weights saved: the picker follows it, and says so as before.
+    live.weights.write_bytes(weights_file.read_bytes())
+    out = reconstruct.refresh(ctx, None, True, out["sig"])
+    assert out["ckpt_pick"]["value"] == live.run_id
+    assert out["ckpt_pick"]["info"] == reconstruct.FOLLOWS
+
+
+def test_a_live_run_and_no_weights_anywhere_says_so(ctx, stand_in):
+    live = make_run(ctx, None, state="starting")  # 4 steps: its weights come at the last one
+    atomic_write_json(live.process, process_record(stand_in.pid))
+    out = reconstruct.refresh(ctx, None, True, None)
+    assert out["ckpt_pick"]["value"] is None
+    assert out["ckpt_pick"]["info"] == (f"run {live.run_id} is starting: its first weights come "
+                                        "at step 4; no other run has weights to show")
+
+
 def test_refresh_without_a_live_run_offers_the_newest(ctx, weights_file):
     first = make_run(ctx, weights_file)
     second = make_run(ctx, weights_file, state="finished")

@@ -111,6 +111,36 @@ def test_refresh_with_no_runs_or_a_vanished_pick(ctx):
     assert out["pick"]["value"] == paths.run_id
 
 
+def test_buttons_that_could_only_refuse_are_greyed_out(ctx, tmp_path):
+    """Sooner and Later were enabled for a finished run (then said "not queued"), and Open,
+    Export and Evaluate with no run at all."""
+    def usable(out):
+        return {name for name in ("open", "export", "evaluate", "delete", "sooner", "later")
+                if out[name]["interactive"]}
+
+    assert usable(runs.refresh(ctx, None, None)) == set()  # no run
+    finished = make_run(ctx, "finished", step=4)
+    assert usable(runs.refresh(ctx, finished.run_id, None)) == {"open", "evaluate", "delete"}
+    weights = tmp_path / "model.safetensors"
+    save_weights(MaskedAutoencoder(MODEL), weights, step=4)
+    finished.weights.write_bytes(weights.read_bytes())
+    assert usable(runs.refresh(ctx, finished.run_id, None)) == {"open", "export", "evaluate",
+                                                                "delete"}
+    queued = make_run(ctx, "queued")
+    out = runs.refresh(ctx, queued.run_id, None)
+    assert usable(out) == {"open", "evaluate", "delete", "sooner", "later"}
+    back = runs.refresh(ctx, finished.run_id, out["sig"])  # only what changed is sent
+    assert {name: update["interactive"] for name, update in back.items()
+            if name in ("export", "sooner", "later")} == {"export": True, "sooner": False,
+                                                          "later": False}
+    assert "open" not in back and "delete" not in back
+    # The handlers still refuse in words: an API client can press any of them.
+    with pytest.raises(RunError, match="not queued"):
+        runs.move_in_queue(ctx, finished.run_id, -1)
+    with pytest.raises(UserError, match="Choose a run"):
+        runs.export_run(ctx, None)
+
+
 def test_delete_asks_first_then_deletes(ctx):
     keep = make_run(ctx, "finished", step=4)
     doomed = make_run(ctx, "stopped", step=2)

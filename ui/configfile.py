@@ -3,7 +3,8 @@ file to download, or copy an existing run's config into the form.
 
 The plain functions take and return plain values (tests call them without a server); :func:`build`
 lays out the "config file" accordion inside the Train form and :func:`wire` its events, which fill
-the form's fields and report in the Train tab's message.
+the form's fields and report in the accordion's own message, under its buttons (the Train tab's
+message sits a screen above them, where a refusal went unseen).
 """
 
 from __future__ import annotations
@@ -92,37 +93,39 @@ def build(c: dict[str, Any]) -> None:
             c["download_config"] = gr.Button("Download the form as YAML", elem_id="download-config")
         c["upload_config"] = gr.UploadButton("Load a config YAML into the form",
                                              file_types=[".yaml", ".yml"], elem_id="upload-config")
+        c["config_message"] = gr.HTML(elem_id="config-message")
         c["config_file"] = gr.File(label="config.yaml", interactive=False, elem_id="config-file")
 
 
 def wire(ctx: AppContext, c: dict[str, Any], fields: list[Any]) -> None:
     """The accordion's events; ``fields`` are the form's widgets in :data:`FIELD_NAMES` order, and
-    ``c["run_pick"]`` (the run copied from) and ``c["message"]`` (where they report) exist."""
+    ``c["run_pick"]`` (the run copied from) and :func:`build`'s components exist."""
+    message = c["config_message"]
     to_fields = lambda values: [values[name] for name in FIELD_NAMES]  # noqa: E731
-    notice_only = lambda text: {c["message"]: render.notice("error", text)}  # noqa: E731
+    notice_only = lambda text: {message: render.notice("error", text)}  # noqa: E731
 
     @guarded("copying the run's config", notice_only)
     def on_copy(run_id: str | None) -> dict:
         values = to_fields(form_from_run(ctx.manager, run_id))
         note = render.notice("ok", f"The form now holds the config of `{run_id}`.")
-        return {**dict(zip(fields, values)), c["message"]: note}
+        return {**dict(zip(fields, values)), message: note}
 
     @guarded("loading the config file", notice_only)
     def on_upload(file: Any) -> dict:
         path = getattr(file, "name", file)
         values = to_fields(form_from_yaml(path))
         note = render.notice("ok", f"The form now holds the config from `{Path(path).name}`.")
-        return {**dict(zip(fields, values)), c["message"]: note}
+        return {**dict(zip(fields, values)), message: note}
 
     # A refused form takes back the file of an earlier download: it is not this form's config.
     @guarded("writing the config file", lambda text: {c["config_file"]: None,
                                                       **notice_only(text)})
     def on_download(*values: Any) -> dict:
         return {c["config_file"]: config_yaml_file(dict(zip(FIELD_NAMES, values))),
-                c["message"]: render.notice("ok", "Config written: download it below the buttons.")}
+                message: render.notice("ok", "Config written: download it below.")}
 
-    c["copy_config"].click(on_copy, c["run_pick"], [*fields, c["message"]], api_name="copy_config")
-    c["upload_config"].upload(on_upload, c["upload_config"], [*fields, c["message"]],
+    c["copy_config"].click(on_copy, c["run_pick"], [*fields, message], api_name="copy_config")
+    c["upload_config"].upload(on_upload, c["upload_config"], [*fields, message],
                               api_name="load_config")
-    c["download_config"].click(on_download, fields, [c["config_file"], c["message"]],
+    c["download_config"].click(on_download, fields, [c["config_file"], message],
                                api_name="download_config")

@@ -22,8 +22,10 @@ from mae_core.metrics import HEADLINE_KNN_K, HEADLINE_KNN_TOP1, MetricsReader, t
 from ui.altair_spec import VegaLiteChart
 
 MAX_POINTS = 1000  # per curve
-# Strong mid-tones that stay distinct on light and dark backgrounds (Tableau's, without its grey).
-PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#59a14f", "#b07aa1", "#76b7b2", "#9c755f", "#d37295")
+# Mid-tones that read on light and dark backgrounds, each pair far apart (CIEDE2000 over 23):
+# Tableau's own had a red and a pink, a pink and a purple, that two overlaid runs could not tell
+# apart.
+PALETTE = ("#1f77b4", "#ff7f0e", "#009e73", "#d62728", "#9467bd", "#17becf", "#bcbd22", "#ff9da7")
 METRICS = display.METRICS
 AXIS_FORMATS = {"loss": ".3~g", "lr": ".1e", "images_per_s": ",.0f"}
 # Gradio's plot draws with Vega-Lite 5 (5.23 in Gradio 6.31).

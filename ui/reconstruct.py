@@ -20,7 +20,7 @@ from typing import Any
 import gradio as gr
 
 from mae_core.composite import STRETCH_CHOICES
-from mae_core.rundir import LIVE_STATES, preview_step
+from mae_core.rundir import LIVE_STATES, RunState, preview_step
 from ui import render
 from ui.common import (AppContext, FieldNumber, FieldSlider, UserError, as_bool, as_float,
                        as_ratio, as_run_id, as_seed, guarded)
@@ -28,6 +28,7 @@ from ui.common import (AppContext, FieldNumber, FieldSlider, UserError, as_bool,
 MAX_IMAGES = 16  # per request: each is a forward pass and up to seven pictures
 NUM_SAMPLE_IMAGES = 3
 HIDDEN = "hidden"
+FOLLOWS = "follows the live run unless you pick one"  # the checkpoint picker's line under it
 
 
 @dataclass
@@ -92,13 +93,45 @@ def reconstruct_files(ctx: AppContext, files: Any, use_samples: bool, run_id: st
                              render.notice(kind, text))
 
 
-def checkpoint_choices(ctx: AppContext) -> tuple[list[tuple[str, str]], str | None]:
-    """Runs with weights (label, id) and the default: the live run's weights, else the newest."""
-    runs = [s for s in ctx.manager.list() if ctx.manager.paths(s["run_id"]).weights.exists()]
+def checkpoint_choices(ctx: AppContext, statuses: list[dict[str, Any]] | None = None
+                       ) -> tuple[list[tuple[str, str]], str | None]:
+    """Runs with weights (label, id) and the default: the live run's weights, else the newest.
+    ``statuses``: every run's, newest first, if listed already."""
+    statuses = ctx.manager.list() if statuses is None else statuses
+    runs = [s for s in statuses if _has_weights(ctx, s)]
     choices = [(f"{s['run_id']}{' · live' if s.get('state') in LIVE_STATES else ''}", s["run_id"])
                for s in runs]
     live = next((s["run_id"] for s in runs if s.get("state") in LIVE_STATES), None)
     return choices, live or (runs[0]["run_id"] if runs else None)
+
+
+def _has_weights(ctx: AppContext, status: dict[str, Any]) -> bool:
+    return ctx.manager.paths(status["run_id"]).weights.exists()
+
+
+def picker_info(ctx: AppContext, statuses: list[dict[str, Any]], value: str | None) -> str:
+    """The line under the checkpoint picker. Before the live run's first checkpoint it has no
+    weights, and the picker shows another run's: said, so they are not taken for the live run's."""
+    live = next((s for s in statuses if s.get("state") in LIVE_STATES), None)
+    if live is None or _has_weights(ctx, live):
+        return FOLLOWS
+    shown = f"showing run {value}'s" if value else "no other run has weights to show"
+    if live.get("state") == RunState.STOPPING:
+        return f"run {live['run_id']} is stopping: its weights come as it stops; {shown}"
+    doing = "starting" if live.get("state") == RunState.STARTING else "training"
+    return (f"run {live['run_id']} is {doing}: its first weights come at "
+            f"{_first_weights(ctx, live)}; {shown}")
+
+
+def _first_weights(ctx: AppContext, status: dict[str, Any]) -> str:
+    """When a run without weights saves its first: its next checkpoint, or its last step."""
+    try:
+        every = ctx.manager.config(status["run_id"]).train.checkpoint_every_n_steps
+    except Exception:  # noqa: BLE001 - an unreadable config: the note goes on without the step
+        return "its first checkpoint"
+    step = (int(status.get("step") or 0) // every + 1) * every
+    total = status.get("total_steps")
+    return f"step {min(step, total) if isinstance(total, int) and total > 0 else step}"
 
 
 def preview_items(ctx: AppContext, run_id: str | None, limit: int = 24) -> list[tuple[str, str]]:
@@ -160,21 +193,23 @@ def reconstruct_history(ctx: AppContext, run_id: str | None, step: Any, mask_rat
 
 def refresh(ctx: AppContext, current: str | None, follow: bool, sig: dict | None) -> dict[str, Any]:
     """The slow refresh: checkpoint choices (following the live run unless one was picked by
-    hand) and previews, each only when it changed."""
+    hand) with the picker's line (:func:`picker_info`) and previews, each only when it changed."""
     sig = dict(sig or {})
-    choices, default = checkpoint_choices(ctx)
+    statuses = ctx.manager.list()
+    choices, default = checkpoint_choices(ctx, statuses)
     values = [c[1] for c in choices]
     value = default if follow or current not in values else current
+    info = picker_info(ctx, statuses, value)
     out: dict[str, Any] = {}
-    if (choices, value) != sig.get("ckpt"):
-        out["ckpt_pick"] = gr.update(choices=choices, value=value)
+    if (choices, value, info) != sig.get("ckpt"):
+        out["ckpt_pick"] = gr.update(choices=choices, value=value, info=info)
     items = preview_items(ctx, value)
     if items != sig.get("previews"):
         out["previews"] = items
     history = history_slider(ctx, value)
     if history != sig.get("history"):
         out["history_step"] = history
-    sig.update(ckpt=(choices, value), previews=items, history=history)
+    sig.update(ckpt=(choices, value, info), previews=items, history=history)
     out["sig"] = sig
     return out
 
@@ -191,7 +226,7 @@ def build(ctx: AppContext) -> dict[str, Any]:
             c["use_samples"] = gr.Checkbox(False, label="use the sample photos", elem_id="use-samples")
             c["ckpt_pick"] = gr.Dropdown([], value=None, label="checkpoint (a run's latest weights)",
                                          elem_id="ckpt-pick", allow_custom_value=True,
-                                         info="follows the live run unless you pick one")
+                                         info=FOLLOWS)
             c["ratio"] = FieldSlider(0.05, 0.95, value=0.75, step=0.05, label="mask ratio",
                                      elem_id="recon-ratio")
             c["seed"] = FieldNumber(0, label="mask seed (same seed = same mask on every checkpoint)",

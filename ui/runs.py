@@ -223,10 +223,21 @@ def saved_result(ctx: AppContext, run_id: str | None) -> dict[str, Any] | None:
     return read_result(ctx.manager.paths(run_id).root) if run_id else None
 
 
+def button_states(ctx: AppContext, run_id: str | None, state: str | None) -> dict[str, bool]:
+    """Which of the run buttons the picked run (``state``: its state) can use. A button that could
+    only refuse is greyed out; the handlers still refuse in words (an API client calls them)."""
+    picked = run_id is not None
+    queued = state == RunState.QUEUED
+    return {"open": picked, "evaluate": picked,
+            "export": picked and ctx.manager.paths(run_id).weights.exists(),
+            "delete": picked and state not in LIVE_STATES, "sooner": queued, "later": queued}
+
+
 def refresh(ctx: AppContext, current: str | None, sig: dict | None,
             evaluations: Evaluations | None = None) -> dict[str, Any]:
-    """The runs table and the run chooser, when they changed; Delete only for a run that is not
-    live; the running evaluation's progress (:func:`evaluation_progress`)."""
+    """The runs table and the run chooser, when they changed; the run buttons usable for the
+    picked run (:func:`button_states`); the running evaluation's progress
+    (:func:`evaluation_progress`)."""
     sig = dict(sig or {})
     runs = ctx.manager.list()
     ids = [s["run_id"] for s in runs]
@@ -244,10 +255,11 @@ def refresh(ctx: AppContext, current: str | None, sig: dict | None,
     if stamp != sig.get("evaluation"):
         out["evaluation"] = evaluation_html(saved)
     state = next((s.get("state") for s in runs if s["run_id"] == value), None)
-    deletable = value is not None and state not in LIVE_STATES
-    if deletable != sig.get("deletable"):
-        out["delete"] = gr.update(interactive=deletable)
-    sig.update(rows=rows, pick=(ids, value), deletable=deletable, ids=ids, evaluation=stamp)
+    enabled = button_states(ctx, value, state)
+    for name, on in enabled.items():
+        if on != (sig.get("enabled") or {}).get(name):
+            out[name] = gr.update(interactive=on)
+    sig.update(rows=rows, pick=(ids, value), enabled=enabled, ids=ids, evaluation=stamp)
     out.update(evaluation_progress(evaluations, sig))
     out["sig"] = sig
     return out
@@ -265,12 +277,16 @@ def build(ctx: AppContext) -> dict[str, Any]:
         c["refresh"] = gr.Button("Refresh", scale=1, min_width=90, elem_id="refresh-btn")
         # Short labels: at 800 px "Open in Train & Reconstruct" took three lines (Open shows the
         # run in the Train and Reconstruct tabs and switches to Train).
-        c["open"] = gr.Button("Open", scale=1, min_width=90, elem_id="open-btn")
-        c["export"] = gr.Button("Export encoder", scale=1, min_width=120, elem_id="export-btn")
+        # Every run button starts greyed out: the first refresh enables what the picked run allows.
+        c["open"] = gr.Button("Open", scale=1, min_width=90, interactive=False, elem_id="open-btn")
+        c["export"] = gr.Button("Export encoder", scale=1, min_width=120, interactive=False,
+                                elem_id="export-btn")
     with gr.Row():
         # Move the chosen queued run up or down the queue (its place shows in the table's state).
-        c["sooner"] = gr.Button("Sooner", scale=1, min_width=90, elem_id="sooner-btn")
-        c["later"] = gr.Button("Later", scale=1, min_width=90, elem_id="later-btn")
+        c["sooner"] = gr.Button("Sooner", scale=1, min_width=90, interactive=False,
+                                elem_id="sooner-btn")
+        c["later"] = gr.Button("Later", scale=1, min_width=90, interactive=False,
+                               elem_id="later-btn")
         c["confirm"] = gr.Checkbox(False, label="yes, delete this run's files (or its place in "
                                    "the queue)", scale=3, elem_id="confirm-delete")
         c["delete"] = gr.Button("Delete run", variant="stop", scale=1, min_width=110,
@@ -280,7 +296,8 @@ def build(ctx: AppContext) -> dict[str, Any]:
                                     "empty: the demo set)", scale=3, elem_id="eval-data")
         c["eval_linear"] = gr.Checkbox(False, label="linear probe too", scale=1,
                                        elem_id="eval-linear")
-        c["evaluate"] = gr.Button("Evaluate", scale=1, min_width=110, elem_id="evaluate-btn")
+        c["evaluate"] = gr.Button("Evaluate", scale=1, min_width=110, interactive=False,
+                                  elem_id="evaluate-btn")
     c["message"] = gr.HTML(elem_id="runs-message")
     c["evaluation"] = gr.HTML(elem_id="runs-evaluation")
     with gr.Row():
@@ -326,7 +343,8 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
 
     c["refresh_event"] = dict(fn=on_refresh, inputs=[c["pick"], c["sig"]],
                               outputs=[c["table"], c["pick"], c["delete"], c["compare"]["runs"],
-                                       c["evaluation"], c["sig"], c["message"]],
+                                       c["evaluation"], c["sig"], c["message"], c["sooner"],
+                                       c["later"], c["open"], c["export"], c["evaluate"]],
                               show_progress="hidden")
     # Asked for by a person (or an API client): every part, changed or not.
     gr.on([c["refresh"].click, c["pick"].input], lambda current: on_refresh(current, None),
