@@ -354,7 +354,7 @@ def test_parameter_audit_of_a_run_uses_its_geometry(server, run_state):
     *_, message = server["client"].predict("", "resnet50", 32, 8, api_name="/audit")
     assert "preset" in message
     *_, message = server["client"].predict("", ["vit-tiny"], 32, 8, api_name="/audit")
-    assert "preset: choose one of" in message  # was "Internal error … unhashable type: 'list'"
+    assert "(preset): choose one of" in message  # was "Internal error … unhashable type: 'list'"
     *_, message = server["client"].predict(["x"], "vit-tiny", 32, 8, api_name="/audit")
     assert "a run id is text" in message
 
