@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -55,5 +56,8 @@ def test_every_step_line_and_the_status_carry_mfu(tmp_path):
         achieved = row["images_per_s"] * status["flops_per_image"]
         assert row["mfu"] == pytest.approx(achieved / status["peak_flops"])
     assert math.isfinite(status["mfu"]) and 0 < status["mfu"] <= 1.5
-    assert status["mfu"] == steps[-1]["mfu"]  # the panel shows the last step's
+    # The panel shows the last steps' median, not one step's swing (a 4-step run: all four).
+    assert status["mfu"] == pytest.approx(statistics.median(row["mfu"] for row in steps))
+    assert status["images_per_s"] == pytest.approx(
+        statistics.median(row["images_per_s"] for row in steps))
 
