@@ -1,4 +1,5 @@
-"""The run directory: where a run's files live, what ``status.json`` may hold, and creating a run.
+"""The run directory: where a run's files live, and creating a run (what ``status.json`` may
+hold is :mod:`mae_core.runstatus`).
 
 :class:`RunPaths` names every file of a run; no other module spells one. ``checkpoints/<run-id>/``
 (:data:`DEFAULT_RUNS_DIR`) holds ``config.yaml`` (the resolved config; the file that makes a folder a
@@ -14,7 +15,6 @@ manager and the trainer alike.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import re
@@ -23,31 +23,19 @@ import threading
 import time
 import zipfile
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mae_core.checks import shown
 from mae_core.fileio import atomic_write_json, atomic_write_text, open_regular, read_json
 from mae_core.process import process_record, process_start_time  # noqa: F401 - re-exported
+from mae_core.runstatus import (DAMAGED_STATUS, LIVE_STATES, STATES,  # noqa: F401 - re-exported
+                                STATUS_FIELDS, UNREADABLE_STATUS, RunState, RunStatus,
+                                check_status_fields, state_unknown, status_from_json)
 
 if TYPE_CHECKING:
     from mae_core.config import RunConfig
 
-class RunState(StrEnum):
-    """A run's state in status.json. A str: it is written to JSON and compared as its text."""
-
-    QUEUED = "queued"  # made, waiting in the queue for the devices
-    STARTING = "starting"  # a trainer is being launched (or resumed)
-    RUNNING = "running"
-    STOPPING = "stopping"  # asked to stop: it does after its current step
-    STOPPED = "stopped"  # by a Stop, a SIGINT or a SLURM requeue, with a checkpoint to resume
-    FINISHED = "finished"  # reached its max steps (or epochs)
-    FAILED = "failed"  # ended otherwise; ``error`` says why
-
-
-STATES = tuple(RunState)
-LIVE_STATES = frozenset({RunState.STARTING, RunState.RUNNING, RunState.STOPPING})
 # Longest directory name most file systems accept (bytes); a longer run id names no run.
 NAME_MAX = 255
 # Where runs live unless the app, the trainer or a tool is told otherwise.
@@ -59,9 +47,6 @@ RUN_DATA_NAME = "data.json"
 # What Lightning's resume reads from a checkpoint (a run's trainer saves every one of them).
 LIGHTNING_CHECKPOINT_KEYS = frozenset({"state_dict", "global_step", "epoch", "loops",
                                        "optimizer_states", "pytorch-lightning_version"})
-# What read_status says where status.json cannot say the run's state (:func:`state_unknown`).
-UNREADABLE_STATUS = "status.json is missing or unreadable"
-DAMAGED_STATUS = "status.json is damaged"
 _RUN_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=@,-]*")
 # _RUN_ID and NAME_MAX in words, for every message that refuses a name.
 RUN_ID_RULE = (f"ASCII letters, digits and _ . + = @ , - (not first: . + = @ , -), "
@@ -77,106 +62,6 @@ _STATUS_WRITE = threading.RLock()  # re-entrant: a signal handler may write in t
 
 class RunError(RuntimeError):
     """A request the run manager refuses; the message says why, for a person to read."""
-
-
-@dataclass
-class RunStatus:
-    """Every field ``status.json`` may hold; both the run manager and the trainer write through it.
-
-    The run manager adds two fields when it reports a run, never stored: ``stop_requested`` (a
-    ``STOP`` file is present) and ``resumable`` (stopped or failed, with a checkpoint).
-    """
-
-    run_id: str = ""
-    state: str = RunState.STARTING
-    created: float | None = None  # time.time() when the run directory was made
-    updated: float | None = None  # time.time() of the last write; a remote run's sign of life
-    preset: str | None = None
-    policy: str | None = None
-    pid: int | None = None  # the trainer's rank-0 process (process.json has its start time)
-    world_size: int | None = None
-    step: int = 0  # optimizer steps completed
-    total_steps: int | None = None
-    epoch: int | None = None
-    loss: float | None = None  # the last step's loss (raw, one rank)
-    images_per_s: float | None = None  # the median of the last steps' (callbacks.RECENT_ROWS)
-    mfu: float | None = None  # model FLOPs utilisation of the last step: achieved / peak FLOP/s
-    flops_per_image: float | None = None  # training FLOPs (forward + backward) per image
-    peak_flops: float | None = None  # peak FLOP/s of one device (a GPU, or one CPU process)
-    elapsed_s: float | None = None  # training time, summed over resumes
-    step_s: float | None = None  # wall seconds per step over the last steps: the ETA's pace
-    # time.time() of the last progress save after steps (the heartbeat moves ``updated`` only):
-    # a live run with no step for long may be hung (mae_core.display.stalled_seconds).
-    step_at: float | None = None
-    data_files: int | None = None  # image files the data scan found before the launch
-    images: int | None = None  # images the trainer could read
-    skipped_files: int | None = None  # image files it could not
-    resumed_from_step: int | None = None  # the checkpoint's step the last resume started from
-    error: str | None = None  # why it failed or was stopped by force
-    # The SLURM job that requeued itself to continue this run at its next start (stopped by its
-    # requeue signal); the app refuses to resume the run while that job waits.
-    requeued_job: str | None = None
-    # The app process that set it "starting" (a process record): gone before a trainer was
-    # recorded, the launch never comes, and the run is dead at once whatever the clock says.
-    launcher: dict[str, Any] | None = None
-    log_tail: str | None = None  # the end of train.log when it failed
-
-    @classmethod
-    def fields(cls) -> frozenset[str]:
-        return frozenset(f.name for f in dataclasses.fields(cls))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunStatus:
-        """The record of a status dict; fields this version does not define are dropped."""
-        known = cls.fields()
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-STATUS_FIELDS = RunStatus.fields()
-
-
-_STATUS_TYPES = {f.name: str(f.type) for f in dataclasses.fields(RunStatus)}
-# The largest magnitude a number in status.json may have: far beyond any step, count or second a
-# run reaches, yet small enough for every reader's float arithmetic (a 400-digit integer is not).
-_MAX_MAGNITUDE = 1e15
-# A device's peak FLOP/s and the FLOPs per image of a large model can pass 1e15 honestly.
-_MAX_MAGNITUDES = {"peak_flops": 1e21, "flops_per_image": 1e21}
-
-
-def _well_typed(name: str, value: Any) -> bool:
-    """Whether ``value`` has the type :class:`RunStatus` declares for ``name`` (bool is no number)
-    and, if a number, a finite one in a sane range."""
-    kind = _STATUS_TYPES[name]
-    if value is None:
-        return kind.endswith("| None")
-    if isinstance(value, bool):
-        return False
-    if kind.startswith("str"):
-        return isinstance(value, str)
-    if kind.startswith("dict"):
-        return isinstance(value, dict)
-    if kind.startswith("int") or isinstance(value, int):
-        return isinstance(value, int) and _in_range(name, value)
-    if name == "loss" and isinstance(value, float):
-        return True  # NaN or huge too: a diverged run's loss is news, not damage
-    return isinstance(value, float) and _in_range(name, value)
-
-
-def _in_range(name: str, value: float) -> bool:
-    """Within the field's bound: False for NaN and infinities; exact for any integer (Python
-    compares an int with a float without converting it, so a 400-digit one cannot overflow)."""
-    limit = _MAX_MAGNITUDES.get(name, _MAX_MAGNITUDE)
-    return -limit <= value <= limit
-
-
-def check_status_fields(fields: dict[str, Any]) -> None:
-    """Refuse a field :class:`RunStatus` does not define, or a state not in STATES (a bug)."""
-    unknown = sorted(set(fields) - STATUS_FIELDS)
-    if unknown:
-        raise ValueError(f"status.json has no field {', '.join(unknown)} "
-                         f"(RunStatus defines {', '.join(sorted(STATUS_FIELDS))})")
-    if "state" in fields and fields["state"] not in STATES:
-        raise ValueError(f"state must be one of {', '.join(STATES)}, not {shown(fields['state'])}")
 
 
 def valid_run_id(run_id: Any) -> bool:
@@ -307,14 +192,7 @@ class RunPaths:
     def read_status(self) -> dict[str, Any]:
         """status.json as a plain dict of the :class:`RunStatus` fields it holds; a value of the
         wrong type (a hand-edited or damaged file) is dropped, so one run cannot break a listing."""
-        status = read_json(self.status)
-        if status is None:
-            return {"run_id": self.run_id, "state": RunState.FAILED, "error": UNREADABLE_STATUS}
-        kept = {k: v for k, v in status.items() if k in STATUS_FIELDS and _well_typed(k, v)}
-        if kept.get("state") not in STATES:
-            kept.update(state=RunState.FAILED, error=f"{DAMAGED_STATUS}: its state is "
-                                              f"{shown(status.get('state'))}")
-        return kept
+        return status_from_json(read_json(self.status), self.run_id)
 
     def read_record(self) -> RunStatus:
         """status.json as a typed :class:`RunStatus` (fields it lacks take their defaults)."""
@@ -445,13 +323,6 @@ def new_run_id(runs_dir: Path, preset: str, policy: str) -> str:
         n += 1
         run_id = f"{base}-{n}"
     return run_id
-
-
-def state_unknown(status: dict[str, Any]) -> bool:
-    """Whether ``status`` (from :meth:`RunPaths.read_status`) is a stand-in for a status.json
-    that is missing or damaged, not a state the run recorded."""
-    return status.get("state") == RunState.FAILED and str(status.get("error")).startswith(
-        (UNREADABLE_STATUS, DAMAGED_STATUS))
 
 
 def tail_lines(path: Path, lines: int = 40) -> str:
