@@ -15,6 +15,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from mae_core.checks import _is_number
 from mae_core.rundir import RunState
 
 # The metrics each step logs (``metrics.jsonl``), with a label for people.
@@ -88,10 +89,6 @@ def mean_step_seconds(status: Mapping[str, Any]) -> float | None:
     if not isinstance(step, int) or step <= 0 or not _is_number(elapsed) or elapsed <= 0:
         return None
     return elapsed / step
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def format_steps(status: Mapping[str, Any]) -> str:

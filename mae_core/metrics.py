@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import math
@@ -28,11 +27,10 @@ import os
 import threading
 from array import array
 from pathlib import Path
-from stat import S_ISREG
 
 import numpy as np
 
-from mae_core.fileio import NotRegularFileError, open_regular
+from mae_core.fileio import open_regular
 
 _NAN = float("nan")
 
@@ -80,9 +78,7 @@ class MetricsReader:
         """Read what was appended since the last call; True if any row was added (or reset)."""
         with self._lock:
             try:
-                stat = os.lstat(self.path)
-                if not S_ISREG(stat.st_mode):  # a link (to a file elsewhere), a FIFO: no curve
-                    raise NotRegularFileError(errno.EINVAL, "not a regular file", str(self.path))
+                stat = os.lstat(self.path)  # a link's own: open_regular below refuses one
             except OSError:
                 changed = self.rows > 0
                 self._reset(identity=None)

@@ -343,7 +343,7 @@ def _refuse_a_trainer_elsewhere(paths: RunPaths, record: dict[str, Any]) -> None
     status is live and was refreshed lately, as the app judges it: no pid check sees across hosts,
     so a start on host B trained the run beside its live trainer on host A. A start of the SLURM
     job the record names is that job requeued (a node failure): SLURM never runs a job twice."""
-    if not isinstance(record, dict) or on_this_host(record):
+    if on_this_host(record):
         return
     from mae_core.runwatch import REMOTE_SILENCE_S, heard_within, silent_for
 

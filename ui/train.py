@@ -12,7 +12,7 @@ from typing import Any
 
 import gradio as gr
 
-from mae_core.checks import shown
+from mae_core.checks import _is_number, shown
 from mae_core.config import RunConfig
 from mae_core.preparing import Preparations
 from mae_core.rundir import LIVE_STATES, RunState
@@ -124,7 +124,7 @@ def pick_selected(runs: list[dict[str, Any]], current: str | None, seen_live: st
 
 
 def _number_or(value: Any, default: float) -> float:
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+    return value if _is_number(value) else default
 
 
 def button_states(status: dict[str, Any] | None, any_live: bool) -> dict[str, dict[str, Any]]:
