@@ -3,7 +3,8 @@
 A 50-step vit-base 224 px / patch 16 ``bf16-mixed`` run of the project's trainer on every visible
 GPU (DDP over NCCL, through the same :mod:`bench.worker` launch as the CPU benchmark), then the
 throughput table: images/s, the FLOPs per image, each GPU's peak (datasheet and measured), the MFU
-and the gap to the target of 30% MFU (on an H100, ~5,000 images/s per GPU). Written to
+and the gap to the target of 30% MFU (on an H100, ~5,000 images/s per GPU), with the clocks,
+power and slowdown reasons the GPUs ran at (:mod:`bench.gpuclocks`). Written to
 ``bench/results-gpu.md`` and ``bench/results-gpu.json``, beside the CPU figures. Without CUDA it
 measures nothing and exits 2 with the reason.
 """
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.gpuclocks import ClockSampler, clock_lines
 from bench.training import TrainSettings, benchmark_training, measurement_name, training_json
 
 TARGET_MFU = 0.30
@@ -99,6 +101,12 @@ def check_table(rows: list[dict[str, Any]], peaks: list[dict[str, Any]]) -> list
             f"{fmt(row.get('images_per_s'))} | {fmt(row.get('images_per_s_per_gpu'))} | "
             f"{gflops(row.get('flops_per_image'), 1)} | {peak} | {pct(row.get('mfu'))} | "
             f"{fmt(row.get('target_images_per_s_per_gpu'), 0)} | {_gap(row)} |")
+    for row in rows:
+        steps = row.get("step_s_quantiles")
+        if steps:
+            lines += ["", f"Step times of {row['name']} (host clock, s): p10 {steps['p10']:.3f}, "
+                      f"median {steps['p50']:.3f}, p90 {steps['p90']:.3f}, longest "
+                      f"{steps['max']:.3f}."]
     names = ", ".join(f"{p['name']} ({p['source']})" for p in peaks) or "none"
     dtype = peaks[0]["dtype"] if peaks else "matmul"
     lines += ["", f"GPUs: {names}. The peak used is the datasheet's dense figure where the GPU is "
@@ -115,11 +123,14 @@ def run_gpu_check(args: argparse.Namespace, say: Callable[[str], None]
 
     settings = [gpu_settings(args, precision) for precision in args.precision]
     scratch = Path(tempfile.mkdtemp(prefix="mae-bench-gpu-"))
-    summaries = {}
+    summaries, clocks = {}, {}
     try:
         for s in settings:
-            say(f"GPU check: {measurement_name(s)}, {s.image_size} px, {s.steps} steps")
-            summaries[measurement_name(s)] = benchmark_training(s, 1, scratch, say)
+            name = measurement_name(s)
+            say(f"GPU check: {name}, {s.image_size} px, {s.steps} steps")
+            with ClockSampler() as sampler:
+                summaries[name] = benchmark_training(s, 1, scratch, say)
+            clocks[name] = sampler.summary()
     finally:
         if args.keep:
             say(f"worker directories kept in {scratch}")
@@ -128,9 +139,12 @@ def run_gpu_check(args: argparse.Namespace, say: Callable[[str], None]
     training = training_json(summaries)
     peaks = _peaks(matmul_type(args.precision[0], "cuda"))
     rows = check_rows(training)
-    lines = check_table(rows, peaks) + [""] + training_section(settings, summaries, 1)
+    lines = check_table(rows, peaks) + [""]
+    for name, sampled in clocks.items():
+        lines += clock_lines(name, sampled) + [""]
+    lines += training_section(settings, summaries, 1)
     failed = any(not summary.runs for recipes in summaries.values() for summary in recipes.values())
-    return lines, {"target_mfu": TARGET_MFU, "rows": rows, "peaks": peaks,
+    return lines, {"target_mfu": TARGET_MFU, "rows": rows, "peaks": peaks, "clocks": clocks,
                    "training": training}, failed
 
 

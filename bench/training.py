@@ -230,6 +230,19 @@ def benchmark_training(s: TrainSettings, repeats: int, root: Path,
     return summaries
 
 
+def step_quantiles(runs: list[dict[str, Any]]) -> dict[str, float] | None:
+    """The measured steps' durations over every launch (host clock): a pace that is slow
+    throughout reads a high median; one held up now and then (a flush, a save, a loader that
+    runs dry) reads a median near the model's step and a long p90 or longest step."""
+    steps = sorted(x for run in runs for x in run.get("step_s") or [])
+    if not steps:
+        return None
+    def at(share: float) -> float:
+        return steps[min(len(steps) - 1, int(share * len(steps)))]
+
+    return {"p10": at(0.1), "p50": statistics.median(steps), "p90": at(0.9), "max": steps[-1]}
+
+
 def training_json(training: dict[str, dict[str, TrainSummary]]) -> dict[str, Any]:
     """Machine-readable results: medians per measurement (a preset, or ``"<preset> <precision>"``)
     and recipe, and the speed-up. Each recipe's row says what ran (preset, image and patch size,
@@ -249,6 +262,7 @@ def training_json(training: dict[str, dict[str, TrainSummary]]) -> dict[str, Any
                 "mfu": mfu(images_per_s, first.get("flops_per_image"), peak,
                            first.get("world_size") or 1),
                 "s_per_step": summary.median("s_per_step"),
+                "step_s_quantiles": step_quantiles(summary.runs),
                 "wait_s_per_step": summary.median("wait_s_per_step"),
                 "peak_rss_bytes": summary.median("peak_rss_bytes"),
                 "launches": len(summary.runs), "errors": summary.errors,

@@ -313,8 +313,42 @@ def finish_on_device(batch: dict[str, Any], size: int, device: torch.device) -> 
     """uint8 (N, 3, size, size) on ``device``: the batch's JPEGs decoded there (nvJPEG on a GPU,
     in one batched call), each cut to its box, resized (bicubic, antialiased, as on the CPU
     path) and flipped. An image that does not decode is replaced by another of the batch and
-    named on stderr, as :class:`DecodeAugment` does; a batch with none that decodes is an error."""
-    pixels = _decode_batch(batch["jpeg"], torch.device(device), batch["id"])
+    named on stderr, as :class:`DecodeAugment` does; a batch with none that decodes is an error.
+
+    On a GPU the work runs on a stream of its own (:func:`_on_decode_stream`)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return _finish(batch, size, device)
+    return _on_decode_stream(device, lambda: _finish(batch, size, device))
+
+
+def _on_decode_stream(device: torch.device, work: Callable[[], Tensor]) -> Tensor:
+    """``work()`` run on this device's decode stream, its result safe to use on the current one.
+
+    torchvision's nvJPEG decoder allocates its output on the caller's stream but writes it from
+    a private stream that does not wait for the caller's (pytorch/vision#9606): the caching
+    allocator hands it blocks freed a moment before, which kernels still queued on that stream
+    have yet to read, and the decoder overwrites them. Called from the training stream, that
+    corrupted the step's tensors (an H200 run at batch 512, compiled: a device-side assert in
+    the loss). On a stream where nothing is left queued when the decoder is called, every free
+    block is free in fact."""
+    stream = _decode_stream(device)
+    stream.synchronize()  # the last batch's crops: long done when the next batch comes
+    with torch.cuda.stream(stream):
+        out = work()
+    current = torch.cuda.current_stream(device)
+    current.wait_stream(stream)
+    out.record_stream(current)  # its block is not handed out again before the step has read it
+    return out
+
+
+@functools.cache
+def _decode_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device=device)
+
+
+def _finish(batch: dict[str, Any], size: int, device: torch.device) -> Tensor:
+    pixels = _decode_batch(batch["jpeg"], device, batch["id"])
     crops = []
     for image, (top, left, bottom, right) in zip(pixels, batch["box"].tolist()):
         crop = image[:, top:bottom, left:right].unsqueeze(0).float()

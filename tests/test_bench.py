@@ -22,6 +22,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.gpu import check_rows, check_table  # noqa: E402
+from bench.training import step_quantiles  # noqa: E402
 from bench.poll import (POLLED_METRICS, SITUATIONS, append_steps, chart_points,  # noqa: E402
                         write_run)
 from mae_core.config import PRECISIONS, ModelConfig  # noqa: E402
@@ -216,6 +217,22 @@ def test_the_gpu_table_states_the_gap_to_30_percent_mfu():
     assert "2.03× short of 30% MFU" in table and "| 14.8% |" in table and "| 989 |" in table
 
 
+def test_the_step_times_tell_a_slow_pace_from_one_held_up_now_and_then():
+    """A run whose median step is the model's but whose every fifth step waits reads so."""
+    steady = {"step_s": [0.074] * 18 + [0.075, 0.073]}
+    stalled = {"step_s": ([0.074] * 4 + [0.7]) * 2}
+    assert step_quantiles([]) is None and step_quantiles([{"step_s": []}]) is None
+    assert step_quantiles([steady]) == {"p10": 0.074, "p50": 0.074, "p90": 0.074, "max": 0.075}
+    both = step_quantiles([steady, stalled, stalled])  # every launch's steps pooled
+    assert both["p50"] == pytest.approx(0.074) and both["max"] == 0.7 and both["p90"] == 0.7
+    measured = {"preset": "vit-base", "image_size": 224, "patch_size": 16, "world_size": 1,
+                "images_per_s": 1800.0, "step_s_quantiles": both}
+    [row] = check_rows({"vit-base bf16-mixed": {"ddp-clean": measured}})
+    table = "\n".join(check_table([row], []))
+    assert ("Step times of vit-base bf16-mixed (host clock, s): p10 0.074, median 0.074, "
+            "p90 0.700, longest 0.700.") in table
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_the_gpu_check_reports_mfu_on_every_visible_gpu(run_module, tmp_path, monkeypatch):
@@ -236,3 +253,8 @@ def test_the_gpu_check_reports_mfu_on_every_visible_gpu(run_module, tmp_path, mo
     assert all(_positive(peak["measured"]) for peak in data["peaks"])
     report = out.read_text()
     assert "MFU" in report and "30% MFU" in report
+    # The clocks it ran at: nvidia-smi sampled beside the run (it ships with the driver).
+    [clocks] = data["clocks"].values()
+    assert clocks["missing"] is None, clocks
+    assert {row["gpu"] for row in clocks["gpus"]} == set(range(torch.cuda.device_count()))
+    assert "GPU clocks during" in report

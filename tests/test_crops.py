@@ -227,6 +227,42 @@ def test_a_batch_finished_on_the_device_replaces_an_image_that_does_not_decode(c
         crops.finish_on_device(crops.collate_deferred(samples), 64, torch.device("cpu"))
 
 
+def queued_reads_survive_a_decode(device: torch.device, rounds: int = 20) -> int:
+    """How many of the sums queued on the current stream before a device decode of a batch of
+    JPEGs read something other than what their tensors held. Each round fills tensors the size of
+    a decoded image, queues long work and then one sum per tensor, frees the tensors while those
+    sums still wait, and decodes: a decoder handed one of those blocks must not write it before
+    the sums have run (pytorch/vision#9606). Deterministic: no thread, no timing."""
+    width, height = 640, 480
+    jpeg = io.BytesIO()
+    _noise(width, height).save(jpeg, format="JPEG", quality=90)
+    n = 16
+    batch = {"jpeg": [torch.frombuffer(bytearray(jpeg.getvalue()), dtype=torch.uint8)] * n,
+             "box": torch.tensor([[0, 0, height, width]] * n, dtype=torch.int32),
+             "flip": torch.zeros(n, dtype=torch.bool), "id": torch.arange(n)}
+    elements = 3 * width * height // 4  # float32: the bytes of one decoded image
+    wrong = 0
+    for _ in range(rounds):
+        tensors = [torch.full((elements,), float(i), device=device) for i in range(n)]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        busy = torch.randn(4096, 4096, device=device)
+        for _ in range(50):  # ~10 ms on an H200: the sums below wait behind it
+            busy = torch.tanh(busy @ busy)
+        sums = [t.sum() for t in tensors]
+        del tensors
+        out = crops.finish_on_device(batch, 224, device)
+        assert out.shape == (n, 3, 224, 224)
+        wrong += sum(total.item() != i * elements for i, total in enumerate(sums))
+    return wrong
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none is visible")
+def test_a_decode_on_the_gpu_never_overwrites_memory_the_training_stream_still_reads():
+    assert queued_reads_survive_a_decode(torch.device("cuda")) == 0
+
+
 def _photo_tensors() -> list[torch.Tensor]:
     return [torch.from_numpy(np.array(open_rgb(p))).permute(2, 0, 1).contiguous()
             for p in sample_photo_paths()]
