@@ -195,6 +195,23 @@ def test_chart_json_log_axis_formats_tooltips_and_legend(short_runs):
     assert all(enc["y"]["scale"]["type"] == "linear" for enc in specs(linear))
 
 
+def test_log_axis_labels_values_above_one_and_narrow_spans(tmp_path):
+    """Vega labelled a log axis at powers of ten only: a loss from 0.7 to 3 read "1" alone."""
+    assert plots.log_ticks(0.7, 3.2) == [0.7, 0.8, 0.9, 1.0, 2.0, 3.0]
+    assert plots.log_ticks(0.05, 1.5) == [0.05, 0.1, 0.2, 0.5, 1.0]
+    assert plots.log_ticks(120, 4000) == [200.0, 500.0, 1000.0, 2000.0]
+    assert plots.log_ticks(0.9, 1.4) == [0.9, 1.0, 1.1, 1.2, 1.3, 1.4]  # within a decade
+    assert plots.log_ticks(0.98, 1.02) == [0.98, 0.99, 1.0, 1.01, 1.02]
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": v}) + "\n"
+                            for s, v in ((1, 3.0), (2, 1.5), (3, 0.9), (4, 0.75))))
+    chart = curve_chart(curve_points({RUN_A: MetricsReader(path)}, "loss", 0.0), "loss", True)
+    for enc in specs(chart):
+        low, high = enc["y"]["scale"]["domain"]
+        values = enc["y"]["axis"]["values"]
+        assert 2.0 in values and all(low <= v <= high for v in values)
+
+
 def test_log_axis_leaves_out_values_it_cannot_draw(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": v}) + "\n"

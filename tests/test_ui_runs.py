@@ -253,6 +253,7 @@ def test_evaluate_reports_progress_then_the_table_and_the_runs_table_shows_it(ct
     assert row[knn] == f"{trained:.1f} / {random_init:.1f} ({trained - random_init:+.1f})"
     after = runs.refresh(ctx, paths.run_id, before["sig"])
     assert "evaluation-result" in after["evaluation"] and "table" in after
+    assert f"<caption>Evaluation of run {paths.run_id}</caption>" in after["evaluation"]
     assert "evaluation" not in runs.refresh(ctx, paths.run_id, after["sig"])  # unchanged
 
 
@@ -457,7 +458,7 @@ def test_a_damaged_saved_evaluation_reads_as_not_evaluated(ctx, saved):
     [row] = runs.table_rows(ctx, ctx.manager.list())
     assert row[runs.HEADERS.index("kNN top-1 % (pretrained / random init)")] == "–"
     assert runs.refresh(ctx, paths.run_id, None)["evaluation"] == ""
-    assert runs.evaluation_html(saved) == ""
+    assert runs.evaluation_html(saved, "r1") == ""
 
 
 def test_a_saved_evaluation_without_its_delta_shows_the_delta_derived(ctx):

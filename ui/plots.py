@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import zlib
 from collections.abc import Mapping, Sequence
 
@@ -107,10 +108,31 @@ def curve_chart(points: pd.DataFrame, metric: str, log_scale: bool) -> VegaLiteC
     if log_scale:  # a log axis spans the data, not whole decades
         low, high = float(points["value"].min()), float(points["value"].max())
         pad = (high / low) ** 0.05
+        ticks = log_ticks(low / pad, high * pad)
         for layer in spec["layer"]:
             layer["encoding"]["y"]["scale"]["domain"] = [low / pad, high * pad]
+            layer["encoding"]["y"]["axis"]["values"] = ticks
     spec["datasets"] = {"points": points.to_dict("records")}
     return VegaLiteChart(spec)
+
+
+def log_ticks(low: float, high: float) -> list[float]:
+    """Labelled values for a log axis from ``low`` to ``high``: 1, 2 and 5 times the powers of
+    ten, or every digit where those give fewer than three, or evenly spaced round values on a
+    span narrower than that. Vega's own labelled only the powers of ten, so a loss between 1
+    and 3 had no label at all."""
+    first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
+    for digits in ((1, 2, 5), range(1, 10)):
+        ticks = [float(f"{d}e{e}") for e in range(first, last + 1) for d in digits]
+        ticks = [t for t in ticks if low <= t <= high]
+        if len(ticks) >= 3:
+            return ticks
+    rough = (high - low) / 4
+    power = 10.0 ** math.floor(math.log10(rough))
+    step = next(m * power for m in (5, 2, 1) if m * power <= rough)
+    eps = 1e-9  # 1.4 / 0.1 is 13.999...: the end a tick sits on counts
+    return [round(k * step, 12)
+            for k in range(math.ceil(low / step - eps), math.floor(high / step + eps) + 1)]
 
 
 @functools.lru_cache(maxsize=64)

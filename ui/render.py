@@ -58,6 +58,7 @@ CSS = """
 .mae-table td.name { font-family: var(--font-mono); overflow-wrap: normal; word-break: normal; }
 .mae-table td.reason { min-width: 12em; overflow-wrap: anywhere; }
 .mae-table td.num { text-align: right; white-space: nowrap; }
+.mae-table caption { caption-side: top; text-align: left; font-weight: 600; padding: 2px 0 4px; }
 /* Gradio borders ".prose" tables, rows and cells in the text colour, in a rule scoped to its
    container that outranks ".mae-table td": the grid in the border colour instead. */
 .gradio-container .prose .mae-table, .gradio-container .prose .mae-table tr,

@@ -142,7 +142,7 @@ def evaluation_updates(ctx: AppContext, evaluations: Evaluations, run_id: str | 
         yield {"message": job_message(job)}
     if job.error is not None:
         raise job.error
-    yield {"message": job_message(job), "evaluation": evaluation_html(job.result)}
+    yield {"message": job_message(job), "evaluation": evaluation_html(job.result, run_id)}
 
 
 def evaluation_progress(evaluations: Evaluations | None, sig: dict[str, Any]
@@ -164,9 +164,10 @@ def evaluation_progress(evaluations: Evaluations | None, sig: dict[str, Any]
     return {}
 
 
-def evaluation_html(result: Mapping[str, Any] | None) -> str:
-    """A saved evaluation as a table: pretrained vs random init, delta in points; "" for none, or a
-    damaged one (it reads as not evaluated)."""
+def evaluation_html(result: Mapping[str, Any] | None, run_id: str | None) -> str:
+    """Run ``run_id``'s saved evaluation as a table: pretrained vs random init, delta in points,
+    headed by the run it scores (the picker beside it can name another run by then); "" for none,
+    or a damaged one (it reads as not evaluated)."""
     if not result:
         return ""
     from mae_core.evaluate import METRICS, valid_result
@@ -184,7 +185,9 @@ def evaluation_html(result: Mapping[str, Any] | None) -> str:
     about = (f"step {result.get('step')}, {len(result.get('classes', []))} classes, "
              f"{result.get('train_images')} train / {result.get('val_images')} val images of "
              f"{result.get('data')}, feature {result.get('feature')}")
-    return (f'<div class="mae-table-wrap" id="evaluation-result"><table class="mae-table"><thead>'
+    caption = f"Evaluation of run {run_id}" if run_id else "Evaluation"
+    return (f'<div class="mae-table-wrap" id="evaluation-result"><table class="mae-table">'
+            f"<caption>{render.esc(caption)}</caption><thead>"
             "<tr><th>metric (%)</th><th>pretrained</th><th>random init</th>"
             f"<th>delta (points)</th></tr></thead><tbody>{rows}</tbody></table>"
             f"<small>{render.esc(about)}</small></div>")
@@ -253,7 +256,7 @@ def refresh(ctx: AppContext, current: str | None, sig: dict | None,
     saved = saved_result(ctx, value)
     stamp = (value, (saved or {}).get("evaluated_at"))
     if stamp != sig.get("evaluation"):
-        out["evaluation"] = evaluation_html(saved)
+        out["evaluation"] = evaluation_html(saved, value)
     state = next((s.get("state") for s in runs if s["run_id"] == value), None)
     enabled = button_states(ctx, value, state)
     for name, on in enabled.items():
