@@ -249,6 +249,8 @@ def test_a_bad_start_shows_a_message_not_a_badge(page):
     badges = page.locator(".error:not(.mae-notice)")  # Gradio's red badge over a component
     assert all(not badge.is_visible() for badge in badges.all())
     _set_number(page, "field-image-size", 32)
+    # Editing the form takes the refusal of the form as it was away.
+    page.wait_for_function("() => !document.querySelector('#train-message [data-kind=\"error\"]')")
 
 
 def test_the_data_field_says_what_it_found_and_prepare_answers(page, tmp_path):
@@ -519,3 +521,30 @@ def test_a_phone_sees_the_whole_chart_and_every_preview(browser_factory, server)
         assert reasons and max(reasons) <= 390, reasons
     finally:
         manager.delete(paths.run_id)
+
+
+def test_the_form_survives_a_reload_until_reset(page, browser_factory):
+    """The last browser review: a reload put every field back to its default. The browser keeps
+    the form (and an app restart does not lose it); Reset brings the defaults back."""
+    key = "mae-studio-train-form"
+    page.get_by_role("tab", name="Train").click()
+    stored = page.evaluate(f"() => localStorage.getItem('{key}')")
+    _set_number(page, "field-batch-size", 24)
+    page.wait_for_function(f"(before) => localStorage.getItem('{key}') !== before", arg=stored)
+    page.reload(wait_until="load")
+    page.get_by_role("button", name="Start", exact=True).wait_for()
+    page.wait_for_function("() => document.querySelector('#field-batch-size input')?.value === '24'")
+    # Another browser has its own form, at the defaults.
+    other = browser_factory()
+    assert other.locator("#field-batch-size input").input_value() == "32"
+    other.context.close()
+    page.get_by_text("config file", exact=True).click()  # the accordion, closed at first
+    stored = page.evaluate(f"() => localStorage.getItem('{key}')")
+    _button(page, "Reset the form to the defaults").click()
+    _wait_text(page, "#config-message", "defaults again")
+    page.wait_for_function("() => document.querySelector('#field-batch-size input')?.value === '32'")
+    page.wait_for_function(f"(before) => localStorage.getItem('{key}') !== before", arg=stored)
+    page.reload(wait_until="load")
+    page.get_by_role("button", name="Start", exact=True).wait_for()
+    page.wait_for_timeout(2000)  # the load's restore has run: the defaults stay
+    assert page.locator("#field-batch-size input").input_value() == "32"

@@ -161,3 +161,27 @@ def test_config_downloads_do_not_pile_up_in_the_temp_folder():
     configfile.config_yaml_file({**values, "seed": 12})
     assert not first.exists() and other.exists()
 
+
+
+def test_the_form_kept_in_the_browser_comes_back_field_by_field():
+    """A reload restores what the browser kept for each field; anything a field cannot hold (or
+    a field this version of the form lacks) leaves that field as it is."""
+    import gradio as gr
+
+    from ui.common import DEFAULTS, FIELD_NAMES
+
+    shown = form_values(DEFAULTS)
+    kept = configfile.remembered([shown[name] for name in FIELD_NAMES])
+    assert list(kept) == list(FIELD_NAMES)
+    kept.update(batch_size=24, data="~/photos", compile=True, retired_field=7,
+                base_lr=float("nan"), weight_decay=[0.1], seed="x" * 5000)
+    restored = dict(zip(FIELD_NAMES, configfile.restored_form(kept)))
+    assert (restored["batch_size"], restored["data"], restored["compile"]) == (24, "~/photos", True)
+    for name in ("base_lr", "weight_decay", "seed"):
+        assert isinstance(restored[name], type(gr.skip())), name  # left as the page shows it
+    assert restored["max_steps"] == shown["max_steps"]
+    for nothing in (None, [], "text", {"batch_size": None}):
+        assert all(isinstance(v, type(gr.skip())) for v in configfile.restored_form(nothing))
+    # What comes back is checked at Start like a typed value.
+    values = {name: v for name, v in restored.items() if not isinstance(v, type(gr.skip()))}
+    assert config_from_form({**shown, **values}).train.batch_size == 24

@@ -202,6 +202,7 @@ def test_log_axis_labels_values_above_one_and_narrow_spans(tmp_path):
     assert plots.log_ticks(120, 4000) == [200.0, 500.0, 1000.0, 2000.0]
     assert plots.log_ticks(0.9, 1.4) == [0.9, 1.0, 1.1, 1.2, 1.3, 1.4]  # within a decade
     assert plots.log_ticks(0.98, 1.02) == [0.98, 0.99, 1.0, 1.01, 1.02]
+    assert plots.log_ticks(2.0, 2.0) == [2.0]  # a single point
     path = tmp_path / "m.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": v}) + "\n"
                             for s, v in ((1, 3.0), (2, 1.5), (3, 0.9), (4, 0.75))))

@@ -1,5 +1,6 @@
 """The Train form ↔ a config file: load an uploaded RUN.yaml into the form, write the form as a YAML
-file to download, or copy an existing run's config into the form.
+file to download, or copy an existing run's config into the form; and the form kept in the
+browser (its values survive a reload, or the app's restart) until Reset puts the defaults back.
 
 The plain functions take and return plain values (tests call them without a server); :func:`build`
 lays out the "config file" accordion inside the Train form and :func:`wire` its events, which fill
@@ -22,9 +23,35 @@ import gradio as gr
 from mae_core.config import ConfigError, RunConfig
 from mae_core.fileio import atomic_write_text
 from ui import render
-from ui.common import FIELD_NAMES, AppContext, UserError, config_from_form, form_values, guarded
+from ui.common import (DEFAULTS, FIELD_NAMES, AppContext, UserError, config_from_form, form_values,
+                       guarded)
 
 CONFIG_FILE_MAX_AGE_S = 86400.0  # Gradio's own cache keeps a download a day (ui.build_app)
+FORM_STORAGE_KEY = "mae-studio-train-form"
+# BrowserState encrypts what it stores with this; a fixed one (the form holds nothing secret)
+# keeps the form through the app's restart, which a per-start random one would lose.
+FORM_STORAGE_SECRET = "mae-studio-train-form-v1"
+MAX_REMEMBERED_TEXT = 4096  # a field's text longer than any path or list the form takes
+
+
+def remembered(values: Any) -> dict[str, Any]:
+    """The form as the browser keeps it: each field's value by name."""
+    return dict(zip(FIELD_NAMES, values))
+
+
+def restored_form(saved: Any) -> list[Any]:
+    """What each field shows after a reload, in :data:`FIELD_NAMES` order: the value the browser
+    kept for it, or no change (the default) where it kept none or nothing a field holds (a
+    field of another version of the app, a damaged store). The value itself is checked when the
+    run starts, as a typed one is."""
+    saved = saved if isinstance(saved, dict) else {}
+    return [saved[name] if _holdable(saved.get(name)) else gr.skip() for name in FIELD_NAMES]
+
+
+def _holdable(value: Any) -> bool:
+    if isinstance(value, str):
+        return len(value) <= MAX_REMEMBERED_TEXT
+    return isinstance(value, (bool, int, float)) and value == value  # not NaN
 
 
 def config_yaml_file(values: dict[str, Any]) -> str:
@@ -93,8 +120,10 @@ def build(c: dict[str, Any]) -> None:
             c["download_config"] = gr.Button("Download the form as YAML", elem_id="download-config")
         c["upload_config"] = gr.UploadButton("Load a config YAML into the form",
                                              file_types=[".yaml", ".yml"], elem_id="upload-config")
+        c["reset_form"] = gr.Button("Reset the form to the defaults", elem_id="reset-form")
         c["config_message"] = gr.HTML(elem_id="config-message")
         c["config_file"] = gr.File(label="config.yaml", interactive=False, elem_id="config-file")
+    c["form_memory"] = gr.BrowserState({}, storage_key=FORM_STORAGE_KEY, secret=FORM_STORAGE_SECRET)
 
 
 def wire(ctx: AppContext, c: dict[str, Any], fields: list[Any]) -> None:
@@ -129,3 +158,17 @@ def wire(ctx: AppContext, c: dict[str, Any], fields: list[Any]) -> None:
                               api_name="load_config")
     c["download_config"].click(on_download, fields, [c["config_file"], message],
                                api_name="download_config")
+
+    def on_reset() -> dict:
+        values = to_fields(form_values(DEFAULTS))
+        return {**dict(zip(fields, values)),
+                message: render.notice("ok", "The form holds the defaults again.")}
+
+    c["reset_form"].click(on_reset, None, [*fields, message], api_name="reset_form")
+    # Every change, typed, copied, loaded or reset, is kept; the page's load puts it back
+    # (ui.build_app: c["restore_form_spec"]).
+    gr.on([field.change for field in fields], lambda *values: remembered(values), fields,
+          c["form_memory"], api_visibility="private", trigger_mode="always_last",
+          show_progress="hidden")
+    c["restore_form_spec"] = dict(fn=restored_form, inputs=c["form_memory"], outputs=fields,
+                                  api_visibility="private", show_progress="hidden")

@@ -121,6 +121,8 @@ def log_ticks(low: float, high: float) -> list[float]:
     ten, or every digit where those give fewer than three, or evenly spaced round values on a
     span narrower than that. Vega's own labelled only the powers of ten, so a loss between 1
     and 3 had no label at all."""
+    if not low < high:  # one value (a single point)
+        return [low]
     first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
     for digits in ((1, 2, 5), range(1, 10)):
         ticks = [float(f"{d}e{e}") for e in range(first, last + 1) for d in digits]

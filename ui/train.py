@@ -430,6 +430,17 @@ def _wire_form(ctx: AppContext, c: dict[str, Any], fields: list[Any]) -> None:
     atexit.register(jobs.release)  # a preparation outlives the app; its progress files do not
     datafield.wire(c, jobs)
     configfile.wire(ctx, c, fields)
+    gr.on([field.input for field in fields], after_form_edit, c["action"], c["action"],
+          api_visibility="private", show_progress=HIDDEN, trigger_mode="always_last")
+
+
+def after_form_edit(action: Any) -> Any:
+    """The last action once the person edits the form: a refused Start or Queue is about the
+    form as it was, so it goes (the message stayed up after the field it named was fixed);
+    anything else stays."""
+    refused = (_is_action(action) and action["kind"] == "error"
+               and action.get("action") in ("start", "queue"))
+    return None if refused else gr.skip()
 
 
 def hardware_text() -> str:
