@@ -5,7 +5,8 @@ trainer at half an earlier sitting's pace on the same kind of machine while the 
 ran as fast as before; whether its GPU was held back (a power cap, heat) could not be told
 afterwards. The check now records each GPU's SM clock, power, temperature, load and the reasons
 the driver gives for any slowdown, and reports them over the samples in which the GPU was busy
-(compilation and start-up excluded).
+(compilation and start-up excluded), with how busy it was: a GPU the host holds back reads a
+full clock and a low load.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 SAMPLE_MS = 250
-BUSY_PERCENT = 50  # samples below this load are start-up, compilation or the end, not training
+# Samples below this load are start-up, compilation or the end, not training. Low on purpose:
+# a trainer the host holds back keeps its GPU only partly busy, and those samples count.
+BUSY_PERCENT = 10
 FIELDS = ("index", "clocks.sm", "clocks.max.sm", "power.draw", "power.limit", "temperature.gpu",
           "utilization.gpu")
 # Drivers before 535 name the reasons' field by its older name.
@@ -50,9 +53,13 @@ class Sample:
         if len(parts) != len(FIELDS) + 1:
             return None
         try:
-            gpu, reasons = int(parts[0]), int(parts[-1], 16)
+            gpu = int(parts[0])
         except ValueError:
             return None
+        try:
+            reasons = int(parts[-1], 16)
+        except ValueError:  # "[N/A]": a GPU that does not say
+            reasons = 0
         return cls(gpu, *(_number(part) for part in parts[1:-1]), reasons)  # type: ignore[arg-type]
 
 
@@ -80,6 +87,7 @@ def summarise(samples: list[Sample]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"gpu": gpu, "samples": len(mine), "busy_samples": len(busy)}
         if busy:
             row.update(
+                busy_percent_median=_median(s.busy_percent for s in busy),
                 sm_mhz_median=_median(s.sm_mhz for s in busy),
                 sm_mhz_min=_least(s.sm_mhz for s in busy),
                 max_sm_mhz=_least(s.max_sm_mhz for s in busy),
@@ -176,7 +184,8 @@ def clock_lines(name: str, clocks: dict[str, Any]) -> list[str]:
             continue
         slowdowns = ", ".join(f"{name} in {share:.0%}" for name, share in row["reasons"].items())
         lines.append(
-            f"- GPU {row['gpu']}: SM {_mhz(row['sm_mhz_median'])} median (lowest "
+            f"- GPU {row['gpu']}: {_percent(row['busy_percent_median'])} busy (median), "
+            f"SM {_mhz(row['sm_mhz_median'])} median (lowest "
             f"{_mhz(row['sm_mhz_min'])}, the GPU's maximum {_mhz(row['max_sm_mhz'])}), "
             f"power {_watts(row['power_w_median'])} median of a {_watts(row['power_limit_w'])} "
             f"limit, {_celsius(row['temperature_c_max'])} at most, over {row['busy_samples']} "
@@ -184,6 +193,10 @@ def clock_lines(name: str, clocks: dict[str, Any]) -> list[str]:
     if not clocks["gpus"]:
         lines.append("- no sample was read")
     return lines
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}%"
 
 
 def _mhz(value: float | None) -> str:

@@ -319,6 +319,8 @@ def finish_on_device(batch: dict[str, Any], size: int, device: torch.device) -> 
     device = torch.device(device)
     if device.type != "cuda":
         return _finish(batch, size, device)
+    if device.index is None:  # one stream per GPU: "cuda" and "cuda:0" are the same one
+        device = torch.device("cuda", torch.cuda.current_device())
     return _on_decode_stream(device, lambda: _finish(batch, size, device))
 
 
@@ -329,9 +331,10 @@ def _on_decode_stream(device: torch.device, work: Callable[[], Tensor]) -> Tenso
     a private stream that does not wait for the caller's (pytorch/vision#9606): the caching
     allocator hands it blocks freed a moment before, which kernels still queued on that stream
     have yet to read, and the decoder overwrites them. Called from the training stream, that
-    corrupted the step's tensors (an H200 run at batch 512, compiled: a device-side assert in
-    the loss). On a stream where nothing is left queued when the decoder is called, every free
-    block is free in fact."""
+    corrupted the step's tensors, the likely cause of a device-side assert in an H200 run
+    (batch 512, compiled). On a stream where nothing is left queued when the decoder is called,
+    every free block is free in fact. (That stream keeps its own cached blocks, about a batch's
+    decoded images, which the training stream does not reuse.)"""
     stream = _decode_stream(device)
     stream.synchronize()  # the last batch's crops: long done when the next batch comes
     with torch.cuda.stream(stream):

@@ -25,9 +25,9 @@ def test_a_line_is_read_field_by_field_and_anything_else_is_no_sample():
     sample = Sample.from_csv(CAPPED)
     assert sample == Sample(0, 1410.0, 1980.0, 699.81, 700.0, 61.0, 100.0, 0x4)
     assert Sample.from_csv(OTHER_GPU).power_w is None  # [N/A] is unknown, not an error
-    for junk in ("", "0, 1980", "No devices were found", "x, 1, 2, 3, 4, 5, 6, 0x0",
-                 "0, 1, 2, 3, 4, 5, 6, zz"):
+    for junk in ("", "0, 1980", "No devices were found", "x, 1, 2, 3, 4, 5, 6, 0x0"):
         assert Sample.from_csv(junk) is None
+    assert Sample.from_csv("0, 1980, 1980, 500, 700, 50, 90, [N/A]").reasons == 0  # not said
 
 
 def test_the_slowdown_reasons_are_named_and_idle_is_none_of_them():
@@ -49,7 +49,8 @@ def test_the_summary_covers_the_busy_samples_of_each_gpu():
     text = "\n".join(clock_lines("vit-base bf16-mixed", {"sample_ms": 250, "busy_percent": 50,
                                                          "missing": None,
                                                          "gpus": [first, second]}))
-    assert "GPU 0: SM 1,695 MHz median (lowest 1,410 MHz, the GPU's maximum 1,980 MHz)" in text
+    assert ("GPU 0: 99% busy (median), SM 1,695 MHz median (lowest 1,410 MHz, the GPU's maximum "
+            "1,980 MHz)") in text
     assert "software power cap in 50%" in text
     assert "GPU 1:" in text and "hardware thermal slowdown in 100%" in text
 

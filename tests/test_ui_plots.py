@@ -203,6 +203,10 @@ def test_log_axis_labels_values_above_one_and_narrow_spans(tmp_path):
     assert plots.log_ticks(0.9, 1.4) == [0.9, 1.0, 1.1, 1.2, 1.3, 1.4]  # within a decade
     assert plots.log_ticks(0.98, 1.02) == [0.98, 0.99, 1.0, 1.01, 1.02]
     assert plots.log_ticks(2.0, 2.0) == [2.0]  # a single point
+    tiny = plots.log_ticks(1.5e-13, 1.6e-13)
+    assert len(tiny) == len(set(tiny)) >= 3 and all(1.5e-13 <= t <= 1.6e-13 for t in tiny)
+    wide = plots.log_ticks(1e-8, 1e8)  # 16 decades: powers of ten, not 49 labels
+    assert len(wide) <= plots.MAX_LOG_TICKS and wide[0] == 1e-8 and 1.0 in wide
     path = tmp_path / "m.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": v}) + "\n"
                             for s, v in ((1, 3.0), (2, 1.5), (3, 0.9), (4, 0.75))))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import tempfile
 import time
@@ -23,8 +24,8 @@ import gradio as gr
 from mae_core.config import ConfigError, RunConfig
 from mae_core.fileio import atomic_write_text
 from ui import render
-from ui.common import (DEFAULTS, FIELD_NAMES, AppContext, UserError, config_from_form, form_values,
-                       guarded)
+from ui.common import (DEFAULTS, FIELD_NAMES, FORM_FIELDS, AppContext, FormField, UserError,
+                       config_from_form, form_values, guarded)
 
 CONFIG_FILE_MAX_AGE_S = 86400.0  # Gradio's own cache keeps a download a day (ui.build_app)
 FORM_STORAGE_KEY = "mae-studio-train-form"
@@ -41,17 +42,27 @@ def remembered(values: Any) -> dict[str, Any]:
 
 def restored_form(saved: Any) -> list[Any]:
     """What each field shows after a reload, in :data:`FIELD_NAMES` order: the value the browser
-    kept for it, or no change (the default) where it kept none or nothing a field holds (a
-    field of another version of the app, a damaged store). The value itself is checked when the
-    run starts, as a typed one is."""
+    kept for it, or no change (the default) where it kept none or nothing its widget holds (a
+    field of another version of the app, a damaged store: one value a widget cannot take would
+    fail the whole restore). The value itself is checked when the run starts, as a typed one is."""
     saved = saved if isinstance(saved, dict) else {}
-    return [saved[name] if _holdable(saved.get(name)) else gr.skip() for name in FIELD_NAMES]
+    return [saved[f.name] if f.name in saved and _fits(f, saved[f.name]) else gr.skip()
+            for f in FORM_FIELDS]
 
 
-def _holdable(value: Any) -> bool:
-    if isinstance(value, str):
-        return len(value) <= MAX_REMEMBERED_TEXT
-    return isinstance(value, (bool, int, float)) and value == value  # not NaN
+def _fits(field: FormField, value: Any) -> bool:
+    """Whether ``value`` is of the kind ``field``'s widget (:func:`ui.common.field_widget`) holds:
+    text for a dropdown or a text box, true or false for a checkbox, a number otherwise."""
+    if field.hint.choices or (field.kind == "bool" and field.optional):
+        return isinstance(value, str) and len(value) <= MAX_REMEMBERED_TEXT
+    if field.kind == "bool":
+        return isinstance(value, bool)
+    if field.hint.slider or field.kind in ("int", "float"):
+        if value is None:  # a blank number box: an optional field's auto
+            return field.optional and not field.hint.slider
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value))
+    return isinstance(value, str) and len(value) <= MAX_REMEMBERED_TEXT
 
 
 def config_yaml_file(values: dict[str, Any]) -> str:

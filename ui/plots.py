@@ -116,6 +116,9 @@ def curve_chart(points: pd.DataFrame, metric: str, log_scale: bool) -> VegaLiteC
     return VegaLiteChart(spec)
 
 
+MAX_LOG_TICKS = 12
+
+
 def log_ticks(low: float, high: float) -> list[float]:
     """Labelled values for a log axis from ``low`` to ``high``: 1, 2 and 5 times the powers of
     ten, or every digit where those give fewer than three, or evenly spaced round values on a
@@ -124,17 +127,27 @@ def log_ticks(low: float, high: float) -> list[float]:
     if not low < high:  # one value (a single point)
         return [low]
     first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
-    for digits in ((1, 2, 5), range(1, 10)):
+
+    def within(digits: Sequence[int]) -> list[float]:
         ticks = [float(f"{d}e{e}") for e in range(first, last + 1) for d in digits]
-        ticks = [t for t in ticks if low <= t <= high]
-        if len(ticks) >= 3:
-            return ticks
+        return [t for t in ticks if low <= t <= high]
+
+    ticks = within((1, 2, 5))
+    if len(ticks) > MAX_LOG_TICKS:  # many decades: the powers of ten, every n-th of them
+        decades = within((1,))
+        return decades[::-(-len(decades) // MAX_LOG_TICKS)]
+    if len(ticks) < 3:
+        ticks = within(range(1, 10))
+    if len(ticks) >= 3:
+        return ticks
     rough = (high - low) / 4
     power = 10.0 ** math.floor(math.log10(rough))
     step = next(m * power for m in (5, 2, 1) if m * power <= rough)
     eps = 1e-9  # 1.4 / 0.1 is 13.999...: the end a tick sits on counts
-    return [round(k * step, 12)
-            for k in range(math.ceil(low / step - eps), math.floor(high / step + eps) + 1)]
+    # Rounded to the step's own digits (a fixed number of decimals made ticks of 1e-13 all 0).
+    values = (float(f"{k * step:.12g}")
+              for k in range(math.ceil(low / step - eps), math.floor(high / step + eps) + 1))
+    return list(dict.fromkeys(values))
 
 
 @functools.lru_cache(maxsize=64)

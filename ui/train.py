@@ -430,8 +430,11 @@ def _wire_form(ctx: AppContext, c: dict[str, Any], fields: list[Any]) -> None:
     atexit.register(jobs.release)  # a preparation outlives the app; its progress files do not
     datafield.wire(c, jobs)
     configfile.wire(ctx, c, fields)
-    gr.on([field.input for field in fields], after_form_edit, c["action"], c["action"],
-          api_visibility="private", show_progress=HIDDEN, trigger_mode="always_last")
+    # Typed, or filled by the config panel: a copied, loaded or reset form is a new form too.
+    edits = [field.input for field in fields] + [c["copy_config"].click,
+                                                 c["upload_config"].upload, c["reset_form"].click]
+    gr.on(edits, after_form_edit, c["action"], c["action"], api_visibility="private",
+          show_progress=HIDDEN, trigger_mode="always_last")
 
 
 def after_form_edit(action: Any) -> Any:
