@@ -237,6 +237,7 @@ def step_quantiles(runs: list[dict[str, Any]]) -> dict[str, float] | None:
     steps = sorted(x for run in runs for x in run.get("step_s") or [])
     if not steps:
         return None
+
     def at(share: float) -> float:
         return steps[min(len(steps) - 1, int(share * len(steps)))]
 

@@ -431,21 +431,33 @@ class FieldSlider(gr.Slider):
         return payload
 
 
+def widget_kind(field: FormField) -> str:
+    """Which widget shows ``field``: "dropdown" for choices (and a switch that may be auto),
+    "slider" where hinted, "checkbox" for a switch, "number" for numbers, "text" otherwise."""
+    if field.hint.choices or (field.kind == "bool" and field.optional):
+        return "dropdown"
+    if field.hint.slider:
+        return "slider"
+    if field.kind == "bool":
+        return "checkbox"
+    return "number" if field.kind in ("int", "float") else "text"
+
+
 def field_widget(field: FormField, value: Any) -> gr.components.Component:
-    """The widget for one config field: a dropdown for choices, a slider where hinted, a checkbox
-    for a switch, a number box for numbers, a text box otherwise."""
+    """The widget for one config field (:func:`widget_kind`)."""
     hint, label = field.hint, field.label
     common = dict(label=label, info=hint.info, elem_id=f"field-{field.name.replace('_', '-')}")
     display = display_value(field, value)
-    if hint.choices or (field.kind == "bool" and field.optional):
+    kind = widget_kind(field)
+    if kind == "dropdown":
         choices = hint.choices or ("true", "false")
         return gr.Dropdown(list((AUTO,) * field.optional + choices), value=display,
                            allow_custom_value=True, **common)
-    if hint.slider:
+    if kind == "slider":
         low, high, step = hint.slider
         return FieldSlider(low, high, value=display, step=step, **common)
-    if field.kind == "bool":
+    if kind == "checkbox":
         return gr.Checkbox(bool(display), **common)
-    if field.kind in ("int", "float"):
+    if kind == "number":
         return FieldNumber(display, **common)
     return gr.Textbox(display, **common)

@@ -25,7 +25,7 @@ from mae_core.config import ConfigError, RunConfig
 from mae_core.fileio import atomic_write_text
 from ui import render
 from ui.common import (DEFAULTS, FIELD_NAMES, FORM_FIELDS, AppContext, FormField, UserError,
-                       config_from_form, form_values, guarded)
+                       config_from_form, form_values, guarded, widget_kind)
 
 CONFIG_FILE_MAX_AGE_S = 86400.0  # Gradio's own cache keeps a download a day (ui.build_app)
 FORM_STORAGE_KEY = "mae-studio-train-form"
@@ -51,18 +51,16 @@ def restored_form(saved: Any) -> list[Any]:
 
 
 def _fits(field: FormField, value: Any) -> bool:
-    """Whether ``value`` is of the kind ``field``'s widget (:func:`ui.common.field_widget`) holds:
+    """Whether ``value`` is of the kind ``field``'s widget (:func:`ui.common.widget_kind`) holds:
     text for a dropdown or a text box, true or false for a checkbox, a number otherwise."""
-    if field.hint.choices or (field.kind == "bool" and field.optional):
+    kind = widget_kind(field)
+    if kind in ("dropdown", "text"):
         return isinstance(value, str) and len(value) <= MAX_REMEMBERED_TEXT
-    if field.kind == "bool":
+    if kind == "checkbox":
         return isinstance(value, bool)
-    if field.hint.slider or field.kind in ("int", "float"):
-        if value is None:  # a blank number box: an optional field's auto
-            return field.optional and not field.hint.slider
-        return (isinstance(value, (int, float)) and not isinstance(value, bool)
-                and math.isfinite(value))
-    return isinstance(value, str) and len(value) <= MAX_REMEMBERED_TEXT
+    if value is None:  # a blank number box: an optional field's auto
+        return kind == "number" and field.optional
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def config_yaml_file(values: dict[str, Any]) -> str:
