@@ -230,6 +230,51 @@ def test_train_tab_starts_a_run_and_follows_it(page, server):
     page.screenshot(path=str(SCREENSHOTS / "train-stopped.png"), full_page=True)
 
 
+def test_picking_another_run_empties_the_resume_step(page, server):
+    """A step typed to resume one run to stayed in the box, for the next Resume of any run."""
+    from mae_core.config import ModelConfig, RunConfig, TrainConfig
+
+    manager = server["manager"]
+    cfg = RunConfig(model=ModelConfig(image_size=32, patch_size=8),
+                    train=TrainConfig(accelerator="cpu", devices=1, num_workers=0))
+    paths = create_run(cfg.resolved(), runs_dir=manager.runs_dir, state="stopped")
+    try:
+        page.get_by_role("tab", name="Train").click()
+        _set_number(page, "resume-steps", 7)
+        page.locator("#run-pick input").click()
+        page.get_by_role("option", name=f"{paths.run_id} · stopped").click()
+        page.wait_for_function(
+            "() => document.querySelector('#resume-steps input')?.value === '0'")
+    finally:
+        manager.delete(paths.run_id)
+
+
+def test_the_page_scripts_decide_as_the_tests_say(page):
+    """What runs in the browser alone: the form kept on each change, a refusal taken away by an
+    edit, the resume box after Resume."""
+    from ui import configfile, train
+    from ui.common import DEFAULTS, FIELD_NAMES, form_by_name, form_values
+
+    shown = form_values(DEFAULTS)
+    kept = page.evaluate(f"(values) => ({configfile.REMEMBER_FORM_JS})(...values)",
+                         [shown[name] for name in FIELD_NAMES])
+    assert kept == form_by_name([shown[name] for name in FIELD_NAMES])
+    assert configfile.restored_form(kept) == [shown[name] for name in FIELD_NAMES]
+    clear = f"(action) => ({train.CLEAR_REFUSAL_JS})(action)"
+    for refused in (train.failed_action("start", "Invalid setting, image size: 36"),
+                    train.failed_action("queue", "Invalid setting, seed: too big")):
+        assert page.evaluate(clear, refused) is None
+    started = {"action": "start", "run_id": "r1", "kind": "ok", "text": "Started run r1."}
+    for kept_action in (train.failed_action("stop", "no run is live"), started, None, "junk",
+                        {"kind": "error"}):
+        assert page.evaluate(clear, kept_action) == kept_action
+    resumed = f"([action, until]) => ({train.RESUMED_JS})(action, until)"
+    ok = {"action": "resume", "run_id": "r1", "kind": "ok", "text": "Resumed r1."}
+    assert page.evaluate(resumed, [ok, 40]) == 0
+    for other in (train.failed_action("resume", "step 40 is behind"), started, None):
+        assert page.evaluate(resumed, [other, 40]) == 40
+
+
 def _poll_until(predicate, timeout_s: float = 60.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -432,9 +477,12 @@ def test_every_tab_is_usable_at_800_px(browser_factory, server):
     page.wait_for_function("() => document.querySelector('#run-status')?.dataset.state === 'stopped'")
     no_scroll = "() => document.documentElement.scrollWidth <= window.innerWidth + 1"
     assert page.evaluate(no_scroll)
-    form = page.locator("#field-data").bounding_box()
-    live = page.locator("#run-pick").bounding_box()
-    assert live["y"] > form["y"] + form["height"] or live["width"] > 500  # stacked, not crushed
+    form = page.locator("#train-form").bounding_box()
+    live = page.locator("#train-live").bounding_box()
+    assert live["width"] > 500 and form["width"] > 500  # stacked, not crushed
+    # Stacked, the run the controls act on comes before the form (it sat a whole form below).
+    assert live["y"] + live["height"] <= form["y"] + 1
+    assert _in_first_viewport(page, "#status-panel")
     # Gradio's subdued text colour is #bbbbc2 in light mode too (1.8:1): the panel's labels.
     assert _contrast(page, "#run-status .mae-muted") >= 4.5
     assert _contrast(page, "#field-data .info-text") >= 4.5  # Gradio's own field hints (theme)
@@ -523,17 +571,26 @@ def test_a_phone_sees_the_whole_chart_and_every_preview(browser_factory, server)
         manager.delete(paths.run_id)
 
 
-def test_the_form_survives_a_reload_until_reset(page, browser_factory):
+def test_the_form_survives_a_reload_until_reset(page, browser_factory, tmp_path):
     """The last browser review: a reload put every field back to its default. The browser keeps
     the form (and an app restart does not lose it); Reset brings the defaults back."""
+    from PIL import Image
+
     key = "mae-studio-train-form"
     page.get_by_role("tab", name="Train").click()
     stored = page.evaluate(f"() => localStorage.getItem('{key}')")
     _set_number(page, "field-batch-size", 24)
     page.wait_for_function(f"(before) => localStorage.getItem('{key}') !== before", arg=stored)
+    for i in range(2):
+        Image.new("RGB", (40, 30), (60 * i, 90, 30)).save(tmp_path / f"{i}.png")
+    stored = page.evaluate(f"() => localStorage.getItem('{key}')")
+    # Typed and kept without leaving the field: what it holds is told at the reload.
+    page.locator("#field-data textarea, #field-data input").first.fill(str(tmp_path))
+    page.wait_for_function(f"(before) => localStorage.getItem('{key}') !== before", arg=stored)
     page.reload(wait_until="load")
     page.get_by_role("button", name="Start", exact=True).wait_for()
     page.wait_for_function("() => document.querySelector('#field-batch-size input')?.value === '24'")
+    _wait_text(page, "#data-info", "2 image file(s) found")
     # Another browser has its own form, at the defaults.
     other = browser_factory()
     assert other.locator("#field-batch-size input").input_value() == "32"
@@ -543,6 +600,7 @@ def test_the_form_survives_a_reload_until_reset(page, browser_factory):
     _button(page, "Reset the form to the defaults").click()
     _wait_text(page, "#config-message", "defaults again")
     page.wait_for_function("() => document.querySelector('#field-batch-size input')?.value === '32'")
+    _wait_text(page, "#data-info", "the sample photos")
     page.wait_for_function(f"(before) => localStorage.getItem('{key}') !== before", arg=stored)
     page.reload(wait_until="load")
     page.get_by_role("button", name="Start", exact=True).wait_for()

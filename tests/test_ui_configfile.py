@@ -14,7 +14,7 @@ from PIL import Image
 from mae_core.config import MIN_AUTO_LR, ConfigError, ModelConfig, RunConfig, TrainConfig
 from mae_core.rundir import create_run
 from ui import configfile
-from ui.common import UserError, config_from_form, form_values, user_errors
+from ui.common import UserError, config_from_form, form_by_name, form_values, user_errors
 
 TINY = RunConfig(model=ModelConfig(image_size=32, patch_size=8),
                  train=TrainConfig(accelerator="cpu", devices=1, batch_size=4, max_steps=4,
@@ -171,7 +171,7 @@ def test_the_form_kept_in_the_browser_comes_back_field_by_field():
     from ui.common import DEFAULTS, FIELD_NAMES
 
     shown = form_values(DEFAULTS)
-    kept = configfile.remembered([shown[name] for name in FIELD_NAMES])
+    kept = form_by_name([shown[name] for name in FIELD_NAMES])
     assert list(kept) == list(FIELD_NAMES)
     # Every default fits its own widget, so a form kept untouched comes back whole.
     skip = gr.skip()  # an update that changes nothing

@@ -371,16 +371,3 @@ def test_the_live_view_takes_what_an_api_client_sends_as_empty(ctx, garbage):
     paths = make_run(ctx)
     out = train.poll(ctx, **{**poll_args(paths.run_id), **garbage})
     assert "sig" in out and 'data-kind="error"' not in str(out.get("message", ""))
-
-
-def test_editing_the_form_takes_a_refused_start_away_and_nothing_else():
-    import gradio as gr
-
-    skip = gr.skip()  # an update that changes nothing
-    for refused in (train.failed_action("start", "Invalid setting, image size: 36"),
-                    train.failed_action("queue", "Invalid setting, seed: too big")):
-        assert train.after_form_edit(refused) is None
-    stop_refused = train.failed_action("stop", "no run is live")
-    started = {"action": "start", "run_id": "r1", "kind": "ok", "text": "Started run r1."}
-    for kept in (stop_refused, started, None, "junk", {"kind": "error"}):
-        assert train.after_form_edit(kept) == skip

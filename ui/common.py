@@ -385,6 +385,12 @@ def config_from_form(values: dict[str, Any]) -> RunConfig:
     return DEFAULTS.with_overrides(**overrides)
 
 
+def form_by_name(values: Any) -> dict[str, Any]:
+    """The form's widgets' values (in :data:`FIELD_NAMES` order) by field name, as a handler given
+    the whole form, and the browser keeping it (ui.configfile), take it."""
+    return dict(zip(FIELD_NAMES, values))
+
+
 def form_values(cfg: RunConfig) -> dict[str, Any]:
     """What the form shows for ``cfg``: a run's config copied into the form."""
     flat = {**dataclasses.asdict(cfg.model), **dataclasses.asdict(cfg.train)}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import os
 import tempfile
@@ -25,7 +26,7 @@ from mae_core.config import ConfigError, RunConfig
 from mae_core.fileio import atomic_write_text
 from ui import render
 from ui.common import (DEFAULTS, FIELD_NAMES, FORM_FIELDS, AppContext, FormField, UserError,
-                       config_from_form, form_values, guarded, widget_kind)
+                       config_from_form, form_by_name, form_values, guarded, widget_kind)
 
 CONFIG_FILE_MAX_AGE_S = 86400.0  # Gradio's own cache keeps a download a day (ui.build_app)
 FORM_STORAGE_KEY = "mae-studio-train-form"
@@ -35,9 +36,10 @@ FORM_STORAGE_SECRET = "mae-studio-train-form-v1"
 MAX_REMEMBERED_TEXT = 4096  # a field's text longer than any path or list the form takes
 
 
-def remembered(values: Any) -> dict[str, Any]:
-    """The form as the browser keeps it: each field's value by name."""
-    return dict(zip(FIELD_NAMES, values))
+# The form as the browser keeps it (ui.common.form_by_name), built in the browser on each change:
+# a keystroke costs no request (a server-side save sent the whole form there and back on each).
+REMEMBER_FORM_JS = (f"(...values) => Object.fromEntries({json.dumps(list(FIELD_NAMES))}"
+                    ".map((name, i) => [name, values[i]]))")
 
 
 def restored_form(saved: Any) -> list[Any]:
@@ -159,12 +161,13 @@ def wire(ctx: AppContext, c: dict[str, Any], fields: list[Any]) -> None:
     @guarded("writing the config file", lambda text: {c["config_file"]: None,
                                                       **notice_only(text)})
     def on_download(*values: Any) -> dict:
-        return {c["config_file"]: config_yaml_file(dict(zip(FIELD_NAMES, values))),
+        return {c["config_file"]: config_yaml_file(form_by_name(values)),
                 message: render.notice("ok", "Config written: download it below.")}
 
-    c["copy_config"].click(on_copy, c["run_pick"], [*fields, message], api_name="copy_config")
-    c["upload_config"].upload(on_upload, c["upload_config"], [*fields, message],
-                              api_name="load_config")
+    copied = c["copy_config"].click(on_copy, c["run_pick"], [*fields, message],
+                                    api_name="copy_config")
+    loaded = c["upload_config"].upload(on_upload, c["upload_config"], [*fields, message],
+                                       api_name="load_config")
     c["download_config"].click(on_download, fields, [c["config_file"], message],
                                api_name="download_config")
 
@@ -173,11 +176,14 @@ def wire(ctx: AppContext, c: dict[str, Any], fields: list[Any]) -> None:
         return {**dict(zip(fields, values)),
                 message: render.notice("ok", "The form holds the defaults again.")}
 
-    c["reset_form"].click(on_reset, None, [*fields, message], api_name="reset_form")
+    reset = c["reset_form"].click(on_reset, None, [*fields, message], api_name="reset_form")
     # Every change, typed, copied, loaded or reset, is kept; the page's load puts it back
     # (ui.build_app: c["restore_form_spec"]).
-    gr.on([field.change for field in fields], lambda *values: remembered(values), fields,
-          c["form_memory"], api_visibility="private", trigger_mode="always_last",
-          show_progress="hidden")
+    gr.on([field.change for field in fields], None, fields, c["form_memory"], js=REMEMBER_FORM_JS,
+          api_visibility="private", trigger_mode="always_last", show_progress="hidden")
     c["restore_form_spec"] = dict(fn=restored_form, inputs=c["form_memory"], outputs=fields,
                                   api_visibility="private", show_progress="hidden")
+    # A form filled by the server (copied, loaded, reset, restored) says what its data field
+    # holds, as a typed one does when the field is left.
+    for filled in (copied, loaded, reset):
+        filled.then(**c["data_info_spec"])

@@ -130,6 +130,9 @@ def wire(c: dict[str, Any], jobs: Preparations) -> None:
     error = lambda text: {names["progress"]: render.notice("error", text)}
     data = c["field.data"]
     gr.on([data.blur, data.submit], data_info, data, c["data_info"], api_name="check_data")
+    # For a form the server fills (ui.configfile), where no blur comes.
+    c["data_info_spec"] = dict(fn=data_info, inputs=data, outputs=c["data_info"],
+                               api_visibility="private", show_progress=HIDDEN)
     c["prepare"].click(guarded("prepare", error)(lambda folder: as_updates(start_preparing(jobs, folder))),
                        data, outputs, api_name="prepare_data", show_progress=HIDDEN)
     c["prepare_timer"].tick(

@@ -90,6 +90,13 @@ tr.no-grad { outline: 2px solid #dc2626; outline-offset: -2px; }
 .mae-colorbar .ticks { display: flex; justify-content: space-between; max-width: 320px; font-size: 11px;
   color: color-mix(in srgb, var(--body-text-color) 70%, transparent); }
 #run-controls { align-items: center; }
+/* Stacked, the Train tab showed the whole form between the run controls and the run they act
+   on: the live view comes first, under Start / Stop, and the form after it. 1024 px is where
+   Gradio's page narrows and the columns' minimum widths no longer fit side by side. */
+@media (max-width: 1023.98px) {
+  #train-columns { flex-direction: column; }
+  #train-live { order: -1; }
+}
 #loss-plot { overflow-x: auto; }
 /* The charts are as wide as their box (Vega-Lite's "container" width, ui.plots); Gradio's plot
    centres that box at its content's width, where it would measure nothing: span the column. */

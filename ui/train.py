@@ -19,7 +19,7 @@ from mae_core.rundir import LIVE_STATES, RunState
 from ui import configfile, datafield, plots, render
 from ui.common import (DEFAULTS, FIELD_NAMES, FORM_FIELDS, MAIN_FIELDS, AppContext, UserError,
                        FieldNumber, FieldSlider, as_bool, as_int, config_from_form, describe,
-                       field_widget, form_values, guarded)
+                       field_widget, form_by_name, form_values, guarded)
 
 POLL_S = 1.5
 LOG_LINES = 60
@@ -281,11 +281,12 @@ def build(ctx: AppContext) -> dict[str, Any]:
         c["resume_until"] = FieldNumber(0, label="resume until step (0 = its own max steps)",
                                       elem_id="resume-steps", scale=2, min_width=160)
     c["message"] = gr.HTML(elem_id="train-message")
-    with gr.Row():
-        # Wide enough that below ~860 px the two columns stack instead of crushing each other.
-        with gr.Column(scale=2, min_width=360):
+    with gr.Row(elem_id="train-columns"):
+        # Side by side from 1024 px up; narrower, Gradio's page is at most 768 px wide and they
+        # stack, the live view first (render.CSS).
+        with gr.Column(scale=2, min_width=360, elem_id="train-form"):
             _build_form(c)
-        with gr.Column(scale=3, min_width=440):
+        with gr.Column(scale=3, min_width=440, elem_id="train-live"):
             _build_live_view(c)
     for name in ("seen_live", "sig"):
         c[name] = gr.State(None)
@@ -353,11 +354,11 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
 
     @guarded("start", message_fallback["start"])
     def on_start(*values: Any) -> dict:
-        return {c["action"]: start_run(ctx.manager, dict(zip(FIELD_NAMES, values)))}
+        return {c["action"]: start_run(ctx.manager, form_by_name(values))}
 
     @guarded("queue", message_fallback["queue"])
     def on_queue(*values: Any) -> dict:
-        return {c["action"]: queue_run(ctx.manager, dict(zip(FIELD_NAMES, values)))}
+        return {c["action"]: queue_run(ctx.manager, form_by_name(values))}
 
     @guarded("stop", message_fallback["stop"])
     def on_stop(run_id: str | None, label: str | None) -> dict:
@@ -371,17 +372,25 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
                    show_progress=HIDDEN)
     c["refresh_spec"] = refresh
     gr.on([c["timer"].tick], **refresh, api_name="poll", trigger_mode="always_last")
+    # A step to resume to is one run's: another run picked starts from 0 (its own max steps).
+    c["run_pick"].input(None, None, c["resume_until"], js="() => 0", api_visibility="private",
+                        show_progress=HIDDEN)
     gr.on([c["run_pick"].input, c["overlay"].input, c["metric"].change, c["log_scale"].change,
            c["smoothing"].release], **refresh, api_name="select", trigger_mode="always_last")
+    clicked = {}
     for name, fn, inputs in (("start", on_start, fields), ("queue", on_queue, fields),
                              ("stop", on_stop, [c["run_pick"], c["stop"]]),
                              ("resume", on_resume, [c["run_pick"], c["resume_until"]])):
         # /stop itself is an API function (run id, force=False): the button also sends its label
         # (the button's own endpoint is left out of the API's docs: a client calls /stop)
-        c[name].click(fn, inputs, [c["action"]], api_name="stop_button" if name == "stop" else name,
-                      api_visibility="undocumented" if name == "stop" else "public",
-                      concurrency_id="run_actions",
-                      show_progress=HIDDEN).then(**refresh, api_name=f"{name}_refresh")
+        clicked[name] = c[name].click(fn, inputs, [c["action"]],
+                                      api_name="stop_button" if name == "stop" else name,
+                                      api_visibility="undocumented" if name == "stop" else "public",
+                                      concurrency_id="run_actions", show_progress=HIDDEN)
+        clicked[name].then(**refresh, api_name=f"{name}_refresh")
+    # The step a run resumed to was for that resume: kept, the next Resume (of any run) reused it.
+    clicked["resume"].then(None, [c["action"], c["resume_until"]], c["resume_until"],
+                           js=RESUMED_JS, api_visibility="private", show_progress=HIDDEN)
     _wire_form(ctx, c, fields)
     _api_endpoints(ctx)
 
@@ -433,21 +442,23 @@ def _wire_form(ctx: AppContext, c: dict[str, Any], fields: list[Any]) -> None:
     # Typed, or filled by the config panel: a copied, loaded or reset form is a new form too.
     edits = [field.input for field in fields] + [c["copy_config"].click,
                                                  c["upload_config"].upload, c["reset_form"].click]
-    gr.on(edits, after_form_edit, c["action"], c["action"], api_visibility="private",
+    # In the browser, at the edit itself: a server reply could come back after the refusal of a
+    # Start clicked just after the edit, and take that refusal away.
+    gr.on(edits, None, c["action"], c["action"], js=CLEAR_REFUSAL_JS, api_visibility="private",
           show_progress=HIDDEN, trigger_mode="always_last")
 
 
-def after_form_edit(action: Any) -> Any:
-    """The last action once the person edits the form: a refused Start or Queue is about the
-    form as it was, so it goes (the message stayed up after the field it named was fixed);
-    anything else stays."""
-    refused = (_is_action(action) and action["kind"] == "error"
-               and action.get("action") in ("start", "queue"))
-    return None if refused else gr.skip()
+# The resume box after Resume: 0 (the run's own max steps) once a resume went through, as it was
+# after a refusal (to be mended).
+RESUMED_JS = ("(action, until) => (action && action.kind === 'ok' && action.action === 'resume')"
+              " ? 0 : until")
+# The last action once the person edits the form: a refused Start or Queue is about the form as it
+# was, so it goes (the message stayed up after the field it named was fixed); anything else stays.
+CLEAR_REFUSAL_JS = ("(action) => (action && action.kind === 'error' && "
+                    "['start', 'queue'].includes(action.action)) ? null : action")
 
 
 def hardware_text() -> str:
     from mae_core.hardware import hardware_summary
 
     return f"**Hardware:** {hardware_summary()}"
-
