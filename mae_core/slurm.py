@@ -3,7 +3,7 @@
 A preemptible or time-limited job (``sbatch --requeue --signal=USR1@90``) gets SIGUSR1 before it
 ends: :class:`mae_core.callbacks.StopOnRequest` stops every rank after the same step and saves it,
 the trainer asks SLURM to requeue the job, and the job's next start (the same command, with
-``SLURM_RESTART_COUNT`` > 0) continues the run from that checkpoint (:mod:`mae_core.trainargs`).
+``SLURM_RESTART_COUNT`` > 0) continues the run from that checkpoint (:mod:`mae_core.runsetup`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ One Lightning ``Trainer`` (DDP over every device: GPUs with NCCL, or CPU process
 a run directory a person (or the app) can follow: ``status.json``, ``metrics.jsonl``, checkpoints,
 weights and previews. The same command runs under ``torchrun`` or SLURM with ``--num-nodes``; pass
 ``--run-dir`` there so every node writes to the same (shared) directory, and ``--auto-resume`` where
-the job may start again (a SLURM requeue). The command line is :mod:`mae_core.trainargs`.
+the job may start again (a SLURM requeue). The command line is :mod:`mae_core.trainargs`; the
+run directory it names is checked by :mod:`mae_core.runsetup`.
 
 Exit codes: 0 finished or stopped on request, 1 training failed, 2 the config or data was refused.
 """
@@ -27,8 +28,9 @@ from mae_core.config import ConfigError, RunConfig
 from mae_core.process import (TRAINER_ENV_PREFIX, GpuNotVisibleError, die_with_parent,
                               first_process, gpu_env, gpus_narrowed)
 from mae_core.rundir import LIVE_STATES, RunPaths, RunState
-from mae_core.trainargs import (RUN_DIR_ENV, AlreadyFinished, build_parser, prepare,
-                                refuse_stale_rank, say_waiting)
+from mae_core.runsetup import (RUN_DIR_ENV, AlreadyFinished, prepare, refuse_stale_rank,
+                               say_waiting)
+from mae_core.trainargs import build_parser
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl

@@ -570,7 +570,8 @@ def test_a_resume_by_hand_is_checked_as_the_apps_resume(tmp_path):
     assert "the checkpoint of run is at step 2: raise max steps above 2" in again.stdout
     # One below, in this process (the command line's own checks, without another start-up).
     from mae_core.config import ConfigError
-    from mae_core.trainargs import build_parser, prepare
+    from mae_core.runsetup import prepare
+    from mae_core.trainargs import build_parser
 
     with pytest.raises(ConfigError, match="the checkpoint of run is at step 2: raise max steps "
                                           "above 2"):
