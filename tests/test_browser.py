@@ -26,7 +26,7 @@ from helpers import free_port  # noqa: E402
 from mae_core.data import sample_photo_paths  # noqa: E402
 from mae_core.rundir import LIVE_STATES, create_run  # noqa: E402
 from mae_core.runs import RunManager  # noqa: E402
-from ui import build_app  # noqa: E402
+from ui import build_app, train  # noqa: E402
 from ui.render import CSS, theme  # noqa: E402
 
 SCREENSHOTS = REPO_ROOT / "test-artifacts" / "screenshots"
@@ -249,10 +249,23 @@ def test_picking_another_run_empties_the_resume_step(page, server):
         manager.delete(paths.run_id)
 
 
+def test_the_smoothing_box_shows_the_value_the_chart_uses(page):
+    """A number typed past the EMA slider's end is used clamped (ui.train.smoothing_of); the box
+    says so once it is left, instead of showing a value nothing uses."""
+    page.get_by_role("tab", name="Train").click()
+    box = page.locator("#smoothing input[type=number]")
+    box.fill("5")
+    box.press("Tab")
+    page.wait_for_function("() => document.querySelector('#smoothing input[type=number]').value"
+                           f" === '{train.MAX_SMOOTHING}'")
+    box.fill(str(train.SMOOTHING))
+    box.press("Tab")
+
+
 def test_the_page_scripts_decide_as_the_tests_say(page):
     """What runs in the browser alone: the form kept on each change, a refusal taken away by an
     edit, the resume box after Resume."""
-    from ui import configfile, train
+    from ui import configfile
     from ui.common import DEFAULTS, FIELD_NAMES, form_by_name, form_values
 
     shown = form_values(DEFAULTS)
