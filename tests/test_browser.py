@@ -177,6 +177,12 @@ def _chart_drawn(page) -> bool:
 
 def test_train_tab_starts_a_run_and_follows_it(page, server):
     assert _status(page)["state"] == "none"
+    # Stacked (narrow) with no run yet, the form comes first: there is nothing to watch, and
+    # the status panel says to fill it in (with a run, the live view comes first: 800 px test).
+    page.set_viewport_size({"width": 800, "height": 1000})
+    form, live = (page.locator(s).bounding_box() for s in ("#train-form", "#train-live"))
+    assert form["y"] + form["height"] <= live["y"] + 1 and live["width"] > 500
+    page.set_viewport_size({"width": 1440, "height": 1000})
     # issue 9.2: the run controls and their message are visible without scrolling at 1440×1000
     for selector in ("#start-btn", "#stop-btn", "#resume-btn", "#train-message"):
         assert _in_first_viewport(page, selector), selector
@@ -309,6 +315,14 @@ def test_a_bad_start_shows_a_message_not_a_badge(page):
     _set_number(page, "field-image-size", 32)
     # Editing the form takes the refusal of the form as it was away.
     page.wait_for_function("() => !document.querySelector('#train-message [data-kind=\"error\"]')")
+    # Out of range or blank, a mask ratio is refused by name (a slider moved it to 0.95 or 0.05
+    # and started the run).
+    for typed in ("2", ""):
+        page.locator("#field-mask-ratio input").fill(typed)
+        _button(page, "Start").click()
+        _wait_text(page, "#train-message", "mask_ratio")
+        _set_number(page, "field-mask-ratio", 0.75)
+        page.wait_for_function("() => !document.querySelector('#train-message [data-kind=\"error\"]')")
 
 
 def test_the_data_field_says_what_it_found_and_prepare_answers(page, tmp_path):
@@ -559,6 +573,13 @@ def test_a_phone_sees_the_whole_chart_and_every_preview(browser_factory, server)
                   " return a.width > least && a.left >= b.left - 1 && a.right <= b.right + 1; }")
         chart_fits = ["#loss-plot canvas", "#loss-plot", 200]
         page.wait_for_function(inside, arg=chart_fits)
+        # The run's name and state end before the dropdown's arrow (they ran under it).
+        page.wait_for_function("() => document.querySelector('#run-pick input')?.value")
+        assert page.evaluate(
+            "() => { const i = document.querySelector('#run-pick input');"
+            " const arrow = document.querySelector('#run-pick .icon-wrap').getBoundingClientRect();"
+            " const text_end = i.getBoundingClientRect().right - parseFloat(getComputedStyle(i)"
+            ".paddingRight); return text_end <= arrow.left + 1; }")
         page.get_by_role("tab", name="Reconstruct").click()
         page.wait_for_function(
             "() => document.querySelectorAll('#preview-gallery img').length >= 4")

@@ -186,6 +186,21 @@ def test_poll_sends_only_what_changed(ctx):
     assert "a new log line" in logged["log"] and "chart" not in logged
 
 
+def test_the_resume_step_goes_back_to_0_when_the_shown_run_changes(ctx):
+    """A step typed to resume one run to stayed in the box when another run came to be shown
+    (picked, opened from the Runs tab, or a new live run): the next Resume ended that run there."""
+    first = make_run(ctx, state="stopped", step=3)
+    second = make_run(ctx, state="stopped", step=5)
+    shown = train.poll(ctx, **poll_args())
+    assert "resume_until" not in shown  # the page's first view: the box holds its 0
+    same = train.poll(ctx, **poll_args(second.run_id, shown["seen_live"], shown["sig"]))
+    assert "resume_until" not in same  # what was typed for the shown run stays
+    other = train.poll(ctx, **poll_args(first.run_id, same["seen_live"], same["sig"]))
+    assert other["resume_until"] == 0
+    again = train.poll(ctx, **poll_args(first.run_id, other["seen_live"], other["sig"]))
+    assert "resume_until" not in again
+
+
 def test_poll_survives_metrics_rewritten_shorter(ctx):
     paths = make_run(ctx, state="stopped", step=6)
     write_metrics(paths, range(1, 7))

@@ -242,7 +242,6 @@ class Hint:
 
     label: str | None = None
     choices: tuple[str, ...] | None = None
-    slider: tuple[float, float, float] | None = None  # (minimum, maximum, step)
     info: str | None = None
     main: bool = False  # in the main form, else under "more settings"
     zero_is_auto: bool = True  # an optional number's 0 means None (auto); False where 0 is valid
@@ -257,7 +256,10 @@ HINTS: dict[str, Hint] = {
                    info="ddp-clean: head removed, encoder mask token frozen (plain DDP)"),
     "image_size": Hint("image size", main=True),
     "patch_size": Hint("patch size", main=True),
-    "mask_ratio": Hint("mask ratio", slider=(0.05, 0.95, 0.05), main=True),
+    # A number box, not a slider: Gradio's slider moved a typed 2 (or a blank) to its nearest
+    # end when the box was left, so a run started at 0.95 (or 0.05) with no word said.
+    "mask_ratio": Hint("mask ratio", main=True, info="share of patches hidden, between 0 and 1 "
+                                                     "(the paper: 0.75)"),
     "batch_size": Hint("batch size (per process)", main=True),
     "base_lr": Hint("base lr (× effective batch / 256; 0 = auto)", main=True,
                     info="effective batch = batch × processes × accumulated batches; auto: "
@@ -429,7 +431,10 @@ class FieldNumber(gr.Number):
 
 
 class FieldSlider(gr.Slider):
-    """A slider that passes its value through untouched (see :class:`FieldNumber`)."""
+    """A slider that passes its value through untouched (see :class:`FieldNumber`). Gradio's
+    front end still moves a number typed past an end to that end when the box is left: a slider
+    only where the nearest allowed value is what was meant (a chart's smoothing, a step of the
+    weights history, the Reconstruct tab's mask ratio), never for a run's setting."""
 
     is_template = True
 
@@ -439,11 +444,9 @@ class FieldSlider(gr.Slider):
 
 def widget_kind(field: FormField) -> str:
     """Which widget shows ``field``: "dropdown" for choices (and a switch that may be auto),
-    "slider" where hinted, "checkbox" for a switch, "number" for numbers, "text" otherwise."""
+    "checkbox" for a switch, "number" for numbers, "text" otherwise."""
     if field.hint.choices or (field.kind == "bool" and field.optional):
         return "dropdown"
-    if field.hint.slider:
-        return "slider"
     if field.kind == "bool":
         return "checkbox"
     return "number" if field.kind in ("int", "float") else "text"
@@ -459,9 +462,6 @@ def field_widget(field: FormField, value: Any) -> gr.components.Component:
         choices = hint.choices or ("true", "false")
         return gr.Dropdown(list((AUTO,) * field.optional + choices), value=display,
                            allow_custom_value=True, **common)
-    if kind == "slider":
-        low, high, step = hint.slider
-        return FieldSlider(low, high, value=display, step=step, **common)
     if kind == "checkbox":
         return gr.Checkbox(bool(display), **common)
     if kind == "number":

@@ -90,12 +90,17 @@ tr.no-grad { outline: 2px solid #dc2626; outline-offset: -2px; }
 .mae-colorbar .ticks { display: flex; justify-content: space-between; max-width: 320px; font-size: 11px;
   color: color-mix(in srgb, var(--body-text-color) 70%, transparent); }
 #run-controls { align-items: center; }
+/* A dropdown's arrow lies over the end of its text box: a long choice (a run id and its state,
+   on a phone) ran under it. The text stops short of the arrow, cut with an ellipsis. */
+.gradio-container .secondary-wrap > input { padding-right: 24px !important; text-overflow: ellipsis; }
 /* Stacked, the Train tab showed the whole form between the run controls and the run they act
    on: the live view comes first, under Start / Stop, and the form after it. 1024 px is where
    Gradio's page narrows and the columns' minimum widths no longer fit side by side. */
 @media (max-width: 1023.98px) {
   #train-columns { flex-direction: column; }
   #train-live { order: -1; }
+  /* No run yet: nothing to watch, and the form to fill in is what the status panel points to. */
+  #train-columns:has(#run-status[data-state="none"]) #train-live { order: 0; }
 }
 #loss-plot { overflow-x: auto; }
 /* The charts are as wide as their box (Vega-Lite's "container" width, ui.plots); Gradio's plot

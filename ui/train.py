@@ -222,6 +222,11 @@ def poll(ctx: AppContext, run_id: str | None, overlay: list[str] | None, metric:
     if list(by_id) != sig.get("ids"):
         out["overlay"] = gr.update(choices=list(by_id),
                                    value=[r for r in overlay or [] if r in by_id])
+    if "shown" in sig and sig["shown"] != selected:
+        # A step to resume to is one run's: the shown run changed (picked, opened from the Runs
+        # tab, a new live run), so the box goes back to 0, the run's own max steps.
+        out["resume_until"] = 0
+    sig["shown"] = selected
     config = _config_or_none(ctx.manager, selected)
     views = {"status": render.status_html(status, config),
              "message": action_message(action, by_id.get((action or {}).get("run_id"))),
@@ -339,8 +344,8 @@ def _build_live_view(c: dict[str, Any]) -> None:
 
 def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
     fields = [c[f"field.{name}"] for name in FIELD_NAMES]
-    poll_names = ("run_pick", "overlay", "status", "message", "start", "queue", "stop", "resume", "chart",
-                  "knn_chart", "chart_info", "log", "seen_live", "sig")
+    poll_names = ("run_pick", "overlay", "status", "message", "start", "queue", "stop", "resume",
+                  "resume_until", "chart", "knn_chart", "chart_info", "log", "seen_live", "sig")
     poll_inputs = [c[n] for n in ("run_pick", "overlay", "metric", "log_scale", "smoothing",
                                   "seen_live", "sig", "action")]
     message_fallback = {"start": lambda text: {c["action"]: failed_action("start", text)},
@@ -372,9 +377,6 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
                    show_progress=HIDDEN)
     c["refresh_spec"] = refresh
     gr.on([c["timer"].tick], **refresh, api_name="poll", trigger_mode="always_last")
-    # A step to resume to is one run's: another run picked starts from 0 (its own max steps).
-    c["run_pick"].input(None, None, c["resume_until"], js="() => 0", api_visibility="private",
-                        show_progress=HIDDEN)
     gr.on([c["run_pick"].input, c["overlay"].input, c["metric"].change, c["log_scale"].change,
            c["smoothing"].release], **refresh, api_name="select", trigger_mode="always_last")
     clicked = {}
