@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import traceback
 from typing import Any
 
@@ -95,6 +96,10 @@ def termination_text(paths: RunPaths) -> str:
 
 
 def record_termination(paths: RunPaths) -> None:
+    text = termination_text(paths)
     with contextlib.suppress(OSError):  # never in place of the exit under way
-        paths.write_status(state=RunState.FAILED, error=termination_text(paths),
-                           log_tail=paths.log_tail())
+        # Said where the trainer's output goes too (a terminal, the app's train.log): a run
+        # started by hand ended with nothing said of why.
+        print(f"run {paths.root.name} {text}", file=sys.stderr, flush=True)
+    with contextlib.suppress(OSError):
+        paths.write_status(state=RunState.FAILED, error=text, log_tail=paths.log_tail())

@@ -466,6 +466,7 @@ def test_a_sigterm_ends_the_run_after_its_step_saying_so_and_resume_continues_it
     assert status["state"] == "failed", status
     assert status["error"] == ("terminated by SIGTERM (the machine or container was shut down, or "
                                f"someone ran kill); Resume continues from step {step}")
+    assert f"run run {status['error']}" in log  # on the terminal too (it said nothing)
     # The step it stopped after was saved: nothing trained is lost.
     assert status["step"] == step == max(row["step"] for row in paths.read_metrics())
     if devices > 1:
