@@ -46,7 +46,8 @@ from mae_core.callbacks import EveryNSteps
 from mae_core.loggers import board_scalars, tensorboard
 from mae_core.checks import shown
 from mae_core.config import AUTO_VAL_FRACTION, AUTO_VAL_MIN_IMAGES, TrainConfig
-from mae_core.data import DataError, HeldOutSplit, fixed_crops, split_folder
+from mae_core.data import (DataError, HeldOutSplit, class_labels, find_images, fixed_crops,
+                           split_folder)
 from mae_core.features import knn_accuracy
 from mae_core.fileio import append_line
 from mae_core.metrics import HEADLINE_KNN_K
@@ -116,13 +117,15 @@ def plan_evaluation(t: TrainConfig, split_data: bool = True,
     plan = {"train": split.train if split.held_out else None, "val": split.held_out[:limit]}
     if t.eval_data:
         try:
-            labelled = split_folder(t.eval_data, t.seed,
+            found = tuple(find_images(t.eval_data))
+            # Classes first: a folder of 3 unlabelled images was told to hold out fewer of them.
+            if class_labels(t.eval_data, list(found)) is None:
+                raise DataError(f"{shown(t.eval_data)} needs class subfolders (folder/<class>/"
+                                "*.jpg, at least two classes, no images directly in the folder)")
+            labelled = split_folder(t.eval_data, t.seed, paths=found,
                                     fraction=t.val_fraction or EVAL_FOLDER_FRACTION)
         except DataError as err:  # "data folder ... does not exist" would name the wrong field
             raise DataError(f"eval_data: {err}") from None
-        if not labelled.labelled:
-            raise DataError(f"eval_data {shown(t.eval_data)} needs class subfolders (folder/<class>/"
-                            "*.jpg, at least two classes, no images directly in the folder)")
     elif split.labelled and split.held_out:
         labelled = split
     else:

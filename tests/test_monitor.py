@@ -96,6 +96,12 @@ def test_plan_bounds_the_bank_with_every_class_and_needs_labels_for_eval_data(la
     assert unlabelled.val and not unlabelled.knn
     with pytest.raises(DataError, match="class subfolders"):
         plan_evaluation(TrainConfig(eval_data=str(flat)))
+    few = tmp_path / "few"  # too few to split, and no classes: the classes are what to fix
+    few.mkdir()
+    for path in sorted(flat.rglob("*.png"))[:3]:
+        (few / path.name).write_bytes(path.read_bytes())
+    with pytest.raises(DataError, match="eval_data: .*few.* needs class subfolders"):
+        plan_evaluation(TrainConfig(eval_data=str(few)))
     # The sample photos train; the labelled folder is the kNN monitor's own (20 % queries).
     separate = plan_evaluation(TrainConfig(eval_data=str(labelled)))
     assert separate.train is None and not separate.val
