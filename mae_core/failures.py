@@ -98,8 +98,9 @@ def termination_text(paths: RunPaths) -> str:
 def record_termination(paths: RunPaths) -> None:
     text = termination_text(paths)
     with contextlib.suppress(OSError):  # never in place of the exit under way
-        # Said where the trainer's output goes too (a terminal, the app's train.log): a run
-        # started by hand ended with nothing said of why.
-        print(f"run {paths.root.name} {text}", file=sys.stderr, flush=True)
-    with contextlib.suppress(OSError):
         paths.write_status(state=RunState.FAILED, error=text, log_tail=paths.log_tail())
+    # Said where the trainer's output goes too (a terminal, the app's train.log): a run started
+    # by hand ended with nothing said of why. After the status, which the app reads: a stalled
+    # or closed stderr must not keep it from being written.
+    with contextlib.suppress(OSError, ValueError):
+        print(f"run {paths.root.name} {text}", file=sys.stderr, flush=True)

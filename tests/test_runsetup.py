@@ -118,7 +118,7 @@ def test_a_run_that_ended_at_its_max_epochs_resumes_only_past_that_limit(tmp_pat
         for same in ([], ["--max-epochs", "2"], ["--max-steps", "-1"]):
             with pytest.raises(ConfigError, match=r"resume: run .* finished its 2 epochs at step "
                                                   r"8: raise max steps above 8 \(the epoch limit "
-                                                  "then goes\) or max epochs above 2"):
+                                                  r"then goes\) or max epochs above 2"):
                 _prepare(*run, "--resume", *same)
         assert RunConfig.load(paths.config) == trained  # nothing written
         # Past the limit, it goes on to the checkpoint's own checks (this one is no checkpoint).

@@ -71,7 +71,8 @@ def test_hinted_widgets():
     unused = field_widget(BY_NAME["find_unused_parameters"], None)
     assert [c[1] for c in unused.choices] == [AUTO, "true", "false"]
     # A slider moved a typed 2, or a blank, to one of its ends: a run started at 0.95 or 0.05.
-    assert type(field_widget(BY_NAME["mask_ratio"], 0.75)) is FieldNumber
+    ratio = field_widget(BY_NAME["mask_ratio"], 0.75)
+    assert type(ratio) is FieldNumber and ratio.step == 0.05  # its arrows: 0.75 → 0.8, not 1
 
 
 def test_number_widgets_pass_values_through_untouched():

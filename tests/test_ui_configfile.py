@@ -178,7 +178,7 @@ def test_the_form_kept_in_the_browser_comes_back_field_by_field():
     assert skip not in configfile.restored_form(kept)
     kept.update(batch_size=24, data="~/photos", compile=True, num_workers=None, retired_field=7,
                 base_lr=float("nan"), weight_decay=[0.1], seed="x" * 5000,
-                mask_ratio="0.75",  # text in a number box failed the whole restore
+                mask_ratio="0.75",  # text where a number goes: left at its default
                 preset=3, max_steps=True, norm_pix_loss="yes")
     restored = dict(zip(FIELD_NAMES, configfile.restored_form(kept)))
     assert (restored["batch_size"], restored["data"], restored["compile"]) == (24, "~/photos", True)

@@ -243,6 +243,7 @@ class Hint:
     label: str | None = None
     choices: tuple[str, ...] | None = None
     info: str | None = None
+    step: float | None = None  # a number box's arrows (gr.Number's own: 1)
     main: bool = False  # in the main form, else under "more settings"
     zero_is_auto: bool = True  # an optional number's 0 means None (auto); False where 0 is valid
     hidden: bool = False  # set by other means (the command line), not by the form
@@ -258,8 +259,8 @@ HINTS: dict[str, Hint] = {
     "patch_size": Hint("patch size", main=True),
     # A number box, not a slider: Gradio's slider moved a typed 2 (or a blank) to its nearest
     # end when the box was left, so a run started at 0.95 (or 0.05) with no word said.
-    "mask_ratio": Hint("mask ratio", main=True, info="share of patches hidden, between 0 and 1 "
-                                                     "(the paper: 0.75)"),
+    "mask_ratio": Hint("mask ratio", main=True, step=0.05,
+                       info="share of patches hidden, between 0 and 1 (the paper: 0.75)"),
     "batch_size": Hint("batch size (per process)", main=True),
     "base_lr": Hint("base lr (× effective batch / 256; 0 = auto)", main=True,
                     info="effective batch = batch × processes × accumulated batches; auto: "
@@ -465,5 +466,5 @@ def field_widget(field: FormField, value: Any) -> gr.components.Component:
     if kind == "checkbox":
         return gr.Checkbox(bool(display), **common)
     if kind == "number":
-        return FieldNumber(display, **common)
+        return FieldNumber(display, **common, **({"step": hint.step} if hint.step else {}))
     return gr.Textbox(display, **common)

@@ -129,10 +129,14 @@ def wire(c: dict[str, Any], jobs: Preparations) -> None:
     as_updates = lambda out: {names[k]: v for k, v in out.items()}
     error = lambda text: {names["progress"]: render.notice("error", text)}
     data = c["field.data"]
-    gr.on([data.blur, data.submit], data_info, data, c["data_info"], api_name="check_data")
+    # Only reads; unlimited, or every page's load (ui.build_app) and every blur would wait in one
+    # queue behind the walk of one large folder.
+    gr.on([data.blur, data.submit], data_info, data, c["data_info"], api_name="check_data",
+          concurrency_limit=None)
     # For a form the server fills (ui.configfile), where no blur comes.
     c["data_info_spec"] = dict(fn=data_info, inputs=data, outputs=c["data_info"],
-                               api_visibility="private", show_progress=HIDDEN)
+                               api_visibility="private", show_progress=HIDDEN,
+                               concurrency_limit=None)
     c["prepare"].click(guarded("prepare", error)(lambda folder: as_updates(start_preparing(jobs, folder))),
                        data, outputs, api_name="prepare_data", show_progress=HIDDEN)
     c["prepare_timer"].tick(

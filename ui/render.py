@@ -97,7 +97,9 @@ tr.no-grad { outline: 2px solid #dc2626; outline-offset: -2px; }
    on: the live view comes first, under Start / Stop, and the form after it. 1024 px is where
    Gradio's page narrows and the columns' minimum widths no longer fit side by side. */
 @media (max-width: 1023.98px) {
-  #train-columns { flex-direction: column; }
+  /* stretch: Gradio's row aligns its columns to the start, so stacked each one was only as wide
+     as its content (a 440 px live view on a 768 px page). */
+  #train-columns { flex-direction: column; align-items: stretch; }
   #train-live { order: -1; }
   /* No run yet: nothing to watch, and the form to fill in is what the status panel points to. */
   #train-columns:has(#run-status[data-state="none"]) #train-live { order: 0; }

@@ -344,8 +344,9 @@ def _build_live_view(c: dict[str, Any]) -> None:
 
 def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
     fields = [c[f"field.{name}"] for name in FIELD_NAMES]
+    # resume_until after the outputs an API client of /poll already reads by position
     poll_names = ("run_pick", "overlay", "status", "message", "start", "queue", "stop", "resume",
-                  "resume_until", "chart", "knn_chart", "chart_info", "log", "seen_live", "sig")
+                  "chart", "knn_chart", "chart_info", "log", "resume_until", "seen_live", "sig")
     poll_inputs = [c[n] for n in ("run_pick", "overlay", "metric", "log_scale", "smoothing",
                                   "seen_live", "sig", "action")]
     message_fallback = {"start": lambda text: {c["action"]: failed_action("start", text)},
