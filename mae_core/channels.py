@@ -45,6 +45,7 @@ class HeaderScan:
     format: PixelFormat
     unreadable: int
     every_file: bool
+    alpha_tiffs: int = 0  # of the files read, TIFFs with a sample tagged as alpha
 
 
 def scan_format(paths: list[Path], folder: str = "") -> PixelFormat:
@@ -58,13 +59,17 @@ def scan_headers(paths: list[Path], folder: str = "") -> HeaderScan:
     folder of at most ``MAX_PROBED``, an even spread of a larger one."""
     step = max(1, math.ceil(len(paths) / MAX_PROBED))
     examples: dict[PixelFormat, Path] = {}
-    unreadable = 0
+    unreadable = alpha_tiffs = 0
     for path in paths[::step]:
         try:
-            examples.setdefault(probe(path), path)
+            fmt = probe(path)
         except ImageError:
             unreadable += 1
-    return HeaderScan(_one_format(examples, folder), unreadable, every_file=step == 1)
+            continue
+        examples.setdefault(fmt, path)
+        alpha_tiffs += fmt.alpha_tiff
+    return HeaderScan(_one_format(examples, folder), unreadable, every_file=step == 1,
+                      alpha_tiffs=alpha_tiffs)
 
 
 def _one_format(examples: dict[PixelFormat, Path], folder: str) -> PixelFormat:

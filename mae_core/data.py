@@ -172,10 +172,20 @@ class DataSummary:
     folder: bool = True
     unreadable: int | None = None
     paths: tuple[Path, ...] = field(default=(), repr=False, compare=False)
+    alpha_tiffs: int = 0  # of the headers read (see channels.HeaderScan)
 
     def describe(self) -> str:
         kind = "RGB" if self.channels == 3 else "grayscale" if self.channels == 1 else "multi-band"
         return f"{self.channels}-channel ({kind}) {self.bits}-bit"
+
+    def alpha_note(self) -> str:
+        """What became of TIFF samples tagged as alpha, or "": ``tifffile.imwrite`` tags an
+        H×W×4 8-bit array so by default, and an RGB + NIR set then trained as RGB unsaid."""
+        if not self.alpha_tiffs:
+            return ""
+        return (f"{self.alpha_tiffs:,} TIFF(s) tag a sample as alpha: read as transparency "
+                "(composited on white), not as a band; to train it as a band, write the file with "
+                "photometric='minisblack'")
 
 
 def check_data(folder: str) -> DataSummary:
@@ -207,7 +217,7 @@ def check_data(folder: str) -> DataSummary:
         return DataSummary(name=folder or SAMPLE_DATA_NAME, files=len(paths),
                            channels=fmt.channels, bits=fmt.bits,
                            unreadable=scan.unreadable if scan.every_file else None,
-                           paths=tuple(paths))
+                           paths=tuple(paths), alpha_tiffs=scan.alpha_tiffs)
     raise DataError(f"none of the {len(paths)} image files in {_named(folder)} can be read: all are corrupt "
                     "or not images")
 

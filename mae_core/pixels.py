@@ -26,7 +26,7 @@ from __future__ import annotations
 import io
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -69,10 +69,13 @@ _NO_CODEC = (KeyError, ValueError, RuntimeError, NotImplementedError, ImportErro
 
 @dataclass(frozen=True)
 class PixelFormat:
-    """What one value of an image is: ``channels`` per pixel, ``bits`` (8 or 16) per value."""
+    """What one value of an image is: ``channels`` per pixel, ``bits`` (8 or 16) per value.
+    ``alpha_tiff``: a TIFF whose extra sample is tagged as alpha, read as transparency (not a
+    kind of its own: the same channels and bits train together)."""
 
     channels: int
     bits: int
+    alpha_tiff: bool = field(default=False, compare=False, repr=False)
 
     @property
     def is_rgb8(self) -> bool:
@@ -220,7 +223,7 @@ def _open_tiff(source: Source, label: str, decode: bool) -> tuple[PixelFormat, n
             extra = getattr(series.keyframe, "extrasamples", None) or ()
             alpha = next((int(kind) for kind in extra
                           if int(kind) in (_ASSOCIATED_ALPHA, _UNASSOCIATED_ALPHA)), None)
-            fmt = PixelFormat(samples - (alpha is not None), bits)
+            fmt = PixelFormat(samples - (alpha is not None), bits, alpha_tiff=alpha is not None)
             if not decode:
                 return fmt, None
             orientation = series.keyframe.tags.valueof(_ORIENTATION, 1)

@@ -45,6 +45,7 @@ def test_tiff_keeps_16_bits_and_every_band(tmp_path):
     rgba[:16, :, :] = (10, 20, 30, 255)  # top half opaque, bottom half fully transparent
     tifffile.imwrite(tmp_path / "rgba.tif", rgba, photometric="rgb", extrasamples=["unassalpha"])
     assert probe(tmp_path / "rgba.tif") == PixelFormat(3, 8)
+    assert probe(tmp_path / "rgba.tif").alpha_tiff and not probe(tmp_path / "rgbn.tif").alpha_tiff
     composited = read_for(tmp_path / "rgba.tif", 3)
     assert composited[:, 0, 0].tolist() == [10, 20, 30] and int(composited[:, -1].min()) == 255
 

@@ -127,6 +127,21 @@ def test_a_run_that_ended_at_its_max_epochs_resumes_only_past_that_limit(tmp_pat
                 _prepare(*run, "--resume", *further)
 
 
+def test_a_new_run_on_tiffs_with_an_alpha_sample_says_what_becomes_of_it(tmp_path, capsys):
+    import numpy as np
+    import tifffile
+
+    data = tmp_path / "tiles"
+    data.mkdir()
+    for i in range(2):  # tifffile's default for H×W×4: RGB + alpha
+        tifffile.imwrite(data / f"{i}.tif", np.full((16, 16, 4), 40 * i, np.uint8))
+    cfg, _, _ = _prepare("--runs-dir", str(tmp_path / "runs"), "--data", str(data),
+                         "--accelerator", "cpu", "--devices", "1")
+    assert cfg.model.in_chans == 3
+    assert ("note: 2 TIFF(s) tag a sample as alpha: read as transparency (composited on white), "
+            "not as a band") in capsys.readouterr().out
+
+
 def test_a_linked_run_folder_is_judged_by_the_name_the_app_lists(tmp_path):
     """The name check read the link's target: ``runs/my link`` → ``other/good`` trained where the
     app, which lists ``my link``, could not see it."""

@@ -123,6 +123,26 @@ def test_the_field_says_what_a_folder_holds(tmp_path):
     assert "decoded into memory" in samples  # 17 photos: no preparation
 
 
+def test_the_field_warns_of_a_tiff_band_tagged_as_alpha(tmp_path):
+    """tifffile.imwrite tags the fourth sample of an H×W×4 8-bit array as alpha by default: an
+    RGB + NIR set written so trained as RGB, the NIR band composited away, with nothing said."""
+    import numpy as np
+    import tifffile
+
+    tagged, bands = tmp_path / "tagged", tmp_path / "bands"
+    for folder in (tagged, bands):
+        folder.mkdir()
+    tiles = np.random.default_rng(0).integers(0, 255, (2, 16, 16, 4), dtype=np.uint8)
+    for i, tile in enumerate(tiles):
+        tifffile.imwrite(tagged / f"{i}.tif", tile)  # the default: RGB + alpha
+        tifffile.imwrite(bands / f"{i}.tif", tile, photometric="minisblack", planarconfig="contig")
+    warned = datafield.data_info(str(tagged))
+    assert 'data-kind="warn"' in warned and "2 TIFF(s) tag a sample as alpha" in warned
+    assert "photometric=&#x27;minisblack&#x27;" in warned or "photometric='minisblack'" in warned
+    four = datafield.data_info(str(bands))
+    assert 'data-kind="ok"' in four and "4-channel" in four and "alpha" not in four
+
+
 def test_the_field_describes_a_prepared_set(tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()

@@ -38,8 +38,10 @@ def data_info(folder: str | None) -> str:
     kind = "" if summary.channels == 3 and summary.bits == 8 else (
         f" {summary.describe()} images: in_chans {summary.channels}, normalised with the data "
         "set's own statistics (computed at start);")
-    return render.notice("ok", f"{where}: {summary.files:,} image file(s) found;{kind} "
-                               f"{data_note(data, found)}")
+    text = f"{where}: {summary.files:,} image file(s) found;{kind} {data_note(data, found)}"
+    if summary.alpha_note():  # a band about to be read as transparency: said before Start
+        return render.notice("warn", f"{text} — {summary.alpha_note()}.")
+    return render.notice("ok", text)
 
 
 def _preparable(data: str) -> None:
