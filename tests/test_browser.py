@@ -243,6 +243,22 @@ def test_train_tab_starts_a_run_and_follows_it(page, server):
     _settle(page)
     page.screenshot(path=str(SCREENSHOTS / "train-stopped.png"), full_page=True)
 
+    # Resume from the page: on from the checkpoint, to the step typed, which was for that resume
+    # alone (it stayed in the box for the next Resume of any run).
+    stopped_at = int(_status(page)["step"])
+    _set_number(page, "resume-steps", stopped_at + 1000)
+    _button(page, "Resume").click()
+    _wait_text(page, "#train-message", f"Resumed {run_id} from its checkpoint at step {stopped_at}")
+    page.wait_for_function("() => document.querySelector('#resume-steps input')?.value === '0'")
+    page.wait_for_function(
+        "(at) => { const s = document.querySelector('#run-status');"
+        " return s.dataset.state === 'running' && +s.dataset.step > at; }", arg=stopped_at,
+        timeout=RUN_TIMEOUT_MS)
+    assert server["manager"].status(run_id)["total_steps"] == stopped_at + 1000
+    _button(page, "Stop").click()
+    page.wait_for_function("() => document.querySelector('#run-status').dataset.state === 'stopped'",
+                           timeout=RUN_TIMEOUT_MS)
+
 
 def test_picking_another_run_empties_the_resume_step(page, server):
     """A step typed to resume one run to stayed in the box, for the next Resume of any run."""
