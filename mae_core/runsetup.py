@@ -92,8 +92,8 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
     _require_launcher_world(resolved)
     _require_devices_free(resolved, Path(run_dir).parent if run_dir else Path(args.runs_dir))
     cfg, summary = _resolve_data(resolved)
-    if summary.alpha_note():
-        print(f"note: {summary.alpha_note()}", flush=True)
+    if note := summary.alpha_note():
+        print(f"note: {note}", flush=True)
     # process.json goes in before config.yaml (what makes the directory a run): a reader never
     # sees a live run that has no process to check.
     paths = create_run(cfg, runs_dir=args.runs_dir, run_dir=run_dir,

@@ -39,8 +39,8 @@ def data_info(folder: str | None) -> str:
         f" {summary.describe()} images: in_chans {summary.channels}, normalised with the data "
         "set's own statistics (computed at start);")
     text = f"{where}: {summary.files:,} image file(s) found;{kind} {data_note(data, found)}"
-    if summary.alpha_note():  # a band about to be read as transparency: said before Start
-        return render.notice("warn", f"{text} — {summary.alpha_note()}.")
+    if note := summary.alpha_note():  # a band about to be read as transparency: said before Start
+        return render.notice("warn", f"{text} — {note}.")
     return render.notice("ok", text)
 
 

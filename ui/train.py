@@ -451,8 +451,8 @@ def _wire_form(ctx: AppContext, c: dict[str, Any], fields: list[Any]) -> None:
           show_progress=HIDDEN, trigger_mode="always_last")
 
 
-# The resume box after Resume: 0 (the run's own max steps) once a resume went through, as it was
-# after a refusal (to be mended).
+# The resume box after Resume: 0 (the run's own max steps) once a resume went through; after a
+# refusal, the step as typed, for the person to correct.
 RESUMED_JS = ("(action, until) => (action && action.kind === 'ok' && action.action === 'resume')"
               " ? 0 : until")
 # The last action once the person edits the form: a refused Start or Queue is about the form as it
