@@ -128,8 +128,12 @@ def resolve_data(cfg: RunConfig) -> tuple[RunConfig, DataSummary]:
     from mae_core.monitor import plan_evaluation  # brings the model's modules: when needed
     from mae_core.datasource import held_in_memory
 
-    summary = check_data(cfg.train.data)
-    cfg = resolve_channels(cfg, summary)
+    try:
+        summary = check_data(cfg.train.data)
+        cfg = resolve_channels(cfg, summary)
+    except DataError as err:  # the setting to change is the data field (the page shows it)
+        err.field = err.field or "data"
+        raise
     plan_evaluation(cfg.train, split_data=held_in_memory(cfg.train.data, summary.files),
                     paths=summary.paths, channels=cfg.model.channels)
     return cfg, summary

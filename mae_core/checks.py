@@ -21,7 +21,12 @@ class ConfigError(ValueError):
 
 
 class DataError(ValueError):
-    """The data folder cannot be trained on; the message says why."""
+    """The data cannot be trained on; the message says why. ``field``, where known, is the
+    setting to change (``data``, ``eval_data``, ``val_count``...): the page shows that field."""
+
+    def __init__(self, message: str, field_name: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field_name
 
 
 def _is_int(value: Any) -> bool:

@@ -388,16 +388,16 @@ def held_out_count(total: int, fraction: float | None, count: int | None,
     :data:`MIN_HELD_OUT`), else ``auto_fraction`` of a folder of ``auto_min_images`` or more and
     none of a smaller one. Refused with a :class:`DataError` when no training image would remain."""
     if count is not None:
-        wanted = count
+        wanted, asked_by = count, "val_count"
     elif fraction is not None:
-        wanted = max(MIN_HELD_OUT, round(total * fraction))
+        wanted, asked_by = max(MIN_HELD_OUT, round(total * fraction)), "val_fraction"
     elif total >= auto_min_images:
-        wanted = max(MIN_HELD_OUT, round(total * auto_fraction))
+        wanted, asked_by = max(MIN_HELD_OUT, round(total * auto_fraction)), "val_fraction"
     else:
         return 0
-    if wanted >= total:
-        raise DataError(f"holding out {wanted} of {total} images leaves none to train on: "
-                        "lower val_count or val_fraction, or add images")
+    if wanted >= total:  # named like every other refusal: by the field to change
+        raise DataError(f"{asked_by}: holding out {wanted:,} of {total:,} images leaves none to "
+                        f"train on: lower {asked_by}, or add images", asked_by)
     return wanted
 
 

@@ -125,7 +125,7 @@ def plan_evaluation(t: TrainConfig, split_data: bool = True,
             labelled = split_folder(t.eval_data, t.seed, paths=found,
                                     fraction=t.val_fraction or EVAL_FOLDER_FRACTION)
         except DataError as err:  # "data folder ... does not exist" would name the wrong field
-            raise DataError(f"eval_data: {err}") from None
+            raise DataError(f"eval_data: {err}", "eval_data") from None
     elif split.labelled and split.held_out:
         labelled = split
     else:
@@ -152,7 +152,8 @@ def _check_readable(folder: str, parts: dict[str, tuple[Path, ...]], channels: i
         if paths and not any(_header_reads(path, channels) for path in paths):
             raise DataError(f"eval_data {shown(folder)}: none of the {len(paths)} images {part} "
                             f"can be read{kind} ({causes}), so the kNN monitor would have "
-                            "nothing to score: put readable images in its class subfolders")
+                            "nothing to score: put readable images in its class subfolders",
+                            "eval_data")
 
 
 def _header_reads(path: Path, channels: int | None) -> bool:

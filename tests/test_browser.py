@@ -347,6 +347,27 @@ def test_a_bad_start_shows_a_message_not_a_badge(page):
         _wait_text(page, "#train-message", "mask_ratio")
         _set_number(page, "field-mask-ratio", 0.75)
         page.wait_for_function("() => !document.querySelector('#train-message [data-kind=\"error\"]')")
+    # A field under the closed "more settings" is shown: opened, scrolled to, focused, marked
+    # with the reason; the next edit takes the mark away.
+    more = page.locator("#more-settings > button.label-wrap")
+    more.click()
+    _set_number(page, "field-weight-decay", -1)
+    more.click()
+    page.locator("#field-weight-decay").wait_for(state="hidden")
+    page.evaluate("() => scrollTo(0, 0)")
+    _button(page, "Start").click()
+    _wait_text(page, "#train-message", "weight_decay")
+    marked = page.locator("#field-weight-decay[data-refusal]")
+    marked.wait_for()
+    assert marked.get_attribute("data-refusal").startswith("must be a finite number in [0, 1)")
+    assert _in_first_viewport(page, "#field-weight-decay input")  # (a page scrolled to it)
+    assert page.evaluate("() => document.activeElement?.closest('#field-weight-decay') !== null")
+    assert page.locator("#field-weight-decay input").get_attribute("aria-invalid") == "true"
+    page.keyboard.press("Backspace")  # the person corrects it where the focus is
+    page.wait_for_function("() => !document.querySelector('#train-form [data-refusal]')")
+    _set_number(page, "field-weight-decay", 0.05)
+    more.click()
+    page.evaluate("() => scrollTo(0, 0)")
 
 
 def test_the_data_field_says_what_it_found_and_prepare_answers(page, tmp_path):

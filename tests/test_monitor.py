@@ -77,8 +77,10 @@ def test_split_sizes_fraction_auto_and_refusals(labelled, tmp_path):
     big = labelled_folder(tmp_path / "big", per_class=AUTO_VAL_MIN_IMAGES // 2)
     plan = plan_evaluation(TrainConfig(data=str(big)))
     assert len(plan.val) == AUTO_VAL_MIN_IMAGES // 10 and len(plan.train) == AUTO_VAL_MIN_IMAGES * 9 // 10
-    with pytest.raises(DataError, match="leaves none to train on"):
+    with pytest.raises(DataError, match="^val_count: holding out .* leaves none to train on"):
         split_folder(str(labelled), count=total)
+    with pytest.raises(DataError, match="^val_fraction: holding out .* lower val_fraction"):
+        split_folder(str(labelled), fraction=0.99)
 
 
 def test_the_default_run_on_the_sample_photos_evaluates_nothing():
@@ -197,7 +199,7 @@ def test_ddp_figures_are_those_of_the_whole_held_out_set(ddp_run):
 def test_an_impossible_split_is_refused_before_the_run_exists(run_module, labelled, tmp_path):
     result = run_module("mae_core.train", "--runs-dir", tmp_path / "runs", *RUN, "--data", labelled,
                         "--val-count", str(2 * PER_CLASS))
-    assert result.returncode == 2 and "leaves none to train on" in result.stderr
+    assert result.returncode == 2 and "val_count: holding out" in result.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 

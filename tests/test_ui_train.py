@@ -318,7 +318,30 @@ def test_start_is_refused_while_a_run_is_live(ctx, stand_ins):
         train.start_run(ctx.manager, values)
     with pytest.raises(ConfigError, match="batch_size"):
         train.start_run(ctx.manager, {**values, "batch_size": 2.5})
+    with pytest.raises(RunError, match="still live"):  # about no field: worded by the guard
+        train.form_action("start", train.start_run, ctx.manager, values)
     assert [s["run_id"] for s in ctx.manager.list()] == [live.run_id]
+
+
+@pytest.mark.parametrize("change, field, reason", [
+    (lambda tmp: {"weight_decay": -1.0}, "weight_decay", "must be a finite number in [0, 1)"),
+    (lambda tmp: {"in_chans": 1}, "in_chans", "is 1 but sample photos"),
+    (lambda tmp: {"data": f"{tmp}/nowhere"}, "data", "data folder {tmp}/nowhere does not exist"),
+    (lambda tmp: {"data": str(tmp)}, "data", "data folder {tmp} holds no images"),
+    (lambda tmp: {"val_count": 17}, "val_count", "holding out 17 of 17 images leaves none"),
+    (lambda tmp: {"eval_data": str(tmp)}, "eval_data", "data folder {tmp} holds no images"),
+])
+def test_a_refusal_about_one_field_names_that_field_for_the_page(ctx, tmp_path, change, field,
+                                                                 reason):
+    """The page shows the field a refused Start or Queue is about (it may be under "more
+    settings", or below the live view): a setting, the data folder, a split, the kNN folder."""
+    values = {**form_values(TINY), **change(tmp_path)}
+    for action, act in (("start", train.start_run), ("queue", train.queue_run)):
+        refused = train.form_action(action, act, ctx.manager, values)
+        assert refused["kind"] == "error" and refused["action"] == action
+        assert refused["field"] == field and refused["reason"].startswith(reason.format(tmp=tmp_path))
+        assert refused["reason"] in refused["text"]
+    assert ctx.manager.list() == []
 
 
 def test_start_launches_a_real_run_that_finishes(ctx):

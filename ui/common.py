@@ -59,7 +59,11 @@ def describe(err: BaseException, action: str = "") -> str:
         reason = str(err).removeprefix(f"{err.field}: ")
         return f"Invalid setting, {hint.label} ({err.field}): {reason}"
     if isinstance(err, user_errors()):
-        return str(err)
+        field, text = refused_field(err), str(err)
+        hint = HINTS.get(field) if field else None
+        if hint is not None and hint.label and text.startswith(f"{field}: "):  # as a ConfigError
+            return f"{hint.label} ({field}): {text.removeprefix(f'{field}: ')}"
+        return text
     from mae_core.fileio import is_disk_full
 
     if is_disk_full(err):  # a save, an export, an upload's copy: the machine's state, not a bug
@@ -69,6 +73,13 @@ def describe(err: BaseException, action: str = "") -> str:
         return f"{action or 'It'} failed: {full_disk_message(where, then='try again')}"
     log.error("%s failed", action or "a handler", exc_info=err)
     return f"Internal error{' in ' + action if action else ''}: {type(err).__name__}: {err}"
+
+
+def refused_field(err: BaseException) -> str | None:
+    """The Train form's field a refusal is about (a :class:`ConfigError`'s, or a ``DataError``'s
+    where it knows one), for the page to show it; None for any other error."""
+    field = getattr(err, "field", None) if isinstance(err, user_errors()) else None
+    return field if field in FIELD_NAMES else None
 
 
 # --- the app's context -----------------------------------------------------------------------

@@ -19,7 +19,7 @@ from mae_core.rundir import LIVE_STATES, RunState
 from ui import configfile, datafield, plots, render
 from ui.common import (DEFAULTS, FIELD_NAMES, FORM_FIELDS, MAIN_FIELDS, AppContext, UserError,
                        FieldNumber, FieldSlider, as_bool, as_int, config_from_form, describe,
-                       field_widget, form_by_name, form_values, guarded)
+                       field_widget, form_by_name, form_values, guarded, refused_field)
 
 POLL_S = 1.5
 LOG_LINES = 60
@@ -73,8 +73,26 @@ def resume_run(manager: Any, run_id: str | None, until_step: Any) -> dict[str, A
                     f"{status.get('total_steps')} steps.{schedule}"}
 
 
-def failed_action(action: str, message: str) -> dict[str, Any]:
-    return {"action": action, "run_id": None, "kind": "error", "text": message}
+def failed_action(action: str, message: str, field: str | None = None,
+                  reason: str = "") -> dict[str, Any]:
+    """A refusal's record; ``field`` (with the ``reason`` said beside it) is the form's field it
+    is about, which the page then shows (:data:`SHOW_REFUSED_FIELD_JS`)."""
+    record = {"action": action, "run_id": None, "kind": "error", "text": message}
+    return record | {"field": field, "reason": reason or message} if field else record
+
+
+def form_action(action: str, act: Any, manager: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """``act(manager, values)`` (:func:`start_run`, :func:`queue_run`); a refusal about one field
+    becomes a record naming it (the field may sit under "more settings", or below the live view
+    on a narrow screen, away from the message). Any other error is raised."""
+    try:
+        return act(manager, values)
+    except Exception as err:
+        field = refused_field(err)
+        if field is None:
+            raise
+        return failed_action(action, describe(err, action), field,
+                             str(err).removeprefix(f"{field}: "))
 
 
 def action_message(action: dict[str, Any] | None, status: dict[str, Any] | None) -> str:
@@ -360,11 +378,11 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
 
     @guarded("start", message_fallback["start"])
     def on_start(*values: Any) -> dict:
-        return {c["action"]: start_run(ctx.manager, form_by_name(values))}
+        return {c["action"]: form_action("start", start_run, ctx.manager, form_by_name(values))}
 
     @guarded("queue", message_fallback["queue"])
     def on_queue(*values: Any) -> dict:
-        return {c["action"]: queue_run(ctx.manager, form_by_name(values))}
+        return {c["action"]: form_action("queue", queue_run, ctx.manager, form_by_name(values))}
 
     @guarded("stop", message_fallback["stop"])
     def on_stop(run_id: str | None, label: str | None) -> dict:
@@ -449,6 +467,8 @@ def _wire_form(ctx: AppContext, c: dict[str, Any], fields: list[Any]) -> None:
     # Start clicked just after the edit, and take that refusal away.
     gr.on(edits, None, c["action"], c["action"], js=CLEAR_REFUSAL_JS, api_visibility="private",
           show_progress=HIDDEN, trigger_mode="always_last")
+    c["action"].change(None, c["action"], None, js=SHOW_REFUSED_FIELD_JS, api_visibility="private",
+                       show_progress=HIDDEN)
 
 
 # The resume box after Resume: 0 (the run's own max steps) once a resume went through; after a
@@ -459,6 +479,35 @@ RESUMED_JS = ("(action, until) => (action && action.kind === 'ok' && action.acti
 # was, so it goes (the message stayed up after the field it named was fixed); anything else stays.
 CLEAR_REFUSAL_JS = ("(action) => (action && action.kind === 'error' && "
                     "['start', 'queue'].includes(action.action)) ? null : action")
+
+# A refusal about one field (``failed_action``'s ``field``) shows that field: "more settings" opened
+# when it is in there, the field scrolled to and focused, outlined with the reason under it (the
+# message sits above the form, and the field could be out of sight). Any other action, or an edit
+# (which clears the refusal), takes the mark away.
+SHOW_REFUSED_FIELD_JS = """async (action) => {
+  for (const old of document.querySelectorAll('#train-form [data-refusal]')) {
+    old.removeAttribute('data-refusal');
+    old.querySelector('[aria-invalid]')?.removeAttribute('aria-invalid');
+  }
+  if (!action || action.kind !== 'error' || typeof action.field !== 'string') return;
+  const id = 'field-' + action.field.replaceAll('_', '-');
+  const more = document.getElementById('more-settings');
+  const shut = more?.querySelector(':scope > [data-testid="accordion-content"]');
+  if (more && shut && shut.style.display === 'none' && !document.getElementById(id)?.offsetParent) {
+    more.querySelector(':scope > button.label-wrap')?.click();
+  }
+  let block = document.getElementById(id);
+  for (let frame = 0; frame < 120 && !block?.offsetParent; frame++) {
+    await new Promise((done) => requestAnimationFrame(done));  // opened, it renders its fields
+    block = document.getElementById(id);
+  }
+  if (!block?.offsetParent) return;
+  block.setAttribute('data-refusal', String(action.reason || action.text || ''));
+  const input = block.querySelector('input, textarea');
+  input?.setAttribute('aria-invalid', 'true');
+  block.scrollIntoView({block: 'center'});
+  input?.focus({preventScroll: true});
+}"""
 
 
 def hardware_text() -> str:
