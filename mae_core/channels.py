@@ -46,6 +46,7 @@ class HeaderScan:
     unreadable: int
     every_file: bool
     alpha_tiffs: int = 0  # of the files read, TIFFs with a sample tagged as alpha
+    read: int = 0  # how many files' headers were read
 
 
 def scan_format(paths: list[Path], folder: str = "") -> PixelFormat:
@@ -60,7 +61,8 @@ def scan_headers(paths: list[Path], folder: str = "") -> HeaderScan:
     step = max(1, math.ceil(len(paths) / MAX_PROBED))
     examples: dict[PixelFormat, Path] = {}
     unreadable = alpha_tiffs = 0
-    for path in paths[::step]:
+    read = paths[::step]
+    for path in read:
         try:
             fmt = probe(path)
         except ImageError:
@@ -69,7 +71,7 @@ def scan_headers(paths: list[Path], folder: str = "") -> HeaderScan:
         examples.setdefault(fmt, path)
         alpha_tiffs += fmt.alpha_tiff
     return HeaderScan(_one_format(examples, folder), unreadable, every_file=step == 1,
-                      alpha_tiffs=alpha_tiffs)
+                      alpha_tiffs=alpha_tiffs, read=len(read))
 
 
 def _one_format(examples: dict[PixelFormat, Path], folder: str) -> PixelFormat:

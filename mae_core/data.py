@@ -173,6 +173,7 @@ class DataSummary:
     unreadable: int | None = None
     paths: tuple[Path, ...] = field(default=(), repr=False, compare=False)
     alpha_tiffs: int = 0  # of the headers read (see channels.HeaderScan)
+    headers_read: int = field(default=0, repr=False, compare=False)  # of ``files``
 
     def describe(self) -> str:
         kind = "RGB" if self.channels == 3 else "grayscale" if self.channels == 1 else "multi-band"
@@ -183,7 +184,11 @@ class DataSummary:
         H×W×4 8-bit array so by default, and an RGB + NIR set then trained as RGB unsaid."""
         if not self.alpha_tiffs:
             return ""
-        return (f"{self.alpha_tiffs:,} TIFF(s) tag a sample as alpha: read as transparency "
+        counted = f"{self.alpha_tiffs:,} TIFF(s)"
+        if 0 < self.headers_read < self.files:  # a large folder: an even spread of it was read
+            counted = (f"{self.alpha_tiffs:,} of the {self.headers_read:,} files read (an even "
+                       f"spread of its {self.files:,}) are TIFFs that")
+        return (f"{counted} tag a sample as alpha: read as transparency "
                 "(composited on white), not as a band; to train it as a band, write the file with "
                 "photometric='minisblack'")
 
@@ -217,7 +222,8 @@ def check_data(folder: str) -> DataSummary:
         return DataSummary(name=folder or SAMPLE_DATA_NAME, files=len(paths),
                            channels=fmt.channels, bits=fmt.bits,
                            unreadable=scan.unreadable if scan.every_file else None,
-                           paths=tuple(paths), alpha_tiffs=scan.alpha_tiffs)
+                           paths=tuple(paths), alpha_tiffs=scan.alpha_tiffs,
+                           headers_read=scan.read)
     raise DataError(f"none of the {len(paths)} image files in {_named(folder)} can be read: all are corrupt "
                     "or not images")
 

@@ -143,6 +143,22 @@ def test_the_field_warns_of_a_tiff_band_tagged_as_alpha(tmp_path):
     assert 'data-kind="ok"' in four and "4-channel" in four and "alpha" not in four
 
 
+def test_the_alpha_warning_of_a_large_folder_says_it_counts_the_files_read(tmp_path, monkeypatch):
+    """Above channels.MAX_PROBED files an even spread of the headers is read: the count is of
+    those, and says so (it read as a count of the whole folder)."""
+    import numpy as np
+    import tifffile
+
+    from mae_core import channels
+
+    monkeypatch.setattr(channels, "MAX_PROBED", 3)
+    tile = np.random.default_rng(0).integers(0, 255, (16, 16, 4), dtype=np.uint8)
+    for i in range(6):
+        tifffile.imwrite(tmp_path / f"{i}.tif", tile)
+    warned = datafield.data_info(str(tmp_path))
+    assert "3 of the 3 files read (an even spread of its 6) are TIFFs that tag a sample" in warned
+
+
 def test_the_field_describes_a_prepared_set(tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
