@@ -171,7 +171,9 @@ def _boxes(page, *selectors: str) -> list[dict]:
 
 def _in_first_viewport(page, selector: str) -> bool:
     box = page.locator(selector).bounding_box()
-    return box is not None and box["y"] >= 0 and box["y"] + box["height"] <= page.viewport_size["height"]
+    # (1 px either way: an element scrolled to lies at fractions of a pixel)
+    return box is not None and box["y"] >= -1 and \
+        box["y"] + box["height"] <= page.viewport_size["height"] + 1
 
 
 def _chart_drawn(page) -> bool:
@@ -421,6 +423,66 @@ def test_reconstruct_tab_reconstructs_the_good_files_and_lists_the_bad(page, ser
     page.screenshot(path=str(SCREENSHOTS / "reconstruct.png"), full_page=True)
 
 
+def test_reconstruct_keeps_the_step_chosen_and_drops_another_runs_results(page, server):
+    """The last browser review: the weights-history slider went back to the newest snapshot at
+    every refresh; results stayed under another run's checkpoint; a refusal fell below the
+    fold of a 900 px window, so Reconstruct seemed to do nothing."""
+    from types import SimpleNamespace
+
+    from mae_core.config import ModelConfig, RunConfig, TrainConfig
+    from mae_core.model import MaskedAutoencoder
+    from mae_core.snapshots import WeightSnapshots
+    from ui import SLOW_POLL_S
+
+    manager = server["manager"]
+    [trained] = manager.list()
+    cfg = RunConfig(model=ModelConfig(image_size=32, patch_size=8),
+                    train=TrainConfig(accelerator="cpu", devices=1, num_workers=0))
+    paths = create_run(cfg.resolved(), runs_dir=manager.runs_dir, state="stopped")
+    try:
+        keeper = WeightSnapshots(paths.root, keep=3, every_n_steps=10)
+        for step in (10, 20, 30):
+            keeper.save(SimpleNamespace(global_step=step),
+                        SimpleNamespace(mae=MaskedAutoencoder(cfg.model)))
+        paths.weights.write_bytes(paths.snapshot(30).read_bytes())
+        page.set_viewport_size({"width": 1440, "height": 900})
+        page.get_by_role("tab", name="Reconstruct").click()
+        pick = page.locator("#ckpt-pick input")  # the newest run's weights, followed
+        page.wait_for_function("(id) => document.querySelector('#ckpt-pick input')?.value === id",
+                               arg=paths.run_id)
+        page.locator("#history-step").wait_for()
+        step_box = page.locator("#history-step input[type=number]")
+        page.wait_for_function("() => document.querySelector('#history-step input[type=number]')"
+                               "?.value === '30'")
+        step_box.fill("10")
+        step_box.press("Tab")
+        _button(page, "Show this step").click()
+        _wait_text(page, "#history-message", "snapshot of step 10")
+        page.wait_for_timeout(int(2.5 * SLOW_POLL_S * 1000))  # two refreshes
+        assert step_box.input_value() == "10"
+        # A refusal is in view, above the results (it was under the button, past the fold).
+        page.evaluate("() => scrollTo(0, 0)")
+        _set_number(page, "recon-seed", -1)
+        _button(page, "Reconstruct").click()
+        _wait_text(page, "#recon-message", "mask seed")
+        assert _in_first_viewport(page, "#recon-message")
+        _set_number(page, "recon-seed", 0)
+        page.locator("#use-samples input").check()
+        _button(page, "Reconstruct").click()
+        _wait_text(page, "#recon-message", f"Run {paths.run_id}")
+        # Another run picked: what this one's weights made is taken away, and that is said.
+        pick.click()
+        page.get_by_role("option", name=trained["run_id"]).click()
+        _wait_text(page, "#recon-message", f"The checkpoint is now run {trained['run_id']}")
+        _wait_text(page, "#ckpt-pick", "picked by hand")
+        assert page.locator("#recon-results .recon-item").count() == 0
+        page.wait_for_function("() => !document.querySelector('#history-message')?.innerText.trim()")
+        page.locator("#use-samples input").uncheck()
+    finally:
+        page.set_viewport_size({"width": 1440, "height": 1000})
+        manager.delete(paths.run_id)
+
+
 def test_parameters_tab_groups_the_audit_and_marks_the_head_removed(page):
     page.get_by_role("tab", name="Parameters").click()
     head = page.locator('#params-clean tr[data-name="backbone.vit.head.weight"]')
@@ -481,6 +543,10 @@ def _a_delete_tick_is_for_the_run_it_was_given_for(page, manager, run) -> None:
         page.wait_for_function("(id) => document.querySelector('#runs-pick input')?.value === id",
                                arg=other.run_id)
         page.wait_for_function("() => !document.querySelector('#confirm-delete input').checked")
+        # ... and the encoder exported for the first run is not offered under this one.
+        page.wait_for_function("() => !document.querySelector('#export-file').innerText"
+                               ".includes('.safetensors') && !document.querySelector"
+                               "('#export-code').innerText.includes('timm.create_model')")
         _button(page, "Delete run").click()
         _wait_text(page, "#runs-message", "Tick")
         assert other.root.is_dir()
@@ -645,6 +711,11 @@ def test_a_phone_sees_the_whole_chart_and_every_preview(browser_factory, server)
                                 ".filter(td => td.getBoundingClientRect().width > 0)"
                                 ".map(td => td.getBoundingClientRect().right)")
         assert reasons and max(reasons) <= 390, reasons
+        # ... while a table whose columns are runs or policies keeps its headers (a phone showed
+        # "frozen | trainable" under no policy's name, and a cell printed over the next one).
+        heads = page.evaluate("() => [...document.querySelectorAll('.mae-diff th')]"
+                              ".map(th => th.getBoundingClientRect().height)")
+        assert heads and min(heads) > 0, heads
     finally:
         manager.delete(paths.run_id)
 

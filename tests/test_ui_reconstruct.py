@@ -398,3 +398,58 @@ def test_a_history_step_typed_past_either_end_takes_the_nearest_snapshot(ctx, tm
         assert f"snapshot of step {snapshot}:" in message, typed
     with pytest.raises(ConfigError, match="weights history step"):
         reconstruct.reconstruct_history(ctx, paths.run_id, "abc", 0.75, 0)
+
+
+def _sent(out: dict) -> dict:
+    """``out`` as after Gradio sent it: it takes an update's value out of the dict it was given
+    (gradio.utils.postprocess_update_dict), which is the very dict the refresh may keep."""
+    for update in out.values():
+        if isinstance(update, dict) and update.get("__type__") == "update":
+            update.pop("value", None)
+    return out
+
+
+def test_the_history_step_chosen_stays_until_the_run_changes(ctx, weights_file):
+    """The slider went back to the newest snapshot at every refresh (every 5 s), so no older
+    step could be looked at: its value is sent for a new run only."""
+    from mae_core.snapshots import WeightSnapshots
+
+    first, second = make_run(ctx, weights_file), make_run(ctx, weights_file)
+    keeper = WeightSnapshots(first.root, keep=3, every_n_steps=10)
+    for step in (10, 20):
+        keeper.save(SimpleNamespace(global_step=step), SimpleNamespace(mae=MaskedAutoencoder(MODEL)))
+    out = _sent(reconstruct.refresh(ctx, first.run_id, False, None))
+    assert "history_step" in out  # the first refresh draws the slider (at the newest)
+    assert "history_step" not in _sent(reconstruct.refresh(ctx, first.run_id, False, out["sig"]))
+    keeper.save(SimpleNamespace(global_step=30), SimpleNamespace(mae=MaskedAutoencoder(MODEL)))
+    grown = reconstruct.refresh(ctx, first.run_id, False, out["sig"])
+    assert grown["history_step"]["maximum"] == 30 and "value" not in grown["history_step"]
+    other = reconstruct.refresh(ctx, second.run_id, False, _sent(grown)["sig"])
+    assert other["history_step"]["visible"] is False and other["history_step"]["value"] == 0
+
+
+def test_opening_the_picker_is_not_a_pick_and_a_pick_is_said(ctx, weights_file):
+    """Opening the checkpoint list and leaving it sends the run it shows as an input: the
+    picker then stopped following the live run, while its line still said it followed."""
+    older, newer = make_run(ctx, weights_file), make_run(ctx, weights_file)
+    sig = reconstruct.refresh(ctx, None, True, None)["sig"]
+    assert reconstruct.follows_after_pick(newer.run_id, True, sig) is True  # left as it was
+    assert reconstruct.follows_after_pick(older.run_id, True, sig) is False  # another run
+    assert reconstruct.follows_after_pick(None, False, sig) is True  # cleared: follows again
+    assert reconstruct.follows_after_pick(newer.run_id, False, sig) is False  # picked before
+    picked = reconstruct.refresh(ctx, older.run_id, False, sig)
+    assert picked["ckpt_pick"]["info"] == reconstruct.PICKED
+    assert reconstruct.refresh(ctx, None, True, picked["sig"])["ckpt_pick"]["info"] == \
+        reconstruct.FOLLOWS
+
+
+def test_results_of_another_runs_weights_are_taken_away(ctx, weights_file):
+    """After another run was picked (or followed), the results under it were still the earlier
+    run's, read as this one's."""
+    older, newer = make_run(ctx, weights_file), make_run(ctx, weights_file)
+    same = reconstruct.refresh(ctx, None, True, None, newer.run_id, newer.run_id)
+    assert not {"results", "losses", "message", "history", "history_message"} & set(same)
+    other = reconstruct.refresh(ctx, older.run_id, False, same["sig"], newer.run_id, newer.run_id)
+    assert other["results"] == "" and other["losses"] == [] and other["results_run"] is None
+    assert f"now run <code>{older.run_id}</code>" in other["message"] and 'data-kind="info"' in other["message"]
+    assert other["history"] == "" and other["history_run_id"] is None

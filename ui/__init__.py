@@ -74,10 +74,12 @@ def _wire_across(ctx: AppContext, demo: gr.Blocks, tabs: gr.Tabs, built: dict[st
     @guarded("the parameter audit",
              lambda text: {params_ui["message"]: render.notice("error", text)})
     def run_for_audit(run_id: str | None) -> dict:
-        listed = [s["run_id"] for s in ctx.manager.list()]
+        statuses = ctx.manager.list()
+        listed = [s["run_id"] for s in statuses]
+        if run_id not in listed:  # opened before the Train tab's first poll chose its run
+            run_id = train.pick_selected(statuses, None, None)
         choices = [parameters.NO_RUN] + [(i, i) for i in listed]
-        return {params_ui["run"]: gr.update(choices=choices,
-                                            value=run_id if run_id in listed else "")}
+        return {params_ui["run"]: gr.update(choices=choices, value=run_id or "")}
 
     params_tab.select(run_for_audit, train_ui["run_pick"], params_ui["run"],
                       api_name="params_for_run", show_progress=hidden).then(

@@ -29,6 +29,13 @@ MAX_IMAGES = 16  # per request: each is a forward pass and up to seven pictures
 NUM_SAMPLE_IMAGES = 3
 HIDDEN = "hidden"
 FOLLOWS = "follows the live run unless you pick one"  # the checkpoint picker's line under it
+PICKED = "picked by hand: clear it to follow the live run"
+
+
+# After Reconstruct, its message (and the results under it) scrolled into view where it is not:
+# below the fold under the button, or above it on a page scrolled down to the button.
+SHOW_MESSAGE_JS = ("() => requestAnimationFrame(() => document.getElementById('recon-message')"
+                   "?.scrollIntoView({block: 'nearest'}))")
 
 
 @dataclass
@@ -109,9 +116,13 @@ def _has_weights(ctx: AppContext, status: dict[str, Any]) -> bool:
     return ctx.manager.paths(status["run_id"]).weights.exists()
 
 
-def picker_info(ctx: AppContext, statuses: list[dict[str, Any]], value: str | None) -> str:
+def picker_info(ctx: AppContext, statuses: list[dict[str, Any]], value: str | None,
+                follow: bool = True) -> str:
     """The line under the checkpoint picker. Before the live run's first checkpoint it has no
-    weights, and the picker shows another run's: said, so they are not taken for the live run's."""
+    weights, and the picker shows another run's: said, so they are not taken for the live run's.
+    A run picked by hand is said to be (the line said it followed the live run)."""
+    if not follow and value:
+        return PICKED
     live = next((s for s in statuses if s.get("state") in LIVE_STATES), None)
     if live is None or _has_weights(ctx, live):
         return FOLLOWS
@@ -147,7 +158,8 @@ def preview_items(ctx: AppContext, run_id: str | None, limit: int = 24) -> list[
 
 def history_slider(ctx: AppContext, run_id: str | None) -> dict[str, Any]:
     """The weights-history slider for ``run_id``: spans its snapshots' steps, moves by the
-    checkpoint interval, starts at the newest; hidden when the run kept none."""
+    checkpoint interval, starts at the newest; hidden when the run kept none. (:func:`refresh`
+    leaves the value out for the run already shown: the step the person chose stays.)"""
     from mae_core.snapshots import list_snapshots
 
     snapshots = list_snapshots(ctx.manager.paths(run_id).root) if run_id else []
@@ -191,15 +203,18 @@ def reconstruct_history(ctx: AppContext, run_id: str | None, step: Any, mask_rat
     return html, render.notice("ok", text)
 
 
-def refresh(ctx: AppContext, current: str | None, follow: bool, sig: dict | None) -> dict[str, Any]:
+def refresh(ctx: AppContext, current: str | None, follow: bool, sig: dict | None,
+            results_run: str | None = None, history_run: str | None = None) -> dict[str, Any]:
     """The slow refresh: checkpoint choices (following the live run unless one was picked by
-    hand) with the picker's line (:func:`picker_info`) and previews, each only when it changed."""
+    hand) with the picker's line (:func:`picker_info`), previews and the history slider, each
+    only when it changed. Results made with another run's weights than the picker now shows
+    (``results_run``, ``history_run``) are taken away, saying so: they read as this run's."""
     sig = dict(sig or {})
     statuses = ctx.manager.list()
     choices, default = checkpoint_choices(ctx, statuses)
     values = [c[1] for c in choices]
     value = default if follow or current not in values else current
-    info = picker_info(ctx, statuses, value)
+    info = picker_info(ctx, statuses, value, follow)
     out: dict[str, Any] = {}
     if (choices, value, info) != sig.get("ckpt"):
         out["ckpt_pick"] = gr.update(choices=choices, value=value, info=info)
@@ -207,11 +222,31 @@ def refresh(ctx: AppContext, current: str | None, follow: bool, sig: dict | None
     if items != sig.get("previews"):
         out["previews"] = items
     history = history_slider(ctx, value)
-    if history != sig.get("history"):
+    # Compared without its value (the step the person moved it to), on a copy: Gradio takes the
+    # value out of the update it sends, so the update itself never compared equal, and every
+    # refresh moved the slider back to the newest snapshot.
+    shape = (value, {k: v for k, v in history.items() if k != "value"})
+    if shape != sig.get("history"):
+        if sig.get("history", (None,))[0] == value:  # the same run's snapshots: its step stays
+            history.pop("value")
         out["history_step"] = history
-    sig.update(ckpt=(choices, value, info), previews=items, history=history)
+    if results_run and results_run != value:
+        now = (f"The checkpoint is now run `{value}`: press Reconstruct to reconstruct with its "
+               "weights." if value else "No run has weights now.")
+        out |= {"results": "", "losses": [], "results_run": None,
+                "message": render.notice("info", now)}
+    if history_run and history_run != value:
+        out |= {"history": "", "history_message": "", "history_run_id": None}
+    sig.update(ckpt=(choices, value, info), previews=items, history=shape)
     out["sig"] = sig
     return out
+
+
+def follows_after_pick(run_id: str | None, follow: Any, sig: dict | None) -> bool:
+    """Whether the picker follows the live run after a pick: cleared, it does; opening the list
+    and leaving it (the run it showed "picked") changes nothing; another run picked, it stops."""
+    shown = (sig or {}).get("ckpt", (None, None, None))[1]
+    return not run_id or (follow is True and run_id == shown)
 
 
 def build(ctx: AppContext) -> dict[str, Any]:
@@ -240,11 +275,17 @@ def build(ctx: AppContext) -> dict[str, Any]:
                                             elem_id="recon-contrast",
                                             info="auto: 1st–99th percentile stretch unless 8-bit RGB")
             c["run"] = gr.Button("Reconstruct", variant="primary", elem_id="recon-btn")
-            c["message"] = gr.HTML(elem_id="recon-message")
         with gr.Column(scale=3, min_width=320):
+            # Above the results (stacked, under the button), and scrolled to when out of sight
+            # (SHOW_MESSAGE_JS): under the button, a refusal fell below the fold of a 900 px
+            # window, and Reconstruct seemed to do nothing.
+            c["message"] = gr.HTML(elem_id="recon-message")
             c["results"] = gr.HTML(elem_id="recon-results-box")
             c["losses"] = gr.Dataframe(headers=["image", "loss (masked patches)", "masked patches"],
-                                       interactive=False, elem_id="recon-losses", wrap=True)
+                                       interactive=False, elem_id="recon-losses", wrap=True,
+                                       # a long file name took the width, and "masked patches"
+                                       # broke as "maske / d / patch / es"
+                                       column_widths=["50%", "28%", "22%"])
     gr.Markdown("### Training previews (fixed images and mask, newest first)")
     # Four columns where they fit, fewer on a narrow screen (ui.render.CSS: #preview-gallery).
     c["previews"] = gr.Gallery(columns=4, height="auto", object_fit="contain", label="previews",
@@ -263,46 +304,57 @@ def build(ctx: AppContext) -> dict[str, Any]:
     c["history"] = gr.HTML(elem_id="history-results")
     c["follow"] = gr.State(True)
     c["sig"] = gr.State(None)
+    c["results_run"] = gr.State(None)  # whose weights made the results shown
+    c["history_run_id"] = gr.State(None)  # ... and the weights history shown
     _wire(ctx, c)
     return c
 
 
 def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
     @guarded("reconstruct", lambda text: {c["message"]: render.notice("error", text),
-                                          c["results"]: "", c["losses"]: []})
+                                          c["results"]: "", c["losses"]: [],
+                                          c["results_run"]: None})
     def on_reconstruct(files: Any, use_samples: bool, run_id: str | None, ratio: Any,
                        seed: Any, channels_shown: str = "", contrast: str = "auto") -> dict:
         result = reconstruct_files(ctx, files, use_samples, run_id, ratio, seed, channels_shown,
                                    contrast)
-        return {c["results"]: result.html, c["losses"]: result.rows, c["message"]: result.message}
+        return {c["results"]: result.html, c["losses"]: result.rows, c["message"]: result.message,
+                c["results_run"]: run_id}
 
     @guarded("refreshing checkpoints", lambda text: {})
-    def on_refresh(current: str | None, follow: bool, sig: dict | None) -> dict:
-        return {c[name]: value for name, value in refresh(ctx, current, follow, sig).items()}
+    def on_refresh(current: str | None, follow: bool, sig: dict | None, results_run: str | None,
+                   history_run: str | None) -> dict:
+        return {c[name]: value for name, value in
+                refresh(ctx, current, follow, sig, results_run, history_run).items()}
 
     c["run"].click(on_reconstruct, [c["uploads"], c["use_samples"], c["ckpt_pick"], c["ratio"],
                                     c["seed"], c["channels_shown"], c["contrast"]],
-                   [c["results"], c["losses"], c["message"]],
-                   api_name="reconstruct", show_progress="minimal")
+                   [c["results"], c["losses"], c["message"], c["results_run"]],
+                   api_name="reconstruct", show_progress="minimal").then(
+        None, js=SHOW_MESSAGE_JS, api_visibility="private", show_progress=HIDDEN)
     @guarded("weights history", lambda text: {c["history_message"]: render.notice("error", text),
-                                              c["history"]: ""})
+                                              c["history"]: "", c["history_run_id"]: None})
     def on_history(run_id: str | None, step: Any, ratio: Any, seed: Any, channels_shown: str = "",
                    contrast: str = "auto") -> dict:
         html, message = reconstruct_history(ctx, run_id, step, ratio, seed, channels_shown,
                                             contrast)
-        return {c["history"]: html, c["history_message"]: message}
+        return {c["history"]: html, c["history_message"]: message, c["history_run_id"]: run_id}
 
     history_inputs = [c["ckpt_pick"], c["history_step"], c["ratio"], c["seed"], c["channels_shown"],
                       c["contrast"]]
-    history_outputs = [c["history"], c["history_message"]]
+    history_outputs = [c["history"], c["history_message"], c["history_run_id"]]
     c["history_run"].click(on_history, history_inputs, history_outputs, api_name="history",
                            show_progress="minimal")
     c["history_step"].release(on_history, history_inputs, history_outputs,
                               api_name="history_step", show_progress="minimal")
-    c["refresh_event"] = dict(fn=on_refresh, inputs=[c["ckpt_pick"], c["follow"], c["sig"]],
-                              outputs=[c["ckpt_pick"], c["previews"], c["history_step"], c["sig"]],
-                              show_progress=HIDDEN)
+    c["refresh_event"] = dict(
+        fn=on_refresh, inputs=[c[n] for n in ("ckpt_pick", "follow", "sig", "results_run",
+                                              "history_run_id")],
+        outputs=[c[n] for n in ("ckpt_pick", "previews", "history_step", "sig", "results",
+                                "losses", "message", "results_run", "history",
+                                "history_message", "history_run_id")],
+        show_progress=HIDDEN)
     # A checkpoint chosen by hand stays chosen; clearing it goes back to following the live run.
-    c["ckpt_pick"].input(lambda run_id: not run_id, c["ckpt_pick"], c["follow"],
+    c["ckpt_pick"].input(follows_after_pick, [c["ckpt_pick"], c["follow"], c["sig"]], c["follow"],
                          api_name="pick_checkpoint", show_progress=HIDDEN).then(
         **c["refresh_event"], api_name="previews")

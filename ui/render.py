@@ -64,14 +64,18 @@ CSS = """
 .gradio-container .prose .mae-table, .gradio-container .prose .mae-table tr,
 .gradio-container .prose .mae-table th, .gradio-container .prose .mae-table td {
   border-color: var(--border-color-primary); }
-/* On a phone the reason (what the Parameters tab is for) sat a sideways scroll away in every table:
-   there each row is a card of its own (the cells say what they are without their header), the
-   name taking what the other cells leave, the reason on a line of its own under them. */
+/* On a phone the reason (what the Parameters tab is for) sat a sideways scroll away in every audit
+   table: there each row is a card of its own (the cells say what they are without their header),
+   the name taking what the other cells leave, the reason on a line of its own under them. Only
+   the audit's: the other tables' columns (two runs compared, pretrained against random, the two
+   policies) mean nothing without their headers, and keep them, scrolling sideways if need be. */
 @media (max-width: 640px) {
-  .mae-table, .mae-table tbody { display: block; }
-  .mae-table thead { display: none; }
-  .mae-table tr { display: grid; grid-template-columns: minmax(0, 1fr) repeat(3, max-content); }
-  .mae-table td.reason { grid-column: 1 / -1; min-width: 0; border-top: none; padding-bottom: 4px; }
+  .mae-table.mae-audit, .mae-table.mae-audit tbody { display: block; }
+  .mae-table.mae-audit thead { display: none; }
+  .mae-table.mae-audit tr { display: grid;
+    grid-template-columns: minmax(0, 1fr) repeat(3, max-content); }
+  .mae-table.mae-audit td.reason { grid-column: 1 / -1; min-width: 0; border-top: none;
+    padding-bottom: 4px; }
 }
 .st-trainable { background: rgba(22, 163, 74, .14); }
 .st-frozen { background: rgba(37, 99, 235, .16); }

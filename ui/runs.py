@@ -358,6 +358,11 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
     # whichever run was picked when Delete was pressed).
     gr.on([c["pick"].input, c["table"].select], lambda: False, None, c["confirm"],
           show_progress="hidden", queue=False)
+    # A file made for one run is not offered under another (the encoder of a vit-tiny run, its
+    # timm snippet and metrics.csv stayed under a vit-small run picked after it).
+    c["pick"].change(lambda: (None, "", None), None,
+                     [c["export_file"], c["export_code"], c["compare"]["csv_file"]],
+                     api_visibility="private", show_progress="hidden", queue=False)
     c["delete"].click(on_delete, [c["pick"], c["confirm"]], [c["message"], c["confirm"]],
                       api_name="delete_run", concurrency_id="run_actions",
                       show_progress="hidden").then(**c["refresh_event"])
