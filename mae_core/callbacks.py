@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -108,6 +109,9 @@ class ProgressRecorder(pl.Callback):
                          "skipped_files": getattr(dataset, "skipped", None),
                          "flops_per_image": self.flops_per_image, "peak_flops": self.peak_flops}
             self._config_text = _text_or_empty(self.paths.config)  # none: a bare trainer
+            if trainer.global_step > 0 and (note := data_shrink_note(
+                    self.paths.read_status(), self._own["images"], self._own["skipped_files"])):
+                print(note, file=sys.stderr, flush=True)  # the app's log view shows the trainer's
             created = self.paths.read_status().get("created")
             if created is not None:
                 self._own["created"] = created
@@ -211,6 +215,20 @@ def _pace(rows: deque[dict[str, Any]]) -> float | None:
     if len(rows) < 2 or rows[-1]["step"] <= rows[0]["step"]:
         return None
     return (rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]) / (rows[-1]["step"] - rows[0]["step"])
+
+
+def data_shrink_note(status: dict[str, Any], images: int | None,
+                     skipped: int | None) -> str | None:
+    """A resumed run's word on a data folder that lost files since the run started (its status's
+    ``data_files``): it trains on what is left, which read as the same data."""
+    started = status.get("data_files")
+    if images is None or type(started) is not int:
+        return None
+    now = images + (skipped or 0)
+    if now >= started:
+        return None
+    return (f"warning: the data now holds {now:,} image files, {started - now:,} fewer than the "
+            f"{started:,} this run started with; the resumed run trains on the {images:,} left")
 
 
 def _text_or_empty(path: Path) -> str:

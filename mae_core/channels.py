@@ -136,8 +136,13 @@ def resolve_data(cfg: RunConfig) -> tuple[RunConfig, DataSummary]:
     except DataError as err:  # the setting to change is the data field (the page shows it)
         err.field = err.field or "data"
         raise
-    plan_evaluation(cfg.train, split_data=held_in_memory(cfg.train.data, summary.files),
-                    paths=summary.paths, channels=cfg.model.channels)
+    in_memory = held_in_memory(cfg.train.data, summary.files)
+    if summary.folder and not in_memory:  # prepared into the cache by the run's first process
+        from mae_core.prepared import require_cache_folder
+
+        require_cache_folder()
+    plan_evaluation(cfg.train, split_data=in_memory, paths=summary.paths,
+                    channels=cfg.model.channels)
     return cfg, summary
 
 

@@ -131,6 +131,13 @@ def _probe_jpeg() -> bytes:
 MAX_REPLACED = 16
 
 
+# What to do about a set whose samples do not decode (the reader marks it damaged: see
+# mae_core.prepared.mark_damaged): nothing, for the cache's copy of a folder.
+AGAIN = ("the cache's copy of a folder is prepared again at the next start or resume (the set is "
+         "marked damaged); a set prepared by hand: prepare it again with python -m mae_core.data "
+         "optimize")
+
+
 class UndecodableSet(DataError):
     """A prepared set the reader cannot train on: its first sample does not decode (no good one
     to stand in for it), or too many of them are damaged."""
@@ -179,13 +186,13 @@ class DecodeAugment:
         detail = str(err)[:200] or type(err).__name__
         if self.last_good is None:
             raise UndecodableSet(f"{what} of the prepared set cannot be used: {why} ({detail}); "
-                                 "prepare the data set again") from err
+                                 f"{AGAIN}") from err
         self.read += 1
         self.damaged += 1
         if self.damaged > max(MAX_REPLACED, self.read // 100):
             raise UndecodableSet(f"the prepared set is too damaged to train on: {self.damaged} of "
                                  f"the {self.read} samples read so far could not be used, the last "
-                                 f"{what} ({why}: {detail}); prepare the data set again") from err
+                                 f"{what} ({why}: {detail}); {AGAIN}") from err
         print(f"replacing {what}: {why} ({detail}); {self.damaged} so far", file=sys.stderr,
               flush=True)
         return dict(self.last_good)

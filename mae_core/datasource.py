@@ -79,13 +79,15 @@ def held_in_memory(data: str, files: int | None) -> bool:
 
 
 def resolve(data: str, workers: int | None = None,
-            auto_prepare_above: int = AUTO_PREPARE_ABOVE) -> DataSource:
-    """:func:`describe`, preparing a large folder into the cache when it is not there yet."""
+            auto_prepare_above: int = AUTO_PREPARE_ABOVE, reader: Path | None = None
+            ) -> DataSource:
+    """:func:`describe`, preparing a large folder into the cache when it is not there yet
+    (``reader``: the run asking, see :func:`~mae_core.prepared.prepare_cached`)."""
     paths = None if is_remote(data) or is_prepared(data) else find_images(data)
     found = describe(data, auto_prepare_above, paths)
     if found.kind != "folder":
         return found
-    prepared = prepare_cached(data, paths, workers=workers)
+    prepared = prepare_cached(data, paths, workers=workers, reader=reader)
     return replace(describe(str(prepared)), source=data, files=len(paths or []))
 
 
@@ -121,12 +123,15 @@ def run_data(data: str, run_root: Path, timeout_s: float = 6 * 3600.0,
     paths = RunPaths(Path(run_root))
     if first_process():
         known = read_run_data(run_root)
+        # A set found damaged since (a reader marked its samples undecodable) is not kept: the
+        # cache's copy of the folder is made again, under the same key, so the saved loader
+        # position still matches; a set prepared by hand is refused with the reason.
         if known and known.source == data and (
-                known.kind in ("memory", "remote") or is_prepared(known.path)):
+                known.kind in ("memory", "remote") or check_set(known.path)[0] is not None):
             if known.kind == "prepared":  # a run recorded before runs noted their sets
                 register_use(known.path, run_root)
             return known
-        found = resolve(data, auto_prepare_above=auto_prepare_above)
+        found = resolve(data, auto_prepare_above=auto_prepare_above, reader=paths.root)
         atomic_write_json(paths.data_record, asdict(found))
         if found.kind == "prepared":
             register_use(found.path, run_root)

@@ -18,12 +18,14 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from mae_core import features
-from mae_core.config import ConfigError, RunConfig
+from mae_core.checks import _check_int
+from mae_core.config import MAX_SEED, ConfigError, RunConfig
 from mae_core.data import DataError
 from mae_core.demo_data import DEFAULT_PATH as DEMO_PATH
 from mae_core.demo_data import ensure_demo_set
@@ -138,6 +140,8 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, linear_pro
     """Evaluate the run's latest weights and its random init; saved in the run unless ``save``
     is False. ``data`` None is the demo set (written on first use). Raises
     :class:`EvaluationError`, :class:`DataError`, :class:`ConfigError` or ``WeightsError``."""
+    # torch's generator took any int, and one past 64 bits ended in its overflow traceback
+    _check_int(SimpleNamespace(seed=seed), "seed", 0, MAX_SEED)
     report = progress or (lambda fraction, text: None)
     started = time.monotonic()
     report(0.0, "loading the run")

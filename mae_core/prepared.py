@@ -56,6 +56,7 @@ MIN_SHORT_SIDE = 256
 # starts in about a second); above it the folder is prepared once and streamed.
 AUTO_PREPARE_ABOVE = 1000
 CACHE_ENV = "MAE_STUDIO_DATA_CACHE"
+DAMAGED_NAME = "damaged.json"  # written by a reader that could not decode the set's samples
 
 
 def is_prepared(data: str) -> bool:
@@ -108,10 +109,26 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def mark_damaged(folder: str | None, reason: str) -> None:
+    """Note in a local set that a reader found its samples undecodable (bytes damaged behind
+    chunk sizes that still match): :func:`check_set` then reports it, so the cache's copy of a
+    folder is prepared again at the next start, where it was refused for ever under its key
+    ("Already prepared"). A set that cannot be written (read-only, remote) is left as it is."""
+    if not folder or is_remote(folder):
+        return
+    with contextlib.suppress(OSError):
+        atomic_write_json(Path(folder) / DAMAGED_NAME, {"reason": reason[:500]}, make_dirs=False)
+
+
 def _damage(folder: Path) -> str | None:
-    """What keeps LitData from reading ``folder``'s shards whole, or None: a missing or malformed
-    index, a missing chunk, or a chunk of another size than its index records (a copy cut short).
+    """What keeps LitData from reading ``folder``'s shards whole, or None: a reader's note that
+    its samples do not decode (:func:`mark_damaged`), a missing or malformed index, a missing
+    chunk, or a chunk of another size than its index records (a copy cut short).
     One ``stat`` per 64 MB chunk: a run fails here, with the reason, not hours in."""
+    marked = read_json(folder / DAMAGED_NAME)
+    if marked is not None:
+        reason = marked.get("reason") if isinstance(marked, dict) else None
+        return f"a run could not decode its samples: {str(reason or 'no reason kept')[:300]}"
     index = read_json(folder / "index.json")
     if not index or not index.get("chunks"):
         return "its index.json is missing or unreadable"
@@ -237,6 +254,22 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or cache_home() / "prepared")
 
 
+def require_cache_folder() -> Path:
+    """:func:`cache_root`, made if need be; a :class:`DataError` naming it and the setting that
+    moves it when it cannot be written (a read-only home, a file in its place): a large folder is
+    prepared there, and the preparation or the run failed with a bare traceback."""
+    root = cache_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as err:
+        raise DataError(f"the data cache {root} cannot be used ({err.strerror or err}): a folder of "
+                        f"more than {AUTO_PREPARE_ABOVE:,} images is prepared there first; set "
+                        f"{CACHE_ENV} (or XDG_CACHE_HOME) to a writable folder", "data") from None
+    return root
+
+
 def cache_key(folder: str, paths: list[Path], short_side: int) -> str:
     """A digest of the folder's real path and content (each file's path, size and mtime): an
     added, removed, replaced or touched file makes a new prepared set; nothing is read."""
@@ -257,13 +290,15 @@ def cache_dir(folder: str, paths: list[Path], short_side: int) -> Path:
 
 def prepare_cached(folder: str, paths: list[Path] | None = None,
                    short_side: int = DEFAULT_SHORT_SIDE, workers: int | None = None,
-                   progress: str | Path | None = None) -> Path:
+                   progress: str | Path | None = None, reader: Path | None = None) -> Path:
     """The prepared copy of ``folder`` in :func:`cache_root`, made once: the first process takes
-    the lock and prepares, the others wait on the lock and find it done."""
+    the lock and prepares, the others wait on the lock and find it done. ``reader``: the run
+    asking (a resumed run, live itself, may have its own damaged set made again)."""
     paths = paths if paths is not None else find_images(folder)
     target = cache_dir(folder, paths, short_side)
     if check_set(target)[0] is not None:
         return target
+    require_cache_folder()
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f"{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
@@ -272,7 +307,7 @@ def prepare_cached(folder: str, paths: list[Path] | None = None,
             # Damaged since it was made (a chunk lost, a copy cut short): the cache's own copy of
             # a folder that is still there is made again, not refused for ever under its key;
             # but never under a live run that reads it.
-            _refuse_if_read(target, damage)
+            _refuse_if_read(target, damage, reader)
             print(f"the cached set {target} is damaged ({damage}): preparing it again", flush=True)
             aside = target.with_name(f".{target.name}.damaged-{os.getpid()}")
             target.rename(aside)
@@ -293,12 +328,13 @@ def _remove_abandoned_preparations(target: Path) -> None:
             shutil.rmtree(abandoned, ignore_errors=True)
 
 
-def _refuse_if_read(target: Path, damage: str | None) -> None:
+def _refuse_if_read(target: Path, damage: str | None, reader: Path | None = None) -> None:
     from mae_core.caches import registered_runs
     from mae_core.rundir import LIVE_STATES, RunPaths
 
-    live = [run for run in registered_runs(target)
-            if RunPaths(Path(run)).read_status().get("state") in LIVE_STATES]
+    asking = os.path.realpath(reader) if reader else None
+    live = [run for run in registered_runs(target) if os.path.realpath(run) != asking
+            and RunPaths(Path(run)).read_status().get("state") in LIVE_STATES]
     if live:
         raise DataError(f"the cached set {target} is damaged ({damage}), and the live run {live[0]} "
                         "reads it: stop that run, then start again to prepare the folder anew")

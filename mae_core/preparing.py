@@ -193,7 +193,7 @@ class Preparation:
         job = read_json(self.progress_dir / JOB_NAME) or {}
         total, target = job.get("total"), job.get("target")
         if self._cancelled:
-            return Progress("cancelled", 0, total, seconds, target, "cancelled: nothing was kept")
+            return Progress("cancelled", 0, total, seconds, target, "nothing was kept")
         code = self.process.poll()
         result = read_json(self.progress_dir / RESULT_NAME)
         if result:
@@ -300,7 +300,7 @@ def _run(folder: str, progress_dir: Path, workers: int | None) -> dict[str, Any]
     paths = find_images(folder)
     target = prepared.cache_dir(folder, paths, prepared.DEFAULT_SHORT_SIDE)
     atomic_write_json(progress_dir / JOB_NAME, {"total": len(paths), "target": str(target)})
-    if (target / prepared.MANIFEST_NAME).is_file():
+    if prepared.check_set(target)[0] is not None:  # a damaged copy is made again, not "done"
         manifest = prepared.read_manifest(target)
         return {"state": "done", "message": f"already prepared: {manifest['count']:,} images at "
                                             f"{target}", "manifest": manifest}

@@ -29,7 +29,7 @@ from typing import Any
 from mae_core import process as proc
 from mae_core.channels import resolve_channels, resolve_data
 from mae_core.checks import shown
-from mae_core.config import RunConfig
+from mae_core.config import ModelConfig, RunConfig
 from mae_core.devices import share_devices
 from mae_core.data import check_data
 from mae_core.diskspace import check_room, full_disk_message, same_disk, still_to_write
@@ -44,7 +44,7 @@ from mae_core.rundir import (DEFAULT_RUNS_DIR, LIVE_STATES, RUN_ID_RULE,  # noqa
                              valid_run_id)
 from mae_core.runqueue import QueuedRuns, RunQueue
 from mae_core.runwatch import TrainerWatch
-from mae_core.weights import export_encoder, timm_snippet
+from mae_core.weights import export_encoder, load_model_config, timm_snippet
 
 # The lock file apps sharing a runs directory take before they check for a live run and launch.
 LOCK_NAME = ".runs.lock"
@@ -325,6 +325,7 @@ class RunManager(QueuedRuns, TrainerWatch):
         paths = self.paths(run_id)
         out = paths.encoder
         model = RunConfig.load(paths.config).model  # first: a refusal writes nothing
+        _require_weights_of(model, self.weights(run_id), run_id)
         try:
             export_encoder(self.weights(run_id), out, make_dirs=False)
         except FileNotFoundError:
@@ -449,6 +450,18 @@ class RunManager(QueuedRuns, TrainerWatch):
         finally:
             with self._lock:
                 self._terminating.discard(paths.root)
+
+
+def _require_weights_of(model: ModelConfig, weights: Path, run_id: str) -> None:
+    """Refuse weights of another model than the run's config (a file copied in by hand): the
+    snippet, built from the config, would not load the encoder exported from them."""
+    saved = load_model_config(weights)
+    key = lambda cfg: (cfg.encoder_name, cfg.image_size, cfg.patch_size, cfg.channels)  # noqa: E731
+    said = lambda cfg: (f"{cfg.encoder_name}, {cfg.image_size} px / patch {cfg.patch_size}, "  # noqa: E731
+                        f"{cfg.channels} channels")
+    if key(saved) != key(model):
+        raise RunError(f"the weights of run {run_id} ({said(saved)}) are not of its model "
+                       f"({said(model)}): put back the model.safetensors this run wrote")
 
 
 def _open_lock(runs_dir: Path) -> int:

@@ -23,7 +23,8 @@ from litdata import StreamingDataLoader, StreamingDataset
 from torch import Tensor
 
 from mae_core.checks import DataError
-from mae_core.crops import DecodeAugment, UndecodableSet, collate_deferred, finish_on_device
+from mae_core.crops import (AGAIN, DecodeAugment, UndecodableSet, collate_deferred,
+                             finish_on_device)
 from mae_core.data import BATCHES_PER_WORKER_PER_EPOCH
 from mae_core.images import center_square, open_rgb
 
@@ -41,10 +42,16 @@ class TolerantStreamingDataset(StreamingDataset):
     def __getitem__(self, index: Any) -> Any:
         try:
             return super().__getitem__(index)
-        except UndecodableSet:
+        except UndecodableSet as err:
+            self._mark_damaged(str(err))
             raise
         except DAMAGE_ERRORS as err:
             return self._replace(index, err)
+
+    def _mark_damaged(self, reason: str) -> None:
+        from mae_core.prepared import mark_damaged  # (prepared imports the readers' modules)
+
+        mark_damaged(self.input_dir.path, reason)
 
     def _replace(self, index: Any, err: BaseException) -> Any:
         what = (f"item {index.index} of chunk {index.chunk_index}"
@@ -52,11 +59,16 @@ class TolerantStreamingDataset(StreamingDataset):
         transforms = getattr(self, "transform", [])  # LitData keeps a list
         transform = next((t for t in transforms if isinstance(t, DecodeAugment)), None)
         if transform is None:  # raw items (previews): nothing stands in
+            reason = f"{what} cannot be read ({type(err).__name__}: {err})"
+            self._mark_damaged(reason)
             raise DataError(f"the prepared data set {self.input_dir.path or self.input_dir.url} "
-                            f"is damaged: {what} cannot be read ({type(err).__name__}: {err}); "
-                            "prepare it again with python -m mae_core.data optimize") from err
+                            f"is damaged: {reason}; {AGAIN}") from err
         why = f"its bytes in the prepared set are damaged ({type(err).__name__})"
-        return {**transform.replace(what, why, err), "id": -1}
+        try:
+            return {**transform.replace(what, why, err), "id": -1}
+        except UndecodableSet as undecodable:  # the first item read, or too many
+            self._mark_damaged(str(undecodable))
+            raise
 
 
 def streaming_dataset(path: str, image_size: int | None, shuffle: bool, seed: int = 0,

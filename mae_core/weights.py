@@ -58,15 +58,20 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise WeightsError(f"{Path(path).name} is not a readable safetensors file ({err})") from None
 
 
-def load_model(path: str | Path, device: str = "cpu") -> MaskedAutoencoder:
-    """Rebuild the model saved at ``path`` (eval mode). Raises :class:`WeightsError` if unusable."""
+def load_model_config(path: str | Path) -> ModelConfig:
+    """The config of the model saved at ``path`` (its metadata: no tensor read)."""
     metadata = read_metadata(path)
     if metadata.get("format") != "mae-studio" or "config" not in metadata:
         raise WeightsError(f"{Path(path).name} was not written by MAE Studio (no model config)")
     try:
-        cfg = ModelConfig(**json.loads(metadata["config"]))
+        return ModelConfig(**json.loads(metadata["config"]))
     except (ValueError, TypeError, ConfigError) as err:
         raise WeightsError(f"{Path(path).name} has an invalid model config ({err})") from None
+
+
+def load_model(path: str | Path, device: str = "cpu") -> MaskedAutoencoder:
+    """Rebuild the model saved at ``path`` (eval mode). Raises :class:`WeightsError` if unusable."""
+    cfg = load_model_config(path)
     model = MaskedAutoencoder(cfg)
     from safetensors.torch import load_file
 

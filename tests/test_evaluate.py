@@ -119,6 +119,10 @@ def test_refusals_name_the_problem(tmp_path, demo, run_module):
     result = run_module("mae_core.evaluate", "--run", paths.root, "--data", flat)
     assert result.returncode == 2 and "at least 2 class" in result.stderr
     assert "Traceback" not in result.stderr
+    for seed in ("99999999999999999999", "-1"):  # past 64 bits: torch's overflow traceback
+        result = run_module("mae_core.evaluate", "--run", paths.root, "--seed", seed)
+        assert result.returncode == 2 and "seed: must be an integer in [0, 2147483647]" in \
+            result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
 # Partial or hand-edited evaluation.json files (a fault injector's and a person's): each broke the

@@ -171,6 +171,55 @@ def test_a_cached_set_damaged_on_disk_is_prepared_again_not_refused_for_ever(tmp
     assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == [name, f"{name}.runs"]
 
 
+def test_a_cached_set_whose_samples_do_not_decode_is_made_again_for_its_resumed_run(
+        tmp_path, cache):
+    """Bytes damaged inside a chunk of the right size: the run failed with "prepare the data set
+    again", but the data field said prepared, Prepare said "Already prepared", and a resume
+    read the same set. The reader marks it damaged; the resume makes it again, same key."""
+    import struct
+
+    folder = _photos(tmp_path / "photos", 6)
+    run = RunPaths(tmp_path / "runs" / "reader")
+    run.root.mkdir(parents=True)
+    found = datasource.run_data(str(folder), run.root, auto_prepare_above=5)
+    for chunk in Path(found.path).glob("chunk-*.bin"):  # the item count: same size, garbage
+        data = bytearray(chunk.read_bytes())
+        data[:4] = struct.pack("<I", 33_554_472)
+        chunk.write_bytes(bytes(data))
+    assert prepared.check_set(found.path)[0] is not None  # the sizes alone see nothing
+    dataset = shards.streaming_dataset(found.path, 32, shuffle=False)
+    with pytest.raises(DataError, match="prepared again at the next start or resume"):
+        [dataset[i] for i in range(len(dataset))]
+    assert "could not decode its samples" in prepared.check_set(found.path)[1]
+    run.write_status(state="starting")  # resumed: live itself, and the set's only reader
+    again = datasource.run_data(str(folder), run.root, auto_prepare_above=5)
+    assert again.path == found.path and prepared.check_set(again.path)[0] is not None
+    dataset = shards.streaming_dataset(again.path, 32, shuffle=False)
+    assert sorted(dataset[i]["id"] for i in range(len(dataset))) == list(range(6))
+
+
+def test_a_cache_that_cannot_be_written_is_named_before_any_run_exists(tmp_path, monkeypatch):
+    """A read-only home, or a file where the cache folder goes: Prepare showed a traceback, and
+    Start made a run that then failed with a bare NotADirectoryError."""
+    from mae_core.config import ModelConfig, TrainConfig
+    from mae_core.runs import RunManager
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv(prepared.CACHE_ENV, str(blocked / "prepared"))
+    folder = _photos(tmp_path / "photos", 6)
+    said = f"the data cache {blocked / 'prepared'} cannot be used \\(Not a directory\\)"
+    with pytest.raises(DataError, match=said + f".*set {prepared.CACHE_ENV}"):
+        datasource.resolve(str(folder), workers=1, auto_prepare_above=5)
+    monkeypatch.setattr(datasource, "AUTO_PREPARE_ABOVE", 5)  # what Start decides by
+    manager = RunManager(tmp_path / "runs")
+    cfg = RunConfig(ModelConfig(image_size=32, patch_size=8),
+                    TrainConfig(data=str(folder), accelerator="cpu", devices=1, num_workers=0))
+    with pytest.raises(DataError, match=said) as refused:
+        manager.start(cfg)
+    assert refused.value.field == "data" and manager.list() == []
+
+
 def test_a_damaged_prepared_set_is_refused_before_training_with_the_reason(tmp_path):
     """A prepared directory copied in part or cut short: LitData failed hours into a run
     ("buffer is smaller than requested size"); now the data check names what is wrong."""

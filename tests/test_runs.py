@@ -733,6 +733,25 @@ def test_a_write_into_a_run_deleted_meanwhile_never_brings_its_folder_back(tmp_p
         manager.export(paths.run_id)
 
 
+def test_export_refuses_weights_of_another_model_than_the_runs(tmp_path):
+    """A model.safetensors copied in from another run was exported, with a snippet built from
+    the run's config that could not load it (size mismatch for cls_token)."""
+    from mae_core.config import ModelConfig
+    from mae_core.weights import save_weights
+
+    manager = RunManager(tmp_path / "runs")
+    paths = create_run(tiny_config().resolved(), runs_dir=manager.runs_dir, state="stopped")
+    other = ModelConfig(preset="vit-small", image_size=32, patch_size=8)
+    save_weights(MaskedAutoencoder(other), paths.weights, step=1)
+    with pytest.raises(RunError, match=r"\(vit_small_patch16_224, 32 px / patch 8, 3 channels\) "
+                                       r"are not of its model \(vit_tiny"):
+        manager.export(paths.run_id)
+    assert not paths.encoder.exists()
+    save_weights(MaskedAutoencoder(tiny_config().resolved().model), paths.weights, step=1)
+    file, snippet = manager.export(paths.run_id)
+    assert file.is_file() and "vit_tiny_patch16_224" in snippet
+
+
 def test_resume_checks_the_devices_the_run_needs_are_still_there(tmp_path):
     """A run saved on GPUs (or more CPU cores) resumed where they are not visible: Start refuses
     such a config, but Resume launched it, and the trainer failed."""

@@ -203,6 +203,28 @@ def test_resume_after_a_kill_right_after_a_checkpoint_has_every_step_once(tmp_pa
 
 
 
+def test_a_resume_on_a_folder_that_lost_files_says_so(tmp_path):
+    """Eight of ten images deleted before a resume: it trained on what was left, and said only
+    "skipping" for an unreadable one."""
+    from PIL import Image
+
+    data = tmp_path / "photos"
+    data.mkdir()
+    for i in range(10):
+        Image.new("RGB", (40, 40), (20 * i, 90, 30)).save(data / f"{i}.png")
+    paths = RunPaths(tmp_path / "run")
+    first = _train(tmp_path, "--run-dir", paths.root, *TINY, "--devices", "1", "--max-steps", "2",
+                   "--data", str(data))
+    assert first.returncode == 0, first.stdout[-3000:]
+    for i in range(1, 9):
+        (data / f"{i}.png").unlink()
+    (data / "9.png").write_bytes(b"no longer an image")
+    resumed = _train(tmp_path, "--run-dir", paths.root, "--resume", "--max-steps", "4")
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert ("warning: the data now holds 2 image files, 8 fewer than the 10 this run started "
+            "with; the resumed run trains on the 1 left") in resumed.stdout
+
+
 def test_an_existing_run_is_never_trained_twice_restarted_or_resumed_into_another_model(
         tmp_path, run_module, stand_in):
     """By hand, ``--run-dir`` of an existing run: while its trainer lives, a second one would

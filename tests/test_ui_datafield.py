@@ -100,7 +100,8 @@ def test_cancel_stops_the_preparation_and_the_folder_stays_unprepared(tmp_path, 
     with pytest.raises(UserError, match="is being prepared: wait for it or cancel it first"):
         datafield.start_preparing(jobs, str(other))
     cancelled = datafield.cancel_preparing(jobs, str(folder))
-    assert "Preparation cancelled" in cancelled["progress"] and 'data-kind="warn"' in cancelled["progress"]
+    assert "Preparation cancelled: nothing was kept" in cancelled["progress"]  # said once
+    assert 'data-kind="warn"' in cancelled["progress"]
     assert "not prepared yet" in cancelled["info"] and not cancelled["timer"].active
     assert [p for p in cache.glob("*") if not p.name.endswith(".lock")] == []
 

@@ -72,3 +72,18 @@ def test_runs_dir_port_and_browser_flags():
     assert "mae-box" in opts["css"]  # the theme-variable CSS travels with the launch
     # Field hints in a grey that reads on a light page (the default's is 2.6:1 on white).
     assert opts["theme"].body_text_color_subdued == "*neutral_500"
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "0", "80.5", "http"])
+def test_a_port_out_of_range_is_refused_by_the_command_line(port, capsys):
+    """A port past 65535 or below 1 ended in the server's bind() traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--port", port])
+    assert exit_info.value.code == 2
+    assert "a port is a whole number from 1 to 65535" in capsys.readouterr().err
+
+
+def test_a_host_that_does_not_resolve_is_said_to_be_so():
+    """It read "another program may hold that port: pass another --port"."""
+    with pytest.raises(ValueError, match="--host 999.1.1.1 cannot be resolved"):
+        options("--host", "999.1.1.1", "--auth", "u:p")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import socket
 import sys
 from typing import Any
 
@@ -25,7 +26,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python app.py", description="MAE Studio web UI")
     parser.add_argument("--host", default="127.0.0.1",
                         help="interface to bind (default 127.0.0.1; any other needs --auth)")
-    parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    parser.add_argument("--port", type=_port, default=7860, help="port (default 7860)")
     parser.add_argument("--share", action="store_true",
                         help="also open a public gradio.live link (needs --auth)")
     parser.add_argument("--auth", metavar="USER:PASSWORD",
@@ -35,6 +36,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-browser", action="store_true",
                         help="do not open a browser tab (none is opened without a display anyway)")
     return parser.parse_args(argv)
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:  # the server's bind() failed on it with a traceback
+        raise argparse.ArgumentTypeError(f"a port is a whole number from 1 to 65535, not {text!r}")
+    return port
+
+
+def _require_resolvable(host: str) -> None:
+    """An unknown host name is said as such (it read as a port held by another program)."""
+    try:
+        socket.getaddrinfo(host.strip("[]"), None)
+    except (socket.gaierror, UnicodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) else err
+        raise ValueError(f"--host {host} cannot be resolved ({reason}): give an address of this "
+                         "machine, or a name that resolves to one") from None
 
 
 def is_loopback(host: str) -> bool:
@@ -63,6 +84,7 @@ def launch_options(args: argparse.Namespace) -> dict[str, Any]:
         where = "a public --share link" if args.share else f"--host {args.host}"
         raise ValueError(f"{where} lets anyone who reaches it start, stop and delete runs: add "
                          f"--auth USER:PASSWORD (or set {AUTH_ENV}=USER:PASSWORD), or bind 127.0.0.1")
+    _require_resolvable(args.host)
     return dict(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
                 max_file_size=MAX_UPLOAD, css=CSS, theme=theme(),
                 inbrowser=not args.no_browser and _has_display())
