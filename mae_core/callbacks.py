@@ -219,16 +219,18 @@ def _pace(rows: deque[dict[str, Any]]) -> float | None:
 
 def data_shrink_note(status: dict[str, Any], images: int | None,
                      skipped: int | None) -> str | None:
-    """A resumed run's word on a data folder that lost files since the run started (its status's
-    ``data_files``): it trains on what is left, which read as the same data."""
-    started = status.get("data_files")
-    if images is None or type(started) is not int:
+    """A resumed run's word on data that lost files since the run last trained (its status's
+    ``images`` and ``skipped_files`` of then, the training part alone as now): it trains on what
+    is left, which read as the same data."""
+    before = status.get("images")
+    if images is None or type(before) is not int:
         return None
+    before += status.get("skipped_files") if type(status.get("skipped_files")) is int else 0
     now = images + (skipped or 0)
-    if now >= started:
+    if now >= before:
         return None
-    return (f"warning: the data now holds {now:,} image files, {started - now:,} fewer than the "
-            f"{started:,} this run started with; the resumed run trains on the {images:,} left")
+    return (f"warning: the data now holds {now:,} image files to train on, {before - now:,} fewer "
+            f"than the {before:,} this run last read; the resumed run trains on the {images:,} left")
 
 
 def _text_or_empty(path: Path) -> str:

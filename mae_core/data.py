@@ -402,8 +402,13 @@ def held_out_count(total: int, fraction: float | None, count: int | None,
     else:
         return 0
     if wanted >= total:  # named like every other refusal: by the field to change
-        raise DataError(f"{asked_by}: holding out {wanted:,} of {total:,} images leaves none to "
-                        f"train on: lower {asked_by}, or add images", asked_by)
+        if count is None and wanted == MIN_HELD_OUT:  # no share is below it: not the fix
+            why = f" (a share holds out at least {MIN_HELD_OUT})"
+            fix = f"clear {asked_by} and set val_count below {total:,}, or add images"
+        else:
+            why, fix = "", f"lower {asked_by}, or add images"
+        raise DataError(f"{asked_by}: holding out {wanted:,} of {total:,} images{why} leaves "
+                        f"none to train on: {fix}", asked_by)
     return wanted
 
 

@@ -139,7 +139,9 @@ def run_data(data: str, run_root: Path, timeout_s: float = 6 * 3600.0,
     started, deadline = time.time(), time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         known = read_run_data(run_root)
-        if known and known.source == data:
+        # A record of a set being made again (damaged since) is not taken before it is whole.
+        if known and known.source == data and (known.kind != "prepared"
+                                               or check_set(known.path)[0] is not None):
             return known
         status = paths.read_status()
         updated = status.get("updated")

@@ -125,6 +125,10 @@ def plan_evaluation(t: TrainConfig, split_data: bool = True,
             labelled = split_folder(t.eval_data, t.seed, paths=found,
                                     fraction=t.val_fraction or EVAL_FOLDER_FRACTION)
         except DataError as err:  # "data folder ... does not exist" would name the wrong field
+            if err.field in ("val_count", "val_fraction"):  # its split: bank and queries
+                raise DataError(f"eval_data: {shown(t.eval_data)} holds {len(found)} images, too "
+                                "few for a kNN bank and its held-out queries: add images",
+                                "eval_data") from None
             raise DataError(f"eval_data: {err}", "eval_data") from None
     elif split.labelled and split.held_out:
         labelled = split

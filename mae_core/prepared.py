@@ -128,7 +128,8 @@ def _damage(folder: Path) -> str | None:
     marked = read_json(folder / DAMAGED_NAME)
     if marked is not None:
         reason = marked.get("reason") if isinstance(marked, dict) else None
-        return f"a run could not decode its samples: {str(reason or 'no reason kept')[:300]}"
+        return (f"a run could not decode its samples ({DAMAGED_NAME} in it; delete that file "
+                f"if the set is whole): {str(reason or 'no reason kept')[:300]}")
     index = read_json(folder / "index.json")
     if not index or not index.get("chunks"):
         return "its index.json is missing or unreadable"

@@ -325,7 +325,9 @@ class RunManager(QueuedRuns, TrainerWatch):
         paths = self.paths(run_id)
         out = paths.encoder
         model = RunConfig.load(paths.config).model  # first: a refusal writes nothing
-        _require_weights_of(model, self.weights(run_id), run_id)
+        # The weights' own config: their normalisation is what the file records, and fine-tuning
+        # must read images so.
+        model = _require_weights_of(model, self.weights(run_id), run_id)
         try:
             export_encoder(self.weights(run_id), out, make_dirs=False)
         except FileNotFoundError:
@@ -452,9 +454,9 @@ class RunManager(QueuedRuns, TrainerWatch):
                 self._terminating.discard(paths.root)
 
 
-def _require_weights_of(model: ModelConfig, weights: Path, run_id: str) -> None:
-    """Refuse weights of another model than the run's config (a file copied in by hand): the
-    snippet, built from the config, would not load the encoder exported from them."""
+def _require_weights_of(model: ModelConfig, weights: Path, run_id: str) -> ModelConfig:
+    """The config the weights were saved with; weights of another model than the run's (a file
+    copied in by hand) refused: the encoder exported from them fits no snippet of the run's."""
     saved = load_model_config(weights)
     key = lambda cfg: (cfg.encoder_name, cfg.image_size, cfg.patch_size, cfg.channels)  # noqa: E731
     said = lambda cfg: (f"{cfg.encoder_name}, {cfg.image_size} px / patch {cfg.patch_size}, "  # noqa: E731
@@ -462,6 +464,7 @@ def _require_weights_of(model: ModelConfig, weights: Path, run_id: str) -> None:
     if key(saved) != key(model):
         raise RunError(f"the weights of run {run_id} ({said(saved)}) are not of its model "
                        f"({said(model)}): put back the model.safetensors this run wrote")
+    return saved
 
 
 def _open_lock(runs_dir: Path) -> int:

@@ -43,15 +43,21 @@ class TolerantStreamingDataset(StreamingDataset):
         try:
             return super().__getitem__(index)
         except UndecodableSet as err:
-            self._mark_damaged(str(err))
+            self._mark_damaged(err)
             raise
         except DAMAGE_ERRORS as err:
             return self._replace(index, err)
 
-    def _mark_damaged(self, reason: str) -> None:
+    def _mark_damaged(self, err: BaseException) -> None:
+        """Mark a local set whose bytes are damaged (see :func:`mae_core.prepared.mark_damaged`);
+        never for an I/O error of this machine (an errno: EIO, EMFILE), which another start may
+        not meet, nor for a remote set (its path is LitData's local copy)."""
         from mae_core.prepared import mark_damaged  # (prepared imports the readers' modules)
 
-        mark_damaged(self.input_dir.path, reason)
+        cause = err.__cause__ if isinstance(err, UndecodableSet) else err
+        if self.input_dir.url or (isinstance(cause, OSError) and cause.errno is not None):
+            return
+        mark_damaged(self.input_dir.path, str(err))
 
     def _replace(self, index: Any, err: BaseException) -> Any:
         what = (f"item {index.index} of chunk {index.chunk_index}"
@@ -59,15 +65,16 @@ class TolerantStreamingDataset(StreamingDataset):
         transforms = getattr(self, "transform", [])  # LitData keeps a list
         transform = next((t for t in transforms if isinstance(t, DecodeAugment)), None)
         if transform is None:  # raw items (previews): nothing stands in
-            reason = f"{what} cannot be read ({type(err).__name__}: {err})"
-            self._mark_damaged(reason)
-            raise DataError(f"the prepared data set {self.input_dir.path or self.input_dir.url} "
-                            f"is damaged: {reason}; {AGAIN}") from err
+            refusal = DataError(f"the prepared data set {self.input_dir.path or self.input_dir.url}"
+                                f" is damaged: {what} cannot be read ({type(err).__name__}: {err});"
+                                f" {AGAIN}")
+            self._mark_damaged(refusal)
+            raise refusal from err
         why = f"its bytes in the prepared set are damaged ({type(err).__name__})"
         try:
             return {**transform.replace(what, why, err), "id": -1}
         except UndecodableSet as undecodable:  # the first item read, or too many
-            self._mark_damaged(str(undecodable))
+            self._mark_damaged(undecodable)
             raise
 
 

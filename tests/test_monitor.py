@@ -81,6 +81,10 @@ def test_split_sizes_fraction_auto_and_refusals(labelled, tmp_path):
         split_folder(str(labelled), count=total)
     with pytest.raises(DataError, match="^val_fraction: holding out .* lower val_fraction"):
         split_folder(str(labelled), fraction=0.99)
+    few = sorted(labelled.rglob("*.png"))[:3]
+    with pytest.raises(DataError, match=r"holding out 4 of 3 images \(a share holds out at least "
+                                        r"4\) .*: clear val_fraction and set val_count below 3"):
+        split_folder(str(labelled), fraction=0.1, paths=tuple(few))
 
 
 def test_the_default_run_on_the_sample_photos_evaluates_nothing():
@@ -104,6 +108,14 @@ def test_plan_bounds_the_bank_with_every_class_and_needs_labels_for_eval_data(la
         (few / path.name).write_bytes(path.read_bytes())
     with pytest.raises(DataError, match="eval_data: .*few.* needs class subfolders"):
         plan_evaluation(TrainConfig(eval_data=str(few)))
+    tiny = tmp_path / "tiny"  # two classes of two: labelled, but no bank beside 4 queries
+    for path in sorted(labelled.rglob("*.png"))[:2] + sorted(labelled.rglob("*.png"))[-2:]:
+        (tiny / path.parent.name).mkdir(parents=True, exist_ok=True)
+        (tiny / path.parent.name / path.name).write_bytes(path.read_bytes())
+    with pytest.raises(DataError, match="eval_data: .*tiny.* holds 4 images, too few for a kNN "
+                                        "bank and its held-out queries") as refused:
+        plan_evaluation(TrainConfig(eval_data=str(tiny)))
+    assert refused.value.field == "eval_data"
     # The sample photos train; the labelled folder is the kNN monitor's own (20 % queries).
     separate = plan_evaluation(TrainConfig(eval_data=str(labelled)))
     assert separate.train is None and not separate.val

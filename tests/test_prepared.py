@@ -191,6 +191,22 @@ def test_a_cached_set_whose_samples_do_not_decode_is_made_again_for_its_resumed_
     with pytest.raises(DataError, match="prepared again at the next start or resume"):
         [dataset[i] for i in range(len(dataset))]
     assert "could not decode its samples" in prepared.check_set(found.path)[1]
+    # An I/O error of this machine (an errno), or a remote set, marks nothing: not the set's bytes.
+    from types import SimpleNamespace
+
+    from mae_core.crops import UndecodableSet
+
+    (Path(found.path) / prepared.DAMAGED_NAME).unlink()
+    for url, cause in ((None, OSError(5, "Input/output error")), ("s3://b/set", ValueError("x"))):
+        err = UndecodableSet("item 0 of the prepared set cannot be used")
+        err.__cause__ = cause
+        reader = SimpleNamespace(input_dir=SimpleNamespace(url=url, path=found.path))
+        shards.TolerantStreamingDataset._mark_damaged(reader, err)
+        assert not (Path(found.path) / prepared.DAMAGED_NAME).exists()
+    err.__cause__ = OSError("broken data stream when reading image file")  # PIL's: no errno
+    shards.TolerantStreamingDataset._mark_damaged(
+        SimpleNamespace(input_dir=SimpleNamespace(url=None, path=found.path)), err)
+    assert "delete that file if the set is whole" in prepared.check_set(found.path)[1]
     run.write_status(state="starting")  # resumed: live itself, and the set's only reader
     again = datasource.run_data(str(folder), run.root, auto_prepare_above=5)
     assert again.path == found.path and prepared.check_set(again.path)[0] is not None

@@ -221,8 +221,13 @@ def test_a_resume_on_a_folder_that_lost_files_says_so(tmp_path):
     (data / "9.png").write_bytes(b"no longer an image")
     resumed = _train(tmp_path, "--run-dir", paths.root, "--resume", "--max-steps", "4")
     assert resumed.returncode == 0, resumed.stdout[-3000:]
-    assert ("warning: the data now holds 2 image files, 8 fewer than the 10 this run started "
-            "with; the resumed run trains on the 1 left") in resumed.stdout
+    assert ("warning: the data now holds 2 image files to train on, 8 fewer than the 10 this run "
+            "last read; the resumed run trains on the 1 left") in resumed.stdout
+    from mae_core.callbacks import data_shrink_note
+
+    # Images held out are not in the training part, then or now: no word of a loss.
+    assert data_shrink_note({"images": 6, "skipped_files": 0, "data_files": 10}, 6, 0) is None
+    assert data_shrink_note({"images": 6}, 5, 1) is None and data_shrink_note({}, 1, 0) is None
 
 
 def test_an_existing_run_is_never_trained_twice_restarted_or_resumed_into_another_model(

@@ -411,20 +411,33 @@ def _sent(out: dict) -> dict:
 
 def test_the_history_step_chosen_stays_until_the_run_changes(ctx, weights_file):
     """The slider went back to the newest snapshot at every refresh (every 5 s), so no older
-    step could be looked at: its value is sent for a new run only."""
+    step could be looked at: its value is sent for a new run, a slider just shown, or a step
+    the run's snapshots no longer span."""
     from mae_core.snapshots import WeightSnapshots
 
     first, second = make_run(ctx, weights_file), make_run(ctx, weights_file)
     keeper = WeightSnapshots(first.root, keep=3, every_n_steps=10)
-    for step in (10, 20):
+
+    def snapshot(step: int) -> None:
         keeper.save(SimpleNamespace(global_step=step), SimpleNamespace(mae=MaskedAutoencoder(MODEL)))
-    out = _sent(reconstruct.refresh(ctx, first.run_id, False, None))
-    assert "history_step" in out  # the first refresh draws the slider (at the newest)
-    assert "history_step" not in _sent(reconstruct.refresh(ctx, first.run_id, False, out["sig"]))
-    keeper.save(SimpleNamespace(global_step=30), SimpleNamespace(mae=MaskedAutoencoder(MODEL)))
-    grown = reconstruct.refresh(ctx, first.run_id, False, out["sig"])
+
+    hidden = _sent(reconstruct.refresh(ctx, first.run_id, False, None))
+    assert hidden["history_step"]["visible"] is False
+    snapshot(10)  # the first: shown at its step, not left at the hidden slider's 0
+    out = reconstruct.refresh(ctx, first.run_id, False, hidden["sig"], 0)
+    assert out["history_step"]["value"] == 10
+    _sent(out)
+    snapshot(20)
+    out = _sent(reconstruct.refresh(ctx, first.run_id, False, out["sig"], 20))
+    assert "history_step" in out
+    assert "history_step" not in _sent(reconstruct.refresh(ctx, first.run_id, False, out["sig"], 10))
+    snapshot(30)
+    grown = reconstruct.refresh(ctx, first.run_id, False, out["sig"], 10)
     assert grown["history_step"]["maximum"] == 30 and "value" not in grown["history_step"]
-    other = reconstruct.refresh(ctx, second.run_id, False, _sent(grown)["sig"])
+    snapshot(40)  # step 10 pruned (3 kept): the step chosen is no longer spanned
+    pruned = reconstruct.refresh(ctx, first.run_id, False, _sent(grown)["sig"], 10)
+    assert pruned["history_step"]["minimum"] == 20 and pruned["history_step"]["value"] == 40
+    other = reconstruct.refresh(ctx, second.run_id, False, _sent(pruned)["sig"], 40)
     assert other["history_step"]["visible"] is False and other["history_step"]["value"] == 0
 
 
@@ -443,13 +456,13 @@ def test_opening_the_picker_is_not_a_pick_and_a_pick_is_said(ctx, weights_file):
         reconstruct.FOLLOWS
 
 
-def test_results_of_another_runs_weights_are_taken_away(ctx, weights_file):
+def test_results_of_another_runs_weights_are_taken_away():
     """After another run was picked (or followed), the results under it were still the earlier
     run's, read as this one's."""
-    older, newer = make_run(ctx, weights_file), make_run(ctx, weights_file)
-    same = reconstruct.refresh(ctx, None, True, None, newer.run_id, newer.run_id)
-    assert not {"results", "losses", "message", "history", "history_message"} & set(same)
-    other = reconstruct.refresh(ctx, older.run_id, False, same["sig"], newer.run_id, newer.run_id)
+    assert reconstruct.stale_results("b", "b", "b") == {}
+    assert reconstruct.stale_results("b", None, None) == {}
+    other = reconstruct.stale_results("a", "b", "b")
     assert other["results"] == "" and other["losses"] == [] and other["results_run"] is None
-    assert f"now run <code>{older.run_id}</code>" in other["message"] and 'data-kind="info"' in other["message"]
+    assert "now run <code>a</code>" in other["message"] and 'data-kind="info"' in other["message"]
     assert other["history"] == "" and other["history_run_id"] is None
+    assert "history" not in reconstruct.stale_results("a", "b", "a")

@@ -76,10 +76,11 @@ def _wire_across(ctx: AppContext, demo: gr.Blocks, tabs: gr.Tabs, built: dict[st
     def run_for_audit(run_id: str | None) -> dict:
         statuses = ctx.manager.list()
         listed = [s["run_id"] for s in statuses]
-        if run_id not in listed:  # opened before the Train tab's first poll chose its run
-            run_id = train.pick_selected(statuses, None, None)
+        if run_id is None:  # opened before the Train tab's first poll chose its run ("" is
+            run_id = train.pick_selected(statuses, None, None)  # no run: the preset's audit)
         choices = [parameters.NO_RUN] + [(i, i) for i in listed]
-        return {params_ui["run"]: gr.update(choices=choices, value=run_id or "")}
+        return {params_ui["run"]: gr.update(choices=choices,
+                                            value=run_id if run_id in listed else "")}
 
     params_tab.select(run_for_audit, train_ui["run_pick"], params_ui["run"],
                       api_name="params_for_run", show_progress=hidden).then(

@@ -19,6 +19,7 @@ from typing import Any
 
 import gradio as gr
 
+from mae_core.checks import _is_number
 from mae_core.composite import STRETCH_CHOICES
 from mae_core.rundir import LIVE_STATES, RunState, preview_step
 from ui import render
@@ -204,11 +205,11 @@ def reconstruct_history(ctx: AppContext, run_id: str | None, step: Any, mask_rat
 
 
 def refresh(ctx: AppContext, current: str | None, follow: bool, sig: dict | None,
-            results_run: str | None = None, history_run: str | None = None) -> dict[str, Any]:
+            history_at: Any = None) -> dict[str, Any]:
     """The slow refresh: checkpoint choices (following the live run unless one was picked by
     hand) with the picker's line (:func:`picker_info`), previews and the history slider, each
-    only when it changed. Results made with another run's weights than the picker now shows
-    (``results_run``, ``history_run``) are taken away, saying so: they read as this run's."""
+    only when it changed. ``history_at``: the slider's step now, kept while the same run's
+    snapshots still span it."""
     sig = dict(sig or {})
     statuses = ctx.manager.list()
     choices, default = checkpoint_choices(ctx, statuses)
@@ -227,18 +228,32 @@ def refresh(ctx: AppContext, current: str | None, follow: bool, sig: dict | None
     # refresh moved the slider back to the newest snapshot.
     shape = (value, {k: v for k, v in history.items() if k != "value"})
     if shape != sig.get("history"):
-        if sig.get("history", (None,))[0] == value:  # the same run's snapshots: its step stays
-            history.pop("value")
+        if _keeps_step(sig.get("history"), value, history, history_at):
+            history.pop("value")  # the same run's snapshots still span the step chosen
         out["history_step"] = history
-    if results_run and results_run != value:
-        now = (f"The checkpoint is now run `{value}`: press Reconstruct to reconstruct with its "
-               "weights." if value else "No run has weights now.")
-        out |= {"results": "", "losses": [], "results_run": None,
-                "message": render.notice("info", now)}
-    if history_run and history_run != value:
-        out |= {"history": "", "history_message": "", "history_run_id": None}
     sig.update(ckpt=(choices, value, info), previews=items, history=shape)
     out["sig"] = sig
+    return out
+
+
+def _keeps_step(before: Any, value: str | None, history: dict[str, Any], at: Any) -> bool:
+    shown_before = isinstance(before, tuple) and before[0] == value and before[1].get("visible")
+    return bool(shown_before and history.get("visible") and _is_number(at)
+                and history["minimum"] <= at <= history["maximum"])
+
+
+def stale_results(run_id: str | None, results_run: str | None, history_run: str | None
+                  ) -> dict[str, Any]:
+    """Results made with another run's weights than the picker now shows (``results_run``,
+    ``history_run``), taken away saying so: under the new pick they read as its own."""
+    out: dict[str, Any] = {}
+    if results_run and results_run != run_id:
+        now = (f"The checkpoint is now run `{run_id}`: press Reconstruct to reconstruct with its "
+               "weights." if run_id else "No run has weights now.")
+        out |= {"results": "", "losses": [], "results_run": None,
+                "message": render.notice("info", now)}
+    if history_run and history_run != run_id:
+        out |= {"history": "", "history_message": "", "history_run_id": None}
     return out
 
 
@@ -322,10 +337,14 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
                 c["results_run"]: run_id}
 
     @guarded("refreshing checkpoints", lambda text: {})
-    def on_refresh(current: str | None, follow: bool, sig: dict | None, results_run: str | None,
-                   history_run: str | None) -> dict:
-        return {c[name]: value for name, value in
-                refresh(ctx, current, follow, sig, results_run, history_run).items()}
+    def on_refresh(current: str | None, follow: bool, sig: dict | None, at: Any) -> dict:
+        return {c[name]: value for name, value in refresh(ctx, current, follow, sig, at).items()}
+
+    @guarded("refreshing checkpoints", lambda text: {})
+    def on_pick_changed(run_id: str | None, results_run: str | None,
+                        history_run: str | None) -> dict:
+        return {c[name]: value
+                for name, value in stale_results(run_id, results_run, history_run).items()}
 
     c["run"].click(on_reconstruct, [c["uploads"], c["use_samples"], c["ckpt_pick"], c["ratio"],
                                     c["seed"], c["channels_shown"], c["contrast"]],
@@ -347,13 +366,16 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
                            show_progress="minimal")
     c["history_step"].release(on_history, history_inputs, history_outputs,
                               api_name="history_step", show_progress="minimal")
-    c["refresh_event"] = dict(
-        fn=on_refresh, inputs=[c[n] for n in ("ckpt_pick", "follow", "sig", "results_run",
-                                              "history_run_id")],
-        outputs=[c[n] for n in ("ckpt_pick", "previews", "history_step", "sig", "results",
-                                "losses", "message", "results_run", "history",
-                                "history_message", "history_run_id")],
-        show_progress=HIDDEN)
+    c["refresh_event"] = dict(fn=on_refresh, inputs=[c["ckpt_pick"], c["follow"], c["sig"],
+                                                     c["history_step"]],
+                              outputs=[c["ckpt_pick"], c["previews"], c["history_step"], c["sig"]],
+                              show_progress=HIDDEN)
+    # However the pick changed (followed, picked, opened from the Runs tab): its own event, so
+    # /refresh_checkpoints keeps the outputs an API client reads.
+    c["ckpt_pick"].change(on_pick_changed, [c["ckpt_pick"], c["results_run"], c["history_run_id"]],
+                          [c[n] for n in ("results", "losses", "message", "results_run", "history",
+                                          "history_message", "history_run_id")],
+                          api_visibility="private", show_progress=HIDDEN)
     # A checkpoint chosen by hand stays chosen; clearing it goes back to following the live run.
     c["ckpt_pick"].input(follows_after_pick, [c["ckpt_pick"], c["follow"], c["sig"]], c["follow"],
                          api_name="pick_checkpoint", show_progress=HIDDEN).then(

@@ -8,6 +8,7 @@ without a server; :func:`build` lays out the tab and wires its events to them.
 from __future__ import annotations
 
 import atexit
+import time
 from typing import Any
 
 import gradio as gr
@@ -78,7 +79,10 @@ def failed_action(action: str, message: str, field: str | None = None,
     """A refusal's record; ``field`` (with the ``reason`` said beside it) is the form's field it
     is about, which the page then shows (:data:`SHOW_REFUSED_FIELD_JS`)."""
     record = {"action": action, "run_id": None, "kind": "error", "text": message}
-    return record | {"field": field, "reason": reason or message} if field else record
+    if not field:
+        return record
+    # "at": the same refusal twice is another value, so the page shows the field again
+    return record | {"field": field, "reason": reason or message, "at": time.time()}
 
 
 def form_action(action: str, act: Any, manager: Any, values: dict[str, Any]) -> dict[str, Any]:
@@ -485,6 +489,7 @@ CLEAR_REFUSAL_JS = ("(action) => (action && action.kind === 'error' && "
 # message sits above the form, and the field could be out of sight). Any other action, or an edit
 # (which clears the refusal), takes the mark away.
 SHOW_REFUSED_FIELD_JS = """async (action) => {
+  const turn = window.maeRefusalTurn = (window.maeRefusalTurn || 0) + 1;  // the newest call wins
   for (const old of document.querySelectorAll('#train-form [data-refusal]')) {
     old.removeAttribute('data-refusal');
     old.querySelector('[aria-invalid]')?.removeAttribute('aria-invalid');
@@ -499,6 +504,7 @@ SHOW_REFUSED_FIELD_JS = """async (action) => {
   let block = document.getElementById(id);
   for (let frame = 0; frame < 120 && !block?.offsetParent; frame++) {
     await new Promise((done) => requestAnimationFrame(done));  // opened, it renders its fields
+    if (turn !== window.maeRefusalTurn) return;  // an edit (or another action) came meanwhile
     block = document.getElementById(id);
   }
   if (!block?.offsetParent) return;
@@ -506,7 +512,8 @@ SHOW_REFUSED_FIELD_JS = """async (action) => {
   const input = block.querySelector('input, textarea');
   input?.setAttribute('aria-invalid', 'true');
   block.scrollIntoView({block: 'center'});
-  input?.focus({preventScroll: true});
+  // Not a dropdown: focused, it opens its list over the form.
+  if (!block.querySelector('[role="listbox"], .secondary-wrap')) input?.focus({preventScroll: true});
 }"""
 
 
