@@ -362,13 +362,42 @@ def test_a_bad_start_shows_a_message_not_a_badge(page):
     marked = page.locator("#field-weight-decay[data-refusal]")
     marked.wait_for()
     assert marked.get_attribute("data-refusal").startswith("must be a finite number in [0, 1)")
+    note = page.locator("#field-weight-decay-refusal")  # the reason, under the field's row
+    assert note.is_visible() and note.inner_text().startswith("must be a finite number")
     assert _in_first_viewport(page, "#field-weight-decay input")  # (a page scrolled to it)
     assert page.evaluate("() => document.activeElement?.closest('#field-weight-decay') !== null")
     assert page.locator("#field-weight-decay input").get_attribute("aria-invalid") == "true"
     page.keyboard.press("Backspace")  # the person corrects it where the focus is
     page.wait_for_function("() => !document.querySelector('#train-form [data-refusal]')")
     _set_number(page, "field-weight-decay", 0.05)
+    # A dropdown's reason is shown whole and its list stays shut; a refusal of the same field
+    # again shows it again.
+    accelerator = page.locator("#field-accelerator input")
+    default = accelerator.input_value()
+    for _ in range(2):
+        accelerator.click()
+        page.get_by_role("option", name="gpu", exact=True).click()
+        _button(page, "Start").click()
+        page.locator("#field-accelerator-refusal").wait_for()
+        assert "no CUDA GPU" in page.locator("#field-accelerator-refusal").inner_text()
+        assert page.locator("#field-accelerator ul.options").count() == 0
+        accelerator.click()
+        page.get_by_role("option", name=default, exact=True).click()
+        page.wait_for_function("() => !document.querySelector('#train-form .mae-refusal')")
     more.click()
+    # In a text box a deletion is an edit too (its input event missed deletions and pastes).
+    data = page.locator("#field-data textarea, #field-data input").first
+    data.fill("/nonexistent-mae-studio-folder")
+    data.press("Tab")
+    _button(page, "Start").click()
+    page.locator("#field-data[data-refusal]").wait_for()
+    data.click()
+    data.press("End")
+    data.press("Backspace")
+    page.wait_for_function("() => !document.querySelector('#train-form [data-refusal]')")
+    data.fill("")
+    data.press("Tab")
+    _wait_text(page, "#data-info", "the sample photos")
     page.evaluate("() => scrollTo(0, 0)")
 
 

@@ -466,3 +466,7 @@ def test_results_of_another_runs_weights_are_taken_away():
     assert "now run <code>a</code>" in other["message"] and 'data-kind="info"' in other["message"]
     assert other["history"] == "" and other["history_run_id"] is None
     assert "history" not in reconstruct.stale_results("a", "b", "a")
+    # Picked again: the saying names the run picked now (it went on naming the first).
+    again = reconstruct.stale_results("c", None, None, "a")
+    assert "now run <code>c</code>" in again["message"] and again["noticed_run"] == "c"
+    assert reconstruct.stale_results("c", None, None, "c") == {}

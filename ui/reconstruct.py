@@ -242,15 +242,16 @@ def _keeps_step(before: Any, value: str | None, history: dict[str, Any], at: Any
                 and history["minimum"] <= at <= history["maximum"])
 
 
-def stale_results(run_id: str | None, results_run: str | None, history_run: str | None
-                  ) -> dict[str, Any]:
+def stale_results(run_id: str | None, results_run: str | None, history_run: str | None,
+                  noticed: str | None = None) -> dict[str, Any]:
     """Results made with another run's weights than the picker now shows (``results_run``,
-    ``history_run``), taken away saying so: under the new pick they read as its own."""
+    ``history_run``), taken away saying so: under the new pick they read as its own. The
+    saying follows later picks too (``noticed``: the run it named)."""
     out: dict[str, Any] = {}
-    if results_run and results_run != run_id:
+    if (results_run and results_run != run_id) or (noticed and noticed != run_id):
         now = (f"The checkpoint is now run `{run_id}`: press Reconstruct to reconstruct with its "
                "weights." if run_id else "No run has weights now.")
-        out |= {"results": "", "losses": [], "results_run": None,
+        out |= {"results": "", "losses": [], "results_run": None, "noticed_run": run_id,
                 "message": render.notice("info", now)}
     if history_run and history_run != run_id:
         out |= {"history": "", "history_message": "", "history_run_id": None}
@@ -300,7 +301,7 @@ def build(ctx: AppContext) -> dict[str, Any]:
                                        interactive=False, elem_id="recon-losses", wrap=True,
                                        # a long file name took the width, and "masked patches"
                                        # broke as "maske / d / patch / es"
-                                       column_widths=["50%", "28%", "22%"])
+                                       column_widths=["40%", "30%", "30%"])
     gr.Markdown("### Training previews (fixed images and mask, newest first)")
     # Four columns where they fit, fewer on a narrow screen (ui.render.CSS: #preview-gallery).
     c["previews"] = gr.Gallery(columns=4, height="auto", object_fit="contain", label="previews",
@@ -321,6 +322,7 @@ def build(ctx: AppContext) -> dict[str, Any]:
     c["sig"] = gr.State(None)
     c["results_run"] = gr.State(None)  # whose weights made the results shown
     c["history_run_id"] = gr.State(None)  # ... and the weights history shown
+    c["noticed_run"] = gr.State(None)  # the run the message says the checkpoint now is
     _wire(ctx, c)
     return c
 
@@ -328,27 +330,27 @@ def build(ctx: AppContext) -> dict[str, Any]:
 def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
     @guarded("reconstruct", lambda text: {c["message"]: render.notice("error", text),
                                           c["results"]: "", c["losses"]: [],
-                                          c["results_run"]: None})
+                                          c["results_run"]: None, c["noticed_run"]: None})
     def on_reconstruct(files: Any, use_samples: bool, run_id: str | None, ratio: Any,
                        seed: Any, channels_shown: str = "", contrast: str = "auto") -> dict:
         result = reconstruct_files(ctx, files, use_samples, run_id, ratio, seed, channels_shown,
                                    contrast)
         return {c["results"]: result.html, c["losses"]: result.rows, c["message"]: result.message,
-                c["results_run"]: run_id}
+                c["results_run"]: run_id, c["noticed_run"]: None}
 
     @guarded("refreshing checkpoints", lambda text: {})
     def on_refresh(current: str | None, follow: bool, sig: dict | None, at: Any) -> dict:
         return {c[name]: value for name, value in refresh(ctx, current, follow, sig, at).items()}
 
     @guarded("refreshing checkpoints", lambda text: {})
-    def on_pick_changed(run_id: str | None, results_run: str | None,
-                        history_run: str | None) -> dict:
-        return {c[name]: value
-                for name, value in stale_results(run_id, results_run, history_run).items()}
+    def on_pick_changed(run_id: str | None, results_run: str | None, history_run: str | None,
+                        noticed: str | None) -> dict:
+        return {c[name]: value for name, value in
+                stale_results(run_id, results_run, history_run, noticed).items()}
 
     c["run"].click(on_reconstruct, [c["uploads"], c["use_samples"], c["ckpt_pick"], c["ratio"],
                                     c["seed"], c["channels_shown"], c["contrast"]],
-                   [c["results"], c["losses"], c["message"], c["results_run"]],
+                   [c["results"], c["losses"], c["message"], c["results_run"], c["noticed_run"]],
                    api_name="reconstruct", show_progress="minimal").then(
         None, js=SHOW_MESSAGE_JS, api_visibility="private", show_progress=HIDDEN)
     @guarded("weights history", lambda text: {c["history_message"]: render.notice("error", text),
@@ -372,9 +374,10 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
                               show_progress=HIDDEN)
     # However the pick changed (followed, picked, opened from the Runs tab): its own event, so
     # /refresh_checkpoints keeps the outputs an API client reads.
-    c["ckpt_pick"].change(on_pick_changed, [c["ckpt_pick"], c["results_run"], c["history_run_id"]],
+    c["ckpt_pick"].change(on_pick_changed, [c[n] for n in ("ckpt_pick", "results_run",
+                                                            "history_run_id", "noticed_run")],
                           [c[n] for n in ("results", "losses", "message", "results_run", "history",
-                                          "history_message", "history_run_id")],
+                                          "history_message", "history_run_id", "noticed_run")],
                           api_visibility="private", show_progress=HIDDEN)
     # A checkpoint chosen by hand stays chosen; clearing it goes back to following the live run.
     c["ckpt_pick"].input(follows_after_pick, [c["ckpt_pick"], c["follow"], c["sig"]], c["follow"],

@@ -108,12 +108,13 @@ tr.no-grad { outline: 2px solid #dc2626; outline-offset: -2px; }
   /* No run yet: nothing to watch, and the form to fill in is what the status panel points to. */
   #train-columns:has(#run-status[data-state="none"]) #train-live { order: 0; }
 }
-/* The field a refused Start names (ui.train.SHOW_REFUSED_FIELD_JS): outlined, the reason under it. */
-#train-form [data-refusal] :is(input, textarea) { border-color: #dc2626 !important;
+/* The field a refused Start names (ui.train.SHOW_REFUSED_FIELD_JS): outlined, the reason under
+   its row (Gradio sizes a block to its row and clips the row: a reason inside it was cut off). */
+#train-form [data-refusal] :is(input:not(.secondary-wrap input), textarea),
+#train-form [data-refusal] .wrap:has(.secondary-wrap) { border-color: #dc2626 !important;
   box-shadow: 0 0 0 1px #dc2626 !important; }
-#train-form [data-refusal]::after { content: attr(data-refusal); display: block; margin-top: 4px;
-  color: var(--body-text-color); border-left: 3px solid #dc2626; padding-left: 6px; font-size: 12px;
-  overflow-wrap: anywhere; }
+.mae-refusal { color: var(--body-text-color); border-left: 3px solid #dc2626; padding-left: 6px;
+  margin: 2px 0 4px; font-size: 12px; overflow-wrap: anywhere; }
 #loss-plot { overflow-x: auto; }
 /* The charts are as wide as their box (Vega-Lite's "container" width, ui.plots); Gradio's plot
    centres that box at its content's width, where it would measure nothing: span the column. */

@@ -465,8 +465,9 @@ def _wire_form(ctx: AppContext, c: dict[str, Any], fields: list[Any]) -> None:
     datafield.wire(c, jobs)
     configfile.wire(ctx, c, fields)
     # Typed, or filled by the config panel: a copied, loaded or reset form is a new form too.
-    edits = [field.input for field in fields] + [c["copy_config"].click,
-                                                 c["upload_config"].upload, c["reset_form"].click]
+    # "change" as well as "input": a text box's input event missed a deletion and a paste.
+    edits = ([field.input for field in fields] + [field.change for field in fields]
+             + [c["copy_config"].click, c["upload_config"].upload, c["reset_form"].click])
     # In the browser, at the edit itself: a server reply could come back after the refusal of a
     # Start clicked just after the edit, and take that refusal away.
     gr.on(edits, None, c["action"], c["action"], js=CLEAR_REFUSAL_JS, api_visibility="private",
@@ -493,7 +494,9 @@ SHOW_REFUSED_FIELD_JS = """async (action) => {
   for (const old of document.querySelectorAll('#train-form [data-refusal]')) {
     old.removeAttribute('data-refusal');
     old.querySelector('[aria-invalid]')?.removeAttribute('aria-invalid');
+    old.querySelector('[aria-describedby$="-refusal"]')?.removeAttribute('aria-describedby');
   }
+  for (const note of document.querySelectorAll('#train-form .mae-refusal')) note.remove();
   if (!action || action.kind !== 'error' || typeof action.field !== 'string') return;
   const id = 'field-' + action.field.replaceAll('_', '-');
   const more = document.getElementById('more-settings');
@@ -508,9 +511,14 @@ SHOW_REFUSED_FIELD_JS = """async (action) => {
     block = document.getElementById(id);
   }
   if (!block?.offsetParent) return;
-  block.setAttribute('data-refusal', String(action.reason || action.text || ''));
+  const reason = String(action.reason || action.text || '');
+  block.setAttribute('data-refusal', reason);
+  const note = Object.assign(document.createElement('div'),
+                             {className: 'mae-refusal', id: id + '-refusal', textContent: reason});
+  (block.closest('.form') || block).after(note);  // under the field's row: its block clips
   const input = block.querySelector('input, textarea');
   input?.setAttribute('aria-invalid', 'true');
+  input?.setAttribute('aria-describedby', note.id);
   block.scrollIntoView({block: 'center'});
   // Not a dropdown: focused, it opens its list over the form.
   if (!block.querySelector('[role="listbox"], .secondary-wrap')) input?.focus({preventScroll: true});
