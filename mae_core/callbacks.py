@@ -109,10 +109,11 @@ class ProgressRecorder(pl.Callback):
                          "skipped_files": getattr(dataset, "skipped", None),
                          "flops_per_image": self.flops_per_image, "peak_flops": self.peak_flops}
             self._config_text = _text_or_empty(self.paths.config)  # none: a bare trainer
+            before = self.paths.read_status()  # the last session's, until written below
             if trainer.global_step > 0 and (note := data_shrink_note(
-                    self.paths.read_status(), self._own["images"], self._own["skipped_files"])):
+                    before, self._own["images"], self._own["skipped_files"])):
                 print(note, file=sys.stderr, flush=True)  # the app's log view shows the trainer's
-            created = self.paths.read_status().get("created")
+            created = before.get("created")
             if created is not None:
                 self._own["created"] = created
             self.paths.write_status(step=trainer.global_step, total_steps=_total_steps(trainer),

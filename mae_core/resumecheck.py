@@ -9,9 +9,11 @@ saying why not, so a refused resume changes nothing instead of failing in the la
 
 from __future__ import annotations
 
-from mae_core.config import ConfigError, RunConfig
+from pathlib import Path
+
+from mae_core.config import ConfigError, ModelConfig, RunConfig
 from mae_core.rundir import RunError, RunPaths, RunState, checkpoint_step
-from mae_core.weights import checkpoint_mismatch
+from mae_core.weights import checkpoint_mismatch, load_model_config
 
 
 def check_resumable(paths: RunPaths, cfg: RunConfig) -> int:
@@ -66,6 +68,20 @@ def require_same_model(paths: RunPaths, cfg: RunConfig) -> None:
                        f"({cfg.model.encoder_name}, {cfg.model.image_size} px / patch "
                        f"{cfg.model.patch_size}): {mismatch}. It cannot be resumed; start a new "
                        "run, or put back the last.ckpt this run wrote")
+
+
+def require_weights_of(model: ModelConfig, weights: Path, run_id: str) -> ModelConfig:
+    """The config ``weights`` were saved with; weights of another model than the run's (a file
+    copied in by hand) refused, as :func:`require_same_model` refuses such a checkpoint: the
+    encoder exported from them fits no snippet of the run's."""
+    saved = load_model_config(weights)
+    key = lambda cfg: (cfg.encoder_name, cfg.image_size, cfg.patch_size, cfg.channels)  # noqa: E731
+    said = lambda cfg: (f"{cfg.encoder_name}, {cfg.image_size} px / patch {cfg.patch_size}, "  # noqa: E731
+                        f"{cfg.channels} channels")
+    if key(saved) != key(model):
+        raise RunError(f"the weights of run {run_id} ({said(saved)}) are not of its model "
+                       f"({said(model)}): put back the model.safetensors this run wrote")
+    return saved
 
 
 def require_one_node(cfg: RunConfig, run_id: str | None = None) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 from mae_core import process as proc
 from mae_core.channels import resolve_channels, resolve_data
 from mae_core.checks import shown
-from mae_core.config import ModelConfig, RunConfig
+from mae_core.config import RunConfig
 from mae_core.devices import share_devices
 from mae_core.data import check_data
 from mae_core.diskspace import check_room, full_disk_message, same_disk, still_to_write
@@ -37,14 +37,15 @@ from mae_core.fileio import (DiskFullError, NotRegularFileError, atomic_write_js
                              disk_nearly_full)
 from mae_core.process import PROJECT_ROOT  # noqa: F401 - re-exported for callers and tests
 from mae_core.resumecheck import (past_the_epoch_limit, require_devices, require_no_waiting_job,
-                                  require_one_node, require_same_model, require_steps_left)
+                                  require_one_node, require_same_model, require_steps_left,
+                                  require_weights_of)
 from mae_core.rundir import (DEFAULT_RUNS_DIR, LIVE_STATES, RUN_ID_RULE,  # noqa: F401
                              TRASH_PREFIX, RunError, RunPaths, RunState, checkpoint_step,
                              create_run, preview_step, run_folders, saved_step, state_unknown,
                              valid_run_id)
 from mae_core.runqueue import QueuedRuns, RunQueue
 from mae_core.runwatch import TrainerWatch
-from mae_core.weights import export_encoder, load_model_config, timm_snippet
+from mae_core.weights import export_encoder, timm_snippet
 
 # The lock file apps sharing a runs directory take before they check for a live run and launch.
 LOCK_NAME = ".runs.lock"
@@ -327,7 +328,7 @@ class RunManager(QueuedRuns, TrainerWatch):
         model = RunConfig.load(paths.config).model  # first: a refusal writes nothing
         # The weights' own config: their normalisation is what the file records, and fine-tuning
         # must read images so.
-        model = _require_weights_of(model, self.weights(run_id), run_id)
+        model = require_weights_of(model, self.weights(run_id), run_id)
         try:
             export_encoder(self.weights(run_id), out, make_dirs=False)
         except FileNotFoundError:
@@ -452,19 +453,6 @@ class RunManager(QueuedRuns, TrainerWatch):
         finally:
             with self._lock:
                 self._terminating.discard(paths.root)
-
-
-def _require_weights_of(model: ModelConfig, weights: Path, run_id: str) -> ModelConfig:
-    """The config the weights were saved with; weights of another model than the run's (a file
-    copied in by hand) refused: the encoder exported from them fits no snippet of the run's."""
-    saved = load_model_config(weights)
-    key = lambda cfg: (cfg.encoder_name, cfg.image_size, cfg.patch_size, cfg.channels)  # noqa: E731
-    said = lambda cfg: (f"{cfg.encoder_name}, {cfg.image_size} px / patch {cfg.patch_size}, "  # noqa: E731
-                        f"{cfg.channels} channels")
-    if key(saved) != key(model):
-        raise RunError(f"the weights of run {run_id} ({said(saved)}) are not of its model "
-                       f"({said(model)}): put back the model.safetensors this run wrote")
-    return saved
 
 
 def _open_lock(runs_dir: Path) -> int:

@@ -26,7 +26,7 @@ from helpers import free_port  # noqa: E402
 from mae_core.data import sample_photo_paths  # noqa: E402
 from mae_core.rundir import LIVE_STATES, create_run  # noqa: E402
 from mae_core.runs import RunManager  # noqa: E402
-from ui import build_app, train  # noqa: E402
+from ui import build_app, train, trainscripts  # noqa: E402
 from ui.render import CSS, theme  # noqa: E402
 
 SCREENSHOTS = REPO_ROOT / "test-artifacts" / "screenshots"
@@ -305,7 +305,7 @@ def test_the_page_scripts_decide_as_the_tests_say(page):
                          [shown[name] for name in FIELD_NAMES])
     assert kept == form_by_name([shown[name] for name in FIELD_NAMES])
     assert configfile.restored_form(kept) == [shown[name] for name in FIELD_NAMES]
-    clear = f"(action) => ({train.CLEAR_REFUSAL_JS})(action)"
+    clear = f"(action) => ({trainscripts.CLEAR_REFUSAL_JS})(action)"
     for refused in (train.failed_action("start", "Invalid setting, image size: 36"),
                     train.failed_action("queue", "Invalid setting, seed: too big")):
         assert page.evaluate(clear, refused) is None
@@ -313,7 +313,7 @@ def test_the_page_scripts_decide_as_the_tests_say(page):
     for kept_action in (train.failed_action("stop", "no run is live"), started, None, "junk",
                         {"kind": "error"}):
         assert page.evaluate(clear, kept_action) == kept_action
-    resumed = f"([action, until]) => ({train.RESUMED_JS})(action, until)"
+    resumed = f"([action, until]) => ({trainscripts.RESUMED_JS})(action, until)"
     ok = {"action": "resume", "run_id": "r1", "kind": "ok", "text": "Resumed r1."}
     assert page.evaluate(resumed, [ok, 40]) == 0
     for other in (train.failed_action("resume", "step 40 is behind"), started, None):

@@ -108,7 +108,7 @@ tr.no-grad { outline: 2px solid #dc2626; outline-offset: -2px; }
   /* No run yet: nothing to watch, and the form to fill in is what the status panel points to. */
   #train-columns:has(#run-status[data-state="none"]) #train-live { order: 0; }
 }
-/* The field a refused Start names (ui.train.SHOW_REFUSED_FIELD_JS): outlined, the reason under
+/* The field a refused Start names (ui.trainscripts.SHOW_REFUSED_FIELD_JS): outlined, the reason under
    its row (Gradio sizes a block to its row and clips the row: a reason inside it was cut off). */
 #train-form [data-refusal] :is(input:not(.secondary-wrap input), textarea),
 #train-form [data-refusal] .wrap:has(.secondary-wrap) { border-color: #dc2626 !important;
