@@ -267,6 +267,43 @@ def run_folders(runs_dir: str | Path) -> list[RunPaths]:
     return [RunPaths(root) for root in roots if valid_run_id(root.name) and RunPaths(root).is_run()]
 
 
+# create_run writes config.yaml last: a folder without it younger than this may be a run being made.
+DAMAGED_AFTER_S = 60.0
+DAMAGED = "damaged"  # how a listing names such a folder's state; never in a status.json
+DAMAGED_RUN_ERROR = ("its config.yaml is missing (deleted, or the run was killed while being "
+                     "made), so it cannot be opened or resumed: delete it, or put its config.yaml "
+                     "back")
+# Files only a run writes. A folder of the user's own in the runs directory holds none of them, and
+# is neither listed nor deleted.
+_RUN_WRITES = ("status.json", "process.json", "train.log", "metrics.jsonl", "last.ckpt")
+
+
+def damaged_run_folders(runs_dir: str | Path, now: float | None = None) -> list[RunPaths]:
+    """Run folders that lost their ``config.yaml``: one deleted by hand, or a kill between a new
+    run's ``mkdir`` and its config. No run listing shows them, yet they hold their disk, so the app
+    lists them to be deleted. Only a folder holding a file a run writes, or nothing at all, and
+    unchanged for :data:`DAMAGED_AFTER_S`."""
+    now = time.time() if now is None else now
+    try:
+        roots = sorted(Path(runs_dir).iterdir())
+    except OSError:
+        return []
+    found = []
+    for root in roots:
+        paths = RunPaths(root)
+        if not valid_run_id(root.name) or paths.is_run():
+            continue
+        try:
+            if not root.is_dir() or now - root.stat().st_mtime < DAMAGED_AFTER_S:
+                continue
+            names = {child.name for child in root.iterdir()}
+        except OSError:
+            continue
+        if not names or names.intersection(_RUN_WRITES):
+            found.append(paths)
+    return found
+
+
 def create_run(cfg: RunConfig, runs_dir: str | Path | None = None, run_dir: str | Path | None = None,
                process: dict[str, Any] | None = None, state: str = RunState.STARTING,
                **status: Any) -> RunPaths:

@@ -39,10 +39,10 @@ from mae_core.process import PROJECT_ROOT  # noqa: F401 - re-exported for caller
 from mae_core.resumecheck import (past_the_epoch_limit, require_devices, require_no_waiting_job,
                                   require_one_node, require_same_model, require_steps_left,
                                   require_weights_of)
-from mae_core.rundir import (DEFAULT_RUNS_DIR, LIVE_STATES, RUN_ID_RULE,  # noqa: F401
-                             TRASH_PREFIX, RunError, RunPaths, RunState, checkpoint_step,
-                             create_run, preview_step, run_folders, saved_step, state_unknown,
-                             valid_run_id)
+from mae_core.rundir import (DAMAGED, DAMAGED_RUN_ERROR, DEFAULT_RUNS_DIR,  # noqa: F401
+                             LIVE_STATES, RUN_ID_RULE, TRASH_PREFIX, RunError, RunPaths, RunState,
+                             checkpoint_step, create_run, damaged_run_folders, preview_step,
+                             run_folders, saved_step, state_unknown, valid_run_id)
 from mae_core.runqueue import QueuedRuns, RunQueue
 from mae_core.runwatch import TrainerWatch
 from mae_core.weights import export_encoder, timm_snippet
@@ -122,6 +122,12 @@ class RunManager(QueuedRuns, TrainerWatch):
             except RunError:
                 continue
         return sorted(runs, key=lambda s: (s.get("created") or 0, s["run_id"]), reverse=True)
+
+    def damaged(self) -> list[dict[str, Any]]:
+        """Run folders without their ``config.yaml`` (:func:`damaged_run_folders`): no run, but
+        listed so they can be deleted."""
+        return [{"run_id": paths.run_id, "state": DAMAGED, "error": DAMAGED_RUN_ERROR}
+                for paths in damaged_run_folders(self.runs_dir)]
 
     def live_run(self) -> str | None:
         for status in self.list():
@@ -306,11 +312,18 @@ class RunManager(QueuedRuns, TrainerWatch):
         (:func:`mae_core.fileio.atomic_write`'s ``make_dirs=False``) instead of making it again.
         """
         with self._exclusive():
-            status = self.status(run_id)
-            if status.get("state") in LIVE_STATES:
-                raise RunError(f"run {run_id} is {status['state']}: stop it before deleting it")
-            paths = self.paths(run_id)
+            paths = next((p for p in damaged_run_folders(self.runs_dir) if p.run_id == run_id),
+                         None)
+            if paths is None:
+                status = self.status(run_id)
+                if status.get("state") in LIVE_STATES:
+                    raise RunError(f"run {run_id} is {status['state']}: stop it before deleting it")
+                paths = self.paths(run_id)
             pid = self._trainer_pid(paths)
+            if pid is not None and not paths.is_run():
+                raise RunError(f"{run_id}'s trainer (pid {pid}) still runs: it writes the "
+                               "missing config.yaml again at its next progress save, and then "
+                               "stops as any run; a trainer hung for good, kill it by hand")
             if pid is not None:  # a trainer that wrote its end and has not exited yet
                 raise RunError(f"run {run_id}'s trainer (pid {pid}) is still exiting; try again "
                                "in a moment")

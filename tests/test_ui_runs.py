@@ -4,6 +4,7 @@ it is, Delete is never offered for a live run and asks first, and the export loa
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -473,3 +474,54 @@ def test_a_saved_evaluation_without_its_delta_shows_the_delta_derived(ctx):
     assert "<td>71.0</td><td>63.0</td><td>+8.0</td>" in shown
     assert "<td>linear probe top-1</td><td>–</td><td>–</td><td>–</td>" in shown
     assert "<b>20</b>" not in shown and "&lt;b&gt;20&lt;/b&gt;" in shown  # escaped: no markup
+
+
+def test_a_run_folder_that_lost_its_config_is_listed_to_be_deleted(ctx, stand_in):
+    """A kill between a new run's mkdir and its config.yaml, or the file deleted by hand, left a
+    folder no listing showed: it held its disk, and the app could not delete it."""
+    kept = make_run(ctx, "finished", step=4)
+    lost = make_run(ctx, "stopped", step=2)
+    lost.last_ckpt.write_bytes(b"x" * 300_000)
+    lost.config.unlink()
+    killed_after_mkdir = ctx.manager.runs_dir / "20261130-101010-vit-tiny-ddp-clean"
+    killed_after_mkdir.mkdir()
+    mine = ctx.manager.runs_dir / "my-notes"  # the user's own folder: not ours to list or delete
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    young = make_run(ctx, "starting")  # still being made, for all a reader knows
+    young.config.unlink()
+    minutes_ago = time.time() - 120
+    for folder in (lost.root, killed_after_mkdir, mine):
+        os.utime(folder, (minutes_ago, minutes_ago))
+
+    out = runs.refresh(ctx, lost.run_id, None)
+    damaged = {lost.run_id, killed_after_mkdir.name}
+    assert set(out["pick"]["choices"]) == {kept.run_id} | damaged
+    assert out["pick"]["value"] == lost.run_id
+    assert set(out["compare_runs"]["choices"]) == {kept.run_id}  # nothing there to compare
+    rows = {row[0]: row for row in out["table"]}
+    assert set(rows) == {kept.run_id} | damaged
+    assert rows[lost.run_id][1] == "damaged" and "config.yaml" in rows[lost.run_id][-1]
+    assert rows[lost.run_id][runs.HEADERS.index("disk")] == "0.3 MB"  # what deleting frees
+    assert "config.yaml is missing" in out["evaluation"] and lost.run_id in out["evaluation"]
+    assert {name for name in ("open", "export", "evaluate", "delete", "sooner", "later")
+            if out[name]["interactive"]} == {"delete"}
+    assert [s["run_id"] for s in ctx.manager.list()] == [kept.run_id]  # no run to the other tabs
+
+    # Its trainer still alive (the file deleted under a live run): refused, saying what to do.
+    atomic_write_json(lost.process, process_record(stand_in.pid))
+    os.utime(lost.root, (minutes_ago, minutes_ago))
+    with pytest.raises(RunError, match=rf"pid {stand_in.pid}\) still runs.*progress save"):
+        runs.delete_run(ctx, lost.run_id, True)
+    assert lost.last_ckpt.exists()
+    lost.process.unlink()
+    os.utime(lost.root, (minutes_ago, minutes_ago))
+
+    for folder in damaged:
+        assert folder in runs.delete_run(ctx, folder, True)
+    assert not lost.root.exists() and not killed_after_mkdir.exists()
+    with pytest.raises(RunError, match="no run named"):
+        runs.delete_run(ctx, "my-notes", True)
+    assert (mine / "notes.txt").read_text() == "keep me" and young.root.exists()
+    out = runs.refresh(ctx, None, out["sig"])
+    assert out["pick"]["choices"] == [kept.run_id]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -14,7 +15,7 @@ import gradio as gr
 from mae_core import display
 from mae_core.checks import shown
 from mae_core.evaljobs import EvaluationBusy, EvaluationJob, Evaluations
-from mae_core.rundir import LIVE_STATES, RunState
+from mae_core.rundir import DAMAGED, DAMAGED_RUN_ERROR, LIVE_STATES, RunState
 from ui import compare, datacache, render
 from ui.common import AppContext, UserError, as_bool, as_run_id, describe, guarded
 
@@ -53,11 +54,28 @@ def table_rows(ctx: AppContext, statuses: Iterable[Mapping[str, Any]]) -> list[l
     return rows
 
 
+def damaged_rows(ctx: AppContext, damaged: Iterable[Mapping[str, Any]]) -> list[list[Any]]:
+    """A row for each run folder that lost its config.yaml (:meth:`RunManager.damaged`): no run,
+    but what it takes on disk shows, and it can be picked and deleted."""
+    rows = []
+    for d in damaged:
+        cells = ["–"] * len(HEADERS)
+        cells[:2] = d["run_id"], DAMAGED
+        cells[HEADERS.index("disk")] = folder_size(ctx.manager.runs_dir / d["run_id"])
+        cells[-1] = "config.yaml missing: delete it, or put the file back"
+        rows.append(cells)
+    return rows
+
+
 def run_size(ctx: AppContext, run_id: str) -> str:
     """What the run's folder takes on disk: which runs to delete when the disk is full."""
+    return folder_size(ctx.manager.paths(run_id).root)
+
+
+def folder_size(root: Path) -> str:
     from mae_core.diskspace import folder_bytes, size_text
 
-    return size_text(folder_bytes(ctx.manager.paths(run_id).root))
+    return size_text(folder_bytes(root))
 
 
 def data_cell(ctx: AppContext, status: Mapping[str, Any]) -> str:
@@ -230,6 +248,9 @@ def button_states(ctx: AppContext, run_id: str | None, state: str | None) -> dic
     """Which of the run buttons the picked run (``state``: its state) can use. A button that could
     only refuse is greyed out; the handlers still refuse in words (an API client calls them)."""
     picked = run_id is not None
+    if state == DAMAGED:  # no run: it can only go
+        return {"open": False, "evaluate": False, "export": False, "delete": True,
+                "sooner": False, "later": False}
     queued = state == RunState.QUEUED
     return {"open": picked, "evaluate": picked,
             "export": picked and ctx.manager.paths(run_id).weights.exists(),
@@ -242,27 +263,29 @@ def refresh(ctx: AppContext, current: str | None, sig: dict | None,
     picked run (:func:`button_states`); the running evaluation's progress
     (:func:`evaluation_progress`)."""
     sig = dict(sig or {})
-    runs = ctx.manager.list()
-    ids = [s["run_id"] for s in runs]
+    runs, damaged = ctx.manager.list(), ctx.manager.damaged()
+    run_ids = [s["run_id"] for s in runs]
+    ids = run_ids + [d["run_id"] for d in damaged]  # a damaged folder is picked only to delete it
     value = current if current in ids else (ids[0] if ids else None)
-    rows = table_rows(ctx, runs)
+    rows = table_rows(ctx, runs) + damaged_rows(ctx, damaged)
     out: dict[str, Any] = {}
     if rows != sig.get("rows"):
         out["table"] = rows
     if (ids, value) != sig.get("pick"):
         out["pick"] = gr.update(choices=ids, value=value)
-    if ids != sig.get("ids"):
-        out["compare_runs"] = gr.update(choices=ids)
-    saved = saved_result(ctx, value)
-    stamp = (value, (saved or {}).get("evaluated_at"))
+    if run_ids != sig.get("ids"):
+        out["compare_runs"] = gr.update(choices=run_ids)
+    state = next((s.get("state") for s in runs + damaged if s["run_id"] == value), None)
+    saved = saved_result(ctx, value) if value in run_ids else None
+    stamp = (value, state if state == DAMAGED else (saved or {}).get("evaluated_at"))
     if stamp != sig.get("evaluation"):
-        out["evaluation"] = evaluation_html(saved, value)
-    state = next((s.get("state") for s in runs if s["run_id"] == value), None)
+        out["evaluation"] = (render.notice("error", f"{value}: {DAMAGED_RUN_ERROR}")
+                             if state == DAMAGED else evaluation_html(saved, value))
     enabled = button_states(ctx, value, state)
     for name, on in enabled.items():
         if on != (sig.get("enabled") or {}).get(name):
             out[name] = gr.update(interactive=on)
-    sig.update(rows=rows, pick=(ids, value), enabled=enabled, ids=ids, evaluation=stamp)
+    sig.update(rows=rows, pick=(ids, value), enabled=enabled, ids=run_ids, evaluation=stamp)
     out.update(evaluation_progress(evaluations, sig))
     out["sig"] = sig
     return out
