@@ -14,7 +14,7 @@ from PIL import Image
 from mae_core.config import MIN_AUTO_LR, ConfigError, ModelConfig, RunConfig, TrainConfig
 from mae_core.rundir import create_run
 from ui import configfile
-from ui.common import UserError, config_from_form, form_by_name, form_values, user_errors
+from ui.common import UserError, config_from_form, form_values, user_errors
 
 TINY = RunConfig(model=ModelConfig(image_size=32, patch_size=8),
                  train=TrainConfig(accelerator="cpu", devices=1, batch_size=4, max_steps=4,
@@ -160,35 +160,3 @@ def test_config_downloads_do_not_pile_up_in_the_temp_folder():
     os.utime(first, (day_old, day_old))
     configfile.config_yaml_file({**values, "seed": 12})
     assert not first.exists() and other.exists()
-
-
-
-def test_the_form_kept_in_the_browser_comes_back_field_by_field():
-    """A reload restores what the browser kept for each field; anything a field cannot hold (or
-    a field this version of the form lacks) leaves that field as it is."""
-    import gradio as gr
-
-    from ui.common import DEFAULTS, FIELD_NAMES
-
-    shown = form_values(DEFAULTS)
-    kept = form_by_name([shown[name] for name in FIELD_NAMES])
-    assert list(kept) == list(FIELD_NAMES)
-    # Every default fits its own widget, so a form kept untouched comes back whole.
-    skip = gr.skip()  # an update that changes nothing
-    assert skip not in configfile.restored_form(kept)
-    kept.update(batch_size=24, data="~/photos", compile=True, num_workers=None, retired_field=7,
-                base_lr=float("nan"), weight_decay=[0.1], seed="x" * 5000,
-                mask_ratio="0.75",  # text where a number goes: left at its default
-                preset=3, max_steps=True, norm_pix_loss="yes")
-    restored = dict(zip(FIELD_NAMES, configfile.restored_form(kept)))
-    assert (restored["batch_size"], restored["data"], restored["compile"]) == (24, "~/photos", True)
-    assert restored["num_workers"] is None  # a blank number box
-    for name in ("base_lr", "weight_decay", "seed", "mask_ratio", "preset", "max_steps",
-                 "norm_pix_loss"):
-        assert restored[name] == skip, name  # left as the page shows it
-    assert restored["patch_size"] == shown["patch_size"]
-    for nothing in (None, [], "text", {"batch_size": None}):
-        assert all(v == skip for v in configfile.restored_form(nothing))
-    # What comes back is checked at Start like a typed value.
-    values = {name: v for name, v in restored.items() if v != skip}
-    assert config_from_form({**shown, **values}).train.batch_size == 24

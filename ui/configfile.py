@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import tempfile
 import time
@@ -25,7 +24,7 @@ import gradio as gr
 from mae_core.config import ConfigError, RunConfig
 from mae_core.fileio import atomic_write_text
 from ui import render
-from ui.common import (DEFAULTS, FIELD_NAMES, FORM_FIELDS, AppContext, FormField, UserError,
+from ui.common import (DEFAULTS, FIELD_NAMES, FORM_FIELDS, AppContext, UserError,
                        config_from_form, form_by_name, form_values, guarded, widget_kind)
 
 CONFIG_FILE_MAX_AGE_S = 86400.0  # Gradio's own cache keeps a download a day (ui.build_app)
@@ -42,27 +41,26 @@ REMEMBER_FORM_JS = (f"(...values) => Object.fromEntries({json.dumps(list(FIELD_N
                     ".map((name, i) => [name, values[i]]))")
 
 
-def restored_form(saved: Any) -> list[Any]:
-    """What each field shows after a reload, in :data:`FIELD_NAMES` order: the value the browser
-    kept for it, or no change (the default) where it kept none or nothing its widget holds (a
-    field of another version of the app, a damaged store: one value a widget cannot take would
-    fail the whole restore). The value itself is checked when the run starts, as a typed one is."""
-    saved = saved if isinstance(saved, dict) else {}
-    return [saved[f.name] if f.name in saved and _fits(f, saved[f.name]) else gr.skip()
-            for f in FORM_FIELDS]
-
-
-def _fits(field: FormField, value: Any) -> bool:
-    """Whether ``value`` is of the kind ``field``'s widget (:func:`ui.common.widget_kind`) holds:
-    text for a dropdown or a text box, true or false for a checkbox, a number otherwise."""
-    kind = widget_kind(field)
-    if kind in ("dropdown", "text"):
-        return isinstance(value, str) and len(value) <= MAX_REMEMBERED_TEXT
-    if kind == "checkbox":
-        return isinstance(value, bool)
-    if value is None:  # a blank number box: an optional field's auto
-        return kind == "number" and field.optional
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+# What each field shows after a reload, in FIELD_NAMES order: the value the browser kept for it, or
+# the one it shows (the default) where it kept none, or nothing its widget holds (a field of another
+# version of the app, a damaged store: one value a widget cannot take would fail the whole restore).
+# In the browser alone: a restore from the server came a second or two after the form was shown,
+# and took back what a quick hand had typed meanwhile. The value itself is checked when the run
+# starts, as a typed one is. Each field's kind is its widget's (ui.common.widget_kind).
+RESTORE_FORM_JS = f"""(saved, ...shown) => {{
+  const fields = {json.dumps([[f.name, widget_kind(f), f.optional] for f in FORM_FIELDS])};
+  const kept = saved && typeof saved === "object" && !Array.isArray(saved) ? saved : {{}};
+  const fits = (kind, optional, v) => {{
+    if (kind === "dropdown" || kind === "text")
+      return typeof v === "string" && v.length <= {MAX_REMEMBERED_TEXT};
+    if (kind === "checkbox") return typeof v === "boolean";
+    if (v === null) return kind === "number" && optional;  // a blank number box: auto
+    return typeof v === "number" && Number.isFinite(v);
+  }};
+  return fields.map(([name, kind, optional], i) =>
+    Object.prototype.hasOwnProperty.call(kept, name) && fits(kind, optional, kept[name])
+      ? kept[name] : shown[i]);
+}}"""
 
 
 def config_yaml_file(values: dict[str, Any]) -> str:
@@ -181,8 +179,9 @@ def wire(ctx: AppContext, c: dict[str, Any], fields: list[Any]) -> None:
     # (ui.build_app: c["restore_form_spec"]).
     gr.on([field.change for field in fields], None, fields, c["form_memory"], js=REMEMBER_FORM_JS,
           api_visibility="private", trigger_mode="always_last", show_progress="hidden")
-    c["restore_form_spec"] = dict(fn=restored_form, inputs=c["form_memory"], outputs=fields,
-                                  api_visibility="private", show_progress="hidden")
+    c["restore_form_spec"] = dict(fn=None, inputs=[c["form_memory"], *fields], outputs=fields,
+                                  js=RESTORE_FORM_JS, api_visibility="private",
+                                  show_progress="hidden")
     # A form filled by the server (copied, loaded, reset, restored) says what its data field
     # holds, as a typed one does when the field is left.
     for filled in (copied, loaded, reset):
