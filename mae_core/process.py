@@ -14,6 +14,7 @@ the run), and the ``CUDA_VISIBLE_DEVICES`` that gives a trainer its run's GPUs.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -212,16 +213,49 @@ def _proc_stat(pid: int) -> list[str] | None:
 
 
 def kill_group(pid: int, sig: signal.Signals = signal.SIGKILL) -> None:
-    """Send ``sig`` to the process group led by ``pid`` (a trainer and every rank it launched).
+    """Send ``sig`` to the trainer ``pid`` and every rank it launched: its process group, which the
+    app's trainers lead. A trainer started by hand inside another group (from a shell script,
+    under ``timeout`` or ``nohup``, or rank 0 under torchrun) gets it with its descendants one by
+    one: the group's leader is someone else, and a group kill of ``pid`` reached no one.
 
     A pid read from a run's folder can be anything: 0 would name this app's own group, 1 init's;
-    neither is ever a trainer's (each leads a session of its own)."""
+    neither is ever a trainer's."""
     if valid_pid(pid) is None or pid == os.getpgrp():
         return
+    if _leads_group(pid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+        return
+    for target in [pid, *descendants(pid)]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(target, sig)
+
+
+def _leads_group(pid: int) -> bool:
+    """Whether ``pid`` leads its process group; a gone process counts (the ranks of its group may
+    live on, and Linux gives no new process a pid that still names a group)."""
     try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+        return os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # not ours to signal: a group kill fails the same way
+        return True
+
+
+def descendants(pid: int) -> list[int]:
+    """Pids of the live processes ``pid`` launched, and theirs, read from ``/proc`` at once."""
+    children: dict[str, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = _proc_stat(int(entry.name))
+            if stat and stat[0] not in ("Z", "X"):
+                children.setdefault(stat[1], []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(str(todo.pop()), [])
+        found += kids
+        todo += kids
+    return found
 
 
 def process_record(pid: int | None = None, **extra: Any) -> dict[str, Any]:
@@ -376,21 +410,29 @@ def wait_gone(pid: int, start_time: str | None, timeout_s: float, every_s: float
     return True
 
 
-def terminate_group(pid: int, start_time: str | None, grace_s: float = 5.0) -> None:
-    """SIGTERM the process group, then SIGKILL it once ``grace_s`` has passed or the leader is gone,
-    and wait (up to ``grace_s`` again) until the leader is gone.
+def terminate_group(pid: int, start_time: str | None, grace_s: float = 5.0) -> bool:
+    """SIGTERM the trainer and its ranks (:func:`kill_group`), then SIGKILL them once ``grace_s``
+    has passed or the trainer is gone, and wait (up to ``grace_s`` again) until it is gone;
+    whether it is.
 
     The leader is checked by start time first: a recycled pid is not ours to signal. (Linux does not
     reuse a pid that still names a process group, so a group whose leader has exited is still ours.)
     """
     if process_start_time(pid) not in (None, start_time):
-        return
+        return True  # that trainer is gone; the pid is another process's now
+    # Outside a group of its own, its ranks are found while it lives: once it is gone, they are
+    # no longer its children (and a rank that outlived SIGTERM still gets SIGKILL).
+    ranks = [] if _leads_group(pid) else [(r, process_start_time(r)) for r in descendants(pid)]
     kill_group(pid, signal.SIGTERM)
     wait_gone(pid, start_time, grace_s)
     kill_group(pid, signal.SIGKILL)
+    for rank, started in ranks:
+        if pid_alive(rank, started):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(rank, signal.SIGKILL)
     # SIGKILL is delivered asynchronously: a caller that then records the run "stopped" must not
     # do so while its trainer still runs (seen once in CI: stopped, and the pid still alive).
-    wait_gone(pid, start_time, grace_s)
+    return wait_gone(pid, start_time, grace_s)
 
 
 def watch(process: subprocess.Popen, on_exit: Callable[[int], None]) -> threading.Thread:

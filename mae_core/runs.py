@@ -435,8 +435,9 @@ class RunManager(QueuedRuns, TrainerWatch):
         if proc.wait_gone(pid, start_time, self.stop_timeout_s, every_s=0.2):
             return
         if proc.pid_alive(pid, start_time):
-            self._terminate(paths, record, reason=f"stopped by force: the trainer did not stop "
-                                                  f"within {self.stop_timeout_s:.0f} s")
+            with contextlib.suppress(RunError):  # unkillable: its status says it is live still
+                self._terminate(paths, record, reason=f"stopped by force: the trainer did not "
+                                                      f"stop within {self.stop_timeout_s:.0f} s")
 
     def _terminate(self, paths: RunPaths, record: dict[str, Any] | None, reason: str) -> None:
         """End the trainer ``record`` (of this host) names and its ranks (SIGTERM, then SIGKILL);
@@ -450,8 +451,12 @@ class RunManager(QueuedRuns, TrainerWatch):
         with self._lock:
             self._terminating.add(paths.root)
         try:
-            if record and proc.record_pid(record) is not None:
-                proc.terminate_group(record["pid"], record.get("start_time"))
+            if record and proc.record_pid(record) is not None and not proc.terminate_group(
+                    record["pid"], record.get("start_time")):
+                # Recorded "stopped", it went on training and read "running" again.
+                raise RunError(f"run {paths.run_id}'s trainer (pid {record['pid']}) still runs "
+                               "after SIGTERM and SIGKILL: it may be stuck in the kernel (a hung "
+                               "disk or driver) or belong to another user")
             # The steps since the last checkpoint are lost: say where Resume takes up (read
             # outside the lock: a large checkpoint takes seconds to check).
             step = saved_step(paths)

@@ -245,3 +245,21 @@ def test_a_stale_narrowing_marker_does_not_count(monkeypatch):
 ])
 def test_the_module_a_command_line_runs(args, module):
     assert proc.python_module(args) == module
+
+
+def test_a_trainer_started_inside_another_group_is_ended_with_its_ranks_alone(tmp_path):
+    """A trainer started by hand from a script (or under timeout, nohup, torchrun) leads no group
+    of its own: a group kill of its pid reached no one, so Force stop recorded "stopped" while it
+    trained on. It and what it launched end; the script that started it goes on."""
+    # Its two "ranks" ignore SIGTERM (as a rank busy in a collective may): SIGKILL ends them
+    # after the trainer is gone, when they are no longer its children.
+    ranks = "(trap '' TERM; sleep 300) & (trap '' TERM; sleep 300) & wait"
+    script = proc.launch(["sh", "-c", f'sh -c "{ranks}"; echo script-goes-on'], tmp_path / "log")
+    trainer = poll(lambda: next(iter(proc.descendants(script.pid)), None), 30, 0.05)
+    assert poll(lambda: len(proc.descendants(trainer)) >= 2, 30, 0.05)
+    ranks = proc.descendants(trainer)
+    assert os.getpgid(trainer) == script.pid != trainer
+    assert proc.terminate_group(trainer, proc.process_start_time(trainer), grace_s=5)
+    assert poll(lambda: not any(proc.pid_alive(pid) for pid in ranks), 10, 0.05)
+    assert script.wait(timeout=30) == 0  # not signalled: it went on to its echo
+    assert "script-goes-on" in (tmp_path / "log").read_text()

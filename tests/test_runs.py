@@ -333,6 +333,45 @@ def test_a_stop_pressed_again_or_from_a_stale_page_never_forces(tmp_path, live_s
     assert sleeper.wait(timeout=10) is not None
 
 
+def test_a_force_stop_ends_a_trainer_started_by_hand_inside_a_script(tmp_path):
+    """A trainer started from a shell script (or under timeout or nohup) leads no process group:
+    Force stop signalled its pid's group, reached no one, and recorded "stopped" while it trained
+    on. It ends now, and the script that started it goes on."""
+    from mae_core.fileio import atomic_write_json
+    from mae_core.process import descendants, pid_alive, process_record
+
+    manager = RunManager(tmp_path / "runs")
+    paths = create_run(tiny_config(max_steps=9).resolved(), runs_dir=manager.runs_dir)
+    script = subprocess.Popen(["sh", "-c", "sleep 300; echo script-goes-on"], text=True,
+                              stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        trainer = poll(lambda: next(iter(descendants(script.pid)), None), 30, 0.05)
+        atomic_write_json(paths.process, process_record(trainer, command=["sleep", "300"]))
+        paths.write_status(state="running", step=3)
+        stopped = manager.stop(paths.run_id, force=True)
+        assert stopped["state"] == "stopped", stopped
+        assert not pid_alive(trainer)
+        assert script.communicate(timeout=30)[0].strip() == "script-goes-on"
+    finally:
+        script.kill()
+        script.wait()
+
+
+def test_a_trainer_that_outlives_sigkill_is_not_recorded_stopped(tmp_path, live_stand_in,
+                                                                  monkeypatch):
+    """A trainer stuck in the kernel (a hung disk or driver) lives through SIGKILL: recorded
+    "stopped", it read "running" again at its next save, and a Start meanwhile was not refused.
+    No process here can outlive SIGKILL, so the signals are taken as having failed."""
+    from mae_core import process
+
+    manager = RunManager(tmp_path / "runs")
+    paths, sleeper = live_stand_in(manager)
+    monkeypatch.setattr(process, "terminate_group", lambda pid, start_time, grace_s=5.0: False)
+    with pytest.raises(RunError, match=rf"pid {sleeper.pid}\) still runs after SIGTERM"):
+        manager.stop(paths.run_id, force=True)
+    assert manager.status(paths.run_id)["state"] == "running"
+
+
 def test_corrupt_checkpoint_is_refused_on_resume(manager):
     run_id = manager.start(tiny_config(max_steps=8))
     wait_until_ended(manager, run_id)
