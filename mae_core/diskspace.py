@@ -32,9 +32,12 @@ RUN_INODES = 32
 
 
 def size_text(bytes_: int | None) -> str:
-    """``bytes_`` for a person: ``"812.3 MB"``, ``"1.27 GB"``."""
+    """``bytes_`` for a person: ``"812.3 MB"``, ``"1.27 GB"``; ``"540 KB"`` under a megabyte
+    (a folder of small photos read "0.0 MB")."""
     if bytes_ is None:
         return "size unknown"
+    if bytes_ < 1e6:
+        return f"{bytes_ / 1e3:,.0f} KB" if bytes_ >= 1e3 else f"{bytes_:,} bytes"
     return f"{bytes_ / 1e9:,.2f} GB" if bytes_ >= 1e9 else f"{bytes_ / 1e6:,.1f} MB"
 
 

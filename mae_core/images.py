@@ -106,7 +106,8 @@ def blamed_on(label: str, damage: str = "the image is corrupt or truncated", rem
     except FileNotFoundError:
         raise ImageError(f"{label}: no such file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{label}: too many pixels; it looks like a decompression bomb") from None
+        raise ImageError(f"{label}: too many pixels (the limit is {MAX_PIXELS:,}, about 8k × 8k); "
+                         "it looks like a decompression bomb") from None
     except Image.UnidentifiedImageError:
         raise ImageError(f"{label}: not an image file (or a format Pillow cannot read)") from None
     except Exception as err:  # noqa: BLE001 - a third-party parser on untrusted bytes (above)

@@ -15,13 +15,18 @@ manager and the trainer alike.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
+import fcntl
 import json
+import os
 import re
 import shutil
 import threading
 import time
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -255,6 +260,42 @@ class RunPaths:
             return
         kept = [json.dumps(row) for row in self.read_metrics() if row.get("step", 0) <= last_step]
         atomic_write_text(self.metrics, "".join(line + "\n" for line in kept), make_dirs=False)
+
+
+LOCK_NAME = ".runs.lock"
+_UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def open_lock(runs_dir: Path) -> int:
+    """A descriptor of the runs directory's lock file to ``flock``, made if missing. Where it
+    cannot be opened for writing (a read-only mount), read-only: ``flock`` needs no write access,
+    and Start, Resume and Delete then say why they cannot write instead of failing on the lock.
+    With no lock file there, the directory itself is locked: nobody can write in it anyway."""
+    path = runs_dir / LOCK_NAME
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        if err.errno not in _UNWRITABLE:
+            raise
+    try:
+        return os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return os.open(runs_dir, os.O_RDONLY | os.O_DIRECTORY)
+
+
+@contextlib.contextmanager
+def runs_folder_lock(runs_dir: Path) -> Iterator[None]:
+    """The runs folder's file lock (:func:`open_lock`), which every app sharing the folder takes
+    to check the devices free and make a run (``RunManager._exclusive``), and a run started by
+    hand too: between its own check and its config, an app's Start went ahead beside it.
+    ``flock``: released when the file closes, by a killed process too."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    fd = open_lock(runs_dir)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def run_folders(runs_dir: str | Path) -> list[RunPaths]:

@@ -39,7 +39,8 @@ from mae_core.process import PROJECT_ROOT  # noqa: F401 - re-exported for caller
 from mae_core.resumecheck import (past_the_epoch_limit, require_devices, require_no_waiting_job,
                                   require_one_node, require_same_model, require_steps_left,
                                   require_weights_of)
-from mae_core.rundir import (DAMAGED, DAMAGED_RUN_ERROR, DEFAULT_RUNS_DIR,  # noqa: F401
+from mae_core.rundir import (_UNWRITABLE, DAMAGED, DAMAGED_RUN_ERROR,  # noqa: F401
+                             DEFAULT_RUNS_DIR, LOCK_NAME, open_lock,
                              LIVE_STATES, RUN_ID_RULE, TRASH_PREFIX, RunError, RunPaths, RunState,
                              checkpoint_step, create_run, damaged_run_folders, preview_step,
                              run_folders, saved_step, state_unknown, valid_run_id)
@@ -48,9 +49,7 @@ from mae_core.runwatch import TrainerWatch
 from mae_core.weights import export_encoder, timm_snippet
 
 # The lock file apps sharing a runs directory take before they check for a live run and launch.
-LOCK_NAME = ".runs.lock"
 # What a write refused for the file system's sake (not a bug) fails with: said in words.
-_UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class RunManager(QueuedRuns, TrainerWatch):
@@ -86,8 +85,9 @@ class RunManager(QueuedRuns, TrainerWatch):
     def status(self, run_id: str) -> dict[str, Any]:
         """The run's status.json, corrected for a process that died without saying so.
 
-        Adds ``stop_requested`` (a stop is pending) and ``resumable`` (stopped or failed, with a
-        checkpoint) to the stored fields (:class:`mae_core.rundir.RunStatus`).
+        Adds ``stop_requested`` (a stop is pending), ``resumable`` (stopped or failed, with a
+        checkpoint) and ``extendable`` (finished, with a checkpoint: a resume with a higher max
+        steps trains it further) to the stored fields (:class:`mae_core.rundir.RunStatus`).
         """
         with self._lock:
             paths = self.paths(run_id)
@@ -109,8 +109,10 @@ class RunManager(QueuedRuns, TrainerWatch):
                               f"gone, and its status.json cannot be updated ({why})"}
         status["run_id"] = run_id
         status["stop_requested"] = paths.stop_requested()
-        status["resumable"] = (status.get("state") in (RunState.STOPPED, RunState.FAILED)
-                               and paths.last_ckpt.exists())
+        checkpoint = paths.last_ckpt.exists()
+        status["resumable"] = status.get("state") in (RunState.STOPPED, RunState.FAILED) and checkpoint
+        # Finished, it trains further when resumed with a higher max steps.
+        status["extendable"] = status.get("state") == RunState.FINISHED and checkpoint
         return status
 
     def list(self) -> list[dict[str, Any]]:
@@ -361,7 +363,7 @@ class RunManager(QueuedRuns, TrainerWatch):
         with self._lock:
             try:
                 self.runs_dir.mkdir(parents=True, exist_ok=True)  # again if deleted under the app
-                fd = _open_lock(self.runs_dir)
+                fd = open_lock(self.runs_dir)
             except OSError as err:
                 raise RunError(self._cannot_write(err)) from None
             try:
@@ -471,23 +473,6 @@ class RunManager(QueuedRuns, TrainerWatch):
         finally:
             with self._lock:
                 self._terminating.discard(paths.root)
-
-
-def _open_lock(runs_dir: Path) -> int:
-    """A descriptor of the runs directory's lock file to ``flock``, made if missing. Where it
-    cannot be opened for writing (a read-only mount), read-only: ``flock`` needs no write access,
-    and Start, Resume and Delete then say why they cannot write instead of failing on the lock.
-    With no lock file there, the directory itself is locked: nobody can write in it anyway."""
-    path = runs_dir / LOCK_NAME
-    try:
-        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as err:
-        if err.errno not in _UNWRITABLE:
-            raise
-    try:
-        return os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return os.open(runs_dir, os.O_RDONLY | os.O_DIRECTORY)
 
 
 def _read_only(folder: Path) -> bool:

@@ -30,7 +30,7 @@ from mae_core.process import (first_process, later_rank_vars, launcher_evident, 
                               on_this_host, started_at)
 from mae_core.rundir import (LIVE_STATES, RUN_ID_RULE, RunError, RunPaths, RunState,
                              checkpoint_step, create_run, process_record, run_folders,
-                             valid_run_id)
+                             runs_folder_lock, valid_run_id)
 from mae_core.slurm import requeued_start, slurm_job
 
 if TYPE_CHECKING:
@@ -90,14 +90,19 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
     base = RunConfig.load(Path(args.config).resolve()) if args.config else RunConfig()
     resolved = base.with_overrides(**overrides).resolved()
     _require_launcher_world(resolved)
-    _require_devices_free(resolved, Path(run_dir).parent if run_dir else Path(args.runs_dir))
+    runs_dir = Path(run_dir).parent if run_dir else Path(args.runs_dir)
+    _require_devices_free(resolved, runs_dir)  # before the seconds the data takes
     cfg, summary = _resolve_data(resolved)
     if note := summary.alpha_note():
         print(f"note: {note}", flush=True)
-    # process.json goes in before config.yaml (what makes the directory a run): a reader never
-    # sees a live run that has no process to check.
-    paths = create_run(cfg, runs_dir=args.runs_dir, run_dir=run_dir,
-                       process=_own_record(overrides), data_files=summary.files)
+    # Checked again, and the run made, under the runs folder's lock, as the app's Start does:
+    # a Start in the seconds the data took went ahead beside this run on the same devices.
+    with runs_folder_lock(runs_dir):
+        _require_devices_free(resolved, runs_dir)
+        # process.json goes in before config.yaml (what makes the directory a run): a reader
+        # never sees a live run that has no process to check.
+        paths = create_run(cfg, runs_dir=args.runs_dir, run_dir=run_dir,
+                           process=_own_record(overrides), data_files=summary.files)
     _clear_stale_stop(paths)
     return cfg, paths, False
 

@@ -37,8 +37,9 @@ DAMAGED_STATUS = "status.json is damaged"
 class RunStatus:
     """Every field ``status.json`` may hold; both the run manager and the trainer write through it.
 
-    The run manager adds two fields when it reports a run, never stored: ``stop_requested`` (a
-    ``STOP`` file is present) and ``resumable`` (stopped or failed, with a checkpoint).
+    The run manager adds three fields when it reports a run, never stored: ``stop_requested`` (a
+    ``STOP`` file is present), ``resumable`` (stopped or failed, with a checkpoint) and
+    ``extendable`` (finished, with a checkpoint: a resume with a higher max steps goes on).
     """
 
     run_id: str = ""

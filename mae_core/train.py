@@ -42,6 +42,10 @@ warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer
 # Lightning 2.6 asks torch's pytree a question torch 2.14 deprecates, twice per run, in every
 # rank's log the app shows: not the user's to act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, (LeafSpec|TreeSpec)\)")
+# A resume mid-epoch of a folder read in memory: its loader keeps no place, so the rest of that
+# epoch is a fresh shuffle of the same images, each drawn with a new random crop and mask anyway
+# (a prepared set's loader does keep its place). "Unreliable results" alarmed every resume's log.
+warnings.filterwarnings("ignore", message=r".*checkpoint that ended before the epoch ended.*")
 
 
 class _NoAdverts(logging.Filter):

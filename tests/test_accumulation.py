@@ -116,7 +116,7 @@ def test_two_process_ddp_accumulates_without_a_static_graph(run_module, tmp_path
                         "--precision", "32-true", "--num-previews", "0",
                         "--runs-dir", tmp_path / "runs")
     assert result.returncode == 0, result.stderr[-3000:]
-    (run_dir,) = (tmp_path / "runs").iterdir()
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]  # not .runs.lock
     status = json.loads((run_dir / "status.json").read_text())
     assert (status["state"], status["step"], status["world_size"]) == ("finished", 2, 2)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

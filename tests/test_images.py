@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +97,24 @@ def test_the_data_check_and_the_dataset_skip_hostile_files(tmp_path):
     hostile_files(only_hostile)
     with pytest.raises(DataError, match="none of the 3 image files .* can be read"):
         check_data(str(only_hostile))
+
+
+@pytest.mark.parametrize("width, height", [(9_000, 8_000), (14_000, 14_000)])
+def test_an_image_over_the_pixel_limit_is_refused_saying_the_limit(tmp_path, width, height):
+    """Past Pillow's own bomb limit (14000 × 14000) the refusal said "too many pixels" and not
+    how many are allowed; under it (9000 × 8000) it did. Both say the limit, which the upload's
+    label in the Reconstruct tab gives in megapixels."""
+    from mae_core.images import MAX_PIXELS
+    from ui.reconstruct import MEGAPIXELS
+
+    assert MAX_PIXELS == MEGAPIXELS * 1_000_000
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())  # a 1 × 1 PNG whose header claims width × height
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr:ihdr + 17])))
+    path = tmp_path / "huge.png"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ImageError, match=f"^huge.png: .*limit.*{MAX_PIXELS:,}"):
+        open_rgb(path)

@@ -462,7 +462,7 @@ def test_command_line_trains_by_hand_with_two_ddp_processes(tmp_path):
          "--num-previews", "1"],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    [run_dir] = list((tmp_path / "runs").iterdir())
+    [run_dir] = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]  # not .runs.lock
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "finished" and status["step"] == 6
     assert status["world_size"] == 2

@@ -5,6 +5,7 @@ background preparation."""
 from __future__ import annotations
 
 import io
+import re
 import time
 from pathlib import Path
 
@@ -44,12 +45,16 @@ def test_the_data_field_says_files_unreadable_and_size_of_a_small_folder(tmp_pat
     (folder / "broken.png").write_bytes(b"not a png")
     info = datafield.data_info(f" {folder} ")
     assert 'data-kind="ok"' in info and "4 image file(s) found" in info
-    assert "1 of them not images (skipped)" in info and "MB on disk" in info
+    assert "1 of them not images (skipped)" in info and " KB on disk" in info
     assert "decoded into memory" in info
     missing = datafield.data_info(str(tmp_path / "nope"))
     assert 'data-kind="error"' in missing and "does not exist" in missing
-    with pytest.raises(UserError, match="decoded into memory at start, nothing to prepare"):
-        datafield.start_preparing(Preparations(), str(folder))
+    # News, not a failure: said as such, nothing started.
+    jobs = Preparations()
+    answer = datafield.start_preparing(jobs, str(folder))
+    assert list(answer) == ["progress"] and 'data-kind="info"' in answer["progress"]
+    assert "decoded into memory at start, nothing to prepare" in answer["progress"]
+    assert jobs.running() == []
 
 
 def test_the_data_field_walks_the_folder_and_reads_each_header_once(tmp_path, monkeypatch):
@@ -73,7 +78,7 @@ def test_prepare_shows_progress_then_the_prepared_set(tmp_path, cache, jobs):
     folder = _folder(tmp_path / "large", prepared.AUTO_PREPARE_ABOVE + 1)
     before = datafield.data_info(str(folder))
     assert f"{prepared.AUTO_PREPARE_ABOVE + 1:,} image file(s) found" in before
-    assert "not prepared yet" in before and "MB on disk" in before
+    assert "not prepared yet" in before and re.search(r"[\d.,]+ [KM]B on disk", before)
     started = datafield.start_preparing(jobs, str(folder))
     assert started["preparing"] == str(folder) and started["timer"].active
     assert started["cancel"]["interactive"] and not started["prepare"]["interactive"]
@@ -85,8 +90,8 @@ def test_prepare_shows_progress_then_the_prepared_set(tmp_path, cache, jobs):
     assert 'data-kind="ok"' in view["progress"] and "Preparation done" in view["progress"]
     assert f"prepared: {prepared.AUTO_PREPARE_ABOVE + 1:,} images (0 unreadable" in view["info"]
     assert not view["timer"].active and view["prepare"]["interactive"]
-    with pytest.raises(UserError, match="Already prepared"):
-        datafield.start_preparing(jobs, str(folder))
+    again = datafield.start_preparing(jobs, str(folder))
+    assert 'data-kind="info"' in again["progress"] and "Already prepared" in again["progress"]
     with pytest.raises(UserError, match="No preparation is running"):
         datafield.cancel_preparing(Preparations(), str(folder))
 
@@ -169,4 +174,4 @@ def test_the_field_describes_a_prepared_set(tmp_path):
     prepared.prepare(str(photos), tmp_path / "prepared", workers=1, verbose=False)
     found = datafield.data_info(str(tmp_path / "prepared"))
     assert 'data-kind="ok"' in found and "prepared: 3 images (1 unreadable skipped)" in found
-    assert "MB on disk" in found
+    assert " KB on disk" in found

@@ -156,7 +156,9 @@ def test_button_states():
     assert not other_live["resume"]["interactive"] and not other_live["stop"]["interactive"]
     assert not other_live["start"]["interactive"]
     not_resumable = train.button_states({"state": "finished", "resumable": False}, any_live=False)
-    assert not not_resumable["resume"]["interactive"]
+    assert not not_resumable["resume"]["interactive"]  # finished without a checkpoint
+    extendable = train.button_states({"state": "finished", "extendable": True}, any_live=False)
+    assert extendable["resume"]["interactive"]
 
 
 # --- the live view --------------------------------------------------------------------------------
@@ -260,6 +262,46 @@ def test_stop_pressed_as_stop_only_asks_and_force_stop_says_where_resume_takes_u
     assert "stopped by force: it had saved no checkpoint" in message, message
 
 
+def test_the_message_is_about_the_run_shown_or_says_its_run_is_gone(ctx, stand_ins):
+    """A Stop of run A stayed ("stopped at step 61. Resume continues …") beside run B, started
+    from the queue and shown, its Resume greyed out; a refused Resume of A stayed red beside B; a
+    queued run's message kept the place it was queued at, and outlived the run's deletion."""
+    a = make_run(ctx, state="stopped", step=2)
+    b = make_run(ctx, state="stopped", step=5)
+    out = train.poll(ctx, **poll_args(a.run_id))
+    stop_of_a = stop_action(a.run_id)
+    out = train.poll(ctx, **poll_args(a.run_id, sig=out["sig"], action=stop_of_a))
+    assert "stopped at step 2" in out["message"]
+    out = train.poll(ctx, **poll_args(b.run_id, sig=out["sig"], action=stop_of_a))  # B picked
+    assert out["message"] == ""
+    out = train.poll(ctx, **poll_args(a.run_id, sig=out["sig"], action=stop_of_a))  # and back
+    assert out["sig"]["message"] == ""  # gone for good: it was about the run shown before
+    refused = train.failed_action("resume", "run x has no checkpoint")
+    out = train.poll(ctx, **poll_args(a.run_id, sig=out["sig"], action=refused))
+    assert "no checkpoint" in out["message"]
+    out = train.poll(ctx, **poll_args(b.run_id, sig=out["sig"], action=refused))
+    assert out["message"] == ""
+    bad_form = train.failed_action("start", "Invalid setting, seed: too big")
+    out = train.poll(ctx, **poll_args(b.run_id, sig=out["sig"], action=bad_form))
+    out = train.poll(ctx, **poll_args(a.run_id, sig=out["sig"], action=bad_form))
+    assert "seed: too big" in out["sig"]["message"]  # about the form, whichever run is shown
+
+    # Two runs queued behind a live one; the second moved up: its place is said as it is now.
+    live = make_run(ctx, state="starting")
+    make_live(live, stand_ins(), step=1, total_steps=4)
+    out = train.poll(ctx, **poll_args(live.run_id, sig=out["sig"], action=bad_form))
+    values = form_values(TINY)
+    first, second = (train.queue_run(ctx.manager, values) for _ in range(2))
+    assert "at position 2" in second["text"]
+    ctx.manager.move_queued(second["run_id"], -1)
+    out = train.poll(ctx, **poll_args(live.run_id, sig=out["sig"], action=second))
+    assert "is queued (number 1 in the queue)" in out["message"], out["message"]
+    ctx.manager.delete(second["run_id"])
+    out = train.poll(ctx, **poll_args(live.run_id, sig=out["sig"], action=second))
+    assert f"Run <code>{second['run_id']}</code> no longer exists" in out["message"]
+    assert 'data-kind="info"' in out["message"]
+
+
 def test_curve_view_never_smooths_the_learning_rate(ctx):
     paths = make_run(ctx, step=5)
     write_metrics(paths, range(1, 6))
@@ -344,25 +386,42 @@ def test_a_refusal_about_one_field_names_that_field_for_the_page(ctx, tmp_path, 
     assert ctx.manager.list() == []
 
 
+def wait_ended(manager, run_id: str) -> dict:
+    deadline = time.monotonic() + 240
+    status = manager.status(run_id)
+    try:
+        while status["state"] in LIVE_STATES and time.monotonic() < deadline:
+            time.sleep(0.5)
+            status = manager.status(run_id)
+    finally:
+        if manager.status(run_id)["state"] in LIVE_STATES:  # never leave a trainer behind
+            manager.stop(run_id, force=True)
+    return status
+
+
 def test_start_launches_a_real_run_that_finishes(ctx):
     action = train.start_run(ctx.manager, form_values(TINY))
     run_id = action["run_id"]
     assert action["kind"] == "ok" and run_id in action["text"]
-    deadline = time.monotonic() + 240
-    status = ctx.manager.status(run_id)
-    try:
-        while status["state"] in LIVE_STATES and time.monotonic() < deadline:
-            time.sleep(0.5)
-            status = ctx.manager.status(run_id)
-    finally:
-        if ctx.manager.status(run_id)["state"] in LIVE_STATES:  # never leave a trainer behind
-            ctx.manager.stop(run_id, force=True)
+    status = wait_ended(ctx.manager, run_id)
     assert status["state"] == "finished", status
     assert "finished at step 4" in train.action_message(action, status)
     out = train.poll(ctx, **poll_args(run_id=run_id, action=action))
     assert chart_steps(out["chart"]) == [1, 2, 3, 4]
     assert "finished at step 4" in out["message"] and out["log"]
-    assert out["resume"]["interactive"] is False and out["start"]["interactive"] is True
+    assert out["start"]["interactive"] is True
+    # A finished run trains further from the page (Resume was greyed out, with nothing said,
+    # though the run manager takes a higher max steps): Resume is offered, the box named.
+    assert out["resume"]["interactive"] is True
+    assert f"set {train.RESUME_UNTIL} above 4 and press Resume" in out["message"]
+    with pytest.raises(UserError, match=f"finished at step 4: set {train.RESUME_UNTIL} above"):
+        train.resume_run(ctx.manager, run_id, 0)
+    with pytest.raises(RunError, match=f"has finished; set {train.RESUME_UNTIL} above 4"):
+        train.resume_run(ctx.manager, run_id, 3)  # the command line's "max steps", renamed
+    resumed = train.resume_run(ctx.manager, run_id, 6)
+    assert "from its checkpoint at step 4 towards 6 steps" in resumed["text"]
+    status = wait_ended(ctx.manager, run_id)
+    assert (status["state"], status["step"]) == ("finished", 6), status
 
 
 def test_queue_is_offered_while_a_run_is_live_and_says_where_the_run_waits(ctx):

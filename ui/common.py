@@ -170,6 +170,8 @@ class AppContext:
     manager: Any
     models: ModelCache = dataclasses.field(default_factory=ModelCache)
     metrics: MetricsStore = dataclasses.field(default_factory=MetricsStore)
+    # The Runs tab's cells read from each run's files (ui.runs.file_cells), by run folder.
+    run_cells: dict[Path, Any] = dataclasses.field(default_factory=dict)
 
 
 # --- numbers from the page or the API ----------------------------------------------------------

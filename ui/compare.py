@@ -108,7 +108,8 @@ def build(ctx: AppContext, pick: gr.Dropdown) -> dict[str, Any]:
                                     allow_custom_value=True, elem_id="compare-runs", scale=3,
                                     min_width=240)
             c["compare"] = gr.Button("Compare", elem_id="compare-btn", scale=1, min_width=100)
-            # The run chosen above, in the tab's "run" picker (its label took four lines at 800 px).
+            # The run chosen above, in the tab's "run" picker (its label took four lines at 800 px),
+            # not those of the box beside it: the file and the message say whose it is.
             c["csv"] = gr.Button("Metrics CSV", elem_id="csv-btn", scale=1, min_width=140)
         c["message"] = gr.HTML(elem_id="compare-message")
         c["table"] = gr.HTML(elem_id="compare-box")
@@ -121,7 +122,10 @@ def build(ctx: AppContext, pick: gr.Dropdown) -> dict[str, Any]:
 
     @guarded("the metrics download", error)
     def on_csv(run_id: str | None) -> dict:
-        return {c["csv_file"]: metrics_csv(ctx, run_id), c["message"]: ""}
+        path = metrics_csv(ctx, run_id)
+        return {c["csv_file"]: gr.update(value=path, label=f"metrics.csv of {run_id}"),
+                c["message"]: render.notice("ok", f"The metrics of `{run_id}`, the run picked "
+                                                  "above, as CSV: download it below.")}
 
     c["compare"].click(on_compare, c["runs"], [c["table"], c["message"]], api_name="compare")
     c["csv"].click(on_csv, pick, [c["csv_file"], c["message"]], api_name="metrics_csv")

@@ -44,18 +44,19 @@ def data_info(folder: str | None) -> str:
     return render.notice("ok", text)
 
 
-def _preparable(data: str) -> None:
-    """Refuse what Prepare cannot or need not do, saying why."""
+def _nothing_to_prepare(data: str) -> str | None:
+    """Why Prepare need not run for ``data`` (news, not a failure), or None when it should."""
     from mae_core.preparing import survey
 
     found = survey(data)
     if found.kind == "remote":
-        raise UserError("A remote data set is prepared where it lives: nothing to prepare here.")
+        return "A remote data set is prepared where it lives: nothing to prepare here."
     if found.kind == "prepared":
-        raise UserError(f"Already prepared: {found.count:,} images at `{found.path}`.")
+        return f"Already prepared: {found.count:,} images at `{found.path}`."
     if found.kind == "memory":
-        raise UserError(f"{found.files:,} image files: a folder this small is decoded into memory "
-                        "at start, nothing to prepare.")
+        return (f"{found.files:,} image files: a folder this small is decoded into memory at "
+                "start, nothing to prepare.")
+    return None
 
 
 def progress_html(progress: Progress | None) -> str:
@@ -87,7 +88,8 @@ def start_preparing(jobs: Preparations, folder: str | None) -> dict[str, Any]:
     if busy:  # one at a time: the page follows (and cancels) one preparation
         raise UserError(f"`{busy[0] or 'the sample photos'}` is being prepared: wait for it or "
                         "cancel it first.")
-    _preparable(data)
+    if reason := _nothing_to_prepare(data):
+        return {"progress": render.notice("info", reason)}
     job = jobs.start(data)  # the same folder again: its running preparation, shown anew
     return {"preparing": data, "progress": progress_html(job.progress()), **_buttons(True)}
 
@@ -132,9 +134,10 @@ def wire(c: dict[str, Any], jobs: Preparations) -> None:
     error = lambda text: {names["progress"]: render.notice("error", text)}
     data = c["field.data"]
     # Only reads; unlimited, or every page's load (ui.build_app) and every blur would wait in one
-    # queue behind the walk of one large folder.
+    # queue behind the walk of one large folder. A blur while a check runs is checked after it,
+    # with the field as it is then (dropped, the note went on describing the folder before).
     gr.on([data.blur, data.submit], data_info, data, c["data_info"], api_name="check_data",
-          concurrency_limit=None)
+          concurrency_limit=None, trigger_mode="always_last")
     # For a form the server fills (ui.configfile), where no blur comes.
     c["data_info_spec"] = dict(fn=data_info, inputs=data, outputs=c["data_info"],
                                api_visibility="private", show_progress=HIDDEN,

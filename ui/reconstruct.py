@@ -23,10 +23,14 @@ from mae_core.checks import _is_number
 from mae_core.composite import STRETCH_CHOICES
 from mae_core.rundir import LIVE_STATES, RunState, preview_step
 from ui import render
+from ui.launch import MAX_UPLOAD
 from ui.common import (AppContext, FieldNumber, FieldSlider, UserError, as_bool, as_float,
                        as_ratio, as_run_id, as_seed, guarded)
 
 MAX_IMAGES = 16  # per request: each is a forward pass and up to seven pictures
+# mae_core.images.MAX_PIXELS in millions, for the upload's label (that module imports torch, which
+# the page is served without; a test ties the two).
+MEGAPIXELS = 64
 NUM_SAMPLE_IMAGES = 3
 HIDDEN = "hidden"
 FOLLOWS = "follows the live run unless you pick one"  # the checkpoint picker's line under it
@@ -272,7 +276,8 @@ def build(ctx: AppContext) -> dict[str, Any]:
         # Room for the checkpoint picker's "<run id> · live" beside its arrow (at 280 px it ran
         # under the arrow, and was cut at 1024 px).
         with gr.Column(scale=1, min_width=400):
-            c["uploads"] = gr.File(label=f"images (any size; up to {MAX_IMAGES} at a time)",
+            c["uploads"] = gr.File(label=f"images (each up to {MAX_UPLOAD[:-2]} MB and "
+                                         f"{MEGAPIXELS} megapixels; {MAX_IMAGES} at a time)",
                                    file_count="multiple", type="filepath", elem_id="uploads")
             c["use_samples"] = gr.Checkbox(False, label="use the sample photos", elem_id="use-samples")
             c["ckpt_pick"] = gr.Dropdown([], value=None, label="checkpoint (a run's latest weights)",
@@ -338,15 +343,20 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
         return {c["results"]: result.html, c["losses"]: result.rows, c["message"]: result.message,
                 c["results_run"]: run_id, c["noticed_run"]: None}
 
-    @guarded("refreshing checkpoints", lambda text: {})
+    # Nothing to change says so with one output skipped: Gradio reads an empty dict as one value
+    # for every output, and logged "didn't return enough output values" at each pick.
+    unchanged = lambda output: {output: gr.skip()}  # noqa: E731
+
+    @guarded("refreshing checkpoints", lambda text: unchanged(c["sig"]))
     def on_refresh(current: str | None, follow: bool, sig: dict | None, at: Any) -> dict:
         return {c[name]: value for name, value in refresh(ctx, current, follow, sig, at).items()}
 
-    @guarded("refreshing checkpoints", lambda text: {})
+    @guarded("refreshing checkpoints", lambda text: unchanged(c["message"]))
     def on_pick_changed(run_id: str | None, results_run: str | None, history_run: str | None,
                         noticed: str | None) -> dict:
         return {c[name]: value for name, value in
-                stale_results(run_id, results_run, history_run, noticed).items()}
+                stale_results(run_id, results_run, history_run, noticed).items()
+                } or unchanged(c["message"])
 
     c["run"].click(on_reconstruct, [c["uploads"], c["use_samples"], c["ckpt_pick"], c["ratio"],
                                     c["seed"], c["channels_shown"], c["contrast"]],

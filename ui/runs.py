@@ -5,6 +5,7 @@ runs (:mod:`ui.compare`)."""
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -44,14 +45,42 @@ def table_rows(ctx: AppContext, statuses: Iterable[Mapping[str, Any]]) -> list[l
         loss = display.format_loss(s.get("loss"))
         if state in LIVE_STATES and loss != "–":
             loss += " (live)"
-        epoch = ctx.metrics.reader(ctx.manager.paths(s["run_id"]).metrics).last("epoch_loss")
-        rows.append([s["run_id"], state, steps, loss,
-                     display.format_number(epoch[1]) if epoch else "–",
-                     display.format_duration(s.get("elapsed_s")), run_size(ctx, s["run_id"]),
-                     s.get("policy") or "–",
-                     s.get("preset") or "–", saved_evaluation(ctx, s["run_id"]),
-                     data_cell(ctx, s)])  # last: a long folder name scrolls, the rest stays
+        epoch, size, evaluation, data = file_cells(ctx, s)
+        rows.append([s["run_id"], state, steps, loss, epoch,
+                     display.format_duration(s.get("elapsed_s")), size, s.get("policy") or "–",
+                     s.get("preset") or "–", evaluation,
+                     data])  # last: a long folder name scrolls, the rest stays
+    keep = {ctx.manager.runs_dir / s["run_id"] for s in statuses}
+    for gone in [root for root in list(ctx.run_cells) if root not in keep]:
+        ctx.run_cells.pop(gone, None)
     return rows
+
+
+def file_cells(ctx: AppContext, status: Mapping[str, Any]) -> tuple[str, str, str, str]:
+    """A run's cells read from its files (last epoch loss, disk, evaluation, data), read again
+    only when its folder changed (:func:`folder_signature`). Read at every 5 s refresh, a few
+    hundred runs took 11 s of a core per open page: every whole metrics.jsonl parsed again."""
+    paths = ctx.manager.paths(status["run_id"])
+    key = (folder_signature(paths.root), status.get("data_files"))
+    cached = ctx.run_cells.get(paths.root)
+    if cached is not None and key[0] is not None and cached[0] == key:
+        return cached[1]
+    epoch = ctx.metrics.reader(paths.metrics).last("epoch_loss")
+    cells = (display.format_number(epoch[1]) if epoch else "–", run_size(ctx, status["run_id"]),
+             saved_evaluation(ctx, status["run_id"]), data_cell(ctx, status))
+    ctx.run_cells[paths.root] = (key, cells)
+    return cells
+
+
+def folder_signature(root: Path) -> tuple | None:
+    """Each entry of a run folder with its size and time (a subfolder's time changes as files
+    come and go in it): what a run's file cells come from. None if it cannot be read."""
+    try:
+        with os.scandir(root) as entries:
+            return tuple(sorted((e.name, (st := e.stat(follow_symlinks=False)).st_size,
+                                 st.st_mtime_ns) for e in entries))
+    except OSError:
+        return None
 
 
 def damaged_rows(ctx: AppContext, damaged: Iterable[Mapping[str, Any]]) -> list[list[Any]]:
@@ -378,9 +407,10 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
     c["table"].select(_pick_row, None, c["pick"], api_name="pick_run_row",
                       show_progress="hidden").then(**c["refresh_event"])
     # A tick is for the run it was given for: picking another one takes it back (it deleted
-    # whichever run was picked when Delete was pressed).
-    gr.on([c["pick"].input, c["table"].select], lambda: False, None, c["confirm"],
-          show_progress="hidden", queue=False)
+    # whichever run was picked when Delete was pressed), and the message about the run picked
+    # before goes (a refusal went on naming it beside the new pick, ticked).
+    gr.on([c["pick"].input, c["table"].select], lambda: (False, ""), None,
+          [c["confirm"], c["message"]], show_progress="hidden", queue=False)
     # A file made for one run is not offered under another (the encoder of a vit-tiny run, its
     # timm snippet and metrics.csv stayed under a vit-small run picked after it).
     c["pick"].change(lambda: (None, "", None), None,

@@ -16,7 +16,7 @@ import gradio as gr
 from mae_core.checks import _is_number, shown
 from mae_core.config import RunConfig
 from mae_core.preparing import Preparations
-from mae_core.rundir import LIVE_STATES, RunState
+from mae_core.rundir import LIVE_STATES, RunError, RunState
 from ui import configfile, datafield, plots, render
 from ui.common import (DEFAULTS, FIELD_NAMES, FORM_FIELDS, MAIN_FIELDS, AppContext, UserError,
                        FieldNumber, FieldSlider, as_bool, as_int, config_from_form, describe,
@@ -31,6 +31,7 @@ MAX_SMOOTHING = 0.99
 # The Stop button's labels: the label pressed says which was meant (see stop_run).
 STOP = "Stop"
 FORCE_STOP = "Force stop"  # once a stop is requested
+RESUME_UNTIL = "“resume until step”"  # the box beside Resume, as messages name it
 
 
 # --- actions ----------------------------------------------------------------------------------
@@ -66,7 +67,14 @@ def resume_run(manager: Any, run_id: str | None, until_step: Any) -> dict[str, A
     if not run_id:
         raise UserError("Choose a run to resume.")
     steps = as_int(until_step, "resume until step", optional=True) or None
-    status = manager.resume(run_id, max_steps=steps)
+    before = manager.status(run_id)
+    if before.get("state") == RunState.FINISHED and steps is None:
+        raise UserError(f"`{run_id}` finished at step {before.get('step')}: set {RESUME_UNTIL} "
+                        "above it to train it further.")
+    try:
+        status = manager.resume(run_id, max_steps=steps)
+    except RunError as err:  # the run manager's words are the command line's: "max steps"
+        raise RunError(str(err).replace("raise max steps", f"set {RESUME_UNTIL}")) from None
     step = status.get("resumed_from_step", status.get("step", 0))
     # A new end moves the learning rate's cosine decay with it: said, as the curve shows it.
     schedule = (f" Its learning-rate schedule now ends at step {steps}." if steps else "")
@@ -79,11 +87,12 @@ def failed_action(action: str, message: str, field: str | None = None,
                   reason: str = "") -> dict[str, Any]:
     """A refusal's record; ``field`` (with the ``reason`` said beside it) is the form's field it
     is about, which the page then shows (:data:`ui.trainscripts.SHOW_REFUSED_FIELD_JS`)."""
-    record = {"action": action, "run_id": None, "kind": "error", "text": message}
+    # "at": the same refusal twice is another value, so the page shows it (and the field) again
+    record = {"action": action, "run_id": None, "kind": "error", "text": message,
+              "at": time.time()}
     if not field:
         return record
-    # "at": the same refusal twice is another value, so the page shows the field again
-    return record | {"field": field, "reason": reason or message, "at": time.time()}
+    return record | {"field": field, "reason": reason or message}
 
 
 def form_action(action: str, act: Any, manager: Any, values: dict[str, Any]) -> dict[str, Any]:
@@ -100,23 +109,34 @@ def form_action(action: str, act: Any, manager: Any, values: dict[str, Any]) -> 
                              str(err).removeprefix(f"{field}: "))
 
 
-def action_message(action: dict[str, Any] | None, status: dict[str, Any] | None) -> str:
+def action_message(action: dict[str, Any] | None, status: dict[str, Any] | None,
+                   position: int | None = None) -> str:
     """The message under the run controls: the last action, told as the run is NOW (a stop request
-    becomes "stopped at step N" once the trainer has stopped)."""
+    becomes "stopped at step N" once the trainer has stopped; ``position``: its place in the queue
+    now, moved since perhaps)."""
     if not action:
         return ""
-    if action["kind"] == "error" or not status:
+    if action["kind"] == "error":
         return render.notice(action["kind"], action["text"])
-    run_id, state, step = action["run_id"], status.get("state"), status.get("step", 0)
+    run_id = action["run_id"]
+    if not status:  # it went, deleted (here or in another tab): told, not its old news
+        return render.notice("info", f"Run `{run_id}` no longer exists (deleted).")
+    state, step = status.get("state"), status.get("step", 0)
     if state == RunState.QUEUED:
-        return render.notice("info", f"{action['text']} It starts when the devices are free.")
+        where = f" (number {position} in the queue)" if position else ""
+        return render.notice("info", f"Run `{run_id}` is queued{where}: it starts when the "
+                                     "devices are free.")
     if state in LIVE_STATES:
         if status.get("stop_requested"):
             return render.notice("warn", f"Stop requested for `{run_id}`: it saves a checkpoint "
                                          "after the current step (Force stop ends it at once).")
-        return render.notice("ok", f"{action['text']} It is {state}.")
+        done = (f"Run `{run_id}` started from the queue." if action.get("action") == "queue"
+                else action["text"])  # its place in the queue, said then, is history
+        return render.notice("ok", f"{done} It is {state}.")
     if state == RunState.FINISHED:
-        return render.notice("ok", f"Run `{run_id}` finished at step {step}.")
+        more = (f" To train it further, set {RESUME_UNTIL} above {step} and press Resume."
+                if status.get("extendable") else "")
+        return render.notice("ok", f"Run `{run_id}` finished at step {step}.{more}")
     if state == RunState.STOPPED:
         if status.get("error"):  # stopped by force: the error says where Resume takes up
             return render.notice("warn", f"Run `{run_id}` {status['error']}.")
@@ -157,7 +177,9 @@ def button_states(status: dict[str, Any] | None, any_live: bool) -> dict[str, di
             "queue": {"interactive": any_live},
             "stop": {"interactive": state in LIVE_STATES,
                      "value": FORCE_STOP if stopping else STOP},
-            "resume": {"interactive": bool(status and status.get("resumable")) and not any_live}}
+            "resume": {"interactive": bool(status and (status.get("resumable")
+                                                       or status.get("extendable")))
+                       and not any_live}}
 
 
 def log_view(manager: Any, run_id: str | None, state: str | None) -> str:
@@ -249,10 +271,17 @@ def poll(ctx: AppContext, run_id: str | None, overlay: list[str] | None, metric:
         # A step to resume to is one run's: the shown run changed (picked, opened from the Runs
         # tab, a new live run), so the box goes back to 0, the run's own max steps.
         out["resume_until"] = 0
+        if about_another_run(action, selected):
+            sig["hidden_action"] = action
     sig["shown"] = selected
     config = _config_or_none(ctx.manager, selected)
+    action_run = (action or {}).get("run_id")
+    waiting = by_id.get(action_run, {}).get("state") == RunState.QUEUED
+    queue = ctx.manager.queued(runs) if waiting else []
     views = {"status": render.status_html(status, config),
-             "message": action_message(action, by_id.get((action or {}).get("run_id"))),
+             "message": "" if action and action == sig.get("hidden_action") else action_message(
+                 action, by_id.get(action_run),
+                 queue.index(action_run) + 1 if action_run in queue else None),
              **{name: gr.update(**state) for name, state in
                 button_states(status, live is not None).items()}}
     for name, value in views.items():
@@ -270,6 +299,18 @@ def poll(ctx: AppContext, run_id: str | None, overlay: list[str] | None, metric:
     sig.update(curve=key, log=key_log, log_state=(status or {}).get("state"))
     out["sig"] = sig
     return out
+
+
+def about_another_run(action: dict[str, Any] | None, shown: str | None) -> bool:
+    """Whether the last action's message is about another run than the one now shown, so it goes
+    as the shown run changes (it went on saying "stopped at step 61. Resume continues …" beside the
+    next run, live, its Resume greyed out): one done to another run, or a Stop or Resume refused
+    for the run shown before. A refused Start or Queue is about the form: it stays."""
+    if not action:
+        return False
+    if action.get("kind") == "error":
+        return action.get("action") in ("stop", "resume")
+    return action.get("run_id") != shown
 
 
 def _text_or_none(value: Any) -> str | None:
