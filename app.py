@@ -16,7 +16,8 @@ from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no phoning home
 
-from ui.launch import launch_options, parse_args  # noqa: E402
+from ui.launch import (launch_options, parse_args,  # noqa: E402
+                       require_free_port)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up requests
     try:
         options = launch_options(args)
-    except ValueError as err:  # e.g. a public address without authentication
+        require_free_port(args.host, args.port)
+    except ValueError as err:  # e.g. a public address without authentication, a port in use
         print(f"error: {err}", file=sys.stderr)
         return 2
     runs_dir = Path(args.runs_dir).expanduser().resolve()

@@ -36,7 +36,7 @@ def size_text(bytes_: int | None) -> str:
     (a folder of small photos read "0.0 MB")."""
     if bytes_ is None:
         return "size unknown"
-    if bytes_ < 1e6:
+    if bytes_ < 999_500:  # rounded to whole KB: 999,600 bytes would read "1,000 KB"
         return f"{bytes_ / 1e3:,.0f} KB" if bytes_ >= 1e3 else f"{bytes_:,} bytes"
     return f"{bytes_ / 1e9:,.2f} GB" if bytes_ >= 1e9 else f"{bytes_ / 1e6:,.1f} MB"
 

@@ -215,8 +215,9 @@ def _proc_stat(pid: int) -> list[str] | None:
 def kill_group(pid: int, sig: signal.Signals = signal.SIGKILL) -> None:
     """Send ``sig`` to the trainer ``pid`` and every rank it launched: its process group, which the
     app's trainers lead. A trainer started by hand inside another group (from a shell script,
-    under ``timeout`` or ``nohup``, or rank 0 under torchrun) gets it with its descendants one by
-    one: the group's leader is someone else, and a group kill of ``pid`` reached no one.
+    under ``timeout`` or ``nohup``) gets it with its descendants one by one: the group's leader is
+    someone else, and a group kill of ``pid`` reached no one. (Rank 0 of a torchrun job is ended
+    through torchrun: :func:`terminate_group`.)
 
     A pid read from a run's folder can be anything: 0 would name this app's own group, 1 init's;
     neither is ever a trainer's."""
@@ -413,19 +414,24 @@ def wait_gone(pid: int, start_time: str | None, timeout_s: float, every_s: float
 def terminate_group(pid: int, start_time: str | None, grace_s: float = 5.0) -> bool:
     """SIGTERM the trainer and its ranks (:func:`kill_group`), then SIGKILL them once ``grace_s``
     has passed or the trainer is gone, and wait (up to ``grace_s`` again) until it is gone;
-    whether it is.
+    whether it is. A trainer that is rank 0 of a torchrun job is ended through torchrun's agent,
+    whose workers the other ranks are (siblings, not its children; left to the agent, a
+    ``--max-restarts`` job started them again while the run read "stopped").
 
     The leader is checked by start time first: a recycled pid is not ours to signal. (Linux does not
     reuse a pid that still names a process group, so a group whose leader has exited is still ours.)
     """
     if process_start_time(pid) not in (None, start_time):
         return True  # that trainer is gone; the pid is another process's now
-    # Outside a group of its own, its ranks are found while it lives: once it is gone, they are
-    # no longer its children (and a rank that outlived SIGTERM still gets SIGKILL).
-    ranks = [] if _leads_group(pid) else [(r, process_start_time(r)) for r in descendants(pid)]
-    kill_group(pid, signal.SIGTERM)
+    head, head_start = torchrun_agent(pid) or (pid, start_time)
+    leads = _leads_group(head)
+    # Outside a group of its own, the ranks are found while the head lives: once it is gone, they
+    # are no longer its children (and a rank that outlived SIGTERM still gets SIGKILL).
+    ranks = [] if leads else [(r, process_start_time(r)) for r in descendants(head)]
+    kill_group(head, signal.SIGTERM)
     wait_gone(pid, start_time, grace_s)
-    kill_group(pid, signal.SIGKILL)
+    if leads or pid_alive(head, head_start):  # a gone head's pid may be a stranger's by now
+        kill_group(head, signal.SIGKILL)
     for rank, started in ranks:
         if pid_alive(rank, started):
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -433,6 +439,23 @@ def terminate_group(pid: int, start_time: str | None, grace_s: float = 5.0) -> b
     # SIGKILL is delivered asynchronously: a caller that then records the run "stopped" must not
     # do so while its trainer still runs (seen once in CI: stopped, and the pid still alive).
     return wait_gone(pid, start_time, grace_s)
+
+
+def torchrun_agent(pid: int) -> tuple[int, str | None] | None:
+    """(pid, start time) of the torchrun agent whose worker ``pid`` is, or None: a worker has
+    ``TORCHELASTIC_RUN_ID`` in its environment, and its parent runs torchrun."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        parent = int((_proc_stat(pid) or ["", "0"])[1])
+        args = Path(f"/proc/{parent}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except (OSError, ValueError):
+        return None
+    runs_torchrun = any(Path(arg).name == "torchrun" or "torch.distributed.run" in arg
+                        or arg.endswith("torch/distributed/run.py") for arg in args[:3])
+    worker = any(var.startswith(b"TORCHELASTIC_RUN_ID=") for var in environ.split(b"\0"))
+    if not worker or not runs_torchrun or parent <= 1:
+        return None
+    return parent, process_start_time(parent)
 
 
 def watch(process: subprocess.Popen, on_exit: Callable[[int], None]) -> threading.Thread:

@@ -284,16 +284,30 @@ def open_lock(runs_dir: Path) -> int:
 
 
 @contextlib.contextmanager
-def runs_folder_lock(runs_dir: Path) -> Iterator[None]:
+def runs_folder_lock(runs_dir: Path, make: bool = True) -> Iterator[bool]:
     """The runs folder's file lock (:func:`open_lock`), which every app sharing the folder takes
     to check the devices free and make a run (``RunManager._exclusive``), and a run started by
     hand too: between its own check and its config, an app's Start went ahead beside it.
-    ``flock``: released when the file closes, by a killed process too."""
+    ``flock``: released when the file closes, by a killed process too.
+
+    ``make``: make the lock file if missing. Without it, a folder no app has locked (the parent of
+    a ``--run-dir`` of your choosing: your home) is left as it is: no app there to exclude.
+    Yields whether the folder is locked: False on a file system without ``flock`` (Lustre
+    without ``-o flock``, NFS without lockd), which is no reason to refuse a run."""
+    if not make and not (runs_dir / LOCK_NAME).exists():
+        yield True
+        return
     runs_dir.mkdir(parents=True, exist_ok=True)
     fd = open_lock(runs_dir)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            locked = True
+        except OSError as err:
+            if err.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            locked = False
+        yield locked
     finally:
         os.close(fd)
 
@@ -317,13 +331,14 @@ DAMAGED_RUN_ERROR = ("its config.yaml is missing (deleted, or the run was killed
 # Files only a run writes. A folder of the user's own in the runs directory holds none of them, and
 # is neither listed nor deleted.
 _RUN_WRITES = ("status.json", "process.json", "train.log", "metrics.jsonl", "last.ckpt")
+_MADE_RUN_ID = re.compile(r"\d{8}-\d{6}-")  # the start of a name new_run_id gives
 
 
 def damaged_run_folders(runs_dir: str | Path, now: float | None = None) -> list[RunPaths]:
     """Run folders that lost their ``config.yaml``: one deleted by hand, or a kill between a new
     run's ``mkdir`` and its config. No run listing shows them, yet they hold their disk, so the app
-    lists them to be deleted. Only a folder holding a file a run writes, or nothing at all, and
-    unchanged for :data:`DAMAGED_AFTER_S`."""
+    lists them to be deleted. Only a folder holding a file a run writes, or nothing at all under a
+    name the app gives, and unchanged for :data:`DAMAGED_AFTER_S`."""
     now = time.time() if now is None else now
     try:
         roots = sorted(Path(runs_dir).iterdir())
@@ -340,7 +355,9 @@ def damaged_run_folders(runs_dir: str | Path, now: float | None = None) -> list[
             names = {child.name for child in root.iterdir()}
         except OSError:
             continue
-        if not names or names.intersection(_RUN_WRITES):
+        # Empty: a kill right after a new run's mkdir, if the name is one the app gives (an
+        # empty folder of your own, "backup", is yours).
+        if names.intersection(_RUN_WRITES) or (not names and _MADE_RUN_ID.match(root.name)):
             found.append(paths)
     return found
 

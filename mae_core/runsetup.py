@@ -97,7 +97,10 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
         print(f"note: {note}", flush=True)
     # Checked again, and the run made, under the runs folder's lock, as the app's Start does:
     # a Start in the seconds the data took went ahead beside this run on the same devices.
-    with runs_folder_lock(runs_dir):
+    with runs_folder_lock(runs_dir, make=run_dir is None) as locked:
+        if not locked:
+            print(f"note: {runs_dir} cannot be locked (its file system has no flock): an app's "
+                  "Start there at this very moment could share this run's devices", flush=True)
         _require_devices_free(resolved, runs_dir)
         # process.json goes in before config.yaml (what makes the directory a run): a reader
         # never sees a live run that has no process to check.

@@ -838,20 +838,22 @@ def test_an_edit_made_as_the_page_appears_is_not_taken_back_by_the_restore(page)
     _set_number(page, "field-batch-size", 24)
     page.wait_for_function(f"(before) => localStorage.getItem('{key}') !== before", arg=stored)
 
-    def held_back(route):
-        time.sleep(3)
-        route.continue_()
-
-    page.route("**/queue/join**", held_back)
+    held = []  # the server's answers, held back until the edit is made and checked
+    page.route("**/queue/join**", lambda route: held.append(route))
     try:
         page.reload(wait_until="load")
         box.wait_for()
+        # Put back with no answer from the server, as the page opens: the edit comes after it.
+        page.wait_for_function("() => document.querySelector('#field-batch-size input')"
+                               "?.value === '24'", timeout=3000)
         box.fill("40")
         box.press("Tab")
-        page.wait_for_timeout(4500)  # past the held-back answers
-        assert box.input_value() == "40"
     finally:
+        for route in held:  # (unroute first answers them itself)
+            route.continue_()
         page.unroute("**/queue/join**")
+    page.wait_for_timeout(2000)  # the held answers (the old restore was one of them) arrive
+    assert held and box.input_value() == "40"
     stored = page.evaluate(f"() => localStorage.getItem('{key}')")
     _set_number(page, "field-batch-size", 32)  # the default, for the tests after
     page.wait_for_function(f"(before) => localStorage.getItem('{key}') !== before", arg=stored)

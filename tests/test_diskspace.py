@@ -330,3 +330,13 @@ def test_a_trainer_that_died_with_no_room_to_say_why_is_said_to_have_filled_the_
     assert status["error"].startswith("the trainer process is gone (killed, or out of memory) "
                                       "before finishing: the disk is full"), status["error"]
     assert paths.read_status()["error"] == status["error"]  # written down this time
+
+
+@pytest.mark.parametrize("size, text", [(0, "0 bytes"), (999, "999 bytes"), (54_321, "54 KB"),
+                                        (999_499, "999 KB"), (999_600, "1.0 MB"),
+                                        (812_300_000, "812.3 MB"), (1_270_000_000, "1.27 GB")])
+def test_a_size_reads_in_the_unit_a_person_expects(size, text):
+    """Forty-five small photos read "0.0 MB on disk"; under a megabyte a size is in KB."""
+    from mae_core.diskspace import size_text
+
+    assert size_text(size) == text

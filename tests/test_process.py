@@ -256,10 +256,45 @@ def test_a_trainer_started_inside_another_group_is_ended_with_its_ranks_alone(tm
     ranks = "(trap '' TERM; sleep 300) & (trap '' TERM; sleep 300) & wait"
     script = proc.launch(["sh", "-c", f'sh -c "{ranks}"; echo script-goes-on'], tmp_path / "log")
     trainer = poll(lambda: next(iter(proc.descendants(script.pid)), None), 30, 0.05)
-    assert poll(lambda: len(proc.descendants(trainer)) >= 2, 30, 0.05)
+    def sleeping_ranks() -> int:  # both sleeps forked (not just their subshells): none leaks
+        return sum(Path(f"/proc/{p}/comm").read_text().strip() == "sleep"
+                   for p in proc.descendants(trainer) if Path(f"/proc/{p}/comm").exists())
+
+    assert poll(lambda: sleeping_ranks() == 2, 30, 0.05)
     ranks = proc.descendants(trainer)
     assert os.getpgid(trainer) == script.pid != trainer
     assert proc.terminate_group(trainer, proc.process_start_time(trainer), grace_s=5)
     assert poll(lambda: not any(proc.pid_alive(pid) for pid in ranks), 10, 0.05)
     assert script.wait(timeout=30) == 0  # not signalled: it went on to its echo
     assert "script-goes-on" in (tmp_path / "log").read_text()
+
+
+AGENT = """import os, signal, subprocess, sys, time
+env = {**os.environ, "TORCHELASTIC_RUN_ID": "job"}
+workers = [subprocess.Popen(["sleep", "300"], env=env) for _ in range(2)]
+def end(*_):
+    for worker in workers:
+        worker.terminate()
+    sys.exit(0)
+signal.signal(signal.SIGTERM, end)
+while True:
+    time.sleep(1)
+"""
+
+
+def test_rank_0_of_a_torchrun_job_is_ended_with_its_sibling_ranks_through_the_agent(tmp_path):
+    """Under torchrun the other ranks are rank 0's siblings, the agent's workers: a Force stop of
+    rank 0 alone left them (and a --max-restarts agent started rank 0 again while the run read
+    "stopped"). A stand-in agent, a script named torchrun started from a shell script."""
+    agent_script = tmp_path / "torchrun"
+    agent_script.write_text(AGENT)
+    script = proc.launch(["sh", "-c", f"{sys.executable} {agent_script}; echo script-goes-on"],
+                         tmp_path / "log")
+    agent = poll(lambda: next(iter(proc.descendants(script.pid)), None), 30, 0.05)
+    assert poll(lambda: len(proc.descendants(agent)) == 2, 30, 0.05)
+    rank0, rank1 = sorted(proc.descendants(agent))
+    assert proc.torchrun_agent(rank0) == (agent, proc.process_start_time(agent))
+    assert proc.torchrun_agent(agent) is None  # not a worker itself
+    assert proc.terminate_group(rank0, proc.process_start_time(rank0), grace_s=5)
+    assert poll(lambda: not any(proc.pid_alive(p) for p in (rank1, agent)), 10, 0.05)
+    assert script.wait(timeout=30) == 0 and "script-goes-on" in (tmp_path / "log").read_text()

@@ -3,11 +3,8 @@ and those continued (--resume, --auto-resume, a job's later ranks)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from helpers import poll
 from mae_core.config import ConfigError, RunConfig
 from mae_core.rundir import RunPaths, create_run
 from mae_core.runsetup import prepare
@@ -83,11 +80,13 @@ def test_a_new_run_by_hand_is_refused_beside_a_live_run_on_the_same_devices(tmp_
     assert paths.root.parent == runs and paths.run_id != live.run_id
 
 
-def test_a_run_by_hand_checks_the_devices_again_under_the_lock_the_apps_start_takes(tmp_path):
+def test_a_run_by_hand_checks_the_devices_again_under_the_lock_the_apps_start_takes(
+        tmp_path, monkeypatch):
     """Between a run by hand's device check and its config (the seconds its data takes), an app's
     Start went ahead: two runs trained at once on the same devices. It checks again, and makes
     its run, under the runs folder's lock, which the app holds from its own check to its launch:
     here the app's run appears while the hand's start waits for that lock."""
+    import fcntl
     import threading
 
     from mae_core.process import process_record
@@ -95,6 +94,15 @@ def test_a_run_by_hand_checks_the_devices_again_under_the_lock_the_apps_start_ta
 
     runs = tmp_path / "runs"
     outcome: list = []
+    waiting = threading.Event()
+    real_flock = fcntl.flock
+
+    def flock(fd, operation):  # the real lock; says when the hand's start is about to wait on it
+        if threading.current_thread().name == "by-hand":
+            waiting.set()
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
 
     def start_by_hand():
         try:
@@ -104,15 +112,9 @@ def test_a_run_by_hand_checks_the_devices_again_under_the_lock_the_apps_start_ta
             outcome.append(err)
 
     with runs_folder_lock(runs):  # the app's Start, between its check and its launch
-        inode = (runs / LOCK_NAME).stat().st_ino
-        by_hand = threading.Thread(target=start_by_hand)
+        by_hand = threading.Thread(target=start_by_hand, name="by-hand")
         by_hand.start()
-
-        def waits_for_the_lock() -> bool:
-            return any("->" in line and line.split()[-3].endswith(f":{inode}")
-                       for line in Path("/proc/locks").read_text().splitlines())
-
-        assert poll(waits_for_the_lock, 120, 0.05), f"it never waited for the lock: {outcome}"
+        assert waiting.wait(120), f"it never took the lock: {outcome}"
         apps = create_run(RunConfig().with_overrides(accelerator="cpu", devices=2),
                           runs_dir=runs, state="running", process=process_record())
     by_hand.join(60)
@@ -120,6 +122,12 @@ def test_a_run_by_hand_checks_the_devices_again_under_the_lock_the_apps_start_ta
     assert isinstance(refused, ConfigError), refused
     assert f"run {apps.run_id} is training on this machine's devices" in str(refused)
     assert [p.name for p in runs.iterdir() if p.is_dir()] == [apps.run_id]  # nothing made
+    # A --run-dir of your own choosing leaves no lock file beside it where no app made one.
+    elsewhere = tmp_path / "home"
+    elsewhere.mkdir()
+    _prepare("--run-dir", str(elsewhere / "mine"), "--accelerator", "cpu", "--devices", "1",
+             "--image-size", "32")
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["mine"] and LOCK_NAME == ".runs.lock"
 
 
 @pytest.mark.parametrize("state", ["finished", "stopped"])

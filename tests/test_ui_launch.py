@@ -87,3 +87,19 @@ def test_a_host_that_does_not_resolve_is_said_to_be_so():
     """It read "another program may hold that port: pass another --port"."""
     with pytest.raises(ValueError, match="--host 999.1.1.1 cannot be resolved"):
         options("--host", "999.1.1.1", "--auth", "u:p")
+
+
+def test_a_port_in_use_is_refused_before_the_page_is_built():
+    """Found by the server's own bind, a port in use was said after the whole UI was made."""
+    import socket
+
+    from ui.launch import require_free_port
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(ValueError, match=f"cannot serve on 127.0.0.1:{port} .*another "
+                                             "program \\(or MAE Studio\\) may hold that port"):
+            require_free_port("127.0.0.1", port)
+    require_free_port("127.0.0.1", port)  # free again: nothing said

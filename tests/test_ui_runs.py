@@ -483,17 +483,18 @@ def test_a_run_folder_that_lost_its_config_is_listed_to_be_deleted(ctx, stand_in
     folder no listing showed: it held its disk, and the app could not delete it."""
     kept = make_run(ctx, "finished", step=4)
     lost = make_run(ctx, "stopped", step=2)
-    lost.last_ckpt.write_bytes(b"x" * 300_000)
+    lost.last_ckpt.write_bytes(os.urandom(300_000))  # incompressible: 300 KB on any disk
     lost.config.unlink()
     killed_after_mkdir = ctx.manager.runs_dir / "20261130-101010-vit-tiny-ddp-clean"
     killed_after_mkdir.mkdir()
     mine = ctx.manager.runs_dir / "my-notes"  # the user's own folder: not ours to list or delete
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
+    (ctx.manager.runs_dir / "backup").mkdir()  # empty, and yours: not a run killed at its mkdir
     young = make_run(ctx, "starting")  # still being made, for all a reader knows
     young.config.unlink()
     minutes_ago = time.time() - 120
-    for folder in (lost.root, killed_after_mkdir, mine):
+    for folder in (lost.root, killed_after_mkdir, mine, ctx.manager.runs_dir / "backup"):
         os.utime(folder, (minutes_ago, minutes_ago))
 
     out = runs.refresh(ctx, lost.run_id, None)
@@ -525,6 +526,7 @@ def test_a_run_folder_that_lost_its_config_is_listed_to_be_deleted(ctx, stand_in
     with pytest.raises(RunError, match="no run named"):
         runs.delete_run(ctx, "my-notes", True)
     assert (mine / "notes.txt").read_text() == "keep me" and young.root.exists()
+    assert (ctx.manager.runs_dir / "backup").is_dir()
     out = runs.refresh(ctx, None, out["sig"])
     assert out["pick"]["choices"] == [kept.run_id]
 

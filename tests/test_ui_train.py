@@ -269,13 +269,16 @@ def test_the_message_is_about_the_run_shown_or_says_its_run_is_gone(ctx, stand_i
     a = make_run(ctx, state="stopped", step=2)
     b = make_run(ctx, state="stopped", step=5)
     out = train.poll(ctx, **poll_args(a.run_id))
-    stop_of_a = stop_action(a.run_id)
+    stop_of_a = train.done_action("stop", a.run_id, f"Stopping `{a.run_id}`.")
     out = train.poll(ctx, **poll_args(a.run_id, sig=out["sig"], action=stop_of_a))
     assert "stopped at step 2" in out["message"]
     out = train.poll(ctx, **poll_args(b.run_id, sig=out["sig"], action=stop_of_a))  # B picked
     assert out["message"] == ""
     out = train.poll(ctx, **poll_args(a.run_id, sig=out["sig"], action=stop_of_a))  # and back
     assert out["sig"]["message"] == ""  # gone for good: it was about the run shown before
+    stop_again = train.done_action("stop", a.run_id, f"Stopping `{a.run_id}`.")  # the same words
+    out = train.poll(ctx, **poll_args(a.run_id, sig=out["sig"], action=stop_again))
+    assert "stopped at step 2" in out["message"]  # a new action, not the one hidden
     refused = train.failed_action("resume", "run x has no checkpoint")
     out = train.poll(ctx, **poll_args(a.run_id, sig=out["sig"], action=refused))
     assert "no checkpoint" in out["message"]
@@ -298,7 +301,7 @@ def test_the_message_is_about_the_run_shown_or_says_its_run_is_gone(ctx, stand_i
     assert "is queued (number 1 in the queue)" in out["message"], out["message"]
     ctx.manager.delete(second["run_id"])
     out = train.poll(ctx, **poll_args(live.run_id, sig=out["sig"], action=second))
-    assert f"Run <code>{second['run_id']}</code> no longer exists" in out["message"]
+    assert f"Run <code>{second['run_id']}</code> is no longer listed: deleted" in out["message"]
     assert 'data-kind="info"' in out["message"]
 
 

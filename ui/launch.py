@@ -58,6 +58,23 @@ def _require_resolvable(host: str) -> None:
                          "machine, or a name that resolves to one") from None
 
 
+def require_free_port(host: str, port: int) -> None:
+    """Refuse a port another program (or another MAE Studio) listens on, before the page is built:
+    found by the server's own bind, it was said ten seconds later, after the whole UI was made."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return  # said by _require_resolvable
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise ValueError(f"cannot serve on {host}:{port} ({err.strerror}); another program "
+                             "(or MAE Studio) may hold that port: pass another --port") from None
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True

@@ -73,12 +73,13 @@ def file_cells(ctx: AppContext, status: Mapping[str, Any]) -> tuple[str, str, st
 
 
 def folder_signature(root: Path) -> tuple | None:
-    """Each entry of a run folder with its size and time (a subfolder's time changes as files
-    come and go in it): what a run's file cells come from. None if it cannot be read."""
+    """Each entry of a run folder with its size, blocks and time (a subfolder's time changes as
+    files come and go in it; blocks settle after a write on some file systems, ZFS and btrfs):
+    what a run's file cells come from. None if it cannot be read."""
     try:
         with os.scandir(root) as entries:
             return tuple(sorted((e.name, (st := e.stat(follow_symlinks=False)).st_size,
-                                 st.st_mtime_ns) for e in entries))
+                                 st.st_blocks, st.st_mtime_ns) for e in entries))
     except OSError:
         return None
 

@@ -39,14 +39,13 @@ RESUME_UNTIL = "“resume until step”"  # the box beside Resume, as messages n
 def start_run(manager: Any, values: dict[str, Any]) -> dict[str, Any]:
     """Validate the form and start a run; the last action's record (see :func:`action_message`)."""
     run_id = manager.start(config_from_form(values))
-    return {"action": "start", "run_id": run_id, "kind": "ok", "text": f"Started run `{run_id}`."}
+    return done_action("start", run_id, f"Started run `{run_id}`.")
 
 
 def queue_run(manager: Any, values: dict[str, Any]) -> dict[str, Any]:
     """Validate the form and queue the run behind the live one (it starts when the devices free)."""
     run_id, position = manager.enqueue(config_from_form(values))
-    return {"action": "queue", "run_id": run_id, "kind": "ok",
-            "text": f"Queued run `{run_id}` at position {position}."}
+    return done_action("queue", run_id, f"Queued run `{run_id}` at position {position}.")
 
 
 def stop_run(manager: Any, run_id: str | None, label: str | None = STOP) -> dict[str, Any]:
@@ -57,10 +56,9 @@ def stop_run(manager: Any, run_id: str | None, label: str | None = STOP) -> dict
         raise UserError("Choose a run to stop.")
     if label == FORCE_STOP:
         manager.stop(run_id, force=True)
-        return {"action": "stop", "run_id": run_id, "kind": "ok",
-                "text": f"Stopped `{run_id}` by force."}
+        return done_action("stop", run_id, f"Stopped `{run_id}` by force.")
     manager.stop(run_id, force=False)
-    return {"action": "stop", "run_id": run_id, "kind": "ok", "text": f"Stopping `{run_id}`."}
+    return done_action("stop", run_id, f"Stopping `{run_id}`.")
 
 
 def resume_run(manager: Any, run_id: str | None, until_step: Any) -> dict[str, Any]:
@@ -78,9 +76,14 @@ def resume_run(manager: Any, run_id: str | None, until_step: Any) -> dict[str, A
     step = status.get("resumed_from_step", status.get("step", 0))
     # A new end moves the learning rate's cosine decay with it: said, as the curve shows it.
     schedule = (f" Its learning-rate schedule now ends at step {steps}." if steps else "")
-    return {"action": "resume", "run_id": run_id, "kind": "ok",
-            "text": f"Resumed `{run_id}` from its checkpoint at step {step} towards "
-                    f"{status.get('total_steps')} steps.{schedule}"}
+    return done_action("resume", run_id, f"Resumed `{run_id}` from its checkpoint at step {step} "
+                                         f"towards {status.get('total_steps')} steps.{schedule}")
+
+
+def done_action(action: str, run_id: str, text: str) -> dict[str, Any]:
+    """A done action's record: the run it was done to and what to say. "at": the same action
+    again (a Stop of the run picked back) is another record, never one hidden before."""
+    return {"action": action, "run_id": run_id, "kind": "ok", "text": text, "at": time.time()}
 
 
 def failed_action(action: str, message: str, field: str | None = None,
@@ -119,8 +122,9 @@ def action_message(action: dict[str, Any] | None, status: dict[str, Any] | None,
     if action["kind"] == "error":
         return render.notice(action["kind"], action["text"])
     run_id = action["run_id"]
-    if not status:  # it went, deleted (here or in another tab): told, not its old news
-        return render.notice("info", f"Run `{run_id}` no longer exists (deleted).")
+    if not status:  # it went (deleted here or in another tab): told, not its old news
+        return render.notice("info", f"Run `{run_id}` is no longer listed: deleted (or its "
+                                     "config.yaml is gone, see the Runs tab).")
     state, step = status.get("state"), status.get("step", 0)
     if state == RunState.QUEUED:
         where = f" (number {position} in the queue)" if position else ""
