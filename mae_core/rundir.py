@@ -262,7 +262,9 @@ class RunPaths:
         atomic_write_text(self.metrics, "".join(line + "\n" for line in kept), make_dirs=False)
 
 
+# The lock file apps sharing a runs directory take before they check for a live run and launch.
 LOCK_NAME = ".runs.lock"
+# What a write refused for the file system's sake (not a bug) fails with: said in words.
 _UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
@@ -334,32 +336,34 @@ _RUN_WRITES = ("status.json", "process.json", "train.log", "metrics.jsonl", "las
 _MADE_RUN_ID = re.compile(r"\d{8}-\d{6}-")  # the start of a name new_run_id gives
 
 
-def damaged_run_folders(runs_dir: str | Path, now: float | None = None) -> list[RunPaths]:
-    """Run folders that lost their ``config.yaml``: one deleted by hand, or a kill between a new
-    run's ``mkdir`` and its config. No run listing shows them, yet they hold their disk, so the app
-    lists them to be deleted. Only a folder holding a file a run writes, or nothing at all under a
-    name the app gives, and unchanged for :data:`DAMAGED_AFTER_S`."""
-    now = time.time() if now is None else now
+def damaged_run_folders(runs_dir: str | Path) -> list[RunPaths]:
+    """The runs folder's children that are runs which lost their ``config.yaml``
+    (:func:`is_damaged_run_folder`)."""
     try:
         roots = sorted(Path(runs_dir).iterdir())
     except OSError:
         return []
-    found = []
-    for root in roots:
-        paths = RunPaths(root)
-        if not valid_run_id(root.name) or paths.is_run():
-            continue
-        try:
-            if not root.is_dir() or now - root.stat().st_mtime < DAMAGED_AFTER_S:
-                continue
-            names = {child.name for child in root.iterdir()}
-        except OSError:
-            continue
-        # Empty: a kill right after a new run's mkdir, if the name is one the app gives (an
-        # empty folder of your own, "backup", is yours).
-        if names.intersection(_RUN_WRITES) or (not names and _MADE_RUN_ID.match(root.name)):
-            found.append(paths)
-    return found
+    now = time.time()
+    return [RunPaths(root) for root in roots if is_damaged_run_folder(root, now)]
+
+
+def is_damaged_run_folder(root: Path, now: float | None = None) -> bool:
+    """Whether ``root`` is a run folder that lost its ``config.yaml``: one deleted by hand, or a
+    kill between a new run's ``mkdir`` and its config. No run listing shows such a folder, yet it
+    holds its disk, so the app lists it to be deleted. Only a folder holding a file a run writes,
+    or nothing at all under a name the app gives, and unchanged for :data:`DAMAGED_AFTER_S`."""
+    now = time.time() if now is None else now
+    if not valid_run_id(root.name) or RunPaths(root).is_run():
+        return False
+    try:
+        if not root.is_dir() or now - root.stat().st_mtime < DAMAGED_AFTER_S:
+            return False
+        names = {child.name for child in root.iterdir()}
+    except OSError:
+        return False
+    # Empty: a kill right after a new run's mkdir, if the name is one the app gives (an empty
+    # folder of your own, "backup", is yours).
+    return bool(names.intersection(_RUN_WRITES) or (not names and _MADE_RUN_ID.match(root.name)))
 
 
 def create_run(cfg: RunConfig, runs_dir: str | Path | None = None, run_dir: str | Path | None = None,

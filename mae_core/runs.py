@@ -40,16 +40,13 @@ from mae_core.resumecheck import (past_the_epoch_limit, require_devices, require
                                   require_one_node, require_same_model, require_steps_left,
                                   require_weights_of)
 from mae_core.rundir import (_UNWRITABLE, DAMAGED, DAMAGED_RUN_ERROR,  # noqa: F401
-                             DEFAULT_RUNS_DIR, LOCK_NAME, open_lock,
-                             LIVE_STATES, RUN_ID_RULE, TRASH_PREFIX, RunError, RunPaths, RunState,
-                             checkpoint_step, create_run, damaged_run_folders, preview_step,
+                             DEFAULT_RUNS_DIR, LIVE_STATES, LOCK_NAME, RUN_ID_RULE, TRASH_PREFIX,
+                             RunError, RunPaths, RunState, checkpoint_step, create_run,
+                             damaged_run_folders, is_damaged_run_folder, open_lock, preview_step,
                              run_folders, saved_step, state_unknown, valid_run_id)
 from mae_core.runqueue import QueuedRuns, RunQueue
 from mae_core.runwatch import TrainerWatch
 from mae_core.weights import export_encoder, timm_snippet
-
-# The lock file apps sharing a runs directory take before they check for a live run and launch.
-# What a write refused for the file system's sake (not a bug) fails with: said in words.
 
 
 class RunManager(QueuedRuns, TrainerWatch):
@@ -314,9 +311,8 @@ class RunManager(QueuedRuns, TrainerWatch):
         (:func:`mae_core.fileio.atomic_write`'s ``make_dirs=False``) instead of making it again.
         """
         with self._exclusive():
-            paths = next((p for p in damaged_run_folders(self.runs_dir) if p.run_id == run_id),
-                         None)
-            if paths is None:
+            paths = RunPaths(self.runs_dir / run_id) if valid_run_id(run_id) else None
+            if paths is None or not is_damaged_run_folder(paths.root):
                 status = self.status(run_id)
                 if status.get("state") in LIVE_STATES:
                     raise RunError(f"run {run_id} is {status['state']}: stop it before deleting it")
