@@ -37,13 +37,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the runs directory {runs_dir} cannot be created ({err.strerror}): "
               "pass another --runs-dir", file=sys.stderr)
         return 2
-    from ui import build_app, parameters
+    from ui import parameters
+    from ui.blocks import build_app
     from ui.common import LazyRunManager
+    from ui.render import page_style
 
     manager = LazyRunManager(runs_dir)
     demo = build_app(manager)
     try:
-        demo.queue(default_concurrency_limit=4).launch(**options, allowed_paths=[str(runs_dir)],
+        demo.queue(default_concurrency_limit=4).launch(**options, **page_style(),
+                                                       allowed_paths=[str(runs_dir)],
                                                        prevent_thread_lock=True, quiet=True)
     except OSError as err:  # gradio's "Cannot find empty port in range: P-P", an unknown host
         print(f"error: cannot serve on {args.host}:{args.port} ({str(err).splitlines()[0]}); "

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 from mae_core.diskspace import full_disk_message, size_text
 from mae_core.fileio import (atomic_write_json, atomic_write_text, is_disk_full, read_json,
                              says_disk_full)
-from mae_core.process import launch, process_start_time, terminate_group
+from mae_core.process import launch, process_start_time
+from mae_core.proctree import terminate_group
 
 if TYPE_CHECKING:
     from mae_core.data import DataSummary

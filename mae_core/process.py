@@ -1,4 +1,5 @@
-"""OS processes: launching a trainer, telling whether it still lives, ending it, reaping it.
+"""OS processes: launching a trainer, telling whether it still lives, reaping it (ending it and
+every rank it launched: :mod:`mae_core.proctree`).
 
 Every other module asks here. A trainer is ``python -m mae_core.train`` in its own session (so one
 signal to its process group reaches every DDP rank it spawned), with a clean environment (no
@@ -14,7 +15,6 @@ the run), and the ``CUDA_VISIBLE_DEVICES`` that gives a trainer its run's GPUs.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import signal
@@ -168,7 +168,7 @@ def launch(command: list[str], log: Path, cwd: Path = PROJECT_ROOT,
 
 def process_start_time(pid: int) -> str | None:
     """The process's start time (clock ticks since boot, from /proc), or None if it is gone."""
-    stat = _proc_stat(pid)
+    stat = proc_stat(pid)
     return stat[19] if stat else None
 
 
@@ -197,66 +197,19 @@ def pid_alive(pid: int, start_time: str | None = None) -> bool:
         except OSError:
             return False
         return True
-    stat = _proc_stat(pid)
+    stat = proc_stat(pid)
     if stat is None or stat[0] in ("Z", "X"):
         return False
     return start_time is None or stat[19] == start_time
 
 
-def _proc_stat(pid: int) -> list[str] | None:
+def proc_stat(pid: int) -> list[str] | None:
     """The fields of ``/proc/<pid>/stat`` after the command name (state first), or None."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except (OSError, ValueError):
         return None
     return text.rsplit(")", 1)[1].split()
-
-
-def kill_group(pid: int, sig: signal.Signals = signal.SIGKILL) -> None:
-    """Send ``sig`` to the trainer ``pid`` and every rank it launched: its process group, which the
-    app's trainers lead. A trainer started by hand inside another group (from a shell script,
-    under ``timeout`` or ``nohup``) gets it with its descendants one by one: the group's leader is
-    someone else, and a group kill of ``pid`` reached no one. (Rank 0 of a torchrun job is ended
-    through torchrun: :func:`terminate_group`.)
-
-    A pid read from a run's folder can be anything: 0 would name this app's own group, 1 init's;
-    neither is ever a trainer's."""
-    if valid_pid(pid) is None or pid == os.getpgrp():
-        return
-    if _leads_group(pid):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, sig)
-        return
-    for target in [pid, *descendants(pid)]:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(target, sig)
-
-
-def _leads_group(pid: int) -> bool:
-    """Whether ``pid`` leads its process group; a gone process counts (the ranks of its group may
-    live on, and Linux gives no new process a pid that still names a group)."""
-    try:
-        return os.getpgid(pid) == pid
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # not ours to signal: a group kill fails the same way
-        return True
-
-
-def descendants(pid: int) -> list[int]:
-    """Pids of the live processes ``pid`` launched, and theirs, read from ``/proc`` at once."""
-    children: dict[str, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            stat = _proc_stat(int(entry.name))
-            if stat and stat[0] not in ("Z", "X"):
-                children.setdefault(stat[1], []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        kids = children.get(str(todo.pop()), [])
-        found += kids
-        todo += kids
-    return found
 
 
 def process_record(pid: int | None = None, **extra: Any) -> dict[str, Any]:
@@ -313,7 +266,7 @@ def find_trainer(run_dir: str | Path, besides: int | None = None) -> int | None:
         pid = valid_pid(int(entry.name)) if entry.name.isdigit() else None
         if pid is not None and pid == besides:
             continue
-        stat = _proc_stat(pid) if pid is not None else None
+        stat = proc_stat(pid) if pid is not None else None
         if stat and stat[0] not in ("Z", "X") and _trains(pid, wanted) and not _later_rank(pid):
             parents[pid] = int(stat[1])
     leaders = [pid for pid, parent in parents.items() if parent not in parents]
@@ -327,7 +280,7 @@ def _trains(pid: int, run_dir: Path) -> bool:
         args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
         if python_module(args) != "mae_core.train":
             return False
-        given = _option(args, "--run-dir")
+        given = option(args, "--run-dir")
         return given is not None and (Path(os.readlink(f"/proc/{pid}/cwd")) / given
                                       ).resolve() == run_dir
     except (OSError, ValueError):
@@ -369,7 +322,8 @@ def _later_rank(pid: int) -> bool:
     return bool(later_rank_vars(dict(var.split("=", 1) for var in raw if "=" in var)))
 
 
-def _option(args: list[str], name: str) -> str | None:
+def option(args: list[str], name: str) -> str | None:
+    """The value a command line gives option ``name`` (``--name V`` or ``--name=V``), or None."""
     for i, arg in enumerate(args):
         if arg == name and i + 1 < len(args):
             return args[i + 1]
@@ -378,84 +332,16 @@ def _option(args: list[str], name: str) -> str | None:
     return None
 
 
-def group_members(pgid: int) -> list[int]:
-    """Pids of the live (non-zombie) processes in process group ``pgid``."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            stat = _proc_stat(int(entry.name))
-            if stat and stat[0] not in ("Z", "X") and stat[2] == str(pgid):
-                members.append(int(entry.name))
-    return members
-
-
 def zombie_children(parent: int | None = None) -> list[int]:
     """Pids of zombie children of ``parent`` (this process by default): trainers nobody reaped."""
     parent = os.getpid() if parent is None else parent
     zombies = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            stat = _proc_stat(int(entry.name))
+            stat = proc_stat(int(entry.name))
             if stat and stat[0] == "Z" and stat[1] == str(parent):
                 zombies.append(int(entry.name))
     return zombies
-
-
-def wait_gone(pid: int, start_time: str | None, timeout_s: float, every_s: float = 0.05) -> bool:
-    """Wait up to ``timeout_s`` for the process to end; whether it has."""
-    deadline = time.monotonic() + timeout_s
-    while pid_alive(pid, start_time):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(every_s)
-    return True
-
-
-def terminate_group(pid: int, start_time: str | None, grace_s: float = 5.0) -> bool:
-    """SIGTERM the trainer and its ranks (:func:`kill_group`), then SIGKILL them once ``grace_s``
-    has passed or the trainer is gone, and wait (up to ``grace_s`` again) until it is gone;
-    whether it is. A trainer that is rank 0 of a torchrun job is ended through torchrun's agent,
-    whose workers the other ranks are (siblings, not its children; left to the agent, a
-    ``--max-restarts`` job started them again while the run read "stopped").
-
-    The leader is checked by start time first: a recycled pid is not ours to signal. (Linux does not
-    reuse a pid that still names a process group, so a group whose leader has exited is still ours.)
-    """
-    if process_start_time(pid) not in (None, start_time):
-        return True  # that trainer is gone; the pid is another process's now
-    head, head_start = torchrun_agent(pid) or (pid, start_time)
-    leads = _leads_group(head)
-    # Outside a group of its own, the ranks are found while the head lives: once it is gone, they
-    # are no longer its children (and a rank that outlived SIGTERM still gets SIGKILL).
-    ranks = [] if leads else [(r, process_start_time(r)) for r in descendants(head)]
-    kill_group(head, signal.SIGTERM)
-    wait_gone(pid, start_time, grace_s)
-    if leads or pid_alive(head, head_start):  # a gone head's pid may be a stranger's by now
-        kill_group(head, signal.SIGKILL)
-    for rank, started in ranks:
-        if pid_alive(rank, started):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(rank, signal.SIGKILL)
-    # SIGKILL is delivered asynchronously: a caller that then records the run "stopped" must not
-    # do so while its trainer still runs (seen once in CI: stopped, and the pid still alive).
-    return wait_gone(pid, start_time, grace_s)
-
-
-def torchrun_agent(pid: int) -> tuple[int, str | None] | None:
-    """(pid, start time) of the torchrun agent whose worker ``pid`` is, or None: a worker has
-    ``TORCHELASTIC_RUN_ID`` in its environment, and its parent runs torchrun."""
-    try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes()
-        parent = int((_proc_stat(pid) or ["", "0"])[1])
-        args = Path(f"/proc/{parent}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except (OSError, ValueError):
-        return None
-    runs_torchrun = any(Path(arg).name == "torchrun" or "torch.distributed.run" in arg
-                        or arg.endswith("torch/distributed/run.py") for arg in args[:3])
-    worker = any(var.startswith(b"TORCHELASTIC_RUN_ID=") for var in environ.split(b"\0"))
-    if not worker or not runs_torchrun or parent <= 1:
-        return None
-    return parent, process_start_time(parent)
 
 
 def watch(process: subprocess.Popen, on_exit: Callable[[int], None]) -> threading.Thread:

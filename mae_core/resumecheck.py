@@ -53,6 +53,14 @@ def past_the_epoch_limit(status: dict, old: RunConfig, new: RunConfig, run_id: s
     return new
 
 
+def require_steps_past_the_end(status: dict, max_steps: int | None, run_id: str) -> None:
+    """A finished run resumes only towards a max steps above the step it finished at."""
+    step = status.get("step", 0)
+    if status.get("state") == RunState.FINISHED and (max_steps is None or max_steps <= step):
+        raise RunError(f"run {run_id} has finished; raise max steps above {step} to train it "
+                       "further")
+
+
 def require_steps_left(cfg: RunConfig, step: int, run_id: str) -> None:
     # max_steps -1 trains by epochs (max_epochs): no step count to be above.
     if cfg.train.max_steps != -1 and cfg.train.max_steps <= step:

@@ -330,6 +330,7 @@ DAMAGED = "damaged"  # how a listing names such a folder's state; never in a sta
 DAMAGED_RUN_ERROR = ("its config.yaml is missing (deleted, or the run was killed while being "
                      "made), so it cannot be opened or resumed: delete it, or put its config.yaml "
                      "back")
+DAMAGED_RUN_NOTE = "config.yaml missing: delete it, or put the file back"  # the same, in a cell
 # Files only a run writes. A folder of the user's own in the runs directory holds none of them, and
 # is neither listed nor deleted.
 _RUN_WRITES = ("status.json", "process.json", "train.log", "metrics.jsonl", "last.ckpt")
@@ -374,8 +375,9 @@ def create_run(cfg: RunConfig, runs_dir: str | Path | None = None, run_dir: str 
     A new unique directory under ``runs_dir``, or ``run_dir`` itself (a run started by hand with
     ``--run-dir``). Written in this order: status ``state`` ("starting", or "queued" for a run that
     waits for the devices) with its created time, then
-    ``process.json`` when the caller is the trainer itself, then ``config.yaml``, the file that makes
-    a directory a run, so a reader never sees a run without a status. ``status`` adds fields.
+    ``process.json`` when the caller is the trainer itself (with the folder it writes, so a move of
+    the folder under it is told as such), then ``config.yaml``, the file that makes a directory a
+    run, so a reader never sees a run without a status. ``status`` adds fields.
     """
     check_status_fields(status)
     if run_dir is not None:
@@ -390,7 +392,7 @@ def create_run(cfg: RunConfig, runs_dir: str | Path | None = None, run_dir: str 
                            preset=cfg.model.label, policy=cfg.model.policy,
                            world_size=cfg.train.world_size, created=time.time(), **status)
         if process is not None:
-            atomic_write_json(paths.process, process)
+            atomic_write_json(paths.process, process | {"run_dir": str(paths.root.resolve())})
         cfg.save(paths.config)
     except OSError:  # a full disk: no half-made run left behind (a named directory stays)
         if run_dir is None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mae_core import process as proc
+from mae_core import proctree
 from mae_core.channels import resolve_channels, resolve_data
 from mae_core.checks import shown
 from mae_core.config import RunConfig
@@ -38,7 +39,7 @@ from mae_core.fileio import (DiskFullError, NotRegularFileError, atomic_write_js
 from mae_core.process import PROJECT_ROOT  # noqa: F401 - re-exported for callers and tests
 from mae_core.resumecheck import (past_the_epoch_limit, require_devices, require_no_waiting_job,
                                   require_one_node, require_same_model, require_steps_left,
-                                  require_weights_of)
+                                  require_steps_past_the_end, require_weights_of)
 from mae_core.rundir import (_UNWRITABLE, DAMAGED, DAMAGED_RUN_ERROR,  # noqa: F401
                              DEFAULT_RUNS_DIR, LIVE_STATES, LOCK_NAME, RUN_ID_RULE, TRASH_PREFIX,
                              RunError, RunPaths, RunState, checkpoint_step, create_run,
@@ -268,6 +269,9 @@ class RunManager(QueuedRuns, TrainerWatch):
         cfg = trained if max_steps is None else trained.with_overrides(max_steps=max_steps)
         status = paths.read_status()
         cfg = past_the_epoch_limit(status, trained, cfg, run_id)
+        # Said first: a finished run given no higher end was refused only after its data, devices,
+        # disk room and checkpoint had been checked (and any of them could be refused instead).
+        require_steps_past_the_end(status, max_steps, run_id)
         require_no_waiting_job(run_id, status)  # asks squeue: outside the locks
         require_one_node(cfg, run_id)
         require_devices(cfg, run_id)
@@ -284,10 +288,7 @@ class RunManager(QueuedRuns, TrainerWatch):
             if status.get("state") in LIVE_STATES:  # a stale page, the API, another node's run
                 raise RunError(f"run {run_id} is {status['state']}: it can be resumed once it "
                                "has stopped")
-            if status.get("state") == RunState.FINISHED and (max_steps is None
-                                                      or max_steps <= status.get("step", 0)):
-                raise RunError(f"run {run_id} has finished; raise max steps above "
-                               f"{status.get('step')} to train it further")
+            require_steps_past_the_end(status, max_steps, run_id)
             step = checkpoint_step(paths.last_ckpt, verify=False)
             require_steps_left(cfg, step, run_id)
             self._wait_for_exit(paths)
@@ -430,7 +431,7 @@ class RunManager(QueuedRuns, TrainerWatch):
     def _enforce_stop(self, paths: RunPaths, record: dict[str, Any]) -> None:
         """Terminate the trainer ``record`` names if it outlives ``stop_timeout_s``."""
         pid, start_time = record["pid"], record.get("start_time")
-        if proc.wait_gone(pid, start_time, self.stop_timeout_s, every_s=0.2):
+        if proctree.wait_gone(pid, start_time, self.stop_timeout_s, every_s=0.2):
             return
         if proc.pid_alive(pid, start_time):
             with contextlib.suppress(RunError):  # unkillable: its status says it is live still
@@ -449,7 +450,7 @@ class RunManager(QueuedRuns, TrainerWatch):
         with self._lock:
             self._terminating.add(paths.root)
         try:
-            if record and proc.record_pid(record) is not None and not proc.terminate_group(
+            if record and proc.record_pid(record) is not None and not proctree.terminate_group(
                     record["pid"], record.get("start_time")):
                 # Recorded "stopped", it went on training and read "running" again.
                 raise RunError(f"run {paths.run_id}'s trainer (pid {record['pid']}) still runs "

@@ -10,6 +10,7 @@ and the log tail; its orphaned ranks and the temp files of its interrupted save 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mae_core import process as proc
+from mae_core import proctree
 from mae_core.diskspace import full_disk_failure
 from mae_core.fileio import (atomic_write_json, disk_nearly_full, read_json,
                              remove_stale_temp_files, says_disk_full)
@@ -78,7 +80,7 @@ class TrainerWatch:
                                                                        record["start_time"])
             live = paths.read_status().get("state") in LIVE_STATES
             if code != 0 or (ours and live):
-                proc.kill_group(record["pid"], signal.SIGKILL)
+                proctree.kill_group(record["pid"], signal.SIGKILL)
             if ours and live and paths.root.exists() and paths.root not in self._terminating:
                 # A full disk or a read-only runs folder: nothing to record the death in, and
                 # nobody to tell from this thread. The next status read finds it again and says why.
@@ -124,7 +126,7 @@ class TrainerWatch:
         if info and not proc.on_this_host(info):
             return
         pid = proc.record_pid(info) or proc.find_trainer(paths.root)
-        if pid is not None and not proc.wait_gone(pid, info.get("start_time"), timeout_s):
+        if pid is not None and not proctree.wait_gone(pid, info.get("start_time"), timeout_s):
             raise RunError(f"run {paths.run_id}'s previous trainer process "
                            f"(pid {pid}) is still exiting; try again in a moment")
 
@@ -156,7 +158,7 @@ class TrainerWatch:
         local = proc.on_this_host(info)
         if local and pid is not None and proc.process_start_time(pid) in (
                 None, info.get("start_time")):
-            proc.kill_group(pid, signal.SIGKILL)
+            proctree.kill_group(pid, signal.SIGKILL)
         # A kill during a save leaves the save's temp file: its writer is dead now, so it goes
         # (a failed run's folder holds only files that load).
         if local:
@@ -175,6 +177,12 @@ class TrainerWatch:
         else:
             how = "is gone (killed, or out of memory)"
         error = f"the trainer process {how} before finishing"
+        # A folder moved under a trainer (renamed) fails it at its next write, with a bare
+        # FileNotFoundError of the old path; a trainer killed meanwhile died of the kill.
+        moved_from = _moved_from(info, paths.root) if local else None
+        if moved_from and (code is None or code > 0):
+            error += (f": its folder was moved here from {moved_from} while it trained, and it "
+                      "could no longer write its files")
         if pid is None and status.get("state") == RunState.STARTING and launcher_gone(status):
             error = "the trainer was never launched: the app launching it ended first"
         log_tail = paths.log_tail()
@@ -183,6 +191,20 @@ class TrainerWatch:
         if disk_nearly_full(paths.root) or says_disk_full(log_tail):
             error += f": {full_disk_failure(paths.root, paths.last_ckpt, saved_step(paths))}"
         return paths.write_status(state=RunState.FAILED, log_tail=log_tail, error=error)
+
+
+def _moved_from(record: dict[str, Any], root: Path) -> str | None:
+    """The folder the trainer of ``record`` (a process of this machine) was writing, where that is
+    gone and not ``root``: the run folder was renamed or moved under it."""
+    command = record.get("command")
+    written = record.get("run_dir") or (proc.option(command, "--run-dir") if isinstance(
+        command, list) and all(isinstance(arg, str) for arg in command) else None)
+    if not isinstance(written, str) or not os.path.isabs(written):
+        return None  # a run by hand, from another folder: its relative path says nothing here
+    with contextlib.suppress(OSError):
+        if Path(written) != root.resolve() and not os.path.lexists(written):
+            return written
+    return None
 
 
 def _signal_name(number: int) -> str:

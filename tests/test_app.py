@@ -1,8 +1,9 @@
 """The web UI through its API: every action called with gradio_client on a live server.
 
-One server (``ui.build_app(RunManager(tmp))``) serves the whole module; the tests run in file order
-and share one tiny CPU run (32 px, patch 8, batch 8): it is started, watched while live, refused a
-second start, stopped, resumed to a few more steps, reconstructed from, exported, and deleted.
+One server (``ui.blocks.build_app(RunManager(tmp))``) serves the whole module; the tests run in
+file order and share one tiny CPU run (32 px, patch 8, batch 8): it is started, watched while live,
+refused a second start, stopped, resumed to a few more steps, reconstructed from, exported, and
+deleted.
 The handlers themselves are unit-tested without a server in ``test_ui_*.py``.
 """
 
@@ -34,7 +35,7 @@ from helpers import free_port, poll  # noqa: E402
 from mae_core.data import sample_photo_paths  # noqa: E402
 from mae_core.rundir import LIVE_STATES  # noqa: E402
 from mae_core.runs import RunManager  # noqa: E402
-from ui import build_app  # noqa: E402
+from ui.blocks import build_app  # noqa: E402
 from ui.common import DEFAULTS, FIELD_NAMES, form_values  # noqa: E402
 
 TINY = dict(image_size=32, patch_size=8, batch_size=8, max_steps=5000, seed=0,

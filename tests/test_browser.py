@@ -26,8 +26,9 @@ from helpers import free_port  # noqa: E402
 from mae_core.data import sample_photo_paths  # noqa: E402
 from mae_core.rundir import LIVE_STATES, create_run  # noqa: E402
 from mae_core.runs import RunManager  # noqa: E402
-from ui import build_app, train, trainscripts  # noqa: E402
-from ui.render import CSS, theme  # noqa: E402
+from ui import train, trainactions, trainscripts  # noqa: E402
+from ui.blocks import build_app  # noqa: E402
+from ui.render import page_style  # noqa: E402
 
 SCREENSHOTS = REPO_ROOT / "test-artifacts" / "screenshots"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -49,8 +50,8 @@ def _chromium() -> str:
 def server(tmp_path_factory):
     manager = RunManager(tmp_path_factory.mktemp("runs"))
     demo = build_app(manager)
-    demo.queue().launch(prevent_thread_lock=True, server_port=free_port(), quiet=True, css=CSS,
-                        theme=theme())  # what app.py launches with (ui.launch.launch_options)
+    demo.queue().launch(prevent_thread_lock=True, server_port=free_port(), quiet=True,
+                        **page_style())  # the page's style, as app.py launches it
     try:
         yield {"url": demo.local_url, "manager": manager}
     finally:
@@ -319,17 +320,17 @@ def test_the_page_scripts_decide_as_the_tests_say(page):
     assert page.evaluate(restore, [kept, [shown[name] for name in FIELD_NAMES]]) == [
         shown[name] for name in FIELD_NAMES]
     clear = f"(action) => ({trainscripts.CLEAR_REFUSAL_JS})(action)"
-    for refused in (train.failed_action("start", "Invalid setting, image size: 36"),
-                    train.failed_action("queue", "Invalid setting, seed: too big")):
+    for refused in (trainactions.failed_action("start", "Invalid setting, image size: 36"),
+                    trainactions.failed_action("queue", "Invalid setting, seed: too big")):
         assert page.evaluate(clear, refused) is None
     started = {"action": "start", "run_id": "r1", "kind": "ok", "text": "Started run r1."}
-    for kept_action in (train.failed_action("stop", "no run is live"), started, None, "junk",
-                        {"kind": "error"}):
+    for kept_action in (trainactions.failed_action("stop", "no run is live"), started, None,
+                        "junk", {"kind": "error"}):
         assert page.evaluate(clear, kept_action) == kept_action
     resumed = f"([action, until]) => ({trainscripts.RESUMED_JS})(action, until)"
     ok = {"action": "resume", "run_id": "r1", "kind": "ok", "text": "Resumed r1."}
     assert page.evaluate(resumed, [ok, 40]) == 0
-    for other in (train.failed_action("resume", "step 40 is behind"), started, None):
+    for other in (trainactions.failed_action("resume", "step 40 is behind"), started, None):
         assert page.evaluate(resumed, [other, 40]) == 40
 
 
@@ -505,7 +506,7 @@ def test_reconstruct_keeps_the_step_chosen_and_drops_another_runs_results(page, 
     from mae_core.config import ModelConfig, RunConfig, TrainConfig
     from mae_core.model import MaskedAutoencoder
     from mae_core.snapshots import WeightSnapshots
-    from ui import SLOW_POLL_S
+    from ui.blocks import SLOW_POLL_S
 
     manager = server["manager"]
     [trained] = manager.list()
@@ -792,6 +793,11 @@ def test_a_phone_sees_the_whole_chart_and_every_preview(browser_factory, server)
                                 ".filter(td => td.getBoundingClientRect().width > 0)"
                                 ".map(td => td.getBoundingClientRect().right)")
         assert reasons and max(reasons) <= 390, reasons
+        # Each preset's name is read whole (the box read "vit-t…" at 390 px).
+        preset = page.locator("#param-preset input")
+        for name in ("vit-small", "vit-large"):
+            preset.fill(name)
+            assert preset.evaluate("e => e.scrollWidth <= e.clientWidth"), name
         # ... while a table whose columns are runs or policies keeps its headers (a phone showed
         # "frozen | trainable" under no policy's name, and a cell printed over the next one).
         heads = page.evaluate("() => [...document.querySelectorAll('.mae-diff th')]"

@@ -15,7 +15,7 @@ from PIL import Image
 
 from mae_core import datasource, prepared
 from mae_core.preparing import Preparation, Preparations
-from mae_core.process import group_members
+from mae_core.proctree import group_members
 
 
 @pytest.fixture

@@ -220,7 +220,7 @@ def test_a_run_on_another_node_marked_dead_signals_nothing_on_this_one(tmp_path)
     """A remote run's pid names nothing here: marking it dead after its silence must not kill
     the local process group that happens to carry that number (here one whose leader exited)."""
     from mae_core.fileio import atomic_write_json
-    from mae_core.process import group_members
+    from mae_core.proctree import group_members
 
     manager = RunManager(tmp_path / "runs")
     paths = create_run(tiny_config(max_steps=9).resolved(), runs_dir=manager.runs_dir)
@@ -293,6 +293,73 @@ def live_stand_in():
         sleeper.wait()
 
 
+@pytest.mark.parametrize("made_by", ["app", "hand"])
+def test_a_run_folder_moved_under_its_trainer_fails_saying_so(tmp_path, made_by):
+    """Renamed while its trainer ran, a run failed at the trainer's next write with a bare
+    FileNotFoundError of the old path, as if it had crashed: the move is said. The app's record
+    names the folder in the trainer's command line; a run by hand's, made with the run
+    (create_run), names it too. A stand-in trainer (``sleep``) that exits as the real one did."""
+    from mae_core.fileio import atomic_write_json
+    from mae_core.process import process_record, trainer_command
+
+    manager = RunManager(tmp_path / "runs")
+    sleeper = subprocess.Popen(["sh", "-c", "sleep 300; exit 1"], start_new_session=True)
+    cfg = tiny_config(max_steps=9).resolved()
+    if made_by == "hand":
+        paths = create_run(cfg, runs_dir=manager.runs_dir,
+                           process=process_record(sleeper.pid, command=["train.py"]))
+    else:
+        paths = create_run(cfg, runs_dir=manager.runs_dir)
+        atomic_write_json(paths.process, process_record(
+            sleeper.pid, command=trainer_command(paths.root)))
+    paths.write_status(state="running", step=3)
+    moved = paths.root.with_name(paths.root.name + "-renamed")
+    paths.root.rename(moved)
+    assert manager.status(moved.name)["state"] == "running"  # found under its new name, live
+    subprocess.run(["pkill", "-P", str(sleeper.pid), "sleep"], check=True)  # the sh exits 1
+    sleeper.wait()
+    status = manager.status(moved.name)
+    assert status["state"] == "failed"
+    assert status["error"].endswith(f"before finishing: its folder was moved here from "
+                                    f"{paths.root} while it trained, and it could no longer "
+                                    "write its files"), status["error"]
+
+
+def test_a_trainer_gone_in_its_own_folder_is_not_said_moved(tmp_path, live_stand_in):
+    from mae_core.fileio import atomic_write_json
+    from mae_core.process import process_record
+
+    manager = RunManager(tmp_path / "runs")
+    paths, sleeper = live_stand_in(manager)
+    for command in (["python", "-m", "mae_core.train", "--run-dir", str(paths.root)],
+                    [1, 2, None]):  # process.json is a file anyone can edit
+        atomic_write_json(paths.process, process_record(sleeper.pid, command=command))
+        assert manager.status(paths.run_id)["state"] == "running"
+    sleeper.kill()
+    sleeper.wait()
+    status = manager.status(paths.run_id)
+    assert status["state"] == "failed" and "moved" not in status["error"]
+    assert status["error"].startswith("the trainer process is gone")
+
+
+def test_another_nodes_silent_trainer_is_never_said_moved(tmp_path, monkeypatch):
+    """Its folder is the same shared one, mounted under another path there: a path this machine
+    lacks is no sign of a move."""
+    from mae_core import runwatch
+    from mae_core.fileio import atomic_write_json
+
+    monkeypatch.setattr(runwatch, "REMOTE_SILENCE_S", 0.0)
+    manager = RunManager(tmp_path / "runs")
+    paths = create_run(tiny_config(max_steps=9).resolved(), runs_dir=manager.runs_dir)
+    elsewhere = "/gpfs/home/u/checkpoints/" + paths.run_id
+    atomic_write_json(paths.process, {"pid": 4242, "start_time": "1", "host": "gpu-node-7",
+                                      "run_dir": elsewhere, "launched": 0})
+    paths.write_status(state="running", step=3)
+    status = manager.status(paths.run_id)
+    assert status["state"] == "failed" and "moved" not in status["error"], status
+    assert runwatch._moved_from({"run_dir": elsewhere}, paths.root) == elsewhere  # were it local
+
+
 def test_a_force_stop_is_recorded_as_such_whatever_reads_the_status_meanwhile(tmp_path,
                                                                               live_stand_in):
     """The trainer is signalled outside the lock; a status read (another page's poll) that saw it
@@ -338,7 +405,8 @@ def test_a_force_stop_ends_a_trainer_started_by_hand_inside_a_script(tmp_path):
     Force stop signalled its pid's group, reached no one, and recorded "stopped" while it trained
     on. It ends now, and the script that started it goes on."""
     from mae_core.fileio import atomic_write_json
-    from mae_core.process import descendants, pid_alive, process_record
+    from mae_core.process import pid_alive, process_record
+    from mae_core.proctree import descendants
 
     manager = RunManager(tmp_path / "runs")
     paths = create_run(tiny_config(max_steps=9).resolved(), runs_dir=manager.runs_dir)
@@ -362,14 +430,29 @@ def test_a_trainer_that_outlives_sigkill_is_not_recorded_stopped(tmp_path, live_
     """A trainer stuck in the kernel (a hung disk or driver) lives through SIGKILL: recorded
     "stopped", it read "running" again at its next save, and a Start meanwhile was not refused.
     No process here can outlive SIGKILL, so the signals are taken as having failed."""
-    from mae_core import process
+    from mae_core import proctree
 
     manager = RunManager(tmp_path / "runs")
     paths, sleeper = live_stand_in(manager)
-    monkeypatch.setattr(process, "terminate_group", lambda pid, start_time, grace_s=5.0: False)
+    monkeypatch.setattr(proctree, "terminate_group", lambda pid, start_time, grace_s=5.0: False)
     with pytest.raises(RunError, match=rf"pid {sleeper.pid}\) still runs after SIGTERM"):
         manager.stop(paths.run_id, force=True)
     assert manager.status(paths.run_id)["state"] == "running"
+
+
+def test_a_finished_run_given_no_higher_end_is_told_so_first(tmp_path):
+    """Its other checks came first: a finished run whose data folder had since gone was refused
+    for the data, and once that was put back, for having finished."""
+    manager = RunManager(tmp_path / "runs")
+    cfg = tiny_config(max_steps=4, data=str(tmp_path / "moved-away")).resolved()
+    paths = create_run(cfg, runs_dir=manager.runs_dir, state="finished")
+    paths.write_status(step=4)
+    for steps in (None, 4):
+        with pytest.raises(RunError, match=f"run {paths.run_id} has finished; raise max steps "
+                                           "above 4 to train it further"):
+            manager.resume(paths.run_id, max_steps=steps)
+    with pytest.raises(DataError, match="moved-away"):  # given more steps, the data is checked
+        manager.resume(paths.run_id, max_steps=6)
 
 
 def test_corrupt_checkpoint_is_refused_on_resume(manager):

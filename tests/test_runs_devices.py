@@ -16,7 +16,8 @@ import torch
 from mae_core import precision as precision_module
 from mae_core.config import ConfigError, ModelConfig, RunConfig, TrainConfig
 from mae_core.fileio import read_json
-from mae_core.process import clean_env, kill_group, process_record, valid_pid
+from mae_core.process import clean_env, process_record, valid_pid
+from mae_core.proctree import kill_group
 from mae_core.rundir import create_run
 from mae_core.runs import RunManager
 from tests.helpers import REPO_ROOT

@@ -331,6 +331,8 @@ def test_a_run_trained_on_another_host_is_refused_while_heard_from_unless_its_jo
     cfg = RunConfig().with_overrides(max_steps=8, image_size=32, accelerator="cpu", devices=1)
     elsewhere = {"pid": 4242, "start_time": "1", "host": "gpu-node-7", "slurm_job": "913"}
     paths = create_run(cfg, run_dir=tmp_path / "run", state="running", process=elsewhere)
+    recorded = read_json(paths.process)
+    assert recorded == elsewhere | {"run_dir": str(paths.root.resolve())}
 
     def heard(seconds_ago: float, state: str = "running") -> None:
         atomic_write_json(paths.status, {**read_json(paths.status), "state": state,
@@ -343,7 +345,7 @@ def test_a_run_trained_on_another_host_is_refused_while_heard_from_unless_its_jo
     monkeypatch.setenv("SLURM_JOB_ID", "914")  # another job: as refused
     with pytest.raises(ConfigError, match="being trained on host gpu-node-7"):
         _prepare("--run-dir", str(paths.root))
-    assert read_json(paths.process) == elsewhere  # nothing written
+    assert read_json(paths.process) == recorded  # nothing written
 
     # The same job, requeued after its node failed: started on this host, recorded here.
     monkeypatch.setenv("SLURM_JOB_ID", "913")

@@ -258,7 +258,7 @@ def test_no_number_a_person_types_is_refused_before_its_handler(tmp_path):
     it or refuses it as a message). A plain gr.Slider refused 5 in "EMA smoothing" itself, with
     a toast, on every 1.5 s poll: the live view stopped updating while the run trained on."""
     from mae_core.runs import RunManager
-    from ui import build_app
+    from ui.blocks import build_app
 
     demo = build_app(RunManager(tmp_path / "runs"))
     fed = {block for fn in demo.fns.values() for block in fn.inputs

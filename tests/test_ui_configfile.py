@@ -86,7 +86,7 @@ def test_a_bad_uploaded_config_names_the_file_not_the_servers_folder(tmp_path):
 def test_a_refused_download_takes_back_the_earlier_file(ctx):
     """A valid form downloaded, then made invalid: the refusal says why and no longer offers
     the earlier YAML (another form's config) for download."""
-    from ui import build_app
+    from ui.blocks import build_app
     from ui.common import FIELD_NAMES
 
     demo = build_app(ctx.manager)
@@ -104,7 +104,7 @@ def test_a_refused_download_takes_back_the_earlier_file(ctx):
 def test_the_accordion_reports_under_its_own_buttons(ctx, tmp_path):
     """Copy, load and download answer in the accordion, under its buttons: the Train tab's
     message sits about 1,000 px above them, where a refusal or a success went unseen."""
-    from ui import build_app
+    from ui.blocks import build_app
     from ui.common import FIELD_NAMES
 
     demo = build_app(ctx.manager)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ui.launch import AUTH_ENV, launch_options, parse_args
+from ui.render import page_style
 
 
 @pytest.fixture(autouse=True)
@@ -69,9 +70,10 @@ def test_runs_dir_port_and_browser_flags():
     assert args.runs_dir == "/tmp/elsewhere"
     opts = launch_options(args)
     assert opts["server_port"] == 8123 and opts["inbrowser"] is False
-    assert "mae-box" in opts["css"]  # the theme-variable CSS travels with the launch
+    style = page_style()  # app.py launches with both
+    assert "mae-box" in style["css"]  # the theme-variable CSS travels with the launch
     # Field hints in a grey that reads on a light page (the default's is 2.6:1 on white).
-    assert opts["theme"].body_text_color_subdued == "*neutral_500"
+    assert style["theme"].body_text_color_subdued == "*neutral_500"
 
 
 @pytest.mark.parametrize("port", ["99999", "-1", "0", "80.5", "http"])

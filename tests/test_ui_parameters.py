@@ -119,7 +119,7 @@ def wired(demo, elem_id: str, event: str) -> list:
 def test_a_chosen_run_shows_its_model_in_the_fields_and_an_edit_leaves_the_run(tmp_path):
     """The title read "Run …: 32px, patch 8" above fields still at the preset's defaults, and a
     size typed there was silently ignored: Audit kept auditing the run."""
-    from ui import build_app
+    from ui.blocks import build_app
 
     ctx = AppContext(RunManager(tmp_path / "runs"))
     cfg = RunConfig(model=ModelConfig(preset="vit-small", image_size=40, patch_size=8),

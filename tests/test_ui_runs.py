@@ -109,9 +109,12 @@ def test_delete_is_offered_only_for_a_run_that_is_not_live(ctx, stand_in):
 def test_refresh_with_no_runs_or_a_vanished_pick(ctx):
     out = runs.refresh(ctx, None, None)
     assert out["pick"]["value"] is None and out["delete"]["interactive"] is False
+    # An empty grid said nothing: it says there are no runs yet, and where they are looked for.
+    assert f"No runs in <code>{ctx.manager.runs_dir}</code> yet" in out["evaluation"]
     paths = make_run(ctx)
     out = runs.refresh(ctx, "deleted-meanwhile", out["sig"])
     assert out["pick"]["value"] == paths.run_id
+    assert "No runs" not in out["evaluation"]
 
 
 def test_buttons_that_could_only_refuse_are_greyed_out(ctx, tmp_path):
@@ -210,7 +213,7 @@ def test_export_refusals(ctx):
 
 def test_queued_runs_show_their_place_and_move(ctx):
     from ui.common import form_values
-    from ui.train import queue_run
+    from ui.trainactions import queue_run
 
     values = {**form_values(TINY), "data": ""}
     first = queue_run(ctx.manager, values)["run_id"]
@@ -332,7 +335,7 @@ def test_a_reloaded_page_follows_the_running_evaluation_and_a_second_press_waits
 def test_an_evaluate_press_is_answered_while_one_runs(ctx):
     """Gradio's default trigger mode dropped a press made while the last one's event ran (and a
     concurrency limit would queue it behind a whole evaluation): the page said nothing."""
-    from ui import build_app
+    from ui.blocks import build_app
 
     demo = build_app(ctx.manager)
     [evaluate] = [f for f in demo.fns.values() if f.api_name == "evaluate_run"]

@@ -1,4 +1,5 @@
-"""ui.train's handlers, called as plain functions on real run directories (no server).
+"""ui.train's handlers and its run controls (ui.trainactions), called as plain functions on real
+run directories (no server).
 
 Run directories are made by ``create_run`` and filled with real files (status, metrics lines, log).
 A run that must count as live gets a real stand-in process (``sleep``) recorded as its trainer; one
@@ -19,7 +20,7 @@ from mae_core.fileio import atomic_write_json
 from mae_core.process import process_record
 from mae_core.rundir import LIVE_STATES, RunPaths, create_run
 from mae_core.runs import RunError
-from ui import train
+from ui import train, trainactions
 from ui.common import AppContext, UserError, form_values
 
 TINY = RunConfig(model=ModelConfig(image_size=32, patch_size=8),
@@ -88,6 +89,24 @@ def test_action_message_follows_the_run_through_a_stop():
     assert "Stop requested" not in stopped
     assert "stopped at step 7" in stopped and "Resume" in stopped
     assert "Resume" not in train.action_message(action, {"state": "stopped", "step": 7})
+
+
+def test_resume_refusals_speak_of_the_page_not_the_command_line():
+    """The run manager's refusals name its flags; from the page, "max steps" is the box beside
+    Resume, and the run's max epochs cannot be raised (the form's is a new run's)."""
+    from mae_core.resumecheck import past_the_epoch_limit, require_steps_left
+
+    by_epochs = RunConfig(train=TrainConfig(max_steps=-1, max_epochs=2))
+    with pytest.raises(RunError) as ended:
+        past_the_epoch_limit({"state": "finished", "step": 8}, by_epochs, by_epochs, "r1")
+    with pytest.raises(RunError) as behind:
+        require_steps_left(TINY, 4, "r1")
+    until = trainactions.RESUME_UNTIL
+    assert trainactions.in_page_words(str(ended.value)) == (
+        f"run r1 finished its 2 epochs at step 8: set {until} above 8 (the epoch limit then goes) "
+        "to train it further")
+    assert trainactions.in_page_words(str(behind.value)) == (
+        f"the checkpoint of r1 is at step 4: set {until} above 4 to train it further")
 
 
 def test_action_message_for_finished_failed_and_refused():
@@ -269,14 +288,15 @@ def test_the_message_is_about_the_run_shown_or_says_its_run_is_gone(ctx, stand_i
     a = make_run(ctx, state="stopped", step=2)
     b = make_run(ctx, state="stopped", step=5)
     out = train.poll(ctx, **poll_args(a.run_id))
-    stop_of_a = train.done_action("stop", a.run_id, f"Stopping `{a.run_id}`.")
+    stop_of_a = trainactions.done_action("stop", a.run_id, f"Stopping `{a.run_id}`.")
     out = train.poll(ctx, **poll_args(a.run_id, sig=out["sig"], action=stop_of_a))
     assert "stopped at step 2" in out["message"]
     out = train.poll(ctx, **poll_args(b.run_id, sig=out["sig"], action=stop_of_a))  # B picked
     assert out["message"] == ""
     out = train.poll(ctx, **poll_args(a.run_id, sig=out["sig"], action=stop_of_a))  # and back
     assert out["sig"]["message"] == ""  # gone for good: it was about the run shown before
-    stop_again = train.done_action("stop", a.run_id, f"Stopping `{a.run_id}`.")  # the same words
+    stop_again = trainactions.done_action("stop", a.run_id,
+                                          f"Stopping `{a.run_id}`.")  # the same words
     out = train.poll(ctx, **poll_args(a.run_id, sig=out["sig"], action=stop_again))
     assert "stopped at step 2" in out["message"]  # a new action, not the one hidden
     refused = train.failed_action("resume", "run x has no checkpoint")
@@ -416,11 +436,11 @@ def test_start_launches_a_real_run_that_finishes(ctx):
     # A finished run trains further from the page (Resume was greyed out, with nothing said,
     # though the run manager takes a higher max steps): Resume is offered, the box named.
     assert out["resume"]["interactive"] is True
-    assert f"set {train.RESUME_UNTIL} above 4 and press Resume" in out["message"]
-    with pytest.raises(UserError, match=f"finished at step 4: set {train.RESUME_UNTIL} above"):
-        train.resume_run(ctx.manager, run_id, 0)
-    with pytest.raises(RunError, match=f"has finished; set {train.RESUME_UNTIL} above 4"):
-        train.resume_run(ctx.manager, run_id, 3)  # the command line's "max steps", renamed
+    assert f"set {trainactions.RESUME_UNTIL} above 4 and press Resume" in out["message"]
+    until = trainactions.RESUME_UNTIL
+    for too_few in (0, 3):  # 0: the run's own max steps; the command line's "max steps", renamed
+        with pytest.raises(RunError, match=f"has finished; set {until} above 4 to train it"):
+            train.resume_run(ctx.manager, run_id, too_few)
     resumed = train.resume_run(ctx.manager, run_id, 6)
     assert "from its checkpoint at step 4 towards 6 steps" in resumed["text"]
     status = wait_ended(ctx.manager, run_id)

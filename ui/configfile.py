@@ -27,7 +27,7 @@ from ui import render
 from ui.common import (DEFAULTS, FIELD_NAMES, FORM_FIELDS, AppContext, UserError,
                        config_from_form, form_by_name, form_values, guarded, widget_kind)
 
-CONFIG_FILE_MAX_AGE_S = 86400.0  # Gradio's own cache keeps a download a day (ui.build_app)
+CONFIG_FILE_MAX_AGE_S = 86400.0  # Gradio's own cache keeps a download a day (ui.blocks)
 FORM_STORAGE_KEY = "mae-studio-train-form"
 # BrowserState encrypts what it stores with this; a fixed one (the form holds nothing secret)
 # keeps the form through the app's restart, which a per-start random one would lose.
@@ -176,7 +176,7 @@ def wire(ctx: AppContext, c: dict[str, Any], fields: list[Any]) -> None:
 
     reset = c["reset_form"].click(on_reset, None, [*fields, message], api_name="reset_form")
     # Every change, typed, copied, loaded or reset, is kept; the page's load puts it back
-    # (ui.build_app: c["restore_form_spec"]).
+    # (ui.blocks.build_app: c["restore_form_spec"]).
     gr.on([field.change for field in fields], None, fields, c["form_memory"], js=REMEMBER_FORM_JS,
           api_visibility="private", trigger_mode="always_last", show_progress="hidden")
     c["restore_form_spec"] = dict(fn=None, inputs=[c["form_memory"], *fields], outputs=fields,

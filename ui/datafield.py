@@ -7,6 +7,7 @@ preparation itself is :mod:`mae_core.preparing` (its own process; a cancel leave
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import gradio as gr
@@ -31,8 +32,8 @@ def data_info(folder: str | None) -> str:
         summary = check_data(data)
         found = survey(data, summary)
     except Exception as err:  # noqa: BLE001 - shown beside the field
-        return render.notice("error", describe(err, "checking the data folder"))
-    where = f"`{data}`" if data else "the sample photos"
+        return render.notice("error", describe(err, "checking the data folder") + read_from(data))
+    where = f"`{data}`{read_from(data)}" if data else "the sample photos"
     if is_prepared(data) or is_remote(data):  # the manifest's count is in the note
         return render.notice("ok", f"{where}: {data_note(data, found)}")
     kind = "" if summary.channels == 3 and summary.bits == 8 else (
@@ -42,6 +43,18 @@ def data_info(folder: str | None) -> str:
     if note := summary.alpha_note():  # a band about to be read as transparency: said before Start
         return render.notice("warn", f"{text} — {note}.")
     return render.notice("ok", text)
+
+
+def read_from(data: str) -> str:
+    """Where a relative path is read from, said; "" for any other path. A run keeps the absolute
+    path, made from the folder the app was started in, which the page never showed."""
+    from mae_core.prepared import is_remote
+
+    expanded = os.path.expanduser(data)
+    # "~nouser/x" stays as typed (mae_core.config keeps it so, and the data check says why)
+    if not data or is_remote(data) or os.path.isabs(expanded) or expanded.startswith("~"):
+        return ""
+    return f" (from the folder the app was started in: `{os.path.abspath(data)}`)"
 
 
 def _nothing_to_prepare(data: str) -> str | None:
@@ -133,7 +146,7 @@ def wire(c: dict[str, Any], jobs: Preparations) -> None:
     as_updates = lambda out: {names[k]: v for k, v in out.items()}
     error = lambda text: {names["progress"]: render.notice("error", text)}
     data = c["field.data"]
-    # Only reads; unlimited, or every page's load (ui.build_app) and every blur would wait in one
+    # Only reads; unlimited, or every page's load (ui.blocks) and every blur would wait in one
     # queue behind the walk of one large folder. A blur while a check runs is checked after it,
     # with the field as it is then (dropped, the note went on describing the folder before).
     gr.on([data.blur, data.submit], data_info, data, c["data_info"], api_name="check_data",

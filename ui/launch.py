@@ -16,7 +16,6 @@ import sys
 from typing import Any
 
 from mae_core.rundir import DEFAULT_RUNS_DIR
-from ui.render import CSS, theme
 
 AUTH_ENV = "MAE_STUDIO_AUTH"
 MAX_UPLOAD = "64mb"
@@ -102,9 +101,10 @@ def launch_options(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"{where} lets anyone who reaches it start, stop and delete runs: add "
                          f"--auth USER:PASSWORD (or set {AUTH_ENV}=USER:PASSWORD), or bind 127.0.0.1")
     _require_resolvable(args.host)
+    # The page's style (ui.render.page_style) is not here: it loads gradio, and a refused launch
+    # is said before that (six seconds here).
     return dict(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
-                max_file_size=MAX_UPLOAD, css=CSS, theme=theme(),
-                inbrowser=not args.no_browser and _has_display())
+                max_file_size=MAX_UPLOAD, inbrowser=not args.no_browser and _has_display())
 
 
 def _has_display() -> bool:

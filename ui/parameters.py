@@ -89,7 +89,7 @@ def build(ctx: AppContext) -> dict[str, Any]:
         c["run"] = gr.Dropdown([NO_RUN], value="", label="run", scale=3, min_width=240,
                                elem_id="param-run", allow_custom_value=True)
         c["preset"] = gr.Dropdown(list(PRESETS), value=d.preset, label="preset", scale=1,
-                                  min_width=120, elem_id="param-preset", allow_custom_value=True)
+                                  min_width=150, elem_id="param-preset", allow_custom_value=True)
         c["image_size"] = FieldNumber(d.image_size, label="image size", scale=1, min_width=100,
                                       elem_id="param-image")
         c["patch_size"] = FieldNumber(d.patch_size, label="patch size", scale=1, min_width=100,

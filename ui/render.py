@@ -16,6 +16,12 @@ from typing import Any
 from mae_core import display
 from mae_core.rundir import LIVE_STATES, RunState
 
+
+def page_style() -> dict[str, Any]:
+    """The ``launch()`` arguments that style the page (what ``python app.py`` launches with)."""
+    return {"css": CSS, "theme": theme()}
+
+
 def theme() -> Any:
     """Gradio's default theme with its subdued text (field hints, slider ends) readable on a light
     page: the default's neutral-400 is the same grey in both modes, 2.6:1 on white."""

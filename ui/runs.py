@@ -16,7 +16,7 @@ import gradio as gr
 from mae_core import display
 from mae_core.checks import shown
 from mae_core.evaljobs import EvaluationBusy, EvaluationJob, Evaluations
-from mae_core.rundir import DAMAGED, DAMAGED_RUN_ERROR, LIVE_STATES, RunState
+from mae_core.rundir import DAMAGED, DAMAGED_RUN_ERROR, DAMAGED_RUN_NOTE, LIVE_STATES, RunState
 from ui import compare, datacache, render
 from ui.common import AppContext, UserError, as_bool, as_run_id, describe, guarded
 
@@ -92,7 +92,7 @@ def damaged_rows(ctx: AppContext, damaged: Iterable[Mapping[str, Any]]) -> list[
         cells = ["–"] * len(HEADERS)
         cells[:2] = d["run_id"], DAMAGED
         cells[HEADERS.index("disk")] = folder_size(ctx.manager.runs_dir / d["run_id"])
-        cells[-1] = "config.yaml missing: delete it, or put the file back"
+        cells[-1] = DAMAGED_RUN_NOTE
         rows.append(cells)
     return rows
 
@@ -274,6 +274,24 @@ def saved_result(ctx: AppContext, run_id: str | None) -> dict[str, Any] | None:
     return read_result(ctx.manager.paths(run_id).root) if run_id else None
 
 
+def _below_the_buttons(ctx: AppContext, run_id: str | None, state: str | None,
+                       saved: dict[str, Any] | None) -> str:
+    """What the panel under the run buttons says of the picked run: its evaluation, or why a
+    damaged folder is no run; with no run at all, that there is none yet."""
+    if run_id is None:
+        return no_runs_html(ctx)
+    if state == DAMAGED:
+        return render.notice("error", f"{run_id}: {DAMAGED_RUN_ERROR}")
+    return evaluation_html(saved, run_id)
+
+
+def no_runs_html(ctx: AppContext) -> str:
+    """What an empty table means (an empty grid said nothing), and where runs are looked for: a
+    newcomer's first visit, or an app started with another ``--runs-dir``."""
+    return render.notice("info", f"No runs in `{ctx.manager.runs_dir}` yet: a run started in the "
+                                 "Train tab (or queued there) is listed here.")
+
+
 def button_states(ctx: AppContext, run_id: str | None, state: str | None) -> dict[str, bool]:
     """Which of the run buttons the picked run (``state``: its state) can use. A button that could
     only refuse is greyed out; the handlers still refuse in words (an API client calls them)."""
@@ -309,8 +327,7 @@ def refresh(ctx: AppContext, current: str | None, sig: dict | None,
     saved = saved_result(ctx, value) if value in run_ids else None
     stamp = (value, state if state == DAMAGED else (saved or {}).get("evaluated_at"))
     if stamp != sig.get("evaluation"):
-        out["evaluation"] = (render.notice("error", f"{value}: {DAMAGED_RUN_ERROR}")
-                             if state == DAMAGED else evaluation_html(saved, value))
+        out["evaluation"] = _below_the_buttons(ctx, value, state, saved)
     enabled = button_states(ctx, value, state)
     for name, on in enabled.items():
         if on != (sig.get("enabled") or {}).get(name):

@@ -2,13 +2,13 @@
 (status, loss curve, log tail) that a timer refreshes.
 
 The plain functions at the top do the work and take and return plain values, so tests call them
-without a server; :func:`build` lays out the tab and wires its events to them.
+without a server; :func:`build` lays out the tab and wires its events to them and to the run
+controls' actions (:mod:`ui.trainactions`).
 """
 
 from __future__ import annotations
 
 import atexit
-import time
 from typing import Any
 
 import gradio as gr
@@ -16,11 +16,13 @@ import gradio as gr
 from mae_core.checks import _is_number, shown
 from mae_core.config import RunConfig
 from mae_core.preparing import Preparations
-from mae_core.rundir import LIVE_STATES, RunError, RunState
+from mae_core.rundir import LIVE_STATES, RunState
 from ui import configfile, datafield, plots, render
 from ui.common import (DEFAULTS, FIELD_NAMES, FORM_FIELDS, MAIN_FIELDS, AppContext, UserError,
-                       FieldNumber, FieldSlider, as_bool, as_int, config_from_form, describe,
-                       field_widget, form_by_name, form_values, guarded, refused_field)
+                       FieldNumber, FieldSlider, as_bool, describe, field_widget, form_by_name,
+                       form_values, guarded)
+from ui.trainactions import (FORCE_STOP, STOP, about_another_run, action_message, failed_action,
+                             form_action, is_action, queue_run, resume_run, start_run, stop_run)
 from ui.trainscripts import CLEAR_REFUSAL_JS, RESUMED_JS, SHOW_REFUSED_FIELD_JS
 
 POLL_S = 1.5
@@ -28,128 +30,6 @@ LOG_LINES = 60
 HIDDEN = "hidden"
 SMOOTHING = 0.8  # the EMA slider's first value
 MAX_SMOOTHING = 0.99
-# The Stop button's labels: the label pressed says which was meant (see stop_run).
-STOP = "Stop"
-FORCE_STOP = "Force stop"  # once a stop is requested
-RESUME_UNTIL = "“resume until step”"  # the box beside Resume, as messages name it
-
-
-# --- actions ----------------------------------------------------------------------------------
-
-def start_run(manager: Any, values: dict[str, Any]) -> dict[str, Any]:
-    """Validate the form and start a run; the last action's record (see :func:`action_message`)."""
-    run_id = manager.start(config_from_form(values))
-    return done_action("start", run_id, f"Started run `{run_id}`.")
-
-
-def queue_run(manager: Any, values: dict[str, Any]) -> dict[str, Any]:
-    """Validate the form and queue the run behind the live one (it starts when the devices free)."""
-    run_id, position = manager.enqueue(config_from_form(values))
-    return done_action("queue", run_id, f"Queued run `{run_id}` at position {position}.")
-
-
-def stop_run(manager: Any, run_id: str | None, label: str | None = STOP) -> dict[str, Any]:
-    """Stop as the button read when pressed: "Stop" only ever asks (pressed again, or in a tab
-    that had not yet seen the first request, it used to force-kill the run and lose the steps
-    since its last checkpoint); "Force stop" ends it at once."""
-    if not run_id:
-        raise UserError("Choose a run to stop.")
-    if label == FORCE_STOP:
-        manager.stop(run_id, force=True)
-        return done_action("stop", run_id, f"Stopped `{run_id}` by force.")
-    manager.stop(run_id, force=False)
-    return done_action("stop", run_id, f"Stopping `{run_id}`.")
-
-
-def resume_run(manager: Any, run_id: str | None, until_step: Any) -> dict[str, Any]:
-    if not run_id:
-        raise UserError("Choose a run to resume.")
-    steps = as_int(until_step, "resume until step", optional=True) or None
-    before = manager.status(run_id)
-    if before.get("state") == RunState.FINISHED and steps is None:
-        raise UserError(f"`{run_id}` finished at step {before.get('step')}: set {RESUME_UNTIL} "
-                        "above it to train it further.")
-    try:
-        status = manager.resume(run_id, max_steps=steps)
-    except RunError as err:  # the run manager's words are the command line's: "max steps"
-        raise RunError(str(err).replace("raise max steps", f"set {RESUME_UNTIL}")) from None
-    step = status.get("resumed_from_step", status.get("step", 0))
-    # A new end moves the learning rate's cosine decay with it: said, as the curve shows it.
-    schedule = (f" Its learning-rate schedule now ends at step {steps}." if steps else "")
-    return done_action("resume", run_id, f"Resumed `{run_id}` from its checkpoint at step {step} "
-                                         f"towards {status.get('total_steps')} steps.{schedule}")
-
-
-def done_action(action: str, run_id: str, text: str) -> dict[str, Any]:
-    """A done action's record: the run it was done to and what to say. "at": the same action
-    again (a Stop of the run picked back) is another record, never one hidden before."""
-    return {"action": action, "run_id": run_id, "kind": "ok", "text": text, "at": time.time()}
-
-
-def failed_action(action: str, message: str, field: str | None = None,
-                  reason: str = "") -> dict[str, Any]:
-    """A refusal's record; ``field`` (with the ``reason`` said beside it) is the form's field it
-    is about, which the page then shows (:data:`ui.trainscripts.SHOW_REFUSED_FIELD_JS`)."""
-    # "at": the same refusal twice is another value, so the page shows it (and the field) again
-    record = {"action": action, "run_id": None, "kind": "error", "text": message,
-              "at": time.time()}
-    if not field:
-        return record
-    return record | {"field": field, "reason": reason or message}
-
-
-def form_action(action: str, act: Any, manager: Any, values: dict[str, Any]) -> dict[str, Any]:
-    """``act(manager, values)`` (:func:`start_run`, :func:`queue_run`); a refusal about one field
-    becomes a record naming it (the field may sit under "more settings", or below the live view
-    on a narrow screen, away from the message). Any other error is raised."""
-    try:
-        return act(manager, values)
-    except Exception as err:
-        field = refused_field(err)
-        if field is None:
-            raise
-        return failed_action(action, describe(err, action), field,
-                             str(err).removeprefix(f"{field}: "))
-
-
-def action_message(action: dict[str, Any] | None, status: dict[str, Any] | None,
-                   position: int | None = None) -> str:
-    """The message under the run controls: the last action, told as the run is NOW (a stop request
-    becomes "stopped at step N" once the trainer has stopped; ``position``: its place in the queue
-    now, moved since perhaps)."""
-    if not action:
-        return ""
-    if action["kind"] == "error":
-        return render.notice(action["kind"], action["text"])
-    run_id = action["run_id"]
-    if not status:  # it went (deleted here or in another tab): told, not its old news
-        return render.notice("info", f"Run `{run_id}` is no longer listed: deleted (or its "
-                                     "config.yaml is gone, see the Runs tab).")
-    state, step = status.get("state"), status.get("step", 0)
-    if state == RunState.QUEUED:
-        where = f" (number {position} in the queue)" if position else ""
-        return render.notice("info", f"Run `{run_id}` is queued{where}: it starts when the "
-                                     "devices are free.")
-    if state in LIVE_STATES:
-        if status.get("stop_requested"):
-            return render.notice("warn", f"Stop requested for `{run_id}`: it saves a checkpoint "
-                                         "after the current step (Force stop ends it at once).")
-        done = (f"Run `{run_id}` started from the queue." if action.get("action") == "queue"
-                else action["text"])  # its place in the queue, said then, is history
-        return render.notice("ok", f"{done} It is {state}.")
-    if state == RunState.FINISHED:
-        more = (f" To train it further, set {RESUME_UNTIL} above {step} and press Resume."
-                if status.get("extendable") else "")
-        return render.notice("ok", f"Run `{run_id}` finished at step {step}.{more}")
-    if state == RunState.STOPPED:
-        if status.get("error"):  # stopped by force: the error says where Resume takes up
-            return render.notice("warn", f"Run `{run_id}` {status['error']}.")
-        more = " Resume continues from its last checkpoint." if status.get("resumable") else ""
-        return render.notice("info", f"Run `{run_id}` stopped at step {step}.{more}")
-    more = (" Resume continues from its last checkpoint (steps since it are trained again)."
-            if status.get("resumable") else "")
-    return render.notice("error", f"Run `{run_id}` {state}: {status.get('error') or 'see the log'}"
-                                  f"{more}")
 
 
 # --- the live view ----------------------------------------------------------------------------
@@ -255,7 +135,7 @@ def poll(ctx: AppContext, run_id: str | None, overlay: list[str] | None, metric:
     overlay = [r for r in overlay if isinstance(r, str)] if isinstance(overlay, list) else []
     metric = metric if isinstance(metric, str) else "loss"
     log_scale = log_scale is True
-    action = action if _is_action(action) else None
+    action = action if is_action(action) else None
     sig = dict(sig) if isinstance(sig, dict) else {}
     smoothing = smoothing_of(smoothing, sig.get("smoothing", SMOOTHING))
     sig["smoothing"] = smoothing  # the last number the box held: kept while it holds none
@@ -305,27 +185,8 @@ def poll(ctx: AppContext, run_id: str | None, overlay: list[str] | None, metric:
     return out
 
 
-def about_another_run(action: dict[str, Any] | None, shown: str | None) -> bool:
-    """Whether the last action's message is about another run than the one now shown, so it goes
-    as the shown run changes (it went on saying "stopped at step 61. Resume continues …" beside the
-    next run, live, its Resume greyed out): one done to another run, or a Stop or Resume refused
-    for the run shown before. A refused Start or Queue is about the form: it stays."""
-    if not action:
-        return False
-    if action.get("kind") == "error":
-        return action.get("action") in ("stop", "resume")
-    return action.get("run_id") != shown
-
-
 def _text_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
-
-
-def _is_action(action: Any) -> bool:
-    """Whether ``action`` is a record the run controls wrote (see :func:`start_run`)."""
-    return (isinstance(action, dict) and action.get("kind") in render.NOTICE_KINDS
-            and isinstance(action.get("text"), str)
-            and isinstance(action.get("run_id"), (str, type(None))))
 
 
 def _config_or_none(manager: Any, run_id: str | None) -> RunConfig | None:

@@ -1,0 +1,157 @@
+"""The Train tab's run controls as plain functions: Start, Queue, Stop and Resume, each returning
+the record of what was done (or refused), and the message that record makes under the controls,
+told as the run is now. :mod:`ui.train` wires them to the buttons and the live view."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+from mae_core.rundir import LIVE_STATES, RunError, RunState
+from ui import render
+from ui.common import UserError, as_int, config_from_form, describe, refused_field
+
+# The Stop button's labels: the label pressed says which was meant (see stop_run).
+STOP = "Stop"
+FORCE_STOP = "Force stop"  # once a stop is requested
+RESUME_UNTIL = "“resume until step”"  # the box beside Resume, as messages name it
+
+
+def start_run(manager: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """Validate the form and start a run; the last action's record (see :func:`action_message`)."""
+    run_id = manager.start(config_from_form(values))
+    return done_action("start", run_id, f"Started run `{run_id}`.")
+
+
+def queue_run(manager: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """Validate the form and queue the run behind the live one (it starts when the devices free)."""
+    run_id, position = manager.enqueue(config_from_form(values))
+    return done_action("queue", run_id, f"Queued run `{run_id}` at position {position}.")
+
+
+def stop_run(manager: Any, run_id: str | None, label: str | None = STOP) -> dict[str, Any]:
+    """Stop as the button read when pressed: "Stop" only ever asks (pressed again, or in a tab
+    that had not yet seen the first request, it used to force-kill the run and lose the steps
+    since its last checkpoint); "Force stop" ends it at once."""
+    if not run_id:
+        raise UserError("Choose a run to stop.")
+    if label == FORCE_STOP:
+        manager.stop(run_id, force=True)
+        return done_action("stop", run_id, f"Stopped `{run_id}` by force.")
+    manager.stop(run_id, force=False)
+    return done_action("stop", run_id, f"Stopping `{run_id}`.")
+
+
+def resume_run(manager: Any, run_id: str | None, until_step: Any) -> dict[str, Any]:
+    if not run_id:
+        raise UserError("Choose a run to resume.")
+    steps = as_int(until_step, "resume until step", optional=True) or None
+    try:
+        status = manager.resume(run_id, max_steps=steps)
+    except RunError as err:
+        raise RunError(in_page_words(str(err))) from None
+    step = status.get("resumed_from_step", status.get("step", 0))
+    # A new end moves the learning rate's cosine decay with it: said, as the curve shows it.
+    schedule = (f" Its learning-rate schedule now ends at step {steps}." if steps else "")
+    return done_action("resume", run_id, f"Resumed `{run_id}` from its checkpoint at step {step} "
+                                         f"towards {status.get('total_steps')} steps.{schedule}")
+
+
+def in_page_words(refusal: str) -> str:
+    """A resume refusal of the run manager, which speaks the command line's flags, in the page's
+    words: its "max steps" is the box beside Resume here, and a resume from the page keeps the
+    run's max epochs (the form's is a new run's), so raising those is not offered."""
+    refusal = re.sub(r" or max epochs above \d+", "", refusal)
+    return refusal.replace("raise max steps", f"set {RESUME_UNTIL}")
+
+
+def done_action(action: str, run_id: str, text: str) -> dict[str, Any]:
+    """A done action's record: the run it was done to and what to say. "at": the same action
+    again (a Stop of the run picked back) is another record, never one hidden before."""
+    return {"action": action, "run_id": run_id, "kind": "ok", "text": text, "at": time.time()}
+
+
+def failed_action(action: str, message: str, field: str | None = None,
+                  reason: str = "") -> dict[str, Any]:
+    """A refusal's record; ``field`` (with the ``reason`` said beside it) is the form's field it
+    is about, which the page then shows (:data:`ui.trainscripts.SHOW_REFUSED_FIELD_JS`)."""
+    # "at": the same refusal twice is another value, so the page shows it (and the field) again
+    record = {"action": action, "run_id": None, "kind": "error", "text": message,
+              "at": time.time()}
+    if not field:
+        return record
+    return record | {"field": field, "reason": reason or message}
+
+
+def form_action(action: str, act: Any, manager: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """``act(manager, values)`` (:func:`start_run`, :func:`queue_run`); a refusal about one field
+    becomes a record naming it (the field may sit under "more settings", or below the live view
+    on a narrow screen, away from the message). Any other error is raised."""
+    try:
+        return act(manager, values)
+    except Exception as err:
+        field = refused_field(err)
+        if field is None:
+            raise
+        return failed_action(action, describe(err, action), field,
+                             str(err).removeprefix(f"{field}: "))
+
+
+def action_message(action: dict[str, Any] | None, status: dict[str, Any] | None,
+                   position: int | None = None) -> str:
+    """The message under the run controls: the last action, told as the run is NOW (a stop request
+    becomes "stopped at step N" once the trainer has stopped; ``position``: its place in the queue
+    now, moved since perhaps)."""
+    if not action:
+        return ""
+    if action["kind"] == "error":
+        return render.notice(action["kind"], action["text"])
+    run_id = action["run_id"]
+    if not status:  # it went (deleted here or in another tab): told, not its old news
+        return render.notice("info", f"Run `{run_id}` is no longer listed: deleted (or its "
+                                     "config.yaml is gone, see the Runs tab).")
+    state, step = status.get("state"), status.get("step", 0)
+    if state == RunState.QUEUED:
+        where = f" (number {position} in the queue)" if position else ""
+        return render.notice("info", f"Run `{run_id}` is queued{where}: it starts when the "
+                                     "devices are free.")
+    if state in LIVE_STATES:
+        if status.get("stop_requested"):
+            return render.notice("warn", f"Stop requested for `{run_id}`: it saves a checkpoint "
+                                         "after the current step (Force stop ends it at once).")
+        done = (f"Run `{run_id}` started from the queue." if action.get("action") == "queue"
+                else action["text"])  # its place in the queue, said then, is history
+        return render.notice("ok", f"{done} It is {state}.")
+    if state == RunState.FINISHED:
+        more = (f" To train it further, set {RESUME_UNTIL} above {step} and press Resume."
+                if status.get("extendable") else "")
+        return render.notice("ok", f"Run `{run_id}` finished at step {step}.{more}")
+    if state == RunState.STOPPED:
+        if status.get("error"):  # stopped by force: the error says where Resume takes up
+            return render.notice("warn", f"Run `{run_id}` {status['error']}.")
+        more = " Resume continues from its last checkpoint." if status.get("resumable") else ""
+        return render.notice("info", f"Run `{run_id}` stopped at step {step}.{more}")
+    more = (" Resume continues from its last checkpoint (steps since it are trained again)."
+            if status.get("resumable") else "")
+    return render.notice("error", f"Run `{run_id}` {state}: {status.get('error') or 'see the log'}"
+                                  f"{more}")
+
+
+def about_another_run(action: dict[str, Any] | None, shown: str | None) -> bool:
+    """Whether the last action's message is about another run than the one now shown, so it goes
+    as the shown run changes (it went on saying "stopped at step 61. Resume continues …" beside the
+    next run, live, its Resume greyed out): one done to another run, or a Stop or Resume refused
+    for the run shown before. A refused Start or Queue is about the form: it stays."""
+    if not action:
+        return False
+    if action.get("kind") == "error":
+        return action.get("action") in ("stop", "resume")
+    return action.get("run_id") != shown
+
+
+def is_action(action: Any) -> bool:
+    """Whether ``action`` is a record the run controls wrote (see :func:`start_run`)."""
+    return (isinstance(action, dict) and action.get("kind") in render.NOTICE_KINDS
+            and isinstance(action.get("text"), str)
+            and isinstance(action.get("run_id"), (str, type(None))))
