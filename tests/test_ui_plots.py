@@ -217,6 +217,22 @@ def test_log_axis_labels_values_above_one_and_narrow_spans(tmp_path):
         assert 2.0 in values and all(low <= v <= high for v in values)
 
 
+def test_a_short_run_has_one_tick_per_step(tmp_path):
+    """Vega ticked 1.5 between two steps and the whole-number format labelled it "2": a 2-step
+    run's axis read "1, 2, 2". A few steps get a tick each; more are left to Vega."""
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2)))
+    for smoothing, log_scale in ((0.0, True), (0.6, False)):
+        chart = curve_chart(curve_points({RUN_A: MetricsReader(path)}, "loss", smoothing),
+                            "loss", log_scale)
+        assert [enc["x"]["axis"]["values"] for enc in specs(chart)] == [[1, 2]] * len(specs(chart))
+    assert plots.step_ticks(3, 9) == [3, 4, 5, 6, 7, 8, 9]
+    assert plots.step_ticks(1, 40) is None
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 41)))
+    chart = curve_chart(curve_points({RUN_A: MetricsReader(path)}, "loss", 0.0), "loss", False)
+    assert all("values" not in enc["x"]["axis"] for enc in specs(chart))
+
+
 def test_log_axis_leaves_out_values_it_cannot_draw(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": v}) + "\n"

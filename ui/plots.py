@@ -112,8 +112,26 @@ def curve_chart(points: pd.DataFrame, metric: str, log_scale: bool) -> VegaLiteC
         for layer in spec["layer"]:
             layer["encoding"]["y"]["scale"]["domain"] = [low / pad, high * pad]
             layer["encoding"]["y"]["axis"]["values"] = ticks
+    _mark_steps(spec, points)
     spec["datasets"] = {"points": points.to_dict("records")}
     return VegaLiteChart(spec)
+
+
+MAX_STEP_TICKS = 10
+
+
+def step_ticks(first: int, last: int) -> list[int] | None:
+    """Every step from ``first`` to ``last`` where they are few, else None (Vega's own ticks).
+    Vega puts a tick between two steps (1.5 on a 2-step run), which the axis's whole-number
+    format labels "2" again: the axis read "1, 2, 2"."""
+    return list(range(first, last + 1)) if last - first < MAX_STEP_TICKS else None
+
+
+def _mark_steps(spec: dict, points: pd.DataFrame) -> None:
+    ticks = step_ticks(int(points["step"].min()), int(points["step"].max()))
+    if ticks is not None:
+        for part in spec.get("layer", [spec]):
+            part["encoding"]["x"]["axis"]["values"] = ticks
 
 
 MAX_LOG_TICKS = 12
@@ -242,6 +260,7 @@ def knn_chart(points: pd.DataFrame) -> VegaLiteChart | None:
     if points.empty:
         return None
     spec = copy.deepcopy(_knn_layout(tuple(dict.fromkeys(points["run"]))))
+    _mark_steps(spec, points)
     spec["datasets"] = {"points": points.to_dict("records")}
     return VegaLiteChart(spec)
 
