@@ -296,7 +296,8 @@ def _record_process(paths: RunPaths, overrides: dict[str, Any]) -> bool:
     was started so (not by the app)."""
     if (read_json(paths.process) or {}).get("pid") == os.getpid():
         return False
-    atomic_write_json(paths.process, _own_record(overrides) | {"run_dir": str(paths.root.resolve())})
+    record = _own_record(overrides) | {"run_dir": str(paths.root.resolve())}
+    atomic_write_json(paths.process, record)
     return True
 
 
