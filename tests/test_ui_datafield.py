@@ -74,6 +74,34 @@ def test_the_data_field_walks_the_folder_and_reads_each_header_once(tmp_path, mo
     assert sorted(probes) == sorted(folder.iterdir())
 
 
+def test_page_loads_reuse_a_recent_note_but_never_a_refusal(tmp_path, monkeypatch):
+    """Each page load (a reload, every open tab) walked the restored folder and read every
+    image's header again. A load within KEEP_NOTE_S of the last takes its note; a refusal is not
+    kept, so a folder made meanwhile is found at the next load."""
+    from mae_core import data
+
+    folder = _folder(tmp_path / "photos", 3)
+    walks = []
+    real_walk = data.find_images
+    monkeypatch.setattr(data, "find_images", lambda f: walks.append(f) or real_walk(f))
+    notes = datafield.RecentNotes()
+    first = notes.note(str(folder))
+    assert "3 image file(s) found" in first and len(walks) == 1
+    (folder / "more.jpg").write_bytes((folder / "0000.jpg").read_bytes())
+    assert notes.note(f" {folder} ") == first and len(walks) == 1  # the same folder, kept
+    assert "4 image file(s) found" in datafield.data_info(str(folder))  # a blur: afresh
+    assert "4 image file(s) found" in datafield.RecentNotes(keep_s=0).note(str(folder))
+    later = tmp_path / "later"
+    assert 'data-kind="error"' in notes.note(str(later))
+    _folder(later, 2)
+    assert "2 image file(s) found" in notes.note(str(later))
+    _folder(tmp_path / "third", 1)
+    small = datafield.RecentNotes(size=2)
+    for name in ("photos", "later", "third"):
+        small.note(str(tmp_path / name))
+    assert list(small._notes) == [str(tmp_path / "later"), str(tmp_path / "third")]  # bounded
+
+
 def test_prepare_shows_progress_then_the_prepared_set(tmp_path, cache, jobs):
     folder = _folder(tmp_path / "large", prepared.AUTO_PREPARE_ABOVE + 1)
     before = datafield.data_info(str(folder))

@@ -8,6 +8,8 @@ preparation itself is :mod:`mae_core.preparing` (its own process; a cancel leave
 from __future__ import annotations
 
 import os
+import threading
+import time
 from typing import Any
 
 import gradio as gr
@@ -18,11 +20,17 @@ from ui.common import UserError, describe, guarded
 
 POLL_S = 1.0
 HIDDEN = "hidden"
+KEEP_NOTE_S = 30.0  # how long a page load reuses the last load's note on the same folder
 
 
 def data_info(folder: str | None) -> str:
     """What the data field holds: image files found, unreadable ones, prepared or not, size on disk;
     or why it cannot be trained on."""
+    return render.notice(*_describe(folder))
+
+
+def _describe(folder: str | None) -> tuple[str, str]:
+    """(notice kind, text) of :func:`data_info`."""
     from mae_core.data import check_data
     from mae_core.prepared import is_prepared, is_remote
     from mae_core.preparing import data_note, survey
@@ -32,17 +40,45 @@ def data_info(folder: str | None) -> str:
         summary = check_data(data)
         found = survey(data, summary)
     except Exception as err:  # noqa: BLE001 - shown beside the field
-        return render.notice("error", describe(err, "checking the data folder") + read_from(data))
+        return "error", describe(err, "checking the data folder") + read_from(data)
     where = f"`{data}`{read_from(data)}" if data else "the sample photos"
     if is_prepared(data) or is_remote(data):  # the manifest's count is in the note
-        return render.notice("ok", f"{where}: {data_note(data, found)}")
+        return "ok", f"{where}: {data_note(data, found)}"
     kind = "" if summary.channels == 3 and summary.bits == 8 else (
         f" {summary.describe()} images: in_chans {summary.channels}, normalised with the data "
         "set's own statistics (computed at start);")
     text = f"{where}: {summary.files:,} image file(s) found;{kind} {data_note(data, found)}"
     if note := summary.alpha_note():  # a band about to be read as transparency: said before Start
-        return render.notice("warn", f"{text} — {note}.")
-    return render.notice("ok", text)
+        return "warn", f"{text} — {note}."
+    return "ok", text
+
+
+class RecentNotes:
+    """:func:`data_info` for page loads, each note kept ``keep_s``: every load (a reload, each
+    open tab) walked the restored folder again, reading a header per image of a large folder.
+    Refusals are not kept (a folder made meanwhile is found at the next load), and an edit or a
+    blur of the field always checks afresh."""
+
+    def __init__(self, keep_s: float = KEEP_NOTE_S, size: int = 16) -> None:
+        self.keep_s, self.size = keep_s, size
+        self._notes: dict[str, tuple[float, str]] = {}
+        self._lock = threading.Lock()
+
+    def note(self, folder: str | None) -> str:
+        key, now = (folder or "").strip(), time.monotonic()
+        with self._lock:
+            kept = self._notes.get(key)
+        if kept and now - kept[0] < self.keep_s:
+            return kept[1]
+        kind, text = _describe(folder)
+        note = render.notice(kind, text)
+        if kind != "error":
+            with self._lock:
+                self._notes.pop(key, None)
+                self._notes[key] = (now, note)
+                while len(self._notes) > self.size:  # the oldest goes
+                    del self._notes[next(iter(self._notes))]
+        return note
 
 
 def read_from(data: str) -> str:
@@ -155,6 +191,7 @@ def wire(c: dict[str, Any], jobs: Preparations) -> None:
     c["data_info_spec"] = dict(fn=data_info, inputs=data, outputs=c["data_info"],
                                api_visibility="private", show_progress=HIDDEN,
                                concurrency_limit=None)
+    c["data_info_on_load"] = c["data_info_spec"] | {"fn": RecentNotes().note}
     c["prepare"].click(guarded("prepare", error)(lambda folder: as_updates(start_preparing(jobs, folder))),
                        data, outputs, api_name="prepare_data", show_progress=HIDDEN)
     c["prepare_timer"].tick(
