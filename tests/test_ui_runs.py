@@ -481,7 +481,7 @@ def test_a_saved_evaluation_without_its_delta_shows_the_delta_derived(ctx):
     assert "<b>20</b>" not in shown and "&lt;b&gt;20&lt;/b&gt;" in shown  # escaped: no markup
 
 
-def test_a_run_folder_that_lost_its_config_is_listed_to_be_deleted(ctx, stand_in):
+def test_a_run_folder_that_lost_its_config_is_listed_to_be_deleted(ctx, stand_in, monkeypatch):
     """A kill between a new run's mkdir and its config.yaml, or the file deleted by hand, left a
     folder no listing showed: it held its disk, and the app could not delete it."""
     kept = make_run(ctx, "finished", step=4)
@@ -509,6 +509,16 @@ def test_a_run_folder_that_lost_its_config_is_listed_to_be_deleted(ctx, stand_in
     assert set(rows) == {kept.run_id} | damaged
     assert rows[lost.run_id][1] == "damaged" and "config.yaml" in rows[lost.run_id][-1]
     assert re.fullmatch(r"30\d KB", rows[lost.run_id][runs.HEADERS.index("disk")])  # to free
+    # Its size is walked again only when the folder changes (it was at every 5 s refresh).
+    walked = []
+    real_size = runs.folder_size
+    monkeypatch.setattr(runs, "folder_size", lambda root: walked.append(root) or real_size(root))
+    assert runs.refresh(ctx, lost.run_id, None)["table"] == out["table"] and walked == []
+    (lost.root / "train.log").write_text("x" * 20_000)
+    os.utime(lost.root, (minutes_ago, minutes_ago))  # still no run being made
+    rows = {row[0]: row for row in runs.refresh(ctx, lost.run_id, None)["table"]}
+    assert walked == [lost.root]
+    assert re.fullmatch(r"3[23]\d KB", rows[lost.run_id][runs.HEADERS.index("disk")])
     assert "config.yaml is missing" in out["evaluation"] and lost.run_id in out["evaluation"]
     assert {name for name in ("open", "export", "evaluate", "delete", "sooner", "later")
             if out[name]["interactive"]} == {"delete"}

@@ -170,8 +170,10 @@ class AppContext:
     manager: Any
     models: ModelCache = dataclasses.field(default_factory=ModelCache)
     metrics: MetricsStore = dataclasses.field(default_factory=MetricsStore)
-    # The Runs tab's cells read from each run's files (ui.runs.file_cells), by run folder.
+    # The Runs tab's cells read from each run's files (ui.runs.file_cells), by run folder; and
+    # the size of each folder that lost its config.yaml (ui.runs.damaged_rows).
     run_cells: dict[Path, Any] = dataclasses.field(default_factory=dict)
+    damaged_sizes: dict[Path, Any] = dataclasses.field(default_factory=dict)
 
 
 # --- numbers from the page or the API ----------------------------------------------------------

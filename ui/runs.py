@@ -87,13 +87,20 @@ def folder_signature(root: Path) -> tuple | None:
 def damaged_rows(ctx: AppContext, damaged: Iterable[Mapping[str, Any]]) -> list[list[Any]]:
     """A row for each run folder that lost its config.yaml (:meth:`RunManager.damaged`): no run,
     but what it takes on disk shows, and it can be picked and deleted."""
-    rows = []
+    rows, sizes = [], {}
     for d in damaged:
         cells = ["–"] * len(HEADERS)
         cells[:2] = d["run_id"], DAMAGED
-        cells[HEADERS.index("disk")] = folder_size(ctx.manager.runs_dir / d["run_id"])
+        root = ctx.manager.runs_dir / d["run_id"]
+        key, kept = folder_signature(root), ctx.damaged_sizes.get(root)
+        # Walked again only when the folder changed, as a run's cells are (file_cells).
+        sizes[root] = (key, kept[1] if kept and key is not None and kept[0] == key
+                       else folder_size(root))
+        cells[HEADERS.index("disk")] = sizes[root][1]
         cells[-1] = DAMAGED_RUN_NOTE
         rows.append(cells)
+    ctx.damaged_sizes.clear()  # a deleted folder's goes
+    ctx.damaged_sizes.update(sizes)
     return rows
 
 
