@@ -155,7 +155,7 @@ def test_the_field_says_what_a_folder_holds(tmp_path):
     samples = datafield.data_info("")
     assert 'data-kind="ok"' in samples and "sample photos" in samples
     assert "decoded into memory" in samples  # 17 photos: no preparation
-    assert "started in" not in found + samples  # an absolute path, the samples: nothing to add
+    assert "where the app was started" not in found + samples  # an absolute path, the samples: nothing to add
 
 
 def test_a_relative_path_says_the_folder_it_is_read_from(tmp_path, monkeypatch):
@@ -166,7 +166,8 @@ def test_a_relative_path_says_the_folder_it_is_read_from(tmp_path, monkeypatch):
     Image.new("RGB", (40, 30), (10, 200, 30)).save(tmp_path / "photos" / "a.png")
     found = datafield.data_info("photos")
     assert 'data-kind="ok"' in found and "1 image file(s) found" in found
-    assert f"from the folder the app was started in: <code>{tmp_path / 'photos'}</code>" in found
+    assert (f"(that is <code>{tmp_path / 'photos'}</code>: a relative path is read from "
+            f"<code>{tmp_path}</code>, where the app was started)") in found
     missing = datafield.data_info("./nope")
     assert 'data-kind="error"' in missing and f"<code>{tmp_path / 'nope'}</code>" in missing
     # Not read from here: kept as typed (an unknown user's home), or not a folder of this machine

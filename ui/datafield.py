@@ -90,7 +90,8 @@ def read_from(data: str) -> str:
     # "~nouser/x" stays as typed (mae_core.config keeps it so, and the data check says why)
     if not data or is_remote(data) or os.path.isabs(expanded) or expanded.startswith("~"):
         return ""
-    return f" (from the folder the app was started in: `{os.path.abspath(data)}`)"
+    return (f" (that is `{os.path.abspath(data)}`: a relative path is read from `{os.getcwd()}`, "
+            "where the app was started)")
 
 
 def _nothing_to_prepare(data: str) -> str | None:

@@ -182,7 +182,9 @@ def _layout(metric: str, log_scale: bool, runs: tuple[str, ...], kinds: frozense
     scale = (alt.Scale(type="log", nice=False) if log_scale
              else alt.Scale(type="linear", zero=False, nice=True))
     y = alt.Y("value:Q", axis=y_axis, scale=scale)
-    x = alt.X("step:Q", axis=alt.Axis(format="d", tickMinStep=1, title="step"))
+    # padding: a marker on the first or last step (an epoch mean, an evaluation) drawn whole
+    x = alt.X("step:Q", axis=alt.Axis(format="d", tickMinStep=1, title="step"),
+              scale=alt.Scale(padding=6, nice=False))
     tooltip = [alt.Tooltip("run:N"), alt.Tooltip("kind:N"), alt.Tooltip("step:Q", format="d"),
                alt.Tooltip("value:Q", format=AXIS_FORMATS[metric], title=metric)]
     base = alt.Chart(alt.NamedData(name="points")).encode(x=x, y=y, color=colour, tooltip=tooltip)
@@ -277,7 +279,9 @@ def _knn_layout(runs: tuple[str, ...]) -> dict:
                           legend=alt.Legend(orient="bottom", direction="vertical"))
     y = alt.Y("value:Q", axis=alt.Axis(format=".0%", title="kNN top-1 (held-out)"),
               scale=alt.Scale(domain=[0, 1]))
-    x = alt.X("step:Q", axis=alt.Axis(format="d", tickMinStep=1, title="step"))
+    # padding: a marker on the first or last step (an epoch mean, an evaluation) drawn whole
+    x = alt.X("step:Q", axis=alt.Axis(format="d", tickMinStep=1, title="step"),
+              scale=alt.Scale(padding=6, nice=False))
     tooltip = [alt.Tooltip("run:N"), alt.Tooltip("kind:N", title="features"),
                alt.Tooltip("step:Q", format="d"), alt.Tooltip("value:Q", format=".1%", title="top-1")]
     chart = alt.Chart(alt.NamedData(name="points")).mark_line(point=True, strokeWidth=2).encode(
