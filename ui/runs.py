@@ -5,9 +5,10 @@ runs (:mod:`ui.compare`)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,15 +62,27 @@ def file_cells(ctx: AppContext, status: Mapping[str, Any]) -> tuple[str, str, st
     only when its folder changed (:func:`folder_signature`). Read at every 5 s refresh, a few
     hundred runs took 11 s of a core per open page: every whole metrics.jsonl parsed again."""
     paths = ctx.manager.paths(status["run_id"])
-    key = (folder_signature(paths.root), status.get("data_files"))
-    cached = ctx.run_cells.get(paths.root)
-    if cached is not None and key[0] is not None and cached[0] == key:
-        return cached[1]
-    epoch = ctx.metrics.reader(paths.metrics).last("epoch_loss")
-    cells = (display.format_number(epoch[1]) if epoch else "–", run_size(ctx, status["run_id"]),
-             saved_evaluation(ctx, status["run_id"]), data_cell(ctx, status))
-    ctx.run_cells[paths.root] = (key, cells)
-    return cells
+
+    def read() -> tuple[str, str, str, str]:
+        epoch = ctx.metrics.reader(paths.metrics).last("epoch_loss")
+        return (display.format_number(epoch[1]) if epoch else "–",
+                run_size(ctx, status["run_id"]), saved_evaluation(ctx, status["run_id"]),
+                data_cell(ctx, status))
+
+    return read_unless_unchanged(ctx.run_cells, paths.root, read, status.get("data_files"))
+
+
+def read_unless_unchanged(cache: dict[Path, Any], root: Path, read: Callable[[], Any],
+                          also: Any = None) -> Any:
+    """``read()``, or what it gave the last time ``cache`` was asked of ``root``, if neither the
+    folder (:func:`folder_signature`) nor ``also`` changed since. A folder that cannot be listed
+    is read each time."""
+    key = (folder_signature(root), also)
+    kept = cache.get(root)
+    if kept is not None and key[0] is not None and kept[0] == key:
+        return kept[1]
+    cache[root] = (key, read())
+    return cache[root][1]
 
 
 def folder_signature(root: Path) -> tuple | None:
@@ -87,20 +100,18 @@ def folder_signature(root: Path) -> tuple | None:
 def damaged_rows(ctx: AppContext, damaged: Iterable[Mapping[str, Any]]) -> list[list[Any]]:
     """A row for each run folder that lost its config.yaml (:meth:`RunManager.damaged`): no run,
     but what it takes on disk shows, and it can be picked and deleted."""
-    rows, sizes = [], {}
-    for d in damaged:
+    rows = []
+    roots = [ctx.manager.runs_dir / d["run_id"] for d in damaged]
+    for gone in set(ctx.damaged_sizes) - set(roots):  # a deleted folder's size goes
+        del ctx.damaged_sizes[gone]
+    for root in roots:
         cells = ["–"] * len(HEADERS)
-        cells[:2] = d["run_id"], DAMAGED
-        root = ctx.manager.runs_dir / d["run_id"]
-        key, kept = folder_signature(root), ctx.damaged_sizes.get(root)
-        # Walked again only when the folder changed, as a run's cells are (file_cells).
-        sizes[root] = (key, kept[1] if kept and key is not None and kept[0] == key
-                       else folder_size(root))
-        cells[HEADERS.index("disk")] = sizes[root][1]
+        cells[:2] = root.name, DAMAGED
+        # Walked again only when the folder changed, as a run's cells are read (file_cells).
+        cells[HEADERS.index("disk")] = read_unless_unchanged(ctx.damaged_sizes, root,
+                                                             functools.partial(folder_size, root))
         cells[-1] = DAMAGED_RUN_NOTE
         rows.append(cells)
-    ctx.damaged_sizes.clear()  # a deleted folder's goes
-    ctx.damaged_sizes.update(sizes)
     return rows
 
 
