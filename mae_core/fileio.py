@@ -93,6 +93,14 @@ def free_bytes(path: str | Path) -> int | None:
     return (info.f_bfree if os.geteuid() == 0 else info.f_bavail) * info.f_frsize
 
 
+def mounted_read_only(folder: str | Path) -> bool:
+    """Whether ``folder`` is on a file system mounted read-only."""
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def free_inodes(path: str | Path) -> int | None:
     """Free inodes (files that can still be made, for this user) on the file system that holds
     ``path``, or None where it has no fixed number of them (btrfs and FAT report 0 of 0) or

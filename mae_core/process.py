@@ -280,7 +280,7 @@ def _trains(pid: int, run_dir: Path) -> bool:
         args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
         if python_module(args) != "mae_core.train":
             return False
-        given = option(args, "--run-dir")
+        given = _option(args, "--run-dir")
         return given is not None and (Path(os.readlink(f"/proc/{pid}/cwd")) / given
                                       ).resolve() == run_dir
     except (OSError, ValueError):
@@ -322,7 +322,7 @@ def _later_rank(pid: int) -> bool:
     return bool(later_rank_vars(dict(var.split("=", 1) for var in raw if "=" in var)))
 
 
-def option(args: list[str], name: str) -> str | None:
+def _option(args: list[str], name: str) -> str | None:
     """The value a command line gives option ``name`` (``--name V`` or ``--name=V``), or None."""
     for i, arg in enumerate(args):
         if arg == name and i + 1 < len(args):

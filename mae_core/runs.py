@@ -35,7 +35,7 @@ from mae_core.devices import share_devices
 from mae_core.data import check_data
 from mae_core.diskspace import check_room, full_disk_message, same_disk, still_to_write
 from mae_core.fileio import (DiskFullError, NotRegularFileError, atomic_write_json,
-                             disk_nearly_full)
+                             disk_nearly_full, mounted_read_only)
 from mae_core.process import PROJECT_ROOT  # noqa: F401 - re-exported for callers and tests
 from mae_core.resumecheck import (past_the_epoch_limit, require_devices, require_no_waiting_job,
                                   require_one_node, require_same_model, require_steps_left,
@@ -375,7 +375,7 @@ class RunManager(QueuedRuns, TrainerWatch):
 
     def _cannot_write(self, err: OSError) -> str:
         """A write under the runs directory that its file system or its owner refused, in words."""
-        if _read_only(self.runs_dir):
+        if mounted_read_only(self.runs_dir):
             return (f"the runs directory {self.runs_dir} is read-only: its runs can be listed and "
                     "viewed, but none started, queued, resumed or deleted. Mount it read-write, "
                     "or run the app with another --runs-dir")
@@ -424,7 +424,8 @@ class RunManager(QueuedRuns, TrainerWatch):
             paths.write_status(state=RunState.FAILED,
                                error=f"the trainer could not be launched: {why}")
             raise RunError(f"the trainer could not be launched: {why}") from None
-        record = proc.process_record(process.pid, command=command)
+        record = proc.process_record(process.pid, command=command,
+                                     run_dir=str(paths.root.resolve()))
         atomic_write_json(paths.process, record, make_dirs=False)
         proc.watch(process, lambda code: self._on_exit(paths, record, code))
 
@@ -470,14 +471,6 @@ class RunManager(QueuedRuns, TrainerWatch):
         finally:
             with self._lock:
                 self._terminating.discard(paths.root)
-
-
-def _read_only(folder: Path) -> bool:
-    """Whether ``folder`` is on a file system mounted read-only."""
-    try:
-        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
-    except OSError:
-        return False
 
 
 def _unlink_run_folder(root: Path, runs_dir: Path) -> tuple[Path | None, Path | None]:

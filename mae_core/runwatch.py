@@ -196,11 +196,9 @@ class TrainerWatch:
 def _moved_from(record: dict[str, Any], root: Path) -> str | None:
     """The folder the trainer of ``record`` (a process of this machine) was writing, where that is
     gone and not ``root``: the run folder was renamed or moved under it."""
-    command = record.get("command")
-    written = record.get("run_dir") or (proc.option(command, "--run-dir") if isinstance(
-        command, list) and all(isinstance(arg, str) for arg in command) else None)
+    written = record.get("run_dir")  # every trainer's record names it (the app's, one by hand)
     if not isinstance(written, str) or not os.path.isabs(written):
-        return None  # a run by hand, from another folder: its relative path says nothing here
+        return None
     with contextlib.suppress(OSError):
         if Path(written) != root.resolve() and not os.path.lexists(written):
             return written

@@ -78,6 +78,8 @@ def test_run_streams_metrics_stops_and_resumes_to_the_end(manager):
     run_id = manager.start(tiny_config(max_steps=40))
     paths = manager.paths(run_id)
     assert manager.config(run_id).train.devices == 2
+    # The folder it writes, so a move of the folder under it is said as such (runwatch).
+    assert json.loads(paths.process.read_text())["run_dir"] == str(paths.root.resolve())
 
     # Metrics appear while the run is live, one flushed line per step.
     rows = wait_for(lambda: len(manager.metrics(run_id)) >= 3 and manager.metrics(run_id),
@@ -296,9 +298,10 @@ def live_stand_in():
 @pytest.mark.parametrize("made_by", ["app", "hand"])
 def test_a_run_folder_moved_under_its_trainer_fails_saying_so(tmp_path, made_by):
     """Renamed while its trainer ran, a run failed at the trainer's next write with a bare
-    FileNotFoundError of the old path, as if it had crashed: the move is said. The app's record
-    names the folder in the trainer's command line; a run by hand's, made with the run
-    (create_run), names it too. A stand-in trainer (``sleep``) that exits as the real one did."""
+    FileNotFoundError of the old path, as if it had crashed: the move is said. Every trainer's
+    record names its folder: the app's as it launches it (a real launch is checked in
+    test_run_streams_metrics_stops_and_resumes_to_the_end), a run by hand's as it is made
+    (create_run). A stand-in trainer (``sleep``) that exits as the real one did."""
     from mae_core.fileio import atomic_write_json
     from mae_core.process import process_record, trainer_command
 
@@ -309,9 +312,9 @@ def test_a_run_folder_moved_under_its_trainer_fails_saying_so(tmp_path, made_by)
         paths = create_run(cfg, runs_dir=manager.runs_dir,
                            process=process_record(sleeper.pid, command=["train.py"]))
     else:
-        paths = create_run(cfg, runs_dir=manager.runs_dir)
+        paths = create_run(cfg, runs_dir=manager.runs_dir)  # as RunManager._launch records it
         atomic_write_json(paths.process, process_record(
-            sleeper.pid, command=trainer_command(paths.root)))
+            sleeper.pid, command=trainer_command(paths.root), run_dir=str(paths.root.resolve())))
     paths.write_status(state="running", step=3)
     moved = paths.root.with_name(paths.root.name + "-renamed")
     paths.root.rename(moved)
