@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mae_core.data import DataError
+from mae_core.checks import DataError
 from mae_core.fileio import fsync_dir
 from mae_core.rundir import DEFAULT_RUNS_DIR
 

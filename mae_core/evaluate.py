@@ -19,23 +19,21 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from mae_core import features
-from mae_core.checks import _check_int
+# Light modules only: the command refuses a bad seed or run folder at once, not after the seconds
+# torch takes to import (the features, the model and the weights bring it in when one runs).
+from mae_core.checks import DataError, _check_int
 from mae_core.config import MAX_SEED, ConfigError, RunConfig
-from mae_core.data import DataError
 from mae_core.demo_data import DEFAULT_PATH as DEMO_PATH
 from mae_core.demo_data import ensure_demo_set
 from mae_core.fileio import atomic_write_json, read_json
-from mae_core.images import ImageError
 from mae_core.metrics import HEADLINE_KNN_K
-from mae_core.model import MaskedAutoencoder
-from mae_core.rundir import RunPaths
-from mae_core.runs import RunError
-from mae_core.weights import WeightsError, load_model, read_metadata
+from mae_core.rundir import RunError, RunPaths
+
+if TYPE_CHECKING:
+    from mae_core import features
+    from mae_core.model import MaskedAutoencoder
 
 # The headline figures: kNN with lightly's k=20 on the mean of the patch tokens (MAE trains no
 # class token objective: its class token sees no loss, the patch tokens do). Every feature × k
@@ -90,9 +88,8 @@ def _percentage(value: Any) -> bool:
                              and 0 <= value <= 100)
 
 
-def _load_run(run_dir: str | Path
-              ) -> tuple[RunPaths, MaskedAutoencoder, MaskedAutoencoder, int | None]:
-    """(paths, trained model, random-init model, step of the weights)."""
+def _run_with_weights(run_dir: str | Path) -> tuple[RunPaths, RunConfig]:
+    """The run at ``run_dir`` and its config, once it has weights to evaluate."""
     paths = RunPaths(Path(run_dir))
     if not paths.root.is_dir():
         raise EvaluationError(f"no run directory at {run_dir}")
@@ -102,6 +99,18 @@ def _load_run(run_dir: str | Path
     if not paths.weights.is_file():
         raise EvaluationError(f"run {paths.run_id} has no saved weights yet ({paths.weights.name} "
                               "is written at the first checkpoint and at the end of training)")
+    return paths, cfg
+
+
+def _load_run(run_dir: str | Path
+              ) -> tuple[RunPaths, MaskedAutoencoder, MaskedAutoencoder, int | None]:
+    """(paths, trained model, random-init model, step of the weights)."""
+    import torch
+
+    from mae_core.model import MaskedAutoencoder
+    from mae_core.weights import load_model, read_metadata
+
+    paths, cfg = _run_with_weights(run_dir)
     trained = load_model(paths.weights)
     step = read_metadata(paths.weights).get("step")
     # The same constructor call after the same seed as the trainer's (pl.seed_everything(seed)
@@ -115,6 +124,8 @@ def _load_run(run_dir: str | Path
 def score(model: MaskedAutoencoder, train: features.Labelled, val: features.Labelled,
           num_classes: int, linear: bool, seed: int) -> dict[str, Any]:
     """Every figure for one encoder: kNN for both features and both k, the linear probe if asked."""
+    from mae_core import features
+
     details: dict[str, Any] = {}
     embedded = {}
     for name, images in (("train", train.images), ("val", val.images)):
@@ -140,8 +151,9 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, linear_pro
     """Evaluate the run's latest weights and its random init; saved in the run unless ``save``
     is False. ``data`` None is the demo set (written on first use). Raises
     :class:`EvaluationError`, :class:`DataError`, :class:`ConfigError` or ``WeightsError``."""
-    # torch's generator took any int, and one past 64 bits ended in its overflow traceback
-    _check_int(SimpleNamespace(seed=seed), "seed", 0, MAX_SEED)
+    from mae_core import features
+
+    _check_seed(seed)
     report = progress or (lambda fraction, text: None)
     started = time.monotonic()
     report(0.0, "loading the run")
@@ -175,6 +187,11 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, linear_pro
             raise EvaluationError(f"run {paths.run_id} was deleted while it was evaluated") from None
     report(1.0, "done")
     return result
+
+
+def _check_seed(seed: Any) -> None:
+    # torch's generator took any int, and one past 64 bits ended in its overflow traceback
+    _check_int(SimpleNamespace(seed=seed), "seed", 0, MAX_SEED)
 
 
 def summary(result: dict[str, Any] | None) -> str:
@@ -229,6 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        _check_seed(args.seed)
+        _run_with_weights(args.run)
+    except (EvaluationError, ConfigError) as err:  # said before torch is imported
+        parser.exit(2, f"error: {err}\n")
+    from mae_core.images import ImageError
+    from mae_core.weights import WeightsError
+
     try:
         result = evaluate_run(args.run, args.data, linear_probe=args.linear_probe,
                               val_fraction=args.split, seed=args.seed, save=not args.no_save)

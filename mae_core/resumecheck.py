@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mae_core.config import ConfigError, ModelConfig, RunConfig
-from mae_core.rundir import RunError, RunPaths, RunState, checkpoint_step
+from mae_core.rundir import NoStepsLeft, RunError, RunPaths, RunState, checkpoint_step
 from mae_core.weights import checkpoint_mismatch, load_model_config
 
 
@@ -47,9 +47,8 @@ def past_the_epoch_limit(status: dict, old: RunConfig, new: RunConfig, run_id: s
         new = new.with_overrides(max_epochs=None)
     if new.train.max_epochs is not None and new.train.max_epochs <= epochs:
         step = status.get("step")
-        raise RunError(f"run {run_id} finished its {epochs} epoch{'s' if epochs != 1 else ''} at "
-                       f"step {step}: raise max steps above {step} (the epoch limit then goes) "
-                       f"or max epochs above {epochs} to train it further")
+        raise NoStepsLeft(f"run {run_id} finished its {epochs} epoch{'s' if epochs != 1 else ''} "
+                          f"at step {step}", step, epochs)
     return new
 
 
@@ -57,15 +56,13 @@ def require_steps_past_the_end(status: dict, max_steps: int | None, run_id: str)
     """A finished run resumes only towards a max steps above the step it finished at."""
     step = status.get("step", 0)
     if status.get("state") == RunState.FINISHED and (max_steps is None or max_steps <= step):
-        raise RunError(f"run {run_id} has finished; raise max steps above {step} to train it "
-                       "further")
+        raise NoStepsLeft(f"run {run_id} has finished", step)
 
 
 def require_steps_left(cfg: RunConfig, step: int, run_id: str) -> None:
     # max_steps -1 trains by epochs (max_epochs): no step count to be above.
     if cfg.train.max_steps != -1 and cfg.train.max_steps <= step:
-        raise RunError(f"the checkpoint of {run_id} is at step {step}: raise max steps "
-                       f"above {step} to train it further")
+        raise NoStepsLeft(f"the checkpoint of {run_id} is at step {step}", step)
 
 
 def require_same_model(paths: RunPaths, cfg: RunConfig) -> None:

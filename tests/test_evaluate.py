@@ -4,6 +4,8 @@ demo set: the JSON it prints, what it saves in the run, pretrained against rando
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from mae_core.data import DataError
 from mae_core.demo_data import ensure_demo_set
 from mae_core.model import MaskedAutoencoder
 from mae_core.rundir import RunPaths, create_run
+from mae_core.runs import PROJECT_ROOT
 from mae_core.weights import save_weights
 
 # A short pretraining that fits a test: vit-tiny at 32 px on the demo set; fp32 so the figures do
@@ -158,3 +161,17 @@ def test_a_partial_saved_evaluation_gets_its_missing_figures_and_delta(tmp_path)
     assert result["trained"]["knn_top5"] is None and result["random_init"]["linear_top1"] is None
     assert result["classes"] == []  # a count where the class names belong: none known
     assert evaluate.summary(result) == "71.0 / 63.0 (+8.0)"
+
+
+def test_the_command_refuses_a_bad_seed_or_a_missing_run_before_importing_torch(tmp_path):
+    """A refused flag is said at once: the command used to import torch, the model and the
+    features first (~5 s here) to say the seed was out of range."""
+    code = ("import sys\nfrom mae_core import evaluate\n"
+            "for argv in (['--run', sys.argv[1], '--seed', '-1'], ['--run', sys.argv[1]]):\n"
+            "    try:\n        evaluate.main(argv)\n    except SystemExit as done:\n"
+            "        print(done.code)\n"
+            "print('torch' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "missing")],
+                            capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT)
+    assert result.stdout.split() == ["2", "2", "False"], result.stderr
+    assert "seed: must be an integer" in result.stderr and "no run directory" in result.stderr

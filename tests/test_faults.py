@@ -1,9 +1,10 @@
 """Fault injection: kill -9 a training run at random points, many times, and resume it each time.
 
 One real run (two CPU DDP processes over gloo, vit-tiny, 32 px, patch 8, batch 4, a checkpoint
-every 2 steps, ``$TMPDIR`` on another file system) is killed 9 times (``FAULT_KILLS``): the whole process group,
-rank 0 alone or rank 1 alone, during start-up, at a random moment of training, or while a checkpoint
-is being written. After every kill the run must read ``failed`` at once, leave no process or zombie
+every 2 steps, ``$TMPDIR`` on another file system) is killed 6 times (``FAULT_KILLS``): the whole
+process group, rank 0 alone or rank 1 alone, during start-up, at a random moment of training, or
+while a checkpoint is being written; every way and every moment twice, in pairs the seed picks
+(``FAULT_KILLS=9`` kills once in each of the 9 pairs). After every kill the run must read ``failed`` at once, leave no process or zombie
 behind, hold only checkpoint and weights files that load, and resume from its checkpoint's step
 having lost at most the steps since that checkpoint. ``FAULT_SEED`` replays a sequence of kills.
 
@@ -35,9 +36,10 @@ from mae_core import process as proc
 from mae_core.rundir import LIVE_STATES, RunPaths, create_run
 from mae_core.runs import RunError, RunManager
 
-# Every (mode, moment) pair once, each at a random point of its kind (~10 s a kill, for the
-# resume's start-up); FAULT_KILLS=N soaks longer (the pairs again, at other points).
-KILLS = int(os.environ.get("FAULT_KILLS", 9))
+# Each kill at a random point of its kind, ~10-20 s apiece (the resume's start-up: two processes
+# importing torch and Lightning one after the other). 6 by default: each way and each moment
+# twice; FAULT_KILLS=9 and up soaks longer, every (mode, moment) pair once per 9 (kill_plan).
+KILLS = int(os.environ.get("FAULT_KILLS", 6))
 MODES = ("group", "rank0", "rank1")
 MOMENTS = ("training", "checkpoint", "start-up")  # the first kill needs a checkpoint: training
 CHECKPOINT_EVERY = 2
@@ -52,6 +54,19 @@ def run_config() -> RunConfig:
         preset="vit-tiny", image_size=32, patch_size=8, batch_size=4, devices=2, accelerator="cpu",
         num_workers=0, checkpoint_every_n_steps=CHECKPOINT_EVERY, log_every_n_steps=1,
         num_previews=0, max_steps=1_000_000)
+
+
+def kill_plan(kills: int, rng: random.Random) -> list[tuple[str, str]]:
+    """(mode, moment) of each kill. Every 3 kills are one of the 3 ways to pair each mode with a
+    different moment, and the next 3 the next way: any 3 kills in a row see every mode and every
+    moment, any 9 every pair. Where the ways begin is random. The moments run training,
+    checkpoint, start-up: the first kill must find a run that is training (it has a checkpoint)."""
+    first = rng.randrange(3)
+    plan = []
+    for i in range(kills):
+        way, moment = (first + i // 3) % 3, i % 3
+        plan.append((MODES[(moment - way) % 3], MOMENTS[moment]))
+    return plan
 
 
 def processes_of(run_dir: Path) -> list[int]:
@@ -172,8 +187,7 @@ def test_kills_at_random_points_lose_at_most_the_steps_since_the_last_checkpoint
     paths = manager.paths(run_id)
     wait_for(lambda: paths.last_ckpt.exists(), "the first checkpoint")
     try:
-        for i in range(KILLS):
-            mode, moment = MODES[i % 3], MOMENTS[(i // 3) % 3]
+        for i, (mode, moment) in enumerate(kill_plan(KILLS, rng)):
             record = read_json(paths.process)  # written before start/resume returned
             wait_for_moment(manager, paths, moment, rng)
             if manager.status(run_id)["state"] not in LIVE_STATES:
@@ -205,6 +219,18 @@ def test_kills_at_random_points_lose_at_most_the_steps_since_the_last_checkpoint
     wait_for(lambda: not zombie_children(), "the last trainer to be reaped", 10, 0.05)
     assert not [p.name for p in paths.root.rglob("*") if is_temp_file(p)], "temp files left"
     assert not list(tmpdir_elsewhere.rglob("*")), "files left in $TMPDIR"
+
+
+def test_the_kill_plan_sees_every_mode_and_moment_in_any_3_kills_and_every_pair_in_9():
+    for first in range(3):
+        rng = random.Random(first)
+        plan = kill_plan(9, rng)
+        assert sorted(plan) == sorted((mode, moment) for mode in MODES for moment in MOMENTS)
+        for i in range(0, 9, 3):
+            modes, moments = zip(*plan[i:i + 3])
+            assert set(modes) == set(MODES) and set(moments) == set(MOMENTS)
+        assert plan[0][1] == "training"
+        assert kill_plan(6, random.Random(first)) == plan[:6]
 
 
 # --- a live run's own files damaged or removed by hand ------------------------------------------

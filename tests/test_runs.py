@@ -1,6 +1,9 @@
 """Background training runs through the run manager and by hand: real processes, real files.
 
-Every run here is a real ``python -m mae_core.train`` with two CPU DDP processes over gloo.
+Every run here is a real ``python -m mae_core.train``: two CPU DDP processes over gloo, or one
+(``ONE_PROCESS``) where how many ranks there are is not what a test is about. The second rank costs
+a whole second import of torch and Lightning (Lightning starts it once the first is ready), ~7 s of
+a test on this machine.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from mae_core.weights import load_model
 TINY = dict(image_size=32, patch_size=8, batch_size=8, devices=2, accelerator="cpu",
             checkpoint_every_n_steps=5, preview_every_n_steps=10, num_previews=2)
 TIMEOUT_S = 240
+ONE_PROCESS = dict(devices=1)
 
 
 def tiny_config(**overrides) -> RunConfig:
@@ -451,7 +455,7 @@ def test_a_finished_run_given_no_higher_end_is_told_so_first(tmp_path):
     paths = create_run(cfg, runs_dir=manager.runs_dir, state="finished")
     paths.write_status(step=4)
     for steps in (None, 4):
-        with pytest.raises(RunError, match=f"run {paths.run_id} has finished; raise max steps "
+        with pytest.raises(RunError, match=f"run {paths.run_id} has finished: raise max steps "
                                            "above 4 to train it further"):
             manager.resume(paths.run_id, max_steps=steps)
     with pytest.raises(DataError, match="moved-away"):  # given more steps, the data is checked
@@ -459,7 +463,7 @@ def test_a_finished_run_given_no_higher_end_is_told_so_first(tmp_path):
 
 
 def test_corrupt_checkpoint_is_refused_on_resume(manager):
-    run_id = manager.start(tiny_config(max_steps=8))
+    run_id = manager.start(tiny_config(max_steps=8, **ONE_PROCESS))
     wait_until_ended(manager, run_id)
     paths = manager.paths(run_id)
     whole = paths.last_ckpt.read_bytes()
@@ -593,7 +597,8 @@ def test_stop_watchdog_never_kills_the_trainer_a_resume_launched(tmp_path):
     """Stop, then Resume at once: the stop's watchdog watches the trainer it was started for."""
     # Long enough for a graceful stop on a busy machine (~2 s here), short enough to wait out.
     manager = RunManager(tmp_path / "runs", stop_timeout_s=8)
-    run_id = manager.start(tiny_config(max_steps=5000, checkpoint_every_n_steps=2, num_previews=0))
+    run_id = manager.start(tiny_config(max_steps=5000, checkpoint_every_n_steps=2, num_previews=0,
+                                       **ONE_PROCESS))
     try:
         for _ in range(2):  # twice: the old watchdog lost its race with the resume only mostly
             start_step = manager.status(run_id).get("step", 0)
@@ -670,7 +675,7 @@ def test_start_scans_data_outside_the_lock_and_finished_trainers_are_reaped(tmp_
     monkeypatch.setattr(data_module, "check_data", slow_disk)  # Start's scan: channels.resolve_data
     started: list[str] = []
     starter = threading.Thread(target=lambda: started.append(
-        manager.start(tiny_config(data="photos", max_steps=4, num_previews=0))))
+        manager.start(tiny_config(data="photos", max_steps=4, num_previews=0, **ONE_PROCESS))))
     starter.start()
     assert scanning.wait(60)
     answers: list[object] = []

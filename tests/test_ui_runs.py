@@ -109,12 +109,15 @@ def test_delete_is_offered_only_for_a_run_that_is_not_live(ctx, stand_in):
 def test_refresh_with_no_runs_or_a_vanished_pick(ctx):
     out = runs.refresh(ctx, None, None)
     assert out["pick"]["value"] is None and out["delete"]["interactive"] is False
-    # An empty grid said nothing: it says there are no runs yet, and where they are looked for.
-    assert f"No runs in <code>{ctx.manager.runs_dir}</code> yet" in out["evaluation"]
+    # An empty grid said nothing: it says, right under it, that there are no runs yet and where
+    # they are looked for (the panel below the buttons, ~300 px lower, was missed).
+    assert f"No runs in <code>{ctx.manager.runs_dir}</code> yet" in out["empty"]
+    assert out["evaluation"] == ""
     paths = make_run(ctx)
     out = runs.refresh(ctx, "deleted-meanwhile", out["sig"])
     assert out["pick"]["value"] == paths.run_id
-    assert "No runs" not in out["evaluation"]
+    assert out["empty"] == "" and "No runs" not in out["evaluation"]
+    assert "empty" not in runs.refresh(ctx, paths.run_id, out["sig"])  # said once, not re-sent
 
 
 def test_buttons_that_could_only_refuse_are_greyed_out(ctx, tmp_path):

@@ -93,20 +93,36 @@ def test_action_message_follows_the_run_through_a_stop():
 
 def test_resume_refusals_speak_of_the_page_not_the_command_line():
     """The run manager's refusals name its flags; from the page, "max steps" is the box beside
-    Resume, and the run's max epochs cannot be raised (the form's is a new run's)."""
+    Resume, and the run's max epochs cannot be raised (the form's is a new run's). Any other
+    refusal is passed on as it is."""
     from mae_core.resumecheck import past_the_epoch_limit, require_steps_left
 
     by_epochs = RunConfig(train=TrainConfig(max_steps=-1, max_epochs=2))
-    with pytest.raises(RunError) as ended:
-        past_the_epoch_limit({"state": "finished", "step": 8}, by_epochs, by_epochs, "r1")
-    with pytest.raises(RunError) as behind:
-        require_steps_left(TINY, 4, "r1")
+    refusals = {
+        "ended": lambda: past_the_epoch_limit({"state": "finished", "step": 8}, by_epochs,
+                                              by_epochs, "r1"),
+        "behind": lambda: require_steps_left(TINY, 4, "r1"),
+        "other": lambda: (_ for _ in ()).throw(RunError("run r1 is running: wait")),
+    }
+
+    class Refusing:
+        def resume(self, run_id, max_steps=None):
+            refusals[run_id]()
+
     until = trainactions.RESUME_UNTIL
-    assert trainactions.in_page_words(str(ended.value)) == (
-        f"run r1 finished its 2 epochs at step 8: set {until} above 8 (the epoch limit then goes) "
-        "to train it further")
-    assert trainactions.in_page_words(str(behind.value)) == (
-        f"the checkpoint of r1 is at step 4: set {until} above 4 to train it further")
+    said = {}
+    for name in refusals:
+        with pytest.raises(RunError) as refused:
+            trainactions.resume_run(Refusing(), name, None)
+        said[name] = str(refused.value)
+    assert said == {
+        "ended": f"run r1 finished its 2 epochs at step 8: set {until} above 8 (the epoch limit "
+                 "then goes) to train it further",
+        "behind": f"the checkpoint of r1 is at step 4: set {until} above 4 to train it further",
+        "other": "run r1 is running: wait"}
+    # The command line's own words stay its own.
+    with pytest.raises(RunError, match="or max epochs above 2 to train it further"):
+        refusals["ended"]()
 
 
 def test_action_message_for_finished_failed_and_refused():
@@ -439,7 +455,7 @@ def test_start_launches_a_real_run_that_finishes(ctx):
     assert f"set {trainactions.RESUME_UNTIL} above 4 and press Resume" in out["message"]
     until = trainactions.RESUME_UNTIL
     for too_few in (0, 3):  # 0: the run's own max steps; the command line's "max steps", renamed
-        with pytest.raises(RunError, match=f"has finished; set {until} above 4 to train it"):
+        with pytest.raises(RunError, match=f"has finished: set {until} above 4 to train it"):
             train.resume_run(ctx.manager, run_id, too_few)
     resumed = train.resume_run(ctx.manager, run_id, 6)
     assert "from its checkpoint at step 4 towards 6 steps" in resumed["text"]

@@ -51,7 +51,10 @@ def model_config(ctx: AppContext, run_id: str | None, preset: Any, image_size: A
     run_id = as_run_id(run_id)
     if run_id:
         base = ctx.manager.config(run_id).model
-        return base, f"Run `{run_id}`: {base.label}, {base.image_size}px, patch {base.patch_size}"
+        # The model first, the run last: at 390 px "Run `<id>`:" broke the id over two lines,
+        # and its colon began a third (#params-title breaks an id only at its hyphens).
+        return base, (f"{base.label}, {base.image_size}px, patch {base.patch_size} · run "
+                      f"`{run_id}`")
     if not isinstance(preset, str) or preset not in PRESETS:
         from mae_core.config import ConfigError
 

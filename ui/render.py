@@ -137,7 +137,12 @@ tr.no-grad { outline: 2px solid #dc2626; outline-offset: -2px; }
 /* The two policy tables side by side only where each gets 560 px (ui.parameters), stacked on a
    narrower screen; Gradio 6.31's gr.HTML drops its min_width (an inline "min(0px, 100%)"). */
 #params-clean, #params-reference { min-width: min(560px, 100%) !important; }
-#train-message, #runs-message, #recon-message, #params-message { min-height: 0; }
+#params-title code { word-break: normal; overflow-wrap: break-word; }
+#train-message, #runs-message, #runs-empty, #recon-message, #params-message { min-height: 0; }
+/* A greyed-out "stop" button (Delete run with no run picked, Stop with no live run) kept its red:
+   it read as usable. Greyed as the secondary buttons are. */
+.gradio-container button.stop:disabled { background: var(--button-secondary-background-fill);
+  color: var(--body-text-color-subdued); border-color: var(--button-secondary-border-color); }
 """
 
 # Saturated mid-tones that read on light and dark backgrounds alike, with white text on top.

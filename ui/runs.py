@@ -295,9 +295,9 @@ def saved_result(ctx: AppContext, run_id: str | None) -> dict[str, Any] | None:
 def _below_the_buttons(ctx: AppContext, run_id: str | None, state: str | None,
                        saved: dict[str, Any] | None) -> str:
     """What the panel under the run buttons says of the picked run: its evaluation, or why a
-    damaged folder is no run; with no run at all, that there is none yet."""
+    damaged folder is no run."""
     if run_id is None:
-        return no_runs_html(ctx)
+        return ""
     if state == DAMAGED:
         return render.notice("error", f"{run_id}: {DAMAGED_RUN_ERROR}")
     return evaluation_html(saved, run_id)
@@ -346,11 +346,14 @@ def refresh(ctx: AppContext, current: str | None, sig: dict | None,
     stamp = (value, state if state == DAMAGED else (saved or {}).get("evaluated_at"))
     if stamp != sig.get("evaluation"):
         out["evaluation"] = _below_the_buttons(ctx, value, state, saved)
+    if (not ids) != sig.get("empty"):  # said right under the empty table; gone with a first run
+        out["empty"] = "" if ids else no_runs_html(ctx)
     enabled = button_states(ctx, value, state)
     for name, on in enabled.items():
         if on != (sig.get("enabled") or {}).get(name):
             out[name] = gr.update(interactive=on)
-    sig.update(rows=rows, pick=(ids, value), enabled=enabled, ids=run_ids, evaluation=stamp)
+    sig.update(rows=rows, pick=(ids, value), enabled=enabled, ids=run_ids, evaluation=stamp,
+               empty=not ids)
     out.update(evaluation_progress(evaluations, sig))
     out["sig"] = sig
     return out
@@ -361,6 +364,7 @@ def build(ctx: AppContext) -> dict[str, Any]:
     c: dict[str, Any] = {}
     c["table"] = gr.Dataframe(headers=list(HEADERS), interactive=False, elem_id="runs-table",
                               wrap=True, column_widths=list(COLUMN_WIDTHS))
+    c["empty"] = gr.HTML(elem_id="runs-empty")
     with gr.Row():
         # Wide enough for a run id: on a narrow page the buttons wrap below instead.
         c["pick"] = gr.Dropdown([], value=None, label="run", scale=3, min_width=400,
@@ -434,7 +438,8 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
 
     c["refresh_event"] = dict(fn=on_refresh, inputs=[c["pick"], c["sig"]],
                               outputs=[c["table"], c["pick"], c["delete"], c["compare"]["runs"],
-                                       c["evaluation"], c["sig"], c["message"], c["sooner"],
+                                       c["evaluation"], c["empty"], c["sig"], c["message"],
+                                       c["sooner"],
                                        c["later"], c["open"], c["export"], c["evaluate"]],
                               show_progress="hidden")
     # Asked for by a person (or an API client): every part, changed or not.

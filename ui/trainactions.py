@@ -4,11 +4,10 @@ told as the run is now. :mod:`ui.train` wires them to the buttons and the live v
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any
 
-from mae_core.rundir import LIVE_STATES, RunError, RunState
+from mae_core.rundir import LIVE_STATES, NoStepsLeft, RunError, RunState
 from ui import render
 from ui.common import UserError, as_int, config_from_form, describe, refused_field
 
@@ -49,21 +48,15 @@ def resume_run(manager: Any, run_id: str | None, until_step: Any) -> dict[str, A
     steps = as_int(until_step, "resume until step", optional=True) or None
     try:
         status = manager.resume(run_id, max_steps=steps)
-    except RunError as err:
-        raise RunError(in_page_words(str(err))) from None
+    except NoStepsLeft as err:
+        # Its "max steps" is the box beside Resume here, and a resume from the page keeps the
+        # run's max epochs (the form's is a new run's), so raising those is not offered.
+        raise RunError(err.said(f"set {RESUME_UNTIL}", epochs_too=False)) from None
     step = status.get("resumed_from_step", status.get("step", 0))
     # A new end moves the learning rate's cosine decay with it: said, as the curve shows it.
     schedule = (f" Its learning-rate schedule now ends at step {steps}." if steps else "")
     return done_action("resume", run_id, f"Resumed `{run_id}` from its checkpoint at step {step} "
                                          f"towards {status.get('total_steps')} steps.{schedule}")
-
-
-def in_page_words(refusal: str) -> str:
-    """A resume refusal of the run manager, which speaks the command line's flags, in the page's
-    words: its "max steps" is the box beside Resume here, and a resume from the page keeps the
-    run's max epochs (the form's is a new run's), so raising those is not offered."""
-    refusal = re.sub(r" or max epochs above \d+", "", refusal)
-    return refusal.replace("raise max steps", f"set {RESUME_UNTIL}")
 
 
 def done_action(action: str, run_id: str, text: str) -> dict[str, Any]:
