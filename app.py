@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no phoning home
 
 from ui.launch import (launch_options, parse_args,  # noqa: E402
-                       require_free_port)
+                       quit_now, require_free_port)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,12 +61,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"public link: {demo.share_url}", flush=True)
     print(f"runs directory: {runs_dir} (training runs keep going if the app stops)", flush=True)
     try:
-        demo.block_thread()
+        while demo.is_running:
+            time.sleep(0.1)
     except KeyboardInterrupt:
         pass
     finally:
-        demo.close(verbose=False)
+        quit_now(demo)
     return 0
+
 
 
 if __name__ == "__main__":

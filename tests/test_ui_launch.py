@@ -105,3 +105,24 @@ def test_a_port_in_use_is_refused_before_the_page_is_built():
                                              "program \\(or MAE Studio\\) may hold that port"):
             require_free_port("127.0.0.1", port)
     require_free_port("127.0.0.1", port)  # free again: nothing said
+
+
+def test_ctrl_c_stops_the_server_whole_with_a_client_still_connected(tmp_path):
+    """Gradio's own Ctrl+C path (``block_thread``) closed the server with the clients' streams
+    still open, and uvicorn waited on them until gradio stopped waiting, 5 s later, its thread
+    still alive: ``python app.py`` took ~7 s to quit. quit_now ends the streams first."""
+    from gradio_client import Client
+
+    from helpers import free_port
+    from mae_core.runs import RunManager
+    from ui.blocks import build_app
+    from ui.launch import quit_now
+
+    demo = build_app(RunManager(tmp_path / "runs"))
+    demo.queue(default_concurrency_limit=4).launch(prevent_thread_lock=True, quiet=True,
+                                                   server_port=free_port())
+    table, *_ = Client(demo.local_url, verbose=False).predict(None, api_name="/list_runs")
+    assert table["data"] == []
+    thread = demo.server.thread
+    quit_now(demo)
+    assert not thread.is_alive()
