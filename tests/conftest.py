@@ -9,8 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch  # noqa: F401 - loaded before OMP_NUM_THREADS is set below: this process keeps its threads
 
 from mae_core.process import clean_env
+
+# One OpenMP thread in each process the tests start (this one keeps its own: set after torch has
+# loaded). The suite runs processes side by side on a few cores, where a trainer with as many
+# threads as cores collapses: its threads spin at every barrier while the thread they wait for
+# waits for a core. test_channels' two 1-process trainers took 39 s at 2 threads each, 8 s at 1
+# (python -m bench.contention measures one run beside a busy process).
+os.environ["OMP_NUM_THREADS"] = "1"
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUBPROCESS_TIMEOUT_S = 300

@@ -26,15 +26,20 @@ def test_the_loader_tool_measures_a_folder_and_a_prepared_set_both_ways(run_modu
     src = _photos(tmp_path / "photos", 12)
     data = tmp_path / "prepared"
     prepared.prepare(str(src), data, workers=1, verbose=False)
+    from bench import loader
+
     rows = {}
     for name, flags in {"memory": ["--data", src], "prepared": ["--data", data],
                         "device": ["--data", data, "--decode-on-device"],
                         "blank": ["--transfer-only"]}.items():
         out = tmp_path / f"{name}.json"
-        result = run_module("bench.loader", *flags, "--image-size", "32", "--batch-size", "4",
-                            "--batches", "3", "--warmup", "1", "--workers", "0", "--device", "cpu",
-                            "--json", out)
-        assert result.returncode == 0, result.stderr[-3000:]
+        argv = [*map(str, flags), "--image-size", "32", "--batch-size", "4", "--batches", "3",
+                "--warmup", "1", "--workers", "0", "--device", "cpu", "--json", str(out)]
+        if name == "prepared":  # the command itself once; the other ways in this process (each
+            result = run_module("bench.loader", *argv)  # command imports torch, ~5 s here)
+            assert result.returncode == 0, result.stderr[-3000:]
+        else:
+            assert loader.main(argv) == 0
         rows[name] = json.loads(Path(out).read_text())
     assert rows["memory"]["kind"] == "memory" and rows["prepared"]["kind"] == "prepared"
     assert rows["blank"]["kind"] == "transfer only"

@@ -235,8 +235,10 @@ def test_train_tab_starts_a_run_and_follows_it(page, server):
     page.get_by_role("tab", name="Runs").click()
     _wait_text(page, "#runs-table", run_id)
     page.wait_for_function("() => document.querySelector('#delete-btn')?.disabled === true")
-    # ... and greyed as the other disabled buttons are: its red read as usable
-    colours = page.evaluate("() => ['#delete-btn', '#open-btn'].map(s => getComputedStyle("
+    # ... and greyed as the other disabled buttons are (Sooner: the run is not queued): its red
+    # read as usable
+    page.wait_for_function("() => document.querySelector('#sooner-btn')?.disabled === true")
+    colours = page.evaluate("() => ['#delete-btn', '#sooner-btn'].map(s => getComputedStyle("
                             "document.querySelector(s)).backgroundColor)")
     assert colours[0] == colours[1], colours
     _wait_text(page, "#runs-table", "(live)")  # issue 9.11: a live run's loss is not "final"

@@ -140,9 +140,9 @@ tr.no-grad { outline: 2px solid #dc2626; outline-offset: -2px; }
 #params-title code { word-break: normal; overflow-wrap: break-word; }
 #train-message, #runs-message, #runs-empty, #recon-message, #params-message { min-height: 0; }
 /* A greyed-out "stop" button (Delete run with no run picked, Stop with no live run) kept its red:
-   it read as usable. Greyed as the secondary buttons are. */
-.gradio-container button.stop:disabled { background: var(--button-secondary-background-fill);
-  color: var(--body-text-color-subdued); border-color: var(--button-secondary-border-color); }
+   it read as usable. Greyed as gradio greys a disabled secondary one. */
+.gradio-container button.stop:disabled { background: var(--button-secondary-background-fill-hover);
+  color: var(--button-secondary-text-color-hover); border-color: var(--button-secondary-border-color); }
 """
 
 # Saturated mid-tones that read on light and dark backgrounds alike, with white text on top.
