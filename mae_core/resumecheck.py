@@ -12,8 +12,27 @@ from __future__ import annotations
 from pathlib import Path
 
 from mae_core.config import ConfigError, ModelConfig, RunConfig
-from mae_core.rundir import NoStepsLeft, RunError, RunPaths, RunState, checkpoint_step
-from mae_core.weights import checkpoint_mismatch, load_model_config
+# mae_core.weights (torch) is imported inside the two checks that read a file: the page imports
+# NoStepsLeft from here while torch is still loading in the background.
+from mae_core.rundir import RunError, RunPaths, RunState, checkpoint_step
+
+
+class NoStepsLeft(RunError):
+    """A resume that would train no step: the run, or its checkpoint, is at its end. It keeps what
+    its sentence is made of, so a caller with other controls than the command line's flags (the
+    page's box beside Resume, which cannot raise a run's max epochs) says it in its own terms."""
+
+    def __init__(self, what: str, step: int, epochs: int | None = None):
+        self.what, self.step, self.epochs = what, step, epochs
+        super().__init__(self.said())
+
+    def said(self, raise_steps: str = "raise max steps", epochs_too: bool = True) -> str:
+        """"<what>: <raise_steps> above <step> [...] to train it further"."""
+        if self.epochs is None:
+            return f"{self.what}: {raise_steps} above {self.step} to train it further"
+        epochs = f" or max epochs above {self.epochs}" if epochs_too else ""
+        return (f"{self.what}: {raise_steps} above {self.step} (the epoch limit then goes)"
+                f"{epochs} to train it further")
 
 
 def check_resumable(paths: RunPaths, cfg: RunConfig) -> int:
@@ -67,6 +86,8 @@ def require_steps_left(cfg: RunConfig, step: int, run_id: str) -> None:
 
 def require_same_model(paths: RunPaths, cfg: RunConfig) -> None:
     """Refuse a ``last.ckpt`` of another model before a trainer is launched on it."""
+    from mae_core.weights import checkpoint_mismatch
+
     mismatch = checkpoint_mismatch(paths.last_ckpt, cfg.model)
     if mismatch:
         raise RunError(f"{paths.last_ckpt} is not a checkpoint of this run's model "
@@ -79,6 +100,8 @@ def require_weights_of(model: ModelConfig, weights: Path, run_id: str) -> ModelC
     """The config ``weights`` were saved with; weights of another model than the run's (a file
     copied in by hand) refused, as :func:`require_same_model` refuses such a checkpoint: the
     encoder exported from them fits no snippet of the run's."""
+    from mae_core.weights import load_model_config
+
     saved = load_model_config(weights)
     key = lambda cfg: (cfg.encoder_name, cfg.image_size, cfg.patch_size, cfg.channels)  # noqa: E731
     said = lambda cfg: (f"{cfg.encoder_name}, {cfg.image_size} px / patch {cfg.patch_size}, "  # noqa: E731

@@ -69,24 +69,6 @@ class RunError(RuntimeError):
     """A request the run manager refuses; the message says why, for a person to read."""
 
 
-class NoStepsLeft(RunError):
-    """A resume that would train no step: the run, or its checkpoint, is at its end. It keeps what
-    its sentence is made of, so a caller with other controls than the command line's flags (the
-    page's box beside Resume, which cannot raise a run's max epochs) says it in its own terms."""
-
-    def __init__(self, what: str, step: int, epochs: int | None = None):
-        self.what, self.step, self.epochs = what, step, epochs
-        super().__init__(self.said())
-
-    def said(self, raise_steps: str = "raise max steps", epochs_too: bool = True) -> str:
-        """"<what>: <raise_steps> above <step> [...] to train it further"."""
-        if self.epochs is None:
-            return f"{self.what}: {raise_steps} above {self.step} to train it further"
-        epochs = f" or max epochs above {self.epochs}" if epochs_too else ""
-        return (f"{self.what}: {raise_steps} above {self.step} (the epoch limit then goes)"
-                f"{epochs} to train it further")
-
-
 def valid_run_id(run_id: Any) -> bool:
     """Whether ``run_id`` can name a run directory: one plain name, no path, not too long."""
     return (isinstance(run_id, str) and len(run_id.encode("utf-8", "replace")) <= NAME_MAX

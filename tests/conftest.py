@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch  # noqa: F401 - loaded before OMP_NUM_THREADS is set below: this process keeps its threads
+import torch  # noqa: F401 - loaded before OMP_NUM_THREADS is set (below): keeps its threads
 
 from mae_core.process import clean_env
 

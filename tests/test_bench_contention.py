@@ -10,7 +10,8 @@ from bench.contention import SETTINGS, images_per_s, setting_env
 
 def test_the_rate_is_the_median_after_the_first_quarter(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
-    rows = [{"step": i, "images_per_s": rate} for i, rate in enumerate([1, 2, 90, 40, 50, 60, 70, 80], 1)]
+    rates = [1, 2, 90, 40, 50, 60, 70, 80]
+    rows = [{"step": i, "images_per_s": rate} for i, rate in enumerate(rates, 1)]
     rows.insert(3, {"step": 3, "epoch_loss": 0.5})  # a line without a rate is no step
     metrics.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
     assert images_per_s(metrics) == 65.0  # the median of 90, 40, 50, 60, 70, 80

@@ -439,8 +439,8 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
     c["refresh_event"] = dict(fn=on_refresh, inputs=[c["pick"], c["sig"]],
                               outputs=[c["table"], c["pick"], c["delete"], c["compare"]["runs"],
                                        c["evaluation"], c["empty"], c["sig"], c["message"],
-                                       c["sooner"],
-                                       c["later"], c["open"], c["export"], c["evaluate"]],
+                                       c["sooner"], c["later"], c["open"], c["export"],
+                                       c["evaluate"]],
                               show_progress="hidden")
     # Asked for by a person (or an API client): every part, changed or not.
     gr.on([c["refresh"].click, c["pick"].input], lambda current: on_refresh(current, None),

@@ -7,7 +7,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from mae_core.rundir import LIVE_STATES, NoStepsLeft, RunError, RunState
+from mae_core.resumecheck import NoStepsLeft
+from mae_core.rundir import LIVE_STATES, RunError, RunState
 from ui import render
 from ui.common import UserError, as_int, config_from_form, describe, refused_field
 
