@@ -49,7 +49,9 @@ if [ -n "$BASELINE" ]; then
 fi
 step step-alone-eager 40 python3 -m bench.step_profile --batch-size 256 --rows 0
 step loader-alone 35 python3 -m bench.loader --batch-size 256 --batches 100 --warmup 10
-step pytest-gpu 90 python3 -m pytest -q -rP -m gpu -p no:cacheprovider tests/test_bench.py \
+# -o addopts=: one process, no pytest-xdist (pytest.ini runs two workers, and xdist may be
+# missing on the GPU machine).
+step pytest-gpu 90 python3 -m pytest -o addopts= -q -rP -m gpu -p no:cacheprovider tests/test_bench.py \
     tests/test_hardware.py tests/test_crops.py
 step generate 50 python3 -c "from pathlib import Path; from bench.data import generate
 generate(Path('/tmp/mae-sitting-images'), 20000, 16)"

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch  # noqa: F401 - loaded before OMP_NUM_THREADS is set (below): keeps its threads
+import torch  # loaded before OMP_NUM_THREADS is set (below): keeps its threads
 
 from mae_core.process import clean_env
 
@@ -19,6 +19,11 @@ from mae_core.process import clean_env
 # waits for a core. test_channels' two 1-process trainers took 39 s at 2 threads each, 8 s at 1
 # (python -m bench.contention measures one run beside a busy process).
 os.environ["OMP_NUM_THREADS"] = "1"
+
+# pytest.ini runs the test files in worker processes side by side (pytest-xdist): each worker's
+# own torch gets its share of the cores, for the same reason.
+if (workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))) > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUBPROCESS_TIMEOUT_S = 300
