@@ -20,7 +20,7 @@ from mae_core.fileio import atomic_write_json
 from mae_core.process import process_record
 from mae_core.rundir import LIVE_STATES, RunPaths, create_run
 from mae_core.runs import RunError
-from ui import train, trainactions
+from ui import render, train, trainactions
 from ui.common import AppContext, UserError, form_values
 
 TINY = RunConfig(model=ModelConfig(image_size=32, patch_size=8),
@@ -110,16 +110,14 @@ def test_resume_refusals_speak_of_the_page_not_the_command_line():
             refusals[run_id]()
 
     until = trainactions.RESUME_UNTIL
-    said = {}
-    for name in refusals:
-        with pytest.raises(RunError) as refused:
-            trainactions.resume_run(Refusing(), name, None)
-        said[name] = str(refused.value)
-    assert said == {
-        "ended": f"run r1 finished its 2 epochs at step 8: set {until} above 8 (the epoch limit "
-                 "then goes) to train it further",
-        "behind": f"the checkpoint of r1 is at step 4: set {until} above 4 to train it further",
-        "other": "run r1 is running: wait"}
+    said = {name: trainactions.resume_run(Refusing(), name, None) for name in ("ended", "behind")}
+    assert {name: (record["kind"], record["text"]) for name, record in said.items()} == {
+        "ended": ("info", f"Run r1 finished its 2 epochs at step 8: set {until} above 8 (the "
+                          "epoch limit then goes) to train it further."),
+        "behind": ("info", f"The checkpoint of r1 is at step 4: set {until} above 4 to train it "
+                           "further.")}
+    with pytest.raises(RunError, match="^run r1 is running: wait$"):
+        trainactions.resume_run(Refusing(), "other", None)
     # The command line's own words stay its own.
     with pytest.raises(RunError, match="or max epochs above 2 to train it further"):
         refusals["ended"]()
@@ -455,8 +453,14 @@ def test_start_launches_a_real_run_that_finishes(ctx):
     assert f"set {trainactions.RESUME_UNTIL} above 4 and press Resume" in out["message"]
     until = trainactions.RESUME_UNTIL
     for too_few in (0, 3):  # 0: the run's own max steps; the command line's "max steps", renamed
-        with pytest.raises(RunError, match=f"has finished: set {until} above 4 to train it"):
-            train.resume_run(ctx.manager, run_id, too_few)
+        refused = train.resume_run(ctx.manager, run_id, too_few)
+        # what to do next, in the page's terms, shown as information (it was a red error)
+        assert refused["kind"] == "info" and refused["run_id"] is None, refused
+        assert refused["text"] == (f"Run {run_id} has finished: set {until} above 4 to train it "
+                                   "further.")
+        message = train.action_message(refused, ctx.manager.status(run_id))
+        assert message == render.notice("info", refused["text"])
+        assert train.about_another_run(refused, run_id)  # as a refusal: it goes with its run
     resumed = train.resume_run(ctx.manager, run_id, 6)
     assert "from its checkpoint at step 4 towards 6 steps" in resumed["text"]
     status = wait_ended(ctx.manager, run_id)

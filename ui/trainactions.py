@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from mae_core.resumecheck import NoStepsLeft
-from mae_core.rundir import LIVE_STATES, RunError, RunState
+from mae_core.rundir import LIVE_STATES, RunState
 from ui import render
 from ui.common import UserError, as_int, config_from_form, describe, refused_field
 
@@ -51,8 +51,10 @@ def resume_run(manager: Any, run_id: str | None, until_step: Any) -> dict[str, A
         status = manager.resume(run_id, max_steps=steps)
     except NoStepsLeft as err:
         # Its "max steps" is the box beside Resume here, and a resume from the page keeps the
-        # run's max epochs (the form's is a new run's), so raising those is not offered.
-        raise RunError(err.said(f"set {RESUME_UNTIL}", epochs_too=False)) from None
+        # run's max epochs (the form's is a new run's), so raising those is not offered. Nothing
+        # went wrong: what to do next, not an error in red.
+        said = err.said(f"set {RESUME_UNTIL}", epochs_too=False)
+        return failed_action("resume", f"{said[:1].upper()}{said[1:]}.", kind="info")
     step = status.get("resumed_from_step", status.get("step", 0))
     # A new end moves the learning rate's cosine decay with it: said, as the curve shows it.
     schedule = (f" Its learning-rate schedule now ends at step {steps}." if steps else "")
@@ -67,11 +69,12 @@ def done_action(action: str, run_id: str, text: str) -> dict[str, Any]:
 
 
 def failed_action(action: str, message: str, field: str | None = None,
-                  reason: str = "") -> dict[str, Any]:
+                  reason: str = "", kind: str = "error") -> dict[str, Any]:
     """A refusal's record; ``field`` (with the ``reason`` said beside it) is the form's field it
-    is about, which the page then shows (:data:`ui.trainscripts.SHOW_REFUSED_FIELD_JS`)."""
+    is about, which the page then shows (:data:`ui.trainscripts.SHOW_REFUSED_FIELD_JS`). ``kind``
+    "info": nothing was wrong, there was just nothing to do (a finished run resumed to its end)."""
     # "at": the same refusal twice is another value, so the page shows it (and the field) again
-    record = {"action": action, "run_id": None, "kind": "error", "text": message,
+    record = {"action": action, "run_id": None, "kind": kind, "text": message,
               "at": time.time()}
     if not field:
         return record
@@ -99,7 +102,7 @@ def action_message(action: dict[str, Any] | None, status: dict[str, Any] | None,
     now, moved since perhaps)."""
     if not action:
         return ""
-    if action["kind"] == "error":
+    if is_refusal(action):
         return render.notice(action["kind"], action["text"])
     run_id = action["run_id"]
     if not status:  # it went (deleted here or in another tab): told, not its old news
@@ -139,9 +142,15 @@ def about_another_run(action: dict[str, Any] | None, shown: str | None) -> bool:
     for the run shown before. A refused Start or Queue is about the form: it stays."""
     if not action:
         return False
-    if action.get("kind") == "error":
+    if is_refusal(action):
         return action.get("action") in ("stop", "resume")
     return action.get("run_id") != shown
+
+
+def is_refusal(action: dict[str, Any]) -> bool:
+    """Whether the record says an action was not done (:func:`failed_action`): a done one is
+    "ok" and told as its run is now."""
+    return action.get("kind") != "ok"
 
 
 def is_action(action: Any) -> bool:
