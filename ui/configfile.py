@@ -37,8 +37,14 @@ MAX_REMEMBERED_TEXT = 4096  # a field's text longer than any path or list the fo
 
 # The form as the browser keeps it (ui.common.form_by_name), built in the browser on each change:
 # a keystroke costs no request (a server-side save sent the whole form there and back on each).
-REMEMBER_FORM_JS = (f"(...values) => Object.fromEntries({json.dumps(list(FIELD_NAMES))}"
-                    ".map((name, i) => [name, values[i]]))")
+# Twice: for the browser (the BrowserState, shared by its tabs: a new tab starts from the last form
+# edited anywhere), and for this tab alone (sessionStorage, kept through its reloads: two tabs
+# shared one form, and a reload showed the other tab's last edit).
+REMEMBER_FORM_JS = f"""(...values) => {{
+  const form = Object.fromEntries({json.dumps(list(FIELD_NAMES))}.map((name, i) => [name, values[i]]));
+  try {{ sessionStorage.setItem("{FORM_STORAGE_KEY}", JSON.stringify(form)); }} catch (e) {{}}
+  return form;
+}}"""
 
 
 # What each field shows after a reload, in FIELD_NAMES order: the value the browser kept for it, or
@@ -49,7 +55,10 @@ REMEMBER_FORM_JS = (f"(...values) => Object.fromEntries({json.dumps(list(FIELD_N
 # starts, as a typed one is. Each field's kind is its widget's (ui.common.widget_kind).
 RESTORE_FORM_JS = f"""(saved, ...shown) => {{
   const fields = {json.dumps([[f.name, widget_kind(f), f.optional] for f in FORM_FIELDS])};
-  const kept = saved && typeof saved === "object" && !Array.isArray(saved) ? saved : {{}};
+  const isForm = (v) => v && typeof v === "object" && !Array.isArray(v);
+  let own = null;  // this tab's own form (REMEMBER_FORM_JS), before the browser's last one
+  try {{ own = JSON.parse(sessionStorage.getItem("{FORM_STORAGE_KEY}")); }} catch (e) {{}}
+  const kept = isForm(own) ? own : isForm(saved) ? saved : {{}};
   const fits = (kind, optional, v) => {{
     if (kind === "dropdown" || kind === "text")
       return typeof v === "string" && v.length <= {MAX_REMEMBERED_TEXT};
