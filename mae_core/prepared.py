@@ -75,6 +75,27 @@ _NUMBERS = ("count", "files", "skipped", "bytes", "short_side", "mid_side", "sma
 _TEXTS = ("source", "created", "litdata")
 
 
+# How a prepared set's fields may be stored: as prepare writes them (an id, JPEG bytes). LitData
+# decodes each field by the name its index.json gives, and some of its decoders run code ("pickle"
+# unpickles): a set naming any other is refused before an item of it is read.
+FIELD_FORMATS = frozenset({"int", "bytes"})
+
+
+def unsafe_format(index: Any) -> str | None:
+    """Why a set with this ``index.json`` (as read) is not read, or None: fields stored in a
+    format :func:`prepare` never writes."""
+    config = index.get("config") if isinstance(index, dict) else None
+    formats = config.get("data_format") if isinstance(config, dict) else None
+    if not isinstance(formats, list) or not formats or \
+            not all(isinstance(name, str) for name in formats):
+        return "its index.json records no format for its fields"
+    other = sorted(set(formats) - FIELD_FORMATS)
+    if other:
+        return (f"its index.json stores fields as {', '.join(map(shown, other))}, which this app "
+                "never writes (and will not decode: a field can run code when read)")
+    return None
+
+
 def _whole(value: Any, least: int | bool = 0) -> bool:
     """Whether ``value`` (read from JSON) is a whole number in [least, 2**63): no bool, no float."""
     return type(value) is int and least <= value < 2**63
@@ -139,6 +160,9 @@ def _damage(folder: Path) -> str | None:
             "\0" not in c["filename"] and _whole(c.get("chunk_bytes", 0)) and
             _whole(c.get("chunk_size", 0)) for c in chunks):
         return "its index.json is not as LitData writes it"
+    unsafe = unsafe_format(index)
+    if unsafe:
+        return unsafe
     for chunk in chunks:
         name = chunk["filename"]
         try:

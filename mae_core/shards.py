@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import struct
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -26,6 +27,7 @@ from mae_core.checks import DataError
 from mae_core.crops import (AGAIN, DecodeAugment, UndecodableSet, collate_deferred,
                              finish_on_device)
 from mae_core.data import BATCHES_PER_WORKER_PER_EPOCH
+from mae_core.fileio import read_json
 from mae_core.images import center_square, open_rgb
 
 # What garbage in a chunk's offset table or an item's size header raises inside LitData's reader
@@ -83,11 +85,21 @@ def streaming_dataset(path: str, image_size: int | None, shuffle: bool, seed: in
     """The prepared set as LitData items, cropped and flipped (``image_size``) or not; ``defer``
     leaves the decode and the crop to the training device (:func:`crops.finish_on_device`);
     ``passes``: an epoch reads every image that many times (LitData's whole-copy upsampling)."""
+    from mae_core.prepared import unsafe_format  # (prepared imports the readers' modules)
+
     transform = DecodeAugment(image_size, defer=defer) if image_size else None
     # One item deserialised per read: LitData's automatic window (by mean item size) can straddle
     # its shuffle blocks, and then it copies a window of ~100 images' bytes for every image read.
-    return TolerantStreamingDataset(path, shuffle=shuffle, drop_last=True, seed=seed,
-                                    transform=transform, batch_decode=0, subsample=float(passes))
+    dataset = TolerantStreamingDataset(path, shuffle=shuffle, drop_last=True, seed=seed,
+                                       transform=transform, batch_decode=0,
+                                       subsample=float(passes))
+    # Its index.json is local now (a remote set's copy included), and no item has been read:
+    # every set, local, remote or named by hand, is checked here, where it is opened.
+    unsafe = unsafe_format(read_json(Path(dataset.input_dir.path) / "index.json"))
+    if unsafe:
+        raise DataError(f"the prepared data set {path} is refused: {unsafe}; prepare it again "
+                        "with python -m mae_core.data optimize")
+    return dataset
 
 
 def epoch_passes(images: int, batch_size: int, world: int, workers: int) -> int:

@@ -47,15 +47,28 @@ def save_weights(model: MaskedAutoencoder, path: str | Path, step: int | None = 
     _write_safetensors(path, _cpu_state(model.state_dict()), metadata)
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
+def _read_header(path: str | Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """The file's metadata and its tensors' shapes, from its header alone (no tensor read)."""
     try:
         open_regular(path).close()  # a FIFO in its place would block safetensors' open forever
         with safe_open(str(path), framework="pt") as handle:
-            return handle.metadata() or {}
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            return handle.metadata() or {}, shapes
     except FileNotFoundError:
         raise WeightsError(f"no weights file at {path}") from None
     except (SafetensorError, OSError, ValueError) as err:
         raise WeightsError(f"{Path(path).name} is not a readable safetensors file ({err})") from None
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    return _read_header(path)[0]
+
+
+def model_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the model ``cfg`` builds, by name, with its shape: built on the meta
+    device, so it costs no memory whatever the size."""
+    with torch.device("meta"):
+        return {key: tuple(value.shape) for key, value in MaskedAutoencoder(cfg).state_dict().items()}
 
 
 def load_model_config(path: str | Path) -> ModelConfig:
@@ -72,6 +85,12 @@ def load_model_config(path: str | Path) -> ModelConfig:
 def load_model(path: str | Path, device: str = "cpu") -> MaskedAutoencoder:
     """Rebuild the model saved at ``path`` (eval mode). Raises :class:`WeightsError` if unusable."""
     cfg = load_model_config(path)
+    # The header's shapes against the model's, before the model is built: a file of 1 KB whose
+    # config claimed a ViT-Huge with a large decoder was built for real first (7.5 GB, 18 s, the
+    # app's other users waiting), then refused. Equal shapes: the file holds those tensors.
+    differs = shape_mismatch(_read_header(path)[1], model_shapes(cfg))
+    if differs:  # in a line, not torch's list of every tensor
+        raise WeightsError(f"{Path(path).name} does not match its model: {differs}")
     model = MaskedAutoencoder(cfg)
     from safetensors.torch import load_file
 
@@ -81,10 +100,6 @@ def load_model(path: str | Path, device: str = "cpu") -> MaskedAutoencoder:
         raise WeightsError(f"no weights file at {path}") from None
     except (SafetensorError, OSError, ValueError) as err:
         raise WeightsError(f"{Path(path).name} is not a readable safetensors file ({err})") from None
-    differs = shape_mismatch({key: tuple(value.shape) for key, value in state.items()},
-                             {key: tuple(value.shape) for key, value in model.state_dict().items()})
-    if differs:  # in a line, not torch's list of every tensor
-        raise WeightsError(f"{Path(path).name} does not match its model: {differs}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:  # shapes fit, yet torch refused: its first line says why
@@ -110,9 +125,7 @@ def checkpoint_mismatch(path: str | Path, cfg: ModelConfig) -> str | None:
         return "it holds no state_dict"
     saved = {key.removeprefix(LIGHTNING_PREFIX): tuple(value.shape) for key, value in state.items()
              if isinstance(value, torch.Tensor)}
-    with torch.device("meta"):
-        expected = {key: tuple(value.shape) for key, value in MaskedAutoencoder(cfg).state_dict().items()}
-    return shape_mismatch(saved, expected, "this run's model")
+    return shape_mismatch(saved, model_shapes(cfg), "this run's model")
 
 
 def shape_mismatch(saved: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],

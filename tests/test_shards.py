@@ -86,3 +86,46 @@ def test_the_raw_reader_names_the_set_too(good_set, tmp_path):
 
 def test_the_first_undecodable_sample_is_an_undecodable_set():
     assert issubclass(crops.UndecodableSet, DataError)
+
+
+class RunsCodeWhenRead:
+    """Unpickled, it opens (creates) ``marker``: what any code in a hostile set could do."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def _hostile_item(item: tuple[int, str, bytes]) -> dict:
+    index, marker, jpeg = item
+    return {"id": index, "image": RunsCodeWhenRead(marker), "mid": jpeg, "small": jpeg}
+
+
+def test_a_set_whose_fields_would_be_unpickled_is_refused_unread(good_set, tmp_path):
+    """LitData decodes each field as its index.json says, and a field stored as "pickle" runs
+    code when read: a set naming any format prepare never writes is refused before an item of it
+    is read, by the trainer's reader and the previews (in the app's own process) alike."""
+    from litdata import optimize
+
+    marker = tmp_path / "code-ran"
+    jpeg = (good_set.parent / "photos" / "000.jpg").read_bytes()
+    hostile = tmp_path / "hostile"
+    optimize(fn=_hostile_item, inputs=[(i, str(marker), jpeg) for i in range(8)],
+             output_dir=str(hostile), chunk_bytes="64MB", num_workers=1)
+    shutil.copy(good_set / prepared.MANIFEST_NAME, hostile / prepared.MANIFEST_NAME)
+    manifest, why = prepared.check_set(hostile)
+    assert manifest is None and "stores fields as 'pickle'" in why, why
+    with pytest.raises(DataError, match=f"data set {hostile} is damaged .*'pickle'"):
+        prepared.read_manifest(hostile)
+    for read in (lambda: read_all(hostile), lambda: shards.preview_images(str(hostile), 32, 4)):
+        with pytest.raises(DataError, match=f"data set {hostile} is refused: .*'pickle'.* run code"):
+            read()
+    assert not marker.exists()
+    # The reader checks the set itself: one named by hand skips check_set (a remote set's index
+    # is checked the same way, in LitData's local copy of it).
+    assert prepared.unsafe_format({"config": {"data_format": ["int", "bytes", "bytes", "bytes"]}}) \
+        is None
+    assert prepared.unsafe_format({"config": {"data_format": ["int", "tensor"]}})
+    assert prepared.unsafe_format({"config": {}}) and prepared.unsafe_format([])

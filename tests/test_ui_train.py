@@ -21,7 +21,7 @@ from mae_core.process import process_record
 from mae_core.rundir import LIVE_STATES, RunPaths, create_run
 from mae_core.runs import RunError
 from ui import render, train, trainactions
-from ui.common import AppContext, UserError, form_values
+from ui.common import AppContext, UserError, describe, form_values
 
 TINY = RunConfig(model=ModelConfig(image_size=32, patch_size=8),
                  train=TrainConfig(accelerator="cpu", devices=1, batch_size=4, max_steps=4,
@@ -121,6 +121,30 @@ def test_resume_refusals_speak_of_the_page_not_the_command_line():
     # The command line's own words stay its own.
     with pytest.raises(RunError, match="or max epochs above 2 to train it further"):
         refusals["ended"]()
+
+
+def test_a_resume_step_out_of_range_is_refused_as_the_box_beside_resume():
+    """-5, -1 or 10**10 reached the run manager, whose refusal named the command line's
+    "max_steps" (and -1 there means "train by epochs"); 0 or blank is the run's own max steps."""
+    class Resuming:
+        asked = []
+
+        def resume(self, run_id, max_steps=None):
+            self.asked.append(max_steps)
+            return {"resumed_from_step": 4, "total_steps": max_steps or 8}
+
+    manager = Resuming()
+    for bad in (-5, -1, 10**10, "1e10"):
+        with pytest.raises(ConfigError) as refused:
+            trainactions.resume_run(manager, "r1", bad)
+        said = describe(refused.value, "resume")
+        assert said.startswith("Invalid setting, resume until step: must be 0 (the run's own max "
+                               "steps) or a step up to 1,000,000,000, got "), said
+        assert "max_steps" not in said
+    assert manager.asked == []
+    for fine, asked in ((0, None), ("", None), (12, 12)):
+        assert trainactions.resume_run(manager, "r1", fine)["kind"] == "ok"
+        assert manager.asked.pop() == asked
 
 
 def test_action_message_for_finished_failed_and_refused():

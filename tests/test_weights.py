@@ -94,6 +94,41 @@ def test_weights_of_another_shape_are_refused_in_one_line(tmp_path):
     assert "\n" not in message and len(message) < 300
 
 
+CLAIMS_A_HUGE_MODEL = """
+import json, resource, sys
+from dataclasses import asdict
+import torch
+from safetensors.torch import save_file
+from mae_core.config import ModelConfig
+from mae_core.weights import WeightsError, load_model
+claim = ModelConfig(preset="vit-huge", image_size=448, patch_size=14, decoder_dim=2048,
+                    decoder_depth=16, decoder_heads=16)
+save_file({"x": torch.zeros(1)}, sys.argv[1],
+          metadata={"format": "mae-studio", "config": json.dumps(asdict(claim))})
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    load_model(sys.argv[1])
+except WeightsError as err:
+    print(json.dumps({"error": str(err), "grew_kib": resource.getrusage(
+        resource.RUSAGE_SELF).ru_maxrss - before}))
+"""
+
+
+def test_a_tiny_file_claiming_a_huge_model_costs_what_it_is(tmp_path):
+    """The file's header is compared with the model it claims before that model is built: a
+    1 KB file whose config claimed a ViT-Huge with a large decoder made the app build it for
+    real (7.5 GB, 18 s, every other user's Reconstruct waiting), then refused it."""
+    path = tmp_path / "model.safetensors"
+    done = subprocess.run([sys.executable, "-c", CLAIMS_A_HUGE_MODEL, str(path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert path.stat().st_size < 2048
+    assert result["error"].startswith("model.safetensors does not match its model: ")
+    assert "tensor(s) missing" in result["error"]
+    assert result["grew_kib"] < 256 * 1024, result  # the claimed model holds ~3 GB
+
+
 def test_a_save_killed_mid_write_leaves_only_a_temp_file_that_the_next_start_removes(tmp_path):
     """No leftover a run directory's cleanup cannot see (safetensors' own ``save_file`` writes
     through a ``.tmpXXXXXX`` of its own beside the target: the model's size, per killed save)."""

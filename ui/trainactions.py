@@ -7,6 +7,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from mae_core.checks import ConfigError, shown
+from mae_core.config import MAX_STEPS
 from mae_core.resumecheck import NoStepsLeft
 from mae_core.rundir import LIVE_STATES, RunState
 from ui import render
@@ -47,6 +49,9 @@ def resume_run(manager: Any, run_id: str | None, until_step: Any) -> dict[str, A
     if not run_id:
         raise UserError("Choose a run to resume.")
     steps = as_int(until_step, "resume until step", optional=True) or None
+    if steps is not None and not 1 <= steps <= MAX_STEPS:  # the run manager's would say "max_steps"
+        raise ConfigError("resume until step", f"must be 0 (the run's own max steps) or a step "
+                                               f"up to {MAX_STEPS:,}, got {shown(until_step)}")
     try:
         status = manager.resume(run_id, max_steps=steps)
     except NoStepsLeft as err:
