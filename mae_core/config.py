@@ -95,7 +95,8 @@ class ModelConfig:
         _check_int(self, "patch_size", 2, 32)
         _check_int(self, "image_size", 32, MAX_IMAGE_SIZE)
         _require(self.image_size % self.patch_size == 0, "image_size",
-                 f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}")
+                 f"{self.image_size} is not divisible by the patch size ({self.patch_size}): "
+                 "an image must hold a whole number of patches")
         _require((self.image_size // self.patch_size) ** 2 >= 4, "patch_size",
                  f"patch_size={self.patch_size} leaves fewer than 4 patches in a "
                  f"{self.image_size}px image")
@@ -109,7 +110,7 @@ class ModelConfig:
         check_channels(self)
         spec = self.decoder()
         _require(spec.dim % spec.heads == 0, "decoder_heads",
-                 f"decoder_dim={spec.dim} is not divisible by decoder_heads={spec.heads}")
+                 f"the decoder's width ({spec.dim}) is not divisible by {spec.heads} heads")
         _require(12 * spec.dim**2 * spec.depth <= MAX_DECODER_PARAMS, "decoder_dim",
                  f"a decoder of {spec.depth} blocks of width {spec.dim} has "
                  f"{12 * spec.dim**2 * spec.depth / 1e9:.1f} B parameters (at most "

@@ -415,6 +415,15 @@ def test_export_loads_into_timm(server, run_state):
     exec(snippet, {})  # the snippet shown in the page runs as it is (its asserts included)
 
 
+def test_metrics_csv_gives_an_api_client_the_files_path(server, run_state):
+    """/metrics_csv gave a client gradio's update dict (the page's label rode along with it)."""
+    path, message = server["client"].predict(run_state["id"], api_name="/metrics_csv")
+    assert isinstance(path, str) and Path(path).name.endswith(".csv"), path
+    header, *rows = Path(path).read_text().splitlines()
+    assert "step" in header.split(",") and rows
+    assert run_state["id"] in message
+
+
 def test_delete_asks_first_then_deletes(server, run_state):
     client = server["client"]
     for unconfirmed in (False, "false", "no", None):  # a non-empty string used to delete

@@ -312,6 +312,24 @@ def test_the_smoothing_box_shows_the_value_the_chart_uses(page):
     box.press("Tab")
 
 
+def test_a_switch_reached_by_the_keyboard_shows_it_has_the_focus(page):
+    """The "metric" radios and the "log scale" checkbox showed nothing as Tab reached them."""
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#smoothing input[type=number]").focus()
+    focused = []
+    for _ in range(4):  # back from the smoothing box: log scale, then the metric's choices
+        page.keyboard.press("Shift+Tab")
+        focused.append(page.evaluate(
+            "() => { const e = document.activeElement, style = getComputedStyle(e);"
+            " return [e.type, e.closest('[id]')?.id, style.outlineStyle,"
+            " parseFloat(style.outlineWidth)]; }"))
+    assert focused[0][:2] == ["checkbox", "log-scale"], focused
+    assert any(kind == "radio" for kind, *_ in focused), focused
+    for kind, where, style, width in focused:
+        if kind in ("checkbox", "radio"):
+            assert style not in ("none", "hidden") and width >= 2, (kind, where, style, width)
+
+
 def test_the_page_scripts_decide_as_the_tests_say(page):
     """What runs in the browser alone: the form kept on each change, a refusal taken away by an
     edit, the resume box after Resume."""
@@ -603,6 +621,9 @@ def test_runs_tab_lists_and_exports_the_run(page, server):
     page.wait_for_function("(id) => document.querySelector('#runs-pick input')?.value === id",
                            arg=run["run_id"])
     page.wait_for_function("() => document.querySelector('#delete-btn')?.disabled === false")
+    # Nothing exported, nothing made: no empty boxes (they took ~400 px above Compare).
+    for empty in ("#export-file", "#export-code", "#csv-file"):
+        assert not page.locator(empty).is_visible(), empty
     _button(page, "Export encoder").click()
     _wait_text(page, "#export-code", "timm.create_model")
     _wait_text(page, "#export-file", ".safetensors")
@@ -629,9 +650,8 @@ def _a_delete_tick_is_for_the_run_it_was_given_for(page, manager, run) -> None:
                                arg=other.run_id)
         page.wait_for_function("() => !document.querySelector('#confirm-delete input').checked")
         # ... and the encoder exported for the first run is not offered under this one.
-        page.wait_for_function("() => !document.querySelector('#export-file').innerText"
-                               ".includes('.safetensors') && !document.querySelector"
-                               "('#export-code').innerText.includes('timm.create_model')")
+        page.wait_for_function("() => ['#export-file', '#export-code'].every(id => "
+                               "!document.querySelector(id)?.offsetParent)")
         _button(page, "Delete run").click()
         _wait_text(page, "#runs-message", "Tick")
         assert other.root.is_dir()
@@ -823,6 +843,7 @@ def test_the_form_kept_in_the_browser_comes_back_field_by_field(page):
     on_page = [shown[name] for name in FIELD_NAMES]
     restore = f"([saved, shown]) => ({configfile.RESTORE_FORM_JS})(saved, ...shown)"
     kept = form_by_name(on_page)
+    page.evaluate("() => sessionStorage.clear()")  # no form of this tab's own: the browser's
     kept.update(batch_size=24, data="~/photos", compile=True, num_workers=None, retired_field=7,
                 base_lr=float("nan"), weight_decay=[0.1], seed="x" * 5000,
                 mask_ratio="0.75",  # text where a number goes: left at its default
@@ -837,6 +858,19 @@ def test_the_form_kept_in_the_browser_comes_back_field_by_field(page):
         assert page.evaluate(restore, [nothing, on_page]) == on_page
     # What comes back is checked at Start like a typed value.
     assert config_from_form(restored).train.batch_size == 24
+    # The tab's own form, where it kept one, before the browser's last (another tab's edit);
+    # checked field by field the same way.
+    key = configfile.FORM_STORAGE_KEY
+    page.evaluate("([key, own]) => sessionStorage.setItem(key, JSON.stringify(own))",
+                  [key, {**form_by_name(on_page), "batch_size": 40, "seed": "x"}])
+    try:
+        restored = dict(zip(FIELD_NAMES, page.evaluate(restore, [kept, on_page])))
+        assert (restored["batch_size"], restored["data"], restored["seed"]) == (
+            40, shown["data"], shown["seed"])
+        page.evaluate("(key) => sessionStorage.setItem(key, '[1, 2')", key)  # damaged: ignored
+        assert dict(zip(FIELD_NAMES, page.evaluate(restore, [kept, on_page])))["batch_size"] == 24
+    finally:
+        page.evaluate("() => sessionStorage.clear()")
 
 
 def test_an_edit_made_as_the_page_appears_is_not_taken_back_by_the_restore(page):

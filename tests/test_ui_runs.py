@@ -121,27 +121,32 @@ def test_refresh_with_no_runs_or_a_vanished_pick(ctx):
 
 
 def test_buttons_that_could_only_refuse_are_greyed_out(ctx, tmp_path):
-    """Sooner and Later were enabled for a finished run (then said "not queued"), and Open,
-    Export and Evaluate with no run at all."""
+    """Sooner and Later were enabled for a finished run (then said "not queued"), and for the
+    only queued run (Sooner for the first, Later for the last, too); Open, Export and Evaluate
+    with no run at all, and Evaluate for a run with no weights yet (a queued one)."""
     def usable(out):
         return {name for name in ("open", "export", "evaluate", "delete", "sooner", "later")
                 if out[name]["interactive"]}
 
     assert usable(runs.refresh(ctx, None, None)) == set()  # no run
     finished = make_run(ctx, "finished", step=4)
-    assert usable(runs.refresh(ctx, finished.run_id, None)) == {"open", "evaluate", "delete"}
+    assert usable(runs.refresh(ctx, finished.run_id, None)) == {"open", "delete"}
     weights = tmp_path / "model.safetensors"
     save_weights(MaskedAutoencoder(MODEL), weights, step=4)
     finished.weights.write_bytes(weights.read_bytes())
     assert usable(runs.refresh(ctx, finished.run_id, None)) == {"open", "export", "evaluate",
                                                                 "delete"}
     queued = make_run(ctx, "queued")
+    assert usable(runs.refresh(ctx, queued.run_id, None)) == {"open", "delete"}  # the only one
+    behind = make_run(ctx, "queued")
+    assert ctx.manager.queued() == [queued.run_id, behind.run_id]
+    assert usable(runs.refresh(ctx, behind.run_id, None)) == {"open", "delete", "sooner"}
     out = runs.refresh(ctx, queued.run_id, None)
-    assert usable(out) == {"open", "evaluate", "delete", "sooner", "later"}
+    assert usable(out) == {"open", "delete", "later"}
     back = runs.refresh(ctx, finished.run_id, out["sig"])  # only what changed is sent
     assert {name: update["interactive"] for name, update in back.items()
-            if name in ("export", "sooner", "later")} == {"export": True, "sooner": False,
-                                                          "later": False}
+            if name in ("export", "evaluate", "later")} == {"export": True, "evaluate": True,
+                                                            "later": False}
     assert "open" not in back and "delete" not in back
     # The handlers still refuse in words: an API client can press any of them.
     with pytest.raises(RunError, match="not queued"):

@@ -113,7 +113,9 @@ def build(ctx: AppContext, pick: gr.Dropdown) -> dict[str, Any]:
             c["csv"] = gr.Button("Metrics CSV", elem_id="csv-btn", scale=1, min_width=140)
         c["message"] = gr.HTML(elem_id="compare-message")
         c["table"] = gr.HTML(elem_id="compare-box")
-        c["csv_file"] = gr.File(label="metrics.csv", interactive=False, elem_id="csv-file")
+        # Shown once made (an empty file box sat under Compare before any download).
+        with gr.Column(visible=False) as c["csv_box"]:
+            c["csv_file"] = gr.File(label="metrics.csv", interactive=False, elem_id="csv-file")
     error = lambda text: {c["message"]: render.notice("error", text)}  # noqa: E731
 
     @guarded("compare", error)
@@ -123,10 +125,15 @@ def build(ctx: AppContext, pick: gr.Dropdown) -> dict[str, Any]:
     @guarded("the metrics download", error)
     def on_csv(run_id: str | None) -> dict:
         path = metrics_csv(ctx, run_id)
-        return {c["csv_file"]: gr.update(value=path, label=f"metrics.csv of {run_id}"),
+        return {c["csv_file"]: path,
                 c["message"]: render.notice("ok", f"The metrics of `{run_id}`, the run picked "
                                                   "above, as CSV: download it below.")}
 
     c["compare"].click(on_compare, c["runs"], [c["table"], c["message"]], api_name="compare")
-    c["csv"].click(on_csv, pick, [c["csv_file"], c["message"]], api_name="metrics_csv")
+    # The file's path alone to an API client; the page names whose it is and shows it.
+    c["csv"].click(on_csv, pick, [c["csv_file"], c["message"]], api_name="metrics_csv").then(
+        lambda run_id, path: (gr.update(label=f"metrics.csv of {run_id}"),
+                              gr.update(visible=bool(path))),
+        [pick, c["csv_file"]], [c["csv_file"], c["csv_box"]], api_visibility="private",
+        show_progress="hidden")
     return c

@@ -33,6 +33,10 @@ def theme() -> Any:
 
 CSS = """
 .gradio-container { max-width: 1500px !important; }
+/* Gradio draws no focus for a radio or a checkbox reached by the keyboard ("metric", "log
+   scale" and every switch of the form showed nothing as Tab reached them). */
+input[type="radio"]:focus-visible, input[type="checkbox"]:focus-visible {
+  outline: 2px solid var(--color-accent); outline-offset: 2px; }
 .mae-box { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 10px 12px;
   background: var(--background-fill-secondary); color: var(--body-text-color); font-size: 14px;
   line-height: 1.5; }

@@ -317,10 +317,13 @@ def button_states(ctx: AppContext, run_id: str | None, state: str | None) -> dic
     if state == DAMAGED:  # no run: it can only go
         return {"open": False, "evaluate": False, "export": False, "delete": True,
                 "sooner": False, "later": False}
-    queued = state == RunState.QUEUED
-    return {"open": picked, "evaluate": picked,
-            "export": picked and ctx.manager.paths(run_id).weights.exists(),
-            "delete": picked and state not in LIVE_STATES, "sooner": queued, "later": queued}
+    order = ctx.manager.queued() if state == RunState.QUEUED else []
+    place = order.index(run_id) if run_id in order else None  # None: not (or no longer) queued
+    weights = picked and ctx.manager.paths(run_id).weights.exists()  # evaluated, exported
+    return {"open": picked, "evaluate": weights, "export": weights,
+            "delete": picked and state not in LIVE_STATES,
+            "sooner": place is not None and place > 0,
+            "later": place is not None and place < len(order) - 1}
 
 
 def refresh(ctx: AppContext, current: str | None, sig: dict | None,
@@ -395,10 +398,12 @@ def build(ctx: AppContext) -> dict[str, Any]:
                                   elem_id="evaluate-btn")
     c["message"] = gr.HTML(elem_id="runs-message")
     c["evaluation"] = gr.HTML(elem_id="runs-evaluation")
-    with gr.Row():
+    # Shown once exported: empty, the two boxes took ~400 px (a whole phone screen) above
+    # Compare. The code scrolls sideways: wrapped, its line numbers no longer matched its lines.
+    with gr.Row(visible=False) as c["export_box"]:
         c["export_file"] = gr.File(label="encoder (timm safetensors)", interactive=False,
                                    elem_id="export-file", min_width=240)
-        c["export_code"] = gr.Code(language="python", label="load it with timm", wrap_lines=True,
+        c["export_code"] = gr.Code(language="python", label="load it with timm", wrap_lines=False,
                                    elem_id="export-code")
     c["compare"] = compare.build(ctx, c["pick"])
     c["cache"] = datacache.build(ctx)
@@ -454,8 +459,10 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
           [c["confirm"], c["message"]], show_progress="hidden", queue=False)
     # A file made for one run is not offered under another (the encoder of a vit-tiny run, its
     # timm snippet and metrics.csv stayed under a vit-small run picked after it).
-    c["pick"].change(lambda: (None, "", None), None,
-                     [c["export_file"], c["export_code"], c["compare"]["csv_file"]],
+    hidden = gr.update(visible=False)
+    c["pick"].change(lambda: (None, "", None, hidden, hidden), None,
+                     [c["export_file"], c["export_code"], c["compare"]["csv_file"],
+                      c["export_box"], c["compare"]["csv_box"]],
                      api_visibility="private", show_progress="hidden", queue=False)
     c["delete"].click(on_delete, [c["pick"], c["confirm"]], [c["message"], c["confirm"]],
                       api_name="delete_run", concurrency_id="run_actions",
@@ -473,7 +480,9 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
                         show_progress="hidden", trigger_mode="multiple",
                         concurrency_limit=None).then(**c["refresh_event"])
     c["export"].click(on_export, c["pick"], [c["export_file"], c["export_code"], c["message"]],
-                      api_name="export", show_progress_on=[c["export_file"]])
+                      api_name="export", show_progress_on=[c["message"]]).then(
+        lambda path: gr.update(visible=bool(path)), c["export_file"], c["export_box"],
+        api_visibility="private", show_progress="hidden")
 
 
 def _pick_row(evt: gr.SelectData) -> Any:
