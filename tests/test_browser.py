@@ -501,9 +501,11 @@ def test_reconstruct_tab_reconstructs_the_good_files_and_lists_the_bad(page, ser
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8)
     page.locator("#uploads input[type=file]").set_input_files([*map(str, photos), str(corrupt)])
     _wait_uploaded(page, "broken.png")
+    assert not page.locator("#recon-losses").is_visible()  # no empty grid before any result
     _button(page, "Reconstruct").click()
     page.wait_for_function("() => document.querySelectorAll('#recon-results .recon-item').length === 4")
     _wait_text(page, "#recon-refused", "broken.png")
+    _wait_text(page, "#recon-losses", photos[3].name)
     text = page.locator("#recon-results-box").inner_text()
     for caption in ("masked", "reconstruction", "reconstruction + visible", "per-patch error"):
         assert caption in text
@@ -609,6 +611,16 @@ def test_parameters_tab_groups_the_audit_and_marks_the_head_removed(page):
     assert page.evaluate("() => !document.querySelector('#param-preset').closest('.pending')"
                          " && !document.querySelector('#param-image .pending')")
     _wait_text(page, "#params-title", "vit-small")
+    # An edited size says the tables are still the last audit's, until Audit.
+    image = page.locator("#param-image input")
+    image.fill("48")
+    _wait_text(page, "#params-message", "for the settings audited last")
+    _button(page, "Audit").click()
+    _wait_text(page, "#params-title", "48px")
+    page.wait_for_function("() => !document.querySelector('#params-message').innerText.trim()")
+    image.fill("32")
+    _button(page, "Audit").click()
+    _wait_text(page, "#params-title", "32px")
     _settle(page)
     page.screenshot(path=str(SCREENSHOTS / "parameters.png"), full_page=False)
 

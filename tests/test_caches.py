@@ -140,7 +140,7 @@ def _fake_set(cache: Path, name: str, written_s: int, **manifest) -> Path:
     (folder / "chunk-0-0.bin").write_bytes(b"abc")
     (folder / "index.json").write_text(json.dumps(
         {"chunks": [{"filename": "chunk-0-0.bin", "chunk_bytes": 3, "chunk_size": 1}],
-         "config": {"compression": None}}))
+         "config": {"compression": None, "data_format": ["int", "bytes", "bytes", "bytes"]}}))
     fields = {"format": 2, "source": "/data/photos", "count": 1, "bytes": 3, "created": "then"}
     (folder / prepared.MANIFEST_NAME).write_text(json.dumps({**fields, **manifest}))
     os.utime(folder / prepared.MANIFEST_NAME, (written_s, written_s))

@@ -142,7 +142,8 @@ def test_a_manifest_of_the_wrong_types_is_a_clear_refusal_not_a_crash(tmp_path, 
         folder.mkdir(parents=True)
         (folder / "chunk-0-0.bin").write_bytes(b"abc")
         (folder / "index.json").write_text(json.dumps(
-            {"chunks": [{"filename": "chunk-0-0.bin", "chunk_bytes": 3}], "config": {}}))
+            {"chunks": [{"filename": "chunk-0-0.bin", "chunk_bytes": 3}],
+             "config": {"data_format": ["int", "bytes", "bytes", "bytes"]}}))
         return folder
 
     folder = whole_shards(tmp_path / "prepared")

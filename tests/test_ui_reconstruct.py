@@ -470,3 +470,15 @@ def test_results_of_another_runs_weights_are_taken_away():
     again = reconstruct.stale_results("c", None, None, "a")
     assert "now run <code>c</code>" in again["message"] and again["noticed_run"] == "c"
     assert reconstruct.stale_results("c", None, None, "c") == {}
+
+
+def test_the_losses_table_is_shown_only_with_a_row_in_it():
+    """Empty, its three headers sat under the Reconstruct button before any result."""
+    import pandas as pd
+
+    headers = ["image", "loss (masked patches)", "masked patches"]
+    for empty in (None, [], pd.DataFrame(columns=headers),
+                  pd.DataFrame([["", "", ""]], columns=headers)):
+        assert reconstruct.table_shown(empty)["visible"] is False, empty
+    assert reconstruct.table_shown(pd.DataFrame([["a.png", 0.31, 48]], columns=headers))["visible"]
+    assert reconstruct.table_shown([["a.png", 0.31, 48]])["visible"]

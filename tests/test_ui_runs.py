@@ -259,7 +259,8 @@ def test_evaluate_reports_progress_then_the_table_and_the_runs_table_shows_it(ct
                                            f"  {_labelled(tmp_path / 'set')}  ", True, poll_s=0.01))
     assert all("Evaluating" in u["message"] for u in updates[:-1])
     last = updates[-1]
-    assert "pretraining bought" in last["message"] and 'data-kind="ok"' in last["message"]
+    assert re.search(r"kNN top-1 [\d.]+% pretrained against [\d.]+% at random init \([+-][\d.]+ "
+                     r"points\)", last["message"]) and 'data-kind="ok"' in last["message"]
     assert "linear probe top-1" in last["evaluation"] and "random init" in last["evaluation"]
     saved = json.loads((paths.root / "evaluation.json").read_text())
     trained, random_init = saved["trained"]["knn_top1"], saved["random_init"]["knn_top1"]
@@ -304,7 +305,8 @@ def slow_evaluation(monkeypatch):
         progress(0.4, "embedding the bank")
         if not release.wait(30):
             raise TimeoutError("the test never released the evaluation")
-        return {"seconds": 1.5, "delta": {"knn_top1": 12.3}}
+        return {"seconds": 1.5, "trained": {"knn_top1": 62.3}, "random_init": {"knn_top1": 50.0},
+                "delta": {"knn_top1": 12.3}}
 
     monkeypatch.setattr("mae_core.evaluate.evaluate_run", evaluate_run)
     yield release
@@ -335,7 +337,8 @@ def test_a_reloaded_page_follows_the_running_evaluation_and_a_second_press_waits
     while "Evaluated" not in ended.get("message", ""):
         time.sleep(0.01)
         ended = runs.refresh(ctx, None, ended["sig"], evaluations)
-    assert "+12.3 points" in ended["message"] and 'data-kind="ok"' in ended["message"]
+    assert "kNN top-1 62.3% pretrained against 50.0% at random init (+12.3 points)" in \
+        ended["message"] and 'data-kind="ok"' in ended["message"]
     assert "message" not in runs.refresh(ctx, None, ended["sig"], evaluations)  # said once
     assert "message" not in runs.refresh(ctx, None, None, evaluations)  # not to a later page
 

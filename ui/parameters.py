@@ -117,6 +117,12 @@ def build(ctx: AppContext) -> dict[str, Any]:
     return c
 
 
+# Said as a size, a patch or a timm name is edited (audited when Audit is pressed): the tables
+# went on showing the last audit, under its title, as if they were for the settings above.
+EDITED_NOTICE = render.notice("info", "The tables below are for the settings audited last: press "
+                                      "Audit for the settings above.")
+
+
 def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
     outputs = [c[n] for n in ("title", "diff", "clean", "reference", "json", "message")]
 
@@ -153,4 +159,6 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
     c["preset"].input(lambda: "", None, c["run"], show_progress="hidden").then(
         **c["audit_event"], api_name="audit_preset")
     gr.on([c[name].input for name in ("image_size", "patch_size", "timm_model")], lambda: "",
-          None, c["run"], show_progress="hidden", api_name="edit_model")
+          None, c["run"], show_progress="hidden", api_name="edit_model").then(
+        lambda: EDITED_NOTICE, None, c["message"], api_visibility="private",
+        show_progress="hidden")

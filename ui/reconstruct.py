@@ -302,11 +302,15 @@ def build(ctx: AppContext) -> dict[str, Any]:
             # window, and Reconstruct seemed to do nothing.
             c["message"] = gr.HTML(elem_id="recon-message")
             c["results"] = gr.HTML(elem_id="recon-results-box")
-            c["losses"] = gr.Dataframe(headers=["image", "loss (masked patches)", "masked patches"],
-                                       interactive=False, elem_id="recon-losses", wrap=True,
-                                       # a long file name took the width, and "masked patches"
-                                       # broke as "maske / d / patch / es"
-                                       column_widths=["40%", "30%", "30%"])
+            # Shown while it holds a row (:func:`table_shown`): empty, its three headers sat
+            # under the button before any reconstruction.
+            with gr.Column(visible=False) as c["losses_box"]:
+                c["losses"] = gr.Dataframe(
+                    headers=["image", "loss (masked patches)", "masked patches"],
+                    interactive=False, elem_id="recon-losses", wrap=True,
+                    # a long file name took the width, and "masked patches" broke as
+                    # "maske / d / patch / es"
+                    column_widths=["40%", "30%", "30%"])
     gr.Markdown("### Training previews (fixed images and mask, newest first)")
     # Four columns where they fit, fewer on a narrow screen (ui.render.CSS: #preview-gallery).
     c["previews"] = gr.Gallery(columns=4, height="auto", object_fit="contain", label="previews",
@@ -330,6 +334,13 @@ def build(ctx: AppContext) -> dict[str, Any]:
     c["noticed_run"] = gr.State(None)  # the run the message says the checkpoint now is
     _wire(ctx, c)
     return c
+
+
+def table_shown(rows: Any) -> dict[str, Any]:
+    """The losses table's box, shown while the table holds a row with anything in it (gradio
+    hands an empty one over as no rows, or as one row of blanks)."""
+    values = rows.values.tolist() if hasattr(rows, "values") else (rows or [])
+    return gr.update(visible=any(str(cell).strip() for row in values for cell in row))
 
 
 def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
@@ -358,11 +369,15 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
                 stale_results(run_id, results_run, history_run, noticed).items()
                 } or unchanged(c["message"])
 
-    c["run"].click(on_reconstruct, [c["uploads"], c["use_samples"], c["ckpt_pick"], c["ratio"],
-                                    c["seed"], c["channels_shown"], c["contrast"]],
-                   [c["results"], c["losses"], c["message"], c["results_run"], c["noticed_run"]],
-                   api_name="reconstruct", show_progress="minimal").then(
-        None, js=SHOW_MESSAGE_JS, api_visibility="private", show_progress=HIDDEN)
+    show_table = dict(fn=table_shown, inputs=c["losses"], outputs=c["losses_box"],
+                      api_visibility="private", show_progress=HIDDEN)
+    reconstructed = c["run"].click(
+        on_reconstruct, [c["uploads"], c["use_samples"], c["ckpt_pick"], c["ratio"], c["seed"],
+                         c["channels_shown"], c["contrast"]],
+        [c["results"], c["losses"], c["message"], c["results_run"], c["noticed_run"]],
+        api_name="reconstruct", show_progress="minimal")
+    reconstructed.then(None, js=SHOW_MESSAGE_JS, api_visibility="private", show_progress=HIDDEN)
+    reconstructed.then(**show_table)
     @guarded("weights history", lambda text: {c["history_message"]: render.notice("error", text),
                                               c["history"]: "", c["history_run_id"]: None})
     def on_history(run_id: str | None, step: Any, ratio: Any, seed: Any, channels_shown: str = "",
@@ -388,7 +403,7 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
                                                             "history_run_id", "noticed_run")],
                           [c[n] for n in ("results", "losses", "message", "results_run", "history",
                                           "history_message", "history_run_id", "noticed_run")],
-                          api_visibility="private", show_progress=HIDDEN)
+                          api_visibility="private", show_progress=HIDDEN).then(**show_table)
     # A checkpoint chosen by hand stays chosen; clearing it goes back to following the live run.
     c["ckpt_pick"].input(follows_after_pick, [c["ckpt_pick"], c["follow"], c["sig"]], c["follow"],
                          api_name="pick_checkpoint", show_progress=HIDDEN).then(

@@ -181,9 +181,11 @@ def job_message(job: EvaluationJob) -> str:
             outcome = render.notice("error", describe(job.error, "evaluate"))
         else:
             result = job.result or {}
+            knn = {name: result[name]["knn_top1"] for name in ("trained", "random_init")}
             outcome = render.notice(
-                "ok", f"Evaluated `{job.run_id}` in {result['seconds']} s: pretraining "
-                      f"bought {result['delta']['knn_top1']:+.1f} points of kNN top-1.")
+                "ok", f"Evaluated `{job.run_id}` in {result['seconds']} s: kNN top-1 "
+                      f"{knn['trained']:.1f}% pretrained against {knn['random_init']:.1f}% at "
+                      f"random init ({result['delta']['knn_top1']:+.1f} points).")
         _outcomes[job] = outcome
     return outcome
 
