@@ -73,7 +73,11 @@ def model_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def load_model_config(path: str | Path) -> ModelConfig:
     """The config of the model saved at ``path`` (its metadata: no tensor read)."""
-    metadata = read_metadata(path)
+    return _config_in(read_metadata(path), path)
+
+
+def _config_in(metadata: dict[str, str], path: str | Path) -> ModelConfig:
+    """The model config a weights file's ``metadata`` records (WeightsError if none is valid)."""
     if metadata.get("format") != "mae-studio" or "config" not in metadata:
         raise WeightsError(f"{Path(path).name} was not written by MAE Studio (no model config)")
     try:
@@ -84,11 +88,12 @@ def load_model_config(path: str | Path) -> ModelConfig:
 
 def load_model(path: str | Path, device: str = "cpu") -> MaskedAutoencoder:
     """Rebuild the model saved at ``path`` (eval mode). Raises :class:`WeightsError` if unusable."""
-    cfg = load_model_config(path)
+    metadata, shapes = _read_header(path)
+    cfg = _config_in(metadata, path)
     # The header's shapes against the model's, before the model is built: a file of 1 KB whose
     # config claimed a ViT-Huge with a large decoder was built for real first (7.5 GB, 18 s, the
     # app's other users waiting), then refused. Equal shapes: the file holds those tensors.
-    differs = shape_mismatch(_read_header(path)[1], model_shapes(cfg))
+    differs = shape_mismatch(shapes, model_shapes(cfg))
     if differs:  # in a line, not torch's list of every tensor
         raise WeightsError(f"{Path(path).name} does not match its model: {differs}")
     model = MaskedAutoencoder(cfg)

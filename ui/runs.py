@@ -312,14 +312,16 @@ def no_runs_html(ctx: AppContext) -> str:
                                  "Train tab (or queued there) is listed here.")
 
 
-def button_states(ctx: AppContext, run_id: str | None, state: str | None) -> dict[str, bool]:
+def button_states(ctx: AppContext, run_id: str | None, state: str | None,
+                  statuses: list[dict] | None = None) -> dict[str, bool]:
     """Which of the run buttons the picked run (``state``: its state) can use. A button that could
-    only refuse is greyed out; the handlers still refuse in words (an API client calls them)."""
+    only refuse is greyed out; the handlers still refuse in words (an API client calls them).
+    ``statuses``: every run's, read already (the queue's order is found among them)."""
     picked = run_id is not None
     if state == DAMAGED:  # no run: it can only go
         return {"open": False, "evaluate": False, "export": False, "delete": True,
                 "sooner": False, "later": False}
-    order = ctx.manager.queued() if state == RunState.QUEUED else []
+    order = ctx.manager.queued(statuses) if state == RunState.QUEUED else []
     place = order.index(run_id) if run_id in order else None  # None: not (or no longer) queued
     weights = picked and ctx.manager.paths(run_id).weights.exists()  # evaluated, exported
     return {"open": picked, "evaluate": weights, "export": weights,
@@ -353,7 +355,7 @@ def refresh(ctx: AppContext, current: str | None, sig: dict | None,
         out["evaluation"] = _below_the_buttons(ctx, value, state, saved)
     if (not ids) != sig.get("empty"):  # said right under the empty table; gone with a first run
         out["empty"] = "" if ids else no_runs_html(ctx)
-    enabled = button_states(ctx, value, state)
+    enabled = button_states(ctx, value, state, runs)
     for name, on in enabled.items():
         if on != (sig.get("enabled") or {}).get(name):
             out[name] = gr.update(interactive=on)
