@@ -328,6 +328,13 @@ def test_a_switch_reached_by_the_keyboard_shows_it_has_the_focus(page):
     for kind, where, style, width in focused:
         if kind in ("checkbox", "radio"):
             assert style not in ("none", "hidden") and width >= 2, (kind, where, style, width)
+    # An accordion's header: the browser's 1 px ring ran through its label's descenders.
+    header = page.locator("#more-settings > button.label-wrap")
+    header.focus()  # from a switch the keyboard focused: the browser shows this focus too
+    ring = header.evaluate("e => { const s = getComputedStyle(e); return [e.matches("
+                           "':focus-visible'), s.outlineStyle, parseFloat(s.outlineWidth),"
+                           " parseFloat(s.outlineOffset)]; }")
+    assert ring[0] and ring[1] not in ("none", "hidden") and ring[2] >= 2 and ring[3] >= 2, ring
 
 
 def test_the_page_scripts_decide_as_the_tests_say(page):
@@ -615,9 +622,21 @@ def test_parameters_tab_groups_the_audit_and_marks_the_head_removed(page):
     image = page.locator("#param-image input")
     image.fill("48")
     _wait_text(page, "#params-message", "for the settings audited last")
+    dimmed = "() => getComputedStyle(document.querySelector('#params-clean')).opacity < 0.5"
+    page.wait_for_function(dimmed)  # ... and the tables look it
+    # A refused audit (a patch that does not divide the size) keeps them dimmed: still old.
+    patch = page.locator("#param-patch input")
+    old_patch = patch.input_value()
+    patch.fill("7")
+    _button(page, "Audit").click()
+    _wait_text(page, "#params-message", "not divisible by the patch size")
+    assert page.evaluate(dimmed)
+    patch.fill(old_patch)
     _button(page, "Audit").click()
     _wait_text(page, "#params-title", "48px")
     page.wait_for_function("() => !document.querySelector('#params-message').innerText.trim()")
+    assert page.evaluate("() => getComputedStyle(document.querySelector('#params-clean')).opacity")\
+        == "1"
     image.fill("32")
     _button(page, "Audit").click()
     _wait_text(page, "#params-title", "32px")
@@ -724,6 +743,8 @@ def test_dark_mode_is_readable(browser_factory, server):
 
 def _show_data_cache(page) -> None:
     page.get_by_text("Data cache (prepared folders)").click()  # the accordion, closed at first
+    # Greyed until a listing shows something it would remove (it answered "Nothing removed").
+    assert _button(page, "Remove superseded sets").is_disabled()
     _button(page, "Show the data cache").click()
     _wait_text(page, "#cache-listing", "prepared set")
 
@@ -796,6 +817,8 @@ def test_a_phone_sees_the_whole_chart_and_every_preview(browser_factory, server)
             Image.new("RGB", (256, 128), (90, 60 + step, 30)).save(
                 paths.previews / f"step_{step:06d}.png")
         paths.weights.write_bytes(b"the newest run with weights: its previews are shown")
+        rule = "-" * 88  # Lightning's model summary, ~90 characters wide
+        paths.log.write_text(f"  | Name  | Type\n{rule}\n0 | model | MaskedAutoencoder\n{rule}\n")
         page = browser_factory(width=375, height=740)
         inside = ("([inner, outer, least]) => { const i = document.querySelector(inner);"
                   " const o = document.querySelector(outer); if (!i || !o) return false;"
@@ -810,6 +833,13 @@ def test_a_phone_sees_the_whole_chart_and_every_preview(browser_factory, server)
             " const arrow = document.querySelector('#run-pick .icon-wrap').getBoundingClientRect();"
             " const text_end = i.getBoundingClientRect().right - parseFloat(getComputedStyle(i)"
             ".paddingRight); return text_end <= arrow.left + 1; }")
+        # Its divider lines are cut at the log box's edge, one line each (each wrapped in two).
+        page.wait_for_function("() => document.querySelectorAll('#log-tail .log-rule').length == 2")
+        assert page.evaluate("() => [...document.querySelectorAll('#log-tail .log-rule')].every("
+                             "r => r.getBoundingClientRect().height"
+                             " < 2 * parseFloat(getComputedStyle(r).fontSize))")
+        assert page.evaluate("() => { const p = document.querySelector('#log-tail');"
+                             " return p.scrollWidth <= p.clientWidth + 1; }")
         page.get_by_role("tab", name="Reconstruct").click()
         page.wait_for_function(
             "() => document.querySelectorAll('#preview-gallery img').length >= 4")

@@ -150,6 +150,20 @@ def test_status_panel_escapes_what_the_run_holds():
     assert "&lt;script&gt;" in html
 
 
+def test_a_log_divider_is_one_unwrapped_line_and_other_lines_are_untouched():
+    """Lightning's model summary draws ~90-character divider lines; in a phone's log box each
+    wrapped into a second line of dashes. A line of only rule characters is now its own block,
+    cut at the box's edge (``.log-rule``, CSS), its newline taken with it."""
+    text = "  | Name  | Type\n" + "-" * 88 + "\n0 | model | MAE\n" + "=" * 12 + "  \nlr=0.1 -- ok --------"
+    html = render.log_html(text, "running")
+    assert html.count('<span class="log-rule">') == 2
+    assert f'<span class="log-rule">{"-" * 88}</span>0 | model | MAE\n' in html
+    assert f'<span class="log-rule">{"=" * 12}</span>lr=0.1 -- ok --------</pre>' in html
+    assert html.count("\n") == 2  # the two rules' newlines went with them, no blank line left
+    assert "log-rule" not in render.log_html("-------", "running")  # too short to be a rule
+    assert "<script" not in render.log_html("-" * 9 + "\n" + EVIL, "failed")
+
+
 def test_messages_logs_and_refusals_are_escaped():
     assert "<script" not in render.notice("error", f"run `{EVIL}` failed: {EVIL}")
     assert "<code>&lt;script&gt;" in render.notice("error", f"run `{EVIL}`")

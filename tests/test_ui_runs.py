@@ -405,13 +405,16 @@ def test_the_data_cache_panel_lists_sets_and_removes_only_superseded_ones_no_run
     listing = datacache.cache_html(ctx)
     assert listing.count("<tr><td") == 2 and "superseded" in listing and "stopped-run" in listing
     assert "0 superseded and used by no run" in listing
+    assert datacache.cache_listing(ctx)[1] is False  # Remove stays greyed: nothing to remove
     assert datacache.remove_superseded(ctx).startswith("Nothing removed")
     assert old.is_dir() and new.is_dir()
     (run / RUN_DATA_NAME).unlink()  # the run was deleted
     assert "1 superseded and used by no run" in datacache.cache_html(ctx)
+    assert datacache.cache_listing(ctx)[1] is True
     assert datacache.remove_superseded(ctx).startswith("Removed 1 superseded set(s)")
     assert not old.exists() and new.is_dir()
     assert datacache.cache_html(ctx).count("<tr><td") == 1
+    assert datacache.cache_listing(ctx)[1] is False
 
 
 def test_a_damaged_data_record_costs_its_own_cell_only(ctx):

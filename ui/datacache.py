@@ -31,12 +31,17 @@ def cache_html(ctx: AppContext) -> str:
     """One row per prepared set in the cache: its source, images, size, age, whether a newer set
     of the same folder replaced it, and the runs that name it; a damaged set says why (and is
     kept: its images and source cannot be trusted)."""
+    return cache_listing(ctx)[0]
+
+
+def cache_listing(ctx: AppContext) -> tuple[str, bool]:
+    """The cache's table (:func:`cache_html`) and whether any set in it could be removed."""
     from mae_core import caches, prepared
 
     sets = caches.cached_sets([_runs_dir(ctx)])
     where = render.esc(prepared.cache_root())
     if not sets:
-        return f"<p class='cache-empty'>The data cache ({where}) holds no prepared set.</p>"
+        return f"<p class='cache-empty'>The data cache ({where}) holds no prepared set.</p>", False
     here, rows = os.path.realpath(_runs_dir(ctx)), []
     for cached in sets:
         runs = ", ".join(Path(run).name if os.path.dirname(os.path.realpath(run)) == here else run
@@ -61,7 +66,7 @@ def cache_html(ctx: AppContext) -> str:
                     "again (or remove it by hand once no run needs it).")
     return (f"<p>{summary}</p><table class='cache-table' style='width:100%'><thead><tr><th>folder</th><th>images</th>"
             "<th>size</th><th>prepared</th><th>state</th><th>runs using it</th></tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table>")
+            f"<tbody>{''.join(rows)}</tbody></table>", bool(removable))
 
 
 def remove_superseded(ctx: AppContext) -> str:
@@ -83,25 +88,37 @@ def build(ctx: AppContext) -> dict[str, Any]:
         with gr.Row():
             c["show"] = gr.Button("Show the data cache", scale=1, min_width=150,
                                   elem_id="cache-show-btn")
+            # Enabled once the listing shows a set it would remove: before that, a click could
+            # only answer "nothing removed", or remove what the user has not seen listed.
             c["clean"] = gr.Button("Remove superseded sets", variant="stop", scale=1,
-                                   min_width=150, elem_id="cache-clean-btn")
+                                   min_width=150, elem_id="cache-clean-btn", interactive=False)
         c["message"] = gr.HTML(elem_id="cache-message")
         c["listing"] = gr.HTML(elem_id="cache-listing")
+
+    # Whether the listing holds a removable set: a State, so the endpoints' answers stay the
+    # listing and the message, and the button follows in a private step.
+    c["removable"] = gr.State(False)
 
     error = lambda text: {c["message"]: render.notice("error", text)}
 
     @guarded("the data cache", error)
     def on_show() -> dict:
-        return {c["listing"]: cache_html(ctx), c["message"]: ""}
+        listing, removable = cache_listing(ctx)
+        return {c["listing"]: listing, c["message"]: "", c["removable"]: removable}
 
     @guarded("the data cache", error)
     def on_clean() -> dict:
         message = remove_superseded(ctx)
-        return {c["message"]: render.notice("ok", message), c["listing"]: cache_html(ctx)}
+        listing, removable = cache_listing(ctx)
+        return {c["message"]: render.notice("ok", message), c["listing"]: listing,
+                c["removable"]: removable}
 
-    c["show"].click(on_show, None, [c["listing"], c["message"]], api_name="show_data_cache",
-                    show_progress="hidden")
-    c["clean"].click(on_clean, None, [c["message"], c["listing"]],
-                     api_name="remove_superseded_sets", concurrency_id="run_actions",
-                     show_progress="hidden")
+    outputs = [c["listing"], c["message"], c["removable"]]
+    enable = dict(fn=lambda removable: gr.update(interactive=bool(removable)),
+                  inputs=c["removable"], outputs=c["clean"], api_visibility="private",
+                  show_progress="hidden")
+    c["show"].click(on_show, None, outputs, api_name="show_data_cache",
+                    show_progress="hidden").then(**enable)
+    c["clean"].click(on_clean, None, outputs, api_name="remove_superseded_sets",
+                     concurrency_id="run_actions", show_progress="hidden").then(**enable)
     return c

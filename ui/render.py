@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -37,6 +38,10 @@ CSS = """
    scale" and every switch of the form showed nothing as Tab reached them). */
 input[type="radio"]:focus-visible, input[type="checkbox"]:focus-visible {
   outline: 2px solid var(--color-accent); outline-offset: 2px; }
+/* An accordion's header got the browser's 1 px ring hugging its 20 px high button: it ran
+   through the label's descenders. Drawn clear of the text, as the switches above. */
+button.label-wrap:focus-visible { outline: 2px solid var(--color-accent); outline-offset: 3px;
+  border-radius: 4px; }
 .mae-box { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 10px 12px;
   background: var(--background-fill-secondary); color: var(--body-text-color); font-size: 14px;
   line-height: 1.5; }
@@ -142,6 +147,11 @@ tr.no-grad { outline: 2px solid #dc2626; outline-offset: -2px; }
    narrower screen; Gradio 6.31's gr.HTML drops its min_width (an inline "min(0px, 100%)"). */
 #params-clean, #params-reference { min-width: min(560px, 100%) !important; }
 #params-title code { word-break: normal; overflow-wrap: break-word; }
+#log-tail .log-rule { display: block; white-space: pre; overflow: hidden; }
+/* Any message in the Parameters tab (an edit not audited yet, a refused audit) means the tables
+   are not for the settings above: dimmed, so an invalid patch size did not leave them as if. */
+body:has(#params-message .mae-notice) :is(#params-title, #params-diff, #params-clean,
+  #params-reference) { opacity: 0.45; }
 #train-message, #runs-message, #runs-empty, #recon-message, #params-message { min-height: 0; }
 /* A greyed-out "stop" button (Delete run with no run picked, Stop with no live run) kept its red:
    it read as usable. Greyed as gradio greys a disabled secondary one. */
@@ -249,10 +259,17 @@ def log_html(text: str, state: str | None) -> str:
     """The live tail of a run's ``train.log``, newest line last."""
     if not text:
         text = "(no output yet)" if state in LIVE_STATES else "(no log)"
+    # A divider line (Lightning's model summary draws them ~90 characters long) is cut at the
+    # box's edge, not wrapped: on a phone it broke into a second line of dashes.
+    body = _RULE_LINE.sub(r'<span class="log-rule">\1</span>', esc(text))
     # column-reverse keeps the box scrolled to its end: the newest lines show without scrolling.
     return (f'<div class="mae-log" style="display:flex;flex-direction:column-reverse">'
             f'<pre id="log-tail" data-state="{esc(state or "")}" style="margin:0;white-space:pre-wrap">'
-            f"{esc(text)}</pre></div>")
+            f"{body}</pre></div>")
+
+
+# A whole line of one drawing character; its newline goes with it (the span is a block).
+_RULE_LINE = re.compile(r"^([-=_─━]{8,})[ \t]*(?:\n|$)", re.MULTILINE)
 
 
 # --- parameter audit --------------------------------------------------------------------------
