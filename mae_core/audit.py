@@ -205,15 +205,17 @@ def format_table(result: Audit) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mae_core.audit", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m mae_core.audit") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     d = ModelConfig()  # the trainer's own defaults: the model a plain run trains
     parser.add_argument("--model", default=d.preset, help=f"preset: {', '.join(PRESETS)}")
     parser.add_argument("--timm-model", default="",
                         help="any timm VisionTransformer name as the encoder, instead of --model's")
     parser.add_argument("--policy", default=d.policy, help=f"one of {', '.join(POLICIES)}")
-    parser.add_argument("--image-size", type=int, default=d.image_size)
-    parser.add_argument("--patch-size", type=int, default=d.patch_size)
+    parser.add_argument("--image-size", type=int, default=d.image_size,
+                        help="input size in pixels (default %(default)s)")
+    parser.add_argument("--patch-size", type=int, default=d.patch_size,
+                        help="patch size in pixels; must divide the image size (default %(default)s)")
     parser.add_argument("--in-chans", type=int, default=d.channels,
                         help="channels per pixel (1 grayscale, 3 RGB, N multi-band)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")

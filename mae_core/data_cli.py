@@ -48,3 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"prepared {manifest['count']:,} images ({manifest['skipped']:,} skipped: unreadable) "
           f"into {args.out}: {manifest['bytes'] / 1e6:.1f} MB in {manifest['seconds']:.1f} s", flush=True)
     return 0
+
+
+if __name__ == "__main__":  # the same command as python -m mae_core.data
+    from mae_core.process import exit_quickly
+
+    exit_quickly(main())

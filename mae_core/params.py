@@ -5,4 +5,4 @@ from mae_core.audit import main
 if __name__ == "__main__":
     from mae_core.process import exit_quickly
 
-    exit_quickly(main())
+    exit_quickly(main(prog="python -m mae_core.params"))

@@ -45,10 +45,11 @@ FIELD_HELP = {
     "weight_decay": "AdamW weight decay",
     "warmup_fraction": "share of the steps spent warming up the learning rate",
     "max_steps": "optimizer steps to train (-1: train by max epochs)",
-    "max_epochs": "epochs to train when max steps is -1",
+    "max_epochs": "epochs to train (none: max steps alone ends the run; required when max steps "
+                  "is -1)",
     "accelerator": f"{', '.join(ACCELERATORS)} (auto: every GPU, else CPU processes over gloo)",
     "devices": "processes per node: GPUs, or CPU processes (auto: every GPU, else one CPU process "
-               "per 2 cores, at least 2)",
+               "per 2 cores, at least 2 where there are 2 cores)",
     "gpus": "this run's GPUs, e.g. 0,1 (empty: all)",
     "num_nodes": "nodes of a torchrun or SLURM job",
     "precision": f"{', '.join(PRECISIONS)} (auto: bf16-mixed on GPUs and on CPUs with AMX or "
@@ -70,7 +71,7 @@ FIELD_HELP = {
     "eval_data": "a labelled folder (folder/<class>/*.jpg) for the kNN monitor (empty: the data "
                  "folder's class subfolders)",
     "eval_max_images": "images per held-out evaluation",
-    "weight_snapshots": "encoder snapshots kept for the Reconstruct tab's history",
+    "weight_snapshots": "weight snapshots (the whole model, hard links where unchanged) kept for the Reconstruct tab's history",
 }
 
 
@@ -99,7 +100,7 @@ def _flag_parser(text: str, annotation: str):
 def _default_text(f: dataclasses.Field) -> str:
     value = f.default
     if value is None:
-        return "auto"
+        return "none" if f.name == "max_epochs" else "auto"  # no epoch limit: max steps ends it
     return repr(value) if value == "" else str(value).lower() if isinstance(value, bool) else str(value)
 
 

@@ -139,8 +139,15 @@ def test_the_data_field_counts_images_before_start(server):
 
 def test_start_then_status_and_live_metrics(server, run_state):
     client = server["client"]
-    action = _start(client)
+    # A script names the settings it changes (the page's /start takes its whole form by
+    # position); the rest are the defaults, as /start's form() gives them.
+    action = client.predict(TINY, api_name="/start_run")
     assert action["kind"] == "ok", action
+    saved = server["manager"].config(action["run_id"])
+    flat = {**vars(saved.model), **vars(saved.train)}
+    assert {name: flat[name] for name in TINY} == TINY
+    assert (saved.model.preset, saved.train.weight_decay) == (DEFAULTS.model.preset,
+                                                              DEFAULTS.train.weight_decay)
     run_id = action["run_id"]
     assert run_id in action["text"]
     run_state["id"] = run_id
@@ -174,6 +181,10 @@ def test_second_start_and_deleting_a_live_run_are_refused(server, run_state):
     client = server["client"]
     action = _start(client)
     assert action["kind"] == "error" and "still live" in action["text"]
+    action = client.predict({"max_steps": 3}, api_name="/start_run")
+    assert action["kind"] == "error" and "still live" in action["text"]
+    action = client.predict({"max_steps": "x"}, api_name="/queue_run")
+    assert action["kind"] == "error" and action["field"] == "max_steps", action
     # (the Delete button, disabled for a live run, is checked in the browser test)
     message, _ = client.predict(run_state["id"], True, api_name="/delete_run")
     assert "stop it before deleting" in message
@@ -487,6 +498,8 @@ def test_python_app_py_serves_on_localhost(tmp_path):
             os.killpg(process.pid, signal.SIGKILL)
             output = process.communicate()[0]
     assert re.search(rf"MAE Studio is running at http://127\.0\.0\.1:{port}", output), output
+    # Ctrl+C ends it cleanly: exit 0, no traceback (uvicorn logged the cancelled lifespan's).
+    assert process.returncode == 0 and "Traceback" not in output, output
 
 
 def test_python_app_py_refuses_a_public_address_without_auth(tmp_path):

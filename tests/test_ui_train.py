@@ -426,6 +426,38 @@ def test_start_is_refused_while_a_run_is_live(ctx, stand_ins):
     assert [s["run_id"] for s in ctx.manager.list()] == [live.run_id]
 
 
+def test_a_script_starts_or_queues_a_run_from_config_fields_by_name(ctx, stand_ins):
+    """/start_run and /queue_run: a dict of config fields (a run's config.yaml as read, sections
+    and all, or flat), the rest at their defaults; /start and /queue took the page's 42 form
+    values by position. Every failure comes back as a refusal's record, never raised."""
+    import yaml
+
+    live = make_run(ctx, state="starting")
+    make_live(live, stand_ins())
+    act = trainactions.settings_action
+    flat = {"model": "vit-small", "image_size": 32, "patch_size": 8, "max_steps": 7,
+            "accelerator": "cpu", "devices": 1}
+    queued = act("queue", train.queue_run, ctx.manager, flat)
+    assert queued["kind"] == "ok" and "position 1" in queued["text"], queued
+    cfg = ctx.manager.config(queued["run_id"])
+    assert (cfg.model.preset, cfg.train.max_steps, cfg.train.batch_size) == ("vit-small", 7, 32)
+    # A saved config, sections and all (num_nodes 1 in it), queues the same run again.
+    again = act("queue", train.queue_run, ctx.manager, yaml.safe_load(cfg.to_yaml()))
+    assert again["kind"] == "ok", again
+    assert ctx.manager.config(again["run_id"]) == cfg
+    for settings, words, field in (
+            ([1, 2], "the settings are config fields by name", None),
+            ({"max_step": 3}, "max_step: unknown config field (did you mean max_steps", None),
+            ({"batch_size": 2.5}, "whole number", "batch_size"),
+            ({"num_nodes": 2}, "starts from torchrun or SLURM", "num_nodes"),
+            ({"model": {"preset": "vit-tiny"}, "train": 5}, "unknown config field", None),
+            ({}, "still live", None)):  # about no field: a record all the same
+        refused = act("start", train.start_run, ctx.manager, settings)
+        assert refused["kind"] == "error" and words in refused["text"], (settings, refused)
+        assert refused.get("field") == field, refused
+    assert len(ctx.manager.list()) == 3  # the live run and the two queued
+
+
 @pytest.mark.parametrize("change, field, reason", [
     (lambda tmp: {"weight_decay": -1.0}, "weight_decay", "must be a finite number in [0, 1)"),
     (lambda tmp: {"in_chans": 1}, "in_chans", "is 1 but sample photos"),

@@ -116,10 +116,32 @@ def quit_now(demo: Any) -> None:
     """Ctrl+C quits at once. Gradio's ``block_thread`` closed the server without ending the open
     pages' heartbeat streams, and uvicorn waited on them until gradio gave up: ~5 s more with a
     tab open. ``close`` ends them first; nothing else is waited for (runs train on regardless)."""
+    import logging
+
     from gradio.tunneling import CURRENT_TUNNELS
 
+    # Starlette's lifespan task, cancelled by the forced exit, logged a CancelledError traceback
+    # on every quit: nothing failed.
+    logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)
     if getattr(demo, "server", None) is not None:
         demo.server.force_exit = True
     demo.close(verbose=False)
     for tunnel in CURRENT_TUNNELS:  # a --share link
         tunnel.kill()
+
+
+def exit_now(code: int) -> None:
+    """The app's exit, once the server is closed: the exit handlers run (logging's flush, a
+    preparation's release), then the process ends without the interpreter's teardown.
+
+    That teardown took 1.6 s, and it aborted the process ("terminate called without an active
+    exception", SIGABRT) when Ctrl+C came while a thread was still in torch: the start-up audit
+    (ui.parameters.warm_default_audit) runs a backward pass, and destroying torch's autograd
+    engine under it ends in std::terminate. Runs are separate processes and every file the app
+    writes is written atomically, so nothing is lost by skipping it."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -22,7 +22,8 @@ from ui.common import (DEFAULTS, FIELD_NAMES, FORM_FIELDS, MAIN_FIELDS, AppConte
                        FieldNumber, FieldSlider, as_bool, describe, field_widget, form_by_name,
                        form_values, guarded)
 from ui.trainactions import (FORCE_STOP, STOP, about_another_run, action_message, failed_action,
-                             form_action, is_action, queue_run, resume_run, start_run, stop_run)
+                             form_action, is_action, queue_run, resume_run, settings_action,
+                             start_run, stop_run)
 from ui.trainscripts import CLEAR_REFUSAL_JS, RESUMED_JS, SHOW_REFUSED_FIELD_JS
 
 POLL_S = 1.5
@@ -361,6 +362,18 @@ def _api_endpoints(ctx: AppContext) -> None:
         except Exception as err:  # noqa: BLE001 - an API client gets the reason, as from the page
             return failed_action("stop", describe(err, "stop"))
 
+    def start_with(settings: dict | None = None) -> dict:
+        """Start a run from config fields by name ({"preset": "vit-tiny", "max_steps": 200});
+        every other field keeps its default. The action's record, as /start returns it."""
+        return settings_action("start", start_run, ctx.manager, settings)
+
+    def queue_with(settings: dict | None = None) -> dict:
+        """Queue a run behind the live one, from config fields by name (as /start_run)."""
+        return settings_action("queue", queue_run, ctx.manager, settings)
+
+    # Run actions one at a time, with the buttons' (two starts at once: one run, one refusal).
+    gr.api(start_with, api_name="start_run", concurrency_id="run_actions")
+    gr.api(queue_with, api_name="queue_run", concurrency_id="run_actions")
     gr.api(run_status, api_name="status")
     gr.api(stop, api_name="stop")
     gr.api(run_metric, api_name="metric")

@@ -100,6 +100,35 @@ def form_action(action: str, act: Any, manager: Any, values: dict[str, Any]) -> 
                              str(err).removeprefix(f"{field}: "))
 
 
+def settings_action(action: str, act: Any, manager: Any, settings: Any) -> dict[str, Any]:
+    """``/start_run`` and ``/queue_run``: a run from config fields by name (``{"preset":
+    "vit-tiny", "max_steps": 200}``, as a saved ``config.yaml`` names them), every other field at
+    its default. /start and /queue take the page's whole form by position (42 values, in the
+    form's order), which no script should have to know. Any failure is a refusal's record."""
+    if settings is None:
+        settings = {}
+    if not isinstance(settings, dict):
+        return failed_action(action, f"{action}: the settings are config fields by name, e.g. "
+                                     f'{{"max_steps": 200}}, not {shown(settings)}')
+    sections = settings.values()
+    if settings and set(settings) <= {"model", "train"} and all(isinstance(part, dict)
+                                                               for part in sections):
+        settings = {name: value for part in sections for name, value in part.items()}  # a config.yaml
+    settings = dict(settings)
+    if isinstance(settings.get("model"), str) and "preset" not in settings:
+        settings["preset"] = settings.pop("model")  # the trainer's --model
+    if settings.get("num_nodes", 1) in (1, None):
+        settings.pop("num_nodes", None)
+    else:
+        return failed_action(action, f"num_nodes: the app starts runs on this machine only; a run "
+                                     f"on {shown(settings['num_nodes'])} nodes starts from "
+                                     "torchrun or SLURM (README, Beyond one machine)", "num_nodes")
+    try:
+        return form_action(action, act, manager, settings)
+    except Exception as err:  # noqa: BLE001 - an API client gets the reason, as from the page
+        return failed_action(action, describe(err, action))
+
+
 def action_message(action: dict[str, Any] | None, status: dict[str, Any] | None,
                    position: int | None = None) -> str:
     """The message under the run controls: the last action, told as the run is NOW (a stop request
