@@ -123,6 +123,40 @@ def preview_images(path: str, image_size: int, count: int) -> Tensor:
                                                           dtype=torch.uint8)
 
 
+class ResumableLoader(StreamingDataLoader):
+    """LitData's loader, whose saved position is dropped when it is of another set.
+
+    A resumed run keeps the set it started on; but when that set is gone from the cache and its
+    folder has changed since, the folder is prepared again into a new set, and LitData refused the
+    checkpoint's position in the old one on every resume ("The provided `input_dir` path state
+    doesn't match"): the run could never train again. The interrupted epoch starts over on the
+    new set instead; the model, optimizer and step come back from the checkpoint as ever."""
+
+    def load_state_dict(self, obj: dict[str, Any]) -> None:
+        saved = obj.get("dataset") if isinstance(obj, dict) else None
+        if isinstance(saved, dict) and not self._same_set(saved):
+            if self._rank_zero():
+                print(f"note: the checkpoint's place in the epoch is in another data set "
+                      f"({saved.get('input_dir_url') or saved.get('input_dir_path')}) than "
+                      f"{self.dataset.input_dir.url or self.dataset.input_dir.path}: its folder "
+                      "was prepared again since; this epoch starts over on the new set",
+                      flush=True)
+            return
+        super().load_state_dict(obj)
+
+    def _same_set(self, saved: dict[str, Any]) -> bool:
+        here = self.dataset.input_dir
+        if here.url:  # a remote set: its local copy's folder may differ from machine to machine
+            return saved.get("input_dir_url") == here.url
+        return saved.get("input_dir_path") == here.path
+
+    @staticmethod
+    def _rank_zero() -> bool:
+        from mae_core.process import first_process
+
+        return first_process()
+
+
 class StreamingMAEDataModule(pl.LightningDataModule):
     """A prepared (local or remote) data set through LitData's ``StreamingDataLoader``.
 
@@ -163,7 +197,7 @@ class StreamingMAEDataModule(pl.LightningDataModule):
         pin = self.pin_memory
         if pin is None:
             pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        loader = StreamingDataLoader(self.dataset, batch_size=self.batch_size, drop_last=True,
+        loader = ResumableLoader(self.dataset, batch_size=self.batch_size, drop_last=True,
                                      num_workers=self.num_workers, pin_memory=pin,
                                      persistent_workers=self.num_workers > 0,
                                      collate_fn=collate_deferred if self.decode_on_device else None)

@@ -50,6 +50,11 @@ def test_symlink_loops_end_the_walk_and_each_folder_is_read_once(tmp_path):
     _photo(outside / "c.png", seed=2)
     (photos / "linked").symlink_to(outside)               # a symlinked folder is still read
     (photos / "linked-again").symlink_to(outside)         # ...but once
+    # Links up to / or to a folder above: the walk went through the whole file system (6-9 s,
+    # and its refusals quoted other users' files); neither is read.
+    _photo(tmp_path / "beside.png", seed=3)
+    (photos / "root").symlink_to("/")
+    (photos / "deep" / "parent").symlink_to(tmp_path)
     found = find_images(str(photos))
     real = sorted(p.resolve() for p in found)
     assert real == sorted({photos / "a.png", photos / "deep" / "b.jpg", outside / "c.png"})
@@ -98,6 +103,23 @@ def test_an_unknown_users_home_is_said_in_words():
     user = _unknown_user()
     with pytest.raises(DataError, match=f"~{user} names no home folder .*no user named {user}"):
         check_data(f"~{user}/photos")
+
+
+def test_a_folder_past_the_file_cap_is_refused_and_imagenet_is_not(tmp_path, monkeypatch):
+    """The cap stops the walk of a wrong folder; a real data set is under it. It was 1 M, so
+    ImageNet-1k (1,281,167 images, the MAE paper's) was refused, even by the preparation tool."""
+    from mae_core import data
+
+    assert data.MAX_IMAGE_FILES >= 14_197_122  # ImageNet-21k, the largest set a user may bring
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(5):
+        Image.new("RGB", (8, 8)).save(folder / f"{i}.png")
+    monkeypatch.setattr(data, "MAX_IMAGE_FILES", 4)
+    with pytest.raises(DataError, match=r"holds more than 4 image files .*: choose a smaller"):
+        find_images(str(folder))
+    monkeypatch.setattr(data, "MAX_IMAGE_FILES", 5)
+    assert len(find_images(str(folder))) == 5
 
 
 def test_a_file_and_an_empty_folder_are_refused(tmp_path):

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -478,3 +479,57 @@ def test_a_path_that_cannot_exist_is_no_prepared_set(data):
     """is_prepared raised the path's OSError or RuntimeError before the folder check could say
     what is wrong with it."""
     assert prepared.is_prepared(data) is False
+
+
+def test_a_position_saved_in_another_set_starts_the_epoch_over_on_this_one(tmp_path, capsys):
+    """A run's cached set gone and its folder changed since: the folder is prepared again into a
+    new set, and LitData refused the checkpoint's place in the old one at every resume ("The
+    provided `input_dir` path state doesn't match"): the run could never train again. Now the
+    interrupted epoch starts over on the new set, said in the log; a place in the same set is
+    still taken up where it was."""
+    old, new = (tmp_path / name for name in ("old", "new"))
+    prepared.prepare(str(_photos(tmp_path / "photos", 24)), old, workers=1, verbose=False)
+    prepared.prepare(str(_photos(tmp_path / "photos", 32)), new, workers=1, verbose=False)
+
+    def loader(path: Path):
+        module = shards.StreamingMAEDataModule(str(path), 32, batch_size=4, num_workers=0)
+        module.setup("fit")
+        return module.train_dataloader()
+
+    first = loader(old)
+    batches = iter(first)
+    taken = [int(i) for _ in range(3) for i in next(batches)["id"]]
+    saved = first.state_dict()
+    resumed = loader(new)
+    resumed.load_state_dict(saved)
+    ids = [int(i) for batch in resumed for i in batch["id"]]
+    assert sorted(ids) == list(range(32))  # the whole new set, once
+    assert "this epoch starts over on the new set" in capsys.readouterr().out
+    same = loader(old)
+    same.load_state_dict(saved)  # the same set: the rest of its epoch, nothing again
+    rest = [int(i) for batch in same for i in batch["id"]]
+    assert sorted(taken + rest) == list(range(24))
+    assert "starts over" not in capsys.readouterr().out
+
+
+def test_a_run_whose_cached_set_went_and_whose_folder_changed_resumes(run_module, tmp_path, cache):
+    """The trainer end to end (found by a fault pass): the set a folder run trained on removed
+    from the cache, images added to the folder, Resume read "Resumed" and then failed within
+    seconds, every time. Now the folder is prepared again and the run trains on to its end."""
+    folder = _photos(tmp_path / "photos", prepared.AUTO_PREPARE_ABOVE + 2, size=(32, 32))
+    run_dir = tmp_path / "runs" / "run"
+    flags = [*DDP, "--data", str(folder), "--run-dir", str(run_dir),
+             "--checkpoint-every-n-steps", "2"]
+    first = run_module("mae_core.train", *flags, "--max-steps", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    for cached in cache.iterdir():
+        if cached.is_dir() and not cached.name.endswith(".runs"):
+            shutil.rmtree(cached)  # a clean-up of the cache
+    _photos(tmp_path / "more", 1, size=(32, 32))
+    (tmp_path / "more" / "000.jpg").rename(folder / "added.jpg")
+    resumed = run_module("mae_core.train", "--run-dir", str(run_dir), "--resume",
+                         "--max-steps", "4")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "this epoch starts over on the new set" in resumed.stdout + resumed.stderr
+    status = RunPaths(run_dir).read_status()
+    assert (status["state"], status["step"]) == ("finished", 4), status
