@@ -138,6 +138,9 @@ def run_data(data: str, run_root: Path, timeout_s: float = 6 * 3600.0,
         return found
     started, deadline = time.time(), time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if not paths.root.is_dir():  # moved or deleted: no record will ever come (it waited 6 h)
+            raise DataError(f"the run folder {paths.root} went (moved or deleted) while this "
+                            "process waited for the first process to record the data set")
         known = read_run_data(run_root)
         # A record of a set being made again (damaged since) is not taken before it is whole.
         if known and known.source == data and (known.kind != "prepared"

@@ -51,8 +51,11 @@ def atomic_write(path: str | Path, write: Callable[[str], None], make_dirs: bool
     path = Path(path)
     if make_dirs:
         path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.",
-                               suffix=TEMP_SUFFIX)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.",
+                                   suffix=TEMP_SUFFIX)
+    except OSError as err:  # named as the file being written, not its temp file's odd name
+        raise _about(err, path) from None
     os.close(fd)
     try:
         write(tmp)
@@ -67,11 +70,18 @@ def atomic_write(path: str | Path, write: Callable[[str], None], make_dirs: bool
             # write its status) knows it by them (:func:`says_disk_full`).
             raise DiskFullError(errno.ENOSPC, "No space left on device: the disk is full while "
                                 "writing", str(path)) from err
+        if isinstance(err, OSError) and err.filename == tmp:
+            raise _about(err, path) from None
         raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def _about(err: OSError, path: Path) -> OSError:
+    """``err`` (an errno error of the temp file) as an error of ``path``, the same type."""
+    return type(err)(err.errno, err.strerror, str(path))
 
 
 class DiskFullError(OSError):

@@ -101,6 +101,11 @@ def test_the_first_process_records_the_run_data_and_the_other_ranks_read_it(tmp_
                                             "updated": time.time()})
     with pytest.raises(DataError, match="disk full"):
         datasource.run_data("", run, timeout_s=30.0)
+    # The run folder moved away while a rank waited: said at once, not after the 6 h wait.
+    moved = run.rename(tmp_path / "moved")
+    with pytest.raises(DataError, match=r"run folder .*/run went \(moved or deleted\)"):
+        datasource.run_data("", run, timeout_s=5.0)
+    moved.rename(run)
     monkeypatch.setenv("RANK", "0")
     first = datasource.run_data("", run)
     assert first.kind == "memory" and (run / RUN_DATA_NAME).is_file()

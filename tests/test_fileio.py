@@ -149,3 +149,21 @@ def test_a_link_in_a_files_place_is_never_followed_a_linked_folder_is(tmp_path):
     (tmp_path / "real" / "status.json").write_text('{"state": "running"}')
     (tmp_path / "linked").symlink_to(tmp_path / "real")
     assert read_json(tmp_path / "linked" / "status.json") == {"state": "running"}
+
+
+def test_a_refused_write_names_the_file_not_its_temp_file(tmp_path):
+    """A resume on a read-only mount said ".config.yaml.20919.808vl1zc.tmp cannot be changed":
+    the error names the file being written, whatever step of the write failed."""
+    target = tmp_path / "not-a-folder" / "config.yaml"
+    target.parent.write_text("a file where the run folder should be")
+    with pytest.raises(NotADirectoryError) as raised:
+        atomic_write_text(target, "x", make_dirs=False)
+    assert raised.value.filename == str(target)
+
+    def refused(tmp: str) -> None:
+        raise PermissionError(13, "Permission denied", tmp)
+
+    target = tmp_path / "status.json"
+    with pytest.raises(PermissionError) as raised:
+        atomic_write(target, refused)
+    assert raised.value.filename == str(target) and not list(tmp_path.glob(".status.json*"))
