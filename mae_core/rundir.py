@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import threading
 import time
 import zipfile
@@ -186,7 +187,17 @@ class RunPaths:
 
     def request_stop(self) -> None:
         self.clear_stop_request()
-        self.stop_request.touch()
+        self.stop_request.touch()  # empty: it needs an inode, no block (a Stop on a full disk)
+
+    def stop_asked_at(self) -> float | None:
+        """When the pending stop was asked: its STOP file's time, on disk, so an app restarted
+        since (or another app) still knows how long it has gone unanswered. (The trainer judges a
+        STOP left from before its start by that time too.) None where no stop is asked."""
+        try:
+            made = self.stop_request.stat()
+        except OSError:
+            return None
+        return made.st_mtime if stat.S_ISREG(made.st_mode) else None
 
     def clear_stop_request(self) -> None:
         if self.stop_request.is_dir() and not self.stop_request.is_symlink():

@@ -21,6 +21,7 @@ import fcntl
 import os
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any
 from mae_core import process as proc
 from mae_core import proctree
 from mae_core.channels import resolve_channels, resolve_data
-from mae_core.checks import shown
+from mae_core.checks import _is_number, shown
 from mae_core.config import RunConfig
 from mae_core.devices import share_devices
 from mae_core.data import check_data
@@ -64,6 +65,9 @@ class RunManager(QueuedRuns, TrainerWatch):
         self.stop_timeout_s = stop_timeout_s
         self._exit_codes: dict[int, int] = {}  # pid -> return code of trainers this manager reaped
         self._terminating: set[Path] = set()  # run directories whose trainer _terminate is ending
+        # The stop watchdog of each trainer asked to stop (run directory, pid, start time): one
+        # each, made again by a status read in a manager that has none (an app restarted since).
+        self._stop_watches: dict[tuple[Path, int, str], threading.Thread] = {}
         self._lock = threading.RLock()
         self.queue = RunQueue(self.runs_dir)
         self._queue_worker: threading.Thread | None = None
@@ -105,6 +109,8 @@ class RunManager(QueuedRuns, TrainerWatch):
                            else str(err))
                     status = {**status, "state": RunState.FAILED, "error": "the trainer process is "
                               f"gone, and its status.json cannot be updated ({why})"}
+            if status.get("state") in LIVE_STATES and paths.root not in self._terminating:
+                self._watch_stop(paths)  # a stop asked before this app (re)started is still timed
         status["run_id"] = run_id
         status["stop_requested"] = paths.stop_requested()
         checkpoint = paths.last_ckpt.exists()
@@ -225,8 +231,10 @@ class RunManager(QueuedRuns, TrainerWatch):
         terminates the process group of the trainer the stop was meant for (never a trainer a
         later Resume launched): the steps since its last checkpoint are lost. A plain stop only
         ever asks: pressed again, or from a page that had not yet seen the first request, it
-        changes nothing (a second request used to force). A run recorded on another host is
-        ended by force only once it has gone silent there (:meth:`_end_remote`).
+        changes nothing (a second request used to force), unless ``stop_timeout_s`` has passed
+        since the first: then the watchdog ends it now, and this returns once it has. A run
+        recorded on another host is ended by force only once it has gone silent there
+        (:meth:`_end_remote`).
         """
         with self._lock:
             status = self.status(run_id)
@@ -241,8 +249,10 @@ class RunManager(QueuedRuns, TrainerWatch):
                 self._end_remote(paths, record, status)
                 return self.status(run_id)
             if not force and requested:  # asked already; its watchdog is running
-                return status
-            if not force:
+                watch = self._watch_stop(paths)
+                if not self._stop_overdue(paths, watch):
+                    return status
+            elif not force:
                 try:
                     paths.request_stop()
                 except OSError as err:  # a read-only mount: the STOP file is how a stop is asked
@@ -251,12 +261,11 @@ class RunManager(QueuedRuns, TrainerWatch):
                     raise RunError(f"run {run_id} cannot be asked to stop: "
                                    f"{err.filename or paths.root} cannot be written "
                                    f"({err.strerror}). Force stop ends it at once") from None
+                self._watch_stop(paths)
         if force:
             self._terminate(paths, record, reason="stopped by force")
-            return self.status(run_id)
-        if record and proc.on_this_host(record):
-            threading.Thread(target=self._enforce_stop, args=(paths, record), daemon=True,
-                             name=f"stop-{run_id}").start()
+        elif requested:  # past its time: the watchdog ends it now (outside the lock it takes)
+            watch.join(timeout=60.0)
         return self.status(run_id)
 
     def resume(self, run_id: str, max_steps: int | None = None) -> dict[str, Any]:
@@ -429,15 +438,45 @@ class RunManager(QueuedRuns, TrainerWatch):
         atomic_write_json(paths.process, record, make_dirs=False)
         proc.watch(process, lambda code: self._on_exit(paths, record, code))
 
-    def _enforce_stop(self, paths: RunPaths, record: dict[str, Any]) -> None:
-        """Terminate the trainer ``record`` names if it outlives ``stop_timeout_s``."""
+    def _watch_stop(self, paths: RunPaths) -> threading.Thread | None:
+        """The watchdog ending this host's trainer unless it obeys its pending stop within
+        ``stop_timeout_s`` of the request (the STOP file's time), started where this manager has
+        none for that trainer: the app that asked may have been killed since, its timer with it.
+        None where no stop of a live trainer of this host is pending. Callers hold ``_lock``."""
+        asked_at, record = paths.stop_asked_at(), self._process(paths)
+        if asked_at is None or not record or not proc.on_this_host(record):
+            return None
+        launched = record.get("launched")
+        if _is_number(launched) and asked_at < launched - 1.0:  # a file time is coarse
+            return None  # left from an earlier trainer: not asked of this one
+        key = (paths.root, record["pid"], str(record.get("start_time")))
+        if key not in self._stop_watches:
+            self._stop_watches[key] = threading.Thread(
+                target=self._enforce_stop, args=(paths, record, asked_at), daemon=True,
+                name=f"stop-{paths.run_id}")
+            self._stop_watches[key].start()
+        return self._stop_watches[key]
+
+    def _stop_overdue(self, paths: RunPaths, watch: threading.Thread | None) -> bool:
+        """Whether the pending stop ``watch`` times has gone unanswered past ``stop_timeout_s``."""
+        asked_at = paths.stop_asked_at()
+        return (watch is not None and asked_at is not None
+                and time.time() - asked_at >= self.stop_timeout_s)
+
+    def _enforce_stop(self, paths: RunPaths, record: dict[str, Any], asked_at: float) -> None:
+        """Terminate the trainer ``record`` names if it outlives ``stop_timeout_s`` from
+        ``asked_at``, when its stop was asked (at once, if that is past)."""
         pid, start_time = record["pid"], record.get("start_time")
-        if proctree.wait_gone(pid, start_time, self.stop_timeout_s, every_s=0.2):
+        left_s = asked_at + self.stop_timeout_s - time.time()
+        if proctree.wait_gone(pid, start_time, max(0.0, left_s), every_s=0.2):
             return
         if proc.pid_alive(pid, start_time):
+            reason = f"stopped by force: the trainer did not stop within {self.stop_timeout_s:.0f} s"
+            if left_s < 0:  # no watchdog here at its time: asked in an app gone since, or another
+                reason += (f" of its Stop, asked {time.time() - asked_at:.0f} s ago (in an app "
+                           "restarted since, or another one)")
             with contextlib.suppress(RunError):  # unkillable: its status says it is live still
-                self._terminate(paths, record, reason=f"stopped by force: the trainer did not "
-                                                      f"stop within {self.stop_timeout_s:.0f} s")
+                self._terminate(paths, record, reason=reason)
 
     def _terminate(self, paths: RunPaths, record: dict[str, Any] | None, reason: str) -> None:
         """End the trainer ``record`` (of this host) names and its ranks (SIGTERM, then SIGKILL);

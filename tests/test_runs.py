@@ -407,6 +407,56 @@ def test_a_stop_pressed_again_or_from_a_stale_page_never_forces(tmp_path, live_s
     assert sleeper.wait(timeout=10) is not None
 
 
+def stop_in_an_app_killed_after(runs: Path, run_id: str) -> None:
+    """Stop ``run_id`` from another app process, then ``kill -9`` that app: its stop watchdog, a
+    thread of it, goes with it."""
+    asks = ("import os, signal, sys; from mae_core.runs import RunManager; "
+            "RunManager(sys.argv[1]).stop(sys.argv[2]); os.kill(os.getpid(), signal.SIGKILL)")
+    done = subprocess.run([sys.executable, "-c", asks, str(runs), run_id], cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+
+
+def test_a_stop_asked_by_an_app_killed_since_is_still_forced_on_time(tmp_path, live_stand_in):
+    """The stop's watchdog was a thread of the app that asked: killed and restarted meanwhile,
+    the app left a trainer that never obeys (stopped with SIGSTOP, hung; here ``sleep``)
+    "running" for good. The request's time is on disk, so the restarted app times it."""
+    restarted = RunManager(tmp_path / "runs", stop_timeout_s=4)
+    paths, sleeper = live_stand_in(restarted)
+    stop_in_an_app_killed_after(restarted.runs_dir, paths.run_id)
+    asked = time.time()
+    status = restarted.status(paths.run_id)
+    assert status["state"] == "running" and status["stop_requested"], status
+    ended = wait_for(lambda: (s := restarted.status(paths.run_id))["state"] != "running" and s,
+                     "the restarted app to force the stop", timeout_s=60)
+    assert time.time() - asked >= 3.5, "forced before its stop timeout"
+    assert ended["state"] == "stopped", ended
+    assert ended["error"] == ("stopped by force: the trainer did not stop within 4 s: it had "
+                              "saved no checkpoint"), ended
+    assert sleeper.wait(timeout=10) is not None and not ended["stop_requested"]
+
+
+def test_a_second_stop_long_after_the_first_forces_at_once(tmp_path, live_stand_in):
+    """Pressed again after the stop timeout, in an app restarted since the first Stop, Stop
+    answered "Stopping" and did nothing: only Force stop ended the run. It forces now, saying so."""
+    from mae_core.fileio import atomic_write_json
+    from mae_core.process import process_record
+
+    restarted = RunManager(tmp_path / "runs", stop_timeout_s=60)
+    paths, sleeper = live_stand_in(restarted)
+    long_ago = time.time() - 100
+    atomic_write_json(paths.process, process_record(sleeper.pid, command=["sleep", "300"],
+                                                    launched=long_ago - 60))
+    stop_in_an_app_killed_after(restarted.runs_dir, paths.run_id)
+    os.utime(paths.stop_request, (long_ago, long_ago))  # asked 100 s ago
+    ended = restarted.stop(paths.run_id, force=False)
+    assert ended["state"] == "stopped", ended
+    assert re.fullmatch(r"stopped by force: the trainer did not stop within 60 s of its Stop, "
+                        r"asked 10\d s ago \(in an app restarted since, or another one\): it had "
+                        r"saved no checkpoint", ended["error"]), ended
+    assert sleeper.wait(timeout=10) is not None
+
+
 def test_a_force_stop_ends_a_trainer_started_by_hand_inside_a_script(tmp_path):
     """A trainer started from a shell script (or under timeout or nohup) leads no process group:
     Force stop signalled its pid's group, reached no one, and recorded "stopped" while it trained
