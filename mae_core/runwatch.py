@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import threading
 import time
@@ -31,6 +32,10 @@ REMOTE_SILENCE_S = 300.0
 # this long: a trainer writes its status at every progress save, and that host may be this
 # machine renamed.
 REMOTE_FORCE_STOP_S = 60.0
+# What Lightning's launcher (rank 0's child-process observer) logs of the first rank it started
+# that ended badly, before it SIGKILLs every other rank and rank 0 itself: then rank 0's own end
+# (SIGKILL, or gloo's "Connection reset by peer") says nothing of the cause.
+_RANK_ENDED = re.compile(r"\[rank: (\d+)\] Child process with PID \d+ terminated with code (-?\d+)")
 # A run with no recorded process yet counts as alive this long after its status was written.
 LAUNCH_GRACE_S = 30.0
 # How far ahead of this machine's clock a status.json time may be and still count as recent
@@ -170,27 +175,41 @@ class TrainerWatch:
         if pid is not None:
             code = self._exit_codes.get(pid)
             code = proc.child_exit_code(pid) if code is None else code
-        if code is not None and code < 0:
-            how = f"was killed by {_signal_name(-code)}"
-        elif code is not None:
-            how = f"exited with code {code}"
-        else:
-            how = "is gone (killed, or out of memory)"
-        error = f"the trainer process {how} before finishing"
+        log_tail = paths.log_tail()
+        error = (_rank_ended(log_tail, status.get("world_size"))
+                 or f"the trainer process {_ended_how(code)} before finishing")
         # A folder moved under a trainer (renamed) fails it at its next write, with a bare
-        # FileNotFoundError of the old path; a trainer killed meanwhile died of the kill.
+        # FileNotFoundError of the old path. Said whatever its exit code: a rank that failed so
+        # has Lightning's launcher SIGKILL rank 0.
         moved_from = _moved_from(info, paths.root) if local else None
-        if moved_from and (code is None or code > 0):
+        if moved_from and code != 0:
             error += (f": its folder was moved here from {moved_from} while it trained, and it "
                       "could no longer write its files")
         if pid is None and status.get("state") == RunState.STARTING and launcher_gone(status):
             error = "the trainer was never launched: the app launching it ended first"
-        log_tail = paths.log_tail()
         # A process that hit the full disk first (any rank, any write) may have had no room left
         # to say so; the disk, or the log, still can.
         if disk_nearly_full(paths.root) or says_disk_full(log_tail):
             error += f": {full_disk_failure(paths.root, paths.last_ckpt, saved_step(paths))}"
         return paths.write_status(state=RunState.FAILED, log_tail=log_tail, error=error)
+
+
+def _ended_how(code: int | None) -> str:
+    """How a process with exit status ``code`` (negative: the signal; None: unknown) ended."""
+    if code is None:
+        return "is gone (killed, or out of memory)"
+    return f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with code {code}"
+
+
+def _rank_ended(log_tail: str, world_size: Any) -> str | None:
+    """The rank that ended first, and how, where Lightning's launcher logged it (:data:`_RANK_ENDED`):
+    the real cause of a DDP run whose rank 0 it then killed. None where it logged none."""
+    found = _RANK_ENDED.search(log_tail)
+    if found is None:
+        return None
+    of = f" (of {world_size})" if isinstance(world_size, int) else ""
+    return (f"rank {found[1]}{of} {_ended_how(int(found[2]))}; the other ranks were ended by "
+            "Lightning's launcher")
 
 
 def _moved_from(record: dict[str, Any], root: Path) -> str | None:

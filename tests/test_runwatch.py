@@ -11,12 +11,15 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 
 import pytest
+from helpers import poll
 
 from mae_core import process as proc
 from mae_core.config import RunConfig
@@ -160,3 +163,46 @@ def test_a_trainer_dying_in_a_read_only_run_folder_leaves_no_traceback(tmp_path,
         subprocess.run(["umount", folder], check=False)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+# --- a DDP run whose rank 1 died first ----------------------------------------------------------
+
+# A trainer's rank 0 as far as its end goes: rank 1 (``sleep``) started beside it, watched by
+# Lightning's own launcher observer, which logs the rank's end and SIGKILLs rank 0.
+RANK0_STAND_IN = """
+import subprocess, time
+from lightning_fabric.strategies.launchers.subprocess_script import _launch_process_observer
+rank1 = subprocess.Popen(["sleep", "300"])
+print("rank 1 is", rank1.pid, flush=True)
+_launch_process_observer([rank1])
+time.sleep(300)
+"""
+
+
+@pytest.mark.parametrize("moved", [False, True])
+def test_a_run_whose_rank_1_died_names_that_rank_not_rank_0s_sigkill(tmp_path, moved):
+    """kill -9 of rank 1 read "the trainer process was killed by SIGKILL before finishing": the
+    SIGKILL Lightning's launcher sent rank 0 after it. Its log line names the rank and how it
+    ended; and that SIGKILL no longer hides a folder moved under the run."""
+    manager = RunManager(tmp_path / "runs")
+    paths = create_run(tiny_config(devices=2).resolved(), runs_dir=manager.runs_dir)
+    with open(paths.log, "wb") as log:
+        rank0 = subprocess.Popen([sys.executable, "-c", RANK0_STAND_IN], stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        atomic_write_json(paths.process, proc.process_record(
+            rank0.pid, command=["train.py"], run_dir=str(paths.root.resolve())))
+        paths.write_status(state="running", step=3)
+        rank1 = poll(lambda: re.search(r"rank 1 is (\d+)", paths.log.read_text()), 120)
+        run_id = paths.root.name + ("-renamed" if moved else "")
+        paths.root.rename(manager.runs_dir / run_id)
+        os.kill(int(rank1[1]), signal.SIGKILL)
+        assert rank0.wait(timeout=60) == -signal.SIGKILL  # by Lightning's launcher
+        status = manager.status(run_id)
+    finally:
+        rank0.kill()
+        rank0.wait()
+    said = "rank 1 (of 2) was killed by SIGKILL; the other ranks were ended by Lightning's launcher"
+    if moved:
+        said += f": its folder was moved here from {paths.root} while it trained"
+    assert status["state"] == "failed" and status["error"].startswith(said), status
