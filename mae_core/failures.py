@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 import traceback
 from typing import Any
 
@@ -50,13 +51,44 @@ class RecordFailure(pl.Callback):
         trainer.strategy.on_exception(exception)
         if trainer.is_global_zero:
             with contextlib.suppress(OSError):  # never in place of the exception being handled
-                record_failure(self.paths, exception)
+                record_failure(self.paths, exception, lost_rank(trainer, exception))
 
 
-def record_failure(paths: RunPaths, err: BaseException) -> None:
-    """The run failed with ``err`` (being handled): status.json says so, with the traceback's end."""
-    paths.write_status(state=RunState.FAILED, error=failure_text(paths, err),
+def record_failure(paths: RunPaths, err: BaseException, cause: str | None = None) -> None:
+    """The run failed with ``err`` (being handled): status.json says so, with the traceback's end;
+    ``cause``, where known, is what failed first (another rank: :func:`lost_rank`)."""
+    paths.write_status(state=RunState.FAILED, error=cause or failure_text(paths, err),
                        log_tail=traceback.format_exc()[-4000:])
+
+
+# How gloo and NCCL tell rank 0 that a rank it exchanges gradients with is gone.
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+             "NCCL communicator was aborted")
+
+
+def lost_rank(trainer: pl.Trainer, err: BaseException, wait_s: float = 1.0) -> str | None:
+    """Which rank this process lost, when ``err`` is the connection to another rank breaking: a
+    rank killed mid-training left rank 0 only gloo's "Connection reset by peer ... GLHF!" to
+    record. The ranks Lightning's launcher started here are its children: the first one that
+    ended badly (within ``wait_s``, as it may end just after the break) is named."""
+    text = str(err)
+    if not any(marker in text for marker in PEER_LOST):
+        return None
+    from mae_core.runwatch import ended_how
+
+    started = getattr(getattr(trainer.strategy, "launcher", None), "procs", None) or []
+    deadline = time.monotonic() + wait_s
+    while True:
+        for local_rank, child in enumerate(started, start=1):
+            code = child.poll()
+            if code not in (None, 0):
+                rank = trainer.global_rank + local_rank  # this process is its node's first
+                return (f"rank {rank} (of {trainer.world_size}) {ended_how(code)}; rank 0 "
+                        f"then lost its connection to it ({text.strip().splitlines()[0][:160]})")
+        if time.monotonic() >= deadline:
+            return (f"another rank of the run ended: rank 0 lost its connection to it "
+                    f"({text.strip().splitlines()[0][:160]}); the log says which and why")
+        time.sleep(0.05)
 
 
 def failure_text(paths: RunPaths, err: BaseException) -> str:

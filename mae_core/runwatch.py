@@ -177,7 +177,7 @@ class TrainerWatch:
             code = proc.child_exit_code(pid) if code is None else code
         log_tail = paths.log_tail()
         error = (_rank_ended(log_tail, status.get("world_size"))
-                 or f"the trainer process {_ended_how(code)} before finishing")
+                 or f"the trainer process {ended_how(code)} before finishing")
         # A folder moved under a trainer (renamed) fails it at its next write, with a bare
         # FileNotFoundError of the old path. Said whatever its exit code: a rank that failed so
         # has Lightning's launcher SIGKILL rank 0.
@@ -194,7 +194,7 @@ class TrainerWatch:
         return paths.write_status(state=RunState.FAILED, log_tail=log_tail, error=error)
 
 
-def _ended_how(code: int | None) -> str:
+def ended_how(code: int | None) -> str:
     """How a process with exit status ``code`` (negative: the signal; None: unknown) ended."""
     if code is None:
         return "is gone (killed, or out of memory)"
@@ -204,11 +204,13 @@ def _ended_how(code: int | None) -> str:
 def _rank_ended(log_tail: str, world_size: Any) -> str | None:
     """The rank that ended first, and how, where Lightning's launcher logged it (:data:`_RANK_ENDED`):
     the real cause of a DDP run whose rank 0 it then killed. None where it logged none."""
-    found = _RANK_ENDED.search(log_tail)
+    found = None
+    for found in _RANK_ENDED.finditer(log_tail):  # the last: a resumed run's log holds earlier ones
+        pass
     if found is None:
         return None
     of = f" (of {world_size})" if isinstance(world_size, int) else ""
-    return (f"rank {found[1]}{of} {_ended_how(int(found[2]))}; the other ranks were ended by "
+    return (f"rank {found[1]}{of} {ended_how(int(found[2]))}; the other ranks were ended by "
             "Lightning's launcher")
 
 

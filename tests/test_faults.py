@@ -153,6 +153,8 @@ def check_after_kill(manager: RunManager, paths: RunPaths, rank0: int, start_tim
     assert noticed - killed_at <= (RANK1_NOTICED_S if mode == "rank1" else NOTICE_TO_FAILED_S)
     status = manager.status(paths.run_id)
     assert status["error"] and status["resumable"], status
+    if mode == "rank1":  # the rank that died is named, not rank 0's end (SIGKILL, gloo's reset)
+        assert status["error"].startswith("rank 1 (of 2) was killed by SIGKILL"), status["error"]
     wait_for(lambda: not processes_of(paths.root), "the orphaned ranks to be ended", 30, 0.05)
     wait_for(lambda: not zombie_children(), "the trainer to be reaped", 10, 0.05)
 
