@@ -47,6 +47,7 @@ from mae_core.rundir import (_UNWRITABLE, DAMAGED, DAMAGED_RUN_ERROR,  # noqa: F
                              damaged_run_folders, is_damaged_run_folder, open_lock, preview_step,
                              run_folders, saved_step, state_unknown, valid_run_id)
 from mae_core.runqueue import QueuedRuns, RunQueue
+from mae_core.runsdirs import live_elsewhere, note_runs_dir
 from mae_core.runwatch import TrainerWatch
 from mae_core.weights import export_encoder, timm_snippet
 
@@ -62,6 +63,7 @@ class RunManager(QueuedRuns, TrainerWatch):
     def __init__(self, runs_dir: str | Path = DEFAULT_RUNS_DIR, stop_timeout_s: float = 60.0) -> None:
         self.runs_dir = Path(runs_dir)
         self.runs_dir.mkdir(parents=True, exist_ok=True)
+        note_runs_dir(self.runs_dir)  # so the managers of other folders see its live runs
         self.stop_timeout_s = stop_timeout_s
         self._exit_codes: dict[int, int] = {}  # pid -> return code of trainers this manager reaped
         self._terminating: set[Path] = set()  # run directories whose trainer _terminate is ending
@@ -150,6 +152,9 @@ class RunManager(QueuedRuns, TrainerWatch):
         for run_id, other in self._live_configs(exclude):
             if share_devices(cfg, other):
                 return run_id
+        for paths, _, other in live_elsewhere(self.runs_dir):  # another app's, or started by hand
+            if share_devices(cfg, other):
+                return str(paths.root)
         return None
 
     def _live_configs(self, exclude: str | None = None) -> Iterator[tuple[str, RunConfig | None]]:

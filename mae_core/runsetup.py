@@ -29,8 +29,9 @@ from mae_core.fileio import atomic_write_json, read_json
 from mae_core.process import (first_process, later_rank_vars, launcher_evident, live_trainer,
                               on_this_host, started_at)
 from mae_core.rundir import (LIVE_STATES, RUN_ID_RULE, RunError, RunPaths, RunState,
-                             checkpoint_step, create_run, process_record, run_folders,
+                             checkpoint_step, create_run, process_record,
                              runs_folder_lock, valid_run_id)
+from mae_core.runsdirs import live_runs, note_runs_dir, other_runs_dirs
 from mae_core.slurm import requeued_start, slurm_job
 
 if TYPE_CHECKING:
@@ -186,23 +187,19 @@ def _require_new_run_folder(root: Path) -> None:
 
 
 def _require_devices_free(cfg: RunConfig, runs_dir: Path) -> None:
-    """A new run started by hand is refused where the app would refuse it: beside a live run of
-    its runs folder on this machine that holds devices it needs (each CPU run holds them all). The
-    app refuses to start beside a run started by hand; the reverse went unchecked."""
-    for paths in run_folders(runs_dir):
-        if paths.read_status().get("state") not in LIVE_STATES:
-            continue
-        pid = live_trainer(read_json(paths.process) or {}, paths.root)
-        if pid is None:
-            continue  # another node's, or dead (the app marks it failed when it next looks)
-        try:
-            other = RunConfig.load(paths.config)
-        except Exception:  # noqa: BLE001 - unreadable: assumed to hold every device, as the app does
-            other = None
+    """A new run started by hand is refused where the app would refuse it: beside a live run on
+    this machine, of its runs folder or any other (:mod:`mae_core.runsdirs`), that holds devices
+    it needs (each CPU run holds them all). The app refuses to start beside a run started by
+    hand; the reverse went unchecked."""
+    note_runs_dir(runs_dir)
+    here = os.path.realpath(runs_dir)
+    for paths, pid, other in live_runs([Path(runs_dir), *other_runs_dirs(runs_dir)]):
         if share_devices(cfg, other):
-            raise ConfigError("devices", f"run {paths.run_id} is training on this machine's "
-                              f"devices (process {pid}): stop it first, or give "
-                              "--gpus that it does not use")
+            name = (paths.run_id if os.path.realpath(paths.root.parent) == here
+                    else str(paths.root))
+            raise ConfigError("devices", f"run {name} is training on this machine's devices "
+                              f"(process {pid}): stop it first, or give --gpus that it does not "
+                              "use")
 
 
 def _check_continuation(cfg: RunConfig, paths: RunPaths, resume: bool,

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,18 @@ from mae_core.process import clean_env
 # waits for a core. test_channels' two 1-process trainers took 39 s at 2 threads each, 8 s at 1
 # (python -m bench.contention measures one run beside a busy process).
 os.environ["OMP_NUM_THREADS"] = "1"
+
+# The machine's list of runs folders (mae_core.runsdirs) is this test process's own, and each
+# test's own (the autouse fixture below): the two workers' runs, and runs a test left looking live
+# (a process record of the test process itself), would otherwise refuse other tests' runs as
+# sharing devices; the user's own list (~/.cache) is never touched.
+os.environ["MAE_STUDIO_RUNS_DIRS"] = os.path.join(
+    tempfile.gettempdir(), f"mae-studio-tests-{os.getpid()}", "runs-dirs.json")
+
+
+@pytest.fixture(autouse=True)
+def own_runs_dirs_list(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAE_STUDIO_RUNS_DIRS", str(tmp_path / "machine-runs-dirs.json"))
 
 # pytest.ini runs the test files in worker processes side by side (pytest-xdist): each worker's
 # own torch gets its share of the cores, for the same reason.

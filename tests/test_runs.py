@@ -961,3 +961,29 @@ def test_a_run_on_several_nodes_is_left_to_its_launcher(tmp_path):
     with pytest.raises(RunError, match=f"run {paths.run_id} trains on 2 nodes: .*--resume"):
         manager.resume(paths.run_id)
     assert manager.list()[0]["state"] == "stopped" and len(manager.list()) == 1
+
+
+def test_a_live_run_of_another_runs_folder_holds_its_devices_too(tmp_path, live_stand_in):
+    """Two apps on two runs folders (``--runs-dir``) started a CPU run each at the same moment:
+    the one-live-run rule looked in its own folder only. Each folder a manager opens is noted for
+    the machine (mae_core.runsdirs), and a Start or Queue's turn waits for the other's run."""
+    from mae_core import runsdirs
+
+    first, second = RunManager(tmp_path / "runs-a"), RunManager(tmp_path / "runs-b")
+    assert runsdirs.other_runs_dirs(second.runs_dir) == [(tmp_path / "runs-a").resolve()]
+    paths, sleeper = live_stand_in(first)
+    cfg = tiny_config(max_steps=9)
+    assert second.conflicting_run(cfg) == str(paths.root)
+    with pytest.raises(RunError, match=f"run {re.escape(str(paths.root))} is still live on the "
+                                       "devices this run needs"):
+        second.start(cfg)
+    assert second.list() == []  # nothing made
+    sleeper.kill()
+    sleeper.wait()
+    assert second.conflicting_run(cfg) is None  # its trainer gone: the other folder's app says so
+    # A folder deleted since drops out of the list; a damaged list is read as empty and rewritten.
+    shutil.rmtree(tmp_path / "runs-a")
+    assert runsdirs.other_runs_dirs(second.runs_dir) == []
+    runsdirs.registry_path().write_text("{not json")
+    RunManager(tmp_path / "runs-c")
+    assert runsdirs.other_runs_dirs(tmp_path) == [(tmp_path / "runs-c").resolve()]

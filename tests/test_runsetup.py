@@ -122,11 +122,17 @@ def test_a_run_by_hand_checks_the_devices_again_under_the_lock_the_apps_start_ta
     assert isinstance(refused, ConfigError), refused
     assert f"run {apps.run_id} is training on this machine's devices" in str(refused)
     assert [p.name for p in runs.iterdir() if p.is_dir()] == [apps.run_id]  # nothing made
-    # A --run-dir of your own choosing leaves no lock file beside it where no app made one.
+    # Nor does a run of another runs folder start beside it (two apps on two folders started a
+    # CPU run each at once): the machine's runs folders are noted (mae_core.runsdirs).
     elsewhere = tmp_path / "home"
     elsewhere.mkdir()
-    _prepare("--run-dir", str(elsewhere / "mine"), "--accelerator", "cpu", "--devices", "1",
-             "--image-size", "32")
+    mine = ("--run-dir", str(elsewhere / "mine"), "--accelerator", "cpu", "--devices", "1",
+            "--image-size", "32")
+    with pytest.raises(ConfigError, match=f"run {apps.root} is training on this machine's"):
+        _prepare(*mine)
+    apps.write_status(state="finished")
+    # A --run-dir of your own choosing leaves no lock file beside it where no app made one.
+    _prepare(*mine)
     assert sorted(p.name for p in elsewhere.iterdir()) == ["mine"] and LOCK_NAME == ".runs.lock"
 
 
