@@ -41,7 +41,7 @@ from mae_core.crops import (
 from mae_core.data import DataError, find_images
 from mae_core.fileio import atomic_write_json, cache_home, fsync_dir, read_json
 from mae_core.images import ImageError, open_rgb
-from mae_core.preparing import count_done, reported_progress
+from mae_core.preparing import count_done, reported_progress, waiting_said
 
 MANIFEST_NAME = "mae_manifest.json"
 # 2 added the half-pixel copy ("mid") and stores a copy no smaller than the image empty; the
@@ -326,7 +326,7 @@ def prepare_cached(folder: str, paths: list[Path] | None = None,
     require_cache_folder()
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f"{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        _take_lock(lock, progress)  # released when the file closes, or the process dies
         manifest, damage = check_set(target)
         if manifest is None and target.exists():
             # Damaged since it was made (a chunk lost, a copy cut short): the cache's own copy of
@@ -341,6 +341,16 @@ def prepare_cached(folder: str, paths: list[Path] | None = None,
             _remove_abandoned_preparations(target)
             prepare(folder, target, short_side, workers, paths=paths, progress=progress)
     return target
+
+
+def _take_lock(lock: Any, progress: str | Path | None) -> None:
+    """Lock a set's lock file; held elsewhere (a run's start, another app preparing the same
+    folder), the wait is said in ``progress`` (:func:`mae_core.preparing.waiting_said`)."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        with waiting_said(progress):
+            fcntl.flock(lock, fcntl.LOCK_EX)
 
 
 def _remove_abandoned_preparations(target: Path) -> None:

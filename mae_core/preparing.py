@@ -8,7 +8,8 @@ the process group, and the app's process never holds LitData's workers or their 
 prepares into the same cache a run's start uses (:func:`mae_core.prepared.prepare_cached`, under its
 file lock), so a run started afterwards finds the set ready, and a run started meanwhile waits for
 it. Progress comes back through files in ``PROGRESS_DIR``: ``job.json`` (the file count and the
-target, once the walk is done), ``done-<pid>`` (each encoding process's count) and ``result.json``.
+target, once the walk is done), ``waiting`` (while it waits on the set's lock: another process is
+preparing the same set), ``done-<pid>`` (each encoding process's count) and ``result.json``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 
 JOB_NAME = "job.json"
 RESULT_NAME = "result.json"
+WAITING_NAME = "waiting"
 LOG_NAME = "prepare.log"
 
 
@@ -111,6 +113,20 @@ def count_done(progress: str | None) -> None:
         atomic_write_text(Path(progress) / f"done-{os.getpid()}", str(_DONE["count"]))
 
 
+@contextlib.contextmanager
+def waiting_said(progress: str | Path | None) -> Iterator[None]:
+    """While the block waits (on a set's lock that another process holds), ``<progress>/waiting``
+    says so: the page shows "waiting", not "0 of N files done"."""
+    marker = Path(progress) / WAITING_NAME if progress else None
+    if marker is not None:
+        atomic_write_text(marker, str(os.getpid()))
+    try:
+        yield
+    finally:
+        if marker is not None:
+            marker.unlink(missing_ok=True)
+
+
 # How often a preparation says how far it got, in the terminal or the log it writes to.
 REPORT_EVERY_S = 10.0
 
@@ -153,7 +169,8 @@ def progress_done(progress: str | Path) -> int:
 
 @dataclass(frozen=True)
 class Progress:
-    """Where a preparation stands: ``state`` is walking, encoding, done, failed or cancelled."""
+    """Where a preparation stands: ``state`` is walking, waiting (on another process preparing
+    the same set), encoding, done, failed or cancelled."""
 
     state: str
     done: int = 0
@@ -210,6 +227,9 @@ class Preparation:
                             + f": {tail}")
         if total is None:
             return Progress("walking", 0, None, seconds, None, "finding the image files")
+        if (self.progress_dir / WAITING_NAME).exists():
+            return Progress("waiting", 0, total, seconds, target,
+                            "another process is preparing the same set")
         return Progress("encoding", progress_done(self.progress_dir), total, seconds, target)
 
     def cancel(self, grace_s: float = 3.0) -> Progress:

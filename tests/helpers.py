@@ -3,10 +3,12 @@ other channel counts and bit depths, as TIFF scans and satellite tiles store the
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -21,8 +23,8 @@ if str(REPO_ROOT) not in sys.path:  # the benchmark package lives beside mae_cor
 
 from bench.procs import free_port  # noqa: E402 - the benchmark's port picker, shared
 
-__all__ = ["SIZE", "SYNC_OPS", "SlowDisk", "TensorCalls", "free_port", "make_four", "make_gray16",
-           "poll", "rgb_png", "scan16", "tile4"]
+__all__ = ["SIZE", "SYNC_OPS", "SlowDisk", "TensorCalls", "cache_lock_held", "free_port",
+           "make_four", "make_gray16", "poll", "rgb_png", "scan16", "tile4"]
 T = TypeVar("T")
 
 
@@ -35,6 +37,21 @@ def poll(predicate: Callable[[], T], timeout_s: float, every_s: float = 0.2) -> 
             return value
         time.sleep(every_s)
     return None
+
+
+@contextlib.contextmanager
+def cache_lock_held(folder: Path) -> Iterator[None]:
+    """Hold the cache lock of ``folder``'s prepared set (in the cache the environment names), as
+    a run's start or another app preparing it does: a preparation of it waits on the lock, for as
+    long as a test needs to look at it."""
+    from mae_core import prepared
+    from mae_core.data import find_images
+
+    target = prepared.cache_dir(str(folder), find_images(str(folder)), prepared.DEFAULT_SHORT_SIDE)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 class SlowDisk:

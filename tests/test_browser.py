@@ -22,7 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from helpers import free_port  # noqa: E402
+from helpers import cache_lock_held, free_port  # noqa: E402
 from mae_core.data import sample_photo_paths  # noqa: E402
 from mae_core.rundir import LIVE_STATES, create_run  # noqa: E402
 from mae_core.runs import RunManager  # noqa: E402
@@ -493,6 +493,63 @@ def test_the_data_field_says_what_it_found_and_prepare_answers(page, tmp_path):
         _wait_text(page, "#data-info", "1 image file(s) found")
     finally:
         page.unroute("**/queue/join**")
+    field.fill("")  # the next tests train on the sample photos
+    field.press("Tab")
+    _wait_text(page, "#data-info", "the sample photos")
+
+
+def _wait_prepare_buttons(page, prepare: bool, cancel: bool) -> None:
+    page.wait_for_function(
+        "([prepare, cancel]) => document.querySelector('#prepare-btn')?.disabled === !prepare"
+        " && document.querySelector('#cancel-prepare-btn')?.disabled === !cancel",
+        arg=[prepare, cancel])
+
+
+def test_a_reload_during_prepare_still_shows_the_preparation(page, tmp_path, monkeypatch):
+    """A reload (or another tab) during Prepare now showed an empty progress area, Cancel greyed
+    and Prepare enabled, while another folder's Prepare was refused: the job was known only to the
+    page that started it. A page load now follows it, its end included. The set's lock is held
+    here (as by a run's start preparing the folder): the preparation waits, and says so."""
+    from PIL import Image
+
+    from mae_core import prepared
+
+    monkeypatch.setenv(prepared.CACHE_ENV, str(tmp_path / "cache"))  # the job inherits it
+    folder = tmp_path / "large"
+    folder.mkdir()
+    Image.new("RGB", (32, 24), (200, 30, 10)).save(folder / "0000.jpg")
+    for i in range(1, prepared.AUTO_PREPARE_ABOVE + 1):
+        shutil.copyfile(folder / "0000.jpg", folder / f"{i:04d}.jpg")
+    field = page.locator("#field-data textarea, #field-data input").first
+    waiting = "waiting for another process"
+    with cache_lock_held(folder):
+        field.fill(str(folder))
+        field.press("Tab")
+        _wait_text(page, "#data-info", "not prepared yet")
+        _button(page, "Prepare now (large folders)").click()
+        _wait_text(page, "#prepare-progress", waiting)  # not "0 of 1,001 files (0 %)"
+        _wait_prepare_buttons(page, prepare=False, cancel=True)
+        page.reload(wait_until="load")
+        page.get_by_role("button", name="Start", exact=True).wait_for()
+        _wait_text(page, "#prepare-progress", waiting)
+        _wait_prepare_buttons(page, prepare=False, cancel=True)
+        tab = _open_tab(page)  # a tab opened meanwhile follows it too
+        try:
+            _wait_text(tab, "#prepare-progress", waiting)
+            _wait_prepare_buttons(tab, prepare=False, cancel=True)
+        finally:
+            tab.close()
+    # Its end is shown by the reloaded page as by the one that started it.
+    _wait_text(page, "#prepare-progress", "Preparation done")
+    _wait_text(page, "#data-info", f"prepared: {prepared.AUTO_PREPARE_ABOVE + 1:,} images")
+    _wait_prepare_buttons(page, prepare=True, cancel=False)
+    # Nothing being prepared: a load leaves the page as built (and fails nowhere on the server).
+    page.reload(wait_until="load")
+    page.get_by_role("button", name="Start", exact=True).wait_for()
+    _wait_text(page, "#data-info", f"prepared: {prepared.AUTO_PREPARE_ABOVE + 1:,} images")
+    _settle(page)
+    _wait_prepare_buttons(page, prepare=True, cancel=False)
+    assert page.inner_text("#prepare-progress").strip() == ""
     field.fill("")  # the next tests train on the sample photos
     field.press("Tab")
     _wait_text(page, "#data-info", "the sample photos")

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from helpers import cache_lock_held
 from mae_core import prepared
-from mae_core.preparing import Preparations
+from mae_core.preparing import WAITING_NAME, Preparations
 from ui import datafield
 from ui.common import UserError
 
@@ -137,6 +138,41 @@ def test_cancel_stops_the_preparation_and_the_folder_stays_unprepared(tmp_path, 
     assert 'data-kind="warn"' in cancelled["progress"]
     assert "not prepared yet" in cancelled["info"] and not cancelled["timer"].active
     assert [p for p in cache.glob("*") if not p.name.endswith(".lock")] == []
+
+
+def test_a_page_load_follows_the_preparation_the_app_is_running(tmp_path, cache, jobs):
+    """A reload (or another tab) during Prepare now showed no progress, a greyed Cancel and
+    Prepare enabled, and another folder's Prepare was refused with nothing on the page to cancel:
+    the job was known only to the page that started it. A load now follows whatever the app is
+    preparing; one that waits on another process's preparation of the set says it waits."""
+    folder = _folder(tmp_path / "large", prepared.AUTO_PREPARE_ABOVE + 1)
+    assert datafield.current_preparation(jobs) == {}  # nothing running: the page stays as built
+    notes = datafield.RecentNotes(jobs=jobs)  # the loads' notes
+    with cache_lock_held(folder):
+        datafield.start_preparing(jobs, str(folder))
+        assert "not prepared yet" in notes.note(str(folder))
+        loaded = datafield.current_preparation(jobs)  # a new page: no state of its own
+        assert loaded["preparing"] == str(folder) and loaded["timer"].active
+        assert loaded["cancel"]["interactive"] and not loaded["prepare"]["interactive"]
+        assert "Preparing" in loaded["progress"]
+        deadline = time.monotonic() + 60
+        while "waiting" not in loaded["progress"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+            loaded = datafield.current_preparation(jobs)
+        # "Preparing: 0 of 1,001 files (0 %)" while it was only waiting
+        assert (f"waiting for another process (a run starting on this folder, or another app) "
+                f"that is preparing the same {prepared.AUTO_PREPARE_ABOVE + 1:,} files") in \
+            loaded["progress"], loaded["progress"]
+        assert "0 of" not in loaded["progress"] and loaded["cancel"]["interactive"]
+    deadline, view = time.monotonic() + 120, {}
+    while "info" not in view and time.monotonic() < deadline:  # the timer the load turned on
+        time.sleep(0.2)
+        view = datafield.preparing_view(jobs, loaded["preparing"])
+    assert "Preparation done" in view["progress"] and "prepared: " in view["info"]
+    assert not (jobs.get(str(folder)).progress_dir / WAITING_NAME).exists()  # said while it waited
+    assert datafield.current_preparation(jobs) == {}  # ended: a later load shows nothing
+    # nor the note a load took while it ran ("not prepared yet"), if still within keep_s
+    assert f"prepared: {prepared.AUTO_PREPARE_ABOVE + 1:,} images" in notes.note(str(folder))
 
 
 def test_the_field_says_what_a_folder_holds(tmp_path):

@@ -62,6 +62,8 @@ def _wire_across(ctx: AppContext, demo: gr.Blocks, tabs: gr.Tabs, built: dict[st
     demo.load(**train_ui["refresh_spec"], api_name="load_train")
     # The form as this browser left it, and what its data field holds.
     demo.load(**train_ui["restore_form_spec"]).then(**train_ui["data_info_on_load"])
+    # A preparation the app is running (started before a reload, or in another tab).
+    demo.load(**train_ui["preparing_on_load"])
     # The Train tab's poll goes on while another tab shows, and a chart it drew then is as wide
     # as its hidden box: none. Back on the tab (or opened there), a resize event has Vega measure
     # the box again (ui.plots: the charts are as wide as their box).

@@ -56,26 +56,34 @@ def _describe(folder: str | None) -> tuple[str, str]:
 class RecentNotes:
     """:func:`data_info` for page loads, each note kept ``keep_s``: every load (a reload, each
     open tab) walked the restored folder again, reading a header per image of a large folder.
-    Refusals are not kept (a folder made meanwhile is found at the next load), and an edit or a
-    blur of the field always checks afresh."""
+    Refusals are not kept (a folder made meanwhile is found at the next load), nor a note taken
+    before a preparation of the folder in ``jobs`` ended (it said "not prepared yet"), and an edit
+    or a blur of the field always checks afresh."""
 
-    def __init__(self, keep_s: float = KEEP_NOTE_S, size: int = 16) -> None:
-        self.keep_s, self.size = keep_s, size
-        self._notes: dict[str, tuple[float, str]] = {}
+    def __init__(self, keep_s: float = KEEP_NOTE_S, size: int = 16,
+                 jobs: Preparations | None = None) -> None:
+        self.keep_s, self.size, self.jobs = keep_s, size, jobs
+        self._notes: dict[str, tuple[float, str, Any]] = {}
         self._lock = threading.Lock()
+
+    def _preparation(self, key: str) -> Any:
+        """The folder's preparation in ``jobs`` and whether it has ended: a note is kept for one."""
+        job = self.jobs.get(key) if self.jobs is not None else None
+        return None if job is None else (str(job.progress_dir), job.progress().finished)
 
     def note(self, folder: str | None) -> str:
         key, now = (folder or "").strip(), time.monotonic()
+        preparation = self._preparation(key)
         with self._lock:
             kept = self._notes.get(key)
-        if kept and now - kept[0] < self.keep_s:
+        if kept and now - kept[0] < self.keep_s and kept[2] == preparation:
             return kept[1]
         kind, text = _describe(folder)
         note = render.notice(kind, text)
         if kind != "error":
             with self._lock:
                 self._notes.pop(key, None)
-                self._notes[key] = (now, note)
+                self._notes[key] = (now, note, preparation)
                 while len(self._notes) > self.size:  # the oldest goes
                     del self._notes[next(iter(self._notes))]
         return note
@@ -115,6 +123,11 @@ def progress_html(progress: Progress | None) -> str:
         return ""
     if progress.state == "walking":
         return render.notice("info", f"Preparing: finding the image files ({progress.seconds:.0f} s)…")
+    if progress.state == "waiting":  # on the set's lock: a run's start or another app has it
+        return render.notice("info", f"Preparing: waiting for another process (a run starting on "
+                                     f"this folder, or another app) that is preparing the same "
+                                     f"{progress.total or 0:,} files to finish "
+                                     f"({progress.seconds:.0f} s)…")
     if progress.state == "encoding":
         total = progress.total or 0
         bar = (f'<progress id="prepare-bar" value="{progress.done}" max="{max(total, 1)}" '
@@ -142,6 +155,17 @@ def start_preparing(jobs: Preparations, folder: str | None) -> dict[str, Any]:
         return {"progress": render.notice("info", reason)}
     job = jobs.start(data)  # the same folder again: its running preparation, shown anew
     return {"preparing": data, "progress": progress_html(job.progress()), **_buttons(True)}
+
+
+def current_preparation(jobs: Preparations) -> dict[str, Any]:
+    """A page load's view (a reload, another tab): the preparation the app is running, whichever
+    page started it, followed as if started here (its progress, Cancel, the timer on, Prepare
+    greyed); nothing when none runs. The job is the app's, the page only kept its name."""
+    running = jobs.running()
+    job = jobs.get(running[0]) if running else None
+    if job is None:
+        return {}
+    return {"preparing": job.folder, "progress": progress_html(job.progress()), **_buttons(True)}
 
 
 def preparing_view(jobs: Preparations, preparing: str | None) -> dict[str, Any]:
@@ -192,7 +216,13 @@ def wire(c: dict[str, Any], jobs: Preparations) -> None:
     c["data_info_spec"] = dict(fn=data_info, inputs=data, outputs=c["data_info"],
                                api_visibility="private", show_progress=HIDDEN,
                                concurrency_limit=None)
-    c["data_info_on_load"] = c["data_info_spec"] | {"fn": RecentNotes().note}
+    c["data_info_on_load"] = c["data_info_spec"] | {"fn": RecentNotes(jobs=jobs).note}
+    # A page load (ui.blocks) follows the preparation the app is running, started by any page;
+    # none running, the page stays as built (an empty dict is no dict of updates to Gradio).
+    on_load = lambda: as_updates(current_preparation(jobs)) or {names["progress"]: gr.skip()}
+    c["preparing_on_load"] = dict(fn=guarded("preparation progress", error)(on_load), inputs=None,
+                                  outputs=outputs, api_visibility="private",
+                                  show_progress=HIDDEN, concurrency_limit=None)
     c["prepare"].click(guarded("prepare", error)(lambda folder: as_updates(start_preparing(jobs, folder))),
                        data, outputs, api_name="prepare_data", show_progress=HIDDEN)
     c["prepare_timer"].tick(
