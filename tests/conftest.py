@@ -43,14 +43,15 @@ SUBPROCESS_TIMEOUT_S = 300
 
 
 
-def _run_module(module: str, *args: str, timeout_s: float = SUBPROCESS_TIMEOUT_S
-                ) -> subprocess.CompletedProcess:
-    """``python -m module args...`` in the repo root; stdout and stderr captured as text.
+def _run_module(module: str, *args: str, timeout_s: float = SUBPROCESS_TIMEOUT_S,
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m module args...`` in the repo root; stdout and stderr captured as text; ``env``:
+    variables set for this command alone.
 
     The command gets its own process group, so DDP ranks it launched cannot outlive the test: the
     group is killed once the command has returned (or timed out).
     """
-    env = clean_env()  # no launcher variables: a fresh trainer is not someone else's rank
+    env = clean_env(**(env or {}))  # no launcher variables: a fresh trainer is no one's rank
     proc = subprocess.Popen([sys.executable, "-m", module, *map(str, args)], cwd=REPO_ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)

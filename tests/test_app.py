@@ -424,6 +424,9 @@ def test_export_loads_into_timm(server, run_state):
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert set(missing) == {"head.weight", "head.bias"} and not unexpected
     exec(snippet, {})  # the snippet shown in the page runs as it is (its asserts included)
+    # Refused (no such run), a client gets no file and no snippet, not gradio's update markers.
+    path, snippet, message = server["client"].predict("no-such-run", api_name="/export")
+    assert (path, snippet) == (None, "") and "no-such-run" in message, (path, snippet, message)
 
 
 def test_metrics_csv_gives_an_api_client_the_files_path(server, run_state):

@@ -157,8 +157,8 @@ def test_wrong_normalisation_config_is_refused():
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, run_module) -> dict[str, tuple[Path, RunPaths]]:
     """Both kinds trained at once (most of a short run is its imports, one core each), each in a
-    runs folder of its own (a CPU run holds every core of its folder's machine), then put
-    side by side in one."""
+    runs folder of its own, with a list of the machine's runs folders of its own (a CPU run holds
+    every core of the machine: mae_core.runsdirs), then put side by side in one."""
     from concurrent.futures import ThreadPoolExecutor
 
     root = tmp_path_factory.mktemp("channels")
@@ -168,7 +168,8 @@ def runs(tmp_path_factory, run_module) -> dict[str, tuple[Path, RunPaths]]:
 
     def train(name: str) -> None:
         done = run_module("mae_core.train", "--data", folders[name], "--run-dir",
-                          root / f"runs-{name}" / name, *TRAIN)
+                          root / f"runs-{name}" / name, *TRAIN,
+                          env={"MAE_STUDIO_RUNS_DIRS": str(root / f"runs-dirs-{name}.json")})
         assert done.returncode == 0, done.stderr[-3000:]
         (root / f"runs-{name}" / name).rename(root / "runs" / name)
 

@@ -140,7 +140,11 @@ def exit_now(code: int) -> None:
     engine under it ends in std::terminate. Runs are separate processes and every file the app
     writes is written atomically, so nothing is lost by skipping it."""
     import atexit
+    import threading
 
+    # A daemon thread the exit cuts short (the start-up audit, still running) could fail once the
+    # exit handlers had torn down what it used, and print its traceback: its work is moot now.
+    threading.excepthook = lambda args: None
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -439,7 +439,9 @@ def _wire(ctx: AppContext, c: dict[str, Any]) -> None:
         message = delete_run(ctx, run_id, confirmed)
         return {c["message"]: render.notice("ok", message), c["confirm"]: False}
 
-    @guarded("export", error)
+    # A refusal clears the file and the snippet: an API client got gradio's "no change" markers
+    # ({"__type__": "update"}) in their place.
+    @guarded("export", lambda text: {**error(text), c["export_file"]: None, c["export_code"]: ""})
     def on_export(run_id: str | None) -> dict:
         path, snippet, message = export_run(ctx, run_id)
         return {c["export_file"]: path, c["export_code"]: snippet,
