@@ -29,6 +29,7 @@ from mae_core.crops import (AGAIN, DecodeAugment, UndecodableSet, collate_deferr
 from mae_core.data import BATCHES_PER_WORKER_PER_EPOCH
 from mae_core.fileio import read_json
 from mae_core.images import center_square, open_rgb
+from mae_core.process import first_process
 
 # What garbage in a chunk's offset table or an item's size header raises inside LitData's reader
 # (its own header check raises RuntimeError). Not OSError: a remote set's network error, or a
@@ -135,7 +136,7 @@ class ResumableLoader(StreamingDataLoader):
     def load_state_dict(self, obj: dict[str, Any]) -> None:
         saved = obj.get("dataset") if isinstance(obj, dict) else None
         if isinstance(saved, dict) and not self._same_set(saved):
-            if self._rank_zero():
+            if first_process():
                 print(f"note: the checkpoint's place in the epoch is in another data set "
                       f"({saved.get('input_dir_url') or saved.get('input_dir_path')}) than "
                       f"{self.dataset.input_dir.url or self.dataset.input_dir.path}: its folder "
@@ -149,12 +150,6 @@ class ResumableLoader(StreamingDataLoader):
         if here.url:  # a remote set: its local copy's folder may differ from machine to machine
             return saved.get("input_dir_url") == here.url
         return saved.get("input_dir_path") == here.path
-
-    @staticmethod
-    def _rank_zero() -> bool:
-        from mae_core.process import first_process
-
-        return first_process()
 
 
 class StreamingMAEDataModule(pl.LightningDataModule):

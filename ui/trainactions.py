@@ -110,13 +110,7 @@ def settings_action(action: str, act: Any, manager: Any, settings: Any) -> dict[
     if not isinstance(settings, dict):
         return failed_action(action, f"{action}: the settings are config fields by name, e.g. "
                                      f'{{"max_steps": 200}}, not {shown(settings)}')
-    sections = settings.values()
-    if settings and set(settings) <= {"model", "train"} and all(isinstance(part, dict)
-                                                               for part in sections):
-        settings = {name: value for part in sections for name, value in part.items()}  # a config.yaml
-    settings = dict(settings)
-    if isinstance(settings.get("model"), str) and "preset" not in settings:
-        settings["preset"] = settings.pop("model")  # the trainer's --model
+    settings = _fields_by_name(settings)
     if settings.get("num_nodes", 1) in (1, None):
         settings.pop("num_nodes", None)
     else:
@@ -127,6 +121,19 @@ def settings_action(action: str, act: Any, manager: Any, settings: Any) -> dict[
         return form_action(action, act, manager, settings)
     except Exception as err:  # noqa: BLE001 - an API client gets the reason, as from the page
         return failed_action(action, describe(err, action))
+
+
+def _fields_by_name(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` as the form's fields by name: a config.yaml's ``model:`` and ``train:``
+    sections flattened, the trainer's ``--model`` read as the preset."""
+    sections = settings.values()
+    if settings and set(settings) <= {"model", "train"} and all(isinstance(part, dict)
+                                                               for part in sections):
+        settings = {name: value for part in sections for name, value in part.items()}
+    settings = dict(settings)
+    if isinstance(settings.get("model"), str) and "preset" not in settings:
+        settings["preset"] = settings.pop("model")
+    return settings
 
 
 def action_message(action: dict[str, Any] | None, status: dict[str, Any] | None,
