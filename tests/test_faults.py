@@ -142,11 +142,28 @@ def kill(mode: str, rank0: int, run_dir: Path) -> None:
         os.kill(rank1, signal.SIGKILL)
 
 
+def _process_state(pid: int) -> str:
+    """A live process's state and where in the kernel it waits, with its threads' names."""
+    try:
+        state = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                     if line.startswith("State:"))
+        wchan = Path(f"/proc/{pid}/wchan").read_text()
+        threads = sorted(Path(f"/proc/{pid}/task/{task}/comm").read_text().strip()
+                         for task in os.listdir(f"/proc/{pid}/task"))
+    except OSError as err:
+        return f"unreadable ({err})"
+    return f"{state}, waiting in {wchan or '?'}, threads {threads}"
+
+
 def check_after_kill(manager: RunManager, paths: RunPaths, rank0: int, start_time: str,
                      mode: str, killed_at: float) -> None:
     """Failed within the bound once rank 0 is gone; nothing left running; files load."""
-    noticed = wait_for(lambda: not pid_alive(rank0, start_time) and time.monotonic(),
-                       "rank 0 to end", timeout_s=RANK1_NOTICED_S if mode == "rank1" else 5)
+    try:
+        noticed = wait_for(lambda: not pid_alive(rank0, start_time) and time.monotonic(),
+                           "rank 0 to end", timeout_s=RANK1_NOTICED_S if mode == "rank1" else 5)
+    except AssertionError as err:  # seen once under CI load, never again: say what rank 0 was doing
+        raise AssertionError(f"{err}; rank 0: {_process_state(rank0)}; log tail:\n"
+                             f"{paths.log_tail(20)}") from None
     failed = wait_for(lambda: manager.status(paths.run_id)["state"] == "failed" and time.monotonic(),
                       "the run to read failed", timeout_s=30)
     assert failed - noticed <= NOTICE_TO_FAILED_S, f"failed {failed - noticed:.1f} s after the death"
