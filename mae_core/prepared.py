@@ -345,10 +345,14 @@ def prepare_cached(folder: str, paths: list[Path] | None = None,
 
 def _take_lock(lock: Any, progress: str | Path | None) -> None:
     """Lock a set's lock file; held elsewhere (a run's start, another app preparing the same
-    folder), the wait is said in ``progress`` (:func:`mae_core.preparing.waiting_said`)."""
+    folder), the wait is said in ``progress`` (:func:`mae_core.preparing.waiting_said`), or in
+    this process's output (a run's log: its start otherwise sat silent for the whole wait)."""
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        if progress is None:
+            print(f"waiting for another process (the app's Prepare, or another run) that is "
+                  f"preparing the same set ({Path(lock.name).with_suffix('')})", flush=True)
         with waiting_said(progress):
             fcntl.flock(lock, fcntl.LOCK_EX)
 

@@ -319,6 +319,24 @@ def test_one_process_prepares_while_the_others_wait(tmp_path, cache):
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 1
 
 
+def test_a_run_waiting_on_another_preparation_of_its_set_says_so(tmp_path, cache):
+    """A run's start whose folder another process was preparing (the app's Prepare, another
+    run) sat silent in its log for the whole wait, hours for a large folder."""
+    from helpers import cache_lock_held, poll
+
+    folder = _photos(tmp_path / "photos", 8)
+    code = ("import sys; from mae_core import prepared; "
+            "print('DIR', prepared.prepare_cached(sys.argv[1], workers=1))")
+    log = tmp_path / "run.log"
+    with cache_lock_held(folder), open(log, "w") as out:
+        waiting = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=REPO_ROOT,
+                                   stdout=out, stderr=subprocess.STDOUT, text=True)
+        said = poll(lambda: "waiting for another process" in log.read_text(), 120)
+        assert waiting.poll() is None  # still waiting: the lock is held
+    assert said, log.read_text()
+    assert waiting.wait(timeout=120) == 0 and "DIR" in log.read_text()
+
+
 # --- real DDP runs -------------------------------------------------------------------------------
 
 DDP = ["--devices", "2", "--accelerator", "cpu", "--image-size", "32", "--patch-size", "8",
