@@ -18,7 +18,8 @@ import pytorch_lightning as pl
 
 from mae_core.diskspace import full_disk_failure
 from mae_core.fileio import is_disk_full
-from mae_core.rundir import RunError, RunPaths, RunState, checkpoint_step, saved_step
+from mae_core.lastckpt import checkpoint_step, saved_step
+from mae_core.rundir import RunError, RunPaths, RunState
 
 
 class RecordFailure(pl.Callback):

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from lightly.utils.benchmarking import knn_predict
 from torch import Tensor
 
-from mae_core.data import DataError, _named, class_of, expanded, find_images
+from mae_core.data import DataError, _named, expanded, find_images
+from mae_core.splits import class_of
 from mae_core.images import ImageError, center_square
 from mae_core.pixels import read_for, same_dtype
 from mae_core.model import MaskedAutoencoder

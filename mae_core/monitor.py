@@ -46,8 +46,8 @@ from mae_core.callbacks import EveryNSteps
 from mae_core.loggers import board_scalars, tensorboard
 from mae_core.checks import shown
 from mae_core.config import AUTO_VAL_FRACTION, AUTO_VAL_MIN_IMAGES, TrainConfig
-from mae_core.data import (DataError, HeldOutSplit, class_labels, find_images, fixed_crops,
-                           split_folder)
+from mae_core.data import DataError, find_images
+from mae_core.splits import HeldOutSplit, class_labels, fixed_crops, split_folder
 from mae_core.features import knn_accuracy
 from mae_core.fileio import append_line
 from mae_core.metrics import HEADLINE_KNN_K

@@ -14,7 +14,8 @@ from pathlib import Path
 from mae_core.config import ConfigError, ModelConfig, RunConfig
 # mae_core.weights (torch) is imported inside the two checks that read a file: the page imports
 # NoStepsLeft from here while torch is still loading in the background.
-from mae_core.rundir import RunError, RunPaths, RunState, checkpoint_step
+from mae_core.lastckpt import checkpoint_step
+from mae_core.rundir import RunError, RunPaths, RunState
 
 
 class NoStepsLeft(RunError):

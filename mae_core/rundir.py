@@ -26,13 +26,11 @@ import shutil
 import stat
 import threading
 import time
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mae_core.checks import shown
 from mae_core.fileio import atomic_write_json, atomic_write_text, open_regular, read_json
 from mae_core.process import process_record, process_start_time  # noqa: F401 - re-exported
 from mae_core.runstatus import (DAMAGED_STATUS, LIVE_STATES, STATES,  # noqa: F401 - re-exported
@@ -50,9 +48,6 @@ DEFAULT_RUNS_DIR = "checkpoints"
 TRASH_PREFIX = ".deleting-"
 # Named here, not only by RunPaths.data_record: mae_core.caches globs every run's record by it.
 RUN_DATA_NAME = "data.json"
-# What Lightning's resume reads from a checkpoint (a run's trainer saves every one of them).
-LIGHTNING_CHECKPOINT_KEYS = frozenset({"state_dict", "global_step", "epoch", "loops",
-                                       "optimizer_states", "pytorch-lightning_version"})
 _RUN_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=@,-]*")
 # _RUN_ID and NAME_MAX in words, for every message that refuses a name.
 RUN_ID_RULE = (f"ASCII letters, digits and _ . + = @ , - (not first: . + = @ , -), "
@@ -449,55 +444,3 @@ def tail_lines(path: Path, lines: int = 40) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
-
-
-def saved_step(paths: RunPaths) -> int | None:
-    """The step of the run's ``last.ckpt``; None if it has none or it cannot be read."""
-    try:
-        return checkpoint_step(paths.last_ckpt)
-    except RunError:
-        return None
-
-
-def checkpoint_step(path: Path, verify: bool = True) -> int:
-    """The optimizer step ``last.ckpt`` was saved at; RunError if it is missing, damaged, or not a
-    Lightning checkpoint (a resume from it would train on corrupt weights, or fail once launched).
-
-    Every member's CRC is checked first (``torch.load`` memory-maps the tensors and never reads
-    them; ``verify=False`` leaves that to a caller that just did it, since it reads the whole file),
-    then it is loaded the way resume will (``weights_only``), memory-mapped.
-    """
-    if not path.is_file():
-        raise RunError(f"{path.parent.name} has no checkpoint to resume from")
-    try:
-        if verify:
-            _verify_archive(path)
-        checkpoint = _load_checkpoint(path)
-    except Exception as err:  # noqa: BLE001 - any failure to read it means it cannot be resumed
-        detail = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        raise RunError(f"the checkpoint {path} is corrupt ({detail}); it cannot be resumed") from None
-    keys = set(checkpoint) if isinstance(checkpoint, dict) else set()
-    missing = sorted(LIGHTNING_CHECKPOINT_KEYS - keys)
-    if missing:
-        raise RunError(f"{path} is not a checkpoint of this run: it lacks {', '.join(missing)} "
-                       "(a Lightning checkpoint has them); it cannot be resumed. Start a new run, "
-                       "or put back the last.ckpt this run wrote")
-    step = checkpoint["global_step"]
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise RunError(f"the checkpoint {path} holds no valid step ({shown(step)}); it cannot be resumed")
-    return step
-
-
-def _verify_archive(path: Path) -> None:
-    """Raise ValueError naming the first member of the checkpoint's zip archive whose bytes do not
-    match their CRC (bytes overwritten inside it); a damaged archive raises on opening."""
-    with open_regular(path) as handle, zipfile.ZipFile(handle) as archive:
-        damaged = archive.testzip()
-    if damaged is not None:
-        raise ValueError(f"{damaged} fails its CRC check: its bytes were overwritten or damaged")
-
-
-def _load_checkpoint(path: Path) -> Any:
-    import torch
-
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)

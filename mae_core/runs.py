@@ -21,7 +21,6 @@ import fcntl
 import os
 import shutil
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 from mae_core import process as proc
 from mae_core import proctree
 from mae_core.channels import resolve_channels, resolve_data
-from mae_core.checks import _is_number, shown
+from mae_core.checks import shown
 from mae_core.config import RunConfig
 from mae_core.devices import share_devices
 from mae_core.data import check_data
@@ -41,11 +40,12 @@ from mae_core.process import PROJECT_ROOT  # noqa: F401 - re-exported for caller
 from mae_core.resumecheck import (past_the_epoch_limit, require_devices, require_no_waiting_job,
                                   require_one_node, require_same_model, require_steps_left,
                                   require_steps_past_the_end, require_weights_of)
+from mae_core.lastckpt import checkpoint_step, saved_step
 from mae_core.rundir import (_UNWRITABLE, DAMAGED, DAMAGED_RUN_ERROR,  # noqa: F401
                              DEFAULT_RUNS_DIR, LIVE_STATES, LOCK_NAME, RUN_ID_RULE, TRASH_PREFIX,
-                             RunError, RunPaths, RunState, checkpoint_step, create_run,
-                             damaged_run_folders, is_damaged_run_folder, open_lock, preview_step,
-                             run_folders, saved_step, state_unknown, valid_run_id)
+                             RunError, RunPaths, RunState, create_run, damaged_run_folders,
+                             is_damaged_run_folder, open_lock, preview_step, run_folders,
+                             state_unknown, valid_run_id)
 from mae_core.runqueue import QueuedRuns, RunQueue
 from mae_core.runsdirs import live_elsewhere, note_runs_dir
 from mae_core.runwatch import TrainerWatch
@@ -442,46 +442,6 @@ class RunManager(QueuedRuns, TrainerWatch):
                                      run_dir=str(paths.root.resolve()))
         atomic_write_json(paths.process, record, make_dirs=False)
         proc.watch(process, lambda code: self._on_exit(paths, record, code))
-
-    def _watch_stop(self, paths: RunPaths) -> threading.Thread | None:
-        """The watchdog ending this host's trainer unless it obeys its pending stop within
-        ``stop_timeout_s`` of the request (the STOP file's time), started where this manager has
-        none for that trainer: the app that asked may have been killed since, its timer with it.
-        None where no stop of a live trainer of this host is pending. Callers hold ``_lock``."""
-        asked_at, record = paths.stop_asked_at(), self._process(paths)
-        if asked_at is None or not record or not proc.on_this_host(record):
-            return None
-        launched = record.get("launched")
-        if _is_number(launched) and asked_at < launched - 1.0:  # a file time is coarse
-            return None  # left from an earlier trainer: not asked of this one
-        key = (paths.root, record["pid"], str(record.get("start_time")))
-        if key not in self._stop_watches:
-            self._stop_watches[key] = threading.Thread(
-                target=self._enforce_stop, args=(paths, record, asked_at), daemon=True,
-                name=f"stop-{paths.run_id}")
-            self._stop_watches[key].start()
-        return self._stop_watches[key]
-
-    def _stop_overdue(self, paths: RunPaths, watch: threading.Thread | None) -> bool:
-        """Whether the pending stop ``watch`` times has gone unanswered past ``stop_timeout_s``."""
-        asked_at = paths.stop_asked_at()
-        return (watch is not None and asked_at is not None
-                and time.time() - asked_at >= self.stop_timeout_s)
-
-    def _enforce_stop(self, paths: RunPaths, record: dict[str, Any], asked_at: float) -> None:
-        """Terminate the trainer ``record`` names if it outlives ``stop_timeout_s`` from
-        ``asked_at``, when its stop was asked (at once, if that is past)."""
-        pid, start_time = record["pid"], record.get("start_time")
-        left_s = asked_at + self.stop_timeout_s - time.time()
-        if proctree.wait_gone(pid, start_time, max(0.0, left_s), every_s=0.2):
-            return
-        if proc.pid_alive(pid, start_time):
-            reason = f"stopped by force: the trainer did not stop within {self.stop_timeout_s:.0f} s"
-            if left_s < 0:  # no watchdog here at its time: asked in an app gone since, or another
-                reason += (f" of its Stop, asked {time.time() - asked_at:.0f} s ago (in an app "
-                           "restarted since, or another one)")
-            with contextlib.suppress(RunError):  # unkillable: its status says it is live still
-                self._terminate(paths, record, reason=reason)
 
     def _terminate(self, paths: RunPaths, record: dict[str, Any] | None, reason: str) -> None:
         """End the trainer ``record`` (of this host) names and its ranks (SIGTERM, then SIGKILL);

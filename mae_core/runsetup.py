@@ -28,9 +28,9 @@ from mae_core.devices import share_devices
 from mae_core.fileio import atomic_write_json, read_json
 from mae_core.process import (first_process, later_rank_vars, launcher_evident, live_trainer,
                               on_this_host, started_at)
+from mae_core.lastckpt import checkpoint_step
 from mae_core.rundir import (LIVE_STATES, RUN_ID_RULE, RunError, RunPaths, RunState,
-                             checkpoint_step, create_run, process_record,
-                             runs_folder_lock, valid_run_id)
+                             create_run, process_record, runs_folder_lock, valid_run_id)
 from mae_core.runsdirs import live_runs, note_runs_dir, other_runs_dirs
 from mae_core.slurm import requeued_start, slurm_job
 

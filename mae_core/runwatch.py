@@ -20,10 +20,12 @@ from typing import Any
 
 from mae_core import process as proc
 from mae_core import proctree
+from mae_core.checks import _is_number
 from mae_core.diskspace import full_disk_failure
 from mae_core.fileio import (atomic_write_json, disk_nearly_full, read_json,
                              remove_stale_temp_files, says_disk_full)
-from mae_core.rundir import LIVE_STATES, RunError, RunPaths, RunState, saved_step
+from mae_core.lastckpt import saved_step
+from mae_core.rundir import LIVE_STATES, RunError, RunPaths, RunState
 
 # A run on another node counts as alive while its status.json was rewritten this recently: its
 # trainer rewrites it every minute (RunPaths.keep_status_fresh), so 5 missed beats.
@@ -64,13 +66,15 @@ def launcher_gone(status: dict[str, Any]) -> bool:
 
 
 class TrainerWatch:
-    """The run manager's part that watches trainer processes (a base of
-    :class:`mae_core.runs.RunManager`, whose ``_lock``, ``_exit_codes`` and ``_terminating`` it
-    uses)."""
+    """The run manager's part that watches trainer processes, their deaths and their stops (a base
+    of :class:`mae_core.runs.RunManager`, whose attributes below, and ``_terminate``, it uses)."""
 
     _lock: threading.RLock
     _exit_codes: dict[int, int]  # pid -> return code of trainers this manager reaped
     _terminating: set[Path]  # run directories whose trainer a force stop is ending (it records)
+    _stop_watches: dict[tuple[Path, int, str], threading.Thread]  # the stop watchdog of each
+    stop_timeout_s: float  # how long a plain stop may go unanswered (then the watchdog ends it)
+    _terminate: Any  # ends a trainer and records it stopped (RunManager)
 
     def _on_exit(self, paths: RunPaths, record: dict[str, Any], code: int) -> None:
         """A trainer this manager launched has exited (not yet reaped): record a death at once.
@@ -192,6 +196,49 @@ class TrainerWatch:
         if disk_nearly_full(paths.root) or says_disk_full(log_tail):
             error += f": {full_disk_failure(paths.root, paths.last_ckpt, saved_step(paths))}"
         return paths.write_status(state=RunState.FAILED, log_tail=log_tail, error=error)
+
+    def _watch_stop(self, paths: RunPaths) -> threading.Thread | None:
+        """The watchdog ending this host's trainer unless it obeys its pending stop within
+        ``stop_timeout_s`` of the request (the STOP file's time), started where this manager has
+        none for that trainer: the app that asked may have been killed since, its timer with it.
+        None where no stop of a live trainer of this host is pending. Callers hold ``_lock``."""
+        asked_at = paths.stop_asked_at()
+        if asked_at is None:  # the common case, on every status read of a live run: one stat
+            return None
+        record = self._process(paths)
+        if not record or not proc.on_this_host(record):
+            return None
+        launched = record.get("launched")
+        if _is_number(launched) and asked_at < launched - 1.0:  # a file time is coarse
+            return None  # left from an earlier trainer: not asked of this one
+        key = (paths.root, record["pid"], str(record.get("start_time")))
+        if key not in self._stop_watches:
+            self._stop_watches[key] = threading.Thread(
+                target=self._enforce_stop, args=(paths, record, asked_at), daemon=True,
+                name=f"stop-{paths.run_id}")
+            self._stop_watches[key].start()
+        return self._stop_watches[key]
+
+    def _stop_overdue(self, paths: RunPaths, watch: threading.Thread | None) -> bool:
+        """Whether the pending stop ``watch`` times has gone unanswered past ``stop_timeout_s``."""
+        asked_at = paths.stop_asked_at()
+        return (watch is not None and asked_at is not None
+                and time.time() - asked_at >= self.stop_timeout_s)
+
+    def _enforce_stop(self, paths: RunPaths, record: dict[str, Any], asked_at: float) -> None:
+        """Terminate the trainer ``record`` names if it outlives ``stop_timeout_s`` from
+        ``asked_at``, when its stop was asked (at once, if that is past)."""
+        pid, start_time = record["pid"], record.get("start_time")
+        left_s = asked_at + self.stop_timeout_s - time.time()
+        if proctree.wait_gone(pid, start_time, max(0.0, left_s), every_s=0.2):
+            return
+        if proc.pid_alive(pid, start_time):
+            reason = f"stopped by force: the trainer did not stop within {self.stop_timeout_s:.0f} s"
+            if left_s < 0:  # no watchdog here at its time: asked in an app gone since, or another
+                reason += (f" of its Stop, asked {time.time() - asked_at:.0f} s ago (in an app "
+                           "restarted since, or another one)")
+            with contextlib.suppress(RunError):  # unkillable: its status says it is live still
+                self._terminate(paths, record, reason=reason)
 
 
 def ended_how(code: int | None) -> str:

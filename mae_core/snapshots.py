@@ -48,7 +48,8 @@ def history_image(train: Any, image_size: int, channels: int = 3, source: Any = 
     that streamed a prepared set held nothing out (the trainer splits in-memory folders only),
     and its images are read from the set, not from a folder.
     """
-    from mae_core.data import DataError, fixed_crops, preview_images
+    from mae_core.data import DataError, preview_images
+    from mae_core.splits import fixed_crops
     from mae_core.monitor import plan_evaluation
 
     streamed = source is not None and source.kind != "memory"

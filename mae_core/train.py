@@ -212,7 +212,7 @@ def _trainer(cfg: RunConfig, paths: RunPaths, callbacks: list[pl.Callback]) -> p
 
 def _datamodule(cfg: RunConfig, source: Any, plan: Any) -> pl.LightningDataModule:
     from mae_core import datasource
-    from mae_core.data import TrainSplitDataModule
+    from mae_core.splits import TrainSplitDataModule
 
     t = cfg.train
     if plan.train is not None:  # the held-out images are never trained on

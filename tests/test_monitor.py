@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from mae_core.config import AUTO_VAL_MIN_IMAGES, RunConfig, TrainConfig
-from mae_core.data import MIN_HELD_OUT, DataError, find_images, fixed_crops, split_folder
+from mae_core.data import DataError, find_images
+from mae_core.splits import MIN_HELD_OUT, fixed_crops, split_folder
 from mae_core.model import draw_token_mask, seeded_generator
 from mae_core.monitor import KNN_K, VAL_MASK_SEED, EvalPlan, embed, knn_scores, plan_evaluation
 from mae_core.rundir import RunPaths

@@ -17,8 +17,9 @@ from mae_core.config import ConfigError, RunConfig
 from mae_core.evaluate import read_result
 from mae_core.fileio import read_json
 from mae_core.process import process_record
+from mae_core.lastckpt import checkpoint_step
 from mae_core.rundir import (RUN_ID_RULE, STATUS_FIELDS, RunError, RunPaths, RunStatus,
-                             checkpoint_step, create_run, preview_step, snapshot_step, valid_run_id)
+                             create_run, preview_step, snapshot_step, valid_run_id)
 from mae_core.weights import WeightsError, read_metadata
 
 
