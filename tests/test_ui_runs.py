@@ -390,7 +390,7 @@ def test_the_data_cache_panel_lists_sets_and_removes_only_superseded_ones_no_run
     from ui import datacache
 
     monkeypatch.setenv(prepared.CACHE_ENV, str(tmp_path / "cache"))
-    assert "holds no prepared set" in datacache.cache_html(ctx)
+    assert "holds no prepared set" in datacache.cache_listing(ctx)[0]
     photos = tmp_path / "photos"
     photos.mkdir()
     for i in range(3):
@@ -402,18 +402,18 @@ def test_the_data_cache_panel_lists_sets_and_removes_only_superseded_ones_no_run
     run = ctx.manager.runs_dir / "stopped-run"
     run.mkdir(parents=True)
     atomic_write_json(run / RUN_DATA_NAME, {"kind": "prepared", "path": str(old)})
-    listing = datacache.cache_html(ctx)
+    listing = datacache.cache_listing(ctx)[0]
     assert listing.count("<tr><td") == 2 and "superseded" in listing and "stopped-run" in listing
     assert "0 superseded and used by no run" in listing
     assert datacache.cache_listing(ctx)[1] is False  # Remove stays greyed: nothing to remove
     assert datacache.remove_superseded(ctx).startswith("Nothing removed")
     assert old.is_dir() and new.is_dir()
     (run / RUN_DATA_NAME).unlink()  # the run was deleted
-    assert "1 superseded and used by no run" in datacache.cache_html(ctx)
+    assert "1 superseded and used by no run" in datacache.cache_listing(ctx)[0]
     assert datacache.cache_listing(ctx)[1] is True
     assert datacache.remove_superseded(ctx).startswith("Removed 1 superseded set(s)")
     assert not old.exists() and new.is_dir()
-    assert datacache.cache_html(ctx).count("<tr><td") == 1
+    assert datacache.cache_listing(ctx)[0].count("<tr><td") == 1
     assert datacache.cache_listing(ctx)[1] is False
 
 
@@ -458,7 +458,7 @@ def test_the_data_cache_panel_shows_and_removes_around_a_damaged_entry(ctx, tmp_
         (cache / f"{name}.runs").mkdir()
         (cache / f"{name}.runs" / "note.json").write_text('{"run": 5}')
     (cache / "listed.runs" / "list.json").write_text("[1]")
-    listing = datacache.cache_html(ctx)
+    listing = datacache.cache_listing(ctx)[0]
     assert listing.count("<tr><td") == 2 and listing.count("damaged: its mae_manifest.json") == 2
     assert "records count &#x27;x&#x27;, not a whole number" in listing  # (escaped)
     assert "2 damaged: kept, not read" in listing

@@ -27,15 +27,10 @@ def _gb(size: int) -> str:
     return f"{size / 1e9:.2f} GB"
 
 
-def cache_html(ctx: AppContext) -> str:
-    """One row per prepared set in the cache: its source, images, size, age, whether a newer set
-    of the same folder replaced it, and the runs that name it; a damaged set says why (and is
-    kept: its images and source cannot be trusted)."""
-    return cache_listing(ctx)[0]
-
-
 def cache_listing(ctx: AppContext) -> tuple[str, bool]:
-    """The cache's table (:func:`cache_html`) and whether any set in it could be removed."""
+    """The cache's table, one row per prepared set: its source, images, size, age, whether a newer
+    set of the same folder replaced it, and the runs that name it; a damaged set says why (and is
+    kept: its images and source cannot be trusted). With it, whether any set could be removed."""
     from mae_core import caches, prepared
 
     sets = caches.cached_sets([_runs_dir(ctx)])
