@@ -368,3 +368,10 @@ class MAEDataModule(pl.LightningDataModule):
         return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, drop_last=True,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           pin_memory=pin)
+
+
+if __name__ == "__main__":  # python -m mae_core.data optimize|caches: mae_core.data_cli
+    from mae_core.data_cli import main
+    from mae_core.process import exit_quickly
+
+    exit_quickly(main())

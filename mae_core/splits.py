@@ -145,9 +145,3 @@ class TrainSplitDataModule(MAEDataModule):
             self.dataset = self.dataset_factory(self.train_paths, self.image_size,
                                                 length=self._epoch_length(), **self._channels())
 
-
-if __name__ == "__main__":  # python -m mae_core.data optimize|caches: mae_core.data_cli
-    from mae_core.data_cli import main
-    from mae_core.process import exit_quickly
-
-    exit_quickly(main())
