@@ -109,8 +109,8 @@ def _loader_rates(folder: Path, prepared_dir: Path, image_size: int, rounds: int
     from mae_core import data, shards
 
     paths = data.find_images(str(folder))
-    for path in [*paths, *prepared_dir.iterdir()]:  # both from the page cache: decode, not disk
-        path.read_bytes()
+    for path in [*map(Path, paths), *prepared_dir.iterdir()]:  # both from the page cache:
+        path.read_bytes()                                       # decode, not disk
     # today's path for a folder above the in-memory cache's limit: PIL on every access
     folder_set = data.ImageFolderDataset(paths, image_size, cache_limit_bytes=0)
     streams = {

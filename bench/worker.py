@@ -27,7 +27,7 @@ def naive_dataset_class() -> type:
         """What the common examples do: every item opens its file with PIL and applies lightly's
         ``MAETransform`` (random resized crop, flip, ``ToTensor``, ``Normalize``) on the CPU."""
 
-        def __init__(self, paths: list[Path], image_size: int, length: int | None = None) -> None:
+        def __init__(self, paths: list[str], image_size: int, length: int | None = None) -> None:
             self.paths = [str(p) for p in paths]
             self.transform = MAETransform(input_size=image_size)
             self.num_images = len(self.paths)

@@ -49,13 +49,13 @@ class HeaderScan:
     read: int = 0  # how many files' headers were read
 
 
-def scan_format(paths: list[Path], folder: str = "") -> PixelFormat:
+def scan_format(paths: list[str], folder: str = "") -> PixelFormat:
     """The one pixel format of ``paths`` (headers only), or a :class:`DataError` naming an
     example file of each kind when they differ. Unreadable files are left to the decoder."""
     return scan_headers(paths, folder).format
 
 
-def scan_headers(paths: list[Path], folder: str = "") -> HeaderScan:
+def scan_headers(paths: list[str], folder: str = "") -> HeaderScan:
     """:func:`scan_format`, with the count of unreadable files among those read: every file of a
     folder of at most ``MAX_PROBED``, an even spread of a larger one."""
     step = max(1, math.ceil(len(paths) / MAX_PROBED))
@@ -89,7 +89,7 @@ def _one_format(examples: dict[PixelFormat, Path], folder: str) -> PixelFormat:
                     "(8-bit grayscale images among colour photos are read as RGB.)")
 
 
-def dataset_stats(paths: list[Path], channels: int, image_size: int, seed: int = 0,
+def dataset_stats(paths: list[str], channels: int, image_size: int, seed: int = 0,
                   max_images: int = STATS_IMAGES) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and standard deviation, as fractions of full scale (what
     :meth:`MaskedAutoencoder.normalize` subtracts and divides by), over up to ``max_images``

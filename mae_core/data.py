@@ -70,42 +70,99 @@ def sample_photo_paths() -> list[Path]:
     return [folder / name for name in SAMPLE_PHOTOS if (folder / name).is_file()]
 
 
-def find_images(folder: str) -> list[Path]:
-    """Image files under ``folder`` (recursively, sorted); ``""`` means the embedded sample photos.
+def find_images(folder: str) -> list[str]:
+    """Image files under ``folder`` (recursively, sorted as their :class:`~pathlib.Path` s sort);
+    ``""`` means the embedded sample photos.
 
-    Refuses the root and the kernel's virtual folders (``/proc``, ``/sys``, ``/dev``), follows a
-    symlinked folder once at most (a symlink loop ends the walk there) and stops with a
-    :class:`DataError` past :data:`MAX_IMAGE_FILES` files, so a bad path cannot hang the caller.
+    Paths are strings: a ``Path`` costs three times the memory (~300 bytes against ~100), 4 GB
+    for ImageNet-21k's 14 M files, and building, checking and sorting them took 13 µs a file
+    against 0.7 (ImageNet-1k's data check: 16 s against 1). Refuses the root and the kernel's
+    virtual folders (``/proc``, ``/sys``, ``/dev``), follows a symlinked folder once at most (a
+    symlink loop ends the walk there) and stops with a :class:`DataError` past
+    :data:`MAX_IMAGE_FILES` files, so a bad path cannot hang the caller.
     """
     if not folder:
-        paths = sample_photo_paths()
+        paths = [str(path) for path in sample_photo_paths()]
         if not paths:
             raise DataError("the embedded sample photos are missing: reinstall scikit-image")
         return paths
     root = _checked_root(folder)
-    paths: list[Path] = []
-    seen: set[str] = set()
-    entries, inside = 0, os.path.realpath(root)
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=_skip):
-        real = os.path.realpath(dirpath)
-        if real in seen or _is_system_path(real) or _holds(real, inside):
-            dirnames[:] = []  # a loop, a symlink into /proc or up to / : do not descend
-            continue
-        seen.add(real)
-        entries += len(filenames) + len(dirnames)
-        for name in filenames:
-            path = Path(dirpath) / name
-            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file() and not (
-                    path.is_symlink() and _is_system_path(os.path.realpath(path))):
-                paths.append(path)  # (a "photo.png" linked to /proc/kcore is not one)
-        if len(paths) > MAX_IMAGE_FILES or entries > MAX_WALKED_ENTRIES:
-            raise DataError(f"data folder {_named(folder)} holds more than {MAX_IMAGE_FILES:,} "
-                            f"image files (or {MAX_WALKED_ENTRIES:,} entries): choose a smaller "
-                            "folder")
-    if not paths:
+    walk = _Walk(folder, os.path.realpath(root))
+    walk.run(str(root))
+    if not walk.found:
         raise DataError(f"data folder {_named(folder)} holds no images "
                         f"({', '.join(sorted(IMAGE_EXTENSIONS))}, searched recursively)")
-    return sorted(paths)
+    return walk.found
+
+
+class _Walk:
+    """One walk of a data folder, depth first in name order: the files come out in the order
+    sorted ``Path`` s have (by their parts), with no sort of the whole list at the end."""
+
+    def __init__(self, named: str, inside: str) -> None:
+        self.named, self.inside = named, inside
+        self.found: list[str] = []
+        self.seen: set[str] = set()
+        self.entries = 0
+        self.cut = 0
+
+    def run(self, top: str) -> None:
+        # Paths as str(Path(top) / name) writes them, the cache key's text: "a.png", not "./a.png".
+        self.cut = 2 if top == os.curdir else 0
+        # A stack of listings, not recursion: a folder nested 2,000 deep is a data folder too.
+        pending = [iter(self._listing(top))]
+        while pending:
+            entry = next(pending[-1], None)
+            if entry is None:
+                pending.pop()
+            elif _is_dir(entry):
+                pending.append(iter(self._listing(entry.path)))
+            elif _image_name(entry.name) and _is_image_file(entry):
+                self.found.append(entry.path[self.cut:])
+                if len(self.found) > MAX_IMAGE_FILES:
+                    self._refuse()
+
+    def _listing(self, path: str) -> list[os.DirEntry]:
+        real = os.path.realpath(path)
+        if real in self.seen or _is_system_path(real) or _holds(real, self.inside):
+            return []  # a loop, a symlink into /proc or up to / : not descended
+        self.seen.add(real)
+        try:
+            with os.scandir(path) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError as err:
+            _skip(err)
+            return []
+        self.entries += len(entries)
+        if self.entries > MAX_WALKED_ENTRIES:
+            self._refuse()
+        return entries
+
+    def _refuse(self) -> None:
+        raise DataError(f"data folder {_named(self.named)} holds more than {MAX_IMAGE_FILES:,} "
+                        f"image files (or {MAX_WALKED_ENTRIES:,} entries): choose a smaller folder")
+
+
+def _image_name(name: str) -> bool:
+    dot = name.rfind(".")  # as Path.suffix: ".png" alone is a hidden file with no suffix
+    return 0 < dot < len(name) - 1 and name[dot:].lower() in IMAGE_EXTENSIONS
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # (a symlink to a folder is one: followed, once)
+    except OSError:
+        return False
+
+
+def _is_image_file(entry: os.DirEntry) -> bool:
+    """A regular file, or a link to one outside the kernel's folders (a "photo.png" linked to
+    /proc/kcore is not one). No system call for a plain file: the listing says what it is."""
+    try:
+        return entry.is_file() and not (entry.is_symlink()
+                                         and _is_system_path(os.path.realpath(entry.path)))
+    except OSError:
+        return False
 
 
 def expanded(folder: str, what: str = "data folder") -> Path:
@@ -179,7 +236,7 @@ class DataSummary:
     bits: int = 8
     folder: bool = True
     unreadable: int | None = None
-    paths: tuple[Path, ...] = field(default=(), repr=False, compare=False)
+    paths: tuple[str, ...] = field(default=(), repr=False, compare=False)
     alpha_tiffs: int = 0  # of the headers read (see channels.HeaderScan)
     headers_read: int = field(default=0, repr=False, compare=False)  # of ``files``
 
@@ -258,7 +315,7 @@ class ImageFolderDataset(Dataset):
     ``length`` repeats a small data set so an epoch has at least a few full batches on every rank.
     """
 
-    def __init__(self, paths: list[Path], image_size: int, length: int | None = None,
+    def __init__(self, paths: list[str], image_size: int, length: int | None = None,
                  cache_limit_bytes: int = CACHE_LIMIT_BYTES, channels: int = 3) -> None:
         self.image_size = image_size
         self.channels = channels
@@ -283,7 +340,7 @@ class ImageFolderDataset(Dataset):
         self.num_images = len(self.cache) if self.cache is not None else len(self.paths)
         self.length = max(self.num_images, length or 0)
 
-    def _decode(self, path: Path) -> Tensor | None:
+    def _decode(self, path: str) -> Tensor | None:
         try:
             return resize_short_side(read_for(path, self.channels), self.stored_side)
         except ImageError as err:

@@ -51,7 +51,7 @@ class DataSource:
 
 
 def describe(data: str, auto_prepare_above: int = AUTO_PREPARE_ABOVE,
-             paths: list[Path] | None = None) -> DataSource:
+             paths: list[str] | None = None) -> DataSource:
     """What ``data`` is, without preparing anything (a folder's cache is looked up, not made)."""
     if is_remote(data):
         return DataSource("remote", data, data)

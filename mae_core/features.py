@@ -54,7 +54,7 @@ class Labelled:
         return Labelled(self.images[index], self.labels[index], self.classes)
 
 
-def class_folders(folder: str | Path) -> dict[str, list[Path]]:
+def class_folders(folder: str | Path) -> dict[str, list[str]]:
     """``{class: image paths}`` of a labelled folder; raises :class:`DataError` if it is not one.
     The folder is walked as a data folder is (:func:`find_images`), its classes told by
     :func:`class_of`; an image directly in the folder belongs to no class and is left out."""
@@ -62,7 +62,7 @@ def class_folders(folder: str | Path) -> dict[str, list[Path]]:
         raise DataError("no labelled folder given: a labelled folder holds one subfolder per "
                         "class (root/<class>/*.png)")
     root = expanded(str(folder), "labelled folder")
-    classes: dict[str, list[Path]] = {}
+    classes: dict[str, list[str]] = {}
     try:
         paths = find_images(str(folder))
     except DataError as err:

@@ -70,11 +70,11 @@ class EvalPlan:
     ``train`` is the data folder's training part, or None when nothing is held out (train on all).
     """
 
-    train: tuple[Path, ...] | None = None
-    val: tuple[Path, ...] = ()
-    bank: tuple[Path, ...] = ()
+    train: tuple[str, ...] | None = None
+    val: tuple[str, ...] = ()
+    bank: tuple[str, ...] = ()
     bank_labels: tuple[int, ...] = ()
-    query: tuple[Path, ...] = ()
+    query: tuple[str, ...] = ()
     query_labels: tuple[int, ...] = ()
     classes: tuple[str, ...] = ()
 
@@ -98,7 +98,7 @@ class EvalPlan:
 
 
 def plan_evaluation(t: TrainConfig, split_data: bool = True,
-                    paths: tuple[Path, ...] = (), channels: int | None = None) -> EvalPlan:
+                    paths: tuple[str, ...] = (), channels: int | None = None) -> EvalPlan:
     """The held-out split of ``t.data`` and the kNN sets; a :class:`DataError` when impossible.
 
     ``split_data=False`` (a prepared or streamed data set, trained whole) holds nothing out of
@@ -144,7 +144,7 @@ def plan_evaluation(t: TrainConfig, split_data: bool = True,
                     classes=labelled.classes)
 
 
-def _check_readable(folder: str, parts: dict[str, tuple[Path, ...]], channels: int | None) -> None:
+def _check_readable(folder: str, parts: dict[str, tuple[str, ...]], channels: int | None) -> None:
     """Refuses an ``eval_data`` folder when one of its ``parts`` has no image whose header reads
     (as ``channels`` channels, when known): its kNN monitor would have nothing to score. Headers
     only, and only until one reads: cheap. A file whose pixels are damaged behind a good header
@@ -168,8 +168,8 @@ def _header_reads(path: Path, channels: int | None) -> bool:
     return channels is None or readable_as(fmt, channels)
 
 
-def _subset(paths: tuple[Path, ...], labels: tuple[int, ...], limit: int, seed: int
-            ) -> tuple[tuple[Path, ...], tuple[int, ...]]:
+def _subset(paths: tuple[str, ...], labels: tuple[int, ...], limit: int, seed: int
+            ) -> tuple[tuple[str, ...], tuple[int, ...]]:
     """At most ``limit`` of ``paths`` (with their labels), drawn at random with ``seed``: a
     prefix of the sorted list would hold only the first classes."""
     if len(paths) <= limit:
@@ -205,7 +205,7 @@ def embed(mae: MaskedAutoencoder, images: Tensor, batch_size: int) -> tuple[Tens
 class _Share:
     """One rank's part of an image list: its decoded crops and their places in the full list."""
 
-    def __init__(self, paths: tuple[Path, ...], image_size: int, rank: int, world: int,
+    def __init__(self, paths: tuple[str, ...], image_size: int, rank: int, world: int,
                  channels: int = 3) -> None:
         positions = list(range(rank, len(paths), world))
         self.images, kept = fixed_crops([paths[i] for i in positions], image_size, channels)

@@ -193,7 +193,7 @@ def _encode(item: tuple[int, str], short_side: int,
     return None
 
 
-def _refuse_non_rgb8(source: str, paths: list[Path]) -> None:
+def _refuse_non_rgb8(source: str, paths: list[str]) -> None:
     """Shards hold 8-bit RGB JPEGs: grayscale, multi-band or 16-bit images would be silently
     converted, so they are refused (they train from memory, up to AUTO_PREPARE_ABOVE images)."""
     from mae_core.channels import scan_format
@@ -214,7 +214,7 @@ def _shard_count(folder: Path) -> tuple[int, int]:
 
 
 def prepare(source: str, out: str | Path, short_side: int = DEFAULT_SHORT_SIDE,
-            workers: int | None = None, paths: list[Path] | None = None,
+            workers: int | None = None, paths: list[str] | None = None,
             verbose: bool = True, progress: str | Path | None = None) -> dict[str, Any]:
     """Prepare ``source`` (a folder, ``""`` for the sample photos) into ``out``; its manifest.
 
@@ -295,25 +295,25 @@ def require_cache_folder() -> Path:
     return root
 
 
-def cache_key(folder: str, paths: list[Path], short_side: int) -> str:
+def cache_key(folder: str, paths: list[str], short_side: int) -> str:
     """A digest of the folder's real path and content (each file's path, size and mtime): an
     added, removed, replaced or touched file makes a new prepared set; nothing is read."""
     digest = hashlib.sha256(json.dumps([FORMAT_VERSION, short_side, os.path.realpath(folder)]).encode())
     for path in paths:
         try:
-            st = path.stat()
+            st = os.stat(path)
             digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         except OSError:
             digest.update(f"{path}\0missing\n".encode())
     return digest.hexdigest()[:24]
 
 
-def cache_dir(folder: str, paths: list[Path], short_side: int) -> Path:
+def cache_dir(folder: str, paths: list[str], short_side: int) -> Path:
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(folder).name)[:40]
     return cache_root() / f"{name or 'data'}-{cache_key(folder, paths, short_side)}"
 
 
-def prepare_cached(folder: str, paths: list[Path] | None = None,
+def prepare_cached(folder: str, paths: list[str] | None = None,
                    short_side: int = DEFAULT_SHORT_SIDE, workers: int | None = None,
                    progress: str | Path | None = None, reader: Path | None = None) -> Path:
     """The prepared copy of ``folder`` in :func:`cache_root`, made once: the first process takes

@@ -64,7 +64,7 @@ def survey(data: str, summary: DataSummary | None = None) -> DataSource:
     size = 0
     for path in paths:
         try:
-            size += path.stat().st_size
+            size += os.stat(path).st_size
         except OSError:
             continue
     skipped = None

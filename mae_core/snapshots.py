@@ -60,7 +60,7 @@ def history_image(train: Any, image_size: int, channels: int = 3, source: Any = 
     for path in held_out[:8]:
         images, kept = fixed_crops([path], image_size, channels)
         if kept:
-            return f"{path.name} (held out)", images[0]
+            return f"{os.path.basename(path)} (held out)", images[0]
     if streamed and source.kind == "remote":
         raise DataError(f"the run streamed the remote data set {source.source}: its weights "
                          "history is shown on a local image, and it has none")

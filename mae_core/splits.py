@@ -6,6 +6,7 @@ sets themselves."""
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +32,8 @@ class HeldOutSplit:
     folder has class subfolders) index ``classes``, in ``train`` then ``held_out`` order.
     """
 
-    train: tuple[Path, ...]
-    held_out: tuple[Path, ...]
+    train: tuple[str, ...]
+    held_out: tuple[str, ...]
     classes: tuple[str, ...] = ()
     train_labels: tuple[int, ...] = ()
     held_out_labels: tuple[int, ...] = ()
@@ -66,14 +67,18 @@ def held_out_count(total: int, fraction: float | None, count: int | None,
     return wanted
 
 
-def class_of(root: Path, path: Path) -> str | None:
+def class_of(root: Path, path: str | Path) -> str | None:
     """The class of an image under ``root``: its first subfolder's name (``root/<class>/.../x.jpg``),
     or None for an image directly in ``root``. The one rule of every labelled folder."""
-    parts = path.relative_to(root).parts
-    return parts[0] if len(parts) >= 2 else None
+    inside = str(root).rstrip(os.sep) + os.sep
+    text = str(path)
+    # A walk's paths start with the root as written: cut as text, not parsed (1.28 M of them).
+    relative = text[len(inside):] if text.startswith(inside) else str(Path(text).relative_to(root))
+    head, sep, _ = relative.partition(os.sep)
+    return head if sep else None
 
 
-def class_labels(folder: str, paths: list[Path]) -> tuple[tuple[str, ...], list[int]] | None:
+def class_labels(folder: str, paths: list[str]) -> tuple[tuple[str, ...], list[int]] | None:
     """Labels from class subfolders (:func:`class_of`): (classes, label per path), or None when an
     image lies directly in ``folder`` or there are fewer than two classes."""
     if not folder:
@@ -91,7 +96,7 @@ def class_labels(folder: str, paths: list[Path]) -> tuple[tuple[str, ...], list[
 
 def split_folder(folder: str, seed: int = 0, *, count: int | None = None,
                  fraction: float | None = None, auto_min_images: int = 10**12,
-                 auto_fraction: float = 0.0, paths: tuple[Path, ...] = ()) -> HeldOutSplit:
+                 auto_fraction: float = 0.0, paths: tuple[str, ...] = ()) -> HeldOutSplit:
     """:func:`find_images` of ``folder`` (or ``paths``, when the caller has walked it already)
     split by a permutation drawn from ``seed``; the held-out size is :func:`held_out_count`'s
     (by default: ``count``, else ``fraction``, else none)."""
@@ -114,7 +119,7 @@ def split_folder(folder: str, seed: int = 0, *, count: int | None = None,
                         train_labels=pick(train_idx), held_out_labels=pick(out_idx))
 
 
-def fixed_crops(paths: list[Path] | tuple[Path, ...], image_size: int, channels: int = 3
+def fixed_crops(paths: list[str] | tuple[str, ...], image_size: int, channels: int = 3
                 ) -> tuple[Tensor, list[int]]:
     """Centre crops ((n, C, size, size), uint8 or uint16) of the readable ``paths``, and which
     were read: evaluation images, the same at every evaluation (no random augmentation)."""
@@ -135,7 +140,7 @@ class TrainSplitDataModule(MAEDataModule):
     """:class:`MAEDataModule` over the training part of a :class:`HeldOutSplit` only: the
     held-out images are never trained on."""
 
-    def __init__(self, train_paths: tuple[Path, ...], image_size: int, batch_size: int,
+    def __init__(self, train_paths: tuple[str, ...], image_size: int, batch_size: int,
                  num_workers: int, pin_memory: bool | None = None, channels: int = 3) -> None:
         super().__init__("", image_size, batch_size, num_workers, pin_memory, channels=channels)
         self.train_paths = list(train_paths)

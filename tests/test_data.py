@@ -37,7 +37,7 @@ def test_a_symlink_to_a_kernel_folder_is_refused_and_not_followed_inside_a_data_
     _photo(photos / "a.png")
     (photos / "sys").symlink_to("/sys")
     (photos / "kcore.png").symlink_to("/proc/self/environ")  # a "photo" inside /proc
-    assert find_images(str(photos)) == [photos / "a.png"]
+    assert find_images(str(photos)) == [str(photos / "a.png")]
 
 
 def test_symlink_loops_end_the_walk_and_each_folder_is_read_once(tmp_path):
@@ -56,7 +56,7 @@ def test_symlink_loops_end_the_walk_and_each_folder_is_read_once(tmp_path):
     (photos / "root").symlink_to("/")
     (photos / "deep" / "parent").symlink_to(tmp_path)
     found = find_images(str(photos))
-    real = sorted(p.resolve() for p in found)
+    real = sorted(Path(p).resolve() for p in found)
     assert real == sorted({photos / "a.png", photos / "deep" / "b.jpg", outside / "c.png"})
     assert check_data(str(photos)).files == 3
 
@@ -66,8 +66,40 @@ def test_a_folder_of_images_is_found_recursively_sorted_and_counted(tmp_path):
              enumerate(["b.png", "a.JPG", "sub/c.webp", "sub/deeper/d.bmp"])]
     (tmp_path / "notes.txt").write_text("not an image")
     found = find_images(str(tmp_path))
-    assert found == sorted(paths)
+    assert found == [str(p) for p in sorted(paths)]
     assert check_data(str(tmp_path)).files == 4
+
+
+def test_the_walk_lists_files_in_the_order_sorted_paths_have(tmp_path, monkeypatch):
+    # The order is the cache key's and the held-out split's: it must stay that of sorted Paths
+    # (by parts: "a/x" before "a-b", which sorted strings put first), now that paths are strings.
+    names = ["a/x.png", "a-b/y.png", "a.png", "a b/z.png", "A/w.png", "é.png", "b..jpg",
+             "x/y/z/deep.tif", "x/7.TIFF", ".hidden/h.png", "sub.dir/q.webp"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / ".png").write_bytes(b"")  # a hidden file with no suffix, as Path.suffix has it
+    (tmp_path / "c.").write_bytes(b"")
+    found = find_images(str(tmp_path))
+    assert found == [str(p) for p in sorted(tmp_path / name for name in names)]
+    assert sorted(found) != found  # (the case this test is for: string order differs)
+    monkeypatch.chdir(tmp_path)  # a relative folder: the paths Path would write, "a.png"
+    assert find_images(".") == [str(p) for p in sorted(Path(name) for name in names)]
+
+
+def test_a_folder_nested_deeper_than_the_recursion_limit_is_walked(tmp_path):
+    deep = tmp_path
+    for _ in range(1200):  # os.walk recursed: a RecursionError, not a refusal or a data set
+        deep = deep / "d"
+    deep.mkdir(parents=True)
+    _photo(deep / "a.png")
+    try:
+        assert find_images(str(tmp_path)) == [str(deep / "a.png")]
+    finally:  # pytest's own clean-up recurses too
+        (deep / "a.png").unlink()
+        while deep != tmp_path:
+            deep.rmdir()
+            deep = deep.parent
 
 
 @pytest.mark.parametrize("folder, message", [

@@ -3,6 +3,8 @@ split, unmasked embeddings, lightly's kNN and the linear probe on features with 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -146,7 +148,7 @@ def test_a_large_folder_is_read_up_to_a_bounded_sorted_subset(tmp_path, monkeypa
     root = _folder(tmp_path / "set", {"a": 5, "b": 3, "c": 4})
     monkeypatch.setattr(features, "MAX_IMAGES", 6)  # 2 per class at most
     classes = features.class_folders(root)
-    assert {name: [p.name for p in paths] for name, paths in classes.items()} == {
+    assert {name: [Path(p).name for p in paths] for name, paths in classes.items()} == {
         "a": ["0.png", "1.png"], "b": ["0.png", "1.png"], "c": ["0.png", "1.png"]}
 
 

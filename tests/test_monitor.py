@@ -62,7 +62,7 @@ def test_split_is_deterministic_disjoint_and_complete(labelled):
     assert sorted(first.train + first.held_out) == find_images(str(labelled))
     assert first.classes == ("blues", "reds")
     for paths, labels in ((first.train, first.train_labels), (first.held_out, first.held_out_labels)):
-        assert [first.classes[label] for label in labels] == [p.parent.name for p in paths]
+        assert [first.classes[label] for label in labels] == [Path(p).parent.name for p in paths]
     other = split_folder(str(labelled), seed=4, count=VAL_COUNT)
     assert set(other.held_out) != set(first.held_out)  # the seed chooses the held-out images
 

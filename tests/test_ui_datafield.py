@@ -72,7 +72,7 @@ def test_the_data_field_walks_the_folder_and_reads_each_header_once(tmp_path, mo
     info = datafield.data_info(str(folder))
     assert "6 image file(s) found" in info and "1 of them not images (skipped)" in info
     assert len(walks) == 1
-    assert sorted(probes) == sorted(folder.iterdir())
+    assert sorted(probes) == sorted(str(p) for p in folder.iterdir())
 
 
 def test_page_loads_reuse_a_recent_note_but_never_a_refusal(tmp_path, monkeypatch):
