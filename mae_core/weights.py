@@ -8,6 +8,7 @@ just the encoder with timm's key names, ready for ``timm.create_model(...).load_
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import asdict
 from pathlib import Path
 
@@ -180,9 +181,22 @@ def timm_snippet(cfg: ModelConfig, path: str | Path) -> str:
     pretraining never saw. ``crop_pct=1.0``: evaluation takes the whole centre square, as this
     project's own evaluation does (timm's default 0.9 would resize and cut a margin off).
     ``pretrained=False``: the overlay changes the config, nothing downloads.
+
+    It ends with the same load through timm's own ``train.py``: ``--pretrained --pretrained-path``
+    (timm adapts the head: this file has none) with the sizes and normalisation as flags. timm's
+    ``--initial-checkpoint`` and ``timm.models.load_checkpoint`` load strictly by default, so the
+    missing head fails them: the comment says so (``strict=False`` loads it too).
     """
     mean, std = (tuple(float(v) for v in values) for values in pixel_stats(cfg))
     size = (cfg.channels, cfg.image_size, cfg.image_size)
+    numbers = " ".join  # train.py takes lists as separate words
+    train_py = (
+        f"#   python train.py --model {cfg.encoder_name} --num-classes 10 --pretrained "
+        f"--pretrained-path {shlex.quote(str(path))} \\\n"
+        f"#     --in-chans {cfg.channels} --model-kwargs img_size={cfg.image_size} "
+        f"patch_size={cfg.patch_size} --input-size {numbers(map(str, size))} "
+        f"--crop-pct 1.0 \\\n"
+        f"#     --mean {numbers(map(repr, mean))} --std {numbers(map(repr, std))}\n")
     return (
         "import timm\n"
         "from safetensors.torch import load_file\n\n"
@@ -197,4 +211,7 @@ def timm_snippet(cfg: ModelConfig, path: str | Path) -> str:
         "assert set(missing) == {'head.weight', 'head.bias'} and not unexpected\n"
         "# fine-tuning's preprocessing, sized and normalised as pretraining was\n"
         "transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))\n"
+        "# The same with timm's train.py (--pretrained-path: the head is new; --initial-checkpoint\n"
+        "# and timm.models.load_checkpoint load strictly and fail on the missing head):\n"
+        + train_py
     )

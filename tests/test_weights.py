@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import shlex
 import signal
 import subprocess
 import sys
@@ -167,3 +169,66 @@ def test_the_export_snippet_preprocesses_as_pretraining_did(tmp_path, cfg):
     assert data["std"] == pytest.approx(json.loads(meta["pixel_std"]))
     image = Image.new("L" if cfg.channels == 1 else "RGB", (48, 40), 128)
     assert namespace["transform"](image).shape == (cfg.channels, 32, 32)
+
+
+def _timm_train_py_args(snippet: str) -> argparse.Namespace:
+    """The snippet's ``python train.py ...`` comment parsed with the flags of timm's own train.py
+    that it uses (huggingface/pytorch-image-models, train.py: the same names, types and nargs)."""
+    lines = [line.removeprefix("#").strip() for line in snippet.splitlines()
+             if line.startswith("#   ") or line.startswith("#     ")]
+    words = shlex.split(" ".join(line.removesuffix("\\") for line in lines))
+    assert words[:2] == ["python", "train.py"], words
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="resnet50", type=str)
+    parser.add_argument("--pretrained", action="store_true", default=False)
+    parser.add_argument("--pretrained-path", default=None, type=str)
+    parser.add_argument("--initial-checkpoint", default="", type=str)
+    parser.add_argument("--num-classes", type=int, default=None)
+    parser.add_argument("--in-chans", type=int, default=None)
+    parser.add_argument("--input-size", default=None, nargs=3, type=int)
+    parser.add_argument("--crop-pct", default=None, type=float)
+    parser.add_argument("--mean", type=float, nargs="+", default=None)
+    parser.add_argument("--std", type=float, nargs="+", default=None)
+    parser.add_argument("--model-kwargs", nargs="*", default={}, action=timm.utils.ParseKwargs)
+    return parser.parse_args(words[2:])
+
+
+@pytest.mark.parametrize("cfg", [
+    ModelConfig(preset="vit-tiny", image_size=32, patch_size=8),
+    ModelConfig(preset="vit-tiny", image_size=32, patch_size=8, in_chans=1, normalize="dataset",
+                pixel_mean="0.195415", pixel_std="0.28"),
+], ids=["rgb-imagenet", "gray-dataset"])
+def test_the_export_snippet_gives_timms_train_py_flags_that_load_the_same_encoder(tmp_path, cfg):
+    """timm's own fine-tuning script: ``--initial-checkpoint`` (``load_checkpoint``, strict) fails
+    on the head the export leaves out, so the snippet gives ``--pretrained --pretrained-path``
+    (timm adapts the head) with pretraining's sizes and normalisation as flags. Built the way
+    train.py builds its model and data config, it holds the app's encoder, exactly."""
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(cfg)
+    with torch.no_grad():  # not an init timm would make itself
+        for param in model.parameters():
+            param.add_(0.01 * torch.randn_like(param))
+    save_weights(model, tmp_path / "model.safetensors")
+    out = tmp_path / "export dir" / "encoder.safetensors"  # a path the shell must quote
+    export_encoder(tmp_path / "model.safetensors", out)
+    args = _timm_train_py_args(timm_snippet(cfg, out))
+    # train.py: create_model(..., pretrained=args.pretrained, in_chans=..., num_classes=...,
+    # checkpoint_path=args.initial_checkpoint, pretrained_cfg_overlay=dict(file=args.pretrained_path,
+    # num_classes=-1), **args.model_kwargs), then resolve_data_config(vars(args), model=model).
+    assert args.pretrained and Path(args.pretrained_path) == out and not args.initial_checkpoint
+    vit = timm.create_model(args.model, pretrained=args.pretrained, in_chans=args.in_chans,
+                            num_classes=args.num_classes, checkpoint_path=args.initial_checkpoint,
+                            pretrained_cfg_overlay=dict(file=args.pretrained_path, num_classes=-1),
+                            **args.model_kwargs).eval()
+    data = timm.data.resolve_data_config(vars(args), model=vit)
+    mean, std = pixel_stats(cfg)
+    assert data["input_size"] == (cfg.channels, 32, 32) and data["crop_pct"] == 1.0
+    assert data["mean"] == pytest.approx(mean) and data["std"] == pytest.approx(std)
+    images = torch.randint(0, 256, (2, cfg.channels, 32, 32), dtype=torch.uint8)
+    x = model.normalize(images)
+    with torch.no_grad():
+        assert torch.equal(vit.forward_features(x), model.backbone.encode(x))
+    # What the comment warns of: timm's strict loaders refuse the head-less file.
+    with pytest.raises(RuntimeError, match="head.weight"):
+        timm.create_model(args.model, in_chans=args.in_chans, num_classes=args.num_classes,
+                          checkpoint_path=str(out), **args.model_kwargs)
