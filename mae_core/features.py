@@ -7,8 +7,9 @@ class subfolders being the labels (torchvision's ``ImageFolder`` convention).
 Example:
     >>> data = load_labelled("checkpoints/.demo-labelled", image_size=64)
     >>> train, val = split(data, val_fraction=0.2, seed=0)
-    >>> cls, mean = embed(model, train.images)
-    >>> knn_accuracy(mean[val], mean[train], train.labels, data.num_classes, k=20)
+    >>> bank_cls, bank_mean = embed(model, train.images)
+    >>> query_cls, query_mean = embed(model, val.images)
+    >>> knn_accuracy(query_mean, bank_mean, train.labels, val.labels, data.num_classes, k=20)
 """
 
 from __future__ import annotations

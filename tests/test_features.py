@@ -163,3 +163,21 @@ def test_more_classes_than_the_read_can_give_2_images_each_are_refused_in_words(
         features.class_folders(root)
     monkeypatch.setattr(features, "MAX_IMAGES", 6)
     assert len(features.class_folders(root)) == 3
+
+
+def test_the_module_example_runs_as_written(tmp_path):
+    """The module docstring's example, run line by line on a small labelled folder: it indexed
+    features with the split's ``Labelled`` objects and gave ``knn_accuracy`` no query labels."""
+    lines = [line.strip()[4:] for line in features.__doc__.splitlines()
+             if line.strip().startswith(">>> ")]
+    assert lines and "knn_accuracy(" in lines[-1]
+    root = _folder(tmp_path / "set", {"a": 5, "b": 5})
+    code = "\n".join(lines[:-1] + [f"result = {lines[-1]}"])
+    code = code.replace('"checkpoints/.demo-labelled"', repr(str(root))).replace(
+        "image_size=64", "image_size=32")
+    torch.manual_seed(0)
+    namespace = vars(features) | {"model": MaskedAutoencoder(
+        ModelConfig(preset="vit-tiny", image_size=32, patch_size=8))}
+    exec(compile(code, "features example", "exec"), namespace)
+    result = namespace["result"]
+    assert result["k"] == 8 and 0 <= result["top1"] <= 100  # k capped by the bank of 8
