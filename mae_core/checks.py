@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import reprlib
 from typing import Any
 
@@ -62,6 +63,25 @@ REMOTE_SCHEMES = ("s3://", "gs://", "azure://", "hf://")
 
 def is_remote(data: str) -> bool:
     return data.startswith(REMOTE_SCHEMES)
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(data: Any) -> bool:
+    """Whether ``data`` is written as a URL (``scheme://...``), readable or not."""
+    return isinstance(data, str) and _URL.match(data) is not None
+
+
+def unreadable_url(data: Any) -> str | None:
+    """Why ``data``, a URL, cannot be read (``http://``, ``file://``, an upper-case ``S3://``);
+    None for anything else. Taken as a folder, ``http://host/x`` read "data folder
+    /app/dir/http:/host/x does not exist", a folder the person never named."""
+    if not is_url(data) or is_remote(data):
+        return None
+    schemes = ", ".join(REMOTE_SCHEMES)
+    return (f"{shown(data)} is a URL this app cannot read: a remote data set is a prepared set "
+            f"at {schemes} (lower case); anything else, download it and give its folder")
 
 
 def parse_bool(text: str) -> bool:

@@ -26,7 +26,7 @@ import yaml
 from mae_core.checks import (NORMALIZATIONS, ConfigError, _check_bool,  # noqa: F401
                              _check_choice, _check_int, _check_number, _is_int, _is_number,
                              _require, check_channels, format_stats, is_remote, parse_bool,
-                             parse_stats, shown)
+                             is_url, parse_stats, shown, unreadable_url)
 from mae_core.devices import (default_cpu_processes, default_workers,  # noqa: F401
                               share_devices, usable_cores, visible_gpus)
 from mae_core.presets import PRESETS, DecoderSpec, Preset  # noqa: F401
@@ -203,6 +203,7 @@ class TrainConfig:
         _require(isinstance(self.data, str) and "\0" not in self.data and len(self.data) <= 4096,
                  "data", f"must be a folder path (or empty for the sample photos), got "
                  f"{shown(self.data)}")
+        _require(unreadable_url(self.data) is None, "data", unreadable_url(self.data) or "")
         _check_int(self, "batch_size", 1, 4096)
         _check_int(self, "accumulate_grad_batches", 1, MAX_ACCUMULATE)
         if self.base_lr is not None:  # None: "auto", see learning_rate()
@@ -244,6 +245,9 @@ class TrainConfig:
         _require(isinstance(self.eval_data, str) and "\0" not in self.eval_data
                  and len(self.eval_data) <= 4096, "eval_data",
                  f"must be a folder path (or empty), got {shown(self.eval_data)}")
+        _require(not is_url(self.eval_data), "eval_data",
+                 f"must be a labelled folder on this machine (folder/<class>/*.jpg), not a URL: "
+                 f"got {shown(self.eval_data)}")
         _check_int(self, "eval_max_images", 1, MAX_IMAGES_HELD_OUT)
         _check_int(self, "weight_snapshots", 0, 1000)
 

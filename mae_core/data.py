@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from mae_core.checks import DataError  # noqa: F401 - its home is light: the CLIs refuse early
+from mae_core.checks import unreadable_url
 from mae_core.crops import ResizedCrop
 from mae_core.images import (
     ImageError,
@@ -179,6 +180,8 @@ def expanded(folder: str, what: str = "data folder") -> Path:
 
 def _checked_root(folder: str) -> Path:
     """``folder`` as a path, refused with a :class:`DataError` if it cannot be a data folder."""
+    if why := unreadable_url(folder):  # a folder "http:/host/x" under the working folder, else
+        raise DataError(f"data folder {why}")
     root = expanded(folder)
     try:
         exists, is_dir = root.exists(), root.is_dir()

@@ -287,3 +287,18 @@ def test_a_data_folder_of_an_unknown_users_home_is_said_as_such():
     with pytest.raises(DataError, match="~nosuchuser names no home folder on this machine"):
         check_data(cfg.train.data)
     assert RunConfig().with_overrides(data="~/x").resolved().train.data.startswith("/")
+
+
+@pytest.mark.parametrize("url", ["http://example.com/images", "https://host/x", "file:///tmp/x",
+                                 "S3://bucket/set", "ftp://host/x"])
+def test_a_url_that_cannot_be_read_is_refused_as_a_url_not_a_folder(url):
+    """``http://host/x`` was made absolute against the working folder and refused as "data folder
+    /app/dir/http:/host/x does not exist", a folder the person never named."""
+    with pytest.raises(ConfigError) as err:
+        TrainConfig(data=url)
+    assert err.value.field == "data" and "is a URL this app cannot read" in str(err.value)
+    assert "s3://, gs://, azure://, hf://" in str(err.value) and os.getcwd() not in str(err.value)
+    with pytest.raises(ConfigError, match="eval_data: must be a labelled folder on this machine"):
+        TrainConfig(eval_data=url)
+    assert TrainConfig(data="s3://bucket/set").data == "s3://bucket/set"  # a prepared set: read
+    assert TrainConfig(data="photos/2024:x").data == "photos/2024:x"  # a colon alone: a folder

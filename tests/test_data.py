@@ -112,6 +112,15 @@ def test_impossible_paths_are_refused_with_a_short_message(folder, message):
     assert len(str(err.value)) < 600
 
 
+@pytest.mark.parametrize("url", ["http://example.com/images", "file:///tmp", "S3://bucket/set"])
+def test_a_url_that_cannot_be_read_is_said_to_be_one(url):
+    """The data field, Evaluate and ``python -m mae_core.evaluate --data`` read ``http://host/x``
+    as a folder: "data folder http:/host/x does not exist" (``//`` made one)."""
+    with pytest.raises(DataError, match="is a URL this app cannot read") as err:
+        check_data(url)
+    assert url in str(err.value) and "does not exist" not in str(err.value)
+
+
 def _unknown_user() -> str:
     import pwd
 

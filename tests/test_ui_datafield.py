@@ -207,8 +207,12 @@ def test_a_relative_path_says_the_folder_it_is_read_from(tmp_path, monkeypatch):
     missing = datafield.data_info("./nope")
     assert 'data-kind="error"' in missing and f"<code>{tmp_path / 'nope'}</code>" in missing
     # Not read from here: kept as typed (an unknown user's home), or not a folder of this machine
-    for elsewhere in ("~no-such-user-here/photos", "s3://bucket/photos", str(tmp_path)):
+    for elsewhere in ("~no-such-user-here/photos", "s3://bucket/photos", str(tmp_path),
+                      "http://host/photos"):
         assert datafield.read_from(elsewhere) == "", elsewhere
+    url = datafield.data_info("http://host/photos")  # read "that is <cwd>/http:/host/photos"
+    assert 'data-kind="error"' in url and "is a URL this app cannot read" in url
+    assert "where the app was started" not in url
 
 
 def test_the_field_warns_of_a_tiff_band_tagged_as_alpha(tmp_path):

@@ -92,11 +92,11 @@ class RecentNotes:
 def read_from(data: str) -> str:
     """Where a relative path is read from, said; "" for any other path. A run keeps the absolute
     path, made from the folder the app was started in, which the page never showed."""
-    from mae_core.prepared import is_remote
+    from mae_core.checks import is_url
 
     expanded = os.path.expanduser(data)
     # "~nouser/x" stays as typed (mae_core.config keeps it so, and the data check says why)
-    if not data or is_remote(data) or os.path.isabs(expanded) or expanded.startswith("~"):
+    if not data or is_url(data) or os.path.isabs(expanded) or expanded.startswith("~"):
         return ""
     return (f" (that is `{os.path.abspath(data)}`: a relative path is read from `{os.getcwd()}`, "
             "where the app was started)")
