@@ -470,6 +470,8 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[str] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base": the base's keys, which
+                continue  # this mapping's own replace (SafeLoader's flatten_mapping merges them)
             key = self.construct_object(key_node, deep=deep)
             if not isinstance(key, str):
                 continue

@@ -278,6 +278,21 @@ def test_a_section_or_field_written_twice_is_refused(tmp_path):
     assert RunConfig.load(once).train.max_steps == 5
 
 
+def test_a_yaml_merge_key_is_read_as_yaml_reads_it(tmp_path):
+    """``<<:`` merges a mapping's keys, the mapping's own replacing them: the duplicate-key check
+    built the merge key itself and refused the file as "not valid YAML ... could not determine a
+    constructor for the tag 'tag:yaml.org,2002:merge'"."""
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("model:\n  <<: {preset: vit-small, image_size: 32}\n  image_size: 48\n"
+                      "train:\n  <<: [{max_steps: 5}, {batch_size: 4}]\n")
+    cfg = RunConfig.load(merged)
+    assert (cfg.model.preset, cfg.model.image_size) == ("vit-small", 48)
+    assert (cfg.train.max_steps, cfg.train.batch_size) == (5, 4)
+    merged.write_text("train:\n  <<: {max_steps: 5}\n  max_steps: 6\n  max_steps: 7\n")
+    with pytest.raises(ConfigError, match="'max_steps' appears twice"):  # its own keys: once each
+        RunConfig.load(merged)
+
+
 def test_a_data_folder_of_an_unknown_users_home_is_said_as_such():
     """``~nosuchuser/x`` was made absolute against the working folder first, and then read
     "data folder /current/dir/~nosuchuser/x does not exist"."""
