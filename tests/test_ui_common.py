@@ -162,6 +162,27 @@ def test_unknown_form_field_is_refused():
     assert caught.value.field == "batch_sise"
 
 
+@pytest.mark.parametrize("name,value", [("data", ["a", "b"]), ("data", {"path": "/x"}),
+                                        ("timm_model", ["vit_small_patch16_224"]),
+                                        ("gpus", [0, 1]), ("pixel_mean", [0.4]), ("eval_data", True)])
+def test_a_text_field_refuses_a_list_or_a_mapping_naming_itself(name, value):
+    """/start_run wrote ``{"data": ["a", "b"]}`` out and refused "data folder /app/dir/['a', 'b']
+    does not exist", naming the app's own folder."""
+    with pytest.raises(ConfigError, match=f"^{name}: must be text, got ") as caught:
+        config_from_form({name: value})
+    assert caught.value.field == name
+    assert config_from_form({"gpus": 0, "accelerator": "gpu"}).train.gpus == "0"  # a number: text
+    assert config_from_form({"data": None}).train.data == ""
+
+
+def test_a_name_that_is_not_text_is_refused_as_unknown():
+    """A Python caller's ``{1: 2}`` or ``{None: 2}``: "Internal error: TypeError: 'int' object is
+    not subscriptable"."""
+    for settings in ({1: 2}, {None: 2}, {1: 2, "zzz": 3}):
+        with pytest.raises(ConfigError, match="unknown config field"):
+            config_from_form(settings)
+
+
 def test_cross_field_checks_still_name_a_field():
     with pytest.raises(ConfigError) as caught:
         config_from_form({"image_size": 36, "patch_size": 8})

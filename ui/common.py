@@ -386,7 +386,20 @@ def parse_value(field: FormField, value: Any) -> Any:
         return as_float(value, field.name, field.optional)
     if field.kind == "bool":
         return as_bool(value, field.name)
-    return "" if value is None else str(value).strip()
+    return as_text(value, field.name)
+
+
+def as_text(value: Any, name: str) -> str:
+    """A text field's value from a form or API value: a number is its digits (``"gpus": 0``, a
+    folder named 2024), None is blank; a list or a mapping is refused by name (``["a", "b"]``
+    was written out and read as the folder ``/app/dir/['a', 'b']``)."""
+    if value is None:
+        return ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise ConfigError(name, f"must be text, got {shown(value)}")
+    return value.strip()
 
 
 def config_from_form(values: dict[str, Any]) -> RunConfig:
@@ -394,8 +407,8 @@ def config_from_form(values: dict[str, Any]) -> RunConfig:
     their defaults."""
     by_name = {f.name: f for f in FORM_FIELDS}
     unknown = set(values) - set(by_name)
-    if unknown:
-        name = sorted(unknown)[0]
+    if unknown:  # a name of another type too (a Python caller's 1 or None: no slicing, no order)
+        name = sorted(map(str, unknown))[0]
         raise ConfigError(name[:60], unknown_name("config field", name, by_name))
     overrides = {name: parse_value(by_name[name], value) for name, value in values.items()}
     if overrides.get("seed") is not None:
