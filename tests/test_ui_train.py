@@ -445,17 +445,29 @@ def test_a_script_starts_or_queues_a_run_from_config_fields_by_name(ctx, stand_i
     again = act("queue", train.queue_run, ctx.manager, yaml.safe_load(cfg.to_yaml()))
     assert again["kind"] == "ok", again
     assert ctx.manager.config(again["run_id"]) == cfg
+    # A section beside flat fields: both read (it was "model: unknown config field (did you mean
+    # timm_model?)").
+    mixed = act("queue", train.queue_run, ctx.manager, {"model": {"preset": "vit-small"},
+                                                        **{k: v for k, v in flat.items()
+                                                           if k != "model"}})
+    assert mixed["kind"] == "ok", mixed
+    assert ctx.manager.config(mixed["run_id"]) == cfg
     for settings, words, field in (
             ([1, 2], "the settings are config fields by name", None),
             ({"max_step": 3}, "max_step: unknown config field (did you mean max_steps", None),
             ({"batch_size": 2.5}, "whole number", "batch_size"),
             ({"num_nodes": 2}, "starts from torchrun or SLURM", "num_nodes"),
-            ({"model": {"preset": "vit-tiny"}, "train": 5}, "unknown config field", None),
+            ({"model": {"preset": "vit-tiny"}, "train": 5},
+             "train: is a section of train fields by name", None),
+            ({"model": {"image_size": 32}, "image_size": 64}, "image_size: is given twice", None),
+            ({"model": "vit-small", "preset": "vit-tiny"}, "and preset both name the preset",
+             None),
+            ({"model": 5}, "model preset (preset): choose one of", "preset"),
             ({}, "still live", None)):  # about no field: a record all the same
         refused = act("start", train.start_run, ctx.manager, settings)
         assert refused["kind"] == "error" and words in refused["text"], (settings, refused)
         assert refused.get("field") == field, refused
-    assert len(ctx.manager.list()) == 3  # the live run and the two queued
+    assert len(ctx.manager.list()) == 4  # the live run and the three queued
 
 
 @pytest.mark.parametrize("change, field, reason", [

@@ -110,7 +110,10 @@ def settings_action(action: str, act: Any, manager: Any, settings: Any) -> dict[
     if not isinstance(settings, dict):
         return failed_action(action, f"{action}: the settings are config fields by name, e.g. "
                                      f'{{"max_steps": 200}}, not {shown(settings)}')
-    settings = _fields_by_name(settings)
+    try:
+        settings = _fields_by_name(settings)
+    except ConfigError as err:
+        return failed_action(action, f"{action}: {err}")
     if settings.get("num_nodes", 1) in (1, None):
         settings.pop("num_nodes", None)
     else:
@@ -125,15 +128,28 @@ def settings_action(action: str, act: Any, manager: Any, settings: Any) -> dict[
 
 def _fields_by_name(settings: dict[str, Any]) -> dict[str, Any]:
     """``settings`` as the form's fields by name: a config.yaml's ``model:`` and ``train:``
-    sections flattened, the trainer's ``--model`` read as the preset."""
-    sections = settings.values()
-    if settings and set(settings) <= {"model", "train"} and all(isinstance(part, dict)
-                                                               for part in sections):
-        settings = {name: value for part in sections for name, value in part.items()}
-    settings = dict(settings)
-    if isinstance(settings.get("model"), str) and "preset" not in settings:
-        settings["preset"] = settings.pop("model")
-    return settings
+    sections flattened (beside flat fields too), the trainer's ``--model`` (a name, not a
+    section) read as the preset. A ConfigError names the section or field given wrong: a
+    ``"train": 5`` and a ``{"model": {...}, "max_steps": 3}`` were both "model: unknown config
+    field (did you mean timm_model?)"."""
+    flat: dict[str, Any] = {}
+    for name, value in settings.items():
+        if name in ("model", "train") and isinstance(value, dict):
+            fields = value
+        elif name == "train":
+            raise ConfigError("train", f"is a section of train fields by name, e.g. "
+                                       f'{{"max_steps": 200}}, not {shown(value)}')
+        elif name == "model":  # the trainer's --model: the preset's name, refused there if wrong
+            fields = {"preset": value}
+        else:
+            fields = {name: value}
+        for field, given in fields.items():
+            if field in flat:
+                raise ConfigError(str(field)[:60], "model (the trainer's --model) and preset both "
+                                  "name the preset: give one" if field == "preset" else
+                                  "is given twice (by name and in its section): give it once")
+            flat[field] = given
+    return flat
 
 
 def action_message(action: dict[str, Any] | None, status: dict[str, Any] | None,
