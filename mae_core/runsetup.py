@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from collections.abc import Callable
@@ -92,6 +93,11 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
     resolved = base.with_overrides(**overrides).resolved()
     _require_launcher_world(resolved)
     runs_dir = Path(run_dir).parent if run_dir else Path(args.runs_dir)
+    # before the machine's list of runs folders notes it
+    if run_dir:
+        _require_runs_folder(Path(run_dir), "run_dir")
+    else:
+        _require_runs_folder(runs_dir, "runs_dir")
     _require_devices_free(resolved, runs_dir)  # before the seconds the data takes
     cfg, summary = _resolve_data(resolved)
     if note := summary.alpha_note():
@@ -109,6 +115,24 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, RunPaths, bool]:
                            process=_own_record(overrides), data_files=summary.files)
     _clear_stale_stop(paths)
     return cfg, paths, False
+
+
+def _require_runs_folder(target: Path, flag: str) -> None:
+    """``target`` (``--runs-dir``, or a new ``--run-dir``: ``flag``) a folder a run can be made
+    in (made later where missing, in the nearest folder that exists): a file there, or a folder
+    nothing can be written in (``/proc``), ended the trainer in a traceback after the data check,
+    and the runs folder was noted in the machine's list of runs folders first."""
+    folder = Path(os.path.abspath(target))
+    other = f"pass another --{flag.replace('_', '-')}"
+    try:
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        if not existing.is_dir():
+            raise ConfigError(flag, f"{existing} is a file, not a folder: {other}")
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ConfigError(flag, f"{folder} cannot be written ({err.strerror or err}): "
+                                f"{other}") from None
 
 
 def _continue_run(cfg: RunConfig, paths: RunPaths, resume: bool, overrides: dict[str, Any],

@@ -389,3 +389,28 @@ def test_a_runs_config_linked_elsewhere_is_refused_your_own_linked_config_file_i
         with pytest.raises(ConfigError, match=r"is not a regular file \(a link,") as err:
             load()
         assert "hunter2" not in str(err.value)
+
+
+def test_a_runs_folder_that_cannot_hold_a_run_is_refused_before_it_is_noted(tmp_path,
+                                                                             monkeypatch):
+    """``--runs-dir /etc/passwd`` ended in "FileExistsError" and ``--runs-dir /proc`` in
+    "FileNotFoundError: '/proc/.runs.lock'", tracebacks after the data check, each folder noted
+    first in the machine's list of runs folders (which every Start then walked)."""
+    registry = tmp_path / "runs-dirs.json"
+    monkeypatch.setenv("MAE_STUDIO_RUNS_DIRS", str(registry))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cpu = ("--accelerator", "cpu", "--devices", "1", "--image-size", "32")
+    for flag, folder, words in (
+            ("--runs-dir", afile, f"runs_dir: {afile} is a file, not a folder: pass another "
+                                  "--runs-dir"),
+            ("--runs-dir", afile / "sub", f"runs_dir: {afile} is a file"),
+            ("--runs-dir", "/proc", "runs_dir: /proc cannot be written"),
+            ("--run-dir", "/proc/new-run", "run_dir: /proc/new-run cannot be written .*: pass "
+                                           "another --run-dir"),
+            ("--run-dir", afile / "new-run", f"run_dir: {afile} is a file")):
+        with pytest.raises(ConfigError, match=words):
+            _prepare(flag, str(folder), *cpu)
+    assert not registry.exists() or "/proc" not in registry.read_text()
+    cfg, paths, _ = _prepare("--runs-dir", str(tmp_path / "new" / "runs"), *cpu)
+    assert paths.root.parent == tmp_path / "new" / "runs"
