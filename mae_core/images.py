@@ -30,6 +30,12 @@ MAX_PIXELS = 64_000_000
 # a 100-byte 1×400,000 strip no longer grows to gigabytes when its short side is scaled up.
 MAX_ASPECT = 8
 
+# Formats Pillow decodes by running an external program on the file's bytes (EPS: Ghostscript, a
+# PostScript interpreter): refused before their pixels load, whatever the file's name. It said
+# "the image is corrupt or truncated (Unable to locate Ghostscript on paths)" where Ghostscript is
+# missing, and ran it on any upload named .jpg where it is installed.
+EXTERNAL_DECODERS = {"EPS": "EPS (PostScript)"}
+
 
 ImageOrTensor = TypeVar("ImageOrTensor", Image.Image, Tensor)
 
@@ -67,6 +73,8 @@ def refuse_special_file(source: object, label: str) -> None:
         return
     if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode):
         raise ImageError(f"{label}: not an image file but a FIFO, a device or a socket")
+    if stat.S_ISDIR(mode):  # was "the image is corrupt or truncated ([Errno 21] Is a directory:
+        raise ImageError(f"{label}: a folder, not an image file")  # '/server/path')"
 
 
 def open_checked(source: str | Path | bytes | BinaryIO, max_pixels: int, label: str) -> Image.Image:
@@ -78,6 +86,10 @@ def open_checked(source: str | Path | bytes | BinaryIO, max_pixels: int, label: 
     with blamed_on(label), warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         image = Image.open(source)
+        if image.format in EXTERNAL_DECODERS:
+            raise ImageError(f"{label}: {EXTERNAL_DECODERS[image.format]} files are not read: "
+                             "Pillow decodes them by running another program on the file; save "
+                             "it as PNG or JPEG")
         width, height = image.size
         if width * height > max_pixels:
             raise ImageError(f"{label}: {width}×{height} pixels is too large "

@@ -118,3 +118,31 @@ def test_an_image_over_the_pixel_limit_is_refused_saying_the_limit(tmp_path, wid
     path.write_bytes(bytes(data))
     with pytest.raises(ImageError, match=f"^huge.png: .*limit.*{MAX_PIXELS:,}"):
         open_rgb(path)
+
+
+def test_an_eps_file_is_refused_before_ghostscript_could_run_on_it(tmp_path, monkeypatch):
+    """Pillow decodes EPS by running Ghostscript on the file: any upload named .jpg ran it where
+    it is installed, and where it is not, the file was "corrupt or truncated (Unable to locate
+    Ghostscript on paths)"."""
+    from PIL import EpsImagePlugin
+
+    def ghostscript(*args, **kwargs):
+        raise AssertionError("Ghostscript was run on an upload")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    eps = tmp_path / "holiday.jpg"  # named as a photo
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(eps, format="EPS")
+    for read in (open_rgb, lambda path: read_for(path, 3)):
+        with pytest.raises(ImageError, match="holiday.jpg: EPS \\(PostScript\\) files are not "
+                                             "read: .* save it as PNG or JPEG"):
+            read(eps)
+
+
+def test_a_folder_given_as_an_image_is_said_to_be_one(tmp_path):
+    """It was "the image is corrupt or truncated ([Errno 21] Is a directory: '<the server's
+    path>')"."""
+    folder = tmp_path / "photos.jpg"
+    folder.mkdir()
+    for read in (open_rgb, lambda path: read_for(path, 3)):
+        with pytest.raises(ImageError, match="^photos.jpg: a folder, not an image file$"):
+            read(folder)
