@@ -215,6 +215,17 @@ def test_a_relative_path_says_the_folder_it_is_read_from(tmp_path, monkeypatch):
     assert "where the app was started" not in url
 
 
+def test_a_hostile_relative_path_is_said_short(tmp_path, monkeypatch):
+    """The check named the folder cut short, then "(that is <the whole path>: ...)" added all of
+    it: 5,000 characters typed came back as 5,500, and a NUL byte as it is."""
+    monkeypatch.chdir(tmp_path)
+    long = datafield.data_info("x" * 5000)
+    assert 'data-kind="error"' in long and len(long) < 1200
+    assert "where the app was started" in long
+    nul = datafield.data_info("a\0b")
+    assert "\0" not in nul and f"<code>{tmp_path}/a\\0b</code>" in nul
+
+
 def test_the_field_warns_of_a_tiff_band_tagged_as_alpha(tmp_path):
     """tifffile.imwrite tags the fourth sample of an H×W×4 8-bit array as alpha by default: an
     RGB + NIR set written so trained as RGB, the NIR band composited away, with nothing said."""
