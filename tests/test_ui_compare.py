@@ -52,6 +52,11 @@ def test_compare_needs_two_runs_and_refuses_unknown_ones(ctx):
         compare.compare_html(ctx, [a.run_id])
     with pytest.raises(Exception, match="no run named"):
         compare.compare_html(ctx, [a.run_id, "../etc"])
+    # Alone, an unknown id was "Only `<it, whole>` is chosen: pick two or more".
+    for unknown in ("../etc", "x" * 5000):
+        with pytest.raises(Exception, match="no run named") as err:
+            compare.compare_html(ctx, [unknown])
+        assert len(str(err.value)) < 300
 
 
 def test_metrics_download_as_csv_reads_back(ctx):

@@ -58,7 +58,8 @@ def compare_html(ctx: AppContext, run_ids: list[str] | None) -> str:
     if not run_ids:
         raise UserError("No runs chosen: pick two or more in “runs to compare”, then press "
                         "Compare.")
-    if len(run_ids) < 2:
+    if len(run_ids) < 2:  # an unknown one says so first, named short (a 5,000-character id)
+        ctx.manager.paths(run_ids[0])
         raise UserError(f"Only `{run_ids[0]}` is chosen: pick two or more in “runs to compare”.")
     if len(run_ids) > MAX_RUNS:
         raise UserError(f"Compare at most {MAX_RUNS} runs at a time.")
