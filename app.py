@@ -17,7 +17,7 @@ from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no phoning home
 
-from ui.launch import (launch_options, parse_args,  # noqa: E402
+from ui.launch import (launch_options, parse_args, require_runs_dir,  # noqa: E402
                        quit_now, require_free_port)
 
 
@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         print(f"error: the runs directory {runs_dir} cannot be created ({err.strerror}): "
               "pass another --runs-dir", file=sys.stderr)
+        return 2
+    try:
+        require_runs_dir(runs_dir)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     from ui import parameters
     from ui.blocks import build_app

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from ui import launch
 from ui.launch import AUTH_ENV, launch_options, parse_args
 from ui.render import page_style
 
@@ -126,3 +129,25 @@ def test_ctrl_c_stops_the_server_whole_with_a_client_still_connected(tmp_path):
     thread = demo.server.thread
     quit_now(demo)
     assert not thread.is_alive()
+
+
+@pytest.mark.parametrize("folder", ["/", "/proc", "/sys/kernel", "/dev"])
+def test_a_runs_directory_the_page_must_not_serve_or_cannot_write_is_refused(folder):
+    """The page serves the runs directory's files: ``--runs-dir /`` served every file of the
+    machine; ``/proc`` was taken, and every Start then failed."""
+    with pytest.raises(ValueError, match=f"the runs directory {folder} is the root or a system "
+                                         "folder .*: pass another --runs-dir"):
+        launch.require_runs_dir(Path(folder))
+
+
+def test_a_runs_directory_that_cannot_be_written_is_refused_and_a_plain_one_taken(tmp_path,
+                                                                                  monkeypatch):
+    launch.require_runs_dir(tmp_path)  # taken: nothing raised
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr(launch.tempfile, "TemporaryFile", read_only)
+    with pytest.raises(ValueError, match=f"the runs directory {tmp_path} cannot be written "
+                                         r"\(Read-only file system\): pass another --runs-dir"):
+        launch.require_runs_dir(tmp_path)
