@@ -310,6 +310,14 @@ class StopOnRequest(pl.Callback):
         if _distributed(trainer) and dist.get_backend() != "gloo":
             self._group = dist.new_group(backend="gloo")
         self._take_signals(trainer)
+        # A stop asked while the run started (the other ranks' start-up, their rendezvous, the
+        # model's set-up) ends it before its first step, which it used to train first.
+        (asked,) = self._any_rank(trainer, self.paths.stop_requested())
+        if asked:
+            self.requested = True
+            trainer.should_stop = True
+            if trainer.is_global_zero:
+                self.recorder.write_progress(trainer, state=RunState.STOPPING)
 
     def _take_signals(self, trainer: pl.Trainer) -> None:
         import signal
@@ -450,8 +458,11 @@ class EveryNSteps(pl.Callback):
     def done_at(self, step: int) -> bool:
         raise NotImplementedError
 
+    _start_step: int | None = None
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.global_step == 0:
+        self._start_step = trainer.global_step
+        if trainer.global_step == 0 and not trainer.should_stop:  # a stop before the first step
             self.act(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
@@ -460,6 +471,8 @@ class EveryNSteps(pl.Callback):
             self.act(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.should_stop and trainer.global_step == self._start_step:
+            return  # stopped before its first step: nothing new to show, the stop is not delayed
         if not self.done_at(trainer.global_step):
             self.act(trainer, pl_module)
 

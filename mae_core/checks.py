@@ -30,6 +30,12 @@ class DataError(ValueError):
         self.field = field_name
 
 
+class StopRequested(Exception):
+    """A run's Stop (its ``STOP`` file) arrived before it trained a step: in its data check, its
+    data preparation, or its wait for another process preparing the same set. The trainer ends
+    stopped, with nothing half-written, instead of training a step (or being killed)."""
+
+
 def _is_int(value: Any) -> bool:
     # bool is an int subclass in Python; `batch_size: true` in a YAML file is a mistake, not 1.
     return isinstance(value, int) and not isinstance(value, bool)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from torch import Tensor
 
-from mae_core.checks import is_remote
+from mae_core.checks import StopRequested, is_remote
 from mae_core.data import DataError, MAEDataModule, find_images
 from mae_core.data import preview_images as folder_previews
 from mae_core.fileio import atomic_write_json, read_json
@@ -82,12 +82,14 @@ def resolve(data: str, workers: int | None = None,
             auto_prepare_above: int = AUTO_PREPARE_ABOVE, reader: Path | None = None
             ) -> DataSource:
     """:func:`describe`, preparing a large folder into the cache when it is not there yet
-    (``reader``: the run asking, see :func:`~mae_core.prepared.prepare_cached`)."""
+    (``reader``: the run asking, see :func:`~mae_core.prepared.prepare_cached`; its ``STOP``
+    file ends the preparation, or the wait for another one, with :class:`StopRequested`)."""
     paths = None if is_remote(data) or is_prepared(data) else find_images(data)
     found = describe(data, auto_prepare_above, paths)
     if found.kind != "folder":
         return found
-    prepared = prepare_cached(data, paths, workers=workers, reader=reader)
+    stop_file = RunPaths(reader).stop_request if reader is not None else None
+    prepared = prepare_cached(data, paths, workers=workers, reader=reader, stop_file=stop_file)
     return replace(describe(str(prepared)), source=data, files=len(paths or []))
 
 
@@ -150,8 +152,10 @@ def run_data(data: str, run_root: Path, timeout_s: float = 6 * 3600.0,
         updated = status.get("updated")
         # Failed in this session (a resumed run's status may still say a previous one failed); a
         # missing or damaged status.json is no news from the first process.
-        if (status["state"] == RunState.FAILED and not state_unknown(status)
+        if (status["state"] in (RunState.FAILED, RunState.STOPPED) and not state_unknown(status)
                 and updated is not None and updated >= started - 5):
+            if status["state"] == RunState.STOPPED:  # a Stop during its preparation
+                raise StopRequested("the first process stopped before it recorded the data set")
             raise DataError(f"the first process failed before it recorded the data set: "
                             f"{status.get('error')}")
         time.sleep(0.5)

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mae_core.checks import REMOTE_SCHEMES, is_remote, shown  # noqa: F401 - for callers
+from mae_core.checks import REMOTE_SCHEMES, StopRequested, is_remote, shown  # noqa: F401 - for callers
 from mae_core.crops import (
     JPEG_QUALITY,
     SMALL_SIDE,
@@ -177,11 +177,14 @@ def _damage(folder: Path) -> str | None:
 
 # --- preparation -----------------------------------------------------------------------------
 
-def _encode(item: tuple[int, str], short_side: int,
-            progress: str | None = None) -> dict[str, Any] | None:
+def _encode(item: tuple[int, str], short_side: int, progress: str | None = None,
+            stop_file: str | None = None) -> dict[str, Any] | None:
     """One image as ``{"id", "image", "mid", "small"}`` (:func:`mae_core.crops.encode_copies`);
-    None (skipped by ``optimize``) for a file that cannot be read."""
+    None (skipped by ``optimize``) for a file that cannot be read. Raises :class:`StopRequested`
+    once ``stop_file`` (a run's ``STOP``) exists: LitData then ends every encoding process."""
     index, path = item
+    if stop_file and os.path.isfile(stop_file):  # one stat per image
+        raise StopRequested(f"a stop was asked ({stop_file})")
     try:
         return {"id": index, **encode_copies(open_rgb(path), short_side)}
     except ImageError as err:
@@ -215,11 +218,13 @@ def _shard_count(folder: Path) -> tuple[int, int]:
 
 def prepare(source: str, out: str | Path, short_side: int = DEFAULT_SHORT_SIDE,
             workers: int | None = None, paths: list[str] | None = None,
-            verbose: bool = True, progress: str | Path | None = None) -> dict[str, Any]:
+            verbose: bool = True, progress: str | Path | None = None,
+            stop_file: str | Path | None = None) -> dict[str, Any]:
     """Prepare ``source`` (a folder, ``""`` for the sample photos) into ``out``; its manifest.
 
     ``progress``: a folder the encoding processes count their files into
-    (:func:`mae_core.preparing.progress_done`).
+    (:func:`mae_core.preparing.progress_done`). ``stop_file``: a run's ``STOP`` file; once it
+    exists the preparation ends, keeping nothing, with :class:`StopRequested`.
     Everything is written into ``.<out>.tmp-<pid>`` beside ``out`` and renamed at the end: a kill
     leaves no half-prepared set that looks whole.
     """
@@ -232,6 +237,7 @@ def prepare(source: str, out: str | Path, short_side: int = DEFAULT_SHORT_SIDE,
         raise DataError(f"output folder {out} already exists and is not empty: choose a new one")
     paths = paths if paths is not None else find_images(source)
     _refuse_non_rgb8(source, paths)
+    _stop_if_asked(stop_file)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -246,11 +252,17 @@ def prepare(source: str, out: str | Path, short_side: int = DEFAULT_SHORT_SIDE,
                     tempfile.TemporaryDirectory(prefix="mae-encode-"))
                 reporting.enter_context(reported_progress(progress, len(paths)))
             encode = functools.partial(_encode, short_side=short_side,
-                                       progress=str(progress) if progress else None)
-            litdata.optimize(fn=encode,
-                             inputs=[(i, str(p)) for i, p in enumerate(paths)],
-                             output_dir=str(tmp), chunk_bytes="64MB", num_workers=workers,
-                             verbose=False, start_method="fork")
+                                       progress=str(progress) if progress else None,
+                                       stop_file=str(stop_file) if stop_file else None)
+            try:
+                litdata.optimize(fn=encode,
+                                 inputs=[(i, str(p)) for i, p in enumerate(paths)],
+                                 output_dir=str(tmp), chunk_bytes="64MB", num_workers=workers,
+                                 verbose=False, start_method="fork")
+            except Exception:  # an encoder's StopRequested reaches here as LitData's RuntimeError
+                _stop_if_asked(stop_file)
+                raise
+            _stop_if_asked(stop_file)  # asked as the last images were encoded
         count, size = _shard_count(tmp)
         if count == 0:
             raise DataError(f"none of the {len(paths)} image files in {source or 'the sample photos'} "
@@ -315,10 +327,13 @@ def cache_dir(folder: str, paths: list[str], short_side: int) -> Path:
 
 def prepare_cached(folder: str, paths: list[str] | None = None,
                    short_side: int = DEFAULT_SHORT_SIDE, workers: int | None = None,
-                   progress: str | Path | None = None, reader: Path | None = None) -> Path:
+                   progress: str | Path | None = None, reader: Path | None = None,
+                   stop_file: str | Path | None = None) -> Path:
     """The prepared copy of ``folder`` in :func:`cache_root`, made once: the first process takes
     the lock and prepares, the others wait on the lock and find it done. ``reader``: the run
-    asking (a resumed run, live itself, may have its own damaged set made again)."""
+    asking (a resumed run, live itself, may have its own damaged set made again). ``stop_file``:
+    that run's ``STOP`` file, which ends the wait on the lock and the preparation
+    (:class:`StopRequested`)."""
     paths = paths if paths is not None else find_images(folder)
     target = cache_dir(folder, paths, short_side)
     if check_set(target)[0] is not None:
@@ -326,7 +341,7 @@ def prepare_cached(folder: str, paths: list[str] | None = None,
     require_cache_folder()
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f"{target.name}.lock", "w") as lock:
-        _take_lock(lock, progress)  # released when the file closes, or the process dies
+        _take_lock(lock, progress, stop_file)  # released when the file closes, or the process dies
         manifest, damage = check_set(target)
         if manifest is None and target.exists():
             # Damaged since it was made (a chunk lost, a copy cut short): the cache's own copy of
@@ -339,14 +354,21 @@ def prepare_cached(folder: str, paths: list[str] | None = None,
             shutil.rmtree(aside, ignore_errors=True)
         if manifest is None:
             _remove_abandoned_preparations(target)
-            prepare(folder, target, short_side, workers, paths=paths, progress=progress)
+            prepare(folder, target, short_side, workers, paths=paths, progress=progress,
+                    stop_file=stop_file)
     return target
 
 
-def _take_lock(lock: Any, progress: str | Path | None) -> None:
+LOCK_POLL_S = 0.25
+
+
+def _take_lock(lock: Any, progress: str | Path | None,
+               stop_file: str | Path | None = None) -> None:
     """Lock a set's lock file; held elsewhere (a run's start, another app preparing the same
     folder), the wait is said in ``progress`` (:func:`mae_core.preparing.waiting_said`), or in
-    this process's output (a run's log: its start otherwise sat silent for the whole wait)."""
+    this process's output (a run's log: its start otherwise sat silent for the whole wait).
+    The wait ends with :class:`StopRequested` once ``stop_file`` exists: a run stopped while
+    another process prepared its set waited for all of that preparation."""
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -354,7 +376,22 @@ def _take_lock(lock: Any, progress: str | Path | None) -> None:
             print(f"waiting for another process (the app's Prepare, or another run) that is "
                   f"preparing the same set ({Path(lock.name).with_suffix('')})", flush=True)
         with waiting_said(progress):
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            if stop_file is None:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                return
+            while True:
+                _stop_if_asked(stop_file)
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return
+                except BlockingIOError:
+                    time.sleep(LOCK_POLL_S)
+
+
+def _stop_if_asked(stop_file: str | Path | None) -> None:
+    if stop_file and os.path.isfile(stop_file):
+        raise StopRequested("the run was asked to stop while it prepared its data set (nothing of "
+                            "the preparation was kept)")
 
 
 def _remove_abandoned_preparations(target: Path) -> None:

@@ -47,6 +47,15 @@ def check_resumable(paths: RunPaths, cfg: RunConfig) -> int:
     return step
 
 
+def stopped_untrained(paths: RunPaths, status: dict) -> bool:
+    """Whether the run was stopped before it trained a step, with no checkpoint (a Stop while
+    its data was prepared): its Resume starts it from step 0. A run that trained steps and lost
+    its checkpoint is not: starting it over would overwrite its curve."""
+    return (status.get("state") == RunState.STOPPED and not status.get("step")
+            and not paths.last_ckpt.exists() and not paths.weights.exists()
+            and not paths.read_metrics())
+
+
 def ended_at_max_epochs(status: dict, cfg: RunConfig) -> bool:
     """Whether the run finished at its max epochs, short of its max steps: resumed under the same
     epoch limit, Lightning ends the fit at once and the run "finishes" again, untrained."""

@@ -39,7 +39,8 @@ from mae_core.fileio import (DiskFullError, NotRegularFileError, atomic_write_js
 from mae_core.process import PROJECT_ROOT  # noqa: F401 - re-exported for callers and tests
 from mae_core.resumecheck import (past_the_epoch_limit, require_devices, require_no_waiting_job,
                                   require_one_node, require_same_model, require_steps_left,
-                                  require_steps_past_the_end, require_weights_of)
+                                  require_steps_past_the_end, require_weights_of,
+                                  stopped_untrained)
 from mae_core.lastckpt import checkpoint_step, saved_step
 from mae_core.rundir import (_UNWRITABLE, DAMAGED, DAMAGED_RUN_ERROR,  # noqa: F401
                              DEFAULT_RUNS_DIR, LIVE_STATES, LOCK_NAME, RUN_ID_RULE, TRASH_PREFIX,
@@ -116,7 +117,8 @@ class RunManager(QueuedRuns, TrainerWatch):
         status["run_id"] = run_id
         status["stop_requested"] = paths.stop_requested()
         checkpoint = paths.last_ckpt.exists()
-        status["resumable"] = status.get("state") in (RunState.STOPPED, RunState.FAILED) and checkpoint
+        status["resumable"] = (status.get("state") in (RunState.STOPPED, RunState.FAILED)
+                               and checkpoint) or stopped_untrained(paths, status)
         # Finished, it trains further when resumed with a higher max steps.
         status["extendable"] = status.get("state") == RunState.FINISHED and checkpoint
         return status
@@ -303,7 +305,10 @@ class RunManager(QueuedRuns, TrainerWatch):
                 raise RunError(f"run {run_id} is {status['state']}: it can be resumed once it "
                                "has stopped")
             require_steps_past_the_end(status, max_steps, run_id)
-            step = checkpoint_step(paths.last_ckpt, verify=False)
+            # Stopped before its first step (while its data was prepared): no checkpoint, nothing
+            # trained, so it starts again from step 0 (it was refused "no checkpoint").
+            fresh = stopped_untrained(paths, status)
+            step = 0 if fresh else checkpoint_step(paths.last_ckpt, verify=False)
             require_steps_left(cfg, step, run_id)
             self._wait_for_exit(paths)
             cfg.save(paths.config)
@@ -313,7 +318,7 @@ class RunManager(QueuedRuns, TrainerWatch):
             paths.write_status(state=RunState.STARTING, error=None, log_tail=None, step=step,
                                requeued_job=None, resumed_from_step=step,
                                total_steps=cfg.train.max_steps, launcher=proc.process_record())
-            self._launch(paths, resume=True)
+            self._launch(paths, resume=not fresh)
         return self.status(run_id)
 
     def delete(self, run_id: str) -> Path | None:

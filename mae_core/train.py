@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 # Only light modules here: a refused flag or config answers at once, without the seconds torch,
 # Lightning, timm and lightly take to import; run_training imports them.
-from mae_core.checks import DataError
+from mae_core.checks import DataError, StopRequested
 from mae_core.config import ConfigError, RunConfig
 from mae_core.process import (TRAINER_ENV_PREFIX, GpuNotVisibleError, die_with_parent,
                               first_process, gpu_env, gpus_narrowed)
@@ -122,6 +122,7 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
     pl.seed_everything(t.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
     source = _open_data(t.data, paths)
+    _stop_if_asked(paths)  # the data may have taken hours: a Stop meanwhile trains no step
     # Held-out evaluation (issue 14); a caller's own data module has no split to evaluate, and a
     # streamed (prepared) set is trained whole: its kNN monitor needs a separate eval_data folder.
     plan = (plan_evaluation(t, split_data=source.kind == "memory") if datamodule is None
@@ -131,6 +132,7 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
     trainer = _trainer(cfg, paths, callbacks)
     model = MAELightning.from_config(cfg)
     data = datamodule if datamodule is not None else _datamodule(cfg, source, plan)
+    _stop_if_asked(paths)
     _say_joining(trainer)
     try:
         trainer.fit(model, datamodule=data, ckpt_path=str(paths.last_ckpt) if resume else None,
@@ -140,6 +142,29 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
             record_termination(paths)  # not written in on_exception (a full disk): again
         return 1
     return _ended(trainer, paths, recorder, stopper)
+
+
+def _stop_if_asked(paths: RunPaths) -> None:
+    """Before training starts, the job's first process ends the run here once a stop is asked
+    (:class:`StopRequested`, :func:`_stopped_before_training`). Once the ranks train, the stop
+    is theirs to decide together (:class:`mae_core.callbacks.StopOnRequest`)."""
+    if first_process() and paths.stop_requested():
+        raise StopRequested("a stop was asked before the run trained a step")
+
+
+def _stopped_before_training(paths: RunPaths) -> int:
+    """A stop that came before the first step (in the data check, the data preparation, a wait
+    for another process preparing the same set): the run reads stopped, its Resume starts where
+    it was (step 0, or a resumed run's checkpoint), and nothing was trained. Exit 0, as a Stop."""
+    if not first_process():
+        return 0  # the first process records it
+    step = paths.read_status().get("step") or 0
+    paths.clear_stop_request()
+    with contextlib.suppress(OSError, ValueError):  # a full disk: the app reads the exit
+        paths.write_status(state=RunState.STOPPED, error=None, log_tail=None)
+    print(f"stopped on request before training a step (at step {step}): nothing was trained; "
+          "Resume starts it from there", flush=True)
+    return 0
 
 
 def _open_data(data: str, paths: RunPaths) -> Any:
@@ -325,9 +350,13 @@ def main(argv: list[str] | None = None) -> int:
     if first_process():  # before torch is imported: said at once
         print(f"run directory: {paths.root}", flush=True)
         paths.keep_status_fresh()  # through a data preparation of hours, a step of minutes
-    from mae_core import datasource
-    from mae_core.diskspace import check_room
-    from mae_core.fileio import DiskFullError
+    try:
+        _stop_if_asked(paths)  # asked while the config and the data were checked
+        from mae_core import datasource
+        from mae_core.diskspace import check_room
+        from mae_core.fileio import DiskFullError
+    except StopRequested:
+        return _stopped_before_training(paths)
 
     if not first_process():
         known = datasource.read_run_data(paths.root)
@@ -345,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_training(cfg, paths, resume)
     except KeyboardInterrupt:
         return 1
+    except StopRequested:
+        return _stopped_before_training(paths)
     except Exception as err:  # noqa: BLE001 - the traceback goes to train.log, the summary to status.json
         from mae_core.failures import port_taken
 

@@ -147,3 +147,20 @@ def test_the_curve_stays_in_step_order_across_epoch_ends(tmp_path):
     steps = [row["step"] for row in rows]
     assert steps == sorted(steps)
     assert [row["step"] for row in rows if "loss" in row] == list(range(1, 13))
+
+
+def test_a_stop_asked_while_the_run_started_trains_no_step(tmp_path):
+    """A Stop that came between the data and the first step (the other ranks' start-up, their
+    rendezvous) used to be seen only after that step, which was trained first. It now ends the
+    run before any, with a checkpoint at its step that Resume continues."""
+    paths = RunPaths(tmp_path / "run")
+    paths.root.mkdir(parents=True)
+    paths.request_stop()
+    recorder = ProgressRecorder(paths, log_every_n_steps=1)
+    stopper = StopOnRequest(paths, recorder)
+    trainer = _fit(paths, [recorder, stopper, SaveCheckpoints(paths, 100, recorder)], steps=5,
+                   logger=JsonlLogger(paths.metrics))
+    assert trainer.global_step == 0 and stopper.requested
+    assert paths.read_metrics() == []
+    assert torch.load(paths.last_ckpt, weights_only=True)["global_step"] == 0
+    assert paths.read_status()["state"] == "stopping"  # the trainer's end writes "stopped"

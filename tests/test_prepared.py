@@ -337,6 +337,59 @@ def test_a_run_waiting_on_another_preparation_of_its_set_says_so(tmp_path, cache
     assert waiting.wait(timeout=120) == 0 and "DIR" in log.read_text()
 
 
+def test_a_stop_ends_the_preparation_and_keeps_nothing(tmp_path, cache, monkeypatch):
+    """A run's Stop while its data was prepared waited for the whole preparation (the app's
+    watchdog force-killed it after 60 s), then trained a step: the encoders now end it."""
+    folder = _photos(tmp_path / "photos", 40)
+    stop = tmp_path / "run" / "STOP"
+    stop.parent.mkdir()
+    real = prepared.encode_copies
+    calls = [0]
+
+    def slow(image, side):  # (each forked encoder has its own count) a STOP asked mid-way
+        calls[0] += 1
+        if calls[0] == 3:
+            stop.touch()
+        return real(image, side)
+
+    monkeypatch.setattr(prepared, "encode_copies", slow)
+    with pytest.raises(prepared.StopRequested):
+        prepared.prepare_cached(str(folder), workers=2, stop_file=stop)
+    assert not [p for p in cache.iterdir() if p.is_dir()], list(cache.iterdir())  # no set, no tmp
+    stop.unlink()
+    monkeypatch.setattr(prepared, "encode_copies", real)
+    assert prepared.read_manifest(prepared.prepare_cached(str(folder), workers=1))["count"] == 40
+
+
+def test_a_stop_ends_the_wait_for_another_preparation_of_the_set(tmp_path, cache):
+    """A run stopped while another process (the app's Prepare, another run) prepared its set
+    waited for that whole preparation before it could stop."""
+    import threading
+    import time
+
+    from helpers import cache_lock_held
+
+    folder = _photos(tmp_path / "photos", 4)
+    stop = tmp_path / "STOP"
+    outcome: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            prepared.prepare_cached(str(folder), workers=1, stop_file=stop)
+        except BaseException as err:  # noqa: BLE001 - the test reads it
+            outcome.append(err)
+
+    with cache_lock_held(folder):
+        waiting = threading.Thread(target=start, daemon=True)
+        waiting.start()
+        time.sleep(1.0)
+        assert waiting.is_alive() and not outcome  # waits on the lock
+        stop.touch()
+        waiting.join(timeout=5)
+        assert not waiting.is_alive(), "the wait did not end on the stop"
+    assert len(outcome) == 1 and isinstance(outcome[0], prepared.StopRequested), outcome
+
+
 # --- real DDP runs -------------------------------------------------------------------------------
 
 DDP = ["--devices", "2", "--accelerator", "cpu", "--image-size", "32", "--patch-size", "8",

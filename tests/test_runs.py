@@ -987,3 +987,36 @@ def test_a_live_run_of_another_runs_folder_holds_its_devices_too(tmp_path, live_
     runsdirs.registry_path().write_text("{not json")
     RunManager(tmp_path / "runs-c")
     assert runsdirs.other_runs_dirs(tmp_path) == [(tmp_path / "runs-c").resolve()]
+
+
+def test_a_stop_while_the_run_prepares_its_data_stops_it_untrained_and_resume_starts_it(
+        manager, tmp_path, monkeypatch):
+    """A Stop while the trainer prepared (or waited for another process preparing) a large
+    folder waited for the preparation, the watchdog force-killing it after 60 s, then trained a
+    step. Now it ends at once, "stopped" with nothing trained, and Resume starts it."""
+    from helpers import cache_lock_held
+    from mae_core import prepared
+
+    monkeypatch.setenv(prepared.CACHE_ENV, str(tmp_path / "cache"))  # the trainer inherits it
+    folder = tmp_path / "large"
+    folder.mkdir()
+    for i in range(prepared.AUTO_PREPARE_ABOVE + 1):
+        Image.new("RGB", (16, 16), (i % 251, 7, 9)).save(folder / f"{i:04d}.png")
+    with cache_lock_held(folder):  # another process prepares the same set: the run waits
+        run_id = manager.start(tiny_config(data=str(folder), max_steps=3, **ONE_PROCESS))
+        paths = manager.paths(run_id)
+        wait_for(lambda: "waiting for another process" in paths.log_tail(), "the wait")
+        asked = time.monotonic()
+        manager.stop(run_id)
+        stopped = wait_until_ended(manager, run_id)
+        took = time.monotonic() - asked
+    assert stopped["state"] == "stopped" and not stopped.get("error"), stopped
+    assert took < 20, f"took {took:.0f} s to stop"
+    assert stopped["step"] == 0 and stopped["resumable"] and not stopped["stop_requested"]
+    assert manager.metrics(run_id) == [] and not paths.last_ckpt.exists()
+    wait_for_no_trainers(manager.runs_dir)
+
+    manager.resume(run_id)  # no checkpoint: it starts from step 0, preparing the set now
+    finished = wait_until_ended(manager, run_id)
+    assert finished["state"] == "finished" and finished["step"] == 3, finished
+    assert [r["step"] for r in manager.metrics(run_id) if "loss" in r] == [1, 2, 3]

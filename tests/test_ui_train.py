@@ -160,6 +160,10 @@ def test_action_message_for_finished_failed_and_refused():
     killed = train.action_message(start, {"state": "failed", "step": 21, "resumable": True,
                                           "error": "the trainer was killed by SIGKILL"})
     assert "Resume continues from its last checkpoint" in killed  # said as a stop says it
+    # Stopped before its first step (while its data was prepared): there is no checkpoint to
+    # continue from, Resume starts it.
+    untrained = train.action_message(start, {"state": "stopped", "step": 0, "resumable": True})
+    assert "stopped at step 0. Resume starts it." in untrained and "checkpoint" not in untrained
     refused = train.action_message(train.failed_action("start", "Invalid setting, seed: too big"),
                                    {"state": "running"})
     assert "Invalid setting, seed: too big" in refused and 'data-kind="error"' in refused

@@ -63,7 +63,8 @@ def resume_run(manager: Any, run_id: str | None, until_step: Any) -> dict[str, A
     step = status.get("resumed_from_step", status.get("step", 0))
     # A new end moves the learning rate's cosine decay with it: said, as the curve shows it.
     schedule = (f" Its learning-rate schedule now ends at step {steps}." if steps else "")
-    return done_action("resume", run_id, f"Resumed `{run_id}` from its checkpoint at step {step} "
+    where = f"from its checkpoint at step {step}" if step else "from step 0"
+    return done_action("resume", run_id, f"Resumed `{run_id}` {where} "
                                          f"towards {status.get('total_steps')} steps.{schedule}")
 
 
@@ -184,7 +185,8 @@ def action_message(action: dict[str, Any] | None, status: dict[str, Any] | None,
     if state == RunState.STOPPED:
         if status.get("error"):  # stopped by force: the error says where Resume takes up
             return render.notice("warn", f"Run `{run_id}` {status['error']}.")
-        more = " Resume continues from its last checkpoint." if status.get("resumable") else ""
+        more = ("" if not status.get("resumable") else " Resume starts it." if not step
+                else " Resume continues from its last checkpoint.")
         return render.notice("info", f"Run `{run_id}` stopped at step {step}.{more}")
     more = (" Resume continues from its last checkpoint (steps since it are trained again)."
             if status.get("resumable") else "")
