@@ -135,11 +135,26 @@ def kill(mode: str, rank0: int, run_dir: Path) -> None:
     elif mode == "rank0":
         os.kill(rank0, signal.SIGKILL)
     else:
-        # Rank 1 by its command line: rank 0 also runs short-lived children while it starts up
-        # (``ldconfig -p``, from ctypes' find_library), which are not the rank.
-        [rank1] = wait_for(lambda: set(children_of(rank0)) & set(processes_of(run_dir)),
-                           "rank 1 to be launched", every_s=0.05)
+        [rank1] = wait_for(lambda: rank1_of(rank0, run_dir), "rank 1 to be launched", every_s=0.05)
         os.kill(rank1, signal.SIGKILL)
+
+
+def rank1_of(rank0: int, run_dir: Path) -> list[int]:
+    """Rank 1, the child of ``rank0`` that Lightning launched: by its environment's
+    ``LOCAL_RANK=1``, not by its command line alone. Rank 0 also runs short-lived children while
+    it starts up (``ldconfig -p``, from ctypes' find_library, twice in its imports), and such a
+    child, forked and not yet exec'd, shows rank 0's own command line, run folder included: the
+    soak once killed one of those under load, rank 0 trained on, and it "timed out after 60 s
+    waiting for rank 0 to end"."""
+    found = []
+    for pid in set(children_of(rank0)) & set(processes_of(run_dir)):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        if b"\0LOCAL_RANK=1\0" in b"\0" + environ:
+            found.append(pid)
+    return found
 
 
 def _process_state(pid: int) -> str:
@@ -391,3 +406,33 @@ def test_a_folder_made_where_stop_goes_is_no_stop_request(tmp_path, stand_in):
     (paths.stop_request / "inside").mkdir(parents=True)
     paths.clear_stop_request()
     assert not paths.stop_request.exists()
+
+
+def test_the_soak_finds_rank_1_and_never_a_child_rank_0_is_forking(tmp_path):
+    """The soak's rank-1 kill took any child of rank 0 naming the run folder: one forked for
+    ``ldconfig -p`` and not yet exec'd names it too (rank 0's command line), and was killed in
+    rank 1's place."""
+    import subprocess
+
+    run_dir = tmp_path / "20261201-000000-run"
+    rank0 = subprocess.Popen([sys.executable, "-c", """
+import os, subprocess, sys, time
+if os.fork() == 0:  # a child forked for a command and not yet exec'd: rank 0's command line
+    time.sleep(60)
+    os._exit(0)
+time.sleep(1.0)
+rank1 = subprocess.Popen(sys.argv[1:2] + ["-c", "import time; time.sleep(60)", sys.argv[2]],
+                         env=dict(os.environ, LOCAL_RANK="1"))
+rank1.wait()
+time.sleep(60)
+""", sys.executable, f"--run-dir={run_dir}", f"--run-dir={run_dir}"])
+    try:
+        forked = wait_for(lambda: children_of(rank0.pid), "the forked child", 30, 0.05)
+        kill("rank1", rank0.pid, run_dir)
+        assert wait_for(lambda: len(children_of(rank0.pid)) == 1 and children_of(rank0.pid),
+                        "the rank-1 stand-in to end", 30, 0.05) == forked, "killed another child"
+    finally:
+        for pid in children_of(rank0.pid):
+            os.kill(pid, signal.SIGKILL)
+        rank0.kill()
+        rank0.wait()
