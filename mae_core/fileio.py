@@ -198,10 +198,26 @@ def append_line(path: str | Path, line: str) -> None:
 
 
 def append_lines(path: str | Path, lines: list[str]) -> None:
-    """Append whole lines in one write and flush them (a reader sees complete lines at once)."""
+    """Append whole lines in one write and flush them (a reader sees complete lines at once).
+    A file that ends mid-line (a half line pasted or cut by hand, a copy cut short) gets its line
+    ended first: the first line appended was glued to it, and that step's line was lost."""
+    text = "".join(line.rstrip("\n") + "\n" for line in lines)
     with open_regular(path, append=True) as handle:
-        handle.write("".join(line.rstrip("\n") + "\n" for line in lines).encode())
+        if _ends_mid_line(path, os.fstat(handle.fileno()).st_size):
+            text = "\n" + text
+        handle.write(text.encode())
         handle.flush()
+
+
+def _ends_mid_line(path: str | Path, size: int) -> bool:
+    if size == 0:
+        return False
+    try:
+        with open_regular(path) as handle:
+            handle.seek(size - 1)
+            return handle.read(1) not in (b"\n", b"")
+    except OSError:
+        return False
 
 
 class NotRegularFileError(OSError):

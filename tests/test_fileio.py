@@ -167,3 +167,21 @@ def test_a_refused_write_names_the_file_not_its_temp_file(tmp_path):
     with pytest.raises(PermissionError) as raised:
         atomic_write(target, refused)
     assert raised.value.filename == str(target) and not list(tmp_path.glob(".status.json*"))
+
+
+def test_a_line_appended_after_a_half_line_is_kept_whole(tmp_path):
+    """A metrics.jsonl left ending mid-line (a half line pasted or cut by hand) had the trainer's
+    next line glued to it: that step's line was lost, read as garbage."""
+    from mae_core.fileio import append_lines
+    from mae_core.rundir import RunPaths
+
+    paths = RunPaths(tmp_path)
+    append_lines(paths.metrics, ['{"step": 1, "loss": 1.0}'])
+    with open(paths.metrics, "a") as handle:
+        handle.write('{"step": 2, "lo')
+    append_lines(paths.metrics, ['{"step": 2, "loss": 0.9}', '{"step": 3, "loss": 0.8}'])
+    assert [row["step"] for row in paths.read_metrics()] == [1, 2, 3]
+    assert paths.metrics.read_text().endswith('"loss": 0.8}\n')
+    append_lines(tmp_path / "new.jsonl", ["{}"])  # a new file or a whole last line: as it was
+    append_lines(tmp_path / "new.jsonl", ["{}"])
+    assert (tmp_path / "new.jsonl").read_text() == "{}\n{}\n"
