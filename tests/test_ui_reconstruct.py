@@ -482,3 +482,20 @@ def test_the_losses_table_is_shown_only_with_a_row_in_it():
         assert reconstruct.table_shown(empty)["visible"] is False, empty
     assert reconstruct.table_shown(pd.DataFrame([["a.png", 0.31, 48]], columns=headers))["visible"]
     assert reconstruct.table_shown([["a.png", 0.31, 48]])["visible"]
+
+
+def test_weights_of_another_model_copied_into_a_run_are_refused_as_export_refuses_them(
+        ctx, tmp_path):
+    """A model.safetensors (or a snapshot) of another model put in a run was reconstructed with,
+    its pictures shown as the run's, where Export and Resume refuse it."""
+    other = tmp_path / "other.safetensors"
+    save_weights(MaskedAutoencoder(ModelConfig(image_size=48, patch_size=8)), other, step=7)
+    paths = make_run(ctx, other)
+    with pytest.raises(RunError, match="are not of its model .* put back the model.safetensors"):
+        reconstruct.reconstruct_files(ctx, None, True, paths.run_id, 0.75, 0)
+    snapshot = paths.snapshot(7)
+    snapshot.parent.mkdir(parents=True, exist_ok=True)
+    snapshot.write_bytes(other.read_bytes())
+    with pytest.raises(RunError, match="are not of its model"):
+        reconstruct.reconstruct_history(ctx, paths.run_id, 7, 0.75, 0)
+    assert ctx.models.loads == 0  # refused before the model was built

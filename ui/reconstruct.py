@@ -68,6 +68,21 @@ def _channels_note(cfg: Any) -> str:
     return f" ({cfg.channels}-channel images, {cfg.normalize or 'auto'} normalisation)"
 
 
+def _own_weights(ctx: AppContext, run_id: str, weights: Path) -> Path:
+    """``weights``, once they are of the run's own model: a weights file of another model copied
+    into the run (another preset's, size or patch) was reconstructed with, as the run's, where
+    Export and Resume refuse it. A run whose config.yaml cannot be read is judged by the file."""
+    from mae_core.config import ConfigError
+    from mae_core.resumecheck import require_weights_of
+
+    try:
+        model = ctx.manager.config(run_id).model
+    except (ConfigError, OSError):
+        return weights
+    require_weights_of(model, weights, run_id)
+    return weights
+
+
 def reconstruct_files(ctx: AppContext, files: Any, use_samples: bool, run_id: str | None,
                       mask_ratio: Any, seed: Any, channels_shown: str = "",
                       contrast: str = "auto") -> ReconstructResult:
@@ -85,7 +100,7 @@ def reconstruct_files(ctx: AppContext, files: Any, use_samples: bool, run_id: st
     run_id = as_run_id(run_id)
     if not run_id:
         raise UserError("Choose a checkpoint: no run has saved weights yet (train one first).")
-    weights = ctx.manager.weights(run_id)
+    weights = _own_weights(ctx, run_id, ctx.manager.weights(run_id))
     model = ctx.models.get(weights)
     view = parse_view(channels_shown, model.cfg.channels, contrast or "auto")
     images, refused = read_uploads(paths, model.cfg.channels, model.cfg.image_size,
@@ -195,7 +210,7 @@ def reconstruct_history(ctx: AppContext, run_id: str | None, step: Any, mask_rat
     if chosen is None:
         raise UserError(f"Run `{run_id}` kept no weight snapshots (weight_snapshots = 0, or it has "
                         "not reached its first one yet).")
-    model = ctx.models.get(chosen[1])
+    model = ctx.models.get(_own_weights(ctx, run_id, chosen[1]))
     view = parse_view(channels_shown, model.cfg.channels, contrast or "auto")
     from mae_core.datasource import read_run_data
 
