@@ -74,6 +74,7 @@ class RunManager(QueuedRuns, TrainerWatch):
         self._lock = threading.RLock()
         self.queue = RunQueue(self.runs_dir)
         self._queue_worker: threading.Thread | None = None
+        self.leftovers_removal = _remove_interrupted_deletes(self.runs_dir)
 
     # --- queries ------------------------------------------------------------------------------
 
@@ -480,6 +481,24 @@ class RunManager(QueuedRuns, TrainerWatch):
         finally:
             with self._lock:
                 self._terminating.discard(paths.root)
+
+
+def _remove_interrupted_deletes(runs_dir: Path) -> threading.Thread | None:
+    """Remove, in the background, the hidden folders of Deletes that never finished (an app killed
+    while it removed a run's files): they went only at the next Delete, holding their disk
+    unseen meanwhile (a Start could be refused for the room they took). The thread, or None."""
+    try:
+        leftovers = [p for p in runs_dir.glob(f"{TRASH_PREFIX}*")
+                     if p.is_dir() and not p.is_symlink()]
+    except OSError:
+        return None
+    if not leftovers:
+        return None
+    worker = threading.Thread(target=lambda: [shutil.rmtree(p, ignore_errors=True)
+                                              for p in leftovers],
+                              name="remove-interrupted-deletes", daemon=True)
+    worker.start()
+    return worker
 
 
 def _unlink_run_folder(root: Path, runs_dir: Path) -> tuple[Path | None, Path | None]:

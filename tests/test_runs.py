@@ -1020,3 +1020,19 @@ def test_a_stop_while_the_run_prepares_its_data_stops_it_untrained_and_resume_st
     finished = wait_until_ended(manager, run_id)
     assert finished["state"] == "finished" and finished["step"] == 3, finished
     assert [r["step"] for r in manager.metrics(run_id) if "loss" in r] == [1, 2, 3]
+
+
+def test_the_leftovers_of_a_delete_cut_short_go_when_the_app_starts_again(tmp_path):
+    """An app killed while it removed a deleted run's files left its hidden folder, taking its
+    disk unseen until some later Delete."""
+    from mae_core.rundir import TRASH_PREFIX
+
+    runs = tmp_path / "runs"
+    left = runs / f"{TRASH_PREFIX}0123abcd"
+    (left / "snapshots").mkdir(parents=True)
+    (left / "last.ckpt").write_bytes(b"x" * 1000)
+    (runs / "mine").mkdir()  # a folder of the user's own is never touched
+    manager = RunManager(runs)
+    manager.leftovers_removal.join(timeout=30)
+    assert not left.exists() and (runs / "mine").is_dir()
+    assert RunManager(runs).leftovers_removal is None  # nothing left: no thread
