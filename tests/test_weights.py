@@ -62,6 +62,39 @@ def test_a_damaged_weights_file_is_refused_with_a_clear_error(tmp_path, damage):
         load_model(path)
 
 
+def test_a_bit_flipped_in_a_tensor_is_refused_by_load_and_export(tmp_path):
+    """safetensors has no checksum: a bit changed on disk in a tensor's bytes (the header whole)
+    loaded without a word, and Reconstruct and Export used the damaged weights."""
+    torch.manual_seed(0)
+    path = tmp_path / "model.safetensors"
+    save_weights(MaskedAutoencoder(CFG), path, step=3)
+    load_model(path)  # whole: loads
+    data = bytearray(path.read_bytes())
+    data[len(data) - 1000] ^= 0x10  # inside the last tensor, past the header
+    path.write_bytes(bytes(data))
+    assert read_metadata(path)["step"] == "3"  # the header still reads
+    with pytest.raises(WeightsError, match="model.safetensors is damaged: its tensors fail their "
+                                           "checksum"):
+        load_model(path)
+    with pytest.raises(WeightsError, match="checksum"):
+        export_encoder(path, tmp_path / "encoder.safetensors")
+    assert not (tmp_path / "encoder.safetensors").exists()
+
+
+def test_weights_saved_before_the_checksum_still_load(tmp_path):
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    model = MaskedAutoencoder(CFG)
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+              metadata={"format": "mae-studio", "config": json.dumps(asdict(CFG))})
+    loaded = load_model(path)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
+                                                  model.state_dict().values()))
+
+
 # A save that dies partway through writing the file: the file-size limit (1 MiB, far below a
 # vit-tiny's 25 MB) kills the process with SIGXFSZ at the first write past it, as a kill -9 would.
 DYING_SAVE = textwrap.dedent("""
