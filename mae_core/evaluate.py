@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,8 @@ from mae_core.rundir import RunError, RunPaths
 
 if TYPE_CHECKING:
     from mae_core import features
+    from torch import Tensor
+
     from mae_core.model import MaskedAutoencoder
 
 # The headline figures: kNN with lightly's k=20 on the mean of the patch tokens (MAE trains no
@@ -40,6 +43,7 @@ if TYPE_CHECKING:
 # combination is in "details".
 HEADLINE_FEATURE = "mean_patch"
 HEADLINE_K = HEADLINE_KNN_K  # the live monitor's headline too
+SIGNIFICANCE = 0.05  # the paired test's level
 METRICS = ("knn_top1", "knn_top5", "linear_top1")
 Progress = Callable[[float, str], None]
 
@@ -70,8 +74,20 @@ def valid_result(result: Any) -> dict[str, Any] | None:
     delta = {m: None if trained[m] is None or random_init[m] is None
              else round(trained[m] - random_init[m], 2) for m in METRICS}
     classes = result.get("classes")
-    return {**result, **scores, "delta": delta,
+    return {**result, **scores, "delta": delta, "paired": _paired(result.get("paired")),
             "classes": classes if isinstance(classes, list) else []}
+
+
+def _paired(saved: Any) -> dict[str, Any] | None:
+    """A saved paired test, or None (none saved: an evaluation from before it; or damaged)."""
+    if not isinstance(saved, dict):
+        return None
+    counts = [saved.get(key) for key in ("trained_only", "random_init_only")]
+    p = saved.get("p_value")
+    if not all(type(n) is int and n >= 0 for n in counts) or not (
+            isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1):
+        return None
+    return saved
 
 
 def _figures(saved: Any) -> dict[str, Any] | None:
@@ -122,8 +138,9 @@ def _load_run(run_dir: str | Path
 
 
 def score(model: MaskedAutoencoder, train: features.Labelled, val: features.Labelled,
-          num_classes: int, linear: bool, seed: int) -> dict[str, Any]:
-    """Every figure for one encoder: kNN for both features and both k, the linear probe if asked."""
+          num_classes: int, linear: bool, seed: int) -> tuple[dict[str, Any], Tensor]:
+    """Every figure for one encoder (kNN for both features and both k, the linear probe if asked),
+    and which val images the headline kNN top-1 gets right (for :func:`paired_test`)."""
     from mae_core import features
 
     details: dict[str, Any] = {}
@@ -141,8 +158,39 @@ def score(model: MaskedAutoencoder, train: features.Labelled, val: features.Labe
                 bank, train.labels, query, val.labels, num_classes, seed=seed)
     headline = details[f"knn_{HEADLINE_FEATURE}_k{HEADLINE_K}"]
     probe = details.get(f"linear_{HEADLINE_FEATURE}")
+    hits = features.knn_hits(embedded["val"][HEADLINE_FEATURE], embedded["train"][HEADLINE_FEATURE],
+                             train.labels, val.labels, num_classes, k=HEADLINE_K)
     return {"knn_top1": headline["top1"], "knn_top5": headline["top5"],
-            "linear_top1": probe["top1"] if probe else None, "details": details}
+            "linear_top1": probe["top1"] if probe else None, "details": details}, hits
+
+
+def paired_test(trained_hits: Tensor, random_hits: Tensor) -> dict[str, Any]:
+    """Whether the two encoders' headline kNN top-1 differ by more than chance, on the same val
+    images: the exact McNemar test (two-sided), which counts only the images one encoder gets
+    right and the other wrong. On 100 images one image is one point: a delta of a few points is
+    often no evidence at all, and the table says which."""
+    trained_only = int((trained_hits & ~random_hits).sum())
+    random_only = int((random_hits & ~trained_hits).sum())
+    return {"test": "exact McNemar, two-sided, headline kNN top-1",
+            "trained_only": trained_only, "random_init_only": random_only,
+            "p_value": round(mcnemar_p(trained_only, random_only), 4)}
+
+
+def mcnemar_p(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value: of ``b + c`` discordant images, ``b`` went one way; under
+    "no difference" each way is a fair coin's toss."""
+    n = b + c
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def verdict(paired: dict[str, Any]) -> str:
+    """The paired test in words, for the table and the app's message."""
+    p = paired["p_value"]
+    judged = ("a difference chance alone would rarely give" if p < SIGNIFICANCE
+              else "within what chance gives on these images: no evidence either way")
+    return (f"the pretrained encoder alone right on {paired['trained_only']} val images, random "
+            f"init alone on {paired['random_init_only']}: p = {p:.2g} (exact McNemar), {judged}")
 
 
 def evaluate_run(run_dir: str | Path, data: str | Path | None = None, linear_probe: bool = False,
@@ -163,10 +211,11 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, linear_pro
     folder = ensure_demo_set(paths.root.parent / DEMO_PATH.name) if data is None else Path(data)
     labelled = features.load_labelled(folder, trained.cfg.image_size, trained.cfg.channels)
     train, val = features.split(labelled, val_fraction, seed)
-    results = {}
+    results, hits = {}, {}
     for i, (name, model) in enumerate((("trained", trained), ("random_init", random_init))):
         report(0.2 + 0.4 * i, f"embedding and scoring the {name.replace('_', ' ')} encoder")
-        results[name] = score(model, train, val, labelled.num_classes, linear_probe, seed)
+        results[name], hits[name] = score(model, train, val, labelled.num_classes, linear_probe,
+                                          seed)
     delta = {m: (None if results["trained"][m] is None
                  else round(results["trained"][m] - results["random_init"][m], 2))
              for m in METRICS}
@@ -178,6 +227,7 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, linear_pro
         "linear_probe": ("lightly LinearClassifier recipe on cached frozen features "
                          f"({features.PROBE_EPOCHS} epochs)") if linear_probe else None,
         "trained": results["trained"], "random_init": results["random_init"], "delta": delta,
+        "paired": paired_test(hits["trained"], hits["random_init"]),
         "seconds": round(time.monotonic() - started, 1), "evaluated_at": time.time(),
     }
     if save:
@@ -224,6 +274,8 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"{names[metric]:<22}{_cell(result['trained'][metric]):>11}"
                      f"{_cell(result['random_init'][metric]):>13}"
                      f"{_cell(result['delta'][metric], signed=True):>16}")
+    if result.get("paired"):
+        lines.append(f"kNN top-1, image by image: {verdict(result['paired'])}")
     return "\n".join(lines)
 
 

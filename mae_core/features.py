@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,6 +171,26 @@ def knn_accuracy(query: Tensor, bank: Tensor, bank_labels: Tensor, query_labels:
     ``k`` is capped by the bank's size; top-5 by the number of classes (with 5 classes or fewer it
     is 100 by construction).
     """
+    top5 = min(5, num_classes)
+    hits = {1: 0.0, top5: 0.0}
+    for start, ranked in _knn_ranked(query, bank, bank_labels, num_classes, k, temperature):
+        for top in hits:
+            hits[top] += topk_accuracy(ranked, query_labels[start:start + len(ranked)], top) * len(ranked)
+    return {"top1": hits[1] / len(query), "top5": hits[top5] / len(query), "k": min(k, len(bank))}
+
+
+def knn_hits(query: Tensor, bank: Tensor, bank_labels: Tensor, query_labels: Tensor,
+             num_classes: int, k: int = 20, temperature: float = KNN_TEMPERATURE) -> Tensor:
+    """Which queries kNN ranks right first (bool, one per query): :func:`knn_accuracy`'s top-1,
+    image by image, so two encoders can be compared on the same images (a paired test)."""
+    right = [ranked[:, 0] == query_labels[start:start + len(ranked)] for start, ranked in
+             _knn_ranked(query, bank, bank_labels, num_classes, k, temperature)]
+    return torch.cat(right)
+
+
+def _knn_ranked(query: Tensor, bank: Tensor, bank_labels: Tensor, num_classes: int, k: int,
+                temperature: float) -> Iterator[tuple[int, Tensor]]:
+    """(first query's index, classes ranked per query) for chunks of ``query``."""
     if len(query) == 0 or len(bank) == 0:  # k would be 0, and the mean of no queries 0 / 0
         raise DataError(f"kNN accuracy needs images on both sides: {len(query)} queries, a bank "
                         f"of {len(bank)}")
@@ -179,14 +200,9 @@ def knn_accuracy(query: Tensor, bank: Tensor, bank_labels: Tensor, query_labels:
     # knn_predict builds a (queries × k × classes) one-hot: all 10,000 queries of 5,000 classes
     # at once would be 40 GB in the app. Chunks keep it near 64 MB whatever the classes.
     chunk = max(1, KNN_CHUNK_VALUES // (k * num_classes + len(bank)))
-    top5 = min(5, num_classes)
-    hits = {1: 0.0, top5: 0.0}
     for start in range(0, len(query), chunk):
-        ranked = knn_predict(query[start:start + chunk], bank_t, bank_labels, num_classes,
-                             knn_k=k, knn_t=temperature)
-        for top in hits:
-            hits[top] += topk_accuracy(ranked, query_labels[start:start + chunk], top) * len(ranked)
-    return {"top1": hits[1] / len(query), "top5": hits[top5] / len(query), "k": k}
+        yield start, knn_predict(query[start:start + chunk], bank_t, bank_labels, num_classes,
+                                 knn_k=k, knn_t=temperature)
 
 
 # The linear probe: lightly's LinearClassifier recipe (one Linear layer, cross-entropy, SGD with

@@ -66,6 +66,39 @@ def test_the_command_prints_and_saves_both_encoders_figures(run_module, trained_
     table = evaluate.table(saved)  # what the command prints without --json
     assert "pretrained" in table and "random init" in table and "delta (points)" in table
     assert f"{saved['delta']['knn_top1']:+.1f}" in table.splitlines()[2]
+    # The paired test counts the very images the delta is made of.
+    paired = saved["paired"]
+    assert (paired["trained_only"] - paired["random_init_only"]) * 100 / saved["val_images"] == \
+        pytest.approx(saved["delta"]["knn_top1"], abs=0.01)
+    assert 0 < paired["p_value"] <= 1
+    assert paired["p_value"] == pytest.approx(
+        evaluate.mcnemar_p(paired["trained_only"], paired["random_init_only"]), abs=1e-4)
+    assert f"p = {paired['p_value']:.2g} (exact McNemar)" in table.splitlines()[-1]
+
+
+@pytest.mark.parametrize("b, c, p", [
+    (10, 0, 2 / 1024), (0, 10, 2 / 1024), (5, 5, 1.0), (0, 0, 1.0),
+    (14, 4, 2 * (1 + 18 + 153 + 816 + 3060) / 2**18),  # 0.031
+    (9, 6, 2 * (1 + 15 + 105 + 455 + 1365 + 3003 + 5005) / 2**15),  # 0.61
+])
+def test_the_paired_test_is_the_exact_mcnemar_p_value(b, c, p):
+    assert evaluate.mcnemar_p(b, c) == pytest.approx(p)
+
+
+def test_the_paired_test_says_whether_a_delta_is_evidence():
+    trained = torch.tensor([True] * 14 + [False] * 4 + [True] * 50 + [False] * 32)
+    random_init = torch.tensor([False] * 14 + [True] * 4 + [True] * 50 + [False] * 32)
+    paired = evaluate.paired_test(trained, random_init)
+    assert (paired["trained_only"], paired["random_init_only"]) == (14, 4)
+    assert "rarely" in evaluate.verdict(paired) and "p = 0.031" in evaluate.verdict(paired)
+    level = evaluate.paired_test(trained[4:], random_init[4:] | trained[4:])  # 10 against 4
+    assert "no evidence either way" in evaluate.verdict(level)
+    # A saved evaluation keeps a valid test and drops a damaged one.
+    result = {"trained": {"knn_top1": 64.0}, "random_init": {"knn_top1": 54.0}}
+    assert evaluate.valid_result({**result, "paired": paired})["paired"] == paired
+    for damaged in ({"p_value": 2.0, "trained_only": 1, "random_init_only": 0}, "x",
+                    {"p_value": 0.5, "trained_only": -1, "random_init_only": 0}):
+        assert evaluate.valid_result({**result, "paired": damaged})["paired"] is None
 
 
 def test_a_short_pretraining_beats_random_init_on_the_demo_set(evaluated):

@@ -131,6 +131,10 @@ def test_knn_in_chunks_scores_exactly_as_all_queries_at_once(monkeypatch):
     chunked = features.knn_accuracy(query, bank, bank_labels, query_labels, 6, k=10)
     assert 0 < expected[1] < 100
     assert chunked["top1"] == pytest.approx(expected[1]) and chunked["top5"] == pytest.approx(expected[5])
+    hits = features.knn_hits(query, bank, bank_labels, query_labels, 6, k=10)  # image by image
+    assert hits.dtype == torch.bool and hits.shape == (len(query),)
+    assert 100.0 * hits.float().mean().item() == pytest.approx(expected[1])
+    assert torch.equal(hits, whole[:, 0] == query_labels)
 
 
 def test_the_linear_probe_learns_a_separable_problem_deterministically():

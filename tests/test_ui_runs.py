@@ -260,7 +260,9 @@ def test_evaluate_reports_progress_then_the_table_and_the_runs_table_shows_it(ct
     assert all("Evaluating" in u["message"] for u in updates[:-1])
     last = updates[-1]
     assert re.search(r"kNN top-1 [\d.]+% pretrained against [\d.]+% at random init \([+-][\d.]+ "
-                     r"points\)", last["message"]) and 'data-kind="ok"' in last["message"]
+                     r"points; p = [\d.e-]+, (more than chance|within chance on these images)\)",
+                     last["message"]) and 'data-kind="ok"' in last["message"]
+    assert "exact McNemar" in last["evaluation"]
     assert "linear probe top-1" in last["evaluation"] and "random init" in last["evaluation"]
     saved = json.loads((paths.root / "evaluation.json").read_text())
     trained, random_init = saved["trained"]["knn_top1"], saved["random_init"]["knn_top1"]

@@ -182,10 +182,13 @@ def job_message(job: EvaluationJob) -> str:
         else:
             result = job.result or {}
             knn = {name: result[name]["knn_top1"] for name in ("trained", "random_init")}
+            paired = result.get("paired")
+            tested = (f"; p = {paired['p_value']:.2g}, {_significance(paired)}" if paired
+                      else "")
             outcome = render.notice(
                 "ok", f"Evaluated `{job.run_id}` in {result['seconds']} s: kNN top-1 "
                       f"{knn['trained']:.1f}% pretrained against {knn['random_init']:.1f}% at "
-                      f"random init ({result['delta']['knn_top1']:+.1f} points).")
+                      f"random init ({result['delta']['knn_top1']:+.1f} points{tested}).")
         _outcomes[job] = outcome
     return outcome
 
@@ -232,6 +235,13 @@ def evaluation_progress(evaluations: Evaluations | None, sig: dict[str, Any]
     return {}
 
 
+def _significance(paired: Mapping[str, Any]) -> str:
+    from mae_core.evaluate import SIGNIFICANCE
+
+    return ("more than chance" if paired["p_value"] < SIGNIFICANCE
+            else "within chance on these images")
+
+
 def evaluation_html(result: Mapping[str, Any] | None, run_id: str | None) -> str:
     """Run ``run_id``'s saved evaluation as a table: pretrained vs random init, delta in points,
     headed by the run it scores (the picker beside it can name another run by then); "" for none,
@@ -253,6 +263,10 @@ def evaluation_html(result: Mapping[str, Any] | None, run_id: str | None) -> str
     about = (f"step {result.get('step')}, {len(result.get('classes', []))} classes, "
              f"{result.get('train_images')} train / {result.get('val_images')} val images of "
              f"{result.get('data')}, feature {result.get('feature')}")
+    if result["paired"]:
+        from mae_core.evaluate import verdict
+
+        about += f". kNN top-1, image by image: {verdict(result['paired'])}"
     caption = f"Evaluation of run {run_id}" if run_id else "Evaluation"
     return (f'<div class="mae-table-wrap" id="evaluation-result"><table class="mae-table">'
             f"<caption>{render.esc(caption)}</caption><thead>"
