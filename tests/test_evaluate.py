@@ -101,9 +101,10 @@ def test_the_paired_test_says_whether_a_delta_is_evidence():
         assert evaluate.valid_result({**result, "paired": damaged})["paired"] is None
 
 
-def test_a_short_pretraining_beats_random_init_on_the_demo_set(evaluated):
-    """Measured (README, "Does the encoder learn?"): after 60 steps kNN top-1 69 vs 63 (+6 points);
-    the linear probe is level (75 vs 76); after 30 steps kNN top-1 was still 4 points behind."""
+def test_a_short_pretraining_scores_above_random_init_on_the_demo_set(evaluated):
+    """A regression guard of a recorded figure, not evidence of learning (README, "Is the delta
+    evidence?"): after 60 steps kNN top-1 69 vs 63 (+6 points) with the default threads, which the
+    paired test cannot tell from chance on 100 images (a single step already gives +3 to +6)."""
     print(json.dumps(evaluated["delta"]))
     assert evaluated["delta"]["knn_top1"] > 0
 
