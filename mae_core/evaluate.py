@@ -108,7 +108,8 @@ def _run_with_weights(run_dir: str | Path) -> tuple[RunPaths, RunConfig]:
     """The run at ``run_dir`` and its config, once it has weights to evaluate."""
     paths = RunPaths(Path(run_dir))
     if not paths.root.is_dir():
-        raise EvaluationError(f"no run directory at {run_dir}")
+        what = "a file, not a run directory" if paths.root.exists() else "no run directory"
+        raise EvaluationError(f"{what} at {run_dir}: pass a run's folder (checkpoints/<run>)")
     if not paths.config.is_file():
         raise EvaluationError(f"{run_dir} is not a run directory (no config.yaml)")
     cfg = RunConfig.load(paths.config)

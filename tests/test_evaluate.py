@@ -134,6 +134,9 @@ def test_the_default_data_is_the_demo_set_beside_the_run(tmp_path):
 def test_refusals_name_the_problem(tmp_path, demo, run_module):
     with pytest.raises(evaluate.EvaluationError, match="no run directory"):
         evaluate.evaluate_run(tmp_path / "missing", demo)
+    (tmp_path / "notes.txt").write_text("a file")  # it said "no run directory at" a path that is there
+    with pytest.raises(evaluate.EvaluationError, match="a file, not a run directory"):
+        evaluate.evaluate_run(tmp_path / "notes.txt", demo)
     (tmp_path / "plain").mkdir()
     with pytest.raises(evaluate.EvaluationError, match="not a run directory"):
         evaluate.evaluate_run(tmp_path / "plain", demo)
