@@ -27,7 +27,7 @@ def sample_upload(path: str | None = None) -> tuple[bytes, str]:
     from mae_core.data import find_images
     from mae_core.images import open_rgb
 
-    source = find_images("")[0]
+    source = Path(find_images("")[0])
     image = open_rgb(source)
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=90)

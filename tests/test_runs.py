@@ -452,7 +452,7 @@ def test_a_second_stop_long_after_the_first_forces_at_once(tmp_path, live_stand_
     ended = restarted.stop(paths.run_id, force=False)
     assert ended["state"] == "stopped", ended
     assert re.fullmatch(r"stopped by force: the trainer did not stop within 60 s of its Stop, "
-                        r"asked 10\d s ago \(in an app restarted since, or another one\): it had "
+                        r"asked 1\d\d s ago \(in an app restarted since, or another one\): it had "
                         r"saved no checkpoint", ended["error"]), ended
     assert sleeper.wait(timeout=10) is not None
 
@@ -674,7 +674,8 @@ def test_stop_watchdog_never_kills_the_trainer_a_resume_launched(tmp_path):
 
 def test_two_apps_on_one_runs_directory_never_start_two_runs(tmp_path):
     """Apps sharing a runs directory: of four Starts at the same moment, exactly one launches.
-    A stop the trainer cannot obey in time (it is still starting) ends it by force."""
+    A stop while the trainer starts ends it: obeyed at its next start-up check, or by force
+    when that check comes later than the 2 s stop timeout (its imports take longer here)."""
     managers = [RunManager(tmp_path / "runs", stop_timeout_s=2) for _ in range(4)]
     barrier = threading.Barrier(len(managers))
     outcomes: list[object] = []
@@ -698,7 +699,8 @@ def test_two_apps_on_one_runs_directory_never_start_two_runs(tmp_path):
         assert [s["run_id"] for s in managers[3].list()] == started
         managers[0].stop(started[0])
         stopped = wait_until_ended(managers[0], started[0])
-        assert stopped["state"] == "stopped" and "did not stop within 2 s" in stopped["error"]
+        assert stopped["state"] == "stopped", stopped
+        assert stopped["error"] is None or "did not stop within 2 s" in stopped["error"], stopped
         wait_for_no_trainers(tmp_path / "runs")
         assert poll(lambda: not zombie_children(), 10), "the stopped trainer was not reaped"
     finally:
