@@ -25,9 +25,12 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +211,22 @@ def _refuse_non_rgb8(source: str, paths: list[str]) -> None:
                         f"train on the folder itself (at most {AUTO_PREPARE_ABOVE:,} images)")
 
 
+@contextlib.contextmanager
+def _ctrl_c_kept() -> Iterator[None]:
+    """Ctrl+C's handler as it was before ``litdata.optimize``, once it returns: LitData installs
+    its own, which ends the process with ``os._exit(0)`` (a success, nothing recorded), and leaves
+    it installed, so a Ctrl+C in the seconds between a trainer's preparation and its training
+    ended the run as if it had finished. (During the encoding it is LitData's.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers are the main thread's
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _shard_count(folder: Path) -> tuple[int, int]:
     """(samples, bytes) of the LitData shards in ``folder``, from its ``index.json``."""
     index = read_json(folder / "index.json") or {}
@@ -255,6 +274,7 @@ def prepare(source: str, out: str | Path, short_side: int = DEFAULT_SHORT_SIDE,
                                        progress=str(progress) if progress else None,
                                        stop_file=str(stop_file) if stop_file else None)
             try:
+                reporting.enter_context(_ctrl_c_kept())
                 litdata.optimize(fn=encode,
                                  inputs=[(i, str(p)) for i, p in enumerate(paths)],
                                  output_dir=str(tmp), chunk_bytes="64MB", num_workers=workers,

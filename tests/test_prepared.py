@@ -101,6 +101,24 @@ def _crop_boxes(item: dict, size: int, samples: int) -> np.ndarray:
     return np.array(boxes)
 
 
+def test_ctrl_c_is_the_callers_again_once_the_preparation_ends(tmp_path):
+    """litdata.optimize installs its own Ctrl+C handler (os._exit(0): a success, nothing recorded)
+    and left it installed: a trainer's Ctrl+C between its preparation and its training ended the
+    run as if it had finished."""
+    import signal
+
+    def ours(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGINT, ours)
+    try:
+        prepared.prepare(str(_photos(tmp_path / "src", 2)), tmp_path / "out", workers=1,
+                         verbose=False)
+        assert signal.getsignal(signal.SIGINT) is ours
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 @pytest.mark.parametrize("size", [64, 160, 224])
 def test_crops_keep_maetransforms_distribution_whatever_the_decode(tmp_path, size):
     """The crop is drawn before decoding and cut from a reduced copy or a reduced-scale decode when
