@@ -897,6 +897,11 @@ def test_a_phone_sees_the_whole_chart_and_every_preview(browser_factory, server)
                              " < 2 * parseFloat(getComputedStyle(r).fontSize))")
         assert page.evaluate("() => { const p = document.querySelector('#log-tail');"
                              " return p.scrollWidth <= p.clientWidth + 1; }")
+        # ... and no wider than the phone: a rule's 88 characters sized the whole Train column
+        # (790 px at 390), the page cutting the status panel, the chart and the form off.
+        columns = page.evaluate("() => ['#train-live', '#train-form', '#status-panel', '#log-tail']"
+                                ".map(s => document.querySelector(s).getBoundingClientRect().right)")
+        assert max(columns) <= 375, columns
         page.get_by_role("tab", name="Reconstruct").click()
         page.wait_for_function(
             "() => document.querySelectorAll('#preview-gallery img').length >= 4")

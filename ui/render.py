@@ -147,7 +147,12 @@ tr.no-grad { outline: 2px solid #dc2626; outline-offset: -2px; }
    narrower screen; Gradio 6.31's gr.HTML drops its min_width (an inline "min(0px, 100%)"). */
 #params-clean, #params-reference { min-width: min(560px, 100%) !important; }
 #params-title code { word-break: normal; overflow-wrap: break-word; }
-#log-tail .log-rule { display: block; white-space: pre; overflow: hidden; }
+/* Cut at the box's edge, and no wider than the box: a block of white-space: pre is as wide as its
+   line to the layout around it, so Lightning's 88-dash rule widened the whole Train column to
+   790 px on a phone (and 838 px at 800 px), cutting the status panel, chart and form off at the
+   page's right edge. Width 0, stretched to the box: the line no longer sizes anything. */
+#log-tail .log-rule { display: block; white-space: pre; overflow: hidden; width: 0;
+  min-width: 100%; }
 /* Any message in the Parameters tab (an edit not audited yet, a refused audit) means the tables
    are not for the settings above: dimmed, so an invalid patch size did not leave them as if. */
 body:has(#params-message .mae-notice) :is(#params-title, #params-diff, #params-clean,
