@@ -328,6 +328,18 @@ def test_a_switch_reached_by_the_keyboard_shows_it_has_the_focus(page):
     for kind, where, style, width in focused:
         if kind in ("checkbox", "radio"):
             assert style not in ("none", "hidden") and width >= 2, (kind, where, style, width)
+    # The EMA slider (and every slider: mask ratio, weights history), after its box and its
+    # reset button: its arrow keys moved a knob that nothing marked as focused.
+    page.locator("#smoothing input[type=number]").focus()
+    for _ in range(3):
+        page.keyboard.press("Tab")
+        if page.evaluate("() => document.activeElement.type") == "range":
+            break
+    ring = page.evaluate("() => { const e = document.activeElement, s = getComputedStyle(e);"
+                         " return [e.type, !!e.closest('#smoothing'), e.matches(':focus-visible'),"
+                         " s.outlineStyle, parseFloat(s.outlineWidth)]; }")
+    assert ring[:3] == ["range", True, True] and ring[3] not in ("none", "hidden") \
+        and ring[4] >= 2, ring
     # An accordion's header: the browser's 1 px ring ran through its label's descenders.
     header = page.locator("#more-settings > button.label-wrap")
     header.focus()  # from a switch the keyboard focused: the browser shows this focus too

@@ -34,9 +34,12 @@ def theme() -> Any:
 
 CSS = """
 .gradio-container { max-width: 1500px !important; }
-/* Gradio draws no focus for a radio or a checkbox reached by the keyboard ("metric", "log
-   scale" and every switch of the form showed nothing as Tab reached them). */
-input[type="radio"]:focus-visible, input[type="checkbox"]:focus-visible {
+/* Gradio draws no focus for a radio, a checkbox or a slider reached by the keyboard ("metric",
+   "log scale", every switch of the form, and the EMA, mask ratio and weights-history sliders,
+   whose arrow keys then moved a knob nothing marked, showed nothing as Tab reached them). The
+   slider's own rule (outline: none) weighs as much as a bare selector, and comes later. */
+input[type="radio"]:focus-visible, input[type="checkbox"]:focus-visible,
+.gradio-container input[type="range"]:focus-visible {
   outline: 2px solid var(--color-accent); outline-offset: 2px; }
 /* An accordion's header got the browser's 1 px ring hugging its 20 px high button: it ran
    through the label's descenders. Drawn clear of the text, as the switches above. */
