@@ -160,6 +160,12 @@ class RunManager(QueuedRuns, TrainerWatch):
                 return str(paths.root)
         return None
 
+    def live_elsewhere(self) -> str | None:
+        """The folder of a live run of another runs folder of this machine (another app's, or one
+        started by hand), or None: a run this folder's page does not list, that holds the devices
+        its Start would need."""
+        return next((str(paths.root) for paths, _, _ in live_elsewhere(self.runs_dir)), None)
+
     def _live_configs(self, exclude: str | None = None) -> Iterator[tuple[str, RunConfig | None]]:
         """Each live run but ``exclude``, with its config (None: unreadable)."""
         for status in self.list():

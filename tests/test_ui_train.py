@@ -583,3 +583,27 @@ def test_the_live_view_takes_what_an_api_client_sends_as_empty(ctx, garbage):
     paths = make_run(ctx)
     out = train.poll(ctx, **{**poll_args(paths.run_id), **garbage})
     assert "sig" in out and 'data-kind="error"' not in str(out.get("message", ""))
+
+
+def test_a_run_live_in_another_runs_folder_greys_start_and_offers_queue(ctx, tmp_path, stand_ins):
+    """Another app's run (its own --runs-dir) held the devices: Start was refused with "stop it, or
+    Queue this run to start when it ends" beside a greyed Queue, and nothing on the page said
+    why. Now Start is greyed, Queue offered, and the status panel names the run."""
+    from mae_core.runs import RunManager
+
+    other = RunManager(tmp_path / "other-app-runs")
+    theirs = create_run(TINY.resolved(), runs_dir=other.runs_dir)
+    make_live(theirs, stand_ins())
+    mine = make_run(ctx, state="finished", step=4)
+    first = train.poll(ctx, **poll_args())
+    assert first["run_pick"]["value"] == mine.run_id
+    assert first["start"]["interactive"] is False and first["queue"]["interactive"] is True
+    assert first["resume"]["interactive"] is False
+    assert str(theirs.root) in first["status"] and "another runs folder" in first["status"]
+    with pytest.raises(RunError, match="Queue this run"):  # what a press of Start would say
+        trainactions.start_run(ctx.manager, {**form_values(TINY), "data": ""})
+    # Its run over, the buttons come back and the note goes.
+    theirs.write_status(state="finished")
+    after = train.poll(ctx, **poll_args(mine.run_id, first["seen_live"], first["sig"]))
+    assert after["start"]["interactive"] is True and after["queue"]["interactive"] is False
+    assert "another runs folder" not in after["status"]

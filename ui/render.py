@@ -232,6 +232,16 @@ def status_html(status: Mapping[str, Any] | None, cfg: Any = None) -> str:
             f'<div class="mae-grid">{grid}</div>{_about(cfg, status)}{_notes(status, state)}</div>')
 
 
+def held_elsewhere_html(run_dir: str | None) -> str:
+    """Why Start is greyed with no live run listed here: a run of another runs folder (another
+    app's, or started by hand) holds this machine's devices."""
+    if not run_dir:
+        return ""
+    text = (f"Run `{run_dir}`, of another runs folder, is live on this machine's devices: Start "
+            "is greyed until it ends, and Queue starts this run after it.")
+    return f'<div id="held-elsewhere" style="margin-top:8px">{notice("info", text)}</div>'
+
+
 def _about(cfg: Any, status: Mapping[str, Any]) -> str:
     if cfg is None:
         return ""

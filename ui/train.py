@@ -143,6 +143,9 @@ def poll(ctx: AppContext, run_id: str | None, overlay: list[str] | None, metric:
     runs = ctx.manager.list()
     by_id = {s["run_id"]: s for s in runs}
     live = next((s["run_id"] for s in runs if s.get("state") in LIVE_STATES), None)
+    # A run of another runs folder holds the devices as one of this folder would: Start greyed,
+    # Queue offered (its refusal said "Queue this run" beside a greyed Queue), and said why.
+    elsewhere = None if live else ctx.manager.live_elsewhere()
     selected = pick_selected(runs, run_id, seen_live)
     status = by_id.get(selected)
     out: dict[str, Any] = {"seen_live": live}
@@ -163,12 +166,12 @@ def poll(ctx: AppContext, run_id: str | None, overlay: list[str] | None, metric:
     action_run = (action or {}).get("run_id")
     waiting = by_id.get(action_run, {}).get("state") == RunState.QUEUED
     queue = ctx.manager.queued(runs) if waiting else []
-    views = {"status": render.status_html(status, config),
+    views = {"status": render.status_html(status, config) + render.held_elsewhere_html(elsewhere),
              "message": "" if action and action == sig.get("hidden_action") else action_message(
                  action, by_id.get(action_run),
                  queue.index(action_run) + 1 if action_run in queue else None),
              **{name: gr.update(**state) for name, state in
-                button_states(status, live is not None).items()}}
+                button_states(status, live is not None or elsewhere is not None).items()}}
     for name, value in views.items():
         if value != sig.get(name):
             out[name] = value
