@@ -9,8 +9,10 @@ This file only parses the command line and launches; the UI is the ``ui`` packag
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -23,6 +25,8 @@ from ui.launch import (launch_options, parse_args, require_runs_dir,  # noqa: E4
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if hasattr(faulthandler, "register"):  # POSIX: `kill -USR1 <pid>` shows where a stuck app is
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up requests
     try:

@@ -497,7 +497,9 @@ def test_python_app_py_serves_on_localhost(tmp_path):
         os.killpg(process.pid, signal.SIGINT)
         try:
             output = process.communicate(timeout=20)[0]
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired:  # where it is stuck: every thread's stack, then the kill
+            os.killpg(process.pid, signal.SIGUSR1)
+            time.sleep(2)
             os.killpg(process.pid, signal.SIGKILL)
             output = process.communicate()[0]
     assert re.search(rf"MAE Studio is running at http://127\.0\.0\.1:{port}", output), output
