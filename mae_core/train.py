@@ -147,9 +147,22 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
 def _stop_if_asked(paths: RunPaths) -> None:
     """Before training starts, the job's first process ends the run here once a stop is asked
     (:class:`StopRequested`, :func:`_stopped_before_training`). Once the ranks train, the stop
-    is theirs to decide together (:class:`mae_core.callbacks.StopOnRequest`)."""
-    if first_process() and paths.stop_requested():
+    is theirs to decide together (:class:`mae_core.callbacks.StopOnRequest`). Under torchrun or
+    srun the other ranks started beside this one and wait for it in the rendezvous: ended here,
+    it left them waiting there (torch's 30 minutes) while the run read "stopped", so there the
+    stop waits for the ranks' own check at the start of training."""
+    if first_process() and not _ranks_started_beside() and paths.stop_requested():
         raise StopRequested("a stop was asked before the run trained a step")
+
+
+def _ranks_started_beside() -> bool:
+    """Whether a launcher (torchrun, srun) started this job's other ranks beside this process;
+    the ranks Lightning starts come later, from this process's own ``fit``."""
+    def count(name: str) -> int:
+        value = os.environ.get(name, "").strip()
+        return int(value) if value.isdigit() else 0
+
+    return max(count("WORLD_SIZE"), count("SLURM_NTASKS"), count("SLURM_STEP_NUM_TASKS")) > 1
 
 
 def _stopped_before_training(paths: RunPaths) -> int:

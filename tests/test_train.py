@@ -651,3 +651,26 @@ def test_a_taken_master_port_is_said_in_one_line(tmp_path):
     assert "Traceback" not in result.stdout
     status = RunPaths(run).read_status()
     assert status["state"] == "failed" and status["error"].startswith(said), status
+
+
+def test_a_stop_before_training_waits_for_the_ranks_a_launcher_started_beside_rank_0(
+        tmp_path, monkeypatch):
+    """Under torchrun (or srun) the other ranks are started beside rank 0 and wait for it in the
+    rendezvous: rank 0 ending the run on a Stop before ``fit`` left them waiting there for torch's
+    30 minutes while the run read "stopped". There the stop is the ranks' check at the start of
+    training (StopOnRequest); alone, rank 0 still ends the run at once."""
+    from mae_core import train
+    from mae_core.checks import StopRequested
+
+    paths = RunPaths(tmp_path / "run")
+    paths.root.mkdir()
+    paths.stop_request.write_text("")
+    for name in ("WORLD_SIZE", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "RANK", "LOCAL_RANK",
+                 "NODE_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(StopRequested):
+        train._stop_if_asked(paths)
+    for name in ("WORLD_SIZE", "SLURM_NTASKS"):
+        with monkeypatch.context() as env:
+            env.setenv(name, "2")
+            train._stop_if_asked(paths)  # the ranks beside it decide together, in fit
