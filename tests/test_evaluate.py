@@ -212,3 +212,16 @@ def test_the_command_refuses_a_bad_seed_or_a_missing_run_before_importing_torch(
                             capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT)
     assert result.stdout.split() == ["2", "2", "False"], result.stderr
     assert "seed: must be an integer" in result.stderr and "no run directory" in result.stderr
+
+
+def test_the_saved_p_value_keeps_its_side_of_the_level_and_its_size():
+    """p was saved rounded to 4 places: 117 against 150 images (p = 0.04998) was saved as 0.05
+    and said "no evidence", and 30 against 0 (p = 1.9e-09) read "p = 0"."""
+    def hits(b: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.tensor([True] * b + [False] * c), torch.tensor([False] * b + [True] * c))
+
+    near = evaluate.paired_test(*hits(117, 150))
+    assert evaluate.mcnemar_p(117, 150) < evaluate.SIGNIFICANCE
+    assert near["p_value"] < evaluate.SIGNIFICANCE and "rarely" in evaluate.verdict(near)
+    far = evaluate.paired_test(*hits(30, 0))
+    assert far["p_value"] > 0 and "p = 1.9e-09" in evaluate.verdict(far)
