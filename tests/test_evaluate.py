@@ -4,6 +4,7 @@ demo set: the JSON it prints, what it saves in the run, pretrained against rando
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,17 @@ def test_the_command_prints_and_saves_both_encoders_figures(run_module, trained_
 ])
 def test_the_paired_test_is_the_exact_mcnemar_p_value(b, c, p):
     assert evaluate.mcnemar_p(b, c) == pytest.approx(p)
+
+
+def test_the_paired_test_stays_exact_at_ten_thousand_images():
+    def exact(b, c):  # big integers: exact, but 4 s at 10,000 discordant images
+        n = b + c
+        return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n)
+
+    for b, c in ((117, 150), (0, 1), (3, 40), (300, 260), (1500, 1400)):
+        assert evaluate.mcnemar_p(b, c) == pytest.approx(exact(b, c), rel=1e-9)
+    assert evaluate.mcnemar_p(5000, 5000) == 1.0
+    assert 0 < evaluate.mcnemar_p(6000, 4000) < 1e-80  # 2**10000 overflows a float
 
 
 def test_the_paired_test_says_whether_a_delta_is_evidence():
