@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if hasattr(faulthandler, "register"):  # POSIX: `kill -USR1 <pid>` shows where a stuck app is
         faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # A job a script starts in the background inherits SIGINT ignored, and Python then installs
+    # no KeyboardInterrupt for it: Ctrl+C and `kill -INT` did nothing (CI saw the app outlive it).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up requests
     try:

@@ -460,9 +460,12 @@ def test_python_app_py_serves_on_localhost(tmp_path):
     """The command line: binds 127.0.0.1 (not 0.0.0.0), prints the URL, answers the API."""
     port = free_port()
     runs_dir = tmp_path / "runs"
+    # Started as a script's background job is: SIGINT ignored, inherited (the app outlived its
+    # Ctrl+C in CI, and `python app.py &` from a script ignored `kill -INT`).
     process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--runs-dir",
                                 str(runs_dir)], cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         url = f"http://127.0.0.1:{port}/"
         started = time.monotonic()
