@@ -75,12 +75,12 @@ def find_images(folder: str) -> list[str]:
     """Image files under ``folder`` (recursively, sorted as their :class:`~pathlib.Path` s sort);
     ``""`` means the embedded sample photos.
 
-    Paths are strings: a ``Path`` costs three times the memory (~300 bytes against ~100), 4 GB
-    for ImageNet-21k's 14 M files, and building, checking and sorting them took 13 µs a file
-    against 0.7 (ImageNet-1k's data check: 16 s against 1). Refuses the root and the kernel's
-    virtual folders (``/proc``, ``/sys``, ``/dev``), follows a symlinked folder once at most (a
-    symlink loop ends the walk there) and stops with a :class:`DataError` past
-    :data:`MAX_IMAGE_FILES` files, so a bad path cannot hang the caller.
+    Paths are strings: a ``Path`` costs three times the memory (~270-310 bytes against ~90:
+    ~3.8 GB for ImageNet-21k's 14 M files against ~1.2), and the walk that built, checked and
+    sorted them took 3.3-5.5 s for 200,000 files where this one takes 0.2-0.4 s (README, "The
+    walk"). Refuses the root and the kernel's virtual folders (``/proc``, ``/sys``, ``/dev``),
+    follows a symlinked folder once at most (a symlink loop ends the walk there) and stops with a
+    :class:`DataError` past :data:`MAX_IMAGE_FILES` files, so a bad path cannot hang the caller.
     """
     if not folder:
         paths = [str(path) for path in sample_photo_paths()]
