@@ -5,7 +5,9 @@ Both encoders embed a labelled folder (``root/<class>/*``; by default the offlin
 accuracy (lightly's ``knn_predict``, k = 20 and 200, temperature 0.07, as lightly's ViT benchmarks)
 and, with ``--linear-probe``, a linear probe (:func:`mae_core.features.linear_probe`). The random
 encoder is the run's own starting point: the trainer seeds torch with the run's seed before it
-builds the model, and so does this. The result is saved as ``<run>/evaluation.json``.
+builds the model, and so does this. An exact McNemar test on the headline kNN top-1, image by
+image (:func:`paired_test`), says whether the delta is more than chance on those images. The
+result is saved as ``<run>/evaluation.json``.
 
 Example:
     $ python -m mae_core.evaluate --run checkpoints/<run> --data checkpoints/.demo-labelled --json
