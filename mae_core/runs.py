@@ -16,12 +16,10 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
 import shutil
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,6 +45,7 @@ from mae_core.rundir import (_UNWRITABLE, DAMAGED, DAMAGED_RUN_ERROR,  # noqa: F
                              RunError, RunPaths, RunState, create_run, damaged_run_folders,
                              is_damaged_run_folder, open_lock, preview_step, run_folders,
                              state_unknown, valid_run_id)
+from mae_core.rundelete import remove_interrupted_deletes, unlink_run_folder
 from mae_core.runqueue import QueuedRuns, RunQueue
 from mae_core.runsdirs import live_elsewhere, note_runs_dir
 from mae_core.runwatch import TrainerWatch
@@ -74,7 +73,7 @@ class RunManager(QueuedRuns, TrainerWatch):
         self._lock = threading.RLock()
         self.queue = RunQueue(self.runs_dir)
         self._queue_worker: threading.Thread | None = None
-        self.leftovers_removal = _remove_interrupted_deletes(self.runs_dir)
+        self.leftovers_removal = remove_interrupted_deletes(self.runs_dir)
 
     # --- queries ------------------------------------------------------------------------------
 
@@ -352,7 +351,7 @@ class RunManager(QueuedRuns, TrainerWatch):
             if pid is not None:  # a trainer that wrote its end and has not exited yet
                 raise RunError(f"run {run_id}'s trainer (pid {pid}) is still exiting; try again "
                                "in a moment")
-            left, trash = _unlink_run_folder(paths.root, self.runs_dir)
+            left, trash = unlink_run_folder(paths.root, self.runs_dir)
             self.queue.remove(run_id)
         for folder in [trash, *self.runs_dir.glob(f"{TRASH_PREFIX}*")]:
             if folder is not None:  # and the leftovers of a delete that was interrupted
@@ -487,42 +486,3 @@ class RunManager(QueuedRuns, TrainerWatch):
         finally:
             with self._lock:
                 self._terminating.discard(paths.root)
-
-
-def _remove_interrupted_deletes(runs_dir: Path) -> threading.Thread | None:
-    """Remove, in the background, the hidden folders of Deletes that never finished (an app killed
-    while it removed a run's files): they went only at the next Delete, holding their disk
-    unseen meanwhile (a Start could be refused for the room they took). The thread, or None."""
-    try:
-        leftovers = [p for p in runs_dir.glob(f"{TRASH_PREFIX}*")
-                     if p.is_dir() and not p.is_symlink()]
-    except OSError:
-        return None
-    if not leftovers:
-        return None
-    worker = threading.Thread(target=lambda: [shutil.rmtree(p, ignore_errors=True)
-                                              for p in leftovers],
-                              name="remove-interrupted-deletes", daemon=True)
-    worker.start()
-    return worker
-
-
-def _unlink_run_folder(root: Path, runs_dir: Path) -> tuple[Path | None, Path | None]:
-    """Take a run folder out of the runs directory: (the target a linked run pointed to, left in
-    place; the hidden folder the run now is, for the caller to remove).
-
-    One that is a link (a run moved to another disk and linked back) goes as a link only: its
-    target may hold more than the run. A hidden name is no run id, so no listing shows it."""
-    if root.is_symlink():
-        target = root.resolve()
-        root.unlink()
-        return target, None
-    trash = runs_dir / f"{TRASH_PREFIX}{uuid.uuid4().hex}"
-    try:
-        os.rename(root, trash)
-    except OSError as err:
-        if err.errno not in (errno.EXDEV, errno.EBUSY):  # a run folder that is a mount point
-            raise
-        shutil.rmtree(root)
-        return None, None
-    return None, trash

@@ -25,7 +25,7 @@ from mae_core.process import process_record
 from mae_core.rundir import RunPaths, create_run
 from mae_core.runs import RunError
 from mae_core.weights import save_weights
-from ui import runs
+from ui import evaluation, runs
 from ui.common import AppContext, UserError
 
 MODEL = ModelConfig(image_size=32, patch_size=8)
@@ -255,7 +255,7 @@ def test_evaluate_reports_progress_then_the_table_and_the_runs_table_shows_it(ct
     assert row[knn] == "–"  # not evaluated yet
     before = runs.refresh(ctx, paths.run_id, None)
     assert before["evaluation"] == ""
-    updates = list(runs.evaluation_updates(ctx, Evaluations(), paths.run_id,
+    updates = list(evaluation.evaluation_updates(ctx, Evaluations(), paths.run_id,
                                            f"  {_labelled(tmp_path / 'set')}  ", True, poll_s=0.01))
     assert all("Evaluating" in u["message"] for u in updates[:-1])
     last = updates[-1]
@@ -279,20 +279,20 @@ def test_evaluate_refusals_reach_the_page_as_messages(ctx, tmp_path):
 
     evaluations = Evaluations()
     with pytest.raises(UserError, match="Choose a run"):
-        next(runs.evaluation_updates(ctx, evaluations, None, "", False))
+        next(evaluation.evaluation_updates(ctx, evaluations, None, "", False))
     with pytest.raises(RunError):
-        next(runs.evaluation_updates(ctx, evaluations, "../elsewhere", "", False))
+        next(evaluation.evaluation_updates(ctx, evaluations, "../elsewhere", "", False))
     paths = make_run(ctx, "failed")
     with pytest.raises(RunError, match="no saved weights yet"):
-        list(runs.evaluation_updates(ctx, evaluations, paths.run_id, "", False, poll_s=0.01))
+        list(evaluation.evaluation_updates(ctx, evaluations, paths.run_id, "", False, poll_s=0.01))
     save_weights(MaskedAutoencoder(MODEL), paths.weights, step=1)
     (tmp_path / "flat").mkdir()
     with pytest.raises(DataError, match="no class subfolders"):
-        list(runs.evaluation_updates(ctx, evaluations, paths.run_id, str(tmp_path / "flat"),
+        list(evaluation.evaluation_updates(ctx, evaluations, paths.run_id, str(tmp_path / "flat"),
                                      False, poll_s=0.01))
     evaluations.current = EvaluationJob("someone-else")  # still running
     with pytest.raises(UserError, match="someone-else"):
-        next(runs.evaluation_updates(ctx, evaluations, paths.run_id, "", False))
+        next(evaluation.evaluation_updates(ctx, evaluations, paths.run_id, "", False))
     assert not (paths.root / "evaluation.json").exists()
 
 
@@ -321,7 +321,7 @@ def test_a_reloaded_page_follows_the_running_evaluation_and_a_second_press_waits
     Evaluate pressed for another run meanwhile went unanswered."""
     first, second = make_run(ctx), make_run(ctx)
     evaluations = Evaluations()
-    pressed = runs.evaluation_updates(ctx, evaluations, first.run_id, "", False, poll_s=0.01)
+    pressed = evaluation.evaluation_updates(ctx, evaluations, first.run_id, "", False, poll_s=0.01)
     assert "Evaluating" in next(pressed)["message"]
     reloaded = runs.refresh(ctx, None, None, evaluations)  # a fresh page: no sig yet
     progress = f"Evaluating <code>{first.run_id}</code>: embedding the bank (40%)"
@@ -329,7 +329,7 @@ def test_a_reloaded_page_follows_the_running_evaluation_and_a_second_press_waits
     assert "message" not in runs.refresh(ctx, None, reloaded["sig"], evaluations)  # unchanged
 
     with pytest.raises(UserError, match=f"{first.run_id}.*wait until it ends"):
-        next(runs.evaluation_updates(ctx, evaluations, second.run_id, "", False))
+        next(evaluation.evaluation_updates(ctx, evaluations, second.run_id, "", False))
     waiting = runs.refresh(ctx, None, reloaded["sig"], evaluations)["message"]
     assert 'data-kind="warn"' in waiting and f"<code>{second.run_id}</code> waits" in waiting
     assert waiting == next(pressed)["message"]  # the first press's progress keeps saying so
@@ -480,7 +480,7 @@ def test_a_damaged_saved_evaluation_reads_as_not_evaluated(ctx, saved):
     [row] = runs.table_rows(ctx, ctx.manager.list())
     assert row[runs.HEADERS.index("kNN top-1 % (pretrained / random init)")] == "–"
     assert runs.refresh(ctx, paths.run_id, None)["evaluation"] == ""
-    assert runs.evaluation_html(saved, "r1") == ""
+    assert evaluation.evaluation_html(saved, "r1") == ""
 
 
 def test_a_saved_evaluation_without_its_delta_shows_the_delta_derived(ctx):
