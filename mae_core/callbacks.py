@@ -1,9 +1,9 @@
 """The trainer's callbacks: what a run writes while it trains, and how it stops.
 
 ``ProgressRecorder`` (each optimizer step's line in ``metrics.jsonl``, ``status.json``, MFU),
-``StopOnRequest`` (the ``STOP`` file, decided across ranks), ``SaveCheckpoints`` with
-``AtomicCheckpointIO`` (checkpoints and weights written beside their target, fsynced, renamed),
-and ``Previews`` (fixed reconstructions every N steps); the loggers are :mod:`mae_core.loggers`.
+``StopOnRequest`` (the ``STOP`` file, decided across ranks) and ``Previews`` (fixed
+reconstructions every N steps); what a run saves to resume is :mod:`mae_core.checkpointing`, the
+loggers are :mod:`mae_core.loggers`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 
 from mae_core.config import ModelConfig
@@ -28,9 +27,7 @@ from mae_core.fileio import (
     append_lines,
     atomic_write,
     atomic_write_text,
-    fsync_file,
     read_regular_bytes,
-    remove_stale_temp_files,
 )
 from mae_core.flops import training_flops_per_image
 from mae_core.hardware import device_peak, mfu
@@ -39,7 +36,6 @@ from mae_core.model import MAELightning
 from mae_core.reconstruct import grid_image, reconstruct
 from mae_core.rundir import RunPaths, RunState
 from mae_core.slurm import note_requeue_signal, on_slurm, requeue_signal_seen
-from mae_core.weights import save_weights
 
 # Flushed rows the status panel's images/s, MFU and ETA are the median and pace of.
 RECENT_ROWS = 20
@@ -370,79 +366,6 @@ class StopOnRequest(pl.Callback):
 
 def _distributed(trainer: pl.Trainer) -> bool:
     return trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's ``torch.save`` checkpoints, written beside the target and renamed into place.
-
-    Lightning's own IO writes to a temp file in ``$TMPDIR`` and moves it; where ``$TMPDIR`` is
-    another file system (a tmpfs ``/tmp``) the move is a copy that truncates the old checkpoint
-    first, and a kill mid-copy leaves a 0-byte ``last.ckpt``. :func:`atomic_write` never does.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
-                        storage_options: Any | None = None) -> None:
-        if storage_options is not None:
-            raise TypeError("AtomicCheckpointIO takes no storage_options")
-        atomic_write(path, lambda tmp: _save_to(checkpoint, tmp))
-
-
-def _save_to(checkpoint: dict[str, Any], tmp: str) -> None:
-    """``torch.save`` through a file this code closes: on a full disk, torch's own writer (given a
-    path) kept its descriptor open after failing, so the removed temp file still held its blocks
-    until the process exited, and status.json found no room to say why the run failed."""
-    with open(tmp, "wb") as handle:
-        torch.save(checkpoint, handle)
-
-
-class SaveCheckpoints(pl.Callback):
-    """``last.ckpt`` (Lightning, for resume) and ``model.safetensors`` every N steps and at the end.
-
-    Both are written atomically beside their target (:class:`AtomicCheckpointIO`,
-    :func:`save_weights`), so a kill never leaves a half-written file; the temp files of a kill are
-    removed when the next trainer starts in the run directory.
-    """
-
-    def __init__(self, paths: RunPaths, every_n_steps: int,
-                 recorder: ProgressRecorder | None = None) -> None:
-        self.paths = paths
-        self.every_n_steps = every_n_steps
-        self.recorder = recorder  # its pending lines go to disk before the checkpoint
-        self._saved_step: int | None = None
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if trainer.is_global_zero:
-            removed = remove_stale_temp_files(self.paths.root)
-            if removed:
-                print(f"removed {len(removed)} temporary file(s) left by an interrupted save",
-                      flush=True)
-
-    def save(self, trainer: pl.Trainer, pl_module: MAELightning) -> None:
-        if self.recorder is not None:
-            self.recorder.flush(trainer)
-        if trainer.is_global_zero and self.paths.metrics.exists():
-            fsync_file(self.paths.metrics)  # the curve up to this step survives what the ckpt does
-        # Weights first: a kill between the two writes then leaves weights at or ahead of the
-        # checkpoint, never a resumable run with no (or older) weights for the Reconstruct tab.
-        if trainer.is_global_zero:
-            save_weights(pl_module.mae, self.paths.weights, step=trainer.global_step)
-        trainer.save_checkpoint(self.paths.last_ckpt, weights_only=False)  # optimizer too, for resume
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if not optimizer_stepped(trainer):
-            return
-        step = trainer.global_step
-        # A stop (StopOnRequest runs first) and the last of max_steps are saved here, mid-epoch,
-        # as the periodic checkpoints are. Saved in on_train_end, after Lightning has closed the
-        # epoch, the checkpoint named the next epoch: a resume skipped the rest of the stopped one,
-        # and a run trained by epochs finished steps short.
-        if step % self.every_n_steps == 0 or trainer.should_stop or step == trainer.max_steps:
-            self.save(trainer, pl_module)
-            self._saved_step = step
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._saved_step != trainer.global_step:  # the last epoch ended (max_epochs)
-            self.save(trainer, pl_module)
 
 
 class EveryNSteps(pl.Callback):

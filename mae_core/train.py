@@ -201,7 +201,8 @@ def _callbacks(cfg: RunConfig, paths: RunPaths, source: Any, plan: Any,
     first (the stop is decided before anything saves), a step's metric lines before its
     checkpoint, the caller's after the trainer's own, the failure record last."""
     from mae_core import datasource
-    from mae_core.callbacks import Previews, ProgressRecorder, SaveCheckpoints, StopOnRequest
+    from mae_core.callbacks import Previews, ProgressRecorder, StopOnRequest
+    from mae_core.checkpointing import SaveCheckpoints
     from mae_core.failures import RecordFailure
     from mae_core.monitor import HeldOutMonitor
     from mae_core.snapshots import WeightSnapshots
@@ -227,7 +228,7 @@ def _callbacks(cfg: RunConfig, paths: RunPaths, source: Any, plan: Any,
 def _trainer(cfg: RunConfig, paths: RunPaths, callbacks: list[pl.Callback]) -> pl.Trainer:
     import pytorch_lightning as pl
 
-    from mae_core.callbacks import AtomicCheckpointIO
+    from mae_core.checkpointing import AtomicCheckpointIO
     from mae_core.slurm import slurm_environment
 
     t = cfg.train

@@ -12,9 +12,9 @@ import torch
 
 from mae_core.callbacks import (
     ProgressRecorder,
-    SaveCheckpoints,
     StopOnRequest,
 )
+from mae_core.checkpointing import SaveCheckpoints
 from mae_core.config import ModelConfig
 from mae_core.loggers import JsonlLogger
 from mae_core.data import MAEDataModule

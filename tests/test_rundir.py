@@ -227,7 +227,7 @@ def _lightning_checkpoint(path: Path, step: int = 3) -> None:
     """A checkpoint shaped like the trainer's: a real model's weights, written by its CheckpointIO."""
     import pytorch_lightning as pl
 
-    from mae_core.callbacks import AtomicCheckpointIO
+    from mae_core.checkpointing import AtomicCheckpointIO
     from mae_core.config import ModelConfig
     from mae_core.model import MaskedAutoencoder
 

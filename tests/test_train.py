@@ -138,7 +138,7 @@ def _assert_written_in_place(tmp_path: Path, paths: RunPaths, tmpdir: Path) -> N
 HANGING_SAVE = textwrap.dedent("""
     import sys, time, torch
     from pathlib import Path
-    from mae_core.callbacks import AtomicCheckpointIO
+    from mae_core.checkpointing import AtomicCheckpointIO
 
     class Hang:
         def __reduce__(self):
