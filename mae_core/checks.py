@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import reprlib
 from typing import Any
@@ -69,6 +70,15 @@ REMOTE_SCHEMES = ("s3://", "gs://", "azure://", "hf://")
 
 def is_remote(data: str) -> bool:
     return data.startswith(REMOTE_SCHEMES)
+
+
+# Virtual file systems of the kernel: never photos nor runs, and walking them can hang or never end.
+SYSTEM_FOLDERS = ("/proc", "/sys", "/dev")
+
+
+def is_system_path(real: str) -> bool:
+    """Whether the real path ``real`` is in one of :data:`SYSTEM_FOLDERS` (or is one)."""
+    return any(real == top or real.startswith(top + os.sep) for top in SYSTEM_FOLDERS)
 
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from mae_core.checks import DataError  # noqa: F401 - its home is light: the CLIs refuse early
-from mae_core.checks import unreadable_url
+from mae_core.checks import SYSTEM_FOLDERS, is_system_path, unreadable_url
 from mae_core.crops import ResizedCrop
 from mae_core.images import (
     ImageError,
@@ -48,8 +48,6 @@ SAMPLE_PHOTOS = (
 )
 SAMPLE_DATA_NAME = "sample photos (scikit-image)"
 
-# Virtual file systems of the kernel: never photos, and walking them can hang or never end.
-SYSTEM_FOLDERS = ("/proc", "/sys", "/dev")
 # More image files than this is a wrong folder, not a data set: ImageNet-21k's 14.2 M images fit
 # (the cap was 1 M, and refused ImageNet-1k's 1.28 M, the MAE paper's own data, even to prepare).
 MAX_IMAGE_FILES = 20_000_000
@@ -125,7 +123,7 @@ class _Walk:
 
     def _listing(self, path: str) -> list[os.DirEntry]:
         real = os.path.realpath(path)
-        if real in self.seen or _is_system_path(real) or _holds(real, self.inside):
+        if real in self.seen or is_system_path(real) or _holds(real, self.inside):
             return []  # a loop, a symlink into /proc or up to / : not descended
         self.seen.add(real)
         try:
@@ -161,7 +159,7 @@ def _is_image_file(entry: os.DirEntry) -> bool:
     /proc/kcore is not one). No system call for a plain file: the listing says what it is."""
     try:
         return entry.is_file() and not (entry.is_symlink()
-                                         and _is_system_path(os.path.realpath(entry.path)))
+                                         and is_system_path(os.path.realpath(entry.path)))
     except OSError:
         return False
 
@@ -193,7 +191,7 @@ def _checked_root(folder: str) -> Path:
         raise DataError(f"data folder {_named(folder)} does not exist")
     if not is_dir:
         raise DataError(f"data path {_named(folder)} is not a folder")
-    if real == os.path.sep or _is_system_path(real):
+    if real == os.path.sep or is_system_path(real):
         raise DataError(f"data folder {_named(folder)} is the root or a system folder "
                         f"({', '.join(SYSTEM_FOLDERS)}): choose a folder of images")
     return root
@@ -216,10 +214,6 @@ def _holds(real: str, inside: str) -> bool:
     symlink in it to ``/`` or to a parent, the walk went through the whole file system, other
     users' files included."""
     return real != inside and (inside + os.sep).startswith(real.rstrip(os.sep) + os.sep)
-
-
-def _is_system_path(real: str) -> bool:
-    return any(real == top or real.startswith(top + os.sep) for top in SYSTEM_FOLDERS)
 
 
 def _skip(err: OSError) -> None:

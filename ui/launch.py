@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from mae_core.checks import is_system_path
 from mae_core.rundir import DEFAULT_RUNS_DIR
 
 AUTH_ENV = "MAE_STUDIO_AUTH"
@@ -153,16 +154,13 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
-SYSTEM_FOLDERS = ("/proc", "/sys", "/dev")  # /dev/shm, a RAM disk, may hold runs
-
-
 def require_runs_dir(runs_dir: Path) -> None:
     """A ValueError unless ``runs_dir`` (made already) can hold runs. The page serves files from
     it (``allowed_paths``): ``--runs-dir /`` served every file of the machine to anyone who could
     reach the page; ``/proc`` was taken, and every Start then failed."""
     real = os.path.realpath(runs_dir)
-    inside = lambda folder: real == folder or real.startswith(folder + os.path.sep)  # noqa: E731
-    if real == os.path.sep or (any(map(inside, SYSTEM_FOLDERS)) and not inside("/dev/shm")):
+    ram_disk = real == "/dev/shm" or real.startswith("/dev/shm/")  # may hold runs
+    if real == os.path.sep or (is_system_path(real) and not ram_disk):
         raise ValueError(f"the runs directory {runs_dir} is the root or a system folder (the "
                          "page serves the runs directory's files): pass another --runs-dir")
     try:
