@@ -186,8 +186,7 @@ def _encode(item: tuple[int, str], short_side: int, progress: str | None = None,
     None (skipped by ``optimize``) for a file that cannot be read. Raises :class:`StopRequested`
     once ``stop_file`` (a run's ``STOP``) exists: LitData then ends every encoding process."""
     index, path = item
-    if stop_file and os.path.isfile(stop_file):  # one stat per image
-        raise StopRequested(f"a stop was asked ({stop_file})")
+    _stop_if_asked(stop_file)  # one stat per image
     try:
         return {"id": index, **encode_copies(open_rgb(path), short_side)}
     except ImageError as err:

@@ -136,15 +136,17 @@ def launcher_evident() -> bool:
     this project (``MAE_STUDIO_RANK0_PID``), torchrun (``TORCHELASTIC_RUN_ID``, ``MASTER_ADDR``,
     ``WORLD_SIZE`` > 1), or a SLURM step of several tasks. Without one, a rank variable is a
     stale export in the user's shell."""
-    def count(name: str) -> int:
-        value = os.environ.get(name, "").strip()
-        return int(value) if value.isdigit() else 0
-
     return (any(name in os.environ for name in
                 ("MAE_STUDIO_RANK0_PID", "TORCHELASTIC_RUN_ID", "MASTER_ADDR"))
-            or count("WORLD_SIZE") > 1
+            or env_count("WORLD_SIZE") > 1
             or ("SLURM_JOB_ID" in os.environ
-                and max(count("SLURM_NTASKS"), count("SLURM_STEP_NUM_TASKS")) > 1))
+                and max(env_count("SLURM_NTASKS"), env_count("SLURM_STEP_NUM_TASKS")) > 1))
+
+
+def env_count(name: str) -> int:
+    """The count an environment variable holds (``WORLD_SIZE``, ``SLURM_NTASKS``), 0 if none."""
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.isdigit() else 0
 
 
 def trainer_command(run_dir: Path, resume: bool = False) -> list[str]:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 # Lightning, timm and lightly take to import; run_training imports them.
 from mae_core.checks import DataError, StopRequested
 from mae_core.config import ConfigError, RunConfig
-from mae_core.process import (TRAINER_ENV_PREFIX, GpuNotVisibleError, die_with_parent,
+from mae_core.process import (TRAINER_ENV_PREFIX, GpuNotVisibleError, die_with_parent, env_count,
                               first_process, gpu_env, gpus_narrowed)
 from mae_core.rundir import LIVE_STATES, RunPaths, RunState
 from mae_core.runsetup import (RUN_DIR_ENV, AlreadyFinished, prepare, refuse_stale_rank,
@@ -158,11 +158,8 @@ def _stop_if_asked(paths: RunPaths) -> None:
 def _ranks_started_beside() -> bool:
     """Whether a launcher (torchrun, srun) started this job's other ranks beside this process;
     the ranks Lightning starts come later, from this process's own ``fit``."""
-    def count(name: str) -> int:
-        value = os.environ.get(name, "").strip()
-        return int(value) if value.isdigit() else 0
-
-    return max(count("WORLD_SIZE"), count("SLURM_NTASKS"), count("SLURM_STEP_NUM_TASKS")) > 1
+    launched = ("WORLD_SIZE", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS")
+    return max(env_count(name) for name in launched) > 1
 
 
 def _stopped_before_training(paths: RunPaths) -> int:
