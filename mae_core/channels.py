@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from mae_core.config import ConfigError, RunConfig, format_stats
-from mae_core.data import DataError, DataSummary, _named, find_images
+from mae_core.checks import path_shown
+from mae_core.data import DataError, DataSummary, find_images
 from mae_core.images import ImageError, resize_short_side
 from mae_core.pixels import RGB8, PixelFormat, max_value, probe, read_for
 
@@ -82,9 +83,9 @@ def _one_format(examples: dict[PixelFormat, Path], folder: str) -> PixelFormat:
         return RGB8 if RGB8 in kinds else PixelFormat(1, 8)
     if len(kinds) == 1:
         return kinds.pop()
-    listed = "; ".join(f"{fmt.describe()} (e.g. {_named(str(path))})"
+    listed = "; ".join(f"{fmt.describe()} (e.g. {path_shown(str(path))})"
                        for fmt, path in sorted(examples.items(), key=lambda kv: str(kv[1])))
-    raise DataError(f"data folder {_named(folder)} mixes kinds of images: {listed}. A run trains "
+    raise DataError(f"data folder {path_shown(folder)} mixes kinds of images: {listed}. A run trains "
                     "on one kind (same channels and bit depth): put each kind in its own folder. "
                     "(8-bit grayscale images among colour photos are read as RGB.)")
 
@@ -155,7 +156,7 @@ def resolve_channels(cfg: RunConfig, data: DataSummary) -> RunConfig:
     """
     model, fmt = cfg.model, PixelFormat(data.channels, data.bits)
     if model.in_chans is not None and model.in_chans != fmt.channels:
-        raise ConfigError("in_chans", f"is {model.in_chans} but {_named(data.name)} holds "
+        raise ConfigError("in_chans", f"is {model.in_chans} but {path_shown(data.name)} holds "
                           f"{fmt.describe()} images: set it to {fmt.channels} (or auto)")
     normalize = model.normalize
     if normalize == "auto":  # statistics given by hand are the data set's

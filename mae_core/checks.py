@@ -64,6 +64,13 @@ def shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def path_shown(path: str) -> str:
+    """A path for a message that names it: a hostile 5,000-character path must not flood the
+    message (nor reach the page twice over), nor a NUL byte reach it as it is."""
+    text = path.replace("\0", "\\0")
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 # Data given as a URL: a prepared set LitData streams from object storage or the Hub.
 REMOTE_SCHEMES = ("s3://", "gs://", "azure://", "hf://")
 

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from mae_core.checks import DataError  # noqa: F401 - its home is light: the CLIs refuse early
-from mae_core.checks import SYSTEM_FOLDERS, is_system_path, unreadable_url
+from mae_core.checks import SYSTEM_FOLDERS, is_system_path, path_shown, unreadable_url
 from mae_core.crops import ResizedCrop
 from mae_core.images import (
     ImageError,
@@ -89,7 +89,7 @@ def find_images(folder: str) -> list[str]:
     walk = _Walk(folder, os.path.realpath(root))
     walk.run(str(root))
     if not walk.found:
-        raise DataError(f"data folder {_named(folder)} holds no images "
+        raise DataError(f"data folder {path_shown(folder)} holds no images "
                         f"({', '.join(sorted(IMAGE_EXTENSIONS))}, searched recursively)")
     return walk.found
 
@@ -138,7 +138,7 @@ class _Walk:
         return entries
 
     def _refuse(self) -> None:
-        raise DataError(f"data folder {_named(self.named)} holds more than {MAX_IMAGE_FILES:,} "
+        raise DataError(f"data folder {path_shown(self.named)} holds more than {MAX_IMAGE_FILES:,} "
                         f"image files (or {MAX_WALKED_ENTRIES:,} entries): choose a smaller folder")
 
 
@@ -171,8 +171,8 @@ def expanded(folder: str, what: str = "data folder") -> Path:
         return Path(folder).expanduser()
     except RuntimeError:
         head = folder.split("/", 1)[0]
-        whose = f"no user named {_named(head[1:])}" if len(head) > 1 else "HOME is not set"
-        raise DataError(f"{what} {_named(folder)}: {head} names no home folder on this machine "
+        whose = f"no user named {path_shown(head[1:])}" if len(head) > 1 else "HOME is not set"
+        raise DataError(f"{what} {path_shown(folder)}: {head} names no home folder on this machine "
                         f"({whose}): write the folder's full path") from None
 
 
@@ -185,14 +185,14 @@ def _checked_root(folder: str) -> Path:
         exists, is_dir = root.exists(), root.is_dir()
         real = os.path.realpath(root)
     except (OSError, ValueError) as err:  # a NUL byte, a name too long...
-        raise DataError(f"data folder {_named(folder)} cannot be read ({_why(err)}): check the "
+        raise DataError(f"data folder {path_shown(folder)} cannot be read ({_why(err)}): check the "
                         "path") from None
     if not exists:
-        raise DataError(f"data folder {_named(folder)} does not exist")
+        raise DataError(f"data folder {path_shown(folder)} does not exist")
     if not is_dir:
-        raise DataError(f"data path {_named(folder)} is not a folder")
+        raise DataError(f"data path {path_shown(folder)} is not a folder")
     if real == os.path.sep or is_system_path(real):
-        raise DataError(f"data folder {_named(folder)} is the root or a system folder "
+        raise DataError(f"data folder {path_shown(folder)} is the root or a system folder "
                         f"({', '.join(SYSTEM_FOLDERS)}): choose a folder of images")
     return root
 
@@ -201,12 +201,6 @@ def _why(err: OSError | ValueError) -> str:
     if isinstance(err, OSError) and err.errno == errno.ENAMETOOLONG:
         return "a name in it is longer than the file system allows, 255 bytes"
     return (err.strerror if isinstance(err, OSError) else None) or str(err)
-
-
-def _named(folder: str) -> str:
-    # A hostile 5,000-character path must not flood the message that names it.
-    text = folder.replace("\0", "\\0")
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _holds(real: str, inside: str) -> bool:
@@ -271,7 +265,7 @@ def check_data(folder: str) -> DataSummary:
     scan = scan_headers(paths, folder)
     fmt = scan.format
     if not fmt.is_rgb8 and not datasource.held_in_memory(folder, len(paths)):
-        raise DataError(f"data folder {_named(folder)} holds {len(paths):,} {fmt.describe()} "
+        raise DataError(f"data folder {path_shown(folder)} holds {len(paths):,} {fmt.describe()} "
                         f"images; above {prepared.AUTO_PREPARE_ABOVE:,} images a folder is "
                         "streamed as a prepared set of 8-bit RGB JPEGs, which would lose its "
                         f"channels or precision: train on at most {prepared.AUTO_PREPARE_ABOVE:,} "
@@ -286,7 +280,7 @@ def check_data(folder: str) -> DataSummary:
                            unreadable=scan.unreadable if scan.every_file else None,
                            paths=tuple(paths), alpha_tiffs=scan.alpha_tiffs,
                            headers_read=scan.read)
-    raise DataError(f"none of the {len(paths)} image files in {_named(folder)} can be read: all are corrupt "
+    raise DataError(f"none of the {len(paths)} image files in {path_shown(folder)} can be read: all are corrupt "
                     "or not images")
 
 

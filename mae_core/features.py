@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from lightly.utils.benchmarking import knn_predict
 from torch import Tensor
 
-from mae_core.data import DataError, _named, expanded, find_images
+from mae_core.checks import path_shown
+from mae_core.data import DataError, expanded, find_images
 from mae_core.splits import class_of
 from mae_core.images import ImageError, center_square
 from mae_core.pixels import read_for, same_dtype
@@ -77,16 +78,16 @@ def class_folders(folder: str | Path) -> dict[str, list[str]]:
             classes.setdefault(name, []).append(path)
     classes = dict(sorted(classes.items()))
     if not classes:
-        raise DataError(f"{_named(str(folder))} has no class subfolders with images: a labelled "
+        raise DataError(f"{path_shown(str(folder))} has no class subfolders with images: a labelled "
                         "folder holds one subfolder per class (root/<class>/*.png)")
     if len(classes) < 2:
-        raise DataError(f"{_named(str(folder))} has one class ({next(iter(classes))}); "
+        raise DataError(f"{path_shown(str(folder))} has one class ({next(iter(classes))}); "
                         "classification needs at least 2 class subfolders with images")
     most = MAX_IMAGES // 2
     if len(classes) > most:
         # Each class needs 2 images (one to train, one to score) within the MAX_IMAGES read: with
         # more, 1 per class was kept and the split failed with "each class needs 2 images".
-        raise DataError(f"{_named(str(folder))} has {len(classes):,} classes: the evaluation "
+        raise DataError(f"{path_shown(str(folder))} has {len(classes):,} classes: the evaluation "
                         f"reads at most {MAX_IMAGES:,} images, at least 2 per class, so at most "
                         f"{most:,} classes; give a folder with fewer")
     keep = min(MAX_PER_CLASS, MAX_IMAGES // len(classes))
@@ -108,7 +109,7 @@ def load_labelled(folder: str | Path, image_size: int, channels: int = 3) -> Lab
             labels.append(label)
     counts = torch.bincount(torch.tensor(labels, dtype=torch.long), minlength=len(classes))
     if int((counts > 0).sum()) < 2:
-        raise DataError(f"{_named(str(folder))}: fewer than 2 classes have a readable image")
+        raise DataError(f"{path_shown(str(folder))}: fewer than 2 classes have a readable image")
     return Labelled(torch.stack(same_dtype(images)), torch.tensor(labels), list(classes), skipped)
 
 

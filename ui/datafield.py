@@ -92,21 +92,14 @@ class RecentNotes:
 def read_from(data: str) -> str:
     """Where a relative path is read from, said; "" for any other path. A run keeps the absolute
     path, made from the folder the app was started in, which the page never showed."""
-    from mae_core.checks import is_url
+    from mae_core.checks import is_url, path_shown
 
     expanded = os.path.expanduser(data)
     # "~nouser/x" stays as typed (mae_core.config keeps it so, and the data check says why)
     if not data or is_url(data) or os.path.isabs(expanded) or expanded.startswith("~"):
         return ""
-    return (f" (that is `{_short(os.path.abspath(data))}`: a relative path is read from "
+    return (f" (that is `{path_shown(os.path.abspath(data))}`: a relative path is read from "
             f"`{os.getcwd()}`, where the app was started)")
-
-
-def _short(path: str) -> str:
-    """``path`` for a message, as the data check names a folder: a hostile 5,000-character path
-    (said twice, 10 kB) or a NUL byte must not reach the page as it is."""
-    text = path.replace("\0", "\\0")
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _nothing_to_prepare(data: str) -> str | None:
