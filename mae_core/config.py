@@ -203,7 +203,8 @@ class TrainConfig:
         _require(isinstance(self.data, str) and "\0" not in self.data and len(self.data) <= 4096,
                  "data", f"must be a folder path (or empty for the sample photos), got "
                  f"{shown(self.data)}")
-        _require(unreadable_url(self.data) is None, "data", unreadable_url(self.data) or "")
+        if why := unreadable_url(self.data):
+            raise ConfigError("data", why)
         _check_int(self, "batch_size", 1, 4096)
         _check_int(self, "accumulate_grad_batches", 1, MAX_ACCUMULATE)
         if self.base_lr is not None:  # None: "auto", see learning_rate()
