@@ -14,7 +14,8 @@ from mae_core.rundir import RunError, RunPaths
 
 # What Lightning's resume reads from a checkpoint (a run's trainer saves every one of them).
 LIGHTNING_CHECKPOINT_KEYS = frozenset({"state_dict", "global_step", "epoch", "loops",
-                                       "optimizer_states", "pytorch-lightning_version"})
+                                       "optimizer_states", "lr_schedulers",
+                                       "pytorch-lightning_version"})
 
 
 def saved_step(paths: RunPaths) -> int | None:
@@ -51,7 +52,37 @@ def checkpoint_step(path: Path, verify: bool = True) -> int:
     step = checkpoint["global_step"]
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise RunError(f"the checkpoint {path} holds no valid step ({shown(step)}); it cannot be resumed")
+    problem = resume_state_problem(checkpoint, step)
+    if problem:
+        raise RunError(f"the checkpoint {path} is damaged: {problem}; it cannot be resumed. Start "
+                       "a new run, or put back the last.ckpt this run wrote")
     return step
+
+
+def resume_state_problem(checkpoint: dict, step: int) -> str | None:
+    """What is wrong, in words, with the optimizer and schedule state a resume takes from
+    ``checkpoint`` (None where it is whole). Lightning loads them pair by pair with what the run
+    builds (one AdamW, one LambdaLR): an emptied list resumed silently with AdamW's moments or the
+    warm-up started over, and a malformed entry failed in the launched trainer with a KeyError."""
+    optimizers, schedulers = checkpoint["optimizer_states"], checkpoint["lr_schedulers"]
+    if not isinstance(optimizers, list) or len(optimizers) != 1:
+        return f"it holds {_count(optimizers)} optimizer states where the run has one optimizer"
+    optimizer = optimizers[0]
+    groups = optimizer.get("param_groups") if isinstance(optimizer, dict) else None
+    moments = optimizer.get("state") if isinstance(optimizer, dict) else None
+    if (not isinstance(groups, list) or not groups or not isinstance(moments, dict)
+            or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)):
+        return "its optimizer state lacks AdamW's state or parameter groups"
+    if step > 0 and not moments:
+        return f"its optimizer state is empty at step {step} (AdamW's moments would start over)"
+    if not isinstance(schedulers, list) or len(schedulers) != 1 or not isinstance(schedulers[0], dict):
+        return (f"it holds {_count(schedulers)} learning-rate schedule states where the run has "
+                "one (its warm-up would start over)")
+    return None
+
+
+def _count(value: Any) -> str:
+    return str(len(value)) if isinstance(value, list) else "no list of"
 
 
 def _verify_archive(path: Path) -> None:

@@ -24,8 +24,15 @@ if str(REPO_ROOT) not in sys.path:  # the benchmark package lives beside mae_cor
 from bench.procs import free_port  # noqa: E402 - the benchmark's port picker, shared
 
 __all__ = ["SIZE", "SYNC_OPS", "SlowDisk", "TensorCalls", "cache_lock_held", "free_port",
-           "make_four", "make_gray16", "poll", "rgb_png", "scan16", "tile4"]
+           "make_four", "make_gray16", "poll", "resume_state", "rgb_png", "scan16", "tile4"]
 T = TypeVar("T")
+
+
+def resume_state() -> dict:
+    """The optimizer and schedule part of a Lightning checkpoint at its smallest that a resume
+    accepts (mae_core.lastckpt checks it): one AdamW with one parameter's moments, one LambdaLR."""
+    return {"optimizer_states": [{"state": {0: {"step": 1.0}}, "param_groups": [{"params": [0]}]}],
+            "lr_schedulers": [{"last_epoch": 1}]}
 
 
 def poll(predicate: Callable[[], T], timeout_s: float, every_s: float = 0.2) -> T | None:

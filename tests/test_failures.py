@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from helpers import resume_state
 from mae_core.failures import TERMINATED, failure_text, port_taken, termination_text
 from mae_core.rundir import RunPaths
 
@@ -32,5 +33,5 @@ def test_a_sigterm_says_where_resume_takes_the_run_up(tmp_path):
     paths = RunPaths(tmp_path)
     assert termination_text(paths) == f"{TERMINATED}; it had saved no checkpoint: start it again"
     torch.save({"global_step": 7, "epoch": 0, "state_dict": {}, "pytorch-lightning_version": "2",
-                "loops": {}, "optimizer_states": [], "lr_schedulers": []}, paths.last_ckpt)
+                "loops": {}, **resume_state()}, paths.last_ckpt)
     assert termination_text(paths) == f"{TERMINATED}; Resume continues from step 7"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import resume_state
 from mae_core.config import ModelConfig, RunConfig, TrainConfig
 from mae_core.model import MaskedAutoencoder
 from mae_core.resumecheck import (check_resumable, require_devices, require_one_node,
@@ -21,7 +22,7 @@ def save_checkpoint(paths: RunPaths, step: int, model: ModelConfig = MODEL) -> N
     """A Lightning-shaped last.ckpt of ``model`` at ``step``."""
     state = {f"mae.{k}": v for k, v in MaskedAutoencoder(model).state_dict().items()}
     torch.save({"state_dict": state, "global_step": step, "epoch": 0, "loops": {},
-                "optimizer_states": [], "pytorch-lightning_version": "2"}, paths.last_ckpt)
+                "pytorch-lightning_version": "2", **resume_state()}, paths.last_ckpt)
 
 
 @pytest.fixture

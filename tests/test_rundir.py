@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from helpers import resume_state
 from mae_core import display
 from mae_core.config import ConfigError, RunConfig
 from mae_core.evaluate import read_result
@@ -234,8 +235,8 @@ def _lightning_checkpoint(path: Path, step: int = 3) -> None:
     model = MaskedAutoencoder(ModelConfig(image_size=32, patch_size=8))
     AtomicCheckpointIO().save_checkpoint({
         "epoch": 0, "global_step": step, "pytorch-lightning_version": pl.__version__,
-        "state_dict": model.state_dict(), "loops": {}, "callbacks": {}, "optimizer_states": [],
-        "lr_schedulers": []}, path)
+        "state_dict": model.state_dict(), "loops": {}, "callbacks": {},
+        **resume_state()}, path)
 
 
 def test_a_checkpoint_with_overwritten_bytes_is_corrupt(tmp_path):

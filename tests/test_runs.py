@@ -25,7 +25,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import SlowDisk, poll
+from helpers import SlowDisk, poll, resume_state
 from mae_core.config import ConfigError, ModelConfig, RunConfig
 from mae_core.data import DataError, ImageFolderDataset, find_images, sample_photo_paths
 from mae_core.model import MaskedAutoencoder
@@ -811,7 +811,7 @@ def _lightning_checkpoint(path: Path, cfg: RunConfig, step: int) -> None:
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in MaskedAutoencoder(cfg.model).state_dict().items()}
     torch.save({"state_dict": {f"mae.{k}": torch.zeros(shape) for k, shape in shapes.items()},
-                "global_step": step, "epoch": 0, "loops": {}, "optimizer_states": [],
+                "global_step": step, "epoch": 0, "loops": {}, **resume_state(),
                 "pytorch-lightning_version": "2.0.0"}, path)
 
 

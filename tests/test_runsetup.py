@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from helpers import resume_state
 from mae_core.config import ConfigError, RunConfig
 from mae_core.rundir import RunPaths, create_run
 from mae_core.runsetup import prepare
@@ -147,7 +148,7 @@ def test_an_automatic_resume_of_a_run_at_its_max_steps_has_nothing_to_do(tmp_pat
     paths = create_run(RunConfig().with_overrides(max_steps=4), run_dir=tmp_path / "run",
                        state=state)
     torch.save({"global_step": 4, "epoch": 0, "state_dict": {}, "loops": {},
-                "pytorch-lightning_version": "2", "optimizer_states": [], "lr_schedulers": []},
+                "pytorch-lightning_version": "2", **resume_state()},
                paths.last_ckpt)
     with pytest.raises(AlreadyFinished, match="already finished at step 4: nothing to do"):
         _prepare("--run-dir", str(paths.root), "--auto-resume")

@@ -608,6 +608,7 @@ def test_a_resume_by_hand_is_checked_as_the_apps_resume(tmp_path):
                                           "above 2"):
         prepare(build_parser().parse_args(["--run-dir", str(run), "--resume", "--max-steps", "1"]))
     assert (run / "config.yaml").read_text() == config  # nothing rewritten
+    _damaged_resume_state_is_refused(run)
     data = bytearray((run / "last.ckpt").read_bytes())
     data[len(data) // 2: len(data) // 2 + 64] = b"\0" * 64
     (run / "last.ckpt").write_bytes(bytes(data))
@@ -615,6 +616,35 @@ def test_a_resume_by_hand_is_checked_as_the_apps_resume(tmp_path):
     assert corrupt.returncode == 2, corrupt.stdout[-3000:]
     assert "last.ckpt" in corrupt.stdout and "Traceback" not in corrupt.stdout
     assert RunPaths(run).read_status()["state"] == "finished"
+
+
+def _damaged_resume_state_is_refused(run: Path) -> None:
+    """A last.ckpt whose optimizer or schedule state was emptied or mangled (its tensors sound)
+    resumed with AdamW's moments or the warm-up started over, or failed in the launched trainer
+    with a KeyError: refused before, naming what is wrong, and the file left as it was."""
+    from mae_core.config import ConfigError
+    from mae_core.lastckpt import checkpoint_step
+    from mae_core.runsetup import prepare
+    from mae_core.trainargs import build_parser
+
+    sound = (run / "last.ckpt").read_bytes()
+    checkpoint = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)
+    damages = {
+        "it holds 0 optimizer states where the run has one optimizer": {"optimizer_states": []},
+        "it holds 2 optimizer states": {"optimizer_states": checkpoint["optimizer_states"] * 2},
+        "its optimizer state lacks AdamW's state or parameter groups": {"optimizer_states": [{}]},
+        r"its optimizer state is empty at step 2 \(AdamW's moments would start over\)": {
+            "optimizer_states": [{**checkpoint["optimizer_states"][0], "state": {}}]},
+        r"it holds 0 learning-rate schedule states where the run has one \(its warm-up would "
+        r"start over\)": {"lr_schedulers": []},
+    }
+    for said, change in damages.items():
+        torch.save({**checkpoint, **change}, run / "last.ckpt")
+        with pytest.raises(ConfigError, match=f"last.ckpt is damaged: {said}"):
+            prepare(build_parser().parse_args(["--run-dir", str(run), "--resume",
+                                               "--max-steps", "4"]))
+        (run / "last.ckpt").write_bytes(sound)
+    assert checkpoint_step(run / "last.ckpt") == 2  # the sound one passes the same checks
 
 
 def test_torchrun_processes_must_be_the_runs_devices_times_nodes(tmp_path):
