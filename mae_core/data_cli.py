@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"error: {err}\n")
     except OSError as err:  # the output is a file, under a file, or in /proc
         parser.exit(2, f"error: {args.out} cannot be written ({err.strerror or err})\n")
+    except KeyboardInterrupt:  # the conventional exit status of a Ctrl+C, and no traceback
+        parser.exit(130, f"interrupted: nothing was written to {args.out}\n")
     print(f"prepared {manifest['count']:,} images ({manifest['skipped']:,} skipped: unreadable) "
           f"into {args.out}: {manifest['bytes'] / 1e6:.1f} MB in {manifest['seconds']:.1f} s", flush=True)
     return 0

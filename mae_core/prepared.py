@@ -212,17 +212,42 @@ def _refuse_non_rgb8(source: str, paths: list[str]) -> None:
 
 @contextlib.contextmanager
 def _ctrl_c_kept() -> Iterator[None]:
-    """Ctrl+C's handler as it was before ``litdata.optimize``, once it returns: LitData installs
-    its own, which ends the process with ``os._exit(0)`` (a success, nothing recorded), and leaves
-    it installed, so a Ctrl+C in the seconds between a trainer's preparation and its training
-    ended the run as if it had finished. (During the encoding it is LitData's.)"""
+    """Ctrl+C a KeyboardInterrupt while ``litdata.optimize`` runs, and its handler as it was once
+    it returns. LitData installs its own, which ends the process with ``os._exit(0)``: a Ctrl+C
+    while a trainer prepared its data ended the run as if it had finished (nothing recorded), and
+    ``python -m mae_core.data optimize`` exited 0 leaving its ``.OUT.tmp-<pid>`` folder. It is
+    LitData's clean-up (each encoding process told to stop) and then the interrupt, in this
+    process; the encoding processes keep LitData's own exit."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers are the main thread's
         return
+    from litdata.processing.data_processor import DataProcessor
+
     previous = signal.getsignal(signal.SIGINT)
+    litdatas = DataProcessor.__dict__.get("_signal_handler")
+    here, asked = os.getpid(), threading.Event()
+
+    def interrupted(processor: Any, signum: int, frame: Any) -> None:
+        if os.getpid() != here:  # an encoding process forked with the handler
+            return litdatas(processor, signum, frame)
+        asked.set()
+        for queue in getattr(processor, "stop_queues", []):
+            queue.put(None)
+        for worker in getattr(processor, "workers", []):
+            worker.join(0)
+        raise KeyboardInterrupt
+
+    if litdatas is not None:  # a LitData without it installs none of its own to replace
+        DataProcessor._signal_handler = interrupted
     try:
         yield
+        # Raised where Python swallows exceptions (a fork's logging hook, a __del__) the interrupt
+        # is lost, and LitData returns once the stopped encoders end: a partial set, never kept.
+        if asked.is_set():
+            raise KeyboardInterrupt
     finally:
+        if litdatas is not None:
+            DataProcessor._signal_handler = litdatas
         signal.signal(signal.SIGINT, previous)
 
 

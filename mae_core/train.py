@@ -186,6 +186,8 @@ def _open_data(data: str, paths: RunPaths) -> Any:
         print(f"opening the remote data set {data}", flush=True)
     try:
         return datasource.run_data(data, paths.root)
+    except KeyboardInterrupt:  # Ctrl+C while the data are prepared is a Stop, as it is in training
+        raise StopRequested from None
     except DataError as err:  # the other ranks and nodes wait on status.json to give up
         if datasource.first_process():
             paths.write_status(state=RunState.FAILED, error=str(err))

@@ -44,3 +44,57 @@ def test_optimize_command_prepares_a_folder_counts_skipped_and_refuses_bad_input
         assert refused.value.code == 2
         err = capsys.readouterr().err
         assert message in err and err.startswith("error: ") and "Traceback" not in err
+
+
+def test_ctrl_c_while_the_images_are_encoded_exits_130_and_keeps_nothing(tmp_path):
+    """Ctrl+C while LitData encoded (its handler: ``os._exit(0)``) exited 0, as a success, and left
+    the half-written ``.OUT.tmp-<pid>`` folder beside OUT."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    from helpers import REPO_ROOT, poll
+    from mae_core.proctree import descendants
+
+    source = tmp_path / "src"
+    source.mkdir()
+    noise = np.random.default_rng(0).integers(0, 255, (96, 96, 3), dtype=np.uint8)
+    for i in range(3000):  # a few seconds of encoding by one process
+        Image.fromarray(np.roll(noise, i, axis=1)).save(source / f"{i:04d}.png", compress_level=0)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "mae_core.data", "optimize", str(source),
+                             str(out), "--workers", "1"], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        # LitData forks its encoding process once its handler is in place: Ctrl+C then.
+        assert poll(lambda: descendants(proc.pid), 120, every_s=0.02), proc.communicate()[0]
+        time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl+C sends
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, output
+    assert output.endswith(f"interrupted: nothing was written to {out}\n"), output
+    assert "Traceback" not in output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no OUT, no .out.tmp-<pid>
+    assert poll(lambda: not _commands_naming(str(out)) or None, 30), "an encoding process is left"
+
+
+def _commands_naming(text: str) -> list[str]:
+    """The command lines of this machine's processes that hold ``text``."""
+    from pathlib import Path
+
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            command = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        if text in command:
+            found.append(command)
+    return found

@@ -585,6 +585,44 @@ def test_ctrl_c_stops_every_rank_after_its_step_as_a_stop_does(tmp_path):
     assert status["step"] == _checkpoint_step(paths) == max(r["step"] for r in paths.read_metrics())
 
 
+def test_ctrl_c_while_the_run_prepares_its_data_is_a_stop_before_training(tmp_path):
+    """Ctrl+C while the trainer prepared a large folder (LitData's handler: ``os._exit(0)``) ended
+    the run as if it had finished: exit 0 with the run left "starting", untrained, and LitData's
+    half-written set left in the cache."""
+    from PIL import Image
+
+    from mae_core import prepared
+    from mae_core.proctree import descendants
+
+    folder = tmp_path / "large"
+    folder.mkdir()
+    for i in range(2 * prepared.AUTO_PREPARE_ABOVE):  # a few seconds of encoding by one process
+        Image.new("RGB", (96, 96), (i % 251, i // 251, 9)).save(folder / f"{i:04d}.png")
+    run, log = tmp_path / "run", tmp_path / "trainer.log"
+    env = clean_env(**{prepared.CACHE_ENV: str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mae_core.train", "--run-dir", str(run), "--data", str(folder),
+         "--preset", "vit-tiny", "--image-size", "32", "--patch-size", "8", "--batch-size", "4",
+         "--max-steps", "3", "--devices", "1", "--accelerator", "cpu", "--num-workers", "1",
+         "--num-previews", "0"], cwd=REPO_ROOT, env=env, stdout=log.open("w"),
+        stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        # LitData forks its encoding process once its handler is in place: Ctrl+C then.
+        preparing = lambda: "preparing" in log.read_text() and descendants(proc.pid)  # noqa: E731
+        assert poll(preparing, 120, every_s=0.02), log.read_text()
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl+C sends
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    output = log.read_text()
+    assert proc.returncode == 0, output
+    status = RunPaths(run).read_status()
+    assert status["state"] == "stopped" and status["step"] == 0 and not status.get("error"), status
+    assert "stopped on request before training a step (at step 0)" in output
+    assert not RunPaths(run).last_ckpt.exists() and RunPaths(run).read_metrics() == []
+    assert not [p for p in (tmp_path / "cache").rglob("*") if ".tmp-" in p.name]
+
+
 def test_a_resume_by_hand_is_checked_as_the_apps_resume(tmp_path):
     """``--resume`` took a checkpoint with overwritten bytes (and trained on), and a max steps at
     or below the checkpoint's step ("finished" at once, the config rewritten); the app's Resume
