@@ -254,6 +254,27 @@ def open_regular(path: str | Path, append: bool = False) -> BinaryIO:
         raise
 
 
+def wrong_kind(path: str | Path, folder: bool = False, appended: bool = False) -> str | None:
+    """What stands in ``path``'s place where a writer cannot use it ("a folder", "a FIFO"...), or
+    None (nothing there, or something it can write). A file written by :func:`atomic_write`
+    replaces anything but a folder; one ``appended`` to (:func:`open_regular`) must be a regular
+    file itself; a ``folder`` must be one (a link to one will do). Put there by hand, each failed
+    a resumed trainer only at its first save or preview, the steps since its start lost."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:  # missing (made when written), or not to be told from here
+        return None
+    if folder:
+        usable = stat.S_ISDIR(mode) or (stat.S_ISLNK(mode) and os.path.isdir(path))
+    else:
+        usable = stat.S_ISREG(mode) or not (appended or stat.S_ISDIR(mode))
+    if usable:
+        return None
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a link"), (stat.S_ISFIFO, "a FIFO"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "a file"))
+    return next((name for test, name in kinds if test(mode)), "a device")
+
+
 def read_regular_bytes(path: str | Path) -> bytes:
     """The whole of the regular file ``path``; OSError if it is missing, unreadable or no file."""
     with open_regular(path) as handle:

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mae_core.fileio import atomic_write_json, atomic_write_text, open_regular, read_json
+from mae_core.fileio import (atomic_write_json, atomic_write_text, open_regular, read_json,
+                             wrong_kind)
 from mae_core.process import process_record, process_start_time  # noqa: F401 - re-exported
 from mae_core.runstatus import (DAMAGED_STATUS, LIVE_STATES, STATES,  # noqa: F401 - re-exported
                                 STATUS_FIELDS, UNREADABLE_STATUS, RunState, RunStatus,
@@ -174,6 +175,21 @@ class RunPaths:
             return self.config.is_file()
         except OSError:
             return False
+
+    def misplaced(self) -> str | None:
+        """The files and folders a trainer writes whose place holds what it cannot use, in words
+        (for a refusal: "`model.safetensors` is a folder (a file belongs there)"), or None.
+        A trainer launched into them failed at its first save or preview (a folder where
+        ``model.safetensors`` goes, a file where ``previews/`` goes), or at once (one for
+        ``metrics.jsonl``)."""
+        entries = [(p, False, False) for p in (self.config, self.status, self.process,
+                                               self.data_record, self.last_ckpt, self.weights)]
+        entries.append((self.metrics, False, True))  # (train.log: the app's launch checks it)
+        entries += [(p, True, False) for p in (self.previews, self.snapshots, self.tensorboard)]
+        found = [f"`{path.name}` is {kind} ({'a folder' if folder else 'a file'} belongs there)"
+                 for path, folder, appended in entries
+                 if (kind := wrong_kind(path, folder=folder, appended=appended))]
+        return "; ".join(found) or None
 
     def stop_requested(self) -> bool:
         """Whether a stop is asked: a STOP file (anything else in its place, a folder made by

@@ -33,7 +33,7 @@ from mae_core.devices import share_devices
 from mae_core.data import check_data
 from mae_core.diskspace import check_room, full_disk_message, same_disk, still_to_write
 from mae_core.fileio import (DiskFullError, NotRegularFileError, atomic_write_json,
-                             disk_nearly_full, mounted_read_only)
+                             disk_nearly_full, mounted_read_only, wrong_kind)
 from mae_core.process import PROJECT_ROOT  # noqa: F401 - re-exported for callers and tests
 from mae_core.resumecheck import (past_the_epoch_limit, require_devices, require_no_waiting_job,
                                   require_one_node, require_same_model, require_steps_left,
@@ -288,6 +288,9 @@ class RunManager(QueuedRuns, TrainerWatch):
         """
         paths = self.paths(run_id)
         trained = RunConfig.load(paths.config)
+        if problem := paths.misplaced():
+            raise RunError(f"run {run_id} cannot be resumed: {problem}. Move or delete what is "
+                           "in the way, then resume")
         cfg = trained if max_steps is None else trained.with_overrides(max_steps=max_steps)
         status = paths.read_status()
         cfg = past_the_epoch_limit(status, trained, cfg, run_id)
@@ -363,6 +366,9 @@ class RunManager(QueuedRuns, TrainerWatch):
         paths = self.paths(run_id)
         out = paths.encoder
         model = RunConfig.load(paths.config).model  # first: a refusal writes nothing
+        if kind := wrong_kind(out):
+            raise RunError(f"the encoder of {run_id} cannot be exported: `{out.name}` is {kind} "
+                           "where the file goes. Move or delete it, then export")
         # The weights' own config: their normalisation is what the file records, and fine-tuning
         # must read images so.
         model = require_weights_of(model, self.weights(run_id), run_id)

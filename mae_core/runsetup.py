@@ -140,6 +140,9 @@ def _continue_run(cfg: RunConfig, paths: RunPaths, resume: bool, overrides: dict
     """The config of a run directory that exists: resumed, started again before its first
     checkpoint, or joined by a later rank."""
     _require_launcher_world(cfg.with_overrides(**overrides))
+    if writer and (problem := paths.misplaced()):
+        raise ConfigError("run_dir", f"{paths.root} cannot be trained in: {problem}. Move or "
+                                     "delete what is in the way")
     if resume and not paths.last_ckpt.exists():
         raise ConfigError("resume", f"{paths.last_ckpt} does not exist: nothing to resume")
     if writer:

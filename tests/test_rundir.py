@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -319,3 +320,54 @@ def test_a_fifo_in_a_run_folder_reads_as_no_file_instead_of_blocking(tmp_path, n
         assert isinstance(got, type) and issubclass(got, expected), got
     else:
         assert got == expected, got
+
+
+def test_a_run_file_replaced_by_a_folder_or_a_folder_by_a_file_is_refused_before_any_trainer(
+        tmp_path, run_module):
+    """What a person put in place of a run's file or folder (a folder named model.safetensors, a
+    file named previews, a link for metrics.jsonl) refuses Resume, the trainer's --resume, Export
+    and the CSV in words, and nothing is written. A resumed trainer used to be launched into it
+    and failed at its first save or preview, the steps since lost; Export and the CSV said
+    "Internal error: IsADirectoryError"."""
+    from mae_core.runs import RunManager
+    from ui.common import AppContext, UserError
+    from ui.compare import metrics_csv
+
+    runs = tmp_path / "runs"
+    done = run_module("mae_core.train", "--runs-dir", runs, "--image-size", "32", "--patch-size",
+                      "8", "--batch-size", "8", "--max-steps", "2", "--devices", "1",
+                      "--accelerator", "cpu", "--num-previews", "1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    manager = RunManager(runs)
+    [status] = manager.list()
+    paths = manager.paths(status["run_id"])
+    before = paths.status.read_bytes()
+    for name, folder, said in (("model.safetensors", False, "is a folder (a file belongs there)"),
+                               ("metrics.jsonl", False, "is a link (a file belongs there)"),
+                               ("previews", True, "is a file (a folder belongs there)")):
+        place = paths.root / name
+        aside = place.rename(tmp_path / name)
+        if name == "metrics.jsonl":
+            place.symlink_to(aside)
+        elif folder:
+            place.write_text("")
+        else:
+            place.mkdir()
+        with pytest.raises(RunError, match=f"cannot be resumed: `{name}` {re.escape(said)}"):
+            manager.resume(paths.run_id, max_steps=4)
+        by_hand = run_module("mae_core.train", "--run-dir", paths.root, "--resume",
+                             "--max-steps", "4")
+        assert by_hand.returncode == 2 and f"`{name}` {said}" in by_hand.stderr, by_hand.stderr
+        if place.is_dir() and not place.is_symlink():
+            place.rmdir()
+        else:
+            place.unlink()
+        aside.rename(place)
+    assert paths.status.read_bytes() == before  # no trainer was launched, nothing recorded
+    ctx = AppContext(manager)
+    paths.encoder.mkdir()
+    paths.metrics_csv.mkdir()
+    with pytest.raises(RunError, match="`encoder.safetensors` is a folder where the file goes"):
+        manager.export(paths.run_id)
+    with pytest.raises(UserError, match="`metrics.csv` of .* is a folder where the file goes"):
+        metrics_csv(ctx, paths.run_id)

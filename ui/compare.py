@@ -11,6 +11,7 @@ import gradio as gr
 
 from mae_core import display
 from mae_core.checks import shown
+from mae_core.fileio import wrong_kind
 from mae_core.metrics import write_csv
 from ui import render
 from ui.common import AppContext, UserError, as_run_id, guarded
@@ -94,6 +95,9 @@ def metrics_csv(ctx: AppContext, run_id: str | None) -> str:
     if not run_id:
         raise UserError("Choose a run whose metrics to download.")
     paths = ctx.manager.paths(run_id)
+    if kind := wrong_kind(paths.metrics_csv):
+        raise UserError(f"`{paths.metrics_csv.name}` of {run_id} is {kind} where the file goes: "
+                        "move or delete it, then download again")
     try:
         return str(write_csv(ctx.metrics.reader(paths.metrics), paths.metrics_csv, make_dirs=False))
     except FileNotFoundError:
