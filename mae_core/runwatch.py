@@ -229,7 +229,9 @@ class TrainerWatch:
         """Terminate the trainer ``record`` names if it outlives ``stop_timeout_s`` from
         ``asked_at``, when its stop was asked (at once, if that is past)."""
         pid, start_time = record["pid"], record.get("start_time")
-        left_s = asked_at + self.stop_timeout_s - time.time()
+        # At most the timeout from now: a request dated ahead (the clock stepped back since the
+        # Stop, NTP or a restored VM) left a trainer that never answered running for that long.
+        left_s = min(asked_at + self.stop_timeout_s - time.time(), self.stop_timeout_s)
         if proctree.wait_gone(pid, start_time, max(0.0, left_s), every_s=0.2):
             return
         if proc.pid_alive(pid, start_time):

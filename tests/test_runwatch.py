@@ -206,3 +206,20 @@ def test_a_run_whose_rank_1_died_names_that_rank_not_rank_0s_sigkill(tmp_path, m
     if moved:
         said += f": its folder was moved here from {paths.root} while it trained"
     assert status["state"] == "failed" and status["error"].startswith(said), status
+
+
+def test_a_stop_dated_ahead_of_a_clock_stepped_back_is_still_forced_on_time(tmp_path, stand_in):
+    """Stop pressed, then the clock stepped back an hour (NTP, a restored VM) and the app
+    restarted: the watchdog counted the timeout from the STOP file's time, an hour ahead, and a
+    trainer that never answers (hung, SIGSTOPped; here ``sleep``) read "running" for that hour."""
+    paths = create_run(tiny_config().resolved(), runs_dir=tmp_path / "runs")
+    atomic_write_json(paths.process, proc.process_record(stand_in.pid, command=["sleep", "300"]))
+    paths.write_status(state="running", step=3)
+    paths.request_stop()
+    ahead = time.time() + 3600
+    os.utime(paths.stop_request, (ahead, ahead))
+    restarted = RunManager(tmp_path / "runs", stop_timeout_s=2)
+    assert restarted.status(paths.run_id)["state"] == "running"
+    ended = poll(lambda: (s := restarted.status(paths.run_id))["state"] != "running" and s, 30)
+    assert ended and ended["state"] == "stopped", ended
+    assert stand_in.wait(timeout=10) is not None
