@@ -95,9 +95,7 @@ class ProgressRecorder(pl.Callback):
         self._fit_start = self._step_start = self._last_flush = time.perf_counter()
         if trainer.is_global_zero:
             # A resume continues from the checkpoint's step: later lines of the killed run go.
-            self.paths.truncate_metrics(trainer.global_step)
-            elapsed = [row["elapsed_s"] for row in self.paths.read_metrics() if "elapsed_s" in row]
-            self._elapsed_before = float(elapsed[-1]) if elapsed else 0.0
+            self._elapsed_before = self.paths.truncate_metrics(trainer.global_step)
             dataset = getattr(trainer.datamodule, "dataset", None)
             self._own = {"state": RunState.RUNNING, "pid": os.getpid(),
                          "world_size": trainer.world_size,

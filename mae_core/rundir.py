@@ -26,13 +26,13 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mae_core.fileio import (atomic_write_json, atomic_write_text, open_regular, read_json,
-                             wrong_kind)
+from mae_core.fileio import (atomic_write, atomic_write_json, open_regular,
+                             read_json, wrong_kind)
 from mae_core.process import process_record, process_start_time  # noqa: F401 - re-exported
 from mae_core.runstatus import (DAMAGED_STATUS, LIVE_STATES, STATES,  # noqa: F401 - re-exported
                                 STATUS_FIELDS, UNREADABLE_STATUS, RunState, RunStatus,
@@ -261,27 +261,49 @@ class RunPaths:
 
     def read_metrics(self, since_step: int = -1) -> list[dict[str, Any]]:
         """Metric lines with ``step > since_step``; a line being written right now is skipped."""
-        rows = []
-        try:
-            with open_regular(self.metrics) as handle:  # a FIFO in its place would block
-                for line in handle:
-                    try:
-                        row = json.loads(line)
-                    except (ValueError, RecursionError):
-                        continue
-                    step = row.get("step") if isinstance(row, dict) else None
-                    if isinstance(step, int) and not isinstance(step, bool) and step > since_step:
-                        rows.append(row)  # a hand-edited step of null or "2" is no step
-        except OSError:
-            pass
-        return rows
+        return [row for _, row in _metric_rows(self.metrics) if row["step"] > since_step]
 
-    def truncate_metrics(self, last_step: int) -> None:
-        """Drop lines logged after ``last_step`` (a resume restarts from the checkpoint's step)."""
-        if not self.metrics.exists():
-            return
-        kept = [json.dumps(row) for row in self.read_metrics() if row.get("step", 0) <= last_step]
-        atomic_write_text(self.metrics, "".join(line + "\n" for line in kept), make_dirs=False)
+    def truncate_metrics(self, last_step: int) -> float:
+        """Drop lines logged after ``last_step`` (a resume restarts from the checkpoint's step);
+        the training time before it, the last kept line's ``elapsed_s`` (0.0 if none).
+
+        Read a line at a time and copied as written, rewritten only where a line goes: a
+        million-step run's 120 MB file took 12 s and 1.1 GB as dicts, twice, at each resume."""
+        elapsed, later = 0.0, False
+        for _, row in _metric_rows(self.metrics):
+            if row["step"] > last_step:
+                later = True
+            elif isinstance(row.get("elapsed_s"), (int, float)):
+                elapsed = float(row["elapsed_s"])
+        if later:
+            atomic_write(self.metrics, self._copy_metrics_to(last_step), make_dirs=False)
+        return elapsed
+
+    def _copy_metrics_to(self, last_step: int) -> Callable[[str], None]:
+        def copy(tmp: str) -> None:
+            with open(tmp, "wb") as out:
+                for line, row in _metric_rows(self.metrics):
+                    if row["step"] <= last_step:
+                        out.write(line.rstrip(b"\n") + b"\n")
+        return copy
+
+
+def _metric_rows(path: Path) -> Iterator[tuple[bytes, dict[str, Any]]]:
+    """``path``'s lines that are JSON objects with a whole ``step``, each with its object, a line
+    at a time; none
+    where it is missing, unreadable or not a regular file (a FIFO in its place would block)."""
+    try:
+        with open_regular(path) as handle:
+            for line in handle:
+                try:
+                    row = json.loads(line)
+                except (ValueError, RecursionError):
+                    continue
+                step = row.get("step") if isinstance(row, dict) else None
+                if isinstance(step, int) and not isinstance(step, bool):
+                    yield line, row  # a hand-edited step of null or "2" is no step
+    except OSError:
+        return
 
 
 # The lock file apps sharing a runs directory take before they check for a live run and launch.

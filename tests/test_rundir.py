@@ -371,3 +371,38 @@ def test_a_run_file_replaced_by_a_folder_or_a_folder_by_a_file_is_refused_before
         manager.export(paths.run_id)
     with pytest.raises(UserError, match="`metrics.csv` of .* is a folder where the file goes"):
         metrics_csv(ctx, paths.run_id)
+
+
+def test_a_resumes_cut_of_a_million_step_curve_reads_it_a_line_at_a_time(tmp_path):
+    """A resume drops the lines after its checkpoint's step. It read the whole metrics.jsonl as
+    dicts, twice (for the time trained before): a million-step run's 120 MB file cost rank 0
+    1.1 GB and ~20 s at each resume, before its first step. Here 200,000 lines, in a process of
+    its own whose peak memory is measured."""
+    import subprocess
+    import sys
+
+    paths = RunPaths(tmp_path / "run")
+    paths.root.mkdir()
+    line = '{{"step": {0}, "epoch": 0, "loss": 0.5, "lr": 0.0001, "elapsed_s": {0}.5}}\n'
+    with open(paths.metrics, "w") as out:
+        out.writelines(line.format(step) for step in range(200_000))
+        out.write("not json\n")
+    # VmHWM, not ru_maxrss: that keeps the peak of the forked pytest across the exec.
+    script = ("import re, sys; from pathlib import Path; from mae_core.rundir import RunPaths\n"
+              "def peak(): return int(re.search(r'VmHWM:\\s*(\\d+)', "
+              "Path('/proc/self/status').read_text())[1])\n"
+              "before = peak()\n"
+              "elapsed = RunPaths(Path(sys.argv[1])).truncate_metrics(int(sys.argv[2]))\n"
+              "print(elapsed, (peak() - before) // 1024)\n")
+    for last, lines in ((300_000, 200_001), (150_000, 150_001)):
+        done = subprocess.run([sys.executable, "-c", script, str(paths.root), str(last)],
+                              capture_output=True, text=True, timeout=120,
+                              cwd=Path(__file__).resolve().parent.parent)
+        assert done.returncode == 0, done.stderr
+        elapsed, grown_mb = done.stdout.split()
+        assert int(grown_mb) < 32, f"the cut grew its process by {grown_mb} MB"
+        assert float(elapsed) == min(last, 199_999) + 0.5
+        kept = paths.metrics.read_text().splitlines()
+        assert len(kept) == lines  # nothing to cut: the file is left as it was, "not json" too
+    assert kept[-1] == line.format(150_000).rstrip("\n")  # copied as written
+    assert [row["step"] for row in paths.read_metrics(149_998)] == [149_999, 150_000]
