@@ -15,12 +15,8 @@ manager and the trainer alike.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import errno
-import fcntl
 import json
-import os
 import re
 import shutil
 import stat
@@ -34,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 from mae_core.fileio import (atomic_write, atomic_write_json, open_regular,
                              read_json, wrong_kind)
 from mae_core.process import process_record, process_start_time  # noqa: F401 - re-exported
+from mae_core.runslock import (_UNWRITABLE, LOCK_NAME, open_lock,  # noqa: F401 - re-exported
+                               runs_folder_lock)
 from mae_core.runstatus import (DAMAGED_STATUS, LIVE_STATES, STATES,  # noqa: F401 - re-exported
                                 STATUS_FIELDS, UNREADABLE_STATUS, RunState, RunStatus,
                                 check_status_fields, state_unknown, status_from_json)
@@ -304,58 +302,6 @@ def _metric_rows(path: Path) -> Iterator[tuple[bytes, dict[str, Any]]]:
                     yield line, row  # a hand-edited step of null or "2" is no step
     except OSError:
         return
-
-
-# The lock file apps sharing a runs directory take before they check for a live run and launch.
-LOCK_NAME = ".runs.lock"
-# What a write refused for the file system's sake (not a bug) fails with: said in words.
-_UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
-
-
-def open_lock(runs_dir: Path) -> int:
-    """A descriptor of the runs directory's lock file to ``flock``, made if missing. Where it
-    cannot be opened for writing (a read-only mount), read-only: ``flock`` needs no write access,
-    and Start, Resume and Delete then say why they cannot write instead of failing on the lock.
-    With no lock file there, the directory itself is locked: nobody can write in it anyway."""
-    path = runs_dir / LOCK_NAME
-    try:
-        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as err:
-        if err.errno not in _UNWRITABLE:
-            raise
-    try:
-        return os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return os.open(runs_dir, os.O_RDONLY | os.O_DIRECTORY)
-
-
-@contextlib.contextmanager
-def runs_folder_lock(runs_dir: Path, make: bool = True) -> Iterator[bool]:
-    """The runs folder's file lock (:func:`open_lock`), which every app sharing the folder takes
-    to check the devices free and make a run (``RunManager._exclusive``), and a run started by
-    hand too: between its own check and its config, an app's Start went ahead beside it.
-    ``flock``: released when the file closes, by a killed process too.
-
-    ``make``: make the lock file if missing. Without it, a folder no app has locked (the parent of
-    a ``--run-dir`` of your choosing: your home) is left as it is: no app there to exclude.
-    Yields whether the folder is locked: False on a file system without ``flock`` (Lustre
-    without ``-o flock``, NFS without lockd), which is no reason to refuse a run."""
-    if not make and not (runs_dir / LOCK_NAME).exists():
-        yield True
-        return
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    fd = open_lock(runs_dir)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            locked = True
-        except OSError as err:
-            if err.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
-                raise
-            locked = False
-        yield locked
-    finally:
-        os.close(fd)
 
 
 def run_folders(runs_dir: str | Path) -> list[RunPaths]:

@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import shutil
 import threading
@@ -48,9 +47,9 @@ from mae_core.rundir import (_UNWRITABLE, DAMAGED, DAMAGED_RUN_ERROR,  # noqa: F
 from mae_core.rundelete import remove_interrupted_deletes, unlink_run_folder
 from mae_core.runqueue import QueuedRuns, RunQueue
 from mae_core.runsdirs import live_elsewhere, note_runs_dir
+from mae_core.runslock import LOCK_WAIT_S, wait_for_lock
 from mae_core.runwatch import TrainerWatch
 from mae_core.weights import export_encoder, timm_snippet
-
 
 class RunManager(QueuedRuns, TrainerWatch):
     """Owns the training processes of one runs directory.
@@ -382,27 +381,32 @@ class RunManager(QueuedRuns, TrainerWatch):
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
-        """This manager's lock and the runs directory's file lock, which every app sharing the
-        directory takes (``flock`` locks belong to the open file, so two managers in one process
-        exclude each other too).
+        """The runs directory's file lock, which every app sharing the directory takes, then this
+        manager's lock (``flock`` locks belong to the open file: two managers in one process, or
+        two threads, exclude each other too). The file lock first, without the manager's: held
+        for good by another process (an app stopped mid-Start), it froze every status read here.
 
         Every section under it writes: on a runs directory this app may not write (a read-only
         mount, another user's folder) the first write refuses it in words, as RunError."""
-        with self._lock:
-            try:
-                self.runs_dir.mkdir(parents=True, exist_ok=True)  # again if deleted under the app
-                fd = open_lock(self.runs_dir)
-            except OSError as err:
-                raise RunError(self._cannot_write(err)) from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            self.runs_dir.mkdir(parents=True, exist_ok=True)  # again if deleted under the app
+            fd = open_lock(self.runs_dir)
+        except OSError as err:
+            raise RunError(self._cannot_write(err)) from None
+        try:
+            if not wait_for_lock(fd, LOCK_WAIT_S):
+                raise RunError(f"{self.runs_dir / LOCK_NAME} has been locked by another process "
+                               f"for over {LOCK_WAIT_S:.0f} s (an app or a trainer started by "
+                               "hand, stopped or hung while it started a run): end or continue "
+                               "it, then try again")
+            with self._lock:
                 yield
-            except OSError as err:
-                if err.errno not in _UNWRITABLE:
-                    raise
-                raise RunError(self._cannot_write(err)) from None
-            finally:
-                os.close(fd)  # releases the lock
+        except OSError as err:
+            if err.errno not in _UNWRITABLE:
+                raise
+            raise RunError(self._cannot_write(err)) from None
+        finally:
+            os.close(fd)  # releases the lock
 
     def _cannot_write(self, err: OSError) -> str:
         """A write under the runs directory that its file system or its owner refused, in words."""
