@@ -1,0 +1,70 @@
+"""``python -m mae_core.export --run checkpoints/<run>``: a run's encoder as timm weights, from the
+command line.
+
+The Runs tab's Export (``RunManager.export``) was the only way to get ``encoder.safetensors``: a
+researcher who trained and evaluated by hand had to start the app for it. This writes the same
+file (:func:`mae_core.weights.export_encoder`) and prints the same snippet that loads it in timm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mae_core.config import ConfigError
+from mae_core.evaluate import EvaluationError, _run_with_weights
+from mae_core.rundir import RunError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m mae_core.export",
+        description="Write a run's encoder (model.safetensors) as timm VisionTransformer weights "
+                    "and print the Python that loads it for fine-tuning. Exit 2 when refused.")
+    parser.add_argument("--run", required=True, help="the run's folder (checkpoints/<run>)")
+    parser.add_argument("--out", default=None,
+                        help="the file to write, or a folder to write <run-id>-encoder.safetensors "
+                             "in (default: <run>/encoder.safetensors, where the app's Export "
+                             "writes it)")
+    return parser
+
+
+def export_run(run_dir: str | Path, out: str | Path | None = None) -> tuple[Path, list[str], str]:
+    """Export the run's encoder to ``out``; (the file written, its tensor names, the timm snippet)."""
+    paths, cfg = _run_with_weights(run_dir)  # refused before torch is imported
+    from mae_core.resumecheck import require_weights_of
+    from mae_core.weights import WeightsError, export_encoder, timm_snippet
+
+    target = Path(out).expanduser() if out else paths.encoder
+    if target.is_dir():  # a folder of exports: named by the run, so several runs fit in one
+        target = target / f"{paths.run_id}-encoder.safetensors"
+    try:
+        # The weights' own config (their normalisation) is what fine-tuning must read images with.
+        model = require_weights_of(cfg.model, paths.weights, paths.run_id)
+        names = export_encoder(paths.weights, target)
+    except WeightsError as err:  # damaged weights: said as the run's
+        raise RunError(f"run {paths.run_id}: {err}") from None
+    return target, names, timm_snippet(model, target.resolve())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        target, names, snippet = export_run(args.run, args.out)
+    except (EvaluationError, ConfigError, RunError) as err:
+        parser.exit(2, f"error: {err}\n")
+    except OSError as err:  # --out in a missing or read-only folder
+        parser.exit(2, f"error: cannot write {args.out or 'the encoder'}: "
+                       f"{err.strerror or err}\n")
+    print(f"wrote {target} ({len(names)} encoder tensors, no head); load it with timm:\n",
+          file=sys.stderr)
+    print(snippet)
+    return 0
+
+
+if __name__ == "__main__":
+    from mae_core.process import exit_quickly
+
+    exit_quickly(main())

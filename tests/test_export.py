@@ -1,0 +1,54 @@
+"""``python -m mae_core.export``: the Runs tab's Export from the command line; the file loads in
+timm as its printed snippet says."""
+
+from __future__ import annotations
+
+import timm
+import torch
+from safetensors.torch import load_file
+
+from mae_core.config import ModelConfig, RunConfig, TrainConfig
+from mae_core.export import export_run
+from mae_core.model import MaskedAutoencoder
+from mae_core.rundir import create_run
+from mae_core.weights import save_weights
+
+CFG = RunConfig(ModelConfig(image_size=32, patch_size=8),
+                TrainConfig(accelerator="cpu", devices=1, batch_size=4, max_steps=4))
+
+
+def _run_with_weights(tmp_path):
+    paths = create_run(CFG.resolved(), runs_dir=tmp_path / "runs")
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(CFG.model)
+    save_weights(model, paths.weights, step=4)
+    return paths, model
+
+
+def test_the_command_writes_the_encoder_and_prints_the_snippet_that_loads_it(tmp_path, run_module):
+    paths, model = _run_with_weights(tmp_path)
+    result = run_module("mae_core.export", "--run", paths.root)
+    assert result.returncode == 0, result.stderr
+    assert paths.encoder.is_file() and f"wrote {paths.encoder}" in result.stderr
+    namespace: dict = {}
+    exec(result.stdout, namespace)  # the snippet as printed: its own assert checks the keys
+    vit = namespace["model"]
+    assert isinstance(vit, timm.models.VisionTransformer)
+    assert torch.equal(vit.blocks[0].attn.qkv.weight, model.backbone.vit.blocks[0].attn.qkv.weight)
+
+
+def test_out_writes_elsewhere_and_refusals_exit_2_in_one_line(tmp_path, run_module):
+    paths, _ = _run_with_weights(tmp_path)
+    out = tmp_path / "exported" / "tiny.safetensors"
+    target, names, snippet = export_run(paths.root, out)
+    assert target == out and not paths.encoder.exists()
+    assert set(load_file(out)) == set(names) and not any(n.startswith("head.") for n in names)
+    assert repr(str(out)) in snippet
+    target, _, _ = export_run(paths.root, out.parent)  # a folder: named by the run
+    assert target == out.parent / f"{paths.run_id}-encoder.safetensors" and target.is_file()
+    bare = create_run(CFG.resolved(), runs_dir=tmp_path / "runs")
+    for args, says in ((["--run", tmp_path / "nothing"], "no run directory"),
+                       (["--run", bare.root], "no saved weights yet")):
+        result = run_module("mae_core.export", *args)
+        assert result.returncode == 2 and says in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
