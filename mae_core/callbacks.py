@@ -9,6 +9,7 @@ loggers are :mod:`mae_core.loggers`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -39,6 +40,9 @@ from mae_core.slurm import note_requeue_signal, on_slurm, requeue_signal_seen
 
 # Flushed rows the status panel's images/s, MFU and ETA are the median and pace of.
 RECENT_ROWS = 20
+# A progress line on rank 0's stdout at most this often (the terminal of a run started by hand,
+# the app's train.log): the trainer printed no loss at all, only Lightning's start-up lines.
+SAY_EVERY_S = 30.0
 
 PREVIEW_SEED = 0
 
@@ -66,8 +70,10 @@ class ProgressRecorder(pl.Callback):
     """
 
     def __init__(self, paths: RunPaths, status_every_s: float = 1.0, log_every_n_steps: int = 1,
-                 flush_every_s: float = 1.0) -> None:
+                 flush_every_s: float = 1.0, say_every_s: float = SAY_EVERY_S) -> None:
         self.paths = paths
+        self.say_every_s = say_every_s
+        self._last_said = -math.inf  # the first flushed step is said: the run has started
         self.status_every_s = status_every_s
         self.log_every_n_steps = log_every_n_steps
         self.flush_every_s = flush_every_s
@@ -168,6 +174,9 @@ class ProgressRecorder(pl.Callback):
                 board_scalars(board, row)
         self.last_row = rows[-1]
         self._recent.extend(rows)
+        if now - self._last_said >= self.say_every_s:
+            self._last_said = now
+            print(progress_line(rows[-1], _total_steps(trainer)), flush=True)
         if now - self._last_status >= self.status_every_s:
             self._last_status = now
             self.write_progress(trainer)
@@ -199,6 +208,18 @@ class ProgressRecorder(pl.Callback):
             if images_per_s is not None else None, step_s=_pace(self._recent),
             elapsed_s=self._elapsed_before + time.perf_counter() - self._fit_start,
             step_at=time.time(), **{**self._own, **fields})
+
+
+def progress_line(row: dict[str, Any], total_steps: int) -> str:
+    """One metrics row as a line for a person: "step 16/60  loss 1.0673  lr 2.4e-06  89.6
+    images/s  epoch 9"."""
+    step = f"{row['step']:,}/{total_steps:,}" if total_steps > 0 else f"{row['step']:,}"
+    lr = row.get("lr")
+    rate = row.get("images_per_s")
+    return (f"step {step}  loss {row['loss']:.4f}"
+            + (f"  lr {lr:.2g}" if lr is not None else "")
+            + (f"  {rate:,.1f} images/s" if rate is not None else "")
+            + f"  epoch {row['epoch']}")
 
 
 def _median(values: list[float]) -> float | None:

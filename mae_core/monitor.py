@@ -144,6 +144,20 @@ def plan_evaluation(t: TrainConfig, split_data: bool = True,
                     classes=labelled.classes)
 
 
+def no_evaluation_note(t: TrainConfig, kind: str, files: int | None) -> str | None:
+    """Why a run on a folder of its own evaluates nothing, when that is the small-folder default:
+    such a run (60 labelled images) trained with no validation loss and no kNN monitor, saying
+    nothing, though README's labelled-folder example holds 10 % out."""
+    if (not t.data or t.eval_data or kind != "memory" or t.eval_every_n_steps == 0
+            or t.val_count is not None or t.val_fraction is not None
+            or files is None or files >= AUTO_VAL_MIN_IMAGES):
+        return None
+    return (f"held-out evaluation: none ({files:,} images, fewer than the {AUTO_VAL_MIN_IMAGES:,} "
+            f"from which {AUTO_VAL_FRACTION:.0%} is held out by default): --val-count N or "
+            "--val-fraction F (the form's held-out images or share) holds images out for a "
+            "validation loss and, with class subfolders, the kNN monitor")
+
+
 def _check_readable(folder: str, parts: dict[str, tuple[str, ...]], channels: int | None) -> None:
     """Refuses an ``eval_data`` folder when one of its ``parts`` has no image whose header reads
     (as ``channels`` channels, when known): its kNN monitor would have nothing to score. Headers

@@ -16,9 +16,11 @@ import contextlib
 import datetime
 import logging
 import os
+import shlex
 import sys
 import traceback
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 # Only light modules here: a refused flag or config answers at once, without the seconds torch,
@@ -116,7 +118,7 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
 
     from mae_core.failures import record_termination
     from mae_core.model import MAELightning
-    from mae_core.monitor import EvalPlan, plan_evaluation
+    from mae_core.monitor import EvalPlan, no_evaluation_note, plan_evaluation
 
     t = cfg.train
     pl.seed_everything(t.seed, workers=True, verbose=False)
@@ -127,6 +129,10 @@ def run_training(cfg: RunConfig, paths: RunPaths, resume: bool = False,
     # streamed (prepared) set is trained whole: its kNN monitor needs a separate eval_data folder.
     plan = (plan_evaluation(t, split_data=source.kind == "memory") if datamodule is None
             else EvalPlan())
+    if datamodule is None and first_process() and not plan.active:
+        note = no_evaluation_note(t, source.kind, source.files)
+        if note:
+            print(note, flush=True)
     callbacks = _callbacks(cfg, paths, source, plan, extra_callbacks or [])
     recorder, stopper = callbacks[0], callbacks[1]
     trainer = _trainer(cfg, paths, callbacks)
@@ -281,6 +287,9 @@ def _ended(trainer: pl.Trainer, paths: RunPaths, recorder: Any, stopper: Any) ->
                  else RunState.FINISHED)
         paths.clear_stop_request()
         recorder.write_progress(trainer, state=state)
+        if not (stopper.requeue and not done):
+            print(ended_line(state, trainer.global_step, trainer.max_steps, recorder.last_row,
+                             paths.root), flush=True)
         if stopper.requeue and not done:  # SLURM's time limit or preemption is near: requeued
             requeued, said = requeue_slurm_job()
             print(said, flush=True)
@@ -291,6 +300,22 @@ def _ended(trainer: pl.Trainer, paths: RunPaths, recorder: Any, stopper: Any) ->
                                          f"requeue signal; {said}",
                                    requeued_job=slurm_job() if requeued else None)
     return 0
+
+
+def ended_line(state: str, step: int, max_steps: int, last_row: dict[str, Any] | None,
+               root: Path) -> str:
+    """What a run started by hand says as it ends (a Ctrl-C Stop used to end in silence, a finished
+    run on Lightning's "`max_steps=30` reached"): where it got, and the command that goes on."""
+    run = shlex.quote(str(root))
+    loss = f" (loss {last_row['loss']:.4f})" if last_row and "loss" in last_row else ""
+    of = f"/{max_steps:,}" if max_steps > 0 else ""
+    if state == RunState.STOPPED:
+        return (f"stopped at step {step:,}{of}{loss}, saved; continue it with "
+                f"python -m mae_core.train --run-dir {run} --resume")
+    return (f"finished at step {step:,}{of}{loss}; weights in {run}/model.safetensors\n"
+            f"  evaluate it:     python -m mae_core.evaluate --run {run}\n"
+            f"  export for timm: python -m mae_core.export --run {run}\n"
+            f"  train further:   python -m mae_core.train --run-dir {run} --resume --max-steps N")
 
 
 def _say_joining(trainer: pl.Trainer) -> None:

@@ -13,6 +13,7 @@ import torch
 from mae_core.callbacks import (
     ProgressRecorder,
     StopOnRequest,
+    progress_line,
 )
 from mae_core.checkpointing import SaveCheckpoints
 from mae_core.config import ModelConfig
@@ -94,6 +95,19 @@ def test_the_step_callbacks_read_nothing_back_from_the_device_between_flushes(tm
     assert [row["lr"] for row in rows] == pytest.approx(
         [1e-3 * warmup_cosine(step - 1, warmup=0, total=5) for step in range(1, 6)])
     assert rows[-1]["lr"] > 0
+
+
+def test_rank_0_prints_a_progress_line_at_the_first_flush_then_by_the_clock(tmp_path, capsys):
+    """A run started by hand printed no loss at all: Lightning's start-up lines, then nothing."""
+    paths = RunPaths(tmp_path / "run")
+    recorder = ProgressRecorder(paths, flush_every_s=0.0, say_every_s=NEVER)
+    _fit(paths, [recorder], steps=3)
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    first = next(row for row in paths.read_metrics() if "lr" in row)
+    assert said == [progress_line(first, 3)]  # once: the next is 30 s away
+    assert said[0].startswith(f"step 1/3  loss {first['loss']:.4f}  lr ")
+    assert progress_line({"step": 1200, "epoch": 3, "loss": 0.5, "lr": None,
+                          "images_per_s": None}, -1) == "step 1,200  loss 0.5000  epoch 3"
 
 
 def recorder_end(recorder: ProgressRecorder) -> pl.Callback:

@@ -18,7 +18,8 @@ from mae_core.config import AUTO_VAL_MIN_IMAGES, RunConfig, TrainConfig
 from mae_core.data import DataError, find_images
 from mae_core.splits import MIN_HELD_OUT, fixed_crops, split_folder
 from mae_core.model import draw_token_mask, seeded_generator
-from mae_core.monitor import KNN_K, VAL_MASK_SEED, EvalPlan, embed, knn_scores, plan_evaluation
+from mae_core.monitor import (KNN_K, VAL_MASK_SEED, EvalPlan, embed, knn_scores,
+                              no_evaluation_note, plan_evaluation)
 from mae_core.rundir import RunPaths
 from mae_core.weights import load_model
 
@@ -91,6 +92,22 @@ def test_split_sizes_fraction_auto_and_refusals(labelled, tmp_path):
 def test_the_default_run_on_the_sample_photos_evaluates_nothing():
     plan = plan_evaluation(TrainConfig())
     assert not plan.active and plan.train is None  # trains on all 17 photos, as before
+
+
+def test_a_small_folder_of_ones_own_says_why_it_evaluates_nothing(labelled):
+    """A 40-image labelled folder trained with no validation loss and no kNN monitor, in silence:
+    the trainer now says why, and what holds images out. Said only where that default is why."""
+    t = TrainConfig(data=str(labelled))
+    assert not plan_evaluation(t).active
+    note = no_evaluation_note(t, "memory", 2 * PER_CLASS)
+    assert note is not None and f"{2 * PER_CLASS} images, fewer than the {AUTO_VAL_MIN_IMAGES}" in note
+    assert "--val-count" in note and "kNN monitor" in note
+    # Not for the sample photos, a split asked for, evaluation off, a streamed set, a large folder.
+    for quiet, kind, files in ((TrainConfig(), "memory", 17),
+                               (TrainConfig(data=str(labelled), val_count=8), "memory", 40),
+                               (TrainConfig(data=str(labelled), eval_every_n_steps=0), "memory", 40),
+                               (t, "prepared", 40), (t, "memory", AUTO_VAL_MIN_IMAGES)):
+        assert no_evaluation_note(quiet, kind, files) is None
 
 
 def test_plan_bounds_the_bank_with_every_class_and_needs_labels_for_eval_data(labelled, tmp_path):

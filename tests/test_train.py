@@ -25,6 +25,7 @@ from mae_core.fileio import is_temp_file
 from mae_core.process import clean_env
 from mae_core.rundir import RunError, RunPaths
 from mae_core.runs import RunManager
+from mae_core.train import ended_line
 from mae_core.weights import load_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -583,6 +584,21 @@ def test_ctrl_c_stops_every_rank_after_its_step_as_a_stop_does(tmp_path):
     status = paths.read_status()
     assert status["state"] == "stopped" and not status.get("error"), status
     assert status["step"] == _checkpoint_step(paths) == max(r["step"] for r in paths.read_metrics())
+    # Said on the terminal too (it ended in silence), with the command that continues it.
+    assert f"stopped at step {status['step']}/" in log, log
+    assert f"python -m mae_core.train --run-dir {paths.root} --resume" in log, log
+
+
+def test_the_end_of_a_run_says_where_it_got_and_what_goes_on(tmp_path):
+    row = {"step": 30, "loss": 0.98765}
+    finished = ended_line("finished", 30, 30, row, tmp_path / "my run")
+    assert finished.startswith("finished at step 30/30 (loss 0.9877); weights in ")
+    for command in ("mae_core.evaluate --run", "mae_core.export --run",
+                    "mae_core.train --run-dir"):
+        assert f"python -m {command} '{tmp_path / 'my run'}'" in finished  # quoted: a space
+    stopped = ended_line("stopped", 16, -1, None, tmp_path)
+    assert stopped == (f"stopped at step 16, saved; continue it with python -m mae_core.train "
+                       f"--run-dir {tmp_path} --resume")
 
 
 def test_ctrl_c_while_the_run_prepares_its_data_is_a_stop_before_training(tmp_path):
