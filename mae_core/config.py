@@ -303,9 +303,13 @@ class RunConfig:
         if not isinstance(data, dict):
             raise ConfigError("config", "must be a mapping with model: and train: sections")
         unknown = set(map(str, data)) - {"model", "train"}
-        if unknown:
-            raise ConfigError(sorted(unknown)[0][:60], unknown_name("config section", sorted(unknown)[0],
-                                                                   ("model", "train")))
+        if unknown:  # a flat file (as /start_run takes) is told where its fields go
+            name = sorted(unknown)[0]
+            part = next((part for part, kind in (("model", ModelConfig), ("train", TrainConfig))
+                         if name in {f.name for f in dataclasses.fields(kind)}), None)
+            raise ConfigError(name[:60], f"belongs under {part}:, not at the top level (a config "
+                              "file has model: and train: sections, as a run's config.yaml)"
+                              if part else unknown_name("config section", name, ("model", "train")))
         return cls(model=_build(ModelConfig, data.get("model") or {}, "model"),
                    train=_build(TrainConfig, data.get("train") or {}, "train"))
 

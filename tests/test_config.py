@@ -252,6 +252,9 @@ def test_gpus_are_indices_of_the_gpus_this_process_sees(monkeypatch):
 
 @pytest.mark.parametrize(("data", "message"), [
     ({"modle": {}}, "modle: unknown config section (did you mean model?)"),
+    # A flat file (as /start_run takes) is told where its fields go, not "unknown section".
+    ({"preset": "vit-tiny", "data": "/x"}, "data: belongs under train:, not at the top level"),
+    ({"image_size": 32}, "image_size: belongs under model:, not at the top level"),
     ({"model": {"batch_size": 8}}, "batch_size: belongs under train:, not model:"),
     ({"train": {"mask_ratio": 0.5}}, "mask_ratio: belongs under model:, not train:"),
     ({"train": {"max_step": 8}}, "max_step: unknown field under train: (did you mean max_steps"),
