@@ -190,12 +190,17 @@ def group_rows(result: Audit) -> list[RowGroup]:
     return sorted(out, key=lambda g: not g.ddp_relevant)  # stable: model order within each kind
 
 
-def format_table(result: Audit) -> str:
+def format_table(result: Audit, cfg: ModelConfig | None = None) -> str:
     header = ("name", "shape", "count", "status", "reason")
     lines = [(r.name, "×".join(map(str, r.shape)), f"{r.numel:,}", r.status, r.reason)
              for r in result.rows]
     widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
-    out = [f"Parameter audit: {result.preset}, policy {result.policy}", ""]
+    # The size and patch too: the position embeddings' counts depend on them, and the command's
+    # 64 px / patch 8 default is not the paper's 224 / 16 a vit-base is usually read at.
+    encoder = f"{cfg.encoder_name}, " if cfg and cfg.encoder_name != result.preset else ""
+    size = (f", {cfg.image_size} px / patch {cfg.patch_size} ({encoder}"
+            f"{cfg.channels} channel{'s' if cfg.channels > 1 else ''})" if cfg else "")
+    out = [f"Parameter audit: {result.preset}, policy {result.policy}{size}", ""]
     for row in [header, *lines]:
         out.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     out.append("")
@@ -208,16 +213,19 @@ def format_table(result: Audit) -> str:
 def main(argv: list[str] | None = None, prog: str = "python -m mae_core.audit") -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     d = ModelConfig()  # the trainer's own defaults: the model a plain run trains
-    parser.add_argument("--model", default=d.preset, help=f"preset: {', '.join(PRESETS)}")
+    parser.add_argument("--model", default=d.preset,
+                        help=f"preset: {', '.join(PRESETS)} (default %(default)s)")
     parser.add_argument("--timm-model", default="",
                         help="any timm VisionTransformer name as the encoder, instead of --model's")
-    parser.add_argument("--policy", default=d.policy, help=f"one of {', '.join(POLICIES)}")
+    parser.add_argument("--policy", default=d.policy,
+                        help=f"one of {', '.join(POLICIES)} (default %(default)s)")
     parser.add_argument("--image-size", type=int, default=d.image_size,
                         help="input size in pixels (default %(default)s)")
     parser.add_argument("--patch-size", type=int, default=d.patch_size,
                         help="patch size in pixels; must divide the image size (default %(default)s)")
     parser.add_argument("--in-chans", type=int, default=d.channels,
-                        help="channels per pixel (1 grayscale, 3 RGB, N multi-band)")
+                        help="channels per pixel (1 grayscale, 3 RGB, N multi-band; default "
+                             "%(default)s)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     try:
@@ -227,7 +235,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m mae_core.audit") 
     except ConfigError as err:
         parser.exit(2, f"error: {err}\n")
     result = audit(cfg)
-    print(json.dumps(result.to_dict(), indent=2) if args.json else format_table(result))
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_table(result, cfg))
     return 0
 
 

@@ -300,7 +300,9 @@ def test_params_cli_ddp_clean_table(run_module):
     result = run_module("mae_core.audit", "--model", "vit-tiny", "--policy", "ddp-clean")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "Parameter audit: vit-tiny, policy ddp-clean" in out
+    # The size is said: the position embeddings' counts depend on it (64 px / 8 by default).
+    assert "Parameter audit: vit-tiny, policy ddp-clean, 64 px / patch 8 (vit_tiny_patch16_224, " \
+           "3 channels)" in out
     head_lines = [line for line in out.splitlines() if line.startswith("backbone.vit.head.")]
     assert len(head_lines) == 2 and all("removed" in line for line in head_lines)
     mask_line = next(line for line in out.splitlines() if line.startswith("backbone.mask_token "))
