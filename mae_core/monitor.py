@@ -364,6 +364,14 @@ class HeldOutMonitor(EveryNSteps):
 
     @staticmethod
     def _all_gather(trainer: pl.Trainer, tensor: Tensor) -> Tensor:
-        """(world, ...) on every strategy (a single-device one returns the tensor unchanged)."""
-        gathered = trainer.strategy.all_gather(tensor)
-        return gathered if trainer.world_size > 1 else gathered.unsqueeze(0)
+        """(world, ...) on every strategy (one process: the tensor alone).
+
+        torch.distributed's own all_gather, not the strategy's: Lightning's goes through
+        ``torch.distributed.nn.functional.all_gather`` (for gradients, which features under
+        no_grad have none of), deprecated in torch, and every rank printed the warning into
+        the terminal and train.log at the first kNN evaluation."""
+        if trainer.world_size == 1 or not torch.distributed.is_initialized():
+            return tensor.unsqueeze(0)
+        parts = [torch.empty_like(tensor) for _ in range(trainer.world_size)]
+        torch.distributed.all_gather(parts, tensor.contiguous())
+        return torch.stack(parts)

@@ -160,13 +160,25 @@ def test_knn_scores_separable_and_random_features():
 # --- a real DDP run -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ddp_run(run_module, labelled, tmp_path_factory):
+def ddp_result(run_module, labelled, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     result = run_module("mae_core.train", "--runs-dir", runs, *RUN, "--data", labelled,
                         "--val-count", str(VAL_COUNT))
     dirs = [p for p in runs.iterdir() if p.is_dir()]
     assert result.returncode == 0 and len(dirs) == 1, result.stderr[-4000:]
-    return RunPaths(dirs[0])
+    return RunPaths(dirs[0]), result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def ddp_run(ddp_result):
+    return ddp_result[0]
+
+
+def test_the_knn_monitors_gather_prints_no_library_warning(ddp_result):
+    """Lightning's all_gather goes through torch.distributed.nn's, deprecated: each rank printed
+    the warning into the terminal (and train.log) at the first kNN evaluation."""
+    output = ddp_result[1]
+    assert "kNN on" in output and "deprecated" not in output, output[-3000:]
 
 
 def test_ddp_run_records_validation_loss_and_knn_at_fixed_steps(ddp_run):
