@@ -340,10 +340,16 @@ def main(argv: list[str] | None = None) -> int:
 
     parent = os.getppid()  # first: the app may exit while this process imports torch
 
-    parser = argparse.ArgumentParser(prog="python -m mae_core.preparing")
-    parser.add_argument("folder")
-    parser.add_argument("progress_dir")
-    parser.add_argument("--workers", type=int, default=None)
+    # README names this command (the app's own process): its help said nothing of what it is for.
+    parser = argparse.ArgumentParser(
+        prog="python -m mae_core.preparing",
+        description="The process the app's Prepare now starts: prepares FOLDER into the data "
+                    "cache, writing its progress and result in PROGRESS_DIR for the app to read. "
+                    "By hand, prepare a folder with python -m mae_core.data optimize.")
+    parser.add_argument("folder", help="the image folder to prepare")
+    parser.add_argument("progress_dir", help="where the progress and the result are written")
+    parser.add_argument("--workers", type=int, default=None, help="encoding workers (default: "
+                        "from the CPU cores)")
     parser.add_argument("--app-pid", type=int, default=None, help="the app that reads the progress")
     args = parser.parse_args(argv)
     app = args.app_pid or parent

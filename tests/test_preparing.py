@@ -198,3 +198,15 @@ def test_a_preparation_says_how_far_it_got_every_few_seconds(tmp_path, capsys):
         time.sleep(0.2)
     lines = capsys.readouterr().out.splitlines()
     assert lines and set(lines) == {"encoded 5 of 20 images (25 %)"}
+
+
+def test_the_commands_help_says_what_it_is_for(capsys):
+    """README names ``python -m mae_core.preparing``; its help listed two bare positionals."""
+    from mae_core.preparing import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    said = capsys.readouterr().out
+    assert done.value.code == 0
+    assert "Prepare now" in said and "python -m mae_core.data optimize" in said
+    assert "the image folder to prepare" in said
