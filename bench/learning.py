@@ -32,17 +32,22 @@ BATCH = 64  # the default CPU run: 2 processes × batch 32
 
 
 def variants() -> dict[str, tuple[dict, dict]]:
-    """name → (ModelConfig overrides, TrainConfig overrides + ``lr``: the effective lr)."""
+    """name → (ModelConfig overrides, TrainConfig overrides + ``lr``: the effective lr).
+
+    Each is the current defaults (``norm_pix_loss`` off) but for what its name says. The old
+    defaults had ``norm_pix_loss`` on; "old-default" and the "-nonorm" variant were written when
+    it was the default, so after the switch "old-default" was not the old recipe and "-nonorm"
+    repeated "lr1e-3-wu20" (now "-normpix": the paper's loss at the new rate)."""
     old = 1.5e-4 * BATCH / 256
     w = dict(warmup_fraction=0.2, max_steps=300)
     v: dict[str, tuple[dict, dict]] = {
-        "old-default": ({}, dict(lr=old, warmup_fraction=0.05, max_steps=300)),
+        "old-default": ({"norm_pix_loss": True}, dict(lr=old, warmup_fraction=0.05, max_steps=300)),
         "lr1e-3-wu20": ({}, dict(lr=1e-3, **w)),
         "lr3e-4-wu20": ({}, dict(lr=3e-4, **w)),
         "lr2e-3-wu20": ({}, dict(lr=2e-3, **w)),
         "lr1e-3-wu5": ({}, dict(lr=1e-3, warmup_fraction=0.05, max_steps=300)),
         "lr1e-3-wu20-p16": ({"patch_size": 16}, dict(lr=1e-3, **w)),
-        "lr1e-3-wu20-nonorm": ({"norm_pix_loss": False}, dict(lr=1e-3, **w)),
+        "lr1e-3-wu20-normpix": ({"norm_pix_loss": True}, dict(lr=1e-3, **w)),
         "lr1e-3-wu20-dec2": ({"decoder_depth": 2}, dict(lr=1e-3, **w)),
         "lr1e-3-wu20-wd0": ({}, dict(lr=1e-3, weight_decay=0.0, **w)),
         "lr1e-3-wu20-1000": ({}, dict(lr=1e-3, warmup_fraction=0.2, max_steps=1000)),
@@ -125,16 +130,27 @@ def figure(weights: str, path: str, count: int = 2, size: int = 64) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.learning")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--only", nargs="*")
-    parser.add_argument("--out", default="test-artifacts/learning")
-    parser.add_argument("--eval-every", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=0)
+    parser = argparse.ArgumentParser(prog="python -m bench.learning", description=(
+        "Does a default-sized run learn? Trains the sample photos in one process (batch 64, as "
+        "the default CPU run's 2 x 32), one variant of the defaults after another, and prints "
+        "each one's loss on fixed crops and masks as it goes."))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--only", nargs="*", metavar="NAME",
+                        help=f"these variants alone: {', '.join(variants())}")
+    parser.add_argument("--out", default="test-artifacts/learning",
+                        help="where each variant's weights, picture and results.json go "
+                             "(default %(default)s)")
+    parser.add_argument("--eval-every", type=int, default=100,
+                        help="steps between fixed-crop losses (default %(default)s)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (default 0: torch's own choice)")
     parser.add_argument("--steps", type=int, help="override every variant's max_steps (a smoke test)")
     parser.add_argument("--figure", nargs=2, metavar=("WEIGHTS", "PNG"),
                         help="draw a run's reconstructions of the sample photos instead")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.only or ()) - set(variants()))
+    if unknown:  # it ran nothing and exited 0
+        parser.error(f"--only: no variant named {', '.join(unknown)}")
     if args.figure:
         print(f"fixed-crop loss {figure(*args.figure):.4f}")
         return 0
