@@ -272,7 +272,11 @@ def write_csv(reader: MetricsReader, path: Path, make_dirs: bool = True) -> Path
     buffer = io.StringIO()
     out = csv.writer(buffer)
     out.writerow(["step", *keys])
+    # Every column is held as floats; the epoch is a count, written as one ("0.0" became a float
+    # column in pandas, whose groupby labelled the epochs 0.0, 1.0, ...).
+    whole = [key == "epoch" for key in keys]
     for i, step in enumerate(steps):
-        out.writerow([int(step), *("" if math.isnan(c[i]) else repr(c[i]) for c in columns)])
+        out.writerow([int(step), *("" if math.isnan(c[i]) else str(int(c[i])) if w else repr(c[i])
+                                   for c, w in zip(columns, whole))])
     atomic_write_text(path, buffer.getvalue(), make_dirs)
     return Path(path)

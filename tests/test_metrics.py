@@ -173,6 +173,14 @@ def test_numbers_no_float_holds_and_bad_steps_are_skipped_without_harm(metrics):
     assert [row.split(",")[0] for row in csv[1:]] == [str(s) for s in range(1, 9)]
 
 
+def test_the_csv_writes_the_epoch_as_a_whole_number(metrics):
+    metrics.write_text('{"step": 1, "epoch": 0, "loss": 1.5}\n{"step": 2, "epoch": 1, "loss": 1.25}\n'
+                       '{"step": 2, "epoch_loss": 1.375, "epoch": 1}\n{"step": 3, "loss": 1.0}\n')
+    rows = write_csv(MetricsReader(metrics), metrics.with_name("metrics.csv")).read_text()
+    assert rows.splitlines() == ["step,epoch,loss,epoch_loss", "1,0,1.5,", "2,1,1.25,",
+                                 "2,1,,1.375", "3,,1.0,"]  # a row per line: the epoch's its own
+
+
 def test_a_failed_append_leaves_the_reader_as_it_was(metrics, monkeypatch):
     """Whatever goes wrong while rows are added, the offset and the columns stay consistent."""
     metrics.write_text(line(1, loss=1.0) + line(2, loss=0.9))
