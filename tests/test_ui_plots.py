@@ -4,6 +4,7 @@ Vega-Lite chart with a real log axis, readable tick formats, tooltips and a lege
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -197,7 +198,7 @@ def test_chart_json_log_axis_formats_tooltips_and_legend(short_runs):
 
 def test_log_axis_labels_values_above_one_and_narrow_spans(tmp_path):
     """Vega labelled a log axis at powers of ten only: a loss from 0.7 to 3 read "1" alone."""
-    assert plots.log_ticks(0.7, 3.2) == [0.7, 0.8, 0.9, 1.0, 2.0, 3.0]
+    assert plots.log_ticks(0.7, 3.2) == [0.7, 1.0, 1.5, 2.0, 3.0]  # spread, not 0.7-0.8-0.9-1
     assert plots.log_ticks(0.05, 1.5) == [0.05, 0.1, 0.2, 0.5, 1.0]
     assert plots.log_ticks(120, 4000) == [200.0, 500.0, 1000.0, 2000.0]
     assert plots.log_ticks(0.9, 1.4) == [0.9, 1.0, 1.1, 1.2, 1.3, 1.4]  # within a decade
@@ -215,6 +216,30 @@ def test_log_axis_labels_values_above_one_and_narrow_spans(tmp_path):
         low, high = enc["y"]["scale"]["domain"]
         values = enc["y"]["axis"]["values"]
         assert 2.0 in values and all(low <= v <= high for v in values)
+
+
+def test_a_log_axis_has_labels_over_its_whole_span():
+    """A loss from 0.65 to 1.6 read 0.7, 0.8, 0.9, 1 and nothing over the axis's upper half."""
+    for low, high in ((0.65, 1.6), (0.13, 1.7), (0.3, 1.6), (0.05, 0.3), (0.6, 1.9)):
+        ticks = plots.log_ticks(low, high)
+        span = math.log10(high / low)
+        assert len(ticks) >= 3 and (high < 1.2 or max(ticks) > 1), (low, high, ticks)
+        assert math.log10(ticks[0] / low) <= plots.MAX_END_GAP * span, (low, high, ticks)
+        assert math.log10(high / ticks[-1]) <= plots.MAX_END_GAP * span, (low, high, ticks)
+    assert plots.log_ticks(0.65, 1.6) == [0.7, 1.0, 1.5]
+
+
+def test_a_log_axis_labels_no_tick_in_its_margin(tmp_path):
+    """A label on a tick at the axis's end reached past the plot and Vega grew the chart by that:
+    a live loss moving a tick into and out of the 5 % margin made the chart 391, then 394 px
+    high. Every tick lies within the data, off the margin."""
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": v}) + "\n"
+                            for s, v in ((1, 1.97), (2, 1.2), (3, 0.51), (4, 0.6))))
+    chart = curve_chart(curve_points({RUN_A: MetricsReader(path)}, "loss", 0.0), "loss", True)
+    for enc in specs(chart):
+        values = enc["y"]["axis"]["values"]
+        assert values and all(0.51 <= v <= 1.97 for v in values), values
 
 
 def test_a_short_run_has_one_tick_per_step(tmp_path):
@@ -258,6 +283,18 @@ def test_describe_curves_speaks_in_words(short_runs):
     loss_text = plots.describe_curves(short_runs, "loss")
     assert "2500 points" in loss_text and "epoch mean" in loss_text
     assert plots.describe_curves({}, "loss") == "No run selected."
+
+
+def test_the_text_under_the_chart_keeps_its_lines_as_a_run_streams(tmp_path):
+    """The epoch mean was a clause added to the run's line at the end of the first epoch: the
+    line wrapped and the log under the chart jumped 23 px. Its line stands from the first point."""
+    path = write_run(tmp_path / "m.jsonl", STEPS_PER_EPOCH - 1)
+    before = plots.describe_curves({RUN_A: MetricsReader(path)}, "loss")
+    assert "last epoch mean —" in before
+    path = write_run(tmp_path / "n.jsonl", STEPS_PER_EPOCH)
+    after = plots.describe_curves({RUN_A: MetricsReader(path)}, "loss")
+    assert "last epoch mean 1 (◆)" in after
+    assert before.count("\n") == after.count("\n") == 2  # the run, its last loss, the epoch mean
 
 
 # --- held-out evaluation: validation loss with the loss, the kNN chart beside it (issue 14) ----

@@ -108,7 +108,11 @@ def curve_chart(points: pd.DataFrame, metric: str, log_scale: bool) -> VegaLiteC
     if log_scale:  # a log axis spans the data, not whole decades
         low, high = float(points["value"].min()), float(points["value"].max())
         pad = (high / low) ** 0.05
-        ticks = log_ticks(low / pad, high * pad)
+        # Ticks within the data, never in the 5 % margin (15 px of the 300): a label on a tick
+        # at the axis's end reaches half its height past the plot, and Vega grows the chart by
+        # that much. A live loss moved a tick into and out of the margin: the chart's height
+        # flipped between 391 and 394 px on some polls, the log under it jumping with it.
+        ticks = log_ticks(low, high)
         for layer in spec["layer"]:
             layer["encoding"]["y"]["scale"]["domain"] = [low / pad, high * pad]
             layer["encoding"]["y"]["axis"]["values"] = ticks
@@ -135,29 +139,43 @@ def _mark_steps(spec: dict, points: pd.DataFrame) -> None:
 
 
 MAX_LOG_TICKS = 12
+# Labelled mantissas per decade, tried in this order: the first set whose ticks leave neither end
+# of the axis unlabelled wins. 1-2-5 left a loss from 0.65 to 1.6 with "1" alone, and every digit
+# read 0.7, 0.8, 0.9, 1 with nothing over the upper half; 1-1.5-2-3-5-7 lie about evenly on a log
+# axis, and every digit with 1.2, 1.5 and 2.5 fills in a span of half a decade.
+TICK_MANTISSAS = ((1, 2, 5), (1, 1.5, 2, 3, 5, 7), (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9))
+# The most of the axis (its log span) that may lie between an end and the nearest label.
+MAX_END_GAP = 0.2
 
 
 def log_ticks(low: float, high: float) -> list[float]:
-    """Labelled values for a log axis from ``low`` to ``high``: 1, 2 and 5 times the powers of
-    ten, or every digit where those give fewer than three, or evenly spaced round values on a
-    span narrower than that. Vega's own labelled only the powers of ten, so a loss between 1
-    and 3 had no label at all."""
+    """Labelled values for a log axis from ``low`` to ``high``: round mantissas (1-2-5, then
+    finer: :data:`TICK_MANTISSAS`) times the powers of ten, the first set with at
+    least three labels and one within :data:`MAX_END_GAP` of either end; the powers of ten over
+    many decades; evenly spaced round values on a span too narrow for any of those. Vega's own
+    labelled only the powers of ten, so a loss between 1 and 3 had no label at all."""
     if not low < high:  # one value (a single point)
         return [low]
     first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
 
-    def within(digits: Sequence[int]) -> list[float]:
+    def within(digits: Sequence[float]) -> list[float]:
         ticks = [float(f"{d}e{e}") for e in range(first, last + 1) for d in digits]
-        return [t for t in ticks if low <= t <= high]
+        return sorted(t for t in ticks if low <= t <= high)
 
-    ticks = within((1, 2, 5))
-    if len(ticks) > MAX_LOG_TICKS:  # many decades: the powers of ten, every n-th of them
+    span = math.log10(high / low)
+
+    def reaches_both_ends(ticks: list[float]) -> bool:
+        return (len(ticks) >= 3 and math.log10(ticks[0] / low) <= MAX_END_GAP * span
+                and math.log10(high / ticks[-1]) <= MAX_END_GAP * span)
+
+    coarse = within(TICK_MANTISSAS[0])
+    if len(coarse) > MAX_LOG_TICKS:  # many decades: the powers of ten, every n-th of them
         decades = within((1,))
         return decades[::-(-len(decades) // MAX_LOG_TICKS)]
-    if len(ticks) < 3:
-        ticks = within(range(1, 10))
-    if len(ticks) >= 3:
-        return ticks
+    for digits in TICK_MANTISSAS:
+        ticks = within(digits)
+        if reaches_both_ends(ticks) and len(ticks) <= MAX_LOG_TICKS:
+            return ticks
     rough = (high - low) / 4
     power = 10.0 ** math.floor(math.log10(rough))
     step = next(m * power for m in (5, 2, 1) if m * power <= rough)
@@ -220,27 +238,33 @@ def _fit(chart: alt.TopLevelMixin) -> dict:
 
 
 def describe_curves(readers: Mapping[str, MetricsReader], metric: str) -> str:
-    """A line per run for the text under the chart: how many points, the last value and epoch mean."""
-    lines = []
+    """The text under the chart: a few lines per run, each fact on a line of its own (how many
+    points, the last value, the last epoch mean, the held-out scores).
+
+    Its lines do not come and go as a run streams: the last value's and the epoch mean's stand
+    from the start ("—" until the first step, the first epoch's end). It was a clause added to the run's one line, which
+    then wrapped: the log under the chart jumped 23 px at the end of the first epoch."""
+    blocks = []
     for run_id, reader in readers.items():
         last = reader.last(metric)
-        text = f"`{run_id}`: {len(reader.series(metric)[0])} points"
-        if last:
-            text += f"; last {METRICS[metric]} {display.format_number(last[1])} at step {last[0]}"
-        epoch = reader.last("epoch_loss") if metric == "loss" else None
-        if epoch:
-            text += f"; last epoch mean {display.format_number(epoch[1])} (◆)"
+        lines = [f"`{run_id}` · {len(reader.series(metric)[0])} points"]
+        lines.append(f"last {METRICS[metric]} {display.format_number(last[1])} at step {last[0]}"
+                     if last else f"last {METRICS[metric]} — (no step logged yet)")
+        if metric == "loss":
+            epoch = reader.last("epoch_loss")
+            lines.append(f"last epoch mean {display.format_number(epoch[1])} (◆)" if epoch
+                         else "last epoch mean — (◆, when the first epoch ends)")
         val = reader.last("val_loss") if metric == "loss" else None
         if val:
-            text += (f"; validation loss {display.format_number(val[1])} at step {val[0]} "
-                     "(dashed, ■)")
+            lines.append(f"validation loss {display.format_number(val[1])} at step {val[0]} "
+                         "(dashed, ■)")
         # The series itself, not knn_top1: that alias was the class token at k=200 in older runs.
         knn = reader.last(HEADLINE_KNN_TOP1)
         if knn:
-            text += (f"; kNN top-1 {knn[1]:.1%} at step {knn[0]} (mean patch token, "
-                     f"k={HEADLINE_KNN_K})")
-        lines.append(text)
-    return "  \n".join(lines) if lines else "No run selected."
+            lines.append(f"kNN top-1 {knn[1]:.1%} at step {knn[0]} (mean patch token, "
+                         f"k={HEADLINE_KNN_K})")
+        blocks.append("  \n".join(lines))
+    return "\n\n".join(blocks) if blocks else "No run selected."
 
 
 def knn_points(readers: Mapping[str, MetricsReader], max_points: int = MAX_POINTS) -> pd.DataFrame:

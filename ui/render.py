@@ -133,7 +133,10 @@ tr.no-grad { outline: 2px solid #dc2626; outline-offset: -2px; }
   box-shadow: 0 0 0 1px #dc2626 !important; }
 .mae-refusal { color: var(--body-text-color); border-left: 3px solid #dc2626; padding-left: 6px;
   margin: 2px 0 4px; font-size: 12px; overflow-wrap: anywhere; }
-#loss-plot { overflow-x: auto; }
+/* Room for a run's chart before its first point (the drawn chart is 391 px high: 300 px of plot,
+   the step axis, one run's legend): the empty box was 238 px, and the log under it jumped
+   153 px at a run's first step. */
+#loss-plot { overflow-x: auto; min-height: 391px; }
 /* The charts are as wide as their box (Vega-Lite's "container" width, ui.plots); Gradio's plot
    centres that box at its content's width, where it would measure nothing: span the column. */
 #loss-plot .altair > div:first-child, #knn-plot .altair > div:first-child { width: 100%; }
