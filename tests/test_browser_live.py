@@ -64,3 +64,25 @@ def test_the_live_view_holds_still_as_the_curve_streams(page, server):  # noqa: 
     finally:
         manager.delete(paths.run_id)
 
+
+def test_prepare_is_greyed_while_the_data_field_refuses_its_folder(page, tmp_path):  # noqa: F811
+    """Prepare stayed enabled beside a note refusing the folder; pressing it only said it again."""
+    page.get_by_role("tab", name="Train").click()
+    field = page.locator("#field-data textarea, #field-data input").first
+    prepare = page.locator("#prepare-btn")
+    field.fill(str(tmp_path / "no-such-folder"))
+    field.press("Tab")
+    _wait_text(page, "#data-info", "no-such-folder")
+    page.wait_for_function("() => document.querySelector('#prepare-btn')?.disabled === true")
+    assert page.locator("#data-info [data-kind=error]").is_visible()  # the reason, beside it
+    (tmp_path / "no-such-folder").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "no-such-folder" / "a.png")
+    field.press("Tab")  # the same folder, made meanwhile: left again, checked again, found
+    _wait_text(page, "#data-info", "1 image file(s) found")
+    page.wait_for_function("() => document.querySelector('#prepare-btn')?.disabled === false")
+    field.fill("")
+    field.press("Tab")
+    _wait_text(page, "#data-info", "the sample photos")
+    assert prepare.is_enabled()

@@ -194,6 +194,25 @@ def test_the_field_says_what_a_folder_holds(tmp_path):
     assert "where the app was started" not in found + samples  # an absolute path, the samples: nothing to add
 
 
+def test_prepare_is_greyed_while_the_field_refuses_its_folder(tmp_path, cache, jobs):
+    """Prepare stayed enabled beside a note refusing the folder, and pressing it only said the
+    refusal again: greyed while the note refuses (the reason above it), enabled for a folder that
+    can be prepared, and greyed while a preparation runs whatever the note says."""
+    missing = datafield.data_info(str(tmp_path / "no-such-folder"))
+    assert datafield.prepare_button(jobs, missing)["interactive"] is False
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert datafield.prepare_button(jobs, datafield.data_info(str(empty)))["interactive"] is False
+    folder = _folder(tmp_path / "large", prepared.AUTO_PREPARE_ABOVE + 1)
+    note = datafield.data_info(str(folder))
+    assert datafield.prepare_button(jobs, note)["interactive"] is True
+    assert datafield.prepare_button(jobs, datafield.data_info(""))["interactive"] is True
+    with cache_lock_held(folder):  # waits on the lock: still running while the buttons are read
+        datafield.start_preparing(jobs, str(folder))
+        assert datafield.prepare_button(jobs, note)["interactive"] is False
+        assert datafield.cancel_preparing(jobs, str(folder))["prepare"]["interactive"] is True
+
+
 def test_a_relative_path_says_the_folder_it_is_read_from(tmp_path, monkeypatch):
     """A run keeps a relative path made absolute against the folder the app was started in: the
     field says which folder that is, found or not."""

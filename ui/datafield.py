@@ -139,9 +139,21 @@ def progress_html(progress: Progress | None) -> str:
     return render.notice(kind, f"Preparation {progress.state}: {progress.message}")
 
 
-def _buttons(running: bool) -> dict[str, Any]:
-    return {"prepare": gr.update(interactive=not running), "cancel": gr.update(interactive=running),
-            "timer": gr.Timer(active=running)}
+def refuses(note: str | None) -> bool:
+    """Whether a note of :func:`data_info` refuses its folder (an error notice)."""
+    return 'data-kind="error"' in (note or "")
+
+
+def prepare_button(jobs: Preparations, note: str | None) -> dict[str, Any]:
+    """Prepare's state for the data field's note: greyed where the note refuses the folder (the
+    reason stands just above it: pressing Prepare only said it again) and while a preparation
+    runs; enabled again once the field holds a folder that can be prepared."""
+    return gr.update(interactive=not refuses(note) and not jobs.running())
+
+
+def _buttons(running: bool, note: str | None = None) -> dict[str, Any]:
+    return {"prepare": gr.update(interactive=not running and not refuses(note)),
+            "cancel": gr.update(interactive=running), "timer": gr.Timer(active=running)}
 
 
 def start_preparing(jobs: Preparations, folder: str | None) -> dict[str, Any]:
@@ -177,7 +189,8 @@ def preparing_view(jobs: Preparations, preparing: str | None) -> dict[str, Any]:
     progress = job.progress()
     if not progress.finished:
         return {"progress": progress_html(progress)}
-    return {"progress": progress_html(progress), "info": data_info(preparing), **_buttons(False)}
+    note = data_info(preparing)
+    return {"progress": progress_html(progress), "info": note, **_buttons(False, note)}
 
 
 def cancel_preparing(jobs: Preparations, preparing: str | None) -> dict[str, Any]:
@@ -185,7 +198,8 @@ def cancel_preparing(jobs: Preparations, preparing: str | None) -> dict[str, Any
     if preparing is None or jobs.get(preparing) is None:
         raise UserError("No preparation is running.")
     progress = jobs.cancel(preparing)
-    return {"progress": progress_html(progress), "info": data_info(preparing), **_buttons(False)}
+    note = data_info(preparing)
+    return {"progress": progress_html(progress), "info": note, **_buttons(False, note)}
 
 
 def build(c: dict[str, Any]) -> None:
@@ -223,6 +237,11 @@ def wire(c: dict[str, Any], jobs: Preparations) -> None:
     c["preparing_on_load"] = dict(fn=guarded("preparation progress", error)(on_load), inputs=None,
                                   outputs=outputs, api_visibility="private",
                                   show_progress=HIDDEN, concurrency_limit=None)
+    # However the note came (a blur, a page load, a form filled from a config, a preparation's
+    # end), Prepare follows it: greyed where it refuses the folder.
+    c["data_info"].change(guarded("prepare", error)(lambda note: as_updates(
+        {"prepare": prepare_button(jobs, note)})), c["data_info"], outputs,
+        api_visibility="private", show_progress=HIDDEN, concurrency_limit=None)
     c["prepare"].click(guarded("prepare", error)(lambda folder: as_updates(start_preparing(jobs, folder))),
                        data, outputs, api_name="prepare_data", show_progress=HIDDEN)
     c["prepare_timer"].tick(
