@@ -294,7 +294,8 @@ def test_the_text_under_the_chart_keeps_its_lines_as_a_run_streams(tmp_path):
     path = write_run(tmp_path / "n.jsonl", STEPS_PER_EPOCH)
     after = plots.describe_curves({RUN_A: MetricsReader(path)}, "loss")
     assert "last epoch mean 1 (◆)" in after
-    assert before.count("\n") == after.count("\n") == 2  # the run, its last loss, the epoch mean
+    # the run, its points, its last loss, its epoch mean
+    assert before.count("\n") == after.count("\n") == 3 == after.count("  \n")
 
 
 # --- held-out evaluation: validation loss with the loss, the kNN chart beside it (issue 14) ----

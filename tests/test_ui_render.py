@@ -222,6 +222,17 @@ def test_status_panel_shows_progress_eta_and_stop_request():
     assert 'data-field="ETA" style="font-weight:600">–<' in stopped
 
 
+def test_status_panel_keeps_its_layout_from_start_to_streaming():
+    """The bar and the MFU cell came with the first steps: the chart and log under the panel
+    jumped 47 px as a run began to stream. Both stand from the start, the bar unseen."""
+    starting = render.status_html({"run_id": "r", "state": "starting", "step": 0}, None)
+    running = render.status_html(full_status(), None)
+    for html in (starting, running):
+        assert html.count('class="mae-bar"') == 1 and 'data-field="MFU"' in html
+        assert html.count("data-field=") == running.count("data-field=")
+    assert "visibility:hidden" in starting and "visibility:hidden" not in running
+
+
 def test_status_panel_says_a_run_diverged_instead_of_no_loss():
     """status.json keeps a NaN loss (news, not damage); the panel showed it as "–", no loss yet."""
     html = render.status_html({**full_status(), "loss": float("nan")}, None)

@@ -247,9 +247,12 @@ def describe_curves(readers: Mapping[str, MetricsReader], metric: str) -> str:
     blocks = []
     for run_id, reader in readers.items():
         last = reader.last(metric)
-        lines = [f"`{run_id}` · {len(reader.series(metric)[0])} points"]
-        lines.append(f"last {METRICS[metric]} {display.format_number(last[1])} at step {last[0]}"
-                     if last else f"last {METRICS[metric]} — (no step logged yet)")
+        # Short lines, each the same from the first step to the millionth: on a phone the run's
+        # id beside the count, or the count beside the last value, wrapped at 10 points.
+        lines = [f"`{run_id}`",
+                 f"{len(reader.series(metric)[0])} points, the last at step "
+                 f"{last[0] if last else '—'}",
+                 f"last {METRICS[metric]} {display.format_number(last[1]) if last else '—'}"]
         if metric == "loss":
             epoch = reader.last("epoch_loss")
             lines.append(f"last epoch mean {display.format_number(epoch[1])} (◆)" if epoch

@@ -210,10 +210,12 @@ def status_html(status: Mapping[str, Any] | None, cfg: Any = None) -> str:
     colour = STATE_COLOURS.get(state, "#64748b")
     step = status.get("step") or 0
     fraction = display.progress_fraction(status)
-    bar = ""
-    if fraction is not None:
-        bar = (f'<div class="mae-bar"><div class="progress-fill" style="width:{fraction * 100:.1f}%;'
-               f'background:{colour}"></div></div>')
+    # The bar and every cell stand from the run's start ("–" until known, the bar hidden while
+    # the total is unknown): they came with the first steps, and the chart and log under the
+    # panel jumped 47 px as the run began to stream.
+    bar = (f'<div class="mae-bar"{"" if fraction is not None else " style=visibility:hidden"}>'
+           f'<div class="progress-fill" style="width:{(fraction or 0) * 100:.1f}%;'
+           f'background:{colour}"></div></div>')
     live = state in LIVE_STATES
     cells = [("step", display.format_steps(status)),
              ("epoch", status.get("epoch", "–")),
@@ -221,9 +223,9 @@ def status_html(status: Mapping[str, Any] | None, cfg: Any = None) -> str:
              ("elapsed", display.format_duration(status.get("elapsed_s"))),
              ("ETA", display.format_duration(display.eta_seconds(status)) if live else "–"),
              ("last loss", display.format_loss(status.get("loss")))]
-    mfu = status.get("mfu")
-    if isinstance(mfu, (int, float)) and mfu == mfu:  # the trainer reports it once it knows its peak
-        cells.insert(3, ("MFU", f"{100 * mfu:.1f}%"))
+    mfu = status.get("mfu")  # the trainer reports it once it knows its peak
+    cells.insert(3, ("MFU", f"{100 * mfu:.1f}%" if isinstance(mfu, (int, float)) and mfu == mfu
+                     else "–"))
     grid = "".join(f'<div><div class="mae-muted">{esc(k)}</div>'
                    f'<div data-field="{esc(k)}" style="font-weight:600">{esc(v)}</div></div>'
                    for k, v in cells)
