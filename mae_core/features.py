@@ -116,6 +116,12 @@ def load_labelled(folder: str | Path, image_size: int, channels: int = 3) -> Lab
 def split(data: Labelled, val_fraction: float, seed: int) -> tuple[Labelled, Labelled]:
     """A stratified train/val split, the same for the same data and seed: each class with at least
     2 images gives ``round(fraction × n)`` of them (at least 1) to val."""
+    train_index, val_index = split_index(data, val_fraction, seed)
+    return data.subset(train_index), data.subset(val_index)
+
+
+def split_index(data: Labelled, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """:func:`split` as (train, val) indices into ``data``."""
     if not 0 < val_fraction < 1:
         raise DataError("the validation fraction must be strictly between 0 and 1, got "
                         f"{val_fraction}")
@@ -130,7 +136,32 @@ def split(data: Labelled, val_fraction: float, seed: int) -> tuple[Labelled, Lab
     val_index, train_index = torch.cat(val).sort().values, torch.cat(train).sort().values
     if len(val_index) == 0:
         raise DataError("the labelled folder is too small to split: each class needs 2 images")
-    return data.subset(train_index), data.subset(val_index)
+    return train_index, val_index
+
+
+def fold_splits(data: Labelled, folds: int, seed: int) -> list[tuple[Tensor, Tensor]]:
+    """Stratified ``folds``-fold cross-validation as (bank, query) indices, the same for the same
+    data and seed: each class's images, shuffled, are dealt to the folds in turn, and each fold is
+    queried once against all the others. Every image is a query once (a class of one image stays
+    in every bank: it has no neighbour of its own to be found by), so a paired test counts every
+    image, not the fifth that one split holds out."""
+    if not isinstance(folds, int) or isinstance(folds, bool) or folds < 2:
+        raise DataError(f"cross-validation needs at least 2 folds, got {folds!r}")
+    generator = torch.Generator().manual_seed(seed)
+    fold = torch.full((len(data.labels),), -1, dtype=torch.long)
+    dealt = 0  # where the next class starts dealing: the folds stay within one image of each other
+    for label in range(data.num_classes):
+        members = (data.labels == label).nonzero().flatten()
+        if len(members) < 2:
+            continue
+        members = members[torch.randperm(len(members), generator=generator)]
+        fold[members] = (torch.arange(len(members)) + dealt) % folds
+        dealt += len(members)
+    if (fold < 0).all():
+        raise DataError("the labelled folder is too small to split: each class needs 2 images")
+    everything = torch.arange(len(fold))
+    return [(everything[fold != f], everything[fold == f]) for f in range(folds)
+            if (fold == f).any()]
 
 
 @torch.no_grad()

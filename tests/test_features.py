@@ -85,6 +85,31 @@ def test_the_split_is_stratified_and_the_same_for_the_same_seed():
         features.split(data, 1.0, seed=0)
 
 
+def test_cross_validation_queries_every_image_once_stratified_and_the_same_for_the_same_seed():
+    labels = torch.tensor([0] * 10 + [1] * 5 + [2] * 2 + [3])  # class 3: one image, no neighbour
+    data = features.Labelled(torch.zeros(18, 3, 2, 2, dtype=torch.uint8), labels,
+                             ["a", "b", "c", "d"])
+    splits = features.fold_splits(data, 5, seed=3)
+    queries = torch.cat([q for _, q in splits])
+    assert sorted(queries.tolist()) == list(range(17))  # each once; the lone image never
+    for bank, query in splits:
+        assert not set(bank.tolist()) & set(query.tolist())
+        assert sorted(bank.tolist() + query.tolist()) == list(range(18))
+        assert 17 in bank.tolist()
+    # Stratified: class 0's ten images, two per fold; the folds within one image of each other.
+    assert [int((labels[q] == 0).sum()) for _, q in splits] == [2] * 5
+    assert max(len(q) for _, q in splits) - min(len(q) for _, q in splits) <= 1
+    again = features.fold_splits(data, 5, seed=3)
+    assert all(q.tolist() == q2.tolist() for (_, q), (_, q2) in zip(splits, again))
+    assert [q.tolist() for _, q in features.fold_splits(data, 5, seed=4)] != \
+        [q.tolist() for _, q in splits]
+    with pytest.raises(DataError, match="at least 2 folds"):
+        features.fold_splits(data, 1, seed=0)
+    lone = features.Labelled(data.images[:2], torch.tensor([0, 1]), ["a", "b"])
+    with pytest.raises(DataError, match="each class needs 2 images"):
+        features.fold_splits(lone, 5, seed=0)
+
+
 def test_embed_sees_every_patch_and_keeps_the_model_mode():
     torch.manual_seed(0)
     model = MaskedAutoencoder(ModelConfig(image_size=32, patch_size=8)).train()

@@ -101,7 +101,7 @@ def evaluation_html(result: Mapping[str, Any] | None, run_id: str | None) -> str
     or a damaged one (it reads as not evaluated)."""
     if not result:
         return ""
-    from mae_core.evaluate import METRICS, valid_result
+    from mae_core.evaluate import METRICS, images_said, valid_result
 
     result = valid_result(dict(result))
     if result is None:
@@ -114,8 +114,7 @@ def evaluation_html(result: Mapping[str, Any] | None, run_id: str | None) -> str
         f"<td>{cell(result['random_init'][m])}</td><td>{cell(result['delta'][m], '+')}</td></tr>"
         for m in METRICS)
     about = (f"step {result.get('step')}, {len(result.get('classes', []))} classes, "
-             f"{result.get('train_images')} train / {result.get('val_images')} val images of "
-             f"{result.get('data')}, feature {result.get('feature')}")
+             f"{images_said(result)}, of {result.get('data')}, feature {result.get('feature')}")
     if result["paired"]:
         from mae_core.evaluate import verdict
 
