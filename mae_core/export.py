@@ -14,7 +14,8 @@ from pathlib import Path
 
 from mae_core.config import ConfigError
 from mae_core.evaluate import EvaluationError, _run_with_weights
-from mae_core.rundir import RunError
+from mae_core.fileio import wrong_kind
+from mae_core.rundir import RunError, RunPaths
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,8 +38,9 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> tuple[Path
     from mae_core.weights import WeightsError, export_encoder, timm_snippet
 
     target = Path(out).expanduser() if out else paths.encoder
-    if target.is_dir():  # a folder of exports: named by the run, so several runs fit in one
+    if out and target.is_dir():  # a folder of exports: named by the run, so several runs fit in one
         target = target / f"{paths.run_id}-encoder.safetensors"
+    _refuse_target(paths, target)
     try:
         # The weights' own config (their normalisation) is what fine-tuning must read images with.
         model = require_weights_of(cfg.model, paths.weights, paths.run_id)
@@ -46,6 +48,23 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> tuple[Path
     except WeightsError as err:  # damaged weights: said as the run's
         raise RunError(f"run {paths.run_id}: {err}") from None
     return target, names, timm_snippet(model, target.resolve())
+
+
+def _refuse_target(paths: RunPaths, target: Path) -> None:
+    """Refuse what the app's Export refuses, and a file of the run's own: ``--out`` naming
+    ``model.safetensors`` (or ``last.ckpt``...) replaced the run's weights with the encoder alone,
+    its decoder gone and its Resume, evaluation and previews with it. A folder where the default
+    ``encoder.safetensors`` goes is refused as the app refuses it (the export went into it)."""
+    if target == paths.encoder and (kind := wrong_kind(target)):
+        raise RunError(f"the encoder of {paths.run_id} cannot be exported: `{target.name}` is "
+                       f"{kind} where the file goes. Move or delete it, then export")
+    own = (paths.weights, paths.last_ckpt, paths.config, paths.status, paths.process,
+           paths.metrics, paths.metrics_csv, paths.data_record, paths.evaluation, paths.log)
+    resolved = target.resolve()
+    clash = next((p for p in own if p.resolve() == resolved), None)
+    if clash is not None:
+        raise RunError(f"--out {target} is the run's own {clash.name}: the export would replace "
+                       "it. Name another file, or a folder")
 
 
 def main(argv: list[str] | None = None) -> int:

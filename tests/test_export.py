@@ -52,3 +52,26 @@ def test_out_writes_elsewhere_and_refusals_exit_2_in_one_line(tmp_path, run_modu
         result = run_module("mae_core.export", *args)
         assert result.returncode == 2 and says in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_out_naming_a_file_of_the_run_or_a_folder_in_the_encoders_place_is_refused(tmp_path):
+    """``--out <run>/model.safetensors`` replaced the run's weights with the encoder alone (its
+    decoder gone: no resume, evaluation or preview of it again); a folder where the default
+    encoder.safetensors goes took the export inside it, where the app's Export refuses it."""
+    import pytest
+
+    from mae_core.rundir import RunError
+
+    paths, model = _run_with_weights(tmp_path)
+    weights = paths.weights.read_bytes()
+    for own in (paths.weights, paths.root / "." / "model.safetensors", paths.config):
+        with pytest.raises(RunError, match=f"is the run's own {own.name}: the export would "
+                                           "replace it"):
+            export_run(paths.root, own)
+    assert paths.weights.read_bytes() == weights
+    paths.encoder.mkdir()
+    with pytest.raises(RunError, match="`encoder.safetensors` is a folder where the file goes"):
+        export_run(paths.root)
+    assert list(paths.encoder.iterdir()) == []
+    paths.encoder.rmdir()
+    assert export_run(paths.root)[0] == paths.encoder and paths.encoder.is_file()
