@@ -208,8 +208,13 @@ def test_prepare_is_greyed_while_the_field_refuses_its_folder(tmp_path, cache, j
     assert datafield.prepare_button(jobs, note)["interactive"] is True
     assert datafield.prepare_button(jobs, datafield.data_info(""))["interactive"] is True
     with cache_lock_held(folder):  # waits on the lock: still running while the buttons are read
-        datafield.start_preparing(jobs, str(folder))
-        assert datafield.prepare_button(jobs, note)["interactive"] is False
+        page = datafield.start_preparing(jobs, str(folder))["preparing"]  # the page's gr.State
+        assert datafield.prepare_button(jobs, note, page)["interactive"] is False
+        # Another page (another tab, loaded before): no timer of its own follows this job, so
+        # greyed here its Prepare stayed greyed after the job ended. Its press says who prepares.
+        assert datafield.prepare_button(jobs, note, None)["interactive"] is True
+        with pytest.raises(UserError, match="is being prepared: wait for it or cancel it"):
+            datafield.start_preparing(jobs, str(tmp_path / "other"))
         assert datafield.cancel_preparing(jobs, str(folder))["prepare"]["interactive"] is True
 
 

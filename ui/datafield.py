@@ -144,11 +144,16 @@ def refuses(note: str | None) -> bool:
     return 'data-kind="error"' in (note or "")
 
 
-def prepare_button(jobs: Preparations, note: str | None) -> dict[str, Any]:
+def prepare_button(jobs: Preparations, note: str | None, preparing: str | None = None
+                   ) -> dict[str, Any]:
     """Prepare's state for the data field's note: greyed where the note refuses the folder (the
-    reason stands just above it: pressing Prepare only said it again) and while a preparation
-    runs; enabled again once the field holds a folder that can be prepared."""
-    return gr.update(interactive=not refuses(note) and not jobs.running())
+    reason stands just above it: pressing Prepare only said it again) and while the preparation
+    this page follows (``preparing``) runs; enabled again once the field holds a folder that can
+    be prepared. Another page's preparation greys nothing here: this page has no timer to see it
+    end, and its Prepare stayed greyed after it (its press says who prepares, or follows it)."""
+    job = jobs.get(preparing) if preparing is not None else None
+    running = job is not None and not job.progress().finished
+    return gr.update(interactive=not refuses(note) and not running)
 
 
 def _buttons(running: bool, note: str | None = None) -> dict[str, Any]:
@@ -239,8 +244,9 @@ def wire(c: dict[str, Any], jobs: Preparations) -> None:
                                   show_progress=HIDDEN, concurrency_limit=None)
     # However the note came (a blur, a page load, a form filled from a config, a preparation's
     # end), Prepare follows it: greyed where it refuses the folder.
-    c["data_info"].change(guarded("prepare", error)(lambda note: as_updates(
-        {"prepare": prepare_button(jobs, note)})), c["data_info"], outputs,
+    c["data_info"].change(guarded("prepare", error)(lambda note, preparing: as_updates(
+        {"prepare": prepare_button(jobs, note, preparing)})), [c["data_info"], c["preparing"]],
+        outputs,
         api_visibility="private", show_progress=HIDDEN, concurrency_limit=None)
     c["prepare"].click(guarded("prepare", error)(lambda folder: as_updates(start_preparing(jobs, folder))),
                        data, outputs, api_name="prepare_data", show_progress=HIDDEN)
