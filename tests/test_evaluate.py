@@ -131,11 +131,19 @@ def test_a_60_step_pretraining_is_no_evidence_on_the_demo_set_and_the_table_says
     assert abs(evaluated["delta"]["knn_top1"]) < 10
 
 
-def test_one_split_holds_out_a_share_and_pools_to_the_same_figures_as_its_fold(trained_run,
-                                                                              demo, evaluated):
-    """``--folds 1`` is the single stratified split (``--split``); five folds pool their queries,
-    so their figures are the mean of the folds' weighted by their queries, each fold scored as a
-    single split would score it."""
+def test_folds_pool_their_queries_weighted_by_their_sizes():
+    """Folds of unequal size (a class count that does not divide by the folds): the pooled top-1
+    is over every query, not the mean of the folds' figures; k and the probe's fields are the
+    smallest fold's (k is capped by its bank)."""
+    splits = [(torch.arange(1), torch.arange(3)), (torch.arange(3), torch.arange(1))]
+    figures = [{"top1": 100.0, "top5": 100.0, "k": 1}, {"top1": 0.0, "top5": 100.0, "k": 3}]
+    assert evaluate._pooled(figures, splits) == {"top1": 75.0, "top5": 100.0, "k": 1}
+
+
+def test_one_split_holds_out_a_share_and_five_folds_query_every_image(trained_run, demo,
+                                                                     evaluated):
+    """``--folds 1`` is the single stratified split (``--split``); five folds query each of the
+    500 images once."""
     one = evaluate.evaluate_run(trained_run, demo, save=False, folds=1)
     assert (one["folds"], one["split"], one["train_images"], one["val_images"]) == (1, 0.2, 400, 100)
     assert "400 train / 100 val images" in evaluate.table(one)
