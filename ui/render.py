@@ -20,7 +20,7 @@ from mae_core.rundir import LIVE_STATES, RunState
 
 def page_style() -> dict[str, Any]:
     """The ``launch()`` arguments that style the page (what ``python app.py`` launches with)."""
-    return {"css": CSS, "theme": theme()}
+    return {"css": CSS, "theme": theme(), "js": PAGE_JS}
 
 
 def theme() -> Any:
@@ -45,6 +45,11 @@ input[type="radio"]:focus-visible, input[type="checkbox"]:focus-visible,
    through the label's descenders. Drawn clear of the text, as the switches above. */
 button.label-wrap:focus-visible { outline: 2px solid var(--color-accent); outline-offset: 3px;
   border-radius: 4px; }
+/* A tab reached by the keyboard showed only the ends of the browser's ring (the tab bar clips what
+   lies outside a tab), and in dark mode that ring is near-black on the dark page: Tab moved along
+   the tabs with nothing marking where. Drawn inside the tab, as the tab menu's entries. */
+#tabs [role="tab"]:focus-visible, #tabs .overflow-menu button:focus-visible {
+  outline: 2px solid var(--color-accent); outline-offset: -2px; }
 .mae-box { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 10px 12px;
   background: var(--background-fill-secondary); color: var(--body-text-color); font-size: 14px;
   line-height: 1.5; }
@@ -77,6 +82,10 @@ button.label-wrap:focus-visible { outline: 2px solid var(--color-accent); outlin
 .mae-table td.reason { min-width: 12em; overflow-wrap: anywhere; }
 .mae-table td.num { text-align: right; white-space: nowrap; }
 .mae-table caption { caption-side: top; text-align: left; font-weight: 600; padding: 2px 0 4px; }
+/* The evaluation's four columns fit a phone once their headers wrap: kept on one line, "delta
+   (points)" and the end of the caption's run id lay past a 375 px page's edge. */
+#evaluation-result .mae-table th { white-space: normal; }
+#evaluation-result .mae-table caption { overflow-wrap: anywhere; }
 /* Gradio borders ".prose" tables, rows and cells in the text colour, in a rule scoped to its
    container that outranks ".mae-table td": the grid in the border colour instead. */
 .gradio-container .prose .mae-table, .gradio-container .prose .mae-table tr,
@@ -169,6 +178,22 @@ body:has(#params-message .mae-notice) :is(#params-title, #params-diff, #params-c
 .gradio-container button.stop:disabled { background: var(--button-secondary-background-fill-hover);
   color: var(--button-secondary-text-color-hover); border-color: var(--button-secondary-border-color); }
 """
+
+# Run once as the page opens. Gradio's "More tabs" menu (on a narrow page, the tabs it has no room
+# for: Parameters and Runs on a phone) closed only on a click elsewhere: the keyboard left it open
+# over the Queue and Stop buttons as Tab went on past it, and Escape did nothing. It closes once
+# the focus leaves it, and Escape closes it, back on its button.
+PAGE_JS = """() => {
+  const opened = () => document.querySelector('#tabs .overflow-dropdown:not(.hide)');
+  const toggle = () => opened()?.closest('.overflow-menu')?.querySelector(':scope > button');
+  document.addEventListener('focusin', (event) => {
+    if (opened() && !event.target.closest?.('#tabs .overflow-menu')) toggle()?.click();
+  });
+  document.addEventListener('keydown', (event) => {
+    const button = event.key === 'Escape' && toggle();
+    if (button) { button.click(); button.focus(); }
+  });
+}"""
 
 # Saturated mid-tones that read on light and dark backgrounds alike, with white text on top.
 STATE_COLOURS = {RunState.QUEUED: "#7c3aed", RunState.STARTING: "#b45309",
