@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,8 +73,9 @@ def class_folders(folder: str | Path) -> dict[str, list[str]]:
         if "holds no images" not in str(err):
             raise
         paths = []
+    located = _RealClass(root)
     for path in paths:
-        name = class_of(root, path)
+        name = located(path)
         if name is not None:
             classes.setdefault(name, []).append(path)
     classes = dict(sorted(classes.items()))
@@ -92,6 +94,26 @@ def class_folders(folder: str | Path) -> dict[str, list[str]]:
                         f"{most:,} classes; give a folder with fewer")
     keep = min(MAX_PER_CLASS, MAX_IMAGES // len(classes))
     return {name: paths[:keep] for name, paths in classes.items()}
+
+
+class _RealClass:
+    """The class of a walked path as where its folder really is in the labelled folder. The walk
+    follows a symlinked folder once, the first time it meets it in name order: a link in class
+    ``a`` to its sibling ``b`` (a/b2 -> ../b) gave all of b's images to a, and b was gone ("has
+    one class (a)"). Folders are resolved once each, not every file."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.real_root = root, os.path.realpath(root) + os.sep
+        self.folders: dict[str, str | None] = {}
+
+    def __call__(self, path: str) -> str | None:
+        folder = os.path.dirname(path)
+        if folder not in self.folders:
+            real = os.path.realpath(folder) + os.sep
+            # Inside the labelled folder: its own class folder; a link out of it: as named.
+            self.folders[folder] = (real[len(self.real_root):].split(os.sep)[0] or None
+                                    if real.startswith(self.real_root) else class_of(self.root, path))
+        return self.folders[folder]
 
 
 def load_labelled(folder: str | Path, image_size: int, channels: int = 3) -> Labelled:

@@ -34,6 +34,19 @@ def test_labels_come_from_class_folders_and_unreadable_files_are_counted(tmp_pat
     assert data.labels.tolist() == [0, 0, 0, 1, 1, 1, 1]
 
 
+def test_a_link_in_one_class_to_another_class_keeps_that_class(tmp_path):
+    """The walk follows a folder once, the first time it meets it: a link a/b2 -> ../b gave b's
+    images to a, and the folder was refused as having one class. A loop and a link out stay."""
+    root = _folder(tmp_path / "set", {"a": 2, "b": 3})
+    outside = _folder(tmp_path / "more", {"x": 2}) / "x"
+    (root / "a" / "b2").symlink_to("../b")
+    (root / "a" / "up").symlink_to("..")  # a loop
+    (root / "a" / "out").symlink_to(outside)  # images of a, though kept elsewhere
+    found = features.class_folders(root)
+    assert sorted(found) == ["a", "b"]
+    assert len(found["a"]) == 4 and len(found["b"]) == 3
+
+
 @pytest.mark.parametrize("counts, message", [
     ({}, "no class subfolders"),
     ({"only": 3}, "at least 2 class"),
