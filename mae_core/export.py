@@ -51,20 +51,38 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> tuple[Path
 
 
 def _refuse_target(paths: RunPaths, target: Path) -> None:
-    """Refuse what the app's Export refuses, and a file of the run's own: ``--out`` naming
-    ``model.safetensors`` (or ``last.ckpt``...) replaced the run's weights with the encoder alone,
-    its decoder gone and its Resume, evaluation and previews with it. A folder where the default
-    ``encoder.safetensors`` goes is refused as the app refuses it (the export went into it)."""
+    """RunError where writing ``target`` would destroy something, before anything is written. The
+    export is renamed over whatever the path holds: ``--out <run>/model.safetensors`` replaced the
+    run's weights with the encoder alone (its decoder lost: no resume, evaluation or preview of it
+    again), and, as root, ``--out /dev/full`` replaced the device node with a regular file. Only an
+    earlier export is replaced. A folder where the default ``encoder.safetensors`` goes is refused
+    as the app's Export refuses it (the export went into it)."""
+    from mae_core.weights import WeightsError, read_metadata
+
     if target == paths.encoder and (kind := wrong_kind(target)):
         raise RunError(f"the encoder of {paths.run_id} cannot be exported: `{target.name}` is "
                        f"{kind} where the file goes. Move or delete it, then export")
-    own = (paths.weights, paths.last_ckpt, paths.config, paths.status, paths.process,
-           paths.metrics, paths.metrics_csv, paths.data_record, paths.evaluation, paths.log)
-    resolved = target.resolve()
-    clash = next((p for p in own if p.resolve() == resolved), None)
-    if clash is not None:
-        raise RunError(f"--out {target} is the run's own {clash.name}: the export would replace "
-                       "it. Name another file, or a folder")
+    for folder in (target.parent, *target.parent.parents):  # the first one that is there
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():  # mkdir said only "File exists"
+                raise RunError(f"cannot write {target}: {folder} is a file, not a folder")
+            break
+    real = target.resolve()
+    if real != paths.encoder.resolve() and paths.root.resolve() in real.parents:
+        raise RunError(f"--out {target} is inside the run's folder, which holds its own files: "
+                       f"leave --out out (it writes {paths.encoder}) or name a path outside it")
+    if not (target.exists() or target.is_symlink()):
+        return
+    if not target.is_file():  # a FIFO, a device, a socket, a dangling link
+        raise RunError(f"--out {target} is not a regular file (nothing was written): name a new "
+                       "file or a folder")
+    try:
+        exported = read_metadata(target).get("format") == "timm-vit"
+    except WeightsError:
+        exported = False
+    if not exported:  # only an earlier export is replaced: anything else may be all there is
+        raise RunError(f"--out {target} exists and is not an encoder export (it was left as it "
+                       "is): name a new file, or a folder to write the export in")
 
 
 def main(argv: list[str] | None = None) -> int:

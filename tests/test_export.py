@@ -65,8 +65,7 @@ def test_out_naming_a_file_of_the_run_or_a_folder_in_the_encoders_place_is_refus
     paths, model = _run_with_weights(tmp_path)
     weights = paths.weights.read_bytes()
     for own in (paths.weights, paths.root / "." / "model.safetensors", paths.config):
-        with pytest.raises(RunError, match=f"is the run's own {own.name}: the export would "
-                                           "replace it"):
+        with pytest.raises(RunError, match="is inside the run's folder, which holds its own files"):
             export_run(paths.root, own)
     assert paths.weights.read_bytes() == weights
     paths.encoder.mkdir()
@@ -75,3 +74,31 @@ def test_out_naming_a_file_of_the_run_or_a_folder_in_the_encoders_place_is_refus
     assert list(paths.encoder.iterdir()) == []
     paths.encoder.rmdir()
     assert export_run(paths.root)[0] == paths.encoder and paths.encoder.is_file()
+
+
+def test_out_never_replaces_what_is_not_an_earlier_export(tmp_path):
+    """The export is renamed over --out: it replaced, as root, a device node such as /dev/full,
+    a FIFO, or any file of one's own; a path through a file said only "File exists"."""
+    import os
+
+    import pytest
+
+    from mae_core.rundir import RunError
+
+    paths, _ = _run_with_weights(tmp_path)
+    weights = paths.weights.read_bytes()
+    other = tmp_path / "notes.txt"
+    other.write_text("mine")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for out, says in ((paths.weights, "inside the run's folder"),
+                      (paths.root / "previews", "inside the run's folder"),
+                      (other, "not an encoder export"), (fifo, "not a regular file"),
+                      (other / "x.safetensors", f"{other} is a file, not a folder")):
+        with pytest.raises(RunError, match=says):
+            export_run(paths.root, out)
+    assert paths.weights.read_bytes() == weights and other.read_text() == "mine"
+    assert fifo.is_fifo()
+    export_run(paths.root, paths.encoder)  # the run's own export, and again over it
+    target, _, _ = export_run(paths.root, tmp_path / "enc.safetensors")
+    assert export_run(paths.root, target)[0] == target
