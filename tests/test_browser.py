@@ -23,6 +23,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from helpers import cache_lock_held, free_port  # noqa: E402
+from mae_core.config import ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from mae_core.data import sample_photo_paths  # noqa: E402
 from mae_core.rundir import LIVE_STATES, create_run  # noqa: E402
 from mae_core.runs import RunManager  # noqa: E402
@@ -35,6 +36,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update"]
 RUN_TIMEOUT_MS = 150_000  # two DDP ranks on a shared 2-core machine can take a while to start
 UI_TIMEOUT_MS = 60_000
+TINY_MODEL = ModelConfig(image_size=32, patch_size=8)
 
 
 def _chromium() -> str:
@@ -282,12 +284,9 @@ def test_train_tab_starts_a_run_and_follows_it(page, server):
 
 def test_picking_another_run_empties_the_resume_step(page, server):
     """A step typed to resume one run to stayed in the box, for the next Resume of any run."""
-    from mae_core.config import ModelConfig, RunConfig, TrainConfig
 
     manager = server["manager"]
-    cfg = RunConfig(model=ModelConfig(image_size=32, patch_size=8),
-                    train=TrainConfig(accelerator="cpu", devices=1, num_workers=0))
-    paths = create_run(cfg.resolved(), runs_dir=manager.runs_dir, state="stopped")
+    paths = stopped_tiny_run(manager)
     try:
         page.get_by_role("tab", name="Train").click()
         _set_number(page, "resume-steps", 7)
@@ -605,21 +604,18 @@ def test_reconstruct_keeps_the_step_chosen_and_drops_another_runs_results(page, 
     fold of a 900 px window, so Reconstruct seemed to do nothing."""
     from types import SimpleNamespace
 
-    from mae_core.config import ModelConfig, RunConfig, TrainConfig
     from mae_core.model import MaskedAutoencoder
     from mae_core.snapshots import WeightSnapshots
     from ui.blocks import SLOW_POLL_S
 
     manager = server["manager"]
     [trained] = manager.list()
-    cfg = RunConfig(model=ModelConfig(image_size=32, patch_size=8),
-                    train=TrainConfig(accelerator="cpu", devices=1, num_workers=0))
-    paths = create_run(cfg.resolved(), runs_dir=manager.runs_dir, state="stopped")
+    paths = stopped_tiny_run(manager)
     try:
         keeper = WeightSnapshots(paths.root, keep=3, every_n_steps=10)
         for step in (10, 20, 30):
             keeper.save(SimpleNamespace(global_step=step),
-                        SimpleNamespace(mae=MaskedAutoencoder(cfg.model)))
+                        SimpleNamespace(mae=MaskedAutoencoder(TINY_MODEL)))
         paths.weights.write_bytes(paths.snapshot(30).read_bytes())
         page.set_viewport_size({"width": 1440, "height": 900})
         page.get_by_role("tab", name="Reconstruct").click()
@@ -871,12 +867,9 @@ def test_a_phone_sees_the_whole_chart_and_every_preview(browser_factory, server)
 
     from PIL import Image
 
-    from mae_core.config import ModelConfig, RunConfig, TrainConfig
 
     manager = server["manager"]
-    cfg = RunConfig(model=ModelConfig(image_size=32, patch_size=8),
-                    train=TrainConfig(accelerator="cpu", devices=1, num_workers=0))
-    paths = create_run(cfg.resolved(), runs_dir=manager.runs_dir, state="stopped")
+    paths = stopped_tiny_run(manager)
     try:
         with open(paths.metrics, "w") as handle:
             handle.writelines(json.dumps({"step": s, "epoch": 0, "loss": 2.0 / s}) + "\n"
@@ -1021,6 +1014,14 @@ def test_an_edit_made_as_the_page_appears_is_not_taken_back_by_the_restore(page)
     stored = page.evaluate(f"() => localStorage.getItem('{key}')")
     _set_number(page, "field-batch-size", 32)  # the default, for the tests after
     page.wait_for_function(f"(before) => localStorage.getItem('{key}') !== before", arg=stored)
+
+
+def stopped_tiny_run(manager):
+    """A run of the app's runs folder that never trained (a tiny model), stopped: something to
+    pick, resume or stream a curve into without a trainer."""
+    cfg = RunConfig(model=TINY_MODEL, train=TrainConfig(accelerator="cpu", devices=1,
+                                                        num_workers=0))
+    return create_run(cfg.resolved(), runs_dir=manager.runs_dir, state="stopped")
 
 
 def _open_tab(page):

@@ -13,10 +13,8 @@ import json
 
 from test_browser import (  # noqa: F401 - fixtures: the app, its page, the failure screenshot
     _boxes, _chart_drawn, _poll_until, _wait_text, no_server_tracebacks, page,
-    screenshot_on_failure, server)
+    screenshot_on_failure, server, stopped_tiny_run)
 
-from mae_core.config import ModelConfig, RunConfig, TrainConfig
-from mae_core.rundir import create_run
 
 
 def _append(path, *rows: dict) -> None:
@@ -37,9 +35,7 @@ def test_the_live_view_holds_still_as_the_curve_streams(page, server):  # noqa: 
     box grew 153 px at the first step: the log under them jumped each time. The chart and the
     log stay where they are, poll after poll, from before the first step."""
     manager = server["manager"]
-    cfg = RunConfig(model=ModelConfig(image_size=32, patch_size=8),
-                    train=TrainConfig(accelerator="cpu", devices=1, num_workers=0))
-    paths = create_run(cfg.resolved(), runs_dir=manager.runs_dir, state="stopped")
+    paths = stopped_tiny_run(manager)
     try:
         page.get_by_role("tab", name="Train").click()
         _wait_text(page, "#status-panel", paths.run_id)
